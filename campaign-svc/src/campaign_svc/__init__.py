@@ -1,0 +1,1 @@
+"""campaign-svc: segments, campaigns, deliveries, consent and loyalty (a running skeleton: health, reflection, database, migrations, outbox)."""

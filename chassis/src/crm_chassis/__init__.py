@@ -1,0 +1,1 @@
+"""crm_chassis: the one copy of the plumbing every CRM service shares."""

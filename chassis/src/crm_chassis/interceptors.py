@@ -1,0 +1,125 @@
+"""The server interceptor every service runs: request id, JSON access log, JWT authentication,
+per-RPC permission check, and domain errors mapped to google.rpc.Status.
+
+Health and reflection stay open (probes and tools carry no token); every other method must be
+listed in the service's permission map, or the server refuses to start.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+import uuid
+
+import grpc
+
+from .auth import Principal, TokenVerifier
+from .errors import DomainError, Unauthenticated, internal_status
+from .logging import request_id_var
+
+log = logging.getLogger("crm.rpc")
+
+principal_var: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("principal", default=None)
+
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def current_principal() -> Principal:
+    principal = principal_var.get()
+    if principal is None:  # only reachable if a servicer runs outside the interceptor
+        raise Unauthenticated("no authenticated caller")
+    return principal
+
+
+def _metadata(details) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in details.invocation_metadata or ():
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+class ServerInterceptor(grpc.ServerInterceptor):
+    def __init__(self, verifier: TokenVerifier, permissions: dict[str, str]):
+        self.verifier = verifier
+        self.permissions = permissions
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(PUBLIC_PREFIXES):
+            return handler
+        if handler.unary_unary is None:
+            # Streaming RPCs get the same treatment when the first one is added.
+            return handler
+        behavior = handler.unary_unary
+        permission = self.permissions.get(method)
+        md = _metadata(handler_call_details)
+
+        def wrapped(request, context: grpc.ServicerContext):
+            request_id = md.get("x-request-id") or uuid.uuid4().hex
+            rid_token = request_id_var.set(request_id)
+            principal_token = None
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            subject = None
+            try:
+                context.send_initial_metadata((("x-request-id", request_id),))
+                principal = self.verifier.verify_header(md.get("authorization"))
+                subject = principal.subject
+                principal_token = principal_var.set(principal)
+                if permission is None:
+                    raise Unauthenticated(f"method {method} has no permission rule")
+                principal.require(permission)
+                return behavior(request, context)
+            except DomainError as err:
+                code = err.code
+                context.abort_with_status(err.to_grpc_status())
+            except Exception:
+                if context.code() not in (None, grpc.StatusCode.OK):
+                    code = context.code()  # the servicer aborted on its own
+                    raise
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unhandled error in %s", method)
+                context.abort_with_status(internal_status(f"internal error (request id {request_id})"))
+            finally:
+                log.info(
+                    "rpc",
+                    extra={
+                        "rpc_method": method,
+                        "rpc_code": code.name,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                        "subject": subject,
+                    },
+                )
+                if principal_token is not None:
+                    principal_var.reset(principal_token)
+                request_id_var.reset(rid_token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class ClientAuthInterceptor(grpc.UnaryUnaryClientInterceptor):
+    """Adds a bearer token and request id to outgoing calls (used by the gateway and by services
+    that call each other on behalf of a caller)."""
+
+    def __init__(self, token_getter):
+        self.token_getter = token_getter
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        metadata = list(client_call_details.metadata or ())
+        token = self.token_getter()
+        if token and not any(k == "authorization" for k, _ in metadata):
+            metadata.append(("authorization", f"Bearer {token}"))
+        rid = request_id_var.get()
+        if rid and not any(k == "x-request-id" for k, _ in metadata):
+            metadata.append(("x-request-id", rid))
+        details = client_call_details._replace(metadata=metadata) if hasattr(
+            client_call_details, "_replace"
+        ) else client_call_details
+        return continuation(details, request)

@@ -1,0 +1,1 @@
+"""Events over RabbitMQ: envelope, topology, transactional outbox and relay, idempotent consumer."""

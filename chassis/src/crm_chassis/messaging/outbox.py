@@ -1,0 +1,186 @@
+"""Transactional outbox: `enqueue` writes the event row in the caller's transaction; the
+`OutboxRelay` thread publishes unpublished rows in batches with pipelined publisher confirms
+and marks them published.
+
+- Nothing lost: a row is marked only after the broker confirmed it; a broker outage leaves the
+  rows waiting and the relay retries with back-off.
+- Replicas share the work: rows are claimed with FOR UPDATE SKIP LOCKED.
+- At-least-once: a crash between confirm and commit republishes; consumers are idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import sqlalchemy as sa
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from ..telemetry import extract_context, inject_headers
+from .envelope import Event
+from .publisher import ConfirmingPublisher, PublishError
+from .tables import outbox
+
+log = logging.getLogger("crm.outbox")
+
+
+def enqueue(conn: sa.Connection, event: Event) -> None:
+    """Add the event to the outbox inside the caller's (open) transaction."""
+    conn.execute(
+        outbox.insert().values(
+            event_id=event.id,
+            exchange=event.exchange,
+            routing_key=event.routing_key,
+            event_type=event.type,
+            source=event.source,
+            subject=event.subject,
+            dataschema=event.dataschema,
+            payload=event.data,
+            trace_headers=inject_headers(),
+            occurred_at=event.time,
+        )
+    )
+
+
+def _row_to_event(row) -> Event:
+    return Event(
+        id=str(row.event_id),
+        type=row.event_type,
+        source=row.source,
+        subject=row.subject,
+        time=row.occurred_at,
+        exchange=row.exchange,
+        routing_key=row.routing_key,
+        data=bytes(row.payload),
+        dataschema=row.dataschema,
+        trace_headers=dict(row.trace_headers or {}),
+    )
+
+
+class OutboxRelay:
+    name = "outbox-relay"
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        amqp_url: str,
+        declare,  # callable(channel): declares the exchanges the rows go to
+        batch_size: int = 500,
+        poll_seconds: float = 0.5,
+        max_backoff: float = 5.0,
+    ):
+        self.engine = engine
+        self.publisher = ConfirmingPublisher(amqp_url, declare)
+        self.batch_size = batch_size
+        self.poll_seconds = poll_seconds
+        self.max_backoff = max_backoff
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.published_total = 0
+        self.broker_up = False
+        self._tracer = trace.get_tracer("crm.outbox")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Called after a commit that enqueued events: publish now instead of at the next poll."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout)
+        self.publisher.close()
+
+    # -- work --------------------------------------------------------------------------------
+    def relay_once(self) -> int:
+        """Publish one batch; return how many rows were published (0 when none waited)."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                sa.select(outbox)
+                .where(outbox.c.published_at.is_(None))
+                .order_by(outbox.c.id)
+                .limit(self.batch_size)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not rows:
+                return 0
+            messages = []
+            for row in rows:
+                event = _row_to_event(row)
+                ctx = extract_context(event.trace_headers)
+                with self._tracer.start_as_current_span(
+                    f"{event.exchange} publish",
+                    context=ctx,
+                    kind=SpanKind.PRODUCER,
+                    attributes={
+                        "messaging.system": "rabbitmq",
+                        "messaging.destination.name": event.exchange,
+                        "messaging.rabbitmq.destination.routing_key": event.routing_key,
+                        "messaging.message.id": event.id,
+                    },
+                ):
+                    props = event.amqp_properties(trace_headers=inject_headers())
+                messages.append((event.exchange, event.routing_key, event.data, props))
+            # On failure this raises: the transaction rolls back and the rows stay unpublished.
+            self.publisher.publish_batch(messages)
+            conn.execute(
+                outbox.update()
+                .where(outbox.c.id.in_([r.id for r in rows]))
+                .values(published_at=sa.func.now(), attempts=outbox.c.attempts + 1)
+            )
+        self.published_total += len(rows)
+        return len(rows)
+
+    def drain(self, timeout: float = 30.0) -> int:
+        """Publish until the outbox is empty (used on shutdown, by tests and tools)."""
+        total, deadline = 0, time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            n = self.relay_once()
+            total += n
+            if n == 0:
+                break
+        return total
+
+    def _run(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                n = self.relay_once()
+                if not self.broker_up:
+                    self.broker_up = True
+                    log.info("relay connected to broker")
+                backoff = 0.2
+                if n >= self.batch_size:
+                    continue
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()
+            except (PublishError, OSError) as exc:
+                if self.broker_up or backoff == 0.2:
+                    log.warning("broker unavailable; events wait in the outbox", extra={"error": str(exc)})
+                self.broker_up = False
+                self.publisher.close()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+            except sa.exc.SQLAlchemyError as exc:
+                log.warning("outbox database error", extra={"error": str(exc)})
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+            except Exception:
+                log.exception("outbox relay error")
+                self.publisher.close()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+        # Final flush so events of the last calls before shutdown leave now, if the broker is up.
+        if self.broker_up:
+            try:
+                self.drain(timeout=5.0)
+            except Exception as exc:  # they stay in the outbox for the next start
+                log.warning("final outbox flush failed", extra={"error": str(exc)})

@@ -1,0 +1,151 @@
+"""The entrypoint every service shares: `python -m <package> serve | migrate | relay | consume`.
+
+`serve` migrates (under an advisory lock, so replicas may race), then runs the gRPC server,
+the outbox relay and the event consumers in one process; the single-role commands let a
+platform team run each role on its own (a migration Job, a relay-only Deployment, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import sqlalchemy as sa
+
+from .config import Settings, load_settings
+from .db import create_engine, migrate, resolve_database_url
+from .grpc_server import GrpcService, Registration
+from .logging import configure_logging
+from .messaging.consumer import EventConsumer, Subscription
+from .messaging.outbox import OutboxRelay
+from .messaging.topology import declare_producer
+from .telemetry import setup_telemetry
+
+log = logging.getLogger("crm.service")
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    engine: sa.Engine
+    database_url: str
+    relay: OutboxRelay | None = None
+
+
+@dataclass
+class ServiceSpec:
+    name: str  # customer-svc
+    default_port: int
+    migrations: pathlib.Path  # the service's Alembic script directory
+    producer_domain: str | None = None  # "customer": publishes to crm.customer.events
+    # Build the servicers and the permission map, given the context (engine, relay, ...).
+    build: Callable[[ServiceContext], tuple[list[Registration], dict[str, str]]] = lambda ctx: ([], {})
+    subscriptions: Callable[[ServiceContext], list[Subscription]] = field(default=lambda ctx: [])
+
+
+class Service:
+    """A running service, also used in-process by tests and benchmarks."""
+
+    def __init__(self, spec: ServiceSpec, settings: Settings | None = None, *, run_migrations: bool = True,
+                 relay: bool = True, consumers: bool = True, grpc: bool = True, port: int | None = None):
+        self.spec = spec
+        self.settings = settings or load_settings(spec.name, spec.default_port)
+        setup_telemetry(self.settings.service_name, self.settings.otel_endpoint)
+        url = resolve_database_url(self.settings)
+        if run_migrations:
+            migrate(url, spec.migrations)
+        engine = create_engine(url, pool_size=self.settings.grpc_max_workers + 2)
+        self.ctx = ServiceContext(settings=self.settings, engine=engine, database_url=url)
+        workers = []
+        if relay and spec.producer_domain:
+            self.ctx.relay = OutboxRelay(
+                engine,
+                self.settings.amqp_url,
+                declare=lambda ch: declare_producer(ch, spec.producer_domain),
+                batch_size=self.settings.relay_batch_size,
+                poll_seconds=self.settings.relay_poll_seconds,
+            )
+            workers.append(self.ctx.relay)
+        self.consumer: EventConsumer | None = None
+        subs = spec.subscriptions(self.ctx) if consumers else []
+        if subs:
+            self.consumer = EventConsumer(
+                engine,
+                self.settings.amqp_url,
+                self.settings.service_name,
+                subs,
+                prefetch=self.settings.consumer_prefetch,
+                delivery_limit=self.settings.consumer_delivery_limit,
+            )
+            workers.append(self.consumer)
+        self.workers = workers
+        self.grpc: GrpcService | None = None
+        if grpc:
+            registrations, permissions = spec.build(self.ctx)
+            self.grpc = GrpcService(self.settings, registrations, permissions, workers, port=port)
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port if self.grpc else 0
+
+    def start(self) -> "Service":
+        if self.grpc:
+            self.grpc.start()
+        else:
+            for w in self.workers:
+                w.start()
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        if self.grpc:
+            self.grpc.stop(grace)
+        else:
+            for w in reversed(self.workers):
+                w.stop(timeout=grace or 5.0)
+        self.ctx.engine.dispose()
+
+    def run_until_signal(self) -> None:
+        if self.grpc:
+            self.grpc.run_until_signal()
+            self.ctx.engine.dispose()
+            return
+        done = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: done.set())
+        signal.signal(signal.SIGINT, lambda *_: done.set())
+        self.start()
+        done.wait()
+        self.stop()
+
+
+def main(spec: ServiceSpec, argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {spec.name.replace('-', '_')}", description=spec.name)
+    parser.add_argument(
+        "command",
+        nargs="?",
+        default="serve",
+        choices=["serve", "migrate", "relay", "consume"],
+        help="serve: gRPC + relay + consumers (default); migrate: upgrade the database and exit; "
+        "relay: only the outbox relay; consume: only the event consumers",
+    )
+    args = parser.parse_args(argv)
+    settings = load_settings(spec.name, spec.default_port)
+    configure_logging(settings.service_name, settings.log_level)
+    if args.command == "migrate":
+        url = resolve_database_url(settings)
+        migrate(url, spec.migrations)
+        log.info("migrated")
+        return 0
+    service = Service(
+        spec,
+        settings,
+        grpc=args.command == "serve",
+        relay=args.command in ("serve", "relay"),
+        consumers=args.command in ("serve", "consume"),
+    )
+    service.run_until_signal()
+    return 0

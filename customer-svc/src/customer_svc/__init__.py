@@ -1,0 +1,1 @@
+"""customer-svc: owns people and organisations (the customer master record)."""

@@ -1,0 +1,1 @@
+"""reporting-svc: read models (projections) built from the other services' events."""
