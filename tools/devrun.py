@@ -118,10 +118,18 @@ def main() -> int:
         REPORTING_SVC_ADDR="127.0.0.1:50055",
     )
     gw_log = open(LOGS / "gateway.log", "ab")
-    procs.append(("gateway", subprocess.Popen(
-        [PY, "-m", "gunicorn", "-c", str(ROOT / "gateway" / "gunicorn.conf.py"), "crm_gateway:create_app()"],
-        env=gw_env, stdout=gw_log, stderr=gw_log, cwd=ROOT,
-    )))
+    procs.append(
+        (
+            "gateway",
+            subprocess.Popen(
+                [PY, "-m", "gunicorn", "-c", str(ROOT / "gateway" / "gunicorn.conf.py"), "crm_gateway:create_app()"],
+                env=gw_env,
+                stdout=gw_log,
+                stderr=gw_log,
+                cwd=ROOT,
+            ),
+        )
+    )
 
     stopping = False
 
@@ -186,7 +194,7 @@ def main() -> int:
     print()
     say(f"all healthy in {time.monotonic() - t0:.1f} s. Try:")
     print("    TOKEN=$(.venv/bin/python -m crm_gateway token --sub alice --roles admin)")
-    print(f"    curl -s -H \"Authorization: Bearer $TOKEN\" http://127.0.0.1:{GATEWAY_PORT}/v1/customers")
+    print(f'    curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:{GATEWAY_PORT}/v1/customers')
     say("Ctrl-C stops everything.")
     while not stopping:
         if dead():

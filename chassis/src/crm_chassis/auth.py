@@ -101,5 +101,5 @@ class TokenVerifier:
         return self.verify(token.strip())
 
     @classmethod
-    def from_settings(cls, settings) -> "TokenVerifier":
+    def from_settings(cls, settings) -> TokenVerifier:
         return cls(settings.jwt_secret, settings.jwt_algorithm, settings.jwt_issuer, settings.jwt_audience)

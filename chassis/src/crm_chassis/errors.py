@@ -62,7 +62,7 @@ class InvalidArgument(DomainError):
         super().__init__(message, **kw)
 
     @classmethod
-    def field(cls, field_name: str, description: str) -> "InvalidArgument":
+    def field(cls, field_name: str, description: str) -> InvalidArgument:
         return cls([FieldViolation(field_name, description)])
 
     def details(self) -> list:

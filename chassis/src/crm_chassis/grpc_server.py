@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -66,9 +67,7 @@ class GrpcService:
         except ImportError:  # pragma: no cover
             pass
         interceptors.append(ServerInterceptor(TokenVerifier.from_settings(settings), permissions))
-        self._executor = futures.ThreadPoolExecutor(
-            max_workers=settings.grpc_max_workers, thread_name_prefix="grpc"
-        )
+        self._executor = futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers, thread_name_prefix="grpc")
         self.server = grpc.server(
             self._executor,
             interceptors=interceptors,
@@ -105,7 +104,7 @@ class GrpcService:
         for reg in self.registrations:
             self.health.set(reg.descriptor.full_name, status)
 
-    def start(self) -> "GrpcService":
+    def start(self) -> GrpcService:
         self.server.start()
         for worker in self.workers:
             worker.start()

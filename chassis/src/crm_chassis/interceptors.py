@@ -119,7 +119,9 @@ class ClientAuthInterceptor(grpc.UnaryUnaryClientInterceptor):
         rid = request_id_var.get()
         if rid and not any(k == "x-request-id" for k, _ in metadata):
             metadata.append(("x-request-id", rid))
-        details = client_call_details._replace(metadata=metadata) if hasattr(
-            client_call_details, "_replace"
-        ) else client_call_details
+        details = (
+            client_call_details._replace(metadata=metadata)
+            if hasattr(client_call_details, "_replace")
+            else client_call_details
+        )
         return continuation(details, request)

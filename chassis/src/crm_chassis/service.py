@@ -12,8 +12,8 @@ import logging
 import pathlib
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import sqlalchemy as sa
 
@@ -51,8 +51,17 @@ class ServiceSpec:
 class Service:
     """A running service, also used in-process by tests and benchmarks."""
 
-    def __init__(self, spec: ServiceSpec, settings: Settings | None = None, *, run_migrations: bool = True,
-                 relay: bool = True, consumers: bool = True, grpc: bool = True, port: int | None = None):
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        settings: Settings | None = None,
+        *,
+        run_migrations: bool = True,
+        relay: bool = True,
+        consumers: bool = True,
+        grpc: bool = True,
+        port: int | None = None,
+    ):
         self.spec = spec
         self.settings = settings or load_settings(spec.name, spec.default_port)
         setup_telemetry(self.settings.service_name, self.settings.otel_endpoint)
@@ -93,7 +102,7 @@ class Service:
     def port(self) -> int:
         return self.grpc.port if self.grpc else 0
 
-    def start(self) -> "Service":
+    def start(self) -> Service:
         if self.grpc:
             self.grpc.start()
         else:

@@ -46,7 +46,8 @@ def list_customers(conn: sa.Connection, limit: int, after: tuple[dt.datetime, st
     """Newest first; `after` is the (create_time, id) of the last row of the previous page."""
     q = sa.select(*_COLUMNS).order_by(customers.c.create_time.desc(), customers.c.id.desc()).limit(limit)
     if after is not None:
-        q = q.where(sa.tuple_(customers.c.create_time, customers.c.id) < sa.tuple_(
-            sa.literal(after[0], sa.DateTime(timezone=True)), sa.literal(after[1], pg.UUID(as_uuid=False))
-        ))
+        q = q.where(
+            sa.tuple_(customers.c.create_time, customers.c.id)
+            < sa.tuple_(sa.literal(after[0], sa.DateTime(timezone=True)), sa.literal(after[1], pg.UUID(as_uuid=False)))
+        )
     return list(conn.execute(q).all())

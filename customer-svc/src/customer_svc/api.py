@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from crm.customer.v1 import customer_service_pb2, customer_service_pb2_grpc
-
 from crm_chassis.grpc_server import Registration
 
 from . import domain

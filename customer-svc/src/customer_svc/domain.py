@@ -9,7 +9,9 @@ from crm_chassis.errors import FieldViolation, InvalidArgument
 
 PERSON, ORGANIZATION = 1, 2
 MAX_NAME = 200
-_EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+_EMAIL = re.compile(
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
 _PHONE_CHARS = re.compile(r"^\+?[0-9 ()\-.]+$")
 _SOURCE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -57,7 +59,9 @@ def validate_new(c: NewCustomer, prefix: str = "customer") -> NewCustomer:
         if not _PHONE_CHARS.match(c.phone) or not 5 <= digits <= 20:
             v.append(FieldViolation(f"{prefix}.phone", "is not a valid phone number"))
     if c.acquisition_source and not _SOURCE.match(c.acquisition_source):
-        v.append(FieldViolation(f"{prefix}.acquisition_source", "must be a key of letters, digits, '_' or '-' (at most 40)"))
+        v.append(
+            FieldViolation(f"{prefix}.acquisition_source", "must be a key of letters, digits, '_' or '-' (at most 40)")
+        )
     if v:
         raise InvalidArgument(v)
     return c

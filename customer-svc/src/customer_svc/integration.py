@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from crm.customer.v1 import customer_pb2
 from google.protobuf import timestamp_pb2
+
+from crm.customer.v1 import customer_pb2
 
 
 def _ts(value) -> timestamp_pb2.Timestamp:

@@ -6,8 +6,8 @@ import datetime as dt
 import logging
 
 import sqlalchemy as sa
-from crm.customer.v1 import customer_events_pb2
 
+from crm.customer.v1 import customer_events_pb2
 from crm_chassis.errors import InvalidArgument, NotFound
 from crm_chassis.messaging.envelope import new_event
 from crm_chassis.messaging.outbox import OutboxRelay, enqueue

@@ -12,12 +12,12 @@ import time
 import uuid
 
 import grpc
-from crm.customer.v1 import customer_pb2, customer_service_pb2
-from crm.reporting.v1 import reporting_service_pb2
 from flask import Flask, Response, g, json, request
 from google.protobuf import json_format, timestamp_pb2
 from werkzeug.exceptions import HTTPException
 
+from crm.customer.v1 import customer_pb2, customer_service_pb2
+from crm.reporting.v1 import reporting_service_pb2
 from crm_chassis.auth import TokenVerifier
 from crm_chassis.config import load_settings
 from crm_chassis.errors import DomainError
@@ -69,7 +69,7 @@ def _time_arg(name: str):
     except ValueError:
         raise _BadParam(name, "must be an RFC 3339 timestamp, e.g. 2026-01-31T00:00:00Z") from None
     if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
+        value = value.replace(tzinfo=dt.UTC)
     ts = timestamp_pb2.Timestamp()
     ts.FromDatetime(value)
     return ts
@@ -139,8 +139,12 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
 
     @app.errorhandler(_BadParam)
     def _bad_param(err: _BadParam):
-        return problem(400, f"{err.field}: {err.description}", code="INVALID_ARGUMENT",
-                       errors=[{"field": err.field, "description": err.description}])
+        return problem(
+            400,
+            f"{err.field}: {err.description}",
+            code="INVALID_ARGUMENT",
+            errors=[{"field": err.field, "description": err.description}],
+        )
 
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException):
@@ -160,8 +164,9 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
     def readyz():
         states = clients_mod.get_clients().health()
         ready = all(s == "SERVING" for s in states.values())
-        return Response(json.dumps({"ready": ready, "services": states}), status=200 if ready else 503,
-                        mimetype="application/json")
+        return Response(
+            json.dumps({"ready": ready, "services": states}), status=200 if ready else 503, mimetype="application/json"
+        )
 
     @app.get("/openapi.json")
     def openapi():
@@ -172,14 +177,16 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
     def create_customer():
         data = request.get_json(silent=True)
         if not isinstance(data, dict):
-            return problem(400, "the body must be a JSON object (Content-Type: application/json)",
-                           code="INVALID_ARGUMENT")
+            return problem(
+                400, "the body must be a JSON object (Content-Type: application/json)", code="INVALID_ARGUMENT"
+            )
         customer = customer_pb2.Customer()
         try:
             json_format.ParseDict(data, customer, ignore_unknown_fields=False)
         except json_format.ParseError as err:
-            return problem(400, f"body: {err}", code="INVALID_ARGUMENT",
-                           errors=[{"field": "body", "description": str(err)}])
+            return problem(
+                400, f"body: {err}", code="INVALID_ARGUMENT", errors=[{"field": "body", "description": str(err)}]
+            )
         request_id = request.headers.get("Idempotency-Key", "")
         g.strip_prefix = "customer."
         created = clients_mod.get_clients().customers.CreateCustomer(
@@ -212,8 +219,12 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
             )
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                return problem(400, "customer_id: must be a UUID", code="INVALID_ARGUMENT",
-                               errors=[{"field": "customer_id", "description": "must be a UUID"}])
+                return problem(
+                    400,
+                    "customer_id: must be a UUID",
+                    code="INVALID_ARGUMENT",
+                    errors=[{"field": "customer_id", "description": "must be a UUID"}],
+                )
             raise
         return _json(found, headers={"ETag": found.etag})
 

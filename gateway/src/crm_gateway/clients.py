@@ -6,9 +6,11 @@ import os
 import threading
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from crm.customer.v1 import customer_service_pb2_grpc
 from crm.reporting.v1 import reporting_service_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from crm_chassis.grpc_client import make_channel
 
 DEFAULT_TARGETS = {
     "customer": ("CUSTOMER_SVC_ADDR", "localhost:50051"),
@@ -17,30 +19,12 @@ DEFAULT_TARGETS = {
 CALL_TIMEOUT = float(os.environ.get("GATEWAY_CALL_TIMEOUT_SECONDS", "10"))
 
 
-def _channel(target: str) -> grpc.Channel:
-    channel = grpc.insecure_channel(
-        target,
-        options=[
-            ("grpc.keepalive_time_ms", 30000),
-            ("grpc.keepalive_timeout_ms", 10000),
-            ("grpc.lb_policy_name", "round_robin"),  # spreads calls over a headless Service's pods
-        ],
-    )
-    try:
-        from opentelemetry.instrumentation.grpc import client_interceptor
-
-        channel = grpc.intercept_channel(channel, client_interceptor())
-    except ImportError:  # pragma: no cover
-        pass
-    return channel
-
-
 class Clients:
     def __init__(self, targets: dict[str, str] | None = None):
         if targets is None:
             targets = {k: os.environ.get(env, default) for k, (env, default) in DEFAULT_TARGETS.items()}
         self.targets = targets
-        self.channels = {k: _channel(v) for k, v in targets.items()}
+        self.channels = {k: make_channel(v) for k, v in targets.items()}
         self.customers = customer_service_pb2_grpc.CustomerServiceStub(self.channels["customer"])
         self.reporting = reporting_service_pb2_grpc.ReportingServiceStub(self.channels["reporting"])
 

@@ -24,15 +24,32 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 TITLES = {
-    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-    409: "Conflict", 413: "Payload Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
-    499: "Client Closed Request", 500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    429: "Too Many Requests",
+    499: "Client Closed Request",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
     504: "Gateway Timeout",
 }
 
 
-def problem(status: int, detail: str, *, code: str | None = None, reason: str | None = None,
-            errors: list[dict] | None = None, headers: dict | None = None) -> Response:
+def problem(
+    status: int,
+    detail: str,
+    *,
+    code: str | None = None,
+    reason: str | None = None,
+    errors: list[dict] | None = None,
+    headers: dict | None = None,
+) -> Response:
     body = {
         "type": "about:blank",
         "title": TITLES.get(status, "Error"),

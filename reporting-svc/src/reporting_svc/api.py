@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 
 import sqlalchemy as sa
-from crm.reporting.v1 import reporting_service_pb2, reporting_service_pb2_grpc
 
+from crm.reporting.v1 import reporting_service_pb2, reporting_service_pb2_grpc
 from crm_chassis.errors import InvalidArgument
 from crm_chassis.grpc_server import Registration
 
@@ -20,7 +20,7 @@ def _time(request, field: str) -> dt.datetime | None:
     if not request.HasField(field):
         return None
     try:
-        return getattr(request, field).ToDatetime(tzinfo=dt.timezone.utc)
+        return getattr(request, field).ToDatetime(tzinfo=dt.UTC)
     except (ValueError, OverflowError):
         raise InvalidArgument.field(field, "is not a valid timestamp") from None
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime as dt
 
 import sqlalchemy as sa
-from crm.customer.v1 import customer_events_pb2
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from crm.customer.v1 import customer_events_pb2
 from crm_chassis.messaging.consumer import Subscription
 from crm_chassis.messaging.envelope import Event
 
@@ -32,7 +32,7 @@ def on_customer_created(conn: sa.Connection, event: Event) -> None:
         .values(
             customer_id=c.name.removeprefix("customers/"),
             acquisition_source=c.acquisition_source or UNKNOWN_SOURCE,
-            created_at=c.create_time.ToDatetime(tzinfo=dt.timezone.utc),
+            created_at=c.create_time.ToDatetime(tzinfo=dt.UTC),
         )
         # The inbox already makes a redelivery a no-op; this also covers a replay from the stream.
         .on_conflict_do_nothing(index_elements=["customer_id"])
@@ -43,7 +43,9 @@ def subscriptions() -> list[Subscription]:
     return [Subscription(domain="customer", handlers={"customer.created.v1": on_customer_created})]
 
 
-def customers_by_source(conn: sa.Connection, start: dt.datetime | None, end: dt.datetime | None) -> list[tuple[str, int]]:
+def customers_by_source(
+    conn: sa.Connection, start: dt.datetime | None, end: dt.datetime | None
+) -> list[tuple[str, int]]:
     t = customer_source_facts
     q = sa.select(t.c.acquisition_source, sa.func.count().label("n")).group_by(t.c.acquisition_source)
     if start is not None:

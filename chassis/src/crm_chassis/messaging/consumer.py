@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pika
 import sqlalchemy as sa
@@ -102,7 +102,7 @@ class EventConsumer:
                 self._conn = pika.BlockingConnection(self.params)
                 self._channel = self._conn.channel()
                 self._channel.basic_qos(prefetch_count=self.prefetch)
-                for sub, queue in zip(self.subscriptions, self.declare(self._channel)):
+                for sub, queue in zip(self.subscriptions, self.declare(self._channel), strict=True):
                     self._channel.basic_consume(
                         queue=queue,
                         on_message_callback=lambda ch, m, p, b, sub=sub, q=queue: self._on_message(ch, m, p, b, sub, q),

