@@ -24,14 +24,16 @@ RUN = ROOT / ".run"
 LOGS = RUN / "logs"
 PY = sys.executable
 
+# CRM_PORT_OFFSET shifts every port (a second suite beside a running one, the tests).
+OFFSET = int(os.environ.get("CRM_PORT_OFFSET", "0"))
 SERVICES = [
-    ("customer-svc", 50051),
-    ("sales-svc", 50052),
-    ("support-svc", 50053),
-    ("campaign-svc", 50054),
-    ("reporting-svc", 50055),
+    ("customer-svc", 50051 + OFFSET),
+    ("sales-svc", 50052 + OFFSET),
+    ("support-svc", 50053 + OFFSET),
+    ("campaign-svc", 50054 + OFFSET),
+    ("reporting-svc", 50055 + OFFSET),
 ]
-GATEWAY_PORT = int(os.environ.get("GATEWAY_PORT", "8080"))
+GATEWAY_PORT = int(os.environ.get("GATEWAY_PORT", "8080")) + OFFSET
 
 
 def say(msg: str) -> None:
@@ -114,8 +116,9 @@ def main() -> int:
     gw_env = dict(
         env_base,
         GATEWAY_PORT=str(GATEWAY_PORT),
-        CUSTOMER_SVC_ADDR="127.0.0.1:50051",
-        REPORTING_SVC_ADDR="127.0.0.1:50055",
+        GATEWAY_HOST="127.0.0.1",
+        CUSTOMER_SVC_ADDR=f"127.0.0.1:{dict(SERVICES)['customer-svc']}",
+        REPORTING_SVC_ADDR=f"127.0.0.1:{dict(SERVICES)['reporting-svc']}",
     )
     gw_log = open(LOGS / "gateway.log", "ab")
     procs.append(

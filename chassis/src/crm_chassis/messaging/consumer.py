@@ -167,8 +167,9 @@ class EventConsumer:
                 pg_insert(inbox)
                 .values(consumer=self.consumer_service, event_id=event.id, event_type=event.type)
                 .on_conflict_do_nothing()
-            ).rowcount
-            if not fresh:
+                .returning(inbox.c.event_id)
+            ).first()
+            if fresh is None:
                 self.duplicates += 1
                 return False
             if handler is not None:

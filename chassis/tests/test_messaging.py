@@ -1,0 +1,198 @@
+"""Outbox relay and idempotent consumer against a real RabbitMQ (a private vhost) and real
+PostgreSQL: broker outage, duplicate delivery, poison and malformed messages."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pika
+import pytest
+import sqlalchemy as sa
+
+from crm_chassis.db import create_engine
+from crm_chassis.messaging.consumer import EventConsumer, Subscription
+from crm_chassis.messaging.envelope import Event, new_event
+from crm_chassis.messaging.outbox import OutboxRelay, enqueue
+from crm_chassis.messaging.tables import messaging_metadata, outbox
+from crm_chassis.messaging.topology import dead_letter_queue, declare_producer, exchange_for, queue_name
+from tests.support.tcp_proxy import TcpProxy
+
+DOMAIN = "chassistest"
+KEY = "thing.happened.v1"
+
+
+class Payload:
+    """Stands in for a protobuf message in new_event()."""
+
+    class DESCRIPTOR:
+        full_name = "test.Thing"
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def SerializeToString(self) -> bytes:
+        return self.data
+
+
+def make_event(data: bytes = b"ok") -> Event:
+    return new_event(
+        domain=DOMAIN, source_service="test-svc", routing_key=KEY, subject="things/1", message=Payload(data)
+    )
+
+
+def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def engine(databases):
+    eng = create_engine(databases.fresh("messaging"), pool_size=4)
+    messaging_metadata.create_all(eng)
+    with eng.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE received (event_id text NOT NULL, data bytea)"))
+    yield eng
+    eng.dispose()
+
+
+def received(engine) -> tuple[int, int]:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*), count(DISTINCT event_id) FROM received")).one()
+
+
+def record(conn: sa.Connection, event: Event) -> None:
+    conn.execute(sa.text("INSERT INTO received VALUES (:i, :d)"), {"i": event.id, "d": event.data})
+
+
+def start_consumer(engine, url: str, name: str, handler=record, limit: int = 3) -> EventConsumer:
+    consumer = EventConsumer(
+        engine, url, name, [Subscription(DOMAIN, {KEY: handler})], prefetch=10, delivery_limit=limit
+    )
+    consumer.start()
+    assert consumer.ready.wait(10), "consumer did not connect"
+    return consumer
+
+
+def publish_raw(url: str, event: Event | None, body: bytes = b"", props=None) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    ch = conn.channel()
+    declare_producer(ch, DOMAIN)
+    ch.confirm_delivery()
+    if event is not None:
+        ch.basic_publish(exchange_for(DOMAIN), KEY, event.data, event.amqp_properties())
+    else:
+        ch.basic_publish(exchange_for(DOMAIN), KEY, body, props or pika.BasicProperties())
+    conn.close()
+
+
+def test_broker_outage_delays_events_but_loses_and_duplicates_none(engine, broker):
+    proxy = TcpProxy(broker.address).start()
+    consumer = start_consumer(engine, broker.url, "outage-test")
+    relay = OutboxRelay(
+        engine,
+        broker.with_port(proxy.port),
+        lambda ch: declare_producer(ch, DOMAIN),
+        batch_size=7,
+        poll_seconds=0.1,
+        max_backoff=0.3,
+    )
+    relay.start()
+    try:
+        for _ in range(20):
+            with engine.begin() as conn:
+                enqueue(conn, make_event())
+        wait_for(lambda: received(engine)[0] == 20, what="first 20 events")
+
+        proxy.stop()  # the broker goes away
+        for _ in range(30):  # the business keeps writing: every commit succeeds
+            with engine.begin() as conn:
+                enqueue(conn, make_event())
+        time.sleep(1.0)
+        assert received(engine)[0] == 20
+        with engine.connect() as conn:
+            waiting = conn.execute(sa.select(sa.func.count()).where(outbox.c.published_at.is_(None))).scalar_one()
+        assert waiting == 30
+        assert not relay.broker_up
+
+        proxy.start()  # the broker is back
+        wait_for(lambda: received(engine)[0] >= 50, what="all 50 events after the outage")
+        time.sleep(0.5)  # give a stray duplicate the chance to show up
+        assert received(engine) == (50, 50)
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).where(outbox.c.published_at.is_(None))).scalar_one() == 0
+    finally:
+        relay.stop(2)
+        consumer.stop(2)
+        proxy.stop()
+
+
+def test_the_same_event_delivered_twice_is_processed_once(engine, broker):
+    consumer = start_consumer(engine, broker.url, "dup-test")
+    try:
+        event = make_event(b"twice")
+        publish_raw(broker.url, event)
+        publish_raw(broker.url, event)
+        wait_for(lambda: consumer.processed + consumer.duplicates == 2, what="both deliveries")
+        assert received(engine) == (1, 1)
+        assert consumer.duplicates == 1
+    finally:
+        consumer.stop(2)
+
+
+def test_a_failing_handler_is_retried_a_bounded_number_of_times_then_dead_lettered(engine, broker):
+    attempts = {"poison": 0}
+    lock = threading.Lock()
+
+    def handler(conn, event: Event):
+        if event.data == b"poison":
+            with lock:
+                attempts["poison"] += 1
+            raise RuntimeError("cannot handle this one")
+        record(conn, event)
+
+    consumer = start_consumer(engine, broker.url, "poison-test", handler=handler, limit=3)
+    try:
+        poison = make_event(b"poison")
+        publish_raw(broker.url, poison)
+        for _ in range(5):
+            publish_raw(broker.url, make_event(b"fine"))
+        wait_for(lambda: received(engine)[0] == 5, what="the messages behind the poison one")
+        dlq = dead_letter_queue(queue_name("poison-test", DOMAIN))
+        conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+        ch = conn.channel()
+        got = [None]
+
+        def dead_lettered():
+            method, props, _body = ch.basic_get(dlq, auto_ack=True)
+            if method is not None:
+                got[0] = props
+            return got[0] is not None
+
+        wait_for(dead_lettered, what="the poison message in the dead-letter queue")
+        conn.close()
+        assert got[0].headers["cloudEvents_id"] == poison.id
+        assert 2 <= attempts["poison"] <= 4  # retried, but bounded by the delivery limit (3)
+        with engine.connect() as c:  # a failed attempt leaves no trace: its transaction rolled back
+            assert c.execute(sa.text("SELECT count(*) FROM inbox WHERE event_id = :i"), {"i": poison.id}).scalar() == 0
+    finally:
+        consumer.stop(2)
+
+
+def test_a_malformed_message_is_dead_lettered_at_once(engine, broker):
+    calls = []
+    consumer = start_consumer(engine, broker.url, "malformed-test", handler=lambda c, e: calls.append(e))
+    try:
+        publish_raw(broker.url, None, body=b"\x00garbage", props=pika.BasicProperties(headers={"x": "y"}))
+        dlq = dead_letter_queue(queue_name("malformed-test", DOMAIN))
+        conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+        ch = conn.channel()
+        wait_for(lambda: ch.basic_get(dlq, auto_ack=True)[0] is not None, what="malformed message in the DLQ")
+        conn.close()
+        assert calls == []
+    finally:
+        consumer.stop(2)
