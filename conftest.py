@@ -35,3 +35,12 @@ def broker():
     b = Broker()
     yield b
     b.close()
+
+
+@pytest.fixture(scope="session")
+def suite(databases, broker):
+    from tests.support.harness import Suite
+
+    s = Suite(databases, broker)
+    yield s
+    s.stop()

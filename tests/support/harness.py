@@ -119,3 +119,31 @@ def start_service(spec: ServiceSpec, database_url: str, amqp_url: str, **kw) -> 
 
 def channel(service: Service) -> grpc.Channel:
     return grpc.insecure_channel(f"127.0.0.1:{service.port}")
+
+
+class Suite:
+    """customer-svc and reporting-svc in-process (relay and consumer running) plus the
+    gateway's Flask app pointed at them: the whole path of a request, on loopback."""
+
+    def __init__(self, databases: Databases, broker: Broker):
+        from crm_gateway import create_app
+        from crm_gateway.clients import Clients
+        from customer_svc.__main__ import SPEC as CUSTOMER
+        from reporting_svc.__main__ import SPEC as REPORTING
+
+        self.customer = start_service(CUSTOMER, databases.fresh("customer"), broker.url)
+        self.reporting = start_service(REPORTING, databases.fresh("reporting"), broker.url)
+        assert self.reporting.consumer.ready.wait(15), "reporting consumer did not start"
+        self.clients = Clients(
+            {"customer": f"127.0.0.1:{self.customer.port}", "reporting": f"127.0.0.1:{self.reporting.port}"}
+        )
+        self.app = create_app(self.clients)
+        self.http = self.app.test_client()
+
+    def headers(self, roles: str = "admin") -> dict[str, str]:
+        return {"Authorization": f"Bearer {token(roles)}"}
+
+    def stop(self) -> None:
+        self.clients.close()
+        self.customer.stop(0)
+        self.reporting.stop(0)

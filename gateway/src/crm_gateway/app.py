@@ -85,8 +85,11 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
     verifier = TokenVerifier.from_settings(settings)
     app = Flask("crm_gateway")
     app.json.ensure_ascii = False
-    if clients is not None:
-        clients_mod.set_clients(clients)
+
+    def cl() -> clients_mod.Clients:
+        # Given clients (tests, benchmarks) or this worker process's own (made after the fork).
+        return clients if clients is not None else clients_mod.get_clients()
+
     try:
         from opentelemetry.instrumentation.flask import FlaskInstrumentor
 
@@ -162,7 +165,7 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
 
     @app.get("/readyz")
     def readyz():
-        states = clients_mod.get_clients().health()
+        states = cl().health()
         ready = all(s == "SERVING" for s in states.values())
         return Response(
             json.dumps({"ready": ready, "services": states}), status=200 if ready else 503, mimetype="application/json"
@@ -189,7 +192,7 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
             )
         request_id = request.headers.get("Idempotency-Key", "")
         g.strip_prefix = "customer."
-        created = clients_mod.get_clients().customers.CreateCustomer(
+        created = cl().customers.CreateCustomer(
             customer_service_pb2.CreateCustomerRequest(customer=customer, request_id=request_id),
             metadata=_metadata(),
             timeout=clients_mod.CALL_TIMEOUT,
@@ -199,7 +202,7 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
 
     @app.get("/v1/customers")
     def list_customers():
-        resp = clients_mod.get_clients().customers.ListCustomers(
+        resp = cl().customers.ListCustomers(
             customer_service_pb2.ListCustomersRequest(
                 page_size=_int_arg("page_size"), page_token=request.args.get("page_token", "")
             ),
@@ -212,7 +215,7 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
     def get_customer(customer_id: str):
         g.strip_prefix = ""
         try:
-            found = clients_mod.get_clients().customers.GetCustomer(
+            found = cl().customers.GetCustomer(
                 customer_service_pb2.GetCustomerRequest(name=f"customers/{customer_id}"),
                 metadata=_metadata(),
                 timeout=clients_mod.CALL_TIMEOUT,
@@ -237,9 +240,7 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
             req.start_time.CopyFrom(start)
         if end is not None:
             req.end_time.CopyFrom(end)
-        resp = clients_mod.get_clients().reporting.CountCustomersBySource(
-            req, metadata=_metadata(), timeout=clients_mod.CALL_TIMEOUT
-        )
+        resp = cl().reporting.CountCustomersBySource(req, metadata=_metadata(), timeout=clients_mod.CALL_TIMEOUT)
         return _json(resp)
 
     return app

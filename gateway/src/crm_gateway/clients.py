@@ -56,10 +56,3 @@ def get_clients() -> Clients:
             _clients = Clients()
             _pid = os.getpid()
         return _clients
-
-
-def set_clients(clients: Clients) -> None:
-    """Point the gateway at other targets (tests and benchmarks)."""
-    global _clients, _pid
-    with _lock:
-        _clients, _pid = clients, os.getpid()

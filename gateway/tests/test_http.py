@@ -1,0 +1,160 @@
+"""The gateway over HTTP: routes, status mapping to problem+json, auth, OpenAPI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from crm_chassis.auth import TokenVerifier
+from crm_chassis.config import DEFAULT_JWT_SECRET
+
+
+def person(**kw):
+    body = {"type": "CUSTOMER_TYPE_PERSON", "givenName": "Maryam", "familyName": "Karimi"}
+    body.update(kw)
+    return body
+
+
+def assert_problem(resp, status: int, field: str | None = None):
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    assert resp.mimetype == "application/problem+json"
+    body = resp.get_json(force=True)
+    assert body["status"] == status and body["title"] and body["detail"]
+    assert "Traceback" not in resp.get_data(as_text=True)
+    if field:
+        assert field in [e["field"] for e in body["errors"]]
+    return body
+
+
+def test_create_get_and_list(suite):
+    suite.http.post("/v1/customers", json=person(), headers=suite.headers())
+    resp = suite.http.post("/v1/customers", json=person(email="m@example.com"), headers=suite.headers())
+    assert resp.status_code == 201
+    made = resp.get_json()
+    cid = made["name"].removeprefix("customers/")
+    assert resp.headers["Location"] == f"/v1/customers/{cid}" and resp.headers["ETag"] == made["etag"]
+    assert made["displayName"] == "Maryam Karimi"
+    got = suite.http.get(f"/v1/customers/{cid}", headers=suite.headers("analyst"))
+    assert got.status_code == 200 and got.get_json() == made
+    page = suite.http.get("/v1/customers?page_size=1", headers=suite.headers()).get_json()
+    assert len(page["customers"]) == 1 and page["nextPageToken"]
+    page2 = suite.http.get(f"/v1/customers?page_size=1&page_token={page['nextPageToken']}", headers=suite.headers())
+    assert page2.status_code == 200 and page2.get_json()["customers"][0]["name"] != page["customers"][0]["name"]
+
+
+def test_persian_text_round_trips(suite):
+    made = suite.http.post("/v1/customers", json=person(givenName="علی", familyName="رضایی"), headers=suite.headers())
+    assert made.get_json()["displayName"] == "علی رضایی"
+    assert "علی".encode() in made.get_data()  # not \u escapes
+
+
+def test_idempotency_key_returns_the_first_result(suite):
+    key = str(uuid.uuid4())
+    a = suite.http.post("/v1/customers", json=person(), headers={**suite.headers(), "Idempotency-Key": key})
+    b = suite.http.post(
+        "/v1/customers", json=person(givenName="Other"), headers={**suite.headers(), "Idempotency-Key": key}
+    )
+    assert a.status_code == b.status_code == 201
+    assert a.get_json()["name"] == b.get_json()["name"]
+
+
+def test_bad_input_is_400_problem_naming_the_field(suite):
+    h = suite.headers()
+    assert_problem(suite.http.post("/v1/customers", json=person(email="nope"), headers=h), 400, "email")
+    assert_problem(
+        suite.http.post("/v1/customers", json=person(givenName="", familyName=""), headers=h), 400, "family_name"
+    )
+    assert_problem(
+        suite.http.post("/v1/customers", data="{not json", headers={**h, "Content-Type": "application/json"}), 400
+    )
+    assert_problem(suite.http.post("/v1/customers", json=["a"], headers=h), 400)
+    assert_problem(suite.http.post("/v1/customers", json=person(favouriteColour="red"), headers=h), 400, "body")
+    assert_problem(suite.http.get("/v1/customers?page_size=-5", headers=h), 400, "page_size")
+    assert_problem(suite.http.get("/v1/customers?page_size=ten", headers=h), 400, "page_size")
+    assert_problem(suite.http.get("/v1/customers?page_token=forged.token", headers=h), 400, "page_token")
+    assert_problem(suite.http.get("/v1/customers/not-a-uuid", headers=h), 400, "customer_id")
+    assert_problem(suite.http.get("/v1/reports/customers-by-source?start_time=yesterday", headers=h), 400, "start_time")
+    assert_problem(
+        suite.http.get(
+            "/v1/reports/customers-by-source?start_time=2026-02-01T00:00:00Z&end_time=2026-01-01T00:00:00Z", headers=h
+        ),
+        400,
+        "end_time",
+    )
+
+
+def test_unknown_customer_is_404_problem(suite):
+    body = assert_problem(suite.http.get(f"/v1/customers/{uuid.uuid4()}", headers=suite.headers()), 404)
+    assert body["reason"] == "CUSTOMER_NOT_FOUND"
+    assert_problem(suite.http.get("/v1/nothing-here", headers=suite.headers()), 404)
+    assert_problem(suite.http.delete("/v1/customers", headers=suite.headers()), 405)
+
+
+def test_no_valid_token_no_data_and_roles_are_enforced(suite):
+    for headers in ({}, {"Authorization": "Bearer junk"}, {"Authorization": "Basic dXNlcjpwYXNz"}):
+        for path in ("/v1/customers", "/v1/reports/customers-by-source", f"/v1/customers/{uuid.uuid4()}"):
+            resp = suite.http.get(path, headers=headers)
+            assert_problem(resp, 401)
+            assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert_problem(suite.http.post("/v1/customers", json=person()), 401)
+    assert_problem(suite.http.get("/v1/reports/customers-by-source", headers=suite.headers("sales_rep")), 403)
+    assert_problem(suite.http.post("/v1/customers", json=person(), headers=suite.headers("analyst")), 403)
+
+
+def test_health_readiness_and_request_ids(suite):
+    assert suite.http.get("/healthz").status_code == 200
+    ready = suite.http.get("/readyz")
+    assert ready.status_code == 200 and ready.get_json()["services"] == {"customer": "SERVING", "reporting": "SERVING"}
+    resp = suite.http.get("/v1/customers", headers={**suite.headers(), "X-Request-Id": "abc123"})
+    assert resp.headers["X-Request-Id"] == "abc123"
+
+
+def test_openapi_lists_exactly_the_routes(suite):
+    doc = suite.http.get("/openapi.json").get_json()
+    assert doc["openapi"].startswith("3.")
+    documented = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops}
+    served = set()
+    for rule in suite.app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = rule.rule.replace("<", "{").replace(">", "}")
+        served |= {(path, m) for m in rule.methods - {"HEAD", "OPTIONS"}}
+    assert documented == served
+
+
+def test_token_command_prints_a_token_services_accept():
+    out = subprocess.run(
+        [sys.executable, "-m", "crm_gateway", "token", "--sub", "alice", "--roles", "sales_rep,marketer"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    principal = TokenVerifier(DEFAULT_JWT_SECRET).verify(out)
+    assert principal.subject == "alice" and principal.roles == ("sales_rep", "marketer")
+    bad = subprocess.run(
+        [sys.executable, "-m", "crm_gateway", "token", "--sub", "x", "--roles", "wizard"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "unknown roles" in bad.stderr
+
+
+@pytest.mark.parametrize("status_code", [503])
+def test_a_service_down_is_503_not_500(databases, broker, status_code):
+    from crm_gateway import create_app
+    from crm_gateway.clients import Clients
+
+    dead = Clients({"customer": "127.0.0.1:9", "reporting": "127.0.0.1:9"})
+    try:
+        app = create_app(dead)
+        resp = app.test_client().get(
+            "/v1/customers",
+            headers={"Authorization": f"Bearer {TokenVerifier(DEFAULT_JWT_SECRET).mint('a', ['admin'])}"},
+        )
+        assert_problem(resp, status_code)
+        assert app.test_client().get("/readyz").status_code == 503
+    finally:
+        dead.close()
