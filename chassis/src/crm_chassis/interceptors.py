@@ -13,9 +13,10 @@ import time
 import uuid
 
 import grpc
+from sqlalchemy.exc import DBAPIError
 
 from .auth import Principal, TokenVerifier
-from .errors import DomainError, Unauthenticated, internal_status
+from .errors import DomainError, Unauthenticated, Unavailable, internal_status
 from .logging import request_id_var
 
 log = logging.getLogger("crm.rpc")
@@ -76,6 +77,14 @@ class ServerInterceptor(grpc.ServerInterceptor):
             except DomainError as err:
                 code = err.code
                 context.abort_with_status(err.to_grpc_status())
+            except DBAPIError as err:
+                if not err.connection_invalidated:
+                    code = grpc.StatusCode.INTERNAL
+                    log.exception("database error in %s", method)
+                    context.abort_with_status(internal_status(f"internal error (request id {request_id})"))
+                code = grpc.StatusCode.UNAVAILABLE
+                log.warning("database connection lost in %s", method)
+                context.abort_with_status(Unavailable("database connection lost; retry").to_grpc_status())
             except Exception:
                 if context.code() not in (None, grpc.StatusCode.OK):
                     code = context.code()  # the servicer aborted on its own

@@ -8,6 +8,7 @@ import logging
 import sqlalchemy as sa
 
 from crm.customer.v1 import customer_events_pb2
+from crm_chassis.db import autocommit
 from crm_chassis.errors import InvalidArgument, NotFound
 from crm_chassis.messaging.envelope import new_event
 from crm_chassis.messaging.outbox import OutboxRelay, enqueue
@@ -22,6 +23,7 @@ log = logging.getLogger("customer_svc")
 class CustomerUseCases:
     def __init__(self, engine: sa.Engine, relay: OutboxRelay | None, token_secret: str, service_name: str):
         self.engine = engine
+        self.reader = autocommit(engine)
         self.relay = relay
         self.tokens = PageTokens(token_secret, "customers.list")
         self.service_name = service_name
@@ -72,7 +74,7 @@ class CustomerUseCases:
         return row
 
     def get(self, customer_id: str) -> sa.Row:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             row = adapters.get_customer(conn, customer_id)
         if row is None:
             raise NotFound(
@@ -91,7 +93,7 @@ class CustomerUseCases:
                 after = (dt.datetime.fromisoformat(key[0]), str(key[1]))
             except (ValueError, IndexError, TypeError):
                 raise InvalidArgument.field("page_token", "is not a valid page token for this query") from None
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             rows = adapters.list_customers(conn, limit + 1, after)
         next_token = ""
         if len(rows) > limit:

@@ -1,0 +1,208 @@
+"""`make bench`: the foundation's benchmark.
+
+1. gRPC: the empty-RPC ceiling (grpc.health.v1 Check on the same server process: same
+   grpcio server, thread pool and interceptor chain minus auth and SQL), then CreateCustomer
+   and GetCustomer at 1 and 32 callers, with p50/p99 and the ratio to the ceiling.
+2. Outbox relay: events/s draining a pre-filled outbox to RabbitMQ with confirms, against a
+   plain pika publish loop with pipelined confirms (and one waiting for each confirm).
+
+customer-svc runs as its own process (`python -m customer_svc serve`) on a fresh database;
+the load client runs here and shares the 2 cores with it, as in PERFORMANCE.md.
+Settings: BENCH_SECONDS (per measurement, default 5), BENCH_EVENTS (default 20000).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import sqlalchemy as sa
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench import baseline_publish, load
+from crm.customer.v1 import customer_pb2, customer_service_pb2, customer_service_pb2_grpc
+from crm_chassis.db import create_engine
+from crm_chassis.messaging.outbox import OutboxRelay
+from crm_chassis.messaging.tables import messaging_metadata
+from crm_chassis.messaging.topology import declare_producer
+from tests.support.harness import ROOT, Broker, Databases, md
+
+SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
+EVENTS = int(os.environ.get("BENCH_EVENTS", "20000"))
+RESULTS = ROOT / "bench" / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_customer_svc(db_url: str, amqp_url: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    env = dict(
+        os.environ,
+        SERVICE_NAME="customer-svc",
+        GRPC_PORT=str(port),
+        DATABASE_URL=db_url,
+        AMQP_URL=amqp_url,
+        LOG_LEVEL="WARNING",
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "customer_svc", "serve"], env=env, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        while True:
+            try:
+                if health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return proc, port
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit("customer-svc did not start")
+            time.sleep(0.2)
+
+
+def grpc_section(db_url: str, amqp_url: str) -> list[dict]:
+    proc, port = start_customer_svc(db_url, amqp_url)
+    rows = []
+    try:
+        ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(ch)
+        stub = customer_service_pb2_grpc.CustomerServiceStub(ch)
+        meta = md("admin", "bench")
+        n = [0]
+
+        def create():
+            n[0] += 1
+            c = customer_pb2.Customer(
+                type=1,
+                given_name="Bench",
+                family_name=f"User{n[0]}",
+                email=f"user{n[0]}@example.com",
+                phone="+98 21 1234 5678",
+                acquisition_source="website",
+            )
+            return stub.CreateCustomer.future(customer_service_pb2.CreateCustomerRequest(customer=c), metadata=meta)
+
+        seed = stub.CreateCustomer(
+            customer_service_pb2.CreateCustomerRequest(customer=customer_pb2.Customer(type=1, given_name="Seed")),
+            metadata=meta,
+        )
+        get_req = customer_service_pb2.GetCustomerRequest(name=seed.name)
+        empty = health_pb2.HealthCheckRequest()
+        for conc in (1, 32):
+            ceiling = load.run("empty RPC (health Check)", lambda: health.Check.future(empty), conc, SECONDS)
+            results = [
+                ceiling,
+                load.run("CreateCustomer", create, conc, SECONDS),
+                load.run("GetCustomer", lambda: stub.GetCustomer.future(get_req, metadata=meta), conc, SECONDS),
+            ]
+            for r in results:
+                rows.append(
+                    {
+                        "what": r.label,
+                        "callers": conc,
+                        "calls": r.calls,
+                        "errors": r.errors,
+                        "rps": round(r.rps, 1),
+                        "p50_ms": round(r.pct(50), 2),
+                        "p99_ms": round(r.pct(99), 2),
+                        "ratio_to_ceiling": round(r.rps / ceiling.rps, 3) if ceiling.rps else None,
+                    }
+                )
+        ch.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return rows
+
+
+def relay_section(db_url: str, amqp_url: str) -> list[dict]:
+    engine = create_engine(db_url, pool_size=2)
+    messaging_metadata.create_all(engine)
+    body = os.urandom(350)
+    with engine.begin() as conn:  # set-based fill of the outbox
+        conn.execute(
+            sa.text("""
+            INSERT INTO outbox (event_id, exchange, routing_key, event_type, source, subject, dataschema,
+                                payload, occurred_at)
+            SELECT gen_random_uuid(), 'crm.bench.events', 'thing.happened.v1', 'crm.bench.thing.happened.v1',
+                   '/bench', 'things/' || g, 'bench.Thing', :body, now()
+            FROM generate_series(1, :n) AS g"""),
+            {"body": body, "n": EVENTS},
+        )
+    relay = OutboxRelay(engine, amqp_url, lambda ch: declare_producer(ch, "bench"), batch_size=500)
+    t0 = time.perf_counter()
+    sent = relay.drain(timeout=600)
+    relay_rate = sent / (time.perf_counter() - t0)
+    relay.publisher.close()
+    with engine.connect() as conn:
+        left = conn.execute(sa.text("SELECT count(*) FROM outbox WHERE published_at IS NULL")).scalar()
+    engine.dispose()
+    pipelined = baseline_publish.pipelined(amqp_url, "crm.bench.events", "thing.happened.v1", body, EVENTS)
+    single = baseline_publish.one_by_one(amqp_url, "crm.bench.events", "thing.happened.v1", body, min(EVENTS, 3000))
+    return [
+        {
+            "what": "outbox relay (SELECT .. SKIP LOCKED, publish batch, confirms, UPDATE)",
+            "events": sent,
+            "left_unpublished": left,
+            "per_second": round(relay_rate),
+            "ratio_to_pipelined": round(relay_rate / pipelined, 3),
+        },
+        {
+            "what": "baseline: plain pika loop, pipelined confirms (window 1000)",
+            "events": EVENTS,
+            "per_second": round(pipelined),
+            "ratio_to_pipelined": 1.0,
+        },
+        {
+            "what": "reference: pika loop waiting for each confirm",
+            "events": min(EVENTS, 3000),
+            "per_second": round(single),
+            "ratio_to_pipelined": round(single / pipelined, 3),
+        },
+    ]
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
+    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    out.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        out.append("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths, strict=True)))
+    return "\n".join(out)
+
+
+def main() -> int:
+    print(
+        f"bench: {platform.node()} {os.cpu_count()} cores, python {platform.python_version()}, "
+        f"grpcio {grpc.__version__}, {SECONDS:.0f} s per measurement",
+        flush=True,
+    )
+    dbs, broker = Databases(), Broker()
+    try:
+        print("\n== gRPC: customer-svc (own process) vs the empty-RPC ceiling on the same server ==", flush=True)
+        grpc_rows = grpc_section(dbs.fresh("bench_grpc"), broker.url)
+        print(table(grpc_rows, ["what", "callers", "calls", "errors", "rps", "p50_ms", "p99_ms", "ratio_to_ceiling"]))
+        print(f"\n== outbox relay vs plain pika publishing ({EVENTS} persistent 350-byte events) ==", flush=True)
+        relay_rows = relay_section(dbs.fresh("bench_relay"), broker.url)
+        print(table(relay_rows, ["what", "events", "per_second", "ratio_to_pipelined"]))
+    finally:
+        dbs.drop_all()
+        broker.close()
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    out.write_text(json.dumps({"grpc": grpc_rows, "relay": relay_rows}, indent=2))
+    print(f"\nsaved {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

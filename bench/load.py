@@ -1,0 +1,69 @@
+"""A closed-loop gRPC load generator: N callers each issue the next call as soon as the last
+one returns, for a fixed time. Calls are issued as futures from one thread, so the client
+spends as little CPU as possible (it shares the 2 cores with the server)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class Result:
+    label: str
+    concurrency: int
+    calls: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def rps(self) -> float:
+        return self.calls / self.seconds if self.seconds else 0.0
+
+    def pct(self, p: float) -> float:
+        if not self.latencies_ms:
+            return 0.0
+        data = sorted(self.latencies_ms)
+        return data[min(len(data) - 1, int(round(p / 100 * (len(data) - 1))))]
+
+
+def run(label: str, make_call, concurrency: int, seconds: float, warmup: float = 0.5) -> Result:
+    """make_call() -> a grpc future (e.g. lambda: stub.GetCustomer.future(req, metadata=md))."""
+    lock = threading.Lock()
+    done = threading.Event()
+    state = {"calls": 0, "errors": 0, "inflight": 0, "measuring": False}
+    latencies: list[float] = []
+    stop_at = [time.perf_counter() + warmup + seconds]
+    measure_from = [time.perf_counter() + warmup]
+
+    def issue():
+        started = time.perf_counter()
+        fut = make_call()
+        fut.add_done_callback(lambda f: finished(f, started))
+
+    def finished(fut, started):
+        now = time.perf_counter()
+        ok = fut.exception() is None
+        with lock:
+            if now >= measure_from[0] and now < stop_at[0]:
+                state["calls"] += 1
+                if not ok:
+                    state["errors"] += 1
+                latencies.append((now - started) * 1000)
+            if now < stop_at[0]:
+                again = True
+            else:
+                again = False
+                state["inflight"] -= 1
+                if state["inflight"] == 0:
+                    done.set()
+        if again:
+            issue()
+
+    state["inflight"] = concurrency
+    for _ in range(concurrency):
+        issue()
+    done.wait(warmup + seconds + 30)
+    return Result(label, concurrency, state["calls"], state["errors"], seconds, latencies)
