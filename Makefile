@@ -39,7 +39,8 @@ $(GEN_STAMP): $(PROTOS) tools/gen_protos.py | $(STAMP)
 proto: $(GEN_STAMP)
 
 node_modules/.bin/buf: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	# npm ci trips over the lock file's optional per-platform binaries (npm 11); install honours the lock.
+	npm install --no-audit --no-fund --no-save --loglevel=error
 	touch $@
 
 run: venv proto
