@@ -108,6 +108,13 @@ class GrpcService:
         self.server.start()
         for worker in self.workers:
             worker.start()
+        # Consumers declare their queues before the service says SERVING, so nothing a caller
+        # triggers right after can be routed before the queue exists. A broker that is down
+        # does not hold the service back for long: events wait in the outboxes meanwhile.
+        for worker in self.workers:
+            ready = getattr(worker, "ready", None)
+            if ready is not None and not ready.wait(5.0):
+                log.warning("serving before %s is connected to the broker", worker.name)
         self._set_serving(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"port": self.port, "services": [r.descriptor.full_name for r in self.registrations]})
         return self
