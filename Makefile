@@ -62,3 +62,16 @@ bench: venv proto
 
 clean:
 	rm -rf $(VENV) proto/gen node_modules .run
+
+# --- k8s-check: images and Kubernetes manifests, checked without a cluster (k8s/README.md) ---
+# Its tools live in their own virtualenv (checkov's pins clash with constraints.txt).
+K8S_VENV := .venv-k8s
+K8S_STAMP := $(K8S_VENV)/.installed
+
+$(K8S_STAMP): requirements-k8s.txt
+	test -x $(K8S_VENV)/bin/python || $(PYTHON) -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-k8s.txt
+	touch $@
+
+k8s-check: $(K8S_STAMP)
+	$(K8S_VENV)/bin/python tools/k8s_check.py
