@@ -710,11 +710,12 @@ def check_render(step: Step, code: Code, render: Render, external: dict[str, set
             for k in SECRET_SETTINGS:
                 if k in required and k in env and not env[k].secret:
                     step.fail(f"{cwhere}: {k} must come from a secretKeyRef, not {env[k].source}")
-            # Unknown variables are likely typos of real ones.
+            # Variables no code reads: a typo (the real name is then reported missing above) or
+            # a setting the code has dropped. A note, not a failure: a manifest may lead the code.
             known = required | {"HOME", "POD_IP", "GOMEMLIMIT"} | set(SECRET_SETTINGS)
             extra = sorted(k for k in env if k not in known and not k.startswith("<"))
-            if extra:
-                step.fail(f"{cwhere}: variables no code reads (typo?): {', '.join(extra)}")
+            if extra and c is main:
+                step.note(f"{cwhere}: sets variables no code reads: {', '.join(extra)}")
             ro = (c.get("securityContext") or {}).get("readOnlyRootFilesystem")
             if not ro:
                 step.fail(f"{cwhere}: readOnlyRootFilesystem is not true")
