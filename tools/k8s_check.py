@@ -31,7 +31,6 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import jsonschema
 import yaml
@@ -83,8 +82,15 @@ SERVICE_ONLY = {
 CNPG_APP_SECRET_KEYS = {"username", "password", "host", "port", "dbname", "uri", "jdbc-uri", "pgpass", "user"}
 
 # What each per-service base must hold (the deployment issue's list).
-BASE_KINDS = {"Deployment", "Service", "ServiceAccount", "ConfigMap", "HorizontalPodAutoscaler",
-              "PodDisruptionBudget", "NetworkPolicy"}
+BASE_KINDS = {
+    "Deployment",
+    "Service",
+    "ServiceAccount",
+    "ConfigMap",
+    "HorizontalPodAutoscaler",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+}
 GATEWAY_KINDS = BASE_KINDS | {"Ingress"}
 
 # Placeholders used to run load_settings() on a manifest's environment when a Secret's value
@@ -220,14 +226,18 @@ def validate_schemas(step: Step, renders: list[Render]) -> None:
                     path = ".".join(str(p) for p in e.path) or "(root)"
                     step.fail(f"{where}: {path}: {e.message} (Kubernetes {e.version}, strict)")
                 except SchemaNotFoundError:
-                    step.fail(f"{where}: unknown kind {key[0]} {key[1]}: no Kubernetes schema and no "
-                              f"k8s/schemas/{key[0].replace('/', '_')}_{key[1]}.yaml")
+                    step.fail(
+                        f"{where}: unknown kind {key[0]} {key[1]}: no Kubernetes schema and no "
+                        f"k8s/schemas/{key[0].replace('/', '_')}_{key[1]}.yaml"
+                    )
                     break
             else:
                 counts["builtin"] += 1
     customs = ", ".join(f"{k[1]} ({k[0]})" for k in crds)
-    step.detail = (f"{counts['builtin']} objects x Kubernetes {', '.join(K8S_VERSIONS)} strict; "
-                   f"{counts['custom']} custom resources against k8s/schemas")
+    step.detail = (
+        f"{counts['builtin']} objects x Kubernetes {', '.join(K8S_VERSIONS)} strict; "
+        f"{counts['custom']} custom resources against k8s/schemas"
+    )
     print(f"  custom kinds validated against hand-written subset schemas: {customs}")
 
 
@@ -272,9 +282,13 @@ def env_reads(*roots: pathlib.Path) -> dict[str, str]:
                         found[arg.value] = default.value if isinstance(default, ast.Constant) else ""
                     else:
                         indirect = True
-            elif isinstance(node, ast.Subscript) and _is_environ(node.value):
-                if isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
-                    found[node.slice.value] = ""
+            elif (
+                isinstance(node, ast.Subscript)
+                and _is_environ(node.value)
+                and isinstance(node.slice, ast.Constant)
+                and isinstance(node.slice.value, str)
+            ):
+                found[node.slice.value] = ""
         if indirect:
             found.update(env_tables(tree))
     return found
@@ -286,9 +300,12 @@ def env_tables(tree: ast.Module) -> dict[str, str]:
     for node in tree.body:
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
             for v in node.value.values:
-                if (isinstance(v, ast.Tuple) and len(v.elts) == 2
-                        and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in v.elts)
-                        and re.fullmatch(r"[A-Z][A-Z0-9_]+", v.elts[0].value)):
+                if (
+                    isinstance(v, ast.Tuple)
+                    and len(v.elts) == 2
+                    and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in v.elts)
+                    and re.fullmatch(r"[A-Z][A-Z0-9_]+", v.elts[0].value)
+                ):
                     out[v.elts[0].value] = v.elts[1].value
     return out
 
@@ -317,9 +334,13 @@ def http_routes(path: pathlib.Path) -> set[str]:
     for node in ast.walk(parse(path)):
         if isinstance(node, ast.FunctionDef):
             for dec in node.decorator_list:
-                if (isinstance(dec, ast.Call) and isinstance(dec.func, ast.Attribute)
-                        and dec.func.attr in ("get", "route", "post", "put", "patch", "delete")
-                        and dec.args and isinstance(dec.args[0], ast.Constant)):
+                if (
+                    isinstance(dec, ast.Call)
+                    and isinstance(dec.func, ast.Attribute)
+                    and dec.func.attr in ("get", "route", "post", "put", "patch", "delete")
+                    and dec.args
+                    and isinstance(dec.args[0], ast.Constant)
+                ):
                     routes.add(dec.args[0].value)
     return routes
 
@@ -352,8 +373,8 @@ def service_specs() -> dict[str, ServiceCode]:
                     package=main.parent.name,
                     folder=main.parents[2],
                     default_port=ast.literal_eval(kw["default_port"]),
-                    producer="producer_domain" in kw and not (
-                        isinstance(kw["producer_domain"], ast.Constant) and kw["producer_domain"].value is None),
+                    producer="producer_domain" in kw
+                    and not (isinstance(kw["producer_domain"], ast.Constant) and kw["producer_domain"].value is None),
                     consumer="subscriptions" in kw,
                 )
     return specs
@@ -470,17 +491,23 @@ def policy_admits(render: Render, src: dict, dst: dict, port: int, port_name: st
     ingress = [p for p in policies if applies(p, dst_labels, "Ingress")]
     if ingress and not any(
         peer_ok(rule.get("from"), src_labels) and port_allowed(rule.get("ports"), port, port_name)
-        for pol in ingress for rule in pol["spec"].get("ingress") or []
+        for pol in ingress
+        for rule in pol["spec"].get("ingress") or []
     ):
-        problems.append(f"ingress policy {', '.join(p['metadata']['name'] for p in ingress)} does not admit "
-                        f"{src['metadata']['name']} on {port}")
+        problems.append(
+            f"ingress policy {', '.join(p['metadata']['name'] for p in ingress)} does not admit "
+            f"{src['metadata']['name']} on {port}"
+        )
     egress = [p for p in policies if applies(p, src_labels, "Egress")]
     if egress and not any(
         peer_ok(rule.get("to"), dst_labels) and port_allowed(rule.get("ports"), port, port_name)
-        for pol in egress for rule in pol["spec"].get("egress") or []
+        for pol in egress
+        for rule in pol["spec"].get("egress") or []
     ):
-        problems.append(f"egress policy {', '.join(p['metadata']['name'] for p in egress)} does not let "
-                        f"{src['metadata']['name']} reach {dst['metadata']['name']}:{port}")
+        problems.append(
+            f"egress policy {', '.join(p['metadata']['name'] for p in egress)} does not let "
+            f"{src['metadata']['name']} reach {dst['metadata']['name']}:{port}"
+        )
     return problems
 
 
@@ -535,7 +562,10 @@ def secret_value(render: Render, ref: tuple[str, str]) -> tuple[str, str | None]
             return "in-render", base64.b64decode(secret["data"][key]).decode()
         return "missing-key", None
     for cluster in render.objects("Cluster"):
-        if cluster.get("apiVersion", "").startswith("postgresql.cnpg.io/") and name == cluster["metadata"]["name"] + "-app":
+        if (
+            cluster.get("apiVersion", "").startswith("postgresql.cnpg.io/")
+            and name == cluster["metadata"]["name"] + "-app"
+        ):
             return ("cnpg", None) if key in CNPG_APP_SECRET_KEYS else ("missing-key", None)
     return "external", None
 
@@ -695,8 +725,10 @@ def check_render(step: Step, code: Code, render: Render, external: dict[str, set
                 read, problems = settings_read(code.config, "gateway", code.gateway_default_port, values)
                 used = {f for f in SERVICE_ONLY.values() if f in code.gateway_fields}
                 if used:
-                    step.fail(f"{cwhere}: the gateway now uses Settings.{', '.join(sorted(used))}: "
-                              "drop them from SERVICE_ONLY in tools/k8s_check.py and provide them")
+                    step.fail(
+                        f"{cwhere}: the gateway now uses Settings.{', '.join(sorted(used))}: "
+                        "drop them from SERVICE_ONLY in tools/k8s_check.py and provide them"
+                    )
                 required = (read | set(code.chassis_env)) - set(SERVICE_ONLY)
                 required |= set(code.gateway_env)
             else:
@@ -728,7 +760,9 @@ def check_render(step: Step, code: Code, render: Render, external: dict[str, set
                 main_values = values
 
         jwt_views[name] = (
-            main_values.get("JWT_ALGORITHM"), main_values.get("JWT_ISSUER"), main_values.get("JWT_AUDIENCE"),
+            main_values.get("JWT_ALGORITHM"),
+            main_values.get("JWT_ISSUER"),
+            main_values.get("JWT_AUDIENCE"),
             main_env["JWT_SECRET"].secret if "JWT_SECRET" in main_env else None,
         )
 
@@ -765,8 +799,10 @@ def check_render(step: Step, code: Code, render: Render, external: dict[str, set
                     step.fail(f"{where}: {kind} port {p} != the service's port {port}")
             grace = float(main_values.get("SHUTDOWN_GRACE_SECONDS") or 10)
             drain = grace * (1 + spec.workers)
-            drain_what = (f"SHUTDOWN_GRACE_SECONDS {grace:g} x (1 + {spec.workers} background worker"
-                          f"{'s' if spec.workers != 1 else ''})")
+            drain_what = (
+                f"SHUTDOWN_GRACE_SECONDS {grace:g} x (1 + {spec.workers} background worker"
+                f"{'s' if spec.workers != 1 else ''})"
+            )
             inits = [c for c in pod.get("initContainers") or [] if c.get("args") == ["migrate"]]
             if not inits:
                 step.fail(f"{where}: no `migrate` init container (migrations as an init container)")
@@ -789,14 +825,18 @@ def check_render(step: Step, code: Code, render: Render, external: dict[str, set
         for s in fronting:
             for sp in s["spec"].get("ports", []):
                 if resolve_port(main, sp.get("targetPort", sp["port"])) != port:
-                    step.fail(f"{t}: Service/{s['metadata']['name']} port {sp.get('name')} targets "
-                              f"{sp.get('targetPort')}, not the container's {port}")
+                    step.fail(
+                        f"{t}: Service/{s['metadata']['name']} port {sp.get('name')} targets "
+                        f"{sp.get('targetPort')}, not the container's {port}"
+                    )
             if not is_gateway and not any(sp.get("name") == "grpc" and sp["port"] == port for sp in s["spec"]["ports"]):
                 step.fail(f"{t}: Service/{s['metadata']['name']} has no port named grpc = {port}")
         # HPA, PDB, ServiceAccount point at it.
         if not any(h["spec"]["scaleTargetRef"]["name"] == name for h in render.objects("HorizontalPodAutoscaler")):
             step.fail(f"{where}: no HorizontalPodAutoscaler targets it")
-        if not any(label_selector_matches(p["spec"]["selector"], labels) for p in render.objects("PodDisruptionBudget")):
+        if not any(
+            label_selector_matches(p["spec"]["selector"], labels) for p in render.objects("PodDisruptionBudget")
+        ):
             step.fail(f"{where}: no PodDisruptionBudget selects its pods")
         sa = pod.get("serviceAccountName")
         if not sa or render.get("ServiceAccount", sa) is None:
@@ -820,13 +860,17 @@ def check_render(step: Step, code: Code, render: Render, external: dict[str, set
                 tport = int(tport)
                 callee = next((s for s in code.specs.values() if s.default_port == default_port), None)
                 if callee and svc_host != callee.name:
-                    step.fail(f"{where}: {env_name}={value} names {svc_host}, but port {default_port} "
-                              f"(the code's default) belongs to {callee.name}")
+                    step.fail(
+                        f"{where}: {env_name}={value} names {svc_host}, but port {default_port} "
+                        f"(the code's default) belongs to {callee.name}"
+                    )
                 svc = render.get("Service", svc_host)
                 if svc is None:
                     if render.is_base:
-                        step.note(f"{t}: {env_name}={value}: Service {svc_host} comes with its own base "
-                                  "(checked in the overlays)")
+                        step.note(
+                            f"{t}: {env_name}={value}: Service {svc_host} comes with its own base "
+                            "(checked in the overlays)"
+                        )
                     else:
                         step.fail(f"{where}: {env_name}={value} but there is no Service {svc_host}")
                     continue
@@ -843,12 +887,16 @@ def check_render(step: Step, code: Code, render: Render, external: dict[str, set
                     bport = resolve_port(bmain, sport.get("targetPort", sport["port"]))
                     bspec = code.specs.get(b["metadata"]["name"])
                     if bspec and bport != bspec.default_port:
-                        step.fail(f"{where}: {env_name} -> {svc_host}:{tport} -> container port {bport}, "
-                                  f"but {bspec.name} listens on {bspec.default_port}")
+                        step.fail(
+                            f"{where}: {env_name} -> {svc_host}:{tport} -> container port {bport}, "
+                            f"but {bspec.name} listens on {bspec.default_port}"
+                        )
                     for why in policy_admits(render, dep, b, bport, sport.get("name")):
                         step.fail(f"{where}: {env_name} -> {svc_host}:{tport}: {why}")
-                print(f"  ok   {t}: gateway {env_name}={value} -> Service {svc_host}:{tport} -> "
-                      f"{', '.join(b['metadata']['name'] for b in backends)} (NetworkPolicies admit it)")
+                print(
+                    f"  ok   {t}: gateway {env_name}={value} -> Service {svc_host}:{tport} -> "
+                    f"{', '.join(b['metadata']['name'] for b in backends)} (NetworkPolicies admit it)"
+                )
 
     # One JWT configuration across the suite, or tokens would not verify everywhere.
     if len(set(jwt_views.values())) > 1:
@@ -861,8 +909,10 @@ def check_render(step: Step, code: Code, render: Render, external: dict[str, set
 
 def check_consistency(step: Step, renders: list[Render]) -> None:
     code = read_code()
-    print(f"  code: services {', '.join(f'{s.name}:{s.default_port}' for s in code.specs.values())}; "
-          f"gateway calls {', '.join(f'{k}' for k in code.gateway_targets)}")
+    print(
+        f"  code: services {', '.join(f'{s.name}:{s.default_port}' for s in code.specs.values())}; "
+        f"gateway calls {', '.join(f'{k}' for k in code.gateway_targets)}"
+    )
     check_dockerfiles(step, code)
     external: dict[str, set[str]] = {}
     workloads = 0
@@ -875,8 +925,13 @@ def check_consistency(step: Step, renders: list[Render]) -> None:
     for t, names in sorted(external.items()):
         if t.startswith("overlays/"):
             step.note(f"{t} expects these Secrets to exist in the cluster: {', '.join(sorted(names))}")
-    ingress_tls = {tls["secretName"] for r in renders if not r.is_base for i in r.objects("Ingress")
-                   for tls in i["spec"].get("tls") or []}
+    ingress_tls = {
+        tls["secretName"]
+        for r in renders
+        if not r.is_base
+        for i in r.objects("Ingress")
+        for tls in i["spec"].get("tls") or []
+    }
     if ingress_tls:
         step.note(f"Ingress TLS Secrets (from cert-manager or the platform): {', '.join(sorted(ingress_tls))}")
     step.detail = f"{workloads} workload renders checked against the code"
@@ -913,8 +968,18 @@ def run_checkov(step: Step) -> None:
     for check, reason in CHECKOV_SKIPS.items():
         print(f"  skip {check}: {reason}")
     cmd = [
-        tool("checkov"), "--directory", str(OUT), "--framework", "kubernetes", "--skip-download",
-        "--skip-check", ",".join(CHECKOV_SKIPS), "--output", "json", "--quiet", "--compact",
+        tool("checkov"),
+        "--directory",
+        str(OUT),
+        "--framework",
+        "kubernetes",
+        "--skip-download",
+        "--skip-check",
+        ",".join(CHECKOV_SKIPS),
+        "--output",
+        "json",
+        "--quiet",
+        "--compact",
     ]
     env = dict(os.environ, BC_SKIP_MAPPING="TRUE", CHECKOV_RUN_SCA_PACKAGE_SCAN_V2="false", LOG_LEVEL="WARNING")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -928,12 +993,16 @@ def run_checkov(step: Step) -> None:
     summary = report.get("summary", {})
     failed = (report.get("results") or {}).get("failed_checks") or []
     for f in failed:
-        step.fail(f"{f['check_id']} {f['check_name']}: {f['resource']} in "
-                  f"{pathlib.Path(f['file_path']).name}:{f['file_line_range'][0]}")
+        step.fail(
+            f"{f['check_id']} {f['check_name']}: {f['resource']} in "
+            f"{pathlib.Path(f['file_path']).name}:{f['file_line_range'][0]}"
+        )
     if not summary and proc.returncode != 0:
         step.fail(f"checkov exit {proc.returncode}: {(proc.stderr or '')[-2000:]}")
-    step.detail = (f"passed {summary.get('passed', 0)}, failed {summary.get('failed', 0)}, "
-                   f"skipped {summary.get('skipped', 0)} (checks skipped by name: {', '.join(CHECKOV_SKIPS)})")
+    step.detail = (
+        f"passed {summary.get('passed', 0)}, failed {summary.get('failed', 0)}; "
+        f"not run, by name: {', '.join(CHECKOV_SKIPS)} (reasons above)"
+    )
     print(f"  {step.detail}")
 
 
@@ -979,20 +1048,23 @@ def main(argv: list[str] | None = None) -> int:
     run("checkov", run_checkov)
 
     total = time.perf_counter() - started
-    print("\n== k8s-check summary")
+    print(f"\n== k8s-check summary ({total:.1f}s)")
     for s in steps:
         status = "skipped" if s.skipped else ("FAIL" if s.failures else "ok")
         extra = f" ({len(s.failures)} failure{'s' if len(s.failures) != 1 else ''})" if s.failures else ""
         print(f"  {status:7} {s.name:12} {s.seconds:6.1f}s  {s.detail}{extra}")
     failed = sum(len(s.failures) for s in steps)
     ran = [s for s in steps if not s.skipped]
-    print(f"k8s-check: {len(ran) - sum(bool(s.failures) for s in ran)} passed, "
-          f"{sum(bool(s.failures) for s in ran)} failed in {total:.1f}s")
     if failed:
         print("\nfailures:")
         for s in steps:
             for f in s.failures:
                 print(f"  [{s.name}] {f}")
+    # Last line, in the plain "N passed, N failed" form (steps, not individual checks).
+    print(
+        f"k8s-check: {len(ran) - sum(bool(s.failures) for s in ran)} passed, "
+        f"{sum(bool(s.failures) for s in ran)} failed"
+    )
     return 1 if failed else 0
 
 
