@@ -406,17 +406,50 @@ class RecordingEnv(Mapping):
         return len(self.values)
 
 
+CONFIG_PY = ROOT / "chassis" / "src" / "crm_chassis" / "config.py"
+
+
 def chassis_config():
+    """crm_chassis.config, imported from the source tree (it needs only the standard library).
+    None if it ever grows a third-party import: the check then falls back to reading its source."""
     sys.path.insert(0, str(ROOT / "chassis" / "src"))
     try:
-        from crm_chassis import config  # standard library only
+        from crm_chassis import config
+    except ImportError as exc:
+        print(f"  note crm_chassis.config does not import here ({exc}); reading its source instead")
+        return None
     finally:
         sys.path.pop(0)
     return config
 
 
+def config_env_names() -> set[str]:
+    """Fallback: the variables config.py reads, from its source: env.get("X"), helper(env, "X"),
+    "X" in env."""
+    names = set()
+    for node in ast.walk(parse(CONFIG_PY)):
+        if isinstance(node, ast.Call):
+            fn = node.func
+            on_env = isinstance(fn, ast.Attribute) and isinstance(fn.value, ast.Name) and fn.value.id == "env"
+            # env.get("X", default) or helper(env, "X", default, ...): the name follows env.
+            args = node.args if on_env else node.args[1:]
+            after_env = on_env or (node.args and isinstance(node.args[0], ast.Name) and node.args[0].id == "env")
+            if after_env and args and isinstance(args[0], ast.Constant) and isinstance(args[0].value, str):
+                names.add(args[0].value)
+        elif (
+            isinstance(node, ast.Compare)
+            and isinstance(node.left, ast.Constant)
+            and isinstance(node.left.value, str)
+            and any(isinstance(c, ast.Name) and c.id == "env" for c in node.comparators)
+        ):
+            names.add(node.left.value)
+    return names
+
+
 def settings_read(config, name: str, port: int, env: Mapping[str, str]) -> tuple[set[str], list[str]]:
     """(variables load_settings reads, its problems) for this environment and an empty one."""
+    if config is None:
+        return config_env_names(), []
     read: set[str] = set()
     problems: list[str] = []
     for values in ({}, env):
