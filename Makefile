@@ -54,7 +54,7 @@ lint: venv proto node_modules/.bin/buf
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check . || (echo "run: $(BIN)/ruff format ." && false)
 
-test: lint
+test: lint k8s-check
 	$(BIN)/pytest
 
 bench: venv proto

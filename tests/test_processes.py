@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crm.customer.v1 import customer_pb2, customer_service_pb2, customer_service_pb2_grpc
-from tests.support.harness import ROOT, md, token
+from tests.support.harness import ROOT, Broker, md, new_source, token
 
 pytestmark = pytest.mark.slow
 
@@ -118,15 +118,18 @@ def http(method: str, url: str, body: dict | None = None, tok: str | None = None
         return e.code, json.loads(e.read() or b"{}")
 
 
-def test_make_run_launcher_serves_everything_and_ctrl_c_leaves_nothing_behind(databases, broker, tmp_path):
+def test_make_run_launcher_serves_everything_and_ctrl_c_leaves_nothing_behind(databases, tmp_path):
+    # A vhost of its own: the in-process suite's reporting consumer must not share its queue.
+    broker = Broker()
     offset = 1000 + (os.getpid() % 500) * 10
     env = dict(
         os.environ,
         CRM_PORT_OFFSET=str(offset),
         DATABASE_URL=databases.base,
         AMQP_URL=broker.url,
-        LOG_LEVEL="WARNING",
+        LOG_LEVEL="INFO",
         GATEWAY_WORKERS="1",
+        CRM_RUN_DIR=str(tmp_path),
     )
     log = open(tmp_path / "run.log", "w+")
     proc = subprocess.Popen(
@@ -142,17 +145,18 @@ def test_make_run_launcher_serves_everything_and_ctrl_c_leaves_nothing_behind(da
         assert len(children) >= 6  # five services + gunicorn master (+ workers)
         assert http("GET", f"{gw}/readyz")[0] == 200
         tok = token("admin")
+        source = new_source(f"127.0.0.1:{50051 + offset}", "launcher")
         status, made = http(
             "POST",
             f"{gw}/v1/customers",
-            {"type": "CUSTOMER_TYPE_PERSON", "familyName": "Launcher", "acquisitionSource": "launcher-test"},
+            {"type": "CUSTOMER_TYPE_PERSON", "familyName": "Launcher", "acquisitionSource": source},
             tok,
         )
         assert status == 201, made
         deadline = time.monotonic() + 10
         while True:
             status, report = http("GET", f"{gw}/v1/reports/customers-by-source", tok=tok)
-            if any(r["acquisitionSource"] == "launcher-test" for r in report.get("sources", [])):
+            if any(r["acquisitionSource"] == source for r in report.get("sources", [])):
                 break
             assert time.monotonic() < deadline, report
             time.sleep(0.2)
@@ -160,7 +164,19 @@ def test_make_run_launcher_serves_everything_and_ctrl_c_leaves_nothing_behind(da
         assert proc.wait(40) == 0
         time.sleep(0.5)
         assert [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE] == []
+    except AssertionError:
+        for f in sorted((tmp_path / "logs").glob("*.log")):
+            print(f"== {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-20:]))
+        raise
     finally:
         if proc.poll() is None:
-            proc.kill()
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for c in children if "children" in locals() else []:
+            if c.is_running():
+                c.kill()
         log.close()
+        broker.close()

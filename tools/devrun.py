@@ -20,7 +20,7 @@ import urllib.request
 from urllib.parse import urlparse
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-RUN = ROOT / ".run"
+RUN = pathlib.Path(os.environ.get("CRM_RUN_DIR", ROOT / ".run")).resolve()
 LOGS = RUN / "logs"
 PY = sys.executable
 
@@ -34,6 +34,16 @@ SERVICES = [
     ("reporting-svc", 50055 + OFFSET),
 ]
 GATEWAY_PORT = int(os.environ.get("GATEWAY_PORT", "8080")) + OFFSET
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if this launcher dies without cleaning up (Linux prctl)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def say(msg: str) -> None:
@@ -112,7 +122,14 @@ def main() -> int:
         env = dict(env_base, SERVICE_NAME=name, GRPC_PORT=str(port), DATABASE_URL=url)
         log = open(LOGS / f"{name}.log", "ab")
         pkg = name.replace("-", "_")
-        procs.append((name, subprocess.Popen([PY, "-m", pkg, "serve"], env=env, stdout=log, stderr=log, cwd=ROOT)))
+        procs.append(
+            (
+                name,
+                subprocess.Popen(
+                    [PY, "-m", pkg, "serve"], env=env, stdout=log, stderr=log, cwd=ROOT, preexec_fn=_die_with_parent
+                ),
+            )
+        )
     gw_env = dict(
         env_base,
         GATEWAY_PORT=str(GATEWAY_PORT),
@@ -130,6 +147,7 @@ def main() -> int:
                 stdout=gw_log,
                 stderr=gw_log,
                 cwd=ROOT,
+                preexec_fn=_die_with_parent,
             ),
         )
     )
