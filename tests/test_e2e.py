@@ -52,7 +52,7 @@ def create(suite, source: str) -> dict:
 
 
 def test_a_customer_created_through_the_gateway_is_counted_by_the_report(suite):
-    source = f"fair-{uuid.uuid4().hex[:8]}"
+    source = suite.source("fair")
     started = time.monotonic()
     for _ in range(3):
         create(suite, source)
@@ -61,7 +61,7 @@ def test_a_customer_created_through_the_gateway_is_counted_by_the_report(suite):
 
 
 def test_the_same_event_delivered_again_is_not_counted_twice(suite):
-    source = f"dup-{uuid.uuid4().hex[:8]}"
+    source = suite.source("dup")
     made = create(suite, source)
     wait_for(lambda: count_for(suite, source) == 1, what="first count")
     # Republish the very event the relay sent (as after a crash between confirm and commit).
@@ -91,7 +91,7 @@ def test_the_same_event_delivered_again_is_not_counted_twice(suite):
 
 
 def test_one_trace_spans_gateway_service_relay_and_consumer(suite, spans):
-    source = f"trace-{uuid.uuid4().hex[:8]}"
+    source = suite.source("trace")
     spans.clear()
     made = create(suite, source)
     wait_for(lambda: count_for(suite, source) == 1, what="the event to reach the projection")

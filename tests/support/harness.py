@@ -140,6 +140,10 @@ class Suite:
         self.app = create_app(self.clients)
         self.http = self.app.test_client()
 
+    def source(self, prefix: str) -> str:
+        """A new acquisition source in the managed list (created by an admin over gRPC)."""
+        return new_source(f"127.0.0.1:{self.customer.port}", prefix)
+
     def headers(self, roles: str = "admin") -> dict[str, str]:
         return {"Authorization": f"Bearer {token(roles)}"}
 
@@ -147,3 +151,17 @@ class Suite:
         self.clients.close()
         self.customer.stop(0)
         self.reporting.stop(0)
+
+
+def new_source(target: str, prefix: str) -> str:
+    from crm.customer.v1 import customer_service_pb2, customer_service_pb2_grpc, resources_pb2
+
+    key = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    with grpc.insecure_channel(target) as ch:
+        customer_service_pb2_grpc.CustomerServiceStub(ch).CreateAcquisitionSource(
+            customer_service_pb2.CreateAcquisitionSourceRequest(
+                acquisition_source=resources_pb2.AcquisitionSource(key=key, display_name=prefix.title())
+            ),
+            metadata=md("admin"),
+        )
+    return key

@@ -17,12 +17,34 @@ from .errors import PermissionDenied, Unauthenticated
 # The permission policy: which role may do what. One copy for the whole suite.
 ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     "admin": frozenset({"*"}),
-    "sales_manager": frozenset({"customers.read", "customers.write", "reports.read"}),
-    "sales_rep": frozenset({"customers.read", "customers.write"}),
-    "support_manager": frozenset({"customers.read", "customers.write", "reports.read"}),
-    "support_agent": frozenset({"customers.read", "customers.write"}),
-    "marketer": frozenset({"customers.read", "reports.read"}),
+    # customers.pii: sees national id, birth-certificate number and birth date unmasked.
+    "sales_manager": frozenset(
+        {
+            "customers.read",
+            "customers.write",
+            "customers.delete",
+            "customers.pii",
+            "customers.catalog",
+            "notes.write",
+            "reports.read",
+        }
+    ),
+    "sales_rep": frozenset({"customers.read", "customers.write", "notes.write"}),
+    "support_manager": frozenset(
+        {
+            "customers.read",
+            "customers.write",
+            "customers.delete",
+            "customers.pii",
+            "customers.catalog",
+            "notes.write",
+            "reports.read",
+        }
+    ),
+    "support_agent": frozenset({"customers.read", "customers.write", "notes.write"}),
+    "marketer": frozenset({"customers.read", "customers.catalog", "reports.read"}),
     "analyst": frozenset({"customers.read", "reports.read"}),
+    # admin ("*") alone has customers.erase, customers.admin (sources, custom fields) and audit.read.
 }
 KNOWN_ROLES = frozenset(ROLE_PERMISSIONS)
 

@@ -11,7 +11,9 @@ from .service_layer import CustomerUseCases
 
 
 def build(ctx: ServiceContext):
-    uc = CustomerUseCases(ctx.engine, ctx.relay, ctx.settings.jwt_secret, ctx.settings.service_name)
+    uc = CustomerUseCases(
+        ctx.engine, ctx.relay, ctx.settings.jwt_secret, ctx.settings.service_name, ctx.settings.default_phone_region
+    )
     return [registration(uc)], PERMISSIONS
 
 

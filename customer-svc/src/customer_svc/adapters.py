@@ -1,53 +1,194 @@
-"""Tables and queries (SQLAlchemy Core: the hot paths here are create, get and list)."""
+"""Tables and queries (SQLAlchemy Core: the hot paths are create, get, list and search)."""
 
 from __future__ import annotations
-
-import datetime as dt
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
 metadata = sa.MetaData()
+UUID = pg.UUID(as_uuid=False)
+
+
+def _text(name: str) -> sa.Column:
+    return sa.Column(name, sa.Text, nullable=False, server_default="")
+
 
 customers = sa.Table(
     "customers",
     metadata,
-    sa.Column("id", pg.UUID(as_uuid=False), primary_key=True, server_default=sa.text("gen_random_uuid()")),
+    sa.Column("id", UUID, primary_key=True, server_default=sa.text("gen_random_uuid()")),
+    sa.Column("customer_code", sa.Text, nullable=False),
     sa.Column("type", sa.SmallInteger, nullable=False),
-    sa.Column("given_name", sa.Text, nullable=False),
-    sa.Column("family_name", sa.Text, nullable=False),
-    sa.Column("organization_name", sa.Text, nullable=False),
-    sa.Column("display_name", sa.Text, nullable=False),
-    sa.Column("email", sa.Text, nullable=False),
-    sa.Column("phone", sa.Text, nullable=False),
-    sa.Column("acquisition_source", sa.Text, nullable=False),
+    *(_text(n) for n in ("given_name", "family_name", "organization_name", "display_name", "email", "phone")),
+    _text("acquisition_source"),
     sa.Column("request_id", sa.Text, unique=True),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("update_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("version", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("gender", sa.SmallInteger, nullable=False, server_default="0"),
+    *(_text(n) for n in ("title_prefix", "fax", "mobile", "website")),
+    sa.Column("country", sa.Text, nullable=False, server_default="IR"),
+    *(
+        _text(n)
+        for n in ("province", "city", "address", "postal_code", "po_box", "birth_certificate_number", "national_id")
+    ),
+    sa.Column("birth_date", sa.Date),
+    sa.Column("marriage_date", sa.Date),
+    _text("field_of_study"),
+    sa.Column("education_degree", sa.SmallInteger, nullable=False, server_default="0"),
+    _text("industry"),
+    sa.Column("founding_date", sa.Date),
+    sa.Column("contact_persons", pg.JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
+    sa.Column("kind", sa.SmallInteger, nullable=False, server_default="0"),
+    sa.Column("lifecycle_stage", sa.SmallInteger, nullable=False, server_default="1"),
+    sa.Column("acquisition_date", sa.Date),
+    _text("referrer_staff"),
+    sa.Column("referrer_customer", UUID),
+    _text("owner"),
+    sa.Column("rank_id", UUID),
+    sa.Column("tags", pg.ARRAY(sa.Text), nullable=False, server_default=sa.text("'{}'::text[]")),
+    sa.Column("custom_fields", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("delete_time", sa.DateTime(timezone=True)),
+    sa.Column("merged_into", UUID),
+    sa.Column("erased", sa.Boolean, nullable=False, server_default=sa.false()),
+    _text("search_text"),
+    sa.Column("search_tsv", pg.TSVECTOR, sa.Computed("to_tsvector('simple', search_text)")),
+)
+
+groups = sa.Table(
+    "groups",
+    metadata,
+    sa.Column("id", UUID, primary_key=True, server_default=sa.text("gen_random_uuid()")),
+    sa.Column("display_name", sa.Text, nullable=False),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("version", sa.Integer, nullable=False, server_default="1"),
+)
+
+group_members = sa.Table(
+    "group_members",
+    metadata,
+    sa.Column("group_id", UUID, primary_key=True),
+    sa.Column("customer_id", UUID, primary_key=True),
+    sa.Column("add_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+ranks = sa.Table(
+    "ranks",
+    metadata,
+    sa.Column("id", UUID, primary_key=True, server_default=sa.text("gen_random_uuid()")),
+    sa.Column("display_name", sa.Text, nullable=False),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("version", sa.Integer, nullable=False, server_default="1"),
+)
+
+acquisition_sources = sa.Table(
+    "acquisition_sources",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("display_name", sa.Text, nullable=False),
+    sa.Column("retired", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+
+custom_field_defs_table = custom_field_definitions = sa.Table(
+    "custom_field_definitions",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("display_name", sa.Text, nullable=False),
+    sa.Column("type", sa.SmallInteger, nullable=False),
+    sa.Column("choices", pg.ARRAY(sa.Text), nullable=False, server_default=sa.text("'{}'::text[]")),
+    sa.Column("required", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+
+notes = sa.Table(
+    "notes",
+    metadata,
+    sa.Column("id", UUID, primary_key=True, server_default=sa.text("gen_random_uuid()")),
+    sa.Column("customer_id", UUID, nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("author", sa.Text, nullable=False),
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("update_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("version", sa.Integer, nullable=False, server_default="1"),
 )
 
-_COLUMNS = [c for c in customers.c if c.name != "request_id"]
+audit_entries = sa.Table(
+    "audit_entries",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("resource", sa.Text, nullable=False),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("actor", sa.Text, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("changes", pg.JSONB, nullable=False),
+    sa.Column("request_id", sa.Text, nullable=False, server_default=""),
+)
+
+# What a customer read returns: every column but the internal ones, plus its group ids.
+_HIDDEN = {"request_id", "search_text", "search_tsv"}
+GROUP_IDS = (
+    sa.select(sa.func.coalesce(sa.func.array_agg(group_members.c.group_id), sa.text("'{}'::uuid[]")))
+    .where(group_members.c.customer_id == customers.c.id)
+    .scalar_subquery()
+    .label("group_ids")
+)
+CUSTOMER_COLUMNS = [c for c in customers.c if c.name not in _HIDDEN] + [GROUP_IDS]
 
 
-def insert_customer(conn: sa.Connection, values: dict) -> sa.Row:
-    return conn.execute(customers.insert().values(**values).returning(*_COLUMNS)).one()
+def select_customers() -> sa.Select:
+    return sa.select(*CUSTOMER_COLUMNS)
 
 
-def get_customer(conn: sa.Connection, customer_id: str) -> sa.Row | None:
-    return conn.execute(sa.select(*_COLUMNS).where(customers.c.id == customer_id)).one_or_none()
+def get_customer(conn: sa.Connection, customer_id: str, for_update: bool = False) -> sa.Row | None:
+    q = select_customers().where(customers.c.id == customer_id)
+    if for_update:
+        q = q.with_for_update(of=customers)
+    return conn.execute(q).one_or_none()
+
+
+def get_customers(conn: sa.Connection, ids: list[str]) -> list[sa.Row]:
+    return list(conn.execute(select_customers().where(customers.c.id.in_(ids))).all())
 
 
 def get_by_request_id(conn: sa.Connection, request_id: str) -> sa.Row | None:
-    return conn.execute(sa.select(*_COLUMNS).where(customers.c.request_id == request_id)).one_or_none()
+    return conn.execute(select_customers().where(customers.c.request_id == request_id)).one_or_none()
 
 
-def list_customers(conn: sa.Connection, limit: int, after: tuple[dt.datetime, str] | None) -> list[sa.Row]:
-    """Newest first; `after` is the (create_time, id) of the last row of the previous page."""
-    q = sa.select(*_COLUMNS).order_by(customers.c.create_time.desc(), customers.c.id.desc()).limit(limit)
-    if after is not None:
-        q = q.where(
-            sa.tuple_(customers.c.create_time, customers.c.id)
-            < sa.tuple_(sa.literal(after[0], sa.DateTime(timezone=True)), sa.literal(after[1], pg.UUID(as_uuid=False)))
+def existing_ids(conn: sa.Connection, table: sa.Table, ids: list[str]) -> set[str]:
+    if not ids:
+        return set()
+    return {str(r[0]) for r in conn.execute(sa.select(table.c.id).where(table.c.id.in_(ids)))}
+
+
+def set_groups(conn: sa.Connection, customer_id: str, group_ids: list[str]) -> None:
+    conn.execute(
+        group_members.delete().where(
+            group_members.c.customer_id == customer_id, group_members.c.group_id.not_in(group_ids or [None])
         )
-    return list(conn.execute(q).all())
+    )
+    if group_ids:
+        conn.execute(
+            pg.insert(group_members)
+            .values([{"group_id": g, "customer_id": customer_id} for g in group_ids])
+            .on_conflict_do_nothing()
+        )
+
+
+def custom_field_defs(conn: sa.Connection) -> dict[str, sa.Row]:
+    return {r.key: r for r in conn.execute(sa.select(custom_field_definitions))}
+
+
+def source_keys(conn: sa.Connection) -> dict[str, bool]:
+    """key -> retired"""
+    return {r.key: r.retired for r in conn.execute(sa.select(acquisition_sources.c.key, acquisition_sources.c.retired))}
+
+
+def write_audit(
+    conn: sa.Connection, resource: str, action: str, actor: str, changes: list[dict], request_id: str
+) -> None:
+    conn.execute(
+        audit_entries.insert().values(
+            resource=resource, action=action, actor=actor, changes=changes, request_id=request_id or ""
+        )
+    )

@@ -1,103 +1,367 @@
-"""Use cases: each runs in one transaction; state and its events commit together."""
+"""Customer use cases. Each runs in one transaction: the state change, its audit entry and
+its event (outbox row) commit together, or none of them does."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 
 import sqlalchemy as sa
 
-from crm.customer.v1 import customer_events_pb2
+from crm.customer.v1 import customer_events_pb2, customer_pb2
+from crm_chassis.auth import Principal
 from crm_chassis.db import autocommit
-from crm_chassis.errors import InvalidArgument, NotFound
+from crm_chassis.errors import Aborted, FieldViolation, InvalidArgument, NotFound
+from crm_chassis.logging import request_id_var
 from crm_chassis.messaging.envelope import new_event
 from crm_chassis.messaging.outbox import OutboxRelay, enqueue
 from crm_chassis.pagination import PageTokens, page_size
 
-from . import adapters, domain
-from .integration import customer_to_proto
+from . import adapters, domain, queries
+from .adapters import customers
+from .integration import customer_to_proto, values_from_proto
 
 log = logging.getLogger("customer_svc")
 
+# Columns a write may set (groups and rank are kept as group_ids / rank_id).
+WRITE_COLUMNS = [f for f in domain.WRITABLE if f not in ("groups", "rank")] + ["rank_id", "display_name", "search_text"]
+AUDITED = [c for c in WRITE_COLUMNS if c not in ("search_text", "display_name")] + ["group_ids"]
+ERASED_FIELDS = (
+    "given_name",
+    "family_name",
+    "organization_name",
+    "title_prefix",
+    "email",
+    "phone",
+    "fax",
+    "mobile",
+    "website",
+    "address",
+    "postal_code",
+    "po_box",
+    "birth_certificate_number",
+    "national_id",
+    "birth_date",
+    "marriage_date",
+    "field_of_study",
+    "contact_persons",
+    "referrer_staff",
+    "referrer_customer",
+    "tags",
+    "custom_fields",
+)
+
+
+def _json(value) -> str:
+    if isinstance(value, dt.date):
+        return json.dumps(value.isoformat())
+    return json.dumps(value, default=str, ensure_ascii=False, sort_keys=True)
+
+
+def not_found(customer_id: str) -> NotFound:
+    return NotFound(
+        f"customer customers/{customer_id} does not exist",
+        reason="CUSTOMER_NOT_FOUND",
+        metadata={"name": f"customers/{customer_id}"},
+    )
+
+
+def check_etag(given: str, version: int, name: str) -> None:
+    if given and given != f'"{version}"':
+        raise Aborted(
+            f"{name} was changed by someone else (etag {given} is stale); read it again",
+            metadata={"name": name, "current_etag": f'"{version}"'},
+        )
+
 
 class CustomerUseCases:
-    def __init__(self, engine: sa.Engine, relay: OutboxRelay | None, token_secret: str, service_name: str):
+    def __init__(
+        self,
+        engine: sa.Engine,
+        relay: OutboxRelay | None,
+        token_secret: str,
+        service_name: str,
+        default_region: str = "IR",
+    ):
         self.engine = engine
         self.reader = autocommit(engine)
         self.relay = relay
-        self.tokens = PageTokens(token_secret, "customers.list")
+        self.tokens = PageTokens(token_secret, "customers")
         self.service_name = service_name
+        self.default_region = default_region
 
-    def create(self, new: domain.NewCustomer, request_id: str = "") -> sa.Row:
-        domain.validate_new(new)
+    # -- helpers -----------------------------------------------------------------------------
+    def context(self, conn: sa.Connection, old_source: str | None = None) -> domain.Context:
+        return domain.Context(
+            adapters.source_keys(conn), adapters.custom_field_defs(conn), self.default_region, old_source
+        )
+
+    def to_proto(self, conn, row, principal: Principal, defs=None) -> customer_pb2.Customer:
+        if defs is None and row._mapping.get("custom_fields"):
+            defs = adapters.custom_field_defs(conn)
+        return customer_to_proto(row, defs, pii=principal.has("customers.pii"))
+
+    def publish(self, conn, routing_key: str, message, subject: str) -> None:
+        enqueue(
+            conn,
+            new_event(
+                domain="customer",
+                source_service=self.service_name,
+                routing_key=routing_key,
+                subject=subject,
+                message=message,
+            ),
+        )
+
+    def audit(self, conn, resource: str, action: str, principal: Principal, changes: list[dict]) -> None:
+        adapters.write_audit(conn, resource, action, principal.subject, changes, request_id_var.get() or "")
+
+    def committed(self) -> None:
+        if self.relay is not None:
+            self.relay.wake()
+
+    def _check_references(self, conn, v: dict) -> None:
+        bad = []
+        missing = set(v.get("group_ids") or []) - adapters.existing_ids(conn, adapters.groups, v.get("group_ids") or [])
+        if missing:
+            bad.append(
+                FieldViolation("customer.groups", f"no such group: {', '.join('groups/' + m for m in sorted(missing))}")
+            )
+        if v.get("rank_id") and not adapters.existing_ids(conn, adapters.ranks, [v["rank_id"]]):
+            bad.append(FieldViolation("customer.rank", f"no such rank: ranks/{v['rank_id']}"))
+        if v.get("referrer_customer") and not adapters.existing_ids(conn, customers, [v["referrer_customer"]]):
+            bad.append(FieldViolation("customer.referrer_customer", "no such customer"))
+        if bad:
+            raise InvalidArgument(bad)
+
+    @staticmethod
+    def stored_values(row, defs) -> dict:
+        """A stored row as the plain values validation works on."""
+        from crm.customer.v1 import resources_pb2
+
+        m = dict(row._mapping)
+        m["group_ids"] = sorted(str(g) for g in (m.get("group_ids") or []))
+        m["rank_id"] = str(m["rank_id"]) if m.get("rank_id") else None
+        m["referrer_customer"] = str(m["referrer_customer"]) if m.get("referrer_customer") else None
+        cf = {}
+        for k, v in (m.get("custom_fields") or {}).items():
+            d = defs.get(k)
+            cf[k] = dt.date.fromisoformat(v) if d is not None and d.type == resources_pb2.CUSTOM_FIELD_TYPE_DATE else v
+        m["custom_fields"] = cf
+        return m
+
+    # -- create ------------------------------------------------------------------------------
+    def create(self, c: customer_pb2.Customer, request_id: str, principal: Principal) -> customer_pb2.Customer:
         if len(request_id) > 128:
             raise InvalidArgument.field("request_id", "must be at most 128 characters")
-        values = {
-            "type": new.type,
-            "given_name": new.given_name,
-            "family_name": new.family_name,
-            "organization_name": new.organization_name,
-            "display_name": new.display_name,
-            "email": new.email,
-            "phone": new.phone,
-            "acquisition_source": new.acquisition_source,
-            "request_id": request_id or None,
-        }
+        v = values_from_proto(c, domain.WRITABLE)
+        v["owner"] = v.get("owner") or principal.subject
+        v["lifecycle_stage"] = v.get("lifecycle_stage") or customer_pb2.LIFECYCLE_STAGE_PROSPECT
         try:
             with self.engine.begin() as conn:
                 if request_id:
                     existing = adapters.get_by_request_id(conn, request_id)
                     if existing is not None:
-                        return existing
-                row = adapters.insert_customer(conn, values)
-                msg = customer_events_pb2.CustomerCreated(customer=customer_to_proto(row))
-                enqueue(
+                        return self.to_proto(conn, existing, principal)
+                v = domain.validate(v, self.context(conn))
+                self._check_references(conn, v)
+                code = conn.execute(sa.text("SELECT 'C-' || lpad(nextval('customer_code_seq')::text, 6, '0')")).scalar()
+                values = {k: v[k] for k in WRITE_COLUMNS if k not in ("search_text",)}
+                values.update(customer_code=code, search_text=domain.search_key(v, code), request_id=request_id or None)
+                cid = conn.execute(customers.insert().values(**values).returning(customers.c.id)).scalar_one()
+                if v.get("group_ids"):
+                    adapters.set_groups(conn, cid, v["group_ids"])
+                row = adapters.get_customer(conn, cid)
+                full = customer_to_proto(row, adapters.custom_field_defs(conn) if v["custom_fields"] else None)
+                self.publish(conn, "customer.created.v1", customer_events_pb2.CustomerCreated(customer=full), full.name)
+                self.audit(
                     conn,
-                    new_event(
-                        domain="customer",
-                        source_service=self.service_name,
-                        routing_key="customer.created.v1",
-                        subject=msg.customer.name,
-                        message=msg,
-                    ),
+                    full.name,
+                    "create",
+                    principal,
+                    [
+                        {"field": k, "old_value": "null", "new_value": _json(v.get(k))}
+                        for k in AUDITED
+                        if v.get(k) not in (None, "", [], {}, 0)
+                    ],
                 )
+                result = self.to_proto(conn, row, principal)
         except sa.exc.IntegrityError:
-            # A concurrent retry with the same request_id won the race: return its result.
-            if request_id:
-                with self.engine.connect() as conn:
+            if request_id:  # a concurrent retry with the same request_id won the race
+                with self.reader.connect() as conn:
                     existing = adapters.get_by_request_id(conn, request_id)
-                if existing is not None:
-                    return existing
+                    if existing is not None:
+                        return self.to_proto(conn, existing, principal)
             raise
-        if self.relay is not None:
-            self.relay.wake()
-        return row
+        self.committed()
+        return result
 
-    def get(self, customer_id: str) -> sa.Row:
+    # -- read --------------------------------------------------------------------------------
+    def get(self, customer_id: str, principal: Principal) -> customer_pb2.Customer:
         with self.reader.connect() as conn:
             row = adapters.get_customer(conn, customer_id)
-        if row is None:
-            raise NotFound(
-                f"customer customers/{customer_id} does not exist",
-                reason="CUSTOMER_NOT_FOUND",
-                metadata={"name": f"customers/{customer_id}"},
-            )
-        return row
+            if row is None:
+                raise not_found(customer_id)
+            return self.to_proto(conn, row, principal)
 
-    def list(self, size: int, token: str) -> tuple[list[sa.Row], str]:
+    def list(
+        self, size: int, token: str, filter_text: str, order_by: str, show_deleted: bool, principal: Principal
+    ) -> tuple[list[customer_pb2.Customer], str]:
         limit = page_size(size)
-        key = self.tokens.decode(token)
-        after = None
-        if key is not None:
-            try:
-                after = (dt.datetime.fromisoformat(key[0]), str(key[1]))
-            except (ValueError, IndexError, TypeError):
-                raise InvalidArgument.field("page_token", "is not a valid page token for this query") from None
         with self.reader.connect() as conn:
-            rows = adapters.list_customers(conn, limit + 1, after)
-        next_token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            last = rows[-1]
-            next_token = self.tokens.encode([last.create_time.isoformat(), str(last.id)])
-        return rows, next_token
+            rows, next_token = queries.list_page(conn, self.tokens, limit, token, filter_text, order_by, show_deleted)
+            defs = adapters.custom_field_defs(conn) if any(r.custom_fields for r in rows) else None
+            return [self.to_proto(conn, r, principal, defs) for r in rows], next_token
+
+    def search(
+        self, query: str, size: int, token: str, filter_text: str, principal: Principal
+    ) -> tuple[list[tuple[customer_pb2.Customer, float]], str]:
+        limit = page_size(size, default=20, maximum=100)
+        with self.reader.connect() as conn:
+            hits, next_token = queries.search_page(conn, self.tokens, query, limit, token, filter_text)
+            defs = adapters.custom_field_defs(conn) if any(r.custom_fields for r, _ in hits) else None
+            return [(self.to_proto(conn, r, principal, defs), score) for r, score in hits], next_token
+
+    # -- update ------------------------------------------------------------------------------
+    def update(self, c: customer_pb2.Customer, paths: list[str], principal: Principal) -> customer_pb2.Customer:
+        cid = domain.parse_name(c.name, "customer.name")
+        if not paths:
+            raise InvalidArgument.field("update_mask", 'name at least one field, or "*" for all writable fields')
+        if paths == ["*"]:
+            paths = [f for f in domain.WRITABLE if f != "type"]
+        unknown = [p for p in paths if p not in domain.WRITABLE]
+        if unknown:
+            raise InvalidArgument.field("update_mask", f"not updatable: {', '.join(unknown)}")
+        if "type" in paths:
+            raise InvalidArgument.field("update_mask", "type cannot be changed; create a new customer instead")
+        new = values_from_proto(c, paths)
+        with self.engine.begin() as conn:
+            row = adapters.get_customer(conn, cid, for_update=True)
+            if row is None or row.erased:
+                raise not_found(cid)
+            check_etag(c.etag, row.version, c.name)
+            defs = adapters.custom_field_defs(conn)
+            old = self.stored_values(row, defs)
+            merged = domain.validate({**old, **new}, self.context(conn, old_source=old["acquisition_source"]))
+            self._check_references(conn, {k: merged.get(k) for k in new})
+            changed = [k for k in AUDITED if _json(old.get(k)) != _json(merged.get(k))]
+            if not changed:
+                return self.to_proto(conn, row, principal, defs)
+            values = {k: merged[k] for k in WRITE_COLUMNS if k != "search_text"}
+            values["search_text"] = domain.search_key(merged, row.customer_code)
+            conn.execute(
+                customers.update()
+                .where(customers.c.id == cid)
+                .values(**values, version=customers.c.version + 1, update_time=sa.func.now())
+            )
+            if "group_ids" in changed:
+                adapters.set_groups(conn, cid, merged["group_ids"])
+            row = adapters.get_customer(conn, cid)
+            full = customer_to_proto(row, defs)
+            fields = [{"group_ids": "groups", "rank_id": "rank"}.get(k, k) for k in changed]
+            self.publish(
+                conn,
+                "customer.updated.v1",
+                customer_events_pb2.CustomerUpdated(customer=full, changed_fields=fields),
+                full.name,
+            )
+            self.audit(
+                conn,
+                full.name,
+                "update",
+                principal,
+                [
+                    {"field": f, "old_value": _json(old.get(k)), "new_value": _json(merged.get(k))}
+                    for f, k in zip(fields, changed, strict=True)
+                ],
+            )
+            result = self.to_proto(conn, row, principal, defs)
+        self.committed()
+        return result
+
+    # -- delete / undelete / erase -----------------------------------------------------------
+    def _set_deleted(self, cid: str, etag: str, deleted: bool, principal: Principal) -> customer_pb2.Customer:
+        with self.engine.begin() as conn:
+            row = adapters.get_customer(conn, cid, for_update=True)
+            if row is None or row.erased:
+                raise not_found(cid)
+            check_etag(etag, row.version, f"customers/{cid}")
+            if (row.delete_time is not None) == deleted:
+                return self.to_proto(conn, row, principal)
+            conn.execute(
+                customers.update()
+                .where(customers.c.id == cid)
+                .values(
+                    delete_time=sa.func.now() if deleted else None,
+                    version=customers.c.version + 1,
+                    update_time=sa.func.now(),
+                )
+            )
+            row = adapters.get_customer(conn, cid)
+            full = customer_to_proto(row, adapters.custom_field_defs(conn) if row.custom_fields else None)
+            action = "delete" if deleted else "undelete"
+            self.publish(conn, f"customer.{action}d.v1", customer_events_pb2.CustomerDeleted(customer=full), full.name)
+            self.audit(conn, full.name, action, principal, [])
+            result = self.to_proto(conn, row, principal)
+        self.committed()
+        return result
+
+    def delete(self, cid: str, etag: str, principal: Principal) -> customer_pb2.Customer:
+        return self._set_deleted(cid, etag, True, principal)
+
+    def undelete(self, cid: str, principal: Principal) -> customer_pb2.Customer:
+        return self._set_deleted(cid, "", False, principal)
+
+    def erase(self, cid: str, reason: str, principal: Principal) -> customer_pb2.Customer:
+        """Right to be forgotten: blank the personal fields, drop notes and their PII from the
+        audit trail; keep type, kind, source, city/province and the dates for the aggregates."""
+        with self.engine.begin() as conn:
+            row = adapters.get_customer(conn, cid, for_update=True)
+            if row is None:
+                raise not_found(cid)
+            if row.erased:
+                return self.to_proto(conn, row, principal)
+            blank = {}
+            for f in ERASED_FIELDS:
+                col = customers.c[f]
+                if isinstance(col.type, sa.Text):
+                    blank[f] = ""
+                elif f in ("tags",) or f in ("contact_persons",):
+                    blank[f] = []
+                elif f in ("custom_fields",):
+                    blank[f] = {}
+                else:
+                    blank[f] = None
+            label = "[erased]"
+            blank.update(
+                display_name=label,
+                search_text="",
+                erased=True,
+                owner=row.owner,
+                version=customers.c.version + 1,
+                update_time=sa.func.now(),
+            )
+            if row.type == domain.ORGANIZATION:
+                blank["organization_name"] = label
+            conn.execute(customers.update().where(customers.c.id == cid).values(**blank))
+            conn.execute(adapters.notes.delete().where(adapters.notes.c.customer_id == cid))
+            name = f"customers/{cid}"
+            # Old audit entries must not keep what was erased: drop their values, keep who/when/which.
+            conn.execute(
+                sa.text(
+                    "UPDATE audit_entries SET changes = (SELECT coalesce(jsonb_agg(jsonb_build_object("
+                    "'field', e->>'field', 'old_value', '\"[erased]\"', 'new_value', '\"[erased]\"')), '[]'::jsonb) "
+                    "FROM jsonb_array_elements(changes) e) WHERE resource = :r"
+                ),
+                {"r": name},
+            )
+            row = adapters.get_customer(conn, cid)
+            full = customer_to_proto(row)
+            self.publish(conn, "customer.erased.v1", customer_events_pb2.CustomerErased(customer=full), name)
+            self.audit(
+                conn, name, "erase", principal, [{"field": "reason", "old_value": "null", "new_value": _json(reason)}]
+            )
+            result = self.to_proto(conn, row, principal)
+        self.committed()
+        return result

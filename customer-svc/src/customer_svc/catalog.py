@@ -1,0 +1,631 @@
+"""Groups, ranks, acquisition sources, custom field definitions, notes and the audit trail."""
+
+from __future__ import annotations
+
+import json
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+
+from crm.customer.v1 import customer_events_pb2, resources_pb2
+from crm_chassis.auth import Principal
+from crm_chassis.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, PermissionDenied
+from crm_chassis.pagination import page_size
+
+from . import adapters, domain
+from .adapters import acquisition_sources, audit_entries, custom_field_defs_table, group_members, groups, notes, ranks
+from .integration import customer_to_proto, ts
+from .service_layer import CustomerUseCases, check_etag, not_found
+
+MAX_BULK = 10_000
+
+
+def group_to_proto(row, members: int | None = None) -> resources_pb2.Group:
+    return resources_pb2.Group(
+        name=f"groups/{row.id}",
+        display_name=row.display_name,
+        description=row.description,
+        member_count=members if members is not None else int(row._mapping.get("members", 0)),
+        create_time=ts(row.create_time),
+        etag=f'"{row.version}"',
+    )
+
+
+def rank_to_proto(row) -> resources_pb2.Rank:
+    return resources_pb2.Rank(
+        name=f"ranks/{row.id}",
+        display_name=row.display_name,
+        position=row.position,
+        create_time=ts(row.create_time),
+        etag=f'"{row.version}"',
+    )
+
+
+def source_to_proto(row) -> resources_pb2.AcquisitionSource:
+    return resources_pb2.AcquisitionSource(
+        name=f"acquisitionSources/{row.key}", key=row.key, display_name=row.display_name, retired=row.retired
+    )
+
+
+def note_to_proto(row) -> resources_pb2.Note:
+    return resources_pb2.Note(
+        name=f"customers/{row.customer_id}/notes/{row.id}",
+        text=row.text,
+        author=row.author,
+        create_time=ts(row.create_time),
+        update_time=ts(row.update_time),
+        etag=f'"{row.version}"',
+    )
+
+
+def _name(value: str, field: str, limit: int = 100) -> str:
+    v = (value or "").strip()
+    if not v:
+        raise InvalidArgument.field(field, "must not be empty")
+    if len(v) > limit:
+        raise InvalidArgument.field(field, f"must be at most {limit} characters")
+    return v
+
+
+def _customer_ids(names: list[str], field: str) -> list[str]:
+    if not names:
+        raise InvalidArgument.field(field, "name at least one customer")
+    if len(names) > MAX_BULK:
+        raise InvalidArgument.field(field, f"at most {MAX_BULK} customers per call")
+    bad, ids = [], []
+    for i, n in enumerate(names):
+        try:
+            ids.append(domain.parse_name(n, f"{field}[{i}]"))
+        except InvalidArgument as e:
+            bad += e.violations
+    if bad:
+        raise InvalidArgument(bad[:20])
+    return sorted(set(ids))
+
+
+class Catalog:
+    def __init__(self, customers: CustomerUseCases):
+        self.c = customers
+        self.engine = customers.engine
+        self.reader = customers.reader
+
+    def _unique(self, conn, fn):
+        try:
+            with conn.begin_nested():
+                return fn()
+        except sa.exc.IntegrityError:
+            raise AlreadyExists("a record with that name already exists", reason="ALREADY_EXISTS") from None
+
+    def _publish_members_changed(self, conn, ids: list[str], field: str) -> None:
+        """customer.updated.v1 for every customer whose groups or rank changed (set-based read)."""
+        for row in adapters.get_customers(conn, ids):
+            full = customer_to_proto(row)
+            self.c.publish(
+                conn,
+                "customer.updated.v1",
+                customer_events_pb2.CustomerUpdated(customer=full, changed_fields=[field]),
+                full.name,
+            )
+
+    # -- groups ------------------------------------------------------------------------------
+    def create_group(self, g: resources_pb2.Group, principal: Principal) -> resources_pb2.Group:
+        name = _name(g.display_name, "group.display_name")
+        with self.engine.begin() as conn:
+            row = self._unique(
+                conn,
+                lambda: conn.execute(
+                    groups.insert().values(display_name=name, description=g.description.strip()).returning(*groups.c)
+                ).one(),
+            )
+            self.c.audit(
+                conn,
+                f"groups/{row.id}",
+                "group.create",
+                principal,
+                [{"field": "display_name", "old_value": "null", "new_value": json.dumps(name, ensure_ascii=False)}],
+            )
+        return group_to_proto(row, 0)
+
+    def _group(self, conn, name: str, field: str = "group", lock: bool = False):
+        gid = domain.parse_id(name, "groups", field)
+        q = sa.select(groups).where(groups.c.id == gid)
+        row = conn.execute(q.with_for_update() if lock else q).one_or_none()
+        if row is None:
+            raise NotFound(f"group {name} does not exist", reason="GROUP_NOT_FOUND", metadata={"name": name})
+        return row
+
+    def _members(self, conn, gid: str) -> int:
+        return conn.execute(
+            sa.select(sa.func.count())
+            .select_from(group_members)
+            .join(adapters.customers, adapters.customers.c.id == group_members.c.customer_id)
+            .where(group_members.c.group_id == gid, adapters.customers.c.delete_time.is_(None))
+        ).scalar_one()
+
+    def update_group(self, g: resources_pb2.Group, paths: list[str], principal: Principal) -> resources_pb2.Group:
+        if not paths or set(paths) - {"display_name", "description"}:
+            raise InvalidArgument.field("update_mask", "may name display_name and description")
+        with self.engine.begin() as conn:
+            row = self._group(conn, g.name, "group.name", lock=True)
+            check_etag(g.etag, row.version, g.name)
+            values = {}
+            if "display_name" in paths:
+                values["display_name"] = _name(g.display_name, "group.display_name")
+            if "description" in paths:
+                values["description"] = g.description.strip()
+            new = self._unique(
+                conn,
+                lambda: conn.execute(
+                    groups.update()
+                    .where(groups.c.id == row.id)
+                    .values(**values, version=groups.c.version + 1)
+                    .returning(*groups.c)
+                ).one(),
+            )
+            self.c.audit(
+                conn,
+                g.name,
+                "group.update",
+                principal,
+                [
+                    {
+                        "field": k,
+                        "old_value": json.dumps(getattr(row, k), ensure_ascii=False),
+                        "new_value": json.dumps(v, ensure_ascii=False),
+                    }
+                    for k, v in values.items()
+                ],
+            )
+            return group_to_proto(new, self._members(conn, row.id))
+
+    def delete_group(self, name: str, principal: Principal) -> int:
+        with self.engine.begin() as conn:
+            row = self._group(conn, name, "name", lock=True)
+            ids = [
+                str(r[0])
+                for r in conn.execute(sa.select(group_members.c.customer_id).where(group_members.c.group_id == row.id))
+            ]
+            conn.execute(groups.delete().where(groups.c.id == row.id))
+            self._publish_members_changed(conn, ids, "groups")
+            self.c.audit(conn, name, "group.delete", principal, [])
+        self.c.committed()
+        return len(ids)
+
+    def list_groups(self, size: int, token: str) -> tuple[list[resources_pb2.Group], str]:
+        limit = page_size(size)
+        members = (
+            sa.select(sa.func.count())
+            .select_from(group_members)
+            .join(adapters.customers, adapters.customers.c.id == group_members.c.customer_id)
+            .where(group_members.c.group_id == groups.c.id, adapters.customers.c.delete_time.is_(None))
+            .scalar_subquery()
+            .label("members")
+        )
+        key = self.c.tokens.decode(token, "groups")
+        q = sa.select(*groups.c, members).order_by(sa.func.lower(groups.c.display_name), groups.c.id).limit(limit + 1)
+        if key:
+            q = q.where(
+                sa.tuple_(sa.func.lower(groups.c.display_name), groups.c.id)
+                > sa.tuple_(sa.literal(key[0]), sa.literal(key[1], adapters.UUID))
+            )
+        with self.reader.connect() as conn:
+            rows = list(conn.execute(q))
+        nxt = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            nxt = self.c.tokens.encode([rows[-1].display_name.lower(), str(rows[-1].id)], "groups")
+        return [group_to_proto(r) for r in rows], nxt
+
+    def add_members(self, group: str, names: list[str], principal: Principal) -> int:
+        ids = _customer_ids(names, "customers")
+        with self.engine.begin() as conn:
+            row = self._group(conn, group)
+            missing = set(ids) - adapters.existing_ids(conn, adapters.customers, ids)
+            if missing:
+                raise InvalidArgument(
+                    [FieldViolation("customers", f"no such customer: customers/{m}") for m in sorted(missing)[:20]]
+                )
+            added = [
+                str(r[0])
+                for r in conn.execute(
+                    pg.insert(group_members)
+                    .from_select(
+                        ["group_id", "customer_id"],
+                        sa.select(
+                            sa.literal(row.id, adapters.UUID), sa.func.unnest(sa.literal(ids, pg.ARRAY(adapters.UUID)))
+                        ),
+                    )
+                    .on_conflict_do_nothing()
+                    .returning(group_members.c.customer_id)
+                )
+            ]
+            if added:
+                self._bump(conn, added)
+                self._publish_members_changed(conn, added, "groups")
+                self._audit_bulk(conn, added, "group.add", principal, "groups", group)
+        self.c.committed()
+        return len(added)
+
+    def remove_members(self, group: str, names: list[str], principal: Principal) -> int:
+        ids = _customer_ids(names, "customers")
+        with self.engine.begin() as conn:
+            row = self._group(conn, group)
+            removed = [
+                str(r[0])
+                for r in conn.execute(
+                    group_members.delete()
+                    .where(group_members.c.group_id == row.id, group_members.c.customer_id.in_(ids))
+                    .returning(group_members.c.customer_id)
+                )
+            ]
+            if removed:
+                self._bump(conn, removed)
+                self._publish_members_changed(conn, removed, "groups")
+                self._audit_bulk(conn, removed, "group.remove", principal, "groups", group)
+        self.c.committed()
+        return len(removed)
+
+    def _bump(self, conn, ids: list[str]) -> None:
+        c = adapters.customers
+        conn.execute(c.update().where(c.c.id.in_(ids)).values(version=c.c.version + 1, update_time=sa.func.now()))
+
+    def _audit_bulk(self, conn, ids, action, principal, field, value) -> None:
+        from crm_chassis.logging import request_id_var
+
+        change = [
+            {
+                "field": field,
+                "old_value": "null" if action.endswith("add") else json.dumps(value),
+                "new_value": json.dumps(value) if action.endswith("add") else "null",
+            }
+        ]
+        conn.execute(
+            audit_entries.insert(),
+            [
+                {
+                    "resource": f"customers/{i}",
+                    "action": action,
+                    "actor": principal.subject,
+                    "changes": change,
+                    "request_id": request_id_var.get() or "",
+                }
+                for i in ids
+            ],
+        )
+
+    def list_members(self, group: str, size: int, token: str, principal: Principal):
+        with self.reader.connect() as conn:
+            row = self._group(conn, group)
+        return self.c.list(size, token, f'group = "groups/{row.id}"', "", False, principal)
+
+    # -- ranks -------------------------------------------------------------------------------
+    def create_rank(self, r: resources_pb2.Rank, principal: Principal) -> resources_pb2.Rank:
+        name = _name(r.display_name, "rank.display_name")
+        with self.engine.begin() as conn:
+            row = self._unique(
+                conn,
+                lambda: conn.execute(
+                    ranks.insert().values(display_name=name, position=r.position).returning(*ranks.c)
+                ).one(),
+            )
+            self.c.audit(conn, f"ranks/{row.id}", "rank.create", principal, [])
+        return rank_to_proto(row)
+
+    def _rank(self, conn, name: str, field: str, lock: bool = False):
+        rid = domain.parse_id(name, "ranks", field)
+        q = sa.select(ranks).where(ranks.c.id == rid)
+        row = conn.execute(q.with_for_update() if lock else q).one_or_none()
+        if row is None:
+            raise NotFound(f"rank {name} does not exist", reason="RANK_NOT_FOUND", metadata={"name": name})
+        return row
+
+    def update_rank(self, r: resources_pb2.Rank, paths: list[str], principal: Principal) -> resources_pb2.Rank:
+        if not paths or set(paths) - {"display_name", "position"}:
+            raise InvalidArgument.field("update_mask", "may name display_name and position")
+        with self.engine.begin() as conn:
+            row = self._rank(conn, r.name, "rank.name", lock=True)
+            check_etag(r.etag, row.version, r.name)
+            values = {}
+            if "display_name" in paths:
+                values["display_name"] = _name(r.display_name, "rank.display_name")
+            if "position" in paths:
+                values["position"] = r.position
+            new = self._unique(
+                conn,
+                lambda: conn.execute(
+                    ranks.update()
+                    .where(ranks.c.id == row.id)
+                    .values(**values, version=ranks.c.version + 1)
+                    .returning(*ranks.c)
+                ).one(),
+            )
+            self.c.audit(
+                conn,
+                r.name,
+                "rank.update",
+                principal,
+                [
+                    {
+                        "field": k,
+                        "old_value": json.dumps(getattr(row, k), ensure_ascii=False),
+                        "new_value": json.dumps(v, ensure_ascii=False),
+                    }
+                    for k, v in values.items()
+                ],
+            )
+        return rank_to_proto(new)
+
+    def delete_rank(self, name: str, principal: Principal) -> int:
+        with self.engine.begin() as conn:
+            row = self._rank(conn, name, "name", lock=True)
+            c = adapters.customers
+            ids = [
+                str(x[0])
+                for x in conn.execute(
+                    c.update()
+                    .where(c.c.rank_id == row.id)
+                    .values(rank_id=None, version=c.c.version + 1, update_time=sa.func.now())
+                    .returning(c.c.id)
+                )
+            ]
+            conn.execute(ranks.delete().where(ranks.c.id == row.id))
+            self._publish_members_changed(conn, ids, "rank")
+            self.c.audit(conn, name, "rank.delete", principal, [])
+        self.c.committed()
+        return len(ids)
+
+    def list_ranks(self) -> list[resources_pb2.Rank]:
+        with self.reader.connect() as conn:
+            return [rank_to_proto(r) for r in conn.execute(sa.select(ranks).order_by(ranks.c.position, ranks.c.id))]
+
+    def assign_rank(self, rank: str, names: list[str], principal: Principal) -> int:
+        ids = _customer_ids(names, "customers")
+        with self.engine.begin() as conn:
+            rid = self._rank(conn, rank, "rank").id if rank else None
+            c = adapters.customers
+            changed = [
+                str(x[0])
+                for x in conn.execute(
+                    c.update()
+                    .where(c.c.id.in_(ids), c.c.rank_id.is_distinct_from(rid))
+                    .values(rank_id=rid, version=c.c.version + 1, update_time=sa.func.now())
+                    .returning(c.c.id)
+                )
+            ]
+            if changed:
+                self._publish_members_changed(conn, changed, "rank")
+                self._audit_bulk(conn, changed, "rank.assign", principal, "rank", rank or None)
+        self.c.committed()
+        return len(changed)
+
+    # -- acquisition sources and custom fields -----------------------------------------------
+    def create_source(self, s: resources_pb2.AcquisitionSource, principal: Principal):
+        key = s.key.strip().lower()
+        if not domain.source_key_ok(key):
+            raise InvalidArgument.field("acquisition_source.key", "must be 1-40 of a-z, 0-9, '_' or '-'")
+        with self.engine.begin() as conn:
+            row = self._unique(
+                conn,
+                lambda: conn.execute(
+                    acquisition_sources.insert()
+                    .values(key=key, display_name=s.display_name.strip() or key)
+                    .returning(*acquisition_sources.c)
+                ).one(),
+            )
+            self.c.audit(conn, f"acquisitionSources/{key}", "source.create", principal, [])
+        return source_to_proto(row)
+
+    def list_sources(self, show_retired: bool):
+        q = sa.select(acquisition_sources).order_by(acquisition_sources.c.key)
+        if not show_retired:
+            q = q.where(acquisition_sources.c.retired.is_(False))
+        with self.reader.connect() as conn:
+            return [source_to_proto(r) for r in conn.execute(q)]
+
+    def update_source(self, s: resources_pb2.AcquisitionSource, paths: list[str], principal: Principal):
+        if not paths or set(paths) - {"display_name", "retired"}:
+            raise InvalidArgument.field("update_mask", "may name display_name and retired")
+        key = s.name.removeprefix("acquisitionSources/")
+        values = {}
+        if "display_name" in paths:
+            values["display_name"] = _name(s.display_name, "acquisition_source.display_name")
+        if "retired" in paths:
+            values["retired"] = s.retired
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                acquisition_sources.update()
+                .where(acquisition_sources.c.key == key)
+                .values(**values)
+                .returning(*acquisition_sources.c)
+            ).one_or_none()
+            if row is None:
+                raise NotFound(f"acquisition source {s.name} does not exist", reason="SOURCE_NOT_FOUND")
+            self.c.audit(
+                conn,
+                s.name,
+                "source.update",
+                principal,
+                [
+                    {"field": k, "old_value": "null", "new_value": json.dumps(v, ensure_ascii=False)}
+                    for k, v in values.items()
+                ],
+            )
+        return source_to_proto(row)
+
+    def create_custom_field(self, d: resources_pb2.CustomFieldDefinition, principal: Principal):
+        key = d.key.strip()
+        bad = []
+        if not (key and key.isidentifier() and key.isascii() and len(key) <= 40):
+            bad.append(
+                FieldViolation(
+                    "custom_field_definition.key", "must be 1-40 letters, digits or '_', not starting with a digit"
+                )
+            )
+        if d.type == resources_pb2.CUSTOM_FIELD_TYPE_UNSPECIFIED:
+            bad.append(FieldViolation("custom_field_definition.type", "is required"))
+        choices = [c.strip() for c in d.choices if c.strip()]
+        if d.type == resources_pb2.CUSTOM_FIELD_TYPE_CHOICE and not choices:
+            bad.append(FieldViolation("custom_field_definition.choices", "a CHOICE field needs choices"))
+        if bad:
+            raise InvalidArgument(bad)
+        with self.engine.begin() as conn:
+            row = self._unique(
+                conn,
+                lambda: conn.execute(
+                    custom_field_defs_table.insert()
+                    .values(
+                        key=key,
+                        display_name=d.display_name.strip() or key,
+                        type=d.type,
+                        choices=choices,
+                        required=d.required,
+                    )
+                    .returning(*custom_field_defs_table.c)
+                ).one(),
+            )
+            self.c.audit(conn, f"customFieldDefinitions/{key}", "custom_field.create", principal, [])
+        return self._def_proto(row)
+
+    @staticmethod
+    def _def_proto(row):
+        return resources_pb2.CustomFieldDefinition(
+            name=f"customFieldDefinitions/{row.key}",
+            key=row.key,
+            display_name=row.display_name,
+            type=row.type,
+            choices=list(row.choices),
+            required=row.required,
+        )
+
+    def list_custom_fields(self):
+        with self.reader.connect() as conn:
+            return [
+                self._def_proto(r)
+                for r in conn.execute(sa.select(custom_field_defs_table).order_by(custom_field_defs_table.c.key))
+            ]
+
+    # -- notes -------------------------------------------------------------------------------
+    def create_note(self, parent: str, n: resources_pb2.Note, principal: Principal) -> resources_pb2.Note:
+        cid = domain.parse_name(parent, "parent")
+        body = n.text.strip()
+        if not body:
+            raise InvalidArgument.field("note.text", "must not be empty")
+        if len(body) > 10_000:
+            raise InvalidArgument.field("note.text", "must be at most 10000 characters")
+        with self.engine.begin() as conn:
+            owner = adapters.get_customer(conn, cid)
+            if owner is None or owner.erased:
+                raise not_found(cid)
+            row = conn.execute(
+                notes.insert().values(customer_id=cid, text=body, author=principal.subject).returning(*notes.c)
+            ).one()
+            note = note_to_proto(row)
+            self.c.publish(conn, "note.added.v1", customer_events_pb2.NoteAdded(customer=parent, note=note), parent)
+            self.c.audit(
+                conn,
+                note.name,
+                "note.create",
+                principal,
+                [{"field": "text", "old_value": "null", "new_value": json.dumps(body, ensure_ascii=False)}],
+            )
+        self.c.committed()
+        return note
+
+    def list_notes(self, parent: str, size: int, token: str) -> tuple[list[resources_pb2.Note], str]:
+        cid = domain.parse_name(parent, "parent")
+        limit = page_size(size)
+        key = self.c.tokens.decode(token, f"notes:{cid}")
+        q = (
+            sa.select(notes)
+            .where(notes.c.customer_id == cid)
+            .order_by(notes.c.create_time.desc(), notes.c.id.desc())
+            .limit(limit + 1)
+        )
+        if key:
+            import datetime as dt
+
+            q = q.where(
+                sa.tuple_(notes.c.create_time, notes.c.id)
+                < sa.tuple_(sa.literal(dt.datetime.fromisoformat(key[0])), sa.literal(key[1], adapters.UUID))
+            )
+        with self.reader.connect() as conn:
+            if adapters.get_customer(conn, cid) is None:
+                raise not_found(cid)
+            rows = list(conn.execute(q))
+        nxt = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            nxt = self.c.tokens.encode([rows[-1].create_time.isoformat(), str(rows[-1].id)], f"notes:{cid}")
+        return [note_to_proto(r) for r in rows], nxt
+
+    def update_note(self, n: resources_pb2.Note, paths: list[str], principal: Principal) -> resources_pb2.Note:
+        if paths != ["text"]:
+            raise InvalidArgument.field("update_mask", 'only "text" may be updated')
+        m = __import__("re").fullmatch(r"customers/([0-9a-f-]{36})/notes/([0-9a-f-]{36})", n.name)
+        if not m:
+            raise InvalidArgument.field("note.name", "must be 'customers/{customer_id}/notes/{note_id}'")
+        body = n.text.strip()
+        if not body:
+            raise InvalidArgument.field("note.text", "must not be empty")
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.select(notes).where(notes.c.id == m.group(2), notes.c.customer_id == m.group(1)).with_for_update()
+            ).one_or_none()
+            if row is None:
+                raise NotFound(f"note {n.name} does not exist", reason="NOTE_NOT_FOUND", metadata={"name": n.name})
+            if row.author != principal.subject:
+                raise PermissionDenied("only the author may edit a note", reason="NOT_NOTE_AUTHOR")
+            check_etag(n.etag, row.version, n.name)
+            new = conn.execute(
+                notes.update()
+                .where(notes.c.id == row.id)
+                .values(text=body, version=notes.c.version + 1, update_time=sa.func.now())
+                .returning(*notes.c)
+            ).one()
+            self.c.audit(
+                conn,
+                n.name,
+                "note.update",
+                principal,
+                [
+                    {
+                        "field": "text",
+                        "old_value": json.dumps(row.text, ensure_ascii=False),
+                        "new_value": json.dumps(body, ensure_ascii=False),
+                    }
+                ],
+            )
+        return note_to_proto(new)
+
+    # -- audit -------------------------------------------------------------------------------
+    def list_audit(self, resource: str, size: int, token: str) -> tuple[list[resources_pb2.AuditEntry], str]:
+        limit = page_size(size)
+        key = self.c.tokens.decode(token, f"audit:{resource}")
+        q = sa.select(audit_entries).order_by(audit_entries.c.id.desc()).limit(limit + 1)
+        if resource:
+            q = q.where(
+                sa.or_(
+                    audit_entries.c.resource == resource,
+                    audit_entries.c.resource.startswith(resource + "/", autoescape=True),
+                )
+            )
+        if key:
+            q = q.where(audit_entries.c.id < int(key[0]))
+        with self.reader.connect() as conn:
+            rows = list(conn.execute(q))
+        nxt = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            nxt = self.c.tokens.encode([rows[-1].id], f"audit:{resource}")
+        return [
+            resources_pb2.AuditEntry(
+                name=f"auditEntries/{r.id}",
+                resource=r.resource,
+                action=r.action,
+                actor=r.actor,
+                create_time=ts(r.create_time),
+                request_id=r.request_id,
+                changes=[resources_pb2.FieldChange(**c) for c in r.changes],
+            )
+            for r in rows
+        ], nxt

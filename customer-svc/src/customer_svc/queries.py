@@ -1,0 +1,248 @@
+"""List and search queries: AIP-160 filters, order_by and keyset pages over the customers."""
+
+from __future__ import annotations
+
+import re
+
+import sqlalchemy as sa
+
+from crm.customer.v1 import customer_pb2, resources_pb2
+from crm_chassis.filtering import (
+    FieldType,
+    FilterField,
+    FilterSchema,
+    column_condition,
+    decode_page_token,
+    encode_page_token,
+    keyset_condition,
+    order_by_clauses,
+    parse_order_by,
+    query_fingerprint,
+    with_tiebreaker,
+)
+from crm_chassis.pagination import PageTokens
+
+from . import adapters, text
+from .adapters import customers, group_members, groups, ranks
+
+
+def _enum(enum_type, prefix: str) -> dict[str, int]:
+    """Both CUSTOMER_TYPE_PERSON and PERSON name the value."""
+    out = {}
+    for v in enum_type.DESCRIPTOR.values:
+        if v.number:
+            out[v.name] = v.number
+            out[v.name.removeprefix(prefix)] = v.number
+    return out
+
+
+def _ref_id(value, collection: str) -> str | None:
+    s = str(value)
+    m = re.fullmatch(rf"{collection}/([0-9a-f-]{{36}})", s)
+    return m.group(1) if m else None
+
+
+def _group_condition(op: str, value) -> sa.ColumnElement[bool]:
+    """group = "groups/{id}" or group = "VIP" (display name); != is "not a member"."""
+    gid = _ref_id(value, "groups")
+    member = sa.select(group_members.c.customer_id).where(group_members.c.customer_id == customers.c.id)
+    if gid:
+        member = member.where(group_members.c.group_id == gid)
+    else:
+        member = member.join(groups, groups.c.id == group_members.c.group_id).where(
+            column_condition(sa.func.lower(groups.c.display_name), "=", str(value).lower())
+        )
+    exists = sa.exists(member)
+    return ~exists if op == "!=" else exists
+
+
+def _rank_condition(op: str, value) -> sa.ColumnElement[bool]:
+    """rank = "ranks/{id}" / "Gold"; <, >, ... compare rank positions (lower comes first)."""
+    rid = _ref_id(value, "ranks")
+    target = (
+        sa.select(ranks.c.position)
+        .where(ranks.c.id == rid if rid else sa.func.lower(ranks.c.display_name) == str(value).lower())
+        .scalar_subquery()
+    )
+    mine = sa.select(ranks.c.position).where(ranks.c.id == customers.c.rank_id).scalar_subquery()
+    if op in ("=", "!="):
+        same = customers.c.rank_id == (
+            rid
+            if rid
+            else sa.select(ranks.c.id)
+            .where(sa.func.lower(ranks.c.display_name) == str(value).lower())
+            .scalar_subquery()
+        )
+        return sa.or_(~same, customers.c.rank_id.is_(None)) if op == "!=" else same
+    return column_condition(mine, op, target)
+
+
+_BASE_FIELDS = [
+    *(
+        FilterField(n, customers.c[n])
+        for n in (
+            "display_name",
+            "given_name",
+            "family_name",
+            "organization_name",
+            "email",
+            "phone",
+            "mobile",
+            "fax",
+            "website",
+            "country",
+            "province",
+            "city",
+            "address",
+            "postal_code",
+            "industry",
+            "owner",
+            "referrer_staff",
+            "customer_code",
+            "field_of_study",
+            "title_prefix",
+            "po_box",
+        )
+    ),
+    FilterField("acquisition_source", customers.c.acquisition_source),
+    FilterField("source", customers.c.acquisition_source),
+    FilterField(
+        "type", customers.c.type, FieldType.ENUM, enum_values=_enum(customer_pb2.CustomerType, "CUSTOMER_TYPE_")
+    ),
+    FilterField(
+        "kind", customers.c.kind, FieldType.ENUM, enum_values=_enum(customer_pb2.CustomerKind, "CUSTOMER_KIND_")
+    ),
+    FilterField(
+        "lifecycle_stage",
+        customers.c.lifecycle_stage,
+        FieldType.ENUM,
+        enum_values=_enum(customer_pb2.LifecycleStage, "LIFECYCLE_STAGE_"),
+    ),
+    FilterField("gender", customers.c.gender, FieldType.ENUM, enum_values=_enum(customer_pb2.Gender, "GENDER_")),
+    FilterField(
+        "education_degree",
+        customers.c.education_degree,
+        FieldType.ENUM,
+        enum_values=_enum(customer_pb2.EducationDegree, "EDUCATION_DEGREE_"),
+    ),
+    *(FilterField(n, customers.c[n], FieldType.TIMESTAMP) for n in ("create_time", "update_time", "delete_time")),
+    *(
+        FilterField(n, customers.c[n], FieldType.DATE)
+        for n in ("birth_date", "marriage_date", "founding_date", "acquisition_date")
+    ),
+    FilterField("erased", customers.c.erased, FieldType.BOOL),
+    FilterField("tags", customers.c.tags, FieldType.STRING_ARRAY),
+    FilterField("tag", customers.c.tags, FieldType.STRING_ARRAY, operators=frozenset({":"})),
+    FilterField("group", _group_condition, FieldType.STRING, operators=frozenset({"=", "!="})),
+    FilterField("groups", lambda op, v: _group_condition("=", v), FieldType.STRING_ARRAY),
+    FilterField("rank", _rank_condition, FieldType.STRING),
+]
+
+SORTABLE = {
+    n: customers.c[n]
+    for n in (
+        "create_time",
+        "update_time",
+        "display_name",
+        "given_name",
+        "family_name",
+        "organization_name",
+        "customer_code",
+        "city",
+        "province",
+        "acquisition_source",
+        "acquisition_date",
+        "birth_date",
+        "lifecycle_stage",
+        "kind",
+        "type",
+    )
+}
+
+_CUSTOM_TYPES = {
+    resources_pb2.CUSTOM_FIELD_TYPE_TEXT: (FieldType.STRING, sa.Text),
+    resources_pb2.CUSTOM_FIELD_TYPE_CHOICE: (FieldType.STRING, sa.Text),
+    resources_pb2.CUSTOM_FIELD_TYPE_NUMBER: (FieldType.FLOAT, sa.Numeric),
+    resources_pb2.CUSTOM_FIELD_TYPE_DATE: (FieldType.DATE, sa.Date),
+}
+
+
+def filter_schema(conn: sa.Connection) -> FilterSchema:
+    """The fixed fields plus custom.<key> for every custom field defined now."""
+    fields = list(_BASE_FIELDS)
+    for key, d in adapters.custom_field_defs(conn).items():
+        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            ftype, sqltype = _CUSTOM_TYPES[d.type]
+            fields.append(FilterField(f"custom.{key}", sa.cast(customers.c.custom_fields[key].astext, sqltype), ftype))
+    return FilterSchema(*fields)
+
+
+def _visible(show_deleted: bool) -> sa.ColumnElement[bool]:
+    return sa.true() if show_deleted else customers.c.delete_time.is_(None)
+
+
+def list_page(conn, tokens: PageTokens, limit: int, token: str, filter_text: str, order_by: str, show_deleted: bool):
+    where = filter_schema(conn).compile(filter_text)
+    order = parse_order_by(order_by, SORTABLE) or [(customers.c.create_time, True)]
+    order = with_tiebreaker(order, customers.c.id, descending=order[0][1])
+    fingerprint = query_fingerprint(filter_text, order_by, show_deleted=show_deleted)
+    stmt = (
+        adapters.select_customers()
+        .where(where, _visible(show_deleted))
+        .order_by(*order_by_clauses(order))
+        .limit(limit + 1)
+    )
+    last = decode_page_token(tokens, token, order, fingerprint)
+    if last is not None:
+        stmt = stmt.where(keyset_condition(order, last))
+    rows = list(conn.execute(stmt).all())
+    next_token = ""
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_token = encode_page_token(tokens, rows[-1], order, fingerprint)
+    return rows, next_token
+
+
+def tsquery_text(query: str) -> str:
+    """Every word as a prefix term: 'ali' finds 'alireza'. Only letters and digits survive."""
+    words = [re.sub(r"[^\w]", "", w) for w in query.split()]
+    return " & ".join(f"{w}:*" for w in words if w)
+
+
+def search_page(conn, tokens: PageTokens, query: str, limit: int, token: str, filter_text: str):
+    from crm_chassis.errors import InvalidArgument
+
+    q = text.normalize(query)
+    if not q:
+        raise InvalidArgument.field("query", "must not be empty")
+    if len(q) > 200:
+        raise InvalidArgument.field("query", "must be at most 200 characters")
+    where = filter_schema(conn).compile(filter_text)
+    tsq = tsquery_text(q)
+    matches = [
+        customers.c.search_text.bool_op("%>")(q) if len(q) >= 3 else sa.false(),
+        customers.c.search_text.ilike("%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"),
+    ]
+    rank = sa.func.word_similarity(q, customers.c.search_text)
+    if tsq:
+        ts = sa.func.to_tsquery("simple", tsq)
+        matches.append(customers.c.search_tsv.bool_op("@@")(ts))
+        rank = rank + sa.func.ts_rank(customers.c.search_tsv, ts)
+    score = sa.cast(rank, sa.Float).label("relevance")
+    inner = (
+        sa.select(*adapters.CUSTOMER_COLUMNS, score)
+        .where(sa.or_(*matches), where, customers.c.delete_time.is_(None))
+        .subquery()
+    )
+    order = [(inner.c.relevance, True), (inner.c.id, True)]
+    fingerprint = query_fingerprint(filter_text, search=q)
+    stmt = sa.select(inner).order_by(*order_by_clauses(order)).limit(limit + 1)
+    last = decode_page_token(tokens, token, order, fingerprint)
+    if last is not None:
+        stmt = stmt.where(keyset_condition(order, last))
+    rows = list(conn.execute(stmt).all())
+    next_token = ""
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_token = encode_page_token(tokens, rows[-1], order, fingerprint)
+    return [(r, float(r.relevance)) for r in rows], next_token
