@@ -95,3 +95,45 @@ def test_reports_need_the_reports_permission(stub):
     with pytest.raises(grpc.RpcError) as info:
         stub.CountCustomersBySource(rs.CountCustomersBySourceRequest(), metadata=md("sales_rep"))
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_updates_deletes_and_out_of_order_events_keep_the_counts_right(svc, stub):
+    def event(kind, version, source, deleted=False):
+        c = customer_pb2.Customer(
+            name="customers/00000000-0000-4000-8000-0000000000ff",
+            acquisition_source=source,
+            create_time=ts(T0 + dt.timedelta(days=100)),
+            etag=f'"{version}"',
+        )
+        if deleted:
+            c.delete_time.CopyFrom(ts(T0 + dt.timedelta(days=101)))
+        msg = {
+            "created": customer_events_pb2.CustomerCreated(customer=c),
+            "updated": customer_events_pb2.CustomerUpdated(customer=c),
+            "deleted": customer_events_pb2.CustomerDeleted(customer=c),
+        }[kind]
+        return new_event(
+            domain="customer",
+            source_service="customer-svc",
+            routing_key=f"customer.{kind}.v1",
+            subject=c.name,
+            message=msg,
+        )
+
+    later = rs.CountCustomersBySourceRequest(start_time=ts(T0 + dt.timedelta(days=99)))
+
+    def counts():
+        return rows(stub.CountCustomersBySource(later, metadata=md()))
+
+    handlers = projections.subscriptions()[0].handlers
+    with svc.ctx.engine.begin() as conn:
+        handlers["customer.updated.v1"](conn, event("updated", 2, "referral"))  # arrives before its create
+        handlers["customer.created.v1"](conn, event("created", 1, "website"))  # older: ignored
+    assert counts() == {"referral": 1}
+    with svc.ctx.engine.begin() as conn:
+        handlers["customer.deleted.v1"](conn, event("deleted", 3, "referral", deleted=True))
+        handlers["customer.updated.v1"](conn, event("updated", 2, "referral"))  # a replay of an older one
+    assert counts() == {}
+    with svc.ctx.engine.begin() as conn:
+        handlers["customer.undeleted.v1"](conn, event("deleted", 4, "phone"))
+    assert counts() == {"phone": 1}

@@ -53,6 +53,17 @@ ERASED_FIELDS = (
 )
 
 
+# Fuzzy search: a word is "similar" from this trigram word-similarity on (pg_trgm's default
+# 0.6 misses one-letter typos in short names such as Rezaie/Rezaei).
+WORD_SIMILARITY_THRESHOLD = 0.45
+
+
+def _session_settings(dbapi_connection, _record) -> None:
+    with dbapi_connection.cursor() as cur:
+        cur.execute(f"SET pg_trgm.word_similarity_threshold = {WORD_SIMILARITY_THRESHOLD}")
+    dbapi_connection.commit()
+
+
 def _json(value) -> str:
     if isinstance(value, dt.date):
         return json.dumps(value.isoformat())
@@ -86,6 +97,7 @@ class CustomerUseCases:
     ):
         self.engine = engine
         self.reader = autocommit(engine)
+        sa.event.listen(engine, "connect", _session_settings)
         self.relay = relay
         self.tokens = PageTokens(token_secret, "customers")
         self.service_name = service_name

@@ -19,35 +19,79 @@ customer_source_facts = sa.Table(
     sa.Column("customer_id", sa.Text, primary_key=True),
     sa.Column("acquisition_source", sa.Text, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("version", sa.Integer, nullable=False, server_default="0"),
 )
 
 UNKNOWN_SOURCE = "unknown"
 
 
-def on_customer_created(conn: sa.Connection, event: Event) -> None:
-    msg = event.parse(customer_events_pb2.CustomerCreated)
-    c = msg.customer
+def _apply_customer(conn: sa.Connection, c) -> None:
+    """Upsert the customer's facts unless a newer version is already stored: events may
+    arrive out of order (several relays) or again (replays from the stream)."""
+    version = int(c.etag.strip('"') or 0)
+    stmt = pg_insert(customer_source_facts).values(
+        customer_id=c.name.removeprefix("customers/"),
+        acquisition_source=c.acquisition_source or UNKNOWN_SOURCE,
+        created_at=c.create_time.ToDatetime(tzinfo=dt.UTC),
+        deleted=c.HasField("delete_time") or bool(c.merged_into),
+        version=version,
+    )
     conn.execute(
-        pg_insert(customer_source_facts)
-        .values(
-            customer_id=c.name.removeprefix("customers/"),
-            acquisition_source=c.acquisition_source or UNKNOWN_SOURCE,
-            created_at=c.create_time.ToDatetime(tzinfo=dt.UTC),
+        stmt.on_conflict_do_update(
+            index_elements=["customer_id"],
+            set_={
+                "acquisition_source": stmt.excluded.acquisition_source,
+                "deleted": stmt.excluded.deleted,
+                "version": stmt.excluded.version,
+            },
+            where=customer_source_facts.c.version < stmt.excluded.version,
         )
-        # The inbox already makes a redelivery a no-op; this also covers a replay from the stream.
-        .on_conflict_do_nothing(index_elements=["customer_id"])
     )
 
 
+def on_customer_created(conn: sa.Connection, event: Event) -> None:
+    _apply_customer(conn, event.parse(customer_events_pb2.CustomerCreated).customer)
+
+
+def on_customer_updated(conn: sa.Connection, event: Event) -> None:
+    _apply_customer(conn, event.parse(customer_events_pb2.CustomerUpdated).customer)
+
+
+def on_customer_deleted(conn: sa.Connection, event: Event) -> None:
+    """customer.deleted.v1 and customer.undeleted.v1: the customer carries delete_time or not."""
+    _apply_customer(conn, event.parse(customer_events_pb2.CustomerDeleted).customer)
+
+
+def on_customer_erased(conn: sa.Connection, event: Event) -> None:
+    """Erasure keeps the aggregate facts (source, creation time): the counts do not change."""
+    _apply_customer(conn, event.parse(customer_events_pb2.CustomerErased).customer)
+
+
 def subscriptions() -> list[Subscription]:
-    return [Subscription(domain="customer", handlers={"customer.created.v1": on_customer_created})]
+    return [
+        Subscription(
+            domain="customer",
+            handlers={
+                "customer.created.v1": on_customer_created,
+                "customer.updated.v1": on_customer_updated,
+                "customer.deleted.v1": on_customer_deleted,
+                "customer.undeleted.v1": on_customer_deleted,
+                "customer.erased.v1": on_customer_erased,
+            },
+        )
+    ]
 
 
 def customers_by_source(
     conn: sa.Connection, start: dt.datetime | None, end: dt.datetime | None
 ) -> list[tuple[str, int]]:
     t = customer_source_facts
-    q = sa.select(t.c.acquisition_source, sa.func.count().label("n")).group_by(t.c.acquisition_source)
+    q = (
+        sa.select(t.c.acquisition_source, sa.func.count().label("n"))
+        .where(t.c.deleted.is_(False))
+        .group_by(t.c.acquisition_source)
+    )
     if start is not None:
         q = q.where(t.c.created_at >= start)
     if end is not None:
