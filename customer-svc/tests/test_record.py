@@ -10,12 +10,12 @@ import re
 import grpc
 import pytest
 import sqlalchemy as sa
+from google.protobuf import field_mask_pb2
+
 from crm.customer.v1 import customer_events_pb2, customer_pb2, resources_pb2
 from crm.customer.v1 import customer_service_pb2 as pb
 from crm.customer.v1 import customer_service_pb2_grpc as pbg
 from crm.type.v1 import date_pb2
-from google.protobuf import field_mask_pb2
-
 from crm_chassis.errors import read_rpc_error
 from customer_svc.__main__ import SPEC
 from tests.support.harness import channel, md, start_service
