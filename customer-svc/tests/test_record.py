@@ -638,3 +638,70 @@ def test_today_is_not_the_future(stub):
     today = dt.date.today()
     c = create(stub, acquisition_date=D(today.year, today.month, today.day))
     assert c.acquisition_date.year == today.year
+
+
+# -- exports -----------------------------------------------------------------------------------
+
+
+def export_file(stub, roles="admin", **req):
+    chunks = list(stub.ExportCustomers(pb.ExportCustomersRequest(**req), metadata=md(roles)))
+    head, body = chunks[0], b"".join(c.data for c in chunks[1:])
+    return head, body
+
+
+def test_export_a_filtered_list_to_every_format_and_read_it_back(stub, town, persians):
+    import csv
+    import io
+
+    import docx
+    import openpyxl
+    import pypdf
+
+    head, body = export_file(stub, format=pb.EXPORT_FORMAT_CSV, filter='city = "Filterabad"', order_by="display_name")
+    assert head.content_type.startswith("text/csv") and head.filename.endswith(".csv") and head.row_count == 6
+    rows = list(csv.DictReader(io.StringIO(body.decode("utf-8-sig"))))
+    assert [r["Name"] for r in rows] == ["A Test", "B Test", "C Test", "D Test", "E Co", "F Co"]
+    assert rows[0]["Source"] == "website" and rows[0]["City"] == "Filterabad"
+
+    head, body = export_file(
+        stub,
+        format=pb.EXPORT_FORMAT_XLSX,
+        filter='city = "Filterabad"',
+        order_by="display_name",
+        language_code="fa",
+        fields=["customer_code", "display_name", "create_time"],
+    )
+    ws = openpyxl.load_workbook(io.BytesIO(body)).active
+    values = list(ws.values)
+    assert values[0] == ("کد مشتری", "نام", "تاریخ ایجاد")
+    assert [v[1] for v in values[1:]] == ["A Test", "B Test", "C Test", "D Test", "E Co", "F Co"]
+    assert isinstance(values[1][2], dt.datetime)
+
+    head, body = export_file(stub, format=pb.EXPORT_FORMAT_DOCX, query="کریمی")
+    table = docx.Document(io.BytesIO(body)).tables[0]
+    assert any("کریمی‌زاده" in cell.text for cell in table.column_cells(1))
+
+    head, body = export_file(stub, format=pb.EXPORT_FORMAT_PDF, filter='city = "Filterabad"', title="مشتریان")
+    pdf = pypdf.PdfReader(io.BytesIO(body))
+    assert head.row_count == 6 and len(pdf.pages) >= 1 and "Filterabad" in pdf.pages[0].extract_text()
+
+
+def test_export_masks_pii_and_checks_its_input(stub):
+    c = create(stub, national_id=VALID_NID, city="Maskville")
+    _, body = export_file(
+        stub,
+        roles="analyst",
+        format=pb.EXPORT_FORMAT_CSV,
+        filter='city = "Maskville"',
+        fields=["display_name", "national_id"],
+    )
+    assert "********99" in body.decode("utf-8-sig") and VALID_NID not in body.decode("utf-8-sig")
+    assert c.name
+    e = err(lambda: export_file(stub, format=pb.EXPORT_FORMAT_UNSPECIFIED))
+    assert fields_of(e) == {"format"}
+    e = err(lambda: export_file(stub, format=pb.EXPORT_FORMAT_CSV, fields=["password"]))
+    assert fields_of(e) == {"fields"}
+    e = err(lambda: export_file(stub, format=pb.EXPORT_FORMAT_CSV, filter="nonsense ="))
+    assert fields_of(e) == {"filter"}
+    e = err(lambda: export_file(stub, roles="sales_rep", format=pb.EXPORT_FORMAT_CSV))
+    assert e.code == grpc.StatusCode.PERMISSION_DENIED

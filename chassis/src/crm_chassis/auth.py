@@ -25,6 +25,7 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
             "customers.delete",
             "customers.pii",
             "customers.catalog",
+            "customers.export",
             "notes.write",
             "reports.read",
         }
@@ -37,13 +38,14 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
             "customers.delete",
             "customers.pii",
             "customers.catalog",
+            "customers.export",
             "notes.write",
             "reports.read",
         }
     ),
     "support_agent": frozenset({"customers.read", "customers.write", "notes.write"}),
-    "marketer": frozenset({"customers.read", "customers.catalog", "reports.read"}),
-    "analyst": frozenset({"customers.read", "reports.read"}),
+    "marketer": frozenset({"customers.read", "customers.catalog", "customers.export", "reports.read"}),
+    "analyst": frozenset({"customers.read", "customers.export", "reports.read"}),
     # admin ("*") alone has customers.erase, customers.admin (sources, custom fields) and audit.read.
 }
 KNOWN_ROLES = frozenset(ROLE_PERMISSIONS)

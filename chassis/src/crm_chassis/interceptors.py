@@ -7,6 +7,7 @@ listed in the service's permission map, or the server refuses to start.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import time
@@ -51,66 +52,86 @@ class ServerInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(PUBLIC_PREFIXES):
             return handler
-        if handler.unary_unary is None:
-            # Streaming RPCs get the same treatment when the first one is added.
-            return handler
-        behavior = handler.unary_unary
         permission = self.permissions.get(method)
         md = _metadata(handler_call_details)
+        kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
 
-        def wrapped(request, context: grpc.ServicerContext):
-            request_id = md.get("x-request-id") or uuid.uuid4().hex
-            rid_token = request_id_var.set(request_id)
-            principal_token = None
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            subject = None
-            try:
-                context.send_initial_metadata((("x-request-id", request_id),))
-                principal = self.verifier.verify_header(md.get("authorization"))
-                subject = principal.subject
-                principal_token = principal_var.set(principal)
-                if permission is None:
-                    raise Unauthenticated(f"method {method} has no permission rule")
-                principal.require(permission)
-                return behavior(request, context)
-            except DomainError as err:
-                code = err.code
-                context.abort_with_status(err.to_grpc_status())
-            except DBAPIError as err:
-                if not err.connection_invalidated:
-                    code = grpc.StatusCode.INTERNAL
-                    log.exception("database error in %s", method)
-                    context.abort_with_status(internal_status(f"internal error (request id {request_id})"))
-                code = grpc.StatusCode.UNAVAILABLE
-                log.warning("database connection lost in %s", method)
-                context.abort_with_status(Unavailable("database connection lost; retry").to_grpc_status())
-            except Exception:
-                if context.code() not in (None, grpc.StatusCode.OK):
-                    code = context.code()  # the servicer aborted on its own
-                    raise
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            def unary(request, context):
+                with self._guard(method, permission, md, context):
+                    return behavior(request, context)
+                return None  # not reached: _guard aborted
+
+            return grpc.unary_unary_rpc_method_handler(unary, **kw)
+        if handler.unary_stream is not None:
+            stream_behavior = handler.unary_stream
+
+            def unary_stream(request, context):
+                with self._guard(method, permission, md, context):
+                    yield from stream_behavior(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
+
+        # Client-streaming methods would need the same guard; fail closed until one exists.
+        def refuse(_request, context):
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "client-streaming methods are not enabled")
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+    @contextlib.contextmanager
+    def _guard(self, method: str, permission: str | None, md: dict[str, str], context: grpc.ServicerContext):
+        """Request id, authentication, permission, error mapping and the access log of one call."""
+        request_id = md.get("x-request-id") or uuid.uuid4().hex
+        rid_token = request_id_var.set(request_id)
+        principal_token = None
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        subject = None
+        try:
+            context.send_initial_metadata((("x-request-id", request_id),))
+            principal = self.verifier.verify_header(md.get("authorization"))
+            subject = principal.subject
+            principal_token = principal_var.set(principal)
+            if permission is None:
+                raise Unauthenticated(f"method {method} has no permission rule")
+            principal.require(permission)
+            yield
+        except DomainError as err:
+            code = err.code
+            context.abort_with_status(err.to_grpc_status())
+        except DBAPIError as err:
+            if not err.connection_invalidated:
                 code = grpc.StatusCode.INTERNAL
-                log.exception("unhandled error in %s", method)
+                log.exception("database error in %s", method)
                 context.abort_with_status(internal_status(f"internal error (request id {request_id})"))
-            finally:
-                log.info(
-                    "rpc",
-                    extra={
-                        "rpc_method": method,
-                        "rpc_code": code.name,
-                        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                        "subject": subject,
-                    },
-                )
-                if principal_token is not None:
-                    principal_var.reset(principal_token)
-                request_id_var.reset(rid_token)
-
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+            code = grpc.StatusCode.UNAVAILABLE
+            log.warning("database connection lost in %s", method)
+            context.abort_with_status(Unavailable("database connection lost; retry").to_grpc_status())
+        except GeneratorExit:
+            code = grpc.StatusCode.CANCELLED  # the client went away mid-stream
+            raise
+        except Exception:
+            if context.code() not in (None, grpc.StatusCode.OK):
+                code = context.code()  # the servicer aborted on its own
+                raise
+            code = grpc.StatusCode.INTERNAL
+            log.exception("unhandled error in %s", method)
+            context.abort_with_status(internal_status(f"internal error (request id {request_id})"))
+        finally:
+            log.info(
+                "rpc",
+                extra={
+                    "rpc_method": method,
+                    "rpc_code": code.name,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                    "subject": subject,
+                },
+            )
+            if principal_token is not None:
+                principal_var.reset(principal_token)
+            request_id_var.reset(rid_token)
 
 
 class ClientAuthInterceptor(grpc.UnaryUnaryClientInterceptor):

@@ -7,7 +7,7 @@ from crm.customer.v1 import customer_service_pb2_grpc
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
 
-from . import domain
+from . import domain, export_service
 from .catalog import Catalog
 from .service_layer import CustomerUseCases
 
@@ -29,6 +29,7 @@ PERMISSIONS = {
         "customers.write": ["CreateCustomer", "UpdateCustomer", "AddGroupMembers", "RemoveGroupMembers", "AssignRank"],
         "customers.delete": ["DeleteCustomer", "UndeleteCustomer"],
         "customers.erase": ["EraseCustomer"],
+        "customers.export": ["ExportCustomers"],
         "notes.write": ["CreateNote", "UpdateNote"],
         "customers.catalog": ["CreateGroup", "UpdateGroup", "DeleteGroup", "CreateRank", "UpdateRank", "DeleteRank"],
         "customers.admin": ["CreateAcquisitionSource", "UpdateAcquisitionSource", "CreateCustomFieldDefinition"],
@@ -80,6 +81,9 @@ class CustomerServicer(customer_service_pb2_grpc.CustomerServiceServicer):
 
     def EraseCustomer(self, request, context):
         return self.uc.erase(domain.parse_name(request.name), request.reason, current_principal())
+
+    def ExportCustomers(self, request, context):
+        yield from export_service.export(self.uc, request, current_principal())
 
     # notes
     def CreateNote(self, request, context):
