@@ -158,3 +158,59 @@ def test_a_service_down_is_503_not_500(databases, broker, status_code):
         assert app.test_client().get("/readyz").status_code == 503
     finally:
         dead.close()
+
+
+def test_patch_uses_the_body_fields_as_mask_and_if_match_as_etag(suite):
+    h = suite.headers()
+    made = suite.http.post("/v1/customers", json=person(city="Shiraz", email="p@example.com"), headers=h).get_json()
+    cid = made["name"].removeprefix("customers/")
+    resp = suite.http.patch(f"/v1/customers/{cid}", json={"city": "Isfahan"}, headers={**h, "If-Match": made["etag"]})
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    body = resp.get_json()
+    assert body["city"] == "Isfahan" and body["email"] == "p@example.com" and resp.headers["ETag"] == body["etag"]
+    stale = suite.http.patch(f"/v1/customers/{cid}", json={"city": "Yazd"}, headers={**h, "If-Match": made["etag"]})
+    assert_problem(stale, 409)
+    assert_problem(suite.http.patch(f"/v1/customers/{cid}", json={"mobile": "12"}, headers=h), 400, "mobile")
+
+
+def test_delete_undelete_search_notes_groups_and_audit_over_http(suite):
+    h = suite.headers()
+    made = suite.http.post("/v1/customers", json=person(familyName="Httpian", city="Qazvin"), headers=h).get_json()
+    cid = made["name"].removeprefix("customers/")
+    assert suite.http.delete(f"/v1/customers/{cid}", headers=h).get_json()["deleteTime"]
+    assert suite.http.get('/v1/customers?filter=city = "Qazvin"', headers=h).get_json().get("customers") is None
+    assert suite.http.post(f"/v1/customers/{cid}:undelete", headers=h).status_code == 200
+    hits = suite.http.get("/v1/customers:search?query=httpian", headers=h).get_json()["results"]
+    assert hits[0]["customer"]["name"] == made["name"]
+    note = suite.http.post(f"/v1/customers/{cid}/notes", json={"text": "Likes tea"}, headers=h)
+    assert note.status_code == 201 and note.get_json()["author"] == "tester"
+    assert suite.http.get(f"/v1/customers/{cid}/notes", headers=h).get_json()["notes"][0]["text"] == "Likes tea"
+    group = suite.http.post("/v1/groups", json={"displayName": "HTTP group"}, headers=h).get_json()
+    gid = group["name"].removeprefix("groups/")
+    added = suite.http.post(f"/v1/groups/{gid}:addMembers", json={"customers": [made["name"]]}, headers=h)
+    assert added.get_json()["added"] == "1"
+    members = suite.http.get(f"/v1/groups/{gid}/members", headers=h).get_json()["customers"]
+    assert [m["name"] for m in members] == [made["name"]]
+    audit = suite.http.get(f"/v1/auditEntries?resource={made['name']}", headers=h).get_json()["auditEntries"]
+    assert {a["action"] for a in audit} >= {"create", "delete", "undelete", "group.add"}
+    assert_problem(suite.http.get(f"/v1/auditEntries?resource={made['name']}", headers=suite.headers("analyst")), 403)
+    assert_problem(suite.http.get("/v1/customers?colour=red", headers=h), 400, "colour")
+
+
+def test_export_downloads_a_file(suite):
+    h = suite.headers()
+    suite.http.post("/v1/customers", json=person(familyName="Exportson", city="Exportabad"), headers=h)
+    resp = suite.http.get('/v1/customers:export?format=EXPORT_FORMAT_CSV&filter=city = "Exportabad"', headers=h)
+    assert resp.status_code == 200 and resp.mimetype == "text/csv"
+    assert resp.headers["Content-Disposition"].startswith('attachment; filename="customers-')
+    assert "Maryam Exportson" in resp.get_data().decode("utf-8-sig") and resp.headers["X-Row-Count"] == "1"
+    resp.close()
+    from opentelemetry import trace
+
+    assert not trace.get_current_span().get_span_context().is_valid  # the stream's span did not leak
+    assert_problem(
+        suite.http.get("/v1/customers:export?format=EXPORT_FORMAT_CSV&filter=nonsense", headers=h), 400, "filter"
+    )
+    assert_problem(
+        suite.http.get("/v1/customers:export?format=EXPORT_FORMAT_CSV", headers=suite.headers("sales_rep")), 403
+    )

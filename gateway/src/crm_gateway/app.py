@@ -6,17 +6,17 @@ service), then forwards it: every service checks the caller again.
 
 from __future__ import annotations
 
-import datetime as dt
+import contextvars
 import logging
 import time
 import uuid
 
 import grpc
 from flask import Flask, Response, g, json, request
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import json_format, message_factory
 from werkzeug.exceptions import HTTPException
 
-from crm.customer.v1 import customer_pb2, customer_service_pb2
+from crm.customer.v1 import customer_service_pb2
 from crm.reporting.v1 import reporting_service_pb2
 from crm_chassis.auth import TokenVerifier
 from crm_chassis.config import load_settings
@@ -27,10 +27,17 @@ from crm_chassis.telemetry import setup_telemetry
 from . import clients as clients_mod
 from .openapi import openapi_document
 from .problems import from_rpc_error, problem
+from .routes import ROUTES, Route
+from .transcode import BadRequest, build_request, error_field
 
 log = logging.getLogger("crm.gateway")
 
 SERVICE_NAME = "gateway"
+SERVICES = {
+    "customer": customer_service_pb2.DESCRIPTOR.services_by_name["CustomerService"],
+    "reporting": reporting_service_pb2.DESCRIPTOR.services_by_name["ReportingService"],
+}
+EXPORT_TIMEOUT = 600.0
 
 
 def init_worker() -> None:
@@ -48,36 +55,52 @@ def _json(message, status: int = 200, headers: dict | None = None) -> Response:
     return resp
 
 
+def _handler(route: Route, clients):
+    """The view function of one route: build the request, call the service, answer JSON."""
+    service = SERVICES[route.service]
+    method = service.methods_by_name[route.rpc]
+    request_cls = message_factory.GetMessageClass(method.input_type)
+
+    def view(**path_args):
+        g.route = route
+        req = build_request(route, request_cls, path_args)
+        call = getattr(clients().stub(route.service), route.rpc)
+        if route.stream:
+            # The tracing interceptor of a server-streaming call keeps its span current from the
+            # first chunk to the last; the stream outlives this request's context, so every step
+            # runs in a private copy of the context and nothing leaks into the worker thread.
+            private = contextvars.copy_context()
+            chunks = private.run(call, req, metadata=_metadata(), timeout=EXPORT_TIMEOUT)
+            head = private.run(next, chunks)  # errors (bad filter, no permission) surface here, before any byte
+
+            def body():
+                while True:
+                    try:
+                        yield private.run(next, chunks).data
+                    except StopIteration:
+                        return
+
+            return Response(
+                body(),
+                mimetype=head.content_type,
+                headers={
+                    "Content-Disposition": f'attachment; filename="{head.filename}"',
+                    "X-Row-Count": str(head.row_count),
+                },
+            )
+        resp = call(req, metadata=_metadata(), timeout=clients_mod.CALL_TIMEOUT)
+        headers = {}
+        if "etag" in resp.DESCRIPTOR.fields_by_name and resp.etag:
+            headers["ETag"] = resp.etag
+        if route.status == 201 and "name" in resp.DESCRIPTOR.fields_by_name:
+            headers["Location"] = "/v1/" + resp.name
+        return _json(resp, route.status, headers)
+
+    return view
+
+
 def _metadata() -> list[tuple[str, str]]:
     return [("authorization", request.headers["Authorization"]), ("x-request-id", g.request_id)]
-
-
-def _int_arg(name: str) -> int:
-    raw = request.args.get(name, "0")
-    try:
-        return int(raw)
-    except ValueError:
-        raise _BadParam(name, "must be an integer") from None
-
-
-def _time_arg(name: str):
-    raw = request.args.get(name)
-    if not raw:
-        return None
-    try:
-        value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise _BadParam(name, "must be an RFC 3339 timestamp, e.g. 2026-01-31T00:00:00Z") from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
-class _BadParam(Exception):
-    def __init__(self, field: str, description: str):
-        self.field, self.description = field, description
 
 
 def create_app(clients: clients_mod.Clients | None = None) -> Flask:
@@ -138,10 +161,11 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
 
     @app.errorhandler(grpc.RpcError)
     def _rpc_error(err):
-        return from_rpc_error(err, strip_prefix=g.get("strip_prefix", ""))
+        route = g.get("route")
+        return from_rpc_error(err, field_map=(lambda f: error_field(route, f)) if route else None)
 
-    @app.errorhandler(_BadParam)
-    def _bad_param(err: _BadParam):
+    @app.errorhandler(BadRequest)
+    def _bad_request(err: BadRequest):
         return problem(
             400,
             f"{err.field}: {err.description}",
@@ -175,72 +199,8 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
     def openapi():
         return openapi_document()
 
-    # -- customers ---------------------------------------------------------------------------
-    @app.post("/v1/customers")
-    def create_customer():
-        data = request.get_json(silent=True)
-        if not isinstance(data, dict):
-            return problem(
-                400, "the body must be a JSON object (Content-Type: application/json)", code="INVALID_ARGUMENT"
-            )
-        customer = customer_pb2.Customer()
-        try:
-            json_format.ParseDict(data, customer, ignore_unknown_fields=False)
-        except json_format.ParseError as err:
-            return problem(
-                400, f"body: {err}", code="INVALID_ARGUMENT", errors=[{"field": "body", "description": str(err)}]
-            )
-        request_id = request.headers.get("Idempotency-Key", "")
-        g.strip_prefix = "customer."
-        created = cl().customers.CreateCustomer(
-            customer_service_pb2.CreateCustomerRequest(customer=customer, request_id=request_id),
-            metadata=_metadata(),
-            timeout=clients_mod.CALL_TIMEOUT,
-        )
-        cid = created.name.removeprefix("customers/")
-        return _json(created, 201, {"Location": f"/v1/customers/{cid}", "ETag": created.etag})
-
-    @app.get("/v1/customers")
-    def list_customers():
-        resp = cl().customers.ListCustomers(
-            customer_service_pb2.ListCustomersRequest(
-                page_size=_int_arg("page_size"), page_token=request.args.get("page_token", "")
-            ),
-            metadata=_metadata(),
-            timeout=clients_mod.CALL_TIMEOUT,
-        )
-        return _json(resp)
-
-    @app.get("/v1/customers/<customer_id>")
-    def get_customer(customer_id: str):
-        g.strip_prefix = ""
-        try:
-            found = cl().customers.GetCustomer(
-                customer_service_pb2.GetCustomerRequest(name=f"customers/{customer_id}"),
-                metadata=_metadata(),
-                timeout=clients_mod.CALL_TIMEOUT,
-            )
-        except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                return problem(
-                    400,
-                    "customer_id: must be a UUID",
-                    code="INVALID_ARGUMENT",
-                    errors=[{"field": "customer_id", "description": "must be a UUID"}],
-                )
-            raise
-        return _json(found, headers={"ETag": found.etag})
-
-    # -- reports -----------------------------------------------------------------------------
-    @app.get("/v1/reports/customers-by-source")
-    def customers_by_source():
-        req = reporting_service_pb2.CountCustomersBySourceRequest()
-        start, end = _time_arg("start_time"), _time_arg("end_time")
-        if start is not None:
-            req.start_time.CopyFrom(start)
-        if end is not None:
-            req.end_time.CopyFrom(end)
-        resp = cl().reporting.CountCustomersBySource(req, metadata=_metadata(), timeout=clients_mod.CALL_TIMEOUT)
-        return _json(resp)
+    # -- the API: every route of the table, transcoded to its gRPC method ---------------------
+    for route in ROUTES:
+        app.add_url_rule(route.flask_path, f"{route.method} {route.path}", _handler(route, cl), methods=[route.method])
 
     return app

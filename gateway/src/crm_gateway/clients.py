@@ -28,6 +28,9 @@ class Clients:
         self.customers = customer_service_pb2_grpc.CustomerServiceStub(self.channels["customer"])
         self.reporting = reporting_service_pb2_grpc.ReportingServiceStub(self.channels["reporting"])
 
+    def stub(self, service: str):
+        return {"customer": self.customers, "reporting": self.reporting}[service]
+
     def health(self) -> dict[str, str]:
         out = {}
         for name, channel in self.channels.items():

@@ -73,14 +73,14 @@ def problem(
     return resp
 
 
-def from_rpc_error(err: grpc.RpcError, strip_prefix: str = "") -> Response:
+def from_rpc_error(err: grpc.RpcError, field_map=None) -> Response:
     view = read_rpc_error(err)
     status = HTTP_STATUS.get(view.code, 500)
     detail = view.message
     if status == 500:
         detail = "internal error"  # never leak internals of a service
     errors = [
-        {"field": v.field.removeprefix(strip_prefix) if strip_prefix else v.field, "description": v.description}
+        {"field": field_map(v.field) if field_map else v.field, "description": v.description}
         for v in view.field_violations
     ]
     return problem(status, detail, code=view.code.name, reason=view.reason, errors=errors or None)
