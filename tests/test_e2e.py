@@ -158,3 +158,23 @@ def test_health_and_reflection_answer_on_all_five_services(suite, skeletons):
     for s in skeletons:  # each skeleton has its own database, migrated, with its outbox
         with s.ctx.engine.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM outbox")).scalar() == 0
+
+
+def test_a_merge_reaches_the_report_through_the_events(suite):
+    kept, gone = suite.source("kept"), suite.source("gone")
+    a = create(suite, kept)
+    b = create(suite, gone)
+    wait_for(lambda: count_for(suite, kept) == 1 and count_for(suite, gone) == 1, what="both counted")
+    resp = suite.http.post(
+        "/v1/customers:merge",
+        json={"survivor": a["name"], "merged": [b["name"]]},
+        headers=suite.headers("sales_manager"),
+    )
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    merge = resp.get_json()["merge"]
+    wait_for(
+        lambda: count_for(suite, gone) == 0 and count_for(suite, kept) == 1, what="the merged customer to stop counting"
+    )
+    undo = suite.http.post(f"/v1/{merge}:undo", headers=suite.headers("sales_manager"))
+    assert undo.status_code == 200, undo.get_data(as_text=True)
+    wait_for(lambda: count_for(suite, gone) == 1, what="the unmerged customer to count again")

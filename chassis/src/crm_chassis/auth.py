@@ -26,6 +26,8 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
             "customers.pii",
             "customers.catalog",
             "customers.export",
+            "customers.import",
+            "customers.merge",
             "notes.write",
             "reports.read",
         }
@@ -39,12 +41,16 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
             "customers.pii",
             "customers.catalog",
             "customers.export",
+            "customers.import",
+            "customers.merge",
             "notes.write",
             "reports.read",
         }
     ),
     "support_agent": frozenset({"customers.read", "customers.write", "notes.write"}),
-    "marketer": frozenset({"customers.read", "customers.catalog", "customers.export", "reports.read"}),
+    "marketer": frozenset(
+        {"customers.read", "customers.catalog", "customers.export", "customers.import", "reports.read"}
+    ),
     "analyst": frozenset({"customers.read", "customers.export", "reports.read"}),
     # admin ("*") alone has customers.erase, customers.admin (sources, custom fields) and audit.read.
 }

@@ -9,6 +9,8 @@ from crm_chassis.interceptors import current_principal
 
 from . import domain, export_service
 from .catalog import Catalog
+from .duplicates import Duplicates
+from .import_service import Importer
 from .service_layer import CustomerUseCases
 
 _SVC = "/crm.customer.v1.CustomerService/"
@@ -19,6 +21,7 @@ PERMISSIONS = {
             "GetCustomer",
             "ListCustomers",
             "SearchCustomers",
+            "FindDuplicates",
             "ListNotes",
             "ListGroups",
             "ListGroupMembers",
@@ -30,6 +33,8 @@ PERMISSIONS = {
         "customers.delete": ["DeleteCustomer", "UndeleteCustomer"],
         "customers.erase": ["EraseCustomer"],
         "customers.export": ["ExportCustomers"],
+        "customers.merge": ["MergeCustomers", "UnmergeCustomers"],
+        "customers.import": ["ImportCustomers", "GetImportJob", "DownloadImportErrorReport"],
         "notes.write": ["CreateNote", "UpdateNote"],
         "customers.catalog": ["CreateGroup", "UpdateGroup", "DeleteGroup", "CreateRank", "UpdateRank", "DeleteRank"],
         "customers.admin": ["CreateAcquisitionSource", "UpdateAcquisitionSource", "CreateCustomFieldDefinition"],
@@ -43,6 +48,8 @@ class CustomerServicer(customer_service_pb2_grpc.CustomerServiceServicer):
     def __init__(self, use_cases: CustomerUseCases):
         self.uc = use_cases
         self.cat = Catalog(use_cases)
+        self.dups = Duplicates(use_cases)
+        self.importer = Importer(use_cases)
 
     # customers
     def CreateCustomer(self, request, context):
@@ -84,6 +91,27 @@ class CustomerServicer(customer_service_pb2_grpc.CustomerServiceServicer):
 
     def ExportCustomers(self, request, context):
         yield from export_service.export(self.uc, request, current_principal())
+
+    # duplicates
+    def FindDuplicates(self, request, context):
+        sets, token = self.dups.find(request.customer, request.page_size, request.page_token)
+        return pb.FindDuplicatesResponse(duplicate_sets=sets, next_page_token=token)
+
+    def MergeCustomers(self, request, context):
+        return self.dups.merge(request, current_principal())
+
+    def UnmergeCustomers(self, request, context):
+        return self.dups.unmerge(request.merge, current_principal())
+
+    # import
+    def ImportCustomers(self, request, context):
+        return self.importer.start(request, current_principal())
+
+    def GetImportJob(self, request, context):
+        return self.importer.get(request.name)
+
+    def DownloadImportErrorReport(self, request, context):
+        yield from self.importer.error_report(request.name, request.format)
 
     # notes
     def CreateNote(self, request, context):

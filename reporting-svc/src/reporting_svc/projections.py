@@ -68,6 +68,22 @@ def on_customer_erased(conn: sa.Connection, event: Event) -> None:
     _apply_customer(conn, event.parse(customer_events_pb2.CustomerErased).customer)
 
 
+def on_customer_merged(conn: sa.Connection, event: Event) -> None:
+    """The merged customers stop counting; the survivor counts with its (possibly new) source."""
+    msg = event.parse(customer_events_pb2.CustomerMerged)
+    _apply_customer(conn, msg.survivor)
+    ids = [n.removeprefix("customers/") for n in msg.merged]
+    conn.execute(
+        customer_source_facts.update().where(customer_source_facts.c.customer_id.in_(ids)).values(deleted=True)
+    )
+
+
+def on_customer_unmerged(conn: sa.Connection, event: Event) -> None:
+    msg = event.parse(customer_events_pb2.CustomerUnmerged)
+    for c in [msg.survivor, *msg.restored]:
+        _apply_customer(conn, c)
+
+
 def subscriptions() -> list[Subscription]:
     return [
         Subscription(
@@ -78,6 +94,8 @@ def subscriptions() -> list[Subscription]:
                 "customer.deleted.v1": on_customer_deleted,
                 "customer.undeleted.v1": on_customer_deleted,
                 "customer.erased.v1": on_customer_erased,
+                "customer.merged.v1": on_customer_merged,
+                "customer.unmerged.v1": on_customer_unmerged,
             },
         )
     ]
