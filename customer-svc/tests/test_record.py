@@ -673,7 +673,7 @@ def test_export_a_filtered_list_to_every_format_and_read_it_back(stub, town, per
     )
     ws = openpyxl.load_workbook(io.BytesIO(body)).active
     values = list(ws.values)
-    assert values[0] == ("کد مشتری", "نام", "تاریخ ایجاد")
+    assert values[0] == ("کد مشتری", "نام", "تاریخ ایجاد (UTC)")
     assert [v[1] for v in values[1:]] == ["A Test", "B Test", "C Test", "D Test", "E Co", "F Co"]
     assert isinstance(values[1][2], dt.datetime)
 

@@ -73,15 +73,16 @@ HEADERS = {
     "referrer_staff": ("Referred by", "معرف"),
     "owner": ("Owner", "مسئول"),
     "tags": ("Tags", "برچسب‌ها"),
-    "create_time": ("Created", "تاریخ ایجاد"),
-    "update_time": ("Updated", "تاریخ ویرایش"),
+    "create_time": ("Created (UTC)", "تاریخ ایجاد (UTC)"),
+    "update_time": ("Updated (UTC)", "تاریخ ویرایش (UTC)"),
 }
 WIDTHS = {"display_name": 2.0, "address": 3.0, "email": 2.0, "organization_name": 2.0}
 
 
 def _cell(c: customer_pb2.Customer, f: str):
     if f in ("create_time", "update_time"):
-        return getattr(c, f).ToDatetime(tzinfo=dt.UTC) if c.HasField(f) else None
+        # UTC to the minute: what a person reads in a report (the headers say UTC).
+        return getattr(c, f).ToDatetime().replace(second=0, microsecond=0) if c.HasField(f) else None
     if f in ("birth_date", "marriage_date", "founding_date", "acquisition_date"):
         d = getattr(c, f)
         return dt.date(d.year, d.month, d.day) if c.HasField(f) else None
