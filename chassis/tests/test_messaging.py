@@ -196,3 +196,32 @@ def test_a_malformed_message_is_dead_lettered_at_once(engine, broker):
         assert calls == []
     finally:
         consumer.stop(2)
+
+
+def test_old_published_outbox_rows_and_old_inbox_ids_are_cleaned_up(engine, broker):
+    relay = OutboxRelay(engine, broker.url, lambda ch: declare_producer(ch, DOMAIN), retention_hours=1)
+    consumer = EventConsumer(engine, broker.url, "cleanup-test", [], inbox_retention_hours=1)
+    with engine.begin() as conn:
+        for _ in range(3):
+            enqueue(conn, make_event())
+        conn.execute(
+            sa.text(
+                "UPDATE outbox SET published_at = now() - interval '2 hours' WHERE id IN "
+                "(SELECT id FROM outbox ORDER BY id LIMIT 2)"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO inbox (consumer, event_id, event_type, processed_at) VALUES "
+                "('cleanup-test', 'old', 't', now() - interval '2 hours'), ('cleanup-test', 'new', 't', now()),"
+                "('someone-else', 'old', 't', now() - interval '2 hours')"
+            )
+        )
+    assert relay.cleanup() == 2
+    assert consumer.cleanup_inbox() == 1
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM outbox WHERE published_at IS NULL")).scalar() == 1
+        assert {tuple(r) for r in conn.execute(sa.text("SELECT consumer, event_id FROM inbox"))} == {
+            ("cleanup-test", "new"),
+            ("someone-else", "old"),
+        }

@@ -49,8 +49,10 @@ class EventConsumer:
         prefetch: int = 100,
         delivery_limit: int = 5,
         max_backoff: float = 5.0,
+        inbox_retention_hours: float = 168.0,
     ):
         self.engine = engine
+        self.inbox_retention_hours = inbox_retention_hours
         self.params = pika.URLParameters(amqp_url)
         self.params.heartbeat = 30
         self.params.connection_attempts = 1
@@ -108,6 +110,7 @@ class EventConsumer:
                         on_message_callback=lambda ch, m, p, b, sub=sub, q=queue: self._on_message(ch, m, p, b, sub, q),
                     )
                 log.info("consuming", extra={"consumer": self.consumer_service})
+                self._schedule_cleanup(1.0)
                 backoff = 0.2
                 self.ready.set()
                 if self._stop.is_set():
@@ -125,6 +128,30 @@ class EventConsumer:
                         conn.close()
                     except Exception:
                         pass
+
+    def _schedule_cleanup(self, delay: float) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.call_later(delay, self._cleanup_tick)
+
+    def _cleanup_tick(self) -> None:
+        try:
+            self.cleanup_inbox()
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("inbox cleanup failed", extra={"error": str(exc)})
+        self._schedule_cleanup(600.0)
+
+    def cleanup_inbox(self, batch: int = 10_000) -> int:
+        """Forget event ids processed long ago: a redelivery comes within minutes, a replay
+        from the stream is still caught by the handlers' own version checks."""
+        with self.engine.begin() as conn:
+            return conn.execute(
+                sa.text(
+                    "DELETE FROM inbox WHERE (consumer, event_id) IN (SELECT consumer, event_id FROM inbox "
+                    "WHERE consumer = :c AND processed_at < now() - make_interval(secs => :secs) LIMIT :n)"
+                ),
+                {"c": self.consumer_service, "secs": self.inbox_retention_hours * 3600, "n": batch},
+            ).rowcount
 
     # -- one message -------------------------------------------------------------------------
     def _on_message(self, channel, method, properties, body, sub: Subscription, queue: str) -> None:

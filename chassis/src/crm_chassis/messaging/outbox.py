@@ -70,8 +70,11 @@ class OutboxRelay:
         batch_size: int = 500,
         poll_seconds: float = 0.5,
         max_backoff: float = 5.0,
+        retention_hours: float = 72.0,
     ):
         self.engine = engine
+        self.retention_hours = retention_hours
+        self._next_cleanup = 0.0
         self.publisher = ConfirmingPublisher(amqp_url, declare)
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
@@ -139,6 +142,18 @@ class OutboxRelay:
         self.published_total += len(rows)
         return len(rows)
 
+    def cleanup(self, batch: int = 10_000) -> int:
+        """Delete rows published more than retention_hours ago (a bounded batch per call; the
+        partial index keeps unpublished rows cheap to find however many published ones remain)."""
+        with self.engine.begin() as conn:
+            return conn.execute(
+                sa.text(
+                    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at < now() - make_interval("
+                    "secs => :secs) ORDER BY id LIMIT :n)"
+                ),
+                {"secs": self.retention_hours * 3600, "n": batch},
+            ).rowcount
+
     def drain(self, timeout: float = 30.0) -> int:
         """Publish until the outbox is empty (used on shutdown, by tests and tools)."""
         total, deadline = 0, time.monotonic() + timeout
@@ -160,6 +175,9 @@ class OutboxRelay:
                 backoff = 0.2
                 if n >= self.batch_size:
                     continue
+                if time.monotonic() >= self._next_cleanup:
+                    self._next_cleanup = time.monotonic() + 600
+                    self.cleanup()
                 self._wake.wait(self.poll_seconds)
                 self._wake.clear()
             except (PublishError, OSError) as exc:
