@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from campaign_svc.__main__ import SPEC as CAMPAIGN
-from crm_chassis.messaging.envelope import Event
+from crm_chassis.messaging.outbox import row_to_event
 from crm_chassis.messaging.topology import exchange_for
 from sales_svc.__main__ import SPEC as SALES
 from support_svc.__main__ import SPEC as SUPPORT
@@ -67,17 +67,7 @@ def test_the_same_event_delivered_again_is_not_counted_twice(suite):
     # Republish the very event the relay sent (as after a crash between confirm and commit).
     with suite.customer.ctx.engine.connect() as conn:
         row = conn.execute(sa.text("SELECT * FROM outbox WHERE subject = :s"), {"s": made["name"]}).one()
-    event = Event(
-        id=str(row.event_id),
-        type=row.event_type,
-        source=row.source,
-        subject=row.subject,
-        time=row.occurred_at,
-        exchange=row.exchange,
-        routing_key=row.routing_key,
-        data=bytes(row.payload),
-        dataschema=row.dataschema,
-    )
+    event = row_to_event(row)
     consumer = suite.reporting.consumer
     seen = consumer.duplicates
     conn = pika.BlockingConnection(pika.URLParameters(suite.customer.settings.amqp_url))

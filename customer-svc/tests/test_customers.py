@@ -8,26 +8,12 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
-from crm.customer.v1 import customer_events_pb2, customer_pb2, customer_service_pb2, customer_service_pb2_grpc
+from crm.customer.v1 import customer_events_pb2, customer_pb2, customer_service_pb2
 from crm_chassis.errors import read_rpc_error
-from customer_svc.__main__ import SPEC
-from tests.support.harness import channel, md, start_service
+from tests.support.harness import md
 
 PERSON = customer_pb2.CUSTOMER_TYPE_PERSON
 ORG = customer_pb2.CUSTOMER_TYPE_ORGANIZATION
-
-
-@pytest.fixture(scope="module")
-def svc(databases, broker):
-    service = start_service(SPEC, databases.fresh("customer"), broker.url, relay=False)
-    yield service
-    service.stop(0)
-
-
-@pytest.fixture(scope="module")
-def stub(svc):
-    with channel(svc) as ch:
-        yield customer_service_pb2_grpc.CustomerServiceStub(ch)
 
 
 def create(stub, roles="admin", request_id="", **fields):

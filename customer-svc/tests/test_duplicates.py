@@ -9,25 +9,10 @@ from google.protobuf import field_mask_pb2
 
 from crm.customer.v1 import customer_events_pb2, customer_pb2, resources_pb2
 from crm.customer.v1 import customer_service_pb2 as pb
-from crm.customer.v1 import customer_service_pb2_grpc as pbg
 from crm_chassis.errors import read_rpc_error
-from customer_svc.__main__ import SPEC
-from tests.support.harness import channel, md, start_service
+from tests.support.harness import md
 
 NID = "0499370899"
-
-
-@pytest.fixture(scope="module")
-def svc(databases, broker):
-    service = start_service(SPEC, databases.fresh("dups"), broker.url, relay=False)
-    yield service
-    service.stop(0)
-
-
-@pytest.fixture(scope="module")
-def stub(svc):
-    with channel(svc) as ch:
-        yield pbg.CustomerServiceStub(ch)
 
 
 def create(stub, **fields):

@@ -14,27 +14,12 @@ from google.protobuf import field_mask_pb2
 
 from crm.customer.v1 import customer_events_pb2, customer_pb2, resources_pb2
 from crm.customer.v1 import customer_service_pb2 as pb
-from crm.customer.v1 import customer_service_pb2_grpc as pbg
 from crm.type.v1 import date_pb2
 from crm_chassis.errors import read_rpc_error
-from customer_svc.__main__ import SPEC
-from tests.support.harness import channel, md, start_service
+from tests.support.harness import md
 
 PERSON, ORG = customer_pb2.CUSTOMER_TYPE_PERSON, customer_pb2.CUSTOMER_TYPE_ORGANIZATION
 VALID_NID = "0499370899"  # a well-known valid kod-e melli
-
-
-@pytest.fixture(scope="module")
-def svc(databases, broker):
-    service = start_service(SPEC, databases.fresh("record"), broker.url, relay=False)
-    yield service
-    service.stop(0)
-
-
-@pytest.fixture(scope="module")
-def stub(svc):
-    with channel(svc) as ch:
-        yield pbg.CustomerServiceStub(ch)
 
 
 def D(y, m, d):  # noqa: N802

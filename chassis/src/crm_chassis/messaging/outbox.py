@@ -44,7 +44,8 @@ def enqueue(conn: sa.Connection, event: Event) -> None:
     )
 
 
-def _row_to_event(row) -> Event:
+def row_to_event(row) -> Event:
+    """An outbox row as the event it carries."""
     return Event(
         id=str(row.event_id),
         type=row.event_type,
@@ -117,7 +118,7 @@ class OutboxRelay:
                 return 0
             messages = []
             for row in rows:
-                event = _row_to_event(row)
+                event = row_to_event(row)
                 ctx = extract_context(event.trace_headers)
                 with self._tracer.start_as_current_span(
                     f"{event.exchange} publish",
