@@ -13,6 +13,7 @@ def make_channel(target: str) -> grpc.Channel:
             ("grpc.keepalive_time_ms", 30000),
             ("grpc.keepalive_timeout_ms", 10000),
             ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.max_receive_message_length", 65 * 1024 * 1024),
         ],
     )
     try:

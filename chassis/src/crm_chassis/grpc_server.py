@@ -27,6 +27,8 @@ from .interceptors import ServerInterceptor
 
 log = logging.getLogger("crm.server")
 
+MAX_MESSAGE_BYTES = 65 * 1024 * 1024
+
 
 class BackgroundWorker(Protocol):
     name: str
@@ -71,8 +73,12 @@ class GrpcService:
         self.server = grpc.server(
             self._executor,
             interceptors=interceptors,
-            # A second process on the same port must fail loudly, not share it silently.
-            options=[("grpc.so_reuseport", 0)],
+            options=[
+                # A second process on the same port must fail loudly, not share it silently.
+                ("grpc.so_reuseport", 0),
+                # Imports carry whole files (up to 64 MiB); everything else is far smaller.
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
         )
         self.health = health.HealthServicer(
             experimental_non_blocking=True,

@@ -108,6 +108,8 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
     verifier = TokenVerifier.from_settings(settings)
     app = Flask("crm_gateway")
     app.json.ensure_ascii = False
+    # An import carries its file base64-encoded in the JSON body: 64 MiB of file is ~86 MiB.
+    app.config["MAX_CONTENT_LENGTH"] = 90 * 1024 * 1024
 
     def cl() -> clients_mod.Clients:
         # Given clients (tests, benchmarks) or this worker process's own (made after the fork).
