@@ -49,12 +49,12 @@ def start_embedded_postgres(run_dir: str | pathlib.Path, cleanup: str | None = "
 
 
 def with_database(url: str, database: str) -> str:
-    return make_url(url).set(database=database).render_as_string(hide_password=False)
+    return make_url(normalise_url(url)).set(database=database).render_as_string(hide_password=False)
 
 
 def ensure_database(url: str) -> None:
     """Create the URL's database if it does not exist (needs rights on the `postgres` db)."""
-    target = make_url(url)
+    target = make_url(normalise_url(url))
     admin = sa.create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
     try:
         with admin.connect() as conn:
