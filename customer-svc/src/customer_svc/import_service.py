@@ -1,27 +1,1379 @@
-"""ImportCustomers (placeholder until the importer lands): the interface the servicer uses."""
+"""ImportCustomers: CSV and XLSX files of people or organisations, as a long-running job.
+
+`start` checks the request, records an `import_jobs` row (state RUNNING) and hands the file to
+a background thread; the caller polls `GetImportJob`. The thread reads the file, maps its
+columns to Customer fields (an explicit mapping, else field names and common English and
+Persian headers), and handles the rows in chunks of CHUNK_ROWS. Each chunk is ONE transaction:
+its new and updated customers, their events (outbox), their audit entries, the rejected rows
+(for the error report) and the job's counters commit together, so a crash never leaves a row
+half-written and GetImportJob always shows what was committed.
+
+Per row: the cells are converted (dates: ISO, YYYY/MM/DD or Jalali such as 1369/05/12; enums
+by name, number or Persian word; tags split on commas) and checked with `domain.validate`, the
+same rules as CreateCustomer. A bad row is rejected with its row number (the header is row 1),
+the field and the reason; the good rows land. Reading and checking needs no database, so it
+runs ahead of the writes: in a thread, or for a big file in worker processes (one per spare
+core), which also make each valid row's id, search key, audit entry and event body.
+
+Dedupe (one query per chunk, `= ANY(array)` on the indexed keys): a row matches an existing
+live customer of the same type with the same national id, e-mail (case-insensitive), or
+phone/mobile (E.164, either column), or an earlier row of the same file. SKIP counts it as
+skipped; UPDATE overwrites the customer with the row's non-empty values (a row changing
+nothing counts as skipped; a repeat of a row the file creates is merged into it); CREATE
+inserts it anyway (no dedupe at all).
+
+Writes are set-based: the chunk's new customers, their outbox rows and audit entries go in by
+COPY (customer codes from the sequence in one query), updates in one executemany.
+
+validate_only runs all of it but writes no customer, event or audit entry; the counters and
+the error report show what an import would do.
+
+Jobs a crashed process left RUNNING become FAILED ("interrupted") when the service starts: the
+thread running a job holds a PostgreSQL advisory lock keyed by the job, so a replica starting
+beside a live one leaves that one's jobs alone.
+"""
 
 from __future__ import annotations
 
-import grpc
+import contextvars
+import csv
+import dataclasses
+import datetime as dt
+import io
+import json
+import logging
+import multiprocessing
+import os
+import re
+import tempfile
+import threading
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
-from crm_chassis.errors import DomainError
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+
+from crm.customer.v1 import customer_events_pb2, customer_pb2, resources_pb2
+from crm.customer.v1 import customer_service_pb2 as pb
+from crm_chassis.auth import Principal
+from crm_chassis.errors import FieldViolation, InvalidArgument, NotFound
+from crm_chassis.logging import request_id_var
+from crm_chassis.messaging.envelope import new_event
+from crm_chassis.telemetry import inject_headers
+
+from . import adapters, domain, exports, text
+from .adapters import customers
+from .export_service import HEADERS
+from .integration import customer_to_proto, ts, values_from_proto
+from .service_layer import AUDITED, WRITE_COLUMNS, CustomerUseCases, _json
+
+log = logging.getLogger("customer_svc.import")
+
+MAX_BYTES = 64 * 1024 * 1024
+MAX_ROWS = 1_000_000
+CHUNK_ROWS = 1000
+MAX_RUNNING = 2  # imports running at once in one process; more wait their turn (still RUNNING)
+REPORT_CHUNK = 256 * 1024
+PROCESS_MIN_CHUNKS = 4  # from this many chunks, rows are read and checked in worker processes
+MAX_WORKERS = 3
+RUNNING, SUCCEEDED, FAILED = pb.IMPORT_STATE_RUNNING, pb.IMPORT_STATE_SUCCEEDED, pb.IMPORT_STATE_FAILED
+SKIP, UPDATE, CREATE = pb.DEDUPE_POLICY_SKIP, pb.DEDUPE_POLICY_UPDATE, pb.DEDUPE_POLICY_CREATE
+FORMATS = {pb.IMPORT_FILE_FORMAT_CSV: "csv", pb.IMPORT_FILE_FORMAT_XLSX: "xlsx"}
+REPORT_FORMATS = {pb.EXPORT_FORMAT_UNSPECIFIED: "csv", pb.EXPORT_FORMAT_CSV: "csv", pb.EXPORT_FORMAT_XLSX: "xlsx"}
+_LOCK_KEY = "hashtextextended('crm.import-job:' || {}, 0)"
+
+# Fields a column may fill: every writable field but the type (the request's) and contact
+# persons (a list of records, not a cell); custom fields as "custom_fields.<key>".
+IMPORTABLE = tuple(f for f in domain.WRITABLE if f not in ("type", "contact_persons"))
+# What a row starts from: the values an empty CreateCustomer request would give.
+_BASE = values_from_proto(customer_pb2.Customer(), domain.WRITABLE)
+INSERT_COLUMNS = [c for c in WRITE_COLUMNS if c != "search_text"]
+
+_SLOTS = threading.BoundedSemaphore(MAX_RUNNING)
+
+import_jobs = sa.Table(
+    "import_jobs",
+    sa.MetaData(),
+    sa.Column("id", adapters.UUID, primary_key=True),
+    sa.Column("request_id", sa.Text),
+    sa.Column("state", sa.SmallInteger, nullable=False),
+    sa.Column("customer_type", sa.SmallInteger, nullable=False),
+    sa.Column("file_format", sa.SmallInteger, nullable=False),
+    sa.Column("dedupe_policy", sa.SmallInteger, nullable=False),
+    sa.Column("validate_only", sa.Boolean, nullable=False),
+    sa.Column("creator", sa.Text, nullable=False),
+    sa.Column("headers", pg.JSONB, nullable=False),
+    *(
+        sa.Column(n, sa.BigInteger, nullable=False, server_default="0")
+        for n in ("total_rows", "processed_rows", "created_rows", "updated_rows", "skipped_rows", "failed_rows")
+    ),
+    sa.Column("error", sa.Text, nullable=False, server_default=""),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("update_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("end_time", sa.DateTime(timezone=True)),
+)
+import_job_errors = sa.Table(
+    "import_job_errors",
+    sa.MetaData(),
+    sa.Column("job_id", adapters.UUID, primary_key=True),
+    sa.Column("row_number", sa.Integer, primary_key=True),
+    sa.Column("fields", pg.ARRAY(sa.Text), nullable=False),
+    sa.Column("problems", pg.ARRAY(sa.Text), nullable=False),
+    sa.Column("cells", pg.JSONB, nullable=False),
+)
 
 
-class Unimplemented(DomainError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-    reason = "NOT_IMPLEMENTED"
+# --------------------------------------------------------------------------- headers
+
+
+def _key(header) -> str:
+    """A header as compared: Persian-normalised, lower case, no spaces or punctuation."""
+    return re.sub(r"[\s_\-.:/()'\"]+", "", text.normalize(str(header or "")))
+
+
+_ALIASES = {
+    "given_name": ["first name", "given name", "forename", "name", "نام", "اسم", "نام کوچک"],
+    "family_name": ["last name", "surname", "family name", "family", "نام خانوادگی", "فامیلی", "نام فامیل"],
+    "organization_name": [
+        "company",
+        "company name",
+        "organisation",
+        "organization",
+        "organisation name",
+        "organization name",
+        "نام شرکت",
+        "شرکت",
+        "نام سازمان",
+        "سازمان",
+    ],
+    "title_prefix": ["title", "prefix", "salutation", "عنوان", "پیشوند"],
+    "email": ["email", "e-mail", "email address", "e-mail address", "mail", "ایمیل", "پست الکترونیک", "رایانامه"],
+    "mobile": ["mobile", "mobile phone", "mobile number", "cell", "cell phone", "موبایل", "تلفن همراه", "شماره همراه"],
+    "phone": ["phone", "telephone", "tel", "phone number", "landline", "تلفن", "تلفن ثابت", "شماره تلفن"],
+    "fax": ["fax", "فکس", "نمابر", "دورنگار"],
+    "website": ["website", "web site", "web", "url", "وب سایت", "وبسایت", "سایت"],
+    "country": ["country", "کشور"],
+    "province": ["province", "state", "region", "استان"],
+    "city": ["city", "town", "شهر"],
+    "address": ["address", "street address", "نشانی", "آدرس"],
+    "postal_code": ["postal code", "postcode", "zip", "zip code", "کد پستی"],
+    "po_box": ["po box", "p.o. box", "صندوق پستی"],
+    "national_id": ["national id", "national code", "national id number", "کد ملی", "شماره ملی", "شناسه ملی"],
+    "birth_certificate_number": ["birth certificate number", "birth certificate no", "شماره شناسنامه"],
+    "birth_date": ["birth date", "date of birth", "dob", "birthday", "تاریخ تولد"],
+    "marriage_date": ["marriage date", "wedding date", "تاریخ ازدواج"],
+    "field_of_study": ["field of study", "major", "رشته", "رشته تحصیلی"],
+    "education_degree": ["education", "degree", "education degree", "مدرک", "مدرک تحصیلی", "تحصیلات"],
+    "industry": ["industry", "sector", "حوزه فعالیت", "صنعت", "زمینه فعالیت"],
+    "founding_date": ["founding date", "founded", "date founded", "تاریخ تأسیس"],
+    "gender": ["gender", "sex", "جنسیت"],
+    "kind": ["kind", "customer kind", "نوع مشتری"],
+    "lifecycle_stage": ["stage", "lifecycle stage", "وضعیت", "مرحله"],
+    "acquisition_source": ["source", "lead source", "acquisition source", "نحوه آشنایی", "روش آشنایی", "منبع"],
+    "acquisition_date": ["acquisition date", "acquired", "تاریخ آشنایی"],
+    "referrer_staff": ["referred by", "referrer", "معرف"],
+    "referrer_customer": ["referrer customer", "referring customer", "مشتری معرف"],
+    "owner": ["owner", "account owner", "مسئول"],
+    "tags": ["tags", "tag", "labels", "برچسب‌ها", "برچسب"],
+    "groups": ["groups", "group", "گروه", "گروه‌ها"],
+    "rank": ["rank", "tier", "رتبه", "سطح"],
+}
+
+
+def _alias_table(customer_type: int) -> dict[str, str]:
+    table: dict[str, str] = {}
+    for f in IMPORTABLE:  # the field's own name first, then the export's headers, then aliases
+        table.setdefault(_key(f), f)
+    for f, names in HEADERS.items():
+        if f in IMPORTABLE:
+            for n in names:
+                table.setdefault(_key(n), f)
+    for f, names in _ALIASES.items():
+        for n in names:
+            table.setdefault(_key(n), f)
+    if customer_type == domain.ORGANIZATION:  # an organisation's "Name" is its organisation name
+        for n in ("name", "نام"):
+            table[_key(n)] = "organization_name"
+    return table
+
+
+# --------------------------------------------------------------------------- cell values
+
+
+class _CellError(ValueError):
+    pass
+
+
+def _cell_text(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v.strip()
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() else repr(v)
+    if isinstance(v, dt.datetime):
+        return v.date().isoformat() if v.time() == dt.time() else v.isoformat(sep=" ")
+    if isinstance(v, dt.date | dt.time):
+        return v.isoformat()
+    return str(v).strip()
+
+
+_JALALI_BREAKS = (-61, 9, 38, 199, 426, 686, 756, 818, 1111, 1181, 1210, 1635, 2060, 2097, 2192, 2262, 2324, 2394)
+_JALALI_BREAKS += (2456, 3178)
+
+
+def _div(a: int, b: int) -> int:  # integer division truncating toward zero
+    return int(a / b)
+
+
+def _jalali_year(jy: int) -> tuple[bool, int, int]:
+    """(leap?, Gregorian year of Farvardin 1, day of March it falls on): the jalaali algorithm
+    of Borkowski / jalaali-js (the 2820-year breaks table); valid for years -61..3177."""
+    gy = jy + 621
+    leap_j, jp, jump = -14, _JALALI_BREAKS[0], 0
+    for jm in _JALALI_BREAKS[1:]:
+        jump = jm - jp
+        if jy < jm:
+            break
+        leap_j += _div(jump, 33) * 8 + _div(jump % 33, 4)
+        jp = jm
+    n = jy - jp
+    leap_j += _div(n, 33) * 8 + _div(n % 33 + 3, 4)
+    if jump % 33 == 4 and jump - n == 4:
+        leap_j += 1
+    leap_g = _div(gy, 4) - _div((_div(gy, 100) + 1) * 3, 4) - 150
+    march = 20 + leap_j - leap_g
+    if jump - n < 6:
+        n = n - jump + _div(jump + 4, 33) * 33
+    r = (n + 1) % 33 - 1
+    leap = r - _div(r, 4) * 4
+    return leap == 0, gy, march
+
+
+def jalali_to_gregorian(jy: int, jm: int, jd: int) -> dt.date | None:
+    """The Gregorian date of a Jalali (Persian calendar) date, or None if there is no such day."""
+    if not (1 <= jy < 3178 and 1 <= jm <= 12 and 1 <= jd <= 31):
+        return None
+    leap, gy, march = _jalali_year(jy)
+    if jd > (31 if jm <= 6 else 30 if jm <= 11 else 30 if leap else 29):
+        return None
+    return dt.date(gy, 3, march) + dt.timedelta(days=(jm - 1) * 31 - _div(jm, 7) * (jm - 7) + jd - 1)
+
+
+_YMD = re.compile(r"^(\d{4})[-/.](\d{1,2})[-/.](\d{1,2})(?:[ t].*)?$")
+DATE_HELP = "write YYYY-MM-DD, or a Jalali (Persian calendar) date such as 1369/05/12"
+
+
+def parse_date(v) -> dt.date:
+    """A cell as a date: an Excel date, YYYY-MM-DD, YYYY/MM/DD or, for years before 1700, the
+    Jalali calendar (1369/05/12 is 1990-08-03); Persian digits are fine."""
+    if isinstance(v, dt.datetime):
+        return v.date()
+    if isinstance(v, dt.date):
+        return v
+    s = text.normalize(_cell_text(v))
+    m = _YMD.match(s)
+    if not m:
+        raise _CellError(f"{_cell_text(v)!r} is not a date: {DATE_HELP}")
+    y, mo, d = (int(x) for x in m.groups())
+    if y < 1700:
+        g = jalali_to_gregorian(y, mo, d)
+        if g is None:
+            raise _CellError(f"{_cell_text(v)!r} is not a valid Jalali (Persian calendar) date")
+        return g
+    try:
+        return dt.date(y, mo, d)
+    except ValueError:
+        raise _CellError(f"{_cell_text(v)!r} is not a valid calendar date") from None
+
+
+_ENUMS = {
+    "gender": (customer_pb2.Gender, {"زن": 1, "خانم": 1, "مونث": 1, "مرد": 2, "آقا": 2, "مذکر": 2, "سایر": 3}),
+    "education_degree": (
+        customer_pb2.EducationDegree,
+        {
+            "ابتدایی": 1,
+            "سیکل": 1,
+            "دیپلم": 2,
+            "کاردانی": 3,
+            "فوق دیپلم": 3,
+            "کارشناسی": 4,
+            "لیسانس": 4,
+            "کارشناسی ارشد": 5,
+            "فوق لیسانس": 5,
+            "دکتری": 6,
+            "دکترا": 6,
+        },
+    ),
+    "kind": (customer_pb2.CustomerKind, {"مصرف کننده": 1, "مصرف کننده نهایی": 1, "واسطه": 2, "داخلی": 3}),
+    "lifecycle_stage": (
+        customer_pb2.LifecycleStage,
+        {"بالقوه": 1, "مشتری بالقوه": 1, "فعال": 2, "غیرفعال": 3, "غیر فعال": 3, "از دست رفته": 4},
+    ),
+}
+
+
+def _enum_parser(enum_type, persian: dict[str, int]):
+    prefix = re.sub(r"(?<!^)([A-Z])", r"_\1", enum_type.DESCRIPTOR.name).upper() + "_"
+    table: dict[str, int] = {}
+    names = []
+    for v in enum_type.DESCRIPTOR.values:
+        if v.number:
+            short = v.name.removeprefix(prefix)
+            names.append(short.lower().replace("_", " "))
+            table.update({_key(v.name): v.number, _key(short): v.number, str(v.number): v.number})
+    table.update({_key(k): n for k, n in persian.items()})
+
+    def parse(v) -> int:
+        n = table.get(_key(_cell_text(v)))
+        if n is None:
+            raise _CellError(f"{_cell_text(v)!r} is not one of: {', '.join(names)}")
+        return n
+
+    return parse
+
+
+def _split(v) -> list[str]:
+    return [p.strip() for p in re.split(r"[,،;؛]", _cell_text(v)) if p.strip()]
+
+
+def _number(v) -> float:
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return float(v)
+    s = text.normalize(_cell_text(v)).replace(",", "").replace("٬", "").replace("٫", ".")
+    try:
+        return float(s)
+    except ValueError:
+        raise _CellError(f"{_cell_text(v)!r} is not a number") from None
+
+
+def _national_id(v) -> str:
+    if isinstance(v, int | float) and not isinstance(v, bool):  # Excel dropped the leading zeros
+        return _cell_text(v).zfill(10)
+    return _cell_text(v)
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+class _FileError(Exception):
+    """The file cannot be read at all: the job fails with this message."""
+
+
+def _decode(content: bytes) -> str:
+    if content.startswith((b"\xff\xfe", b"\xfe\xff")):  # Excel's "Unicode text" (UTF-16, tabs)
+        return content.decode("utf-16")
+    try:
+        return content.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        # Persian spreadsheets saved as "CSV" by older Excel are in Windows-1256.
+        return content.decode("cp1256", errors="replace")
+
+
+def _delimiter(first_line: str) -> str:
+    counts = {d: 0 for d in ",;\t"}
+    quoted = False
+    for ch in first_line:
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted and ch in counts:
+            counts[ch] += 1
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] else ","
+
+
+def read_csv(content: bytes) -> tuple[list[str], list[tuple[int, list]]]:
+    data = _decode(content)
+    first = data.split("\n", 1)[0]
+    try:
+        records = list(csv.reader(io.StringIO(data, newline=""), delimiter=_delimiter(first)))
+    except csv.Error as e:
+        raise _FileError(f"the file is not a readable CSV file: {e}") from None
+    if not records:
+        raise _FileError("the file is empty")
+    return [_cell_text(h) for h in records[0]], list(enumerate(records[1:], start=2))
+
+
+def read_xlsx(content: bytes) -> tuple[list[str], list[tuple[int, list]]]:
+    from openpyxl import load_workbook
+
+    try:
+        wb = load_workbook(io.BytesIO(content), read_only=True, data_only=True)
+    except Exception as e:  # zipfile.BadZipFile, KeyError, InvalidFileException, ...
+        raise _FileError(f"the file is not a readable XLSX workbook ({type(e).__name__})") from None
+    try:
+        if not wb.worksheets:
+            raise _FileError("the workbook has no sheet")
+        rows = wb.worksheets[0].iter_rows(values_only=True)
+        header = next(rows, None)
+        if header is None:
+            raise _FileError("the first sheet is empty")
+        return [_cell_text(h) for h in header], [(n, list(r)) for n, r in enumerate(rows, start=2)]
+    finally:
+        wb.close()
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass
+class _Row:
+    number: int
+    cells: list
+    raw: dict = field(default_factory=dict)  # converted values, before validation
+    given: set = field(default_factory=set)  # keys of `raw` the row filled
+    values: dict | None = None  # validated
+    referrer: str = ""  # referrer_customer as written (resolved per chunk)
+    fields: list[str] = field(default_factory=list)  # rejected: which fields and why
+    problems: list[str] = field(default_factory=list)
+    # A valid row made ready for insertion where it was converted (see _Converter.prepare):
+    cid: str = ""  # its id if it becomes a new customer
+    search_rest: str = ""  # its search key but for the customer code
+    changes: str = ""  # its audit entry's changes, as JSON text
+    proto: bytes = b""  # its Customer message but for customer_code, create_time, update_time
+
+    def reject(self, f: str, why: str) -> None:
+        self.fields.append(f)
+        self.problems.append(why)
+
+    def dedupe_keys(self) -> list[str]:
+        v = self.values
+        out = []
+        if v["national_id"]:
+            out.append("n:" + v["national_id"])
+        if v["email"]:
+            out.append("e:" + v["email"].lower())
+        for f in ("mobile", "phone"):
+            if v[f]:
+                out.append("p:" + v[f])
+        return out
+
+
+@dataclass
+class _Update:
+    customer_id: str
+    rows: list[_Row] = field(default_factory=list)
+    raw: dict = field(default_factory=dict)
+    given: set = field(default_factory=set)
+
+
+def _overlay(base: dict, raw: dict, given: set) -> dict:
+    """`base` with the row's given values written over it (custom fields key by key)."""
+    out = dict(base)
+    for k in given:
+        out[k] = {**(out.get(k) or {}), **raw[k]} if k == "custom_fields" else raw[k]
+    return out
+
+
+@dataclass
+class _Counts:
+    processed: int = 0
+    created: int = 0
+    updated: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+
+@dataclass
+class _Job:
+    id: str
+    customer_type: int
+    file_format: int
+    policy: int
+    validate_only: bool
+    mapping: dict[str, str]
+    principal: Principal
+    request_id: str
+
+
+# --------------------------------------------------------------------------- the importer
+
+
+def _job_proto(r) -> pb.ImportJob:
+    j = pb.ImportJob(
+        name=f"importJobs/{r.id}",
+        state=r.state,
+        total_rows=r.total_rows,
+        processed_rows=r.processed_rows,
+        created_rows=r.created_rows,
+        updated_rows=r.updated_rows,
+        skipped_rows=r.skipped_rows,
+        failed_rows=r.failed_rows,
+        error=r.error,
+        validate_only=r.validate_only,
+        creator=r.creator,
+    )
+    j.create_time.FromDatetime(r.create_time)
+    if r.end_time is not None:
+        j.end_time.FromDatetime(r.end_time)
+    return j
+
+
+def _parse_job_name(name: str) -> str:
+    prefix, _, jid = name.partition("/")
+    try:
+        if prefix != "importJobs" or str(uuid.UUID(jid)) != jid:
+            raise ValueError
+    except ValueError:
+        raise InvalidArgument.field("name", "must be 'importJobs/{id}' with a UUID id") from None
+    return jid
 
 
 class Importer:
-    def __init__(self, use_cases):
+    def __init__(self, use_cases: CustomerUseCases):
         self.uc = use_cases
+        self.fail_interrupted()
 
-    def start(self, request, principal):
-        raise Unimplemented("imports are not available yet")
+    # -- the API ---------------------------------------------------------------------------
+    def start(self, request: pb.ImportCustomersRequest, principal: Principal) -> pb.ImportJob:
+        bad: list[FieldViolation] = []
+        if request.file_format not in FORMATS:
+            bad.append(FieldViolation("file_format", "choose IMPORT_FILE_FORMAT_CSV or IMPORT_FILE_FORMAT_XLSX"))
+        if request.customer_type not in (domain.PERSON, domain.ORGANIZATION):
+            bad.append(FieldViolation("customer_type", "choose CUSTOMER_TYPE_PERSON or CUSTOMER_TYPE_ORGANIZATION"))
+        if not request.content:
+            bad.append(FieldViolation("content", "the file is empty"))
+        elif len(request.content) > MAX_BYTES:
+            bad.append(FieldViolation("content", f"the file is larger than {MAX_BYTES // (1024 * 1024)} MiB"))
+        if request.dedupe_policy not in (pb.DEDUPE_POLICY_UNSPECIFIED, SKIP, UPDATE, CREATE):
+            bad.append(FieldViolation("dedupe_policy", "choose DEDUPE_POLICY_SKIP, _UPDATE or _CREATE"))
+        if len(request.request_id) > 128:
+            bad.append(FieldViolation("request_id", "must be at most 128 characters"))
+        with self.uc.reader.connect() as conn:
+            defs = adapters.custom_field_defs(conn)
+        targets: dict[str, str] = {}
+        for header, target in sorted(request.column_mapping.items()):
+            where = f"column_mapping[{header}]"
+            if not target:
+                continue  # "": ignore the column
+            if target.startswith("custom_fields."):
+                if target.removeprefix("custom_fields.") not in defs:
+                    bad.append(FieldViolation(where, f"no custom field {target.removeprefix('custom_fields.')!r}"))
+                    continue
+            elif target not in IMPORTABLE:
+                why = (
+                    "is set by customer_type"
+                    if target == "type"
+                    else "cannot be imported from a column"
+                    if target == "contact_persons"
+                    else f"{target!r} is not a writable Customer field"
+                )
+                bad.append(FieldViolation(where, why))
+                continue
+            if target in targets:
+                bad.append(FieldViolation(where, f"{target} is already filled from column {targets[target]!r}"))
+            targets[target] = header
+        if bad:
+            raise InvalidArgument(bad)
 
-    def get(self, name):
-        raise Unimplemented("imports are not available yet")
+        if request.request_id:
+            existing = self._by_request_id(request.request_id)
+            if existing is not None:
+                return existing
+        job = _Job(
+            id=str(uuid.uuid4()),
+            customer_type=request.customer_type,
+            file_format=request.file_format,
+            policy=request.dedupe_policy or SKIP,
+            validate_only=request.validate_only,
+            mapping=dict(request.column_mapping),
+            principal=principal,
+            request_id=request.request_id,
+        )
+        # The job's lock is taken before its row exists, so no replica starting meanwhile can
+        # take it for an interrupted one; the thread keeps the lock until the job ends.
+        lock = self.uc.reader.connect()
+        try:
+            lock.execute(sa.text(f"SELECT pg_advisory_lock({_LOCK_KEY.format(':id')})"), {"id": job.id})
+            with self.uc.engine.begin() as conn:
+                row = conn.execute(
+                    import_jobs.insert()
+                    .values(
+                        id=job.id,
+                        request_id=job.request_id or None,
+                        state=RUNNING,
+                        customer_type=job.customer_type,
+                        file_format=job.file_format,
+                        dedupe_policy=job.policy,
+                        validate_only=job.validate_only,
+                        creator=principal.subject,
+                        headers=[],
+                    )
+                    .returning(*import_jobs.c)
+                ).one()
+        except sa.exc.IntegrityError:
+            self._unlock(lock, job.id)
+            existing = self._by_request_id(request.request_id)  # a concurrent retry won the race
+            if existing is not None:
+                return existing
+            raise
+        except BaseException:
+            self._unlock(lock, job.id)
+            raise
+        run = contextvars.copy_context()  # request id and trace context follow into the thread
+        threading.Thread(
+            target=run.run, args=(self._run, job, request.content, lock), name=f"import-{job.id[:8]}", daemon=True
+        ).start()
+        return _job_proto(row)
 
-    def error_report(self, name, fmt):
-        raise Unimplemented("imports are not available yet")
-        yield  # pragma: no cover
+    def get(self, name: str) -> pb.ImportJob:
+        jid = _parse_job_name(name)
+        with self.uc.reader.connect() as conn:
+            row = conn.execute(sa.select(import_jobs).where(import_jobs.c.id == jid)).one_or_none()
+        if row is None:
+            raise self._not_found(jid)
+        return _job_proto(row)
+
+    def error_report(self, name: str, fmt: int) -> Iterator[pb.DownloadImportErrorReportResponse]:
+        jid = _parse_job_name(name)
+        kind = REPORT_FORMATS.get(fmt)
+        if kind is None:
+            raise InvalidArgument.field("format", "an error report is EXPORT_FORMAT_CSV or EXPORT_FORMAT_XLSX")
+        with self.uc.engine.connect() as conn:  # a transaction: the rows stream from a server-side cursor
+            headers = conn.execute(sa.select(import_jobs.c.headers).where(import_jobs.c.id == jid)).scalar()
+            if headers is None:
+                raise self._not_found(jid)
+            columns = [
+                exports.Column("row", "Row", 0.6),
+                exports.Column("field", "Field", 1.5),
+                exports.Column("problem", "Problem", 3.0),
+                *(exports.Column(f"c{i}", h or f"Column {i + 1}") for i, h in enumerate(headers)),
+            ]
+
+            def rows():
+                q = (
+                    sa.select(import_job_errors)
+                    .where(import_job_errors.c.job_id == jid)
+                    .order_by(import_job_errors.c.row_number)
+                )
+                for r in conn.execution_options(yield_per=1000).execute(q):
+                    several = len(r.fields) > 1
+                    out = {
+                        "row": r.row_number,
+                        "field": ", ".join(dict.fromkeys(r.fields)),
+                        "problem": "; ".join(
+                            f"{f}: {p}" if several else p for f, p in zip(r.fields, r.problems, strict=True)
+                        ),
+                    }
+                    out.update({f"c{i}": c for i, c in enumerate(r.cells)})
+                    yield out
+
+            with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as out:
+                exports.render_to(kind, columns, rows(), out, title="Import errors")
+                out.seek(0)
+                yield pb.DownloadImportErrorReportResponse(
+                    content_type=exports.content_type(kind),
+                    filename=f"import-errors-{jid[:8]}.{exports.file_extension(kind)}",
+                )
+                while chunk := out.read(REPORT_CHUNK):
+                    yield pb.DownloadImportErrorReportResponse(data=chunk)
+
+    def fail_interrupted(self) -> int:
+        """Jobs left RUNNING by a process that died (nobody holds their lock) become FAILED."""
+        try:
+            with self.uc.engine.begin() as conn:
+                n = conn.execute(
+                    sa.text(
+                        "UPDATE import_jobs SET state = :failed, error = 'interrupted', end_time = now(), "
+                        "update_time = now() WHERE state = :running "
+                        f"AND pg_try_advisory_xact_lock({_LOCK_KEY.format('id::text')})"
+                    ),
+                    {"failed": FAILED, "running": RUNNING},
+                ).rowcount
+        except sa.exc.ProgrammingError:  # the table is not there (migrations not run): no jobs
+            log.warning("import_jobs table missing; interrupted imports not checked")
+            return 0
+        if n:
+            log.warning("imports interrupted by a restart marked failed", extra={"jobs": n})
+        return n
+
+    # -- helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def _not_found(jid: str) -> NotFound:
+        return NotFound(
+            f"import job importJobs/{jid} does not exist",
+            reason="IMPORT_JOB_NOT_FOUND",
+            metadata={"name": f"importJobs/{jid}"},
+        )
+
+    def _by_request_id(self, request_id: str) -> pb.ImportJob | None:
+        with self.uc.reader.connect() as conn:
+            row = conn.execute(sa.select(import_jobs).where(import_jobs.c.request_id == request_id)).one_or_none()
+        return None if row is None else _job_proto(row)
+
+    @staticmethod
+    def _unlock(lock: sa.Connection, job_id: str) -> None:
+        try:
+            lock.execute(sa.text(f"SELECT pg_advisory_unlock({_LOCK_KEY.format(':id')})"), {"id": job_id})
+            lock.close()
+        except Exception:  # a connection that cannot unlock must not go back to the pool
+            log.exception("could not release an import job lock")
+            lock.invalidate()
+
+    def _set(self, job_id: str, **values) -> None:
+        with self.uc.engine.begin() as conn:
+            conn.execute(
+                import_jobs.update().where(import_jobs.c.id == job_id).values(**values, update_time=sa.func.now())
+            )
+
+    def _run(self, job: _Job, content: bytes, lock: sa.Connection) -> None:
+        try:
+            with _SLOTS:
+                _Run(self.uc, job).run(content)
+        except _FileError as e:
+            self._set(job.id, state=FAILED, error=str(e), end_time=sa.func.now())
+        except Exception:
+            log.exception("import failed", extra={"job": job.id})
+            self._set(
+                job.id,
+                state=FAILED,
+                error="the import stopped on an internal error; the rows counted as processed were handled",
+                end_time=sa.func.now(),
+            )
+        finally:
+            self._unlock(lock, job.id)
+
+
+def _load_names(conn) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """Groups and ranks by name, id or resource name; sources by display name."""
+    groups: dict[str, str] = {}
+    for gid, name in conn.execute(sa.select(adapters.groups.c.id, adapters.groups.c.display_name)):
+        groups.update({text.normalize(name): str(gid), str(gid): str(gid), f"groups/{gid}": str(gid)})
+    ranks: dict[str, str] = {}
+    for rid, name in conn.execute(sa.select(adapters.ranks.c.id, adapters.ranks.c.display_name)):
+        ranks.update({text.normalize(name): str(rid), str(rid): str(rid), f"ranks/{rid}": str(rid)})
+    sources: dict[str, str] = {}
+    for key, name in conn.execute(
+        sa.select(adapters.acquisition_sources.c.key, adapters.acquisition_sources.c.display_name)
+    ):
+        sources.setdefault(text.normalize(name), key)
+    return groups, ranks, sources
+
+
+class _Converter:
+    """Cells to checked values: the column plan, the cell readers and domain.validate. It needs
+    no database, so it also runs in worker processes (it pickles as its arguments)."""
+
+    def __init__(self, customer_type: int, mapping: dict, actor: str, headers: list[str], ctx, names: tuple):
+        self.args = (customer_type, mapping, actor, headers, ctx, names)
+        self.customer_type, self.mapping, self.actor, self.ctx = customer_type, mapping, actor, ctx
+        self.groups, self.ranks, self.sources = names
+        self.plan = self._plan(headers)
+
+    def __reduce__(self):
+        return (_Converter, self.args)
+
+    def _plan(self, headers: list[str]) -> list[tuple]:
+        """Which column fills which field, and how its cells are read."""
+        by_key = _alias_table(self.customer_type)
+        for key, d in self.ctx.custom_defs.items():
+            by_key.setdefault(_key(key), f"custom_fields.{key}")
+            by_key.setdefault(_key(d.display_name), f"custom_fields.{key}")
+        explicit = {_key(h): t for h, t in self.mapping.items()}
+        explicit_exact = {h.strip(): t for h, t in self.mapping.items()}
+        mapped_targets = {t for t in self.mapping.values() if t}
+        plan: list[tuple[int, str]] = []
+        used: set[str] = set()
+        matched_explicit: set[str] = set()
+        for i, h in enumerate(headers):
+            k = _key(h)
+            if h in explicit_exact or k in explicit:
+                target = explicit_exact[h] if h in explicit_exact else explicit[k]
+                matched_explicit.add(k)
+            else:  # by name, unless the mapping fills that field from another column
+                target = by_key.get(k, "")
+                if target in mapped_targets:
+                    target = ""
+            if target and target not in used:
+                used.add(target)
+                plan.append((i, target))
+        missing = [h for h in self.mapping if _key(h) not in matched_explicit]
+        if missing:
+            raise _FileError(f"column_mapping names columns the file does not have: {', '.join(sorted(missing))}")
+        if not plan:
+            raise _FileError(
+                "no column matched a customer field; name the columns (e.g. given_name, family_name, email, "
+                f"mobile) or map them in column_mapping. The file's columns: {', '.join(h for h in headers if h)}"
+            )
+        return [
+            (i, t, self._reader(t), headers[i] if _key(headers[i]) == _key(t) else f"{headers[i]} ({t})".lstrip())
+            for i, t in plan
+        ]
+
+    def _reader(self, target: str):
+        if target in domain.DATE_FIELDS:
+            return parse_date
+        if target in _ENUMS:
+            return _enum_parser(*_ENUMS[target])
+        if target == "national_id":
+            return _national_id
+        if target == "tags":
+            return _split
+        if target == "acquisition_source":
+            return lambda v: self.sources.get(text.normalize(_cell_text(v)), _cell_text(v))
+        if target == "groups":
+
+            def groups(v) -> list[str]:
+                ids, unknown = [], []
+                for name in _split(v):
+                    gid = self.groups.get(text.normalize(name))
+                    (ids if gid else unknown).append(gid or name)
+                if unknown:
+                    raise _CellError(f"no such group: {', '.join(unknown)}")
+                return sorted(set(ids))
+
+            return groups
+        if target == "rank":
+
+            def rank(v) -> str:
+                rid = self.ranks.get(text.normalize(_cell_text(v)))
+                if rid is None:
+                    raise _CellError(f"no such rank: {_cell_text(v)}")
+                return rid
+
+            return rank
+        if target.startswith("custom_fields."):
+            d = self.ctx.custom_defs[target.removeprefix("custom_fields.")]
+            if d.type == resources_pb2.CUSTOM_FIELD_TYPE_NUMBER:
+                return _number
+            if d.type == resources_pb2.CUSTOM_FIELD_TYPE_DATE:
+                return parse_date
+        return _cell_text
+
+    def convert(self, number: int, cells: list) -> _Row:
+        row = _Row(number, cells)
+        raw, given = row.raw, row.given
+        for i, target, read, label in self.plan:
+            v = cells[i] if i < len(cells) else None
+            if v is None or (isinstance(v, str) and not v.strip()):
+                continue
+            try:
+                value = read(v)
+            except _CellError as e:
+                row.reject(label, str(e))
+                continue
+            if target == "referrer_customer":
+                row.referrer = value
+                given.add("referrer_customer")
+            elif target == "groups":
+                raw["group_ids"] = value
+                given.add("group_ids")
+            elif target == "rank":
+                raw["rank_id"] = value
+                given.add("rank_id")
+            elif target.startswith("custom_fields."):
+                raw.setdefault("custom_fields", {})[target.removeprefix("custom_fields.")] = value
+                given.add("custom_fields")
+            else:
+                raw[target] = value
+                given.add(target)
+        try:
+            row.values = self.validate(self.fresh(raw))
+        except InvalidArgument as e:
+            for v in e.violations:
+                row.reject(self.label(v.field), v.description)
+        return row
+
+    def prepare(self, r: _Row, cid: str = "") -> None:
+        """What inserting a valid row as a new customer takes that needs no database: its id,
+        search key, audit entry and event body (but for the customer code from the sequence and
+        the transaction's time), so that it is done where the row was converted."""
+        r.cid = cid or r.cid or _uuids(1)[0]
+        v = r.values
+        r.search_rest = domain.search_key(v, "")
+        r.changes = _create_changes(v)
+        m = {k: v[k] for k in INSERT_COLUMNS}
+        m.update(id=r.cid, version=1, group_ids=v["group_ids"])
+        r.proto = customer_to_proto(_Stored(m), self.ctx.custom_defs).SerializeToString()
+
+    def fresh(self, raw: dict) -> dict:
+        """A new customer's values: the defaults CreateCustomer applies, then the row's."""
+        return {
+            **_BASE,
+            "type": self.customer_type,
+            "owner": self.actor,
+            "lifecycle_stage": customer_pb2.LIFECYCLE_STAGE_PROSPECT,
+            "group_ids": [],
+            "rank_id": None,
+            "referrer_customer": None,
+            **raw,
+        }
+
+    def label(self, f: str) -> str:
+        """A field as the person knows it: the file's column header, and the field's name."""
+        target = {"group_ids": "groups", "rank_id": "rank"}.get(f, f)
+        return next((label for _, t, _, label in self.plan if t == target), target)
+
+    def validate(self, values: dict, old_source: str | None = None) -> dict:
+        ctx = dataclasses.replace(self.ctx, old_source=old_source) if old_source else self.ctx
+        return domain.validate(values, ctx, prefix="")
+
+
+def _convert_chunk(conv: _Converter, chunk: list[tuple[int, list]]) -> list[_Row]:
+    rows = [conv.convert(n, cells) for n, cells in chunk]
+    for r, cid in zip(rows, _uuids(len(rows)), strict=True):
+        if not r.problems:
+            conv.prepare(r, cid)
+    return rows
+
+
+class _Run:
+    """One import, run in its own thread."""
+
+    def __init__(self, uc: CustomerUseCases, job: _Job):
+        self.uc = uc
+        self.job = job
+        self.seen: dict[str, str | int] = {}  # dedupe key -> customer id, or the file row creating it
+        self.actor = job.principal.subject
+        self.request_id = request_id_var.get() or ""
+
+    # -- set-up ----------------------------------------------------------------------------
+    def run(self, content: bytes) -> None:
+        job = self.job
+        headers, records = (read_csv if job.file_format == pb.IMPORT_FILE_FORMAT_CSV else read_xlsx)(content)
+        del content
+        records = [(n, cells) for n, cells in records if any(_cell_text(c) for c in cells)]
+        if len(records) > MAX_ROWS:
+            raise _FileError(f"the file has {len(records)} rows; an import takes at most {MAX_ROWS}")
+        with self.uc.reader.connect() as conn:
+            ctx = self.uc.context(conn)
+            names = _load_names(conn)
+        defs = {  # plain values, so the converter pickles
+            k: SimpleNamespace(
+                key=d.key, display_name=d.display_name, type=d.type, choices=list(d.choices), required=d.required
+            )
+            for k, d in ctx.custom_defs.items()
+        }
+        self.ctx = dataclasses.replace(ctx, custom_defs=defs)
+        self.conv = _Converter(job.customer_type, job.mapping, self.actor, headers, self.ctx, names)
+        self.headers = headers
+        self._update_job(headers=headers, total_rows=len(records))
+        if not records:
+            raise _FileError("the file has no rows below the header")
+        chunks = [records[i : i + CHUNK_ROWS] for i in range(0, len(records), CHUNK_ROWS)]
+        del records
+        # Reading and validating rows needs no database: it runs ahead of the writes, in worker
+        # processes for a big file (Python runs one thread at a time; the writes, the outbox
+        # relay and the RPCs keep this process busy enough), else in a thread.
+        workers = _worker_processes(len(chunks))
+        if workers:
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        else:
+            pool = ThreadPoolExecutor(1, thread_name_prefix=f"import-{job.id[:8]}-read")
+        try:
+            ahead: deque = deque()  # chunks being read: one per worker, and the next in line
+            submitted, depth = 0, max(workers, 1) + 1
+            for _ in range(len(chunks)):
+                while submitted < len(chunks) and len(ahead) < depth:
+                    ahead.append(pool.submit(_convert_chunk, self.conv, chunks[submitted]))
+                    chunks[submitted] = None  # handed over: free it as soon as it is converted
+                    submitted += 1
+                rows = ahead.popleft().result()
+                with self.uc.engine.begin() as conn:
+                    self._chunk(conn, rows)
+                self.uc.committed()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._update_job(state=SUCCEEDED, end_time=sa.func.now())
+
+    def _update_job(self, **values) -> None:
+        with self.uc.engine.begin() as conn:
+            conn.execute(
+                import_jobs.update().where(import_jobs.c.id == self.job.id).values(**values, update_time=sa.func.now())
+            )
+
+    # -- per chunk -------------------------------------------------------------------------
+    def _chunk(self, conn: sa.Connection, rows: list[_Row]) -> None:
+        job = self.job
+        counts = _Counts(processed=len(rows))
+        good = [r for r in rows if not r.problems]
+        self._resolve_referrers(conn, [r for r in good if r.referrer])
+        good = [r for r in good if not r.problems]
+        creates: list[_Row] = []
+        pending: dict[int, _Row] = {}  # file row number -> a row this chunk creates
+        updates: dict[str, _Update] = {}
+        existing = self._existing(conn, good) if job.policy != CREATE else {}
+        for r in good:
+            if job.policy == CREATE:
+                creates.append(r)
+                continue
+            keys = r.dedupe_keys()
+            target = next((existing[k] for k in keys if k in existing), None)
+            if target is None:
+                target = next((self.seen[k] for k in keys if k in self.seen), None)
+            if target is None:
+                creates.append(r)
+                pending[r.number] = r
+                for k in keys:
+                    self.seen.setdefault(k, r.number)
+                continue
+            for k in keys:
+                self.seen.setdefault(k, target)
+            if job.policy == SKIP:
+                counts.skipped += 1
+            elif isinstance(target, str):
+                u = updates.setdefault(target, _Update(target))
+                u.rows.append(r)
+                u.raw = _overlay(u.raw, r.raw, r.given)
+                u.given |= r.given
+            elif target in pending:  # a duplicate of a row this chunk creates: merge into it
+                first = pending[target]
+                try:
+                    first.values = self.conv.validate(self.conv.fresh(_overlay(first.raw, r.raw, r.given)))
+                except InvalidArgument as e:
+                    for v in e.violations:
+                        r.reject(self.conv.label(v.field), v.description)
+                else:
+                    first.raw, first.given = _overlay(first.raw, r.raw, r.given), first.given | r.given
+                    first.proto = b""  # prepared from other values
+                    counts.updated += 1
+            else:  # a duplicate of a row an earlier chunk would create (validate_only)
+                counts.updated += 1
+        if updates:
+            self._update(conn, updates, counts)
+        if creates:
+            self._create(conn, creates)
+            counts.created += len(creates)
+        failed = [r for r in rows if r.problems]
+        counts.failed = len(failed)
+        if failed:
+            width = max(len(self.headers), 1)
+            _copy(
+                conn,
+                "import_job_errors",
+                ["job_id", "row_number", "fields", "problems", "cells"],
+                (
+                    (job.id, r.number, r.fields, r.problems, _json_text([_cell_text(c) for c in r.cells[:width]]))
+                    for r in failed
+                ),
+            )
+        c = import_jobs.c
+        conn.execute(
+            import_jobs.update()
+            .where(c.id == job.id)
+            .values(
+                processed_rows=c.processed_rows + counts.processed,
+                created_rows=c.created_rows + counts.created,
+                updated_rows=c.updated_rows + counts.updated,
+                skipped_rows=c.skipped_rows + counts.skipped,
+                failed_rows=c.failed_rows + counts.failed,
+                update_time=sa.func.now(),
+            )
+        )
+
+    def _resolve_referrers(self, conn, rows: list[_Row]) -> None:
+        if not rows:
+            return
+        ids = [r.referrer.removeprefix("customers/") for r in rows]
+        uuids = [i for i in ids if re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", i)]
+        found: dict[str, str] = {}
+        for cid, code in conn.execute(
+            sa.text(
+                "SELECT id::text, customer_code FROM customers WHERE NOT erased AND "
+                "(id = ANY(CAST(:ids AS uuid[])) OR customer_code = ANY(CAST(:codes AS text[])))"
+            ),
+            {"ids": uuids, "codes": [i.upper() for i in ids]},
+        ):
+            found[cid] = found[code.lower()] = found[code] = cid
+        for r, ref in zip(rows, ids, strict=True):
+            cid = found.get(ref) or found.get(ref.lower())
+            if cid is None:
+                r.reject(self.conv.label("referrer_customer"), f"no such customer: {r.referrer}")
+            else:
+                r.raw["referrer_customer"] = r.values["referrer_customer"] = cid
+                r.proto = b""  # prepared without it
+
+    def _existing(self, conn, rows: list[_Row]) -> dict[str, str]:
+        """Dedupe key -> the oldest live customer of the job's type having it (one query)."""
+        nids, emails, phones = set(), set(), set()
+        for r in rows:
+            v = r.values
+            if v["national_id"]:
+                nids.add(v["national_id"])
+            if v["email"]:
+                emails.add(v["email"].lower())
+            phones.update(p for p in (v["mobile"], v["phone"]) if p)
+        if not (nids or emails or phones):
+            return {}
+        out: dict[str, str] = {}
+        for cid, nid, email, phone, mobile in conn.execute(
+            sa.text(
+                "SELECT id::text, national_id, lower(email), phone, mobile FROM customers "
+                "WHERE type = :type AND delete_time IS NULL AND NOT erased AND ("
+                " (national_id <> '' AND national_id = ANY(CAST(:nids AS text[])))"
+                " OR (email <> '' AND lower(email) = ANY(CAST(:emails AS text[])))"
+                " OR (phone <> '' AND phone = ANY(CAST(:phones AS text[])))"
+                " OR (mobile <> '' AND mobile = ANY(CAST(:phones AS text[])))"
+                ") ORDER BY create_time, id"
+            ),
+            {"type": self.job.customer_type, "nids": list(nids), "emails": list(emails), "phones": list(phones)},
+        ):
+            for k in (f"n:{nid}" if nid else "", f"e:{email}" if email else "", f"p:{phone}", f"p:{mobile}"):
+                if len(k) > 2:
+                    out.setdefault(k, cid)
+        return out
+
+    # -- writes ----------------------------------------------------------------------------
+    def _create(self, conn, rows: list[_Row]) -> None:
+        """The chunk's new customers in one COPY (codes from the sequence in one query), their
+        group memberships, one customer.created.v1 event and one audit entry each."""
+        if self.job.validate_only:
+            return
+        now = conn.execute(sa.text("SELECT now()")).scalar_one()  # what the DEFAULTs would give
+        codes = conn.execute(
+            sa.text("SELECT 'C-' || lpad(nextval('customer_code_seq')::text, 6, '0') FROM generate_series(1, :n)"),
+            {"n": len(rows)},
+        ).scalars()
+        stamp = ts(now)
+        records, members, events, audit = [], [], [], []
+        for r, code in zip(rows, codes, strict=True):
+            if not r.proto:
+                self.conv.prepare(r)
+            v, cid = r.values, r.cid
+            key = text.normalize(code)  # domain.search_key(v, code), the code put in front
+            record = [_AS_TEXT[c](v[c]) if c in _AS_TEXT else v[c] for c in INSERT_COLUMNS]
+            record += [cid, code, f"{key} {r.search_rest}" if r.search_rest else key, 1, now, now]
+            records.append(record)
+            members += [(g, cid) for g in v["group_ids"]]
+            for k in r.dedupe_keys():  # later chunks find this customer by id, not by row number
+                if self.seen.get(k) == r.number:
+                    self.seen[k] = cid
+            event = customer_events_pb2.CustomerCreated()
+            event.customer.MergeFromString(r.proto)
+            c = event.customer
+            c.customer_code = code
+            c.create_time.CopyFrom(stamp)
+            c.update_time.CopyFrom(stamp)
+            events.append((c.name, event))
+            audit.append(self._audit(c.name, "import.create", r.changes))
+        _copy(conn, "customers", _CUSTOMER_COPY_COLUMNS, records)
+        if members:
+            _copy(conn, "group_members", ["group_id", "customer_id"], members)
+        self._write_events(conn, "customer.created.v1", events, audit)
+
+    def _update(self, conn, updates: dict[str, _Update], counts: _Counts) -> None:
+        # Locked in id order, so two imports updating the same customers cannot deadlock.
+        q = adapters.select_customers().where(customers.c.id.in_(list(updates))).order_by(customers.c.id)
+        if not self.job.validate_only:
+            q = q.with_for_update(of=customers)
+        by_id = {str(r.id): r for r in conn.execute(q)}
+        defs = self.ctx.custom_defs
+        params, done = [], []
+        for cid, u in updates.items():
+            row = by_id.get(cid)
+            if row is None or row.erased or row.delete_time is not None:
+                counts.skipped += len(u.rows)
+                continue
+            old = CustomerUseCases.stored_values(row, defs)
+            try:
+                merged = self.conv.validate(_overlay(old, u.raw, u.given), old_source=old["acquisition_source"])
+            except InvalidArgument as e:
+                for r in u.rows:
+                    for v in e.violations:
+                        r.reject(self.conv.label(v.field), v.description)
+                continue
+            if merged["email"].lower() == old["email"].lower():  # the same address: keep how it was written
+                merged["email"] = old["email"]
+            changed = [k for k in AUDITED if _json(old.get(k)) != _json(merged.get(k))]
+            if not changed:
+                counts.skipped += len(u.rows)
+                continue
+            counts.updated += len(u.rows)
+            if self.job.validate_only:
+                continue
+            p = {f"v_{k}": merged[k] for k in INSERT_COLUMNS}
+            p["v_search_text"] = domain.search_key(merged, row.customer_code)
+            p["v_id"] = cid
+            params.append(p)
+            done.append((cid, old, merged, changed))
+        if not params:
+            return
+        conn.execute(
+            customers.update()
+            .where(customers.c.id == sa.bindparam("v_id"))
+            .values(
+                **{k: sa.bindparam(f"v_{k}") for k in [*INSERT_COLUMNS, "search_text"]},
+                version=customers.c.version + 1,
+                update_time=sa.func.now(),
+            ),
+            params,
+        )
+        for cid, _, merged, changed in done:
+            if "group_ids" in changed:
+                adapters.set_groups(conn, cid, merged["group_ids"])
+        stored = {str(s.id): s for s in adapters.get_customers(conn, [d[0] for d in done])}
+        events, audit = [], []
+        for cid, old, merged, changed in done:
+            full = customer_to_proto(stored[cid], defs)
+            fields = [{"group_ids": "groups", "rank_id": "rank"}.get(k, k) for k in changed]
+            events.append((full.name, customer_events_pb2.CustomerUpdated(customer=full, changed_fields=fields)))
+            audit.append(
+                self._audit(
+                    full.name,
+                    "import.update",
+                    [
+                        {"field": f, "old_value": _json(old.get(k)), "new_value": _json(merged.get(k))}
+                        for f, k in zip(fields, changed, strict=True)
+                    ],
+                )
+            )
+        self._write_events(conn, "customer.updated.v1", events, audit)
+
+    def _audit(self, resource: str, action: str, changes: list[dict] | str) -> dict:
+        return {
+            "resource": resource,
+            "action": action,
+            "actor": self.actor,
+            "changes": changes,
+            "request_id": self.request_id,
+        }
+
+    def _write_events(self, conn, routing_key: str, events: list[tuple[str, object]], audit: list[dict]) -> None:
+        """The chunk's events into the outbox (the rows `outbox.enqueue` writes, by COPY) and
+        its audit entries, in the chunk's transaction."""
+        # One envelope made the usual way gives every attribute but the id, subject and body.
+        e = new_event(
+            domain="customer",
+            source_service=self.uc.service_name,
+            routing_key=routing_key,
+            subject="",
+            message=events[0][1],
+        )
+        trace_headers = _json_text(inject_headers())
+        _copy(
+            conn,
+            "outbox",
+            _OUTBOX_COPY_COLUMNS,
+            (
+                (
+                    event_id,
+                    e.exchange,
+                    e.routing_key,
+                    e.type,
+                    e.source,
+                    subject,
+                    e.dataschema,
+                    message.SerializeToString(),
+                    trace_headers,
+                    e.time,
+                )
+                for event_id, (subject, message) in zip(_uuids(len(events)), events, strict=True)
+            ),
+        )
+        _copy(
+            conn,
+            "audit_entries",
+            ["resource", "action", "actor", "changes", "request_id"],
+            ((a["resource"], a["action"], a["actor"], _json_text(a["changes"]), a["request_id"]) for a in audit),
+        )
+
+
+class _Stored:
+    """A row as `customer_to_proto` reads it."""
+
+    __slots__ = ("_mapping",)
+
+    def __init__(self, mapping: dict):
+        self._mapping = mapping
+
+
+_CUSTOMER_COPY_COLUMNS = [
+    *INSERT_COLUMNS,
+    "id",
+    "customer_code",
+    "search_text",
+    "version",
+    "create_time",
+    "update_time",
+]
+_OUTBOX_COPY_COLUMNS = [
+    "event_id",
+    "exchange",
+    "routing_key",
+    "event_type",
+    "source",
+    "subject",
+    "dataschema",
+    "payload",
+    "trace_headers",
+    "occurred_at",
+]
+_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str).encode
+
+
+_QUOTE = json.encoder.encode_basestring  # a str as a JSON string, non-ASCII kept (as _json does)
+
+
+def _fast_json(value) -> str:
+    """service_layer._json, the same text, without building an encoder per call."""
+    if isinstance(value, str):
+        return _QUOTE(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, dt.date):
+        return _QUOTE(value.isoformat())
+    if isinstance(value, list) and all(isinstance(x, str) for x in value):
+        return "[" + ", ".join(map(_QUOTE, value)) + "]"
+    return _JSON(value)
+
+
+def _create_changes(v: dict) -> str:
+    """The audit entry of a new customer (what service_layer.create records), as JSON text."""
+    return (
+        "["
+        + ", ".join(
+            f'{{"field": "{k}", "new_value": {_QUOTE(_fast_json(v[k]))}, "old_value": "null"}}'
+            for k in AUDITED
+            if v.get(k) not in (None, "", [], {}, 0)
+        )
+        + "]"
+    )
+
+
+def _array_text(values: list[str]) -> str:
+    """A text[] value as COPY takes it: an array literal (PostgreSQL parses it)."""
+    return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
+
+
+def _json_text(value) -> str:
+    """A JSONB value as COPY takes it: JSON text (PostgreSQL parses it)."""
+    if isinstance(value, str):
+        return value
+    if not value:
+        return "[]" if isinstance(value, list) else "{}"
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _worker_processes(chunks: int) -> int:
+    """Worker processes for reading a file of this many chunks: none for a small file (a
+    process takes a second or two to start), else one per spare core, at most MAX_WORKERS."""
+    cores = os.cpu_count() or 1
+    if chunks < PROCESS_MIN_CHUNKS or cores < 2:
+        return 0
+    return min(MAX_WORKERS, cores - 1)
+
+
+def _uuids(n: int) -> list[str]:
+    """n random (version 4) UUIDs from one read of the system's randomness."""
+    data = os.urandom(16 * n)
+    return [str(uuid.UUID(bytes=data[i : i + 16], version=4)) for i in range(0, 16 * n, 16)]
+
+
+def _copy(conn: sa.Connection, table: str, columns: list[str], rows) -> None:
+    """COPY rows into a table on the connection's open transaction."""
+    cursor = conn.connection.driver_connection.cursor()
+    with cursor, cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+# Columns handed to COPY as text, converted here (cheaper than the driver's adapters).
+_AS_TEXT = {"contact_persons": _json_text, "custom_fields": _json_text, "tags": _array_text}
