@@ -60,7 +60,7 @@ from sqlalchemy.dialects import postgresql as pg
 from crm.customer.v1 import customer_events_pb2, customer_pb2, resources_pb2
 from crm.customer.v1 import customer_service_pb2 as pb
 from crm_chassis.auth import Principal
-from crm_chassis.errors import FieldViolation, InvalidArgument, NotFound
+from crm_chassis.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from crm_chassis.logging import request_id_var
 from crm_chassis.messaging.envelope import new_event
 from crm_chassis.telemetry import inject_headers
@@ -77,6 +77,7 @@ MAX_BYTES = 64 * 1024 * 1024
 MAX_ROWS = 1_000_000
 CHUNK_ROWS = 1000
 MAX_RUNNING = 2  # imports running at once in one process; more wait their turn (still RUNNING)
+MAX_QUEUED = 10  # imports running or waiting in one process; past that, UNAVAILABLE (try later)
 REPORT_CHUNK = 256 * 1024
 PROCESS_MIN_CHUNKS = 4  # from this many chunks, rows are read and checked in worker processes
 MAX_WORKERS = 3
@@ -94,6 +95,7 @@ _BASE = values_from_proto(customer_pb2.Customer(), domain.WRITABLE)
 INSERT_COLUMNS = [c for c in WRITE_COLUMNS if c != "search_text"]
 
 _SLOTS = threading.BoundedSemaphore(MAX_RUNNING)
+_QUEUE = threading.BoundedSemaphore(MAX_QUEUED)
 
 import_jobs = sa.Table(
     "import_jobs",
@@ -483,6 +485,18 @@ class _Counts:
 
 
 @dataclass
+class _ChunkWrite:
+    """What a chunk writes: rows for COPY, and its counters."""
+
+    counts: _Counts
+    customers: list = field(default_factory=list)
+    members: list = field(default_factory=list)
+    outbox: list = field(default_factory=list)
+    audit: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+
+
+@dataclass
 class _Job:
     id: str
     customer_type: int
@@ -530,6 +544,9 @@ def _parse_job_name(name: str) -> str:
 class Importer:
     def __init__(self, use_cases: CustomerUseCases):
         self.uc = use_cases
+        # A job's lock lives on a connection of its own for as long as the job runs: outside the
+        # pool the RPCs share, and closing it (or the process dying) releases the lock.
+        self.locks = sa.create_engine(use_cases.engine.url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
         self.fail_interrupted()
 
     # -- the API ---------------------------------------------------------------------------
@@ -588,9 +605,15 @@ class Importer:
             principal=principal,
             request_id=request.request_id,
         )
+        if not _QUEUE.acquire(blocking=False):
+            raise Unavailable(f"{MAX_QUEUED} imports are running or waiting here; try again in a few minutes")
         # The job's lock is taken before its row exists, so no replica starting meanwhile can
         # take it for an interrupted one; the thread keeps the lock until the job ends.
-        lock = self.uc.reader.connect()
+        try:
+            lock = self.locks.connect()
+        except BaseException:
+            _QUEUE.release()
+            raise
         try:
             lock.execute(sa.text(f"SELECT pg_advisory_lock({_LOCK_KEY.format(':id')})"), {"id": job.id})
             with self.uc.engine.begin() as conn:
@@ -610,13 +633,13 @@ class Importer:
                     .returning(*import_jobs.c)
                 ).one()
         except sa.exc.IntegrityError:
-            self._unlock(lock, job.id)
+            self._unlock(lock)
             existing = self._by_request_id(request.request_id)  # a concurrent retry won the race
             if existing is not None:
                 return existing
             raise
         except BaseException:
-            self._unlock(lock, job.id)
+            self._unlock(lock)
             raise
         run = contextvars.copy_context()  # request id and trace context follow into the thread
         threading.Thread(
@@ -710,13 +733,14 @@ class Importer:
         return None if row is None else _job_proto(row)
 
     @staticmethod
-    def _unlock(lock: sa.Connection, job_id: str) -> None:
+    def _unlock(lock: sa.Connection) -> None:
+        """Close the job's lock connection (which releases the lock) and free its queue place."""
         try:
-            lock.execute(sa.text(f"SELECT pg_advisory_unlock({_LOCK_KEY.format(':id')})"), {"id": job_id})
             lock.close()
-        except Exception:  # a connection that cannot unlock must not go back to the pool
-            log.exception("could not release an import job lock")
-            lock.invalidate()
+        except Exception:
+            log.exception("could not close an import job's lock connection")
+        finally:
+            _QUEUE.release()
 
     def _set(self, job_id: str, **values) -> None:
         with self.uc.engine.begin() as conn:
@@ -739,7 +763,7 @@ class Importer:
                 end_time=sa.func.now(),
             )
         finally:
-            self._unlock(lock, job.id)
+            self._unlock(lock)
 
 
 def _load_names(conn) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
@@ -968,6 +992,8 @@ class _Run:
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
         else:
             pool = ThreadPoolExecutor(1, thread_name_prefix=f"import-{job.id[:8]}-read")
+        writer = ThreadPoolExecutor(1, thread_name_prefix=f"import-{job.id[:8]}-write")
+        writing = None  # the chunk being written
         try:
             ahead: deque = deque()  # chunks being read: one per worker, and the next in line
             submitted, depth = 0, max(workers, 1) + 1
@@ -977,12 +1003,32 @@ class _Run:
                     chunks[submitted] = None  # handed over: free it as soon as it is converted
                     submitted += 1
                 rows = ahead.popleft().result()
-                with self.uc.engine.begin() as conn:
-                    self._chunk(conn, rows)
-                self.uc.committed()
+                if job.policy == UPDATE and not job.validate_only:
+                    # Updates read and lock their customers in the chunk's transaction.
+                    if writing is not None:
+                        writing.result()
+                    with self.uc.engine.begin() as conn:
+                        self._write(conn, self._chunk(conn, rows))
+                    self.uc.committed()
+                    continue
+                # Otherwise a chunk is decided and built while the one before is written: the
+                # rows of a file that chunk creates are known here (self.seen) before it commits.
+                with self.uc.reader.connect() as conn:
+                    chunk = self._chunk(conn, rows)
+                if writing is not None:
+                    writing.result()
+                writing = writer.submit(self._commit, chunk)
+            if writing is not None:
+                writing.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            writer.shutdown(wait=True, cancel_futures=True)
         self._update_job(state=SUCCEEDED, end_time=sa.func.now())
+
+    def _commit(self, chunk: _ChunkWrite) -> None:
+        with self.uc.engine.begin() as conn:
+            self._write(conn, chunk)
+        self.uc.committed()
 
     def _update_job(self, **values) -> None:
         with self.uc.engine.begin() as conn:
@@ -991,9 +1037,12 @@ class _Run:
             )
 
     # -- per chunk -------------------------------------------------------------------------
-    def _chunk(self, conn: sa.Connection, rows: list[_Row]) -> None:
+    def _chunk(self, conn: sa.Connection, rows: list[_Row]) -> _ChunkWrite:
+        """What each row of a chunk does, and the chunk's writes. `conn` reads; for UPDATE it is
+        the chunk's transaction, and the updates are made here."""
         job = self.job
         counts = _Counts(processed=len(rows))
+        chunk = _ChunkWrite(counts)
         good = [r for r in rows if not r.problems]
         self._resolve_referrers(conn, [r for r in good if r.referrer])
         good = [r for r in good if not r.problems]
@@ -1038,27 +1087,36 @@ class _Run:
             else:  # a duplicate of a row an earlier chunk would create (validate_only)
                 counts.updated += 1
         if updates:
-            self._update(conn, updates, counts)
+            self._update(conn, updates, chunk)
         if creates:
-            self._create(conn, creates)
             counts.created += len(creates)
+            if not job.validate_only:
+                self._create(conn, creates, chunk)
         failed = [r for r in rows if r.problems]
         counts.failed = len(failed)
-        if failed:
-            width = max(len(self.headers), 1)
-            _copy(
-                conn,
-                "import_job_errors",
-                ["job_id", "row_number", "fields", "problems", "cells"],
-                (
-                    (job.id, r.number, r.fields, r.problems, _json_text([_cell_text(c) for c in r.cells[:width]]))
-                    for r in failed
-                ),
-            )
-        c = import_jobs.c
+        width = max(len(self.headers), 1)
+        chunk.errors = [
+            (job.id, r.number, r.fields, r.problems, _json_text([_cell_text(c) for c in r.cells[:width]]))
+            for r in failed
+        ]
+        return chunk
+
+    def _write(self, conn: sa.Connection, chunk: _ChunkWrite) -> None:
+        """A chunk's rows by COPY and the job's counters, in the chunk's transaction."""
+        if chunk.customers:
+            _copy(conn, "customers", _CUSTOMER_COPY_COLUMNS, chunk.customers)
+        if chunk.members:
+            _copy(conn, "group_members", ["group_id", "customer_id"], chunk.members)
+        if chunk.outbox:
+            _copy(conn, "outbox", _OUTBOX_COPY_COLUMNS, chunk.outbox)
+        if chunk.audit:
+            _copy(conn, "audit_entries", ["resource", "action", "actor", "changes", "request_id"], chunk.audit)
+        if chunk.errors:
+            _copy(conn, "import_job_errors", ["job_id", "row_number", "fields", "problems", "cells"], chunk.errors)
+        c, counts = import_jobs.c, chunk.counts
         conn.execute(
             import_jobs.update()
-            .where(c.id == job.id)
+            .where(c.id == self.job.id)
             .values(
                 processed_rows=c.processed_rows + counts.processed,
                 created_rows=c.created_rows + counts.created,
@@ -1122,18 +1180,18 @@ class _Run:
         return out
 
     # -- writes ----------------------------------------------------------------------------
-    def _create(self, conn, rows: list[_Row]) -> None:
-        """The chunk's new customers in one COPY (codes from the sequence in one query), their
-        group memberships, one customer.created.v1 event and one audit entry each."""
-        if self.job.validate_only:
-            return
-        now = conn.execute(sa.text("SELECT now()")).scalar_one()  # what the DEFAULTs would give
-        codes = conn.execute(
-            sa.text("SELECT 'C-' || lpad(nextval('customer_code_seq')::text, 6, '0') FROM generate_series(1, :n)"),
+    def _create(self, conn, rows: list[_Row], chunk: _ChunkWrite) -> None:
+        """The chunk's new customers as COPY rows (customer codes from the sequence in one
+        query), their group memberships, one customer.created.v1 event and one audit entry each."""
+        [(now, codes)] = conn.execute(
+            sa.text(
+                "SELECT now(), array_agg('C-' || lpad(nextval('customer_code_seq')::text, 6, '0')) "
+                "FROM generate_series(1, :n)"
+            ),
             {"n": len(rows)},
-        ).scalars()
+        )
         stamp = ts(now)
-        records, members, events, audit = [], [], [], []
+        events = []
         for r, code in zip(rows, codes, strict=True):
             if not r.proto:
                 self.conv.prepare(r)
@@ -1141,8 +1199,8 @@ class _Run:
             key = text.normalize(code)  # domain.search_key(v, code), the code put in front
             record = [_AS_TEXT[c](v[c]) if c in _AS_TEXT else v[c] for c in INSERT_COLUMNS]
             record += [cid, code, f"{key} {r.search_rest}" if r.search_rest else key, 1, now, now]
-            records.append(record)
-            members += [(g, cid) for g in v["group_ids"]]
+            chunk.customers.append(record)
+            chunk.members += [(g, cid) for g in v["group_ids"]]
             for k in r.dedupe_keys():  # later chunks find this customer by id, not by row number
                 if self.seen.get(k) == r.number:
                     self.seen[k] = cid
@@ -1153,13 +1211,11 @@ class _Run:
             c.create_time.CopyFrom(stamp)
             c.update_time.CopyFrom(stamp)
             events.append((c.name, event))
-            audit.append(self._audit(c.name, "import.create", r.changes))
-        _copy(conn, "customers", _CUSTOMER_COPY_COLUMNS, records)
-        if members:
-            _copy(conn, "group_members", ["group_id", "customer_id"], members)
-        self._write_events(conn, "customer.created.v1", events, audit)
+            chunk.audit.append(self._audit(c.name, "import.create", r.changes))
+        chunk.outbox += self._outbox_rows("customer.created.v1", events)
 
-    def _update(self, conn, updates: dict[str, _Update], counts: _Counts) -> None:
+    def _update(self, conn, updates: dict[str, _Update], chunk: _ChunkWrite) -> None:
+        counts = chunk.counts
         # Locked in id order, so two imports updating the same customers cannot deadlock.
         q = adapters.select_customers().where(customers.c.id.in_(list(updates))).order_by(customers.c.id)
         if not self.job.validate_only:
@@ -1210,12 +1266,12 @@ class _Run:
             if "group_ids" in changed:
                 adapters.set_groups(conn, cid, merged["group_ids"])
         stored = {str(s.id): s for s in adapters.get_customers(conn, [d[0] for d in done])}
-        events, audit = [], []
+        events = []
         for cid, old, merged, changed in done:
             full = customer_to_proto(stored[cid], defs)
             fields = [{"group_ids": "groups", "rank_id": "rank"}.get(k, k) for k in changed]
             events.append((full.name, customer_events_pb2.CustomerUpdated(customer=full, changed_fields=fields)))
-            audit.append(
+            chunk.audit.append(
                 self._audit(
                     full.name,
                     "import.update",
@@ -1225,20 +1281,13 @@ class _Run:
                     ],
                 )
             )
-        self._write_events(conn, "customer.updated.v1", events, audit)
+        chunk.outbox += self._outbox_rows("customer.updated.v1", events)
 
-    def _audit(self, resource: str, action: str, changes: list[dict] | str) -> dict:
-        return {
-            "resource": resource,
-            "action": action,
-            "actor": self.actor,
-            "changes": changes,
-            "request_id": self.request_id,
-        }
+    def _audit(self, resource: str, action: str, changes: list[dict] | str) -> tuple:
+        return (resource, action, self.actor, _json_text(changes), self.request_id)
 
-    def _write_events(self, conn, routing_key: str, events: list[tuple[str, object]], audit: list[dict]) -> None:
-        """The chunk's events into the outbox (the rows `outbox.enqueue` writes, by COPY) and
-        its audit entries, in the chunk's transaction."""
+    def _outbox_rows(self, routing_key: str, events: list[tuple[str, object]]) -> list[tuple]:
+        """The events as the outbox rows `outbox.enqueue` writes (for COPY)."""
         # One envelope made the usual way gives every attribute but the id, subject and body.
         e = new_event(
             domain="customer",
@@ -1248,32 +1297,21 @@ class _Run:
             message=events[0][1],
         )
         trace_headers = _json_text(inject_headers())
-        _copy(
-            conn,
-            "outbox",
-            _OUTBOX_COPY_COLUMNS,
+        return [
             (
-                (
-                    event_id,
-                    e.exchange,
-                    e.routing_key,
-                    e.type,
-                    e.source,
-                    subject,
-                    e.dataschema,
-                    message.SerializeToString(),
-                    trace_headers,
-                    e.time,
-                )
-                for event_id, (subject, message) in zip(_uuids(len(events)), events, strict=True)
-            ),
-        )
-        _copy(
-            conn,
-            "audit_entries",
-            ["resource", "action", "actor", "changes", "request_id"],
-            ((a["resource"], a["action"], a["actor"], _json_text(a["changes"]), a["request_id"]) for a in audit),
-        )
+                event_id,
+                e.exchange,
+                e.routing_key,
+                e.type,
+                e.source,
+                subject,
+                e.dataschema,
+                message.SerializeToString(),
+                trace_headers,
+                e.time,
+            )
+            for event_id, (subject, message) in zip(_uuids(len(events)), events, strict=True)
+        ]
 
 
 class _Stored:
@@ -1326,16 +1364,14 @@ def _fast_json(value) -> str:
 
 
 def _create_changes(v: dict) -> str:
-    """The audit entry of a new customer (what service_layer.create records), as JSON text."""
-    return (
-        "["
-        + ", ".join(
-            f'{{"field": "{k}", "new_value": {_QUOTE(_fast_json(v[k]))}, "old_value": "null"}}'
-            for k in AUDITED
-            if v.get(k) not in (None, "", [], {}, 0)
-        )
-        + "]"
-    )
+    """The audit entry of a new customer (what service_layer.create records: every field not
+    None, "", [], {} or 0, that is every truthy one), as JSON text."""
+    parts = []
+    for k in AUDITED:
+        value = v.get(k)
+        if value:
+            parts.append(f'{{"field": "{k}", "new_value": {_QUOTE(_fast_json(value))}, "old_value": "null"}}')
+    return "[" + ", ".join(parts) + "]"
 
 
 def _array_text(values: list[str]) -> str:
