@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from openpyxl import Workbook, load_workbook
 
-from crm.customer.v1 import customer_events_pb2, customer_pb2
+from crm.customer.v1 import customer_events_pb2, customer_pb2, resources_pb2
 from crm.customer.v1 import customer_service_pb2 as pb
 from crm.type.v1 import date_pb2
 from crm_chassis.errors import read_rpc_error
@@ -493,3 +493,42 @@ def test_the_fast_audit_encoding_matches_the_create_path():
     values.append([{"given_name": "A", "role": "CEO"}])
     for v in values:
         assert _fast_json(v) == _json(v), v
+
+
+def test_groups_ranks_custom_fields_and_referrers_are_found_by_name_or_code(stub):
+    t = tag()
+    group = stub.CreateGroup(pb.CreateGroupRequest(group=resources_pb2.Group(display_name=f"VIP {t}")), metadata=md())
+    rank = stub.CreateRank(
+        pb.CreateRankRequest(rank=resources_pb2.Rank(display_name=f"Gold {t}", position=1)), metadata=md()
+    )
+    key = f"budget_{t}"
+    stub.CreateCustomFieldDefinition(
+        pb.CreateCustomFieldDefinitionRequest(
+            custom_field_definition=resources_pb2.CustomFieldDefinition(
+                key=key, display_name=f"Budget {t}", type=resources_pb2.CUSTOM_FIELD_TYPE_NUMBER
+            )
+        ),
+        metadata=md(),
+    )
+    referrer = create(stub, given_name="Referrer", city=f"Ref-{t}")
+    city = f"Sari-{t}"
+    rows = [
+        ["Name", "Family", "Groups", "Rank", f"Budget {t}", "City", "Referrer customer"],
+        ["Ok", "One", f"vip {t}", f"GOLD {t}", "۱٬۲۵۰", city, ""],
+        ["Bad", "Group", "No such group", "", "", city, ""],  # row 3
+        ["Bad", "Budget", "", "", "lots", city, ""],  # row 4
+        ["Ref", "Two", "", "", "", city, referrer.customer_code.lower()],
+        ["Ref", "Unknown", "", "", "", city, "C-999999"],  # row 6
+    ]
+    job = run(stub, csv_bytes(rows))
+    assert counters(job) == (5, 5, 2, 0, 0, 3)
+    made = {c.given_name: c for c in listed(stub, f'city = "{city}"')}
+    assert set(made) == {"Ok", "Ref"}
+    assert list(made["Ok"].groups) == [group.name] and made["Ok"].rank == rank.name
+    assert made["Ok"].custom_fields[key].number_value == 1250
+    assert made["Ref"].referrer_customer == referrer.name
+    _, data = report(stub, job.name)
+    by_row = {int(r[0]): r for r in list(csv.reader(io.StringIO(data.decode("utf-8-sig"))))[1:]}
+    assert sorted(by_row) == [3, 4, 6]
+    assert "no such group" in by_row[3][2] and by_row[3][1] == "Groups"
+    assert "not a number" in by_row[4][2] and "no such customer" in by_row[6][2]
