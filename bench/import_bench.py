@@ -83,7 +83,19 @@ def to_csv(data: list[list[str]]) -> bytes:
     return buf.getvalue().encode("utf-8-sig")
 
 
-def import_run(db_url: str, amqp_url: str, content: bytes) -> tuple[pb.ImportJob, float, int]:
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all processes, everyone's)."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its reaped children (the import's worker processes)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def import_run(db_url: str, amqp_url: str, content: bytes) -> tuple[pb.ImportJob, float, int, dict]:
     proc, port = start_customer_svc(db_url, amqp_url)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -92,14 +104,21 @@ def import_run(db_url: str, amqp_url: str, content: bytes) -> tuple[pb.ImportJob
             req = pb.ImportCustomersRequest(
                 content=content, file_format=pb.IMPORT_FILE_FORMAT_CSV, customer_type=customer_pb2.CUSTOMER_TYPE_PERSON
             )
-            t0 = time.perf_counter()
+            svc0, busy0, t0 = process_cpu_seconds(proc.pid), machine_busy_seconds(), time.perf_counter()
             job = stub.ImportCustomers(req, metadata=meta)
             polls = 0
             while job.state == pb.IMPORT_STATE_RUNNING:
                 time.sleep(0.1)
                 job = stub.GetImportJob(pb.GetImportJobRequest(name=job.name), metadata=meta)
                 polls += 1
-            return job, time.perf_counter() - t0, polls
+            elapsed = time.perf_counter() - t0
+            time.sleep(0.5)  # the worker processes exit and are reaped
+            cpu = {
+                "service_cpu_s": round(process_cpu_seconds(proc.pid) - svc0, 1),
+                "machine_busy_cpu_s": round(machine_busy_seconds() - busy0, 1),
+                "load_average_1m": os.getloadavg()[0],
+            }
+            return job, elapsed, polls, cpu
     finally:
         proc.terminate()
         proc.wait(30)
@@ -127,7 +146,8 @@ def main() -> int:
     print(f"import bench: {n} rows, {len(content) / 1e6:.1f} MB CSV, {os.cpu_count()} cores", flush=True)
     dbs, broker = Databases(), Broker()
     try:
-        job, elapsed, polls = import_run(dbs.fresh("bench_import"), broker.url, content)
+        load_before = os.getloadavg()[0]
+        job, elapsed, polls, cpu = import_run(dbs.fresh("bench_import"), broker.url, content)
         copy_s = copy_baseline(dbs.fresh("bench_copy"), data)
     finally:
         dbs.drop_all()
@@ -154,9 +174,15 @@ def main() -> int:
     ]
     print(table(result, ["what", "rows", "seconds", "rows_per_s", "created", "skipped", "failed"]))
     print(f"target >= 2000 rows/s: {'met' if job.total_rows / elapsed >= 2000 else 'NOT met'} ({polls} polls)")
+    print(
+        f"CPU during the import: customer-svc (with its worker processes) {cpu['service_cpu_s']} s, whole machine "
+        f"{cpu['machine_busy_cpu_s']} s of {round(elapsed * (os.cpu_count() or 1), 1)} s available (PostgreSQL, "
+        f"RabbitMQ and anything else running); load average {load_before:.2f} before, "
+        f"{cpu['load_average_1m']:.2f} after: a busy machine gives lower figures"
+    )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"import-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    out.write_text(json.dumps({"rows": result, "cpu": cpu}, indent=2, ensure_ascii=False))
     print(f"saved {out.relative_to(ROOT)}")
     return 0
 
