@@ -386,7 +386,7 @@ def test_chunks_commit_one_by_one_and_progress_counts_whole_chunks(stub, svc):
     assert counters(job) == (n, n, n, 0, 0, 0)
     # Progress only ever shows committed chunks: whole chunks of 1000, then the rest.
     assert set(seen) <= {0, 1000, 2000, 3000, n} and seen == sorted(seen)
-    # One transaction per chunk: the rows of a chunk share their transaction's time.
+    # One write per chunk: the rows of a chunk share its time, and no two chunks have the same.
     [(chunks,)] = sql(svc, "SELECT count(DISTINCT create_time) FROM customers WHERE city = :c", c=city)
     assert chunks == 4
 
@@ -448,7 +448,8 @@ def test_only_roles_with_customers_import_may_import(stub):
     name = f"importJobs/{uuid.uuid4()}"
     e = err(lambda: stub.GetImportJob(pb.GetImportJobRequest(name=name), metadata=md("analyst")))
     assert e.code == grpc.StatusCode.PERMISSION_DENIED
-    assert start(stub, content, roles="marketer").state == pb.IMPORT_STATE_RUNNING
+    job = start(stub, content, roles="marketer")
+    assert job.state == pb.IMPORT_STATE_RUNNING and wait(stub, job.name).state == pb.IMPORT_STATE_SUCCEEDED
 
 
 def test_jobs_left_running_by_a_dead_process_fail_as_interrupted(stub, svc):
