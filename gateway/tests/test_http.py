@@ -214,3 +214,40 @@ def test_export_downloads_a_file(suite):
     assert_problem(
         suite.http.get("/v1/customers:export?format=EXPORT_FORMAT_CSV", headers=suite.headers("sales_rep")), 403
     )
+
+
+def test_import_over_http_with_progress_and_error_report(suite):
+    import base64
+    import time
+
+    h = suite.headers()
+    csv_text = "نام,نام خانوادگی,ایمیل,شهر\nسارا,کریمی,sara@example.ir,Importville\nبد,ایمیل,not-an-email,Importville\n"
+    resp = suite.http.post(
+        "/v1/importJobs",
+        headers=h,
+        json={
+            "content": base64.b64encode(csv_text.encode()).decode(),
+            "fileFormat": "IMPORT_FILE_FORMAT_CSV",
+            "customerType": "CUSTOMER_TYPE_PERSON",
+        },
+    )
+    assert resp.status_code == 201, resp.get_data(as_text=True)
+    job = resp.get_json()
+    jid = job["name"].removeprefix("importJobs/")
+    assert resp.headers["Location"] == f"/v1/{job['name']}"
+    deadline = time.monotonic() + 30
+    while job["state"] == "IMPORT_STATE_RUNNING":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+        job = suite.http.get(f"/v1/importJobs/{jid}", headers=h).get_json()
+    assert job["state"] == "IMPORT_STATE_SUCCEEDED" and job["createdRows"] == "1" and job["failedRows"] == "1"
+    report = suite.http.get(f"/v1/importJobs/{jid}/errorReport", headers=h)
+    text = report.get_data().decode("utf-8-sig")
+    report.close()
+    assert report.status_code == 200 and "not-an-email" in text and "3" in text.splitlines()[1]
+    listed = suite.http.get('/v1/customers?filter=city = "Importville"', headers=h).get_json()["customers"]
+    assert [c["email"] for c in listed] == ["sara@example.ir"]
+    assert_problem(
+        suite.http.post("/v1/importJobs", headers=h, json={"fileFormat": "IMPORT_FILE_FORMAT_CSV"}), 400, "content"
+    )
+    assert_problem(suite.http.post("/v1/importJobs", headers=suite.headers("sales_rep"), json={}), 403)

@@ -80,14 +80,10 @@ def _handler(route: Route, clients):
                     except StopIteration:
                         return
 
-            return Response(
-                body(),
-                mimetype=head.content_type,
-                headers={
-                    "Content-Disposition": f'attachment; filename="{head.filename}"',
-                    "X-Row-Count": str(head.row_count),
-                },
-            )
+            headers = {"Content-Disposition": f'attachment; filename="{head.filename}"'}
+            if "row_count" in head.DESCRIPTOR.fields_by_name:
+                headers["X-Row-Count"] = str(head.row_count)
+            return Response(body(), mimetype=head.content_type, headers=headers)
         resp = call(req, metadata=_metadata(), timeout=clients_mod.CALL_TIMEOUT)
         headers = {}
         if "etag" in resp.DESCRIPTOR.fields_by_name and resp.etag:
