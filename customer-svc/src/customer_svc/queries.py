@@ -18,6 +18,7 @@ from crm_chassis.filtering import (
     order_by_clauses,
     parse_order_by,
     query_fingerprint,
+    to_json_values,
     with_tiebreaker,
 )
 from crm_chassis.pagination import PageTokens
@@ -203,10 +204,71 @@ def list_page(conn, tokens: PageTokens, limit: int, token: str, filter_text: str
     return rows, next_token
 
 
-def tsquery_text(query: str) -> str:
-    """Every word as a prefix term: 'ali' finds 'alireza'. Only letters and digits survive."""
+def tsquery_text(query: str, prefix: bool = True) -> str:
+    """Every word as a prefix term ('ali' finds 'alireza'), or as a whole word with
+    prefix=False. Only letters and digits survive."""
     words = [re.sub(r"[^\w]", "", w) for w in query.split()]
-    return " & ".join(f"{w}:*" for w in words if w)
+    return " & ".join(f"{w}:*" if prefix else w for w in words if w)
+
+
+# Search tiers, best first, each read newest first: every word typed is a whole word of the
+# record (full text), every word is the start of a word, the query is a substring of the
+# search text, every word is a word of the record give or take a typo. The relevance of a hit
+# is its tier. A page holds the hits of one tier: it reads the next tier only while it is
+# still empty, and otherwise ends where the tier ends (the next page starts the next tier;
+# AIP-158 lets a page be short). So a common word ("Tehran", "ali") costs a short walk of the
+# newest-first index and a rare full name a few index lookups, never a rank of every match.
+# Typos are corrected word by word against the lexicon of search words (migration 0005): the
+# closest words by edit distance (1 for words of 3-4 letters, 2 from 5).
+TIER_WORDS, TIER_PREFIXES, TIER_SUBSTRING, TIER_CORRECTED = 3.0, 2.0, 1.0, 0.5
+SEARCH_ORDER = [(sa.column("relevance", sa.Float), True), (customers.c.create_time, True), (customers.c.id, True)]
+_CORRECTIONS = sa.text("""
+    SELECT q.w, c.word
+    FROM unnest(CAST(:words AS text[])) AS q(w)
+    CROSS JOIN LATERAL (
+        SELECT word FROM search_words
+        WHERE length(word) BETWEEN length(q.w) - 2 AND length(q.w) + 2
+          AND word <> q.w
+          AND levenshtein_less_equal(word, q.w, CASE WHEN length(q.w) < 5 THEN 1 ELSE 2 END)
+              <= CASE WHEN length(q.w) < 5 THEN 1 ELSE 2 END
+        ORDER BY levenshtein(word, q.w), word
+        LIMIT 5
+    ) AS c
+""")
+
+
+def _corrected_tsquery(conn, q: str) -> str:
+    """Every word or one of its corrections (the last word also as a prefix, as typed so
+    far); '' when no word has a correction."""
+    words = [w for w in (re.sub(r"[^\w]", "", w) for w in q.split()) if w]
+    fixable = [w for w in words if len(w) >= 3 and not any(ch.isdigit() for ch in w)]
+    if not fixable:
+        return ""
+    alternatives: dict[str, list[str]] = {}
+    for w, word in conn.execute(_CORRECTIONS, {"words": fixable}):
+        alternatives.setdefault(w, []).append(word)
+    if not alternatives:
+        return ""
+    terms = []
+    for i, w in enumerate(words):
+        options = [f"{w}:*" if i == len(words) - 1 else w]
+        options += ["'" + a.replace("'", "''") + "'" for a in alternatives.get(w, [])]
+        terms.append("(" + " | ".join(options) + ")")
+    return " & ".join(terms)
+
+
+def _tier_rows(conn, tier: float, cond, where, after: list | None, need: int) -> list:
+    """A tier's hits newest first (the order of the newest-first index), after a keyset."""
+    order = SEARCH_ORDER[1:]
+    stmt = (
+        sa.select(*adapters.CUSTOMER_COLUMNS, sa.literal(tier, sa.Float).label("relevance"))
+        .where(cond, where, customers.c.delete_time.is_(None))
+        .order_by(*order_by_clauses(order))
+        .limit(need)
+    )
+    if after is not None:
+        stmt = stmt.where(keyset_condition(order, after[1:]))
+    return list(conn.execute(stmt).all())
 
 
 def search_page(conn, tokens: PageTokens, query: str, limit: int, token: str, filter_text: str):
@@ -218,31 +280,41 @@ def search_page(conn, tokens: PageTokens, query: str, limit: int, token: str, fi
     if len(q) > 200:
         raise InvalidArgument.field("query", "must be at most 200 characters")
     where = filter_schema(conn).compile(filter_text)
-    tsq = tsquery_text(q)
-    matches = [
-        customers.c.search_text.bool_op("%>")(q) if len(q) >= 3 else sa.false(),
-        customers.c.search_text.ilike("%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"),
-    ]
-    rank = sa.func.word_similarity(q, customers.c.search_text)
-    if tsq:
-        ts = sa.func.to_tsquery("simple", tsq)
-        matches.append(customers.c.search_tsv.bool_op("@@")(ts))
-        rank = rank + sa.func.ts_rank(customers.c.search_tsv, ts)
-    score = sa.cast(rank, sa.Float).label("relevance")
-    inner = (
-        sa.select(*adapters.CUSTOMER_COLUMNS, score)
-        .where(sa.or_(*matches), where, customers.c.delete_time.is_(None))
-        .subquery()
-    )
-    order = [(inner.c.relevance, True), (inner.c.id, True)]
-    fingerprint = query_fingerprint(filter_text, search=q)
-    stmt = sa.select(inner).order_by(*order_by_clauses(order)).limit(limit + 1)
-    last = decode_page_token(tokens, token, order, fingerprint)
-    if last is not None:
-        stmt = stmt.where(keyset_condition(order, last))
-    rows = list(conn.execute(stmt).all())
+    tsv = customers.c.search_tsv
+    prefixes, words = tsquery_text(q), tsquery_text(q, prefix=False)
+    in_prefixes = tsv.bool_op("@@")(sa.func.to_tsquery("simple", prefixes)) if prefixes else sa.false()
+    like = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    in_substring = customers.c.search_text.ilike(like)
+    tiers: list = []
+    if words:
+        in_words = tsv.bool_op("@@")(sa.func.to_tsquery("simple", words))
+        tiers += [(TIER_WORDS, in_words), (TIER_PREFIXES, sa.and_(in_prefixes, ~in_words))]
+    # Substrings and corrections need 3 characters (a trigram to look up); shorter: prefixes.
+    if len(q) >= 3:
+        tiers.append((TIER_SUBSTRING, sa.and_(in_substring, ~in_prefixes)))
+        tiers.append((TIER_CORRECTED, None))
+    fingerprint = query_fingerprint(filter_text, search=q, tiers=1)
+    last = decode_page_token(tokens, token, SEARCH_ORDER, fingerprint)
+    rows: list = []
     next_token = ""
-    if len(rows) > limit:
-        rows = rows[:limit]
-        next_token = encode_page_token(tokens, rows[-1], order, fingerprint)
+    for i, (tier, cond) in enumerate(tiers):
+        if last is not None and tier > last[0]:
+            continue  # read on earlier pages
+        if cond is None:  # corrections: looked up only when no better hit was found
+            corrected = _corrected_tsquery(conn, q)
+            if not corrected:
+                break
+            cond = sa.and_(tsv.bool_op("@@")(sa.func.to_tsquery("simple", corrected)), ~in_prefixes, ~in_substring)
+        after = last if last is not None and tier == last[0] else None
+        rows = _tier_rows(conn, tier, cond, where, after, limit + 1)
+        if len(rows) > limit:
+            rows = rows[:limit]
+            next_token = encode_page_token(tokens, rows[-1], SEARCH_ORDER, fingerprint)
+            break
+        if rows and i + 1 < len(tiers):
+            # This tier is done; the next page starts the next one (a relevance between the two).
+            between = (tier + tiers[i + 1][0]) / 2
+            values = to_json_values([between, rows[-1].create_time, rows[-1].id])
+            next_token = tokens.encode(values, fingerprint)
+            break
     return [(r, float(r.relevance)) for r in rows], next_token
