@@ -690,3 +690,15 @@ def test_export_masks_pii_and_checks_its_input(stub):
     assert fields_of(e) == {"filter"}
     e = err(lambda: export_file(stub, roles="sales_rep", format=pb.EXPORT_FORMAT_CSV))
     assert e.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_customer_codes_grow_past_a_million(svc, stub):
+    with svc.ctx.engine.begin() as conn:
+        conn.execute(sa.text("SELECT setval('customer_code_seq', 999998)"))
+    codes = [create(stub, given_name=f"Million{i}").customer_code for i in range(3)]
+    assert codes == ["C-999999", "C-1000000", "C-1000001"]
+    with svc.ctx.engine.begin() as conn:  # the column default agrees with the service
+        code = conn.execute(
+            sa.text("INSERT INTO customers (type, display_name) VALUES (1, 'x') RETURNING customer_code")
+        ).scalar()
+    assert code == "C-1000002"

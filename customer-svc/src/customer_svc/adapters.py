@@ -6,6 +6,12 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
 metadata = sa.MetaData()
+
+# The next customer code, C-000123: six digits at least, more once the millionth customer
+# arrives (lpad alone would cut C-1000000 down to C-100000 and collide).
+NEXT_CODE_SQL = (
+    "(SELECT 'C-' || lpad(n::text, greatest(6, length(n::text)), '0') FROM nextval('customer_code_seq') AS n)"
+)
 UUID = pg.UUID(as_uuid=False)
 
 

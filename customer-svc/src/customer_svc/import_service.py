@@ -1184,10 +1184,7 @@ class _Run:
         """The chunk's new customers as COPY rows (customer codes from the sequence in one
         query), their group memberships, one customer.created.v1 event and one audit entry each."""
         [(now, codes)] = conn.execute(
-            sa.text(
-                "SELECT now(), array_agg('C-' || lpad(nextval('customer_code_seq')::text, 6, '0')) "
-                "FROM generate_series(1, :n)"
-            ),
+            sa.text(f"SELECT now(), array_agg({adapters.NEXT_CODE_SQL}) FROM generate_series(1, :n)"),
             {"n": len(rows)},
         )
         stamp = ts(now)

@@ -178,7 +178,7 @@ class CustomerUseCases:
                         return self.to_proto(conn, existing, principal)
                 v = domain.validate(v, self.context(conn))
                 self._check_references(conn, v)
-                code = conn.execute(sa.text("SELECT 'C-' || lpad(nextval('customer_code_seq')::text, 6, '0')")).scalar()
+                code = conn.execute(sa.text(f"SELECT {adapters.NEXT_CODE_SQL}")).scalar()
                 values = {k: v[k] for k in WRITE_COLUMNS if k not in ("search_text",)}
                 values.update(customer_code=code, search_text=domain.search_key(v, code), request_id=request_id or None)
                 cid = conn.execute(customers.insert().values(**values).returning(customers.c.id)).scalar_one()
