@@ -7,11 +7,10 @@ from sqlalchemy.dialects import postgresql as pg
 
 metadata = sa.MetaData()
 
-# The next customer code, C-000123: six digits at least, more once the millionth customer
-# arrives (lpad alone would cut C-1000000 down to C-100000 and collide).
-NEXT_CODE_SQL = (
-    "(SELECT 'C-' || lpad(n::text, greatest(6, length(n::text)), '0') FROM nextval('customer_code_seq') AS n)"
-)
+# The next customer code, C-000123: six digits at least, more past the millionth customer
+# (migration 0006; lpad alone cut C-1000000 down to C-100000). A volatile function: one new
+# code per row even inside array_agg(... FROM generate_series(...)).
+NEXT_CODE_SQL = "next_customer_code()"
 UUID = pg.UUID(as_uuid=False)
 
 
