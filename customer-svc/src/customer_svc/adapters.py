@@ -145,6 +145,10 @@ def select_customers() -> sa.Select:
     return sa.select(*CUSTOMER_COLUMNS)
 
 
+# An insert that returns the stored row (server defaults and all) in the same round trip.
+INSERT_RETURNING = customers.insert().returning(*(c for c in customers.c if c.name not in _HIDDEN))
+
+
 def get_customer(conn: sa.Connection, customer_id: str, for_update: bool = False) -> sa.Row | None:
     q = select_customers().where(customers.c.id == customer_id)
     if for_update:
@@ -184,16 +188,19 @@ def custom_field_defs(conn: sa.Connection) -> dict[str, sa.Row]:
     return {r.key: r for r in conn.execute(sa.select(custom_field_definitions))}
 
 
-def source_keys(conn: sa.Connection) -> dict[str, bool]:
-    """key -> retired"""
-    return {r.key: r.retired for r in conn.execute(sa.select(acquisition_sources.c.key, acquisition_sources.c.retired))}
+def source_keys(conn: sa.Connection, only: list[str] | None = None) -> dict[str, bool]:
+    """key -> retired, for every source or only the keys named (a primary-key lookup)."""
+    q = sa.select(acquisition_sources.c.key, acquisition_sources.c.retired)
+    if only is not None:
+        q = q.where(acquisition_sources.c.key.in_([k for k in only if k]))
+    return {r.key: r.retired for r in conn.execute(q)}
 
 
 def write_audit(
     conn: sa.Connection, resource: str, action: str, actor: str, changes: list[dict], request_id: str
 ) -> None:
+    # Parameters, not .values(): the compiled statement is then cached once for all calls.
     conn.execute(
-        audit_entries.insert().values(
-            resource=resource, action=action, actor=actor, changes=changes, request_id=request_id or ""
-        )
+        audit_entries.insert(),
+        {"resource": resource, "action": action, "actor": actor, "changes": changes, "request_id": request_id or ""},
     )

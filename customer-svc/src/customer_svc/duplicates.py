@@ -17,7 +17,7 @@ from crm_chassis.pagination import page_size
 
 from . import adapters, domain
 from .adapters import customers, notes
-from .integration import customer_to_proto
+from .integration import MappingRow, customer_to_proto
 from .service_layer import AUDITED, WRITE_COLUMNS, CustomerUseCases, _json
 
 MERGE_RETENTION = dt.timedelta(days=30)
@@ -58,16 +58,6 @@ def _from_json(values: dict) -> dict:
         if out.get(f):
             out[f] = dt.date.fromisoformat(out[f])
     return out
-
-
-class _Row:
-    """Stands in for a result row when building a preview."""
-
-    def __init__(self, mapping: dict):
-        self._mapping = mapping
-
-    def __getattr__(self, name):
-        return self._mapping[name]
 
 
 # The pairs of live customers that share something, as arrays of ids (oldest first).
@@ -261,7 +251,9 @@ class Duplicates:
                 ).scalar_one()
                 conn.rollback()
                 return pb.MergeCustomersResponse(
-                    survivor=customer_to_proto(_Row(preview), None, pii), field_sources=sources, moved_notes=note_count
+                    survivor=customer_to_proto(MappingRow(preview), None, pii),
+                    field_sources=sources,
+                    moved_notes=note_count,
                 )
             moved = {
                 m: [str(r[0]) for r in conn.execute(sa.select(notes.c.id).where(notes.c.customer_id == m))]

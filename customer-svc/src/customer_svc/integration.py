@@ -27,6 +27,19 @@ _PLAIN = (
 _ENUMS = tuple(domain.ENUM_RANGES)
 
 
+class MappingRow:
+    """A row built in Python (a stored row plus computed columns), read like a result row."""
+
+    def __init__(self, mapping: dict):
+        self._mapping = mapping
+
+    def __getattr__(self, name):
+        try:
+            return self._mapping[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 def ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
     if value is None:
         return None

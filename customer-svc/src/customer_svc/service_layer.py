@@ -20,7 +20,7 @@ from crm_chassis.pagination import PageTokens, page_size
 
 from . import adapters, domain, queries
 from .adapters import customers
-from .integration import customer_to_proto, values_from_proto
+from .integration import MappingRow, customer_to_proto, values_from_proto
 
 log = logging.getLogger("customer_svc")
 
@@ -104,9 +104,11 @@ class CustomerUseCases:
         self.default_region = default_region
 
     # -- helpers -----------------------------------------------------------------------------
-    def context(self, conn: sa.Connection, old_source: str | None = None) -> domain.Context:
+    def context(self, conn: sa.Connection, old_source: str | None = None, source: str | None = None) -> domain.Context:
+        """What validation needs; with `source`, only that acquisition source is looked up."""
+        only = None if source is None else [source.strip().lower()]
         return domain.Context(
-            adapters.source_keys(conn), adapters.custom_field_defs(conn), self.default_region, old_source
+            adapters.source_keys(conn, only), adapters.custom_field_defs(conn), self.default_region, old_source
         )
 
     def to_proto(self, conn, row, principal: Principal, defs=None) -> customer_pb2.Customer:
@@ -176,16 +178,18 @@ class CustomerUseCases:
                     existing = adapters.get_by_request_id(conn, request_id)
                     if existing is not None:
                         return self.to_proto(conn, existing, principal)
-                v = domain.validate(v, self.context(conn))
+                ctx = self.context(conn, source=v.get("acquisition_source") or "")
+                v = domain.validate(v, ctx)
                 self._check_references(conn, v)
                 code = conn.execute(sa.text(f"SELECT {adapters.NEXT_CODE_SQL}")).scalar()
                 values = {k: v[k] for k in WRITE_COLUMNS if k not in ("search_text",)}
                 values.update(customer_code=code, search_text=domain.search_key(v, code), request_id=request_id or None)
-                cid = conn.execute(customers.insert().values(**values).returning(customers.c.id)).scalar_one()
-                if v.get("group_ids"):
-                    adapters.set_groups(conn, cid, v["group_ids"])
-                row = adapters.get_customer(conn, cid)
-                full = customer_to_proto(row, adapters.custom_field_defs(conn) if v["custom_fields"] else None)
+                stored = dict(conn.execute(adapters.INSERT_RETURNING, values).one()._mapping)
+                stored["group_ids"] = v.get("group_ids") or []
+                if stored["group_ids"]:
+                    adapters.set_groups(conn, stored["id"], stored["group_ids"])
+                row = MappingRow(stored)
+                full = customer_to_proto(row, ctx.custom_defs if v["custom_fields"] else None)
                 self.publish(conn, "customer.created.v1", customer_events_pb2.CustomerCreated(customer=full), full.name)
                 self.audit(
                     conn,
@@ -198,7 +202,7 @@ class CustomerUseCases:
                         if v.get(k) not in (None, "", [], {}, 0)
                     ],
                 )
-                result = self.to_proto(conn, row, principal)
+                result = self.to_proto(conn, row, principal, ctx.custom_defs)
         except sa.exc.IntegrityError:
             if request_id:  # a concurrent retry with the same request_id won the race
                 with self.reader.connect() as conn:

@@ -29,18 +29,19 @@ log = logging.getLogger("crm.outbox")
 def enqueue(conn: sa.Connection, event: Event) -> None:
     """Add the event to the outbox inside the caller's (open) transaction."""
     conn.execute(
-        outbox.insert().values(
-            event_id=event.id,
-            exchange=event.exchange,
-            routing_key=event.routing_key,
-            event_type=event.type,
-            source=event.source,
-            subject=event.subject,
-            dataschema=event.dataschema,
-            payload=event.data,
-            trace_headers=inject_headers(),
-            occurred_at=event.time,
-        )
+        outbox.insert(),  # parameters, not .values(): one cached statement for every event
+        {
+            "event_id": event.id,
+            "exchange": event.exchange,
+            "routing_key": event.routing_key,
+            "event_type": event.type,
+            "source": event.source,
+            "subject": event.subject,
+            "dataschema": event.dataschema,
+            "payload": event.data,
+            "trace_headers": inject_headers(),
+            "occurred_at": event.time,
+        },
     )
 
 
