@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench import baseline_publish, load
 from crm.customer.v1 import customer_pb2, customer_service_pb2, customer_service_pb2_grpc
+from crm_chassis.config import DEFAULT_JWT_SECRET
 from crm_chassis.db import create_engine
 from crm_chassis.messaging.outbox import OutboxRelay
 from crm_chassis.messaging.tables import messaging_metadata
@@ -45,7 +46,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_customer_svc(db_url: str, amqp_url: str) -> tuple[subprocess.Popen, int]:
+def start_customer_svc(db_url: str, amqp_url: str, log_path=None, timeout: float = 120) -> tuple[subprocess.Popen, int]:
+    """customer-svc as its own process (`python -m customer_svc serve`), SERVING before it returns;
+    its log goes to `log_path` when given."""
     port = free_port()
     env = dict(
         os.environ,
@@ -53,10 +56,20 @@ def start_customer_svc(db_url: str, amqp_url: str) -> tuple[subprocess.Popen, in
         GRPC_PORT=str(port),
         DATABASE_URL=db_url,
         AMQP_URL=amqp_url,
+        JWT_SECRET=DEFAULT_JWT_SECRET,  # tokens minted by tests.support.harness.md
         LOG_LEVEL="WARNING",
     )
-    proc = subprocess.Popen([sys.executable, "-m", "customer_svc", "serve"], env=env, cwd=ROOT)
-    deadline = time.monotonic() + 60
+    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - the child writes to it until it stops
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "customer_svc", "serve"],
+        env=env,
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT if out else None,
+    )
+    if out:
+        out.close()
+    deadline = time.monotonic() + timeout
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         while True:
             try:
@@ -65,7 +78,7 @@ def start_customer_svc(db_url: str, amqp_url: str) -> tuple[subprocess.Popen, in
             except grpc.RpcError:
                 pass
             if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("customer-svc did not start")
+                raise SystemExit(f"customer-svc did not start{f' (log: {log_path})' if log_path else ''}")
             time.sleep(0.2)
 
 

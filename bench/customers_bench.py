@@ -202,35 +202,10 @@ def bulk_load(conn: psycopg.Connection, n: int) -> dict:
 
 
 def start_customer_svc(db_url: str, amqp_url: str, log_path) -> tuple[subprocess.Popen, int]:
-    """customer-svc as its own process (`python -m customer_svc serve`), its log in a file."""
-    from bench.__main__ import free_port
+    """customer-svc as its own process, its log in a file (bench/__main__.py starts it)."""
+    from bench.__main__ import start_customer_svc as start
 
-    port = free_port()
-    env = dict(
-        os.environ,
-        SERVICE_NAME="customer-svc",
-        GRPC_PORT=str(port),
-        DATABASE_URL=db_url,
-        AMQP_URL=amqp_url,
-        JWT_SECRET=DEFAULT_JWT_SECRET,  # tokens minted by tests.support.harness.md
-        LOG_LEVEL="WARNING",
-    )
-    log = open(log_path, "ab")  # noqa: SIM115 - the child writes to it until it stops
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "customer_svc", "serve"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
-    )
-    log.close()
-    deadline = time.monotonic() + 120
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        while True:
-            try:
-                if health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return proc, port
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit(f"customer-svc did not start (log: {log_path})")
-            time.sleep(0.2)
+    return start(db_url, amqp_url, log_path)
 
 
 def first_db_error(log_path, since: int) -> str:

@@ -96,6 +96,33 @@ class Catalog:
         except sa.exc.IntegrityError:
             raise AlreadyExists("a record with that name already exists", reason="ALREADY_EXISTS") from None
 
+    def _update_named(self, conn, table: sa.Table, row, values: dict, name: str, action: str, principal: Principal):
+        """Update a group or rank (a unique display name; bump its version) and audit old -> new."""
+        new = self._unique(
+            conn,
+            lambda: conn.execute(
+                table.update()
+                .where(table.c.id == row.id)
+                .values(**values, version=table.c.version + 1)
+                .returning(*table.c)
+            ).one(),
+        )
+        self.c.audit(
+            conn,
+            name,
+            action,
+            principal,
+            [
+                {
+                    "field": k,
+                    "old_value": json.dumps(getattr(row, k), ensure_ascii=False),
+                    "new_value": json.dumps(v, ensure_ascii=False),
+                }
+                for k, v in values.items()
+            ],
+        )
+        return new
+
     def _publish_members_changed(self, conn, ids: list[str], field: str) -> None:
         """customer.updated.v1 for every customer whose groups or rank changed (set-based read)."""
         for row in adapters.get_customers(conn, ids):
@@ -153,29 +180,7 @@ class Catalog:
                 values["display_name"] = _name(g.display_name, "group.display_name")
             if "description" in paths:
                 values["description"] = g.description.strip()
-            new = self._unique(
-                conn,
-                lambda: conn.execute(
-                    groups.update()
-                    .where(groups.c.id == row.id)
-                    .values(**values, version=groups.c.version + 1)
-                    .returning(*groups.c)
-                ).one(),
-            )
-            self.c.audit(
-                conn,
-                g.name,
-                "group.update",
-                principal,
-                [
-                    {
-                        "field": k,
-                        "old_value": json.dumps(getattr(row, k), ensure_ascii=False),
-                        "new_value": json.dumps(v, ensure_ascii=False),
-                    }
-                    for k, v in values.items()
-                ],
-            )
+            new = self._update_named(conn, groups, row, values, g.name, "group.update", principal)
             return group_to_proto(new, self._members(conn, row.id))
 
     def delete_group(self, name: str, principal: Principal) -> int:
@@ -330,29 +335,7 @@ class Catalog:
                 values["display_name"] = _name(r.display_name, "rank.display_name")
             if "position" in paths:
                 values["position"] = r.position
-            new = self._unique(
-                conn,
-                lambda: conn.execute(
-                    ranks.update()
-                    .where(ranks.c.id == row.id)
-                    .values(**values, version=ranks.c.version + 1)
-                    .returning(*ranks.c)
-                ).one(),
-            )
-            self.c.audit(
-                conn,
-                r.name,
-                "rank.update",
-                principal,
-                [
-                    {
-                        "field": k,
-                        "old_value": json.dumps(getattr(row, k), ensure_ascii=False),
-                        "new_value": json.dumps(v, ensure_ascii=False),
-                    }
-                    for k, v in values.items()
-                ],
-            )
+            new = self._update_named(conn, ranks, row, values, r.name, "rank.update", principal)
         return rank_to_proto(new)
 
     def delete_rank(self, name: str, principal: Principal) -> int:
