@@ -702,3 +702,21 @@ def test_customer_codes_grow_past_a_million(svc, stub):
             sa.text("INSERT INTO customers (type, display_name) VALUES (1, 'x') RETURNING customer_code")
         ).scalar()
     assert code == "C-1000002"
+
+
+def test_masked_fields_cannot_be_read_back_through_filters_order_or_search(stub):
+    c = create(stub, national_id=VALID_NID, birth_date=D(1975, 6, 1), city="Probeville")
+    for role, f in (("sales_rep", 'birth_date < "1980-01-01"'), ("analyst", f'national_id = "{VALID_NID}"')):
+        e = err(lambda r=role, q=f: listed(stub, q, roles=r))
+        assert e.code == grpc.StatusCode.INVALID_ARGUMENT and fields_of(e) == {"filter"}
+    e = err(lambda: listed(stub, 'city = "Probeville"', order_by="birth_date", roles="sales_rep"))
+    assert fields_of(e) == {"order_by"}
+    assert search(stub, VALID_NID, roles="sales_rep") == []
+    assert search(stub, VALID_NID, roles="admin") == []  # search keys hold no national id at all
+    # With PII rights, filters and order on them work.
+    assert [
+        x.name for x in listed(stub, f'national_id = "{VALID_NID}" AND city = "Probeville"', roles="sales_manager")
+    ] == [c.name]
+    assert [x.name for x in listed(stub, 'city = "Probeville"', order_by="birth_date", roles="support_manager")] == [
+        c.name
+    ]

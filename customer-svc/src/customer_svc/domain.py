@@ -93,7 +93,8 @@ def display_name(v: dict) -> str:
 
 
 def search_key(v: dict, code: str = "") -> str:
-    """The normalised text every search looks in."""
+    """The normalised text every search looks in. No PII: a search must not confirm a masked
+    national id (callers with PII rights filter on `national_id` instead)."""
     bits = [
         code,
         display_name(v),
@@ -106,7 +107,6 @@ def search_key(v: dict, code: str = "") -> str:
         v.get("city", ""),
         v.get("address", ""),
         v.get("postal_code", ""),
-        v.get("national_id", ""),
         v.get("industry", ""),
         v.get("field_of_study", ""),
     ]

@@ -379,7 +379,7 @@ class Duplicates:
             for mid_ in (str(x) for x in m.merged_ids):
                 v = _from_json(snap["before"][mid_])
                 cols = {k: v.get(k) for k in WRITE_COLUMNS if k != "search_text"}
-                cols["search_text"] = v.get("search_text") or domain.search_key(v, v.get("customer_code", ""))
+                cols["search_text"] = domain.search_key(v, v.get("customer_code", ""))
                 conn.execute(
                     customers.update()
                     .where(customers.c.id == mid_)

@@ -127,10 +127,7 @@ _BASE_FIELDS = [
         enum_values=_enum(customer_pb2.EducationDegree, "EDUCATION_DEGREE_"),
     ),
     *(FilterField(n, customers.c[n], FieldType.TIMESTAMP) for n in ("create_time", "update_time", "delete_time")),
-    *(
-        FilterField(n, customers.c[n], FieldType.DATE)
-        for n in ("birth_date", "marriage_date", "founding_date", "acquisition_date")
-    ),
+    *(FilterField(n, customers.c[n], FieldType.DATE) for n in ("marriage_date", "founding_date", "acquisition_date")),
     FilterField("erased", customers.c.erased, FieldType.BOOL),
     FilterField("tags", customers.c.tags, FieldType.STRING_ARRAY),
     FilterField("tag", customers.c.tags, FieldType.STRING_ARRAY, operators=frozenset({":"})),
@@ -153,7 +150,6 @@ SORTABLE = {
         "province",
         "acquisition_source",
         "acquisition_date",
-        "birth_date",
         "lifecycle_stage",
         "kind",
         "type",
@@ -168,9 +164,20 @@ _CUSTOM_TYPES = {
 }
 
 
-def filter_schema(conn: sa.Connection) -> FilterSchema:
-    """The fixed fields plus custom.<key> for every custom field defined now."""
-    fields = list(_BASE_FIELDS)
+# Fields only callers with PII rights may filter or sort on: a comparison is a way to read a
+# masked value (`birth_date < "1980-01-01"`, halving until found).
+_PII_FIELDS = [
+    FilterField("national_id", customers.c.national_id),
+    FilterField("birth_certificate_number", customers.c.birth_certificate_number),
+    FilterField("birth_date", customers.c.birth_date, FieldType.DATE),
+]
+PII_SORTABLE = {"birth_date": customers.c.birth_date}
+
+
+def filter_schema(conn: sa.Connection, pii: bool = False) -> FilterSchema:
+    """The fixed fields (with the PII ones for callers allowed to see them) plus custom.<key>
+    for every custom field defined now."""
+    fields = list(_BASE_FIELDS) + (_PII_FIELDS if pii else [])
     for key, d in adapters.custom_field_defs(conn).items():
         if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             ftype, sqltype = _CUSTOM_TYPES[d.type]
@@ -182,9 +189,20 @@ def _visible(show_deleted: bool) -> sa.ColumnElement[bool]:
     return sa.true() if show_deleted else customers.c.delete_time.is_(None)
 
 
-def list_page(conn, tokens: PageTokens, limit: int, token: str, filter_text: str, order_by: str, show_deleted: bool):
-    where = filter_schema(conn).compile(filter_text)
-    order = parse_order_by(order_by, SORTABLE) or [(customers.c.create_time, True)]
+def list_page(
+    conn,
+    tokens: PageTokens,
+    limit: int,
+    token: str,
+    filter_text: str,
+    order_by: str,
+    show_deleted: bool,
+    pii: bool = False,
+):
+    where = filter_schema(conn, pii).compile(filter_text)
+    order = parse_order_by(order_by, {**SORTABLE, **PII_SORTABLE} if pii else SORTABLE) or [
+        (customers.c.create_time, True)
+    ]
     order = with_tiebreaker(order, customers.c.id, descending=order[0][1])
     fingerprint = query_fingerprint(filter_text, order_by, show_deleted=show_deleted)
     stmt = (
@@ -271,7 +289,7 @@ def _tier_rows(conn, tier: float, cond, where, after: list | None, need: int) ->
     return list(conn.execute(stmt).all())
 
 
-def search_page(conn, tokens: PageTokens, query: str, limit: int, token: str, filter_text: str):
+def search_page(conn, tokens: PageTokens, query: str, limit: int, token: str, filter_text: str, pii: bool = False):
     from crm_chassis.errors import InvalidArgument
 
     q = text.normalize(query)
@@ -279,7 +297,7 @@ def search_page(conn, tokens: PageTokens, query: str, limit: int, token: str, fi
         raise InvalidArgument.field("query", "must not be empty")
     if len(q) > 200:
         raise InvalidArgument.field("query", "must be at most 200 characters")
-    where = filter_schema(conn).compile(filter_text)
+    where = filter_schema(conn, pii).compile(filter_text)
     tsv = customers.c.search_tsv
     prefixes, words = tsquery_text(q), tsquery_text(q, prefix=False)
     in_prefixes = tsv.bool_op("@@")(sa.func.to_tsquery("simple", prefixes)) if prefixes else sa.false()

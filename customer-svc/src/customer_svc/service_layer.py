@@ -226,7 +226,9 @@ class CustomerUseCases:
     ) -> tuple[list[customer_pb2.Customer], str]:
         limit = page_size(size)
         with self.reader.connect() as conn:
-            rows, next_token = queries.list_page(conn, self.tokens, limit, token, filter_text, order_by, show_deleted)
+            rows, next_token = queries.list_page(
+                conn, self.tokens, limit, token, filter_text, order_by, show_deleted, principal.has("customers.pii")
+            )
             defs = adapters.custom_field_defs(conn) if any(r.custom_fields for r in rows) else None
             return [self.to_proto(conn, r, principal, defs) for r in rows], next_token
 
@@ -235,7 +237,9 @@ class CustomerUseCases:
     ) -> tuple[list[tuple[customer_pb2.Customer, float]], str]:
         limit = page_size(size, default=20, maximum=100)
         with self.reader.connect() as conn:
-            hits, next_token = queries.search_page(conn, self.tokens, query, limit, token, filter_text)
+            hits, next_token = queries.search_page(
+                conn, self.tokens, query, limit, token, filter_text, principal.has("customers.pii")
+            )
             defs = adapters.custom_field_defs(conn) if any(r.custom_fields for r, _ in hits) else None
             return [(self.to_proto(conn, r, principal, defs), score) for r, score in hits], next_token
 
