@@ -2,15 +2,14 @@
 
 One call builds a sync grpc.server (faster than grpc.aio on these machines, see
 PERFORMANCE.md) with the chassis interceptor, the OpenTelemetry server interceptor, the
-non-blocking health service and reflection. `run_until_signal` serves until SIGTERM/SIGINT,
-then flips health to NOT_SERVING, refuses new calls, lets in-flight calls drain for the
+non-blocking health service and reflection. `stop` (called on SIGTERM/SIGINT by Service.run_until_signal)
+flips health to NOT_SERVING, refuses new calls, lets in-flight calls drain for the
 grace period and stops the background workers (outbox relay, consumers).
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -143,16 +142,3 @@ class GrpcService:
                 log.exception("worker %s did not stop cleanly", getattr(worker, "name", worker))
         self._executor.shutdown(wait=False)
         log.info("stopped")
-
-    def run_until_signal(self) -> None:
-        done = threading.Event()
-
-        def _handler(signum, _frame):
-            log.info("signal received", extra={"signal": signal.Signals(signum).name})
-            done.set()
-
-        signal.signal(signal.SIGTERM, _handler)
-        signal.signal(signal.SIGINT, _handler)
-        self.start()
-        done.wait()
-        self.stop()

@@ -119,13 +119,15 @@ class Service:
         self.ctx.engine.dispose()
 
     def run_until_signal(self) -> None:
-        if self.grpc:
-            self.grpc.run_until_signal()
-            self.ctx.engine.dispose()
-            return
+        """Serve until SIGTERM or SIGINT, then stop gracefully (see GrpcService.stop)."""
         done = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: done.set())
-        signal.signal(signal.SIGINT, lambda *_: done.set())
+
+        def _handler(signum, _frame):
+            log.info("signal received", extra={"signal": signal.Signals(signum).name})
+            done.set()
+
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
         self.start()
         done.wait()
         self.stop()

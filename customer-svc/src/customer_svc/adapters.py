@@ -130,6 +130,19 @@ audit_entries = sa.Table(
     sa.Column("request_id", sa.Text, nullable=False, server_default=""),
 )
 
+# What a merge changed, so UnmergeCustomers can undo it (migration 0003).
+merges = sa.Table(
+    "merges",
+    metadata,
+    sa.Column("id", UUID, primary_key=True, server_default=sa.text("gen_random_uuid()")),
+    sa.Column("survivor_id", UUID, nullable=False),
+    sa.Column("merged_ids", pg.ARRAY(UUID), nullable=False),
+    sa.Column("snapshot", pg.JSONB, nullable=False),
+    sa.Column("actor", sa.Text, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("undo_time", sa.DateTime(timezone=True)),
+)
+
 # What a customer read returns: every column but the internal ones, plus its group ids.
 _HIDDEN = {"request_id", "search_text", "search_tsv"}
 GROUP_IDS = (

@@ -7,7 +7,6 @@ import datetime as dt
 import json
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql as pg
 
 from crm.customer.v1 import customer_events_pb2
 from crm.customer.v1 import customer_service_pb2 as pb
@@ -16,9 +15,9 @@ from crm_chassis.errors import DomainError, FieldViolation, InvalidArgument, Not
 from crm_chassis.pagination import page_size
 
 from . import adapters, domain
-from .adapters import customers, notes
+from .adapters import customers, merges, notes
 from .integration import MappingRow, customer_to_proto
-from .service_layer import AUDITED, WRITE_COLUMNS, CustomerUseCases, _json
+from .service_layer import AUDITED, WRITE_COLUMNS, CustomerUseCases, _json, write_values
 
 MERGE_RETENTION = dt.timedelta(days=30)
 MAX_MERGED = 10
@@ -26,18 +25,6 @@ MAX_MERGED = 10
 SCALAR_FIELDS = [f for f in domain.WRITABLE if f not in ("type", "groups", "tags", "contact_persons", "custom_fields")]
 UNITED = ("groups", "tags", "contact_persons", "custom_fields")
 _FIELD_TO_KEY = {"groups": "group_ids", "rank": "rank_id"}
-
-merges = sa.Table(
-    "merges",
-    sa.MetaData(),
-    sa.Column("id", pg.UUID(as_uuid=False), primary_key=True, server_default=sa.text("gen_random_uuid()")),
-    sa.Column("survivor_id", pg.UUID(as_uuid=False), nullable=False),
-    sa.Column("merged_ids", pg.ARRAY(pg.UUID(as_uuid=False)), nullable=False),
-    sa.Column("snapshot", pg.JSONB, nullable=False),
-    sa.Column("actor", sa.Text, nullable=False),
-    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-    sa.Column("undo_time", sa.DateTime(timezone=True)),
-)
 
 
 class FailedPrecondition(DomainError):
@@ -272,8 +259,7 @@ class Duplicates:
                 "notes": moved,
                 "referrals": referrals,
             }
-            write = {k: result[k] for k in WRITE_COLUMNS if k != "search_text"}
-            write["search_text"] = domain.search_key(result, s_row.customer_code)
+            write = write_values(result, s_row.customer_code)
             conn.execute(
                 customers.update()
                 .where(customers.c.id == survivor)
@@ -367,8 +353,7 @@ class Duplicates:
             restored_values = domain.validate(
                 restored_values, self.uc.context(conn, old_source=now_values["acquisition_source"])
             )
-            write = {k: restored_values[k] for k in WRITE_COLUMNS if k != "search_text"}
-            write["search_text"] = domain.search_key(restored_values, current.customer_code)
+            write = write_values(restored_values, current.customer_code)
             conn.execute(
                 customers.update()
                 .where(customers.c.id == survivor)
@@ -378,8 +363,7 @@ class Duplicates:
             restored = []
             for mid_ in (str(x) for x in m.merged_ids):
                 v = _from_json(snap["before"][mid_])
-                cols = {k: v.get(k) for k in WRITE_COLUMNS if k != "search_text"}
-                cols["search_text"] = domain.search_key(v, v.get("customer_code", ""))
+                cols = write_values(v, v.get("customer_code", ""))
                 conn.execute(
                     customers.update()
                     .where(customers.c.id == mid_)

@@ -63,6 +63,7 @@ from crm_chassis.auth import Principal
 from crm_chassis.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from crm_chassis.logging import request_id_var
 from crm_chassis.messaging.envelope import new_event
+from crm_chassis.messaging.outbox import OUTBOX_COLUMNS, outbox_row
 from crm_chassis.telemetry import inject_headers
 
 from . import adapters, domain, exports, text
@@ -1108,7 +1109,7 @@ class _Run:
         if chunk.members:
             _copy(conn, "group_members", ["group_id", "customer_id"], chunk.members)
         if chunk.outbox:
-            _copy(conn, "outbox", _OUTBOX_COPY_COLUMNS, chunk.outbox)
+            _copy(conn, "outbox", list(OUTBOX_COLUMNS), chunk.outbox)
         if chunk.audit:
             _copy(conn, "audit_entries", ["resource", "action", "actor", "changes", "request_id"], chunk.audit)
         if chunk.errors:
@@ -1295,17 +1296,8 @@ class _Run:
         )
         trace_headers = _json_text(inject_headers())
         return [
-            (
-                event_id,
-                e.exchange,
-                e.routing_key,
-                e.type,
-                e.source,
-                subject,
-                e.dataschema,
-                message.SerializeToString(),
-                trace_headers,
-                e.time,
+            outbox_row(
+                dataclasses.replace(e, id=event_id, subject=subject, data=message.SerializeToString()), trace_headers
             )
             for event_id, (subject, message) in zip(_uuids(len(events)), events, strict=True)
         ]
@@ -1328,18 +1320,6 @@ _CUSTOMER_COPY_COLUMNS = [
     "version",
     "create_time",
     "update_time",
-]
-_OUTBOX_COPY_COLUMNS = [
-    "event_id",
-    "exchange",
-    "routing_key",
-    "event_type",
-    "source",
-    "subject",
-    "dataschema",
-    "payload",
-    "trace_headers",
-    "occurred_at",
 ]
 _JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str).encode
 

@@ -174,10 +174,12 @@ _PII_FIELDS = [
 PII_SORTABLE = {"birth_date": customers.c.birth_date}
 
 
-def filter_schema(conn: sa.Connection, pii: bool = False) -> FilterSchema:
+def filter_schema(conn: sa.Connection, pii: bool = False, filter_text: str = "custom.") -> FilterSchema:
     """The fixed fields (with the PII ones for callers allowed to see them) plus custom.<key>
     for every custom field defined now."""
     fields = list(_BASE_FIELDS) + (_PII_FIELDS if pii else [])
+    if "custom." not in filter_text:  # the definitions are read only when a filter names one
+        return FilterSchema(*fields)
     for key, d in adapters.custom_field_defs(conn).items():
         if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             ftype, sqltype = _CUSTOM_TYPES[d.type]
@@ -199,7 +201,7 @@ def list_page(
     show_deleted: bool,
     pii: bool = False,
 ):
-    where = filter_schema(conn, pii).compile(filter_text)
+    where = filter_schema(conn, pii, filter_text).compile(filter_text)
     order = parse_order_by(order_by, {**SORTABLE, **PII_SORTABLE} if pii else SORTABLE) or [
         (customers.c.create_time, True)
     ]
@@ -297,7 +299,7 @@ def search_page(conn, tokens: PageTokens, query: str, limit: int, token: str, fi
         raise InvalidArgument.field("query", "must not be empty")
     if len(q) > 200:
         raise InvalidArgument.field("query", "must be at most 200 characters")
-    where = filter_schema(conn, pii).compile(filter_text)
+    where = filter_schema(conn, pii, filter_text).compile(filter_text)
     tsv = customers.c.search_tsv
     prefixes, words = tsquery_text(q), tsquery_text(q, prefix=False)
     in_prefixes = tsv.bool_op("@@")(sa.func.to_tsquery("simple", prefixes)) if prefixes else sa.false()

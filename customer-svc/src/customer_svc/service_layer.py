@@ -70,6 +70,13 @@ def _json(value) -> str:
     return json.dumps(value, default=str, ensure_ascii=False, sort_keys=True)
 
 
+def write_values(v: dict, code: str) -> dict:
+    """The columns a write stores for validated values `v`, the search key included."""
+    out = {k: v.get(k) for k in WRITE_COLUMNS if k != "search_text"}
+    out["search_text"] = domain.search_key(v, code)
+    return out
+
+
 def not_found(customer_id: str) -> NotFound:
     return NotFound(
         f"customer customers/{customer_id} does not exist",
@@ -182,8 +189,8 @@ class CustomerUseCases:
                 v = domain.validate(v, ctx)
                 self._check_references(conn, v)
                 code = conn.execute(sa.text(f"SELECT {adapters.NEXT_CODE_SQL}")).scalar()
-                values = {k: v[k] for k in WRITE_COLUMNS if k not in ("search_text",)}
-                values.update(customer_code=code, search_text=domain.search_key(v, code), request_id=request_id or None)
+                values = write_values(v, code)
+                values.update(customer_code=code, request_id=request_id or None)
                 stored = dict(conn.execute(adapters.INSERT_RETURNING, values).one()._mapping)
                 stored["group_ids"] = v.get("group_ids") or []
                 if stored["group_ids"]:
@@ -268,8 +275,7 @@ class CustomerUseCases:
             changed = [k for k in AUDITED if _json(old.get(k)) != _json(merged.get(k))]
             if not changed:
                 return self.to_proto(conn, row, principal, defs)
-            values = {k: merged[k] for k in WRITE_COLUMNS if k != "search_text"}
-            values["search_text"] = domain.search_key(merged, row.customer_code)
+            values = write_values(merged, row.customer_code)
             conn.execute(
                 customers.update()
                 .where(customers.c.id == cid)

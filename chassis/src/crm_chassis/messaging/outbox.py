@@ -26,23 +26,43 @@ from .tables import outbox
 log = logging.getLogger("crm.outbox")
 
 
+# The outbox row of an event, column by column: enqueue inserts it, bulk writers (imports)
+# COPY it. One definition, so the two cannot drift apart.
+OUTBOX_COLUMNS = (
+    "event_id",
+    "exchange",
+    "routing_key",
+    "event_type",
+    "source",
+    "subject",
+    "dataschema",
+    "payload",
+    "trace_headers",
+    "occurred_at",
+)
+
+
+def outbox_row(event: Event, trace_headers) -> tuple:
+    """The event's values in OUTBOX_COLUMNS order; trace_headers as the caller stores them
+    (a dict for an INSERT, JSON text for COPY)."""
+    return (
+        event.id,
+        event.exchange,
+        event.routing_key,
+        event.type,
+        event.source,
+        event.subject,
+        event.dataschema,
+        event.data,
+        trace_headers,
+        event.time,
+    )
+
+
 def enqueue(conn: sa.Connection, event: Event) -> None:
     """Add the event to the outbox inside the caller's (open) transaction."""
-    conn.execute(
-        outbox.insert(),  # parameters, not .values(): one cached statement for every event
-        {
-            "event_id": event.id,
-            "exchange": event.exchange,
-            "routing_key": event.routing_key,
-            "event_type": event.type,
-            "source": event.source,
-            "subject": event.subject,
-            "dataschema": event.dataschema,
-            "payload": event.data,
-            "trace_headers": inject_headers(),
-            "occurred_at": event.time,
-        },
-    )
+    # Parameters, not .values(): one cached statement for every event.
+    conn.execute(outbox.insert(), dict(zip(OUTBOX_COLUMNS, outbox_row(event, inject_headers()), strict=True)))
 
 
 def row_to_event(row) -> Event:
