@@ -2,9 +2,10 @@
 
 1. Bulk load: BENCH_CUSTOMERS (default 1,000,000) generated customers (bench/customers_data.py)
    COPYed straight into a customer-svc database migrated to head, secondary indexes dropped
-   and rebuilt around the COPY, then VACUUM ANALYZE. With BENCH_KEEP_DB=1 the database
-   (`bench_customers_<N>`) is kept and reused on the next run when it already holds the rows
-   (rows written by earlier runs' creates and imports are deleted first).
+   and rebuilt around the COPY, then VACUUM ANALYZE. With BENCH_KEEP_DB=1 the loaded database
+   (`bench_customers_<N>`) is kept and never written to; each run measures a file copy of it,
+   so runs start alike (deleting an earlier run's rows instead left bloated indexes behind and
+   made each run slower than the one before).
 2. customer-svc as its own process on that database, measured over gRPC on loopback:
    - SearchCustomers: p50/p95/p99 of a few hundred queries of six kinds (full name, family
      name, 3-4 letter prefix, Persian typed with Arabic letters, mobile, typo), one caller,
@@ -109,30 +110,34 @@ def _loaded(conn: psycopg.Connection) -> tuple[int, dt.datetime, float] | None:
 
 
 def prepare_database(dbs: Databases) -> tuple[str, dict]:
-    if KEEP:
-        url = with_database(dbs.base, f"bench_customers_{N}")
-        ensure_database(url)
-    else:
+    """The database a run measures. Without BENCH_KEEP_DB: a fresh one, loaded. With it: the
+    loaded database `bench_customers_<N>` is kept untouched as a template (loaded once, migrated
+    to head), and each run works on a file copy of it (`..._run`), so every run starts from the
+    same freshly built tables and indexes and earlier runs' writes leave no bloat behind."""
+    if not KEEP:
         url = dbs.fresh("bench_customers")
+        migrate(url, SPEC.migrations)
+        with psycopg.connect(pg_url(url), autocommit=True) as conn:
+            return url, bulk_load(conn, N)
+    master = with_database(dbs.base, f"bench_customers_{N}")
+    ensure_database(master)
     t0 = time.perf_counter()
-    migrate(url, SPEC.migrations)
+    migrate(master, SPEC.migrations)
     say(f"migrated to head in {time.perf_counter() - t0:.1f} s")
-    with psycopg.connect(pg_url(url), autocommit=True) as conn:
+    with psycopg.connect(pg_url(master), autocommit=True) as conn:
         got = _loaded(conn)
-        if got and got[0] == N:
-            rows, loaded_at, seconds = got
-            # Rows made by earlier runs (creates, imports) are newer than the load: drop them.
-            deleted = conn.execute("DELETE FROM customers WHERE create_time >= %s", (loaded_at,)).rowcount
-            conn.execute("DELETE FROM outbox")
-            conn.execute("DELETE FROM audit_entries")
-            conn.execute("SELECT setval('customer_code_seq', %s)", (N,))
-            if deleted:
-                say(f"reusing the loaded database: deleted {deleted:,} rows left by earlier runs, vacuuming")
-                conn.execute("VACUUM (ANALYZE) customers")
-            else:
-                say(f"reusing the loaded database ({rows:,} customers, loaded in {seconds:.0f} s)")
-            return url, {"rows": rows, "reused": True, "load_seconds_when_loaded": round(seconds, 1)}
-        return url, bulk_load(conn, N)
+        info = (
+            {"rows": got[0], "reused": True, "load_seconds_when_loaded": round(got[2], 1)}
+            if got and got[0] == N
+            else bulk_load(conn, N)
+        )
+    run = f"bench_customers_{N}_run"
+    t0 = time.perf_counter()
+    with psycopg.connect(pg_url(with_database(dbs.base, "postgres")), autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{run}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{run}" TEMPLATE "bench_customers_{N}" STRATEGY FILE_COPY')
+    say(f"this run's copy of the loaded database: {run} ({time.perf_counter() - t0:.0f} s to copy)")
+    return with_database(dbs.base, run), info
 
 
 def bulk_load(conn: psycopg.Connection, n: int) -> dict:
@@ -784,7 +789,7 @@ def main() -> int:
         loaded_from = loaded_at - dt.timedelta(days=365 * YEARS)
         RESULTS.mkdir(exist_ok=True)
         log_path = RESULTS / f"customers-{stamp}-customer-svc.log"
-        proc, port = start_customer_svc(url, broker.url, log_path)
+        proc, port = start_customer_svc(url, os.environ.get("XAMQP", broker.url), log_path)
         say(f"customer-svc log: {log_path.relative_to(ROOT)}")
         opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
         ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=opts)
