@@ -225,3 +225,47 @@ def test_old_published_outbox_rows_and_old_inbox_ids_are_cleaned_up(engine, brok
             ("cleanup-test", "new"),
             ("someone-else", "old"),
         }
+
+
+def test_relay_keeps_order_and_gives_each_run_of_one_trace_one_publish_span(engine, broker, spans):
+    """Rows written in one trace (an import chunk) share one PRODUCER span and carry its context;
+    rows of another trace in between get their own span, and the wire order is the outbox order."""
+    from opentelemetry import trace
+
+    from crm_chassis.telemetry import extract_context
+
+    tracer = trace.get_tracer("test")
+    plan = ["a", "a", "a", "b", "a", "a"]  # a third run of trace a after trace b's one event
+    contexts = {}
+    for name in ("a", "b"):
+        with tracer.start_as_current_span(f"writer {name}") as span:
+            contexts[name] = trace.set_span_in_context(span)
+    with engine.begin() as conn:
+        for i, name in enumerate(plan):
+            with trace.use_span(trace.get_current_span(contexts[name])):
+                enqueue(conn, make_event(f"{i}:{name}".encode()))
+
+    got: list[tuple[bytes, dict]] = []
+
+    def keep(conn, event: Event) -> None:
+        got.append((event.data, event.trace_headers))
+
+    consumer = start_consumer(engine, broker.url, "order-test", handler=keep)
+    spans.clear()
+    relay = OutboxRelay(engine, broker.url, lambda ch: declare_producer(ch, DOMAIN), batch_size=100)
+    try:
+        assert relay.relay_once() == len(plan)
+        wait_for(lambda: len(got) == len(plan), what="all events")
+    finally:
+        relay.stop(2)
+        consumer.stop(2)
+    assert [d for d, _ in got] == [f"{i}:{n}".encode() for i, n in enumerate(plan)]
+    publish = [s for s in spans.get_finished_spans() if s.kind.name == "PRODUCER"]
+    assert [(s.parent.span_id, s.attributes.get("messaging.batch.message_count")) for s in publish] == [
+        (trace.get_current_span(contexts["a"]).get_span_context().span_id, 3),
+        (trace.get_current_span(contexts["b"]).get_span_context().span_id, None),
+        (trace.get_current_span(contexts["a"]).get_span_context().span_id, 2),
+    ]
+    carried = [trace.get_current_span(extract_context(h)).get_span_context().span_id for _, h in got]
+    runs = [publish[0]] * 3 + [publish[1]] + [publish[2]] * 2
+    assert carried == [s.context.span_id for s in runs]

@@ -442,6 +442,7 @@ class _Row:
     search_rest: str = ""  # its search key but for the customer code
     changes: str = ""  # its audit entry's changes, as JSON text
     proto: bytes = b""  # its Customer message but for customer_code, create_time, update_time
+    record: list = field(default_factory=list)  # its INSERT_COLUMNS as COPY takes them
 
     def reject(self, f: str, why: str) -> None:
         self.fields.append(f)
@@ -915,6 +916,7 @@ class _Converter:
         v = r.values
         r.search_rest = domain.search_key(v, "")
         r.changes = _create_changes(v)
+        r.record = [_AS_TEXT[c](v[c]) if c in _AS_TEXT else v[c] for c in INSERT_COLUMNS]
         m = {k: v[k] for k in INSERT_COLUMNS}
         m.update(id=r.cid, version=1, group_ids=v["group_ids"])
         r.proto = customer_to_proto(_Stored(m), self.ctx.custom_defs).SerializeToString()
@@ -1195,9 +1197,9 @@ class _Run:
                 self.conv.prepare(r)
             v, cid = r.values, r.cid
             key = text.normalize(code)  # domain.search_key(v, code), the code put in front
-            record = [_AS_TEXT[c](v[c]) if c in _AS_TEXT else v[c] for c in INSERT_COLUMNS]
-            record += [cid, code, f"{key} {r.search_rest}" if r.search_rest else key, 1, now, now]
-            chunk.customers.append(record)
+            chunk.customers.append(
+                [*r.record, cid, code, f"{key} {r.search_rest}" if r.search_rest else key, 1, now, now]
+            )
             chunk.members += [(g, cid) for g in v["group_ids"]]
             for k in r.dedupe_keys():  # later chunks find this customer by id, not by row number
                 if self.seen.get(k) == r.number:

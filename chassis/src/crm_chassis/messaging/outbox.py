@@ -10,6 +10,7 @@ and marks them published.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -138,22 +139,33 @@ class OutboxRelay:
             if not rows:
                 return 0
             messages = []
-            for row in rows:
-                event = row_to_event(row)
-                ctx = extract_context(event.trace_headers)
+            # One PRODUCER span per run of consecutive rows written in the same trace, and its
+            # context in each of their messages: an event written by one request gets a span of
+            # its own, an import chunk's thousand events share one (per-message spans cost the
+            # relay a third of its time on an import). Rows keep their order.
+            runs = itertools.groupby(map(row_to_event, rows), key=lambda e: e.trace_headers.get("traceparent", ""))
+            for _, group in runs:
+                events = list(group)
+                first = events[0]
+                attributes = {
+                    "messaging.system": "rabbitmq",
+                    "messaging.destination.name": first.exchange,
+                    "messaging.rabbitmq.destination.routing_key": first.routing_key,
+                }
+                if len(events) == 1:
+                    attributes["messaging.message.id"] = first.id
+                else:
+                    attributes["messaging.batch.message_count"] = len(events)
                 with self._tracer.start_as_current_span(
-                    f"{event.exchange} publish",
-                    context=ctx,
+                    f"{first.exchange} publish",
+                    context=extract_context(first.trace_headers),
                     kind=SpanKind.PRODUCER,
-                    attributes={
-                        "messaging.system": "rabbitmq",
-                        "messaging.destination.name": event.exchange,
-                        "messaging.rabbitmq.destination.routing_key": event.routing_key,
-                        "messaging.message.id": event.id,
-                    },
+                    attributes=attributes,
                 ):
-                    props = event.amqp_properties(trace_headers=inject_headers())
-                messages.append((event.exchange, event.routing_key, event.data, props))
+                    headers = inject_headers()
+                messages += [
+                    (e.exchange, e.routing_key, e.data, e.amqp_properties(trace_headers=headers)) for e in events
+                ]
             # On failure this raises: the transaction rolls back and the rows stay unpublished.
             self.publisher.publish_batch(messages)
             conn.execute(
