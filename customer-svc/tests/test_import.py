@@ -143,6 +143,19 @@ def test_jalali_dates_convert_to_gregorian():
             parse_date(bad)
 
 
+def test_dates_with_the_year_last_need_a_date_order():
+    day, month = pb.DATE_ORDER_DAY_FIRST, pb.DATE_ORDER_MONTH_FIRST
+    with pytest.raises(ValueError, match="date_order"):
+        parse_date("03/08/1990")
+    assert parse_date("03/08/1990", day) == dt.date(1990, 8, 3)
+    assert parse_date("03/08/1990", month) == dt.date(1990, 3, 8)
+    assert parse_date("3.8.1990", day) == parse_date("03-08-1990", day) == dt.date(1990, 8, 3)
+    assert parse_date("۱۲/۰۵/۱۳۶۹", day) == dt.date(1990, 8, 3)  # Jalali, day first, Persian digits
+    assert parse_date("1990-08-03", month) == dt.date(1990, 8, 3)  # year first: the order does not apply
+    with pytest.raises(ValueError):
+        parse_date("13/08/1990", month)  # no 13th month
+
+
 # -- the import ---------------------------------------------------------------------------------
 
 PERSIAN_HEADER = ["نام", "نام خانوادگی", "ایمیل", "موبایل", "کد ملی", "تاریخ تولد", "نحوه آشنایی", "شهر", "برچسب‌ها"]
@@ -533,3 +546,103 @@ def test_groups_ranks_custom_fields_and_referrers_are_found_by_name_or_code(stub
     assert sorted(by_row) == [3, 4, 6]
     assert "no such group" in by_row[3][2] and by_row[3][1] == "Groups"
     assert "not a number" in by_row[4][2] and "no such customer" in by_row[6][2]
+
+
+def test_an_import_reads_day_first_dates_when_asked(stub):
+    city = f"Yazd-{tag()}"
+    rows = [["given_name", "family_name", "birth_date", "city"], ["Dina", "Day", "03/08/1990", city]]
+    job = run(stub, csv_bytes(rows))
+    assert counters(job) == (1, 1, 0, 0, 0, 1)
+    _, body = report(stub, job.name)
+    assert "date_order" in body.decode("utf-8-sig")
+    job = run(stub, csv_bytes(rows), date_order=pb.DATE_ORDER_DAY_FIRST)
+    assert counters(job) == (1, 1, 1, 0, 0, 0)
+    [c] = listed(stub, f'city = "{city}"')
+    assert (c.birth_date.year, c.birth_date.month, c.birth_date.day) == (1990, 8, 3)
+    e = err(lambda: start(stub, csv_bytes(rows), date_order=7))
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and e.field_violations[0].field == "date_order"
+
+
+def test_cancel_stops_an_import_and_keeps_exactly_the_committed_chunks(stub, svc, monkeypatch):
+    monkeypatch.setattr(import_service, "CHUNK_ROWS", 200)
+    city, n = f"Bam-{tag()}", 20_000
+    rows = [["given_name", "family_name", "city"]] + [["Stop", f"Row{i}", city] for i in range(n)]
+    job = start(stub, csv_bytes(rows))
+    while job.processed_rows == 0:
+        job = stub.GetImportJob(pb.GetImportJobRequest(name=job.name), metadata=md())
+        assert job.state == pb.IMPORT_STATE_RUNNING, job
+        time.sleep(0.01)
+    cancelled = stub.CancelImportJob(pb.CancelImportJobRequest(name=job.name), metadata=md("admin", "boss"))
+    assert cancelled.state == pb.IMPORT_STATE_CANCELLED and cancelled.HasField("end_time")
+    assert "boss" in cancelled.error
+
+    def settled():  # the job's thread holds its advisory lock until it has stopped
+        return sql(
+            svc,
+            "SELECT pg_try_advisory_lock(hashtextextended('crm.import-job:' || :id, 0)) "
+            "AND pg_advisory_unlock(hashtextextended('crm.import-job:' || :id, 0))",
+            id=job.name.removeprefix("importJobs/"),
+        )[0][0]
+
+    deadline = time.monotonic() + 30
+    while not settled():
+        assert time.monotonic() < deadline, "the import thread did not stop"
+        time.sleep(0.05)
+    final = stub.GetImportJob(pb.GetImportJobRequest(name=job.name), metadata=md())
+    assert final.state == pb.IMPORT_STATE_CANCELLED
+    [(made,)] = sql(svc, "SELECT count(*) FROM customers WHERE city = :c", c=city)
+    [(events,)] = sql(
+        svc,
+        "SELECT count(*) FROM outbox o JOIN customers c ON o.subject = 'customers/' || c.id "
+        "WHERE c.city = :c AND o.routing_key = 'customer.created.v1'",
+        c=city,
+    )
+    # What the job says it did is what it wrote: whole chunks, each with its events; then it stopped.
+    assert made == final.processed_rows == final.created_rows == events
+    assert 0 < made < n and made % 200 == 0
+    again = stub.CancelImportJob(pb.CancelImportJobRequest(name=job.name), metadata=md())
+    assert again.state == pb.IMPORT_STATE_CANCELLED and again.processed_rows == made
+
+    done = run(stub, csv_bytes([["given_name", "city"], ["Done", city]]))
+    e = err(lambda: stub.CancelImportJob(pb.CancelImportJobRequest(name=done.name), metadata=md()))
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "IMPORT_JOB_ENDED"
+    missing = f"importJobs/{uuid.uuid4()}"
+    e = err(lambda: stub.CancelImportJob(pb.CancelImportJobRequest(name=missing), metadata=md()))
+    assert e.code == grpc.StatusCode.NOT_FOUND
+    e = err(lambda: stub.CancelImportJob(pb.CancelImportJobRequest(name=job.name), metadata=md("analyst")))
+    assert e.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_import_jobs_are_listed_newest_first_and_old_ones_are_deleted(stub, svc):
+    made = [run(stub, csv_bytes([["given_name", "city"], [f"L{i}", f"Ilam-{tag()}"]])).name for i in range(3)]
+    seen, token = [], ""
+    while True:
+        page = stub.ListImportJobs(pb.ListImportJobsRequest(page_size=2, page_token=token), metadata=md())
+        assert len(page.import_jobs) <= 2
+        seen += [j.name for j in page.import_jobs]
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(seen) == len(set(seen))  # no job twice
+    assert [n for n in seen if n in made] == made[::-1]  # newest first
+    e = err(lambda: stub.ListImportJobs(pb.ListImportJobsRequest(page_token="forged.token"), metadata=md()))
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and e.field_violations[0].field == "page_token"
+
+    [(old,)] = sql(
+        svc,
+        "INSERT INTO import_jobs (state, customer_type, file_format, dedupe_policy, creator, end_time) "
+        f"VALUES (2, 1, 1, 1, 'past', now() - interval '{import_service.JOB_RETENTION_DAYS + 1} days') "
+        "RETURNING id::text",
+    )
+    with svc.ctx.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO import_job_errors (job_id, row_number, fields, problems, cells) VALUES (:j, 2, '{}', '{}', '[]')"
+            ),
+            {"j": old},
+        )
+    run(stub, csv_bytes([["given_name"], ["Fresh"]]))  # starting an import clears out old jobs
+    e = err(lambda: stub.GetImportJob(pb.GetImportJobRequest(name=f"importJobs/{old}"), metadata=md()))
+    assert e.code == grpc.StatusCode.NOT_FOUND
+    assert sql(svc, "SELECT count(*) FROM import_job_errors WHERE job_id = :j", j=old)[0][0] == 0
+    assert stub.GetImportJob(pb.GetImportJobRequest(name=made[0]), metadata=md()).state == pb.IMPORT_STATE_SUCCEEDED

@@ -92,6 +92,13 @@ class Aborted(DomainError):
     reason = "ETAG_MISMATCH"
 
 
+class FailedPrecondition(DomainError):
+    """The resource is not in a state that allows the operation (e.g. cancelling a finished job)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
 class Unauthenticated(DomainError):
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = "UNAUTHENTICATED"

@@ -34,7 +34,13 @@ PERMISSIONS = {
         "customers.erase": ["EraseCustomer"],
         "customers.export": ["ExportCustomers"],
         "customers.merge": ["MergeCustomers", "UnmergeCustomers"],
-        "customers.import": ["ImportCustomers", "GetImportJob", "DownloadImportErrorReport"],
+        "customers.import": [
+            "ImportCustomers",
+            "GetImportJob",
+            "ListImportJobs",
+            "CancelImportJob",
+            "DownloadImportErrorReport",
+        ],
         "notes.write": ["CreateNote", "UpdateNote"],
         "customers.catalog": ["CreateGroup", "UpdateGroup", "DeleteGroup", "CreateRank", "UpdateRank", "DeleteRank"],
         "customers.admin": ["CreateAcquisitionSource", "UpdateAcquisitionSource", "CreateCustomFieldDefinition"],
@@ -109,6 +115,13 @@ class CustomerServicer(customer_service_pb2_grpc.CustomerServiceServicer):
 
     def GetImportJob(self, request, context):
         return self.importer.get(request.name)
+
+    def ListImportJobs(self, request, context):
+        jobs, token = self.importer.list(request.page_size, request.page_token)
+        return pb.ListImportJobsResponse(import_jobs=jobs, next_page_token=token)
+
+    def CancelImportJob(self, request, context):
+        return self.importer.cancel(request.name, current_principal())
 
     def DownloadImportErrorReport(self, request, context):
         yield from self.importer.error_report(request.name, request.format)

@@ -39,6 +39,7 @@ import contextvars
 import csv
 import dataclasses
 import datetime as dt
+import functools
 import io
 import json
 import logging
@@ -60,10 +61,11 @@ from sqlalchemy.dialects import postgresql as pg
 from crm.customer.v1 import customer_events_pb2, customer_pb2, resources_pb2
 from crm.customer.v1 import customer_service_pb2 as pb
 from crm_chassis.auth import Principal
-from crm_chassis.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unavailable
 from crm_chassis.logging import request_id_var
 from crm_chassis.messaging.envelope import new_event
 from crm_chassis.messaging.outbox import OUTBOX_COLUMNS, outbox_row
+from crm_chassis.pagination import page_size
 from crm_chassis.telemetry import inject_headers
 
 from . import adapters, domain, exports, text
@@ -83,6 +85,8 @@ REPORT_CHUNK = 256 * 1024
 PROCESS_MIN_CHUNKS = 4  # from this many chunks, rows are read and checked in worker processes
 MAX_WORKERS = 3
 RUNNING, SUCCEEDED, FAILED = pb.IMPORT_STATE_RUNNING, pb.IMPORT_STATE_SUCCEEDED, pb.IMPORT_STATE_FAILED
+CANCELLED = pb.IMPORT_STATE_CANCELLED
+JOB_RETENTION_DAYS = 90  # ended jobs and their error reports are deleted after this long
 SKIP, UPDATE, CREATE = pb.DEDUPE_POLICY_SKIP, pb.DEDUPE_POLICY_UPDATE, pb.DEDUPE_POLICY_CREATE
 FORMATS = {pb.IMPORT_FILE_FORMAT_CSV: "csv", pb.IMPORT_FILE_FORMAT_XLSX: "xlsx"}
 REPORT_FORMATS = {pb.EXPORT_FORMAT_UNSPECIFIED: "csv", pb.EXPORT_FORMAT_CSV: "csv", pb.EXPORT_FORMAT_XLSX: "xlsx"}
@@ -272,21 +276,33 @@ def jalali_to_gregorian(jy: int, jm: int, jd: int) -> dt.date | None:
 
 
 _YMD = re.compile(r"^(\d{4})[-/.](\d{1,2})[-/.](\d{1,2})(?:[ t].*)?$")
+_YEAR_LAST = re.compile(r"^(\d{1,2})[-/.](\d{1,2})[-/.](\d{4})(?:[ t].*)?$")
 DATE_HELP = "write YYYY-MM-DD, or a Jalali (Persian calendar) date such as 1369/05/12"
+DAY_FIRST, MONTH_FIRST = pb.DATE_ORDER_DAY_FIRST, pb.DATE_ORDER_MONTH_FIRST
 
 
-def parse_date(v) -> dt.date:
+def parse_date(v, order: int = pb.DATE_ORDER_UNSPECIFIED) -> dt.date:
     """A cell as a date: an Excel date, YYYY-MM-DD, YYYY/MM/DD or, for years before 1700, the
-    Jalali calendar (1369/05/12 is 1990-08-03); Persian digits are fine."""
+    Jalali calendar (1369/05/12 is 1990-08-03); Persian digits are fine. With the year last
+    (03/08/1990, 12/05/1369) only when `order` says which of the two is the day."""
     if isinstance(v, dt.datetime):
         return v.date()
     if isinstance(v, dt.date):
         return v
     s = text.normalize(_cell_text(v))
     m = _YMD.match(s)
-    if not m:
+    if m:
+        y, mo, d = (int(x) for x in m.groups())
+    elif (m := _YEAR_LAST.match(s)) and order in (DAY_FIRST, MONTH_FIRST):
+        a, b, y = (int(x) for x in m.groups())
+        d, mo = (a, b) if order == DAY_FIRST else (b, a)
+    elif m:
+        raise _CellError(
+            f"{_cell_text(v)!r} is not a date without the import's date_order: with the year last, day and "
+            "month are ambiguous (set date_order to day first or month first, or write YYYY-MM-DD)"
+        )
+    else:
         raise _CellError(f"{_cell_text(v)!r} is not a date: {DATE_HELP}")
-    y, mo, d = (int(x) for x in m.groups())
     if y < 1700:
         g = jalali_to_gregorian(y, mo, d)
         if g is None:
@@ -369,6 +385,10 @@ def _national_id(v) -> str:
 
 class _FileError(Exception):
     """The file cannot be read at all: the job fails with this message."""
+
+
+class _Cancelled(Exception):
+    """CancelImportJob set the job's state: stop, writing nothing more."""
 
 
 def _decode(content: bytes) -> str:
@@ -508,6 +528,7 @@ class _Job:
     mapping: dict[str, str]
     principal: Principal
     request_id: str
+    date_order: int = 0
 
 
 # --------------------------------------------------------------------------- the importer
@@ -564,6 +585,8 @@ class Importer:
             bad.append(FieldViolation("content", f"the file is larger than {MAX_BYTES // (1024 * 1024)} MiB"))
         if request.dedupe_policy not in (pb.DEDUPE_POLICY_UNSPECIFIED, SKIP, UPDATE, CREATE):
             bad.append(FieldViolation("dedupe_policy", "choose DEDUPE_POLICY_SKIP, _UPDATE or _CREATE"))
+        if request.date_order not in (pb.DATE_ORDER_UNSPECIFIED, DAY_FIRST, MONTH_FIRST):
+            bad.append(FieldViolation("date_order", "choose DATE_ORDER_DAY_FIRST or DATE_ORDER_MONTH_FIRST"))
         if len(request.request_id) > 128:
             bad.append(FieldViolation("request_id", "must be at most 128 characters"))
         with self.uc.reader.connect() as conn:
@@ -597,6 +620,7 @@ class Importer:
             existing = self._by_request_id(request.request_id)
             if existing is not None:
                 return existing
+        self.cleanup()
         job = _Job(
             id=str(uuid.uuid4()),
             customer_type=request.customer_type,
@@ -606,6 +630,7 @@ class Importer:
             mapping=dict(request.column_mapping),
             principal=principal,
             request_id=request.request_id,
+            date_order=request.date_order,
         )
         if not _QUEUE.acquire(blocking=False):
             raise Unavailable(f"{MAX_QUEUED} imports are running or waiting here; try again in a few minutes")
@@ -656,6 +681,58 @@ class Importer:
         if row is None:
             raise self._not_found(jid)
         return _job_proto(row)
+
+    def list(self, size: int, token: str) -> tuple[list[pb.ImportJob], str]:
+        limit = page_size(size, maximum=500)
+        key = self.uc.tokens.decode(token, "import-jobs")
+        q = sa.select(import_jobs).order_by(import_jobs.c.create_time.desc(), import_jobs.c.id.desc()).limit(limit + 1)
+        if key:
+            q = q.where(
+                sa.tuple_(import_jobs.c.create_time, import_jobs.c.id)
+                < sa.tuple_(sa.literal(dt.datetime.fromisoformat(key[0])), sa.literal(key[1], adapters.UUID))
+            )
+        with self.uc.reader.connect() as conn:
+            rows = list(conn.execute(q))
+        nxt = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            nxt = self.uc.tokens.encode([rows[-1].create_time.isoformat(), str(rows[-1].id)], "import-jobs")
+        return [_job_proto(r) for r in rows], nxt
+
+    def cancel(self, name: str, principal: Principal) -> pb.ImportJob:
+        """A running job becomes CANCELLED at once; the thread running it (in this replica or
+        another) stops at its next chunk, and the chunk it was writing is rolled back, so
+        processed_rows counts exactly what the import wrote. Cancelling a cancelled job returns it."""
+        jid = _parse_job_name(name)
+        with self.uc.engine.begin() as conn:
+            row = conn.execute(
+                import_jobs.update()
+                .where(import_jobs.c.id == jid, import_jobs.c.state == RUNNING)
+                .values(state=CANCELLED, error=f"cancelled by {principal.subject}", end_time=sa.func.now())
+                .values(update_time=sa.func.now())
+                .returning(*import_jobs.c)
+            ).one_or_none()
+            if row is None:
+                row = conn.execute(sa.select(import_jobs).where(import_jobs.c.id == jid)).one_or_none()
+        if row is None:
+            raise self._not_found(jid)
+        if row.state not in (RUNNING, CANCELLED):
+            raise FailedPrecondition(
+                f"import job importJobs/{jid} has already ended ({pb.ImportState.Name(row.state)})",
+                reason="IMPORT_JOB_ENDED",
+                metadata={"name": f"importJobs/{jid}", "state": pb.ImportState.Name(row.state)},
+            )
+        log.info("import cancelled", extra={"job": jid, "by": principal.subject})
+        return _job_proto(row)
+
+    def cleanup(self) -> int:
+        """Delete jobs (and their error rows) that ended more than JOB_RETENTION_DAYS ago."""
+        with self.uc.engine.begin() as conn:
+            return conn.execute(
+                import_jobs.delete().where(
+                    import_jobs.c.end_time < sa.func.now() - sa.text(f"interval '{JOB_RETENTION_DAYS} days'")
+                )
+            ).rowcount
 
     def error_report(self, name: str, fmt: int) -> Iterator[pb.DownloadImportErrorReportResponse]:
         jid = _parse_job_name(name)
@@ -745,15 +822,20 @@ class Importer:
             _QUEUE.release()
 
     def _set(self, job_id: str, **values) -> None:
+        """Set a running job's columns (a cancelled one keeps its state)."""
         with self.uc.engine.begin() as conn:
             conn.execute(
-                import_jobs.update().where(import_jobs.c.id == job_id).values(**values, update_time=sa.func.now())
+                import_jobs.update()
+                .where(import_jobs.c.id == job_id, import_jobs.c.state == RUNNING)
+                .values(**values, update_time=sa.func.now())
             )
 
     def _run(self, job: _Job, content: bytes, lock: sa.Connection) -> None:
         try:
             with _SLOTS:
                 _Run(self.uc, job).run(content)
+        except _Cancelled:
+            log.info("import stopped: cancelled", extra={"job": job.id})
         except _FileError as e:
             self._set(job.id, state=FAILED, error=str(e), end_time=sa.func.now())
         except Exception:
@@ -788,9 +870,12 @@ class _Converter:
     """Cells to checked values: the column plan, the cell readers and domain.validate. It needs
     no database, so it also runs in worker processes (it pickles as its arguments)."""
 
-    def __init__(self, customer_type: int, mapping: dict, actor: str, headers: list[str], ctx, names: tuple):
-        self.args = (customer_type, mapping, actor, headers, ctx, names)
+    def __init__(
+        self, customer_type: int, mapping: dict, actor: str, headers: list[str], ctx, names: tuple, date_order: int = 0
+    ):
+        self.args = (customer_type, mapping, actor, headers, ctx, names, date_order)
         self.customer_type, self.mapping, self.actor, self.ctx = customer_type, mapping, actor, ctx
+        self.read_date = functools.partial(parse_date, order=date_order)
         self.groups, self.ranks, self.sources = names
         self.plan = self._plan(headers)
 
@@ -836,7 +921,7 @@ class _Converter:
 
     def _reader(self, target: str):
         if target in domain.DATE_FIELDS:
-            return parse_date
+            return self.read_date
         if target in _ENUMS:
             return _enum_parser(*_ENUMS[target])
         if target == "national_id":
@@ -871,7 +956,7 @@ class _Converter:
             if d.type == resources_pb2.CUSTOM_FIELD_TYPE_NUMBER:
                 return _number
             if d.type == resources_pb2.CUSTOM_FIELD_TYPE_DATE:
-                return parse_date
+                return self.read_date
         return _cell_text
 
     def convert(self, number: int, cells: list) -> _Row:
@@ -965,6 +1050,9 @@ class _Run:
     # -- set-up ----------------------------------------------------------------------------
     def run(self, content: bytes) -> None:
         job = self.job
+        with self.uc.reader.connect() as conn:  # cancelled while it waited for a slot?
+            if conn.execute(sa.select(import_jobs.c.state).where(import_jobs.c.id == job.id)).scalar() != RUNNING:
+                raise _Cancelled
         headers, records = (read_csv if job.file_format == pb.IMPORT_FILE_FORMAT_CSV else read_xlsx)(content)
         del content
         records = [(n, cells) for n, cells in records if any(_cell_text(c) for c in cells)]
@@ -980,7 +1068,7 @@ class _Run:
             for k, d in ctx.custom_defs.items()
         }
         self.ctx = dataclasses.replace(ctx, custom_defs=defs)
-        self.conv = _Converter(job.customer_type, job.mapping, self.actor, headers, self.ctx, names)
+        self.conv = _Converter(job.customer_type, job.mapping, self.actor, headers, self.ctx, names, job.date_order)
         self.headers = headers
         self._update_job(headers=headers, total_rows=len(records))
         if not records:
@@ -1026,7 +1114,12 @@ class _Run:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             writer.shutdown(wait=True, cancel_futures=True)
-        self._update_job(state=SUCCEEDED, end_time=sa.func.now())
+        with self.uc.engine.begin() as conn:
+            conn.execute(
+                import_jobs.update()
+                .where(import_jobs.c.id == job.id, import_jobs.c.state == RUNNING)
+                .values(state=SUCCEEDED, end_time=sa.func.now(), update_time=sa.func.now())
+            )
 
     def _commit(self, chunk: _ChunkWrite) -> None:
         with self.uc.engine.begin() as conn:
@@ -1117,9 +1210,9 @@ class _Run:
         if chunk.errors:
             _copy(conn, "import_job_errors", ["job_id", "row_number", "fields", "problems", "cells"], chunk.errors)
         c, counts = import_jobs.c, chunk.counts
-        conn.execute(
+        counted = conn.execute(
             import_jobs.update()
-            .where(c.id == self.job.id)
+            .where(c.id == self.job.id, c.state == RUNNING)
             .values(
                 processed_rows=c.processed_rows + counts.processed,
                 created_rows=c.created_rows + counts.created,
@@ -1128,7 +1221,9 @@ class _Run:
                 failed_rows=c.failed_rows + counts.failed,
                 update_time=sa.func.now(),
             )
-        )
+        ).rowcount
+        if not counted:  # cancelled meanwhile: this chunk rolls back with the exception
+            raise _Cancelled
 
     def _resolve_referrers(self, conn, rows: list[_Row]) -> None:
         if not rows:
