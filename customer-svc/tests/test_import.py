@@ -646,3 +646,40 @@ def test_import_jobs_are_listed_newest_first_and_old_ones_are_deleted(stub, svc)
     assert e.code == grpc.StatusCode.NOT_FOUND
     assert sql(svc, "SELECT count(*) FROM import_job_errors WHERE job_id = :j", j=old)[0][0] == 0
     assert stub.GetImportJob(pb.GetImportJobRequest(name=made[0]), metadata=md()).state == pb.IMPORT_STATE_SUCCEEDED
+
+
+def test_organisations_bring_their_contact_persons_one_row_each(stub):
+    phone, city = f"021{next(_numbers) % 100_000_000:08d}", f"Arak-{tag()}"
+    header = ["نام شرکت", "تلفن", "شهر", "نام رابط", "نام خانوادگی رابط", "سمت", "Contact Mobile"]
+    rows = [
+        header,
+        ["Pars Co", phone, city, "Ali", "Karimi", "CEO", "09121112233"],
+        ["Pars Co", phone, city, "Sara", "Rad", "Buyer", ""],  # the same company: a second contact
+        ["Kish Co", "", city, "Reza", "Amini", "", "not a phone"],
+    ]
+    job = run(stub, csv_bytes(rows), ctype=ORG, dedupe_policy=pb.DEDUPE_POLICY_UPDATE)
+    assert counters(job) == (3, 3, 1, 1, 0, 1)
+    _, body = report(stub, job.name)
+    assert "Contact Mobile" in body.decode("utf-8-sig") and "Kish" in body.decode("utf-8-sig")
+    [org] = listed(stub, f'city = "{city}"')
+    assert [(c.given_name, c.family_name, c.role, c.mobile) for c in org.contact_persons] == [
+        ("Ali", "Karimi", "CEO", "+989121112233"),
+        ("Sara", "Rad", "Buyer", ""),
+    ]
+    # A later file naming Ali again fills him in instead of adding a third contact.
+    again = run(
+        stub,
+        csv_bytes([header, ["Pars Co", phone, city, "Ali", "Karimi", "Chairman", ""]]),
+        ctype=ORG,
+        dedupe_policy=pb.DEDUPE_POLICY_UPDATE,
+    )
+    assert counters(again) == (1, 1, 0, 1, 0, 0)
+    [org] = listed(stub, f'city = "{city}"')
+    assert [(c.given_name, c.role, c.mobile) for c in org.contact_persons] == [
+        ("Ali", "Chairman", "+989121112233"),
+        ("Sara", "Buyer", ""),
+    ]
+    e = err(lambda: start(stub, csv_bytes(rows), column_mapping={"Contact Mobile": "contact_persons.mobile"}))
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and e.field_violations[0].field == "column_mapping[Contact Mobile]"
+    e = err(lambda: start(stub, csv_bytes(rows), ctype=ORG, column_mapping={"سمت": "contact_persons.shoe"}))
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "shoe" in e.field_violations[0].description

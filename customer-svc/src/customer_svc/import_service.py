@@ -95,6 +95,9 @@ _LOCK_KEY = "hashtextextended('crm.import-job:' || {}, 0)"
 # Fields a column may fill: every writable field but the type (the request's) and contact
 # persons (a list of records, not a cell); custom fields as "custom_fields.<key>".
 IMPORTABLE = tuple(f for f in domain.WRITABLE if f not in ("type", "contact_persons"))
+# An organisation's row may also name one contact person, column by column
+# ("contact_persons.mobile"); rows of the same organisation add theirs (see _overlay).
+CONTACT_FIELDS = ("title_prefix", "given_name", "family_name", "role", "org_unit", "phone", "mobile", "email")
 # What a row starts from: the values an empty CreateCustomer request would give.
 _BASE = values_from_proto(customer_pb2.Customer(), domain.WRITABLE)
 INSERT_COLUMNS = [c for c in WRITE_COLUMNS if c != "search_text"]
@@ -191,6 +194,18 @@ _ALIASES = {
 }
 
 
+_CONTACT_ALIASES = {
+    "title_prefix": ["contact title", "عنوان رابط"],
+    "given_name": ["contact first name", "contact given name", "نام رابط", "نام شخص رابط"],
+    "family_name": ["contact last name", "contact family name", "contact surname", "نام خانوادگی رابط"],
+    "role": ["contact role", "role", "position", "job title", "سمت", "سمت رابط"],
+    "org_unit": ["department", "unit", "org unit", "واحد", "واحد سازمانی", "بخش"],
+    "phone": ["contact phone", "تلفن رابط"],
+    "mobile": ["contact mobile", "موبایل رابط", "همراه رابط"],
+    "email": ["contact email", "contact e-mail", "ایمیل رابط"],
+}
+
+
 def _alias_table(customer_type: int) -> dict[str, str]:
     table: dict[str, str] = {}
     for f in IMPORTABLE:  # the field's own name first, then the export's headers, then aliases
@@ -205,6 +220,9 @@ def _alias_table(customer_type: int) -> dict[str, str]:
     if customer_type == domain.ORGANIZATION:  # an organisation's "Name" is its organisation name
         for n in ("name", "نام"):
             table[_key(n)] = "organization_name"
+        for f, names in _CONTACT_ALIASES.items():
+            for n in [f"contact_persons.{f}", *names]:
+                table.setdefault(_key(n), f"contact_persons.{f}")
     return table
 
 
@@ -490,10 +508,31 @@ class _Update:
 
 
 def _overlay(base: dict, raw: dict, given: set) -> dict:
-    """`base` with the row's given values written over it (custom fields key by key)."""
+    """`base` with the row's given values written over it: custom fields key by key, and the
+    row's contact person added to the contact persons (or filled in, if one has the same name)."""
     out = dict(base)
     for k in given:
-        out[k] = {**(out.get(k) or {}), **raw[k]} if k == "custom_fields" else raw[k]
+        if k == "custom_fields":
+            out[k] = {**(out.get(k) or {}), **raw[k]}
+        elif k == "contact_persons":
+            out[k] = _add_contacts(out.get(k) or [], raw[k])
+        else:
+            out[k] = raw[k]
+    return out
+
+
+def _contact_key(c: dict) -> tuple[str, str]:
+    return (text.normalize(c.get("given_name") or ""), text.normalize(c.get("family_name") or ""))
+
+
+def _add_contacts(contacts: list[dict], more: list[dict]) -> list[dict]:
+    out = [dict(c) for c in contacts]
+    for c in more:
+        same = next((o for o in out if _contact_key(o) == _contact_key(c)), None)
+        if same is None:
+            out.append(dict(c))
+        else:
+            same.update({k: v for k, v in c.items() if v})
     return out
 
 
@@ -600,11 +639,18 @@ class Importer:
                 if target.removeprefix("custom_fields.") not in defs:
                     bad.append(FieldViolation(where, f"no custom field {target.removeprefix('custom_fields.')!r}"))
                     continue
+            elif target.startswith("contact_persons."):
+                if target.removeprefix("contact_persons.") not in CONTACT_FIELDS:
+                    bad.append(FieldViolation(where, f"a contact person has no field {target.split('.', 1)[1]!r}"))
+                    continue
+                if request.customer_type == domain.PERSON:
+                    bad.append(FieldViolation(where, "only organisations have contact persons"))
+                    continue
             elif target not in IMPORTABLE:
                 why = (
                     "is set by customer_type"
                     if target == "type"
-                    else "cannot be imported from a column"
+                    else "name a contact person's field: contact_persons.given_name, .mobile, ..."
                     if target == "contact_persons"
                     else f"{target!r} is not a writable Customer field"
                 )
@@ -983,6 +1029,9 @@ class _Converter:
             elif target.startswith("custom_fields."):
                 raw.setdefault("custom_fields", {})[target.removeprefix("custom_fields.")] = value
                 given.add("custom_fields")
+            elif target.startswith("contact_persons."):
+                raw.setdefault("contact_persons", [{}])[0][target.removeprefix("contact_persons.")] = value
+                given.add("contact_persons")
             else:
                 raw[target] = value
                 given.add(target)
@@ -1022,6 +1071,8 @@ class _Converter:
     def label(self, f: str) -> str:
         """A field as the person knows it: the file's column header, and the field's name."""
         target = {"group_ids": "groups", "rank_id": "rank"}.get(f, f)
+        if target.startswith("contact_persons["):  # contact_persons[0].mobile: the row's one contact
+            target = "contact_persons." + target.partition(".")[2]
         return next((label for _, t, _, label in self.plan if t == target), target)
 
     def validate(self, values: dict, old_source: str | None = None) -> dict:
