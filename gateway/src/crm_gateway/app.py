@@ -28,7 +28,7 @@ from . import clients as clients_mod
 from .openapi import openapi_document
 from .problems import from_rpc_error, problem
 from .routes import ROUTES, Route
-from .transcode import BadRequest, build_request, error_field
+from .transcode import MAX_UPLOAD_BYTES, BadRequest, build_request, error_field
 
 log = logging.getLogger("crm.gateway")
 
@@ -106,6 +106,8 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
     app.json.ensure_ascii = False
     # An import carries its file base64-encoded in the JSON body: 64 MiB of file is ~86 MiB.
     app.config["MAX_CONTENT_LENGTH"] = 90 * 1024 * 1024
+    # A multipart upload's file part (customer-svc's limit); over it the request is a 413.
+    app.config["MAX_UPLOAD_BYTES"] = MAX_UPLOAD_BYTES
 
     def cl() -> clients_mod.Clients:
         # Given clients (tests, benchmarks) or this worker process's own (made after the fork).
@@ -165,10 +167,11 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
     @app.errorhandler(BadRequest)
     def _bad_request(err: BadRequest):
         return problem(
-            400,
-            f"{err.field}: {err.description}",
-            code="INVALID_ARGUMENT",
-            errors=[{"field": err.field, "description": err.description}],
+            err.status,
+            str(err),
+            code="INVALID_ARGUMENT" if err.status == 400 else None,
+            reason=err.reason,
+            errors=[{"field": f, "description": d} for f, d in err.violations],
         )
 
     @app.errorhandler(HTTPException)

@@ -8,6 +8,7 @@ from functools import lru_cache
 from google.protobuf import descriptor
 
 from .routes import ROUTES, Route
+from .transcode import FORMAT_FIELD, MAX_UPLOAD_BYTES, UPLOAD_PART
 
 FD = descriptor.FieldDescriptor
 _SCALARS = {
@@ -118,7 +119,30 @@ def _operation(b: _Builder, route: Route, method: descriptor.MethodDescriptor) -
             "required": route.body != "*",
             "content": {"application/json": {"schema": b.message(body)}},
         }
+        if route.upload:
+            op["requestBody"]["content"]["multipart/form-data"] = {"schema": _upload_form(b, route, body, bound)}
+            op["responses"]["413"] = {
+                "description": f"Too large: a multipart file over {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB",
+                "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+            }
     return op
+
+
+def _upload_form(b: _Builder, route: Route, body: descriptor.Descriptor, bound: set[str]) -> dict:
+    """The multipart alternative of an upload route: the file part, then every other field of the
+    body by its proto name (what transcode._read_form accepts)."""
+    file_doc = f"The file, as it is; it becomes `{route.upload}`."
+    if FORMAT_FIELD in body.fields_by_name:
+        file_doc += f" Without `{FORMAT_FIELD}`, the file name's extension (.csv, .xlsx) or content type gives it."
+    props = {UPLOAD_PART: {"type": "string", "format": "binary", "description": file_doc}}
+    for fd in body.fields:
+        if fd.name == route.upload or fd.name in bound:
+            continue
+        schema = b.field(fd)
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            schema["description"] = f"A JSON object, or one form field per entry: `{fd.name}[KEY]=VALUE`"
+        props[fd.name] = schema
+    return {"type": "object", "required": [UPLOAD_PART], "properties": props}
 
 
 @lru_cache(maxsize=1)

@@ -19,6 +19,9 @@ class Route:
     body: str | None = None  # "*": the whole request; "customer": that field; None: no body
     status: int = 200
     stream: bool = False  # server-streaming download (exports)
+    # bytes field filled by the `file` part when the body is multipart/form-data (the other form
+    # fields fill the request fields of their names); JSON bodies work as for any route
+    upload: str | None = None
 
     @property
     def flask_path(self) -> str:
@@ -192,9 +195,10 @@ ROUTES: list[Route] = [
         "/v1/importJobs",
         CUSTOMER,
         "ImportCustomers",
-        "Start importing a CSV or XLSX file (content base64); poll the job",
+        "Start importing a CSV or XLSX file (a multipart `file` part, or content base64 in JSON); poll the job",
         body="*",
         status=201,
+        upload="content",
     ),
     Route(
         "GET",

@@ -5,14 +5,21 @@ the query string (scalar and repeated fields by their proto names, dotted for ne
 the path parameters (through the route's templates) and headers (Idempotency-Key ->
 request_id, If-Match -> etag). For a PATCH without an update_mask the mask is the set of
 top-level fields present in the body (AIP-134).
+
+A route with an `upload` field also takes multipart/form-data: the file part `file` fills that
+bytes field as it is (no base64), and every other form field fills the request field of the
+same name through the descriptor, so fields added to the message later need no change here.
 """
 
 from __future__ import annotations
 
+import json
+import pathlib
 import re
 
-from flask import request
+from flask import current_app, request
 from google.protobuf import descriptor, json_format
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .routes import Route
 
@@ -26,10 +33,40 @@ _INTS = {
 }
 
 
+# The file part of a multipart upload, and the largest file it may carry: customer-svc's
+# import limit (the app's MAX_UPLOAD_BYTES config, lowered in tests).
+UPLOAD_PART = "file"
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+FORM_OVERHEAD = 1024 * 1024  # the other form fields and the multipart framing around the file
+# The enum field an upload's format is inferred into when the form does not give it, and the
+# content types that name a format (else the file name's extension does).
+FORMAT_FIELD = "file_format"
+_FORMAT_BY_CONTENT_TYPE = {
+    "text/csv": "csv",
+    "application/csv": "csv",
+    "text/comma-separated-values": "csv",
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": "xlsx",
+}
+_MAP_ENTRY = re.compile(r"^(\w+)\[(.*)\]$", re.DOTALL)
+
+
 class BadRequest(Exception):
-    def __init__(self, field: str, description: str):
-        super().__init__(f"{field}: {description}")
+    """Input the gateway refuses before any service sees it: 400, naming each bad field."""
+
+    status = 400
+    reason: str | None = None
+
+    def __init__(self, field: str, description: str, *more: tuple[str, str]):
+        self.violations = [(field, description), *more]
+        super().__init__("; ".join(f"{f}: {d}" for f, d in self.violations))
         self.field, self.description = field, description
+
+
+class TooLarge(BadRequest):
+    """An upload over the limit: 413."""
+
+    status = 413
+    reason = "UPLOAD_TOO_LARGE"
 
 
 def _snake(name: str) -> str:
@@ -61,10 +98,17 @@ def _query_value(fd: descriptor.FieldDescriptor, raw: str, name: str):
     return raw  # strings, enum names, Timestamps (RFC 3339) and FieldMasks (comma-separated) parse from JSON strings
 
 
+def is_upload(route: Route) -> bool:
+    return route.upload is not None and request.mimetype == "multipart/form-data"
+
+
 def build_request(route: Route, request_cls, path_args: dict[str, str]):
     msg = request_cls()
     body_keys: list[str] = []
-    if route.body is not None:
+    if is_upload(route):
+        target = msg if route.body == "*" else getattr(msg, route.body)
+        body_keys = _read_form(route, target)
+    elif route.body is not None:
         data = request.get_json(silent=True) if request.get_data() else {}
         if not isinstance(data, dict):
             raise BadRequest("body", "must be a JSON object (Content-Type: application/json)")
@@ -99,9 +143,152 @@ def build_request(route: Route, request_cls, path_args: dict[str, str]):
     return msg
 
 
+def _size(n: int) -> str:
+    return f"{n // (1024 * 1024)} MiB" if n % (1024 * 1024) == 0 else f"{n} bytes"
+
+
+def _read_form(route: Route, target) -> list[str]:
+    """Fill `target` from a multipart/form-data body; the names of the fields set."""
+    limit = current_app.config.get("MAX_UPLOAD_BYTES", MAX_UPLOAD_BYTES)
+    # Werkzeug streams the file part into a temporary file (on disk past 500 KB, never the whole
+    # body in memory) and stops with 413 once the body passes the file's limit plus the fields.
+    request.max_content_length = limit + FORM_OVERHEAD
+    try:
+        form, files = request.form, request.files
+    except RequestEntityTooLarge:
+        if request.content_length is None or request.content_length > request.max_content_length:
+            raise TooLarge(UPLOAD_PART, f"the file may be at most {_size(limit)}") from None
+        raise TooLarge("body", "a form field is too long, or the form has too many parts") from None
+    bad: list[tuple[str, str]] = []
+    set_fields: list[str] = []
+
+    parts = files.getlist(UPLOAD_PART)
+    if UPLOAD_PART in form:
+        bad.append((UPLOAD_PART, "must be a file part (curl -F file=@people.csv), not a text field"))
+    elif not parts:
+        bad.append((UPLOAD_PART, "is required: the file, as a multipart file part"))
+    elif len(parts) > 1:
+        bad.append((UPLOAD_PART, "send one file"))
+    else:
+        # Read from the spooled part once, straight into the message (at most one byte past the limit).
+        content = parts[0].stream.read(limit + 1)
+        if len(content) > limit:
+            raise TooLarge(UPLOAD_PART, f"the file may be at most {_size(limit)}")
+        setattr(target, route.upload, content)
+        set_fields.append(route.upload)
+    bad.extend(
+        (name, f"is not a file part of this request: send the file as `{UPLOAD_PART}`")
+        for name in files
+        if name != UPLOAD_PART
+    )
+
+    desc = target.DESCRIPTOR
+    by_name = {**{fd.json_name: fd for fd in desc.fields}, **desc.fields_by_name}
+    maps: dict[str, tuple[descriptor.FieldDescriptor, dict]] = {}
+    for name, raws in form.lists():
+        if name == UPLOAD_PART:
+            continue
+        entry = _MAP_ENTRY.match(name)
+        fd = by_name.get(entry.group(1) if entry else name)
+        if fd is not None and fd.name == route.upload:
+            bad.append((name, f"send the file as the `{UPLOAD_PART}` part"))
+            continue
+        if fd is None or (entry and not _is_map(fd)):
+            bad.append((name, "is not a field of this request"))
+            continue
+        if len(raws) > 1 and (not fd.is_repeated or _is_map(fd)):
+            bad.append((name, "is given more than once"))
+            continue
+        try:
+            if _is_map(fd):
+                _, entries = maps.setdefault(fd.name, (fd, {}))
+                given = {entry.group(2): raws[0]} if entry else _json_object(raws[0], name)
+                value_fd = fd.message_type.fields_by_name["value"]
+                for key, raw in given.items():
+                    where = f"{fd.name}[{key}]"
+                    if key in entries:
+                        raise BadRequest(where, "is given more than once")
+                    entries[key] = _form_value(value_fd, raw, where) if isinstance(raw, str) else raw
+                continue
+            oneof = fd.containing_oneof
+            if oneof is not None and target.WhichOneof(oneof.name) not in (None, fd.name):
+                raise BadRequest(name, f"cannot be given with {target.WhichOneof(oneof.name)} (one of {oneof.name})")
+            values = [_form_value(fd, raw, name) for raw in raws]
+            _parse_into(target, fd, values if fd.is_repeated else values[0], name)
+            set_fields.append(fd.name)
+        except BadRequest as err:
+            bad.extend(err.violations)
+    for name, (fd, entries) in maps.items():
+        try:
+            _parse_into(target, fd, entries, name)
+            set_fields.append(fd.name)
+        except BadRequest as err:
+            bad.extend(err.violations)
+    if bad:
+        raise BadRequest(*bad[0], *bad[1:])
+
+    fmt = desc.fields_by_name.get(FORMAT_FIELD)
+    if fmt is not None and fmt.type == descriptor.FieldDescriptor.TYPE_ENUM and FORMAT_FIELD not in set_fields:
+        value = _infer_format(fmt, parts[0])
+        if value is not None:  # else left unset: the service names the field
+            setattr(target, FORMAT_FIELD, value)
+    return set_fields
+
+
+def _is_map(fd: descriptor.FieldDescriptor) -> bool:
+    return fd.message_type is not None and fd.message_type.GetOptions().map_entry
+
+
+def _json_object(raw: str, name: str) -> dict:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise BadRequest(name, "must be a JSON object")
+    return value
+
+
+def _form_value(fd: descriptor.FieldDescriptor, raw: str, name: str):
+    """A form field's text as the JSON value of its proto field."""
+    if fd.type == descriptor.FieldDescriptor.TYPE_ENUM:
+        enum = fd.enum_type
+        if raw in enum.values_by_name:
+            return raw
+        if re.fullmatch(r"-?\d+", raw) and int(raw) in enum.values_by_number:
+            return int(raw)
+        named = [v.name for v in enum.values if v.number != 0] or [v.name for v in enum.values]
+        raise BadRequest(name, f"must be one of {', '.join(named)} (or its number)")
+    if fd.type == descriptor.FieldDescriptor.TYPE_MESSAGE:
+        if fd.message_type.full_name.startswith("google.protobuf."):
+            return raw  # Timestamp, FieldMask: their JSON form is a string
+        return _json_object(raw, name)
+    return _query_value(fd, raw, name)
+
+
+def _parse_into(target, fd: descriptor.FieldDescriptor, value, name: str) -> None:
+    try:
+        json_format.ParseDict({fd.json_name: value}, target, ignore_unknown_fields=False)
+    except json_format.ParseError as err:
+        raise BadRequest(name, f"is not valid: {err}") from None
+
+
+def _infer_format(fd: descriptor.FieldDescriptor, part) -> int | None:
+    """The value of the format enum named like the file's extension (people.csv -> ..._CSV),
+    else like its content type; None if neither names one."""
+    suffix = pathlib.PurePosixPath((part.filename or "").replace("\\", "/")).suffix.lower().lstrip(".")
+    for kind in (suffix, _FORMAT_BY_CONTENT_TYPE.get(part.mimetype)):
+        for v in fd.enum_type.values if kind else ():
+            if v.number != 0 and v.name.endswith("_" + kind.upper()):
+                return v.number
+    return None
+
+
 def error_field(route: Route, field: str) -> str:
     """A service's field path as the HTTP caller knows it: path parameters by their names,
-    body fields without the body's prefix."""
+    body fields without the body's prefix, and an upload's bytes field as the file part."""
+    if is_upload(route) and field == route.upload:
+        return UPLOAD_PART
     for fieldpath, template in route.bind.items():
         if field == fieldpath:
             params = re.findall(r"{(\w+)}", template)
