@@ -251,3 +251,10 @@ def test_import_over_http_with_progress_and_error_report(suite):
         suite.http.post("/v1/importJobs", headers=h, json={"fileFormat": "IMPORT_FILE_FORMAT_CSV"}), 400, "content"
     )
     assert_problem(suite.http.post("/v1/importJobs", headers=suite.headers("sales_rep"), json={}), 403)
+    listing = suite.http.get("/v1/importJobs?page_size=500", headers=h)
+    assert listing.status_code == 200, listing.get_data(as_text=True)
+    jobs = listing.get_json()["importJobs"]
+    assert job["name"] in [j["name"] for j in jobs]
+    ended = suite.http.post(f"/v1/importJobs/{jid}:cancel", headers=h, json={})
+    assert assert_problem(ended, 400)["code"] == "FAILED_PRECONDITION"  # the job has ended
+    assert_problem(suite.http.post(f"/v1/importJobs/{uuid.uuid4()}:cancel", headers=h, json={}), 404)

@@ -200,6 +200,16 @@ ROUTES: list[Route] = [
         status=201,
         upload="content",
     ),
+    Route("GET", "/v1/importJobs", CUSTOMER, "ListImportJobs", "Imports, newest first"),
+    Route(
+        "POST",
+        "/v1/importJobs/{job_id}:cancel",
+        CUSTOMER,
+        "CancelImportJob",
+        "Stop a running import; what it committed stays",
+        bind={"name": "importJobs/{job_id}"},
+        body="*",
+    ),
     Route(
         "GET",
         "/v1/importJobs/{job_id}",
