@@ -680,6 +680,8 @@ def test_organisations_bring_their_contact_persons_one_row_each(stub):
         ("Sara", "Buyer", ""),
     ]
     e = err(lambda: start(stub, csv_bytes(rows), column_mapping={"Contact Mobile": "contact_persons.mobile"}))
-    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and e.field_violations[0].field == "column_mapping[Contact Mobile]"
+    assert (
+        e.code == grpc.StatusCode.INVALID_ARGUMENT and e.field_violations[0].field == "column_mapping[Contact Mobile]"
+    )
     e = err(lambda: start(stub, csv_bytes(rows), ctype=ORG, column_mapping={"سمت": "contact_persons.shoe"}))
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "shoe" in e.field_violations[0].description

@@ -10,22 +10,12 @@ import pytest
 
 from crm_chassis.auth import TokenVerifier
 from crm_chassis.config import DEFAULT_JWT_SECRET
+from tests.support.harness import assert_problem
 
 
 def person(**kw):
     body = {"type": "CUSTOMER_TYPE_PERSON", "givenName": "Maryam", "familyName": "Karimi"}
     body.update(kw)
-    return body
-
-
-def assert_problem(resp, status: int, field: str | None = None):
-    assert resp.status_code == status, resp.get_data(as_text=True)
-    assert resp.mimetype == "application/problem+json"
-    body = resp.get_json(force=True)
-    assert body["status"] == status and body["title"] and body["detail"]
-    assert "Traceback" not in resp.get_data(as_text=True)
-    if field:
-        assert field in [e["field"] for e in body["errors"]]
     return body
 
 

@@ -14,6 +14,7 @@ from werkzeug.wrappers import Request
 
 from crm.customer.v1 import customer_service_pb2
 from crm_gateway.transcode import FORM_OVERHEAD
+from tests.support.harness import assert_problem
 
 
 class CountingStream(io.BytesIO):
@@ -30,17 +31,6 @@ class CountingStream(io.BytesIO):
         n = super().readinto(buffer)
         self.count += n
         return n
-
-
-def assert_problem(resp, status: int, field: str | None = None) -> dict:
-    assert resp.status_code == status, resp.get_data(as_text=True)
-    assert resp.mimetype == "application/problem+json"
-    body = resp.get_json(force=True)
-    assert body["status"] == status and body["title"] and body["detail"]
-    assert "Traceback" not in resp.get_data(as_text=True)
-    if field:
-        assert field in [e["field"] for e in body["errors"]], body
-    return body
 
 
 def upload(suite, data: bytes, filename: str = "people.csv", mimetype: str = "text/csv", /, headers=None, **form):

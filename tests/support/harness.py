@@ -33,6 +33,19 @@ def token(roles: str | list[str] = "admin", sub: str = "tester") -> str:
     return VERIFIER.mint(sub, roles)
 
 
+def assert_problem(resp, status: int, field: str | None = None) -> dict:
+    """An HTTP error from the gateway: problem+json with this status, no stack trace, and (if
+    given) `field` among the fields it names. Returns the body."""
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    assert resp.mimetype == "application/problem+json"
+    body = resp.get_json(force=True)
+    assert body["status"] == status and body["title"] and body["detail"]
+    assert "Traceback" not in resp.get_data(as_text=True)
+    if field:
+        assert field in [e["field"] for e in body["errors"]], body
+    return body
+
+
 def md(roles: str | list[str] = "admin", sub: str = "tester") -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token(roles, sub)}")]
 

@@ -516,29 +516,18 @@ class Catalog:
 
     def list_notes(self, parent: str, size: int, token: str) -> tuple[list[resources_pb2.Note], str]:
         cid = domain.parse_name(parent, "parent")
-        limit = page_size(size)
-        key = self.c.tokens.decode(token, f"notes:{cid}")
-        q = (
-            sa.select(notes)
-            .where(notes.c.customer_id == cid)
-            .order_by(notes.c.create_time.desc(), notes.c.id.desc())
-            .limit(limit + 1)
-        )
-        if key:
-            import datetime as dt
-
-            q = q.where(
-                sa.tuple_(notes.c.create_time, notes.c.id)
-                < sa.tuple_(sa.literal(dt.datetime.fromisoformat(key[0])), sa.literal(key[1], adapters.UUID))
-            )
         with self.reader.connect() as conn:
             if adapters.get_customer(conn, cid) is None:
                 raise not_found(cid)
-            rows = list(conn.execute(q))
-        nxt = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            nxt = self.c.tokens.encode([rows[-1].create_time.isoformat(), str(rows[-1].id)], f"notes:{cid}")
+            rows, nxt = adapters.newest_first_page(
+                conn,
+                sa.select(notes).where(notes.c.customer_id == cid),
+                notes,
+                self.c.tokens,
+                f"notes:{cid}",
+                page_size(size),
+                token,
+            )
         return [note_to_proto(r) for r in rows], nxt
 
     def update_note(self, n: resources_pb2.Note, paths: list[str], principal: Principal) -> resources_pb2.Note:

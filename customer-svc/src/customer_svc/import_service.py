@@ -729,20 +729,16 @@ class Importer:
         return _job_proto(row)
 
     def list(self, size: int, token: str) -> tuple[list[pb.ImportJob], str]:
-        limit = page_size(size, maximum=500)
-        key = self.uc.tokens.decode(token, "import-jobs")
-        q = sa.select(import_jobs).order_by(import_jobs.c.create_time.desc(), import_jobs.c.id.desc()).limit(limit + 1)
-        if key:
-            q = q.where(
-                sa.tuple_(import_jobs.c.create_time, import_jobs.c.id)
-                < sa.tuple_(sa.literal(dt.datetime.fromisoformat(key[0])), sa.literal(key[1], adapters.UUID))
-            )
         with self.uc.reader.connect() as conn:
-            rows = list(conn.execute(q))
-        nxt = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            nxt = self.uc.tokens.encode([rows[-1].create_time.isoformat(), str(rows[-1].id)], "import-jobs")
+            rows, nxt = adapters.newest_first_page(
+                conn,
+                sa.select(import_jobs),
+                import_jobs,
+                self.uc.tokens,
+                "import-jobs",
+                page_size(size, maximum=500),
+                token,
+            )
         return [_job_proto(r) for r in rows], nxt
 
     def cancel(self, name: str, principal: Principal) -> pb.ImportJob:
