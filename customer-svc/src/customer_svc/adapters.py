@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from types import SimpleNamespace
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
@@ -203,12 +204,21 @@ def custom_field_defs(conn: sa.Connection) -> dict[str, sa.Row]:
     return {r.key: r for r in conn.execute(sa.select(custom_field_definitions))}
 
 
-def source_keys(conn: sa.Connection, only: list[str] | None = None) -> dict[str, bool]:
-    """key -> retired, for every source or only the keys named (a primary-key lookup)."""
-    q = sa.select(acquisition_sources.c.key, acquisition_sources.c.retired)
-    if only is not None:
-        q = q.where(acquisition_sources.c.key.in_([k for k in only if k]))
-    return {r.key: r.retired for r in conn.execute(q)}
+_LOOKUPS = (
+    "SELECT (SELECT coalesce(json_object_agg(key, retired), '{}') FROM acquisition_sources"
+    " WHERE CAST(:keys AS text[]) IS NULL OR key = ANY(CAST(:keys AS text[]))),"
+    " (SELECT coalesce(json_agg(d), '[]') FROM custom_field_definitions d)"
+)
+LOOKUPS = sa.text(_LOOKUPS)
+LOOKUPS_AND_CODE = sa.text(f"{_LOOKUPS}, {NEXT_CODE_SQL}")
+
+
+def validation_lookups(conn: sa.Connection, only_sources: list[str] | None = None, code: bool = False) -> tuple:
+    """In one round trip: the acquisition sources (key -> retired; every one, or only the keys
+    named), the custom-field definitions by key, and with `code` the next customer code."""
+    row = conn.execute(LOOKUPS_AND_CODE if code else LOOKUPS, {"keys": only_sources}).one()
+    defs = {d["key"]: SimpleNamespace(**d) for d in row[1]}
+    return (row[0], defs, row[2]) if code else (row[0], defs)
 
 
 def write_audit(

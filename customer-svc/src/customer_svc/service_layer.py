@@ -114,9 +114,8 @@ class CustomerUseCases:
     def context(self, conn: sa.Connection, old_source: str | None = None, source: str | None = None) -> domain.Context:
         """What validation needs; with `source`, only that acquisition source is looked up."""
         only = None if source is None else [source.strip().lower()]
-        return domain.Context(
-            adapters.source_keys(conn, only), adapters.custom_field_defs(conn), self.default_region, old_source
-        )
+        sources, defs = adapters.validation_lookups(conn, only)
+        return domain.Context(sources, defs, self.default_region, old_source)
 
     def to_proto(self, conn, row, principal: Principal, defs=None) -> customer_pb2.Customer:
         if defs is None and row._mapping.get("custom_fields"):
@@ -185,10 +184,14 @@ class CustomerUseCases:
                     existing = adapters.get_by_request_id(conn, request_id)
                     if existing is not None:
                         return self.to_proto(conn, existing, principal)
-                ctx = self.context(conn, source=v.get("acquisition_source") or "")
+                # Sources, custom fields and the customer code in one round trip (a code a
+                # rejected request took is a gap in the numbering, as with any sequence).
+                sources, defs, code = adapters.validation_lookups(
+                    conn, [(v.get("acquisition_source") or "").strip().lower()], code=True
+                )
+                ctx = domain.Context(sources, defs, self.default_region, None)
                 v = domain.validate(v, ctx)
                 self._check_references(conn, v)
-                code = conn.execute(sa.text(f"SELECT {adapters.NEXT_CODE_SQL}")).scalar()
                 values = write_values(v, code)
                 values.update(customer_code=code, request_id=request_id or None)
                 stored = dict(conn.execute(adapters.INSERT_RETURNING, values).one()._mapping)
