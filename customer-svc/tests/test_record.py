@@ -385,6 +385,8 @@ def persians(stub):
         "karimi": create(stub, given_name="علی", family_name="کریمی‌زاده", city="کرمان", mobile="09131234567"),
         "rezaei": create(stub, given_name="Hossein", family_name="Rezaei", city="Mashhad"),
         "yas": create(stub, type=ORG, organization_name="شرکت ياس", city="قم"),  # written with Arabic yeh
+        "nima": create(stub, given_name="Nima", family_name="Tavakkoli", city="Sari"),
+        "sara": create(stub, given_name="سارا", family_name="محمدی", city="Sari"),
     }
 
 
@@ -407,6 +409,11 @@ def search(stub, q, roles="admin"):
         ("یاس", "yas"),  # stored with Arabic yeh, typed with Persian
         ("rezaei", "rezaei"),
         ("Rezaie", "rezaei"),  # a typo: fuzzy
+        ("Nmia Tavakkoli", "nima"),  # two letters swapped in a short word
+        ("Nima Tavakolli", "nima"),  # ... and in a long one
+        ("ساار محمدی", "sara"),  # in Persian
+        ("علی کریمیزاده", "karimi"),  # a compound name typed as one word
+        ("علی کریمیازده", "karimi"),  # ... with two letters swapped
         ("mashhad", "rezaei"),
     ],
 )

@@ -238,12 +238,26 @@ def tsquery_text(query: str, prefix: bool = True) -> str:
 # still empty, and otherwise ends where the tier ends (the next page starts the next tier;
 # AIP-158 lets a page be short). So a common word ("Tehran", "ali") costs a short walk of the
 # newest-first index and a rare full name a few index lookups, never a rank of every match.
-# Typos are corrected word by word against the lexicon of search words (migration 0005): the
-# closest words by edit distance (1 for words of 3-4 letters, 2 from 5).
+# Typos are corrected word by word against the lexicon of search words (migration 0005), most
+# specific first: the word with two neighbouring letters swapped back (the commonest slip, which
+# plain edit distance counts as two); else the word split in two lexicon words (a compound name
+# such as "Hassan-zadeh" typed as one word, perhaps with a swap too); only when neither exists,
+# the closest words by edit distance (1 for words of 3-4 letters, 2 from 5), which are many.
+# A word the lexicon knows is taken as typed: only the unknown words of a query are corrected.
 TIER_WORDS, TIER_PREFIXES, TIER_SUBSTRING, TIER_CORRECTED = 3.0, 2.0, 1.0, 0.5
 SEARCH_ORDER = [(sa.column("relevance", sa.Float), True), (customers.c.create_time, True), (customers.c.id, True)]
 _CORRECTIONS = sa.text("""
-    SELECT q.w, c.word
+    SELECT 'swap', q.w, q.a, '' FROM unnest(CAST(:swap_of AS text[]), CAST(:swaps AS text[])) AS q(w, a)
+    WHERE EXISTS (SELECT 1 FROM search_words WHERE word = q.a)
+      AND NOT EXISTS (SELECT 1 FROM search_words WHERE word = q.w)
+    UNION ALL
+    SELECT 'split', q.w, q.a, q.b
+    FROM unnest(CAST(:split_of AS text[]), CAST(:heads AS text[]), CAST(:tails AS text[])) AS q(w, a, b)
+    WHERE EXISTS (SELECT 1 FROM search_words WHERE word = q.a)
+      AND EXISTS (SELECT 1 FROM search_words WHERE word = q.b)
+      AND NOT EXISTS (SELECT 1 FROM search_words WHERE word = q.w)
+    UNION ALL
+    SELECT 'near', q.w, c.word, ''
     FROM unnest(CAST(:words AS text[])) AS q(w)
     CROSS JOIN LATERAL (
         SELECT word FROM search_words
@@ -254,25 +268,59 @@ _CORRECTIONS = sa.text("""
         ORDER BY levenshtein(word, q.w), word
         LIMIT 5
     ) AS c
+    WHERE NOT EXISTS (SELECT 1 FROM search_words WHERE word = q.w)
 """)
+_MIN_WORD = 3  # the lexicon keeps words of 3-40 letters
+
+
+def _swaps(word: str) -> list[str]:
+    """The word with each pair of neighbouring letters swapped (Rezaie -> Rezaei, ...)."""
+    return list(
+        dict.fromkeys(
+            word[:i] + word[i + 1] + word[i] + word[i + 2 :] for i in range(len(word) - 1) if word[i] != word[i + 1]
+        )
+    )
+
+
+def _quoted(word: str) -> str:
+    return "'" + word.replace("'", "''") + "'"
 
 
 def _corrected_tsquery(conn, q: str) -> str:
-    """Every word or one of its corrections (the last word also as a prefix, as typed so
-    far); '' when no word has a correction."""
+    """Every word or its corrections (the last word also as a prefix, as typed so far); ''
+    when no word has a correction."""
     words = [w for w in (re.sub(r"[^\w]", "", w) for w in q.split()) if w]
-    fixable = [w for w in words if len(w) >= 3 and not any(ch.isdigit() for ch in w)]
+    fixable = [w for w in words if len(w) >= _MIN_WORD and not any(ch.isdigit() for ch in w)]
     if not fixable:
         return ""
-    alternatives: dict[str, list[str]] = {}
-    for w, word in conn.execute(_CORRECTIONS, {"words": fixable}):
-        alternatives.setdefault(w, []).append(word)
-    if not alternatives:
+    swaps = [(w, v) for w in fixable for v in _swaps(w)]
+    splits = [
+        (w, v[:i], v[i:])
+        for w in fixable
+        for v in dict.fromkeys([w, *_swaps(w)])
+        for i in range(_MIN_WORD, len(v) - _MIN_WORD + 1)
+    ]
+    found: dict[str, dict[str, list[str]]] = {}
+    for kind, w, a, b in conn.execute(
+        _CORRECTIONS,
+        {
+            "swap_of": [w for w, _ in swaps],
+            "swaps": [v for _, v in swaps],
+            "split_of": [w for w, _, _ in splits],
+            "heads": [a for _, a, _ in splits],
+            "tails": [b for _, _, b in splits],
+            "words": fixable,
+        },
+    ):
+        term = f"({_quoted(a)} <-> {_quoted(b)})" if kind == "split" else _quoted(a)
+        found.setdefault(w, {}).setdefault(kind, []).append(term)
+    if not found:
         return ""
     terms = []
     for i, w in enumerate(words):
-        options = [f"{w}:*" if i == len(words) - 1 else w]
-        options += ["'" + a.replace("'", "''") + "'" for a in alternatives.get(w, [])]
+        kinds = found.get(w, {})
+        best = kinds.get("swap", []) + kinds.get("split", []) or kinds.get("near", [])
+        options = [f"{w}:*" if i == len(words) - 1 else w, *dict.fromkeys(best)]
         terms.append("(" + " | ".join(options) + ")")
     return " & ".join(terms)
 
