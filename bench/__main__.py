@@ -117,19 +117,7 @@ def grpc_section(db_url: str, amqp_url: str) -> list[dict]:
                 load.run("CreateCustomer", create, conc, SECONDS),
                 load.run("GetCustomer", lambda: stub.GetCustomer.future(get_req, metadata=meta), conc, SECONDS),
             ]
-            for r in results:
-                rows.append(
-                    {
-                        "what": r.label,
-                        "callers": conc,
-                        "calls": r.calls,
-                        "errors": r.errors,
-                        "rps": round(r.rps, 1),
-                        "p50_ms": round(r.pct(50), 2),
-                        "p99_ms": round(r.pct(99), 2),
-                        "ratio_to_ceiling": round(r.rps / ceiling.rps, 3) if ceiling.rps else None,
-                    }
-                )
+            rows += [r.row(ceiling) for r in results]
         ch.close()
     finally:
         proc.terminate()

@@ -389,20 +389,7 @@ def search_section(stub, health, meta, raw: RawSql) -> tuple[list[dict], list[di
             conc,
             SECONDS,
         )
-        for x in (ceiling, r):
-            thr.append(
-                {
-                    "what": x.label,
-                    "callers": conc,
-                    "calls": x.calls,
-                    "errors": x.errors,
-                    "rps": round(x.rps, 1),
-                    "p50_ms": ms(x.pct(50)),
-                    "p95_ms": ms(x.pct(95)),
-                    "p99_ms": ms(x.pct(99)),
-                    "ratio_to_ceiling": round(x.rps / ceiling.rps, 4) if ceiling.rps else None,
-                }
-            )
+        thr += [x.row(ceiling, (50, 95, 99)) for x in (ceiling, r)]
     for p in slowest:
         p["grpc_ms"], p["sql_ms"] = ms(p["grpc_ms"]), ms(p["sql_ms"])
     return rows, thr, slowest
@@ -602,19 +589,7 @@ def grpc_section(stub, health, meta, raw: RawSql, log_path) -> tuple[list[dict],
             load.run("GetCustomer", lambda: stub.GetCustomer.future(next(gets), metadata=meta), conc, SECONDS),
             load.run("CreateCustomer", lambda: stub.CreateCustomer.future(creates(), metadata=meta), conc, SECONDS),
         ]
-        for r in results:
-            rows.append(
-                {
-                    "what": r.label,
-                    "callers": conc,
-                    "calls": r.calls,
-                    "errors": r.errors,
-                    "rps": round(r.rps, 1),
-                    "p50_ms": ms(r.pct(50)),
-                    "p99_ms": ms(r.pct(99)),
-                    "ratio_to_ceiling": round(r.rps / ceiling.rps, 3) if ceiling.rps else None,
-                }
-            )
+        rows += [r.row(ceiling) for r in results]
     rows.append(
         {
             "what": "baseline: GetCustomer's SELECT, raw psycopg",

@@ -28,6 +28,18 @@ class Result:
         data = sorted(self.latencies_ms)
         return data[min(len(data) - 1, int(round(p / 100 * (len(data) - 1))))]
 
+    def row(self, ceiling: Result, percentiles: tuple[int, ...] = (50, 99)) -> dict:
+        """This measurement as a table row, beside the empty-RPC ceiling of the same run."""
+        return {
+            "what": self.label,
+            "callers": self.concurrency,
+            "calls": self.calls,
+            "errors": self.errors,
+            "rps": round(self.rps, 1),
+            **{f"p{p}_ms": round(self.pct(p), 2) for p in percentiles},
+            "ratio_to_ceiling": round(self.rps / ceiling.rps, 3) if ceiling.rps else None,
+        }
+
 
 def run(label: str, make_call, concurrency: int, seconds: float, warmup: float = 0.5) -> Result:
     """make_call() -> a grpc future (e.g. lambda: stub.GetCustomer.future(req, metadata=md))."""

@@ -186,6 +186,10 @@ def existing_ids(conn: sa.Connection, table: sa.Table, ids: list[str]) -> set[st
     return {str(r[0]) for r in conn.execute(sa.select(table.c.id).where(table.c.id.in_(ids)))}
 
 
+# What every change of a customer row also sets: the next version (its etag) and the time.
+NEW_VERSION = {"version": customers.c.version + 1, "update_time": sa.func.now()}
+
+
 def set_groups(conn: sa.Connection, customer_id: str, group_ids: list[str]) -> None:
     conn.execute(
         group_members.delete().where(

@@ -272,7 +272,7 @@ class Catalog:
 
     def _bump(self, conn, ids: list[str]) -> None:
         c = adapters.customers
-        conn.execute(c.update().where(c.c.id.in_(ids)).values(version=c.c.version + 1, update_time=sa.func.now()))
+        conn.execute(c.update().where(c.c.id.in_(ids)).values(**adapters.NEW_VERSION))
 
     def _audit_bulk(self, conn, ids, action, principal, field, value) -> None:
         from crm_chassis.logging import request_id_var
@@ -347,7 +347,7 @@ class Catalog:
                 for x in conn.execute(
                     c.update()
                     .where(c.c.rank_id == row.id)
-                    .values(rank_id=None, version=c.c.version + 1, update_time=sa.func.now())
+                    .values(rank_id=None, **adapters.NEW_VERSION)
                     .returning(c.c.id)
                 )
             ]
@@ -371,7 +371,7 @@ class Catalog:
                 for x in conn.execute(
                     c.update()
                     .where(c.c.id.in_(ids), c.c.rank_id.is_distinct_from(rid))
-                    .values(rank_id=rid, version=c.c.version + 1, update_time=sa.func.now())
+                    .values(rank_id=rid, **adapters.NEW_VERSION)
                     .returning(c.c.id)
                 )
             ]

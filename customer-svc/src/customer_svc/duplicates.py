@@ -17,7 +17,7 @@ from crm_chassis.pagination import page_size
 from . import adapters, domain
 from .adapters import customers, merges, notes
 from .integration import MappingRow, customer_to_proto
-from .service_layer import AUDITED, WRITE_COLUMNS, CustomerUseCases, _json, write_values
+from .service_layer import AUDITED, WRITE_COLUMNS, CustomerUseCases, _json, rewrite
 
 MERGE_RETENTION = dt.timedelta(days=30)
 MAX_MERGED = 10
@@ -259,13 +259,7 @@ class Duplicates:
                 "notes": moved,
                 "referrals": referrals,
             }
-            write = write_values(result, s_row.customer_code)
-            conn.execute(
-                customers.update()
-                .where(customers.c.id == survivor)
-                .values(**write, version=customers.c.version + 1, update_time=sa.func.now())
-            )
-            adapters.set_groups(conn, survivor, result["group_ids"])
+            rewrite(conn, survivor, result, s_row.customer_code)
             conn.execute(notes.update().where(notes.c.customer_id.in_(merged)).values(customer_id=survivor))
             conn.execute(
                 customers.update().where(customers.c.referrer_customer.in_(merged)).values(referrer_customer=survivor)
@@ -273,12 +267,7 @@ class Duplicates:
             conn.execute(
                 customers.update()
                 .where(customers.c.id.in_(merged))
-                .values(
-                    delete_time=sa.func.now(),
-                    merged_into=survivor,
-                    version=customers.c.version + 1,
-                    update_time=sa.func.now(),
-                )
+                .values(delete_time=sa.func.now(), merged_into=survivor, **adapters.NEW_VERSION)
             )
             merge_id = conn.execute(
                 merges.insert()
@@ -353,29 +342,11 @@ class Duplicates:
             restored_values = domain.validate(
                 restored_values, self.uc.context(conn, old_source=now_values["acquisition_source"])
             )
-            write = write_values(restored_values, current.customer_code)
-            conn.execute(
-                customers.update()
-                .where(customers.c.id == survivor)
-                .values(**write, version=customers.c.version + 1, update_time=sa.func.now())
-            )
-            adapters.set_groups(conn, survivor, restored_values["group_ids"])
+            rewrite(conn, survivor, restored_values, current.customer_code)
             restored = []
             for mid_ in (str(x) for x in m.merged_ids):
                 v = _from_json(snap["before"][mid_])
-                cols = write_values(v, v.get("customer_code", ""))
-                conn.execute(
-                    customers.update()
-                    .where(customers.c.id == mid_)
-                    .values(
-                        **cols,
-                        delete_time=None,
-                        merged_into=None,
-                        version=customers.c.version + 1,
-                        update_time=sa.func.now(),
-                    )
-                )
-                adapters.set_groups(conn, mid_, v.get("group_ids") or [])
+                rewrite(conn, mid_, v, v.get("customer_code", ""), delete_time=None, merged_into=None)
                 if snap["notes"].get(mid_):
                     conn.execute(notes.update().where(notes.c.id.in_(snap["notes"][mid_])).values(customer_id=mid_))
                 if snap["referrals"].get(mid_):

@@ -1399,8 +1399,7 @@ class _Run:
             .where(customers.c.id == sa.bindparam("v_id"))
             .values(
                 **{k: sa.bindparam(f"v_{k}") for k in [*INSERT_COLUMNS, "search_text"]},
-                version=customers.c.version + 1,
-                update_time=sa.func.now(),
+                **adapters.NEW_VERSION,
             ),
             params,
         )

@@ -77,6 +77,16 @@ def write_values(v: dict, code: str) -> dict:
     return out
 
 
+def rewrite(conn: sa.Connection, cid: str, v: dict, code: str, groups: bool = True, **extra) -> None:
+    """Store validated values `v` over customer `cid` as its next version (search key included,
+    with `extra` columns such as delete_time), and with `groups` its group memberships too."""
+    conn.execute(
+        customers.update().where(customers.c.id == cid).values(**write_values(v, code), **extra, **adapters.NEW_VERSION)
+    )
+    if groups:
+        adapters.set_groups(conn, cid, v.get("group_ids") or [])
+
+
 def not_found(customer_id: str) -> NotFound:
     return NotFound(
         f"customer customers/{customer_id} does not exist",
@@ -278,14 +288,7 @@ class CustomerUseCases:
             changed = [k for k in AUDITED if _json(old.get(k)) != _json(merged.get(k))]
             if not changed:
                 return self.to_proto(conn, row, principal, defs)
-            values = write_values(merged, row.customer_code)
-            conn.execute(
-                customers.update()
-                .where(customers.c.id == cid)
-                .values(**values, version=customers.c.version + 1, update_time=sa.func.now())
-            )
-            if "group_ids" in changed:
-                adapters.set_groups(conn, cid, merged["group_ids"])
+            rewrite(conn, cid, merged, row.customer_code, groups="group_ids" in changed)
             row = adapters.get_customer(conn, cid)
             full = customer_to_proto(row, defs)
             fields = [{"group_ids": "groups", "rank_id": "rank"}.get(k, k) for k in changed]
@@ -321,11 +324,7 @@ class CustomerUseCases:
             conn.execute(
                 customers.update()
                 .where(customers.c.id == cid)
-                .values(
-                    delete_time=sa.func.now() if deleted else None,
-                    version=customers.c.version + 1,
-                    update_time=sa.func.now(),
-                )
+                .values(delete_time=sa.func.now() if deleted else None, **adapters.NEW_VERSION)
             )
             row = adapters.get_customer(conn, cid)
             full = customer_to_proto(row, adapters.custom_field_defs(conn) if row.custom_fields else None)
@@ -368,8 +367,7 @@ class CustomerUseCases:
                 search_text="",
                 erased=True,
                 owner=row.owner,
-                version=customers.c.version + 1,
-                update_time=sa.func.now(),
+                **adapters.NEW_VERSION,
             )
             if row.type == domain.ORGANIZATION:
                 blank["organization_name"] = label
