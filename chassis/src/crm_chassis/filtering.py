@@ -789,3 +789,24 @@ def decode_page_token(
     """The last row's sort values from `token` (None when blank), for `keyset_condition`."""
     data = tokens.decode(token, fingerprint)
     return None if data is None else from_json_values(order, data)
+
+
+def keyset_page(
+    conn: sa.Connection, query: sa.Select, order: list, tokens: PageTokens, purpose: str, limit: int, token: str
+):
+    """One keyset page of `query` in `order` ([(column, descending), ...], ending in a unique
+    key), after the row the page token names; returns (rows, next page token, "" at the end)."""
+    after = decode_page_token(tokens, token, order, purpose)
+    q = query.order_by(*order_by_clauses(order)).limit(limit + 1)
+    if after is not None:
+        q = q.where(keyset_condition(order, after))
+    rows = list(conn.execute(q))
+    if len(rows) <= limit:
+        return rows, ""
+    rows = rows[:limit]
+    return rows, encode_page_token(tokens, rows[-1], order, purpose)
+
+
+def newest_first(table: sa.Table) -> list:
+    """Newest first, by (create_time, id): the order of notes, jobs and the like."""
+    return [(table.c.create_time, True), (table.c.id, True)]

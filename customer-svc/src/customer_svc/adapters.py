@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from types import SimpleNamespace
 
 import sqlalchemy as sa
@@ -233,22 +232,3 @@ def write_audit(
         audit_entries.insert(),
         {"resource": resource, "action": action, "actor": actor, "changes": changes, "request_id": request_id or ""},
     )
-
-
-def newest_first_page(
-    conn: sa.Connection, query: sa.Select, table: sa.Table, tokens, purpose: str, limit: int, token: str
-):
-    """One keyset page of `query` ordered newest first by (create_time, id), after the row the
-    page token names; returns (rows, next page token, "" on the last page)."""
-    key = tokens.decode(token, purpose)
-    q = query.order_by(table.c.create_time.desc(), table.c.id.desc()).limit(limit + 1)
-    if key:
-        q = q.where(
-            sa.tuple_(table.c.create_time, table.c.id)
-            < sa.tuple_(sa.literal(dt.datetime.fromisoformat(key[0])), sa.literal(key[1], UUID))
-        )
-    rows = list(conn.execute(q))
-    if len(rows) <= limit:
-        return rows, ""
-    rows = rows[:limit]
-    return rows, tokens.encode([rows[-1].create_time.isoformat(), str(rows[-1].id)], purpose)

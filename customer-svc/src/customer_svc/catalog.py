@@ -10,6 +10,7 @@ from sqlalchemy.dialects import postgresql as pg
 from crm.customer.v1 import customer_events_pb2, resources_pb2
 from crm_chassis.auth import Principal
 from crm_chassis.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, PermissionDenied
+from crm_chassis.filtering import keyset_page, newest_first
 from crm_chassis.pagination import page_size
 
 from . import adapters, domain
@@ -206,19 +207,17 @@ class Catalog:
             .scalar_subquery()
             .label("members")
         )
-        key = self.c.tokens.decode(token, "groups")
-        q = sa.select(*groups.c, members).order_by(sa.func.lower(groups.c.display_name), groups.c.id).limit(limit + 1)
-        if key:
-            q = q.where(
-                sa.tuple_(sa.func.lower(groups.c.display_name), groups.c.id)
-                > sa.tuple_(sa.literal(key[0]), sa.literal(key[1], adapters.UUID))
-            )
+        by_name = sa.func.lower(groups.c.display_name).label("sort_name")
         with self.reader.connect() as conn:
-            rows = list(conn.execute(q))
-        nxt = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            nxt = self.c.tokens.encode([rows[-1].display_name.lower(), str(rows[-1].id)], "groups")
+            rows, nxt = keyset_page(
+                conn,
+                sa.select(*groups.c, members, by_name),
+                [(by_name, False), (groups.c.id, False)],
+                self.c.tokens,
+                "groups",
+                limit,
+                token,
+            )
         return [group_to_proto(r) for r in rows], nxt
 
     def add_members(self, group: str, names: list[str], principal: Principal) -> int:
@@ -519,10 +518,10 @@ class Catalog:
         with self.reader.connect() as conn:
             if adapters.get_customer(conn, cid) is None:
                 raise not_found(cid)
-            rows, nxt = adapters.newest_first_page(
+            rows, nxt = keyset_page(
                 conn,
                 sa.select(notes).where(notes.c.customer_id == cid),
-                notes,
+                newest_first(notes),
                 self.c.tokens,
                 f"notes:{cid}",
                 page_size(size),
@@ -571,9 +570,7 @@ class Catalog:
 
     # -- audit -------------------------------------------------------------------------------
     def list_audit(self, resource: str, size: int, token: str) -> tuple[list[resources_pb2.AuditEntry], str]:
-        limit = page_size(size)
-        key = self.c.tokens.decode(token, f"audit:{resource}")
-        q = sa.select(audit_entries).order_by(audit_entries.c.id.desc()).limit(limit + 1)
+        q = sa.select(audit_entries)
         if resource:
             q = q.where(
                 sa.or_(
@@ -581,14 +578,10 @@ class Catalog:
                     audit_entries.c.resource.startswith(resource + "/", autoescape=True),
                 )
             )
-        if key:
-            q = q.where(audit_entries.c.id < int(key[0]))
         with self.reader.connect() as conn:
-            rows = list(conn.execute(q))
-        nxt = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            nxt = self.c.tokens.encode([rows[-1].id], f"audit:{resource}")
+            rows, nxt = keyset_page(
+                conn, q, [(audit_entries.c.id, True)], self.c.tokens, f"audit:{resource}", page_size(size), token
+            )
         return [
             resources_pb2.AuditEntry(
                 name=f"auditEntries/{r.id}",

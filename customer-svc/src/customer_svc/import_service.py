@@ -53,7 +53,6 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
@@ -62,6 +61,7 @@ from crm.customer.v1 import customer_events_pb2, customer_pb2, resources_pb2
 from crm.customer.v1 import customer_service_pb2 as pb
 from crm_chassis.auth import Principal
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unavailable
+from crm_chassis.filtering import keyset_page, newest_first
 from crm_chassis.logging import request_id_var
 from crm_chassis.messaging.envelope import new_event
 from crm_chassis.messaging.outbox import OUTBOX_COLUMNS, outbox_row
@@ -730,10 +730,10 @@ class Importer:
 
     def list(self, size: int, token: str) -> tuple[list[pb.ImportJob], str]:
         with self.uc.reader.connect() as conn:
-            rows, nxt = adapters.newest_first_page(
+            rows, nxt = keyset_page(
                 conn,
                 sa.select(import_jobs),
-                import_jobs,
+                newest_first(import_jobs),
                 self.uc.tokens,
                 "import-jobs",
                 page_size(size, maximum=500),
@@ -1106,15 +1106,8 @@ class _Run:
         if len(records) > MAX_ROWS:
             raise _FileError(f"the file has {len(records)} rows; an import takes at most {MAX_ROWS}")
         with self.uc.reader.connect() as conn:
-            ctx = self.uc.context(conn)
+            self.ctx = self.uc.context(conn)  # plain values (custom fields as namespaces): it pickles
             names = _load_names(conn)
-        defs = {  # plain values, so the converter pickles
-            k: SimpleNamespace(
-                key=d.key, display_name=d.display_name, type=d.type, choices=list(d.choices), required=d.required
-            )
-            for k, d in ctx.custom_defs.items()
-        }
-        self.ctx = dataclasses.replace(ctx, custom_defs=defs)
         self.conv = _Converter(job.customer_type, job.mapping, self.actor, headers, self.ctx, names, job.date_order)
         self.headers = headers
         self._update_job(headers=headers, total_rows=len(records))
