@@ -573,6 +573,16 @@ class _Job:
 # --------------------------------------------------------------------------- the importer
 
 
+def _set_job(engine: sa.Engine, job_id: str, **values) -> None:
+    """Set a running job's columns in a transaction of their own (a cancelled job keeps its state)."""
+    with engine.begin() as conn:
+        conn.execute(
+            import_jobs.update()
+            .where(import_jobs.c.id == job_id, import_jobs.c.state == RUNNING)
+            .values(**values, update_time=sa.func.now())
+        )
+
+
 def _job_proto(r) -> pb.ImportJob:
     j = pb.ImportJob(
         name=f"importJobs/{r.id}",
@@ -863,15 +873,6 @@ class Importer:
         finally:
             _QUEUE.release()
 
-    def _set(self, job_id: str, **values) -> None:
-        """Set a running job's columns (a cancelled one keeps its state)."""
-        with self.uc.engine.begin() as conn:
-            conn.execute(
-                import_jobs.update()
-                .where(import_jobs.c.id == job_id, import_jobs.c.state == RUNNING)
-                .values(**values, update_time=sa.func.now())
-            )
-
     def _run(self, job: _Job, content: bytes, lock: sa.Connection) -> None:
         try:
             with _SLOTS:
@@ -879,10 +880,11 @@ class Importer:
         except _Cancelled:
             log.info("import stopped: cancelled", extra={"job": job.id})
         except _FileError as e:
-            self._set(job.id, state=FAILED, error=str(e), end_time=sa.func.now())
+            _set_job(self.uc.engine, job.id, state=FAILED, error=str(e), end_time=sa.func.now())
         except Exception:
             log.exception("import failed", extra={"job": job.id})
-            self._set(
+            _set_job(
+                self.uc.engine,
                 job.id,
                 state=FAILED,
                 error="the import stopped on an internal error; the rows counted as processed were handled",
@@ -1110,7 +1112,7 @@ class _Run:
             names = _load_names(conn)
         self.conv = _Converter(job.customer_type, job.mapping, self.actor, headers, self.ctx, names, job.date_order)
         self.headers = headers
-        self._update_job(headers=headers, total_rows=len(records))
+        _set_job(self.uc.engine, job.id, headers=headers, total_rows=len(records))
         if not records:
             raise _FileError("the file has no rows below the header")
         chunks = [records[i : i + CHUNK_ROWS] for i in range(0, len(records), CHUNK_ROWS)]
@@ -1154,23 +1156,12 @@ class _Run:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             writer.shutdown(wait=True, cancel_futures=True)
-        with self.uc.engine.begin() as conn:
-            conn.execute(
-                import_jobs.update()
-                .where(import_jobs.c.id == job.id, import_jobs.c.state == RUNNING)
-                .values(state=SUCCEEDED, end_time=sa.func.now(), update_time=sa.func.now())
-            )
+        _set_job(self.uc.engine, job.id, state=SUCCEEDED, end_time=sa.func.now())
 
     def _commit(self, chunk: _ChunkWrite) -> None:
         with self.uc.engine.begin() as conn:
             self._write(conn, chunk)
         self.uc.committed()
-
-    def _update_job(self, **values) -> None:
-        with self.uc.engine.begin() as conn:
-            conn.execute(
-                import_jobs.update().where(import_jobs.c.id == self.job.id).values(**values, update_time=sa.func.now())
-            )
 
     # -- per chunk -------------------------------------------------------------------------
     def _chunk(self, conn: sa.Connection, rows: list[_Row]) -> _ChunkWrite:
