@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench import baseline_publish, load
+from bench.load import table
 from crm.customer.v1 import customer_pb2, customer_service_pb2, customer_service_pb2_grpc
 from crm_chassis.config import DEFAULT_JWT_SECRET
 from crm_chassis.db import create_engine
@@ -170,15 +171,6 @@ def relay_section(db_url: str, amqp_url: str) -> list[dict]:
             "ratio_to_pipelined": round(single / pipelined, 3),
         },
     ]
-
-
-def table(rows: list[dict], cols: list[str]) -> str:
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
-    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
-    out.append("  ".join("-" * w for w in widths))
-    for r in rows:
-        out.append("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths, strict=True)))
-    return "\n".join(out)
 
 
 def main() -> int:

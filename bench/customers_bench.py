@@ -48,6 +48,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench import customers_data as data
 from bench import load
+from bench.load import pct, table
 from crm.customer.v1 import customer_pb2, customer_service_pb2, customer_service_pb2_grpc
 from crm_chassis.config import DEFAULT_JWT_SECRET
 from crm_chassis.db import create_engine, ensure_database, migrate, with_database
@@ -80,24 +81,8 @@ def pg_url(url: str) -> str:
     return sa.engine.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return 0.0
-    data_ = sorted(values)
-    return data_[min(len(data_) - 1, int(round(p / 100 * (len(data_) - 1))))]
-
-
 def ms(x: float) -> float:
     return round(x, 2)
-
-
-def table(rows: list[dict], cols: list[str]) -> str:
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
-    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
-    out.append("  ".join("-" * w for w in widths))
-    for r in rows:
-        out.append("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths, strict=True)))
-    return "\n".join(out)
 
 
 # -- 1. the database ----------------------------------------------------------------------------

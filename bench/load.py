@@ -9,6 +9,24 @@ import time
 from dataclasses import dataclass
 
 
+def pct(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of values; 0 for none."""
+    if not values:
+        return 0.0
+    data = sorted(values)
+    return data[min(len(data) - 1, int(round(p / 100 * (len(data) - 1))))]
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    """Rows as a plain-text table of the given columns, as the benchmarks print them."""
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
+    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    out.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        out.append("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths, strict=True)))
+    return "\n".join(out)
+
+
 @dataclass
 class Result:
     label: str
@@ -23,10 +41,7 @@ class Result:
         return self.calls / self.seconds if self.seconds else 0.0
 
     def pct(self, p: float) -> float:
-        if not self.latencies_ms:
-            return 0.0
-        data = sorted(self.latencies_ms)
-        return data[min(len(data) - 1, int(round(p / 100 * (len(data) - 1))))]
+        return pct(self.latencies_ms, p)
 
     def row(self, ceiling: Result, percentiles: tuple[int, ...] = (50, 99)) -> dict:
         """This measurement as a table row, beside the empty-RPC ceiling of the same run."""
