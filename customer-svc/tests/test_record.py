@@ -727,3 +727,22 @@ def test_masked_fields_cannot_be_read_back_through_filters_order_or_search(stub)
     assert [x.name for x in listed(stub, 'city = "Probeville"', order_by="birth_date", roles="support_manager")] == [
         c.name
     ]
+
+
+def test_erase_redacts_the_audit_entries_of_the_customers_notes(svc, stub):
+    c = create(stub, given_name="Noted", family_name="Person", email="noted@me.ir")
+    note = stub.CreateNote(
+        pb.CreateNoteRequest(parent=c.name, note=resources_pb2.Note(text="lives at 12 Secret St")), metadata=md()
+    )
+    stub.UpdateNote(
+        pb.UpdateNoteRequest(
+            note=resources_pb2.Note(name=note.name, text="moved to 14 Hidden Ln"),
+            update_mask=field_mask_pb2.FieldMask(paths=["text"]),
+        ),
+        metadata=md(),
+    )
+    stub.EraseCustomer(pb.EraseCustomerRequest(name=c.name, reason="asked"), metadata=md())
+    entries = stub.ListAuditEntries(pb.ListAuditEntriesRequest(resource=c.name), metadata=md()).audit_entries
+    assert {e.resource for e in entries} == {c.name, note.name}
+    kept = str([(e.changes) for e in entries if e.action != "erase"])
+    assert "Secret" not in kept and "Hidden" not in kept and "noted@me.ir" not in kept

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
+from crm_chassis import audit
+
 metadata = sa.MetaData()
 
 # The next customer code, C-000123: six digits at least, more past the millionth customer
@@ -120,17 +122,8 @@ notes = sa.Table(
     sa.Column("version", sa.Integer, nullable=False, server_default="1"),
 )
 
-audit_entries = sa.Table(
-    "audit_entries",
-    metadata,
-    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
-    sa.Column("resource", sa.Text, nullable=False),
-    sa.Column("action", sa.Text, nullable=False),
-    sa.Column("actor", sa.Text, nullable=False),
-    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-    sa.Column("changes", pg.JSONB, nullable=False),
-    sa.Column("request_id", sa.Text, nullable=False, server_default=""),
-)
+# The audit trail is the chassis' (crm_chassis.audit); the table is created by migration 0002.
+audit_entries = audit.audit_entries
 
 # What a merge changed, so UnmergeCustomers can undo it (migration 0003).
 merges = sa.Table(
@@ -160,8 +153,8 @@ def select_customers() -> sa.Select:
     return sa.select(*CUSTOMER_COLUMNS)
 
 
-# An insert that returns the stored row (server defaults and all) in the same round trip.
-INSERT_RETURNING = customers.insert().returning(*(c for c in customers.c if c.name not in _HIDDEN))
+# One cached insert statement for every new customer (its values come as parameters).
+INSERT = customers.insert()
 
 
 def get_customer(conn: sa.Connection, customer_id: str, for_update: bool = False) -> sa.Row | None:
@@ -213,22 +206,13 @@ _LOOKUPS = (
     " (SELECT coalesce(json_agg(d), '[]') FROM custom_field_definitions d)"
 )
 LOOKUPS = sa.text(_LOOKUPS)
-LOOKUPS_AND_CODE = sa.text(f"{_LOOKUPS}, {NEXT_CODE_SQL}")
+LOOKUPS_AND_CODE = sa.text(f"{_LOOKUPS}, {NEXT_CODE_SQL}, now()")
 
 
 def validation_lookups(conn: sa.Connection, only_sources: list[str] | None = None, code: bool = False) -> tuple:
     """In one round trip: the acquisition sources (key -> retired; every one, or only the keys
-    named), the custom-field definitions by key, and with `code` the next customer code."""
+    named), the custom-field definitions by key, and with `code` the next customer code and the
+    transaction's time (what create_time defaults to)."""
     row = conn.execute(LOOKUPS_AND_CODE if code else LOOKUPS, {"keys": only_sources}).one()
     defs = {d["key"]: SimpleNamespace(**d) for d in row[1]}
-    return (row[0], defs, row[2]) if code else (row[0], defs)
-
-
-def write_audit(
-    conn: sa.Connection, resource: str, action: str, actor: str, changes: list[dict], request_id: str
-) -> None:
-    # Parameters, not .values(): the compiled statement is then cached once for all calls.
-    conn.execute(
-        audit_entries.insert(),
-        {"resource": resource, "action": action, "actor": actor, "changes": changes, "request_id": request_id or ""},
-    )
+    return (row[0], defs, row[2], row[3]) if code else (row[0], defs)

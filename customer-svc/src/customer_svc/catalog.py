@@ -8,13 +8,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
 from crm.customer.v1 import customer_events_pb2, resources_pb2
+from crm_chassis import audit
 from crm_chassis.auth import Principal
 from crm_chassis.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from crm_chassis.filtering import keyset_page, newest_first
 from crm_chassis.pagination import page_size
 
 from . import adapters, domain
-from .adapters import acquisition_sources, audit_entries, custom_field_defs_table, group_members, groups, notes, ranks
+from .adapters import acquisition_sources, custom_field_defs_table, group_members, groups, notes, ranks
 from .integration import customer_to_proto, ts
 from .service_layer import CustomerUseCases, check_etag, not_found
 
@@ -87,7 +88,6 @@ def _customer_ids(names: list[str], field: str) -> list[str]:
 class Catalog:
     def __init__(self, customers: CustomerUseCases):
         self.c = customers
-        self.engine = customers.engine
         self.reader = customers.reader
 
     def _unique(self, conn, fn):
@@ -97,8 +97,9 @@ class Catalog:
         except sa.exc.IntegrityError:
             raise AlreadyExists("a record with that name already exists", reason="ALREADY_EXISTS") from None
 
-    def _update_named(self, conn, table: sa.Table, row, values: dict, name: str, action: str, principal: Principal):
+    def _update_named(self, tx, table: sa.Table, row, values: dict, name: str, action: str, principal: Principal):
         """Update a group or rank (a unique display name; bump its version) and audit old -> new."""
+        conn = tx.conn
         new = self._unique(
             conn,
             lambda: conn.execute(
@@ -108,8 +109,7 @@ class Catalog:
                 .returning(*table.c)
             ).one(),
         )
-        self.c.audit(
-            conn,
+        tx.audit(
             name,
             action,
             principal,
@@ -124,12 +124,11 @@ class Catalog:
         )
         return new
 
-    def _publish_members_changed(self, conn, ids: list[str], field: str) -> None:
+    def _publish_members_changed(self, tx, ids: list[str], field: str) -> None:
         """customer.updated.v1 for every customer whose groups or rank changed (set-based read)."""
-        for row in adapters.get_customers(conn, ids):
+        for row in adapters.get_customers(tx.conn, ids):
             full = customer_to_proto(row)
-            self.c.publish(
-                conn,
+            tx.publish(
                 "customer.updated.v1",
                 customer_events_pb2.CustomerUpdated(customer=full, changed_fields=[field]),
                 full.name,
@@ -138,15 +137,15 @@ class Catalog:
     # -- groups ------------------------------------------------------------------------------
     def create_group(self, g: resources_pb2.Group, principal: Principal) -> resources_pb2.Group:
         name = _name(g.display_name, "group.display_name")
-        with self.engine.begin() as conn:
+        with self.c.uow.begin() as tx:
+            conn = tx.conn
             row = self._unique(
                 conn,
                 lambda: conn.execute(
                     groups.insert().values(display_name=name, description=g.description.strip()).returning(*groups.c)
                 ).one(),
             )
-            self.c.audit(
-                conn,
+            tx.audit(
                 f"groups/{row.id}",
                 "group.create",
                 principal,
@@ -173,7 +172,8 @@ class Catalog:
     def update_group(self, g: resources_pb2.Group, paths: list[str], principal: Principal) -> resources_pb2.Group:
         if not paths or set(paths) - {"display_name", "description"}:
             raise InvalidArgument.field("update_mask", "may name display_name and description")
-        with self.engine.begin() as conn:
+        with self.c.uow.begin() as tx:
+            conn = tx.conn
             row = self._group(conn, g.name, "group.name", lock=True)
             check_etag(g.etag, row.version, g.name)
             values = {}
@@ -181,20 +181,20 @@ class Catalog:
                 values["display_name"] = _name(g.display_name, "group.display_name")
             if "description" in paths:
                 values["description"] = g.description.strip()
-            new = self._update_named(conn, groups, row, values, g.name, "group.update", principal)
+            new = self._update_named(tx, groups, row, values, g.name, "group.update", principal)
             return group_to_proto(new, self._members(conn, row.id))
 
     def delete_group(self, name: str, principal: Principal) -> int:
-        with self.engine.begin() as conn:
+        with self.c.uow.begin() as tx:
+            conn = tx.conn
             row = self._group(conn, name, "name", lock=True)
             ids = [
                 str(r[0])
                 for r in conn.execute(sa.select(group_members.c.customer_id).where(group_members.c.group_id == row.id))
             ]
             conn.execute(groups.delete().where(groups.c.id == row.id))
-            self._publish_members_changed(conn, ids, "groups")
-            self.c.audit(conn, name, "group.delete", principal, [])
-        self.c.committed()
+            self._publish_members_changed(tx, ids, "groups")
+            tx.audit(name, "group.delete", principal, [])
         return len(ids)
 
     def list_groups(self, size: int, token: str) -> tuple[list[resources_pb2.Group], str]:
@@ -222,7 +222,8 @@ class Catalog:
 
     def add_members(self, group: str, names: list[str], principal: Principal) -> int:
         ids = _customer_ids(names, "customers")
-        with self.engine.begin() as conn:
+        with self.c.uow.begin() as tx:
+            conn = tx.conn
             row = self._group(conn, group)
             missing = set(ids) - adapters.existing_ids(conn, adapters.customers, ids)
             if missing:
@@ -245,14 +246,14 @@ class Catalog:
             ]
             if added:
                 self._bump(conn, added)
-                self._publish_members_changed(conn, added, "groups")
-                self._audit_bulk(conn, added, "group.add", principal, "groups", group)
-        self.c.committed()
+                self._publish_members_changed(tx, added, "groups")
+                self._audit_bulk(tx, added, "group.add", principal, "groups", group)
         return len(added)
 
     def remove_members(self, group: str, names: list[str], principal: Principal) -> int:
         ids = _customer_ids(names, "customers")
-        with self.engine.begin() as conn:
+        with self.c.uow.begin() as tx:
+            conn = tx.conn
             row = self._group(conn, group)
             removed = [
                 str(r[0])
@@ -264,38 +265,24 @@ class Catalog:
             ]
             if removed:
                 self._bump(conn, removed)
-                self._publish_members_changed(conn, removed, "groups")
-                self._audit_bulk(conn, removed, "group.remove", principal, "groups", group)
-        self.c.committed()
+                self._publish_members_changed(tx, removed, "groups")
+                self._audit_bulk(tx, removed, "group.remove", principal, "groups", group)
         return len(removed)
 
     def _bump(self, conn, ids: list[str]) -> None:
         c = adapters.customers
         conn.execute(c.update().where(c.c.id.in_(ids)).values(**adapters.NEW_VERSION))
 
-    def _audit_bulk(self, conn, ids, action, principal, field, value) -> None:
-        from crm_chassis.logging import request_id_var
-
+    def _audit_bulk(self, tx, ids, action, principal, field, value) -> None:
+        added = action.endswith("add")
         change = [
             {
                 "field": field,
-                "old_value": "null" if action.endswith("add") else json.dumps(value),
-                "new_value": json.dumps(value) if action.endswith("add") else "null",
+                "old_value": "null" if added else json.dumps(value),
+                "new_value": json.dumps(value) if added else "null",
             }
         ]
-        conn.execute(
-            audit_entries.insert(),
-            [
-                {
-                    "resource": f"customers/{i}",
-                    "action": action,
-                    "actor": principal.subject,
-                    "changes": change,
-                    "request_id": request_id_var.get() or "",
-                }
-                for i in ids
-            ],
-        )
+        tx.audit_many([(f"customers/{i}", action, change) for i in ids], principal)
 
     def list_members(self, group: str, size: int, token: str, principal: Principal):
         with self.reader.connect() as conn:
@@ -305,14 +292,15 @@ class Catalog:
     # -- ranks -------------------------------------------------------------------------------
     def create_rank(self, r: resources_pb2.Rank, principal: Principal) -> resources_pb2.Rank:
         name = _name(r.display_name, "rank.display_name")
-        with self.engine.begin() as conn:
+        with self.c.uow.begin() as tx:
+            conn = tx.conn
             row = self._unique(
                 conn,
                 lambda: conn.execute(
                     ranks.insert().values(display_name=name, position=r.position).returning(*ranks.c)
                 ).one(),
             )
-            self.c.audit(conn, f"ranks/{row.id}", "rank.create", principal, [])
+            tx.audit(f"ranks/{row.id}", "rank.create", principal, [])
         return rank_to_proto(row)
 
     def _rank(self, conn, name: str, field: str, lock: bool = False):
@@ -326,7 +314,8 @@ class Catalog:
     def update_rank(self, r: resources_pb2.Rank, paths: list[str], principal: Principal) -> resources_pb2.Rank:
         if not paths or set(paths) - {"display_name", "position"}:
             raise InvalidArgument.field("update_mask", "may name display_name and position")
-        with self.engine.begin() as conn:
+        with self.c.uow.begin() as tx:
+            conn = tx.conn
             row = self._rank(conn, r.name, "rank.name", lock=True)
             check_etag(r.etag, row.version, r.name)
             values = {}
@@ -334,11 +323,12 @@ class Catalog:
                 values["display_name"] = _name(r.display_name, "rank.display_name")
             if "position" in paths:
                 values["position"] = r.position
-            new = self._update_named(conn, ranks, row, values, r.name, "rank.update", principal)
+            new = self._update_named(tx, ranks, row, values, r.name, "rank.update", principal)
         return rank_to_proto(new)
 
     def delete_rank(self, name: str, principal: Principal) -> int:
-        with self.engine.begin() as conn:
+        with self.c.uow.begin() as tx:
+            conn = tx.conn
             row = self._rank(conn, name, "name", lock=True)
             c = adapters.customers
             ids = [
@@ -351,9 +341,8 @@ class Catalog:
                 )
             ]
             conn.execute(ranks.delete().where(ranks.c.id == row.id))
-            self._publish_members_changed(conn, ids, "rank")
-            self.c.audit(conn, name, "rank.delete", principal, [])
-        self.c.committed()
+            self._publish_members_changed(tx, ids, "rank")
+            tx.audit(name, "rank.delete", principal, [])
         return len(ids)
 
     def list_ranks(self) -> list[resources_pb2.Rank]:
@@ -362,7 +351,8 @@ class Catalog:
 
     def assign_rank(self, rank: str, names: list[str], principal: Principal) -> int:
         ids = _customer_ids(names, "customers")
-        with self.engine.begin() as conn:
+        with self.c.uow.begin() as tx:
+            conn = tx.conn
             rid = self._rank(conn, rank, "rank").id if rank else None
             c = adapters.customers
             changed = [
@@ -375,9 +365,8 @@ class Catalog:
                 )
             ]
             if changed:
-                self._publish_members_changed(conn, changed, "rank")
-                self._audit_bulk(conn, changed, "rank.assign", principal, "rank", rank or None)
-        self.c.committed()
+                self._publish_members_changed(tx, changed, "rank")
+                self._audit_bulk(tx, changed, "rank.assign", principal, "rank", rank or None)
         return len(changed)
 
     # -- acquisition sources and custom fields -----------------------------------------------
@@ -385,7 +374,8 @@ class Catalog:
         key = s.key.strip().lower()
         if not domain.source_key_ok(key):
             raise InvalidArgument.field("acquisition_source.key", "must be 1-40 of a-z, 0-9, '_' or '-'")
-        with self.engine.begin() as conn:
+        with self.c.uow.begin() as tx:
+            conn = tx.conn
             row = self._unique(
                 conn,
                 lambda: conn.execute(
@@ -394,7 +384,7 @@ class Catalog:
                     .returning(*acquisition_sources.c)
                 ).one(),
             )
-            self.c.audit(conn, f"acquisitionSources/{key}", "source.create", principal, [])
+            tx.audit(f"acquisitionSources/{key}", "source.create", principal, [])
         return source_to_proto(row)
 
     def list_sources(self, show_retired: bool):
@@ -413,7 +403,8 @@ class Catalog:
             values["display_name"] = _name(s.display_name, "acquisition_source.display_name")
         if "retired" in paths:
             values["retired"] = s.retired
-        with self.engine.begin() as conn:
+        with self.c.uow.begin() as tx:
+            conn = tx.conn
             row = conn.execute(
                 acquisition_sources.update()
                 .where(acquisition_sources.c.key == key)
@@ -422,8 +413,7 @@ class Catalog:
             ).one_or_none()
             if row is None:
                 raise NotFound(f"acquisition source {s.name} does not exist", reason="SOURCE_NOT_FOUND")
-            self.c.audit(
-                conn,
+            tx.audit(
                 s.name,
                 "source.update",
                 principal,
@@ -450,7 +440,8 @@ class Catalog:
             bad.append(FieldViolation("custom_field_definition.choices", "a CHOICE field needs choices"))
         if bad:
             raise InvalidArgument(bad)
-        with self.engine.begin() as conn:
+        with self.c.uow.begin() as tx:
+            conn = tx.conn
             row = self._unique(
                 conn,
                 lambda: conn.execute(
@@ -465,7 +456,7 @@ class Catalog:
                     .returning(*custom_field_defs_table.c)
                 ).one(),
             )
-            self.c.audit(conn, f"customFieldDefinitions/{key}", "custom_field.create", principal, [])
+            tx.audit(f"customFieldDefinitions/{key}", "custom_field.create", principal, [])
         return self._def_proto(row)
 
     @staticmethod
@@ -494,7 +485,8 @@ class Catalog:
             raise InvalidArgument.field("note.text", "must not be empty")
         if len(body) > 10_000:
             raise InvalidArgument.field("note.text", "must be at most 10000 characters")
-        with self.engine.begin() as conn:
+        with self.c.uow.begin() as tx:
+            conn = tx.conn
             owner = adapters.get_customer(conn, cid)
             if owner is None or owner.erased:
                 raise not_found(cid)
@@ -502,15 +494,13 @@ class Catalog:
                 notes.insert().values(customer_id=cid, text=body, author=principal.subject).returning(*notes.c)
             ).one()
             note = note_to_proto(row)
-            self.c.publish(conn, "note.added.v1", customer_events_pb2.NoteAdded(customer=parent, note=note), parent)
-            self.c.audit(
-                conn,
+            tx.publish("note.added.v1", customer_events_pb2.NoteAdded(customer=parent, note=note), parent)
+            tx.audit(
                 note.name,
                 "note.create",
                 principal,
                 [{"field": "text", "old_value": "null", "new_value": json.dumps(body, ensure_ascii=False)}],
             )
-        self.c.committed()
         return note
 
     def list_notes(self, parent: str, size: int, token: str) -> tuple[list[resources_pb2.Note], str]:
@@ -538,7 +528,8 @@ class Catalog:
         body = n.text.strip()
         if not body:
             raise InvalidArgument.field("note.text", "must not be empty")
-        with self.engine.begin() as conn:
+        with self.c.uow.begin() as tx:
+            conn = tx.conn
             row = conn.execute(
                 sa.select(notes).where(notes.c.id == m.group(2), notes.c.customer_id == m.group(1)).with_for_update()
             ).one_or_none()
@@ -553,8 +544,7 @@ class Catalog:
                 .values(text=body, version=notes.c.version + 1, update_time=sa.func.now())
                 .returning(*notes.c)
             ).one()
-            self.c.audit(
-                conn,
+            tx.audit(
                 n.name,
                 "note.update",
                 principal,
@@ -570,18 +560,8 @@ class Catalog:
 
     # -- audit -------------------------------------------------------------------------------
     def list_audit(self, resource: str, size: int, token: str) -> tuple[list[resources_pb2.AuditEntry], str]:
-        q = sa.select(audit_entries)
-        if resource:
-            q = q.where(
-                sa.or_(
-                    audit_entries.c.resource == resource,
-                    audit_entries.c.resource.startswith(resource + "/", autoescape=True),
-                )
-            )
         with self.reader.connect() as conn:
-            rows, nxt = keyset_page(
-                conn, q, [(audit_entries.c.id, True)], self.c.tokens, f"audit:{resource}", page_size(size), token
-            )
+            rows, nxt = audit.page(conn, self.c.tokens, resource, page_size(size), token)
         return [
             resources_pb2.AuditEntry(
                 name=f"auditEntries/{r.id}",

@@ -224,7 +224,8 @@ class Duplicates:
         return survivor, merged, rows, values, result, sources
 
     def merge(self, req: pb.MergeCustomersRequest, principal: Principal) -> pb.MergeCustomersResponse:
-        with self.uc.engine.begin() as conn:
+        with self.uc.uow.begin() as tx:
+            conn = tx.conn
             survivor, merged, rows, values, result, sources = self._plan(conn, req)
             pii = principal.has("customers.pii")
             s_row = rows[survivor]
@@ -277,16 +278,14 @@ class Duplicates:
             merge_name = f"merges/{merge_id}"
             after = adapters.get_customer(conn, survivor)
             full = customer_to_proto(after, adapters.custom_field_defs(conn) if after.custom_fields else None)
-            self.uc.publish(
-                conn,
+            tx.publish(
                 "customer.merged.v1",
                 customer_events_pb2.CustomerMerged(
                     survivor=full, merged=[f"customers/{m}" for m in merged], merge=merge_name
                 ),
                 full.name,
             )
-            self.uc.audit(
-                conn,
+            tx.audit(
                 full.name,
                 "merge",
                 principal,
@@ -297,8 +296,7 @@ class Duplicates:
                 ],
             )
             for m in merged:
-                self.uc.audit(
-                    conn,
+                tx.audit(
                     f"customers/{m}",
                     "merged_into",
                     principal,
@@ -310,13 +308,13 @@ class Duplicates:
                 field_sources=sources,
                 moved_notes=sum(len(v) for v in moved.values()),
             )
-        self.uc.committed()
         return resp
 
     # -- unmerge -----------------------------------------------------------------------------
     def unmerge(self, merge_name: str, principal: Principal) -> pb.UnmergeCustomersResponse:
         mid = domain.parse_id(merge_name, "merges", "merge")
-        with self.uc.engine.begin() as conn:
+        with self.uc.uow.begin() as tx:
+            conn = tx.conn
             m = conn.execute(sa.select(merges).where(merges.c.id == mid).with_for_update()).one_or_none()
             if m is None:
                 raise NotFound(f"merge {merge_name} does not exist", reason="MERGE_NOT_FOUND")
@@ -360,16 +358,14 @@ class Duplicates:
             s_row = adapters.get_customer(conn, survivor)
             r_rows = adapters.get_customers(conn, restored)
             full = customer_to_proto(s_row, defs)
-            self.uc.publish(
-                conn,
+            tx.publish(
                 "customer.unmerged.v1",
                 customer_events_pb2.CustomerUnmerged(
                     survivor=full, restored=[customer_to_proto(r, defs) for r in r_rows], merge=merge_name
                 ),
                 full.name,
             )
-            self.uc.audit(
-                conn,
+            tx.audit(
                 full.name,
                 "unmerge",
                 principal,
@@ -379,7 +375,6 @@ class Duplicates:
             resp = pb.UnmergeCustomersResponse(
                 survivor=customer_to_proto(s_row, defs, pii), restored=[customer_to_proto(r, defs, pii) for r in r_rows]
             )
-        self.uc.committed()
         return resp
 
 

@@ -41,7 +41,6 @@ import dataclasses
 import datetime as dt
 import functools
 import io
-import json
 import logging
 import multiprocessing
 import os
@@ -63,16 +62,14 @@ from crm_chassis.auth import Principal
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unavailable
 from crm_chassis.filtering import keyset_page, newest_first
 from crm_chassis.logging import request_id_var
-from crm_chassis.messaging.envelope import new_event
-from crm_chassis.messaging.outbox import OUTBOX_COLUMNS, outbox_row
 from crm_chassis.pagination import page_size
-from crm_chassis.telemetry import inject_headers
+from crm_chassis.uow import Transaction, UnitOfWork, json_text, new_ids
 
 from . import adapters, domain, exports, text
 from .adapters import customers
 from .export_service import HEADERS
-from .integration import customer_to_proto, ts, values_from_proto
-from .service_layer import AUDITED, WRITE_COLUMNS, CustomerUseCases, _json
+from .integration import customer_to_proto, values_from_proto
+from .service_layer import AUDITED, INSERT_COLUMNS, STORED_COLUMNS, CustomerUseCases, NewCustomer, _json
 
 log = logging.getLogger("customer_svc.import")
 
@@ -100,7 +97,6 @@ IMPORTABLE = tuple(f for f in domain.WRITABLE if f not in ("type", "contact_pers
 CONTACT_FIELDS = ("title_prefix", "given_name", "family_name", "role", "org_unit", "phone", "mobile", "email")
 # What a row starts from: the values an empty CreateCustomer request would give.
 _BASE = values_from_proto(customer_pb2.Customer(), domain.WRITABLE)
-INSERT_COLUMNS = [c for c in WRITE_COLUMNS if c != "search_text"]
 
 _SLOTS = threading.BoundedSemaphore(MAX_RUNNING)
 _QUEUE = threading.BoundedSemaphore(MAX_QUEUED)
@@ -477,9 +473,7 @@ class _Row:
     problems: list[str] = field(default_factory=list)
     # A valid row made ready for insertion where it was converted (see _Converter.prepare):
     cid: str = ""  # its id if it becomes a new customer
-    search_rest: str = ""  # its search key but for the customer code
-    changes: str = ""  # its audit entry's changes, as JSON text
-    proto: bytes = b""  # its Customer message but for customer_code, create_time, update_time
+    new: NewCustomer | None = None  # what it stores, publishes and audits as a new customer
     record: list = field(default_factory=list)  # its INSERT_COLUMNS as COPY takes them
 
     def reject(self, f: str, why: str) -> None:
@@ -552,8 +546,8 @@ class _ChunkWrite:
     counts: _Counts
     customers: list = field(default_factory=list)
     members: list = field(default_factory=list)
-    outbox: list = field(default_factory=list)
-    audit: list = field(default_factory=list)
+    events: list = field(default_factory=list)  # (routing key, [(subject, message), ...]) in order
+    audit: list = field(default_factory=list)  # (resource, action, changes)
     errors: list = field(default_factory=list)
 
 
@@ -573,10 +567,10 @@ class _Job:
 # --------------------------------------------------------------------------- the importer
 
 
-def _set_job(engine: sa.Engine, job_id: str, **values) -> None:
+def _set_job(uow: UnitOfWork, job_id: str, **values) -> None:
     """Set a running job's columns in a transaction of their own (a cancelled job keeps its state)."""
-    with engine.begin() as conn:
-        conn.execute(
+    with uow.begin() as tx:
+        tx.execute(
             import_jobs.update()
             .where(import_jobs.c.id == job_id, import_jobs.c.state == RUNNING)
             .values(**values, update_time=sa.func.now())
@@ -699,8 +693,8 @@ class Importer:
             raise
         try:
             lock.execute(sa.text(f"SELECT pg_advisory_lock({_LOCK_KEY.format(':id')})"), {"id": job.id})
-            with self.uc.engine.begin() as conn:
-                row = conn.execute(
+            with self.uc.uow.begin() as tx:
+                row = tx.execute(
                     import_jobs.insert()
                     .values(
                         id=job.id,
@@ -756,7 +750,8 @@ class Importer:
         another) stops at its next chunk, and the chunk it was writing is rolled back, so
         processed_rows counts exactly what the import wrote. Cancelling a cancelled job returns it."""
         jid = _parse_job_name(name)
-        with self.uc.engine.begin() as conn:
+        with self.uc.uow.begin() as tx:
+            conn = tx.conn
             row = conn.execute(
                 import_jobs.update()
                 .where(import_jobs.c.id == jid, import_jobs.c.state == RUNNING)
@@ -779,8 +774,8 @@ class Importer:
 
     def cleanup(self) -> int:
         """Delete jobs (and their error rows) that ended more than JOB_RETENTION_DAYS ago."""
-        with self.uc.engine.begin() as conn:
-            return conn.execute(
+        with self.uc.uow.begin() as tx:
+            return tx.execute(
                 import_jobs.delete().where(
                     import_jobs.c.end_time < sa.func.now() - sa.text(f"interval '{JOB_RETENTION_DAYS} days'")
                 )
@@ -833,8 +828,8 @@ class Importer:
     def fail_interrupted(self) -> int:
         """Jobs left RUNNING by a process that died (nobody holds their lock) become FAILED."""
         try:
-            with self.uc.engine.begin() as conn:
-                n = conn.execute(
+            with self.uc.uow.begin() as tx:
+                n = tx.execute(
                     sa.text(
                         "UPDATE import_jobs SET state = :failed, error = 'interrupted', end_time = now(), "
                         "update_time = now() WHERE state = :running "
@@ -880,11 +875,11 @@ class Importer:
         except _Cancelled:
             log.info("import stopped: cancelled", extra={"job": job.id})
         except _FileError as e:
-            _set_job(self.uc.engine, job.id, state=FAILED, error=str(e), end_time=sa.func.now())
+            _set_job(self.uc.uow, job.id, state=FAILED, error=str(e), end_time=sa.func.now())
         except Exception:
             log.exception("import failed", extra={"job": job.id})
             _set_job(
-                self.uc.engine,
+                self.uc.uow,
                 job.id,
                 state=FAILED,
                 error="the import stopped on an internal error; the rows counted as processed were handled",
@@ -1044,14 +1039,10 @@ class _Converter:
         """What inserting a valid row as a new customer takes that needs no database: its id,
         search key, audit entry and event body (but for the customer code from the sequence and
         the transaction's time), so that it is done where the row was converted."""
-        r.cid = cid or r.cid or _uuids(1)[0]
+        r.cid = cid or r.cid or new_ids(1)[0]
         v = r.values
-        r.search_rest = domain.search_key(v, "")
-        r.changes = _create_changes(v)
+        r.new = NewCustomer(v, self.ctx.custom_defs, r.cid)
         r.record = [_AS_TEXT[c](v[c]) if c in _AS_TEXT else v[c] for c in INSERT_COLUMNS]
-        m = {k: v[k] for k in INSERT_COLUMNS}
-        m.update(id=r.cid, version=1, group_ids=v["group_ids"])
-        r.proto = customer_to_proto(_Stored(m), self.ctx.custom_defs).SerializeToString()
 
     def fresh(self, raw: dict) -> dict:
         """A new customer's values: the defaults CreateCustomer applies, then the row's."""
@@ -1080,7 +1071,7 @@ class _Converter:
 
 def _convert_chunk(conv: _Converter, chunk: list[tuple[int, list]]) -> list[_Row]:
     rows = [conv.convert(n, cells) for n, cells in chunk]
-    for r, cid in zip(rows, _uuids(len(rows)), strict=True):
+    for r, cid in zip(rows, new_ids(len(rows)), strict=True):
         if not r.problems:
             conv.prepare(r, cid)
     return rows
@@ -1112,7 +1103,7 @@ class _Run:
             names = _load_names(conn)
         self.conv = _Converter(job.customer_type, job.mapping, self.actor, headers, self.ctx, names, job.date_order)
         self.headers = headers
-        _set_job(self.uc.engine, job.id, headers=headers, total_rows=len(records))
+        _set_job(self.uc.uow, job.id, headers=headers, total_rows=len(records))
         if not records:
             raise _FileError("the file has no rows below the header")
         chunks = [records[i : i + CHUNK_ROWS] for i in range(0, len(records), CHUNK_ROWS)]
@@ -1140,9 +1131,8 @@ class _Run:
                     # Updates read and lock their customers in the chunk's transaction.
                     if writing is not None:
                         writing.result()
-                    with self.uc.engine.begin() as conn:
-                        self._write(conn, self._chunk(conn, rows))
-                    self.uc.committed()
+                    with self.uc.uow.begin() as tx:
+                        self._write(tx, self._chunk(tx.conn, rows))
                     continue
                 # Otherwise a chunk is decided and built while the one before is written: the
                 # rows of a file that chunk creates are known here (self.seen) before it commits.
@@ -1150,18 +1140,18 @@ class _Run:
                     chunk = self._chunk(conn, rows)
                 if writing is not None:
                     writing.result()
-                writing = writer.submit(self._commit, chunk)
+                # The writer runs in this thread's context (trace and request id of the import).
+                writing = writer.submit(contextvars.copy_context().run, self._commit, chunk)
             if writing is not None:
                 writing.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             writer.shutdown(wait=True, cancel_futures=True)
-        _set_job(self.uc.engine, job.id, state=SUCCEEDED, end_time=sa.func.now())
+        _set_job(self.uc.uow, job.id, state=SUCCEEDED, end_time=sa.func.now())
 
     def _commit(self, chunk: _ChunkWrite) -> None:
-        with self.uc.engine.begin() as conn:
-            self._write(conn, chunk)
-        self.uc.committed()
+        with self.uc.uow.begin() as tx:
+            self._write(tx, chunk)
 
     # -- per chunk -------------------------------------------------------------------------
     def _chunk(self, conn: sa.Connection, rows: list[_Row]) -> _ChunkWrite:
@@ -1209,7 +1199,7 @@ class _Run:
                         r.reject(self.conv.label(v.field), v.description)
                 else:
                     first.raw, first.given = _overlay(first.raw, r.raw, r.given), first.given | r.given
-                    first.proto = b""  # prepared from other values
+                    first.new = None  # prepared from other values
                     counts.updated += 1
             else:  # a duplicate of a row an earlier chunk would create (validate_only)
                 counts.updated += 1
@@ -1223,23 +1213,23 @@ class _Run:
         counts.failed = len(failed)
         width = max(len(self.headers), 1)
         chunk.errors = [
-            (job.id, r.number, r.fields, r.problems, _json_text([_cell_text(c) for c in r.cells[:width]]))
+            (job.id, r.number, r.fields, r.problems, json_text([_cell_text(c) for c in r.cells[:width]]))
             for r in failed
         ]
         return chunk
 
-    def _write(self, conn: sa.Connection, chunk: _ChunkWrite) -> None:
+    def _write(self, tx: Transaction, chunk: _ChunkWrite) -> None:
         """A chunk's rows by COPY and the job's counters, in the chunk's transaction."""
         if chunk.customers:
-            _copy(conn, "customers", _CUSTOMER_COPY_COLUMNS, chunk.customers)
+            tx.copy("customers", STORED_COLUMNS, chunk.customers)
         if chunk.members:
-            _copy(conn, "group_members", ["group_id", "customer_id"], chunk.members)
-        if chunk.outbox:
-            _copy(conn, "outbox", list(OUTBOX_COLUMNS), chunk.outbox)
-        if chunk.audit:
-            _copy(conn, "audit_entries", ["resource", "action", "actor", "changes", "request_id"], chunk.audit)
+            tx.copy("group_members", ["group_id", "customer_id"], chunk.members)
+        for routing_key, events in chunk.events:
+            tx.publish_many(routing_key, events)
+        tx.audit_many(chunk.audit, self.actor, self.request_id, copy=True)
         if chunk.errors:
-            _copy(conn, "import_job_errors", ["job_id", "row_number", "fields", "problems", "cells"], chunk.errors)
+            tx.copy("import_job_errors", ["job_id", "row_number", "fields", "problems", "cells"], chunk.errors)
+        conn = tx.conn
         c, counts = import_jobs.c, chunk.counts
         counted = conn.execute(
             import_jobs.update()
@@ -1276,7 +1266,7 @@ class _Run:
                 r.reject(self.conv.label("referrer_customer"), f"no such customer: {r.referrer}")
             else:
                 r.raw["referrer_customer"] = r.values["referrer_customer"] = cid
-                r.proto = b""  # prepared without it
+                r.new = None  # prepared without it
 
     def _existing(self, conn, rows: list[_Row]) -> dict[str, str]:
         """Dedupe key -> the oldest live customer of the job's type having it (one query)."""
@@ -1316,29 +1306,21 @@ class _Run:
             sa.text(f"SELECT now(), array_agg({adapters.NEXT_CODE_SQL}) FROM generate_series(1, :n)"),
             {"n": len(rows)},
         )
-        stamp = ts(now)
         events = []
         for r, code in zip(rows, codes, strict=True):
-            if not r.proto:
+            if r.new is None:
                 self.conv.prepare(r)
-            v, cid = r.values, r.cid
-            key = text.normalize(code)  # domain.search_key(v, code), the code put in front
-            chunk.customers.append(
-                [*r.record, cid, code, f"{key} {r.search_rest}" if r.search_rest else key, 1, now, now]
-            )
-            chunk.members += [(g, cid) for g in v["group_ids"]]
+            new, cid = r.new, r.cid
+            # The row as CreateCustomer stores it (NewCustomer.stored), its values as COPY takes them.
+            chunk.customers.append([*r.record, cid, code, new.search_text(code), 1, now, now])
+            chunk.members += [(g, cid) for g in r.values["group_ids"]]
             for k in r.dedupe_keys():  # later chunks find this customer by id, not by row number
                 if self.seen.get(k) == r.number:
                     self.seen[k] = cid
-            event = customer_events_pb2.CustomerCreated()
-            event.customer.MergeFromString(r.proto)
-            c = event.customer
-            c.customer_code = code
-            c.create_time.CopyFrom(stamp)
-            c.update_time.CopyFrom(stamp)
-            events.append((c.name, event))
-            chunk.audit.append(self._audit(c.name, "import.create", r.changes))
-        chunk.outbox += self._outbox_rows("customer.created.v1", events)
+            event = new.event(code, now)
+            events.append((event.customer.name, event))
+            chunk.audit.append((event.customer.name, "import.create", new.changes))
+        chunk.events.append(("customer.created.v1", events))
 
     def _update(self, conn, updates: dict[str, _Update], chunk: _ChunkWrite) -> None:
         counts = chunk.counts
@@ -1397,7 +1379,7 @@ class _Run:
             fields = [{"group_ids": "groups", "rank_id": "rank"}.get(k, k) for k in changed]
             events.append((full.name, customer_events_pb2.CustomerUpdated(customer=full, changed_fields=fields)))
             chunk.audit.append(
-                self._audit(
+                (
                     full.name,
                     "import.update",
                     [
@@ -1406,90 +1388,16 @@ class _Run:
                     ],
                 )
             )
-        chunk.outbox += self._outbox_rows("customer.updated.v1", events)
-
-    def _audit(self, resource: str, action: str, changes: list[dict] | str) -> tuple:
-        return (resource, action, self.actor, _json_text(changes), self.request_id)
-
-    def _outbox_rows(self, routing_key: str, events: list[tuple[str, object]]) -> list[tuple]:
-        """The events as the outbox rows `outbox.enqueue` writes (for COPY)."""
-        # One envelope made the usual way gives every attribute but the id, subject and body.
-        e = new_event(
-            domain="customer",
-            source_service=self.uc.service_name,
-            routing_key=routing_key,
-            subject="",
-            message=events[0][1],
-        )
-        trace_headers = _json_text(inject_headers())
-        return [
-            outbox_row(
-                dataclasses.replace(e, id=event_id, subject=subject, data=message.SerializeToString()), trace_headers
-            )
-            for event_id, (subject, message) in zip(_uuids(len(events)), events, strict=True)
-        ]
+        chunk.events.append(("customer.updated.v1", events))
 
 
-class _Stored:
-    """A row as `customer_to_proto` reads it."""
-
-    __slots__ = ("_mapping",)
-
-    def __init__(self, mapping: dict):
-        self._mapping = mapping
-
-
-_CUSTOMER_COPY_COLUMNS = [
-    *INSERT_COLUMNS,
-    "id",
-    "customer_code",
-    "search_text",
-    "version",
-    "create_time",
-    "update_time",
-]
-_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str).encode
-
-
-_QUOTE = json.encoder.encode_basestring  # a str as a JSON string, non-ASCII kept (as _json does)
-
-
-def _fast_json(value) -> str:
-    """service_layer._json, the same text, without building an encoder per call."""
-    if isinstance(value, str):
-        return _QUOTE(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if isinstance(value, dt.date):
-        return _QUOTE(value.isoformat())
-    if isinstance(value, list) and all(isinstance(x, str) for x in value):
-        return "[" + ", ".join(map(_QUOTE, value)) + "]"
-    return _JSON(value)
-
-
-def _create_changes(v: dict) -> str:
-    """The audit entry of a new customer (what service_layer.create records: every field not
-    None, "", [], {} or 0, that is every truthy one), as JSON text."""
-    parts = []
-    for k in AUDITED:
-        value = v.get(k)
-        if value:
-            parts.append(f'{{"field": "{k}", "new_value": {_QUOTE(_fast_json(value))}, "old_value": "null"}}')
-    return "[" + ", ".join(parts) + "]"
+# The create path's JSON text of an audited value (kept under its old name for its test).
+_fast_json = _json
 
 
 def _array_text(values: list[str]) -> str:
     """A text[] value as COPY takes it: an array literal (PostgreSQL parses it)."""
     return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
-
-
-def _json_text(value) -> str:
-    """A JSONB value as COPY takes it: JSON text (PostgreSQL parses it)."""
-    if isinstance(value, str):
-        return value
-    if not value:
-        return "[]" if isinstance(value, list) else "{}"
-    return json.dumps(value, ensure_ascii=False, default=str)
 
 
 def _worker_processes(chunks: int) -> int:
@@ -1501,19 +1409,5 @@ def _worker_processes(chunks: int) -> int:
     return min(MAX_WORKERS, cores - 1)
 
 
-def _uuids(n: int) -> list[str]:
-    """n random (version 4) UUIDs from one read of the system's randomness."""
-    data = os.urandom(16 * n)
-    return [str(uuid.UUID(bytes=data[i : i + 16], version=4)) for i in range(0, 16 * n, 16)]
-
-
-def _copy(conn: sa.Connection, table: str, columns: list[str], rows) -> None:
-    """COPY rows into a table on the connection's open transaction."""
-    cursor = conn.connection.driver_connection.cursor()
-    with cursor, cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row(row)
-
-
 # Columns handed to COPY as text, converted here (cheaper than the driver's adapters).
-_AS_TEXT = {"contact_persons": _json_text, "custom_fields": _json_text, "tags": _array_text}
+_AS_TEXT = {"contact_persons": json_text, "custom_fields": json_text, "tags": _array_text}

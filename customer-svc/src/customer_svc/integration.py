@@ -101,10 +101,14 @@ def customer_to_proto(row, defs: dict | None = None, pii: bool = True) -> custom
             v.choice_value = value
         else:
             v.text_value = value
-    if not pii:
-        c.national_id = domain.mask(c.national_id)
-        c.birth_certificate_number = domain.mask(c.birth_certificate_number)
-        c.ClearField("birth_date")
+    return c if pii else mask_pii(c)
+
+
+def mask_pii(c: customer_pb2.Customer) -> customer_pb2.Customer:
+    """The customer as a caller without PII rights sees it (changed in place)."""
+    c.national_id = domain.mask(c.national_id)
+    c.birth_certificate_number = domain.mask(c.birth_certificate_number)
+    c.ClearField("birth_date")
     return c
 
 

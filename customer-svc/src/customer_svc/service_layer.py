@@ -1,26 +1,25 @@
-"""Customer use cases. Each runs in one transaction: the state change, its audit entry and
-its event (outbox row) commit together, or none of them does."""
+"""Customer use cases. Each runs in one transaction of the chassis unit of work: the state
+change, its audit entry and its event (outbox row) commit together, or none of them does."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import logging
+import uuid
 
 import sqlalchemy as sa
 
 from crm.customer.v1 import customer_events_pb2, customer_pb2
 from crm_chassis.auth import Principal
-from crm_chassis.db import autocommit
 from crm_chassis.errors import Aborted, FieldViolation, InvalidArgument, NotFound
-from crm_chassis.logging import request_id_var
-from crm_chassis.messaging.envelope import new_event
-from crm_chassis.messaging.outbox import OutboxRelay, enqueue
+from crm_chassis.messaging.outbox import OutboxRelay
 from crm_chassis.pagination import PageTokens, page_size
+from crm_chassis.uow import Transaction, UnitOfWork
 
-from . import adapters, domain, queries
+from . import adapters, domain, queries, text
 from .adapters import customers
-from .integration import MappingRow, customer_to_proto, values_from_proto
+from .integration import MappingRow, customer_to_proto, mask_pii, values_from_proto
 
 log = logging.getLogger("customer_svc")
 
@@ -64,10 +63,93 @@ def _session_settings(dbapi_connection, _record) -> None:
     dbapi_connection.commit()
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str).encode
+_QUOTE = json.encoder.encode_basestring  # a str as a JSON string, non-ASCII kept
+
+
 def _json(value) -> str:
+    """A value as the audit trail keeps it (JSON text), without building an encoder per call."""
+    if isinstance(value, str):
+        return _QUOTE(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     if isinstance(value, dt.date):
-        return json.dumps(value.isoformat())
-    return json.dumps(value, default=str, ensure_ascii=False, sort_keys=True)
+        return _QUOTE(value.isoformat())
+    if isinstance(value, list) and all(isinstance(x, str) for x in value):
+        return "[" + ", ".join(map(_QUOTE, value)) + "]"
+    return _JSON(value)
+
+
+# The columns a new customer's row fills, in order (an import COPYs them in this order).
+INSERT_COLUMNS = [c for c in WRITE_COLUMNS if c != "search_text"]
+STORED_COLUMNS = [*INSERT_COLUMNS, "id", "customer_code", "search_text", "version", "create_time", "update_time"]
+
+
+class NewCustomer:
+    """A new customer as it is stored, published and audited: the one definition CreateCustomer
+    and ImportCustomers share. Everything but the customer code and the transaction's time
+    needs no database, so an import makes these in its worker processes (it pickles)."""
+
+    __slots__ = ("id", "values", "search_rest", "changes", "proto")
+
+    def __init__(self, v: dict, custom_defs: dict | None, cid: str):
+        self.id = cid
+        self.values = v
+        self.search_rest = domain.search_key(v, "")  # its search key but for the customer code
+        # Its audit entry (JSON text): every field set, that is every truthy one.
+        self.changes = (
+            "["
+            + ", ".join(
+                f'{{"field": "{k}", "new_value": {_QUOTE(_json(v.get(k)))}, "old_value": "null"}}'
+                for k in AUDITED
+                if v.get(k)
+            )
+            + "]"
+        )
+        m = {k: v[k] for k in INSERT_COLUMNS}
+        m.update(id=cid, version=1, group_ids=v["group_ids"])
+        # Its Customer message but for customer_code, create_time and update_time.
+        self.proto = customer_to_proto(MappingRow(m), custom_defs if v["custom_fields"] else None).SerializeToString()
+
+    def __getstate__(self):
+        return tuple(getattr(self, k) for k in self.__slots__)
+
+    def __setstate__(self, state):
+        for k, v in zip(self.__slots__, state, strict=True):
+            setattr(self, k, v)
+
+    def search_text(self, code: str) -> str:
+        """domain.search_key(values, code): the code put in front of the rest."""
+        key = text.normalize(code)
+        return f"{key} {self.search_rest}" if self.search_rest else key
+
+    def event(self, code: str, now: dt.datetime) -> customer_events_pb2.CustomerCreated:
+        """Its customer.created.v1 event: the customer exactly as stored."""
+        event = customer_events_pb2.CustomerCreated()
+        c = event.customer
+        c.MergeFromString(self.proto)
+        c.customer_code = code
+        c.create_time.FromDatetime(now)
+        c.update_time.CopyFrom(c.create_time)
+        return event
+
+    def row(self, code: str, now: dt.datetime) -> dict:
+        """Its row as an INSERT takes it (an import COPYs the same columns: STORED_COLUMNS)."""
+        v = self.values
+        row = {c: v[c] for c in INSERT_COLUMNS}
+        row.update(id=self.id, customer_code=code, search_text=self.search_text(code), version=1)
+        row.update(create_time=now, update_time=now)
+        return row
+
+    def write(self, tx: Transaction, code: str, now: dt.datetime, request_id: str = "") -> customer_pb2.Customer:
+        """Insert it (one customer: CreateCustomer), its groups, its event; the audit entry is
+        the caller's (the action differs). Returns the stored Customer."""
+        event = self.event(code, now)
+        tx.execute(adapters.INSERT, {**self.row(code, now), "request_id": request_id or None})
+        if self.values["group_ids"]:
+            adapters.set_groups(tx.conn, self.id, self.values["group_ids"])
+        tx.publish("customer.created.v1", event, event.customer.name)
+        return event.customer
 
 
 def write_values(v: dict, code: str) -> dict:
@@ -113,9 +195,9 @@ class CustomerUseCases:
         default_region: str = "IR",
     ):
         self.engine = engine
-        self.reader = autocommit(engine)
+        self.uow = UnitOfWork(engine, relay, source_service=service_name, event_domain="customer")
+        self.reader = self.uow.reader
         sa.event.listen(engine, "connect", _session_settings)
-        self.relay = relay
         self.tokens = PageTokens(token_secret, "customers")
         self.service_name = service_name
         self.default_region = default_region
@@ -131,25 +213,6 @@ class CustomerUseCases:
         if defs is None and row._mapping.get("custom_fields"):
             defs = adapters.custom_field_defs(conn)
         return customer_to_proto(row, defs, pii=principal.has("customers.pii"))
-
-    def publish(self, conn, routing_key: str, message, subject: str) -> None:
-        enqueue(
-            conn,
-            new_event(
-                domain="customer",
-                source_service=self.service_name,
-                routing_key=routing_key,
-                subject=subject,
-                message=message,
-            ),
-        )
-
-    def audit(self, conn, resource: str, action: str, principal: Principal, changes: list[dict]) -> None:
-        adapters.write_audit(conn, resource, action, principal.subject, changes, request_id_var.get() or "")
-
-    def committed(self) -> None:
-        if self.relay is not None:
-            self.relay.wake()
 
     def _check_references(self, conn, v: dict) -> None:
         bad = []
@@ -189,40 +252,22 @@ class CustomerUseCases:
         v["owner"] = v.get("owner") or principal.subject
         v["lifecycle_stage"] = v.get("lifecycle_stage") or customer_pb2.LIFECYCLE_STAGE_PROSPECT
         try:
-            with self.engine.begin() as conn:
+            with self.uow.begin() as tx:
                 if request_id:
-                    existing = adapters.get_by_request_id(conn, request_id)
+                    existing = adapters.get_by_request_id(tx.conn, request_id)
                     if existing is not None:
-                        return self.to_proto(conn, existing, principal)
-                # Sources, custom fields and the customer code in one round trip (a code a
-                # rejected request took is a gap in the numbering, as with any sequence).
-                sources, defs, code = adapters.validation_lookups(
-                    conn, [(v.get("acquisition_source") or "").strip().lower()], code=True
+                        return self.to_proto(tx.conn, existing, principal)
+                # Sources, custom fields, the customer code and the time in one round trip (a
+                # code a rejected request took is a gap in the numbering, as with any sequence).
+                sources, defs, code, now = adapters.validation_lookups(
+                    tx.conn, [(v.get("acquisition_source") or "").strip().lower()], code=True
                 )
                 ctx = domain.Context(sources, defs, self.default_region, None)
                 v = domain.validate(v, ctx)
-                self._check_references(conn, v)
-                values = write_values(v, code)
-                values.update(customer_code=code, request_id=request_id or None)
-                stored = dict(conn.execute(adapters.INSERT_RETURNING, values).one()._mapping)
-                stored["group_ids"] = v.get("group_ids") or []
-                if stored["group_ids"]:
-                    adapters.set_groups(conn, stored["id"], stored["group_ids"])
-                row = MappingRow(stored)
-                full = customer_to_proto(row, ctx.custom_defs if v["custom_fields"] else None)
-                self.publish(conn, "customer.created.v1", customer_events_pb2.CustomerCreated(customer=full), full.name)
-                self.audit(
-                    conn,
-                    full.name,
-                    "create",
-                    principal,
-                    [
-                        {"field": k, "old_value": "null", "new_value": _json(v.get(k))}
-                        for k in AUDITED
-                        if v.get(k) not in (None, "", [], {}, 0)
-                    ],
-                )
-                result = self.to_proto(conn, row, principal, ctx.custom_defs)
+                self._check_references(tx.conn, v)
+                new = NewCustomer(v, ctx.custom_defs, str(uuid.uuid4()))
+                full = new.write(tx, code, now, request_id)
+                tx.audit(full.name, "create", principal, json.loads(new.changes))
         except sa.exc.IntegrityError:
             if request_id:  # a concurrent retry with the same request_id won the race
                 with self.reader.connect() as conn:
@@ -230,8 +275,7 @@ class CustomerUseCases:
                     if existing is not None:
                         return self.to_proto(conn, existing, principal)
             raise
-        self.committed()
-        return result
+        return full if principal.has("customers.pii") else mask_pii(full)
 
     # -- read --------------------------------------------------------------------------------
     def get(self, customer_id: str, principal: Principal) -> customer_pb2.Customer:
@@ -276,7 +320,8 @@ class CustomerUseCases:
         if "type" in paths:
             raise InvalidArgument.field("update_mask", "type cannot be changed; create a new customer instead")
         new = values_from_proto(c, paths)
-        with self.engine.begin() as conn:
+        with self.uow.begin() as tx:
+            conn = tx.conn
             row = adapters.get_customer(conn, cid, for_update=True)
             if row is None or row.erased:
                 raise not_found(cid)
@@ -292,14 +337,12 @@ class CustomerUseCases:
             row = adapters.get_customer(conn, cid)
             full = customer_to_proto(row, defs)
             fields = [{"group_ids": "groups", "rank_id": "rank"}.get(k, k) for k in changed]
-            self.publish(
-                conn,
+            tx.publish(
                 "customer.updated.v1",
                 customer_events_pb2.CustomerUpdated(customer=full, changed_fields=fields),
                 full.name,
             )
-            self.audit(
-                conn,
+            tx.audit(
                 full.name,
                 "update",
                 principal,
@@ -308,13 +351,12 @@ class CustomerUseCases:
                     for f, k in zip(fields, changed, strict=True)
                 ],
             )
-            result = self.to_proto(conn, row, principal, defs)
-        self.committed()
-        return result
+            return self.to_proto(conn, row, principal, defs)
 
     # -- delete / undelete / erase -----------------------------------------------------------
     def _set_deleted(self, cid: str, etag: str, deleted: bool, principal: Principal) -> customer_pb2.Customer:
-        with self.engine.begin() as conn:
+        with self.uow.begin() as tx:
+            conn = tx.conn
             row = adapters.get_customer(conn, cid, for_update=True)
             if row is None or row.erased:
                 raise not_found(cid)
@@ -329,11 +371,9 @@ class CustomerUseCases:
             row = adapters.get_customer(conn, cid)
             full = customer_to_proto(row, adapters.custom_field_defs(conn) if row.custom_fields else None)
             action = "delete" if deleted else "undelete"
-            self.publish(conn, f"customer.{action}d.v1", customer_events_pb2.CustomerDeleted(customer=full), full.name)
-            self.audit(conn, full.name, action, principal, [])
-            result = self.to_proto(conn, row, principal)
-        self.committed()
-        return result
+            tx.publish(f"customer.{action}d.v1", customer_events_pb2.CustomerDeleted(customer=full), full.name)
+            tx.audit(full.name, action, principal, [])
+            return self.to_proto(conn, row, principal)
 
     def delete(self, cid: str, etag: str, principal: Principal) -> customer_pb2.Customer:
         return self._set_deleted(cid, etag, True, principal)
@@ -344,7 +384,8 @@ class CustomerUseCases:
     def erase(self, cid: str, reason: str, principal: Principal) -> customer_pb2.Customer:
         """Right to be forgotten: blank the personal fields, drop notes and their PII from the
         audit trail; keep type, kind, source, city/province and the dates for the aggregates."""
-        with self.engine.begin() as conn:
+        with self.uow.begin() as tx:
+            conn = tx.conn
             row = adapters.get_customer(conn, cid, for_update=True)
             if row is None:
                 raise not_found(cid)
@@ -374,21 +415,11 @@ class CustomerUseCases:
             conn.execute(customers.update().where(customers.c.id == cid).values(**blank))
             conn.execute(adapters.notes.delete().where(adapters.notes.c.customer_id == cid))
             name = f"customers/{cid}"
-            # Old audit entries must not keep what was erased: drop their values, keep who/when/which.
-            conn.execute(
-                sa.text(
-                    "UPDATE audit_entries SET changes = (SELECT coalesce(jsonb_agg(jsonb_build_object("
-                    "'field', e->>'field', 'old_value', '\"[erased]\"', 'new_value', '\"[erased]\"')), '[]'::jsonb) "
-                    "FROM jsonb_array_elements(changes) e) WHERE resource = :r"
-                ),
-                {"r": name},
-            )
+            # Old audit entries must not keep what was erased, notes' entries included: drop
+            # their values, keep who/when/which.
+            tx.redact_audit(name)
             row = adapters.get_customer(conn, cid)
             full = customer_to_proto(row)
-            self.publish(conn, "customer.erased.v1", customer_events_pb2.CustomerErased(customer=full), name)
-            self.audit(
-                conn, name, "erase", principal, [{"field": "reason", "old_value": "null", "new_value": _json(reason)}]
-            )
-            result = self.to_proto(conn, row, principal)
-        self.committed()
-        return result
+            tx.publish("customer.erased.v1", customer_events_pb2.CustomerErased(customer=full), name)
+            tx.audit(name, "erase", principal, [{"field": "reason", "old_value": "null", "new_value": _json(reason)}])
+            return self.to_proto(conn, row, principal)

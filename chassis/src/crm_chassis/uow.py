@@ -1,0 +1,182 @@
+"""The unit of work: the one write path of every service.
+
+    with uow.begin() as tx:
+        tx.execute(orders.insert(), {...})              # the state change
+        tx.publish("order.placed.v1", OrderPlaced(...), subject="orders/7")
+        tx.audit("orders/7", "create", principal, [audit.change("amount", "null", "120")])
+
+Everything the block writes commits together or not at all: state, outbox rows (the events)
+and audit entries. After the commit the outbox relay is woken, so events leave at once rather
+than at its next poll. Bulk forms write by COPY (`publish_many`, `audit_many`, `copy`), the
+speed an import needs, on the same transaction. Reads that need no transaction use
+`uow.read()` (autocommit: no BEGIN/COMMIT round trips).
+
+No service calls `engine.begin()`, `outbox.enqueue` or the relay itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+
+import sqlalchemy as sa
+
+from . import audit as audit_trail
+from .auth import Principal
+from .db import autocommit
+from .logging import request_id_var
+from .messaging.envelope import Event, new_event
+from .messaging.outbox import OUTBOX_COLUMNS, enqueue, outbox_row
+from .telemetry import inject_headers
+
+
+def _actor(who: Principal | str) -> str:
+    return who.subject if isinstance(who, Principal) else str(who)
+
+
+def copy_rows(conn: sa.Connection, table: str, columns: Iterable[str], rows: Iterable) -> None:
+    """COPY rows (sequences of values in `columns` order) into a table, in the connection's
+    open transaction. Text, numbers, dates and None go as they are; JSON and arrays as text."""
+    cursor = conn.connection.driver_connection.cursor()
+    with cursor, cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def json_text(value) -> str:
+    """A JSONB value as COPY takes it: JSON text (PostgreSQL parses it)."""
+    if isinstance(value, str):
+        return value
+    if not value:
+        return "[]" if isinstance(value, list) else "{}"
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+class Transaction:
+    """One open transaction and what commits with it (made by `UnitOfWork.begin`)."""
+
+    def __init__(self, uow: UnitOfWork, conn: sa.Connection):
+        self.uow = uow
+        self.conn = conn
+        self.events = 0  # how many events this transaction published
+
+    def execute(self, statement, parameters=None):
+        return self.conn.execute(statement, parameters)
+
+    def savepoint(self):
+        """A nested transaction (SAVEPOINT): `with tx.savepoint(): ...` rolls back only itself."""
+        return self.conn.begin_nested()
+
+    # -- events ------------------------------------------------------------------------------
+    def event(self, routing_key: str, message, subject: str) -> Event:
+        """The envelope of an event of this service (not yet published)."""
+        if not self.uow.event_domain:
+            raise RuntimeError(f"{self.uow.source_service} publishes no events (no event domain)")
+        return new_event(
+            domain=self.uow.event_domain,
+            source_service=self.uow.source_service,
+            routing_key=routing_key,
+            subject=subject,
+            message=message,
+        )
+
+    def publish(self, routing_key: str, message, subject: str) -> Event:
+        """Publish `message` when the transaction commits (an outbox row written now)."""
+        e = self.event(routing_key, message, subject)
+        enqueue(self.conn, e)
+        self.events += 1
+        return e
+
+    def publish_many(self, routing_key: str, items: list[tuple[str, object]]) -> None:
+        """Many events of one kind (one message type) by COPY: `items` are (subject, message)."""
+        if not items:
+            return
+        template = self.event(routing_key, items[0][1], "")
+        trace_headers = json_text(inject_headers())
+        ids = new_ids(len(items))
+        rows = (
+            outbox_row(
+                dataclasses.replace(
+                    template,
+                    id=event_id,
+                    subject=subject,
+                    data=message.SerializeToString(),
+                ),
+                trace_headers,
+            )
+            for event_id, (subject, message) in zip(ids, items, strict=True)
+        )
+        copy_rows(self.conn, "outbox", OUTBOX_COLUMNS, rows)
+        self.events += len(items)
+
+    # -- audit -------------------------------------------------------------------------------
+    def audit(
+        self, resource: str, action: str, actor: Principal | str, changes: list[dict], request_id: str | None = None
+    ) -> None:
+        """An audit entry, committed with the change it records."""
+        rid = request_id_var.get() if request_id is None else request_id
+        audit_trail.record(self.conn, resource, action, _actor(actor), changes, rid or "")
+
+    def audit_many(
+        self,
+        entries: Iterable[tuple[str, str, list[dict] | str]],
+        actor: Principal | str,
+        request_id: str | None = None,
+        copy: bool = False,
+    ) -> None:
+        """Entries as (resource, action, changes) by one actor; with `copy`, by COPY (changes
+        may then be JSON text already, as an import prepares them)."""
+        rid = (request_id_var.get() if request_id is None else request_id) or ""
+        who = _actor(actor)
+        rows = [(resource, action, who, changes, rid) for resource, action, changes in entries]
+        if not rows:
+            return
+        if copy:
+            copy_rows(
+                self.conn,
+                "audit_entries",
+                audit_trail.AUDIT_COLUMNS,
+                ((r, a, w, json_text(c), i) for r, a, w, c, i in rows),
+            )
+        else:
+            audit_trail.record_many(self.conn, rows)
+
+    def redact_audit(self, resource: str) -> int:
+        return audit_trail.redact(self.conn, resource)
+
+    # -- bulk state ----------------------------------------------------------------------------
+    def copy(self, table: str, columns: Iterable[str], rows: Iterable) -> None:
+        copy_rows(self.conn, table, columns, rows)
+
+
+class UnitOfWork:
+    def __init__(self, engine: sa.Engine, relay=None, *, source_service: str, event_domain: str | None = None):
+        self.engine = engine
+        self.relay = relay
+        self.source_service = source_service
+        self.event_domain = event_domain
+        self.reader = autocommit(engine)
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Transaction]:
+        """A transaction: commits when the block ends, rolls back if it raises. A commit that
+        published events wakes the relay."""
+        with self.engine.begin() as conn:
+            tx = Transaction(self, conn)
+            yield tx
+        if tx.events and self.relay is not None:
+            self.relay.wake()
+
+    def read(self) -> sa.Connection:
+        """`with uow.read() as conn:` an autocommit connection for reads."""
+        return self.reader.connect()
+
+
+def new_ids(n: int) -> list[str]:
+    """n random (version 4) UUIDs from one read of the system's randomness."""
+    data = os.urandom(16 * n)
+    return [str(uuid.UUID(bytes=data[i : i + 16], version=4)) for i in range(0, 16 * n, 16)]
