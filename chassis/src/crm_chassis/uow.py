@@ -30,12 +30,18 @@ from .auth import Principal
 from .db import autocommit
 from .logging import request_id_var
 from .messaging.envelope import Event, new_event
-from .messaging.outbox import OUTBOX_COLUMNS, enqueue, outbox_row
+from .messaging.outbox import OUTBOX_COLUMNS, outbox_row
+from .messaging.tables import outbox
 from .telemetry import inject_headers
 
 
 def _actor(who: Principal | str) -> str:
     return who.subject if isinstance(who, Principal) else str(who)
+
+
+def outbox_values(event: Event) -> dict:
+    """The outbox row of an event, as an INSERT takes it (the trace context of now)."""
+    return dict(zip(OUTBOX_COLUMNS, outbox_row(event, inject_headers()), strict=True))
 
 
 def copy_rows(conn: sa.Connection, table: str, columns: Iterable[str], rows: Iterable) -> None:
@@ -56,6 +62,14 @@ def json_text(value) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
+# One event and one audit entry in one statement (the outbox row in a CTE), compiled once.
+_OUTBOX_AND_AUDIT = (
+    audit_trail.audit_entries.insert()
+    .values({c: sa.bindparam(f"a_{c}") for c in audit_trail.AUDIT_COLUMNS})
+    .add_cte(outbox.insert().values({c: sa.bindparam(f"o_{c}") for c in OUTBOX_COLUMNS}).cte("o"))
+)
+
+
 class Transaction:
     """One open transaction and what commits with it (made by `UnitOfWork.begin`)."""
 
@@ -63,6 +77,10 @@ class Transaction:
         self.uow = uow
         self.conn = conn
         self.events = 0  # how many events this transaction published
+        # Outbox rows and audit entries wait here and are written at commit in ONE statement
+        # (a round trip less per write than one INSERT each); bulk forms flush them first.
+        self._outbox: list[dict] = []
+        self._audit: list[dict] = []
 
     def execute(self, statement, parameters=None):
         return self.conn.execute(statement, parameters)
@@ -87,7 +105,7 @@ class Transaction:
     def publish(self, routing_key: str, message, subject: str) -> Event:
         """Publish `message` when the transaction commits (an outbox row written now)."""
         e = self.event(routing_key, message, subject)
-        enqueue(self.conn, e)
+        self._outbox.append(outbox_values(e))
         self.events += 1
         return e
 
@@ -95,6 +113,7 @@ class Transaction:
         """Many events of one kind (one message type) by COPY: `items` are (subject, message)."""
         if not items:
             return
+        self.flush()  # rows keep their order
         template = self.event(routing_key, items[0][1], "")
         trace_headers = json_text(inject_headers())
         ids = new_ids(len(items))
@@ -119,7 +138,15 @@ class Transaction:
     ) -> None:
         """An audit entry, committed with the change it records."""
         rid = request_id_var.get() if request_id is None else request_id
-        audit_trail.record(self.conn, resource, action, _actor(actor), changes, rid or "")
+        self._audit.append(
+            {
+                "resource": resource,
+                "action": action,
+                "actor": _actor(actor),
+                "changes": changes,
+                "request_id": rid or "",
+            }
+        )
 
     def audit_many(
         self,
@@ -135,6 +162,7 @@ class Transaction:
         rows = [(resource, action, who, changes, rid) for resource, action, changes in entries]
         if not rows:
             return
+        self.flush()
         if copy:
             copy_rows(
                 self.conn,
@@ -146,7 +174,24 @@ class Transaction:
             audit_trail.record_many(self.conn, rows)
 
     def redact_audit(self, resource: str) -> int:
+        """Redact every entry about `resource` and below it, this transaction's included."""
+        self.flush()
         return audit_trail.redact(self.conn, resource)
+
+    def flush(self) -> None:
+        """Write the waiting outbox rows and audit entries now (the commit does it anyway)."""
+        if not (self._outbox or self._audit):
+            return
+        if len(self._outbox) == 1 and len(self._audit) == 1:  # the usual write: one statement
+            params = {f"o_{k}": v for k, v in self._outbox[0].items()}
+            params.update({f"a_{k}": v for k, v in self._audit[0].items()})
+            self.conn.execute(_OUTBOX_AND_AUDIT, params)
+        else:
+            if self._outbox:
+                self.conn.execute(outbox.insert(), self._outbox)
+            if self._audit:
+                self.conn.execute(audit_trail.audit_entries.insert(), self._audit)
+        self._outbox, self._audit = [], []
 
     # -- bulk state ----------------------------------------------------------------------------
     def copy(self, table: str, columns: Iterable[str], rows: Iterable) -> None:
@@ -168,6 +213,7 @@ class UnitOfWork:
         with self.engine.begin() as conn:
             tx = Transaction(self, conn)
             yield tx
+            tx.flush()
         if tx.events and self.relay is not None:
             self.relay.wake()
 
