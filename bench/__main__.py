@@ -14,6 +14,7 @@ Settings: BENCH_SECONDS (per measurement, default 5), BENCH_EVENTS (default 2000
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import json
 import os
 import platform
@@ -21,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import sqlalchemy as sa
@@ -126,6 +128,129 @@ def grpc_section(db_url: str, amqp_url: str) -> list[dict]:
     return rows
 
 
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"{url} never answered")
+        time.sleep(0.2)
+
+
+def gateway_section(db_url: str, amqp_url: str) -> list[dict]:
+    """CreateCustomer and GetCustomer one request at a time, over HTTP through the gateway
+    (gunicorn, as `make run` starts it) and straight over gRPC to the same customer-svc
+    process, in one run: the gateway's own share is the difference of the two."""
+    proc, port = start_customer_svc(db_url, amqp_url)
+    gw_port = free_port()
+    env = dict(
+        os.environ,
+        GATEWAY_HOST="127.0.0.1",
+        GATEWAY_PORT=str(gw_port),
+        CUSTOMER_SVC_ADDR=f"127.0.0.1:{port}",
+        REPORTING_SVC_ADDR="127.0.0.1:9",  # not called here
+        JWT_SECRET=DEFAULT_JWT_SECRET,
+        LOG_LEVEL="WARNING",
+    )
+    gw = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            str(ROOT / "gateway" / "gunicorn.conf.py"),
+            "crm_gateway:create_app()",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    rows = []
+    try:
+        wait_http(f"http://127.0.0.1:{gw_port}/healthz", gw)
+        ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = customer_service_pb2_grpc.CustomerServiceStub(ch)
+        meta = md("admin", "bench")
+        headers = {"Authorization": meta[0][1], "Content-Type": "application/json"}
+        conn = http.client.HTTPConnection("127.0.0.1", gw_port, timeout=10)
+        n = [0]
+
+        def person() -> dict:
+            n[0] += 1
+            return {
+                "type": "CUSTOMER_TYPE_PERSON",
+                "givenName": "Bench",
+                "familyName": f"Http{n[0]}",
+                "email": f"http{n[0]}@example.com",
+                "phone": "+98 21 1234 5678",
+                "acquisitionSource": "website",
+            }
+
+        def http_call(method: str, path: str, body: dict | None = None) -> bytes:
+            conn.request(method, path, body=json.dumps(body) if body else None, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            if resp.status >= 300:
+                raise RuntimeError(f"{method} {path}: {resp.status} {data[:200]!r}")
+            return data
+
+        seed = json.loads(http_call("POST", "/v1/customers", person()))
+        get_path = f"/v1/{seed['name']}"
+
+        def grpc_create():
+            p = person()
+            c = customer_pb2.Customer(
+                type=1,
+                given_name=p["givenName"],
+                family_name=p["familyName"],
+                email=p["email"],
+                phone=p["phone"],
+                acquisition_source="website",
+            )
+            stub.CreateCustomer(customer_service_pb2.CreateCustomerRequest(customer=c), metadata=meta)
+
+        get_req = customer_service_pb2.GetCustomerRequest(name=seed["name"])
+        pairs = [
+            (
+                "CreateCustomer",
+                load.run_one_caller("gRPC", grpc_create, SECONDS),
+                load.run_one_caller("HTTP", lambda: http_call("POST", "/v1/customers", person()), SECONDS),
+            ),
+            (
+                "GetCustomer",
+                load.run_one_caller("gRPC", lambda: stub.GetCustomer(get_req, metadata=meta), SECONDS),
+                load.run_one_caller("HTTP", lambda: http_call("GET", get_path), SECONDS),
+            ),
+        ]
+        for what, direct, through in pairs:
+            rows.append(
+                {
+                    "what": what,
+                    "calls": f"{direct.calls}/{through.calls}",
+                    "errors": direct.errors + through.errors,
+                    "grpc_p50_ms": round(direct.pct(50), 2),
+                    "http_p50_ms": round(through.pct(50), 2),
+                    "gateway_share_p50_ms": round(through.pct(50) - direct.pct(50), 2),
+                    "grpc_p99_ms": round(direct.pct(99), 2),
+                    "http_p99_ms": round(through.pct(99), 2),
+                }
+            )
+        conn.close()
+        ch.close()
+    finally:
+        gw.terminate()
+        gw.wait(30)
+        proc.terminate()
+        proc.wait(30)
+    return rows
+
+
 def relay_section(db_url: str, amqp_url: str) -> list[dict]:
     engine = create_engine(db_url, pool_size=2)
     messaging_metadata.create_all(engine)
@@ -184,6 +309,23 @@ def main() -> int:
         print("\n== gRPC: customer-svc (own process) vs the empty-RPC ceiling on the same server ==", flush=True)
         grpc_rows = grpc_section(dbs.fresh("bench_grpc"), broker.url)
         print(table(grpc_rows, ["what", "callers", "calls", "errors", "rps", "p50_ms", "p99_ms", "ratio_to_ceiling"]))
+        print("\n== one request at a time: HTTP through the gateway vs gRPC straight to customer-svc ==", flush=True)
+        gateway_rows = gateway_section(dbs.fresh("bench_gateway"), broker.url)
+        print(
+            table(
+                gateway_rows,
+                [
+                    "what",
+                    "calls",
+                    "errors",
+                    "grpc_p50_ms",
+                    "http_p50_ms",
+                    "gateway_share_p50_ms",
+                    "grpc_p99_ms",
+                    "http_p99_ms",
+                ],
+            )
+        )
         print(f"\n== outbox relay vs plain pika publishing ({EVENTS} persistent 350-byte events) ==", flush=True)
         relay_rows = relay_section(dbs.fresh("bench_relay"), broker.url)
         print(table(relay_rows, ["what", "events", "per_second", "ratio_to_pipelined"]))
@@ -192,7 +334,7 @@ def main() -> int:
         broker.close()
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps({"grpc": grpc_rows, "relay": relay_rows}, indent=2))
+    out.write_text(json.dumps({"grpc": grpc_rows, "gateway": gateway_rows, "relay": relay_rows}, indent=2))
     print(f"\nsaved {out.relative_to(ROOT)}")
     return 0
 

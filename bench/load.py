@@ -94,3 +94,27 @@ def run(label: str, make_call, concurrency: int, seconds: float, warmup: float =
         issue()
     done.wait(warmup + seconds + 30)
     return Result(label, concurrency, state["calls"], state["errors"], seconds, latencies)
+
+
+def run_one_caller(label: str, call, seconds: float, warmup: float = 0.5) -> Result:
+    """One caller in a loop of blocking calls (`call()` raises on failure): the latency a
+    person or a script calling one request at a time sees."""
+    latencies: list[float] = []
+    calls = errors = 0
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + seconds
+    while True:
+        t0 = time.perf_counter()
+        if t0 >= stop_at:
+            break
+        try:
+            call()
+            ok = True
+        except Exception:
+            ok = False
+        t1 = time.perf_counter()
+        if t0 >= measure_from:
+            calls += 1
+            errors += not ok
+            latencies.append((t1 - t0) * 1000)
+    return Result(label, 1, calls, errors, seconds, latencies)
