@@ -189,7 +189,7 @@ class UpdateMask:
     def paths(self, mask: Any) -> list[str]:
         """The validated paths of `mask` (a FieldMask, a list of paths, or None), in the order
         given and without repeats; ``*`` names every updatable field."""
-        raw = list(getattr(mask, "paths", mask) or [])
+        raw = [mask] if isinstance(mask, str) else list(getattr(mask, "paths", mask) or [])
         paths = list(dict.fromkeys(p.strip() for p in raw))
         if not paths or paths == [""]:
             raise InvalidArgument.field(self.field, 'name at least one field, or "*" for all updatable fields')
