@@ -162,6 +162,27 @@ def test_sigterm_releases_a_running_job_and_another_worker_resumes_it_at_once(en
     assert done.counters == {"rows": 80}
 
 
+def test_timer_and_job_workers_run_in_a_grpc_services_workers_and_stop_with_it(engine, url):
+    """The services' lifecycle: GrpcService starts its workers and, on stop (SIGTERM), stops
+    them; a job running then is released for another replica."""
+    from crm_chassis.grpc_server import GrpcService
+    from crm_chassis.timers import TimerWorker
+    from tests.support.harness import service_settings
+
+    job = start(engine, params={"chunks": 1000, "delay": 0.02})
+    job_worker = JobWorker(engine, {KIND: chunked}, poll_seconds=0.1, lease_seconds=600)
+    timer_worker = TimerWorker(engine, {"noop": lambda conn, timer: None})
+    settings = service_settings("jobs-test", url, "amqp://unused")
+    server = GrpcService(settings, [], {}, [timer_worker, job_worker], port=0).start()
+    try:
+        wait_for(lambda: (get(engine, job.id).checkpoint or 0) >= 1, what="the job to run")
+    finally:
+        server.stop(1.0)
+    released = get(engine, job.id)
+    assert released.state == "queued" and released.owner is None and released.checkpoint >= 1
+    assert not job_worker.running
+
+
 def test_a_worker_that_lost_its_job_cannot_commit_a_chunk(engine):
     job = start(engine)
     a = JobWorker(engine, {KIND: chunked}, lease_seconds=30)
