@@ -205,6 +205,18 @@ def test_a_worker_that_lost_its_job_cannot_commit_a_chunk(engine):
     assert get(engine, job.id).checkpoint == 1 and ctx_b.checkpoint == 1
 
 
+def test_steps_do_not_nest_and_progress_is_not_called_inside_one(engine):
+    start(engine)
+    ctx = JobWorker(engine, {KIND: chunked}).claim()
+    with ctx.step() as conn:
+        with pytest.raises(RuntimeError):  # it would wait for the row this step holds
+            ctx.progress(processed=1)
+        with pytest.raises(RuntimeError), ctx.step():
+            pass
+        ctx.save(conn, checkpoint=1, processed=1)
+    assert get(engine, ctx.id).processed == 1 and ctx.checkpoint == 1
+
+
 def test_a_job_interrupted_too_often_fails_with_the_reason(engine):
     job = start(engine)
     with engine.begin() as conn:

@@ -262,6 +262,7 @@ class JobContext:
         self.stop_reason = ""
         self._saved = False
         self._pending: Any = _UNSET
+        self._in_step = False
 
     @property
     def id(self) -> str:
@@ -298,12 +299,17 @@ class JobContext:
     def step(self) -> Iterator[sa.Connection]:
         """One unit of work in one transaction: checks for a stop first, and commits only while
         this worker still owns the job (a `save` in it, or a bare ownership check)."""
+        if self._in_step:
+            raise RuntimeError("a step is already open: steps do not nest")
         self.check()
-        self._saved, self._pending = False, _UNSET
-        with self.engine.begin() as conn:
-            yield conn
-            if not self._saved:
-                self._guarded(conn, {})
+        self._saved, self._pending, self._in_step = False, _UNSET, True
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+                if not self._saved:
+                    self._guarded(conn, {})
+        finally:
+            self._in_step = False
         self._committed()
 
     def save(
@@ -352,7 +358,10 @@ class JobContext:
         message: str | None = None,
         increment: dict[str, int] | None = None,
     ) -> None:
-        """`save` in a transaction of its own (for work whose results are not in this database)."""
+        """`save` in a transaction of its own (for work whose results are not in this database).
+        Not inside a step (its transaction holds the job's row): use `save` there."""
+        if self._in_step:
+            raise RuntimeError("inside a step, use ctx.save(conn, ...)")
         self._pending = _UNSET
         with self.engine.begin() as conn:
             self.save(conn, checkpoint, processed=processed, total=total, message=message, increment=increment)
