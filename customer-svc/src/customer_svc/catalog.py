@@ -13,11 +13,12 @@ from crm_chassis.auth import Principal
 from crm_chassis.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from crm_chassis.filtering import keyset_page, newest_first
 from crm_chassis.pagination import page_size
+from crm_chassis.resources import ResourceName, Updatable, UpdateMask, required_text, text
 
 from . import adapters, domain
 from .adapters import acquisition_sources, custom_field_defs_table, group_members, groups, notes, ranks
 from .integration import customer_to_proto, ts
-from .service_layer import CustomerUseCases, check_etag, not_found
+from .service_layer import CustomerUseCases, not_found
 
 MAX_BULK = 10_000
 
@@ -85,6 +86,34 @@ def _customer_ids(names: list[str], field: str) -> list[str]:
     return sorted(set(ids))
 
 
+# The Update use cases of the catalog, declared: mask, name, lock, NOT_FOUND, etag, write
+# with the version bumped, unique names as ALREADY_EXISTS (crm_chassis.resources).
+GROUPS = Updatable(
+    groups,
+    ResourceName("groups/{id}"),
+    UpdateMask(["display_name", "description"]),
+    message_field="group",
+    convert={"display_name": required_text(100), "description": text()},
+)
+RANKS = Updatable(
+    ranks,
+    ResourceName("ranks/{id}"),
+    UpdateMask(["display_name", "position"]),
+    message_field="rank",
+    convert={"display_name": required_text(100)},
+)
+NOTES = Updatable(
+    notes,
+    ResourceName("customers/{customer_id}/notes/{note_id}"),
+    UpdateMask(["text"]),
+    message_field="note",
+    convert={"text": required_text()},
+    key_columns=["customer_id", "id"],
+    touch={"update_time": sa.func.now()},
+    conflict=None,
+)
+
+
 class Catalog:
     def __init__(self, customers: CustomerUseCases):
         self.c = customers
@@ -96,33 +125,6 @@ class Catalog:
                 return fn()
         except sa.exc.IntegrityError:
             raise AlreadyExists("a record with that name already exists", reason="ALREADY_EXISTS") from None
-
-    def _update_named(self, tx, table: sa.Table, row, values: dict, name: str, action: str, principal: Principal):
-        """Update a group or rank (a unique display name; bump its version) and audit old -> new."""
-        conn = tx.conn
-        new = self._unique(
-            conn,
-            lambda: conn.execute(
-                table.update()
-                .where(table.c.id == row.id)
-                .values(**values, version=table.c.version + 1)
-                .returning(*table.c)
-            ).one(),
-        )
-        tx.audit(
-            name,
-            action,
-            principal,
-            [
-                {
-                    "field": k,
-                    "old_value": json.dumps(getattr(row, k), ensure_ascii=False),
-                    "new_value": json.dumps(v, ensure_ascii=False),
-                }
-                for k, v in values.items()
-            ],
-        )
-        return new
 
     def _publish_members_changed(self, tx, ids: list[str], field: str) -> None:
         """customer.updated.v1 for every customer whose groups or rank changed (set-based read)."""
@@ -170,19 +172,11 @@ class Catalog:
         ).scalar_one()
 
     def update_group(self, g: resources_pb2.Group, paths: list[str], principal: Principal) -> resources_pb2.Group:
-        if not paths or set(paths) - {"display_name", "description"}:
-            raise InvalidArgument.field("update_mask", "may name display_name and description")
         with self.c.uow.begin() as tx:
-            conn = tx.conn
-            row = self._group(conn, g.name, "group.name", lock=True)
-            check_etag(g.etag, row.version, g.name)
-            values = {}
-            if "display_name" in paths:
-                values["display_name"] = _name(g.display_name, "group.display_name")
-            if "description" in paths:
-                values["description"] = g.description.strip()
-            new = self._update_named(tx, groups, row, values, g.name, "group.update", principal)
-            return group_to_proto(new, self._members(conn, row.id))
+            done = GROUPS.update(tx.conn, g, paths)
+            if done.changes:
+                tx.audit(g.name, "group.update", principal, done.audit_changes())
+            return group_to_proto(done.row, self._members(tx.conn, done.row.id))
 
     def delete_group(self, name: str, principal: Principal) -> int:
         with self.c.uow.begin() as tx:
@@ -312,19 +306,11 @@ class Catalog:
         return row
 
     def update_rank(self, r: resources_pb2.Rank, paths: list[str], principal: Principal) -> resources_pb2.Rank:
-        if not paths or set(paths) - {"display_name", "position"}:
-            raise InvalidArgument.field("update_mask", "may name display_name and position")
         with self.c.uow.begin() as tx:
-            conn = tx.conn
-            row = self._rank(conn, r.name, "rank.name", lock=True)
-            check_etag(r.etag, row.version, r.name)
-            values = {}
-            if "display_name" in paths:
-                values["display_name"] = _name(r.display_name, "rank.display_name")
-            if "position" in paths:
-                values["position"] = r.position
-            new = self._update_named(tx, ranks, row, values, r.name, "rank.update", principal)
-        return rank_to_proto(new)
+            done = RANKS.update(tx.conn, r, paths)
+            if done.changes:
+                tx.audit(r.name, "rank.update", principal, done.audit_changes())
+        return rank_to_proto(done.row)
 
     def delete_rank(self, name: str, principal: Principal) -> int:
         with self.c.uow.begin() as tx:
@@ -520,43 +506,15 @@ class Catalog:
         return [note_to_proto(r) for r in rows], nxt
 
     def update_note(self, n: resources_pb2.Note, paths: list[str], principal: Principal) -> resources_pb2.Note:
-        if paths != ["text"]:
-            raise InvalidArgument.field("update_mask", 'only "text" may be updated')
-        m = __import__("re").fullmatch(r"customers/([0-9a-f-]{36})/notes/([0-9a-f-]{36})", n.name)
-        if not m:
-            raise InvalidArgument.field("note.name", "must be 'customers/{customer_id}/notes/{note_id}'")
-        body = n.text.strip()
-        if not body:
-            raise InvalidArgument.field("note.text", "must not be empty")
-        with self.c.uow.begin() as tx:
-            conn = tx.conn
-            row = conn.execute(
-                sa.select(notes).where(notes.c.id == m.group(2), notes.c.customer_id == m.group(1)).with_for_update()
-            ).one_or_none()
-            if row is None:
-                raise NotFound(f"note {n.name} does not exist", reason="NOTE_NOT_FOUND", metadata={"name": n.name})
+        def author_only(row) -> None:
             if row.author != principal.subject:
                 raise PermissionDenied("only the author may edit a note", reason="NOT_NOTE_AUTHOR")
-            check_etag(n.etag, row.version, n.name)
-            new = conn.execute(
-                notes.update()
-                .where(notes.c.id == row.id)
-                .values(text=body, version=notes.c.version + 1, update_time=sa.func.now())
-                .returning(*notes.c)
-            ).one()
-            tx.audit(
-                n.name,
-                "note.update",
-                principal,
-                [
-                    {
-                        "field": "text",
-                        "old_value": json.dumps(row.text, ensure_ascii=False),
-                        "new_value": json.dumps(body, ensure_ascii=False),
-                    }
-                ],
-            )
-        return note_to_proto(new)
+
+        with self.c.uow.begin() as tx:
+            done = NOTES.update(tx.conn, n, paths, check=author_only)
+            if done.changes:
+                tx.audit(n.name, "note.update", principal, done.audit_changes())
+        return note_to_proto(done.row)
 
     # -- audit -------------------------------------------------------------------------------
     def list_audit(self, resource: str, size: int, token: str) -> tuple[list[resources_pb2.AuditEntry], str]:
