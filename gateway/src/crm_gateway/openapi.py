@@ -182,7 +182,11 @@ def openapi_document() -> dict:
             **plain,
             "operationId": "readyz",
             "summary": "Every service the gateway calls is SERVING",
-            "responses": {"200": {"description": "Ready"}, "503": {"description": "Not ready"}},
+            "responses": {
+                "200": {"description": "Ready"},
+                "503": {"description": "Not ready"},
+                **_problems(_NO_TOKEN),
+            },
         }
     }
     paths["/openapi.json"] = {"get": {**plain, "operationId": "openapi", "summary": "This document"}}

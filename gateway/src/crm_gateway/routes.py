@@ -106,10 +106,15 @@ def _resource_patterns(service: descriptor.ServiceDescriptor) -> dict[str, list[
 
 
 def _wildcard_names(segments: str, fieldpath: str, patterns: dict[str, list[str]]) -> list[str]:
-    """Names of the `*` in `segments`: the resource pattern's variables, else each after the
-    collection before it (books/* -> book_id), else the field's own name."""
+    """Names of the `*` in `segments`: the variables of the resource pattern it is (or that it
+    is the parent of: shelves/* of shelves/{shelf_id}/books/{book_id}), else each named after
+    the collection before it (tags/* -> tag_id), else the field's own name."""
     if segments in patterns:
         return patterns[segments]
+    wildcards = segments.split("/").count("*")
+    for glob, names in patterns.items():
+        if glob.startswith(segments + "/"):
+            return names[:wildcards]
     names, previous = [], None
     for part in segments.split("/"):
         if part == "*":
