@@ -13,12 +13,15 @@ from customer_svc.settings import load_customer_settings
 from tests.support.harness import channel, md, start_service
 
 
-def test_phone_region_default_case_and_check():
-    assert load_customer_settings({}).phone_region == "IR"
-    assert load_customer_settings({"DEFAULT_PHONE_REGION": "de"}).phone_region == "DE"
+def test_phone_region_default_case_and_check(monkeypatch):
+    monkeypatch.delenv("DEFAULT_PHONE_REGION", raising=False)
+    assert load_customer_settings().phone_region == "IR"
+    monkeypatch.setenv("DEFAULT_PHONE_REGION", "de")
+    assert load_customer_settings().phone_region == "DE"
     for bad in ("IRN", "1R"):
+        monkeypatch.setenv("DEFAULT_PHONE_REGION", bad)
         with pytest.raises(ConfigError) as info:
-            load_customer_settings({"DEFAULT_PHONE_REGION": bad})
+            load_customer_settings()
         assert "DEFAULT_PHONE_REGION" in info.value.problems[0]
 
 

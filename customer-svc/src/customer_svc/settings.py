@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from crm_chassis.config import ConfigError
@@ -15,10 +14,9 @@ class CustomerSettings:
     phone_region: str
 
 
-def load_customer_settings(env: Mapping[str, str] | None = None) -> CustomerSettings:
-    """Read and check customer-svc's settings; ConfigError naming each bad one."""
-    env = os.environ if env is None else env
-    region = env.get("DEFAULT_PHONE_REGION", "IR").upper()
+def load_customer_settings() -> CustomerSettings:
+    """Read and check customer-svc's settings from the environment; ConfigError naming each bad one."""
+    region = os.environ.get("DEFAULT_PHONE_REGION", "IR").upper()
     if len(region) != 2 or not region.isalpha():
         raise ConfigError([f"DEFAULT_PHONE_REGION={region!r} must be an ISO 3166-1 alpha-2 code such as IR"])
     return CustomerSettings(phone_region=region)
