@@ -2,6 +2,12 @@
 
 Run by `make proto`; the output is not committed. Every service and the gateway import the
 same generated modules (crm.customer.v1.customer_service_pb2, ...).
+
+Only crm/** is generated: google/api/*.proto in proto/ are vendored for buf and protoc to
+resolve, and import as google.api.*_pb2 from googleapis-common-protos (a second copy here would
+shadow them). Beside the stubs goes crm/descriptors.binpb, the same files as a
+FileDescriptorSet with their comments (the generated modules drop them): the gateway writes its
+OpenAPI summaries from the RPCs' comments.
 """
 
 from __future__ import annotations
@@ -16,13 +22,14 @@ from grpc_tools import protoc
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO = ROOT / "proto"
 OUT = PROTO / "gen"
+DESCRIPTOR_SET = "descriptors.binpb"
 
 
 def main() -> int:
     files = sorted(str(p.relative_to(PROTO)) for p in (PROTO / "crm").rglob("*.proto"))
     if OUT.exists():
         shutil.rmtree(OUT)
-    OUT.mkdir(parents=True)
+    (OUT / "crm").mkdir(parents=True)
     include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
     args = [
         "protoc",
@@ -31,6 +38,8 @@ def main() -> int:
         f"--python_out={OUT}",
         f"--pyi_out={OUT}",
         f"--grpc_python_out={OUT}",
+        f"--descriptor_set_out={OUT / 'crm' / DESCRIPTOR_SET}",
+        "--include_source_info",
         *files,
     ]
     rc = protoc.main(args)

@@ -13,7 +13,7 @@ from customer_svc.__main__ import SPEC, build
 
 
 def slow_build(ctx):
-    registrations, permissions = build(ctx)
+    registrations = build(ctx)
     servicer = registrations[0].servicer
     fast_get = servicer.GetCustomer
 
@@ -22,7 +22,7 @@ def slow_build(ctx):
         return fast_get(request, context)
 
     servicer.GetCustomer = slow_get
-    return registrations, permissions
+    return registrations
 
 
 if __name__ == "__main__":

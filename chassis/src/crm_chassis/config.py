@@ -43,7 +43,7 @@ class Settings:
     relay_poll_seconds: float
     consumer_prefetch: int
     consumer_delivery_limit: int
-    default_phone_region: str
+    roles_file: str | None = None  # ROLES_FILE: the role -> permission policy (else the default)
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -123,9 +123,9 @@ def load_settings(
     if otel_endpoint and urlparse(otel_endpoint).scheme not in ("http", "https"):
         problems.append("OTEL_EXPORTER_OTLP_ENDPOINT must be an http:// or https:// URL")
 
-    region = env.get("DEFAULT_PHONE_REGION", "IR").upper()
-    if len(region) != 2 or not region.isalpha():
-        problems.append(f"DEFAULT_PHONE_REGION={region!r} must be an ISO 3166-1 alpha-2 code such as IR")
+    roles_file = env.get("ROLES_FILE") or None
+    if roles_file and not os.path.isfile(roles_file):
+        problems.append(f"ROLES_FILE={roles_file!r} is not a file")
 
     settings = Settings(
         service_name=name,
@@ -145,7 +145,7 @@ def load_settings(
         relay_poll_seconds=_float(env, "OUTBOX_POLL_SECONDS", 0.5, problems),
         consumer_prefetch=_int(env, "CONSUMER_PREFETCH", 100, problems, 1, 10000),
         consumer_delivery_limit=_int(env, "CONSUMER_DELIVERY_LIMIT", 5, problems, 1, 1000),
-        default_phone_region=region,
+        roles_file=roles_file,
     )
     if problems:
         raise ConfigError(problems)

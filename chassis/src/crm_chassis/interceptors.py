@@ -1,8 +1,8 @@
 """The server interceptor every service runs: request id, JSON access log, JWT authentication,
 per-RPC permission check, and domain errors mapped to google.rpc.Status.
 
-Health and reflection stay open (probes and tools carry no token); every other method must be
-listed in the service's permission map, or the server refuses to start.
+Health and reflection stay open (probes and tools carry no token); every other method must
+declare its permission in its proto (crm.options.v1.permission), or the server refuses to start.
 """
 
 from __future__ import annotations

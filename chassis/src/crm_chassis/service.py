@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
+from .auth import configure_roles
 from .config import Settings, load_settings
 from .db import create_engine, migrate, resolve_database_url
 from .grpc_server import GrpcService, Registration
@@ -43,8 +44,9 @@ class ServiceSpec:
     default_port: int
     migrations: pathlib.Path  # the service's Alembic script directory
     producer_domain: str | None = None  # "customer": publishes to crm.customer.events
-    # Build the servicers and the permission map, given the context (engine, relay, ...).
-    build: Callable[[ServiceContext], tuple[list[Registration], dict[str, str]]] = lambda ctx: ([], {})
+    # Build the servicers, given the context (engine, relay, ...). The permission each RPC needs
+    # comes from its descriptor (option (crm.options.v1.permission)), not from here.
+    build: Callable[[ServiceContext], list[Registration]] = lambda ctx: []
     subscriptions: Callable[[ServiceContext], list[Subscription]] = field(default=lambda ctx: [])
 
 
@@ -65,6 +67,7 @@ class Service:
         self.spec = spec
         self.settings = settings or load_settings(spec.name, spec.default_port)
         setup_telemetry(self.settings.service_name, self.settings.otel_endpoint)
+        configure_roles(self.settings)  # a bad roles file stops the start, before any migration
         url = resolve_database_url(self.settings)
         if run_migrations:
             migrate(url, spec.migrations)
@@ -95,8 +98,13 @@ class Service:
         self.workers = workers
         self.grpc: GrpcService | None = None
         if grpc:
-            registrations, permissions = spec.build(self.ctx)
-            self.grpc = GrpcService(self.settings, registrations, permissions, workers, port=port)
+            registrations = spec.build(self.ctx)
+            if isinstance(registrations, tuple):
+                raise TypeError(
+                    f"{spec.name}: ServiceSpec.build returns the registrations only; each RPC's "
+                    "permission is declared in its proto (crm.options.v1.permission)"
+                )
+            self.grpc = GrpcService(self.settings, registrations, workers, port=port)
 
     @property
     def port(self) -> int:

@@ -6,15 +6,16 @@ import pathlib
 
 from crm_chassis.service import ServiceContext, ServiceSpec, main
 
-from .api import PERMISSIONS, registration
+from .api import registration
 from .service_layer import CustomerUseCases
+from .settings import load_customer_settings
 
 
 def build(ctx: ServiceContext):
     uc = CustomerUseCases(
-        ctx.engine, ctx.relay, ctx.settings.jwt_secret, ctx.settings.service_name, ctx.settings.default_phone_region
+        ctx.engine, ctx.relay, ctx.settings.jwt_secret, ctx.settings.service_name, load_customer_settings().phone_region
     )
-    return [registration(uc)], PERMISSIONS
+    return [registration(uc)]
 
 
 SPEC = ServiceSpec(

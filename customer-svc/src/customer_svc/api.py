@@ -13,42 +13,6 @@ from .duplicates import Duplicates
 from .import_service import Importer
 from .service_layer import CustomerUseCases
 
-_SVC = "/crm.customer.v1.CustomerService/"
-PERMISSIONS = {
-    _SVC + m: p
-    for p, methods in {
-        "customers.read": [
-            "GetCustomer",
-            "ListCustomers",
-            "SearchCustomers",
-            "FindDuplicates",
-            "ListNotes",
-            "ListGroups",
-            "ListGroupMembers",
-            "ListRanks",
-            "ListAcquisitionSources",
-            "ListCustomFieldDefinitions",
-        ],
-        "customers.write": ["CreateCustomer", "UpdateCustomer", "AddGroupMembers", "RemoveGroupMembers", "AssignRank"],
-        "customers.delete": ["DeleteCustomer", "UndeleteCustomer"],
-        "customers.erase": ["EraseCustomer"],
-        "customers.export": ["ExportCustomers"],
-        "customers.merge": ["MergeCustomers", "UnmergeCustomers"],
-        "customers.import": [
-            "ImportCustomers",
-            "GetImportJob",
-            "ListImportJobs",
-            "CancelImportJob",
-            "DownloadImportErrorReport",
-        ],
-        "notes.write": ["CreateNote", "UpdateNote"],
-        "customers.catalog": ["CreateGroup", "UpdateGroup", "DeleteGroup", "CreateRank", "UpdateRank", "DeleteRank"],
-        "customers.admin": ["CreateAcquisitionSource", "UpdateAcquisitionSource", "CreateCustomFieldDefinition"],
-        "audit.read": ["ListAuditEntries"],
-    }.items()
-    for m in methods
-}
-
 
 class CustomerServicer(customer_service_pb2_grpc.CustomerServiceServicer):
     def __init__(self, use_cases: CustomerUseCases):

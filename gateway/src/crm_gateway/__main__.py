@@ -8,7 +8,7 @@ import os
 import pathlib
 import sys
 
-from crm_chassis.auth import KNOWN_ROLES, TokenVerifier
+from crm_chassis.auth import TokenVerifier, configure_roles, load_roles
 from crm_chassis.config import load_settings
 
 
@@ -17,12 +17,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     tok = sub.add_parser("token", help="print a development JWT")
     tok.add_argument("--sub", required=True, help="subject (user name)")
-    tok.add_argument("--roles", required=True, help=f"comma-separated roles: {', '.join(sorted(KNOWN_ROLES))}")
+    tok.add_argument(
+        "--roles",
+        required=True,
+        help=f"comma-separated roles of the roles file (ROLES_FILE; default: {', '.join(sorted(load_roles().roles))})",
+    )
     tok.add_argument("--ttl", type=int, default=8 * 3600, help="lifetime in seconds (default 8 hours)")
     sub.add_parser("serve", help="run the gateway under gunicorn")
     args = parser.parse_args(argv)
     if args.command == "token":
         settings = load_settings("gateway", 8080)
+        configure_roles(settings)
         roles = [r.strip() for r in args.roles.split(",") if r.strip()]
         try:
             print(TokenVerifier.from_settings(settings).mint(args.sub, roles, args.ttl))

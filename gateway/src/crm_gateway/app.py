@@ -16,8 +16,6 @@ from flask import Flask, Response, g, json, request
 from google.protobuf import json_format, message_factory
 from werkzeug.exceptions import HTTPException
 
-from crm.customer.v1 import customer_service_pb2
-from crm.reporting.v1 import reporting_service_pb2
 from crm_chassis.auth import TokenVerifier
 from crm_chassis.config import load_settings
 from crm_chassis.errors import DomainError
@@ -27,16 +25,12 @@ from crm_chassis.telemetry import setup_telemetry
 from . import clients as clients_mod
 from .openapi import openapi_document
 from .problems import from_rpc_error, problem
-from .routes import ROUTES, Route
-from .transcode import MAX_UPLOAD_BYTES, BadRequest, build_request, error_field
+from .routes import ROUTES, SERVICES, Route
+from .transcode import MAX_BODY_BYTES, MAX_UPLOAD_BYTES, BadRequest, build_request, error_field
 
 log = logging.getLogger("crm.gateway")
 
 SERVICE_NAME = "gateway"
-SERVICES = {
-    "customer": customer_service_pb2.DESCRIPTOR.services_by_name["CustomerService"],
-    "reporting": reporting_service_pb2.DESCRIPTOR.services_by_name["ReportingService"],
-}
 EXPORT_TIMEOUT = 600.0
 
 
@@ -83,7 +77,9 @@ def _handler(route: Route, clients):
             headers = {"Content-Disposition": f'attachment; filename="{head.filename}"'}
             if "row_count" in head.DESCRIPTOR.fields_by_name:
                 headers["X-Row-Count"] = str(head.row_count)
-            return Response(body(), mimetype=head.content_type, headers=headers)
+            # content_type, not mimetype: the service's type already carries its charset (Flask
+            # would append a second one to a text/* mimetype).
+            return Response(body(), content_type=head.content_type, headers=headers)
         resp = call(req, metadata=_metadata(), timeout=clients_mod.CALL_TIMEOUT)
         headers = {}
         if "etag" in resp.DESCRIPTOR.fields_by_name and resp.etag:
@@ -105,7 +101,7 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
     app = Flask("crm_gateway")
     app.json.ensure_ascii = False
     # An import carries its file base64-encoded in the JSON body: 64 MiB of file is ~86 MiB.
-    app.config["MAX_CONTENT_LENGTH"] = 90 * 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     # A multipart upload's file part (customer-svc's limit); over it the request is a 413.
     app.config["MAX_UPLOAD_BYTES"] = MAX_UPLOAD_BYTES
 

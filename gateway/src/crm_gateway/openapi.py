@@ -1,5 +1,7 @@
-"""The OpenAPI 3 document at /openapi.json, generated from the route table and the protobuf
-descriptors of the messages each route carries (field names in the protobuf JSON mapping)."""
+"""The OpenAPI 3 document at /openapi.json, generated from the routes (the contracts'
+google.api.http annotations, routes.py) and the protobuf descriptors of the messages each route
+carries (field names in the protobuf JSON mapping). Summaries are the RPCs' proto comments;
+every error the gateway or its server answers is listed, each an application/problem+json."""
 
 from __future__ import annotations
 
@@ -7,10 +9,13 @@ from functools import lru_cache
 
 from google.protobuf import descriptor
 
-from .routes import ROUTES, Route
-from .transcode import FORMAT_FIELD, MAX_UPLOAD_BYTES, UPLOAD_PART
+from .problem_doc import MEDIA_TYPE
+from .routes import ROUTES, SERVICES, Route
+from .transcode import FORMAT_FIELD, MAX_BODY_BYTES, MAX_UPLOAD_BYTES, UPLOAD_PART
+from .worker import LIMIT_REQUEST_FIELD_SIZE, LIMIT_REQUEST_FIELDS, LIMIT_REQUEST_LINE
 
 FD = descriptor.FieldDescriptor
+_MIB = 1024 * 1024
 _SCALARS = {
     FD.TYPE_STRING: {"type": "string"},
     FD.TYPE_BOOL: {"type": "boolean"},
@@ -28,14 +33,33 @@ _WELL_KNOWN = {
     "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
     "google.protobuf.FieldMask": {"type": "string", "description": "comma-separated field paths"},
 }
+# Every error status the gateway answers (problems.py, transcode.py, and gunicorn's own through
+# worker.py), each a problem document. 405 belongs to a path rather than an operation.
 _PROBLEMS = {
-    "400": "Invalid input; `errors` names each bad field",
+    "400": "Invalid input; `errors` names each bad field. Also a request line that is not HTTP: "
+    "a URL must be ASCII, percent-encode the rest (`curl -G --data-urlencode 'query=…'`)",
     "401": "Missing or invalid bearer token",
     "403": "The caller's roles lack the permission",
     "404": "Not found",
+    "405": "The path does not take this method",
     "409": "Conflict: already exists, or a stale etag",
-    "503": "A service behind the gateway is unavailable",
+    "413": f"Too large: a body over {MAX_BODY_BYTES // _MIB} MiB, or a multipart file over "
+    f"{MAX_UPLOAD_BYTES // _MIB} MiB",
+    "414": f"The request line (method, URL, version) is longer than {LIMIT_REQUEST_LINE} bytes",
+    "429": "A service refused the call for now (RESOURCE_EXHAUSTED); retry later",
+    "431": f"Request headers too large (over {LIMIT_REQUEST_FIELDS} headers, or one over "
+    f"{LIMIT_REQUEST_FIELD_SIZE} bytes)",
+    "500": "Internal error (the request id finds it in the logs)",
+    "501": "Not implemented (an unsupported Transfer-Encoding)",
+    "503": "A service behind the gateway, or its database, is unavailable; retry",
+    "504": "A service did not answer in time",
 }
+_ALWAYS = ("400", "401", "403", "404", "409", "414", "429", "431", "500", "501", "503", "504")
+_NO_TOKEN = ("400", "414", "431", "500", "501")  # /healthz, /readyz, /openapi.json
+
+
+def _problems(codes) -> dict:
+    return {code: {"$ref": f"#/components/responses/Problem{code}"} for code in codes}
 
 
 class _Builder:
@@ -93,20 +117,23 @@ def _operation(b: _Builder, route: Route, method: descriptor.MethodDescriptor) -
         "summary": route.summary,
         "security": [{"bearerAuth": []}],
         "parameters": params,
-        "responses": {
-            **{
-                code: {
-                    "description": text,
-                    "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
-                }
-                for code, text in _PROBLEMS.items()
-            },
-        },
+        "responses": _problems(_ALWAYS + (("413",) if route.body is not None else ())),
     }
+    if route.description and route.description != route.summary:
+        op["description"] = route.description
     if route.stream:
+        headers = {
+            "Content-Disposition": {
+                "description": 'attachment; filename="…"',
+                "schema": {"type": "string"},
+            }
+        }
+        if "row_count" in method.output_type.fields_by_name:
+            headers["X-Row-Count"] = {"description": "Rows in the file", "schema": {"type": "integer"}}
         op["responses"]["200"] = {
-            "description": "The file",
-            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The file, streamed",
+            "headers": headers,
+            "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in route.media_types},
         }
     else:
         op["responses"][str(route.status)] = {
@@ -121,10 +148,6 @@ def _operation(b: _Builder, route: Route, method: descriptor.MethodDescriptor) -
         }
         if route.upload:
             op["requestBody"]["content"]["multipart/form-data"] = {"schema": _upload_form(b, route, body, bound)}
-            op["responses"]["413"] = {
-                "description": f"Too large: a multipart file over {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB",
-                "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
-            }
     return op
 
 
@@ -147,21 +170,23 @@ def _upload_form(b: _Builder, route: Route, body: descriptor.Descriptor, bound: 
 
 @lru_cache(maxsize=1)
 def openapi_document() -> dict:
-    from .app import SERVICES
-
     b = _Builder()
     paths: dict[str, dict] = {}
     for route in ROUTES:
         method = SERVICES[route.service].methods_by_name[route.rpc]
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(b, route, method)
-    plain = {"security": [], "responses": {"200": {"description": "OK"}}}
+    plain = {"security": [], "responses": {"200": {"description": "OK"}, **_problems(_NO_TOKEN)}}
     paths["/healthz"] = {"get": {**plain, "operationId": "healthz", "summary": "Liveness"}}
     paths["/readyz"] = {
         "get": {
             **plain,
             "operationId": "readyz",
             "summary": "Every service the gateway calls is SERVING",
-            "responses": {"200": {"description": "Ready"}, "503": {"description": "Not ready"}},
+            "responses": {
+                "200": {"description": "Ready"},
+                "503": {"description": "Not ready"},
+                **_problems(_NO_TOKEN),
+            },
         }
     }
     paths["/openapi.json"] = {"get": {**plain, "operationId": "openapi", "summary": "This document"}}
@@ -191,12 +216,20 @@ def openapi_document() -> dict:
             "version": "1.0.0",
             "description": (
                 "JSON over the CRM services' gRPC APIs. Field names follow the protobuf JSON mapping "
-                "(lowerCamelCase); 64-bit integers are strings; errors are application/problem+json."
+                "(lowerCamelCase); 64-bit integers are strings; every error, the HTTP server's own "
+                "included, is application/problem+json (a path answers 405 to a method it does not take)."
             ),
         },
         "components": {
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
             "schemas": b.schemas,
+            "responses": {
+                f"Problem{code}": {
+                    "description": text,
+                    "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+                }
+                for code, text in _PROBLEMS.items()
+            },
         },
         "paths": paths,
     }

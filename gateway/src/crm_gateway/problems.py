@@ -8,6 +8,10 @@ from flask import Response, json
 from crm_chassis.errors import read_rpc_error
 from crm_chassis.logging import request_id_var
 
+from .problem_doc import MEDIA_TYPE, TITLES, problem_document
+
+__all__ = ["HTTP_STATUS", "TITLES", "from_rpc_error", "problem"]
+
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 400,
@@ -23,22 +27,6 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
-TITLES = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    409: "Conflict",
-    413: "Payload Too Large",
-    415: "Unsupported Media Type",
-    429: "Too Many Requests",
-    499: "Client Closed Request",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
 
 
 def problem(
@@ -50,22 +38,10 @@ def problem(
     errors: list[dict] | None = None,
     headers: dict | None = None,
 ) -> Response:
-    body = {
-        "type": "about:blank",
-        "title": TITLES.get(status, "Error"),
-        "status": status,
-        "detail": detail,
-    }
-    if code:
-        body["code"] = code
-    if reason:
-        body["reason"] = reason
-    if errors:
-        body["errors"] = errors
-    rid = request_id_var.get()
-    if rid:
-        body["request_id"] = rid
-    resp = Response(json.dumps(body, ensure_ascii=False), status=status, mimetype="application/problem+json")
+    body = problem_document(
+        status, detail, code=code, reason=reason, errors=errors, request_id=request_id_var.get() or None
+    )
+    resp = Response(json.dumps(body, ensure_ascii=False), status=status, mimetype=MEDIA_TYPE)
     if status == 401:
         resp.headers["WWW-Authenticate"] = 'Bearer realm="crm"'
     for k, v in (headers or {}).items():

@@ -1,17 +1,57 @@
-"""The HTTP routes: one table maps each REST route to its gRPC method (like google.api.http
-annotations), and one generic handler transcodes JSON <-> protobuf for all of them. The
-OpenAPI document is generated from the same table, so the two cannot drift apart."""
+"""The HTTP routes, read from the contracts: each RPC's `google.api.http` annotation gives its
+verb, path template and body (the convention grpc-gateway, Envoy's gRPC-JSON transcoder and
+Cloud Endpoints read), so a new RPC's route lives beside it in its .proto. One generic handler
+(app.py) transcodes JSON <-> protobuf for all of them, and the OpenAPI document (openapi.py) is
+generated from the same routes, so the three cannot drift apart.
+
+A path variable binds a request field to a resource name, `{name=customers/*}`; its wildcards
+take their names from the service's resource patterns (`google.api.resource_definition`
+"customers/{customer_id}"), so the HTTP path reads /v1/customers/{customer_id}. What the
+annotation cannot say stays declared here, per RPC: which bytes field a multipart upload's
+file fills (UPLOADS) and which media types a streamed download answers (DOWNLOADS). The rest is
+convention: a POST to a collection (no `:verb`) answers 201 Created with a Location;
+Idempotency-Key fills `request_id` and If-Match fills `etag` (transcode.py).
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+
+from google.api import annotations_pb2, resource_pb2
+from google.protobuf import descriptor, descriptor_pb2
+
+from crm.customer.v1 import customer_service_pb2
+from crm.reporting.v1 import reporting_service_pb2
+
+# The services the gateway serves, by their key in Clients.stub(): every annotated RPC of each
+# becomes a route.
+SERVICES: dict[str, descriptor.ServiceDescriptor] = {
+    "customer": customer_service_pb2.DESCRIPTOR.services_by_name["CustomerService"],
+    "reporting": reporting_service_pb2.DESCRIPTOR.services_by_name["ReportingService"],
+}
+
+CSV = "text/csv"
+XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+PDF = "application/pdf"
+DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+# A multipart/form-data body's file part fills this bytes field of the request (transcode.py).
+UPLOADS: dict[str, str] = {"crm.customer.v1.CustomerService.ImportCustomers": "content"}
+# The media types a server-streaming download answers (its first message names which one).
+DOWNLOADS: dict[str, tuple[str, ...]] = {
+    "crm.customer.v1.CustomerService.ExportCustomers": (CSV, XLSX, PDF, DOCX),
+    "crm.customer.v1.CustomerService.DownloadImportErrorReport": (CSV, XLSX),
+}
+OCTET_STREAM = ("application/octet-stream",)
 
 
 @dataclass(frozen=True)
 class Route:
-    method: str  # GET, POST, PATCH, DELETE
+    method: str  # GET, POST, PATCH, DELETE, PUT
     path: str  # OpenAPI form: /v1/customers/{customer_id}
-    service: str  # key of Clients.stubs: "customer", "reporting"
+    service: str  # key of Clients.stub(): "customer", "reporting"
     rpc: str  # gRPC method name
     summary: str
     # request field <- template over the path parameters: {"name": "customers/{customer_id}"}
@@ -22,6 +62,8 @@ class Route:
     # bytes field filled by the `file` part when the body is multipart/form-data (the other form
     # fields fill the request fields of their names); JSON bodies work as for any route
     upload: str | None = None
+    media_types: tuple[str, ...] = ()  # a download's
+    description: str = ""
 
     @property
     def flask_path(self) -> str:
@@ -29,209 +71,148 @@ class Route:
 
     @property
     def path_params(self) -> list[str]:
-        import re
-
         return re.findall(r"{(\w+)}", self.path)
 
 
-def _c(method, path, rpc, summary, **kw) -> Route:
-    if "{customer_id}" in path and "bind" not in kw:
-        kw["bind"] = {("parent" if path.endswith("/notes") else "name"): "customers/{customer_id}"}
-    if "{customer_id}" in path and kw.get("body") == "customer":
-        kw["bind"] = {"customer.name": "customers/{customer_id}"}
-    return Route(method, path, "customer", rpc, summary, **kw)
+_VARIABLE = re.compile(r"\{([\w.]+)(?:=([^}]*))?\}")
+_PATTERN_VARIABLE = re.compile(r"\{(\w+)\}")
+_VERBS = ("get", "put", "post", "delete", "patch")
 
 
-CUSTOMER = "customer"
-ROUTES: list[Route] = [
-    _c(
-        "POST",
-        "/v1/customers",
-        "CreateCustomer",
-        "Create a customer (Idempotency-Key makes retries safe)",
-        body=CUSTOMER,
-        status=201,
-    ),
-    _c("GET", "/v1/customers", "ListCustomers", "List customers: filter (AIP-160), order_by, keyset pages"),
-    _c("GET", "/v1/customers:search", "SearchCustomers", "Full-text and fuzzy search, Persian-aware"),
-    _c(
-        "GET",
-        "/v1/customers:export",
-        "ExportCustomers",
-        "Download a filtered list or search as CSV, XLSX, PDF or DOCX",
-        stream=True,
-    ),
-    _c("GET", "/v1/customers/{customer_id}", "GetCustomer", "Get a customer"),
-    _c(
-        "PATCH",
-        "/v1/customers/{customer_id}",
-        "UpdateCustomer",
-        "Update the fields in the body (or update_mask); send the etag you read",
-        body=CUSTOMER,
-    ),
-    _c("DELETE", "/v1/customers/{customer_id}", "DeleteCustomer", "Soft-delete a customer"),
-    _c("POST", "/v1/customers/{customer_id}:undelete", "UndeleteCustomer", "Restore a deleted customer", body="*"),
-    _c(
-        "POST",
-        "/v1/customers/{customer_id}:erase",
-        "EraseCustomer",
-        "Erase personal data (right to be forgotten)",
-        body="*",
-    ),
-    _c("POST", "/v1/customers/{customer_id}/notes", "CreateNote", "Add a note", body="note", status=201),
-    _c("GET", "/v1/customers/{customer_id}/notes", "ListNotes", "List a customer's notes, newest first"),
-    Route(
-        "PATCH",
-        "/v1/customers/{customer_id}/notes/{note_id}",
-        CUSTOMER,
-        "UpdateNote",
-        "Edit your own note",
-        bind={"note.name": "customers/{customer_id}/notes/{note_id}"},
-        body="note",
-    ),
-    Route("POST", "/v1/groups", CUSTOMER, "CreateGroup", "Create a group", body="group", status=201),
-    Route("GET", "/v1/groups", CUSTOMER, "ListGroups", "List groups"),
-    Route(
-        "PATCH",
-        "/v1/groups/{group_id}",
-        CUSTOMER,
-        "UpdateGroup",
-        "Rename a group",
-        bind={"group.name": "groups/{group_id}"},
-        body="group",
-    ),
-    Route(
-        "DELETE", "/v1/groups/{group_id}", CUSTOMER, "DeleteGroup", "Delete a group", bind={"name": "groups/{group_id}"}
-    ),
-    Route(
-        "POST",
-        "/v1/groups/{group_id}:addMembers",
-        CUSTOMER,
-        "AddGroupMembers",
-        "Add customers to a group",
-        bind={"group": "groups/{group_id}"},
-        body="*",
-    ),
-    Route(
-        "POST",
-        "/v1/groups/{group_id}:removeMembers",
-        CUSTOMER,
-        "RemoveGroupMembers",
-        "Remove customers",
-        bind={"group": "groups/{group_id}"},
-        body="*",
-    ),
-    Route(
-        "GET",
-        "/v1/groups/{group_id}/members",
-        CUSTOMER,
-        "ListGroupMembers",
-        "List a group's customers",
-        bind={"group": "groups/{group_id}"},
-    ),
-    Route("POST", "/v1/ranks", CUSTOMER, "CreateRank", "Create a rank", body="rank", status=201),
-    Route("GET", "/v1/ranks", CUSTOMER, "ListRanks", "List ranks in order"),
-    Route(
-        "PATCH",
-        "/v1/ranks/{rank_id}",
-        CUSTOMER,
-        "UpdateRank",
-        "Rename or move a rank",
-        bind={"rank.name": "ranks/{rank_id}"},
-        body="rank",
-    ),
-    Route("DELETE", "/v1/ranks/{rank_id}", CUSTOMER, "DeleteRank", "Delete a rank", bind={"name": "ranks/{rank_id}"}),
-    Route("POST", "/v1/ranks:assign", CUSTOMER, "AssignRank", "Give customers a rank", body="*"),
-    Route(
-        "POST",
-        "/v1/acquisitionSources",
-        CUSTOMER,
-        "CreateAcquisitionSource",
-        "Add an acquisition source",
-        body="acquisition_source",
-        status=201,
-    ),
-    Route("GET", "/v1/acquisitionSources", CUSTOMER, "ListAcquisitionSources", "List acquisition sources"),
-    Route(
-        "PATCH",
-        "/v1/acquisitionSources/{key}",
-        CUSTOMER,
-        "UpdateAcquisitionSource",
-        "Rename or retire a source",
-        bind={"acquisition_source.name": "acquisitionSources/{key}"},
-        body="acquisition_source",
-    ),
-    Route(
-        "POST",
-        "/v1/customFieldDefinitions",
-        CUSTOMER,
-        "CreateCustomFieldDefinition",
-        "Define a custom field",
-        body="custom_field_definition",
-        status=201,
-    ),
-    Route("GET", "/v1/customFieldDefinitions", CUSTOMER, "ListCustomFieldDefinitions", "List custom fields"),
-    Route("GET", "/v1/auditEntries", CUSTOMER, "ListAuditEntries", "Read the audit trail (admins)"),
-    Route("GET", "/v1/customers:findDuplicates", CUSTOMER, "FindDuplicates", "Sets of probable duplicates"),
-    Route(
-        "POST",
-        "/v1/customers:merge",
-        CUSTOMER,
-        "MergeCustomers",
-        "Merge customers into a survivor (validateOnly previews)",
-        body="*",
-    ),
-    Route(
-        "POST",
-        "/v1/merges/{merge_id}:undo",
-        CUSTOMER,
-        "UnmergeCustomers",
-        "Undo a merge (within 30 days)",
-        bind={"merge": "merges/{merge_id}"},
-        body="*",
-    ),
-    Route(
-        "POST",
-        "/v1/importJobs",
-        CUSTOMER,
-        "ImportCustomers",
-        "Start importing a CSV or XLSX file (a multipart `file` part, or content base64 in JSON); poll the job",
-        body="*",
-        status=201,
-        upload="content",
-    ),
-    Route("GET", "/v1/importJobs", CUSTOMER, "ListImportJobs", "Imports, newest first"),
-    Route(
-        "POST",
-        "/v1/importJobs/{job_id}:cancel",
-        CUSTOMER,
-        "CancelImportJob",
-        "Stop a running import; what it committed stays",
-        bind={"name": "importJobs/{job_id}"},
-        body="*",
-    ),
-    Route(
-        "GET",
-        "/v1/importJobs/{job_id}",
-        CUSTOMER,
-        "GetImportJob",
-        "Progress and outcome of an import",
-        bind={"name": "importJobs/{job_id}"},
-    ),
-    Route(
-        "GET",
-        "/v1/importJobs/{job_id}/errorReport",
-        CUSTOMER,
-        "DownloadImportErrorReport",
-        "The rows an import rejected, with reasons (CSV or XLSX)",
-        bind={"name": "importJobs/{job_id}"},
-        stream=True,
-    ),
-    Route(
-        "GET",
-        "/v1/reports/customers-by-source",
-        "reporting",
-        "CountCustomersBySource",
-        "Customers per acquisition source (start_time inclusive, end_time exclusive)",
-    ),
-]
+class RouteError(ValueError):
+    """An http annotation this gateway cannot serve (it says which RPC and why)."""
+
+
+def _resource_patterns(service: descriptor.ServiceDescriptor) -> dict[str, list[str]]:
+    """ "customers/*/notes/*" -> ["customer_id", "note_id"], from the resource patterns the
+    service's file (and the files it imports) declare, per message or per file."""
+    found: dict[str, list[str]] = {}
+    seen: set[str] = set()
+
+    def visit(file: descriptor.FileDescriptor) -> None:
+        if file.name in seen:
+            return
+        seen.add(file.name)
+        patterns = [p for r in file.GetOptions().Extensions[resource_pb2.resource_definition] for p in r.pattern]
+        for message in file.message_types_by_name.values():
+            patterns.extend(message.GetOptions().Extensions[resource_pb2.resource].pattern)
+        for pattern in patterns:
+            found.setdefault(_PATTERN_VARIABLE.sub("*", pattern), _PATTERN_VARIABLE.findall(pattern))
+        for dep in file.dependencies:
+            visit(dep)
+
+    visit(service.file)
+    return found
+
+
+def _wildcard_names(segments: str, fieldpath: str, patterns: dict[str, list[str]]) -> list[str]:
+    """Names of the `*` in `segments`: the variables of the resource pattern it is (or that it
+    is the parent of: shelves/* of shelves/{shelf_id}/books/{book_id}), else each named after
+    the collection before it (tags/* -> tag_id), else the field's own name."""
+    if segments in patterns:
+        return patterns[segments]
+    wildcards = segments.split("/").count("*")
+    for glob, names in patterns.items():
+        if glob.startswith(segments + "/"):
+            return names[:wildcards]
+    names, previous = [], None
+    for part in segments.split("/"):
+        if part == "*":
+            base = re.sub(r"(?<!^)(?=[A-Z])", "_", previous).lower().removesuffix("s") if previous else None
+            names.append(f"{base}_id" if base else fieldpath.replace(".", "_"))
+        previous = part
+    return names
+
+
+def _http_rules(method: descriptor.MethodDescriptor):
+    options = method.GetOptions()
+    if not options.HasExtension(annotations_pb2.http):
+        return []
+    rule = options.Extensions[annotations_pb2.http]
+    return [rule, *rule.additional_bindings]
+
+
+def _route(key: str, service, method, rule, patterns, docs) -> Route:
+    where = f"{method.full_name}: google.api.http"
+    kind = rule.WhichOneof("pattern")
+    if kind not in _VERBS:
+        raise RouteError(f"{where}: {kind or 'no verb'} is not served (get, put, post, delete, patch)")
+    template = getattr(rule, kind)
+    if rule.response_body:
+        raise RouteError(f"{where}: response_body is not supported")
+    if method.client_streaming:
+        raise RouteError(f"{where}: a client-streaming RPC has no HTTP route here")
+    bind: dict[str, str] = {}
+
+    def variable(match: re.Match) -> str:
+        fieldpath, segments = match.group(1), match.group(2) or "*"
+        if "**" in segments:
+            raise RouteError(f"{where}: '**' in {{{fieldpath}={segments}}} is not supported")
+        names = iter(_wildcard_names(segments, fieldpath, patterns))
+        bound = "/".join(f"{{{next(names)}}}" if part == "*" else part for part in segments.split("/"))
+        bind[fieldpath] = bound
+        return bound
+
+    path = _VARIABLE.sub(variable, template)
+    if not path.startswith("/"):
+        raise RouteError(f"{where}: the path {template!r} must start with '/'")
+    verb = kind.upper()
+    last = path.rsplit("/", 1)[-1]
+    status = 201 if verb == "POST" and ":" not in last and not last.startswith("{") else 200
+    summary, description = docs.get(method.full_name, ("", ""))
+    return Route(
+        method=verb,
+        path=path,
+        service=key,
+        rpc=method.name,
+        summary=summary or re.sub(r"(?<!^)(?=[A-Z])", " ", method.name),
+        bind=bind,
+        body=rule.body or None,
+        status=status,
+        stream=method.server_streaming,
+        upload=UPLOADS.get(method.full_name),
+        media_types=(DOWNLOADS.get(method.full_name, OCTET_STREAM) if method.server_streaming else ()),
+        description=description,
+    )
+
+
+@lru_cache(maxsize=1)
+def _comments() -> dict[str, tuple[str, str]]:
+    """Method full name -> (first sentence, whole comment), from the descriptor set with
+    comments that tools/gen_protos.py writes beside the stubs (the stubs carry none)."""
+    try:
+        raw = resources.files("crm").joinpath("descriptors.binpb").read_bytes()
+    except (FileNotFoundError, OSError):
+        return {}
+    out = {}
+    for file in descriptor_pb2.FileDescriptorSet.FromString(raw).file:
+        for loc in file.source_code_info.location:
+            # [6, service, 2, method]: a method of a service
+            if len(loc.path) == 4 and loc.path[0] == 6 and loc.path[2] == 2 and loc.leading_comments:
+                service = file.service[loc.path[1]]
+                name = f"{file.package}.{service.name}.{service.method[loc.path[3]].name}"
+                text = " ".join(loc.leading_comments.split())
+                first = re.split(r"(?<=\.)\s", text, maxsplit=1)[0].rstrip(".")
+                out[name] = (first, text)
+    return out
+
+
+def build_routes(services: dict[str, descriptor.ServiceDescriptor]) -> list[Route]:
+    """Every route the annotations of these services declare; RouteError on one it cannot serve
+    or on two RPCs claiming the same verb and path."""
+    docs = _comments()
+    routes: list[Route] = []
+    taken: dict[tuple[str, str], str] = {}
+    for key, service in services.items():
+        patterns = _resource_patterns(service)
+        for method in service.methods:
+            for rule in _http_rules(method):
+                route = _route(key, service, method, rule, patterns, docs)
+                clash = taken.setdefault((route.method, route.path), method.full_name)
+                if clash != method.full_name:
+                    raise RouteError(f"{route.method} {route.path}: declared by {clash} and {method.full_name}")
+                routes.append(route)
+    return routes
+
+
+ROUTES: list[Route] = build_routes(SERVICES)

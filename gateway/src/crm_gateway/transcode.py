@@ -37,6 +37,9 @@ _INTS = {
 # import limit (the app's MAX_UPLOAD_BYTES config, lowered in tests).
 UPLOAD_PART = "file"
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+# Any body (the app's MAX_CONTENT_LENGTH): an import's file base64-encoded in JSON, 64 MiB of file
+# is ~86 MiB.
+MAX_BODY_BYTES = 90 * 1024 * 1024
 FORM_OVERHEAD = 1024 * 1024  # the other form fields and the multipart framing around the file
 # The enum field an upload's format is inferred into when the form does not give it, and the
 # content types that name a format (else the file name's extension does).

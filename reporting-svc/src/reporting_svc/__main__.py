@@ -7,11 +7,11 @@ import pathlib
 from crm_chassis.service import ServiceContext, ServiceSpec, main
 
 from . import projections
-from .api import PERMISSIONS, registration
+from .api import registration
 
 
 def build(ctx: ServiceContext):
-    return [registration(ctx.engine)], PERMISSIONS
+    return [registration(ctx.engine)]
 
 
 SPEC = ServiceSpec(

@@ -12,9 +12,6 @@ from crm_chassis.grpc_server import Registration
 
 from . import projections
 
-_SVC = "/crm.reporting.v1.ReportingService/"
-PERMISSIONS = {_SVC + "CountCustomersBySource": "reports.read"}
-
 
 def _time(request, field: str) -> dt.datetime | None:
     if not request.HasField(field):

@@ -1,0 +1,163 @@
+"""Errors as a new user meets them, through the real server: gunicorn (gateway/gunicorn.conf.py,
+its problem+json worker) on a free loopback port in front of the in-process services. A request
+line gunicorn refuses (raw UTF-8 in the URL, too long) or headers too large get a problem
+document like every app error, and the OpenAPI document lists each status."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def exchange(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes; (status, headers, body) of the one response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(raw)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+def get(port: int, target: str, *headers: str) -> bytes:
+    extra = "".join(f"{h}\r\n" for h in headers)
+    return f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{extra}\r\n".encode()
+
+
+@pytest.fixture(scope="module")
+def gunicorn(suite):
+    port = _free_port()
+    env = {
+        **os.environ,
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_WORKERS": "1",
+        "GATEWAY_THREADS": "2",
+        "CUSTOMER_SVC_ADDR": f"127.0.0.1:{suite.customer.port}",
+        "REPORTING_SVC_ADDR": f"127.0.0.1:{suite.reporting.port}",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            str(ROOT / "gateway" / "gunicorn.conf.py"),
+            "crm_gateway:create_app()",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if exchange(port, get(port, "/healthz"))[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "gunicorn did not start"
+            time.sleep(0.2)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def problem(status: int, headers: dict, body: bytes, want: int) -> dict:
+    assert status == want, body
+    assert headers["content-type"] == "application/problem+json"
+    doc = json.loads(body.decode("utf-8"))
+    assert doc["status"] == want and doc["title"] and doc["detail"]
+    assert doc["request_id"] == headers["x-request-id"]
+    assert b"<html" not in body and b"Traceback" not in body
+    return doc
+
+
+def test_the_readme_search_with_raw_utf8_is_a_problem_not_an_html_page(gunicorn):
+    # What `curl 'http://127.0.0.1:8080/v1/customers:search?query=رضایی'` sends: raw UTF-8.
+    raw = "GET /v1/customers:search?query=رضایی HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    doc = problem(*exchange(gunicorn, raw), 400)
+    assert doc["reason"] == "INVALID_REQUEST_LINE" and "percent-encode" in doc["detail"]
+    doc = problem(*exchange(gunicorn, b"HELLO\r\n\r\n"), 400)
+
+
+def test_the_readme_search_percent_encoded_finds_the_customer(gunicorn, suite):
+    h = suite.headers()
+    suite.http.post(
+        "/v1/customers", json={"type": "CUSTOMER_TYPE_PERSON", "givenName": "علی", "familyName": "رضایی"}, headers=h
+    )
+    # curl -G --data-urlencode 'query=رضایی'
+    target = "/v1/customers:search?" + urllib.parse.urlencode({"query": "رضایی"})
+    status, headers, body = exchange(gunicorn, get(gunicorn, target, f"Authorization: {h['Authorization']}"))
+    assert status == 200, body
+    assert any(r["customer"]["familyName"] == "رضایی" for r in json.loads(body)["results"])
+
+
+def test_too_long_a_request_line_is_414(gunicorn):
+    doc = problem(*exchange(gunicorn, get(gunicorn, "/v1/customers?filter=" + "a" * 5000)), 414)
+    assert doc["title"] == "URI Too Long" and "4094 bytes" in doc["detail"]
+
+
+def test_headers_too_large_or_too_many_are_431(gunicorn):
+    big = problem(*exchange(gunicorn, get(gunicorn, "/healthz", "X-Big: " + "a" * 9000)), 431)
+    many = problem(*exchange(gunicorn, get(gunicorn, "/healthz", *(f"X-H{i}: v" for i in range(150)))), 431)
+    assert big["title"] == many["title"] == "Request Header Fields Too Large"
+    assert big["reason"] == many["reason"] == "HEADERS_TOO_LARGE"
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(gunicorn, suite):
+    raw = (
+        "POST /v1/customers HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: {suite.headers()['Authorization']}\r\nContent-Length: {100 * 1024 * 1024}\r\n\r\n{{"
+    ).encode()
+    problem(*exchange(gunicorn, raw), 413)
+
+
+def test_the_openapi_document_lists_the_server_errors(gunicorn):
+    status, _, body = exchange(gunicorn, get(gunicorn, "/openapi.json"))
+    assert status == 200
+    doc = json.loads(body)
+    listed = doc["components"]["responses"]
+    for code in ("400", "413", "414", "431"):
+        assert listed[f"Problem{code}"]["content"] == {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        }
+    assert "--data-urlencode" in listed["Problem400"]["description"]
