@@ -173,7 +173,7 @@ def test_timer_and_job_workers_run_in_a_grpc_services_workers_and_stop_with_it(e
     job_worker = JobWorker(engine, {KIND: chunked}, poll_seconds=0.1, lease_seconds=600)
     timer_worker = TimerWorker(engine, {"noop": lambda conn, timer: None})
     settings = service_settings("jobs-test", url, "amqp://unused")
-    server = GrpcService(settings, [], {}, [timer_worker, job_worker], port=0).start()
+    server = GrpcService(settings, [], [timer_worker, job_worker], port=0).start()
     try:
         wait_for(lambda: (get(engine, job.id).checkpoint or 0) >= 1, what="the job to run")
     finally:

@@ -1,4 +1,4 @@
-"""The entrypoint every service shares: `python -m <package> serve | migrate | relay | consume`.
+"""The entrypoint every service shares: `python -m <package> serve | migrate | relay | consume | work`.
 
 `serve` migrates (under an advisory lock, so replicas may race), then runs the gRPC server,
 the outbox relay and the event consumers in one process; the single-role commands let a
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from .auth import configure_roles
 from .config import Settings, load_settings
 from .db import create_engine, migrate, resolve_database_url
-from .grpc_server import GrpcService, Registration
+from .grpc_server import BackgroundWorker, GrpcService, Registration
 from .logging import configure_logging
 from .messaging.consumer import EventConsumer, Subscription
 from .messaging.outbox import OutboxRelay
@@ -48,6 +48,9 @@ class ServiceSpec:
     # comes from its descriptor (option (crm.options.v1.permission)), not from here.
     build: Callable[[ServiceContext], list[Registration]] = lambda ctx: []
     subscriptions: Callable[[ServiceContext], list[Subscription]] = field(default=lambda ctx: [])
+    # More background workers (a crm_chassis.timers.TimerWorker, a crm_chassis.jobs.JobWorker):
+    # started and stopped with the service (SIGTERM releases running jobs to another replica).
+    workers: Callable[[ServiceContext], list[BackgroundWorker]] = field(default=lambda ctx: [])
 
 
 class Service:
@@ -61,6 +64,7 @@ class Service:
         run_migrations: bool = True,
         relay: bool = True,
         consumers: bool = True,
+        background: bool = True,
         grpc: bool = True,
         port: int | None = None,
     ):
@@ -97,13 +101,15 @@ class Service:
             workers.append(self.consumer)
         self.workers = workers
         self.grpc: GrpcService | None = None
+        registrations = spec.build(self.ctx) if grpc else []
+        if isinstance(registrations, tuple):
+            raise TypeError(
+                f"{spec.name}: ServiceSpec.build returns the registrations only; each RPC's "
+                "permission is declared in its proto (crm.options.v1.permission)"
+            )
+        if background:
+            workers += spec.workers(self.ctx)
         if grpc:
-            registrations = spec.build(self.ctx)
-            if isinstance(registrations, tuple):
-                raise TypeError(
-                    f"{spec.name}: ServiceSpec.build returns the registrations only; each RPC's "
-                    "permission is declared in its proto (crm.options.v1.permission)"
-                )
             self.grpc = GrpcService(self.settings, registrations, workers, port=port)
 
     @property
@@ -147,9 +153,10 @@ def main(spec: ServiceSpec, argv: list[str] | None = None) -> int:
         "command",
         nargs="?",
         default="serve",
-        choices=["serve", "migrate", "relay", "consume"],
-        help="serve: gRPC + relay + consumers (default); migrate: upgrade the database and exit; "
-        "relay: only the outbox relay; consume: only the event consumers",
+        choices=["serve", "migrate", "relay", "consume", "work"],
+        help="serve: gRPC + relay + consumers + timers and jobs (default); migrate: upgrade the database "
+        "and exit; relay: only the outbox relay; consume: only the event consumers; work: only the "
+        "service's timer and job workers",
     )
     args = parser.parse_args(argv)
     settings = load_settings(spec.name, spec.default_port)
@@ -165,6 +172,7 @@ def main(spec: ServiceSpec, argv: list[str] | None = None) -> int:
         grpc=args.command == "serve",
         relay=args.command in ("serve", "relay"),
         consumers=args.command in ("serve", "consume"),
+        background=args.command in ("serve", "work"),
     )
     service.run_until_signal()
     return 0
