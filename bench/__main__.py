@@ -49,8 +49,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_customer_svc(db_url: str, amqp_url: str, log_path=None, timeout: float = 120) -> tuple[subprocess.Popen, int]:
-    """customer-svc as its own process (`python -m customer_svc serve`), SERVING before it returns;
+def start_customer_svc(
+    db_url: str, amqp_url: str, log_path=None, timeout: float = 120, module: str = "customer_svc"
+) -> tuple[subprocess.Popen, int]:
+    """customer-svc as its own process (`python -m customer_svc serve`; with module
+    "bench.baseline_server", the same with the baselines beside it), SERVING before it returns;
     its log goes to `log_path` when given."""
     port = free_port()
     env = dict(
@@ -64,7 +67,7 @@ def start_customer_svc(db_url: str, amqp_url: str, log_path=None, timeout: float
     )
     out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - the child writes to it until it stops
     proc = subprocess.Popen(
-        [sys.executable, "-m", "customer_svc", "serve"],
+        [sys.executable, "-m", module, "serve"],
         env=env,
         cwd=ROOT,
         stdout=out,
@@ -86,16 +89,20 @@ def start_customer_svc(db_url: str, amqp_url: str, log_path=None, timeout: float
 
 
 def grpc_section(db_url: str, amqp_url: str) -> list[dict]:
-    proc, port = start_customer_svc(db_url, amqp_url)
+    from bench.baseline_server import stubs
+
+    _, baseline_grpc = stubs()
+    proc, port = start_customer_svc(db_url, amqp_url, module="bench.baseline_server")
     rows = []
     try:
         ch = grpc.insecure_channel(f"127.0.0.1:{port}")
         health = health_pb2_grpc.HealthStub(ch)
         stub = customer_service_pb2_grpc.CustomerServiceStub(ch)
+        baseline = baseline_grpc.BaselineServiceStub(ch)
         meta = md("admin", "bench")
         n = [0]
 
-        def create():
+        def person():
             n[0] += 1
             c = customer_pb2.Customer(
                 type=1,
@@ -105,22 +112,37 @@ def grpc_section(db_url: str, amqp_url: str) -> list[dict]:
                 phone="+98 21 1234 5678",
                 acquisition_source="website",
             )
-            return stub.CreateCustomer.future(customer_service_pb2.CreateCustomerRequest(customer=c), metadata=meta)
+            return customer_service_pb2.CreateCustomerRequest(customer=c)
+
+        def create():
+            return stub.CreateCustomer.future(person(), metadata=meta)
+
+        def minimal_write():
+            return baseline.MinimalWrite.future(person(), metadata=meta)
 
         seed = stub.CreateCustomer(
             customer_service_pb2.CreateCustomerRequest(customer=customer_pb2.Customer(type=1, given_name="Seed")),
             metadata=meta,
         )
         get_req = customer_service_pb2.GetCustomerRequest(name=seed.name)
+        bare = baseline.MinimalWrite(person(), metadata=meta)
+        bare_req = customer_service_pb2.GetCustomerRequest(name=bare.name)
         empty = health_pb2.HealthCheckRequest()
         for conc in (1, 32):
             ceiling = load.run("empty RPC (health Check)", lambda: health.Check.future(empty), conc, SECONDS)
-            results = [
-                ceiling,
-                load.run("CreateCustomer", create, conc, SECONDS),
-                load.run("GetCustomer", lambda: stub.GetCustomer.future(get_req, metadata=meta), conc, SECONDS),
-            ]
-            rows += [r.row(ceiling) for r in results]
+            write = load.run("minimal write (INSERT + outbox INSERT)", minimal_write, conc, SECONDS)
+            create_ = load.run("CreateCustomer", create, conc, SECONDS)
+            read = load.run(
+                "minimal read (primary key)",
+                lambda: baseline.MinimalRead.future(bare_req, metadata=meta),
+                conc,
+                SECONDS,
+            )
+            get = load.run("GetCustomer", lambda: stub.GetCustomer.future(get_req, metadata=meta), conc, SECONDS)
+            for r, base in ((ceiling, None), (write, None), (create_, write), (read, None), (get, read)):
+                row = r.row(ceiling)
+                row["ratio_to_minimal"] = round(r.rps / base.rps, 3) if base and base.rps else ""
+                rows.append(row)
         ch.close()
     finally:
         proc.terminate()
@@ -308,7 +330,22 @@ def main() -> int:
     try:
         print("\n== gRPC: customer-svc (own process) vs the empty-RPC ceiling on the same server ==", flush=True)
         grpc_rows = grpc_section(dbs.fresh("bench_grpc"), broker.url)
-        print(table(grpc_rows, ["what", "callers", "calls", "errors", "rps", "p50_ms", "p99_ms", "ratio_to_ceiling"]))
+        print(
+            table(
+                grpc_rows,
+                [
+                    "what",
+                    "callers",
+                    "calls",
+                    "errors",
+                    "rps",
+                    "p50_ms",
+                    "p99_ms",
+                    "ratio_to_ceiling",
+                    "ratio_to_minimal",
+                ],
+            )
+        )
         print("\n== one request at a time: HTTP through the gateway vs gRPC straight to customer-svc ==", flush=True)
         gateway_rows = gateway_section(dbs.fresh("bench_gateway"), broker.url)
         print(
