@@ -157,19 +157,25 @@ def select_customers() -> sa.Select:
 INSERT = customers.insert()
 
 
+# Built once: a statement built per call costs more than its primary-key read (SQLAlchemy
+# walks its 47 columns for the cache key every time).
+_GET = select_customers().where(customers.c.id == sa.bindparam("id"))
+_GET_FOR_UPDATE = _GET.with_for_update(of=customers)
+
+
 def get_customer(conn: sa.Connection, customer_id: str, for_update: bool = False) -> sa.Row | None:
-    q = select_customers().where(customers.c.id == customer_id)
-    if for_update:
-        q = q.with_for_update(of=customers)
-    return conn.execute(q).one_or_none()
+    return conn.execute(_GET_FOR_UPDATE if for_update else _GET, {"id": customer_id}).one_or_none()
 
 
 def get_customers(conn: sa.Connection, ids: list[str]) -> list[sa.Row]:
     return list(conn.execute(select_customers().where(customers.c.id.in_(ids))).all())
 
 
+_BY_REQUEST_ID = select_customers().where(customers.c.request_id == sa.bindparam("request_id"))
+
+
 def get_by_request_id(conn: sa.Connection, request_id: str) -> sa.Row | None:
-    return conn.execute(select_customers().where(customers.c.request_id == request_id)).one_or_none()
+    return conn.execute(_BY_REQUEST_ID, {"request_id": request_id}).one_or_none()
 
 
 def existing_ids(conn: sa.Connection, table: sa.Table, ids: list[str]) -> set[str]:
