@@ -46,7 +46,6 @@ import logging
 import multiprocessing
 import os
 import re
-import tempfile
 import threading
 import uuid
 from collections import deque
@@ -59,6 +58,7 @@ from sqlalchemy.dialects import postgresql as pg
 
 from crm.customer.v1 import customer_events_pb2, customer_pb2, resources_pb2
 from crm.customer.v1 import customer_service_pb2 as pb
+from crm_chassis import documents
 from crm_chassis.auth import Principal
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unavailable
 from crm_chassis.filtering import keyset_page, newest_first
@@ -68,7 +68,7 @@ from crm_chassis.messaging.outbox import OUTBOX_COLUMNS, outbox_row
 from crm_chassis.pagination import page_size
 from crm_chassis.telemetry import inject_headers
 
-from . import adapters, domain, exports, text
+from . import adapters, domain, text
 from .adapters import customers
 from .export_service import HEADERS
 from .integration import customer_to_proto, ts, values_from_proto
@@ -796,10 +796,10 @@ class Importer:
             if headers is None:
                 raise self._not_found(jid)
             columns = [
-                exports.Column("row", "Row", 0.6),
-                exports.Column("field", "Field", 1.5),
-                exports.Column("problem", "Problem", 3.0),
-                *(exports.Column(f"c{i}", h or f"Column {i + 1}") for i, h in enumerate(headers)),
+                documents.Column("row", "Row", 0.6),
+                documents.Column("field", "Field", 1.5),
+                documents.Column("problem", "Problem", 3.0),
+                *(documents.Column(f"c{i}", h or f"Column {i + 1}") for i, h in enumerate(headers)),
             ]
 
             def rows():
@@ -820,15 +820,15 @@ class Importer:
                     out.update({f"c{i}": c for i, c in enumerate(r.cells)})
                     yield out
 
-            with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as out:
-                exports.render_to(kind, columns, rows(), out, title="Import errors")
-                out.seek(0)
-                yield pb.DownloadImportErrorReportResponse(
-                    content_type=exports.content_type(kind),
-                    filename=f"import-errors-{jid[:8]}.{exports.file_extension(kind)}",
-                )
-                while chunk := out.read(REPORT_CHUNK):
-                    yield pb.DownloadImportErrorReportResponse(data=chunk)
+            yield from documents.stream_table(
+                pb.DownloadImportErrorReportResponse,
+                kind,
+                columns,
+                rows(),
+                filename=f"import-errors-{jid[:8]}",
+                title="Import errors",
+                chunk_size=REPORT_CHUNK,
+            )
 
     def fail_interrupted(self) -> int:
         """Jobs left RUNNING by a process that died (nobody holds their lock) become FAILED."""
