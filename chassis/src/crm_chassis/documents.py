@@ -70,7 +70,8 @@ Per format
   python-bidi does not). Long text is wrapped inside its cell *before* the reordering so that
   wrapped right-to-left text reads top to bottom correctly. A right-to-left table puts the first
   column on the right. Diacritics (harakat) are dropped in the PDF (reportlab cannot position
-  them); characters the font lacks become their compatibility form or "?". Each page holds
+  them), and so are zero-width (non-)joiners once shaping has used them (the font would draw
+  them as a bar); characters the font lacks become their compatibility form or "?". Each page holds
   its own table (paginated here in linear time; one long reportlab table is quadratic).
 * DOCX (python-docx): title heading, a table (grid style) with a bold header row that repeats
   on every page, column widths from the hints, landscape beyond ``PORTRAIT_MAX_COLUMNS``
