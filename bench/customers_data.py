@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 from psycopg.types.json import Jsonb
 
+from crm_chassis import persian
 from customer_svc import domain
 
 PERSON, ORGANIZATION = domain.PERSON, domain.ORGANIZATION
@@ -380,7 +381,7 @@ class Generator:
         v["acquisition_source"] = r.choices(SOURCES, _SOURCE_W)[0]
         t = r.random()
         v["tags"] = [] if t < 0.6 else r.sample(TAGS, 1 if t < 0.9 else 2)
-        v["tags"] = [domain.text.normalize(x) for x in v["tags"]]
+        v["tags"] = [persian.normalize(x) for x in v["tags"]]
         v["lifecycle_stage"] = r.choices((1, 2, 3, 4), (40, 25, 30, 5))[0]
         v["owner"] = r.choice(OWNERS)
         v["display_name"] = domain.display_name(v)

@@ -8,9 +8,10 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from crm_chassis import persian
 from crm_chassis.errors import FieldViolation, InvalidArgument
 
-from . import text, validation
+from . import validation
 
 PERSON, ORGANIZATION = 1, 2
 MAX_TEXT = 200
@@ -122,7 +123,7 @@ def search_key(v: dict, code: str = "") -> str:
             c.get("phone", ""),
             c.get("mobile", ""),
         ]
-    return text.normalize(" ".join(b for b in bits if b))
+    return persian.normalize(" ".join(b for b in bits if b))
 
 
 def validate(v: dict, ctx: Context, prefix: str = "customer") -> dict:
@@ -160,21 +161,21 @@ def validate(v: dict, ctx: Context, prefix: str = "customer") -> dict:
     for f in PHONE_FIELDS:
         raw = (out.get(f) or "").strip()
         if raw:
-            e164 = validation.phone_e164(raw, country if re.fullmatch(r"[A-Z]{2}", country) else ctx.default_region)
+            e164 = persian.phone_e164(raw, country if re.fullmatch(r"[A-Z]{2}", country) else ctx.default_region)
             if e164 is None:
                 err(f, "is not a valid phone number")
             out[f] = e164 or raw
         else:
             out[f] = ""
-    out["national_id"] = text.digits_only(out.get("national_id")) if out.get("national_id") else ""
-    if out["national_id"] and country == "IR" and not validation.iran_national_id_ok(out["national_id"]):
+    out["national_id"] = persian.digits_only(out.get("national_id")) if out.get("national_id") else ""
+    if out["national_id"] and country == "IR" and not persian.iran_national_id_ok(out["national_id"]):
         err("national_id", "is not a valid Iranian national id (10 digits with a valid check digit)")
     out["postal_code"] = (out.get("postal_code") or "").strip()
     if out["postal_code"] and country == "IR":
-        if not validation.iran_postal_code_ok(out["postal_code"]):
+        if not persian.iran_postal_code_ok(out["postal_code"]):
             err("postal_code", "an Iranian postal code has 10 digits")
         else:
-            out["postal_code"] = text.digits_only(out["postal_code"])
+            out["postal_code"] = persian.digits_only(out["postal_code"])
     today = dt.date.today()
     for f in ("birth_date", "marriage_date", "founding_date", "acquisition_date"):
         d = out.get(f)
@@ -193,7 +194,7 @@ def validate(v: dict, ctx: Context, prefix: str = "customer") -> dict:
 
     tags = []
     for t in out.get("tags") or []:
-        t = text.normalize(t)
+        t = persian.normalize(t)
         if not _TAG.match(t):
             err("tags", f"tag {t!r} must be 1-50 characters without commas")
         elif t not in tags:
@@ -222,7 +223,7 @@ def validate(v: dict, ctx: Context, prefix: str = "customer") -> dict:
             err(f"contact_persons[{i}].email", "is not a valid e-mail address")
         for f in ("phone", "mobile"):
             if c[f]:
-                e164 = validation.phone_e164(c[f], ctx.default_region)
+                e164 = persian.phone_e164(c[f], ctx.default_region)
                 if e164 is None:
                     err(f"contact_persons[{i}].{f}", "is not a valid phone number")
                 c[f] = e164 or c[f]

@@ -1,21 +1,21 @@
-"""ExportCustomers: a filtered list or a search result as CSV, XLSX, PDF or DOCX, rendered to
-a temporary file and streamed to the caller in chunks (exports.py does the rendering)."""
+"""ExportCustomers: a filtered list or a search result as CSV, XLSX, PDF or DOCX. This module
+chooses the columns (their English and Persian headers) and the cell values of a customer;
+crm_chassis.documents renders the file and streams it to the caller in chunks."""
 
 from __future__ import annotations
 
 import datetime as dt
-import tempfile
 from collections.abc import Iterator
 
 from crm.customer.v1 import customer_pb2
 from crm.customer.v1 import customer_service_pb2 as pb
+from crm_chassis import documents
 from crm_chassis.auth import Principal
 from crm_chassis.errors import FieldViolation, InvalidArgument
 
-from . import exports
 from .service_layer import CustomerUseCases
 
-CHUNK = 256 * 1024
+CHUNK = documents.DOWNLOAD_CHUNK
 BATCH = 1000
 # A PDF or DOCX of a million rows helps nobody and takes minutes: past these, narrow the filter.
 MAX_ROWS = {"csv": 1_000_000, "xlsx": 1_000_000, "pdf": 20_000, "docx": 20_000}
@@ -109,7 +109,7 @@ def export(
     if unknown:
         raise InvalidArgument([FieldViolation("fields", f"cannot export {f!r}") for f in unknown])
     lang = 1 if req.language_code.lower().startswith("fa") else 0
-    columns = [exports.Column(f, HEADERS[f][lang], WIDTHS.get(f, 1.0)) for f in fields]
+    columns = [documents.Column(f, HEADERS[f][lang], WIDTHS.get(f, 1.0)) for f in fields]
     limit = MAX_ROWS[fmt]
 
     def rows() -> Iterator[dict]:
@@ -131,21 +131,13 @@ def export(
             if not token:
                 return
 
-    counted = {"n": 0}
-
-    def counting():
-        for r in rows():
-            counted["n"] += 1
-            yield r
-
-    with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as out:
-        exports.render_to(fmt, columns, counting(), out, title=req.title or "Customers")
-        out.seek(0)
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-        yield pb.ExportCustomersResponse(
-            content_type=exports.content_type(fmt),
-            filename=f"customers-{stamp}.{exports.file_extension(fmt)}",
-            row_count=counted["n"],
-        )
-        while chunk := out.read(CHUNK):
-            yield pb.ExportCustomersResponse(data=chunk)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    yield from documents.stream_table(
+        pb.ExportCustomersResponse,
+        fmt,
+        columns,
+        rows(),
+        filename=f"customers-{stamp}",
+        title=req.title or "Customers",
+        chunk_size=CHUNK,
+    )

@@ -36,16 +36,13 @@ beside a live one leaves that one's jobs alone.
 from __future__ import annotations
 
 import contextvars
-import csv
 import dataclasses
 import datetime as dt
 import functools
-import io
 import logging
 import multiprocessing
 import os
 import re
-import tempfile
 import threading
 import uuid
 from collections import deque
@@ -58,14 +55,16 @@ from sqlalchemy.dialects import postgresql as pg
 
 from crm.customer.v1 import customer_events_pb2, customer_pb2, resources_pb2
 from crm.customer.v1 import customer_service_pb2 as pb
+from crm_chassis import documents, persian, tabular
 from crm_chassis.auth import Principal
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unavailable
 from crm_chassis.filtering import keyset_page, newest_first
 from crm_chassis.logging import request_id_var
 from crm_chassis.pagination import page_size
+from crm_chassis.persian import jalali_to_gregorian  # noqa: F401 (tests import it from here)
 from crm_chassis.uow import Transaction, UnitOfWork, json_text, new_ids
 
-from . import adapters, domain, exports, text
+from . import adapters, domain, text
 from .adapters import customers
 from .export_service import HEADERS
 from .integration import customer_to_proto, values_from_proto
@@ -136,9 +135,7 @@ import_job_errors = sa.Table(
 # --------------------------------------------------------------------------- headers
 
 
-def _key(header) -> str:
-    """A header as compared: Persian-normalised, lower case, no spaces or punctuation."""
-    return re.sub(r"[\s_\-.:/()'\"]+", "", text.normalize(str(header or "")))
+_key = tabular.header_key  # a header as compared: Persian-normalised, no spaces or punctuation
 
 
 _ALIASES = {
@@ -229,103 +226,28 @@ class _CellError(ValueError):
     pass
 
 
-def _cell_text(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, str):
-        return v.strip()
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return str(int(v)) if v.is_integer() else repr(v)
-    if isinstance(v, dt.datetime):
-        return v.date().isoformat() if v.time() == dt.time() else v.isoformat(sep=" ")
-    if isinstance(v, dt.date | dt.time):
-        return v.isoformat()
-    return str(v).strip()
+_cell_text = tabular.cell_text
 
 
-_JALALI_BREAKS = (-61, 9, 38, 199, 426, 686, 756, 818, 1111, 1181, 1210, 1635, 2060, 2097, 2192, 2262, 2324, 2394)
-_JALALI_BREAKS += (2456, 3178)
-
-
-def _div(a: int, b: int) -> int:  # integer division truncating toward zero
-    return int(a / b)
-
-
-def _jalali_year(jy: int) -> tuple[bool, int, int]:
-    """(leap?, Gregorian year of Farvardin 1, day of March it falls on): the jalaali algorithm
-    of Borkowski / jalaali-js (the 2820-year breaks table); valid for years -61..3177."""
-    gy = jy + 621
-    leap_j, jp, jump = -14, _JALALI_BREAKS[0], 0
-    for jm in _JALALI_BREAKS[1:]:
-        jump = jm - jp
-        if jy < jm:
-            break
-        leap_j += _div(jump, 33) * 8 + _div(jump % 33, 4)
-        jp = jm
-    n = jy - jp
-    leap_j += _div(n, 33) * 8 + _div(n % 33 + 3, 4)
-    if jump % 33 == 4 and jump - n == 4:
-        leap_j += 1
-    leap_g = _div(gy, 4) - _div((_div(gy, 100) + 1) * 3, 4) - 150
-    march = 20 + leap_j - leap_g
-    if jump - n < 6:
-        n = n - jump + _div(jump + 4, 33) * 33
-    r = (n + 1) % 33 - 1
-    leap = r - _div(r, 4) * 4
-    return leap == 0, gy, march
-
-
-def jalali_to_gregorian(jy: int, jm: int, jd: int) -> dt.date | None:
-    """The Gregorian date of a Jalali (Persian calendar) date, or None if there is no such day."""
-    if not (1 <= jy < 3178 and 1 <= jm <= 12 and 1 <= jd <= 31):
-        return None
-    leap, gy, march = _jalali_year(jy)
-    if jd > (31 if jm <= 6 else 30 if jm <= 11 else 30 if leap else 29):
-        return None
-    return dt.date(gy, 3, march) + dt.timedelta(days=(jm - 1) * 31 - _div(jm, 7) * (jm - 7) + jd - 1)
-
-
-_YMD = re.compile(r"^(\d{4})[-/.](\d{1,2})[-/.](\d{1,2})(?:[ t].*)?$")
-_YEAR_LAST = re.compile(r"^(\d{1,2})[-/.](\d{1,2})[-/.](\d{4})(?:[ t].*)?$")
-DATE_HELP = "write YYYY-MM-DD, or a Jalali (Persian calendar) date such as 1369/05/12"
+DATE_HELP = persian.DATE_HELP
 DAY_FIRST, MONTH_FIRST = pb.DATE_ORDER_DAY_FIRST, pb.DATE_ORDER_MONTH_FIRST
+_DATE_ORDERS = {DAY_FIRST: "day", MONTH_FIRST: "month"}
 
 
 def parse_date(v, order: int = pb.DATE_ORDER_UNSPECIFIED) -> dt.date:
-    """A cell as a date: an Excel date, YYYY-MM-DD, YYYY/MM/DD or, for years before 1700, the
-    Jalali calendar (1369/05/12 is 1990-08-03); Persian digits are fine. With the year last
-    (03/08/1990, 12/05/1369) only when `order` says which of the two is the day."""
-    if isinstance(v, dt.datetime):
-        return v.date()
-    if isinstance(v, dt.date):
-        return v
-    s = text.normalize(_cell_text(v))
-    m = _YMD.match(s)
-    if m:
-        y, mo, d = (int(x) for x in m.groups())
-    elif (m := _YEAR_LAST.match(s)) and order in (DAY_FIRST, MONTH_FIRST):
-        a, b, y = (int(x) for x in m.groups())
-        d, mo = (a, b) if order == DAY_FIRST else (b, a)
-    elif m:
+    """A cell as a date (crm_chassis.persian.parse_date): an Excel date, YYYY-MM-DD, YYYY/MM/DD
+    or, for years before 1700, the Jalali calendar (1369/05/12 is 1990-08-03); Persian digits
+    are fine. With the year last (03/08/1990, 12/05/1369) only when `order` says which of the
+    two is the day."""
+    try:
+        return persian.parse_date(v if isinstance(v, dt.date) else _cell_text(v), _DATE_ORDERS.get(order))
+    except persian.AmbiguousDate:
         raise _CellError(
             f"{_cell_text(v)!r} is not a date without the import's date_order: with the year last, day and "
             "month are ambiguous (set date_order to day first or month first, or write YYYY-MM-DD)"
-        )
-    else:
-        raise _CellError(f"{_cell_text(v)!r} is not a date: {DATE_HELP}")
-    if y < 1700:
-        g = jalali_to_gregorian(y, mo, d)
-        if g is None:
-            raise _CellError(f"{_cell_text(v)!r} is not a valid Jalali (Persian calendar) date")
-        return g
-    try:
-        return dt.date(y, mo, d)
-    except ValueError:
-        raise _CellError(f"{_cell_text(v)!r} is not a valid calendar date") from None
+        ) from None
+    except persian.DateError as e:
+        raise _CellError(str(e)) from None
 
 
 _ENUMS = {
@@ -381,9 +303,8 @@ def _split(v) -> list[str]:
 def _number(v) -> float:
     if isinstance(v, int | float) and not isinstance(v, bool):
         return float(v)
-    s = text.normalize(_cell_text(v)).replace(",", "").replace("٬", "").replace("٫", ".")
     try:
-        return float(s)
+        return persian.parse_number(_cell_text(v))
     except ValueError:
         raise _CellError(f"{_cell_text(v)!r} is not a number") from None
 
@@ -405,57 +326,21 @@ class _Cancelled(Exception):
     """CancelImportJob set the job's state: stop, writing nothing more."""
 
 
-def _decode(content: bytes) -> str:
-    if content.startswith((b"\xff\xfe", b"\xfe\xff")):  # Excel's "Unicode text" (UTF-16, tabs)
-        return content.decode("utf-16")
+def _read(fmt: str, content: bytes) -> tuple[list[str], list[tuple[int, list]]]:
+    """The header and the numbered rows of a file (crm_chassis.tabular reads it)."""
     try:
-        return content.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        # Persian spreadsheets saved as "CSV" by older Excel are in Windows-1256.
-        return content.decode("cp1256", errors="replace")
-
-
-def _delimiter(first_line: str) -> str:
-    counts = {d: 0 for d in ",;\t"}
-    quoted = False
-    for ch in first_line:
-        if ch == '"':
-            quoted = not quoted
-        elif not quoted and ch in counts:
-            counts[ch] += 1
-    best = max(counts, key=lambda d: counts[d])
-    return best if counts[best] else ","
+        with tabular.open_table(content, fmt) as table:
+            return table.headers, list(table)
+    except tabular.TabularError as e:
+        raise _FileError(str(e)) from None
 
 
 def read_csv(content: bytes) -> tuple[list[str], list[tuple[int, list]]]:
-    data = _decode(content)
-    first = data.split("\n", 1)[0]
-    try:
-        records = list(csv.reader(io.StringIO(data, newline=""), delimiter=_delimiter(first)))
-    except csv.Error as e:
-        raise _FileError(f"the file is not a readable CSV file: {e}") from None
-    if not records:
-        raise _FileError("the file is empty")
-    return [_cell_text(h) for h in records[0]], list(enumerate(records[1:], start=2))
+    return _read("csv", content)
 
 
 def read_xlsx(content: bytes) -> tuple[list[str], list[tuple[int, list]]]:
-    from openpyxl import load_workbook
-
-    try:
-        wb = load_workbook(io.BytesIO(content), read_only=True, data_only=True)
-    except Exception as e:  # zipfile.BadZipFile, KeyError, InvalidFileException, ...
-        raise _FileError(f"the file is not a readable XLSX workbook ({type(e).__name__})") from None
-    try:
-        if not wb.worksheets:
-            raise _FileError("the workbook has no sheet")
-        rows = wb.worksheets[0].iter_rows(values_only=True)
-        header = next(rows, None)
-        if header is None:
-            raise _FileError("the first sheet is empty")
-        return [_cell_text(h) for h in header], [(n, list(r)) for n, r in enumerate(rows, start=2)]
-    finally:
-        wb.close()
+    return _read("xlsx", content)
 
 
 # --------------------------------------------------------------------------- rows
@@ -791,10 +676,10 @@ class Importer:
             if headers is None:
                 raise self._not_found(jid)
             columns = [
-                exports.Column("row", "Row", 0.6),
-                exports.Column("field", "Field", 1.5),
-                exports.Column("problem", "Problem", 3.0),
-                *(exports.Column(f"c{i}", h or f"Column {i + 1}") for i, h in enumerate(headers)),
+                documents.Column("row", "Row", 0.6),
+                documents.Column("field", "Field", 1.5),
+                documents.Column("problem", "Problem", 3.0),
+                *(documents.Column(f"c{i}", h or f"Column {i + 1}") for i, h in enumerate(headers)),
             ]
 
             def rows():
@@ -815,15 +700,15 @@ class Importer:
                     out.update({f"c{i}": c for i, c in enumerate(r.cells)})
                     yield out
 
-            with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as out:
-                exports.render_to(kind, columns, rows(), out, title="Import errors")
-                out.seek(0)
-                yield pb.DownloadImportErrorReportResponse(
-                    content_type=exports.content_type(kind),
-                    filename=f"import-errors-{jid[:8]}.{exports.file_extension(kind)}",
-                )
-                while chunk := out.read(REPORT_CHUNK):
-                    yield pb.DownloadImportErrorReportResponse(data=chunk)
+            yield from documents.stream_table(
+                pb.DownloadImportErrorReportResponse,
+                kind,
+                columns,
+                rows(),
+                filename=f"import-errors-{jid[:8]}",
+                title="Import errors",
+                chunk_size=REPORT_CHUNK,
+            )
 
     def fail_interrupted(self) -> int:
         """Jobs left RUNNING by a process that died (nobody holds their lock) become FAILED."""
@@ -927,36 +812,17 @@ class _Converter:
         for key, d in self.ctx.custom_defs.items():
             by_key.setdefault(_key(key), f"custom_fields.{key}")
             by_key.setdefault(_key(d.display_name), f"custom_fields.{key}")
-        explicit = {_key(h): t for h, t in self.mapping.items()}
-        explicit_exact = {h.strip(): t for h, t in self.mapping.items()}
-        mapped_targets = {t for t in self.mapping.values() if t}
-        plan: list[tuple[int, str]] = []
-        used: set[str] = set()
-        matched_explicit: set[str] = set()
-        for i, h in enumerate(headers):
-            k = _key(h)
-            if h in explicit_exact or k in explicit:
-                target = explicit_exact[h] if h in explicit_exact else explicit[k]
-                matched_explicit.add(k)
-            else:  # by name, unless the mapping fills that field from another column
-                target = by_key.get(k, "")
-                if target in mapped_targets:
-                    target = ""
-            if target and target not in used:
-                used.add(target)
-                plan.append((i, target))
-        missing = [h for h in self.mapping if _key(h) not in matched_explicit]
-        if missing:
-            raise _FileError(f"column_mapping names columns the file does not have: {', '.join(sorted(missing))}")
-        if not plan:
+        mapped = tabular.map_headers(headers, by_key, self.mapping)
+        if mapped.missing:
+            raise _FileError(
+                f"column_mapping names columns the file does not have: {', '.join(sorted(mapped.missing))}"
+            )
+        if not mapped.columns:
             raise _FileError(
                 "no column matched a customer field; name the columns (e.g. given_name, family_name, email, "
                 f"mobile) or map them in column_mapping. The file's columns: {', '.join(h for h in headers if h)}"
             )
-        return [
-            (i, t, self._reader(t), headers[i] if _key(headers[i]) == _key(t) else f"{headers[i]} ({t})".lstrip())
-            for i, t in plan
-        ]
+        return [(c.index, c.field, self._reader(c.field), c.label) for c in mapped.columns]
 
     def _reader(self, target: str):
         if target in domain.DATE_FIELDS:

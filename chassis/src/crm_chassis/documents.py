@@ -1,7 +1,9 @@
-"""Render a list of customers (or any other rows) to CSV, XLSX, PDF or DOCX.
+"""Documents from rows: CSV, XLSX, PDF and DOCX, with Persian right-to-left text shaped correctly.
 
-A pure rendering module: no database and no gRPC. The caller picks the columns and hands over
-the rows (a filtered list or a search result); this module turns them into a document.
+A pure rendering module: no database and no gRPC message of its own. The caller picks the
+columns and hands over the rows (a filtered list, a search result, an invoice's lines); this
+module turns them into a document, and ``stream_table`` / ``stream_document`` / ``stream_file``
+turn a document into the chunks of a gRPC server-streaming download.
 
 API
 ---
@@ -24,8 +26,28 @@ API
     The same, written to a binary file object (a temporary file, a response body...) instead of
     being returned, so a large export need not be held in memory twice.
 
-``content_type(fmt) -> str`` and ``file_extension(fmt) -> str`` (without the dot) for the
-download; both raise ``ValueError`` for an unknown format.
+``Document(title, columns, rows, fields=(), totals=(), notes="", rtl=None)``,
+``render_document(fmt, doc) -> bytes`` and ``render_document_to(fmt, doc, out)``
+    A quote, an invoice or a statement: a heading, a block of key/value lines under it
+    (``fields``: "Invoice no." / "1403/05/12" pairs), the table, ``totals`` (label/value pairs
+    under the table, their values under its last column) and closing ``notes``. PDF, DOCX and
+    XLSX (``DOCUMENT_FORMATS``); a CSV has no place for a heading, so "csv" raises ValueError.
+
+``content_type(fmt)`` (alias ``media_type``) and ``file_extension(fmt)`` (without the dot) for
+the download; both raise ``ValueError`` for an unknown format. The CSV type is
+``text/csv; charset=utf-8``, charset included once: an HTTP layer must send it as the whole
+Content-Type (Werkzeug's ``mimetype=`` would append a second charset; use ``content_type=``).
+
+Streamed downloads (gRPC server streaming)
+    ``stream_table(message, fmt, columns, rows, *, filename, title="", rtl=None)`` renders into
+    a spooled temporary file (memory up to ``SPOOL_BYTES``, disk beyond) and yields
+    ``message(content_type=..., filename="<filename>.<ext>", row_count=N)`` first (row_count
+    only if the message has that field), then ``message(data=chunk)`` per ``DOWNLOAD_CHUNK``
+    bytes. The file is rendered completely before the first message, so a bad request (a
+    validation error raised while the rows are produced) fails the call before any byte is
+    sent, as the gateway expects (it reads the head, then streams the data). ``stream_document``
+    does the same for a ``Document``; ``stream_file(message, write)`` for any writer that
+    returns the head's fields.
 
 Per format
 ----------
@@ -48,7 +70,8 @@ Per format
   python-bidi does not). Long text is wrapped inside its cell *before* the reordering so that
   wrapped right-to-left text reads top to bottom correctly. A right-to-left table puts the first
   column on the right. Diacritics (harakat) are dropped in the PDF (reportlab cannot position
-  them); characters the font lacks become their compatibility form or "?". Each page holds
+  them), and so are zero-width (non-)joiners once shaping has used them (the font would draw
+  them as a bar); characters the font lacks become their compatibility form or "?". Each page holds
   its own table (paginated here in linear time; one long reportlab table is quadratic).
 * DOCX (python-docx): title heading, a table (grid style) with a bold header row that repeats
   on every page, column widths from the hints, landscape beyond ``PORTRAIT_MAX_COLUMNS``
@@ -73,26 +96,38 @@ import csv
 import io
 import itertools
 import re
+import tempfile
 import threading
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from xml.sax.saxutils import escape
 
+M = TypeVar("M")
+
 __all__ = [
+    "DOCUMENT_FORMATS",
+    "DOWNLOAD_CHUNK",
     "FORMATS",
     "Column",
+    "Document",
     "content_type",
     "detect_rtl",
     "file_extension",
     "font_path",
+    "media_type",
     "render",
+    "render_document",
+    "render_document_to",
     "render_to",
+    "stream_document",
+    "stream_file",
+    "stream_table",
 ]
 
 FORMATS: dict[str, tuple[str, str]] = {
@@ -101,17 +136,22 @@ FORMATS: dict[str, tuple[str, str]] = {
     "pdf": ("application/pdf", "pdf"),
     "docx": ("application/vnd.openxmlformats-officedocument.wordprocessingml.document", "docx"),
 }
+DOCUMENT_FORMATS = ("pdf", "docx", "xlsx")  # a Document (heading, key/value lines, table, totals)
 
 SAMPLE_ROWS = 200  # rows looked at (before streaming the rest) for rtl=None and XLSX widths
 PORTRAIT_MAX_COLUMNS = 6  # more columns than this: A4 landscape (PDF, DOCX)
 XLSX_MAX_TEXT = 32767  # Excel's limit for one cell
 PDF_MAX_LINES = 20  # lines kept per PDF cell (the rest is cut with an ellipsis)
+DOWNLOAD_CHUNK = 256 * 1024  # bytes per message of a streamed download
+SPOOL_BYTES = 8 * 1024 * 1024  # a download is rendered in memory up to this size, then on disk
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 # Characters XML 1.0 (XLSX, DOCX) cannot hold; also meaningless in a PDF.
 _XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff\ud800-\udfff]")
 # Invisible bidi controls: their job is done once a line is in visual order.
 _BIDI_CONTROLS = re.compile("[\u200e\u200f\u202a-\u202e\u2066-\u2069\u061c]")
+# Zero-width non-joiner and joiner: the shaper reads them, the font would draw them.
+_JOINER_CONTROLS = re.compile("[\u200c\u200d]")
 # Bidi classes reset to the paragraph level at the end of a line (UAX #9 rule L1).
 _L1_CLASSES = frozenset({"WS", "S", "BN", "LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI"})
 _LEVELS_FIELD = "\n    levels: [\n"
@@ -125,6 +165,34 @@ class Column:
     width: float = 1.0
 
 
+@dataclass(frozen=True)
+class Document:
+    """A titled document: key/value lines, a table and its totals (a quote, an invoice)."""
+
+    title: str
+    columns: Sequence[Column]
+    rows: Iterable[Mapping[str, Any]]
+    fields: Sequence[tuple[str, Any]] = ()  # (label, value) lines under the heading
+    totals: Sequence[tuple[str, Any]] = ()  # (label, value) lines under the table
+    notes: str = ""  # closing text (terms, thanks); newlines start new lines
+    rtl: bool | None = None
+
+
+@dataclass(frozen=True)
+class _Extras:
+    """What a Document adds around the table."""
+
+    fields: tuple[tuple[str, Any], ...] = ()  # (label, value as given)
+    totals: tuple[tuple[str, Any], ...] = ()
+    notes: str = ""
+
+    def texts(self) -> Iterator[str]:
+        for label, value in (*self.fields, *self.totals):
+            yield label
+            yield _text(value)
+        yield self.notes
+
+
 def _check(fmt: str) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -132,8 +200,11 @@ def _check(fmt: str) -> str:
 
 
 def content_type(fmt: str) -> str:
-    """The MIME type of a document in ``fmt``."""
+    """The MIME type of a document in ``fmt`` (the CSV one with its charset, once)."""
     return FORMATS[_check(fmt)][0]
+
+
+media_type = content_type
 
 
 def file_extension(fmt: str) -> str:
@@ -165,7 +236,38 @@ def render_to(
     rtl: bool | None = None,
 ) -> None:
     """Render ``rows`` as a ``fmt`` document into the binary file object ``out``."""
-    _check(fmt)
+    _render(_check(fmt), columns, rows, out, title, rtl, None)
+
+
+def render_document(fmt: str, doc: Document) -> bytes:
+    """Render a ``Document`` as PDF, DOCX or XLSX and return its bytes."""
+    out = io.BytesIO()
+    render_document_to(fmt, doc, out)
+    return out.getvalue()
+
+
+def render_document_to(fmt: str, doc: Document, out: IO[bytes]) -> None:
+    """Render a ``Document`` as PDF, DOCX or XLSX into the binary file object ``out``."""
+    if _check(fmt) not in DOCUMENT_FORMATS:
+        raise ValueError(f"a document with a heading is rendered as {', '.join(DOCUMENT_FORMATS)}, not {fmt!r}")
+    extras = _Extras(
+        tuple((_text(k), v) for k, v in doc.fields),
+        tuple((_text(k), v) for k, v in doc.totals),
+        _text(doc.notes),
+    )
+    _render(fmt, doc.columns, doc.rows, out, doc.title, doc.rtl, extras)
+
+
+def _render(
+    fmt: str,
+    columns: Sequence[Column],
+    rows: Iterable[Mapping[str, Any]],
+    out: IO[bytes],
+    title: str,
+    rtl: bool | None,
+    extras: _Extras | None,
+) -> None:
+    """A table export (``extras`` None) or a Document (its heading, fields, totals, notes)."""
     columns = list(columns)
     if not columns:
         raise ValueError("an export needs at least one column")
@@ -173,6 +275,7 @@ def render_to(
     if rtl is None:
         texts = itertools.chain(
             [title],
+            extras.texts() if extras else (),
             (c.header for c in columns),
             (_text(row.get(c.key)) for row in sample for c in columns),
         )
@@ -180,11 +283,78 @@ def render_to(
     if fmt == "csv":
         _write_csv(out, columns, rows)
     elif fmt == "xlsx":
-        _write_xlsx(out, columns, rows, sample, title, rtl)
+        _write_xlsx(out, columns, rows, sample, title, rtl, extras)
     elif fmt == "pdf":
-        _write_pdf(out, columns, rows, title, rtl)
+        _write_pdf(out, columns, rows, title, rtl, extras)
     else:
-        _write_docx(out, columns, rows, title, rtl)
+        _write_docx(out, columns, rows, title, rtl, extras)
+
+
+# --------------------------------------------------------------------------- streamed downloads
+
+
+def stream_file(
+    message: Callable[..., M], write: Callable[[IO[bytes]], Mapping[str, Any]], *, chunk_size: int = DOWNLOAD_CHUNK
+) -> Iterator[M]:
+    """The messages of a server-streaming download: ``write(out)`` renders the file into a
+    spooled temporary file and returns the first message's fields (content_type, filename,
+    ...); then ``message(data=chunk)`` until the end. Nothing is yielded before ``write``
+    returns, so an error it raises fails the call before any byte."""
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as out:
+        head = write(out)
+        out.seek(0)
+        yield message(**head)
+        while chunk := out.read(chunk_size):
+            yield message(data=chunk)
+
+
+def _has_field(message: Any, name: str) -> bool:
+    descriptor = getattr(message, "DESCRIPTOR", None)
+    return descriptor is not None and name in descriptor.fields_by_name
+
+
+def stream_table(
+    message: Callable[..., M],
+    fmt: str,
+    columns: Sequence[Column],
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    filename: str,
+    title: str = "",
+    rtl: bool | None = None,
+    chunk_size: int = DOWNLOAD_CHUNK,
+) -> Iterator[M]:
+    """``render_to`` as a streamed download: the head carries the media type, ``filename``
+    with the format's extension and, if ``message`` has the field, ``row_count``."""
+    _check(fmt)
+    counted = 0
+
+    def counting() -> Iterator[Mapping[str, Any]]:
+        nonlocal counted
+        for row in rows:
+            counted += 1
+            yield row
+
+    def write(out: IO[bytes]) -> dict[str, Any]:
+        render_to(fmt, columns, counting(), out, title=title, rtl=rtl)
+        head: dict[str, Any] = {"content_type": content_type(fmt), "filename": f"{filename}.{file_extension(fmt)}"}
+        if _has_field(message, "row_count"):
+            head["row_count"] = counted
+        return head
+
+    return stream_file(message, write, chunk_size=chunk_size)
+
+
+def stream_document(
+    message: Callable[..., M], fmt: str, doc: Document, *, filename: str, chunk_size: int = DOWNLOAD_CHUNK
+) -> Iterator[M]:
+    """``render_document_to`` as a streamed download (head: content_type and filename)."""
+
+    def write(out: IO[bytes]) -> dict[str, Any]:
+        render_document_to(fmt, doc, out)
+        return {"content_type": content_type(fmt), "filename": f"{filename}.{file_extension(fmt)}"}
+
+    return stream_file(message, write, chunk_size=chunk_size)
 
 
 # --------------------------------------------------------------------------- text and direction
@@ -303,6 +473,7 @@ def _write_xlsx(
     sample: list[Mapping[str, Any]],
     title: str,
     rtl: bool,
+    extras: _Extras | None = None,
 ) -> None:
     from openpyxl import Workbook
     from openpyxl.cell import WriteOnlyCell
@@ -314,22 +485,14 @@ def _write_xlsx(
     ws = wb.create_sheet(title=_sheet_title(title))
     if title:
         wb.properties.title = _xml_text(title)
-    # Everything before the first row must be set now: write-only sheets stream from there.
-    ws.sheet_view.rightToLeft = rtl
-    ws.freeze_panes = "A2"
-    for i, column in enumerate(columns, 1):
-        ws.column_dimensions[get_column_letter(i)].width = _xlsx_width(column, sample)
-
     bold = Font(bold=True)
-    header_align = Alignment(vertical="center", wrap_text=True)
-    header = []
-    for column in columns:
-        cell = WriteOnlyCell(ws, value=_xml_text(column.header))
-        cell.data_type = "s"
-        cell.font = bold
-        cell.alignment = header_align
-        header.append(cell)
-    ws.append(header)
+
+    def text_cell(text: str, font: Font | None = None) -> WriteOnlyCell:
+        cell = WriteOnlyCell(ws, value=_xml_text(text)[:XLSX_MAX_TEXT])
+        cell.data_type = "s"  # never a formula
+        if font is not None:
+            cell.font = font
+        return cell
 
     def value(v: Any) -> Any:
         if v is None or isinstance(v, bool | int | float | Decimal):
@@ -346,12 +509,48 @@ def _write_xlsx(
             return cell
         return text
 
+    # A document's heading, key/value lines and a blank row come before the table's header.
+    preamble: list[list[Any]] = []
+    if extras is not None:
+        if title:
+            preamble.append([text_cell(title, Font(bold=True, size=14))])
+        preamble += [[text_cell(k, bold), value(v)] for k, v in extras.fields]
+        if preamble:
+            preamble.append([])
+    header_row = len(preamble) + 1
+    # Everything before the first row must be set now: write-only sheets stream from there.
+    ws.sheet_view.rightToLeft = rtl
+    ws.freeze_panes = f"A{header_row + 1}"
+    for i, column in enumerate(columns, 1):
+        ws.column_dimensions[get_column_letter(i)].width = _xlsx_width(column, sample)
+    for line in preamble:
+        ws.append(line)
+
+    header_align = Alignment(vertical="center", wrap_text=True)
+    header = []
+    for column in columns:
+        cell = text_cell(column.header, bold)
+        cell.alignment = header_align
+        header.append(cell)
+    ws.append(header)
+
     keys = [c.key for c in columns]
-    last_row = 1
+    last_row = header_row
     for row in rows:
         ws.append([value(row.get(k)) for k in keys])
         last_row += 1
-    ws.auto_filter.ref = f"A1:{get_column_letter(len(columns))}{last_row}"
+    ws.auto_filter.ref = f"A{header_row}:{get_column_letter(len(columns))}{last_row}"
+    if extras is not None:
+        # Totals under the table: the label beside the last column, the value in it.
+        if extras.totals:
+            ws.append([])
+        pad = [None] * max(len(columns) - 2, 0)
+        for k, v in extras.totals:
+            ws.append([*pad, text_cell(k, bold), value(v)] if len(columns) > 1 else [text_cell(f"{k}: {_text(v)}")])
+        if extras.notes:
+            ws.append([])
+            for line in extras.notes.splitlines():
+                ws.append([text_cell(line)])
     wb.save(out)
 
 
@@ -484,7 +683,8 @@ class _PdfText:
         text = _XML_ILLEGAL.sub("", text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " "))
         shaped = _has_rtl(text)
         if shaped:
-            text = self._shape(text)
+            # Joining is decided; a zero-width (non-)joiner left in would be drawn as a bar.
+            text = _JOINER_CONTROLS.sub("", self._shape(text))
         text = self._cover(text)
         out: list[str] = []
         for paragraph in text.split("\n"):
@@ -608,12 +808,73 @@ def _numbered_canvas(font: str, size: float, rtl: bool):
     return NumberedCanvas
 
 
+def _pdf_closing(
+    extras: _Extras,
+    font: str,
+    body: _PdfText,
+    frame_w: float,
+    last_w: float,
+    rtl: bool,
+    size: float,
+    leading: float,
+    pad_x: float,
+    pad_y: float,
+) -> list[Any]:
+    """A document's totals (values under the table's last column) and notes."""
+    from reportlab.lib import colors
+    from reportlab.lib.enums import TA_LEFT, TA_RIGHT
+    from reportlab.lib.styles import ParagraphStyle
+    from reportlab.lib.units import mm
+    from reportlab.platypus import Paragraph, Spacer, Table, TableStyle
+
+    out: list[Any] = []
+    if extras.totals:
+        value_w = max(last_w, frame_w * 0.22)
+        label_w = frame_w - value_w
+        value_col = 0 if rtl else 1
+        rows = []
+        for label, value in extras.totals:
+            label_lines = "\n".join(body.lines(label, label_w - 2 * pad_x - 0.5, _cell_is_rtl(label, rtl), 4))
+            value_text = _text(value)
+            value_lines = "\n".join(body.lines(value_text, value_w - 2 * pad_x - 0.5, _cell_is_rtl(value_text, rtl), 4))
+            rows.append([value_lines, label_lines] if rtl else [label_lines, value_lines])
+        table = Table(rows, colWidths=[value_w, label_w] if rtl else [label_w, value_w])
+        table.setStyle(
+            TableStyle(
+                [
+                    ("FONTNAME", (0, 0), (-1, -1), font),
+                    ("FONTSIZE", (0, 0), (-1, -1), size),
+                    ("LEADING", (0, 0), (-1, -1), leading),
+                    ("LEFTPADDING", (0, 0), (-1, -1), pad_x),
+                    ("RIGHTPADDING", (0, 0), (-1, -1), pad_x),
+                    ("TOPPADDING", (0, 0), (-1, -1), pad_y),
+                    ("BOTTOMPADDING", (0, 0), (-1, -1), pad_y),
+                    ("VALIGN", (0, 0), (-1, -1), "TOP"),
+                    # Labels lean towards their values; values as the table's cells are aligned.
+                    ("ALIGN", (0, 0), (-1, -1), "LEFT" if rtl else "RIGHT"),
+                    ("ALIGN", (value_col, 0), (value_col, -1), "RIGHT" if rtl else "LEFT"),
+                    ("GRID", (value_col, 0), (value_col, -1), 0.25, colors.HexColor("#9aa5b1")),
+                    ("BACKGROUND", (value_col, -1), (value_col, -1), colors.HexColor("#e4e9f0")),
+                ]
+            )
+        )
+        out += [table]
+    if extras.notes:
+        style = ParagraphStyle(
+            "document-notes", fontName=font, fontSize=size, leading=leading, alignment=TA_RIGHT if rtl else TA_LEFT
+        )
+        lines = body.lines(extras.notes, frame_w - 2, _cell_is_rtl(extras.notes, rtl), max_lines=60)
+        out += [Spacer(1, 5 * mm), Paragraph("<br/>".join(escape(line) for line in lines), style)]
+    return out
+
+
 def _write_pdf(
     out: IO[bytes],
     columns: list[Column],
     rows: Iterable[Mapping[str, Any]],
     title: str,
     rtl: bool,
+    extras: _Extras | None = None,
 ) -> None:
     from reportlab.lib import colors
     from reportlab.lib.enums import TA_LEFT, TA_RIGHT
@@ -639,7 +900,7 @@ def _write_pdf(
         bottomMargin=margin + 4 * mm,  # room for the page number
         title=title,
         author="CRM",
-        creator="customer-svc exports",
+        creator="crm_chassis.documents",
         initialFontName=font,  # else an unused, unembedded Helvetica lands in every page's resources
         initialFontSize=size,
         initialLeading=leading,
@@ -682,6 +943,37 @@ def _write_pdf(
             return "", False
         right = _cell_is_rtl(text, rtl)
         return "\n".join(body.lines(text, width, right, max_lines)), right
+
+    if extras is not None and extras.fields:
+        # The key/value lines under the heading: label then value (label on the right when RTL).
+        widest = max((body.width(_JOINER_CONTROLS.sub("", body._shape(k))) for k, _ in extras.fields), default=0.0)
+        label_w = min(max(widest + 2 * pad_x + 2, frame_w * 0.12), frame_w * 0.4)
+        value_w = frame_w - label_w
+        kv_rows: list[list[str]] = []
+        kv_style = [
+            ("FONTNAME", (0, 0), (-1, -1), font),
+            ("FONTSIZE", (0, 0), (-1, -1), size),
+            ("LEADING", (0, 0), (-1, -1), leading),
+            ("LEFTPADDING", (0, 0), (-1, -1), pad_x),
+            ("RIGHTPADDING", (0, 0), (-1, -1), pad_x),
+            ("TOPPADDING", (0, 0), (-1, -1), 1.5),
+            ("BOTTOMPADDING", (0, 0), (-1, -1), 1.5),
+            ("VALIGN", (0, 0), (-1, -1), "TOP"),
+            ("TEXTCOLOR", (1, 0) if rtl else (0, 0), (1, -1) if rtl else (0, -1), colors.HexColor("#52606d")),
+        ]
+        for r, (label, value) in enumerate(extras.fields):
+            pair = [cell(label, label_w - 2 * pad_x - 0.5, 4), cell(_text(value), value_w - 2 * pad_x - 0.5)]
+            if rtl:
+                pair.reverse()
+            kv_rows.append([text for text, _ in pair])
+            kv_style += [
+                ("ALIGN", (c, r), (c, r), "RIGHT" if rtl or right else "LEFT") for c, (_, right) in enumerate(pair)
+            ]
+        kv = Table(kv_rows, colWidths=[value_w, label_w] if rtl else [label_w, value_w], hAlign="CENTER")
+        kv.setStyle(TableStyle(kv_style))
+        _, h = kv.wrap(frame_w, frame_h)
+        story += [kv, Spacer(1, 4 * mm)]
+        available -= h + 4 * mm
 
     header: list[str] = []
     header_aligns: list[tuple[int, int]] = []  # (column, row) cells to right-align in an LTR table
@@ -738,6 +1030,8 @@ def _write_pdf(
         page_rows.append(texts)
         used += row_h
     flush(page_rows, page_aligns)
+    if extras is not None:
+        story += _pdf_closing(extras, font, body, frame_w, col_widths[-1], rtl, size, leading, pad_x, pad_y)
 
     doc.build(story, canvasmaker=_numbered_canvas(font, 7.5, rtl))
 
@@ -751,6 +1045,7 @@ def _write_docx(
     rows: Iterable[Mapping[str, Any]],
     title: str,
     rtl: bool,
+    extras: _Extras | None = None,
 ) -> None:
     from docx import Document
     from docx.enum.section import WD_ORIENT
@@ -807,6 +1102,34 @@ def _write_docx(
     total = sum(max(float(c.width), 0.05) for c in columns)
     widths = [int(usable / 635 * max(float(c.width), 0.05) / total) for c in columns]  # twips
 
+    def pairs_table(pairs: tuple[tuple[str, Any], ...], pair_widths: list[int], grid: bool) -> None:
+        """Label/value lines as a two-column table (label first; on the right when RTL)."""
+        kv = document.add_table(rows=0, cols=2)
+        if grid:
+            kv.style = document.styles["Table Grid"]
+        kv.autofit = False
+        if rtl:
+            kv.table_direction = WD_TABLE_DIRECTION.RTL
+        for grid_col, w in zip(kv._tbl.tblGrid.findall(qn("w:gridCol")), pair_widths, strict=True):
+            grid_col.set(qn("w:w"), str(w))
+        for label, value in pairs:
+            cells = kv.add_row().cells
+            for c, (cell, text, w) in enumerate(zip(cells, (label, _text(value)), pair_widths, strict=True)):
+                cell.width = w * 635
+                text = _xml_text(text)
+                paragraph = cell.paragraphs[0]
+                set_direction(paragraph._p.get_or_add_pPr(), text)
+                lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+                run = paragraph.add_run(lines[0])
+                for line in lines[1:]:
+                    run.add_break()
+                    run.add_text(line)
+                run.bold = c == 0
+
+    if extras is not None and extras.fields:
+        pairs_table(extras.fields, [int(sum(widths) * 0.3), sum(widths) - int(sum(widths) * 0.3)], grid=False)
+        document.add_paragraph()
+
     table = document.add_table(rows=0, cols=len(columns))
     table.style = document.styles["Table Grid"]
     table.autofit = False  # w:tblLayout fixed: the widths below hold
@@ -856,4 +1179,15 @@ def _write_docx(
             pending = []
     if pending:
         append(pending)
+    if extras is not None:
+        if extras.totals:
+            # Under the table, the values under its last column.
+            value_w = max(widths[-1], sum(widths) // 5)
+            document.add_paragraph()
+            pairs_table(extras.totals, [sum(widths) - value_w, value_w], grid=True)
+        if extras.notes:
+            document.add_paragraph()
+            for line in extras.notes.splitlines():
+                p = document.add_paragraph(_xml_text(line))
+                set_direction(p._p.get_or_add_pPr(), line)
     document.save(out)

@@ -1,4 +1,4 @@
-"""customer_svc.exports: every format is rendered, opened again with a reader and checked."""
+"""crm_chassis.documents: every format is rendered, opened again with a reader and checked."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from datetime import date, datetime
 
 import pytest
 
-from customer_svc import exports
-from customer_svc.exports import Column, render
+from crm_chassis import documents as exports
+from crm_chassis.documents import Column, render
 
 COLUMNS = [
     Column("name", "نام مشتری", 1.2),
@@ -390,3 +390,250 @@ def test_docx_streams_many_rows():
     table = _docx(render("docx", COLUMNS, _many(1200))).tables[0]
     assert len(table.rows) == 1201
     assert table.rows[-1].cells[0].text == "مریم احمدی 1199"
+
+
+# --------------------------------------------------------------------------- documents (quotes, invoices)
+
+INVOICE_COLUMNS = [
+    Column("n", "ردیف", 0.5),
+    Column("item", "شرح کالا یا خدمات", 3.0),
+    Column("qty", "تعداد", 0.7),
+    Column("price", "فی (ریال)", 1.3),
+    Column("amount", "مبلغ (ریال)", 1.5),
+]
+INVOICE_LINES = [
+    ("نرم‌افزار مدیریت مشتری (CRM)", 2, 125_000_000),
+    ("پشتیبانی و آموزش «حضوری»", 10, 4_500_000),
+    ("Cloud hosting, 12 months", 1, 60_000_000),
+]
+
+
+def _invoice(**overrides) -> exports.Document:
+    from crm_chassis import persian
+
+    rows = [
+        {
+            "n": persian.to_persian_digits(i),
+            "item": item,
+            "qty": persian.to_persian_digits(qty),
+            "price": persian.format_number(price),
+            "amount": persian.format_number(qty * price),
+        }
+        for i, (item, qty, price) in enumerate(INVOICE_LINES, 1)
+    ]
+    kwargs = {
+        "title": "پیش‌فاکتور فروش",
+        "columns": INVOICE_COLUMNS,
+        "rows": rows,
+        "fields": [
+            ("شماره", "Q-1403-0042"),
+            ("تاریخ", persian.format_jalali(date(2024, 8, 2), persian_digits=True)),
+            ("خریدار", "شرکت البرز"),
+            ("ایمیل", "buyer@alborz.example.ir"),
+        ],
+        "totals": [
+            ("جمع", persian.format_number(355_000_000)),
+            ("مبلغ قابل پرداخت", persian.format_number(390_500_000)),
+        ],
+        "notes": "اعتبار این پیش‌فاکتور هفت روز است.",
+    }
+    return exports.Document(**{**kwargs, **overrides})
+
+
+def _pdf_placed(data: bytes) -> list[tuple[float, float, str]]:
+    """Page 1's drawn strings as (x, y, text): text as drawn (visual order, glyphs through the
+    ToUnicode map), x and y where the string starts (translations and text positions only)."""
+    from pypdf import PdfReader
+    from pypdf.generic import ContentStream
+
+    reader = PdfReader(io.BytesIO(data))
+    page = reader.pages[0]
+    maps = {}
+    for name, ref in page["/Resources"]["/Font"].items():
+        cmap = ref.get_object()["/ToUnicode"].get_object().get_data().decode("latin-1")
+        maps[name] = {
+            int(a, 16): chr(int(b, 16)) for a, b in re.findall(r"<([0-9A-Fa-f]{2})>\s*<([0-9A-Fa-f]{4})>", cmap)
+        }
+    out, stack, origin, pos, leading, font = [], [], [0.0, 0.0], [0.0, 0.0], 0.0, None
+    for operands, op in ContentStream(page.get_contents(), reader).operations:
+        if op == b"q":
+            stack.append(list(origin))
+        elif op == b"Q":
+            origin = stack.pop()
+        elif op == b"cm":
+            origin = [origin[0] + float(operands[4]), origin[1] + float(operands[5])]
+        elif op == b"Tm":
+            pos = [float(operands[4]), float(operands[5])]
+        elif op == b"Td":
+            pos = [pos[0] + float(operands[0]), pos[1] + float(operands[1])]
+        elif op == b"TL":
+            leading = float(operands[0])
+        elif op == b"T*":
+            pos = [pos[0], pos[1] - leading]
+        elif op == b"Tf":
+            font = maps[operands[0]]
+        elif op == b"Tj":
+            raw = operands[0]
+            raw = raw.get_original_bytes() if hasattr(raw, "get_original_bytes") else bytes(raw)
+            out.append((origin[0] + pos[0], origin[1] + pos[1], "".join(font.get(b, chr(b)) for b in raw)))
+    return out
+
+
+def _logical(visual: str) -> str:
+    """A drawn right-to-left string back in logical order: reversed, presentation forms and
+    ligatures (lam-alef) unshaped, mirrored brackets swapped back."""
+    return unicodedata.normalize("NFKC", visual[::-1]).translate(str.maketrans("()«»", ")(»«"))
+
+
+def _find(placed, logical: str) -> tuple[float, float]:
+    """Where the string that reads ``logical`` (right to left) or equals it (left to right) is drawn."""
+    for x, y, text in placed:
+        if _logical(text) == logical or text == logical:
+            return x, y
+    raise AssertionError(f"{logical!r} is not drawn; drawn: {[t for _, _, t in placed]}")
+
+
+def test_persian_invoice_pdf_is_shaped_and_laid_out_right_to_left():
+    from pypdf import PdfReader
+
+    data = exports.render_document("pdf", _invoice())
+    reader = PdfReader(io.BytesIO(data))
+    assert len(reader.pages) == 1 and reader.metadata.title == "پیش‌فاکتور فروش"
+    placed = _pdf_placed(data)
+    drawn = [text for _, _, text in placed]
+    # Shaped: presentation forms, never the plain letters; no zero-width (non-)joiner drawn as a bar.
+    assert any(MOSHTARI_VISUAL in text for text in drawn)
+    assert not any(MOSHTARI in text for text in drawn)
+    assert not any("\u200c" in text or "\u200d" in text for text in drawn)
+    # The heading: "پیش" and "فاکتور" are not joined across the non-joiner (final sheen, then initial feh).
+    title_x, title_y = _find(placed, "پیشفاکتور فروش")
+    assert "\ufeb6\ufed3" in next(t for _, _, t in placed if _logical(t) == "پیشفاکتور فروش")[::-1]
+    # Key/value lines under the heading: label on the right, value to its left.
+    for label, value in (("شماره", "Q-1403-0042"), ("تاریخ", "۱۴۰۳/۰۵/۱۲"), ("خریدار", "شرکت البرز")):
+        (lx, ly), (vx, vy) = _find(placed, label), _find(placed, value)
+        assert ly == vy < title_y and vx < lx, label
+    assert _find(placed, "buyer@alborz.example.ir")  # Latin drawn as is
+    # The table: first column on the right; header above the rows; numbers keep their digit order.
+    header = [_find(placed, c.header) for c in INVOICE_COLUMNS]
+    assert [x for x, _ in header] == sorted((x for x, _ in header), reverse=True)
+    amount_x, header_y = header[-1]
+    line_x, line_y = _find(placed, "۲۵۰٬۰۰۰٬۰۰۰")
+    assert line_y < header_y and abs(line_x - amount_x) < 40
+    assert _find(placed, "Cloud hosting, 12 months")
+    # Totals below the rows, each value left of its label and under the amount column.
+    for label, value in (("جمع", "۳۵۵٬۰۰۰٬۰۰۰"), ("مبلغ قابل پرداخت", "۳۹۰٬۵۰۰٬۰۰۰")):
+        (lx, ly), (vx, vy) = _find(placed, label), _find(placed, value)
+        assert ly == vy < line_y and vx < lx and abs(vx - amount_x) < 40, label
+    notes_x, notes_y = _find(placed, "اعتبار این پیشفاکتور هفت روز است.")
+    assert notes_y < vy
+    # A text extractor finds the words too.
+    text = unicodedata.normalize("NFKC", reader.pages[0].extract_text())
+    assert "Q-1403-0042" in text and "buyer@alborz.example.ir" in text
+
+
+def test_latin_quote_pdf_is_left_to_right():
+    doc = exports.Document(
+        "Quote Q-42",
+        [Column("item", "Item", 3), Column("amount", "Amount", 1)],
+        [{"item": "CRM licence", "amount": "250,000,000"}],
+        fields=[("Customer", "Alborz Ltd")],
+        totals=[("Total due", "250,000,000")],
+    )
+    placed = _pdf_placed(exports.render_document("pdf", doc))
+    (lx, ly), (vx, vy) = _find(placed, "Customer"), _find(placed, "Alborz Ltd")
+    assert ly == vy and lx < vx
+    assert _find(placed, "Item")[0] < _find(placed, "Amount")[0]
+    (tx, ty), (ax, ay) = _find(placed, "Total due"), [p[:2] for p in placed if p[2] == "250,000,000"][-1]
+    assert ty == ay and tx < ax and abs(ax - _find(placed, "Amount")[0]) < 1
+
+
+def test_invoice_docx_reads_back_in_logical_order_right_to_left():
+    from docx.oxml.ns import qn
+
+    doc = _docx(exports.render_document("docx", _invoice()))
+    assert doc.paragraphs[0].text == "پیش‌فاکتور فروش" and _bidi(doc.paragraphs[0])
+    fields, table, totals = doc.tables
+    assert [[c.text for c in r.cells] for r in fields.rows] == [
+        ["شماره", "Q-1403-0042"],
+        ["تاریخ", "۱۴۰۳/۰۵/۱۲"],
+        ["خریدار", "شرکت البرز"],
+        ["ایمیل", "buyer@alborz.example.ir"],
+    ]
+    assert [c.text for c in table.rows[0].cells] == [c.header for c in INVOICE_COLUMNS]
+    assert [c.text for c in table.rows[1].cells] == [
+        "۱",
+        "نرم‌افزار مدیریت مشتری (CRM)",
+        "۲",
+        "۱۲۵٬۰۰۰٬۰۰۰",
+        "۲۵۰٬۰۰۰٬۰۰۰",
+    ]
+    assert [[c.text for c in r.cells] for r in totals.rows] == [
+        ["جمع", "۳۵۵٬۰۰۰٬۰۰۰"],
+        ["مبلغ قابل پرداخت", "۳۹۰٬۵۰۰٬۰۰۰"],
+    ]
+    for t in (fields, table, totals):
+        assert t._tbl.tblPr.find(qn("w:bidiVisual")) is not None  # first column on the right
+    assert doc.paragraphs[-1].text == "اعتبار این پیش‌فاکتور هفت روز است." and _bidi(doc.paragraphs[-1])
+
+
+def test_invoice_xlsx_keeps_numbers_and_dates_and_freezes_below_the_header():
+    doc = _invoice(
+        fields=[("شماره", "Q-1403-0042"), ("تاریخ", date(2024, 8, 2))],
+        totals=[("جمع", 355_000_000), ("مالیات", "=1+1")],
+    )
+    ws = _xlsx(exports.render_document("xlsx", doc)).active
+    assert ws.sheet_view.rightToLeft is True
+    assert ws["A1"].value == "پیش‌فاکتور فروش" and ws["A1"].font.b
+    assert (ws["A2"].value, ws["B2"].value) == ("شماره", "Q-1403-0042")
+    assert ws["B3"].is_date and ws["B3"].value == datetime(2024, 8, 2)
+    assert [c.value for c in ws[5]] == [c.header for c in INVOICE_COLUMNS]  # title, 2 fields, blank, header
+    assert ws.freeze_panes == "A6" and ws.auto_filter.ref == "A5:E8"
+    assert ws["B6"].value == "نرم‌افزار مدیریت مشتری (CRM)"
+    assert (ws["D10"].value, ws["E10"].value) == ("جمع", 355_000_000) and ws["E10"].data_type == "n"
+    assert ws["E11"].value == "=1+1" and ws["E11"].data_type == "s"  # text, never a formula
+    assert ws["A13"].value == "اعتبار این پیش‌فاکتور هفت روز است."
+
+
+def test_a_document_is_not_a_csv():
+    with pytest.raises(ValueError, match="pdf, docx, xlsx"):
+        exports.render_document("csv", _invoice())
+    with pytest.raises(ValueError, match="unknown export format"):
+        exports.render_document("odt", _invoice())
+
+
+# --------------------------------------------------------------------------- streamed downloads
+
+
+def test_stream_table_head_then_chunks_with_the_media_type_once():
+    from crm.customer.v1 import customer_service_pb2 as pb
+
+    messages = list(
+        exports.stream_table(pb.ExportCustomersResponse, "csv", COLUMNS, _many(3000), filename="c", chunk_size=4096)
+    )
+    head, chunks = messages[0], messages[1:]
+    assert head.content_type == "text/csv; charset=utf-8" and head.content_type.count("charset") == 1
+    assert head.filename == "c.csv" and head.row_count == 3000 and not head.data
+    assert len(chunks) > 1 and all(0 < len(m.data) <= 4096 and not m.filename for m in chunks)
+    assert b"".join(m.data for m in chunks) == render("csv", COLUMNS, _many(3000))
+    assert exports.media_type("xlsx") == exports.content_type("xlsx")
+
+
+def test_stream_table_fails_before_the_first_message():
+    from crm.customer.v1 import customer_service_pb2 as pb
+
+    def rows():
+        yield ROWS[0]
+        raise LookupError("too many rows")
+
+    stream = exports.stream_table(pb.ExportCustomersResponse, "pdf", COLUMNS, rows(), filename="c")
+    with pytest.raises(LookupError):
+        next(stream)
+
+
+def test_stream_document_without_a_row_count_field():
+    from crm.customer.v1 import customer_service_pb2 as pb
+
+    messages = list(exports.stream_document(pb.DownloadImportErrorReportResponse, "pdf", _invoice(), filename="q-42"))
+    assert messages[0].content_type == "application/pdf" and messages[0].filename == "q-42.pdf"
+    data = b"".join(m.data for m in messages[1:])
+    assert data.startswith(b"%PDF") and len(data) > 1000
