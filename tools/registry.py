@@ -39,8 +39,7 @@ def entrypoint(reg, name: str) -> str:
     if reg.gateway and name == reg.gateway.name:
         # gunicorn reads its config from /app (copied into the image by the Dockerfile).
         return (
-            "#!/bin/sh\n"
-            f'exec python -m gunicorn -c /app/gunicorn.conf.py "{reg.gateway.package}:create_app()" "$@"\n'
+            f'#!/bin/sh\nexec python -m gunicorn -c /app/gunicorn.conf.py "{reg.gateway.package}:create_app()" "$@"\n'
         )
     s = reg.service(name)
     # `serve` when the container gets no arguments (Kubernetes passes serve or migrate).

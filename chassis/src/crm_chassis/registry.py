@@ -163,7 +163,9 @@ def parse_registry(text: str, path: pathlib.Path) -> Registry:
         g = data["gateway"]
         where = f"{path.name} [gateway]"
         calls = _field(where, g, "calls", list, [], required=False)
-        gateway = GatewayEntry(package=_field(where, g, "package", str), port=_field(where, g, "port", int), calls=tuple(calls))
+        gateway = GatewayEntry(
+            package=_field(where, g, "package", str), port=_field(where, g, "port", int), calls=tuple(calls)
+        )
         known = {s.name for s in services}
         for c in gateway.calls:
             if c not in known:
