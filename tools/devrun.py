@@ -29,7 +29,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -126,7 +126,6 @@ class Child:
     name: str
     argv: list[str]
     env: dict[str, str]
-    port: int
     where: str
     healthy: Callable[[], bool]
     proc: subprocess.Popen | None = None
@@ -137,7 +136,6 @@ class Child:
     awaiting_health: bool = True
     backoff: float = BACKOFF_FIRST
     next_start: float | None = None
-    history: list[str] = field(default_factory=list)
 
     @property
     def log(self) -> pathlib.Path:
@@ -179,13 +177,13 @@ class Supervisor:
                 c.backoff = min(c.backoff * 2, BACKOFF_MAX)
                 c.next_start = now + delay
                 why = f"{exit_reason(code)} after {ran:.1f} s"
-                c.note(f"{c.name} {why}; restart #{c.restarts + 1} in {delay:.0f} s")
                 if c.deaths_unhealthy >= GIVE_UP_AFTER:
                     say(f"{c.name} {why}, {c.deaths_unhealthy} times without ever being healthy; giving up")
                     print(last_lines(c.log))
                     return c
                 say(f"{c.name} {why}; restarting it in {delay:.0f} s (restart #{c.restarts + 1}). End of {c.log}:")
                 print(last_lines(c.log, 8 if started else 15))
+                c.note(f"{c.name} {why}; restart #{c.restarts + 1} in {delay:.0f} s")
             if c.proc is None and c.next_start is not None and now >= c.next_start:
                 c.restarts += 1
                 c.start()
@@ -303,7 +301,6 @@ def main() -> int:
                 s.name,
                 [PY, "-m", s.package, "serve"],
                 env,
-                port,
                 f"grpc://127.0.0.1:{port}",
                 lambda port=port: grpc_serving(port),
             )
@@ -316,7 +313,6 @@ def main() -> int:
             reg.gateway.name,
             [PY, "-m", "gunicorn", "-c", str(ROOT / "gateway" / "gunicorn.conf.py"), "crm_gateway:create_app()"],
             gw_env,
-            gateway_port,
             f"http://127.0.0.1:{gateway_port}",
             lambda: http_ok(f"http://127.0.0.1:{gateway_port}/healthz"),
         )
