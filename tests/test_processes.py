@@ -204,7 +204,7 @@ def free_offset() -> int:
 
 
 @contextlib.contextmanager
-def launcher(tmp_path, database_url: str | None):
+def launcher(tmp_path, database_url: str | None, **extra: str):
     """tools/devrun.py on ports of its own (CRM_PORT_OFFSET) with its run dir in tmp_path;
     embedded PostgreSQL under tmp_path when database_url is None. Yields (process, offset);
     prints the end of every log when an assertion fails, and leaves no process behind."""
@@ -217,6 +217,7 @@ def launcher(tmp_path, database_url: str | None):
         LOG_LEVEL="INFO",
         GATEWAY_WORKERS="1",
         CRM_RUN_DIR=str(tmp_path),
+        **extra,
     )
     env.pop("DATABASE_URL", None)
     if database_url:
@@ -312,3 +313,14 @@ def test_make_run_ctrl_c_stops_the_embedded_postgres_even_after_it_was_restarted
         assert [p.pid for p in _pg_processes(pgdata) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
         out = (tmp_path / "run.log").read_text()
         assert f"embedded PostgreSQL (pid {restarted[0].pid}) stopped" in out, out
+
+
+def test_make_run_gives_up_on_a_service_that_never_starts(databases, tmp_path):
+    # A setting every service refuses: each exits at start, is retried with back-off, and the
+    # launch stops (exit 1) instead of restarting a broken build forever.
+    with launcher(tmp_path, databases.base, GRPC_MAX_WORKERS="many") as (proc, _offset):
+        assert proc.wait(90) == 1
+        out = (tmp_path / "run.log").read_text()
+        assert "times without ever being healthy; giving up" in out, out
+        assert "restarted (restart #4" in out and "all healthy" not in out, out
+        assert "GRPC_MAX_WORKERS" in out, out  # the end of the service's log says why
