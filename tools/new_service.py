@@ -65,11 +65,11 @@ import pathlib
 
 from crm_chassis.service import ServiceContext, ServiceSpec, main
 
-from .api import PERMISSIONS, registration
+from .api import {api_imports}
 
 
 def build(ctx: ServiceContext):
-    return [registration(ctx)], PERMISSIONS
+    return {build_return}
 
 
 SPEC = ServiceSpec(
@@ -97,10 +97,7 @@ from crm.{domain}.v1 import {domain}_service_pb2, {domain}_service_pb2_grpc
 from crm_chassis.grpc_server import Registration
 from crm_chassis.service import ServiceContext
 
-# Full method name -> the permission it needs; one entry per RPC.
-PERMISSIONS: dict[str, str] = {{}}
-
-
+{permissions_block}
 class {camel}Servicer({domain}_service_pb2_grpc.{camel}ServiceServicer):
     """The RPCs of {camel}Service; ctx.engine is the database, ctx.relay the outbox relay."""
 
@@ -185,7 +182,7 @@ syntax = "proto3";
 package crm.{domain}.v1;
 
 // {name}: {summary}
-// Add its RPCs here; `make proto` regenerates the stubs and `make lint` runs buf lint.
+// Add its RPCs here; `make proto` regenerates the stubs and `make lint` runs buf lint.{permission_hint}
 service {camel}Service {{}}
 """,
     "k8s/base/{name}/values.yaml": """\
@@ -218,6 +215,34 @@ images:
     newTag: 0.1.0
 """,
 }
+
+
+def chassis_api(root: pathlib.Path) -> dict[str, str]:
+    """How the chassis at `root` takes a service's servicers. Newer chassis: ServiceSpec.build
+    returns the registrations and each RPC declares its permission in the proto (option
+    (crm.options.v1.permission)); older: build returns (registrations, {method: permission})."""
+    source = (root / "chassis" / "src" / "crm_chassis" / "service.py").read_text()
+    spec = source[source.index("class ServiceSpec") :]
+    build_line = next(ln for ln in spec.splitlines() if ln.strip().startswith("build:"))
+    if "tuple[" in build_line:
+        return {
+            "build_return": "[registration(ctx)], PERMISSIONS",
+            "api_imports": "PERMISSIONS, registration",
+            "permissions_block": (
+                "# Full method name -> the permission it needs; one entry per RPC.\n"
+                "PERMISSIONS: dict[str, str] = {}\n\n"
+            ),
+            "permission_hint": "",
+        }
+    return {
+        "build_return": "[registration(ctx)]",
+        "api_imports": "registration",
+        "permissions_block": "",
+        "permission_hint": (
+            '\n// Each RPC names the permission it needs: option (crm.options.v1.permission) = "...";'
+            '\n// (import "crm/options/v1/options.proto"); the service refuses to start without it.'
+        ),
+    }
 
 
 def registry_entry(v: dict) -> str:
@@ -264,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "domain": domain,
         "camel": camel(domain),
         "summary": args.summary,
+        **chassis_api(root),
     }
     if name in reg.names():
         parser.error(f"{name} is already in {reg_path.name}")
