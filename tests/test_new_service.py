@@ -46,6 +46,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pythonpath(repo: pathlib.Path) -> str:
+    """The generated package and the copy's stubs first, then whatever this run already has."""
+    parts = [str(repo / NAME / "src"), str(repo / "proto" / "gen"), os.environ.get("PYTHONPATH", "")]
+    return os.pathsep.join(p for p in parts if p)
+
+
 def run(cmd: list[str], cwd: pathlib.Path, **kw) -> str:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kw)
     assert proc.returncode == 0, f"{cmd}: {proc.stdout}\n{proc.stderr}"
@@ -91,7 +97,7 @@ def test_the_generated_service_starts_and_answers_health_and_reflection(generate
     env = dict(
         os.environ,
         # Its package and the copy's stubs first; everything else from the current virtualenv.
-        PYTHONPATH=os.pathsep.join([str(repo / NAME / "src"), str(repo / "proto" / "gen")]),
+        PYTHONPATH=pythonpath(repo),
         SERVICE_NAME=NAME,
         GRPC_PORT=str(port),
         DATABASE_URL=databases.fresh("loyalty"),
@@ -133,7 +139,7 @@ def test_the_generated_code_passes_lint_and_its_own_test(generated, databases, b
     run([str(BIN / "ruff"), "format", "--check", NAME], repo)
     env = dict(
         os.environ,
-        PYTHONPATH=os.pathsep.join([str(repo / NAME / "src"), str(repo / "proto" / "gen")]),
+        PYTHONPATH=pythonpath(repo),
         TEST_DATABASE_URL=databases.base,
         TEST_AMQP_URL=broker.url,
     )
