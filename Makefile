@@ -5,7 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 STAMP := $(VENV)/.installed
-PACKAGES := chassis customer-svc sales-svc support-svc campaign-svc reporting-svc gateway
+# chassis, then every service in services.toml, then the gateway (tools/registry.py: bare python3).
+PACKAGES := $(shell $(PYTHON) tools/registry.py packages)
+ifeq ($(strip $(PACKAGES)),)
+$(error services.toml could not be read: run $(PYTHON) tools/registry.py packages)
+endif
 PYPROJECTS := proto/pyproject.toml $(addsuffix /pyproject.toml,$(PACKAGES))
 PROTOS := $(shell find proto/crm -name '*.proto' 2>/dev/null)
 GEN_STAMP := proto/gen/.stamp
@@ -22,7 +26,7 @@ help:
 venv: $(STAMP)
 
 # Stubs must exist before the crm-protos package is installed (it packages proto/gen).
-$(STAMP): $(PYPROJECTS) requirements-dev.txt constraints.txt
+$(STAMP): $(PYPROJECTS) services.toml requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt grpcio-tools

@@ -1,15 +1,16 @@
 """`make k8s-check`: the Kubernetes manifests and the container images, checked without a cluster.
 
 Runs in the tools virtualenv (.venv-k8s, pinned by requirements-k8s.txt); it imports nothing
-from the services but crm_chassis.config (standard library only) and reads the rest of the code
-as source. Steps, each reported with its time, then a summary:
+from the services but crm_chassis.config and crm_chassis.registry (standard library only) and
+reads the rest of the code as source. Steps, each reported with its time, then a summary:
 
   render       `kubectl kustomize` on every per-service base (k8s/base/*) and every overlay
                (k8s/overlays/*), written to build/k8s/<target>.yaml
   schema       every rendered object against the Kubernetes OpenAPI schemas, strict
                (kubernetes-validate, as `kubernetes-validate --strict`), for each version in
                K8S_VERSIONS; custom resources against k8s/schemas/<group>_<version>_<Kind>.yaml
-  consistency  the manifests agree with the code (see check_render)
+  consistency  services.toml, the code (ServiceSpec), the k8s bases and the Dockerfile agree,
+               and the manifests agree with the code (see check_registry, check_render)
   hadolint     every Dockerfile in the repository
   checkov      the rendered manifests (framework kubernetes, --skip-download), with the skips
                in CHECKOV_SKIPS, each with its reason
@@ -36,6 +37,9 @@ import jsonschema
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import registry as registry_tool  # noqa: E402  (tools/registry.py: services.toml, stdlib only)
+
 K8S = ROOT / "k8s"
 OUT = ROOT / "build" / "k8s"
 SCHEMAS = K8S / "schemas"
@@ -265,7 +269,8 @@ def _is_environ(node: ast.AST) -> bool:
 def env_reads(*roots: pathlib.Path) -> dict[str, str]:
     """Environment variables the code reads directly: os.environ.get("X"), os.getenv("X"),
     os.environ["X"], and tables of (ENV_NAME, default) pairs that a loop feeds to
-    os.environ.get (crm_gateway.clients.DEFAULT_TARGETS). Maps the name to its default."""
+    os.environ.get. Maps the name to its default. (The gateway's service addresses come from
+    services.toml: see read_code.)"""
     found: dict[str, str] = {}
     for path in py_files(*roots):
         tree = parse(path)
@@ -310,13 +315,6 @@ def env_tables(tree: ast.Module) -> dict[str, str]:
     return out
 
 
-def module_dict(path: pathlib.Path, name: str) -> dict:
-    for node in parse(path).body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise LookupError(f"{name} not found in {path}")
-
-
 def module_constant(path: pathlib.Path, name: str):
     for node in parse(path).body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
@@ -355,6 +353,7 @@ class ServiceCode:
     default_port: int
     producer: bool  # publishes events: runs the outbox relay
     consumer: bool  # subscribes: runs the event consumers
+    domain: str | None = None  # producer_domain
 
     @property
     def workers(self) -> int:
@@ -376,6 +375,7 @@ def service_specs() -> dict[str, ServiceCode]:
                     producer="producer_domain" in kw
                     and not (isinstance(kw["producer_domain"], ast.Constant) and kw["producer_domain"].value is None),
                     consumer="subscriptions" in kw,
+                    domain=kw["producer_domain"].value if isinstance(kw.get("producer_domain"), ast.Constant) else None,
                 )
     return specs
 
@@ -651,6 +651,7 @@ def prestop_seconds(container: dict) -> int:
 @dataclass
 class Code:
     config: object
+    registry: object  # crm_chassis.registry.Registry (services.toml)
     specs: dict[str, ServiceCode]
     chassis_env: dict[str, str]
     gateway_env: dict[str, str]
@@ -664,13 +665,16 @@ class Code:
 def read_code() -> Code:
     gateway_src = ROOT / "gateway" / "src" / "crm_gateway"
     gunicorn_conf = ROOT / "gateway" / "gunicorn.conf.py"
-    targets = {env: default for env, default in module_dict(gateway_src / "clients.py", "DEFAULT_TARGETS").values()}
+    reg = registry_tool.load()
+    # crm_gateway.clients builds its address map from services.toml ([gateway] calls).
+    targets = dict(reg.gateway_targets().values())
     bind = env_reads(gunicorn_conf)
     return Code(
         config=chassis_config(),
+        registry=reg,
         specs=service_specs(),
         chassis_env=env_reads(ROOT / "chassis" / "src"),
-        gateway_env=env_reads(gateway_src, gunicorn_conf),
+        gateway_env=env_reads(gateway_src, gunicorn_conf) | targets,
         gateway_targets=targets,
         gateway_fields=attributes_used(gateway_src, ROOT / "chassis" / "src" / "crm_chassis" / "auth.py"),
         gateway_routes=http_routes(gateway_src / "app.py"),
@@ -679,29 +683,73 @@ def read_code() -> Code:
     )
 
 
-def check_dockerfiles(step: Step, code: Code) -> None:
-    """EXPOSE and ENTRYPOINT of each image agree with the service's code."""
-    for name, spec in code.specs.items():
-        df = spec.folder / "Dockerfile"
-        if not df.is_file():
-            step.fail(f"{name}: no Dockerfile at {df.relative_to(ROOT)}")
+def check_registry(step: Step, code: Code) -> None:
+    """services.toml, the services' code (ServiceSpec), their folders and k8s bases agree."""
+    reg = code.registry
+    before_registry = len(step.failures)
+    listed = {s.name: s for s in reg.services}
+    for name, entry in listed.items():
+        where = f"services.toml [services.{name}]"
+        spec = code.specs.get(name)
+        if spec is None:
+            step.fail(f"{where}: no ServiceSpec(name={name!r}) in {entry.folder}/src/{entry.package}/__main__.py")
             continue
-        text = df.read_text()
-        if not re.search(rf"^EXPOSE {spec.default_port}\b", text, re.M):
-            step.fail(f"{df.relative_to(ROOT)}: EXPOSE {spec.default_port} (ServiceSpec default_port) missing")
-        if f'ENTRYPOINT ["python", "-m", "{spec.package}"]' not in text:
-            step.fail(f"{df.relative_to(ROOT)}: exec-form ENTRYPOINT python -m {spec.package} missing")
-        if not re.search(r"^USER \d+", text, re.M):
-            step.fail(f"{df.relative_to(ROOT)}: no numeric non-root USER")
-    gw = ROOT / "gateway" / "Dockerfile"
-    if gw.is_file():
-        text = gw.read_text()
-        if not re.search(rf"^EXPOSE {code.gateway_default_port}\b", text, re.M):
-            step.fail(f"gateway/Dockerfile: EXPOSE {code.gateway_default_port} missing")
-        if "crm_gateway:create_app()" not in text or not re.search(r"^USER \d+", text, re.M):
-            step.fail("gateway/Dockerfile: gunicorn entrypoint or numeric USER missing")
-    else:
-        step.fail("gateway/Dockerfile missing")
+        if spec.folder != ROOT / entry.folder or spec.package != entry.package:
+            step.fail(
+                f"{where}: package {entry.folder}/src/{entry.package}, but the ServiceSpec is in "
+                f"{spec.folder.relative_to(ROOT)}/src/{spec.package}"
+            )
+        if spec.default_port != entry.port:
+            step.fail(f"{where}: port {entry.port} != ServiceSpec default_port {spec.default_port}")
+        if spec.producer != entry.publishes:
+            step.fail(f"{where}: publishes={entry.publishes}, but the ServiceSpec producer_domain says {spec.producer}")
+        if spec.producer and spec.domain != entry.domain:
+            step.fail(f"{where}: domain {entry.domain!r} != ServiceSpec producer_domain {spec.domain!r}")
+        if not (K8S / "base" / name / "kustomization.yaml").is_file():
+            step.fail(f"{where}: no k8s base k8s/base/{name} (python3 tools/new_service.py makes one)")
+    for name, spec in code.specs.items():
+        if name not in listed:
+            step.fail(f"{spec.folder.relative_to(ROOT)}: ServiceSpec {name!r} is not in services.toml")
+    for d in sorted((K8S / "base").iterdir()):
+        if d.is_dir() and d.name not in listed and d.name != "gateway":
+            step.fail(f"k8s/base/{d.name}: not a service in services.toml")
+    if reg.gateway is None:
+        step.fail("services.toml: no [gateway] table")
+    elif reg.gateway.port != code.gateway_default_port:
+        step.fail(f"services.toml [gateway]: port {reg.gateway.port} != gunicorn.conf.py's {code.gateway_default_port}")
+    if len(step.failures) == before_registry:
+        print(f"  ok   services.toml: {len(listed)} services agree with their ServiceSpec and have a k8s base")
+
+
+def check_dockerfiles(step: Step, code: Code) -> None:
+    """One Dockerfile builds every image: SERVICE selects it, the entrypoint comes from the registry."""
+    df = ROOT / "Dockerfile"
+    if not df.is_file():
+        step.fail("Dockerfile (repository root) missing")
+        return
+    text = df.read_text()
+    before = len(step.failures)
+    for pattern, what in (
+        (r"^ARG SERVICE$", "the build argument SERVICE"),
+        (r'tools/registry\.py entrypoint "\$\{SERVICE\}"', "the entrypoint written by tools/registry.py"),
+        (r'^ENTRYPOINT \["/usr/local/bin/crm-entrypoint"\]$', "the exec-form ENTRYPOINT crm-entrypoint"),
+        (r"^USER \d+", "a numeric non-root USER"),
+        (r"^\s+CRM_REGISTRY=/app/services\.toml", "CRM_REGISTRY (the gateway reads services.toml)"),
+    ):
+        if not re.search(pattern, text, re.M):
+            step.fail(f"Dockerfile: {what} missing")
+    others = [f for f in dockerfiles() if f != df]
+    for f in others:
+        step.fail(f"{f.relative_to(ROOT)}: a second Dockerfile (the root Dockerfile builds every image)")
+    reg = code.registry
+    for entry in reg.services:
+        script = registry_tool.entrypoint(reg, entry.name)
+        if f"exec python -m {entry.package} " not in script:
+            step.fail(f"Dockerfile: {entry.name}'s entrypoint does not run python -m {entry.package}: {script!r}")
+    if reg.gateway and "crm_gateway:create_app()" not in registry_tool.entrypoint(reg, reg.gateway.name):
+        step.fail("Dockerfile: the gateway's entrypoint does not run gunicorn crm_gateway:create_app()")
+    if len(step.failures) == before:
+        print(f"  ok   Dockerfile: one image definition for {len(reg.services)} services and the gateway")
 
 
 def check_render(step: Step, code: Code, render: Render, external: dict[str, set[str]]) -> int:
@@ -946,6 +994,7 @@ def check_consistency(step: Step, renders: list[Render]) -> None:
         f"  code: services {', '.join(f'{s.name}:{s.default_port}' for s in code.specs.values())}; "
         f"gateway calls {', '.join(f'{k}' for k in code.gateway_targets)}"
     )
+    check_registry(step, code)
     check_dockerfiles(step, code)
     external: dict[str, set[str]] = {}
     workloads = 0

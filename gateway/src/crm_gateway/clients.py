@@ -11,11 +11,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from crm.customer.v1 import customer_service_pb2_grpc
 from crm.reporting.v1 import reporting_service_pb2_grpc
 from crm_chassis.grpc_client import make_channel
+from crm_chassis.registry import load_registry
 
-DEFAULT_TARGETS = {
-    "customer": ("CUSTOMER_SVC_ADDR", "localhost:50051"),
-    "reporting": ("REPORTING_SVC_ADDR", "localhost:50055"),
-}
+# The services the gateway calls, from services.toml ([gateway] calls): client key (the service's
+# domain) -> (address setting, default), e.g. "customer": ("CUSTOMER_SVC_ADDR", "localhost:50051").
+DEFAULT_TARGETS = load_registry().gateway_targets()
 CALL_TIMEOUT = float(os.environ.get("GATEWAY_CALL_TIMEOUT_SECONDS", "10"))
 
 
