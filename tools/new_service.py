@@ -118,26 +118,15 @@ from crm_chassis.db import run_alembic_env
 run_alembic_env()
 """,
     "{name}/src/{package}/migrations/versions/0001_initial.py": '''\
-"""outbox, inbox
+"""The chassis tables: outbox, inbox, audit trail, timers, jobs (crm_chassis.migrations)
 
 Revision ID: 0001
 """
 
-from alembic import op
+from crm_chassis.migrations import first_revision
 
-from crm_chassis.messaging.tables import create_messaging_tables
-
-revision = "0001"
-down_revision = None
-
-
-def upgrade() -> None:
-    create_messaging_tables(op)
-
-
-def downgrade() -> None:
-    op.drop_table("inbox")
-    op.drop_table("outbox")
+revision, down_revision = "0001", None
+upgrade, downgrade = first_revision()
 ''',
     "{name}/tests/test_service.py": '''\
 """{name} starts, migrates its database and answers health and reflection."""
