@@ -66,6 +66,7 @@ from .errors import FailedPrecondition
 from .filtering import keyset_page, newest_first
 from .pagination import PageTokens
 from .work_tables import job_inputs, jobs
+from .workers import PollingWorker
 
 log = logging.getLogger("crm.jobs")
 
@@ -387,7 +388,7 @@ class JobContext:
 JobHandler = Callable[[JobContext], Any]
 
 
-class JobWorker:
+class JobWorker(PollingWorker):
     """Runs queued jobs (and jobs whose owner died) of the kinds it has handlers for, up to
     `concurrency` at once. One per process; replicas share the work."""
 
@@ -415,9 +416,7 @@ class JobWorker:
         self._handlers: dict[str, JobHandler] = dict(handlers or {})
         self._running: dict[str, tuple[JobContext, threading.Thread]] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self._next_cleanup = 0.0
         self._next_heartbeat = 0.0
 
@@ -426,36 +425,18 @@ class JobWorker:
         """Run jobs of `kind` with `handler(ctx)`; its return value (JSON) is the result."""
         self._handlers[kind] = handler
 
-    def handler(self, kind: str) -> Callable[[JobHandler], JobHandler]:
-        def deco(fn: JobHandler) -> JobHandler:
-            self.register(kind, fn)
-            return fn
-
-        return deco
-
-    # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> None:
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
-
-    def wake(self) -> None:
-        """Look for queued jobs now (after a commit that started one)."""
-        self._wake.set()
-
     def stop(self, timeout: float = 10.0) -> None:
         """Ask running handlers to stop at their next step, wait up to `timeout`, and release
         their jobs (queued again, lease cleared) for another replica to resume at once."""
         deadline = time.monotonic() + timeout
-        self._stopping.set()
+        self._stopping.set()  # no new claims; the wake-up comes once the handlers are told
         with self._lock:
             running = list(self._running.values())
         for ctx, _ in running:
             ctx.stop_reason = ctx.stop_reason or "the worker is stopping"
             ctx._stop.set()
         self._wake.set()
-        if self._thread:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._join(deadline - time.monotonic())
         for _ctx, thread in running:
             thread.join(max(0.0, deadline - time.monotonic()))
         for ctx, thread in running:
@@ -650,8 +631,7 @@ class JobWorker:
                     self._next_cleanup = now + 600
                     with self.engine.begin() as conn:
                         cleanup(conn, self.retention)
-                self._wake.wait(min(self.poll_seconds, self.lease_seconds / 3))
-                self._wake.clear()
+                self._idle(min(self.poll_seconds, self.lease_seconds / 3))
             except sa.exc.SQLAlchemyError as exc:
                 log.warning("job worker database error", extra={"error": str(exc)})
                 self._stopping.wait(backoff)

@@ -55,7 +55,6 @@ import datetime as dt
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 import zoneinfo
@@ -68,6 +67,7 @@ from croniter import croniter
 from sqlalchemy.dialects import postgresql as pg
 
 from .work_tables import timer_firings, timers
+from .workers import PollingWorker
 
 log = logging.getLogger("crm.timers")
 
@@ -250,7 +250,7 @@ class _Kind:
     max_attempts: int
 
 
-class TimerWorker:
+class TimerWorker(PollingWorker):
     """Fires due timers of the kinds it has handlers for. One per process; replicas share."""
 
     name = "timer-worker"
@@ -283,9 +283,7 @@ class TimerWorker:
         self._kinds: dict[str, _Kind] = {}
         for kind, fn in (handlers or {}).items():
             self.register(kind, fn)
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self._next_cleanup = 0.0
         self.fired_total = 0
         self.failed_total = 0
@@ -296,31 +294,10 @@ class TimerWorker:
         not commit). Register before start()."""
         self._kinds[kind] = _Kind(handler, max_attempts or self.max_attempts)
 
-    def handler(self, kind: str, *, max_attempts: int | None = None) -> Callable[[Handler], Handler]:
-        """Decorator form of `register`."""
-
-        def deco(fn: Handler) -> Handler:
-            self.register(kind, fn, max_attempts=max_attempts)
-            return fn
-
-        return deco
-
-    # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
-
-    def wake(self) -> None:
-        """Look for due timers now (after a commit that scheduled one due soon)."""
-        self._wake.set()
-
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the firing in progress, release the rest of the claimed batch, stop."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread:
-            self._thread.join(timeout)
+        self._signal_stop()
+        self._join(timeout)
 
     # -- work --------------------------------------------------------------------------------
     def run_once(self) -> int:
@@ -332,7 +309,7 @@ class TimerWorker:
         done, i = 0, 0
         try:
             for i, row in enumerate(claimed):  # noqa: B007 (i is read in finally)
-                if self._stop.is_set():
+                if self._stopping.is_set():
                     break
                 if self._fire(row, token):
                     done += 1
@@ -509,7 +486,7 @@ class TimerWorker:
 
     def _run(self) -> None:
         backoff = 0.2
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             try:
                 n = self.run_once()
                 backoff = 0.2
@@ -519,13 +496,12 @@ class TimerWorker:
                     self._next_cleanup = time.monotonic() + 600
                     self.cleanup()
                     self._log_lateness()
-                self._wake.wait(self._seconds_to_next())
-                self._wake.clear()
+                self._idle(self._seconds_to_next())
             except sa.exc.SQLAlchemyError as exc:
                 log.warning("timer database error", extra={"error": str(exc)})
-                self._stop.wait(backoff)
+                self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             except Exception:
                 log.exception("timer worker error")
-                self._stop.wait(backoff)
+                self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
