@@ -18,17 +18,7 @@ from crm_chassis.messaging.outbox import row_to_event
 from crm_chassis.messaging.topology import exchange_for
 from sales_svc.__main__ import SPEC as SALES
 from support_svc.__main__ import SPEC as SUPPORT
-from tests.support.harness import start_service
-
-
-def wait_for(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.support.harness import start_service, wait_for
 
 
 def count_for(suite, source: str) -> int:

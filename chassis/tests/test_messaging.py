@@ -16,6 +16,7 @@ from crm_chassis.messaging.envelope import Event, new_event
 from crm_chassis.messaging.outbox import OutboxRelay, enqueue
 from crm_chassis.messaging.tables import messaging_metadata, outbox
 from crm_chassis.messaging.topology import dead_letter_queue, declare_producer, exchange_for, queue_name
+from tests.support.harness import wait_for
 from tests.support.tcp_proxy import TcpProxy
 
 DOMAIN = "chassistest"
@@ -39,15 +40,6 @@ def make_event(data: bytes = b"ok") -> Event:
     return new_event(
         domain=DOMAIN, source_service="test-svc", routing_key=KEY, subject="things/1", message=Payload(data)
     )
-
-
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -13,17 +13,9 @@ from crm_chassis import timers
 from crm_chassis.db import create_engine
 from crm_chassis.timers import TimerWorker
 from crm_chassis.work_tables import timer_firings, work_metadata
+from tests.support.harness import wait_for
 
 UTC = dt.UTC
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
