@@ -215,9 +215,13 @@ def gateway_section(db_url: str, amqp_url: str) -> list[dict]:
             }
 
         def http_call(method: str, path: str, body: dict | None = None) -> bytes:
-            conn.request(method, path, body=json.dumps(body) if body else None, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
+            try:
+                conn.request(method, path, body=json.dumps(body) if body else None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (OSError, http.client.HTTPException):
+                conn.close()  # the next call connects again (gunicorn closes idle keep-alives after 5 s)
+                raise
             if resp.status >= 300:
                 raise RuntimeError(f"{method} {path}: {resp.status} {data[:200]!r}")
             return data
