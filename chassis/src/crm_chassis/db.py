@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import threading
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import sqlalchemy as sa
@@ -84,6 +86,9 @@ def resolve_database_url(settings: Settings) -> str:
 
 
 def create_engine(url: str, pool_size: int = 10, **kw) -> Engine:
+    # A database that does not answer fails a call after CONNECT_TIMEOUT seconds (UNAVAILABLE)
+    # instead of holding it for the operating system's TCP timeout (minutes).
+    kw.setdefault("connect_args", {}).setdefault("connect_timeout", CONNECT_TIMEOUT)
     # No pool_pre_ping: it costs a round trip on every checkout (a third of a primary-key read).
     # A connection broken by a database restart fails one call with UNAVAILABLE (the
     # interceptor maps disconnects so), is invalidated, and the retry gets a fresh one.
@@ -101,6 +106,111 @@ def create_engine(url: str, pool_size: int = 10, **kw) -> Engine:
     except ImportError:  # pragma: no cover
         pass
     return engine
+
+
+CONNECT_TIMEOUT = 5  # seconds
+
+# SQLSTATEs of a server that is going away or cannot take the connection: class 08 (connection
+# exception), admin/crash shutdown, "cannot connect now" (starting up), too many connections.
+_UNAVAILABLE_SQLSTATES = ("57P01", "57P02", "57P03", "53300")
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """True when `exc` says the database cannot be reached (down, restarting, connection refused or
+    lost, pool exhausted), as opposed to a statement it refused: retrying later may succeed.
+
+    A connection that cannot be opened raises OperationalError with connection_invalidated False
+    (SQLAlchemy only flags connections it had and lost), so the driver's error is looked at too:
+    psycopg raises its OperationalError without a SQLSTATE when no server answered."""
+    if isinstance(exc, sa.exc.TimeoutError):  # no pooled connection came free in time
+        return True
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate:
+        return sqlstate.startswith("08") or sqlstate in _UNAVAILABLE_SQLSTATES
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
+
+
+def untraced():
+    """A context in which the SQLAlchemy instrumentation makes no spans (background polls)."""
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    return suppress_instrumentation()
+
+
+class DatabaseProbe:
+    """Is the database reachable? `SELECT 1` every `interval` seconds, and at once after
+    `nudge()`, on one connection of its own (outside the service's pool, making no spans).
+    `on_change(up)` is called when the answer changes; the first check runs in `start()`."""
+
+    name = "database-probe"
+
+    def __init__(
+        self,
+        engine: Engine,
+        interval: float = 1.0,
+        timeout: float = 2.0,
+        on_change: Callable[[bool], None] | None = None,
+    ):
+        self.interval = interval
+        self.on_change = on_change
+        self.up: bool | None = None
+        self._engine = sa.create_engine(
+            engine.url,
+            pool_size=1,
+            max_overflow=0,
+            # tcp_user_timeout: a connection whose packets go unanswered fails within the timeout.
+            connect_args={"connect_timeout": max(1, round(timeout)), "tcp_user_timeout": int(timeout * 1000)},
+        )
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self) -> bool:
+        try:
+            with untraced(), self._engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            up = True
+        except sa.exc.SQLAlchemyError as exc:
+            up, error = False, str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            self._engine.dispose()  # the next check opens a fresh connection
+        if up != self.up:
+            if not up:
+                log.warning("database unreachable; not ready", extra={"error": error})
+            elif self.up is not None:
+                log.info("database reachable again; ready")
+            self.up = up
+            if self.on_change is not None:
+                self.on_change(up)
+        return up
+
+    def nudge(self) -> None:
+        """A caller saw the database fail: check now rather than at the next tick (a probe that
+        already says down keeps its pace)."""
+        if self.up:
+            self._wake.set()
+
+    def start(self) -> None:
+        self.check()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if not self._stop.is_set():
+                self.check()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout)
+        self._engine.dispose()
 
 
 def autocommit(engine: Engine) -> Engine:

@@ -2,7 +2,9 @@
 
 One call builds a sync grpc.server (faster than grpc.aio on these machines, see
 PERFORMANCE.md) with the chassis interceptor, the OpenTelemetry server interceptor, the
-non-blocking health service and reflection. `stop` (called on SIGTERM/SIGINT by Service.run_until_signal)
+non-blocking health service and reflection. Health is readiness: NOT_SERVING while the
+service's database cannot be reached (a probe checks every second), SERVING again when it is
+back; the `liveness` health name stays SERVING until shutdown. `stop` (called on SIGTERM/SIGINT by Service.run_until_signal)
 flips health to NOT_SERVING, refuses new calls, lets in-flight calls drain for the
 grace period and stops the background workers (outbox relay, consumers).
 """
@@ -22,11 +24,13 @@ from grpc_reflection.v1alpha import reflection
 
 from .auth import TokenVerifier
 from .config import Settings
+from .db import DatabaseProbe
 from .interceptors import ServerInterceptor
 
 log = logging.getLogger("crm.server")
 
 MAX_MESSAGE_BYTES = 65 * 1024 * 1024
+LIVENESS = "liveness"  # a health name that says only "the process serves" (for liveness probes)
 
 
 class BackgroundWorker(Protocol):
@@ -55,11 +59,15 @@ class GrpcService:
         permissions: dict[str, str],
         workers: list[BackgroundWorker] | None = None,
         port: int | None = None,
+        database=None,  # the service's sa.Engine: readiness follows its reachability
     ):
         self.settings = settings
         self.registrations = registrations
         self.workers = workers or []
         self._check_permissions(permissions)
+        self._serving = False
+        self._health_lock = threading.Lock()
+        self.database_probe = DatabaseProbe(database, on_change=self._on_database) if database is not None else None
         interceptors: list[grpc.ServerInterceptor] = []
         try:
             from opentelemetry.instrumentation.grpc import server_interceptor
@@ -67,7 +75,13 @@ class GrpcService:
             interceptors.append(server_interceptor())
         except ImportError:  # pragma: no cover
             pass
-        interceptors.append(ServerInterceptor(TokenVerifier.from_settings(settings), permissions))
+        interceptors.append(
+            ServerInterceptor(
+                TokenVerifier.from_settings(settings),
+                permissions,
+                on_database_unavailable=self.database_probe.nudge if self.database_probe else None,
+            )
+        )
         self._executor = futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers, thread_name_prefix="grpc")
         self.server = grpc.server(
             self._executor,
@@ -109,6 +123,15 @@ class GrpcService:
         for reg in self.registrations:
             self.health.set(reg.descriptor.full_name, status)
 
+    def _on_database(self, up: bool) -> None:
+        with self._health_lock:
+            if self._serving and not self._stopped.is_set():
+                self._set_serving(self._readiness(up))
+
+    @staticmethod
+    def _readiness(up: bool | None):
+        return health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+
     def start(self) -> GrpcService:
         self.server.start()
         for worker in self.workers:
@@ -120,7 +143,12 @@ class GrpcService:
             ready = getattr(worker, "ready", None)
             if ready is not None and not ready.wait(5.0):
                 log.warning("serving before %s is connected to the broker", worker.name)
-        self._set_serving(health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        if self.database_probe is not None:
+            self.database_probe.start()  # checks once before answering
+        with self._health_lock:
+            self._serving = True
+            self._set_serving(self._readiness(self.database_probe.up if self.database_probe else True))
         log.info("serving", extra={"port": self.port, "services": [r.descriptor.full_name for r in self.registrations]})
         return self
 
@@ -133,6 +161,8 @@ class GrpcService:
         log.info("shutting down", extra={"grace_seconds": grace})
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.database_probe is not None:
+            self.database_probe.stop()
         # Workers stop after the RPCs: events written by the last calls are still relayed
         # when the broker is up (the relay drains its outbox on stop).
         for worker in reversed(self.workers):

@@ -96,7 +96,7 @@ class Service:
         self.grpc: GrpcService | None = None
         if grpc:
             registrations, permissions = spec.build(self.ctx)
-            self.grpc = GrpcService(self.settings, registrations, permissions, workers, port=port)
+            self.grpc = GrpcService(self.settings, registrations, permissions, workers, port=port, database=engine)
 
     @property
     def port(self) -> int:
