@@ -54,6 +54,16 @@ def _metadata(details) -> dict[str, str]:
 _STRING = FieldDescriptor.TYPE_STRING
 _MESSAGE = FieldDescriptor.TYPE_MESSAGE
 _holds_text: dict = {}  # message Descriptor -> can it (or a message inside it) hold a string?
+_map_values: dict = {}  # map-entry Descriptor -> its value field; other message Descriptors -> None
+
+
+def _map_value(descriptor):
+    try:
+        return _map_values[descriptor]
+    except KeyError:
+        value = descriptor.fields_by_name["value"] if descriptor.GetOptions().map_entry else None
+        _map_values[descriptor] = value
+        return value
 
 
 def _may_hold_text(descriptor) -> bool:
@@ -71,7 +81,8 @@ def nul_violations(message, prefix: str = "") -> list[FieldViolation]:
     """Every string field of `message` (nested, repeated and map fields included) that contains
     a NUL character, by field path: `customer.given_name`, `emails[1].address`, `labels["k"]`."""
     out: list[FieldViolation] = []
-    if _may_hold_text(message.DESCRIPTOR):
+    descriptor = message.DESCRIPTOR
+    if _holds_text.get(descriptor) or _may_hold_text(descriptor):
         _walk(message, prefix, out)
     return out
 
@@ -90,8 +101,8 @@ def _walk(message, prefix: str, out: list[FieldViolation]) -> None:
             else:
                 out.extend(_nul(f"{prefix}{fd.name}[{i}]") for i, v in enumerate(value) if "\x00" in v)
         elif kind == _MESSAGE and _may_hold_text(fd.message_type):
-            if fd.message_type.GetOptions().map_entry:
-                value_fd = fd.message_type.fields_by_name["value"]
+            value_fd = _map_value(fd.message_type)
+            if value_fd is not None:
                 for key, item in value.items():
                     if isinstance(key, str) and "\x00" in key:
                         out.append(_nul(prefix + fd.name))  # the key itself: name the map
