@@ -4,9 +4,10 @@ One call builds a sync grpc.server (faster than grpc.aio on these machines, see
 PERFORMANCE.md) with the chassis interceptor, the OpenTelemetry server interceptor, the
 non-blocking health service and reflection. Health is readiness: NOT_SERVING while the
 service's database cannot be reached (a probe checks every second), SERVING again when it is
-back; the `liveness` health name stays SERVING until shutdown. `stop` (called on SIGTERM/SIGINT by Service.run_until_signal)
-flips health to NOT_SERVING, refuses new calls, lets in-flight calls drain for the
-grace period and stops the background workers (outbox relay, consumers).
+back; the `liveness` health name stays SERVING until shutdown. `stop` (called on
+SIGTERM/SIGINT by Service.run_until_signal) flips health to NOT_SERVING, refuses new calls,
+lets in-flight calls drain for the grace period and stops the background workers (outbox
+relay, consumers).
 """
 
 from __future__ import annotations

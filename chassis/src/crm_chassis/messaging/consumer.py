@@ -210,6 +210,11 @@ class EventConsumer:
                 log.warning("broker unavailable; consumer will reconnect", extra={"error": repr(exc)})
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
+            except Exception:  # a bug must not end the consumer thread: start again on a new channel
+                self.ready.clear()
+                log.exception("consumer error; it will reconnect")
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
             finally:
                 conn, self._conn, self._channel, self._dl_channel = self._conn, None, None, None
                 if conn is not None and conn.is_open:
@@ -325,7 +330,8 @@ class EventConsumer:
         without requeue, the broker's own dead-lettering, if the copy cannot be published)."""
         self.dead_lettered += 1
         log.error(
-            "event dead-lettered",
+            "event dead-lettered: %s",
+            reason,
             extra={
                 "queue": d.queue,
                 "reason": reason,
