@@ -5,6 +5,7 @@ errors classified as unavailable, idle broker connections, and the relay's trace
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 
@@ -82,8 +83,15 @@ def test_a_database_that_cannot_be_reached_is_unavailable_and_a_bad_statement_is
         assert is_database_unavailable(lost.value)
         with pytest.raises(sa.exc.DBAPIError) as refused, engine.connect() as conn:  # a new one cannot open
             conn.execute(sa.text("SELECT 1"))
-        assert not refused.value.connection_invalidated  # what used to answer INTERNAL
         assert is_database_unavailable(refused.value)
+        plain = sa.create_engine(url)  # without the chassis's disconnect rule, as any engine
+        try:
+            with pytest.raises(sa.exc.DBAPIError) as raw, plain.connect():
+                pass
+            assert not raw.value.connection_invalidated  # what used to answer INTERNAL
+            assert is_database_unavailable(raw.value)
+        finally:
+            plain.dispose()
     finally:
         proxy.stop()
         engine.dispose()
@@ -106,6 +114,22 @@ def test_the_database_probe_follows_an_outage_and_the_recovery(databases):
         probe.stop()
         proxy.stop()
         engine.dispose()
+
+
+def test_a_database_that_accepts_connections_but_never_answers_is_down(databases):
+    """A black hole (a server host that vanished) must not hang the probe: it says down."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(8)  # the kernel accepts; nobody ever answers
+    port = hole.getsockname()[1]
+    engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/nothing", pool_size=1)
+    probe = DatabaseProbe(engine, timeout=1.0)
+    try:
+        assert probe.check() is False and probe.up is False
+    finally:
+        probe.stop()
+        engine.dispose()
+        hole.close()
 
 
 # -- the consumer ---------------------------------------------------------------------------

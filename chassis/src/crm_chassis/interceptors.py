@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .auth import Principal, TokenVerifier
-from .db import is_database_unavailable
+from .db import error_line, is_database_unavailable
 from .errors import DomainError, FieldViolation, InvalidArgument, Unauthenticated, Unavailable, internal_status
 from .logging import request_id_var
 
@@ -201,9 +201,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 context.abort_with_status(internal_status(f"internal error (request id {request_id})"))
             # Down, restarting, refusing or dropping connections: retryable, and no stack trace.
             code = grpc.StatusCode.UNAVAILABLE
-            log.warning(
-                "database unavailable in %s", method, extra={"error": _first_line(getattr(err, "orig", None) or err)}
-            )
+            log.warning("database unavailable in %s", method, extra={"error": error_line(err)})
             if self.on_database_unavailable is not None:
                 self.on_database_unavailable()
             context.abort_with_status(Unavailable("the database is unavailable; retry later").to_grpc_status())
@@ -230,11 +228,6 @@ class ServerInterceptor(grpc.ServerInterceptor):
             if principal_token is not None:
                 principal_var.reset(principal_token)
             request_id_var.reset(rid_token)
-
-
-def _first_line(err) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 class ClientAuthInterceptor(grpc.UnaryUnaryClientInterceptor):

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from ..db import untraced
+from ..db import is_database_unavailable, untraced
 from ..telemetry import extract_context, inject_headers
 from .envelope import Event
 from .publisher import ConfirmingPublisher, PublishError
@@ -235,12 +235,16 @@ class OutboxRelay:
 
     def _run(self) -> None:
         backoff = 0.2
+        database_down = False
         while not self._stop.is_set():
             try:
                 n = self.relay_once()
                 if not self.broker_up:
                     self.broker_up = True
                     log.info("relay connected to broker")
+                if database_down:
+                    database_down = False
+                    log.info("relay's database available again")
                 backoff = 0.2
                 if n >= self.batch_size:
                     continue
@@ -256,7 +260,11 @@ class OutboxRelay:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
             except sa.exc.SQLAlchemyError as exc:
-                log.warning("outbox database error", extra={"error": str(exc)})
+                if not is_database_unavailable(exc):
+                    log.warning("outbox database error", extra={"error": str(exc)})
+                elif not database_down:  # one line per outage, not one per retry
+                    database_down = True
+                    log.warning("relay's database unavailable; it retries with back-off", extra={"error": str(exc)})
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
             except Exception:
