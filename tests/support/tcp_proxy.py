@@ -1,5 +1,6 @@
-"""A loopback TCP proxy the tests can cut and restore, to play a broker outage: while it is
-down, live connections are reset and new ones refused, as when RabbitMQ goes away."""
+"""A loopback TCP proxy the tests can cut and restore, to play a broker or database outage:
+while it is down, live connections are reset and new ones refused, as when RabbitMQ or
+PostgreSQL goes away. The upstream is (host, port) or a Unix socket path."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 
 
 class TcpProxy:
-    def __init__(self, upstream: tuple[str, int]):
+    def __init__(self, upstream: tuple[str, int] | str):
         self.upstream = upstream
         self.port = 0
         self._listener: socket.socket | None = None
@@ -32,8 +33,7 @@ class TcpProxy:
             except OSError:
                 return
             try:
-                server = socket.create_connection(self.upstream, timeout=5)
-                server.settimeout(None)
+                server = self._connect_upstream()
             except OSError:
                 client.close()
                 continue
@@ -41,6 +41,15 @@ class TcpProxy:
                 self._conns += [client, server]
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _connect_upstream(self) -> socket.socket:
+        if isinstance(self.upstream, str):
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.connect(self.upstream)
+            return server
+        server = socket.create_connection(self.upstream, timeout=5)
+        server.settimeout(None)
+        return server
 
     @staticmethod
     def _pump(src: socket.socket, dst: socket.socket) -> None:

@@ -2,9 +2,12 @@
 
 One call builds a sync grpc.server (faster than grpc.aio on these machines, see
 PERFORMANCE.md) with the chassis interceptor, the OpenTelemetry server interceptor, the
-non-blocking health service and reflection. `stop` (called on SIGTERM/SIGINT by Service.run_until_signal)
-flips health to NOT_SERVING, refuses new calls, lets in-flight calls drain for the
-grace period and stops the background workers (outbox relay, consumers).
+non-blocking health service and reflection. Health is readiness: NOT_SERVING while the
+service's database cannot be reached (a probe checks every second), SERVING again when it is
+back; the `liveness` health name stays SERVING until shutdown. `stop` (called on
+SIGTERM/SIGINT by Service.run_until_signal) flips health to NOT_SERVING, refuses new calls,
+lets in-flight calls drain for the grace period and stops the background workers (outbox
+relay, consumers).
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from grpc_reflection.v1alpha import reflection
 
 from .auth import TokenVerifier
 from .config import Settings
+from .db import DatabaseProbe
 from .interceptors import ServerInterceptor
 from .permissions import method_permissions
 
 log = logging.getLogger("crm.server")
 
 MAX_MESSAGE_BYTES = 65 * 1024 * 1024
+LIVENESS = "liveness"  # a health name that says only "the process serves" (for liveness probes)
 
 
 class BackgroundWorker(Protocol):
@@ -55,12 +60,16 @@ class GrpcService:
         registrations: list[Registration],
         workers: list[BackgroundWorker] | None = None,
         port: int | None = None,
+        database=None,  # the service's sa.Engine: readiness follows its reachability
     ):
         self.settings = settings
         self.registrations = registrations
         self.workers = workers or []
         # What each RPC needs, from its descriptor; an RPC that declares nothing stops the start.
         permissions = method_permissions(reg.descriptor for reg in registrations)
+        self._serving = False
+        self._health_lock = threading.Lock()
+        self.database_probe = DatabaseProbe(database, on_change=self._on_database) if database is not None else None
         interceptors: list[grpc.ServerInterceptor] = []
         try:
             from opentelemetry.instrumentation.grpc import server_interceptor
@@ -68,7 +77,13 @@ class GrpcService:
             interceptors.append(server_interceptor())
         except ImportError:  # pragma: no cover
             pass
-        interceptors.append(ServerInterceptor(TokenVerifier.from_settings(settings), permissions))
+        interceptors.append(
+            ServerInterceptor(
+                TokenVerifier.from_settings(settings),
+                permissions,
+                on_database_unavailable=self.database_probe.nudge if self.database_probe else None,
+            )
+        )
         self._executor = futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers, thread_name_prefix="grpc")
         self.server = grpc.server(
             self._executor,
@@ -100,6 +115,15 @@ class GrpcService:
         for reg in self.registrations:
             self.health.set(reg.descriptor.full_name, status)
 
+    def _on_database(self, up: bool) -> None:
+        with self._health_lock:
+            if self._serving and not self._stopped.is_set():
+                self._set_serving(self._readiness(up))
+
+    @staticmethod
+    def _readiness(up: bool | None):
+        return health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+
     def start(self) -> GrpcService:
         self.server.start()
         for worker in self.workers:
@@ -111,7 +135,12 @@ class GrpcService:
             ready = getattr(worker, "ready", None)
             if ready is not None and not ready.wait(5.0):
                 log.warning("serving before %s is connected to the broker", worker.name)
-        self._set_serving(health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        if self.database_probe is not None:
+            self.database_probe.start()  # checks once before answering
+        with self._health_lock:
+            self._serving = True
+            self._set_serving(self._readiness(self.database_probe.up if self.database_probe else True))
         log.info("serving", extra={"port": self.port, "services": [r.descriptor.full_name for r in self.registrations]})
         return self
 
@@ -124,6 +153,8 @@ class GrpcService:
         log.info("shutting down", extra={"grace_seconds": grace})
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.database_probe is not None:
+            self.database_probe.stop()
         # Workers stop after the RPCs: events written by the last calls are still relayed
         # when the broker is up (the relay drains its outbox on stop).
         for worker in reversed(self.workers):

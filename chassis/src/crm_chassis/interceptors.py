@@ -1,5 +1,6 @@
 """The server interceptor every service runs: request id, JSON access log, JWT authentication,
-per-RPC permission check, and domain errors mapped to google.rpc.Status.
+per-RPC permission check, text fields checked for NUL characters, and domain errors mapped to
+google.rpc.Status (a database that cannot be reached answers UNAVAILABLE).
 
 Health and reflection stay open (probes and tools carry no token); every other method must
 declare its permission in its proto (crm.options.v1.permission), or the server refuses to start.
@@ -12,12 +13,16 @@ import contextvars
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .auth import Principal, TokenVerifier
-from .errors import DomainError, Unauthenticated, Unavailable, internal_status
+from .db import error_line, is_database_unavailable
+from .errors import DomainError, FieldViolation, InvalidArgument, Unauthenticated, Unavailable, internal_status
 from .logging import request_id_var
 
 log = logging.getLogger("crm.rpc")
@@ -42,10 +47,96 @@ def _metadata(details) -> dict[str, str]:
     return out
 
 
+# -- NUL characters ---------------------------------------------------------------------------
+# PostgreSQL cannot store U+0000 in text, so a NUL in any string of a request would fail deep
+# in a query (INTERNAL). Every request is checked here once, before the servicer runs.
+
+_STRING = FieldDescriptor.TYPE_STRING
+_MESSAGE = FieldDescriptor.TYPE_MESSAGE
+_holds_text: dict = {}  # message Descriptor -> can it (or a message inside it) hold a string?
+_map_values: dict = {}  # map-entry Descriptor -> its value field; other message Descriptors -> None
+
+
+def _map_value(descriptor):
+    try:
+        return _map_values[descriptor]
+    except KeyError:
+        value = descriptor.fields_by_name["value"] if descriptor.GetOptions().map_entry else None
+        _map_values[descriptor] = value
+        return value
+
+
+def _may_hold_text(descriptor) -> bool:
+    known = _holds_text.get(descriptor)
+    if known is None:
+        _holds_text[descriptor] = True  # provisional: recursive types (Struct, Value) refer to themselves
+        known = any(
+            f.type == _STRING or (f.type == _MESSAGE and _may_hold_text(f.message_type)) for f in descriptor.fields
+        )
+        _holds_text[descriptor] = known
+    return known
+
+
+def nul_violations(message, prefix: str = "") -> list[FieldViolation]:
+    """Every string field of `message` (nested, repeated and map fields included) that contains
+    a NUL character, by field path: `customer.given_name`, `emails[1].address`, `labels["k"]`."""
+    out: list[FieldViolation] = []
+    descriptor = message.DESCRIPTOR
+    if _holds_text.get(descriptor) or _may_hold_text(descriptor):
+        _walk(message, prefix, out)
+    return out
+
+
+def _nul(path: str) -> FieldViolation:
+    return FieldViolation(path, "must not contain NUL characters (U+0000)")
+
+
+def _walk(message, prefix: str, out: list[FieldViolation]) -> None:
+    for fd, value in message.ListFields():  # only the fields that are set
+        kind = fd.type
+        if kind == _STRING:
+            if not fd.is_repeated:
+                if "\x00" in value:
+                    out.append(_nul(prefix + fd.name))
+            else:
+                out.extend(_nul(f"{prefix}{fd.name}[{i}]") for i, v in enumerate(value) if "\x00" in v)
+        elif kind == _MESSAGE and _may_hold_text(fd.message_type):
+            value_fd = _map_value(fd.message_type)
+            if value_fd is not None:
+                for key, item in value.items():
+                    if isinstance(key, str) and "\x00" in key:
+                        out.append(_nul(prefix + fd.name))  # the key itself: name the map
+                        continue
+                    path = f'{prefix}{fd.name}["{key}"]' if isinstance(key, str) else f"{prefix}{fd.name}[{key}]"
+                    if value_fd.type == _STRING:
+                        if "\x00" in item:
+                            out.append(_nul(path))
+                    elif value_fd.type == _MESSAGE:
+                        _walk(item, path + ".", out)
+            elif fd.is_repeated:
+                for i, item in enumerate(value):
+                    _walk(item, f"{prefix}{fd.name}[{i}].", out)
+            else:
+                _walk(value, f"{prefix}{fd.name}.", out)
+
+
+def check_text(request) -> None:
+    """Raise INVALID_ARGUMENT naming every string field of the request that holds a NUL."""
+    violations = nul_violations(request)
+    if violations:
+        raise InvalidArgument(violations)
+
+
 class ServerInterceptor(grpc.ServerInterceptor):
-    def __init__(self, verifier: TokenVerifier, permissions: dict[str, str]):
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        permissions: dict[str, str],
+        on_database_unavailable: Callable[[], None] | None = None,
+    ):
         self.verifier = verifier
         self.permissions = permissions
+        self.on_database_unavailable = on_database_unavailable  # e.g. the readiness probe's nudge
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -61,6 +152,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
 
             def unary(request, context):
                 with self._guard(method, permission, md, context):
+                    check_text(request)
                     return behavior(request, context)
                 return None  # not reached: _guard aborted
 
@@ -70,6 +162,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
 
             def unary_stream(request, context):
                 with self._guard(method, permission, md, context):
+                    check_text(request)
                     yield from stream_behavior(request, context)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
@@ -101,14 +194,17 @@ class ServerInterceptor(grpc.ServerInterceptor):
         except DomainError as err:
             code = err.code
             context.abort_with_status(err.to_grpc_status())
-        except DBAPIError as err:
-            if not err.connection_invalidated:
+        except (DBAPIError, PoolTimeout) as err:
+            if not is_database_unavailable(err):
                 code = grpc.StatusCode.INTERNAL
                 log.exception("database error in %s", method)
                 context.abort_with_status(internal_status(f"internal error (request id {request_id})"))
+            # Down, restarting, refusing or dropping connections: retryable, and no stack trace.
             code = grpc.StatusCode.UNAVAILABLE
-            log.warning("database connection lost in %s", method)
-            context.abort_with_status(Unavailable("database connection lost; retry").to_grpc_status())
+            log.warning("database unavailable in %s", method, extra={"error": error_line(err)})
+            if self.on_database_unavailable is not None:
+                self.on_database_unavailable()
+            context.abort_with_status(Unavailable("the database is unavailable; retry later").to_grpc_status())
         except GeneratorExit:
             code = grpc.StatusCode.CANCELLED  # the client went away mid-stream
             raise

@@ -110,7 +110,7 @@ class Service:
         if background:
             workers += spec.workers(self.ctx)
         if grpc:
-            self.grpc = GrpcService(self.settings, registrations, workers, port=port)
+            self.grpc = GrpcService(self.settings, registrations, workers, port=port, database=engine)
 
     @property
     def port(self) -> int:

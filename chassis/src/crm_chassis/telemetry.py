@@ -42,10 +42,10 @@ def tracer(name: str = "crm") -> trace.Tracer:
     return trace.get_tracer(name)
 
 
-def inject_headers(carrier: dict | None = None) -> dict:
-    """The current trace context as W3C headers (traceparent, tracestate)."""
+def inject_headers(carrier: dict | None = None, context=None) -> dict:
+    """The current (or the given) trace context as W3C headers (traceparent, tracestate)."""
     carrier = {} if carrier is None else carrier
-    propagate.inject(carrier)
+    propagate.inject(carrier, context=context)
     return carrier
 
 

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from crm.customer.v1 import customer_events_pb2
-from crm_chassis.messaging.consumer import Subscription
+from crm_chassis.messaging.consumer import Requires, Subscription
 from crm_chassis.messaging.envelope import Event
 
 metadata = sa.MetaData()
@@ -84,6 +84,25 @@ def on_customer_unmerged(conn: sa.Connection, event: Event) -> None:
         _apply_customer(conn, c)
 
 
+# What each handler reads of its event. The consumer checks it before the handler runs and
+# dead-letters an event that lacks it (an empty body would otherwise count as a customer ''
+# created in 1970).
+CUSTOMER = ("customer.name", "customer.create_time")
+REQUIRES = {
+    "customer.created.v1": Requires(customer_events_pb2.CustomerCreated, CUSTOMER),
+    "customer.updated.v1": Requires(customer_events_pb2.CustomerUpdated, CUSTOMER),
+    "customer.deleted.v1": Requires(customer_events_pb2.CustomerDeleted, CUSTOMER),
+    "customer.undeleted.v1": Requires(customer_events_pb2.CustomerDeleted, CUSTOMER),
+    "customer.erased.v1": Requires(customer_events_pb2.CustomerErased, CUSTOMER),
+    "customer.merged.v1": Requires(
+        customer_events_pb2.CustomerMerged, ("survivor.name", "survivor.create_time", "merged")
+    ),
+    "customer.unmerged.v1": Requires(
+        customer_events_pb2.CustomerUnmerged, ("survivor.name", "survivor.create_time", "restored")
+    ),
+}
+
+
 def subscriptions() -> list[Subscription]:
     return [
         Subscription(
@@ -97,6 +116,7 @@ def subscriptions() -> list[Subscription]:
                 "customer.merged.v1": on_customer_merged,
                 "customer.unmerged.v1": on_customer_unmerged,
             },
+            requires=REQUIRES,
         )
     ]
 

@@ -2,13 +2,24 @@
 
 Each delivery is handled in one database transaction that also records the event id in the
 inbox table; a redelivered event finds its id there and changes nothing. Ack comes only after
-commit. A handler that raises is nacked and requeued; the quorum queue's delivery limit then
-dead-letters it to <queue>.dlq, so one poison message never blocks the ones behind it. A
-message that can never be parsed is dead-lettered at once.
+commit. What happens to a delivery that cannot be handled depends on why:
+
+- it can never be handled (envelope without its CloudEvents attributes, a body that does not
+  decode as the message its subscription `Requires`, a required field missing): it is
+  dead-lettered at once, to <queue>.dlq, with the reason in the `x-crm-dead-letter-reason`
+  header and one ERROR log line;
+- the handler raised: it is nacked and requeued; the quorum queue's delivery limit then
+  dead-letters it, so one poison message never blocks the ones behind it;
+- the database is unavailable (down, restarting, refusing connections): nothing is settled.
+  The consumer holds the delivery and the ones behind it unacknowledged (at most `prefetch`)
+  and retries them in order with back-off until the database answers; a held delivery has not
+  been returned to the queue, so it does not count towards the delivery limit.
 """
 
 from __future__ import annotations
 
+import collections
+import copy
 import logging
 import threading
 from collections.abc import Callable
@@ -16,29 +27,100 @@ from dataclasses import dataclass, field
 
 import pika
 import sqlalchemy as sa
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
-from pika.exceptions import AMQPError
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from pika.exceptions import AMQPError, NackError, UnroutableError
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from ..db import is_database_unavailable, untraced
 from ..telemetry import extract_context
 from .envelope import Event, MalformedEvent, from_amqp
+from .publisher import url_parameters
 from .tables import inbox
-from .topology import declare_consumer_queue
+from .topology import dead_letter_exchange, declare_consumer_queue
 
 log = logging.getLogger("crm.consumer")
 
 Handler = Callable[[sa.Connection, Event], None]
+
+DEAD_LETTER_REASON = "x-crm-dead-letter-reason"  # header on an event the consumer dead-lettered itself
+DEAD_LETTER_QUEUE = "x-crm-dead-letter-queue"  # the queue it came from
+
+
+@dataclass(frozen=True)
+class Requires:
+    """What a handler needs of an event, checked by the consumer before the handler runs: the
+    body decodes as `message` (a protobuf class) and every dotted path in `fields` is set (a
+    message field present, a scalar not its zero value, a repeated field not empty). The
+    event's dataschema, when it names one, must be the message's full name."""
+
+    message: type
+    fields: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for path in self.fields:  # a typo fails at start-up, not on the first event
+            descriptor = self.message.DESCRIPTOR
+            *parents, last = path.split(".")
+            for name in parents:
+                fd = descriptor.fields_by_name.get(name)
+                if fd is None or fd.type != FieldDescriptor.TYPE_MESSAGE or fd.is_repeated:
+                    raise ValueError(f"{self.message.DESCRIPTOR.full_name}: {path}: {name} is not a message field")
+                descriptor = fd.message_type
+            if last not in descriptor.fields_by_name:
+                raise ValueError(f"{self.message.DESCRIPTOR.full_name} has no field {path}")
+
+    def problem(self, event: Event) -> str | None:
+        """Why the event cannot be handled, or None."""
+        full_name = self.message.DESCRIPTOR.full_name
+        if event.dataschema and event.dataschema != full_name:
+            return f"dataschema {event.dataschema!r} is not {full_name}"
+        msg = self.message()
+        try:
+            msg.ParseFromString(event.data)
+        except DecodeError as exc:
+            return f"body does not decode as {full_name}: {exc}"
+        missing = [path for path in self.fields if not _is_set(msg, path)]
+        if missing:
+            return f"{full_name} lacks required field(s): {', '.join(missing)}"
+        return None
+
+
+def _is_set(msg, path: str) -> bool:
+    for name in path.split("."):
+        fd = msg.DESCRIPTOR.fields_by_name[name]
+        if fd.is_repeated:
+            return len(getattr(msg, name)) > 0
+        if fd.has_presence:
+            if not msg.HasField(name):
+                return False
+        elif getattr(msg, name) == fd.default_value:
+            return False
+        msg = getattr(msg, name)
+    return True
 
 
 @dataclass
 class Subscription:
     domain: str  # producer domain: "customer" -> exchange crm.customer.events
     handlers: dict[str, Handler] = field(default_factory=dict)  # routing key -> handler
+    requires: dict[str, Requires] = field(default_factory=dict)  # routing key -> what its handler needs
+
+
+@dataclass
+class _Delivery:
+    channel: object
+    method: object
+    properties: pika.BasicProperties
+    body: bytes
+    sub: Subscription
+    queue: str
 
 
 class EventConsumer:
     name = "event-consumer"
+    FIRST_RETRY = 0.2  # seconds before the first retry of a held delivery; doubles up to max_backoff
 
     def __init__(
         self,
@@ -53,9 +135,7 @@ class EventConsumer:
     ):
         self.engine = engine
         self.inbox_retention_hours = inbox_retention_hours
-        self.params = pika.URLParameters(amqp_url)
-        self.params.heartbeat = 30
-        self.params.connection_attempts = 1
+        self.params = url_parameters(amqp_url)
         self.consumer_service = consumer_service
         self.subscriptions = subscriptions
         self.prefetch = prefetch
@@ -65,10 +145,15 @@ class EventConsumer:
         self._thread: threading.Thread | None = None
         self._conn: pika.BlockingConnection | None = None
         self._channel = None
+        self._dl_channel = None  # confirm mode: dead-letters with a reason are published here
+        self._held: collections.deque[_Delivery] = collections.deque()  # unsettled while the database is down
+        self._retry_delay = self.FIRST_RETRY
         self.ready = threading.Event()  # set once queues are declared and consuming
         self.processed = 0
         self.duplicates = 0
-        self.failures = 0
+        self.failures = 0  # handler errors (requeued towards the delivery limit)
+        self.dead_lettered = 0  # dead-lettered at once by the consumer (malformed)
+        self.database_waits = 0  # attempts that found the database unavailable
         self._tracer = trace.get_tracer("crm.consumer")
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -102,7 +187,11 @@ class EventConsumer:
         while not self._stop.is_set():
             try:
                 self._conn = pika.BlockingConnection(self.params)
+                self._held.clear()  # deliveries of a previous connection went back to the queue
+                self._retry_delay = self.FIRST_RETRY
                 self._channel = self._conn.channel()
+                self._dl_channel = self._conn.channel()
+                self._dl_channel.confirm_delivery()
                 self._channel.basic_qos(prefetch_count=self.prefetch)
                 for sub, queue in zip(self.subscriptions, self.declare(self._channel), strict=True):
                     self._channel.basic_consume(
@@ -121,8 +210,13 @@ class EventConsumer:
                 log.warning("broker unavailable; consumer will reconnect", extra={"error": repr(exc)})
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
+            except Exception:  # a bug must not end the consumer thread: start again on a new channel
+                self.ready.clear()
+                log.exception("consumer error; it will reconnect")
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
             finally:
-                conn, self._conn, self._channel = self._conn, None, None
+                conn, self._conn, self._channel, self._dl_channel = self._conn, None, None, None
                 if conn is not None and conn.is_open:
                     try:
                         conn.close()
@@ -136,7 +230,8 @@ class EventConsumer:
 
     def _cleanup_tick(self) -> None:
         try:
-            self.cleanup_inbox()
+            with untraced():  # housekeeping, not part of any event's trace
+                self.cleanup_inbox()
         except sa.exc.SQLAlchemyError as exc:
             log.warning("inbox cleanup failed", extra={"error": str(exc)})
         self._schedule_cleanup(600.0)
@@ -155,37 +250,105 @@ class EventConsumer:
 
     # -- one message -------------------------------------------------------------------------
     def _on_message(self, channel, method, properties, body, sub: Subscription, queue: str) -> None:
+        delivery = _Delivery(channel, method, properties, body, sub, queue)
+        if self._held:  # keep the order: behind the ones waiting for the database
+            self._held.append(delivery)
+        elif not self._process(delivery):
+            self._held.append(delivery)
+            log.warning(
+                "database unavailable; events are held unacknowledged and retried with back-off",
+                extra={"queue": queue, "consumer": self.consumer_service},
+            )
+            self._retry_later()
+
+    def _retry_later(self) -> None:
+        self._conn.call_later(self._retry_delay, self._retry_held)
+        self._retry_delay = min(self._retry_delay * 2, self.max_backoff)
+
+    def _retry_held(self) -> None:
+        done = 0
+        while self._held and not self._stop.is_set():
+            if not self._process(self._held[0]):
+                self._retry_later()
+                return
+            self._held.popleft()
+            done += 1
+        self._retry_delay = self.FIRST_RETRY
+        if done:
+            log.info("database available again; held events processed", extra={"events": done})
+
+    def _process(self, d: _Delivery) -> bool:
+        """Handle one delivery and settle it (ack, requeue or dead-letter). Returns False, leaving
+        it unsettled, when the database was unavailable."""
         try:
-            event = from_amqp(method, properties, body)
+            event = from_amqp(d.method, d.properties, d.body)
         except MalformedEvent as exc:
-            log.error("malformed event dead-lettered", extra={"queue": queue, "error": str(exc)})
-            channel.basic_nack(method.delivery_tag, requeue=False)
-            return
-        handler = sub.handlers.get(event.routing_key)
-        attempt = int((properties.headers or {}).get("x-delivery-count", 0)) + 1
+            self._dead_letter(d, f"malformed envelope: {exc}")
+            return True
+        requirement = d.sub.requires.get(event.routing_key)
+        problem = requirement.problem(event) if requirement is not None else None
+        if problem:
+            self._dead_letter(d, problem, event)
+            return True
+        handler = d.sub.handlers.get(event.routing_key)
+        attempt = int((d.properties.headers or {}).get("x-delivery-count", 0)) + 1
         with self._tracer.start_as_current_span(
-            f"{queue} process",
+            f"{d.queue} process",
             context=extract_context(event.trace_headers),
             kind=SpanKind.CONSUMER,
             attributes={
                 "messaging.system": "rabbitmq",
                 "messaging.operation.type": "process",
-                "messaging.destination.name": queue,
+                "messaging.destination.name": d.queue,
                 "messaging.message.id": event.id,
                 "messaging.rabbitmq.destination.routing_key": event.routing_key,
             },
-        ):
+        ) as span:
             try:
                 self.handle(event, handler)
-            except Exception:
+            except Exception as exc:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                if is_database_unavailable(exc):
+                    self.database_waits += 1
+                    return False
+                if isinstance(exc, (DecodeError, MalformedEvent)):  # a handler's own parse or check
+                    self._dead_letter(d, f"{type(exc).__name__}: {exc}", event)
+                    return True
                 self.failures += 1
                 log.exception(
                     "event handler failed; message requeued until the delivery limit",
-                    extra={"event_id": event.id, "event_type": event.type, "attempt": attempt, "queue": queue},
+                    extra={"event_id": event.id, "event_type": event.type, "attempt": attempt, "queue": d.queue},
                 )
-                channel.basic_nack(method.delivery_tag, requeue=True)
-                return
-        channel.basic_ack(method.delivery_tag)
+                d.channel.basic_nack(d.method.delivery_tag, requeue=True)
+                return True
+        d.channel.basic_ack(d.method.delivery_tag)
+        return True
+
+    def _dead_letter(self, d: _Delivery, reason: str, event: Event | None = None) -> None:
+        """Send the delivery to <queue>.dlq now, with the reason in a header, then ack it (nack
+        without requeue, the broker's own dead-lettering, if the copy cannot be published)."""
+        self.dead_lettered += 1
+        log.error(
+            "event dead-lettered: %s",
+            reason,
+            extra={
+                "queue": d.queue,
+                "reason": reason,
+                "event_id": event.id if event else (d.properties.headers or {}).get("cloudEvents_id"),
+                "routing_key": d.method.routing_key,
+            },
+        )
+        props = copy.copy(d.properties)
+        props.headers = {**(d.properties.headers or {}), DEAD_LETTER_REASON: reason[:1000], DEAD_LETTER_QUEUE: d.queue}
+        try:
+            self._dl_channel.basic_publish(
+                dead_letter_exchange(self.consumer_service), d.queue, d.body, props, mandatory=True
+            )
+        except (NackError, UnroutableError):
+            d.channel.basic_nack(d.method.delivery_tag, requeue=False)
+            return
+        d.channel.basic_ack(d.method.delivery_tag)
 
     def handle(self, event: Event, handler: Handler | None) -> bool:
         """Process one event exactly once; return False if it had been processed already."""

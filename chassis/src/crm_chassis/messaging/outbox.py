@@ -6,10 +6,14 @@ and marks them published.
   rows waiting and the relay retries with back-off.
 - Replicas share the work: rows are claimed with FOR UPDATE SKIP LOCKED.
 - At-least-once: a crash between confirm and commit republishes; consumers are idempotent.
+- Quiet when idle: polls make no spans (SQL instrumentation suppressed), and the broker
+  connection's heartbeats are serviced between polls, so the broker never drops it as dead.
+- Each PRODUCER span times the publish of its messages up to the broker's confirms.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -19,6 +23,7 @@ import sqlalchemy as sa
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from ..db import is_database_unavailable, untraced
 from ..telemetry import extract_context, inject_headers
 from .envelope import Event
 from .publisher import ConfirmingPublisher, PublishError
@@ -128,58 +133,77 @@ class OutboxRelay:
     # -- work --------------------------------------------------------------------------------
     def relay_once(self) -> int:
         """Publish one batch; return how many rows were published (0 when none waited)."""
-        with self.engine.begin() as conn:
-            rows = conn.execute(
-                sa.select(outbox)
-                .where(outbox.c.published_at.is_(None))
-                .order_by(outbox.c.id)
-                .limit(self.batch_size)
-                .with_for_update(skip_locked=True)
-            ).all()
+        with contextlib.ExitStack() as stack:
+            # The poll, its UPDATE and its connection make no spans: an idle relay traces nothing.
+            with untraced():
+                conn = stack.enter_context(self.engine.begin())
+                rows = conn.execute(
+                    sa.select(outbox)
+                    .where(outbox.c.published_at.is_(None))
+                    .order_by(outbox.c.id)
+                    .limit(self.batch_size)
+                    .with_for_update(skip_locked=True)
+                ).all()
             if not rows:
                 return 0
-            messages = []
-            # One PRODUCER span per run of consecutive rows written in the same trace, and its
-            # context in each of their messages: an event written by one request gets a span of
-            # its own, an import chunk's thousand events share one (per-message spans cost the
-            # relay a third of its time on an import). Rows keep their order.
-            runs = itertools.groupby(map(row_to_event, rows), key=lambda e: e.trace_headers.get("traceparent", ""))
-            for _, group in runs:
-                events = list(group)
-                first = events[0]
-                attributes = {
-                    "messaging.system": "rabbitmq",
-                    "messaging.destination.name": first.exchange,
-                    "messaging.rabbitmq.destination.routing_key": first.routing_key,
-                }
-                if len(events) == 1:
-                    attributes["messaging.message.id"] = first.id
-                else:
-                    attributes["messaging.batch.message_count"] = len(events)
-                with self._tracer.start_as_current_span(
-                    f"{first.exchange} publish",
-                    context=extract_context(first.trace_headers),
-                    kind=SpanKind.PRODUCER,
-                    attributes=attributes,
-                ):
-                    headers = inject_headers()
-                messages += [
-                    (e.exchange, e.routing_key, e.data, e.amqp_properties(trace_headers=headers)) for e in events
-                ]
-            # On failure this raises: the transaction rolls back and the rows stay unpublished.
-            self.publisher.publish_batch(messages)
-            conn.execute(
-                outbox.update()
-                .where(outbox.c.id.in_([r.id for r in rows]))
-                .values(published_at=sa.func.now(), attempts=outbox.c.attempts + 1)
-            )
+            spans, messages = self._prepare(rows)
+            try:
+                # On failure this raises: the transaction rolls back and the rows stay unpublished.
+                self.publisher.publish_batch(messages)
+            except BaseException as exc:
+                for span in spans:
+                    span.record_exception(exc)
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+                    span.end()
+                raise
+            for span in spans:  # the batch is confirmed: each span timed its messages' publish
+                span.end()
+            with untraced():
+                conn.execute(
+                    outbox.update()
+                    .where(outbox.c.id.in_([r.id for r in rows]))
+                    .values(published_at=sa.func.now(), attempts=outbox.c.attempts + 1)
+                )
         self.published_total += len(rows)
         return len(rows)
+
+    def _prepare(self, rows) -> tuple[list, list]:
+        """The batch's messages and their PRODUCER spans (started, not ended).
+
+        One span per run of consecutive rows written in the same trace, and its context in each
+        of their messages: an event written by one request gets a span of its own, an import
+        chunk's thousand events share one (per-message spans cost the relay a third of its time
+        on an import). Rows keep their order. A span ends when the whole batch is confirmed."""
+        spans, messages = [], []
+        runs = itertools.groupby(map(row_to_event, rows), key=lambda e: e.trace_headers.get("traceparent", ""))
+        for _, group in runs:
+            events = list(group)
+            first = events[0]
+            attributes = {
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "send",
+                "messaging.destination.name": first.exchange,
+                "messaging.rabbitmq.destination.routing_key": first.routing_key,
+            }
+            if len(events) == 1:
+                attributes["messaging.message.id"] = first.id
+            else:
+                attributes["messaging.batch.message_count"] = len(events)
+            span = self._tracer.start_span(
+                f"{first.exchange} publish",
+                context=extract_context(first.trace_headers),
+                kind=SpanKind.PRODUCER,
+                attributes=attributes,
+            )
+            spans.append(span)
+            headers = inject_headers(context=trace.set_span_in_context(span))
+            messages += [(e.exchange, e.routing_key, e.data, e.amqp_properties(trace_headers=headers)) for e in events]
+        return spans, messages
 
     def cleanup(self, batch: int = 10_000) -> int:
         """Delete rows published more than retention_hours ago (a bounded batch per call; the
         partial index keeps unpublished rows cheap to find however many published ones remain)."""
-        with self.engine.begin() as conn:
+        with untraced(), self.engine.begin() as conn:
             return conn.execute(
                 sa.text(
                     "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at < now() - make_interval("
@@ -198,22 +222,36 @@ class OutboxRelay:
                 break
         return total
 
+    def _idle(self) -> None:
+        """Wait for a wake-up or the next poll, keeping the broker connection alive meanwhile
+        (heartbeats are serviced at least every second, from this thread, which owns it)."""
+        deadline = time.monotonic() + self.poll_seconds
+        while True:
+            self.publisher.keepalive()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._wake.wait(min(remaining, 1.0)):
+                break
+        self._wake.clear()
+
     def _run(self) -> None:
         backoff = 0.2
+        database_down = False
         while not self._stop.is_set():
             try:
                 n = self.relay_once()
                 if not self.broker_up:
                     self.broker_up = True
                     log.info("relay connected to broker")
+                if database_down:
+                    database_down = False
+                    log.info("relay's database available again")
                 backoff = 0.2
                 if n >= self.batch_size:
                     continue
                 if time.monotonic() >= self._next_cleanup:
                     self._next_cleanup = time.monotonic() + 600
                     self.cleanup()
-                self._wake.wait(self.poll_seconds)
-                self._wake.clear()
+                self._idle()
             except (PublishError, OSError) as exc:
                 if self.broker_up or backoff == 0.2:
                     log.warning("broker unavailable; events wait in the outbox", extra={"error": str(exc)})
@@ -222,7 +260,11 @@ class OutboxRelay:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
             except sa.exc.SQLAlchemyError as exc:
-                log.warning("outbox database error", extra={"error": str(exc)})
+                if not is_database_unavailable(exc):
+                    log.warning("outbox database error", extra={"error": str(exc)})
+                elif not database_down:  # one line per outage, not one per retry
+                    database_down = True
+                    log.warning("relay's database unavailable; it retries with back-off", extra={"error": str(exc)})
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
             except Exception:

@@ -10,9 +10,22 @@ ack/nack callback, and the BlockingConnection to pump I/O.
 from __future__ import annotations
 
 import time
+from urllib.parse import parse_qs, urlsplit
 
 import pika
 from pika.exceptions import AMQPError
+
+HEARTBEAT_SECONDS = 30
+
+
+def url_parameters(amqp_url: str) -> pika.URLParameters:
+    """The URL's connection parameters: one connection attempt (the callers retry with back-off)
+    and a 30 s heartbeat unless the URL asks for another (`?heartbeat=2`)."""
+    params = pika.URLParameters(amqp_url)
+    params.connection_attempts = 1
+    if "heartbeat" not in parse_qs(urlsplit(amqp_url).query):
+        params.heartbeat = HEARTBEAT_SECONDS
+    return params
 
 
 class PublishError(Exception):
@@ -21,11 +34,9 @@ class PublishError(Exception):
 
 class ConfirmingPublisher:
     def __init__(self, amqp_url: str, declare=None, confirm_timeout: float = 30.0):
-        self.params = pika.URLParameters(amqp_url)
-        self.params.connection_attempts = 1
+        self.params = url_parameters(amqp_url)
         self.params.socket_timeout = 5
         self.params.blocked_connection_timeout = 30
-        self.params.heartbeat = 30
         self.declare = declare
         self.confirm_timeout = confirm_timeout
         self._conn: pika.BlockingConnection | None = None
@@ -93,6 +104,18 @@ class ConfirmingPublisher:
             raise
         if self._nacked:
             raise PublishError(f"broker refused {self._nacked} messages")
+
+    def keepalive(self) -> None:
+        """Service the connection's heartbeats while no batch is being published: pika's
+        BlockingConnection only does I/O when called, and the broker closes a connection that
+        stays silent for two heartbeat intervals. Call it from the publishing thread."""
+        if not self.connected:
+            return
+        try:
+            self._conn.process_data_events(time_limit=0)
+        except (AMQPError, OSError) as exc:
+            self.close()
+            raise PublishError(f"broker connection lost: {exc!r}") from exc
 
     def close(self) -> None:
         conn, self._conn, self._impl = self._conn, None, None
