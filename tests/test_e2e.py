@@ -91,6 +91,9 @@ def test_one_trace_spans_gateway_service_relay_and_consumer(suite, spans):
         return [s for s in spans.get_finished_spans() if s.context.trace_id == trace_id]
 
     wait_for(lambda: any(s.kind.name == "CONSUMER" for s in in_trace()), what="the consumer span")
+    # The relay's span ends once the broker confirmed the publish, which can be after the
+    # consumer has already handled the message.
+    wait_for(lambda: any(s.kind.name == "PRODUCER" for s in in_trace()), what="the relay's publish span")
     by_kind = {}
     for s in in_trace():
         by_kind.setdefault(s.kind.name, []).append(s.name)
