@@ -303,7 +303,7 @@ def relay_section(db_url: str, amqp_url: str) -> list[dict]:
     single = baseline_publish.one_by_one(amqp_url, "crm.bench.events", "thing.happened.v1", body, min(EVENTS, 3000))
     return [
         {
-            "what": "outbox relay (SELECT .. SKIP LOCKED, publish batch, confirms, UPDATE)",
+            "what": "outbox relay (two batches in flight: SKIP LOCKED, publish, confirms, UPDATE)",
             "events": sent,
             "left_unpublished": left,
             "per_second": round(relay_rate),

@@ -14,6 +14,7 @@ from crm_chassis.db import create_engine
 from crm_chassis.messaging.consumer import EventConsumer, Subscription
 from crm_chassis.messaging.envelope import Event, new_event
 from crm_chassis.messaging.outbox import OutboxRelay, enqueue
+from crm_chassis.messaging.publisher import PublishError
 from crm_chassis.messaging.tables import messaging_metadata, outbox
 from crm_chassis.messaging.topology import dead_letter_queue, declare_producer, exchange_for, queue_name
 from tests.support.harness import wait_for
@@ -261,3 +262,57 @@ def test_relay_keeps_order_and_gives_each_run_of_one_trace_one_publish_span(engi
     carried = [trace.get_current_span(extract_context(h)).get_span_context().span_id for _, h in got]
     runs = [publish[0]] * 3 + [publish[1]] + [publish[2]] * 2
     assert carried == [s.context.span_id for s in runs]
+
+
+def unpublished(engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).where(outbox.c.published_at.is_(None))).scalar_one()
+
+
+def test_a_backlog_is_relayed_with_batches_in_flight_in_order_and_once(engine, broker):
+    with engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE outbox"))
+        for i in range(230):
+            enqueue(conn, make_event(str(i).encode()))
+    conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+    ch = conn.channel()
+    declare_producer(ch, DOMAIN)
+    queue = ch.queue_declare("", exclusive=True).method.queue  # sees every event, in broker order
+    ch.queue_bind(queue, exchange_for(DOMAIN), KEY)
+    relay = OutboxRelay(engine, broker.url, lambda c: declare_producer(c, DOMAIN), batch_size=50)
+    try:
+        assert relay.drain(timeout=60) == 230
+        assert unpublished(engine) == 0
+        bodies = []
+        while (msg := ch.basic_get(queue, auto_ack=True))[0] is not None:
+            bodies.append(int(msg[2]))
+        assert bodies == list(range(230))  # the outbox order held across batches in flight, each once
+    finally:
+        relay.publisher.close()
+        conn.close()
+
+
+def test_a_failed_confirm_rolls_back_every_batch_in_flight(engine, broker):
+    with engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE outbox"))
+        for _ in range(200):
+            enqueue(conn, make_event())
+    relay = OutboxRelay(engine, broker.url, lambda ch: declare_producer(ch, DOMAIN), batch_size=50)
+    real_wait, calls = relay.publisher.wait_confirmed, []
+
+    def failing_second(upto):  # the broker refuses the second batch while the third is in flight
+        calls.append(upto)
+        if len(calls) == 2:
+            raise PublishError("broker refused 1 messages")
+        return real_wait(upto)
+
+    relay.publisher.wait_confirmed = failing_second
+    try:
+        with pytest.raises(PublishError):
+            relay.drain(timeout=60)
+        assert unpublished(engine) == 150  # only the first, confirmed batch is marked
+        relay.publisher.wait_confirmed = real_wait
+        assert relay.drain(timeout=60) == 150
+        assert unpublished(engine) == 0
+    finally:
+        relay.publisher.close()

@@ -13,6 +13,7 @@ and marks them published.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
@@ -87,6 +88,17 @@ def row_to_event(row) -> Event:
     )
 
 
+# Mark a batch sent: one array parameter, not one bind parameter per row (500 of them cost
+# more than the UPDATE). Its commit need not wait for the disk (synchronous_commit off for this
+# transaction, set in the same statement): a crash that loses the mark publishes the rows
+# again, which consumers absorb (inbox) like any redelivery.
+_MARK = sa.text(
+    "WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true)) "
+    "UPDATE outbox SET published_at = now(), attempts = attempts + 1 "
+    "WHERE id = ANY(CAST(:ids AS bigint[])) AND EXISTS (SELECT 1 FROM async_commit)"
+)
+
+
 class OutboxRelay:
     name = "outbox-relay"
 
@@ -134,16 +146,7 @@ class OutboxRelay:
     def relay_once(self) -> int:
         """Publish one batch; return how many rows were published (0 when none waited)."""
         with contextlib.ExitStack() as stack:
-            # The poll, its UPDATE and its connection make no spans: an idle relay traces nothing.
-            with untraced():
-                conn = stack.enter_context(self.engine.begin())
-                rows = conn.execute(
-                    sa.select(outbox)
-                    .where(outbox.c.published_at.is_(None))
-                    .order_by(outbox.c.id)
-                    .limit(self.batch_size)
-                    .with_for_update(skip_locked=True)
-                ).all()
+            conn, rows = self._claim(stack)
             if not rows:
                 return 0
             spans, messages = self._prepare(rows)
@@ -158,14 +161,71 @@ class OutboxRelay:
                 raise
             for span in spans:  # the batch is confirmed: each span timed its messages' publish
                 span.end()
-            with untraced():
-                conn.execute(
-                    outbox.update()
-                    .where(outbox.c.id.in_([r.id for r in rows]))
-                    .values(published_at=sa.func.now(), attempts=outbox.c.attempts + 1)
-                )
+            self._mark(conn, rows)
         self.published_total += len(rows)
         return len(rows)
+
+    def _claim(self, stack: contextlib.ExitStack):
+        """A transaction (entered on `stack`) and the next batch of unpublished rows it locked.
+        The poll, its UPDATE and its connection make no spans: an idle relay traces nothing."""
+        with untraced():
+            conn = stack.enter_context(self.engine.begin())
+            rows = conn.execute(
+                sa.select(outbox)
+                .where(outbox.c.published_at.is_(None))
+                .order_by(outbox.c.id)
+                .limit(self.batch_size)
+                .with_for_update(skip_locked=True)
+            ).all()
+        return conn, rows
+
+    @staticmethod
+    def _mark(conn, rows) -> None:
+        with untraced():
+            conn.execute(_MARK, {"ids": [r.id for r in rows]})
+
+    def relay_backlog(self, deadline: float | None = None, until_stopped: bool = True) -> int:
+        """Publish until the outbox is empty (or `deadline`, a time.monotonic()), two batches in
+        flight: while the broker confirms one, the next is read (its rows locked in a second
+        transaction; SKIP LOCKED keeps the two apart) and sent. A batch is marked published and
+        committed only once all of it is confirmed, oldest first; a failure rolls back every
+        batch in flight (their rows are published again: at least once, as always)."""
+        inflight: collections.deque = collections.deque()  # (stack, conn, rows, spans, last tag)
+        total = 0
+        try:
+            while True:
+                while (
+                    len(inflight) < 2
+                    and not (until_stopped and self._stop.is_set())
+                    and (deadline is None or time.monotonic() < deadline)
+                ):
+                    stack = contextlib.ExitStack()
+                    conn, rows = self._claim(stack)
+                    if not rows:
+                        stack.close()
+                        break
+                    spans, messages = self._prepare(rows)
+                    inflight.append((stack, conn, rows, spans, self.publisher.publish(messages)))
+                if not inflight:
+                    return total
+                stack, conn, rows, spans, last = inflight[0]
+                self.publisher.wait_confirmed(last)
+                for span in spans:
+                    span.end()
+                self._mark(conn, rows)
+                inflight.popleft()
+                stack.close()  # COMMIT
+                total += len(rows)
+                self.published_total += len(rows)
+        except BaseException as exc:
+            while inflight:
+                stack, _conn, _rows, spans, _last = inflight.popleft()
+                for span in spans:
+                    span.record_exception(exc)
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+                    span.end()
+                stack.__exit__(type(exc), exc, exc.__traceback__)  # ROLLBACK: the rows stay unpublished
+            raise
 
     def _prepare(self, rows) -> tuple[list, list]:
         """The batch's messages and their PRODUCER spans (started, not ended).
@@ -214,13 +274,7 @@ class OutboxRelay:
 
     def drain(self, timeout: float = 30.0) -> int:
         """Publish until the outbox is empty (used on shutdown, by tests and tools)."""
-        total, deadline = 0, time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            n = self.relay_once()
-            total += n
-            if n == 0:
-                break
-        return total
+        return self.relay_backlog(deadline=time.monotonic() + timeout, until_stopped=False)
 
     def _idle(self) -> None:
         """Wait for a wake-up or the next poll, keeping the broker connection alive meanwhile
@@ -239,6 +293,8 @@ class OutboxRelay:
         while not self._stop.is_set():
             try:
                 n = self.relay_once()
+                if n >= self.batch_size:  # a backlog (an import): pipeline the batches
+                    n += self.relay_backlog()
                 if not self.broker_up:
                     self.broker_up = True
                     log.info("relay connected to broker")
@@ -246,8 +302,6 @@ class OutboxRelay:
                     database_down = False
                     log.info("relay's database available again")
                 backoff = 0.2
-                if n >= self.batch_size:
-                    continue
                 if time.monotonic() >= self._next_cleanup:
                     self._next_cleanup = time.monotonic() + 600
                     self.cleanup()

@@ -42,7 +42,7 @@ class ConfirmingPublisher:
         self._conn: pika.BlockingConnection | None = None
         self._impl = None
         self._pending: set[int] = set()
-        self._nacked = 0
+        self._nacked: set[int] = set()
         self._next_tag = 1
 
     @property
@@ -70,6 +70,7 @@ class ConfirmingPublisher:
         self._conn, self._channel, self._impl = conn, channel, impl
         self._next_tag = 1
         self._pending.clear()
+        self._nacked.clear()
 
     def _on_confirm(self, frame) -> None:
         method = frame.method
@@ -79,20 +80,30 @@ class ConfirmingPublisher:
             done = {method.delivery_tag}
         self._pending -= done
         if isinstance(method, pika.spec.Basic.Nack):
-            self._nacked += len(done)
+            self._nacked |= done
 
-    def publish_batch(self, messages) -> None:
-        """messages: iterable of (exchange, routing_key, body, BasicProperties). Returns when
-        every one is confirmed; raises PublishError otherwise."""
+    def publish(self, messages) -> int:
+        """Send messages (exchange, routing_key, body, BasicProperties) without waiting for their
+        confirms; returns the delivery tag of the last one, for `wait_confirmed`."""
         self.connect()
-        self._nacked = 0
         try:
             for exchange, routing_key, body, props in messages:
                 self._impl.basic_publish(exchange, routing_key, body, props)
                 self._pending.add(self._next_tag)
                 self._next_tag += 1
-            deadline = time.monotonic() + self.confirm_timeout
-            while self._pending:
+            # Send now, so the broker persists and confirms them while the caller does other work.
+            self._conn.process_data_events(time_limit=0)
+        except (AMQPError, OSError) as exc:
+            self.close()
+            raise PublishError(f"publish failed: {exc!r}") from exc
+        return self._next_tag - 1
+
+    def wait_confirmed(self, upto: int) -> None:
+        """Return when every message up to delivery tag `upto` is confirmed; PublishError if the
+        broker refused one of them, the connection broke, or confirms took too long."""
+        deadline = time.monotonic() + self.confirm_timeout
+        try:
+            while self._pending and min(self._pending) <= upto:
                 if time.monotonic() > deadline:
                     raise PublishError(f"{len(self._pending)} confirms missing after {self.confirm_timeout}s")
                 self._conn.process_data_events(time_limit=0.05)
@@ -102,8 +113,15 @@ class ConfirmingPublisher:
         except PublishError:
             self.close()
             raise
-        if self._nacked:
-            raise PublishError(f"broker refused {self._nacked} messages")
+        refused = {t for t in self._nacked if t <= upto}
+        if refused:
+            self._nacked -= refused
+            self.close()
+            raise PublishError(f"broker refused {len(refused)} messages")
+
+    def publish_batch(self, messages) -> None:
+        """Send a batch and return when every message of it is confirmed; PublishError otherwise."""
+        self.wait_confirmed(self.publish(messages))
 
     def keepalive(self) -> None:
         """Service the connection's heartbeats while no batch is being published: pika's
