@@ -297,16 +297,23 @@ class JobContext:
             raise JobStopped(self.stop_reason or "stop requested")
 
     @contextlib.contextmanager
-    def step(self) -> Iterator[sa.Connection]:
+    def step(self, uow=None) -> Iterator:
         """One unit of work in one transaction: checks for a stop first, and commits only while
-        this worker still owns the job (a `save` in it, or a bare ownership check)."""
+        this worker still owns the job (a `save` in it, or a bare ownership check). Yields the
+        connection; with a `uow` (crm_chassis.uow.UnitOfWork), a Transaction of it, so the step's
+        events and audit entries commit with it (save with `ctx.save(tx.conn, ...)`)."""
         if self._in_step:
             raise RuntimeError("a step is already open: steps do not nest")
         self.check()
         self._saved, self._pending, self._in_step = False, _UNSET, True
         try:
-            with self.engine.begin() as conn:
-                yield conn
+            with contextlib.ExitStack() as stack:
+                if uow is None:
+                    tx = conn = stack.enter_context(self.engine.begin())
+                else:
+                    tx = stack.enter_context(uow.begin())
+                    conn = tx.conn
+                yield tx
                 if not self._saved:
                     self._guarded(conn, {})
         finally:

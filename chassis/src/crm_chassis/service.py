@@ -36,6 +36,8 @@ class ServiceContext:
     engine: sa.Engine
     database_url: str
     relay: OutboxRelay | None = None
+    # Objects a service's build and workers share, made once (e.g. its use cases).
+    shared: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`python -m customer_svc [serve|migrate|relay|consume]`"""
+"""`python -m customer_svc [serve|migrate|relay|consume|work]`"""
 
 from __future__ import annotations
 
@@ -7,15 +7,29 @@ import pathlib
 from crm_chassis.service import ServiceContext, ServiceSpec, main
 
 from .api import registration
+from .import_service import Importer
 from .service_layer import CustomerUseCases
 from .settings import load_customer_settings
 
 
+def importer(ctx: ServiceContext) -> Importer:
+    """The use cases and the importer, made once per process (the servicer and the import's job
+    worker share them)."""
+    if "importer" not in ctx.shared:
+        uc = CustomerUseCases(
+            ctx.engine,
+            ctx.relay,
+            ctx.settings.jwt_secret,
+            ctx.settings.service_name,
+            load_customer_settings().phone_region,
+        )
+        ctx.shared["importer"] = Importer(uc)
+    return ctx.shared["importer"]
+
+
 def build(ctx: ServiceContext):
-    uc = CustomerUseCases(
-        ctx.engine, ctx.relay, ctx.settings.jwt_secret, ctx.settings.service_name, load_customer_settings().phone_region
-    )
-    return [registration(uc)]
+    imp = importer(ctx)
+    return [registration(imp.uc, imp)]
 
 
 SPEC = ServiceSpec(
@@ -24,6 +38,7 @@ SPEC = ServiceSpec(
     migrations=pathlib.Path(__file__).parent / "migrations",
     producer_domain="customer",
     build=build,
+    workers=lambda ctx: [importer(ctx).worker],  # imports run as chassis jobs
 )
 
 

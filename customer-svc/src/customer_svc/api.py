@@ -15,11 +15,11 @@ from .service_layer import CustomerUseCases
 
 
 class CustomerServicer(customer_service_pb2_grpc.CustomerServiceServicer):
-    def __init__(self, use_cases: CustomerUseCases):
+    def __init__(self, use_cases: CustomerUseCases, importer: Importer | None = None):
         self.uc = use_cases
         self.cat = Catalog(use_cases)
         self.dups = Duplicates(use_cases)
-        self.importer = Importer(use_cases)
+        self.importer = importer or Importer(use_cases)
 
     # customers
     def CreateCustomer(self, request, context):
@@ -169,9 +169,9 @@ class CustomerServicer(customer_service_pb2_grpc.CustomerServiceServicer):
         return pb.ListAuditEntriesResponse(audit_entries=items, next_page_token=token)
 
 
-def registration(use_cases: CustomerUseCases) -> Registration:
+def registration(use_cases: CustomerUseCases, importer: Importer | None = None) -> Registration:
     return Registration(
-        CustomerServicer(use_cases),
+        CustomerServicer(use_cases, importer),
         customer_service_pb2_grpc.add_CustomerServiceServicer_to_server,
         pb.DESCRIPTOR.services_by_name["CustomerService"],
     )

@@ -1,12 +1,14 @@
 """ImportCustomers: CSV and XLSX files of people or organisations, as a long-running job.
 
-`start` checks the request, records an `import_jobs` row (state RUNNING) and hands the file to
-a background thread; the caller polls `GetImportJob`. The thread reads the file, maps its
-columns to Customer fields (an explicit mapping, else field names and common English and
-Persian headers), and handles the rows in chunks of CHUNK_ROWS. Each chunk is ONE transaction:
-its new and updated customers, their events (outbox), their audit entries, the rejected rows
-(for the error report) and the job's counters commit together, so a crash never leaves a row
-half-written and GetImportJob always shows what was committed.
+`start` checks the request and records a chassis job (crm_chassis.jobs, kind
+"customer.import") with the file, in one transaction; a job worker (Importer.worker, one per
+process, run with the service) reads the file, maps its columns to Customer fields (an
+explicit mapping, else field names and common English and Persian headers), and handles the
+rows in chunks of CHUNK_ROWS. Each chunk is ONE transaction of the unit of work: its new and
+updated customers, their events (outbox), their audit entries, the rejected rows (for the
+error report), the job's counters and its checkpoint commit together, so a crash never leaves
+a row half-written, GetImportJob always shows what was committed, and a job taken over by
+another replica (its process got SIGTERM or died) resumes after its last committed chunk.
 
 Per row: the cells are converted (dates: ISO, YYYY/MM/DD or Jalali such as 1369/05/12; enums
 by name, number or Persian word; tags split on commas) and checked with `domain.validate`, the
@@ -28,9 +30,9 @@ COPY (customer codes from the sequence in one query), updates in one executemany
 validate_only runs all of it but writes no customer, event or audit entry; the counters and
 the error report show what an import would do.
 
-Jobs a crashed process left RUNNING become FAILED ("interrupted") when the service starts: the
-thread running a job holds a PostgreSQL advisory lock keyed by the job, so a replica starting
-beside a live one leaves that one's jobs alone.
+Jobs are queued and run by the service's job workers (two at a time per process); past
+MAX_QUEUED imports queued or running, ImportCustomers answers UNAVAILABLE. Ended jobs, their
+files and error reports are deleted after JOB_RETENTION_DAYS.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ import logging
 import multiprocessing
 import os
 import re
-import threading
 import uuid
 from collections import deque
 from collections.abc import Iterator
@@ -51,18 +52,19 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
+from opentelemetry import context as otel_context
 from sqlalchemy.dialects import postgresql as pg
 
 from crm.customer.v1 import customer_events_pb2, customer_pb2, resources_pb2
 from crm.customer.v1 import customer_service_pb2 as pb
-from crm_chassis import documents, persian, tabular
+from crm_chassis import documents, jobs, persian, tabular, work_tables
 from crm_chassis.auth import Principal
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unavailable
-from crm_chassis.filtering import keyset_page, newest_first
 from crm_chassis.logging import request_id_var
 from crm_chassis.pagination import page_size
 from crm_chassis.persian import jalali_to_gregorian  # noqa: F401 (tests import it from here)
-from crm_chassis.uow import Transaction, UnitOfWork, json_text, new_ids
+from crm_chassis.telemetry import extract_context, inject_headers
+from crm_chassis.uow import Transaction, json_text, new_ids
 
 from . import adapters, domain, text
 from .adapters import customers
@@ -76,7 +78,7 @@ MAX_BYTES = 64 * 1024 * 1024
 MAX_ROWS = 1_000_000
 CHUNK_ROWS = 1000
 MAX_RUNNING = 2  # imports running at once in one process; more wait their turn (still RUNNING)
-MAX_QUEUED = 10  # imports running or waiting in one process; past that, UNAVAILABLE (try later)
+MAX_QUEUED = 10  # imports running or waiting (all replicas); past that, UNAVAILABLE (try later)
 REPORT_CHUNK = 256 * 1024
 PROCESS_MIN_CHUNKS = 4  # from this many chunks, rows are read and checked in worker processes
 MAX_WORKERS = 3
@@ -86,7 +88,6 @@ JOB_RETENTION_DAYS = 90  # ended jobs and their error reports are deleted after 
 SKIP, UPDATE, CREATE = pb.DEDUPE_POLICY_SKIP, pb.DEDUPE_POLICY_UPDATE, pb.DEDUPE_POLICY_CREATE
 FORMATS = {pb.IMPORT_FILE_FORMAT_CSV: "csv", pb.IMPORT_FILE_FORMAT_XLSX: "xlsx"}
 REPORT_FORMATS = {pb.EXPORT_FORMAT_UNSPECIFIED: "csv", pb.EXPORT_FORMAT_CSV: "csv", pb.EXPORT_FORMAT_XLSX: "xlsx"}
-_LOCK_KEY = "hashtextextended('crm.import-job:' || {}, 0)"
 
 # Fields a column may fill: every writable field but the type (the request's) and contact
 # persons (a list of records, not a cell); custom fields as "custom_fields.<key>".
@@ -97,30 +98,16 @@ CONTACT_FIELDS = ("title_prefix", "given_name", "family_name", "role", "org_unit
 # What a row starts from: the values an empty CreateCustomer request would give.
 _BASE = values_from_proto(customer_pb2.Customer(), domain.WRITABLE)
 
-_SLOTS = threading.BoundedSemaphore(MAX_RUNNING)
-_QUEUE = threading.BoundedSemaphore(MAX_QUEUED)
+KIND = "customer.import"  # the chassis job kind of an import
+STATES = {
+    jobs.QUEUED: RUNNING,  # waiting for a worker: running, as far as the caller is concerned
+    jobs.RUNNING: RUNNING,
+    jobs.SUCCEEDED: SUCCEEDED,
+    jobs.FAILED: FAILED,
+    jobs.CANCELLED: CANCELLED,
+}
+INTERNAL_ERROR = "the import stopped on an internal error; the rows counted as processed were handled"
 
-import_jobs = sa.Table(
-    "import_jobs",
-    sa.MetaData(),
-    sa.Column("id", adapters.UUID, primary_key=True),
-    sa.Column("request_id", sa.Text),
-    sa.Column("state", sa.SmallInteger, nullable=False),
-    sa.Column("customer_type", sa.SmallInteger, nullable=False),
-    sa.Column("file_format", sa.SmallInteger, nullable=False),
-    sa.Column("dedupe_policy", sa.SmallInteger, nullable=False),
-    sa.Column("validate_only", sa.Boolean, nullable=False),
-    sa.Column("creator", sa.Text, nullable=False),
-    sa.Column("headers", pg.JSONB, nullable=False),
-    *(
-        sa.Column(n, sa.BigInteger, nullable=False, server_default="0")
-        for n in ("total_rows", "processed_rows", "created_rows", "updated_rows", "skipped_rows", "failed_rows")
-    ),
-    sa.Column("error", sa.Text, nullable=False, server_default=""),
-    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-    sa.Column("update_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-    sa.Column("end_time", sa.DateTime(timezone=True)),
-)
 import_job_errors = sa.Table(
     "import_job_errors",
     sa.MetaData(),
@@ -322,10 +309,6 @@ class _FileError(Exception):
     """The file cannot be read at all: the job fails with this message."""
 
 
-class _Cancelled(Exception):
-    """CancelImportJob set the job's state: stop, writing nothing more."""
-
-
 def _read(fmt: str, content: bytes) -> tuple[list[str], list[tuple[int, list]]]:
     """The header and the numbered rows of a file (crm_chassis.tabular reads it)."""
     try:
@@ -444,41 +427,47 @@ class _Job:
     policy: int
     validate_only: bool
     mapping: dict[str, str]
-    principal: Principal
+    creator: str
     request_id: str
     date_order: int = 0
+
+    @classmethod
+    def of(cls, job: jobs.Job) -> _Job:
+        p = job.params
+        return cls(
+            id=job.id,
+            customer_type=p["customer_type"],
+            file_format=p["file_format"],
+            policy=p["dedupe_policy"],
+            validate_only=p["validate_only"],
+            mapping=p.get("column_mapping") or {},
+            creator=job.creator,
+            request_id=job.request_id or "",
+            date_order=p.get("date_order", 0),
+        )
 
 
 # --------------------------------------------------------------------------- the importer
 
 
-def _set_job(uow: UnitOfWork, job_id: str, **values) -> None:
-    """Set a running job's columns in a transaction of their own (a cancelled job keeps its state)."""
-    with uow.begin() as tx:
-        tx.execute(
-            import_jobs.update()
-            .where(import_jobs.c.id == job_id, import_jobs.c.state == RUNNING)
-            .values(**values, update_time=sa.func.now())
-        )
-
-
-def _job_proto(r) -> pb.ImportJob:
+def _job_proto(job: jobs.Job) -> pb.ImportJob:
+    c = job.counters
     j = pb.ImportJob(
-        name=f"importJobs/{r.id}",
-        state=r.state,
-        total_rows=r.total_rows,
-        processed_rows=r.processed_rows,
-        created_rows=r.created_rows,
-        updated_rows=r.updated_rows,
-        skipped_rows=r.skipped_rows,
-        failed_rows=r.failed_rows,
-        error=r.error,
-        validate_only=r.validate_only,
-        creator=r.creator,
+        name=f"importJobs/{job.id}",
+        state=STATES[job.state],
+        total_rows=job.total or 0,
+        processed_rows=job.processed,
+        created_rows=c.get("created", 0),
+        updated_rows=c.get("updated", 0),
+        skipped_rows=c.get("skipped", 0),
+        failed_rows=c.get("failed", 0),
+        error=job.error,
+        validate_only=job.params.get("validate_only", False),
+        creator=job.creator,
     )
-    j.create_time.FromDatetime(r.create_time)
-    if r.end_time is not None:
-        j.end_time.FromDatetime(r.end_time)
+    j.create_time.FromDatetime(job.create_time)
+    if job.end_time is not None:
+        j.end_time.FromDatetime(job.end_time)
     return j
 
 
@@ -493,12 +482,14 @@ def _parse_job_name(name: str) -> str:
 
 
 class Importer:
+    """ImportCustomers as chassis jobs (crm_chassis.jobs): `start` records the job and its file
+    in one transaction; `worker` (one per process, in the service's workers) runs it chunk by
+    chunk. A job whose process got SIGTERM is released and resumed by another replica at once,
+    after its last committed chunk; one whose process died is resumed when its lease expires."""
+
     def __init__(self, use_cases: CustomerUseCases):
         self.uc = use_cases
-        # A job's lock lives on a connection of its own for as long as the job runs: outside the
-        # pool the RPCs share, and closing it (or the process dying) releases the lock.
-        self.locks = sa.create_engine(use_cases.engine.url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
-        self.fail_interrupted()
+        self.worker = jobs.JobWorker(use_cases.engine, {KIND: self._run}, concurrency=MAX_RUNNING)
 
     # -- the API ---------------------------------------------------------------------------
     def start(self, request: pb.ImportCustomersRequest, principal: Principal) -> pb.ImportJob:
@@ -551,120 +542,77 @@ class Importer:
         if bad:
             raise InvalidArgument(bad)
 
-        if request.request_id:
-            existing = self._by_request_id(request.request_id)
-            if existing is not None:
-                return existing
-        self.cleanup()
-        job = _Job(
-            id=str(uuid.uuid4()),
-            customer_type=request.customer_type,
-            file_format=request.file_format,
-            policy=request.dedupe_policy or SKIP,
-            validate_only=request.validate_only,
-            mapping=dict(request.column_mapping),
-            principal=principal,
-            request_id=request.request_id,
-            date_order=request.date_order,
-        )
-        if not _QUEUE.acquire(blocking=False):
-            raise Unavailable(f"{MAX_QUEUED} imports are running or waiting here; try again in a few minutes")
-        # The job's lock is taken before its row exists, so no replica starting meanwhile can
-        # take it for an interrupted one; the thread keeps the lock until the job ends.
-        try:
-            lock = self.locks.connect()
-        except BaseException:
-            _QUEUE.release()
-            raise
-        try:
-            lock.execute(sa.text(f"SELECT pg_advisory_lock({_LOCK_KEY.format(':id')})"), {"id": job.id})
-            with self.uc.uow.begin() as tx:
-                row = tx.execute(
-                    import_jobs.insert()
-                    .values(
-                        id=job.id,
-                        request_id=job.request_id or None,
-                        state=RUNNING,
-                        customer_type=job.customer_type,
-                        file_format=job.file_format,
-                        dedupe_policy=job.policy,
-                        validate_only=job.validate_only,
-                        creator=principal.subject,
-                        headers=[],
-                    )
-                    .returning(*import_jobs.c)
-                ).one()
-        except sa.exc.IntegrityError:
-            self._unlock(lock)
-            existing = self._by_request_id(request.request_id)  # a concurrent retry won the race
-            if existing is not None:
-                return existing
-            raise
-        except BaseException:
-            self._unlock(lock)
-            raise
-        run = contextvars.copy_context()  # request id and trace context follow into the thread
-        threading.Thread(
-            target=run.run, args=(self._run, job, request.content, lock), name=f"import-{job.id[:8]}", daemon=True
-        ).start()
-        return _job_proto(row)
+        params = {
+            "customer_type": request.customer_type,
+            "file_format": request.file_format,
+            "dedupe_policy": request.dedupe_policy or SKIP,
+            "validate_only": request.validate_only,
+            "column_mapping": dict(request.column_mapping),
+            "date_order": request.date_order,
+            # The call's request id and trace, for the import's audit entries and events.
+            "rpc_request_id": request_id_var.get() or "",
+            "trace": inject_headers(),
+        }
+        with self.uc.uow.begin() as tx:
+            if request.request_id:
+                existing = self._by_request_id(tx.conn, request.request_id)
+                if existing is not None:
+                    return _job_proto(existing)
+            jobs.cleanup(tx.conn, dt.timedelta(days=JOB_RETENTION_DAYS))  # one small DELETE
+            if jobs.active_count(tx.conn, KIND) >= MAX_QUEUED:
+                raise Unavailable(f"{MAX_QUEUED} imports are running or waiting; try again in a few minutes")
+            job = jobs.start(
+                tx.conn,
+                KIND,
+                params,
+                input=request.content,
+                creator=principal.subject,
+                request_id=request.request_id or None,
+            )
+        self.worker.wake()
+        return _job_proto(job)
 
     def get(self, name: str) -> pb.ImportJob:
         jid = _parse_job_name(name)
         with self.uc.reader.connect() as conn:
-            row = conn.execute(sa.select(import_jobs).where(import_jobs.c.id == jid)).one_or_none()
-        if row is None:
+            job = jobs.get(conn, jid)
+        if job is None or job.kind != KIND:
             raise self._not_found(jid)
-        return _job_proto(row)
+        return _job_proto(job)
 
     def list(self, size: int, token: str) -> tuple[list[pb.ImportJob], str]:
         with self.uc.reader.connect() as conn:
-            rows, nxt = keyset_page(
-                conn,
-                sa.select(import_jobs),
-                newest_first(import_jobs),
-                self.uc.tokens,
-                "import-jobs",
-                page_size(size, maximum=500),
-                token,
+            found, nxt = jobs.list_jobs(
+                conn, self.uc.tokens, kind=KIND, page_size=page_size(size, maximum=500), page_token=token
             )
-        return [_job_proto(r) for r in rows], nxt
+        return [_job_proto(j) for j in found], nxt
 
     def cancel(self, name: str, principal: Principal) -> pb.ImportJob:
-        """A running job becomes CANCELLED at once; the thread running it (in this replica or
+        """A running job becomes CANCELLED at once; the worker running it (in this replica or
         another) stops at its next chunk, and the chunk it was writing is rolled back, so
         processed_rows counts exactly what the import wrote. Cancelling a cancelled job returns it."""
         jid = _parse_job_name(name)
         with self.uc.uow.begin() as tx:
-            conn = tx.conn
-            row = conn.execute(
-                import_jobs.update()
-                .where(import_jobs.c.id == jid, import_jobs.c.state == RUNNING)
-                .values(state=CANCELLED, error=f"cancelled by {principal.subject}", end_time=sa.func.now())
-                .values(update_time=sa.func.now())
-                .returning(*import_jobs.c)
-            ).one_or_none()
-            if row is None:
-                row = conn.execute(sa.select(import_jobs).where(import_jobs.c.id == jid)).one_or_none()
-        if row is None:
-            raise self._not_found(jid)
-        if row.state not in (RUNNING, CANCELLED):
-            raise FailedPrecondition(
-                f"import job importJobs/{jid} has already ended ({pb.ImportState.Name(row.state)})",
-                reason="IMPORT_JOB_ENDED",
-                metadata={"name": f"importJobs/{jid}", "state": pb.ImportState.Name(row.state)},
-            )
+            job = jobs.get(tx.conn, jid)
+            if job is None or job.kind != KIND:
+                raise self._not_found(jid)
+            try:
+                job = jobs.cancel(tx.conn, jid, by=principal.subject)
+            except FailedPrecondition:
+                state = pb.ImportState.Name(STATES[job.state])
+                raise FailedPrecondition(
+                    f"import job importJobs/{jid} has already ended ({state})",
+                    reason="IMPORT_JOB_ENDED",
+                    metadata={"name": f"importJobs/{jid}", "state": state},
+                ) from None
         log.info("import cancelled", extra={"job": jid, "by": principal.subject})
-        return _job_proto(row)
+        return _job_proto(job)
 
     def cleanup(self) -> int:
-        """Delete jobs (and their error rows) that ended more than JOB_RETENTION_DAYS ago."""
+        """Delete jobs (with their files and error rows) that ended more than JOB_RETENTION_DAYS
+        ago (the job worker also does it every ten minutes)."""
         with self.uc.uow.begin() as tx:
-            return tx.execute(
-                import_jobs.delete().where(
-                    import_jobs.c.end_time < sa.func.now() - sa.text(f"interval '{JOB_RETENTION_DAYS} days'")
-                )
-            ).rowcount
+            return jobs.cleanup(tx.conn, dt.timedelta(days=JOB_RETENTION_DAYS))
 
     def error_report(self, name: str, fmt: int) -> Iterator[pb.DownloadImportErrorReportResponse]:
         jid = _parse_job_name(name)
@@ -672,9 +620,10 @@ class Importer:
         if kind is None:
             raise InvalidArgument.field("format", "an error report is EXPORT_FORMAT_CSV or EXPORT_FORMAT_XLSX")
         with self.uc.engine.connect() as conn:  # a transaction: the rows stream from a server-side cursor
-            headers = conn.execute(sa.select(import_jobs.c.headers).where(import_jobs.c.id == jid)).scalar()
-            if headers is None:
+            job = jobs.get(conn, jid)
+            if job is None or job.kind != KIND:
                 raise self._not_found(jid)
+            headers = (job.checkpoint or {}).get("headers") or []
             columns = [
                 documents.Column("row", "Row", 0.6),
                 documents.Column("field", "Field", 1.5),
@@ -710,25 +659,6 @@ class Importer:
                 chunk_size=REPORT_CHUNK,
             )
 
-    def fail_interrupted(self) -> int:
-        """Jobs left RUNNING by a process that died (nobody holds their lock) become FAILED."""
-        try:
-            with self.uc.uow.begin() as tx:
-                n = tx.execute(
-                    sa.text(
-                        "UPDATE import_jobs SET state = :failed, error = 'interrupted', end_time = now(), "
-                        "update_time = now() WHERE state = :running "
-                        f"AND pg_try_advisory_xact_lock({_LOCK_KEY.format('id::text')})"
-                    ),
-                    {"failed": FAILED, "running": RUNNING},
-                ).rowcount
-        except sa.exc.ProgrammingError:  # the table is not there (migrations not run): no jobs
-            log.warning("import_jobs table missing; interrupted imports not checked")
-            return 0
-        if n:
-            log.warning("imports interrupted by a restart marked failed", extra={"jobs": n})
-        return n
-
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
     def _not_found(jid: str) -> NotFound:
@@ -738,40 +668,30 @@ class Importer:
             metadata={"name": f"importJobs/{jid}"},
         )
 
-    def _by_request_id(self, request_id: str) -> pb.ImportJob | None:
-        with self.uc.reader.connect() as conn:
-            row = conn.execute(sa.select(import_jobs).where(import_jobs.c.request_id == request_id)).one_or_none()
-        return None if row is None else _job_proto(row)
-
     @staticmethod
-    def _unlock(lock: sa.Connection) -> None:
-        """Close the job's lock connection (which releases the lock) and free its queue place."""
-        try:
-            lock.close()
-        except Exception:
-            log.exception("could not close an import job's lock connection")
-        finally:
-            _QUEUE.release()
-
-    def _run(self, job: _Job, content: bytes, lock: sa.Connection) -> None:
-        try:
-            with _SLOTS:
-                _Run(self.uc, job).run(content)
-        except _Cancelled:
-            log.info("import stopped: cancelled", extra={"job": job.id})
-        except _FileError as e:
-            _set_job(self.uc.uow, job.id, state=FAILED, error=str(e), end_time=sa.func.now())
-        except Exception:
-            log.exception("import failed", extra={"job": job.id})
-            _set_job(
-                self.uc.uow,
-                job.id,
-                state=FAILED,
-                error="the import stopped on an internal error; the rows counted as processed were handled",
-                end_time=sa.func.now(),
+    def _by_request_id(conn, request_id: str) -> jobs.Job | None:
+        row = conn.execute(
+            sa.select(work_tables.jobs.c.id).where(
+                work_tables.jobs.c.kind == KIND, work_tables.jobs.c.request_id == request_id
             )
+        ).one_or_none()
+        return None if row is None else jobs.get(conn, str(row.id))
+
+    def _run(self, ctx: jobs.JobContext):
+        """The job handler: the import, resumed after its last committed chunk, in the trace of
+        the ImportCustomers call that started it."""
+        token = otel_context.attach(extract_context(ctx.params.get("trace")))
+        try:
+            return _Run(self.uc, _Job.of(ctx.job), ctx).run()
+        except _FileError as e:
+            raise jobs.JobFailed(str(e)) from None
+        except (jobs.JobStopped, jobs.JobFailed):
+            raise
+        except Exception:
+            log.exception("import failed", extra={"job": ctx.id})
+            raise jobs.JobFailed(INTERNAL_ERROR) from None
         finally:
-            self._unlock(lock)
+            otel_context.detach(token)
 
 
 def _load_names(conn) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
@@ -944,21 +864,20 @@ def _convert_chunk(conv: _Converter, chunk: list[tuple[int, list]]) -> list[_Row
 
 
 class _Run:
-    """One import, run in its own thread."""
+    """One run of an import job (in a job worker's thread), from its last committed chunk."""
 
-    def __init__(self, uc: CustomerUseCases, job: _Job):
+    def __init__(self, uc: CustomerUseCases, job: _Job, ctx: jobs.JobContext):
         self.uc = uc
         self.job = job
+        self.jctx = ctx
         self.seen: dict[str, str | int] = {}  # dedupe key -> customer id, or the file row creating it
-        self.actor = job.principal.subject
-        self.request_id = request_id_var.get() or ""
+        self.actor = job.creator
+        self.request_id = ctx.params.get("rpc_request_id", "")  # the ImportCustomers call's, for the audit
 
     # -- set-up ----------------------------------------------------------------------------
-    def run(self, content: bytes) -> None:
+    def run(self) -> dict:
         job = self.job
-        with self.uc.reader.connect() as conn:  # cancelled while it waited for a slot?
-            if conn.execute(sa.select(import_jobs.c.state).where(import_jobs.c.id == job.id)).scalar() != RUNNING:
-                raise _Cancelled
+        content = self.jctx.input() or b""
         headers, records = (read_csv if job.file_format == pb.IMPORT_FILE_FORMAT_CSV else read_xlsx)(content)
         del content
         records = [(n, cells) for n, cells in records if any(_cell_text(c) for c in cells)]
@@ -969,11 +888,16 @@ class _Run:
             names = _load_names(conn)
         self.conv = _Converter(job.customer_type, job.mapping, self.actor, headers, self.ctx, names, job.date_order)
         self.headers = headers
-        _set_job(self.uc.uow, job.id, headers=headers, total_rows=len(records))
+        self.total = len(records)
+        done = (self.jctx.checkpoint or {}).get("chunks", 0)  # committed by an earlier run
+        if not done:
+            self.jctx.progress({"chunks": 0, "headers": headers}, total=len(records))
         if not records:
             raise _FileError("the file has no rows below the header")
         chunks = [records[i : i + CHUNK_ROWS] for i in range(0, len(records), CHUNK_ROWS)]
         del records
+        for i in range(done):  # a resumed run: those chunks are in the database already
+            chunks[i] = None
         # Reading and validating rows needs no database: it runs ahead of the writes, in worker
         # processes for a big file (Python runs one thread at a time; the writes, the outbox
         # relay and the RPCs keep this process busy enough), else in a thread.
@@ -986,8 +910,8 @@ class _Run:
         writing = None  # the chunk being written
         try:
             ahead: deque = deque()  # chunks being read: one per worker, and the next in line
-            submitted, depth = 0, max(workers, 1) + 1
-            for _ in range(len(chunks)):
+            submitted, depth = done, max(workers, 1) + 1
+            for index in range(done, len(chunks)):
                 while submitted < len(chunks) and len(ahead) < depth:
                     ahead.append(pool.submit(_convert_chunk, self.conv, chunks[submitted]))
                     chunks[submitted] = None  # handed over: free it as soon as it is converted
@@ -997,8 +921,8 @@ class _Run:
                     # Updates read and lock their customers in the chunk's transaction.
                     if writing is not None:
                         writing.result()
-                    with self.uc.uow.begin() as tx:
-                        self._write(tx, self._chunk(tx.conn, rows))
+                    with self.jctx.step(self.uc.uow) as tx:
+                        self._write(tx, self._chunk(tx.conn, rows), index)
                     continue
                 # Otherwise a chunk is decided and built while the one before is written: the
                 # rows of a file that chunk creates are known here (self.seen) before it commits.
@@ -1007,17 +931,17 @@ class _Run:
                 if writing is not None:
                     writing.result()
                 # The writer runs in this thread's context (trace and request id of the import).
-                writing = writer.submit(contextvars.copy_context().run, self._commit, chunk)
+                writing = writer.submit(contextvars.copy_context().run, self._commit, chunk, index)
             if writing is not None:
                 writing.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             writer.shutdown(wait=True, cancel_futures=True)
-        _set_job(self.uc.uow, job.id, state=SUCCEEDED, end_time=sa.func.now())
+        return {"rows": self.total}
 
-    def _commit(self, chunk: _ChunkWrite) -> None:
-        with self.uc.uow.begin() as tx:
-            self._write(tx, chunk)
+    def _commit(self, chunk: _ChunkWrite, index: int) -> None:
+        with self.jctx.step(self.uc.uow) as tx:
+            self._write(tx, chunk, index)
 
     # -- per chunk -------------------------------------------------------------------------
     def _chunk(self, conn: sa.Connection, rows: list[_Row]) -> _ChunkWrite:
@@ -1084,7 +1008,7 @@ class _Run:
         ]
         return chunk
 
-    def _write(self, tx: Transaction, chunk: _ChunkWrite) -> None:
+    def _write(self, tx: Transaction, chunk: _ChunkWrite, index: int) -> None:
         """A chunk's rows by COPY and the job's counters, in the chunk's transaction."""
         if chunk.customers:
             tx.copy("customers", STORED_COLUMNS, chunk.customers)
@@ -1095,22 +1019,20 @@ class _Run:
         tx.audit_many(chunk.audit, self.actor, self.request_id, copy=True)
         if chunk.errors:
             tx.copy("import_job_errors", ["job_id", "row_number", "fields", "problems", "cells"], chunk.errors)
-        conn = tx.conn
-        c, counts = import_jobs.c, chunk.counts
-        counted = conn.execute(
-            import_jobs.update()
-            .where(c.id == self.job.id, c.state == RUNNING)
-            .values(
-                processed_rows=c.processed_rows + counts.processed,
-                created_rows=c.created_rows + counts.created,
-                updated_rows=c.updated_rows + counts.updated,
-                skipped_rows=c.skipped_rows + counts.skipped,
-                failed_rows=c.failed_rows + counts.failed,
-                update_time=sa.func.now(),
-            )
-        ).rowcount
-        if not counted:  # cancelled meanwhile: this chunk rolls back with the exception
-            raise _Cancelled
+        # The job's progress in the chunk's transaction: a cancel or a take-over since the
+        # chunk began makes this raise JobStopped, and the chunk rolls back with it.
+        counts = chunk.counts
+        self.jctx.save(
+            tx.conn,
+            {"chunks": index + 1, "headers": self.headers},
+            processed=min((index + 1) * CHUNK_ROWS, self.total),
+            increment={
+                "created": counts.created,
+                "updated": counts.updated,
+                "skipped": counts.skipped,
+                "failed": counts.failed,
+            },
+        )
 
     def _resolve_referrers(self, conn, rows: list[_Row]) -> None:
         if not rows:
