@@ -3,8 +3,6 @@ customer event is dead-lettered at once with the reason, and never counted."""
 
 from __future__ import annotations
 
-import time
-
 import pika
 import pytest
 import sqlalchemy as sa
@@ -13,16 +11,7 @@ from crm.customer.v1 import customer_events_pb2
 from crm_chassis.messaging.consumer import DEAD_LETTER_REASON
 from crm_chassis.messaging.envelope import new_event
 from crm_chassis.messaging.topology import dead_letter_queue, exchange_for, queue_name
-
-
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.support.harness import wait_for
 
 
 @pytest.mark.parametrize(

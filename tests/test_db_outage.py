@@ -5,7 +5,6 @@ and the gateway's /readyz say not ready, and all of it recovers by itself when i
 from __future__ import annotations
 
 import logging
-import time
 
 import grpc
 import pytest
@@ -13,17 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crm.customer.v1 import customer_pb2, customer_service_pb2, customer_service_pb2_grpc
 from tests.support.db_proxy import proxied_database
-from tests.support.harness import assert_problem, md, start_service, token
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.support.harness import assert_problem, md, start_service, token, wait_for
 
 
 @pytest.fixture(scope="module")

@@ -23,19 +23,10 @@ from crm_chassis.messaging.outbox import OutboxRelay, enqueue
 from crm_chassis.messaging.tables import messaging_metadata
 from crm_chassis.messaging.topology import dead_letter_queue, declare_producer, exchange_for, queue_name
 from tests.support.db_proxy import proxied_database
+from tests.support.harness import wait_for
 
 DOMAIN = "resilience"
 KEY = "customer.created.v1"
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def with_query(url: str, query: str) -> str:
