@@ -316,3 +316,22 @@ def test_a_failed_confirm_rolls_back_every_batch_in_flight(engine, broker):
         assert unpublished(engine) == 0
     finally:
         relay.publisher.close()
+
+
+def test_a_batch_sent_on_a_replaced_connection_is_never_taken_as_confirmed(broker):
+    # Delivery tags count per connection: after a reconnect, the new connection's tags 1..n
+    # must not confirm a batch that went out (and may have been lost) on the old one.
+    from crm_chassis.messaging.publisher import ConfirmingPublisher
+
+    publisher = ConfirmingPublisher(broker.url, lambda ch: declare_producer(ch, DOMAIN))
+    e = make_event()
+    message = (exchange_for(DOMAIN), KEY, e.data, e.amqp_properties())
+    try:
+        first = publisher.publish([message] * 5)
+        publisher.close()  # the connection breaks before the first batch's confirms are read
+        second = publisher.publish([message] * 5)  # reconnects: tags start at 1 again
+        publisher.wait_confirmed(second)
+        with pytest.raises(PublishError):
+            publisher.wait_confirmed(first)
+    finally:
+        publisher.close()

@@ -44,6 +44,9 @@ class ConfirmingPublisher:
         self._pending: set[int] = set()
         self._nacked: set[int] = set()
         self._next_tag = 1
+        # Delivery tags count per connection: a batch sent on a connection that was since
+        # replaced can never be confirmed (its tags would match the new connection's).
+        self._generation = 0
 
     @property
     def connected(self) -> bool:
@@ -71,6 +74,7 @@ class ConfirmingPublisher:
         self._next_tag = 1
         self._pending.clear()
         self._nacked.clear()
+        self._generation += 1
 
     def _on_confirm(self, frame) -> None:
         method = frame.method
@@ -82,9 +86,9 @@ class ConfirmingPublisher:
         if isinstance(method, pika.spec.Basic.Nack):
             self._nacked |= done
 
-    def publish(self, messages) -> int:
+    def publish(self, messages) -> tuple[int, int]:
         """Send messages (exchange, routing_key, body, BasicProperties) without waiting for their
-        confirms; returns the delivery tag of the last one, for `wait_confirmed`."""
+        confirms; returns a receipt (the connection and the last delivery tag) for `wait_confirmed`."""
         self.connect()
         try:
             for exchange, routing_key, body, props in messages:
@@ -96,11 +100,14 @@ class ConfirmingPublisher:
         except (AMQPError, OSError) as exc:
             self.close()
             raise PublishError(f"publish failed: {exc!r}") from exc
-        return self._next_tag - 1
+        return self._generation, self._next_tag - 1
 
-    def wait_confirmed(self, upto: int) -> None:
-        """Return when every message up to delivery tag `upto` is confirmed; PublishError if the
-        broker refused one of them, the connection broke, or confirms took too long."""
+    def wait_confirmed(self, receipt: tuple[int, int]) -> None:
+        """Return when every message up to the receipt's is confirmed; PublishError if the broker
+        refused one of them, the connection broke or was replaced since, or confirms took too long."""
+        generation, upto = receipt
+        if generation != self._generation or not self.connected:
+            raise PublishError("the connection these messages went out on is gone; they are unconfirmed")
         deadline = time.monotonic() + self.confirm_timeout
         try:
             while self._pending and min(self._pending) <= upto:
