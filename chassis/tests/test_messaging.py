@@ -335,3 +335,39 @@ def test_a_batch_sent_on_a_replaced_connection_is_never_taken_as_confirmed(broke
             publisher.wait_confirmed(first)
     finally:
         publisher.close()
+
+
+def test_a_failed_publish_leaves_every_row_unpublished_and_claimable(engine, broker):
+    # A batch whose publish fails rolls back with the batch in flight before it: nothing is
+    # marked sent, nothing stays locked for another relay, and a retry sends all of them. (A
+    # transaction left open by a failed publish kept its rows locked for the rest of a real
+    # broker outage; test_broker_outage_... caught that in 4 of 16 runs before the fix.)
+    with engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE outbox"))
+        for _ in range(120):
+            enqueue(conn, make_event())
+    relay = OutboxRelay(engine, broker.url, lambda ch: declare_producer(ch, DOMAIN), batch_size=50)
+    real_publish, calls = relay.publisher.publish, []
+
+    def failing_second(messages):
+        calls.append(len(messages))
+        if len(calls) == 2:
+            raise PublishError("broker connection lost")
+        return real_publish(messages)
+
+    relay.publisher.publish = failing_second
+    try:
+        with pytest.raises(PublishError) as failed:
+            relay.drain(timeout=60)
+        with engine.begin() as conn:  # what another relay could claim now: every unpublished row
+            claimable = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM (SELECT id FROM outbox WHERE published_at IS NULL FOR UPDATE SKIP LOCKED) c"
+                )
+            ).scalar_one()
+        assert claimable == unpublished(engine) == 120, failed
+        relay.publisher.publish = real_publish
+        assert relay.drain(timeout=60) == 120
+        assert unpublished(engine) == 0
+    finally:
+        relay.publisher.close()

@@ -190,7 +190,7 @@ class OutboxRelay:
         transaction; SKIP LOCKED keeps the two apart) and sent. A batch is marked published and
         committed only once all of it is confirmed, oldest first; a failure rolls back every
         batch in flight (their rows are published again: at least once, as always)."""
-        inflight: collections.deque = collections.deque()  # (stack, conn, rows, spans, last tag)
+        inflight: collections.deque = collections.deque()  # (stack, conn, rows, spans, receipt)
         total = 0
         try:
             while True:
@@ -200,16 +200,22 @@ class OutboxRelay:
                     and (deadline is None or time.monotonic() < deadline)
                 ):
                     stack = contextlib.ExitStack()
-                    conn, rows = self._claim(stack)
-                    if not rows:
-                        stack.close()
-                        break
-                    spans, messages = self._prepare(rows)
-                    inflight.append((stack, conn, rows, spans, self.publisher.publish(messages)))
+                    try:
+                        conn, rows = self._claim(stack)
+                        if not rows:
+                            stack.close()
+                            break
+                        spans, messages = self._prepare(rows)
+                    except BaseException as exc:  # not in flight yet: roll its transaction back here
+                        stack.__exit__(type(exc), exc, exc.__traceback__)
+                        raise
+                    # From here the batch is in flight; the handler below rolls it back on failure.
+                    inflight.append((stack, conn, rows, spans, None))
+                    inflight[-1] = (stack, conn, rows, spans, self.publisher.publish(messages))
                 if not inflight:
                     return total
-                stack, conn, rows, spans, last = inflight[0]
-                self.publisher.wait_confirmed(last)
+                stack, conn, rows, spans, receipt = inflight[0]
+                self.publisher.wait_confirmed(receipt)
                 for span in spans:
                     span.end()
                 self._mark(conn, rows)
