@@ -746,3 +746,35 @@ def test_erase_redacts_the_audit_entries_of_the_customers_notes(svc, stub):
     assert {e.resource for e in entries} == {c.name, note.name}
     kept = str([(e.changes) for e in entries if e.action != "erase"])
     assert "Secret" not in kept and "Hidden" not in kept and "noted@me.ir" not in kept
+
+
+def test_a_source_update_audits_what_it_was_and_a_missing_source_is_not_found(stub):
+    s = stub.CreateAcquisitionSource(
+        pb.CreateAcquisitionSourceRequest(
+            acquisition_source=resources_pb2.AcquisitionSource(key="tv_ad", display_name="TV")
+        ),
+        metadata=md(),
+    )
+    stub.UpdateAcquisitionSource(
+        pb.UpdateAcquisitionSourceRequest(
+            acquisition_source=resources_pb2.AcquisitionSource(name=s.name, display_name="Television"),
+            update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+        ),
+        metadata=md(),
+    )
+    [entry] = [
+        e
+        for e in stub.ListAuditEntries(pb.ListAuditEntriesRequest(resource=s.name), metadata=md()).audit_entries
+        if e.action == "source.update"
+    ]
+    assert [(c.field, c.old_value, c.new_value) for c in entry.changes] == [("display_name", '"TV"', '"Television"')]
+    e = err(
+        lambda: stub.UpdateAcquisitionSource(
+            pb.UpdateAcquisitionSourceRequest(
+                acquisition_source=resources_pb2.AcquisitionSource(name="acquisitionSources/nowhere", retired=True),
+                update_mask=field_mask_pb2.FieldMask(paths=["retired"]),
+            ),
+            metadata=md(),
+        )
+    )
+    assert e.code == grpc.StatusCode.NOT_FOUND and e.reason == "SOURCE_NOT_FOUND"

@@ -102,6 +102,15 @@ RANKS = Updatable(
     message_field="rank",
     convert={"display_name": required_text(100)},
 )
+SOURCES = Updatable(
+    acquisition_sources,
+    ResourceName("acquisitionSources/{key}", singular="source", key=r"[a-z0-9_-]{1,40}"),
+    UpdateMask(["display_name", "retired"]),
+    message_field="acquisition_source",
+    convert={"display_name": required_text(100)},
+    key_columns=["key"],
+    version_column=None,  # sources carry no etag
+)
 NOTES = Updatable(
     notes,
     ResourceName("customers/{customer_id}/notes/{note_id}"),
@@ -381,34 +390,11 @@ class Catalog:
             return [source_to_proto(r) for r in conn.execute(q)]
 
     def update_source(self, s: resources_pb2.AcquisitionSource, paths: list[str], principal: Principal):
-        if not paths or set(paths) - {"display_name", "retired"}:
-            raise InvalidArgument.field("update_mask", "may name display_name and retired")
-        key = s.name.removeprefix("acquisitionSources/")
-        values = {}
-        if "display_name" in paths:
-            values["display_name"] = _name(s.display_name, "acquisition_source.display_name")
-        if "retired" in paths:
-            values["retired"] = s.retired
         with self.c.uow.begin() as tx:
-            conn = tx.conn
-            row = conn.execute(
-                acquisition_sources.update()
-                .where(acquisition_sources.c.key == key)
-                .values(**values)
-                .returning(*acquisition_sources.c)
-            ).one_or_none()
-            if row is None:
-                raise NotFound(f"acquisition source {s.name} does not exist", reason="SOURCE_NOT_FOUND")
-            tx.audit(
-                s.name,
-                "source.update",
-                principal,
-                [
-                    {"field": k, "old_value": "null", "new_value": json.dumps(v, ensure_ascii=False)}
-                    for k, v in values.items()
-                ],
-            )
-        return source_to_proto(row)
+            done = SOURCES.update(tx.conn, s, paths)
+            if done.changes:
+                tx.audit(s.name, "source.update", principal, done.audit_changes())
+        return source_to_proto(done.row)
 
     def create_custom_field(self, d: resources_pb2.CustomFieldDefinition, principal: Principal):
         key = d.key.strip()
