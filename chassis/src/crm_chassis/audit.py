@@ -12,6 +12,8 @@ resource (a customer's notes included) keeps who/when/which field, never the val
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 from collections.abc import Iterable
 
 import sqlalchemy as sa
@@ -42,6 +44,25 @@ def create_audit_table(op) -> None:
     """Alembic helper: the table above and its index (newest entries of a resource first)."""
     op.create_table(audit_entries.name, *(c._copy() for c in audit_entries.columns))
     op.create_index("audit_entries_resource", "audit_entries", ["resource", sa.text("id DESC")])
+
+
+_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str).encode
+_QUOTE = json.encoder.encode_basestring  # a str as a JSON string, non-ASCII kept
+
+
+def value(v) -> str:
+    """A value as the audit trail keeps it: JSON text (dates as ISO strings, keys sorted,
+    non-ASCII kept). The common kinds go without building an encoder per call: it runs for
+    every field of every write."""
+    if isinstance(v, str):
+        return _QUOTE(v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    if isinstance(v, dt.date):
+        return _QUOTE(v.isoformat())
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return "[" + ", ".join(map(_QUOTE, v)) + "]"
+    return _JSON(v)
 
 
 def change(field: str, old: str, new: str) -> dict:

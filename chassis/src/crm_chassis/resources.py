@@ -38,7 +38,6 @@ bumped, what changed for the audit trail) in a few declarative lines::
 
 from __future__ import annotations
 
-import json
 import re
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -49,6 +48,7 @@ import sqlalchemy as sa
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from . import audit
 from .errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument, NotFound
 
 UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -308,8 +308,7 @@ class FieldChange:
         return {"field": self.field, "old_value": _json(self.old), "new_value": _json(self.new)}
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+_json = audit.value  # the audit trail's JSON text of a value
 
 
 def changes(old: Mapping[str, Any], new: Mapping[str, Any], fields: Iterable[str] | None = None) -> list[FieldChange]:

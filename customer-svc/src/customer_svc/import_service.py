@@ -63,6 +63,7 @@ from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgume
 from crm_chassis.logging import request_id_var
 from crm_chassis.pagination import page_size
 from crm_chassis.persian import jalali_to_gregorian  # noqa: F401 (tests import it from here)
+from crm_chassis.resources import ResourceName
 from crm_chassis.telemetry import extract_context, inject_headers
 from crm_chassis.uow import Transaction, json_text, new_ids
 
@@ -99,6 +100,7 @@ CONTACT_FIELDS = ("title_prefix", "given_name", "family_name", "role", "org_unit
 _BASE = values_from_proto(customer_pb2.Customer(), domain.WRITABLE)
 
 KIND = "customer.import"  # the chassis job kind of an import
+IMPORT_JOB = ResourceName("importJobs/{id}", singular="import job")
 STATES = {
     jobs.QUEUED: RUNNING,  # waiting for a worker: running, as far as the caller is concerned
     jobs.RUNNING: RUNNING,
@@ -662,11 +664,7 @@ class Importer:
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
     def _not_found(jid: str) -> NotFound:
-        return NotFound(
-            f"import job importJobs/{jid} does not exist",
-            reason="IMPORT_JOB_NOT_FOUND",
-            metadata={"name": f"importJobs/{jid}"},
-        )
+        return IMPORT_JOB.not_found([jid])
 
     @staticmethod
     def _by_request_id(conn, request_id: str) -> jobs.Job | None:

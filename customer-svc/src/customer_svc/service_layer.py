@@ -11,10 +11,12 @@ import uuid
 import sqlalchemy as sa
 
 from crm.customer.v1 import customer_events_pb2, customer_pb2
+from crm_chassis import audit
 from crm_chassis.auth import Principal
-from crm_chassis.errors import Aborted, FieldViolation, InvalidArgument, NotFound
+from crm_chassis.errors import FieldViolation, InvalidArgument, NotFound
 from crm_chassis.messaging.outbox import OutboxRelay
 from crm_chassis.pagination import PageTokens, page_size
+from crm_chassis.resources import ResourceName, check_etag
 from crm_chassis.uow import Transaction, UnitOfWork
 
 from . import adapters, domain, queries, text
@@ -63,21 +65,8 @@ def _session_settings(dbapi_connection, _record) -> None:
     dbapi_connection.commit()
 
 
-_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str).encode
-_QUOTE = json.encoder.encode_basestring  # a str as a JSON string, non-ASCII kept
-
-
-def _json(value) -> str:
-    """A value as the audit trail keeps it (JSON text), without building an encoder per call."""
-    if isinstance(value, str):
-        return _QUOTE(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if isinstance(value, dt.date):
-        return _QUOTE(value.isoformat())
-    if isinstance(value, list) and all(isinstance(x, str) for x in value):
-        return "[" + ", ".join(map(_QUOTE, value)) + "]"
-    return _JSON(value)
+_json = audit.value  # a value as the audit trail keeps it (JSON text)
+_QUOTE = json.encoder.encode_basestring
 
 
 # The columns a new customer's row fills, in order (an import COPYs them in this order).
@@ -169,20 +158,11 @@ def rewrite(conn: sa.Connection, cid: str, v: dict, code: str, groups: bool = Tr
         adapters.set_groups(conn, cid, v.get("group_ids") or [])
 
 
+CUSTOMER = ResourceName("customers/{id}")
+
+
 def not_found(customer_id: str) -> NotFound:
-    return NotFound(
-        f"customer customers/{customer_id} does not exist",
-        reason="CUSTOMER_NOT_FOUND",
-        metadata={"name": f"customers/{customer_id}"},
-    )
-
-
-def check_etag(given: str, version: int, name: str) -> None:
-    if given and given != f'"{version}"':
-        raise Aborted(
-            f"{name} was changed by someone else (etag {given} is stale); read it again",
-            metadata={"name": name, "current_etag": f'"{version}"'},
-        )
+    return CUSTOMER.not_found([customer_id])
 
 
 class CustomerUseCases:
