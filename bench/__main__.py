@@ -18,11 +18,9 @@ import http.client
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import grpc
 import sqlalchemy as sa
@@ -36,17 +34,11 @@ from crm_chassis.db import create_engine
 from crm_chassis.messaging.outbox import OutboxRelay
 from crm_chassis.messaging.tables import messaging_metadata
 from crm_chassis.messaging.topology import declare_producer
-from tests.support.harness import ROOT, Broker, Databases, md
+from tests.support.harness import ROOT, Broker, Databases, free_port, md, start_gateway, stop_process
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
 EVENTS = int(os.environ.get("BENCH_EVENTS", "20000"))
 RESULTS = ROOT / "bench" / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_customer_svc(
@@ -150,52 +142,14 @@ def grpc_section(db_url: str, amqp_url: str) -> list[dict]:
     return rows
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise SystemExit(f"{url} never answered")
-        time.sleep(0.2)
-
-
 def gateway_section(db_url: str, amqp_url: str) -> list[dict]:
     """CreateCustomer and GetCustomer one request at a time, over HTTP through the gateway
     (gunicorn, as `make run` starts it) and straight over gRPC to the same customer-svc
     process, in one run: the gateway's own share is the difference of the two."""
     proc, port = start_customer_svc(db_url, amqp_url)
-    gw_port = free_port()
-    env = dict(
-        os.environ,
-        GATEWAY_HOST="127.0.0.1",
-        GATEWAY_PORT=str(gw_port),
-        CUSTOMER_SVC_ADDR=f"127.0.0.1:{port}",
-        REPORTING_SVC_ADDR="127.0.0.1:9",  # not called here
-        JWT_SECRET=DEFAULT_JWT_SECRET,
-        LOG_LEVEL="WARNING",
-    )
-    gw = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-c",
-            str(ROOT / "gateway" / "gunicorn.conf.py"),
-            "crm_gateway:create_app()",
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    gw, gw_port = start_gateway(f"127.0.0.1:{port}", "127.0.0.1:9", LOG_LEVEL="WARNING")  # reporting: not called
     rows = []
     try:
-        wait_http(f"http://127.0.0.1:{gw_port}/healthz", gw)
         ch = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = customer_service_pb2_grpc.CustomerServiceStub(ch)
         meta = md("admin", "bench")
@@ -270,8 +224,7 @@ def gateway_section(db_url: str, amqp_url: str) -> list[dict]:
         conn.close()
         ch.close()
     finally:
-        gw.terminate()
-        gw.wait(30)
+        stop_process(gw)
         proc.terminate()
         proc.wait(30)
     return rows

@@ -19,15 +19,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crm.customer.v1 import customer_pb2, customer_service_pb2, customer_service_pb2_grpc
-from tests.support.harness import ROOT, Broker, md, new_source, token
+from tests.support.harness import ROOT, Broker, free_port, md, new_source, token
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_serving(port: int, timeout: float = 30) -> None:

@@ -6,24 +6,16 @@ document like every app error, and the OpenAPI document lists each status."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import socket
-import subprocess
-import sys
-import time
 import urllib.parse
 
 import pytest
 
+from tests.support.harness import start_gateway, stop_process
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def exchange(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -55,50 +47,17 @@ def get(port: int, target: str, *headers: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def gunicorn(suite):
-    port = _free_port()
-    env = {
-        **os.environ,
-        "GATEWAY_HOST": "127.0.0.1",
-        "GATEWAY_PORT": str(port),
-        "GATEWAY_WORKERS": "1",
-        "GATEWAY_THREADS": "2",
-        "CUSTOMER_SVC_ADDR": f"127.0.0.1:{suite.customer.port}",
-        "REPORTING_SVC_ADDR": f"127.0.0.1:{suite.reporting.port}",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": "",
-    }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-c",
-            str(ROOT / "gateway" / "gunicorn.conf.py"),
-            "crm_gateway:create_app()",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc, port = start_gateway(
+        f"127.0.0.1:{suite.customer.port}",
+        f"127.0.0.1:{suite.reporting.port}",
+        GATEWAY_WORKERS="1",
+        GATEWAY_THREADS="2",
+        OTEL_EXPORTER_OTLP_ENDPOINT="",
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if exchange(port, get(port, "/healthz"))[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "gunicorn did not start"
-            time.sleep(0.2)
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def problem(status: int, headers: dict, body: bytes, want: int) -> dict:

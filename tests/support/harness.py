@@ -191,3 +191,72 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_gateway(customer: str, reporting: str, timeout: float = 60, **env: str):
+    """The gateway under real gunicorn (as `make run` starts it) on a free port, answering
+    /healthz before this returns: (process, port). `env` adds settings (GATEWAY_WORKERS=...);
+    its stderr is a pipe, read into the error if it does not start."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    settings = {
+        **os.environ,
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_PORT": str(port),
+        "CUSTOMER_SVC_ADDR": customer,
+        "REPORTING_SVC_ADDR": reporting,
+        "JWT_SECRET": DEFAULT_JWT_SECRET,  # tokens minted by token() / md()
+        **env,
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            str(ROOT / "gateway" / "gunicorn.conf.py"),
+            "crm_gateway:create_app()",
+        ],
+        env=settings,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"gunicorn exited: {proc.stderr.read()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return proc, port
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("gunicorn did not start")
+        time.sleep(0.2)
+
+
+def stop_process(proc, timeout: float = 30) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
