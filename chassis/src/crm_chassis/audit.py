@@ -70,14 +70,6 @@ def change(field: str, old: str, new: str) -> dict:
     return {"field": field, "old_value": old, "new_value": new}
 
 
-def record(conn: sa.Connection, resource: str, action: str, actor: str, changes: list[dict], request_id: str) -> None:
-    # Parameters, not .values(): the compiled statement is cached once for all calls.
-    conn.execute(
-        audit_entries.insert(),
-        {"resource": resource, "action": action, "actor": actor, "changes": changes, "request_id": request_id or ""},
-    )
-
-
 def record_many(conn: sa.Connection, entries: Iterable[tuple]) -> None:
     """Entries as (resource, action, actor, changes, request_id) in one executemany."""
     rows = [dict(zip(AUDIT_COLUMNS, e, strict=True)) for e in entries]

@@ -82,7 +82,7 @@ def nul_violations(message, prefix: str = "") -> list[FieldViolation]:
     a NUL character, by field path: `customer.given_name`, `emails[1].address`, `labels["k"]`."""
     out: list[FieldViolation] = []
     descriptor = message.DESCRIPTOR
-    if _holds_text.get(descriptor) or _may_hold_text(descriptor):
+    if _may_hold_text(descriptor):
         _walk(message, prefix, out)
     return out
 

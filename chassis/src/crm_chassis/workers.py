@@ -1,4 +1,4 @@
-"""What every background worker of a service shares (the timer and job workers, the relay):
+"""What every background worker of a service shares (the timer and job workers, the outbox relay):
 a daemon thread running `_run` until stopped, `wake()` to cut its idle wait short, and
 handlers registered per kind (`register(kind, fn)` or the `@worker.handler(kind)` decorator).
 Service.stop / GrpcService.stop call `stop(timeout)` on SIGTERM."""

@@ -17,7 +17,6 @@ import collections
 import contextlib
 import itertools
 import logging
-import threading
 import time
 
 import sqlalchemy as sa
@@ -26,6 +25,7 @@ from opentelemetry.trace import SpanKind
 
 from ..db import is_database_unavailable, untraced
 from ..telemetry import extract_context, inject_headers
+from ..workers import PollingWorker
 from .envelope import Event
 from .publisher import ConfirmingPublisher, PublishError
 from .tables import outbox
@@ -99,7 +99,7 @@ _MARK = sa.text(
 )
 
 
-class OutboxRelay:
+class OutboxRelay(PollingWorker):
     name = "outbox-relay"
 
     def __init__(
@@ -119,27 +119,15 @@ class OutboxRelay:
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
         self.max_backoff = max_backoff
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self.published_total = 0
         self.broker_up = False
         self._tracer = trace.get_tracer("crm.outbox")
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
-
-    def wake(self) -> None:
-        """Called after a commit that enqueued events: publish now instead of at the next poll."""
-        self._wake.set()
-
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread:
-            self._thread.join(timeout)
+        self._signal_stop()
+        self._join(timeout)
         self.publisher.close()
 
     # -- work --------------------------------------------------------------------------------
@@ -196,7 +184,7 @@ class OutboxRelay:
             while True:
                 while (
                     len(inflight) < 2
-                    and not (until_stopped and self._stop.is_set())
+                    and not (until_stopped and self._stopping.is_set())
                     and (deadline is None or time.monotonic() < deadline)
                 ):
                     stack = contextlib.ExitStack()
@@ -282,7 +270,7 @@ class OutboxRelay:
         """Publish until the outbox is empty (used on shutdown, by tests and tools)."""
         return self.relay_backlog(deadline=time.monotonic() + timeout, until_stopped=False)
 
-    def _idle(self) -> None:
+    def _wait_for_work(self) -> None:
         """Wait for a wake-up or the next poll, keeping the broker connection alive meanwhile
         (heartbeats are serviced at least every second, from this thread, which owns it)."""
         deadline = time.monotonic() + self.poll_seconds
@@ -296,7 +284,7 @@ class OutboxRelay:
     def _run(self) -> None:
         backoff = 0.2
         database_down = False
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             try:
                 n = self.relay_once()
                 if n >= self.batch_size:  # a backlog (an import): pipeline the batches
@@ -311,13 +299,13 @@ class OutboxRelay:
                 if time.monotonic() >= self._next_cleanup:
                     self._next_cleanup = time.monotonic() + 600
                     self.cleanup()
-                self._idle()
+                self._wait_for_work()
             except (PublishError, OSError) as exc:
                 if self.broker_up or backoff == 0.2:
                     log.warning("broker unavailable; events wait in the outbox", extra={"error": str(exc)})
                 self.broker_up = False
                 self.publisher.close()
-                self._stop.wait(backoff)
+                self._stopping.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
             except sa.exc.SQLAlchemyError as exc:
                 if not is_database_unavailable(exc):
@@ -325,12 +313,12 @@ class OutboxRelay:
                 elif not database_down:  # one line per outage, not one per retry
                     database_down = True
                     log.warning("relay's database unavailable; it retries with back-off", extra={"error": str(exc)})
-                self._stop.wait(backoff)
+                self._stopping.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
             except Exception:
                 log.exception("outbox relay error")
                 self.publisher.close()
-                self._stop.wait(backoff)
+                self._stopping.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
         # Final flush so events of the last calls before shutdown leave now, if the broker is up.
         if self.broker_up:
