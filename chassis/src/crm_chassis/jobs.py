@@ -357,22 +357,15 @@ class JobContext:
         if self._pending is not _UNSET:
             self._checkpoint, self._pending = self._pending, _UNSET
 
-    def progress(
-        self,
-        checkpoint: Any = _UNSET,
-        *,
-        processed: int | None = None,
-        total: int | None = None,
-        message: str | None = None,
-        increment: dict[str, int] | None = None,
-    ) -> None:
-        """`save` in a transaction of its own (for work whose results are not in this database).
-        Not inside a step (its transaction holds the job's row): use `save` there."""
+    def progress(self, checkpoint: Any = _UNSET, **fields: Any) -> None:
+        """`save` (the same checkpoint, processed, total, message and increment) in a transaction
+        of its own, for work whose results are not in this database. Not inside a step (its
+        transaction holds the job's row): use `save` there."""
         if self._in_step:
             raise RuntimeError("inside a step, use ctx.save(conn, ...)")
         self._pending = _UNSET
         with self.engine.begin() as conn:
-            self.save(conn, checkpoint, processed=processed, total=total, message=message, increment=increment)
+            self.save(conn, checkpoint, **fields)
         self._committed()
 
     def _guarded(self, conn: sa.Connection, values: dict[str, Any]) -> None:

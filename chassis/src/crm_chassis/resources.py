@@ -302,10 +302,17 @@ class FieldChange:
     field: str
     old: Any
     new: Any
+    # Their JSON text, when `changes` already made it to compare them (not part of equality).
+    old_text: str | None = field(default=None, compare=False, repr=False)
+    new_text: str | None = field(default=None, compare=False, repr=False)
 
     def as_audit(self) -> dict[str, str]:
         """The audit trail's form: old and new values as JSON text."""
-        return {"field": self.field, "old_value": _json(self.old), "new_value": _json(self.new)}
+        return audit.change(
+            self.field,
+            self.old_text if self.old_text is not None else _json(self.old),
+            self.new_text if self.new_text is not None else _json(self.new),
+        )
 
 
 _json = audit.value  # the audit trail's JSON text of a value
@@ -316,8 +323,9 @@ def changes(old: Mapping[str, Any], new: Mapping[str, Any], fields: Iterable[str
     out = []
     for f in fields if fields is not None else new:
         before, after = old.get(f), new.get(f)
-        if _json(before) != _json(after):
-            out.append(FieldChange(f, before, after))
+        before_text, after_text = _json(before), _json(after)
+        if before_text != after_text:
+            out.append(FieldChange(f, before, after, before_text, after_text))
     return out
 
 
