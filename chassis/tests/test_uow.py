@@ -180,3 +180,16 @@ def test_a_service_without_an_event_domain_cannot_publish(engine):
     uow = UnitOfWork(engine, None, source_service="quiet-svc")
     with pytest.raises(RuntimeError, match="publishes no events"), uow.begin() as tx:
         tx.publish("x.happened.v1", Payload(b""), "x/1")
+
+
+def test_an_audited_value_is_the_json_text_json_dumps_would_write():
+    # audit.value takes shortcuts for the common kinds (it runs for every field of every write);
+    # each must give exactly the text of the plain encoding, dates as ISO strings.
+    import datetime as dt
+    import json
+
+    values = ["", "x", 'q"uote\\', "علی", 0, 7, True, None, 1.5, dt.date(1990, 8, 3), [], ["vip", "ب"]]
+    values += [{"b": 1, "a": "ö"}, [{"given_name": "A", "role": "CEO"}], dt.datetime(2026, 1, 2, 3, 4, 5)]
+    for v in values:
+        plain = json.dumps(v.isoformat() if isinstance(v, dt.date) else v, ensure_ascii=False, sort_keys=True)
+        assert audit.value(v) == plain, v

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
 from crm.customer.v1 import customer_events_pb2, resources_pb2
 from crm_chassis import audit
 from crm_chassis.auth import Principal
-from crm_chassis.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, PermissionDenied
+from crm_chassis.errors import AlreadyExists, FieldViolation, InvalidArgument, PermissionDenied
 from crm_chassis.filtering import keyset_page, newest_first
 from crm_chassis.pagination import page_size
 from crm_chassis.resources import ResourceName, Updatable, UpdateMask, required_text, text
@@ -160,7 +158,7 @@ class Catalog:
                 f"groups/{row.id}",
                 "group.create",
                 principal,
-                [{"field": "display_name", "old_value": "null", "new_value": json.dumps(name, ensure_ascii=False)}],
+                [audit.change("display_name", "null", audit.value(name))],
             )
         return group_to_proto(row, 0)
 
@@ -169,7 +167,7 @@ class Catalog:
         q = sa.select(groups).where(groups.c.id == gid)
         row = conn.execute(q.with_for_update() if lock else q).one_or_none()
         if row is None:
-            raise NotFound(f"group {name} does not exist", reason="GROUP_NOT_FOUND", metadata={"name": name})
+            raise GROUPS.name.not_found(name)
         return row
 
     def _members(self, conn, gid: str) -> int:
@@ -281,8 +279,8 @@ class Catalog:
         change = [
             {
                 "field": field,
-                "old_value": "null" if added else json.dumps(value),
-                "new_value": json.dumps(value) if added else "null",
+                "old_value": "null" if added else audit.value(value),
+                "new_value": audit.value(value) if added else "null",
             }
         ]
         tx.audit_many([(f"customers/{i}", action, change) for i in ids], principal)
@@ -311,7 +309,7 @@ class Catalog:
         q = sa.select(ranks).where(ranks.c.id == rid)
         row = conn.execute(q.with_for_update() if lock else q).one_or_none()
         if row is None:
-            raise NotFound(f"rank {name} does not exist", reason="RANK_NOT_FOUND", metadata={"name": name})
+            raise RANKS.name.not_found(name)
         return row
 
     def update_rank(self, r: resources_pb2.Rank, paths: list[str], principal: Principal) -> resources_pb2.Rank:
@@ -471,7 +469,7 @@ class Catalog:
                 note.name,
                 "note.create",
                 principal,
-                [{"field": "text", "old_value": "null", "new_value": json.dumps(body, ensure_ascii=False)}],
+                [audit.change("text", "null", audit.value(body))],
             )
         return note
 

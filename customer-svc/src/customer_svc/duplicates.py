@@ -17,7 +17,7 @@ from crm_chassis.pagination import page_size
 from . import adapters, domain
 from .adapters import customers, merges, notes
 from .integration import MappingRow, customer_to_proto
-from .service_layer import AUDITED, WRITE_COLUMNS, CustomerUseCases, _json, rewrite
+from .service_layer import AUDITED, WRITE_COLUMNS, CustomerUseCases, _json, not_found, rewrite
 
 MERGE_RETENTION = dt.timedelta(days=30)
 MAX_MERGED = 10
@@ -168,11 +168,7 @@ class Duplicates:
             r = rows.get(cid)
             field = "survivor" if cid == survivor else f"merged[{merged.index(cid)}]"
             if r is None or r.erased:
-                raise NotFound(
-                    f"customer customers/{cid} does not exist",
-                    reason="CUSTOMER_NOT_FOUND",
-                    metadata={"name": f"customers/{cid}"},
-                )
+                raise not_found(cid)
             if r.delete_time is not None:
                 bad.append(FieldViolation(field, "is deleted or already merged"))
             elif r.type != rows[survivor].type:

@@ -67,7 +67,7 @@ from crm_chassis.resources import ResourceName
 from crm_chassis.telemetry import extract_context, inject_headers
 from crm_chassis.uow import Transaction, json_text, new_ids
 
-from . import adapters, domain, text
+from . import adapters, domain
 from .adapters import customers
 from .export_service import HEADERS
 from .integration import customer_to_proto, values_from_proto
@@ -320,14 +320,6 @@ def _read(fmt: str, content: bytes) -> tuple[list[str], list[tuple[int, list]]]:
         raise _FileError(str(e)) from None
 
 
-def read_csv(content: bytes) -> tuple[list[str], list[tuple[int, list]]]:
-    return _read("csv", content)
-
-
-def read_xlsx(content: bytes) -> tuple[list[str], list[tuple[int, list]]]:
-    return _read("xlsx", content)
-
-
 # --------------------------------------------------------------------------- rows
 
 
@@ -386,7 +378,7 @@ def _overlay(base: dict, raw: dict, given: set) -> dict:
 
 
 def _contact_key(c: dict) -> tuple[str, str]:
-    return (text.normalize(c.get("given_name") or ""), text.normalize(c.get("family_name") or ""))
+    return (persian.normalize(c.get("given_name") or ""), persian.normalize(c.get("family_name") or ""))
 
 
 def _add_contacts(contacts: list[dict], more: list[dict]) -> list[dict]:
@@ -696,15 +688,15 @@ def _load_names(conn) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     """Groups and ranks by name, id or resource name; sources by display name."""
     groups: dict[str, str] = {}
     for gid, name in conn.execute(sa.select(adapters.groups.c.id, adapters.groups.c.display_name)):
-        groups.update({text.normalize(name): str(gid), str(gid): str(gid), f"groups/{gid}": str(gid)})
+        groups.update({persian.normalize(name): str(gid), str(gid): str(gid), f"groups/{gid}": str(gid)})
     ranks: dict[str, str] = {}
     for rid, name in conn.execute(sa.select(adapters.ranks.c.id, adapters.ranks.c.display_name)):
-        ranks.update({text.normalize(name): str(rid), str(rid): str(rid), f"ranks/{rid}": str(rid)})
+        ranks.update({persian.normalize(name): str(rid), str(rid): str(rid), f"ranks/{rid}": str(rid)})
     sources: dict[str, str] = {}
     for key, name in conn.execute(
         sa.select(adapters.acquisition_sources.c.key, adapters.acquisition_sources.c.display_name)
     ):
-        sources.setdefault(text.normalize(name), key)
+        sources.setdefault(persian.normalize(name), key)
     return groups, ranks, sources
 
 
@@ -752,13 +744,13 @@ class _Converter:
         if target == "tags":
             return _split
         if target == "acquisition_source":
-            return lambda v: self.sources.get(text.normalize(_cell_text(v)), _cell_text(v))
+            return lambda v: self.sources.get(persian.normalize(_cell_text(v)), _cell_text(v))
         if target == "groups":
 
             def groups(v) -> list[str]:
                 ids, unknown = [], []
                 for name in _split(v):
-                    gid = self.groups.get(text.normalize(name))
+                    gid = self.groups.get(persian.normalize(name))
                     (ids if gid else unknown).append(gid or name)
                 if unknown:
                     raise _CellError(f"no such group: {', '.join(unknown)}")
@@ -768,7 +760,7 @@ class _Converter:
         if target == "rank":
 
             def rank(v) -> str:
-                rid = self.ranks.get(text.normalize(_cell_text(v)))
+                rid = self.ranks.get(persian.normalize(_cell_text(v)))
                 if rid is None:
                     raise _CellError(f"no such rank: {_cell_text(v)}")
                 return rid
@@ -876,7 +868,7 @@ class _Run:
     def run(self) -> dict:
         job = self.job
         content = self.jctx.input() or b""
-        headers, records = (read_csv if job.file_format == pb.IMPORT_FILE_FORMAT_CSV else read_xlsx)(content)
+        headers, records = _read(FORMATS[job.file_format], content)
         del content
         records = [(n, cells) for n, cells in records if any(_cell_text(c) for c in cells)]
         if len(records) > MAX_ROWS:

@@ -7,6 +7,7 @@ import re
 import sqlalchemy as sa
 
 from crm.customer.v1 import customer_pb2, resources_pb2
+from crm_chassis import persian
 from crm_chassis.filtering import (
     FieldType,
     FilterField,
@@ -23,7 +24,7 @@ from crm_chassis.filtering import (
 )
 from crm_chassis.pagination import PageTokens
 
-from . import adapters, text
+from . import adapters
 from .adapters import customers, group_members, groups, ranks
 
 
@@ -342,7 +343,7 @@ def _tier_rows(conn, tier: float, cond, where, after: list | None, need: int) ->
 def search_page(conn, tokens: PageTokens, query: str, limit: int, token: str, filter_text: str, pii: bool = False):
     from crm_chassis.errors import InvalidArgument
 
-    q = text.normalize(query)
+    q = persian.normalize(query)
     if not q:
         raise InvalidArgument.field("query", "must not be empty")
     if len(q) > 200:

@@ -11,7 +11,7 @@ import uuid
 import sqlalchemy as sa
 
 from crm.customer.v1 import customer_events_pb2, customer_pb2
-from crm_chassis import audit
+from crm_chassis import audit, persian
 from crm_chassis.auth import Principal
 from crm_chassis.errors import FieldViolation, InvalidArgument, NotFound
 from crm_chassis.messaging.outbox import OutboxRelay
@@ -19,7 +19,7 @@ from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName, check_etag
 from crm_chassis.uow import Transaction, UnitOfWork
 
-from . import adapters, domain, queries, text
+from . import adapters, domain, queries
 from .adapters import customers
 from .integration import MappingRow, customer_to_proto, mask_pii, values_from_proto
 
@@ -109,7 +109,7 @@ class NewCustomer:
 
     def search_text(self, code: str) -> str:
         """domain.search_key(values, code): the code put in front of the rest."""
-        key = text.normalize(code)
+        key = persian.normalize(code)
         return f"{key} {self.search_rest}" if self.search_rest else key
 
     def event(self, code: str, now: dt.datetime) -> customer_events_pb2.CustomerCreated:

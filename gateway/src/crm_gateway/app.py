@@ -153,7 +153,7 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
             span.set_attribute("http.response.status_code", resp.status_code)
             if resp.status_code >= 500:
                 span.set_status(Status(StatusCode.ERROR))
-        if request.path not in ("/healthz", "/readyz"):
+        if request.path not in untraced:
             log.info(
                 "http",
                 extra={

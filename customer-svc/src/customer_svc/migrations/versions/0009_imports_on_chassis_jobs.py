@@ -12,8 +12,8 @@ revision = "0009"
 down_revision = "0008"
 
 # ImportState numbers of import_jobs -> the chassis job states (1 running, 2 succeeded,
-# 3 failed, 4 cancelled). A job a live process was running when this migration runs is taken
-# over like any job whose lease expired: resumed, from its start (no checkpoint).
+# 3 failed, 4 cancelled). An import still running when this migration runs cannot be resumed
+# (its file was never stored): it ends failed, "interrupted", as it would have before.
 MOVE = """
 INSERT INTO jobs (id, kind, state, params, request_id, creator, processed, total, counters, error,
                   checkpoint, create_time, update_time, end_time)
