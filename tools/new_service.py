@@ -65,11 +65,11 @@ import pathlib
 
 from crm_chassis.service import ServiceContext, ServiceSpec, main
 
-from .api import {api_imports}
+from .api import registration
 
 
 def build(ctx: ServiceContext):
-    return {build_return}
+    return [registration(ctx)]
 
 
 SPEC = ServiceSpec(
@@ -97,7 +97,7 @@ from crm.{domain}.v1 import {domain}_service_pb2, {domain}_service_pb2_grpc
 from crm_chassis.grpc_server import Registration
 from crm_chassis.service import ServiceContext
 
-{permissions_block}
+
 class {camel}Servicer({domain}_service_pb2_grpc.{camel}ServiceServicer):
     """The RPCs of {camel}Service; ctx.engine is the database, ctx.relay the outbox relay."""
 
@@ -171,7 +171,9 @@ syntax = "proto3";
 package crm.{domain}.v1;
 
 // {name}: {summary}
-// Add its RPCs here; `make proto` regenerates the stubs and `make lint` runs buf lint.{permission_hint}
+// Add its RPCs here; `make proto` regenerates the stubs and `make lint` runs buf lint.
+// Each RPC names the permission it needs: option (crm.options.v1.permission) = "...";
+// (import "crm/options/v1/options.proto"); the service refuses to start without it.
 service {camel}Service {{}}
 """,
     "k8s/base/{name}/values.yaml": """\
@@ -204,34 +206,6 @@ images:
     newTag: 0.1.0
 """,
 }
-
-
-def chassis_api(root: pathlib.Path) -> dict[str, str]:
-    """How the chassis at `root` takes a service's servicers. Newer chassis: ServiceSpec.build
-    returns the registrations and each RPC declares its permission in the proto (option
-    (crm.options.v1.permission)); older: build returns (registrations, {method: permission})."""
-    source = (root / "chassis" / "src" / "crm_chassis" / "service.py").read_text()
-    spec = source[source.index("class ServiceSpec") :]
-    build_line = next(ln for ln in spec.splitlines() if ln.strip().startswith("build:"))
-    if "tuple[" in build_line:
-        return {
-            "build_return": "[registration(ctx)], PERMISSIONS",
-            "api_imports": "PERMISSIONS, registration",
-            "permissions_block": (
-                "# Full method name -> the permission it needs; one entry per RPC.\n"
-                "PERMISSIONS: dict[str, str] = {}\n\n"
-            ),
-            "permission_hint": "",
-        }
-    return {
-        "build_return": "[registration(ctx)]",
-        "api_imports": "registration",
-        "permissions_block": "",
-        "permission_hint": (
-            '\n// Each RPC names the permission it needs: option (crm.options.v1.permission) = "...";'
-            '\n// (import "crm/options/v1/options.proto"); the service refuses to start without it.'
-        ),
-    }
 
 
 def registry_entry(v: dict) -> str:
@@ -278,7 +252,6 @@ def main(argv: list[str] | None = None) -> int:
         "domain": domain,
         "camel": camel(domain),
         "summary": args.summary,
-        **chassis_api(root),
     }
     if name in reg.names():
         parser.error(f"{name} is already in {reg_path.name}")
