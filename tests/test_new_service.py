@@ -144,8 +144,8 @@ def test_the_generated_code_passes_lint_and_its_own_test(generated, databases, b
         TEST_AMQP_URL=broker.url,
     )
     # No path given: pytest.ini's testpaths must find the new tests/ by itself.
-    out = run([sys.executable, "-m", "pytest", "-q", "-k", "test_it_serves_health_and_reflection"], repo, env=env)
-    assert "1 passed" in out, out
+    out = run([sys.executable, "-m", "pytest", "-v", "-k", "test_it_serves_health_and_reflection"], repo, env=env)
+    assert f"{NAME}/tests/test_service.py::test_it_serves_health_and_reflection PASSED" in out, out
 
 
 def test_the_generated_proto_passes_buf_lint(generated):

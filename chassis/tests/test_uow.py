@@ -193,3 +193,25 @@ def test_an_audited_value_is_the_json_text_json_dumps_would_write():
     for v in values:
         plain = json.dumps(v.isoformat() if isinstance(v, dt.date) else v, ensure_ascii=False, sort_keys=True)
         assert audit.value(v) == plain, v
+
+
+def test_a_joined_transaction_commits_and_rolls_back_with_the_callers(uow, engine):
+    """A timer or event handler's connection: what it publishes and audits rides on the
+    caller's transaction (both rolled back when the caller's fails)."""
+
+    def handler(conn, n):
+        with uow.joined(conn) as tx:
+            tx.execute(sa.text("INSERT INTO things VALUES (:n, 'x')"), {"n": n})
+            tx.publish("thing.made.v1", Payload(b"x"), f"things/{n}")
+            tx.audit(f"things/{n}", "create", ALICE, [])
+
+    with engine.begin() as conn:
+        handler(conn, 1)
+    with pytest.raises(RuntimeError), engine.begin() as conn:
+        handler(conn, 2)
+        raise RuntimeError("the caller fails after the handler")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT array_agg(id) FROM things")).scalar() == [1]
+        assert conn.execute(sa.text("SELECT array_agg(subject) FROM outbox")).scalar() == ["things/1"]
+        assert conn.execute(sa.text("SELECT array_agg(resource) FROM audit_entries")).scalar() == ["things/1"]
+    assert uow.relay.wakes == 2

@@ -217,6 +217,18 @@ class UnitOfWork:
         if tx.events and self.relay is not None:
             self.relay.wake()
 
+    @contextlib.contextmanager
+    def joined(self, conn: sa.Connection) -> Iterator[Transaction]:
+        """A Transaction on a connection that is already in a transaction someone else commits (a
+        timer handler's, an event handler's): publish and audit as in `begin`; the rows are
+        written when the block ends and commit (or roll back) with that transaction. The relay
+        is woken then too; if the commit comes later, the relay's next poll takes the rows."""
+        tx = Transaction(self, conn)
+        yield tx
+        tx.flush()
+        if tx.events and self.relay is not None:
+            self.relay.wake()
+
     def read(self) -> sa.Connection:
         """`with uow.read() as conn:` an autocommit connection for reads."""
         return self.reader.connect()

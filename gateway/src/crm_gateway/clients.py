@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from crm.customer.v1 import customer_service_pb2_grpc
-from crm.reporting.v1 import reporting_service_pb2_grpc
 from crm_chassis.grpc_client import make_channel
 from crm_chassis.registry import load_registry
 
@@ -25,11 +24,19 @@ class Clients:
             targets = {k: os.environ.get(env, default) for k, (env, default) in DEFAULT_TARGETS.items()}
         self.targets = targets
         self.channels = {k: make_channel(v) for k, v in targets.items()}
-        self.customers = customer_service_pb2_grpc.CustomerServiceStub(self.channels["customer"])
-        self.reporting = reporting_service_pb2_grpc.ReportingServiceStub(self.channels["reporting"])
+        self._stubs: dict[str, object] = {}
 
     def stub(self, service: str):
-        return {"customer": self.customers, "reporting": self.reporting}[service]
+        """The generated stub of a service by full name (crm.sales.v1.LeadService), on the channel
+        of the service that owns its package."""
+        stub = self._stubs.get(service)
+        if stub is None:
+            from .routes import CLIENT_KEYS, SERVICES
+
+            desc = SERVICES[service]
+            module = importlib.import_module(desc.file.name.removesuffix(".proto").replace("/", ".") + "_pb2_grpc")
+            stub = self._stubs[service] = getattr(module, f"{desc.name}Stub")(self.channels[CLIENT_KEYS[service]])
+        return stub
 
     def health(self) -> dict[str, str]:
         out = {}

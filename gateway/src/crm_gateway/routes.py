@@ -15,6 +15,7 @@ Idempotency-Key fills `request_id` and If-Match fills `etag` (transcode.py).
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -23,15 +24,35 @@ from importlib import resources
 from google.api import annotations_pb2, resource_pb2
 from google.protobuf import descriptor, descriptor_pb2
 
-from crm.customer.v1 import customer_service_pb2
-from crm.reporting.v1 import reporting_service_pb2
+from crm_chassis.registry import load_registry
 
-# The services the gateway serves, by their key in Clients.stub(): every annotated RPC of each
-# becomes a route.
-SERVICES: dict[str, descriptor.ServiceDescriptor] = {
-    "customer": customer_service_pb2.DESCRIPTOR.services_by_name["CustomerService"],
-    "reporting": reporting_service_pb2.DESCRIPTOR.services_by_name["ReportingService"],
-}
+
+def package_services(package: str) -> list[descriptor.ServiceDescriptor]:
+    """Every gRPC service declared in a proto package's generated modules (crm.sales.v1 holds
+    LeadService, OpportunityService, ...), in file-name order."""
+    found = []
+    for entry in sorted(resources.files(importlib.import_module(package)).iterdir(), key=lambda f: f.name):
+        if entry.name.endswith("_pb2.py"):
+            module = importlib.import_module(f"{package}.{entry.name[:-3]}")
+            found.extend(module.DESCRIPTOR.services_by_name.values())
+    return found
+
+
+def _served() -> tuple[dict[str, descriptor.ServiceDescriptor], dict[str, str]]:
+    registry = load_registry()
+    services, clients = {}, {}
+    for name in registry.gateway.calls if registry.gateway else ():
+        svc = registry.service(name)
+        for service in package_services(svc.proto_package) if svc.proto_package else ():
+            services[service.full_name] = service
+            clients[service.full_name] = svc.domain
+    return services, clients
+
+
+# The services the gateway serves, by full name: those of every proto package of the services
+# services.toml's [gateway] calls; every annotated RPC of each becomes a route. CLIENT_KEYS: the
+# client (channel) each is called through, the owning service's domain.
+SERVICES, CLIENT_KEYS = _served()
 
 CSV = "text/csv"
 XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
@@ -51,7 +72,7 @@ OCTET_STREAM = ("application/octet-stream",)
 class Route:
     method: str  # GET, POST, PATCH, DELETE, PUT
     path: str  # OpenAPI form: /v1/customers/{customer_id}
-    service: str  # key of Clients.stub(): "customer", "reporting"
+    service: str  # the gRPC service's full name: crm.customer.v1.CustomerService
     rpc: str  # gRPC method name
     summary: str
     # request field <- template over the path parameters: {"name": "customers/{customer_id}"}
@@ -132,7 +153,7 @@ def _http_rules(method: descriptor.MethodDescriptor):
     return [rule, *rule.additional_bindings]
 
 
-def _route(key: str, service, method, rule, patterns, docs) -> Route:
+def _route(service, method, rule, patterns, docs) -> Route:
     where = f"{method.full_name}: google.api.http"
     kind = rule.WhichOneof("pattern")
     if kind not in _VERBS:
@@ -163,7 +184,7 @@ def _route(key: str, service, method, rule, patterns, docs) -> Route:
     return Route(
         method=verb,
         path=path,
-        service=key,
+        service=service.full_name,
         rpc=method.name,
         summary=summary or re.sub(r"(?<!^)(?=[A-Z])", " ", method.name),
         bind=bind,
@@ -203,11 +224,11 @@ def build_routes(services: dict[str, descriptor.ServiceDescriptor]) -> list[Rout
     docs = _comments()
     routes: list[Route] = []
     taken: dict[tuple[str, str], str] = {}
-    for key, service in services.items():
+    for service in services.values():
         patterns = _resource_patterns(service)
         for method in service.methods:
             for rule in _http_rules(method):
-                route = _route(key, service, method, rule, patterns, docs)
+                route = _route(service, method, rule, patterns, docs)
                 clash = taken.setdefault((route.method, route.path), method.full_name)
                 if clash != method.full_name:
                     raise RouteError(f"{route.method} {route.path}: declared by {clash} and {method.full_name}")

@@ -1,1 +1,1 @@
-"""sales-svc: leads, opportunities, products, quotes, orders and invoices (a running skeleton: health, reflection, database, migrations, outbox)."""
+"""sales-svc: leads, pipelines, opportunities, activities, quotes, orders, invoices and forecasts."""

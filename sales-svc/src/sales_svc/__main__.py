@@ -1,16 +1,44 @@
-"""`python -m sales_svc [serve|migrate|relay|consume]`"""
+"""`python -m sales_svc [serve|migrate|relay|consume|work]`"""
 
 from __future__ import annotations
 
 import pathlib
 
-from crm_chassis.service import ServiceSpec, main
+from crm_chassis.service import ServiceContext, ServiceSpec, main
+
+from . import api
+from .runtime import sales
+
+# The parts of the service (runtime.py says what each may define).
+PARTS = [api]
+
+
+def build(ctx: ServiceContext):
+    s = sales(ctx)
+    return [p.registration(s) for p in PARTS if hasattr(p, "registration")]
+
+
+def workers(ctx: ServiceContext):
+    s = sales(ctx)
+    for p in PARTS:
+        if hasattr(p, "timer_handlers"):
+            p.timer_handlers(s)
+    return [s.timers]
+
+
+def subscriptions(ctx: ServiceContext):
+    s = sales(ctx)
+    return [sub for p in PARTS if hasattr(p, "subscriptions") for sub in p.subscriptions(s)]
+
 
 SPEC = ServiceSpec(
     name="sales-svc",
     default_port=50052,
     migrations=pathlib.Path(__file__).parent / "migrations",
     producer_domain="sales",
+    build=build,
+    workers=workers,
+    subscriptions=subscriptions,
 )
 
 
