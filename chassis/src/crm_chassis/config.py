@@ -150,3 +150,12 @@ def load_settings(
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def phone_region(env: Mapping[str, str] | None = None) -> str:
+    """DEFAULT_PHONE_REGION: the ISO 3166-1 alpha-2 region of phone numbers written without a
+    country code (IR unless set); ConfigError for anything else."""
+    region = (os.environ if env is None else env).get("DEFAULT_PHONE_REGION", "IR").upper()
+    if len(region) != 2 or not region.isalpha():
+        raise ConfigError([f"DEFAULT_PHONE_REGION={region!r} must be an ISO 3166-1 alpha-2 code such as IR"])
+    return region

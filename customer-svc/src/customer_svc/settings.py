@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from crm_chassis.config import ConfigError
+from crm_chassis.config import phone_region
 
 
 @dataclass(frozen=True)
@@ -16,7 +15,4 @@ class CustomerSettings:
 
 def load_customer_settings() -> CustomerSettings:
     """Read and check customer-svc's settings from the environment; ConfigError naming each bad one."""
-    region = os.environ.get("DEFAULT_PHONE_REGION", "IR").upper()
-    if len(region) != 2 or not region.isalpha():
-        raise ConfigError([f"DEFAULT_PHONE_REGION={region!r} must be an ISO 3166-1 alpha-2 code such as IR"])
-    return CustomerSettings(phone_region=region)
+    return CustomerSettings(phone_region=phone_region())

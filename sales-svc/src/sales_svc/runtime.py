@@ -12,9 +12,9 @@ A part of the service (leads, opportunities, invoices, ...) is a module listed i
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
+from crm_chassis.config import phone_region
 from crm_chassis.service import ServiceContext
 from crm_chassis.timers import TimerWorker
 from crm_chassis.uow import UnitOfWork
@@ -25,7 +25,7 @@ class Sales:
     ctx: ServiceContext
     uow: UnitOfWork
     timers: TimerWorker
-    phone_region: str = "IR"  # numbers without a country code are read as Iranian
+    phone_region: str = "IR"  # of numbers written without a country code
     extra: dict = field(default_factory=dict)  # per-part objects (clients, caches)
 
     @property
@@ -39,6 +39,6 @@ def sales(ctx: ServiceContext) -> Sales:
             ctx=ctx,
             uow=UnitOfWork(ctx.engine, ctx.relay, source_service=ctx.settings.service_name, event_domain="sales"),
             timers=TimerWorker(ctx.engine),
-            phone_region=os.environ.get("PHONE_REGION", "IR"),
+            phone_region=phone_region(),  # DEFAULT_PHONE_REGION
         )
     return ctx.shared["sales"]
