@@ -47,15 +47,26 @@ def start_customer_svc(
     """customer-svc as its own process (`python -m customer_svc serve`; with module
     "bench.baseline_server", the same with the baselines beside it), SERVING before it returns;
     its log goes to `log_path` when given."""
+    return start_service_process("customer-svc", module, db_url, amqp_url, log_path, timeout)
+
+
+def start_service_process(
+    name: str, module: str, db_url: str, amqp_url: str, log_path=None, timeout: float = 120, **env: str
+) -> tuple[subprocess.Popen, int]:
+    """A service as its own process (`python -m <module> serve`, e.g. sales_svc, or
+    bench.baseline_server with BENCH_SERVICE naming the service's package), SERVING before it
+    returns; its log goes to `log_path` when given; `env` adds settings."""
     port = free_port()
     env = dict(
         os.environ,
-        SERVICE_NAME="customer-svc",
+        SERVICE_NAME=name,
         GRPC_PORT=str(port),
         DATABASE_URL=db_url,
         AMQP_URL=amqp_url,
         JWT_SECRET=DEFAULT_JWT_SECRET,  # tokens minted by tests.support.harness.md
         LOG_LEVEL="WARNING",
+        BENCH_SERVICE=name.replace("-", "_"),
+        **env,
     )
     out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - the child writes to it until it stops
     proc = subprocess.Popen(
@@ -76,7 +87,7 @@ def start_customer_svc(
             except grpc.RpcError:
                 pass
             if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit(f"customer-svc did not start{f' (log: {log_path})' if log_path else ''}")
+                raise SystemExit(f"{name} did not start{f' (log: {log_path})' if log_path else ''}")
             time.sleep(0.2)
 
 

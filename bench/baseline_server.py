@@ -1,5 +1,6 @@
-"""customer-svc with the benchmark's baselines on the same gRPC server:
-`python -m bench.baseline_server` (the environment as for `python -m customer_svc serve`).
+"""A service with the benchmark's baselines on the same gRPC server:
+`python -m bench.baseline_server` (the environment as for `python -m customer_svc serve`;
+BENCH_SERVICE names another service's package, e.g. sales_svc).
 
 BaselineService.MinimalWrite is one INSERT of a bare row and one outbox INSERT in one unit of
 work (no validation, audit entry or search key); MinimalRead is a primary-key SELECT of it.
@@ -9,6 +10,8 @@ work (no validation, audit entry or search key); MinimalRead is a primary-key SE
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
 import pathlib
 import sys
 import uuid
@@ -21,8 +24,8 @@ from crm.customer.v1 import customer_events_pb2, customer_pb2
 from crm_chassis.grpc_server import Registration
 from crm_chassis.service import ServiceContext, main
 from crm_chassis.uow import UnitOfWork
-from customer_svc.__main__ import SPEC
 
+SPEC = importlib.import_module(f"{os.environ.get('BENCH_SERVICE', 'customer_svc')}.__main__").SPEC
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GEN = ROOT / ".run" / "bench-gen"
 TABLE = sa.Table(
@@ -63,7 +66,7 @@ def stubs():
 def baseline_registration(ctx: ServiceContext) -> Registration:
     pb2, pb2_grpc = stubs()
     TABLE.metadata.create_all(ctx.engine)
-    uow = UnitOfWork(ctx.engine, ctx.relay, source_service="customer-svc", event_domain="customer")
+    uow = UnitOfWork(ctx.engine, ctx.relay, source_service=SPEC.name, event_domain=SPEC.producer_domain)
     insert, select = TABLE.insert(), sa.select(TABLE).where(TABLE.c.id == sa.bindparam("id"))
 
     class Baseline(pb2_grpc.BaselineServiceServicer):
