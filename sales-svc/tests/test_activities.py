@@ -453,7 +453,7 @@ def test_http_routes_through_the_gateway(svc):
         )
         assert made.status_code == 201, made.get_data(as_text=True)
         name = made.get_json()["name"]
-        listed = http.get(f"/v1/leads/{lead_id}/activities", headers=headers)
+        listed = http.get(f"/v1/activities?parent=leads/{lead_id}", headers=headers)
         assert listed.status_code == 200 and [x["name"] for x in listed.get_json()["activities"]] == [name]
         done = http.post(f"/v1/{name}:complete", json={"outcome": "busy"}, headers=headers)
         assert done.status_code == 200 and done.get_json()["done"] is True

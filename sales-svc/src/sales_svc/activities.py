@@ -103,7 +103,7 @@ a = activities.c
 # and per customer, newest first.
 sa.Index("activities_page", a.create_time.desc(), a.id.desc())
 sa.Index("activities_owner_page", a.owner_id, a.create_time.desc(), a.id.desc())
-sa.Index("activities_team_page", a.team_id, a.create_time.desc(), a.id.desc(), postgresql_where=a.team_id.is_not(None))
+sa.Index("activities_team_page", a.team_id, a.create_time.desc(), a.id.desc())
 sa.Index("activities_regarding_page", a.regarding, a.create_time.desc(), a.id.desc())
 sa.Index(
     "activities_customer_page", a.customer_id, a.create_time.desc(), a.id.desc(), postgresql_where=a.customer_id != ""
@@ -501,7 +501,10 @@ class Activities:
                 raise InvalidArgument.field("parent", "must be leads/{id}, opportunities/{id}, customers/{id} or empty")
             pid = pattern.parse(req.parent, "parent").id
             # regarding is the name as given (the lead's or opportunity's), customer_id the bare id
-            where.append(a.customer_id == pid if collection == "customers" else a.regarding == req.parent)
+            if collection == "customers":  # (!= "" lets the partial index serve a generic plan too)
+                where += [a.customer_id == pid, a.customer_id != ""]
+            else:
+                where.append(a.regarding == req.parent)
         view = req.view
         if view:
             if req.order_by.strip():

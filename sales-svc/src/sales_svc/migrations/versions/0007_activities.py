@@ -49,12 +49,7 @@ def upgrade() -> None:
     op.create_index(
         "activities_owner_page", "activities", ["owner_id", sa.text("create_time DESC"), sa.text("id DESC")]
     )
-    op.create_index(
-        "activities_team_page",
-        "activities",
-        ["team_id", sa.text("create_time DESC"), sa.text("id DESC")],
-        postgresql_where=sa.text("team_id IS NOT NULL"),
-    )
+    op.create_index("activities_team_page", "activities", ["team_id", sa.text("create_time DESC"), sa.text("id DESC")])
     op.create_index(
         "activities_regarding_page", "activities", ["regarding", sa.text("create_time DESC"), sa.text("id DESC")]
     )
