@@ -81,11 +81,16 @@ HAND_WRITTEN = {
 }
 
 
+# The services that table covered (sales-svc's routes came with their annotations).
+BEFORE = {"crm.customer.v1.CustomerService", "crm.reporting.v1.ReportingService"}
+
+
 def test_the_annotations_reproduce_the_hand_written_table():
-    got = {(r.method, r.path, r.rpc, tuple(sorted(r.bind.items())), r.body, r.status) for r in ROUTES}
+    old = [r for r in ROUTES if r.service in BEFORE]
+    got = {(r.method, r.path, r.rpc, tuple(sorted(r.bind.items())), r.body, r.status) for r in old}
     assert got == HAND_WRITTEN
-    assert {r.rpc for r in ROUTES if r.stream} == {"ExportCustomers", "DownloadImportErrorReport"}
-    assert [(r.rpc, r.upload) for r in ROUTES if r.upload] == [("ImportCustomers", "content")]
+    assert {r.rpc for r in old if r.stream} == {"ExportCustomers", "DownloadImportErrorReport"}
+    assert [(r.rpc, r.upload) for r in old if r.upload] == [("ImportCustomers", "content")]
     # Summaries are the RPCs' proto comments (the generated modules carry none).
     get = next(r for r in ROUTES if r.rpc == "GetCustomer")
     assert get.summary == "Returns one customer by resource name"

@@ -38,7 +38,7 @@ def proxy(customer_svc):
 def sales(databases, broker, proxy):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CUSTOMER_SVC_ADDR", f"127.0.0.1:{proxy.port}")
-        mp.setenv("CUSTOMER_CALL_TIMEOUT_SECONDS", "2")
+        mp.setenv("CUSTOMER_SVC_TIMEOUT_SECONDS", "2")
         service = start_service(SPEC, databases.fresh("conv_sales"), broker.url, relay=False)
         yield service
         service.stop(0)
@@ -84,7 +84,9 @@ def lead_row(sales, lead_id: str):
 
 
 def convert(stub, lead_id: str, who=None, **kw):
-    return stub.ConvertLead(conversion_pb2.ConvertLeadRequest(name=f"leads/{lead_id}", **kw), metadata=who or rep("rita"), timeout=20)
+    return stub.ConvertLead(
+        conversion_pb2.ConvertLeadRequest(name=f"leads/{lead_id}", **kw), metadata=who or rep("rita"), timeout=20
+    )
 
 
 def test_a_lead_becomes_one_customer_and_one_opportunity_and_a_retry_changes_nothing(stub, sales, customer_svc):
@@ -133,7 +135,9 @@ def test_a_customer_made_by_an_attempt_that_never_finished_is_the_one_the_retry_
 
     lead_id = new_lead(sales)
     client = Converter(sales.ctx.shared["sales"]).customers
-    made = client.create_customer(customer_from_lead(lead_row(sales, lead_id)), customer_request_id(lead_id), md("sales_rep", "rita")[0][1])
+    made = client.create_customer(
+        customer_from_lead(lead_row(sales, lead_id)), customer_request_id(lead_id), md("sales_rep", "rita")[0][1]
+    )
     done = convert(stub, lead_id)
     assert done.customer == made.name
     assert customers_made(customer_svc, lead_id) == 1 and len(opportunities_of(sales, lead_id)) == 1

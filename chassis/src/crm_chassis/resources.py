@@ -56,7 +56,7 @@ _VARIABLE = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 _COLLECTION = re.compile(r"[a-z][A-Za-z0-9]*")
 
 
-def _singular(collection: str) -> str:
+def singular_of(collection: str) -> str:
     """customers -> customer, auditEntries -> audit entry, acquisitionSources -> acquisition source."""
     words = re.sub(r"([A-Z])", r" \1", collection).lower().split()
     last = words[-1]
@@ -96,7 +96,7 @@ class ResourceName:
             for c, v in zip(self.collections, self.variables, strict=True)
         )
         self._regex = re.compile(regex)
-        self.singular = singular or _singular(self.collections[-1])
+        self.singular = singular or singular_of(self.collections[-1])
         self.reason = self.singular.upper().replace(" ", "_") + "_NOT_FOUND"
         ids = namedtuple("Ids", self.variables)
         if "id" not in self.variables:

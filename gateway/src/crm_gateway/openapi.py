@@ -172,9 +172,14 @@ def _upload_form(b: _Builder, route: Route, body: descriptor.Descriptor, bound: 
 def openapi_document() -> dict:
     b = _Builder()
     paths: dict[str, dict] = {}
+    taken: dict[str, int] = {}
     for route in ROUTES:
         method = SERVICES[route.service].methods_by_name[route.rpc]
-        paths.setdefault(route.path, {})[route.method.lower()] = _operation(b, route, method)
+        op = _operation(b, route, method)
+        n = taken[op["operationId"]] = taken.get(op["operationId"], 0) + 1
+        if n > 1:  # an RPC's additional binding: operationIds must be unique
+            op["operationId"] += str(n)
+        paths.setdefault(route.path, {})[route.method.lower()] = op
     plain = {"security": [], "responses": {"200": {"description": "OK"}, **_problems(_NO_TOKEN)}}
     paths["/healthz"] = {"get": {**plain, "operationId": "healthz", "summary": "Liveness"}}
     paths["/readyz"] = {

@@ -25,6 +25,7 @@ from google.api import annotations_pb2, resource_pb2
 from google.protobuf import descriptor, descriptor_pb2
 
 from crm_chassis.registry import load_registry
+from crm_chassis.resources import singular_of
 
 
 def package_services(package: str) -> list[descriptor.ServiceDescriptor]:
@@ -139,7 +140,7 @@ def _wildcard_names(segments: str, fieldpath: str, patterns: dict[str, list[str]
     names, previous = [], None
     for part in segments.split("/"):
         if part == "*":
-            base = re.sub(r"(?<!^)(?=[A-Z])", "_", previous).lower().removesuffix("s") if previous else None
+            base = singular_of(previous).replace(" ", "_") if previous else None
             names.append(f"{base}_id" if base else fieldpath.replace(".", "_"))
         previous = part
     return names

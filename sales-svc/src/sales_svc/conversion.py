@@ -34,6 +34,7 @@ from crm_chassis.resources import ResourceName
 
 from . import money
 from .access import Scope
+from .customer_client import CustomerClient, authorization_of, customer_client
 from .runtime import Sales
 from .tables import UUID, leads, metadata
 
@@ -100,22 +101,19 @@ def _response(lead_id: str, conv) -> conversion_pb2.ConvertLeadResponse:
 
 
 class Converter:
-    def __init__(self, sales: Sales, customers=None):
+    def __init__(self, sales: Sales):
         self.sales = sales
-        self._customers = customers
 
     @property
-    def customers(self):
-        if self._customers is None:
-            from .customer_client import CustomerClient
-
-            self._customers = CustomerClient.from_env()
-        return self._customers
+    def customers(self) -> CustomerClient:
+        return customer_client(self.sales)
 
     def _locked_lead(self, conn: sa.Connection, lead_id: str, scope: Scope, name: str):
         row = conn.execute(
             sa.select(leads)
-            .where(leads.c.id == lead_id, leads.c.delete_time.is_(None), scope.visible(leads.c.owner_id, leads.c.team_id))
+            .where(
+                leads.c.id == lead_id, leads.c.delete_time.is_(None), scope.visible(leads.c.owner_id, leads.c.team_id)
+            )
             .with_for_update()
         ).one_or_none()
         if row is None:
@@ -231,19 +229,12 @@ class Converter:
         return _response(lead_id, conv)
 
 
-def _authorization(context) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            return value
-    return ""
-
-
 class LeadConversionServicer(conversion_pb2_grpc.LeadConversionServiceServicer):
     def __init__(self, sales: Sales):
         self.converter = Converter(sales)
 
     def ConvertLead(self, request, context):  # noqa: N802
-        return self.converter.convert(request, current_principal(), _authorization(context))
+        return self.converter.convert(request, current_principal(), authorization_of(context))
 
 
 def registration(sales: Sales) -> Registration:
