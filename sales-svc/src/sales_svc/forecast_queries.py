@@ -4,8 +4,8 @@ currency with the stored rates. Nothing here loops over opportunity rows in Pyth
 Each figure query has two levels: the inner one sums the rows per (period bucket, group,
 currency, day), the outer one multiplies each such sum by the rate of its currency on its day
 (the latest stored rate on or before it; 1 for the reporting currency, 10 for IRT to IRR) and
-sums per (bucket, group). The rate lookup is an index probe per (group, currency, day), not
-per opportunity.
+sums per (bucket, group). A stored rate is looked up once per currency and day, not per
+opportunity; the fixed ones need no lookup.
 """
 
 from __future__ import annotations
@@ -41,23 +41,26 @@ def fixed_rate(currency: str, reporting: str) -> Decimal | None:
     return None
 
 
-def rate_expr(currency: sa.ColumnElement, day: sa.ColumnElement, reporting: str) -> sa.ColumnElement:
-    """The rate of `currency` to `reporting` on `day`: NULL when none is stored. The CASE keeps
-    the subquery from running for the fixed ones."""
+def fixed_rate_expr(currency: sa.ColumnElement, reporting: str) -> sa.ColumnElement:
+    """The fixed rate of `currency` (NULL when it has none)."""
+    whens = []
+    for cur in sorted({reporting, "IRR", "IRT"}):
+        rate = fixed_rate(cur, reporting)
+        if rate is not None:
+            whens.append((currency == cur, sa.cast(sa.literal(str(rate)), sa.Numeric)))
+    return sa.case(*whens, else_=sa.null())
+
+
+def stored_rate(currency: sa.ColumnElement, day: sa.ColumnElement, reporting: str) -> sa.ScalarSelect:
+    """The latest stored rate of `currency` to `reporting` on or before `day` (an index probe)."""
     r = exchange_rates.c
-    stored = (
+    return (
         sa.select(r.rate)
         .where(r.currency_code == currency, r.to_currency == reporting, r.rate_date <= day)
         .order_by(r.rate_date.desc())
         .limit(1)
         .scalar_subquery()
     )
-    whens = [(currency == reporting, sa.literal(1, sa.Numeric))]
-    for cur in ("IRR", "IRT"):
-        f = fixed_rate(cur, reporting)
-        if f is not None and cur != reporting:
-            whens.append((currency == cur, sa.literal(f, sa.Numeric)))
-    return sa.case(*whens, else_=stored)
 
 
 def missing_rate(currencies: Sequence[str] | None, day: dt.date | None, reporting: str) -> FailedPrecondition:
@@ -76,8 +79,24 @@ def converted_sums(
     """Rows (bucket, grp, *amounts converted, *counts) of `base`, whose columns are bucket, grp,
     currency_code, day and the named sums; FAILED_PRECONDITION naming the currency when a rate
     is missing."""
-    b = base.subquery("b")
-    rated = sa.select(b, rate_expr(b.c.currency_code, b.c.day, reporting).label("rate")).subquery("r")
+    # The stored rates are looked up once per distinct (currency, day) among the rows that need
+    # one (at most the currencies × the days of the range, whatever the number of opportunities),
+    # then joined back; the fixed ones (day NULL, see rate_day) need no lookup. This keeps the
+    # planner's estimate small too (a high one turns on JIT compilation, slower than the query).
+    b = base.cte("b")
+    pairs = sa.select(b.c.currency_code, b.c.day).where(b.c.day.is_not(None)).distinct().subquery("p")
+    looked = sa.select(
+        pairs.c.currency_code, pairs.c.day, stored_rate(pairs.c.currency_code, pairs.c.day, reporting).label("rate")
+    ).subquery("k")
+    rate = sa.case(
+        (b.c.day.is_(None), fixed_rate_expr(b.c.currency_code, reporting)),
+        else_=looked.c.rate,
+    )
+    rated = (
+        sa.select(b, rate.label("rate"))
+        .select_from(b.outerjoin(looked, sa.and_(looked.c.currency_code == b.c.currency_code, looked.c.day == b.c.day)))
+        .subquery("r")
+    )
     q = (
         sa.select(
             rated.c.bucket,
@@ -116,16 +135,35 @@ class Cell:
     counts: dict[str, int]
 
 
-def _group_column(group_by: str, line=None) -> sa.ColumnElement:
+def _group_column(group_by: str, src, line=None) -> sa.ColumnElement:
     if group_by == "owner":
-        return o.owner_id
+        return src.c.owner_id
     if group_by == "team":
-        return sa.func.coalesce(sa.cast(o.team_id, sa.Text), "")
+        return sa.func.coalesce(sa.cast(src.c.team_id, sa.Text), "")
     if group_by == "product_line":
-        return sa.func.coalesce(sa.cast(o.product_line_id, sa.Text), "")
+        return sa.func.coalesce(sa.cast(src.c.product_line_id, sa.Text), "")
     if group_by == "product":
         return sa.func.coalesce(sa.cast(line.c.product_id, sa.Text), "")
     return sa.literal("")
+
+
+_SOURCE_COLUMNS = (
+    o.id,
+    o.owner_id,
+    o.team_id,
+    o.product_line_id,
+    o.currency_code,
+    o.amount,
+    o.probability,
+    o.forecast_category,
+)
+
+
+def rate_day(currency: sa.ColumnElement, day: sa.ColumnElement, reporting: str) -> sa.ColumnElement:
+    """The day whose rate applies; NULL for a currency with a fixed rate (its rows then share
+    one group per bucket and owner instead of one per day)."""
+    fixed = sorted(c for c in {reporting, "IRR", "IRT"} if fixed_rate(c, reporting) is not None)
+    return sa.case((currency.in_(fixed), sa.null()), else_=day)
 
 
 def forecast_cells(
@@ -139,38 +177,49 @@ def forecast_cells(
     """The forecast figures per (period, group) of the opportunities `visible` selects: open ones
     by expected close date, won ones by their close time's Tehran day."""
     start, end = periods[0].start, periods[-1].end
-    is_open = o.state == "open"
-    is_won = o.state == "won"
-    kept = o.forecast_category != "omitted"
-    day = sa.case((is_open, o.expected_close_date), else_=tehran_day(o.close_time))
-    frm = opportunities
-    amount = o.amount
+    mine = [o.delete_time.is_(None), visible] + ([o.owner_id == owner] if owner is not None else [])
+    # Two arms, each served by its partial covering index (migration 0010): the open ones
+    # closing in the range, the won ones won in it.
+    src = sa.union_all(
+        sa.select(*_SOURCE_COLUMNS, sa.literal("open").label("state"), o.expected_close_date.label("day")).where(
+            o.state == "open", o.expected_close_date >= start, o.expected_close_date < end, *mine
+        ),
+        sa.select(*_SOURCE_COLUMNS, sa.literal("won").label("state"), tehran_day(o.close_time).label("day")).where(
+            o.state == "won", o.close_time >= start_of_day(start), o.close_time < start_of_day(end), *mine
+        ),
+    ).subquery("src")
+    frm = src
+    amount = src.c.amount
     if group_by == "product":  # the lines' amounts; an opportunity without lines in group ""
         line = opportunity_lines.alias("l")
-        frm = opportunities.outerjoin(line, line.c.opportunity_id == o.id)
-        amount = sa.func.coalesce(line.c.amount, o.amount)
-        grp = _group_column(group_by, line)
+        frm = src.outerjoin(line, line.c.opportunity_id == src.c.id)
+        amount = sa.func.coalesce(line.c.amount, src.c.amount)
+        grp = _group_column(group_by, src, line)
     else:
-        grp = _group_column(group_by)
+        grp = _group_column(group_by, src)
+    is_open = src.c.state == "open"
+    is_won = src.c.state == "won"
+    category = src.c.forecast_category
+    kept = category != "omitted"
 
     def total(expr, cond):
         return sa.func.coalesce(sa.func.sum(expr).filter(cond), 0)
 
     def how_many(cond):
         # An opportunity has several lines of one product at most once in a count.
-        return (sa.func.count(sa.distinct(o.id)) if group_by == "product" else sa.func.count()).filter(cond)
+        return (sa.func.count(sa.distinct(src.c.id)) if group_by == "product" else sa.func.count()).filter(cond)
 
     base = (
         sa.select(
-            sa.func.width_bucket(day, _bounds(periods)).label("bucket"),
+            sa.func.width_bucket(src.c.day, _bounds(periods)).label("bucket"),
             grp.label("grp"),
-            o.currency_code.label("currency_code"),
-            day.label("day"),
+            src.c.currency_code.label("currency_code"),
+            rate_day(src.c.currency_code, src.c.day, reporting).label("day"),
             total(amount, is_open & kept).label("open_amount"),
-            total(amount * o.probability / 100, is_open & kept).label("weighted_amount"),
-            total(amount, is_open & (o.forecast_category == "pipeline")).label("pipeline_amount"),
-            total(amount, is_open & (o.forecast_category == "best_case")).label("best_case_amount"),
-            total(amount, is_open & o.forecast_category.in_(("commit", "closed"))).label("commit_amount"),
+            total(amount * src.c.probability / 100, is_open & kept).label("weighted_amount"),
+            total(amount, is_open & (category == "pipeline")).label("pipeline_amount"),
+            total(amount, is_open & (category == "best_case")).label("best_case_amount"),
+            total(amount, is_open & category.in_(("commit", "closed"))).label("commit_amount"),
             total(amount, is_won & kept).label("closed_amount"),
             total(amount, is_open & ~kept).label("omitted_amount"),
             total(amount, is_won).label("won_amount"),
@@ -179,18 +228,8 @@ def forecast_cells(
             how_many(is_open & ~kept).label("omitted_count"),
         )
         .select_from(frm)
-        .where(
-            o.delete_time.is_(None),
-            visible,
-            sa.or_(
-                is_open & (o.expected_close_date >= start) & (o.expected_close_date < end),
-                is_won & (o.close_time >= start_of_day(start)) & (o.close_time < start_of_day(end)),
-            ),
-        )
         .group_by(sa.text("1"), sa.text("2"), sa.text("3"), sa.text("4"))
     )
-    if owner is not None:
-        base = base.where(o.owner_id == owner)
     rows = converted_sums(conn, base, AMOUNTS, COUNTS, reporting)
     return [
         Cell(r.bucket, r.grp, {a: Decimal(r._mapping[a]) for a in AMOUNTS}, {c: int(r._mapping[c]) for c in COUNTS})
@@ -237,7 +276,7 @@ def actual_revenue(
             sa.func.width_bucket(day, _bounds(periods)).label("bucket"),
             o.owner_id.label("grp"),
             o.currency_code.label("currency_code"),
-            day.label("day"),
+            rate_day(o.currency_code, day, reporting).label("day"),
             sa.func.sum(o.amount).label("won"),
         )
         .where(
@@ -256,7 +295,7 @@ def actual_revenue(
             sa.func.width_bucket(i.issue_date, _bounds(periods)).label("bucket"),
             i.owner_id.label("grp"),
             i.currency_code.label("currency_code"),
-            i.issue_date.label("day"),
+            rate_day(i.currency_code, i.issue_date, reporting).label("day"),
             sa.func.sum(sign * (i.total - i.tax_total)).label("invoiced"),
         )
         .where(
