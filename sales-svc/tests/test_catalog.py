@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import grpc
@@ -186,6 +187,15 @@ def test_creates_are_idempotent_on_request_id(stub, svc):
     with svc.ctx.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).where(products.c.sku == "IDEM-1")).scalar() == 1
     assert len([e for e in events(svc, "product.created.v1") if e.subject == first.name]) == 1
+
+    # Concurrent retries of one request: one product, every caller gets it.
+    rid2 = str(uuid.uuid4())
+    req2 = pb.CreateProductRequest(product=pb.Product(sku="IDEM-PAR", display_name="Once"), request_id=rid2)
+    with ThreadPoolExecutor(4) as pool:
+        names = set(pool.map(lambda _: stub.CreateProduct(req2, metadata=ADMIN, timeout=10).name, range(4)))
+    assert len(names) == 1
+    with svc.ctx.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).where(products.c.sku == "IDEM-PAR")).scalar() == 1
 
     preq = pb.CreatePipelineRequest(
         pipeline=pb.Pipeline(display_name="Idempotent pipe", stages=simple_stages()), request_id=rid
@@ -947,6 +957,13 @@ def test_pipelines_list_in_keyset_pages_with_their_stages(stub):
         if not token:
             break
     assert seen == made
+    fails(
+        stub.UpdatePipeline,
+        pb.UpdatePipelineRequest(
+            pipeline=pb.Pipeline(name=made[1], display_name="ZZ paged 0"), update_mask=mask("display_name")
+        ),
+        grpc.StatusCode.ALREADY_EXISTS,
+    )
     fails(
         stub.ListPipelines,
         pb.ListPipelinesRequest(filter=f'product_line = "{line.code}"'),

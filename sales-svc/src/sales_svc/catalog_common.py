@@ -171,14 +171,26 @@ def sqlstate(exc: sa.exc.DBAPIError) -> str | None:
     return getattr(exc.orig, "sqlstate", None)
 
 
-def insert_unique(conn: sa.Connection, stmt, conflict: str, metadata: dict | None = None):
-    """Run an INSERT ... RETURNING in a savepoint; a unique violation is ALREADY_EXISTS."""
+# Unique indexes of the catalog a concurrent write can hit after the checks passed, and what
+# the caller is told then (any other unique violation is the conflict the caller names).
+RACES = {
+    "pipelines_one_default": "another pipeline was made the default at the same time; try again",
+    "pipelines_product": "another pipeline was assigned to this product at the same time",
+    "pipelines_product_line": "another pipeline was assigned to this product line at the same time",
+}
+
+
+def insert_unique(conn: sa.Connection, stmt, conflict: str, metadata: dict | None = None, *, one: bool = True):
+    """Run an INSERT/UPDATE (... RETURNING, `one` row) in a savepoint; a unique violation is
+    ALREADY_EXISTS with `conflict` (or the race RACES names for its index)."""
     try:
         with conn.begin_nested():
-            return conn.execute(stmt).one()
+            result = conn.execute(stmt)
+            return result.one() if one else result
     except sa.exc.IntegrityError as exc:
         if sqlstate(exc) == "23505":
-            raise AlreadyExists(conflict, metadata=metadata or {}) from None
+            index = getattr(getattr(exc.orig, "diag", None), "constraint_name", None)
+            raise AlreadyExists(RACES.get(index, conflict), metadata=metadata or {}) from None
         raise
 
 

@@ -455,12 +455,16 @@ class Pipelines:
                 return pipeline_to_proto(row, current)
             if merged["is_default"] and not row.is_default:
                 self._take_default(tx, pid, principal)
-            conn.execute(
+            insert_unique(
+                conn,
                 pipelines.update()
                 .where(pipelines.c.id == pid)
                 .values(
                     **{c.field: new[c.field] for c in diff}, version=pipelines.c.version + 1, update_time=sa.func.now()
-                )
+                ),
+                "a pipeline with that name already exists",
+                {"name": m.name},
+                one=False,
             )
             out = self._load(conn, pid)
             fields = [
