@@ -322,9 +322,18 @@ def test_the_name_filter_matches_persian_letter_variants(stub):
     # Stored with Arabic yeh and kaf; searched with the Persian letters people type.
     p = new_product(stub, sku="FA-1", name="لپتاپ ايسوس كوچك")
     new_product(stub, sku="FA-2", name="مانیتور")
-    for f in ('name = "ایسوس*"', 'name : "کوچ"', 'name = "fa-1*"', 'name = "لپتاپ*" AND active = true'):
+    for f in (
+        'name = "ایسوس*"',
+        'name : "کوچ"',
+        'name = "fa-1*"',
+        'name = "لپتاپ*" AND active = true',
+        'name = "لپتاپ ایسوس کوچک"',  # the whole name
+    ):
         got = stub.ListProducts(pb.ListProductsRequest(filter=f), metadata=rep("r1")).products
         assert [x.name for x in got] == [p.name], f
+    for f in ('name = "ایسوس"', 'name = "fa-1"', 'name = "سوس*"'):  # neither the whole name nor a word's start
+        assert stub.ListProducts(pb.ListProductsRequest(filter=f), metadata=rep("r1")).products == [], f
+    fails(stub.ListProducts, pb.ListProductsRequest(filter='name > "a"'), grpc.StatusCode.INVALID_ARGUMENT, "filter")
 
 
 def test_a_product_in_use_is_deactivated_not_deleted(stub):

@@ -46,9 +46,11 @@ from .runtime import Sales
 from .tables import QUANTITY, UUID, price_list_items, price_lists, product_lines, products
 
 TEHRAN = ZoneInfo("Asia/Tehran")
-# Iran's standard VAT rate: 10 % since 1403/01/01 (20 March 2024; the Seventh Development Plan
-# raised it from 9 %). A product's own tax_rate overrides it; a product created without one gets
-# this. Change it here (and in products.tax_rate's server default) if the law changes.
+# Iran's standard VAT rate: 10 % from the start of 1403 (20 March 2024), up from 9 %, as the
+# Iranian National Tax Administration announced it (checked December 2026: the sources at hand show
+# no later change; confirm it each fiscal year). A product's own tax_rate overrides it; a product
+# created without one gets this. Change it here (and products.tax_rate's server default) if the
+# law changes: existing products keep the rate they were given.
 DEFAULT_TAX_RATE = Decimal("10")
 MAX_ITEMS = 10_000
 MAX_QUANTITY = Decimal("1e14")  # QUANTITY is NUMERIC(20, 6)
@@ -76,7 +78,8 @@ def _line_ref(value: str, where: str) -> str | None:
 
 
 def _search_name(name: str, sku: str) -> str:
-    return persian.normalize(f"{name} {sku}")
+    """The name filter's key: the normalised name, a tab, the normalised SKU."""
+    return f"{persian.normalize(name)}\t{persian.normalize(sku)}"
 
 
 def today() -> dt.date:
@@ -207,8 +210,9 @@ LINE_SORT = {
 
 
 def _name_filter(op: str, value):
-    """`name = "لپ*"`: the normalised name or SKU starts with it (a word of it, for `=` without
-    `*`: equal to the whole); `name : "تاپ"`: contains it. Persian/Arabic variants match."""
+    """`name = "لپ*"`: a word of the name, or the SKU, starts with it; `name = "Laptop"`: the
+    whole name; `name : "تاپ"`: the name or SKU contains it. Compared as persian.normalize'd
+    text, so Persian and Arabic letter variants and case do not matter."""
     if value is None:
         raise ValueError("a product always has a name")
     key = persian.normalize(str(value))
@@ -219,9 +223,9 @@ def _name_filter(op: str, value):
     if op == ":":
         cond = col.like(f"%{escaped}%", escape="\\")
     elif isinstance(value, Prefix):
-        cond = sa.or_(col.like(f"{escaped}%", escape="\\"), col.like(f"% {escaped}%", escape="\\"))
+        cond = sa.or_(*(col.like(f"{start}{escaped}%", escape="\\") for start in ("", "% ", "%\t")))
     else:
-        cond = sa.func.lower(products.c.name) == str(value).strip().lower()
+        cond = col.like(f"{escaped}\t%", escape="\\")
     if op == "!=":
         return sa.not_(sa.func.coalesce(cond, sa.false()))
     return cond
