@@ -98,6 +98,12 @@ def new_pipeline(stub, stages=None, **kw):
     )
 
 
+def price_of(stub, product, price_list, quantity):
+    return stub.GetPrice(
+        pb.GetPriceRequest(product=product.name, price_list=price_list.name, quantity=quantity), metadata=rep("r1")
+    )
+
+
 def d(value: dt.date) -> date_pb2.Date:
     return date_pb2.Date(year=value.year, month=value.month, day=value.day)
 
@@ -396,6 +402,16 @@ def test_price_lists_are_validated(stub):
     )
     for code in ("IRR", "IRT", "USD"):
         assert new_price_list(stub, code).currency_code == code
+    dated = new_price_list(stub, valid_to=date_pb2.Date(year=2026, month=3, day=20))
+    fails(  # the field changed is the one named
+        stub.UpdatePriceList,
+        pb.UpdatePriceListRequest(
+            price_list=pb.PriceList(name=dated.name, valid_from=date_pb2.Date(year=2026, month=4, day=1)),
+            update_mask=mask("valid_from"),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "price_list.valid_from",
+    )
 
 
 def test_items_in_another_currency_or_negative_are_refused_by_index(stub):
@@ -575,6 +591,20 @@ def test_the_price_of_a_quantity_comes_from_its_tier(stub, svc):
     fails(
         stub.GetPrice,
         pb.GetPriceRequest(product=p.name, price_list=pl.name, quantity="a lot"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "quantity",
+    )
+    pricey = new_product(stub)
+    stub.SetPriceListItems(
+        pb.SetPriceListItemsRequest(
+            price_list=pl.name, items=[pb.PriceListItem(product=pricey.name, unit_price=irt(10**12))]
+        ),
+        metadata=ADMIN,
+    )
+    assert price_of(stub, pricey, pl, "100000").total_amount.units == 11 * 10**16
+    fails(  # 10^7 × 10^12 tomans is more than an amount can hold
+        stub.GetPrice,
+        pb.GetPriceRequest(product=pricey.name, price_list=pl.name, quantity="10000000"),
         grpc.StatusCode.INVALID_ARGUMENT,
         "quantity",
     )

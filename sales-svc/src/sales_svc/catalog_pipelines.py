@@ -34,6 +34,7 @@ from .catalog_common import (
     name_or_none,
     record_request,
     reference_filter,
+    sqlstate,
     ts,
 )
 from .runtime import Sales
@@ -554,7 +555,16 @@ class Pipelines:
             return False
         pid = name.split("/")[1]
         if dropped:
-            conn.execute(stages.delete().where(stages.c.id.in_([s.id for s in dropped])))
+            try:
+                with conn.begin_nested():
+                    conn.execute(stages.delete().where(stages.c.id.in_([s.id for s in dropped])))
+            except sa.exc.IntegrityError as exc:  # a row of another part still names the stage
+                if sqlstate(exc) != "23503":
+                    raise
+                referrer = getattr(getattr(exc.orig, "diag", None), "table_name", None) or "another record"
+                raise FailedPrecondition(
+                    f"a stage to remove is still referred to (by {referrer}): keep it", reason="STAGE_IN_USE"
+                ) from None
         columns = ("position", *STAGE_FIELDS)
         updates = [{"v_id": s["id"], **{f"v_{k}": s[k] for k in columns}} for s in new_stages if s["id"]]
         if updates:  # one statement, executed for the (at most 50) kept stages

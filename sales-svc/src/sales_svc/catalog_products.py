@@ -6,6 +6,7 @@ price a line: the same tier, discount, tax and rounding as GetPrice answers."""
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 from decimal import Decimal
 from typing import NamedTuple
 from zoneinfo import ZoneInfo
@@ -54,6 +55,7 @@ TEHRAN = ZoneInfo("Asia/Tehran")
 DEFAULT_TAX_RATE = Decimal("10")
 MAX_ITEMS = 10_000
 MAX_QUANTITY = Decimal("1e14")  # QUANTITY is NUMERIC(20, 6)
+MAX_AMOUNT = Decimal("1e18")  # below Money's int64 units and MONEY's NUMERIC(28, 9)
 HUNDRED = Decimal(100)
 PERCENT_PLACES = Decimal("0.0001")
 
@@ -299,8 +301,13 @@ def line_amounts(
 ) -> LineAmounts:
     """A line's amounts, each rounded to the currency's minor unit (half to even): gross =
     quantity × unit price; discount = gross × discount %; net = gross − discount; tax = net ×
-    tax rate %; total = net + tax. The parts add up exactly."""
-    gross = money.round_minor(Decimal(quantity) * Decimal(unit_price), currency)
+    tax rate %; total = net + tax. The parts add up exactly. A line beyond what a Money holds
+    is INVALID_ARGUMENT on `quantity`."""
+    with decimal.localcontext(prec=60):
+        raw = Decimal(quantity) * Decimal(unit_price)
+    if abs(raw) >= MAX_AMOUNT:
+        raise InvalidArgument.field("quantity", f"the line amount ({raw:.0f}) is larger than an amount can be")
+    gross = money.round_minor(raw, currency)
     discount = money.round_minor(gross * Decimal(discount_percent) / HUNDRED, currency)
     net = gross - discount
     tax = money.round_minor(net * Decimal(tax_rate) / HUNDRED, currency)
@@ -646,8 +653,10 @@ class ProductCatalog:
         row = conn.execute(q.limit(1)).first()
         return None if row is None else f"{PRICE_LIST.format(row.id)} ({row.name})"
 
-    def _check_price_list(self, conn, list_id: str | None, v: dict) -> None:
+    def _check_price_list(self, conn, list_id: str | None, v: dict, given=("valid_to",)) -> None:
         if v["valid_from"] and v["valid_to"] and v["valid_from"] > v["valid_to"]:
+            if "valid_to" not in given and "valid_from" in given:
+                raise InvalidArgument.field("price_list.valid_from", f"must not be after valid_to ({v['valid_to']})")
             raise InvalidArgument.field("price_list.valid_to", "must not be before valid_from")
         if v["is_default"] and v["active"]:
             other = self._overlapping_default(conn, list_id, v["valid_from"], v["valid_to"])
@@ -742,7 +751,7 @@ class ProductCatalog:
                     "active": row.active,
                     **new,
                 }
-                self._check_price_list(conn, row.id, merged)
+                self._check_price_list(conn, row.id, merged, given=new)
                 if new.get("currency_code", row.currency_code) != row.currency_code and _item_count(conn, row.id):
                     raise FailedPrecondition(
                         f"{m.name} has items priced in {row.currency_code}: its currency cannot change "
