@@ -101,6 +101,7 @@ products = sa.Table(
     sa.Column("tax_rate", PERCENT, nullable=False, server_default="10"),  # VAT %, Iran's default 10
     _text("description"),
     sa.Column("active", sa.Boolean, nullable=False, server_default=sa.true()),
+    _text("search_name"),  # persian.normalize'd name and SKU, for the name filter (catalog, 0005)
     *_times(),
 )
 sa.Index("products_line", products.c.product_line_id)
