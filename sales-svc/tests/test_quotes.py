@@ -483,5 +483,16 @@ def test_http_create_and_a_400_naming_the_field(svc):
         pdf = http.get(f"/v1/{made['name']}:pdf", headers=headers)
         assert pdf.status_code == 200 and pdf.mimetype == "application/pdf" and pdf.data.startswith(b"%PDF")
         assert_problem(http.post("/v1/quotes", json={"opportunity": opp}, headers=headers), 400, "valid_until")
+        assert http.post(f"/v1/{made['name']}:send", json={}, headers=headers).status_code == 200
+        accepted = http.post(f"/v1/{made['name']}:accept", json={}, headers=headers)
+        assert accepted.status_code == 200 and accepted.get_json()["order"].startswith("orders/")
+        again = assert_problem(http.post(f"/v1/{made['name']}:accept", json={}, headers=headers), 400)
+        assert again["reason"] == "QUOTE_ALREADY_ACCEPTED"
+        order = http.get(f"/v1/{accepted.get_json()['order']}", headers=headers).get_json()
+        bad = {"deliveries": [{"line": order["lines"][0]["name"], "quantity": "a lot"}]}
+        assert_problem(
+            http.post(f"/v1/{order['name']}:recordDelivery", json=bad, headers=headers), 400, "deliveries[0].quantity"
+        )
+        assert http.get("/v1/orders:lateDeliveries", headers=headers).status_code == 200
     finally:
         clients.close()
