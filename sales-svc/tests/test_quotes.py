@@ -397,6 +397,19 @@ def test_list_filters_and_keyset_pages(svc, quotes):
     assert seen == list(reversed(made))  # newest first, each once
     sent = quotes.ListQuotes(pb.ListQuotesRequest(filter='owner = "page-owner" AND state = SENT'), metadata=ADMIN)
     assert [x.name for x in sent.quotes] == [made[0]]
+    by_total, token = [], ""
+    while True:  # sorted by a column of the latest version
+        page = quotes.ListQuotes(
+            pb.ListQuotesRequest(
+                filter='owner = "page-owner"', order_by="valid_until, total desc", page_size=1, page_token=token
+            ),
+            metadata=ADMIN,
+        )
+        by_total += [x.name for x in page.quotes]
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(by_total) == sorted(made)
     err = fails(quotes.ListQuotes, pb.ListQuotesRequest(filter="colour = 1"), metadata=ADMIN)
     assert [v.field for v in err.field_violations] == ["filter"]
 

@@ -646,6 +646,7 @@ class Orders:
                     if existing is not None:
                         return existing
                 scope = Scope.of(principal)
+                opp = None
                 if opp_id:
                     opp = tx.execute(
                         sa.select(opportunities).where(
@@ -662,8 +663,11 @@ class Orders:
                     team_id = team_id or (str(opp.team_id) if opp.team_id else None)
                     if not cust_id:
                         raise InvalidArgument.field("order.customer", "required: the opportunity has no customer")
-                owner = o.owner or principal.subject
-                scope.require_assign(tx.conn, owner, team_id if o.team else None, field="order.owner")
+                # The opportunity's owner by default (whoever may see the opportunity may order
+                # for it); an owner or team given is checked as any assignment is.
+                owner = o.owner or (opp.owner_id if opp is not None and opp.owner_id else principal.subject)
+                if o.owner or o.team:
+                    scope.require_assign(tx.conn, owner, team_id if o.team else None, field="order.owner")
                 lines = read_lines(tx.conn, o.lines, currency, "order.lines")
                 row, rows = place_order(
                     tx,

@@ -160,7 +160,9 @@ _V = [c.label(f"v_{c.name}") for c in quote_versions.c if c.name != "quote_id"]
 def _select(version: sa.ColumnElement | int | None = None) -> sa.Select:
     """Quotes with the columns of one version (the latest unless `version`) as v_<column>."""
     which = quotes.c.latest_version if version is None else version
-    return sa.select(*quotes.c, *_V).select_from(
+    # valid_until and total once more under their own names: the keyset of a list sorted by them
+    # reads them from the row.
+    return sa.select(*quotes.c, *_V, quote_versions.c.valid_until, quote_versions.c.total).select_from(
         quotes.join(
             quote_versions,
             sa.and_(quote_versions.c.quote_id == quotes.c.id, quote_versions.c.quote_version == which),
