@@ -126,6 +126,14 @@ def test_bad_input_names_each_field(svc, stub):
         metadata=ADMIN,
     )
     assert [v.field for v in err.field_violations] == ["order.lines[0].quantity", "order.lines[1].quantity"]
+    err = fails(new_order, stub, [line("1000000000000", "100000000")])  # 1e20 rials: more than a column holds
+    assert [v.field for v in err.field_violations] == ["order.lines[0].unit_price"]
+    err = fails(new_order, stub, [line("1", "1")], team=f"teams/{uuid.uuid4()}")
+    assert [v.field for v in err.field_violations] == ["order.team"]
+    # A request_id someone else's order was made with: ALREADY_EXISTS, their order not shown.
+    new_order(stub, [line("1", "1")], md=rep("kian"), request_id="kians-order")
+    err = fails(new_order, stub, [line("1", "1")], md=rep("sara"), request_id="kians-order")
+    assert (err.code, err.reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_TAKEN")
 
 
 def test_partial_then_full_delivery(svc, stub):

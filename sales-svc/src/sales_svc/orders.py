@@ -26,7 +26,7 @@ from crm.sales.v1 import orders_pb2_grpc, sales_events_pb2
 from crm.type.v1 import date_pb2
 from crm_chassis import audit, persian
 from crm_chassis.auth import Principal
-from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from crm_chassis.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument
 from crm_chassis.filtering import (
     FieldType,
     FilterField,
@@ -45,7 +45,7 @@ from crm_chassis.resources import ResourceName, check_etag, etag
 from . import money
 from .access import Scope
 from .runtime import Sales
-from .tables import QUANTITY, UUID, metadata, opportunities, order_lines, orders, products
+from .tables import QUANTITY, UUID, metadata, opportunities, order_lines, orders, products, teams
 
 TEHRAN = ZoneInfo("Asia/Tehran")
 ORDER = ResourceName("orders/{id}")
@@ -56,6 +56,7 @@ PRODUCT = ResourceName("products/{id}")
 TEAM = ResourceName("teams/{id}")
 HUNDRED = Decimal(100)
 MAX_LINES = 500
+MAX_LINE_AMOUNT = Decimal("1e16")  # 500 such lines still fit NUMERIC(28, 9)
 
 # Yearly counters of the numbers quotes and orders carry (one row per kind and Jalali year;
 # the row lock makes the numbers of one year gapless and unique under concurrent creates).
@@ -99,6 +100,15 @@ STATES = {
     "delivered": pb.ORDER_STATE_DELIVERED,
     "cancelled": pb.ORDER_STATE_CANCELLED,
 }
+
+
+def request_id_taken(request_id: str) -> AlreadyExists:
+    """A request_id another caller's record was made with (its record is not shown)."""
+    return AlreadyExists(
+        "request_id was used for a record you cannot see; use a new one",
+        reason="REQUEST_ID_TAKEN",
+        metadata={"field": "request_id", "request_id": request_id},
+    )
 
 
 def today() -> dt.date:
@@ -261,6 +271,8 @@ def read_lines(conn: sa.Connection, messages, currency: str, prefix: str) -> lis
         if bad:
             raise InvalidArgument(bad)
     for x in out:
+        if abs(x.quantity * x.unit_price) >= MAX_LINE_AMOUNT:
+            bad.append(FieldViolation(f"{prefix}[{x.position}].unit_price", "quantity × unit price is too large"))
         if not x.product_id and not x.description:
             bad.append(FieldViolation(f"{prefix}[{x.position}].description", "a line without a product needs one"))
         if x.tax_rate is None:
@@ -642,7 +654,7 @@ class Orders:
         try:
             with self.uow.begin() as tx:
                 if req.request_id:
-                    existing = self._by_request(tx.conn, req.request_id)
+                    existing = self._by_request(tx.conn, req.request_id, principal)
                     if existing is not None:
                         return existing
                 scope = Scope.of(principal)
@@ -666,6 +678,8 @@ class Orders:
                 # The opportunity's owner by default (whoever may see the opportunity may order
                 # for it); an owner or team given is checked as any assignment is.
                 owner = o.owner or (opp.owner_id if opp is not None and opp.owner_id else principal.subject)
+                if team_id and not tx.execute(sa.select(sa.exists().where(teams.c.id == team_id))).scalar():
+                    raise InvalidArgument.field("order.team", f"no such team: {o.team}")
                 if o.owner or o.team:
                     scope.require_assign(tx.conn, owner, team_id if o.team else None, field="order.owner")
                 lines = read_lines(tx.conn, o.lines, currency, "order.lines")
@@ -685,15 +699,19 @@ class Orders:
         except sa.exc.IntegrityError:
             if req.request_id:
                 with self.uow.read() as conn:
-                    existing = self._by_request(conn, req.request_id)
+                    existing = self._by_request(conn, req.request_id, principal)
                     if existing is not None:
                         return existing
             raise
 
-    def _by_request(self, conn, request_id: str) -> pb.Order | None:
+    def _by_request(self, conn, request_id: str, principal: Principal) -> pb.Order | None:
         row = conn.execute(sa.select(orders).where(orders.c.request_id == request_id)).one_or_none()
         if row is None:
             return None
+        if not conn.execute(
+            sa.select(Scope.of(principal).visible(sa.literal(row.owner_id), sa.literal(row.team_id, UUID)))
+        ).scalar():
+            raise request_id_taken(request_id)
         return order_to_proto(row, _lines_of(conn, [str(row.id)])[str(row.id)])
 
     # -- deliveries ----------------------------------------------------------------------------

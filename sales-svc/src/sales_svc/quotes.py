@@ -57,6 +57,7 @@ from .orders import (
     place_order,
     read_lines,
     ref,
+    request_id_taken,
     to_date,
     today,
 )
@@ -432,9 +433,15 @@ class Quotes:
         )
         return tx.execute(_select().where(quotes.c.id == row.id)).one()
 
-    def _by_request(self, conn, request_id: str):
+    def _by_request(self, conn, request_id: str, principal: Principal):
         row = conn.execute(_select().where(quotes.c.request_id == request_id)).one_or_none()
-        return None if row is None else self._proto(conn, row)
+        if row is None:
+            return None
+        if not conn.execute(
+            sa.select(Scope.of(principal).visible(sa.literal(row.owner_id), sa.literal(row.team_id, UUID)))
+        ).scalar():
+            raise request_id_taken(request_id)
+        return self._proto(conn, row)
 
     # -- create ----------------------------------------------------------------------------
     def create(self, req: pb.CreateQuoteRequest, principal: Principal) -> pb.Quote:
@@ -451,7 +458,7 @@ class Quotes:
         try:
             with self.uow.begin() as tx:
                 if req.request_id:
-                    existing = self._by_request(tx.conn, req.request_id)
+                    existing = self._by_request(tx.conn, req.request_id, principal)
                     if existing is not None:
                         return existing
                 scope = Scope.of(principal)
@@ -533,7 +540,7 @@ class Quotes:
         except sa.exc.IntegrityError:
             if req.request_id:
                 with self.uow.read() as conn:
-                    existing = self._by_request(conn, req.request_id)
+                    existing = self._by_request(conn, req.request_id, principal)
                     if existing is not None:
                         return existing
             raise
