@@ -563,7 +563,7 @@ def test_tax_export_fields_of_one_invoice(stub, svc):
     )
     inv = stub.IssueInvoice(pb.IssueInvoiceRequest(name=draft.name), metadata=ADMIN)
     day = today_tehran()
-    d = date_pb2.Date(year=day.year, month=day.month, day=day.day)
+    d = persian.format_jalali(day)  # a Jalali date, as an Iranian accountant writes it
     chunks = list(
         stub.ExportTaxInvoices(
             pb.ExportTaxInvoicesRequest(start_date=d, end_date=d, format=pb.TAX_EXPORT_FORMAT_JSONL), metadata=ADMIN
@@ -634,7 +634,11 @@ def test_tax_export_fields_of_one_invoice(stub, svc):
     mine = [dict(zip(head, r, strict=True)) for r in rows[1:] if r[0] == inv.number]
     assert len(mine) == 1 and mine[0]["taxid"] == inv.tax.tax_id and mine[0]["vam"] == 28_500_000
     with pytest.raises(grpc.RpcError) as err:
-        list(stub.ExportTaxInvoices(pb.ExportTaxInvoicesRequest(start_date=d, format=1), metadata=ADMIN))
+        list(
+            stub.ExportTaxInvoices(
+                pb.ExportTaxInvoicesRequest(start_date=d, end_date="1405/13/01", format=1), metadata=ADMIN
+            )
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "end_date" in err.value.details()
 
 
@@ -717,5 +721,42 @@ def test_issue_and_a_bad_payment_through_the_gateway(stub, svc):
         )
         # the body is the payment, so the gateway names the field within it
         assert_problem(resp, 400, "amount.currency_code")
+        day = today_tehran()
+        q = f"start_date={day.isoformat()}&end_date={day.isoformat()}"
+        resp = http.get(f"/v1/invoices:exportTax?{q}&format=TAX_EXPORT_FORMAT_JSONL", headers=auth)
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+        assert resp.content_type.startswith("application/x-ndjson")
+        assert body["number"] in {json.loads(line)["number"] for line in resp.get_data(as_text=True).splitlines()}
+        assert_problem(http.get(f"/v1/invoices:exportTax?{q}", headers=auth), 400, "format")
     finally:
         clients.close()
+
+
+def test_the_pdf_reads_in_persian_with_both_dates(stub):
+    import unicodedata
+
+    from pypdf import PdfReader
+
+    inv = free_invoice(
+        stub,
+        lines=[pb.InvoiceLine(description="خدمات مشاوره", quantity="2", unit_price=irr(1_500_000), tax_rate="10")],
+        tax=pb.TaxInfo(
+            buyer_type=pb.BUYER_TYPE_ORGANIZATION, buyer_name="شرکت خریدار", buyer_national_id="10101234567"
+        ),
+    )
+    inv = stub.IssueInvoice(pb.IssueInvoiceRequest(name=inv.name), metadata=ADMIN)
+    chunks = list(stub.RenderInvoicePdf(pb.RenderInvoicePdfRequest(name=inv.name), metadata=ADMIN))
+    assert chunks[0].content_type == "application/pdf" and chunks[0].filename == f"invoice-{inv.number}.pdf"
+    text = "".join(p.extract_text() for p in PdfReader(io.BytesIO(b"".join(c.data for c in chunks))).pages)
+    plain = unicodedata.normalize("NFKC", text)
+    for words in ("صورتحساب", "شرکت خریدار", "خدمات مشاوره"):
+        assert words in plain or words[::-1] in plain, words
+    day = today_tehran()
+    assert inv.number in text and day.isoformat() in text and inv.tax.tax_id in text
+    jalali = persian.format_jalali(day, persian_digits=True)
+    assert jalali in plain or jalali[::-1] in plain
+    total = persian.format_number(3_300_000, persian_digits=True)  # 2 x 1,500,000 + 10%
+    assert total in plain or total[::-1] in plain
+    with pytest.raises(grpc.RpcError) as err:  # the same access rule as GetInvoice
+        list(stub.RenderInvoicePdf(pb.RenderInvoicePdfRequest(name=inv.name), metadata=rep("nobody")))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

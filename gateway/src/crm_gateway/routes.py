@@ -65,6 +65,7 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
     "crm.customer.v1.CustomerService.ExportCustomers": (CSV, XLSX, PDF, DOCX),
     "crm.customer.v1.CustomerService.DownloadImportErrorReport": (CSV, XLSX),
     "crm.sales.v1.InvoiceService.ExportTaxInvoices": ("application/x-ndjson", XLSX),
+    "crm.sales.v1.InvoiceService.RenderInvoicePdf": (PDF,),
 }
 OCTET_STREAM = ("application/octet-stream",)
 

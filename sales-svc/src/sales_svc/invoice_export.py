@@ -28,15 +28,18 @@ BODY_FIELDS = ["sstid", "sstt", "am", "mu", "fee", "cut", "exr", "prdis", "dis",
 TOTAL_FIELDS = ["tadis", "tvam", "tbill", "setm"]
 
 
-def _period(req: pb.ExportTaxInvoicesRequest) -> tuple[dt.date, dt.date]:
-    from .invoices import _from_date
+def _day(text: str, field: str) -> dt.date:
+    if not text.strip():
+        raise InvalidArgument.field(field, f"is required; {persian.DATE_HELP}")
+    try:
+        return persian.parse_date(text.strip())
+    except persian.DateError as e:
+        raise InvalidArgument.field(field, str(e)) from None
 
-    start = _from_date(req.start_date, "start_date")
-    end = _from_date(req.end_date, "end_date")
-    if start is None:
-        raise InvalidArgument.field("start_date", "is required")
-    if end is None:
-        raise InvalidArgument.field("end_date", "is required")
+
+def _period(req: pb.ExportTaxInvoicesRequest) -> tuple[dt.date, dt.date]:
+    start = _day(req.start_date, "start_date")
+    end = _day(req.end_date, "end_date")
     if end < start:
         raise InvalidArgument.field("end_date", "is before start_date")
     if (end - start).days >= MAX_DAYS:

@@ -41,7 +41,7 @@ from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName, check_etag, etag
 
-from . import invoice_export
+from . import invoice_export, invoice_pdf
 from .access import Scope
 from .invoice_tables import PAYMENT_METHODS, invoice_counters, invoice_details, invoice_lines, invoice_payments
 from .invoice_tax import Seller, tax_id
@@ -272,7 +272,9 @@ class Invoices:
         secret = sales.ctx.settings.jwt_secret
         self.tokens = PageTokens(secret, "invoices")
         self.payment_tokens = PageTokens(secret, "invoice-payments")
-        sales.extra.setdefault("invoices.seller", Seller.from_env())
+        seller = sales.extra.setdefault("invoices.seller", Seller.from_env())
+        if seller.memory_id:  # a bad TAX_MEMORY_ID stops the start, not every issue
+            tax_id(seller.memory_id, dt.datetime.now(dt.UTC), 1)
 
     @property
     def seller(self) -> Seller:
@@ -1226,6 +1228,9 @@ class InvoiceServicer(invoices_pb2_grpc.InvoiceServiceServicer):
 
     def CreateCreditNote(self, request, context):
         return self.uc.credit(request, current_principal())
+
+    def RenderInvoicePdf(self, request, context):
+        yield from invoice_pdf.render(self.uc.get(request.name, current_principal()))
 
     def ExportTaxInvoices(self, request, context):
         yield from self.uc.export_tax(request, current_principal())
