@@ -165,6 +165,77 @@ def test_create_is_idempotent_on_request_id(stub, svc):
         assert conn.execute(sa.text("SELECT count(*) FROM invoices WHERE request_id = :r"), {"r": rid}).scalar() == 1
 
 
+def test_a_draft_is_updated_with_mask_and_etag(stub):
+    from google.protobuf import field_mask_pb2
+
+    inv = free_invoice(stub)
+    change = pb.Invoice(
+        name=inv.name,
+        etag=inv.etag,
+        payment_terms_days=45,
+        tax=pb.TaxInfo(buyer_type=pb.BUYER_TYPE_ORGANIZATION, buyer_economic_code="411111111111"),
+    )
+    mask = field_mask_pb2.FieldMask(paths=["payment_terms_days", "tax.buyer_type", "tax.buyer_economic_code"])
+    done = stub.UpdateInvoice(pb.UpdateInvoiceRequest(invoice=change, update_mask=mask), metadata=ADMIN)
+    assert done.payment_terms_days == 45 and done.tax.buyer_type == pb.BUYER_TYPE_ORGANIZATION
+    assert done.tax.buyer_economic_code == "411111111111" and done.etag != inv.etag
+    with pytest.raises(grpc.RpcError) as err:  # the etag it was read with is stale now
+        stub.UpdateInvoice(pb.UpdateInvoiceRequest(invoice=change, update_mask=mask), metadata=ADMIN)
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    bad = pb.Invoice(name=inv.name, tax=pb.TaxInfo(buyer_postal_code="12"))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UpdateInvoice(
+            pb.UpdateInvoiceRequest(invoice=bad, update_mask=field_mask_pb2.FieldMask(paths=["tax.buyer_postal_code"])),
+            metadata=ADMIN,
+        )
+    assert (
+        err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "invoice.tax.buyer_postal_code" in err.value.details()
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UpdateInvoice(
+            pb.UpdateInvoiceRequest(invoice=bad, update_mask=field_mask_pb2.FieldMask(paths=["lines"])), metadata=ADMIN
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "update_mask" in err.value.details()
+    stub.IssueInvoice(pb.IssueInvoiceRequest(name=inv.name), metadata=ADMIN)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UpdateInvoice(
+            pb.UpdateInvoiceRequest(
+                invoice=pb.Invoice(name=inv.name, description="x"),
+                update_mask=field_mask_pb2.FieldMask(paths=["description"]),
+            ),
+            metadata=ADMIN,
+        )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_concurrent_invoices_of_one_order_never_exceed_it(stub, svc):
+    oid = make_order(svc, "ada", [(10, 100, 0, 0)])
+    [line] = order_line_names(svc, oid)
+    made, refused = [], []
+    start = threading.Barrier(6)
+
+    def invoice():
+        start.wait()
+        try:
+            made.append(
+                stub.CreateInvoice(
+                    pb.CreateInvoiceRequest(
+                        invoice=pb.Invoice(order=f"orders/{oid}", lines=[pb.InvoiceLine(order_line=line, quantity="3")])
+                    ),
+                    metadata=ADMIN,
+                )
+            )
+        except grpc.RpcError as e:
+            refused.append(e.code())
+
+    threads = [threading.Thread(target=invoice) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 3 and refused == [grpc.StatusCode.FAILED_PRECONDITION] * 3  # 3 x 3 of 10
+
+
 # -- from orders: partial invoicing ------------------------------------------------------------
 
 

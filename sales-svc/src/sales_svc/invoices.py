@@ -39,7 +39,7 @@ from crm_chassis.filtering import (
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
-from crm_chassis.resources import ResourceName, check_etag, etag
+from crm_chassis.resources import ResourceName, UpdateMask, check_etag, etag
 
 from . import invoice_export, invoice_pdf
 from .access import Scope
@@ -60,6 +60,23 @@ ORDER_LINE = ResourceName("orders/{order_id}/lines/{line_id}")
 CUSTOMER = ResourceName("customers/{id}")
 PRODUCT = ResourceName("products/{id}")
 
+TAX_FIELDS = (
+    "buyer_type",
+    "buyer_economic_code",
+    "buyer_national_id",
+    "buyer_postal_code",
+    "buyer_name",
+    "invoice_type",
+    "invoice_pattern",
+    "settlement_method",
+    "exchange_rate",
+    "tax_id",
+)
+FIXED = "cancel the draft and create another"
+MASK = UpdateMask(
+    ["payment_terms_days", "description", "tax", *(f"tax.{f}" for f in TAX_FIELDS)],
+    immutable={f: FIXED for f in ("lines", "order", "customer", "currency_code", "owner", "team")},
+)
 PAYABLE = ("issued", "partially_paid", "overdue")
 CREDITABLE = ("issued", "partially_paid", "paid", "overdue")
 HUNDRED = Decimal(100)
@@ -683,6 +700,60 @@ class Invoices:
         head = {"customer_id": cid, "owner_id": owner, "team_id": team_id, "currency_code": cur}
         return head, lines
 
+    # -- update ----------------------------------------------------------------------------
+    def update(self, req: pb.UpdateInvoiceRequest, principal: Principal) -> pb.Invoice:
+        inv = req.invoice
+        iid = INVOICE.parse(inv.name, "invoice.name").id
+        paths = MASK.paths(req.update_mask)
+        if paths == MASK.updatable:  # "*"
+            paths = ["payment_terms_days", "description", "tax"]
+        if "payment_terms_days" in paths and not 0 <= inv.payment_terms_days <= 3650:
+            raise InvalidArgument.field("invoice.payment_terms_days", "must be 0..3650 days (0 means 30)")
+        if "description" in paths and len(inv.description) > 2000:
+            raise InvalidArgument.field("invoice.description", "must be at most 2000 characters")
+        with self.uow.begin() as tx:
+            conn = tx.conn
+            row = self._locked(conn, iid, principal, inv.name)
+            check_etag(inv.etag, row.version, inv.name)
+            if row.state != "draft":
+                raise FailedPrecondition(
+                    f"{inv.name} is {row.state}: only a draft is updated (an issued invoice is corrected by a "
+                    "credit note)",
+                    reason="INVOICE_NOT_DRAFT",
+                )
+            merged = invoice_to_proto(row).tax
+            merged.subject = 0
+            if "tax" in paths:
+                merged.CopyFrom(inv.tax)
+            for f in TAX_FIELDS:
+                if f"tax.{f}" in paths:
+                    setattr(merged, f, getattr(inv.tax, f))
+            new = {}
+            if any(p == "tax" or p.startswith("tax.") for p in paths):
+                tax = self._tax_values(merged)
+                if tax["invoice_type"] == 1 and not tax["buyer_type"]:
+                    raise InvalidArgument.field("invoice.tax.buyer_type", "an invoice of type 1 names its buyer type")
+                new.update({k: v for k, v in tax.items() if k != "subject"})
+            if "payment_terms_days" in paths:
+                new["payment_terms_days"] = inv.payment_terms_days or 30
+            if "description" in paths:
+                new["description"] = inv.description.strip()
+            changed = {k: v for k, v in new.items() if getattr(row, k) != v}
+            if changed:
+                conn.execute(invoice_details.update().where(invoice_details.c.invoice_id == iid).values(**changed))
+                conn.execute(
+                    invoices.update()
+                    .where(invoices.c.id == iid)
+                    .values(version=invoices.c.version + 1, update_time=sa.func.now())
+                )
+                tx.audit(
+                    _name(iid),
+                    "invoice.update",
+                    principal,
+                    [audit.change(k, audit.value(getattr(row, k)), audit.value(v)) for k, v in changed.items()],
+                )
+            return self._full(conn, self._row(conn, iid))
+
     # -- numbering -------------------------------------------------------------------------
     @staticmethod
     def take_number(conn, fiscal_year: int, kind: str, issue_date: dt.date | None = None) -> int:
@@ -1213,6 +1284,9 @@ class InvoiceServicer(invoices_pb2_grpc.InvoiceServiceServicer):
 
     def ListInvoices(self, request, context):
         return self.uc.list(request, current_principal())
+
+    def UpdateInvoice(self, request, context):
+        return self.uc.update(request, current_principal())
 
     def IssueInvoice(self, request, context):
         return self.uc.issue(request, current_principal())
