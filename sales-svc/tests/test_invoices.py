@@ -452,10 +452,10 @@ def test_partial_and_full_payment_states_and_events(stub, svc):
             metadata=ADMIN,
         )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "outstanding" in err.value.details()
-    stub.RecordPayment(
-        pb.RecordPaymentRequest(parent=inv.name, payment=pb.Payment(amount=irr(600), method="transfer")),
-        metadata=ADMIN,
-    )
+    paid_at = pb.Payment(amount=irr(600), method="transfer")
+    paid_at.pay_time.FromDatetime(dt.datetime(2026, 1, 5, 9, 30, tzinfo=dt.UTC))
+    p2 = stub.RecordPayment(pb.RecordPaymentRequest(parent=inv.name, payment=paid_at), metadata=ADMIN)
+    assert p2.pay_time.ToDatetime(dt.UTC) == dt.datetime(2026, 1, 5, 9, 30, tzinfo=dt.UTC)
     got = stub.GetInvoice(pb.GetInvoiceRequest(name=inv.name), metadata=ADMIN)
     assert got.state == "paid" and dec(got.outstanding) == 0
     received = [e for e in events(svc, "payment.received.v1", sales_events_pb2.PaymentEvent) if e.invoice == inv.name]
