@@ -141,6 +141,18 @@ def test_bad_lines_are_named(stub):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     for f in ("invoice.lines[0].quantity", "invoice.lines[1].unit_price.currency_code", "invoice.lines[2].tax_rate"):
         assert f in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:  # more decimals than stored; an amount beyond NUMERIC
+        free_invoice(
+            stub,
+            lines=[
+                pb.InvoiceLine(description="x", quantity="0.0000001", unit_price=irr(5)),
+                pb.InvoiceLine(description="y", quantity="1e12", unit_price=irr(9_000_000_000_000_000_000)),
+                pb.InvoiceLine(description="z", quantity="NaN", unit_price=irr(5)),
+            ],
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for f in ("invoice.lines[0].quantity", "invoice.lines[1].quantity", "invoice.lines[2].quantity"):
+        assert f in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         stub.CreateInvoice(
             pb.CreateInvoiceRequest(invoice=pb.Invoice(customer="customers/1", currency_code="IRR")), metadata=ADMIN

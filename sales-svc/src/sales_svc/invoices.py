@@ -80,6 +80,7 @@ MASK = UpdateMask(
 PAYABLE = ("issued", "partially_paid", "overdue")
 CREDITABLE = ("issued", "partially_paid", "paid", "overdue")
 HUNDRED = Decimal(100)
+MAX_AMOUNT = Decimal(10) ** 17  # a line's or an invoice's amount (NUMERIC(28, 9) holds 10^19)
 ZERO = Decimal(0)
 
 DETAIL_COLUMNS = [c for c in invoice_details.c if c.name != "invoice_id"]
@@ -113,7 +114,17 @@ def _from_date(d: date_pb2.Date, field: str) -> dt.date | None:
         raise InvalidArgument.field(field, f"{d.year}-{d.month}-{d.day} is not a date") from None
 
 
-def _decimal(text: str, field: str, *, low: Decimal | None = None, high: Decimal | None = None, positive=False):
+def _decimal(
+    text: str,
+    field: str,
+    *,
+    low: Decimal | None = None,
+    high: Decimal | None = None,
+    positive: bool = False,
+    places: int | None = None,
+) -> Decimal:
+    """A decimal string as people write it (Persian digits too), checked against its bounds
+    and the decimals its column keeps."""
     try:
         value = Decimal(persian.to_ascii_digits(text.strip()))
     except InvalidOperation:
@@ -126,6 +137,8 @@ def _decimal(text: str, field: str, *, low: Decimal | None = None, high: Decimal
         raise InvalidArgument.field(field, f"must be at least {low}")
     if high is not None and value > high:
         raise InvalidArgument.field(field, f"must be at most {high}")
+    if places is not None and value and -value.normalize().as_tuple().exponent > places:
+        raise InvalidArgument.field(field, f"has more than {places} decimals")
     return value
 
 
@@ -456,7 +469,10 @@ class Invoices:
                         sa.select(invoices.c.id).where(invoices.c.request_id == req.request_id)
                     ).scalar_one_or_none()
                     if found:
-                        return self._full(conn, self._row(conn, found))
+                        first = self._row(conn, found)
+                        if first.kind != "invoice":
+                            raise InvalidArgument.field("request_id", "was used for another request")
+                        return self._full(conn, first)
                 if order_id:
                     head, lines = self._order_lines(conn, inv, order_id, principal)
                 else:
@@ -479,6 +495,8 @@ class Invoices:
                 cur = head["currency_code"]
                 subtotal = sum((ln["amount"] for ln in lines), ZERO)
                 tax_total = sum((ln["tax_amount"] for ln in lines), ZERO)
+                if subtotal + tax_total >= MAX_AMOUNT * 10:
+                    raise InvalidArgument.field("invoice.lines", "the invoice's total is too large")
                 conn.execute(
                     invoices.insert().values(
                         id=iid,
@@ -576,7 +594,7 @@ class Invoices:
                     raise InvalidArgument.field(f"{f}.order_line", "names a line twice")
                 seen.add(ids.line_id)
                 left = r.quantity - r.invoiced
-                q = _decimal(ln.quantity, f"{f}.quantity", positive=True) if ln.quantity else left
+                q = _decimal(ln.quantity, f"{f}.quantity", positive=True, places=6) if ln.quantity else left
                 if q > left or q <= 0:
                     raise FailedPrecondition(
                         f"{f}.quantity: {_plain(q)} asked where {_plain(left)} of {_plain(r.quantity)} "
@@ -662,24 +680,27 @@ class Invoices:
                     raise InvalidArgument.field(f"{f}.description", "must be at most 1000 characters")
                 if not ln.quantity:
                     raise InvalidArgument.field(f"{f}.quantity", "is required")
-                q = _decimal(ln.quantity, f"{f}.quantity", positive=True, high=Decimal("1e12"))
+                q = _decimal(ln.quantity, f"{f}.quantity", positive=True, high=Decimal("1e12"), places=6)
                 if not ln.HasField("unit_price"):
                     raise InvalidArgument.field(f"{f}.unit_price", "is required")
                 price = to_decimal(ln.unit_price, f"{f}.unit_price", currency=cur)
                 if price < 0:
                     raise InvalidArgument.field(f"{f}.unit_price", "must not be negative")
                 disc = (
-                    _decimal(ln.discount_percent, f"{f}.discount_percent", low=ZERO, high=HUNDRED)
+                    _decimal(ln.discount_percent, f"{f}.discount_percent", low=ZERO, high=HUNDRED, places=4)
                     if ln.discount_percent
                     else ZERO
                 )
                 if ln.tax_rate:
-                    rate = _decimal(ln.tax_rate, f"{f}.tax_rate", low=ZERO, high=HUNDRED)
+                    rate = _decimal(ln.tax_rate, f"{f}.tax_rate", low=ZERO, high=HUNDRED, places=4)
                 else:
                     rate = prod.tax_rate if prod else ZERO
                 code = ln.tax_product_code.strip()
                 if code and (not code.isdigit() or len(code) != 13):
                     raise InvalidArgument.field(f"{f}.tax_product_code", "the tax system's product id is 13 digits")
+                if q * price >= MAX_AMOUNT:
+                    raise InvalidArgument.field(f"{f}.quantity", "quantity x unit price is too large for one line")
+                amounts = line_amounts(q, price, disc, rate, cur)
                 lines.append(
                     {
                         "product_id": prod.id if prod else None,
@@ -690,7 +711,7 @@ class Invoices:
                         "discount_percent": disc,
                         "tax_rate": rate,
                         "tax_product_code": code,
-                        **line_amounts(q, price, disc, rate, cur),
+                        **amounts,
                     }
                 )
             except InvalidArgument as e:
@@ -1056,7 +1077,10 @@ class Invoices:
                     sa.select(invoices.c.id).where(invoices.c.request_id == req.request_id)
                 ).scalar_one_or_none()
                 if found:
-                    return self._full(conn, self._row(conn, found))
+                    note = self._row(conn, found)
+                    if note.credited_invoice_id != iid:
+                        raise InvalidArgument.field("request_id", "was used for another request")
+                    return self._full(conn, note)
             row = self._locked(conn, iid, principal, req.name)
             if row.kind != "invoice" or row.state not in CREDITABLE:
                 raise FailedPrecondition(
@@ -1238,7 +1262,7 @@ class Invoices:
                     raise InvalidArgument.field(f"{f}.amount", f"must be more than zero, in whole {cur} minor units")
                 q = ZERO
             elif cl.quantity:
-                q = _decimal(cl.quantity, f"{f}.quantity", positive=True)
+                q = _decimal(cl.quantity, f"{f}.quantity", positive=True, places=6)
                 if q > q_left:
                     raise FailedPrecondition(
                         f"{f}.quantity: {_plain(q)} asked where {_plain(q_left)} of {_plain(ln.quantity)} invoiced "
