@@ -811,6 +811,10 @@ def test_issue_and_a_bad_payment_through_the_gateway(stub, svc):
         assert resp.content_type.startswith("application/x-ndjson")
         assert body["number"] in {json.loads(line)["number"] for line in resp.get_data(as_text=True).splitlines()}
         assert_problem(http.get(f"/v1/invoices:exportTax?{q}", headers=auth), 400, "format")
+        pdf = http.get(f"/v1/invoices/{iid}:render", headers=auth)
+        assert pdf.status_code == 200 and pdf.content_type == "application/pdf" and pdf.data.startswith(b"%PDF")
+        assert http.get(f"/v1/invoices/{iid}", headers=auth).get_json()["number"] == body["number"]
+        assert "/v1/invoices/{invoice_id}:issue" in http.get("/openapi.json").get_json()["paths"]
     finally:
         clients.close()
 
