@@ -6,11 +6,11 @@ import pathlib
 
 from crm_chassis.service import ServiceContext, ServiceSpec, main
 
-from . import activities, api, catalog, conversion, forecasts, orders, quotes
+from . import activities, api, catalog, conversion, forecasts, invoices, orders, quotes
 from .runtime import sales
 
 # The parts of the service (runtime.py says what each may define).
-PARTS = [api, activities, conversion, forecasts, catalog, quotes, orders]
+PARTS = [api, activities, conversion, forecasts, catalog, quotes, orders, invoices]
 
 
 def build(ctx: ServiceContext):
