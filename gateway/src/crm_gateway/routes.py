@@ -65,12 +65,9 @@ UPLOADS: dict[str, str] = {"crm.customer.v1.CustomerService.ImportCustomers": "c
 DOWNLOADS: dict[str, tuple[str, ...]] = {
     "crm.customer.v1.CustomerService.ExportCustomers": (CSV, XLSX, PDF, DOCX),
     "crm.customer.v1.CustomerService.DownloadImportErrorReport": (CSV, XLSX),
-<<<<<<< HEAD
     "crm.sales.v1.QuoteService.RenderQuotePdf": (PDF,),
-=======
     "crm.sales.v1.InvoiceService.ExportTaxInvoices": ("application/x-ndjson", XLSX),
     "crm.sales.v1.InvoiceService.RenderInvoicePdf": (PDF,),
->>>>>>> h/invoices
 }
 OCTET_STREAM = ("application/octet-stream",)
 
