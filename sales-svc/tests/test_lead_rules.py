@@ -25,7 +25,7 @@ from crm_chassis.messaging.outbox import row_to_event
 from crm_chassis.messaging.tables import outbox
 from crm_chassis.work_tables import timers as timer_table
 from sales_svc import lead_rules, rules_assignment
-from sales_svc.rules_tables import assignment_cursors, assignment_rules, scoring_rules
+from sales_svc.rules_tables import assignment_cursors, assignment_rules, lead_behaviors, scoring_rules
 from sales_svc.runtime import sales
 from sales_svc.tables import leads, product_lines, team_members, teams
 from tests.support.harness import md, token, wait_for
@@ -203,6 +203,16 @@ def test_behavior_rules_count_min_window_and_cap_and_are_idempotent(svc, stub):
     assert [e.score for e in published] == [10, 15, 20, 25, 55]
     assert published[-1].version == lead(svc, lid).version
     assert clicks.name and visits.name
+    # Behaviour leaving a window lowers the score at the next rescore, which runs daily too.
+    with svc.ctx.engine.begin() as conn:
+        assert timers.get(conn, "lead.rescore", "daily").cron == "30 3 * * *"
+        conn.execute(
+            lead_behaviors.update()
+            .where(lead_behaviors.c.idempotency_key == "c-new")
+            .values(time=sa.func.now() - sa.text("interval '8 days'"))
+        )
+    assert stub.RescoreLeads(pb.RescoreLeadsRequest(), metadata=ADMIN).changed == 1
+    assert lead(svc, lid).score == 25
 
 
 def test_a_rule_change_rescores_every_lead(svc, stub):

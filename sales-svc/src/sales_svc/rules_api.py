@@ -41,7 +41,8 @@ SCORING = ResourceName("scoringRules/{id}")
 ASSIGNMENT = ResourceName("assignmentRules/{id}")
 LEAD = ResourceName("leads/{id}")
 PRODUCT_LINE = ResourceName("productLines/{id}")
-RESCORE = "lead.rescore"  # timer kind (key "all"): every lead, after a scoring rule changed
+RESCORE = "lead.rescore"  # timer kind: every lead; key "all" after a rule change, "daily" (recurring)
+DAILY_RESCORE = "30 3 * * *"  # Asia/Tehran: behaviour leaving a rule's window lowers scores overnight
 
 _KIND = re.compile(r"[a-z0-9_.-]{1,60}")
 MAX_POINTS = 10_000
@@ -276,8 +277,12 @@ class LeadRules:
         self.uow = sales.uow
         self.tokens = PageTokens(sales.ctx.settings.jwt_secret, "lead-rules")
 
-    def _rescore_later(self, conn) -> None:
+    def _rescore_later(self, conn, values: dict | None = None) -> None:
+        """Every lead rescored by the timer worker, now (one firing however many changes come
+        in before it runs). A rule with a window also needs it daily, as behaviour ages out."""
         timers.schedule(conn, RESCORE, "all", dt.datetime.now(dt.UTC))
+        if values and values.get("kind") == "behavior" and values.get("window_days"):
+            timers.schedule_recurring(conn, RESCORE, "daily", DAILY_RESCORE)
 
     def _row(self, conn, table, rn: ResourceName, name: str, field: str, lock: bool = False):
         rid = rn.parse(name, field).id
@@ -304,7 +309,7 @@ class LeadRules:
                 return conn.execute(sa.select(table).where(table.c.request_id == request_id)).one(), False
             tx.audit(rn.format(row.id), action, principal, _audit_values(values))
             if table is scoring_rules:
-                self._rescore_later(conn)
+                self._rescore_later(conn, values)
         return row, True
 
     def _update(self, table, rn, msg, mask: UpdateMask, update_mask, field: str, merge, validate, principal, action):
@@ -331,7 +336,7 @@ class LeadRules:
                 ).one()
                 tx.audit(msg.name, action, principal, [d.as_audit() for d in diff])
                 if table is scoring_rules:
-                    self._rescore_later(conn)
+                    self._rescore_later(conn, values)
         if diff and table is scoring_rules:
             self.sales.timers.wake()
         return row
