@@ -53,6 +53,7 @@ def touch(tx: Transaction | sa.Connection, lead_id: str) -> None:
 def registration(sales: Sales):
     from .rules_api import registration as reg
 
+    rules_assignment.calendar()  # a bad SALES_BUSINESS_HOURS stops the start, not a lead write
     return reg(sales)
 
 
