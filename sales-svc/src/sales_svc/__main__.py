@@ -6,11 +6,11 @@ import pathlib
 
 from crm_chassis.service import ServiceContext, ServiceSpec, main
 
-from . import activities, api, catalog, conversion, forecasts, invoices, orders, quotes
+from . import activities, api, catalog, conversion, forecasts, invoices, lead_rules, orders, quotes
 from .runtime import sales
 
 # The parts of the service (runtime.py says what each may define).
-PARTS = [api, activities, conversion, forecasts, catalog, quotes, orders, invoices]
+PARTS = [api, activities, conversion, forecasts, catalog, quotes, orders, invoices, lead_rules]
 
 
 def build(ctx: ServiceContext):
