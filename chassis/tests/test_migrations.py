@@ -1,6 +1,7 @@
 """A service's first revision (crm_chassis.migrations.first_revision) makes every chassis table
 as the chassis defines it, and its downgrade removes them all (a real database, sales-svc's
-migrations as an example of a service that has no tables of its own yet)."""
+migrations as the example: its revision 0001 is the first revision alone; its head adds its
+own tables, and a downgrade from the head removes every one of them too)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,14 @@ def tables(url: str) -> set[str]:
 
 def test_the_first_revision_makes_every_chassis_table_and_its_downgrade_removes_them(databases):
     url = databases.fresh("migrations")
-    migrate(url, SPEC.migrations)
-    assert tables(url) == CHASSIS_TABLES
     cfg = Config()
     cfg.set_main_option("script_location", str(SPEC.migrations))
     cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
+    command.upgrade(cfg, "0001")
+    assert tables(url) == CHASSIS_TABLES
+    command.downgrade(cfg, "base")
+    assert tables(url) == set()
+    migrate(url, SPEC.migrations)  # to the head: the service's own tables beside the chassis'
+    assert tables(url) > CHASSIS_TABLES
     command.downgrade(cfg, "base")
     assert tables(url) == set()
