@@ -213,13 +213,12 @@ class Leads:
         v = values_from_proto(req.lead, WRITABLE, self.region)
         require_name(v)
         rid = req.request_id or None
-        dup_query = leads_queries.duplicates_query(v, rid)
         try:
             with self.uow.begin() as tx:
                 conn = tx.conn
                 found: list[tuple[str, str]] = []
-                if dup_query is not None:
-                    rows = conn.execute(dup_query).all()
+                rows = leads_queries.find_duplicates(conn, v, rid)
+                if rows is not None:
                     earlier = next((r[1] for r in rows if r[0] == "request"), None)
                     if earlier is not None:
                         return self._replay(conn, earlier, principal)
@@ -271,14 +270,16 @@ class Leads:
         """The lead an earlier call with this request_id created, with its duplicates now."""
         row = conn.execute(_GET, {"lead_id": lead_id}).one()
         if not conn.execute(
-            sa.select(sa.exists().where(leads.c.id == lead_id, Scope.of(principal).visible(leads.c.owner_id)))
+            sa.select(
+                sa.exists().where(leads.c.id == lead_id, Scope.of(principal).visible(leads.c.owner_id, leads.c.team_id))
+            )
         ).scalar():
             raise AlreadyExists("request_id was used for another caller's lead", metadata={"field": "request_id"})
         out = to_proto(row)
-        q = leads_queries.duplicates_query(plain(row), exclude_id=lead_id)
-        if q is not None:
+        rows = leads_queries.find_duplicates(conn, plain(row), exclude_id=lead_id)
+        if rows is not None:
             out.possible_duplicates.extend(
-                pb.LeadDuplicate(record=r, matched_field=f) for r, f in leads_queries.matches(conn.execute(q))
+                pb.LeadDuplicate(record=r, matched_field=f) for r, f in leads_queries.matches(rows)
             )
         return out
 

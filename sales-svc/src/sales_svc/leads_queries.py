@@ -27,7 +27,7 @@ from crm_chassis.resources import UUID_PATTERN
 
 from .access import Scope
 from .leads_model import LEAD_COLUMNS
-from .tables import customer_refs, leads
+from .tables import leads
 
 _EQ = frozenset({"=", "!="})
 
@@ -201,55 +201,39 @@ def search_page(
 
 
 # -- duplicates ----------------------------------------------------------------------------------
-def _lit(text: str):
-    return sa.literal_column(f"'{text}'", sa.Text)  # a constant of this module, never input
-
-
-_K_LEAD, _K_CUSTOMER, _K_REQUEST = _lit("lead"), _lit("customer"), _lit("request")
-
-
-def duplicates_query(v: dict, request_id: str | None = None, exclude_id: str | None = None):
-    """One statement: (kind, record, field) for every lead (not deleted) and customer (neither
-    deleted nor merged) sharing the e-mail, a phone number (either of the other's two) or the
-    national id of `v`; with `request_id`, also ('request', lead id, '') for a lead created
-    with it. None when there is nothing to look for."""
-    parts: list[sa.Select] = []
-    live = leads.c.delete_time.is_(None)
-    if exclude_id:
-        live = sa.and_(live, leads.c.id != exclude_id)
-    for f in ("email", "national_id"):
-        if v.get(f):
-            parts.append(
-                sa.select(_K_LEAD, sa.cast(leads.c.id, sa.Text), _lit(f)).where(
-                    leads.c[f] == v[f], leads.c[f] != "", live
-                )
-            )
-            parts.append(
-                sa.select(_K_CUSTOMER, customer_refs.c.customer_id, _lit(f)).where(
-                    customer_refs.c[f] == v[f], customer_refs.c[f] != "", customer_refs.c.deleted.is_(False)
-                )
-            )
-    for f in ("phone", "mobile"):
-        n = v.get(f)
-        if n:
-            for col in ("phone", "mobile"):
-                parts.append(
-                    sa.select(_K_LEAD, sa.cast(leads.c.id, sa.Text), _lit(f)).where(
-                        leads.c[col] == n, leads.c[col] != "", live
-                    )
-                )
-                parts.append(
-                    sa.select(_K_CUSTOMER, customer_refs.c.customer_id, _lit(f)).where(
-                        customer_refs.c[col] == n, customer_refs.c[col] != "", customer_refs.c.deleted.is_(False)
-                    )
-                )
-    if request_id:
-        parts.insert(  # first: the limit never cuts it off
-            0, sa.select(_K_REQUEST, sa.cast(leads.c.id, sa.Text), _lit("")).where(leads.c.request_id == request_id)
+def _dup_parts() -> str:
+    lead = "delete_time IS NULL AND (CAST(:exclude AS uuid) IS NULL OR id <> CAST(:exclude AS uuid))"
+    parts = ["SELECT 'request', CAST(id AS text), '' FROM leads WHERE request_id = :request_id"]
+    # (field of the new lead, column of the other record, parameter)
+    pairs = [("email", "email", "email"), ("national_id", "national_id", "national_id")]
+    pairs += [(f, col, f) for f in ("phone", "mobile") for col in ("phone", "mobile")]
+    for f, col, param in pairs:
+        parts.append(
+            f"SELECT 'lead', CAST(id AS text), '{f}' FROM leads WHERE {col} = :{param} AND {col} <> '' AND {lead}"
         )
-    if not parts:
+    for f, col, param in pairs:
+        parts.append(
+            f"SELECT 'customer', customer_id, '{f}' FROM customer_refs"
+            f" WHERE {col} = :{param} AND {col} <> '' AND NOT deleted"
+        )
+    return "\nUNION ALL ".join(parts) + "\nLIMIT 50"
+
+
+# One fixed statement (prepared once by the driver): a field not given is NULL and matches
+# nothing; the request_id row comes first, so the limit never cuts it off.
+_DUPLICATES = sa.text(_dup_parts())
+CONTACT_FIELDS = ("email", "national_id", "phone", "mobile")
+
+
+def find_duplicates(conn: sa.Connection, v: dict, request_id: str | None = None, exclude_id: str | None = None):
+    """(kind, record id, field) rows for every lead (not deleted) and customer (neither deleted
+    nor merged) sharing the e-mail, a phone number (either number of the other record) or the
+    national id of `v`; with `request_id`, also ('request', lead id, '') for a lead created
+    with it. None (no statement) when `v` has none of those fields."""
+    if not any(v.get(f) for f in CONTACT_FIELDS):
         return None
-    return sa.union_all(*parts).limit(50)
+    params = {f: v.get(f) or None for f in CONTACT_FIELDS}
+    return conn.execute(_DUPLICATES, {**params, "request_id": request_id, "exclude": exclude_id}).all()
 
 
 def matches(rows) -> list[tuple[str, str]]:
