@@ -220,6 +220,32 @@ def test_update_with_mask_and_etag_and_a_stale_etag_is_aborted(svc, stub):
     assert lead.name in [h.lead.name for h in hits]
 
 
+def test_update_star_replaces_every_writable_field(stub):
+    lead = new_lead(stub, rep("rep-star"), city="Tehran", email=unique_email(), tags=["a"])
+    out = stub.UpdateLead(
+        pb.UpdateLeadRequest(
+            lead=pb.Lead(name=lead.name, organization_name="Parsian Co", owner="rep-star"),
+            update_mask=field_mask_pb2.FieldMask(paths=["*"]),
+        ),
+        metadata=rep("rep-star"),
+    )
+    assert (out.organization_name, out.family_name, out.city, out.email, list(out.tags)) == (
+        "Parsian Co",
+        "",
+        "",
+        "",
+        [],
+    )
+    view = fails(
+        lambda: stub.UpdateLead(
+            pb.UpdateLeadRequest(lead=pb.Lead(name=lead.name), update_mask=field_mask_pb2.FieldMask(paths=["*"])),
+            metadata=rep("rep-star"),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert fields_of(view) == ["lead.owner"]  # "*" with an empty owner: a lead always has one
+
+
 def test_delete_and_undelete(stub):
     lead = new_lead(stub, rep("rep-del"))
     deleted = stub.DeleteLead(pb.DeleteLeadRequest(name=lead.name, etag=lead.etag), metadata=rep("rep-del"))
@@ -463,10 +489,12 @@ def _export(stub, md, **kw) -> list[dict]:
 
 def test_a_rep_sees_only_own_leads_and_a_manager_their_teams(svc, stub):
     tag = uuid.uuid4().hex[:8]
-    make_team(svc, f"north-{tag}", f"mgr-{tag}", [f"amir-{tag}"])
+    team = make_team(svc, f"north-{tag}", f"mgr-{tag}", [f"amir-{tag}"])
     amir = new_lead(stub, rep(f"amir-{tag}"), family_name=f"Zand{tag}", tags=[tag])
     bahar = new_lead(stub, rep(f"bahar-{tag}"), family_name=f"Zand{tag}", tags=[tag])
     boss = new_lead(stub, manager(f"mgr-{tag}"), family_name=f"Zand{tag}", tags=[tag])
+    # Owned by someone outside the team but assigned to it: the team's manager sees it.
+    teamed = new_lead(stub, ADMIN, owner=f"outsider-{tag}", team=f"teams/{team}", family_name=f"Zand{tag}", tags=[tag])
     flt = f'tags:"{tag}"'
 
     def visible(md):
@@ -478,8 +506,11 @@ def test_a_rep_sees_only_own_leads_and_a_manager_their_teams(svc, stub):
 
     assert visible(rep(f"amir-{tag}")) == {amir.name}
     assert visible(rep(f"bahar-{tag}")) == {bahar.name}
-    assert visible(manager(f"mgr-{tag}")) == {amir.name, boss.name}
-    assert visible(ADMIN) == {amir.name, bahar.name, boss.name}
+    assert visible(manager(f"mgr-{tag}")) == {amir.name, boss.name, teamed.name}
+    assert visible(ADMIN) == {amir.name, bahar.name, boss.name, teamed.name}
+    assert visible(rep(f"outsider-{tag}")) == {teamed.name}
+    in_team = stub.ListLeads(pb.ListLeadsRequest(filter=f'team = "teams/{team}"'), metadata=manager(f"mgr-{tag}"))
+    assert [x.name for x in in_team.leads] == [teamed.name]
     view = fails(
         lambda: stub.GetLead(pb.GetLeadRequest(name=bahar.name), metadata=rep(f"amir-{tag}")), grpc.StatusCode.NOT_FOUND
     )
