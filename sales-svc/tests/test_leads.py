@@ -155,6 +155,19 @@ def test_create_with_the_same_request_id_returns_the_same_lead_once(svc, stub):
     assert len([e for e in events(svc, "lead.created.v1") if e.subject in (first.name, a.name)]) == 2
 
 
+def test_concurrent_creates_with_one_request_id_make_one_lead(svc, stub):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rid = str(uuid.uuid4())
+    req = pb.CreateLeadRequest(lead=pb.Lead(family_name="Race", email=unique_email()), request_id=rid)
+    with ThreadPoolExecutor(6) as pool:
+        names = set(pool.map(lambda _: stub.CreateLead(req, metadata=rep("rep-race")).name, range(6)))
+    assert len(names) == 1
+    with svc.ctx.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).where(leads.c.request_id == rid)).scalar() == 1
+    assert len([e for e in events(svc, "lead.created.v1") if e.subject in names]) == 1
+
+
 def test_owner_changes_follow_the_assignment_rule(svc, stub):
     fails(lambda: new_lead(stub, rep("rep-a1"), owner="rep-b1"), grpc.StatusCode.PERMISSION_DENIED)
     make_team(svc, "assign-team", "mgr-assign", ["rep-in-team"])
