@@ -20,7 +20,7 @@ from crm.sales.v1 import leads_pb2 as pb
 from crm.sales.v1 import leads_pb2_grpc
 from crm_chassis import audit
 from crm_chassis.auth import Principal
-from crm_chassis.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from crm_chassis.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
@@ -268,13 +268,12 @@ class Leads:
 
     def _replay(self, conn, lead_id: str, principal: Principal) -> pb.Lead:
         """The lead an earlier call with this request_id created, with its duplicates now."""
-        row = conn.execute(_GET, {"lead_id": lead_id}).one()
-        if not conn.execute(
-            sa.select(
-                sa.exists().where(leads.c.id == lead_id, Scope.of(principal).visible(leads.c.owner_id, leads.c.team_id))
-            )
-        ).scalar():
-            raise AlreadyExists("request_id was used for another caller's lead", metadata={"field": "request_id"})
+        try:
+            row = visible_lead(conn, lead_id, principal)
+        except NotFound:
+            raise AlreadyExists(
+                "request_id was used for another caller's lead", metadata={"field": "request_id"}
+            ) from None
         out = to_proto(row)
         rows = leads_queries.find_duplicates(conn, plain(row), exclude_id=lead_id)
         if rows is not None:
