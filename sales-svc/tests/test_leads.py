@@ -105,6 +105,7 @@ def test_bad_values_are_invalid_argument_naming_every_field(stub):
                     source="Bad Key!",
                     team="team-7",
                     product_line="lines/1",
+                    website="not a site",
                 )
             ),
             metadata=ADMIN,
@@ -118,6 +119,7 @@ def test_bad_values_are_invalid_argument_naming_every_field(stub):
         "lead.source",
         "lead.team",
         "lead.product_line",
+        "lead.website",
     }
     view = fails(
         lambda: stub.CreateLead(pb.CreateLeadRequest(lead=pb.Lead(city="Tehran")), metadata=ADMIN),
@@ -134,8 +136,10 @@ def test_unknown_product_line_or_team_is_invalid_argument_naming_it(svc, stub):
     assert fields_of(view) == ["lead.team"]
     with svc.ctx.engine.begin() as conn:
         pl = conn.execute(product_lines.insert().values(code="erp", name="ERP").returning(product_lines.c.id)).scalar()
-    lead = new_lead(stub, product_line=f"productLines/{pl}")
+    lead = new_lead(stub, product_line=f"productLines/{pl}", website="https://شرکت.ir/fa")
     assert lead.product_line == f"productLines/{pl}"
+    listed = stub.ListLeads(pb.ListLeadsRequest(filter=f'product_line = "productLines/{pl}"'), metadata=ADMIN)
+    assert [x.name for x in listed.leads] == [lead.name]
 
 
 def test_create_with_the_same_request_id_returns_the_same_lead_once(svc, stub):

@@ -39,6 +39,7 @@ _EMAIL = re.compile(
     r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
 )
+_WEBSITE = re.compile(r"^(https?://)?[^\s/:?#]+\.[^\s/:?#]{2,}(:\d{1,5})?([/?#]\S*)?$", re.IGNORECASE)
 _TEAM = re.compile(rf"teams/({UUID_PATTERN})")
 _PRODUCT_LINE = re.compile(rf"productLines/({UUID_PATTERN})")
 
@@ -136,6 +137,8 @@ def convert(field: str, value: Any, where: str, region: str) -> Any:
         v = value.strip()
         if len(v) > TEXT_FIELDS[field]:
             raise InvalidArgument.field(where, f"must be at most {TEXT_FIELDS[field]} characters")
+        if field == "website" and v and not _WEBSITE.match(v):
+            raise InvalidArgument.field(where, "is not a web address (example.ir or https://example.ir/...)")
         return v
     if field == "email":
         v = value.strip().lower()
