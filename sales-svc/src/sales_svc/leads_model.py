@@ -335,5 +335,6 @@ def plain(row) -> dict[str, Any]:
 # The indexes migration 0003 adds to the core leads table (lists filtered and sorted by them).
 sa.Index("leads_status_page", leads.c.status, leads.c.create_time.desc(), leads.c.id.desc())
 sa.Index("leads_score_page", leads.c.score.desc(), leads.c.id.desc())
+sa.Index("leads_owner_score", leads.c.owner_id, leads.c.score.desc(), leads.c.id.desc())
 sa.Index("leads_source", leads.c.source, postgresql_where=leads.c.source != "")
 sa.Index("leads_campaign", leads.c.campaign_id, postgresql_where=leads.c.campaign_id != "")

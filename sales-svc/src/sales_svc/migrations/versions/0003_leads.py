@@ -36,11 +36,14 @@ def upgrade() -> None:
         ["status", sa.literal_column("create_time DESC"), sa.literal_column("id DESC")],
     )
     op.create_index("leads_score_page", "leads", [sa.literal_column("score DESC"), sa.literal_column("id DESC")])
+    op.create_index(  # a rep's leads by score ("my hottest leads")
+        "leads_owner_score", "leads", ["owner_id", sa.literal_column("score DESC"), sa.literal_column("id DESC")]
+    )
     op.create_index("leads_source", "leads", ["source"], postgresql_where=sa.text("source != ''"))
     op.create_index("leads_campaign", "leads", ["campaign_id"], postgresql_where=sa.text("campaign_id != ''"))
 
 
 def downgrade() -> None:
-    for index in ("leads_campaign", "leads_source", "leads_score_page", "leads_status_page"):
+    for index in ("leads_campaign", "leads_source", "leads_owner_score", "leads_score_page", "leads_status_page"):
         op.drop_index(index, table_name="leads")
     op.drop_table("disqualify_reasons")
