@@ -10,6 +10,7 @@ import uuid
 import pika
 import pytest
 import sqlalchemy as sa
+from google.protobuf import field_mask_pb2
 
 from crm.customer.v1 import customer_events_pb2 as ce
 from crm.customer.v1 import customer_pb2
@@ -189,7 +190,16 @@ def test_erasure_blanks_the_leads_of_the_customer_and_redacts_their_audit(svc, s
     for f in customer_projection.ERASED_FIELDS:
         assert getattr(row, f) == "", f
     assert row.city == "کرج" and row.customer_id == cid and row.search_text == f"کرج {tag}"
+    assert row.version == int(lead.etag.strip('"')) + 1  # the etag moved
     assert lead_row(svc, untouched.name).email == "sara@erase.ir"
+    # Still editable without a name (the erased data does not come back).
+    moved = stub.UpdateLead(
+        pb.UpdateLeadRequest(
+            lead=pb.Lead(name=lead.name, city="رشت"), update_mask=field_mask_pb2.FieldMask(paths=["city"])
+        ),
+        metadata=ADMIN,
+    )
+    assert (moved.city, moved.family_name) == ("رشت", "")
     assert ref(svc, cid).email == ""
     # Search no longer finds it by the erased name; the other lead still is found.
     hits = stub.SearchLeads(pb.SearchLeadsRequest(query=f"Erasable{tag}"), metadata=ADMIN).results
@@ -199,7 +209,7 @@ def test_erasure_blanks_the_leads_of_the_customer_and_redacts_their_audit(svc, s
             sa.select(audit_entries).where(audit_entries.c.resource == lead.name).order_by(audit_entries.c.id)
         ).all()
         kept = conn.execute(sa.select(audit_entries).where(audit_entries.c.resource == untouched.name)).all()
-    assert [e.action for e in entries] == ["create", "convert", "customer_erased"]
+    assert [e.action for e in entries] == ["create", "convert", "customer_erased", "update"]
     text = str([e.changes for e in entries])
     assert "sara@erase.ir" not in text and "Erasable" not in text and "[erased]" in text
     assert "sara@erase.ir" in str([e.changes for e in kept])

@@ -230,6 +230,16 @@ def test_update_with_mask_and_etag_and_a_stale_etag_is_aborted(svc, stub):
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert fields_of(view) == ["lead.email"]
+    view = fails(
+        lambda: stub.UpdateLead(
+            pb.UpdateLeadRequest(
+                lead=pb.Lead(name=lead.name), update_mask=field_mask_pb2.FieldMask(paths=["family_name"])
+            ),
+            metadata=rep("rep-upd"),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert fields_of(view) == ["lead.family_name"]  # it would have no name left
     ev = [e for e in events(svc, "lead.updated.v1", sales_events_pb2.LeadEvent) if e.lead == lead.name]
     assert [(e.city, e.version) for e in ev] == [("اصفهان", 2)]
     # The search key follows: the new city finds it.

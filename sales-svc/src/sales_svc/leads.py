@@ -34,6 +34,7 @@ from .leads_model import (
     KEY,
     LEAD,
     LEAD_COLUMNS,
+    NAME_FIELDS,
     OUTPUT_ONLY,
     REASON,
     WRITABLE,
@@ -325,7 +326,8 @@ class Leads:
             check_etag(lead.etag, row.version, name)
             old = plain(row)
             merged = {**old, **new}
-            require_name(merged)
+            if set(paths) & set(NAME_FIELDS):  # (an erased lead has none and stays editable)
+                require_name(merged)
             diff = changes(old, new)
             if not diff:
                 return to_proto(row)
