@@ -68,6 +68,7 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
     "crm.sales.v1.QuoteService.RenderQuotePdf": (PDF,),
     "crm.sales.v1.InvoiceService.ExportTaxInvoices": ("application/x-ndjson", XLSX),
     "crm.sales.v1.InvoiceService.RenderInvoicePdf": (PDF,),
+    "crm.sales.v1.LeadService.ExportLeads": (CSV, XLSX),
 }
 OCTET_STREAM = ("application/octet-stream",)
 
