@@ -291,6 +291,9 @@ def main() -> int:
         )
 
     env_base = dict(os.environ, AMQP_URL=amqp, CRM_RUN_DIR=str(RUN), PYTHONUNBUFFERED="1")
+    # Every process gets every service's address (the gateway calls several; sales-svc calls
+    # customer-svc), so CRM_PORT_OFFSET moves the callers with the callees.
+    env_base.update({s.addr_env: f"127.0.0.1:{port}" for s, port in services})
     children: list[Child] = []
     for s, port in services:
         url = with_database(base_url, s.package)
@@ -306,8 +309,6 @@ def main() -> int:
             )
         )
     gw_env = dict(env_base, GATEWAY_PORT=str(gateway_port), GATEWAY_HOST="127.0.0.1")
-    for s, port in services:
-        gw_env[s.addr_env] = f"127.0.0.1:{port}"
     children.append(
         Child(
             reg.gateway.name,
