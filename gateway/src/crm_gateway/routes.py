@@ -64,6 +64,7 @@ UPLOADS: dict[str, str] = {"crm.customer.v1.CustomerService.ImportCustomers": "c
 DOWNLOADS: dict[str, tuple[str, ...]] = {
     "crm.customer.v1.CustomerService.ExportCustomers": (CSV, XLSX, PDF, DOCX),
     "crm.customer.v1.CustomerService.DownloadImportErrorReport": (CSV, XLSX),
+    "crm.sales.v1.OpportunityService.ExportOpportunities": (CSV, XLSX),
 }
 OCTET_STREAM = ("application/octet-stream",)
 

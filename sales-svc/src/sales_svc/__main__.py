@@ -6,11 +6,11 @@ import pathlib
 
 from crm_chassis.service import ServiceContext, ServiceSpec, main
 
-from . import api
+from . import api, opportunities
 from .runtime import sales
 
 # The parts of the service (runtime.py says what each may define).
-PARTS = [api]
+PARTS = [api, opportunities]
 
 
 def build(ctx: ServiceContext):
