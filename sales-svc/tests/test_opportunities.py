@@ -674,3 +674,27 @@ def test_create_over_http_and_a_400_naming_the_field(svc, std):
     )
     assert csv_resp.status_code == 200 and csv_resp.headers["Content-Type"].startswith("text/csv")
     assert "Over HTTP" in csv_resp.get_data().decode("utf-8-sig")
+
+
+def test_an_update_of_everything_with_what_was_read_changes_nothing(stub, std):
+    made = create(
+        stub,
+        lines=[pb.OpportunityLine(description="seat", quantity="2.5", unit_price=irr(1000), discount_percent="10")],
+        competitors=["Acme"],
+        expected_close_date=Date(year=2026, month=6, day=1),
+    )
+    same = stub.UpdateOpportunity(pb.UpdateOpportunityRequest(opportunity=made, update_mask=mask("*")), metadata=ADMIN)
+    assert same.etag == made.etag and not same.probability_overridden
+    won = stub.WinOpportunity(pb.WinOpportunityRequest(name=made.name), metadata=ADMIN)
+    kept = stub.UpdateOpportunity(pb.UpdateOpportunityRequest(opportunity=won, update_mask=mask("*")), metadata=ADMIN)
+    assert kept.etag == won.etag
+    # but a won one's category is not changed by hand, and closed is not set by hand
+    won.forecast_category = Opp.FORECAST_CATEGORY_COMMIT
+    code, err = error(
+        stub.UpdateOpportunity,
+        pb.UpdateOpportunityRequest(opportunity=won, update_mask=mask("forecast_category")),
+        metadata=ADMIN,
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and err.reason == "OPPORTUNITY_CLOSED"
+    code, err = error(create, stub, forecast_category=Opp.FORECAST_CATEGORY_CLOSED)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and err.field_violations[0].field == "opportunity.forecast_category"

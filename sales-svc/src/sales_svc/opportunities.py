@@ -27,6 +27,7 @@ from .opportunities_core import (
     OPPORTUNITY,
     STAGE,
     amount_text,
+    check_category,
     check_references,
     check_requirements,
     closed_error,
@@ -136,6 +137,7 @@ class OpportunityUseCases:
         op = req.opportunity
         currency = currency_of(op, "IRR")
         v = values_from_proto(op, CREATE_FIELDS, currency)
+        check_category(v["forecast_category"])
         lines = v["lines"]
         if lines and v["amount"] is not None:
             derived = sum((ln.amount(currency) for ln in lines), Decimal(0))
@@ -223,9 +225,15 @@ class OpportunityUseCases:
                 currency = op.currency_code or currency
             v = values_from_proto(op, paths, currency)
             old_lines = lines_by_opportunity(conn, [oid]).get(oid, [])
-            closed = row.state != "open"
-            if closed and ({"probability", "forecast_category"} & set(paths)):
-                raise closed_error(row)
+            if "forecast_category" in paths:
+                check_category(v["forecast_category"], row.forecast_category)
+            if row.state != "open":  # a closed one keeps its probability and category
+                if "forecast_category" in paths and v["forecast_category"] != row.forecast_category:
+                    raise closed_error(row)
+                if "probability" in paths and v["probability"] is not None and v["probability"] != row.probability:
+                    raise closed_error(row)
+                if "probability" in paths and v["probability"] is None:
+                    paths = [p for p in paths if p != "probability"]
             if currency != row.currency_code:
                 if old_lines and "lines" not in paths:
                     raise InvalidArgument.field(
@@ -280,7 +288,9 @@ class OpportunityUseCases:
                     stage = next(s for s in pipeline_stages(conn, row.pipeline_id) if s.id == row.stage_id)
                     probability, overridden = stage.probability, False
                 else:
-                    probability, overridden = v["probability"], True
+                    # the value it has keeps its origin (a "*" update sends the stage's default back)
+                    probability = v["probability"]
+                    overridden = row.probability_overridden or probability != row.probability
             owner_changed = new["owner_id"] != row.owner_id
             team_changed = new["team_id"] != (str(row.team_id) if row.team_id else None)
             if owner_changed or team_changed:

@@ -1,16 +1,17 @@
-"""GetPipelineBoard: the open opportunities of a pipeline by stage, in one SQL statement.
+"""GetPipelineBoard: the open opportunities of a pipeline by stage, in one SQL statement:
 
-    WITH agg AS (count, sum(amount), sum(amount × probability), rotting count of the open
-                 opportunities in the caller's scope, GROUP BY stage, currency),
-         totals AS (agg as one JSON array per stage)
-    SELECT stage, totals, card FROM stages
-      LEFT JOIN totals
-      LEFT JOIN LATERAL (the stage's N largest open opportunities in scope) AS card
+    SELECT stage, totals, cards FROM stages (the pipeline's open ones, in order)
+      LEFT JOIN LATERAL (count, sum(amount), rotting count of the stage's open opportunities in
+                         the caller's scope and filters, GROUP BY currency, probability) AS totals
+      LEFT JOIN LATERAL (the stage's N largest of them) AS card
+      LEFT JOIN opportunities (the N cards' names and close dates, by primary key)
 
-Both the aggregate and the cards read the partial index opportunities_board_cards (pipeline,
-stage, amount desc, id desc, covering owner, team, product line, currency, probability and
-stage entry time; migration 0006): the aggregate without touching the table when the
-visibility map allows, the cards in index order, stopping after N.
+Both laterals read the partial index opportunities_board_cards (pipeline, stage, amount desc,
+id desc, covering owner, team, product line, currency, probability and stage entry time;
+migration 0006) alone — an index-only scan of the stage's range, the scope and filters checked
+in the index — the cards in index order, stopping after N. The weighted sum is
+sum(amount) × probability per (currency, probability) group, summed here (a handful of groups,
+not a multiplication per row), rounded once to the currency's minor unit.
 """
 
 from __future__ import annotations
@@ -35,11 +36,9 @@ DEFAULT_CARDS, MAX_CARDS = 10, 100
 HUNDRED = Decimal(100)
 
 
-def _rotting(stage_table) -> sa.ColumnElement[bool]:
-    return sa.func.coalesce(
-        o.c.stage_enter_time < sa.func.now() - sa.literal_column("interval '1 day'") * stage_table.c.rotting_days,
-        sa.false(),
-    )
+def _rotting(stage) -> sa.ColumnElement[bool]:
+    """Entered the stage before its rotting limit (stage.rot_before: computed once per stage)."""
+    return sa.func.coalesce(o.c.stage_enter_time < stage.c.rot_before, sa.false())
 
 
 def board_query(
@@ -63,52 +62,63 @@ def board_query(
                 sa.select(opportunity_lines.c.opportunity_id).where(opportunity_lines.c.product_id == product_id)
             )
         )
-    st = stages.alias("st")
-    agg = (
+    # The pipeline's open stages, each with the entry time before which an opportunity rots.
+    s = (
         sa.select(
-            o.c.stage_id,
-            o.c.currency_code,
+            stages.c.id,
+            stages.c.name,
+            stages.c.probability,
+            stages.c.position,
+            (sa.func.now() - sa.literal_column("interval '1 day'") * stages.c.rotting_days).label("rot_before"),
+        )
+        .where(stages.c.pipeline_id == pipeline_id, stages.c.kind == "open")
+        .subquery("s")
+    )
+    # Per stage: count, sum and rotting count per (currency, probability) — few groups, so the
+    # weighted sum (sum × probability) is made from them, not a multiplication per row.
+    grouped = (
+        sa.select(
+            o.c.currency_code.label("currency"),
+            o.c.probability.label("probability"),
             sa.func.count().label("n"),
             sa.func.sum(o.c.amount).label("total"),
-            sa.func.sum(o.c.amount * o.c.probability).label("weighted"),
-            sa.func.count().filter(_rotting(st)).label("rotting"),
+            sa.func.count().filter(_rotting(s)).label("rotting"),
         )
-        .select_from(o.join(st, st.c.id == o.c.stage_id))
-        .where(*cond)
-        .group_by(o.c.stage_id, o.c.currency_code)
-        .cte("agg")
+        .where(*cond, o.c.stage_id == s.c.id)
+        .group_by(o.c.currency_code, o.c.probability)
+        .correlate(s)
+        .subquery("g")
     )
     totals = (
         sa.select(
-            agg.c.stage_id,
             sa.func.json_agg(
                 sa.func.json_build_object(
                     "currency",
-                    agg.c.currency_code,
+                    grouped.c.currency,
+                    "probability",
+                    grouped.c.probability.cast(sa.Text),
                     "n",
-                    agg.c.n,
+                    grouped.c.n,
                     "total",
-                    agg.c.total.cast(sa.Text),
-                    "weighted",
-                    agg.c.weighted.cast(sa.Text),
+                    grouped.c.total.cast(sa.Text),
                     "rotting",
-                    agg.c.rotting,
+                    grouped.c.rotting,
                 )
-            ).label("totals"),
+            ).label("totals")
         )
-        .group_by(agg.c.stage_id)
-        .cte("totals")
+        .select_from(grouped)
+        .lateral("t")
     )
-    s = stages
-    card = (
+    # The cards: the stage's N largest, read from the index alone (every column here is in
+    # opportunities_board_cards, so the scope and filters are checked without visiting the
+    # table), then the N rows' names and dates by primary key.
+    top = (
         sa.select(
             o.c.id.label("card_id"),
-            o.c.name.label("card_name"),
             o.c.amount.label("card_amount"),
             o.c.currency_code.label("card_currency"),
             o.c.owner_id.label("card_owner"),
             o.c.probability.label("card_probability"),
-            o.c.expected_close_date.label("card_close_date"),
             _rotting(s).label("card_rotting"),
         )
         .where(*cond, o.c.stage_id == s.c.id)
@@ -116,11 +126,21 @@ def board_query(
         .limit(cards)
         .lateral("card")
     )
+    named = o.alias("named")
     return (
-        sa.select(s.c.id, s.c.name, s.c.probability, totals.c.totals, card)
-        .select_from(s.outerjoin(totals, totals.c.stage_id == s.c.id).outerjoin(card, sa.true()))
-        .where(s.c.pipeline_id == pipeline_id, s.c.kind == "open")
-        .order_by(s.c.position, card.c.card_amount.desc(), card.c.card_id.desc())
+        sa.select(
+            s.c.id,
+            s.c.name,
+            s.c.probability,
+            totals.c.totals,
+            top,
+            named.c.name.label("card_name"),
+            named.c.expected_close_date.label("card_close_date"),
+        )
+        .select_from(
+            s.outerjoin(totals, sa.true()).outerjoin(top, sa.true()).outerjoin(named, named.c.id == top.c.card_id)
+        )
+        .order_by(s.c.position, top.c.card_amount.desc(), top.c.card_id.desc())
     )
 
 
@@ -160,15 +180,20 @@ def board(uow: UnitOfWork, req: pb.GetPipelineBoardRequest, principal: Principal
                 stage=STAGE.format(pipeline_id, sid), display_name=r.name, probability=float(r.probability)
             )
             columns[sid] = col
-            for t in sorted(r.totals or [], key=lambda t: t["currency"]):
-                cur, total, weighted = t["currency"], Decimal(t["total"]), Decimal(t["weighted"]) / HUNDRED
+            amounts: dict[str, Decimal] = defaultdict(Decimal)
+            weighted: dict[str, Decimal] = defaultdict(Decimal)
+            for t in r.totals or []:
+                cur, total = t["currency"], Decimal(t["total"])
                 col.count += t["n"]
                 col.rotting_count += t["rotting"]
-                col.amounts.append(to_money(round_minor(total, cur), cur))
-                col.weighted_amounts.append(to_money(round_minor(weighted, cur), cur))
-                grand["n"] += t["n"]
-                grand["total"][cur] += total
-                grand["weighted"][cur] += weighted
+                amounts[cur] += total
+                weighted[cur] += total * Decimal(t["probability"]) / HUNDRED
+            for cur in sorted(amounts):
+                col.amounts.append(to_money(round_minor(amounts[cur], cur), cur))
+                col.weighted_amounts.append(to_money(round_minor(weighted[cur], cur), cur))
+                grand["total"][cur] += amounts[cur]
+                grand["weighted"][cur] += weighted[cur]
+            grand["n"] += col.count
         if r.card_id is not None:
             c = col.cards.add(
                 opportunity=f"opportunities/{r.card_id}",

@@ -174,10 +174,14 @@ def probability_of(value: float, where: str, bad: list) -> Decimal | None:
 
 
 def category_of(value: int, where: str, bad: list) -> str:
-    key = CATEGORY_KEYS.get(value, "pipeline") if value else "pipeline"
-    if key == "closed":
-        bad.append(FieldViolation(where, "closed is set by winning the opportunity (:win), not by hand"))
-    return key
+    """The category's key (unspecified: pipeline). "closed" passes here: only an update that keeps
+    a won opportunity's category may send it (see `check_category`)."""
+    return CATEGORY_KEYS.get(value, "pipeline") if value else "pipeline"
+
+
+def check_category(key: str, current: str | None = None, field: str = "opportunity.forecast_category") -> None:
+    if key == "closed" and current != "closed":
+        raise InvalidArgument.field(field, "closed is set by winning the opportunity (:win), not by hand")
 
 
 def currency_of(o: pb.Opportunity, fallback: str) -> str:
