@@ -698,3 +698,66 @@ def test_an_update_of_everything_with_what_was_read_changes_nothing(stub, std):
     assert code == grpc.StatusCode.FAILED_PRECONDITION and err.reason == "OPPORTUNITY_CLOSED"
     code, err = error(create, stub, forecast_category=Opp.FORECAST_CATEGORY_CLOSED)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and err.field_violations[0].field == "opportunity.forecast_category"
+
+
+def test_bad_input_names_the_field_and_never_fails_inside(stub, std):
+    pid, sids = std
+    made = create(stub)
+    cases = [
+        (stub.GetOpportunity, pb.GetOpportunityRequest(name="opportunities/42"), "name"),
+        (
+            stub.CreateOpportunity,
+            pb.CreateOpportunityRequest(
+                opportunity=Opp(
+                    display_name="x", lines=[pb.OpportunityLine(description="x", quantity="1e15", unit_price=irr(1))]
+                )
+            ),
+            "opportunity.lines[0].quantity",
+        ),
+        (
+            stub.CreateOpportunity,
+            pb.CreateOpportunityRequest(
+                opportunity=Opp(
+                    display_name="x",
+                    lines=[
+                        pb.OpportunityLine(
+                            description="x", quantity="999999999", unit_price=irr(9_000_000_000_000_000_000)
+                        )
+                    ],
+                )
+            ),
+            "opportunity.lines[0].unit_price",
+        ),
+        (
+            stub.CreateOpportunity,
+            pb.CreateOpportunityRequest(opportunity=Opp(display_name="x", team=f"teams/{uuid.uuid4()}")),
+            "opportunity.team",
+        ),
+        (
+            stub.CreateOpportunity,
+            pb.CreateOpportunityRequest(opportunity=Opp(display_name="x", stage=stage_name(pid, uuid.uuid4()))),
+            "opportunity.stage",
+        ),
+        (
+            stub.CreateOpportunity,
+            pb.CreateOpportunityRequest(
+                opportunity=Opp(display_name="x", expected_close_date=Date(year=2026, month=2, day=30))
+            ),
+            "opportunity.expected_close_date",
+        ),
+        (stub.UpdateOpportunity, pb.UpdateOpportunityRequest(opportunity=Opp(name=made.name)), "update_mask"),
+        (
+            stub.UpdateOpportunity,
+            pb.UpdateOpportunityRequest(opportunity=Opp(name=made.name), update_mask=mask("rotting")),
+            "update_mask",
+        ),
+        (stub.SearchOpportunities, pb.SearchOpportunitiesRequest(query="  "), "query"),
+        (stub.ListOpportunities, pb.ListOpportunitiesRequest(page_token="forged.token"), "page_token"),
+        (stub.ListOpportunities, pb.ListOpportunitiesRequest(order_by="colour"), "order_by"),
+        (stub.GetPipelineBoard, pb.GetPipelineBoardRequest(pipeline=f"pipelines/{pid}", team="team-1"), "team"),
+        (stub.MoveOpportunityStage, pb.MoveOpportunityStageRequest(name=made.name, stage="Propose"), "stage"),
+    ]
+    for call, request, field in cases:
+        code, err = error(call, request, metadata=ADMIN)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (field, code, err.message)
+        assert field in [v.field for v in err.field_violations], (field, err.field_violations)

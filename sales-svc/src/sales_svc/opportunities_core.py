@@ -69,6 +69,8 @@ HISTORY_KINDS = {
 }
 
 MAX_LINES = 200
+MAX_QUANTITY = Decimal(10) ** 12
+MAX_AMOUNT = Decimal(10) ** 18  # what the NUMERIC(28, 9) columns and int64 units hold, with room
 MAX_COMPETITORS = 20
 TEXT_LIMITS = {
     "display_name": 200,
@@ -214,7 +216,9 @@ def lines_of(o: pb.Opportunity, currency: str, bad: list, prefix: str = "opportu
             bad.append(FieldViolation(f"{at}.quantity", "is required (a decimal string such as 2 or 2.5)"))
             quantity = None
         else:
-            quantity = _decimal(line.quantity, f"{at}.quantity", bad, lo=Decimal(0), hi=None, places=6, strict_lo=True)
+            quantity = _decimal(
+                line.quantity, f"{at}.quantity", bad, lo=Decimal(0), hi=MAX_QUANTITY, places=6, strict_lo=True
+            )
         price = None
         if not line.HasField("unit_price"):
             bad.append(FieldViolation(f"{at}.unit_price", "is required"))
@@ -234,7 +238,12 @@ def lines_of(o: pb.Opportunity, currency: str, bad: list, prefix: str = "opportu
         if line.tax_rate.strip():
             tax = _decimal(line.tax_rate, f"{at}.tax_rate", bad, lo=Decimal(0), hi=HUNDRED, places=4)
         if len(bad) == before:
-            out.append(Line(product_id, description, quantity, price, discount, tax))
+            made = Line(product_id, description, quantity, price, discount, tax)
+            if made.amount(currency) > MAX_AMOUNT:
+                bad.append(FieldViolation(f"{at}.unit_price", f"the line's amount would exceed {MAX_AMOUNT}"))
+            out.append(made)
+    if out and sum(ln.amount(currency) for ln in out) > MAX_AMOUNT:
+        bad.append(FieldViolation(f"{prefix}.lines", f"the lines' total would exceed {MAX_AMOUNT}"))
     return out
 
 
