@@ -69,6 +69,7 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
     "crm.sales.v1.InvoiceService.ExportTaxInvoices": ("application/x-ndjson", XLSX),
     "crm.sales.v1.InvoiceService.RenderInvoicePdf": (PDF,),
     "crm.sales.v1.LeadService.ExportLeads": (CSV, XLSX),
+    "crm.sales.v1.OpportunityService.ExportOpportunities": (CSV, XLSX),
 }
 OCTET_STREAM = ("application/octet-stream",)
 

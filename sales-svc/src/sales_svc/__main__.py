@@ -6,11 +6,11 @@ import pathlib
 
 from crm_chassis.service import ServiceContext, ServiceSpec, main
 
-from . import activities, api, catalog, conversion, customer_projection, forecasts, invoices, lead_rules, leads, orders, quotes
+from . import activities, api, catalog, conversion, customer_projection, forecasts, invoices, lead_rules, leads, opportunities, orders, quotes
 from .runtime import sales
 
 # The parts of the service (runtime.py says what each may define).
-PARTS = [api, activities, conversion, forecasts, catalog, quotes, orders, invoices, lead_rules, leads, customer_projection]
+PARTS = [api, activities, conversion, forecasts, catalog, quotes, orders, invoices, lead_rules, leads, customer_projection, opportunities]
 
 
 def build(ctx: ServiceContext):
