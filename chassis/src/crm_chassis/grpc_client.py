@@ -14,6 +14,11 @@ def make_channel(target: str) -> grpc.Channel:
             ("grpc.keepalive_timeout_ms", 10000),
             ("grpc.lb_policy_name", "round_robin"),
             ("grpc.max_receive_message_length", 65 * 1024 * 1024),
+            # A callee that restarts (a rollout, a crash) is reconnected within seconds, not
+            # after gRPC's default back-off of up to two minutes.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
         ],
     )
     try:

@@ -6,11 +6,37 @@ import pathlib
 
 from crm_chassis.service import ServiceContext, ServiceSpec, main
 
-from . import activities, api, catalog, conversion, customer_projection, forecasts, invoices, lead_rules, leads, opportunities, orders, quotes
+from . import (
+    activities,
+    api,
+    catalog,
+    conversion,
+    customer_projection,
+    forecasts,
+    invoices,
+    lead_rules,
+    leads,
+    opportunities,
+    orders,
+    quotes,
+)
 from .runtime import sales
 
 # The parts of the service (runtime.py says what each may define).
-PARTS = [api, activities, conversion, forecasts, catalog, quotes, orders, invoices, lead_rules, leads, customer_projection, opportunities]
+PARTS = [
+    api,  # teams
+    catalog,
+    leads,
+    lead_rules,
+    customer_projection,
+    conversion,
+    opportunities,
+    activities,
+    quotes,
+    orders,
+    invoices,
+    forecasts,
+]
 
 
 def build(ctx: ServiceContext):

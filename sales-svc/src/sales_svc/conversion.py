@@ -33,10 +33,9 @@ from crm_chassis.interceptors import current_principal
 from crm_chassis.resources import ResourceName
 
 from . import money
-from .access import Scope
 from .customer_client import CustomerClient, authorization_of, customer_client
 from .runtime import Sales
-from .tables import UUID, leads, metadata
+from .tables import UUID, metadata
 
 LEAD = ResourceName("leads/{lead_id}")
 CUSTOMER = ResourceName("customers/{customer_id}")
@@ -108,15 +107,11 @@ class Converter:
     def customers(self) -> CustomerClient:
         return customer_client(self.sales)
 
-    def _locked_lead(self, conn: sa.Connection, lead_id: str, scope: Scope, name: str):
-        row = conn.execute(
-            sa.select(leads)
-            .where(
-                leads.c.id == lead_id, leads.c.delete_time.is_(None), scope.visible(leads.c.owner_id, leads.c.team_id)
-            )
-            .with_for_update()
-        ).one_or_none()
-        if row is None:
+    def _locked_lead(self, conn: sa.Connection, lead_id: str, principal: Principal, name: str):
+        from .leads import visible_lead
+
+        row = visible_lead(conn, lead_id, principal, lock=True)
+        if row.delete_time is not None:
             raise LEAD.not_found(name)
         return row
 
@@ -139,11 +134,10 @@ class Converter:
                 close = dt.date(d.year, d.month, d.day)
             except ValueError:
                 raise InvalidArgument.field("expected_close_date", "is not a calendar date") from None
-        scope = Scope.of(principal)
 
         # 1. the attempt, recorded
         with self.sales.uow.begin() as tx:
-            lead = self._locked_lead(tx.conn, lead_id, scope, req.name)
+            lead = self._locked_lead(tx.conn, lead_id, principal, req.name)
             done = self._done(tx.conn, lead_id)
             if done is not None:
                 return _response(lead_id, done)  # converted before: the same answer
@@ -187,7 +181,7 @@ class Converter:
         from .opportunities import open_opportunity
 
         with self.sales.uow.begin() as tx:
-            lead = self._locked_lead(tx.conn, lead_id, scope, req.name)
+            lead = self._locked_lead(tx.conn, lead_id, principal, req.name)
             done = self._done(tx.conn, lead_id)
             if done is not None:  # a concurrent attempt finished first (with the same customer)
                 return _response(lead_id, done)
@@ -210,6 +204,7 @@ class Converter:
                 currency_code=req.amount.currency_code if amount is not None else "IRR",
                 amount=amount,
                 expected_close_date=close,
+                request_id=f"convert:{lead_id}",
             )
             opportunity_id = opp.name.removeprefix("opportunities/")
             mark_converted(tx, lead_id, customer_id, opportunity_id, principal)

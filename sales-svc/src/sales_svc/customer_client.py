@@ -131,7 +131,9 @@ class CustomerClient:
 
     def _call(self, method, request, authorization: str, what: str, field_prefix: str):
         try:
-            return method(request, metadata=self._metadata(authorization), timeout=self.timeout)
+            # wait_for_ready: a call while the channel reconnects (customer-svc restarting) waits
+            # for it within the deadline instead of failing at once.
+            return method(request, metadata=self._metadata(authorization), timeout=self.timeout, wait_for_ready=True)
         except grpc.RpcError as err:
             raise map_error(err, self.target, what, field_prefix) from None
 

@@ -1,4 +1,4 @@
-"""The invoicing part's own tables (on tables.metadata; created by migration 0009_invoices):
+"""The invoicing part's own tables (on tables.metadata; created by migration 0008_invoices):
 what an invoice carries beyond the core `invoices` row (terms, credited total, what Iran's tax
 system needs), its lines with their VAT, payments, and the gapless number counters."""
 

@@ -1,4 +1,4 @@
-"""The tables of lead scoring and assignment (migration 0004_lead_rules)."""
+"""The tables of lead scoring and assignment (migration 0009_lead_rules)."""
 
 from __future__ import annotations
 

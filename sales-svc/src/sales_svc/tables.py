@@ -46,7 +46,7 @@ teams = sa.Table(
     _text("manager_id"),  # the manager's subject; sees the team's records
     _text("description"),
     *_times(),
-    sa.Column("request_id", sa.Text, unique=True),  # idempotent create (added by 0004_lead_rules)
+    sa.Column("request_id", sa.Text, unique=True),  # idempotent create (added by 0009_lead_rules)
 )
 sa.Index("teams_manager", teams.c.manager_id)
 

@@ -8,13 +8,13 @@
 - opportunities_{amount,close,update}_page: ListOpportunities ordered by amount, expected
   close date or update time, in keyset pages (either direction).
 
-Revision ID: 0006
+Revision ID: 0011
 """
 
 from alembic import op
 
-revision = "0006"
-down_revision = "0003"
+revision = "0011"
+down_revision = "0010"
 
 
 def upgrade() -> None:

@@ -1,15 +1,15 @@
 """Teams, lead scoring and lead assignment: teams.request_id (idempotent CreateTeam), scoring
 rules, assignment rules and their round-robin cursors, lead behaviour (rules_tables.py)
 
-Revision ID: 0004
+Revision ID: 0009
 """
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision = "0004"
-down_revision = "0009"
+revision = "0009"
+down_revision = "0008"
 
 UUID = postgresql.UUID(as_uuid=False)
 

@@ -2,7 +2,7 @@
 indexes the forecast query reads (open opportunities by expected close date, won ones by close
 time, with the columns it sums)
 
-Revision ID: 0010
+Revision ID: 0005
 """
 
 import sqlalchemy as sa
@@ -10,8 +10,8 @@ from alembic import op
 
 from crm_chassis import timers
 
-revision = "0010"
-down_revision = "0007"
+revision = "0005"
+down_revision = "0004"
 
 MONEY = sa.Numeric(28, 9)
 FIGURES = ["owner_id", "team_id", "currency_code", "amount", "probability", "forecast_category", "product_line_id"]

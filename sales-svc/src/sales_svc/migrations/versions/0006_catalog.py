@@ -3,14 +3,14 @@ keeps (one default pipeline, one active pipeline per product or product line, de
 lists that do not overlap in time, sane percentages and prices), list indexes, and the seed:
 the default pipeline "Standard" and the product line "general"
 
-Revision ID: 0005
+Revision ID: 0006
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005"
-down_revision = "0010"
+revision = "0006"
+down_revision = "0005"
 
 STANDARD_STAGES = [  # (name, kind, probability)
     ("Qualification", "open", 10),

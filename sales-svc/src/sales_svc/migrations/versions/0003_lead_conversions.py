@@ -1,12 +1,12 @@
 """ConvertLead's durable step record (sales_svc/conversion.py)
 
-Revision ID: 0011
+Revision ID: 0003
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0011"
+revision = "0003"
 down_revision = "0002"
 
 

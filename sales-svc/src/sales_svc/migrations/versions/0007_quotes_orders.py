@@ -1,14 +1,14 @@
 """Quotes (versions, lines), the yearly numbers of quotes and orders, order deliveries, and the
 indexes the order lists use (sales_svc/quotes.py and orders.py describe them)
 
-Revision ID: 0008
+Revision ID: 0007
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008"
-down_revision = "0005"
+revision = "0007"
+down_revision = "0006"
 
 UUID = sa.UUID(as_uuid=False)
 MONEY = sa.Numeric(precision=28, scale=9)

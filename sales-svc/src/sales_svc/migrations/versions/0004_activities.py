@@ -1,14 +1,14 @@
 """Activities: calls, meetings, tasks and e-mails about a lead, an opportunity or a customer,
 with their agenda indexes (sales_svc/activities.py)
 
-Revision ID: 0007
+Revision ID: 0004
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007"
-down_revision = "0011"
+revision = "0004"
+down_revision = "0003"
 
 UUID = sa.UUID(as_uuid=False)
 

@@ -1,14 +1,14 @@
 """Leads: the managed list of disqualification reasons (seeded), and the indexes the lead lists
 filter and sort by (status, score, source, campaign)
 
-Revision ID: 0003
+Revision ID: 0010
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0004"
+revision = "0010"
+down_revision = "0009"
 
 SEED = [
     ("no_budget", "بودجه ندارد"),

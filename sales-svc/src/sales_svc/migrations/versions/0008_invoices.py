@@ -1,14 +1,14 @@
 """Invoicing: invoice details (terms, credited total, Iranian e-invoice fields), invoice lines
 with VAT, payments, gapless number counters, and indexes on invoices for scopes and filters
 
-Revision ID: 0009
+Revision ID: 0008
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0009"
-down_revision = "0008"
+revision = "0008"
+down_revision = "0007"
 
 UUID = sa.UUID(as_uuid=False)
 MONEY = sa.Numeric(28, 9)
