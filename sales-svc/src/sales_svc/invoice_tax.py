@@ -76,6 +76,8 @@ class Seller:
     national_id: str = ""
     name: str = ""
     memory_id: str = ""  # the tax system's fiscal memory id (6 characters); builds tax ids
+    address: str = ""  # printed on quotes and invoices
+    phone: str = ""
 
     @classmethod
     def from_env(cls, env=None) -> Seller:
@@ -85,6 +87,8 @@ class Seller:
             env.get("SELLER_NATIONAL_ID", ""),
             env.get("SELLER_NAME", ""),
             env.get("TAX_MEMORY_ID", ""),
+            env.get("SELLER_ADDRESS", ""),
+            env.get("SELLER_PHONE", ""),
         )
 
 

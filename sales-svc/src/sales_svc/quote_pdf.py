@@ -18,7 +18,6 @@ have one.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from decimal import Decimal
 
 import sqlalchemy as sa
@@ -26,6 +25,7 @@ import sqlalchemy as sa
 from crm_chassis import documents, persian
 
 from . import money
+from .invoice_tax import Seller
 from .orders import TEHRAN
 from .tables import customer_refs
 
@@ -103,13 +103,14 @@ def _local_day(t: dt.datetime) -> dt.date:
 
 
 def seller() -> dict[str, str]:
-    env = os.environ
+    """The seller block (the settings invoices read too: invoice_tax.Seller)."""
+    s = Seller.from_env()
     return {
-        "name": env.get("SELLER_NAME", "") or "—",
-        "national_id": env.get("SELLER_NATIONAL_ID", ""),
-        "economic_code": env.get("SELLER_ECONOMIC_CODE", ""),
-        "address": env.get("SELLER_ADDRESS", ""),
-        "phone": env.get("SELLER_PHONE", ""),
+        "name": s.name or "—",
+        "national_id": s.national_id,
+        "economic_code": s.economic_code,
+        "address": s.address,
+        "phone": s.phone,
     }
 
 
