@@ -87,9 +87,7 @@ def baseline_registration(ctx: ServiceContext) -> Registration:
                 name=f"customers/{row.id}", given_name=row.given_name, family_name=row.family_name
             )
 
-    return Registration(
-        Baseline(), pb2_grpc.add_BaselineServiceServicer_to_server, pb2.DESCRIPTOR.services_by_name["BaselineService"]
-    )
+    return Registration.of(Baseline())
 
 
 SPEC_WITH_BASELINE = dataclasses.replace(SPEC, build=lambda ctx: [*SPEC.build(ctx), baseline_registration(ctx)])

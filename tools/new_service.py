@@ -93,7 +93,7 @@ if __name__ == "__main__":
 
 from __future__ import annotations
 
-from crm.{domain}.v1 import {domain}_service_pb2, {domain}_service_pb2_grpc
+from crm.{domain}.v1 import {domain}_service_pb2_grpc
 from crm_chassis.grpc_server import Registration
 from crm_chassis.service import ServiceContext
 
@@ -106,11 +106,7 @@ class {camel}Servicer({domain}_service_pb2_grpc.{camel}ServiceServicer):
 
 
 def registration(ctx: ServiceContext) -> Registration:
-    return Registration(
-        {camel}Servicer(ctx),
-        {domain}_service_pb2_grpc.add_{camel}ServiceServicer_to_server,
-        {domain}_service_pb2.DESCRIPTOR.services_by_name["{camel}Service"],
-    )
+    return Registration.of({camel}Servicer(ctx))
 ''',
     "{name}/src/{package}/migrations/env.py": """\
 from crm_chassis.db import run_alembic_env

@@ -12,7 +12,9 @@ relay, consumers).
 
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -51,6 +53,18 @@ class Registration:
     servicer: Any
     add_to_server: Callable[[Any, grpc.Server], None]
     descriptor: Any  # google.protobuf.descriptor.ServiceDescriptor
+
+    @classmethod
+    def of(cls, servicer: Any) -> Registration:
+        """The registration of a servicer subclassing a generated `<Name>Servicer`: its
+        `add_<Name>Servicer_to_server` and service descriptor come from the generated modules."""
+        for base in type(servicer).__mro__:
+            module = sys.modules.get(base.__module__)
+            add = getattr(module, f"add_{base.__name__}_to_server", None)
+            if add is not None and base.__module__.endswith("_pb2_grpc"):
+                pb2 = importlib.import_module(base.__module__.removesuffix("_grpc"))
+                return cls(servicer, add, pb2.DESCRIPTOR.services_by_name[base.__name__.removesuffix("Servicer")])
+        raise TypeError(f"{type(servicer).__name__} subclasses no generated gRPC servicer")
 
 
 class GrpcService:

@@ -170,8 +170,4 @@ class CustomerServicer(customer_service_pb2_grpc.CustomerServiceServicer):
 
 
 def registration(use_cases: CustomerUseCases, importer: Importer | None = None) -> Registration:
-    return Registration(
-        CustomerServicer(use_cases, importer),
-        customer_service_pb2_grpc.add_CustomerServiceServicer_to_server,
-        pb.DESCRIPTOR.services_by_name["CustomerService"],
-    )
+    return Registration.of(CustomerServicer(use_cases, importer))

@@ -39,8 +39,4 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
 
 
 def registration(engine: sa.Engine) -> Registration:
-    return Registration(
-        ReportingServicer(engine),
-        reporting_service_pb2_grpc.add_ReportingServiceServicer_to_server,
-        reporting_service_pb2.DESCRIPTOR.services_by_name["ReportingService"],
-    )
+    return Registration.of(ReportingServicer(engine))

@@ -695,17 +695,11 @@ class ActivityServicer(activities_pb2_grpc.ActivityServiceServicer):
 
 
 def use_cases(sales: Sales) -> Activities:
-    if "activities" not in sales.extra:
-        sales.extra["activities"] = Activities(sales)
-    return sales.extra["activities"]
+    return sales.once("activities", lambda: Activities(sales))
 
 
 def registration(sales: Sales) -> Registration:
-    return Registration(
-        ActivityServicer(use_cases(sales)),
-        activities_pb2_grpc.add_ActivityServiceServicer_to_server,
-        pb.DESCRIPTOR.services_by_name["ActivityService"],
-    )
+    return Registration.of(ActivityServicer(use_cases(sales)))
 
 
 def timer_handlers(sales: Sales) -> None:

@@ -429,8 +429,4 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
 
 
 def registration(sales: Sales) -> Registration:
-    return Registration(
-        SalesServicer(sales),
-        sales_service_pb2_grpc.add_SalesServiceServicer_to_server,
-        pb.DESCRIPTOR.services_by_name["SalesService"],
-    )
+    return Registration.of(SalesServicer(sales))

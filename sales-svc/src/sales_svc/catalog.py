@@ -124,8 +124,4 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
 
 
 def registration(sales: Sales) -> Registration:
-    return Registration(
-        CatalogServicer(sales),
-        catalog_pb2_grpc.add_CatalogServiceServicer_to_server,
-        pb.DESCRIPTOR.services_by_name["CatalogService"],
-    )
+    return Registration.of(CatalogServicer(sales))

@@ -233,8 +233,4 @@ class LeadConversionServicer(conversion_pb2_grpc.LeadConversionServiceServicer):
 
 
 def registration(sales: Sales) -> Registration:
-    return Registration(
-        LeadConversionServicer(sales),
-        conversion_pb2_grpc.add_LeadConversionServiceServicer_to_server,
-        conversion_pb2.DESCRIPTOR.services_by_name["LeadConversionService"],
-    )
+    return Registration.of(LeadConversionServicer(sales))

@@ -166,6 +166,4 @@ class CustomerClient:
 
 def customer_client(sales) -> CustomerClient:
     """The process' client (made on first use from the environment's settings)."""
-    if "customer_client" not in sales.extra:
-        sales.extra["customer_client"] = CustomerClient(*settings_from_env())
-    return sales.extra["customer_client"]
+    return sales.once("customer_client", lambda: CustomerClient(*settings_from_env()))

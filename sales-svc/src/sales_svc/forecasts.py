@@ -537,17 +537,11 @@ class ForecastServicer(forecasts_pb2_grpc.ForecastServiceServicer):
 
 
 def use_cases(sales: Sales) -> Forecasts:
-    if "forecasts" not in sales.extra:
-        sales.extra["forecasts"] = Forecasts(sales)
-    return sales.extra["forecasts"]
+    return sales.once("forecasts", lambda: Forecasts(sales))
 
 
 def registration(sales: Sales) -> Registration:
-    return Registration(
-        ForecastServicer(use_cases(sales)),
-        forecasts_pb2_grpc.add_ForecastServiceServicer_to_server,
-        pb.DESCRIPTOR.services_by_name["ForecastService"],
-    )
+    return Registration.of(ForecastServicer(use_cases(sales)))
 
 
 def arm_weekly_freeze(conn: sa.Connection, cron: str = DEFAULT_FREEZE_CRON) -> None:

@@ -1335,17 +1335,11 @@ class InvoiceServicer(invoices_pb2_grpc.InvoiceServiceServicer):
 
 
 def use_cases(sales: Sales) -> Invoices:
-    if "invoices" not in sales.extra:
-        sales.extra["invoices"] = Invoices(sales)
-    return sales.extra["invoices"]
+    return sales.once("invoices", lambda: Invoices(sales))
 
 
 def registration(sales: Sales) -> Registration:
-    return Registration(
-        InvoiceServicer(use_cases(sales)),
-        invoices_pb2_grpc.add_InvoiceServiceServicer_to_server,
-        pb.DESCRIPTOR.services_by_name["InvoiceService"],
-    )
+    return Registration.of(InvoiceServicer(use_cases(sales)))
 
 
 def timer_handlers(sales: Sales) -> None:

@@ -532,8 +532,4 @@ class LeadServicer(leads_pb2_grpc.LeadServiceServicer):
 
 
 def registration(sales: Sales) -> Registration:
-    return Registration(
-        LeadServicer(sales),
-        leads_pb2_grpc.add_LeadServiceServicer_to_server,
-        pb.DESCRIPTOR.services_by_name["LeadService"],
-    )
+    return Registration.of(LeadServicer(sales))

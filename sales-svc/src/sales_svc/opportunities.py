@@ -612,8 +612,4 @@ class OpportunityServicer(opportunities_pb2_grpc.OpportunityServiceServicer):
 
 
 def registration(sales: Sales) -> Registration:
-    return Registration(
-        OpportunityServicer(sales),
-        opportunities_pb2_grpc.add_OpportunityServiceServicer_to_server,
-        pb.DESCRIPTOR.services_by_name["OpportunityService"],
-    )
+    return Registration.of(OpportunityServicer(sales))

@@ -935,8 +935,4 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
 
 
 def registration(sales: Sales) -> Registration:
-    return Registration(
-        OrderServicer(sales),
-        orders_pb2_grpc.add_OrderServiceServicer_to_server,
-        pb.DESCRIPTOR.services_by_name["OrderService"],
-    )
+    return Registration.of(OrderServicer(sales))

@@ -871,17 +871,11 @@ class QuoteServicer(quotes_pb2_grpc.QuoteServiceServicer):
 
 
 def _quotes(sales: Sales) -> Quotes:
-    if "quotes" not in sales.extra:
-        sales.extra["quotes"] = Quotes(sales)
-    return sales.extra["quotes"]
+    return sales.once("quotes", lambda: Quotes(sales))
 
 
 def registration(sales: Sales) -> Registration:
-    return Registration(
-        QuoteServicer(_quotes(sales)),
-        quotes_pb2_grpc.add_QuoteServiceServicer_to_server,
-        pb.DESCRIPTOR.services_by_name["QuoteService"],
-    )
+    return Registration.of(QuoteServicer(_quotes(sales)))
 
 
 def timer_handlers(sales: Sales) -> None:

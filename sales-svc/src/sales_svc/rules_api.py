@@ -578,8 +578,4 @@ class LeadRuleServicer(lead_rules_pb2_grpc.LeadRuleServiceServicer):
 
 
 def registration(sales: Sales) -> Registration:
-    return Registration(
-        LeadRuleServicer(sales),
-        lead_rules_pb2_grpc.add_LeadRuleServiceServicer_to_server,
-        pb.DESCRIPTOR.services_by_name["LeadRuleService"],
-    )
+    return Registration.of(LeadRuleServicer(sales))

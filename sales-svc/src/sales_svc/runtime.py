@@ -32,6 +32,13 @@ class Sales:
     def engine(self):
         return self.ctx.engine
 
+    def once(self, key: str, make):
+        """The process' one object under `key` (a part's use cases, a client), made on first use
+        and shared by its servicer and its timer handlers."""
+        if key not in self.extra:
+            self.extra[key] = make()
+        return self.extra[key]
+
 
 def sales(ctx: ServiceContext) -> Sales:
     if "sales" not in ctx.shared:
