@@ -86,7 +86,8 @@ def _cell(r, f: str):
     if f == "amount":
         return round_minor(m["amount"], m["currency_code"])
     if f == "probability":
-        return Decimal(m["probability"]).normalize()
+        p = Decimal(m["probability"]).normalize()
+        return p if p != p.to_integral_value() else p.quantize(Decimal(1))  # 100, not 1E+2
     if f == "weighted_amount":
         return round_minor(m["amount"] * m["probability"] / 100, m["currency_code"])
     if f == "competitors":
