@@ -41,6 +41,8 @@ def make_pipeline(svc, stage_specs, *, default=False, product_line_id=None):
     """A pipeline and its stages straight in the core tables: each spec is (name, kind,
     probability, required_fields, rotting_days). Returns (pipeline_id, [stage ids])."""
     with svc.ctx.engine.begin() as conn:
+        if default:  # the migration seeds "Standard" as the default: this one takes its place
+            conn.execute(pipelines.update().where(pipelines.c.is_default).values(is_default=False))
         pid = conn.execute(
             pipelines.insert()
             .values(name=f"p-{uuid.uuid4().hex[:8]}", is_default=default, product_line_id=product_line_id)

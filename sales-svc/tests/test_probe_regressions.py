@@ -140,3 +140,116 @@ def test_a_lead_phone_that_cannot_be_dialled_is_refused(leads_stub, number):
         metadata=ADMIN,
     )
     assert made.mobile == "+989123456789" and made.phone == "+982188887777"
+
+
+def test_totals_beyond_money_are_out_of_range_not_internal(svc, ch, opps, std):
+    """Sent: opportunities of 9,223,372,036,854,775,807 IRR each, then the board, a forecast and
+    a forecast submission. Came back: INTERNAL (decimal.InvalidOperation in to_money, a NUMERIC
+    overflow on the snapshot insert). Should be: an amount above 10^18 is INVALID_ARGUMENT
+    naming opportunity.amount, and totals Money cannot hold are OUT_OF_RANGE
+    AMOUNT_OUT_OF_RANGE."""
+    from crm.sales.v1 import forecasts_pb2, forecasts_pb2_grpc
+
+    pid, _ = std
+    code, err = _error(
+        opps.CreateOpportunity,
+        pb.CreateOpportunityRequest(
+            opportunity=pb.Opportunity(display_name="huge", amount=irr(9_223_372_036_854_775_807))
+        ),
+        metadata=ADMIN,
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and [v.field for v in err.field_violations] == [
+        "opportunity.amount"
+    ]
+    for i in range(10):  # each at the limit; together 10^19, beyond int64 units
+        opps.CreateOpportunity(
+            pb.CreateOpportunityRequest(
+                opportunity=pb.Opportunity(
+                    display_name=f"big-{i}",
+                    pipeline=f"pipelines/{pid}",
+                    amount=irr(10**18),
+                    probability=100,
+                    expected_close_date=Date(year=2031, month=1, day=15),
+                )
+            ),
+            metadata=ADMIN,
+        )
+    code, err = _error(opps.GetPipelineBoard, pb.GetPipelineBoardRequest(pipeline=f"pipelines/{pid}"), metadata=ADMIN)
+    assert code == grpc.StatusCode.OUT_OF_RANGE and err.reason == "AMOUNT_OUT_OF_RANGE"
+    forecasts = forecasts_pb2_grpc.ForecastServiceStub(ch)
+    code, err = _error(forecasts.GetForecast, forecasts_pb2.GetForecastRequest(period="2031-01"), metadata=ADMIN)
+    assert code == grpc.StatusCode.OUT_OF_RANGE and err.reason == "AMOUNT_OUT_OF_RANGE"
+    code, err = _error(forecasts.SubmitForecast, forecasts_pb2.SubmitForecastRequest(period="2031-01"), metadata=ADMIN)
+    assert code == grpc.StatusCode.OUT_OF_RANGE and err.reason == "AMOUNT_OUT_OF_RANGE"
+    # a narrower question still answers
+    board = opps.GetPipelineBoard(
+        pb.GetPipelineBoardRequest(pipeline=f"pipelines/{pid}", owner="nobody-else"), metadata=ADMIN
+    )
+    assert board.total_count == 0
+
+
+def test_an_order_dated_year_one_is_refused_naming_the_field(ch):
+    """Sent: POST /v1/orders with orderDate 0001-01-01. Came back: 500 (the order number's Jalali
+    year could not be computed). Should be: INVALID_ARGUMENT naming order.order_date."""
+    from crm.sales.v1 import orders_pb2, orders_pb2_grpc
+    from crm.type.v1.money_pb2 import Money
+
+    stub = orders_pb2_grpc.OrderServiceStub(ch)
+    for year in (1, 1899, 3000):
+        order = orders_pb2.Order(
+            customer=f"customers/{uuid.uuid4()}",
+            currency_code="IRR",
+            order_date=Date(year=year, month=1, day=1),
+            lines=[
+                orders_pb2.OrderLine(description="Widget", quantity="1", unit_price=Money(currency_code="IRR", units=5))
+            ],
+        )
+        code, err = _error(stub.CreateOrder, orders_pb2.CreateOrderRequest(order=order), metadata=ADMIN)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in err.field_violations] == ["order.order_date"]
+
+
+def test_a_payment_dated_before_the_invoice_was_issued_is_refused(ch):
+    """Sent: a payment of an issued invoice with payTime 0001-01-01T00:00:00Z. Came back: 201,
+    recorded. Should be: INVALID_ARGUMENT naming payment.pay_time; a payment dated on the issue
+    day is taken."""
+    import datetime as dt
+
+    from google.protobuf import timestamp_pb2
+
+    from crm.sales.v1 import invoices_pb2, invoices_pb2_grpc
+    from crm.type.v1.money_pb2 import Money
+
+    stub = invoices_pb2_grpc.InvoiceServiceStub(ch)
+    inv = stub.CreateInvoice(
+        invoices_pb2.CreateInvoiceRequest(
+            invoice=invoices_pb2.Invoice(
+                customer=f"customers/{uuid.uuid4()}",
+                currency_code="IRR",
+                lines=[
+                    invoices_pb2.InvoiceLine(
+                        description="x", quantity="1", unit_price=Money(currency_code="IRR", units=1000)
+                    )
+                ],
+            )
+        ),
+        metadata=ADMIN,
+    )
+    inv = stub.IssueInvoice(invoices_pb2.IssueInvoiceRequest(name=inv.name), metadata=ADMIN)
+
+    def pay(when: dt.datetime):
+        t = timestamp_pb2.Timestamp()
+        t.FromDatetime(when)
+        return stub.RecordPayment(
+            invoices_pb2.RecordPaymentRequest(
+                parent=inv.name,
+                payment=invoices_pb2.Payment(amount=Money(currency_code="IRR", units=100), method="cash", pay_time=t),
+            ),
+            metadata=ADMIN,
+        )
+
+    for when in (dt.datetime(1, 1, 1, tzinfo=dt.UTC), dt.datetime.now(dt.UTC) - dt.timedelta(days=3)):
+        code, err = _error(pay, when)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in err.field_violations] == ["payment.pay_time"]
+    assert pay(dt.datetime.now(dt.UTC)).amount.units == 100

@@ -1003,6 +1003,15 @@ class Invoices:
                     "against issued, partially paid or overdue invoices",
                     reason="INVOICE_NOT_PAYABLE",
                 )
+            if (
+                pay_time is not None
+                and row.issue_date is not None
+                and pay_time.astimezone(TEHRAN).date() < row.issue_date
+            ):
+                # a payment of 0001-01-01 was taken; money is received against an invoice once it is issued
+                raise InvalidArgument.field(
+                    "payment.pay_time", f"is before the invoice's issue date {row.issue_date.isoformat()}"
+                )
             owed = outstanding(row)
             if amount > owed:
                 raise FailedPrecondition(

@@ -305,6 +305,8 @@ def values_from_proto(o: pb.Opportunity, paths: list[str], currency: str, prefix
                     v[p] = to_decimal(o.amount, at, currency=currency)
                     if v[p] < 0:
                         bad.append(FieldViolation(at, "must not be negative"))
+                    elif v[p] > MAX_AMOUNT:  # as the lines' total: the board and forecasts sum them
+                        bad.append(FieldViolation(at, f"must be at most {MAX_AMOUNT:f}"))
                 except InvalidArgument as e:
                     bad += e.violations
             else:

@@ -140,14 +140,23 @@ def ref(column, collection: str):
 # -- dates, decimals, money ----------------------------------------------------------------------
 
 
+MIN_YEAR, MAX_YEAR = 1900, 2999
+
+
 def to_date(d: date_pb2.Date, field: str) -> dt.date | None:
     """A Date message as a date; None when unset (all zero); INVALID_ARGUMENT for no such day."""
     if not (d.year or d.month or d.day):
         return None
     try:
-        return dt.date(d.year, d.month, d.day)
+        day = dt.date(d.year, d.month, d.day)
     except ValueError:
         raise InvalidArgument.field(field, f"{d.year:04d}-{d.month:02d}-{d.day:02d} is not a date") from None
+    if not MIN_YEAR <= day.year <= MAX_YEAR:
+        # a business date: year 1 numbered an order in Jalali year -621 (ValueError, a 500)
+        raise InvalidArgument.field(
+            field, f"{day.isoformat()} is not a business date: the year must be {MIN_YEAR}..{MAX_YEAR}"
+        )
+    return day
 
 
 def date_msg(day: dt.date | None) -> date_pb2.Date | None:
