@@ -50,6 +50,7 @@ from .runtime import Sales
 from .tables import customer_refs, invoices, opportunities, order_lines, orders, products
 
 TEHRAN = zoneinfo.ZoneInfo("Asia/Tehran")
+EARLIEST_PAYMENT_YEAR = 1900  # as orders' business dates
 OVERDUE = "invoice.overdue"
 SYSTEM = "system:invoices"
 
@@ -981,6 +982,8 @@ class Invoices:
             pay_time = p.pay_time.ToDatetime(dt.UTC)
             if pay_time > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5):
                 raise InvalidArgument.field("payment.pay_time", "is in the future")
+            if pay_time.year < EARLIEST_PAYMENT_YEAR:  # 0001-01-01 was taken (a zero time sent as a date)
+                raise InvalidArgument.field("payment.pay_time", f"must be in {EARLIEST_PAYMENT_YEAR} or later")
         with self.uow.begin() as tx:
             conn = tx.conn
             if req.request_id:
@@ -1002,15 +1005,6 @@ class Invoices:
                     f"{req.parent} is a {row.kind.replace('_', ' ')} in state {row.state}: payments are recorded "
                     "against issued, partially paid or overdue invoices",
                     reason="INVOICE_NOT_PAYABLE",
-                )
-            if (
-                pay_time is not None
-                and row.issue_date is not None
-                and pay_time.astimezone(TEHRAN).date() < row.issue_date
-            ):
-                # a payment of 0001-01-01 was taken; money is received against an invoice once it is issued
-                raise InvalidArgument.field(
-                    "payment.pay_time", f"is before the invoice's issue date {row.issue_date.isoformat()}"
                 )
             owed = outstanding(row)
             if amount > owed:
