@@ -253,3 +253,54 @@ def test_a_payment_dated_year_one_is_refused(ch):
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert [v.field for v in err.field_violations] == ["payment.pay_time"]
     assert pay(dt.datetime.now(dt.UTC) - dt.timedelta(days=3)).amount.units == 100
+
+
+def test_if_match_star_updates_whatever_the_current_etag(svc):
+    """Sent: PATCH /v1/leads/{id} with `If-Match: *`. Came back: 409 ABORTED "etag * is stale".
+    Should be (RFC 9110 13.1.1): `*` matches any current representation, so no etag check; a
+    stale etag is still 409 ABORTED."""
+    from crm_gateway import create_app
+    from crm_gateway.clients import Clients
+    from tests.support.harness import assert_problem, token
+
+    app = create_app(Clients({"customer": "127.0.0.1:9", "sales": f"127.0.0.1:{svc.port}", "reporting": "127.0.0.1:9"}))
+    http = app.test_client()
+    h = {"Authorization": f"Bearer {token('sales_rep', 'star')}"}
+    made = http.post("/v1/leads", json={"familyName": "Star"}, headers=h).get_json()
+    path = f"/v1/{made['name']}"
+    first = http.patch(path, json={"description": "one"}, headers={**h, "If-Match": made["etag"]})
+    assert first.status_code == 200, first.get_data(as_text=True)
+    assert_problem(http.patch(path, json={"description": "two"}, headers={**h, "If-Match": made["etag"]}), 409)
+    star = http.patch(path, json={"description": "three"}, headers={**h, "If-Match": "*"})
+    assert star.status_code == 200, star.get_data(as_text=True)
+    assert star.get_json()["description"] == "three"
+
+
+def test_a_body_of_the_wrong_shape_is_a_400_naming_the_field(svc):
+    """Sent over HTTP: {"givenName": 123}, {"lines": [{"unitPrice": {"units": "abc"}}]},
+    {"kind": "KIND_NOPE"}, an unknown key. Came back: 400 with errors[].field "body" and
+    protobuf's message listing every field. Should be: the field itself, snake_case and relative
+    to the body as the services name theirs (given_name, lines.unit_price.units, kind, nope)."""
+    from crm_gateway import create_app
+    from crm_gateway.clients import Clients
+    from tests.support.harness import assert_problem, token
+
+    app = create_app(Clients({"customer": "127.0.0.1:9", "sales": f"127.0.0.1:{svc.port}", "reporting": "127.0.0.1:9"}))
+    http = app.test_client()
+    h = {"Authorization": f"Bearer {token('admin', 'ada')}"}
+    cases = [
+        ("/v1/leads", {"givenName": 123}, "given_name"),
+        ("/v1/leads", {"familyName": "x", "tags": "vip"}, "tags"),
+        (
+            "/v1/opportunities",
+            {"displayName": "x", "lines": [{"unitPrice": {"units": "abc"}}]},
+            "lines.unit_price.units",
+        ),
+        ("/v1/opportunities", {"displayName": "x", "expectedCloseDate": {"year": "soon"}}, "expected_close_date.year"),
+        ("/v1/opportunities", {"displayName": "x", "lines": [{"nope": 1}]}, "lines[0].nope"),
+        ("/v1/activities", {"kind": "KIND_NOPE", "subject": "x"}, "kind"),
+        ("/v1/leads", {"familyName": "x", "favouriteColour": "red"}, "favourite_colour"),
+    ]
+    for path, body, field in cases:
+        problem = assert_problem(http.post(path, json=body, headers=h), 400, field)
+        assert "Available Fields" not in problem["detail"], problem

@@ -160,7 +160,8 @@ def build_request(route: Route, request_cls, path_args: dict[str, str]):
     fields = request_cls.DESCRIPTOR.fields_by_name
     if "request_id" in fields and request.headers.get("Idempotency-Key"):
         msg.request_id = request.headers["Idempotency-Key"]
-    if request.headers.get("If-Match"):
+    # "If-Match: *" (RFC 9110: any current representation) asks for no etag check
+    if request.headers.get("If-Match") and request.headers["If-Match"].strip() != "*":
         if "etag" in fields:
             msg.etag = request.headers["If-Match"]
         elif route.body and route.body != "*" and "etag" in getattr(msg, route.body).DESCRIPTOR.fields_by_name:
