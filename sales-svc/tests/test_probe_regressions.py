@@ -304,3 +304,94 @@ def test_a_body_of_the_wrong_shape_is_a_400_naming_the_field(svc):
     for path, body, field in cases:
         problem = assert_problem(http.post(path, json=body, headers=h), 400, field)
         assert "Available Fields" not in problem["detail"], problem
+
+
+def test_convert_lead_checks_its_own_fields_before_anything_happens(ch, leads_stub):
+    """Sent: POST /v1/leads/{id}:convert with opportunityName of 1,000 characters (or a negative
+    amount, an amount above 10^18, a close date in year 1). Came back: 200, an opportunity named
+    with all 1,000 characters (the others were taken as given). Should be: INVALID_ARGUMENT
+    naming the field, before customer-svc is called; the lead stays unconverted."""
+    from crm.sales.v1 import conversion_pb2, conversion_pb2_grpc
+
+    stub = conversion_pb2_grpc.LeadConversionServiceStub(ch)
+    lead = leads_stub.CreateLead(
+        leads_pb2.CreateLeadRequest(lead=leads_pb2.Lead(family_name="Convert")), metadata=ADMIN
+    )
+    bad = [
+        (dict(opportunity_name="x" * 201), "opportunity_name"),
+        (dict(opportunity_name="a\x00b"), "opportunity_name"),
+        (dict(amount=irr(-1)), "amount"),
+        (dict(amount=irr(10**18 + 1)), "amount"),
+        (dict(expected_close_date=Date(year=1, month=1, day=1)), "expected_close_date"),
+    ]
+    for fields, field in bad:
+        code, err = _error(
+            stub.ConvertLead, conversion_pb2.ConvertLeadRequest(name=lead.name, **fields), metadata=ADMIN
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (fields, code)
+        assert [v.field for v in err.field_violations] == [field]
+    again = leads_stub.GetLead(leads_pb2.GetLeadRequest(name=lead.name), metadata=ADMIN)
+    assert again.status == leads_pb2.LEAD_STATUS_NEW and not again.customer and not again.opportunity
+
+
+def test_dates_no_calendar_can_carry_are_refused_naming_the_field(ch, opps):
+    """Sent: an opportunity closing 0001-01-01 (then its export with the Jalali close date), a
+    forecast from 9999-01-01 and of the period "9999". Came back: 201 then a 500 on the export;
+    500 on the forecast. Should be: INVALID_ARGUMENT naming expected_close_date, start, period."""
+    from crm.sales.v1 import forecasts_pb2, forecasts_pb2_grpc
+
+    for year in (1, 9999):
+        code, err = _error(
+            opps.CreateOpportunity,
+            pb.CreateOpportunityRequest(
+                opportunity=pb.Opportunity(display_name="ancient", expected_close_date=Date(year=year, month=1, day=1))
+            ),
+            metadata=ADMIN,
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in err.field_violations] == ["opportunity.expected_close_date"]
+    forecasts = forecasts_pb2_grpc.ForecastServiceStub(ch)
+    for req, field in [
+        (dict(start="9999-01-01", end="9999-12-31", calendar="gregorian", unit="year"), "start"),
+        (dict(period="9999"), "period"),
+        (dict(period="9999-Q4"), "period"),
+    ]:
+        code, err = _error(forecasts.GetForecast, forecasts_pb2.GetForecastRequest(**req), metadata=ADMIN)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (req, code)
+        assert [v.field for v in err.field_violations] == [field]
+
+
+def test_an_invoice_to_a_known_customer_names_the_buyer(svc, ch):
+    """Sent: an invoice with tax.buyerType PERSON and no buyerName, for a customer the projection
+    knows as «علی رضایی». Came back: the PDF's buyer line read "customers/<uuid>" (the buyer's
+    national id came from the projection, the name did not). Should be: buyer_name defaults to the
+    customer's name, as buyer_national_id defaults to their national id; a given name is kept."""
+    from crm.sales.v1 import invoices_pb2, invoices_pb2_grpc
+    from crm.type.v1.money_pb2 import Money
+    from sales_svc.tables import customer_refs
+
+    cid = str(uuid.uuid4())
+    with svc.ctx.engine.begin() as conn:
+        conn.execute(customer_refs.insert().values(customer_id=cid, display_name="علی رضایی", national_id="0084575948"))
+    stub = invoices_pb2_grpc.InvoiceServiceStub(ch)
+
+    def make(**tax):
+        return stub.CreateInvoice(
+            invoices_pb2.CreateInvoiceRequest(
+                invoice=invoices_pb2.Invoice(
+                    customer=f"customers/{cid}",
+                    currency_code="IRR",
+                    tax=invoices_pb2.TaxInfo(buyer_type=invoices_pb2.BUYER_TYPE_PERSON, **tax),
+                    lines=[
+                        invoices_pb2.InvoiceLine(
+                            description="x", quantity="1", unit_price=Money(currency_code="IRR", units=1000)
+                        )
+                    ],
+                )
+            ),
+            metadata=ADMIN,
+        )
+
+    inv = make()
+    assert inv.tax.buyer_name == "علی رضایی" and inv.tax.buyer_national_id == "0084575948"
+    assert make(buyer_name="Ali R.").tax.buyer_name == "Ali R."

@@ -483,15 +483,16 @@ class Invoices:
                 foreign = head["currency_code"] not in ("IRR", "IRT")
                 if foreign and tax["invoice_pattern"] == 2 and not tax["exchange_rate"]:
                     raise InvalidArgument.field("invoice.tax.exchange_rate", "a currency sale needs the rate")
-                if tax["buyer_type"] and not tax["buyer_national_id"]:
-                    tax["buyer_national_id"] = (
-                        conn.execute(
-                            sa.select(customer_refs.c.national_id).where(
-                                customer_refs.c.customer_id == head["customer_id"]
-                            )
-                        ).scalar_one_or_none()
-                        or ""
-                    )
+                if tax["buyer_type"] and not (tax["buyer_national_id"] and tax["buyer_name"]):
+                    # the buyer's id and name from the customer projection: the PDF printed
+                    # "customers/<uuid>" as the buyer of an invoice made without a buyer_name
+                    ref = conn.execute(
+                        sa.select(customer_refs.c.national_id, customer_refs.c.display_name).where(
+                            customer_refs.c.customer_id == head["customer_id"]
+                        )
+                    ).one_or_none()
+                    tax["buyer_national_id"] = tax["buyer_national_id"] or (ref.national_id if ref else "") or ""
+                    tax["buyer_name"] = tax["buyer_name"] or (ref.display_name if ref else "") or ""
                 iid = str(uuid.uuid4())
                 cur = head["currency_code"]
                 subtotal = sum((ln["amount"] for ln in lines), ZERO)

@@ -42,7 +42,7 @@ from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName, check_etag, etag
 
-from . import money
+from . import dates, money
 from .access import Scope
 from .runtime import Sales
 from .tables import QUANTITY, UUID, metadata, opportunities, order_lines, orders, products, teams
@@ -140,9 +140,6 @@ def ref(column, collection: str):
 # -- dates, decimals, money ----------------------------------------------------------------------
 
 
-MIN_YEAR, MAX_YEAR = 1900, 2999
-
-
 def to_date(d: date_pb2.Date, field: str) -> dt.date | None:
     """A Date message as a date; None when unset (all zero); INVALID_ARGUMENT for no such day."""
     if not (d.year or d.month or d.day):
@@ -151,12 +148,7 @@ def to_date(d: date_pb2.Date, field: str) -> dt.date | None:
         day = dt.date(d.year, d.month, d.day)
     except ValueError:
         raise InvalidArgument.field(field, f"{d.year:04d}-{d.month:02d}-{d.day:02d} is not a date") from None
-    if not MIN_YEAR <= day.year <= MAX_YEAR:
-        # a business date: year 1 numbered an order in Jalali year -621 (ValueError, a 500)
-        raise InvalidArgument.field(
-            field, f"{day.isoformat()} is not a business date: the year must be {MIN_YEAR}..{MAX_YEAR}"
-        )
-    return day
+    return dates.check(day, field)
 
 
 def date_msg(day: dt.date | None) -> date_pb2.Date | None:
