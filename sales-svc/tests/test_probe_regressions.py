@@ -395,3 +395,36 @@ def test_an_invoice_to_a_known_customer_names_the_buyer(svc, ch):
     inv = make()
     assert inv.tax.buyer_name == "علی رضایی" and inv.tax.buyer_national_id == "0084575948"
     assert make(buyer_name="Ali R.").tax.buyer_name == "Ali R."
+
+
+def test_an_invoice_issued_on_a_date_no_fiscal_year_holds_is_refused(ch):
+    """Sent: POST /v1/invoices/{id}:issue with issueDate 0001-01-01 (and 1899-01-01). Came back:
+    500 (no Jalali fiscal year), and 200 numbering an invoice in fiscal year 1277. Should be:
+    INVALID_ARGUMENT naming issue_date; the draft stays a draft."""
+    from crm.sales.v1 import invoices_pb2, invoices_pb2_grpc
+    from crm.type.v1.money_pb2 import Money
+
+    stub = invoices_pb2_grpc.InvoiceServiceStub(ch)
+    inv = stub.CreateInvoice(
+        invoices_pb2.CreateInvoiceRequest(
+            invoice=invoices_pb2.Invoice(
+                customer=f"customers/{uuid.uuid4()}",
+                currency_code="IRR",
+                lines=[
+                    invoices_pb2.InvoiceLine(
+                        description="x", quantity="1", unit_price=Money(currency_code="IRR", units=5)
+                    )
+                ],
+            )
+        ),
+        metadata=ADMIN,
+    )
+    for year in (1, 1899):
+        code, err = _error(
+            stub.IssueInvoice,
+            invoices_pb2.IssueInvoiceRequest(name=inv.name, issue_date=Date(year=year, month=1, day=1)),
+            metadata=ADMIN,
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in err.field_violations] == ["issue_date"]
+    assert stub.GetInvoice(invoices_pb2.GetInvoiceRequest(name=inv.name), metadata=ADMIN).state == "draft"

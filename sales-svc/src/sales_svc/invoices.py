@@ -41,7 +41,7 @@ from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName, UpdateMask, check_etag, etag
 
-from . import invoice_export, invoice_pdf
+from . import dates, invoice_export, invoice_pdf
 from .access import Scope
 from .invoice_tables import PAYMENT_METHODS, invoice_counters, invoice_details, invoice_lines, invoice_payments
 from .invoice_tax import Seller, tax_id
@@ -110,9 +110,10 @@ def _from_date(d: date_pb2.Date, field: str) -> dt.date | None:
     if not (d.year or d.month or d.day):
         return None
     try:
-        return dt.date(d.year, d.month, d.day)
+        day = dt.date(d.year, d.month, d.day)
     except ValueError:
         raise InvalidArgument.field(field, f"{d.year}-{d.month}-{d.day} is not a date") from None
+    return dates.check(day, field)  # an issue date of 0001-01-01 had no fiscal year (a 500)
 
 
 def _decimal(

@@ -14,6 +14,7 @@ from crm_chassis import documents, persian
 from crm_chassis.auth import Principal
 from crm_chassis.errors import FieldViolation, InvalidArgument
 
+from . import dates
 from .money import round_minor
 
 BATCH = 1000
@@ -94,7 +95,7 @@ def _cell(r, f: str):
         return ", ".join(m["competitors"] or [])
     if f == "expected_close_date_jalali":
         d = m["expected_close_date"]
-        return persian.format_jalali(d) if d is not None else ""
+        return persian.format_jalali(d) if d is not None and dates.in_range(d) else ""  # rows stored before the check
     if f in ("create_time", "close_time"):
         return _minute(m[f])
     if f == "rotting":
