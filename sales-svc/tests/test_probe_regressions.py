@@ -428,3 +428,40 @@ def test_an_invoice_issued_on_a_date_no_fiscal_year_holds_is_refused(ch):
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert [v.field for v in err.field_violations] == ["issue_date"]
     assert stub.GetInvoice(invoices_pb2.GetInvoiceRequest(name=inv.name), metadata=ADMIN).state == "draft"
+
+
+def test_an_activity_lasting_longer_than_a_week_is_refused(ch):
+    """Sent: POST /v1/activities/{id}:complete with durationSeconds 9223372036854775807 (and a
+    create with it). Came back: 200, a call of 292 billion years. Should be: INVALID_ARGUMENT
+    naming duration_seconds (0..604800, a week); a week itself is taken."""
+    from crm.sales.v1 import activities_pb2 as apb
+    from crm.sales.v1 import activities_pb2_grpc
+
+    stub = activities_pb2_grpc.ActivityServiceStub(ch)
+    cust = f"customers/{uuid.uuid4()}"
+    code, err = _error(
+        stub.CreateActivity,
+        apb.CreateActivityRequest(
+            activity=apb.Activity(
+                kind=apb.Activity.KIND_MEETING, subject="long", customer=cust, duration_seconds=2**63 - 1
+            )
+        ),
+        metadata=ADMIN,
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in err.field_violations] == ["activity.duration_seconds"]
+    act = stub.CreateActivity(
+        apb.CreateActivityRequest(activity=apb.Activity(kind=apb.Activity.KIND_CALL, subject="call", customer=cust)),
+        metadata=ADMIN,
+    )
+    code, err = _error(
+        stub.CompleteActivity,
+        apb.CompleteActivityRequest(name=act.name, outcome="answered", duration_seconds=2**63 - 1),
+        metadata=ADMIN,
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in err.field_violations] == ["duration_seconds"]
+    done = stub.CompleteActivity(
+        apb.CompleteActivityRequest(name=act.name, outcome="answered", duration_seconds=7 * 24 * 3600), metadata=ADMIN
+    )
+    assert done.done and done.duration_seconds == 604800
