@@ -465,3 +465,49 @@ def test_an_activity_lasting_longer_than_a_week_is_refused(ch):
         apb.CompleteActivityRequest(name=act.name, outcome="answered", duration_seconds=7 * 24 * 3600), metadata=ADMIN
     )
     assert done.done and done.duration_seconds == 604800
+
+
+def test_a_credit_note_owes_nothing_and_its_pdf_names_the_invoice_it_reverses(ch):
+    """Sent: a credit note of one line of an issued invoice (no TAX_MEMORY_ID, so no tax ids),
+    then GET /v1/invoices/{credit note}:render. Came back: the credit note with `outstanding`
+    equal to its total, and a PDF naming no invoice it reverses. Should be: outstanding 0 (the
+    credit lowers the invoice's outstanding amount), and the PDF names the credited invoice's
+    number."""
+    import io
+
+    import pypdf
+
+    from crm.sales.v1 import invoices_pb2, invoices_pb2_grpc
+    from crm.type.v1.money_pb2 import Money
+
+    stub = invoices_pb2_grpc.InvoiceServiceStub(ch)
+    inv = stub.CreateInvoice(
+        invoices_pb2.CreateInvoiceRequest(
+            invoice=invoices_pb2.Invoice(
+                customer=f"customers/{uuid.uuid4()}",
+                currency_code="IRR",
+                lines=[
+                    invoices_pb2.InvoiceLine(
+                        description="x", quantity="2", unit_price=Money(currency_code="IRR", units=1000)
+                    )
+                ],
+            )
+        ),
+        metadata=ADMIN,
+    )
+    inv = stub.IssueInvoice(invoices_pb2.IssueInvoiceRequest(name=inv.name), metadata=ADMIN)
+    note = stub.CreateCreditNote(
+        invoices_pb2.CreateCreditNoteRequest(
+            name=inv.name, lines=[invoices_pb2.CreditLine(position=1, quantity="1")], reason="return"
+        ),
+        metadata=ADMIN,
+    )
+    assert note.kind == "credit_note" and note.total.units == 1000
+    assert note.outstanding.units == 0 and note.outstanding.nanos == 0
+    got = stub.GetInvoice(invoices_pb2.GetInvoiceRequest(name=inv.name), metadata=ADMIN)
+    assert got.outstanding.units == 1000  # the invoice's own outstanding amount is lowered
+    pdf = b"".join(
+        c.data for c in stub.RenderInvoicePdf(invoices_pb2.RenderInvoicePdfRequest(name=note.name), metadata=ADMIN)
+    )
+    text = "\n".join(p.extract_text() for p in pypdf.PdfReader(io.BytesIO(pdf)).pages)
+    assert inv.number in [line.strip() for line in text.splitlines()], text

@@ -222,7 +222,12 @@ def invoice_to_proto(row, lines=(), credited_positions=None) -> pb.Invoice:
         total=m(row.total),
         paid_total=m(row.paid_total),
         credited_total=m(row.credited_total),
-        outstanding=m(outstanding(row) if row.state not in ("draft", "cancelled") else row.total),
+        # a credit note is owed by nobody (it lowers its invoice's outstanding amount instead)
+        outstanding=m(
+            ZERO
+            if row.kind == "credit_note"
+            else (outstanding(row) if row.state not in ("draft", "cancelled") else row.total)
+        ),
         credited_invoice=_ref("invoices", row.credited_invoice_id),
         description=row.description,
         tax=pb.TaxInfo(
@@ -1333,7 +1338,19 @@ class InvoiceServicer(invoices_pb2_grpc.InvoiceServiceServicer):
         return self.uc.credit(request, current_principal())
 
     def RenderInvoicePdf(self, request, context):
-        yield from invoice_pdf.render(self.uc.get(request.name, current_principal()))
+        inv = self.uc.get(request.name, current_principal())
+        credited_number = ""
+        if inv.credited_invoice:  # the credit note names the invoice it reverses by its number
+            with self.uc.uow.read() as conn:
+                credited_number = (
+                    conn.execute(
+                        sa.select(invoices.c.number).where(
+                            invoices.c.id == inv.credited_invoice.removeprefix("invoices/")
+                        )
+                    ).scalar_one_or_none()
+                    or ""
+                )
+        yield from invoice_pdf.render(inv, credited_number=credited_number)
 
     def ExportTaxInvoices(self, request, context):
         yield from self.uc.export_tax(request, current_principal())
