@@ -511,3 +511,23 @@ def test_a_credit_note_owes_nothing_and_its_pdf_names_the_invoice_it_reverses(ch
     )
     text = "\n".join(p.extract_text() for p in pypdf.PdfReader(io.BytesIO(pdf)).pages)
     assert inv.number in [line.strip() for line in text.splitlines()], text
+
+
+def test_an_assignment_rule_without_a_strategy_names_the_values_that_parse(svc):
+    """Sent over HTTP: POST /v1/assignmentRules without a strategy, then with "FIXED_OWNER" as the
+    400 said. Came back: "is required: ROUND_ROBIN, LEAST_OPEN or FIXED_OWNER", then a 400 that
+    FIXED_OWNER is not a value. Should be: the message names the enum values as written
+    (ASSIGNMENT_STRATEGY_FIXED_OWNER), which the next request can send."""
+    from crm_gateway import create_app
+    from crm_gateway.clients import Clients
+    from tests.support.harness import assert_problem, token
+
+    app = create_app(Clients({"customer": "127.0.0.1:9", "sales": f"127.0.0.1:{svc.port}", "reporting": "127.0.0.1:9"}))
+    http = app.test_client()
+    h = {"Authorization": f"Bearer {token('admin', 'ada')}"}
+    problem = assert_problem(http.post("/v1/assignmentRules", json={"displayName": "r"}, headers=h), 400, "strategy")
+    named = [v for v in problem["detail"].replace(",", " ").split() if v.startswith("ASSIGNMENT_STRATEGY_")]
+    assert "ASSIGNMENT_STRATEGY_FIXED_OWNER" in named
+    body = {"displayName": "r", "strategy": "ASSIGNMENT_STRATEGY_FIXED_OWNER", "owner": "ada"}
+    made = http.post("/v1/assignmentRules", json=body, headers=h)
+    assert made.status_code in (200, 201), made.get_data(as_text=True)
