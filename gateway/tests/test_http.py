@@ -61,7 +61,9 @@ def test_bad_input_is_400_problem_naming_the_field(suite):
         suite.http.post("/v1/customers", data="{not json", headers={**h, "Content-Type": "application/json"}), 400
     )
     assert_problem(suite.http.post("/v1/customers", json=["a"], headers=h), 400)
-    assert_problem(suite.http.post("/v1/customers", json=person(favouriteColour="red"), headers=h), 400, "body")
+    assert_problem(
+        suite.http.post("/v1/customers", json=person(favouriteColour="red"), headers=h), 400, "favourite_colour"
+    )
     assert_problem(suite.http.get("/v1/customers?page_size=-5", headers=h), 400, "page_size")
     assert_problem(suite.http.get("/v1/customers?page_size=ten", headers=h), 400, "page_size")
     assert_problem(suite.http.get("/v1/customers?page_token=forged.token", headers=h), 400, "page_token")

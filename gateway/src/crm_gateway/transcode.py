@@ -76,6 +76,30 @@ def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
+_NO_FIELD = re.compile(r'has no field named "([^"]+)" at "([^"]+)"')
+_AT_PATH = re.compile(r'at "?[A-Za-z_]\w*((?:\.\w+|\[\d+\])+)"?\.?$')
+_FAILED = re.compile(r"Failed to parse (\w+) field: ")
+
+
+def _body_error(err: json_format.ParseError) -> tuple[str, str]:
+    """The body field a json_format error is about (snake_case, relative to the body, as the
+    services name them: `lines[0].unit_price.units`) and a one-line description, rather than
+    "body" and protobuf's message with its list of every field."""
+    text = str(err).split("\n", 1)[0].strip()
+    if m := _NO_FIELD.search(text):
+        at = m.group(2).partition(".")[2]
+        path = f"{at}.{m.group(1)}" if at else m.group(1)
+        detail = "is not a field of this message (see /openapi.json)"
+    elif m := _AT_PATH.search(text):
+        path = m.group(1).lstrip(".")
+        detail = _FAILED.sub("", text[: m.start()]).strip().rstrip(".")
+    else:
+        path = ".".join(_FAILED.findall(text))
+        detail = _FAILED.sub("", text).strip().rstrip(".")
+    field = ".".join(_snake(part) for part in path.split(".")) if path else "body"
+    return field, detail or "is not valid"
+
+
 def _set_path(msg, path: str, value: str) -> None:
     *parents, last = path.split(".")
     for p in parents:
@@ -119,7 +143,7 @@ def build_request(route: Route, request_cls, path_args: dict[str, str]):
         try:
             json_format.ParseDict(data, target, ignore_unknown_fields=False)
         except json_format.ParseError as err:
-            raise BadRequest("body", str(err)) from None
+            raise BadRequest(*_body_error(err)) from None
         body_keys = [_snake(k) for k in data]
     for key in request.args:
         fd = request_cls.DESCRIPTOR.fields_by_name.get(key)
@@ -136,7 +160,8 @@ def build_request(route: Route, request_cls, path_args: dict[str, str]):
     fields = request_cls.DESCRIPTOR.fields_by_name
     if "request_id" in fields and request.headers.get("Idempotency-Key"):
         msg.request_id = request.headers["Idempotency-Key"]
-    if request.headers.get("If-Match"):
+    # "If-Match: *" (RFC 9110: any current representation) asks for no etag check
+    if request.headers.get("If-Match") and request.headers["If-Match"].strip() != "*":
         if "etag" in fields:
             msg.etag = request.headers["If-Match"]
         elif route.body and route.body != "*" and "etag" in getattr(msg, route.body).DESCRIPTOR.fields_by_name:

@@ -48,6 +48,9 @@ from .access import Scope
 from .runtime import Sales
 from .tables import UUID, customer_refs, leads, metadata, opportunities, teams
 
+MAX_DURATION = 7 * 24 * 3600  # a call or meeting of a week at most
+DURATION_RULE = f"must be 0..{MAX_DURATION} seconds (a week)"
+
 TEHRAN = zoneinfo.ZoneInfo("Asia/Tehran")  # business days
 REMINDER = "activity.reminder"  # timer kind; key: the activity id
 
@@ -354,8 +357,8 @@ class Activities:
         team_id = _parse(TEAM, act.team, "activity.team", bad) if act.team else None
         due, remind = _ts(act, "due_time"), _ts(act, "remind_time")
         _check_times(due, remind, bad)
-        if act.duration_seconds < 0:
-            bad.append(FieldViolation("activity.duration_seconds", "must not be negative"))
+        if not 0 <= act.duration_seconds <= MAX_DURATION:
+            bad.append(FieldViolation("activity.duration_seconds", DURATION_RULE))
         direction = DIRECTION_OF.get(act.direction, "")
         if act.direction and not direction:
             bad.append(FieldViolation("activity.direction", "is not a known direction"))
@@ -547,8 +550,8 @@ class Activities:
             elif p in ("due_time", "remind_time"):
                 new[p] = _ts(act, p)
             elif p == "duration_seconds":
-                if act.duration_seconds < 0:
-                    bad.append(FieldViolation(where, "must not be negative"))
+                if not 0 <= act.duration_seconds <= MAX_DURATION:
+                    bad.append(FieldViolation(where, DURATION_RULE))
                 new[p] = act.duration_seconds
             elif p == "outcome":
                 new[p] = act.outcome.strip()
@@ -604,8 +607,8 @@ class Activities:
             bad: list[FieldViolation] = []
             outcome = req.outcome.strip() or row.outcome
             _check_outcome(row.kind, outcome, "outcome", bad)
-            if req.duration_seconds < 0:
-                bad.append(FieldViolation("duration_seconds", "must not be negative"))
+            if not 0 <= req.duration_seconds <= MAX_DURATION:  # 2^63-1 seconds was taken
+                bad.append(FieldViolation("duration_seconds", DURATION_RULE))
             if bad:
                 raise InvalidArgument(bad)
             duration = req.duration_seconds or row.duration_seconds

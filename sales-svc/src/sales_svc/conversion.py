@@ -32,8 +32,9 @@ from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
 from crm_chassis.resources import ResourceName
 
-from . import money
+from . import dates, money
 from .customer_client import CustomerClient, authorization_of, customer_client
+from .opportunities_core import MAX_AMOUNT, TEXT_LIMITS
 from .runtime import Sales
 from .tables import UUID, metadata
 
@@ -134,6 +135,16 @@ class Converter:
                 close = dt.date(d.year, d.month, d.day)
             except ValueError:
                 raise InvalidArgument.field("expected_close_date", "is not a calendar date") from None
+            dates.check(close, "expected_close_date")
+        name = req.opportunity_name.strip()
+        if "\x00" in name:
+            raise InvalidArgument.field("opportunity_name", "must not contain NUL characters (U+0000)")
+        if len(name) > TEXT_LIMITS["display_name"]:  # 1000 characters were stored
+            raise InvalidArgument.field("opportunity_name", f"must be at most {TEXT_LIMITS['display_name']} characters")
+        if amount is not None and amount < 0:
+            raise InvalidArgument.field("amount", "must not be negative")
+        if amount is not None and amount > MAX_AMOUNT:
+            raise InvalidArgument.field("amount", f"must be at most {MAX_AMOUNT:f}")
 
         # 1. the attempt, recorded
         with self.sales.uow.begin() as tx:
@@ -192,7 +203,7 @@ class Converter:
             opp = open_opportunity(
                 tx,
                 principal,
-                name=req.opportunity_name or lead.organization_name or f"{lead.given_name} {lead.family_name}".strip(),
+                name=name or lead.organization_name or f"{lead.given_name} {lead.family_name}".strip(),
                 customer_id=customer_id,
                 owner_id=lead.owner_id or principal.subject,
                 team_id=lead.team_id,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from crm_chassis import persian
 from crm_chassis.errors import InvalidArgument
 
+from . import dates
+
 TEHRAN = zoneinfo.ZoneInfo("Asia/Tehran")
 CALENDARS = ("gregorian", "jalali")
 UNITS = ("month", "quarter", "year")
@@ -84,16 +86,17 @@ def parse_label(text: str, field: str = "period") -> tuple[str, str, Period]:
         first = persian.jalali_to_gregorian(year, month, 1) if calendar == "jalali" else dt.date(year, month, 1)
     except ValueError:
         first = None
-    if first is None:
+    if first is None or not dates.in_range(first):  # 9999 had no end (a 500)
         raise bad
     return calendar, unit, period_of(first, calendar, unit)
 
 
 def _day(text: str, field: str) -> dt.date:
     try:
-        return persian.parse_date(text)
+        day = persian.parse_date(text)
     except persian.DateError as err:
         raise InvalidArgument.field(field, str(err)) from None
+    return dates.check(day, field)  # 9999-12-31 had no period end (a 500)
 
 
 def _choice(value: str, allowed: tuple[str, ...], field: str) -> str:

@@ -43,11 +43,12 @@ from .forecast_queries import (
     sales_cycle,
 )
 from .forecast_tables import AMOUNTS, COUNTS, exchange_rates, forecast_snapshots
-from .money import check_currency, to_decimal, to_money
+from .money import AmountOutOfRange, check_currency, to_decimal, to_money
 from .runtime import Sales
 from .tables import invoices, opportunities
 
 log = logging.getLogger("sales.forecasts")
+SNAPSHOT_AMOUNT_LIMIT = Decimal(10) ** 19  # forecast_snapshots' NUMERIC(28, 9) columns hold less
 
 FREEZE_KIND = "forecast.freeze"
 FREEZE_KEY = "weekly"
@@ -307,6 +308,12 @@ class Forecasts:
                     metadata={"field": "owner", "owner": owner},
                 )
             cells = forecast_cells(tx.conn, [period], "none", sa.true(), self.reporting, owner=owner)
+            if cells and (big := _too_big(cells[0])):
+                raise AmountOutOfRange(
+                    f"the {big} of {owner!r} in {period.label} is beyond what a snapshot holds "
+                    f"(less than {SNAPSHOT_AMOUNT_LIMIT:f} {self.reporting})",
+                    metadata={"figure": big},
+                )
             values = self._snapshot_values(period, calendar, unit, owner, cells[0] if cells else None)
             values.update(
                 adjusted_commit=adjusted,
@@ -368,7 +375,7 @@ class Forecasts:
                 "note": f"weekly freeze of {timer.due_at.isoformat()}",
             }
             for c in cells
-            if c.group
+            if c.group and not _too_big(c, log_for=periods[c.bucket - 1].label)
         ]
         if not rows:
             return
@@ -560,3 +567,14 @@ def timer_handlers(sales: Sales) -> None:
             arm_weekly_freeze(tx.conn, f.freeze_cron)
     except sa.exc.SQLAlchemyError as err:  # the database is down at start: the migration armed it
         log.warning("could not check the weekly forecast freeze timer: %s", err)
+
+
+def _too_big(cell: Cell, log_for: str | None = None) -> str | None:
+    """The first figure of `cell` a snapshot column cannot hold, if any (logged for the weekly
+    freeze, which skips that owner rather than fail every owner's snapshot again and again)."""
+    for a in AMOUNTS:
+        if abs(cell.amounts[a]) >= SNAPSHOT_AMOUNT_LIMIT:
+            if log_for is not None:
+                log.warning("weekly freeze: %s of %r in %s is too large to store; skipped", a, cell.group, log_for)
+            return a
+    return None

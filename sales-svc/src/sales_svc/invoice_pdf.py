@@ -48,7 +48,7 @@ def _amount(m, currency: str) -> str:
     return persian.format_number(to_decimal(m), decimals=MINOR_DIGITS.get(currency, 2), persian_digits=True)
 
 
-def document(inv: pb.Invoice) -> documents.Document:
+def document(inv: pb.Invoice, credited_number: str = "") -> documents.Document:
     cur = inv.currency_code
     unit = NAMES_FA.get(cur, cur)
     t = inv.tax
@@ -59,6 +59,8 @@ def document(inv: pb.Invoice) -> documents.Document:
     ]
     if inv.kind == "invoice":
         fields.append(("سررسید پرداخت", _day(inv.due_date)))
+    else:  # a credit note: the invoice it reverses (without a tax id it was named nowhere)
+        fields.append(("صورتحساب مرجع", credited_number or inv.credited_invoice or "—"))
     fields += [
         ("فروشنده", t.seller_name or "—"),
         ("شماره اقتصادی فروشنده", t.seller_economic_code or "—"),
@@ -108,6 +110,8 @@ def document(inv: pb.Invoice) -> documents.Document:
     )
 
 
-def render(inv: pb.Invoice) -> Iterator[pb.RenderInvoicePdfResponse]:
+def render(inv: pb.Invoice, credited_number: str = "") -> Iterator[pb.RenderInvoicePdfResponse]:
     filename = f"invoice-{inv.number or inv.name.split('/')[-1]}"
-    yield from documents.stream_document(pb.RenderInvoicePdfResponse, "pdf", document(inv), filename=filename)
+    yield from documents.stream_document(
+        pb.RenderInvoicePdfResponse, "pdf", document(inv, credited_number), filename=filename
+    )

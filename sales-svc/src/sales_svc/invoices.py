@@ -41,7 +41,7 @@ from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName, UpdateMask, check_etag, etag
 
-from . import invoice_export, invoice_pdf
+from . import dates, invoice_export, invoice_pdf
 from .access import Scope
 from .invoice_tables import PAYMENT_METHODS, invoice_counters, invoice_details, invoice_lines, invoice_payments
 from .invoice_tax import Seller, tax_id
@@ -50,6 +50,7 @@ from .runtime import Sales
 from .tables import customer_refs, invoices, opportunities, order_lines, orders, products
 
 TEHRAN = zoneinfo.ZoneInfo("Asia/Tehran")
+EARLIEST_PAYMENT_YEAR = 1900  # as orders' business dates
 OVERDUE = "invoice.overdue"
 SYSTEM = "system:invoices"
 
@@ -109,9 +110,10 @@ def _from_date(d: date_pb2.Date, field: str) -> dt.date | None:
     if not (d.year or d.month or d.day):
         return None
     try:
-        return dt.date(d.year, d.month, d.day)
+        day = dt.date(d.year, d.month, d.day)
     except ValueError:
         raise InvalidArgument.field(field, f"{d.year}-{d.month}-{d.day} is not a date") from None
+    return dates.check(day, field)  # an issue date of 0001-01-01 had no fiscal year (a 500)
 
 
 def _decimal(
@@ -220,7 +222,12 @@ def invoice_to_proto(row, lines=(), credited_positions=None) -> pb.Invoice:
         total=m(row.total),
         paid_total=m(row.paid_total),
         credited_total=m(row.credited_total),
-        outstanding=m(outstanding(row) if row.state not in ("draft", "cancelled") else row.total),
+        # a credit note is owed by nobody (it lowers its invoice's outstanding amount instead)
+        outstanding=m(
+            ZERO
+            if row.kind == "credit_note"
+            else (outstanding(row) if row.state not in ("draft", "cancelled") else row.total)
+        ),
         credited_invoice=_ref("invoices", row.credited_invoice_id),
         description=row.description,
         tax=pb.TaxInfo(
@@ -482,15 +489,16 @@ class Invoices:
                 foreign = head["currency_code"] not in ("IRR", "IRT")
                 if foreign and tax["invoice_pattern"] == 2 and not tax["exchange_rate"]:
                     raise InvalidArgument.field("invoice.tax.exchange_rate", "a currency sale needs the rate")
-                if tax["buyer_type"] and not tax["buyer_national_id"]:
-                    tax["buyer_national_id"] = (
-                        conn.execute(
-                            sa.select(customer_refs.c.national_id).where(
-                                customer_refs.c.customer_id == head["customer_id"]
-                            )
-                        ).scalar_one_or_none()
-                        or ""
-                    )
+                if tax["buyer_type"] and not (tax["buyer_national_id"] and tax["buyer_name"]):
+                    # the buyer's id and name from the customer projection: the PDF printed
+                    # "customers/<uuid>" as the buyer of an invoice made without a buyer_name
+                    ref = conn.execute(
+                        sa.select(customer_refs.c.national_id, customer_refs.c.display_name).where(
+                            customer_refs.c.customer_id == head["customer_id"]
+                        )
+                    ).one_or_none()
+                    tax["buyer_national_id"] = tax["buyer_national_id"] or (ref.national_id if ref else "") or ""
+                    tax["buyer_name"] = tax["buyer_name"] or (ref.display_name if ref else "") or ""
                 iid = str(uuid.uuid4())
                 cur = head["currency_code"]
                 subtotal = sum((ln["amount"] for ln in lines), ZERO)
@@ -981,6 +989,8 @@ class Invoices:
             pay_time = p.pay_time.ToDatetime(dt.UTC)
             if pay_time > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5):
                 raise InvalidArgument.field("payment.pay_time", "is in the future")
+            if pay_time.year < EARLIEST_PAYMENT_YEAR:  # 0001-01-01 was taken (a zero time sent as a date)
+                raise InvalidArgument.field("payment.pay_time", f"must be in {EARLIEST_PAYMENT_YEAR} or later")
         with self.uow.begin() as tx:
             conn = tx.conn
             if req.request_id:
@@ -1328,7 +1338,19 @@ class InvoiceServicer(invoices_pb2_grpc.InvoiceServiceServicer):
         return self.uc.credit(request, current_principal())
 
     def RenderInvoicePdf(self, request, context):
-        yield from invoice_pdf.render(self.uc.get(request.name, current_principal()))
+        inv = self.uc.get(request.name, current_principal())
+        credited_number = ""
+        if inv.credited_invoice:  # the credit note names the invoice it reverses by its number
+            with self.uc.uow.read() as conn:
+                credited_number = (
+                    conn.execute(
+                        sa.select(invoices.c.number).where(
+                            invoices.c.id == inv.credited_invoice.removeprefix("invoices/")
+                        )
+                    ).scalar_one_or_none()
+                    or ""
+                )
+        yield from invoice_pdf.render(inv, credited_number=credited_number)
 
     def ExportTaxInvoices(self, request, context):
         yield from self.uc.export_tax(request, current_principal())

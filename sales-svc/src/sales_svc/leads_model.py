@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import phonenumbers
 import sqlalchemy as sa
 from google.protobuf import timestamp_pb2
 
@@ -150,7 +151,9 @@ def convert(field: str, value: Any, where: str, region: str) -> Any:
         if not v:
             return ""
         e164 = persian.phone_e164(v, region)
-        if e164 is None:
+        # phone_e164 answers any *possible* length: "0912" came back as +980912. A lead's number
+        # must be one that can be dialled (a number of a known range of its country).
+        if e164 is None or not phonenumbers.is_valid_number(phonenumbers.parse(e164)):
             raise InvalidArgument.field(where, f"{v!r} is not a valid phone number")
         return e164
     if field == "national_id":

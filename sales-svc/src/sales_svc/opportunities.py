@@ -363,8 +363,7 @@ class OpportunityUseCases:
         conn = tx.conn
         oid = str(row.id)
         lines = lines_by_opportunity(conn, [oid]).get(oid, [])
-        current = {**row._mapping, "line_count": len(lines)}
-        check_requirements(stage, requirement_values(current))
+        check_requirements(stage, requirement_values({**row._mapping, "lines": lines}))
         probability = extra.pop("probability", None)
         if probability is None:
             probability = row.probability if row.probability_overridden else stage.probability

@@ -24,6 +24,7 @@ from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgume
 from crm_chassis.resources import ResourceName, etag
 from crm_chassis.uow import Transaction
 
+from . import dates
 from .money import check_currency, round_minor, to_decimal, to_money
 from .tables import (
     opportunities,
@@ -129,10 +130,14 @@ def from_date(d: date_pb2.Date, where: str, bad: list) -> dt.date | None:
     if d.year == 0 and d.month == 0 and d.day == 0:
         return None
     try:
-        return dt.date(d.year, d.month, d.day)
+        day = dt.date(d.year, d.month, d.day)
     except ValueError:
         bad.append(FieldViolation(where, "is not a valid calendar date"))
         return None
+    if not dates.in_range(day):  # year 1 had no Jalali date for the export (a 500)
+        bad.append(FieldViolation(where, dates.out_of_range(day)))
+        return None
+    return day
 
 
 def to_date(value: dt.date | None) -> date_pb2.Date | None:
@@ -305,6 +310,8 @@ def values_from_proto(o: pb.Opportunity, paths: list[str], currency: str, prefix
                     v[p] = to_decimal(o.amount, at, currency=currency)
                     if v[p] < 0:
                         bad.append(FieldViolation(at, "must not be negative"))
+                    elif v[p] > MAX_AMOUNT:  # as the lines' total: the board and forecasts sum them
+                        bad.append(FieldViolation(at, f"must be at most {MAX_AMOUNT:f}"))
                 except InvalidArgument as e:
                     bad += e.violations
             else:

@@ -14,6 +14,7 @@ from crm_chassis import documents, persian
 from crm_chassis.auth import Principal
 from crm_chassis.errors import FieldViolation, InvalidArgument
 
+from . import dates
 from .money import round_minor
 
 BATCH = 1000
@@ -86,14 +87,15 @@ def _cell(r, f: str):
     if f == "amount":
         return round_minor(m["amount"], m["currency_code"])
     if f == "probability":
-        return Decimal(m["probability"]).normalize()
+        p = Decimal(m["probability"]).normalize()
+        return p if p != p.to_integral_value() else p.quantize(Decimal(1))  # 100, not 1E+2
     if f == "weighted_amount":
         return round_minor(m["amount"] * m["probability"] / 100, m["currency_code"])
     if f == "competitors":
         return ", ".join(m["competitors"] or [])
     if f == "expected_close_date_jalali":
         d = m["expected_close_date"]
-        return persian.format_jalali(d) if d is not None else ""
+        return persian.format_jalali(d) if d is not None and dates.in_range(d) else ""  # rows stored before the check
     if f in ("create_time", "close_time"):
         return _minute(m[f])
     if f == "rotting":

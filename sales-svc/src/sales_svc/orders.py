@@ -42,7 +42,7 @@ from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName, check_etag, etag
 
-from . import money
+from . import dates, money
 from .access import Scope
 from .runtime import Sales
 from .tables import QUANTITY, UUID, metadata, opportunities, order_lines, orders, products, teams
@@ -145,9 +145,10 @@ def to_date(d: date_pb2.Date, field: str) -> dt.date | None:
     if not (d.year or d.month or d.day):
         return None
     try:
-        return dt.date(d.year, d.month, d.day)
+        day = dt.date(d.year, d.month, d.day)
     except ValueError:
         raise InvalidArgument.field(field, f"{d.year:04d}-{d.month:02d}-{d.day:02d} is not a date") from None
+    return dates.check(day, field)
 
 
 def date_msg(day: dt.date | None) -> date_pb2.Date | None:

@@ -233,7 +233,10 @@ def assignment_values(conn, r: pb.AssignmentRule, p: str = "assignment_rule") ->
                 c.fail(f"{p}.match.product_lines[{i}]", f"no such product line: productLines/{pid}")
     strategy = v["strategy"]
     if strategy is None:
-        c.fail(f"{p}.strategy", "is required: ROUND_ROBIN, LEAST_OPEN or FIXED_OWNER")
+        c.fail(
+            f"{p}.strategy",
+            "is required: ASSIGNMENT_STRATEGY_ROUND_ROBIN, ASSIGNMENT_STRATEGY_LEAST_OPEN or ASSIGNMENT_STRATEGY_FIXED_OWNER",
+        )
     if r.team:
         got = c.run(TEAM.parse, r.team, f"{p}.team")
         if got is not None:
