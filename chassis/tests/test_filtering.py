@@ -712,3 +712,16 @@ def test_fuzz_only_invalid_argument_or_a_query_that_runs(db):
             conn.execute(sa.select(sa.func.count()).select_from(items).where(expr)).scalar()
             ok += 1
     assert ok > 200 and failed > 200, (ok, failed)
+
+
+def test_a_jalali_date_is_read_as_the_persian_calendar_day():
+    """1405-01-01 is Nowruz 2026 (2026-03-21): a date field takes it as that day, a timestamp
+    field as midnight in Tehran; a day the Jalali calendar lacks is refused naming the filter."""
+    (day,) = [c.right.value for c in [SCHEMA.compile('due = "1405-01-01"')]]
+    assert day == dt.date(2026, 3, 21)
+    (ts,) = [c.right.value for c in [SCHEMA.compile('created >= "1405-01-01"')]]
+    assert ts == dt.datetime(2026, 3, 20, 20, 30, tzinfo=dt.UTC)
+    assert SCHEMA.compile('created >= "2026-03-21"').right.value == dt.datetime(2026, 3, 21, tzinfo=dt.UTC)
+    with pytest.raises(InvalidArgument) as err:
+        SCHEMA.compile('due = "1405-12-30"')  # 1405 is not a leap year: Esfand has 29 days
+    assert err.value.violations[0].field == "filter"

@@ -112,11 +112,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, NamedTuple, NoReturn
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.sql.elements import ColumnElement
 
+from . import persian
 from .errors import InvalidArgument
 from .pagination import PageTokens
 
@@ -487,24 +489,46 @@ def _convert(field: FilterField, op: str, tok: _Token) -> Any:
         return field.enum_values[tok.text]
     if t is FieldType.DATE:
         if tok.kind != "string" or not _DATE_RE.fullmatch(tok.text):
-            bad('a quoted date like "2026-01-31"')
-        try:
-            return dt.date.fromisoformat(tok.text)
-        except ValueError:
-            bad('a valid date like "2026-01-31"')
+            bad('a quoted date like "2026-01-31" or, Jalali, "1405-01-01"')
+        day = _day(tok.text)
+        if day is None:
+            bad('a valid date like "2026-01-31" or, Jalali, "1405-01-01"')
+        return day
     if t is FieldType.TIMESTAMP:
-        hint = 'like "2026-01-31T09:30:00Z" or "2026-01-31"'
+        hint = 'like "2026-01-31T09:30:00Z", "2026-01-31" or, Jalali, "1405-01-01"'
         if tok.kind != "string":
             bad("a quoted RFC 3339 timestamp", hint)
         try:
             if _DATE_RE.fullmatch(tok.text):
-                return dt.datetime.combine(dt.date.fromisoformat(tok.text), dt.time(), dt.UTC)
+                day = _day(tok.text)
+                if day is None:
+                    raise ValueError(tok.text)
+                # A Jalali day starts at midnight in Tehran (where people write them); a
+                # Gregorian date-only value at midnight UTC, as RFC 3339 dates are read.
+                zone = _TEHRAN if int(tok.text[:4]) < JALALI_BEFORE else dt.UTC
+                return dt.datetime.combine(day, dt.time(), zone)
             if _TIMESTAMP_RE.fullmatch(tok.text):
                 return _parse_rfc3339(tok.text)
         except (ValueError, OverflowError):
             pass
         bad("a valid RFC 3339 timestamp with a UTC offset", hint)
     raise AssertionError(t)  # pragma: no cover
+
+
+# A date whose year is below this is a Jalali (Persian calendar) date: 1405-01-01 is 2026-03-21.
+JALALI_BEFORE = 1700
+_TEHRAN = ZoneInfo("Asia/Tehran")
+
+
+def _day(text: str) -> dt.date | None:
+    """A YYYY-MM-DD date, Gregorian or (year below 1700) Jalali; None if there is no such day."""
+    y, m, d = (int(x) for x in text.split("-"))
+    if y < JALALI_BEFORE:
+        return persian.jalali_to_gregorian(y, m, d)
+    try:
+        return dt.date(y, m, d)
+    except ValueError:
+        return None
 
 
 def _parse_rfc3339(text: str) -> dt.datetime:
