@@ -1,23 +1,32 @@
-"""GetPipelineBoard: the open opportunities of a pipeline by stage, in one SQL statement:
+"""GetPipelineBoard: the open opportunities of a pipeline by stage, in one SQL statement (one
+snapshot), one row per card:
 
-    SELECT stage, totals, cards FROM stages (the pipeline's open ones, in order)
-      LEFT JOIN LATERAL (count, sum(amount), rotting count of the stage's open opportunities in
-                         the caller's scope and filters, GROUP BY currency, probability) AS totals
+    SELECT stage, totals, rotting, cards FROM stages (the pipeline's open ones, in order)
+      LEFT JOIN LATERAL (count, Σ amount, Σ weighted per currency of the stage's open
+                         opportunities in the caller's scope and filters) AS totals
+      LEFT JOIN LATERAL (how many of them are not rotting yet) AS fresh
       LEFT JOIN LATERAL (the stage's N largest of them) AS card
       LEFT JOIN opportunities (the N cards' names and close dates, by primary key)
 
-Both laterals read the partial index opportunities_board_cards (pipeline, stage, amount desc,
-id desc, covering owner, team, product line, currency, probability and stage entry time;
-migration 0006) alone — an index-only scan of the stage's range, the scope and filters checked
-in the index — the cards in index order, stopping after N. The weighted sum is
-sum(amount) × probability per (currency, probability) group, summed here (a handful of groups,
-not a multiplication per row), rounded once to the currency's minor unit.
+Without a product filter the totals come from opportunity_board_rollup (migration 0012: counts
+and exact sums per pipeline, stage, owner, team, product line and currency, kept by a trigger),
+a stage's few rows of it filtered by the same scope (Scope.visible on its owner and team
+columns) and filters; rotting = count − those entered after the stage's rotting limit, counted
+in the partial index opportunities_board_rotting (pipeline, stage, stage entry time, covering
+owner, team, product line) alone; the cards are read from opportunities_board_cards (pipeline,
+stage, amount desc, id desc, covering the scope's and filters' columns; migration 0011) in index
+order, stopping after N. Neither reads a row per open opportunity of the stage except the
+not-yet-rotting ones (those that entered it within its rotting days).
+
+A product filter ("has a line of this product") is not in the rollup: then the totals are the
+aggregate of the stage's range of opportunities_board_cards (GROUP BY currency, probability,
+the weighted sum made from those few groups), rotting counted in the same pass.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from decimal import Decimal
+from decimal import Decimal, localcontext
 
 import sqlalchemy as sa
 
@@ -29,11 +38,12 @@ from crm_chassis.uow import UnitOfWork
 from .access import Scope
 from .money import round_minor, to_money
 from .opportunities_core import PIPELINE, PRODUCT, PRODUCT_LINE, STAGE, TEAM, to_date
-from .tables import opportunities, opportunity_lines, pipelines, stages
+from .tables import opportunities, opportunity_board_rollup, opportunity_lines, pipelines, stages
 
 o = opportunities
+ru = opportunity_board_rollup
 DEFAULT_CARDS, MAX_CARDS = 10, 100
-HUNDRED = Decimal(100)
+ONE_PERCENT = sa.literal_column("0.01")  # × 0.01 is exact in numeric (÷ 100 may round)
 
 
 def _rotting(stage) -> sa.ColumnElement[bool]:
@@ -41,21 +51,44 @@ def _rotting(stage) -> sa.ColumnElement[bool]:
     return sa.func.coalesce(o.c.stage_enter_time < stage.c.rot_before, sa.false())
 
 
+def _filters(scope: Scope, owner_id, team_id, product_line_id, table) -> list[sa.ColumnElement[bool]]:
+    """The scope and the owner / team / product line filters, on opportunities or the rollup."""
+    cond = [scope.visible(table.c.owner_id, table.c.team_id)]
+    if owner_id:
+        cond.append(table.c.owner_id == owner_id)
+    if team_id:
+        cond.append(table.c.team_id == team_id)
+    if product_line_id:
+        cond.append(table.c.product_line_id == product_line_id)
+    return cond
+
+
+def _totals_json(per_currency) -> sa.ColumnElement:
+    return sa.func.json_agg(
+        sa.func.json_build_object(
+            "currency",
+            per_currency.c.currency,
+            "n",
+            per_currency.c.n,
+            "total",
+            per_currency.c.total.cast(sa.Text),
+            "weighted",
+            per_currency.c.weighted.cast(sa.Text),
+        )
+    )
+
+
 def board_query(
     pipeline_id: str, scope: Scope, *, owner="", team_id=None, product_line_id=None, product_id=None, cards=10
 ):
+    """The board's statement: one row per (stage, card), a stage without cards once; columns id,
+    name, probability, totals (JSON [{currency, n, total, weighted}]), rotting, the card's."""
     cond = [
         o.c.pipeline_id == pipeline_id,
         o.c.state == "open",
         o.c.delete_time.is_(None),
-        scope.visible(o.c.owner_id, o.c.team_id),
+        *_filters(scope, owner, team_id, product_line_id, o),
     ]
-    if owner:
-        cond.append(o.c.owner_id == owner)
-    if team_id:
-        cond.append(o.c.team_id == team_id)
-    if product_line_id:
-        cond.append(o.c.product_line_id == product_line_id)
     if product_id:
         cond.append(
             o.c.id.in_(
@@ -74,41 +107,10 @@ def board_query(
         .where(stages.c.pipeline_id == pipeline_id, stages.c.kind == "open")
         .subquery("s")
     )
-    # Per stage: count, sum and rotting count per (currency, probability) — few groups, so the
-    # weighted sum (sum × probability) is made from them, not a multiplication per row.
-    grouped = (
-        sa.select(
-            o.c.currency_code.label("currency"),
-            o.c.probability.label("probability"),
-            sa.func.count().label("n"),
-            sa.func.sum(o.c.amount).label("total"),
-            sa.func.count().filter(_rotting(s)).label("rotting"),
-        )
-        .where(*cond, o.c.stage_id == s.c.id)
-        .group_by(o.c.currency_code, o.c.probability)
-        .correlate(s)
-        .subquery("g")
-    )
-    totals = (
-        sa.select(
-            sa.func.json_agg(
-                sa.func.json_build_object(
-                    "currency",
-                    grouped.c.currency,
-                    "probability",
-                    grouped.c.probability.cast(sa.Text),
-                    "n",
-                    grouped.c.n,
-                    "total",
-                    grouped.c.total.cast(sa.Text),
-                    "rotting",
-                    grouped.c.rotting,
-                )
-            ).label("totals")
-        )
-        .select_from(grouped)
-        .lateral("t")
-    )
+    if product_id:
+        totals, rotting, extra = _scanned_totals(s, cond)
+    else:
+        totals, rotting, extra = _rolled_up_totals(s, cond, pipeline_id, scope, owner, team_id, product_line_id)
     # The cards: the stage's N largest, read from the index alone (every column here is in
     # opportunities_board_cards, so the scope and filters are checked without visiting the
     # table), then the N rows' names and dates by primary key.
@@ -127,21 +129,102 @@ def board_query(
         .lateral("card")
     )
     named = o.alias("named")
+    source = s.outerjoin(totals, sa.true())
+    for lateral in extra:
+        source = source.outerjoin(lateral, sa.true())
     return (
         sa.select(
             s.c.id,
             s.c.name,
             s.c.probability,
             totals.c.totals,
+            rotting.label("rotting"),
             top,
             named.c.name.label("card_name"),
             named.c.expected_close_date.label("card_close_date"),
         )
-        .select_from(
-            s.outerjoin(totals, sa.true()).outerjoin(top, sa.true()).outerjoin(named, named.c.id == top.c.card_id)
-        )
+        .select_from(source.outerjoin(top, sa.true()).outerjoin(named, named.c.id == top.c.card_id))
         .order_by(s.c.position, top.c.card_amount.desc(), top.c.card_id.desc())
     )
+
+
+def _rolled_up_totals(s, cond, pipeline_id, scope, owner, team_id, product_line_id):
+    """Counts and sums from the stage's rows of the rollup; rotting = count − not rotting yet."""
+    per_currency = (
+        sa.select(
+            ru.c.currency_code.label("currency"),
+            sa.func.sum(ru.c.open_count).cast(sa.BigInteger).label("n"),
+            sa.func.sum(ru.c.amount).label("total"),
+            sa.func.sum(ru.c.weighted_amount).label("weighted"),
+        )
+        .where(
+            ru.c.pipeline_id == pipeline_id,
+            ru.c.stage_id == s.c.id,
+            *_filters(scope, owner, team_id, product_line_id, ru),
+        )
+        .group_by(ru.c.currency_code)
+        .having(sa.func.sum(ru.c.open_count) > 0)  # keys whose count went back to 0 stay in the table
+        .correlate(s)
+        .subquery("c")
+    )
+    totals = (
+        sa.select(
+            _totals_json(per_currency).label("totals"), sa.func.sum(per_currency.c.n).cast(sa.BigInteger).label("n")
+        )
+        .select_from(per_currency)
+        .lateral("t")
+    )
+    # Not rotting yet: entered the stage at or after its limit (a range of opportunities_board_rotting;
+    # a stage without rotting days is not scanned at all).
+    fresh = (
+        sa.select(sa.func.count().label("n"))
+        .where(*cond, o.c.stage_id == s.c.id, s.c.rot_before.is_not(None), o.c.stage_enter_time >= s.c.rot_before)
+        .correlate(s)
+        .lateral("f")
+    )
+    rotting = sa.case(
+        (s.c.rot_before.is_(None), 0),
+        else_=sa.func.coalesce(totals.c.n, 0) - sa.func.coalesce(fresh.c.n, 0),
+    )
+    return totals, rotting, [fresh]
+
+
+def _scanned_totals(s, cond):
+    """Counts, sums and rotting from the stage's open opportunities themselves (product filter):
+    GROUP BY currency, probability (few groups), the weighted sum made from those groups."""
+    grouped = (
+        sa.select(
+            o.c.currency_code.label("currency"),
+            o.c.probability.label("probability"),
+            sa.func.count().label("n"),
+            sa.func.sum(o.c.amount).label("total"),
+            sa.func.count().filter(_rotting(s)).label("rotting"),
+        )
+        .where(*cond, o.c.stage_id == s.c.id)
+        .group_by(o.c.currency_code, o.c.probability)
+        .correlate(s)
+        .subquery("g")
+    )
+    per_currency = (
+        sa.select(
+            grouped.c.currency,
+            sa.func.sum(grouped.c.n).cast(sa.BigInteger).label("n"),
+            sa.func.sum(grouped.c.total).label("total"),
+            sa.func.sum(grouped.c.total * grouped.c.probability * ONE_PERCENT).label("weighted"),
+            sa.func.sum(grouped.c.rotting).cast(sa.BigInteger).label("rotting"),
+        )
+        .group_by(grouped.c.currency)
+        .subquery("c")
+    )
+    totals = (
+        sa.select(
+            _totals_json(per_currency).label("totals"),
+            sa.func.sum(per_currency.c.rotting).cast(sa.BigInteger).label("rotting"),
+        )
+        .select_from(per_currency)
+        .lateral("t")
+    )
+    return totals, sa.func.coalesce(totals.c.rotting, 0), []
 
 
 def _ref(value: str, pattern, field: str):
@@ -169,7 +252,13 @@ def board(uow: UnitOfWork, req: pb.GetPipelineBoardRequest, principal: Principal
         rows = conn.execute(stmt).all()
         if not rows and conn.execute(sa.select(pipelines.c.id).where(pipelines.c.id == pipeline_id)).first() is None:
             raise PIPELINE.not_found(req.pipeline)
-    out = pb.PipelineBoard(pipeline=req.pipeline)
+    with localcontext() as ctx:
+        ctx.prec = 80  # exact sums of exact sums (the weighted ones carry 13 decimals)
+        return _assemble(req.pipeline, pipeline_id, rows)
+
+
+def _assemble(name: str, pipeline_id: str, rows) -> pb.PipelineBoard:
+    out = pb.PipelineBoard(pipeline=name)
     grand = {"n": 0, "total": defaultdict(Decimal), "weighted": defaultdict(Decimal)}
     columns: dict[str, pb.PipelineBoardStage] = {}
     for r in rows:
@@ -183,11 +272,11 @@ def board(uow: UnitOfWork, req: pb.GetPipelineBoardRequest, principal: Principal
             amounts: dict[str, Decimal] = defaultdict(Decimal)
             weighted: dict[str, Decimal] = defaultdict(Decimal)
             for t in r.totals or []:
-                cur, total = t["currency"], Decimal(t["total"])
+                cur = t["currency"]
                 col.count += t["n"]
-                col.rotting_count += t["rotting"]
-                amounts[cur] += total
-                weighted[cur] += total * Decimal(t["probability"]) / HUNDRED
+                amounts[cur] += Decimal(t["total"])
+                weighted[cur] += Decimal(t["weighted"])
+            col.rotting_count = int(r.rotting)
             for cur in sorted(amounts):
                 col.amounts.append(to_money(round_minor(amounts[cur], cur), cur))
                 col.weighted_amounts.append(to_money(round_minor(weighted[cur], cur), cur))
