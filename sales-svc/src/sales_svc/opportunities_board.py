@@ -109,25 +109,9 @@ def board_query(
     )
     if product_id:
         totals, rotting, extra = _scanned_totals(s, cond)
+        top = _largest(s, cond, cards).lateral("card")
     else:
-        totals, rotting, extra = _rolled_up_totals(s, cond, pipeline_id, scope, owner, team_id, product_line_id)
-    # The cards: the stage's N largest, read from the index alone (every column here is in
-    # opportunities_board_cards, so the scope and filters are checked without visiting the
-    # table), then the N rows' names and dates by primary key.
-    top = (
-        sa.select(
-            o.c.id.label("card_id"),
-            o.c.amount.label("card_amount"),
-            o.c.currency_code.label("card_currency"),
-            o.c.owner_id.label("card_owner"),
-            o.c.probability.label("card_probability"),
-            _rotting(s).label("card_rotting"),
-        )
-        .where(*cond, o.c.stage_id == s.c.id)
-        .order_by(o.c.amount.desc(), o.c.id.desc())
-        .limit(cards)
-        .lateral("card")
-    )
+        totals, rotting, extra, top = _rolled_up(s, cond, pipeline_id, scope, owner, team_id, product_line_id, cards)
     named = o.alias("named")
     source = s.outerjoin(totals, sa.true())
     for lateral in extra:
@@ -148,8 +132,37 @@ def board_query(
     )
 
 
-def _rolled_up_totals(s, cond, pipeline_id, scope, owner, team_id, product_line_id):
-    """Counts and sums from the stage's rows of the rollup; rotting = count − not rotting yet."""
+def _card_columns(s, amount=o.c.amount):
+    return (
+        o.c.id.label("card_id"),
+        amount.label("card_amount"),
+        o.c.currency_code.label("card_currency"),
+        o.c.owner_id.label("card_owner"),
+        o.c.probability.label("card_probability"),
+        _rotting(s).label("card_rotting"),
+    )
+
+
+def _largest(s, cond, cards, *gate) -> sa.Select:
+    """The stage's N largest in the order of opportunities_board_cards, stopping after N: every
+    column here is in that index, so the scope and filters are checked without visiting the
+    table (then the N rows' names and dates by primary key)."""
+    return (
+        sa.select(*_card_columns(s))
+        .where(*cond, o.c.stage_id == s.c.id, *gate)
+        .order_by(o.c.amount.desc(), o.c.id.desc())
+        .limit(cards)
+    )
+
+
+def _rolled_up(s, cond, pipeline_id, scope, owner, team_id, product_line_id, cards):
+    """Counts and sums from the stage's rows of the rollup; rotting = count − not rotting yet,
+    counted owner by owner (the visible owners of the stage, from the rollup) in
+    opportunities_board_owner; the cards from opportunities_board_cards in order when the
+    caller sees much of the stage, else from the visible owners' entries of
+    opportunities_board_owner; nothing read at all for a stage where the caller sees nothing."""
+    mine = _filters(scope, owner, team_id, product_line_id, ru)
+    here = [ru.c.pipeline_id == pipeline_id, ru.c.stage_id == s.c.id]
     per_currency = (
         sa.select(
             ru.c.currency_code.label("currency"),
@@ -157,11 +170,7 @@ def _rolled_up_totals(s, cond, pipeline_id, scope, owner, team_id, product_line_
             sa.func.sum(ru.c.amount).label("total"),
             sa.func.sum(ru.c.weighted_amount).label("weighted"),
         )
-        .where(
-            ru.c.pipeline_id == pipeline_id,
-            ru.c.stage_id == s.c.id,
-            *_filters(scope, owner, team_id, product_line_id, ru),
-        )
+        .where(*here, *mine)
         .group_by(ru.c.currency_code)
         .having(sa.func.sum(ru.c.open_count) > 0)  # keys whose count went back to 0 stay in the table
         .correlate(s)
@@ -174,19 +183,47 @@ def _rolled_up_totals(s, cond, pipeline_id, scope, owner, team_id, product_line_
         .select_from(per_currency)
         .lateral("t")
     )
-    # Not rotting yet: entered the stage at or after its limit (a range of opportunities_board_rotting;
-    # a stage without rotting days is not scanned at all).
+    keys = sa.select(
+        sa.select(sa.func.array_agg(sa.distinct(ru.c.owner_id)))
+        .where(*here, *mine, ru.c.open_count > 0)
+        .correlate(s)
+        .scalar_subquery()
+        .label("owners"),
+        sa.select(sa.func.sum(ru.c.open_count)).where(*here).correlate(s).scalar_subquery().label("all_n"),
+    ).lateral("k")
+    visible_owner = o.c.owner_id == sa.func.any(keys.c.owners)
+    # Not rotting yet: entered the stage at or after its limit (a stage without rotting days,
+    # or where the caller sees nothing, is not read at all).
     fresh = (
         sa.select(sa.func.count().label("n"))
-        .where(*cond, o.c.stage_id == s.c.id, s.c.rot_before.is_not(None), o.c.stage_enter_time >= s.c.rot_before)
-        .correlate(s)
+        .where(
+            s.c.rot_before.is_not(None),
+            keys.c.owners.is_not(None),
+            *cond,
+            o.c.stage_id == s.c.id,
+            visible_owner,
+            o.c.stage_enter_time >= s.c.rot_before,
+        )
         .lateral("f")
     )
     rotting = sa.case(
         (s.c.rot_before.is_(None), 0),
         else_=sa.func.coalesce(totals.c.n, 0) - sa.func.coalesce(fresh.c.n, 0),
     )
-    return totals, rotting, [fresh]
+    # Reading the cards index in order finds N visible ones after about N × all / visible
+    # entries; the visible owners' entries are `visible`: whichever is fewer.
+    dense = totals.c.n * totals.c.n >= cards * keys.c.all_n
+    in_order = _largest(s, cond, cards, dense).correlate(s, totals, keys).subquery("in_order")
+    by_owner = (  # (amount + 0: sorted, not read in the cards index's order)
+        sa.select(*_card_columns(s, amount=o.c.amount + sa.literal_column("0")))
+        .where(*cond, o.c.stage_id == s.c.id, sa.not_(dense), visible_owner)
+        .order_by((o.c.amount + sa.literal_column("0")).desc(), o.c.id.desc())
+        .limit(cards)
+        .correlate(s, totals, keys)
+        .subquery("by_owner")
+    )
+    top = sa.union_all(sa.select(in_order), sa.select(by_owner)).lateral("card")
+    return totals, rotting, [keys, fresh], top
 
 
 def _scanned_totals(s, cond):

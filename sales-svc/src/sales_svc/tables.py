@@ -249,12 +249,13 @@ opportunities = sa.Table(
     sa.CheckConstraint(f"forecast_category IN {FORECAST_CATEGORIES!r}", name="opportunities_category"),
     sa.CheckConstraint(f"state IN {OPPORTUNITY_STATES!r}", name="opportunities_state"),
 )
-sa.Index(  # the board's rotting counts (0012; it replaced "opportunities_board" (pipeline, stage))
-    "opportunities_board_rotting",
+sa.Index(  # the board's rotting counts and narrow scopes' cards (0012; replaced "opportunities_board")
+    "opportunities_board_owner",
     opportunities.c.pipeline_id,
     opportunities.c.stage_id,
+    opportunities.c.owner_id,
     opportunities.c.stage_enter_time,
-    postgresql_include=["owner_id", "team_id", "product_line_id"],
+    postgresql_include=["team_id", "product_line_id", "amount", "currency_code", "probability", "id"],
     postgresql_where=sa.and_(opportunities.c.state == "open", opportunities.c.delete_time.is_(None)),
 )
 sa.Index(
