@@ -25,6 +25,7 @@ the weighted sum made from those few groups), rotting counted in the same pass.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from decimal import Decimal, localcontext
 
@@ -35,10 +36,10 @@ from crm_chassis.auth import Principal
 from crm_chassis.errors import InvalidArgument
 from crm_chassis.uow import UnitOfWork
 
-from .access import Scope
+from .access import Reach, Scope
 from .money import round_minor, to_money
 from .opportunities_core import PIPELINE, PRODUCT, PRODUCT_LINE, STAGE, TEAM, to_date
-from .tables import opportunities, opportunity_board_rollup, opportunity_lines, pipelines, stages
+from .tables import UUID, opportunities, opportunity_board_rollup, opportunity_lines, pipelines, stages
 
 o = opportunities
 ru = opportunity_board_rollup
@@ -51,14 +52,19 @@ def _rotting(stage) -> sa.ColumnElement[bool]:
     return sa.func.coalesce(o.c.stage_enter_time < stage.c.rot_before, sa.false())
 
 
+def _given(value) -> bool:
+    """A filter value given (a bound parameter counts: the statement is built once per shape)."""
+    return isinstance(value, sa.BindParameter) or bool(value)
+
+
 def _filters(scope: Scope, owner_id, team_id, product_line_id, table) -> list[sa.ColumnElement[bool]]:
     """The scope and the owner / team / product line filters, on opportunities or the rollup."""
     cond = [scope.visible(table.c.owner_id, table.c.team_id)]
-    if owner_id:
+    if _given(owner_id):
         cond.append(table.c.owner_id == owner_id)
-    if team_id:
+    if _given(team_id):
         cond.append(table.c.team_id == team_id)
-    if product_line_id:
+    if _given(product_line_id):
         cond.append(table.c.product_line_id == product_line_id)
     return cond
 
@@ -89,7 +95,7 @@ def board_query(
         o.c.delete_time.is_(None),
         *_filters(scope, owner, team_id, product_line_id, o),
     ]
-    if product_id:
+    if _given(product_id):
         cond.append(
             o.c.id.in_(
                 sa.select(opportunity_lines.c.opportunity_id).where(opportunity_lines.c.product_id == product_id)
@@ -107,7 +113,7 @@ def board_query(
         .where(stages.c.pipeline_id == pipeline_id, stages.c.kind == "open")
         .subquery("s")
     )
-    if product_id:
+    if _given(product_id):
         totals, rotting, extra = _scanned_totals(s, cond)
         top = _largest(s, cond, cards).lateral("card")
     else:
@@ -264,6 +270,21 @@ def _scanned_totals(s, cond):
     return totals, sa.func.coalesce(totals.c.rotting, 0), []
 
 
+@functools.lru_cache(maxsize=64)
+def _statement(reach: Reach, owner: bool, team: bool, product_line: bool, product: bool) -> sa.Select:
+    """board_query with bound parameters (pipeline_id, subject, owner, team_id, product_line_id,
+    product_id, cards), built once per shape: building it costs more than running it."""
+    return board_query(
+        sa.bindparam("pipeline_id", type_=UUID),
+        Scope(sa.bindparam("subject", type_=sa.Text), reach),
+        owner=sa.bindparam("owner", type_=sa.Text) if owner else "",
+        team_id=sa.bindparam("team_id", type_=UUID) if team else None,
+        product_line_id=sa.bindparam("product_line_id", type_=UUID) if product_line else None,
+        product_id=sa.bindparam("product_id", type_=UUID) if product else None,
+        cards=sa.bindparam("cards", type_=sa.Integer),
+    )
+
+
 def _ref(value: str, pattern, field: str):
     return pattern.parse(value, field).id if value else None
 
@@ -276,17 +297,22 @@ def board(uow: UnitOfWork, req: pb.GetPipelineBoardRequest, principal: Principal
     if req.card_limit < 0:
         raise InvalidArgument.field("card_limit", "must not be negative")
     cards = min(req.card_limit or DEFAULT_CARDS, MAX_CARDS)
-    stmt = board_query(
-        pipeline_id,
-        Scope.of(principal),
-        owner=req.owner.strip(),
-        team_id=team_id,
-        product_line_id=product_line_id,
-        product_id=product_id,
-        cards=cards,
+    scope = Scope.of(principal)
+    owner = req.owner.strip()
+    stmt = _statement(
+        scope.reach, bool(owner), team_id is not None, product_line_id is not None, product_id is not None
     )
+    params = {
+        "pipeline_id": pipeline_id,
+        "subject": scope.subject,
+        "owner": owner,
+        "team_id": team_id,
+        "product_line_id": product_line_id,
+        "product_id": product_id,
+        "cards": cards,
+    }
     with uow.read() as conn:
-        rows = conn.execute(stmt).all()
+        rows = conn.execute(stmt, params).all()
         if not rows and conn.execute(sa.select(pipelines.c.id).where(pipelines.c.id == pipeline_id)).first() is None:
             raise PIPELINE.not_found(req.pipeline)
     with localcontext() as ctx:
