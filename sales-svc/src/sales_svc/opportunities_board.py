@@ -4,23 +4,29 @@ snapshot), one row per card:
     SELECT stage, totals, rotting, cards FROM stages (the pipeline's open ones, in order)
       LEFT JOIN LATERAL (count, Σ amount, Σ weighted per currency of the stage's open
                          opportunities in the caller's scope and filters) AS totals
+      LEFT JOIN LATERAL (the visible owners of the stage, and its count for everyone) AS keys
       LEFT JOIN LATERAL (how many of them are not rotting yet) AS fresh
       LEFT JOIN LATERAL (the stage's N largest of them) AS card
       LEFT JOIN opportunities (the N cards' names and close dates, by primary key)
 
-Without a product filter the totals come from opportunity_board_rollup (migration 0012: counts
-and exact sums per pipeline, stage, owner, team, product line and currency, kept by a trigger),
-a stage's few rows of it filtered by the same scope (Scope.visible on its owner and team
-columns) and filters; rotting = count − those entered after the stage's rotting limit, counted
-in the partial index opportunities_board_rotting (pipeline, stage, stage entry time, covering
-owner, team, product line) alone; the cards are read from opportunities_board_cards (pipeline,
-stage, amount desc, id desc, covering the scope's and filters' columns; migration 0011) in index
-order, stopping after N. Neither reads a row per open opportunity of the stage except the
-not-yet-rotting ones (those that entered it within its rotting days).
+Without a product filter the totals and keys come from opportunity_board_rollup (migration
+0012: counts and exact sums per pipeline, stage, owner, team, product line and currency, kept
+by a trigger), a stage's few rows of it filtered by the same scope (Scope.visible on its owner
+and team columns) and filters. Rotting = count − those entered at or after the stage's rotting
+limit, counted owner by owner (the visible owners) in the partial index
+opportunities_board_owner (pipeline, stage, owner, stage entry time, covering the rest) alone.
+The cards: if the caller sees much of the stage, opportunities_board_cards (pipeline, stage,
+amount desc, id desc, covering the scope's and filters' columns; migration 0011) in index
+order, stopping after N; else the visible owners' entries of opportunities_board_owner, top N.
+A stage the caller sees nothing of reads no opportunity; otherwise only the caller's
+not-yet-rotting ones are read one by one (and, for a narrow scope, the caller's ones).
 
 A product filter ("has a line of this product") is not in the rollup: then the totals are the
 aggregate of the stage's range of opportunities_board_cards (GROUP BY currency, probability,
-the weighted sum made from those few groups), rotting counted in the same pass.
+the weighted sum made from those few groups), rotting counted in the same pass, the cards in
+that index's order.
+
+The statement is built once per shape (scope reach, which filters) with bound parameters.
 """
 
 from __future__ import annotations
