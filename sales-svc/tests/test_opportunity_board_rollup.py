@@ -1,9 +1,10 @@
 """The pipeline board's rollup (migration 0012): after every kind of write — creates, stage
 moves, amount / probability / owner / team / product line / currency changes, win, lose,
 reopen, soft and hard deletes, multi-row updates, concurrent creates and crossing moves from
-threads — opportunity_board_rollup equals a fresh GROUP BY over opportunities; the migration's
-backfill does too; and the board read from it equals the board computed from the rows
-themselves (the product filter's path) for every scope and filter."""
+threads — opportunity_board_rollup equals a fresh GROUP BY over opportunities; a move locks the
+two rollup rows in key order; the migration's backfill is exact too; and the board read from it
+equals the board computed from the rows themselves (the product filter's path) for every scope
+and filter."""
 
 from __future__ import annotations
 
@@ -410,3 +411,60 @@ def test_the_rolled_up_board_equals_the_board_computed_from_the_rows(svc, stub):
     assert admin_board.total_count == 40 - 5 - 1  # five won, one deleted
     assert sum(s.rotting_count for s in admin_board.stages) > 0
     assert any(len(s.amounts) == 2 for s in admin_board.stages)  # IRR and USD side by side
+
+
+def test_a_move_takes_the_two_rollup_rows_in_key_order(svc, stub):
+    """The trigger touches the lower key first whatever the direction of the move (so that two
+    crossing moves cannot wait for each other in a cycle): with the higher key's row held by
+    another transaction, a move from the higher key to the lower one has already locked the
+    lower row when it waits."""
+    eng = svc.ctx.engine
+    pid, sids = make_pipeline(eng, SPECS)
+    low, high = sorted(sids[:2], key=str)
+    who = rep(f"order-{uuid.uuid4().hex[:6]}")
+    x = create(stub, who, pipeline=f"pipelines/{pid}", stage=stage(pid, high), amount=irr(10))
+    create(stub, who, pipeline=f"pipelines/{pid}", stage=stage(pid, low), amount=irr(20))  # the low key's row exists
+    row = sa.text(
+        "SELECT 1 FROM opportunity_board_rollup WHERE pipeline_id = :p AND stage_id = :s AND owner_id = :o "
+        "FOR UPDATE NOWAIT"
+    )
+    owner = x.owner
+    holder = eng.connect()
+    holder.begin()
+    holder.execute(row, {"p": pid, "s": high, "o": owner})  # the high key's row, held
+    mover_pid: list[int] = []
+    done: list[BaseException | None] = []
+
+    def mover():
+        try:
+            with eng.begin() as conn:
+                mover_pid.append(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar())
+                conn.execute(opportunities.update().where(opportunities.c.id == oid(x)).values(stage_id=low))
+            done.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            done.append(exc)
+
+    t = threading.Thread(target=mover)
+    t.start()
+    try:
+        with eng.connect() as probe:  # until the mover waits for a lock
+            for _ in range(200):
+                waiting = (
+                    mover_pid
+                    and probe.execute(
+                        sa.text("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = :p"),
+                        {"p": mover_pid[0]},
+                    ).scalar()
+                )
+                if waiting:
+                    break
+                threading.Event().wait(0.05)
+            assert waiting
+        with pytest.raises(sa.exc.OperationalError, match="could not obtain lock"), holder.begin_nested():
+            holder.execute(row, {"p": pid, "s": low, "o": owner})  # the low key's row: the mover has it
+    finally:
+        holder.rollback()
+        holder.close()
+        t.join(30)
+    assert done == [None]
+    assert_exact(eng)
