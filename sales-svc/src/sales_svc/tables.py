@@ -249,10 +249,13 @@ opportunities = sa.Table(
     sa.CheckConstraint(f"forecast_category IN {FORECAST_CATEGORIES!r}", name="opportunities_category"),
     sa.CheckConstraint(f"state IN {OPPORTUNITY_STATES!r}", name="opportunities_state"),
 )
-sa.Index(
-    "opportunities_board",
+sa.Index(  # the board's rotting counts and narrow scopes' cards (0012; replaced "opportunities_board")
+    "opportunities_board_owner",
     opportunities.c.pipeline_id,
     opportunities.c.stage_id,
+    opportunities.c.owner_id,
+    opportunities.c.stage_enter_time,
+    postgresql_include=["team_id", "product_line_id", "amount", "currency_code", "probability", "id"],
     postgresql_where=sa.and_(opportunities.c.state == "open", opportunities.c.delete_time.is_(None)),
 )
 sa.Index(
@@ -270,6 +273,31 @@ sa.Index(
     opportunities.c.search_text,
     postgresql_using="gin",
     postgresql_ops={"search_text": "gin_trgm_ops"},
+)
+
+# The pipeline board's counts and sums: the open, not deleted opportunities per key, kept exact by
+# the trigger opportunities_board_rollup (migration 0012; never written by the service itself).
+opportunity_board_rollup = sa.Table(
+    "opportunity_board_rollup",
+    metadata,
+    sa.Column("pipeline_id", UUID, nullable=False),
+    sa.Column("stage_id", UUID, nullable=False),
+    sa.Column("owner_id", sa.Text, nullable=False),
+    sa.Column("team_id", UUID),
+    sa.Column("product_line_id", UUID),
+    sa.Column("currency_code", sa.Text, nullable=False),
+    sa.Column("open_count", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("amount", sa.Numeric, nullable=False, server_default="0"),  # Σ amount
+    sa.Column("weighted_amount", sa.Numeric, nullable=False, server_default="0"),  # Σ amount × probability / 100
+)
+sa.Index(
+    "opportunity_board_rollup_key",
+    *(
+        opportunity_board_rollup.c[c]
+        for c in ("pipeline_id", "stage_id", "owner_id", "team_id", "product_line_id", "currency_code")
+    ),
+    unique=True,
+    postgresql_nulls_not_distinct=True,
 )
 
 opportunity_lines = sa.Table(
