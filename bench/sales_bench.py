@@ -163,7 +163,7 @@ class RawSql:
 
     def profile(self, fn, n: int = 50) -> dict:
         """fn() run in-process n times (no gRPC): its wall time, its statements and the time
-        spent in each (cursor execute to return; commits not included), and EXPLAIN ANALYZE of
+        spent in each (cursor execute to return; the commit is in the rest), and EXPLAIN ANALYZE of
         the last call's statements replayed in a transaction that is rolled back."""
         fn()
         totals, sqls, each = [], [], []
@@ -201,7 +201,7 @@ class RawSql:
             "statements_per_call": max(len(e) for e in each),
             "server_execution_ms": ms(sum(executed)),
             "sql_p50_ms": ms(pct(sqls, 50)),
-            "outside_sql_p50_ms": ms(pct([t - q for t, q in zip(totals, sqls, strict=True)], 50)),
+            "commit_and_python_p50_ms": ms(pct([t - q for t, q in zip(totals, sqls, strict=True)], 50)),
             "slowest_statement": max(stmts, key=lambda x: x["p50_ms"])["statement"][:60] if stmts else "",
             "slowest_p50_ms": max((x["p50_ms"] for x in stmts), default=0),
             "statements": stmts,
@@ -691,7 +691,7 @@ def main() -> int:
                         "statements_per_call",
                         "sql_p50_ms",
                         "server_execution_ms",
-                        "outside_sql_p50_ms",
+                        "commit_and_python_p50_ms",
                         "slowest_p50_ms",
                         "slowest_statement",
                     ],
