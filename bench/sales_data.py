@@ -81,7 +81,7 @@ def load(engine: sa.Engine, n_leads: int, n_opps: int, n_open: int, say=print) -
                 owner_id, team_id, product_line_id, source, search_text, create_time, update_time)
             SELECT md5('opp' || g)::uuid, 'Deal ' || g, md5('cust' || (g % 300000))::uuid::text,
                 bs.pipeline_id, bs.stage_id, ts - interval '3 days',
-                (1000000 + (g * 7919) % 900000000)::numeric, 'IRR',
+                (1000000 + (g::bigint * 7919) % 900000000)::numeric, 'IRR',
                 date '2025-03-21' + (g % 730),
                 bs.probability,
                 CASE WHEN bs.kind = 'won' THEN 'closed' WHEN bs.kind = 'lost' THEN 'omitted'
