@@ -190,16 +190,22 @@ class RawSql:
                     plans.append({"statement": " ".join(st.split())[:160], "plan": [r[0] for r in rows]})
                 except psycopg.Error as e:
                     plans.append({"statement": " ".join(st.split())[:160], "error": str(e).strip()})
-        executed = [
-            float(line.split(":")[1].split()[0])
-            for p in plans
-            for line in p.get("plan", [])
-            if line.startswith("Execution Time:")
-        ]
+
+        def server_ms(label: str):  # summed over the replayed statements; "" if none replayed
+            got = [
+                float(line.split(":")[1].split()[0])
+                for p in plans
+                for line in p.get("plan", [])
+                if line.startswith(label)
+            ]
+            return ms(sum(got)) if got else ""
+
         return {
             "in_process_p50_ms": ms(pct(totals, 50)),
             "statements_per_call": max(len(e) for e in each),
-            "server_execution_ms": ms(sum(executed)),
+            "server_planning_ms": server_ms("Planning Time:"),
+            "server_execution_ms": server_ms("Execution Time:"),
+            "replayed": f"{sum('plan' in p for p in plans)}/{len(plans)}",
             "sql_p50_ms": ms(pct(sqls, 50)),
             "commit_and_python_p50_ms": ms(pct([t - q for t, q in zip(totals, sqls, strict=True)], 50)),
             "slowest_statement": max(stmts, key=lambda x: x["p50_ms"])["statement"][:60] if stmts else "",
@@ -690,7 +696,9 @@ def main() -> int:
                         "in_process_p50_ms",
                         "statements_per_call",
                         "sql_p50_ms",
+                        "server_planning_ms",
                         "server_execution_ms",
+                        "replayed",
                         "commit_and_python_p50_ms",
                         "slowest_p50_ms",
                         "slowest_statement",
