@@ -8,16 +8,19 @@ a customer-svc process of its own (CUSTOMER_SVC_ADDR) on another fresh database.
 sits beside a baseline measured in the same run:
 
 1. GetPipelineBoard of pipeline 'Bench A' (BENCH_BOARD_CALLS calls, one at a time) as admin, a
-   manager (mgr7) and a rep (rep7): p50/p95/p99 beside the empty RPC (health Check) and beside
-   the service's statements (captured by running sales_svc.opportunities_board in-process)
+   manager (mgr7) and a rep (rep7), and mgr4 / rep4 (mgr7's and rep7's records are all in
+   pipeline B, see CALLERS): p50/p95/p99 beside the empty RPC (health Check) and beside the
+   service's statements (captured by running sales_svc.opportunities_board in-process)
    replayed with plain psycopg. Goal p95 < 50 ms.
 2. GetForecast of a Jalali quarter by owner (BENCH_FORECAST_CALLS calls) as admin and as the
-   manager: p50/p95 beside the captured SQL. Goal p95 < 300 ms.
+   managers mgr7 and mgr4: p50/p95 beside the captured SQL. Goal p95 < 300 ms.
 3. ListOpportunities and ListLeads (page_size 50, newest first, as admin): the keyset tokens
    walked to page BENCH_LIST_PAGE, page 1 vs the deep page (p50 of 30 calls each) beside the
-   captured keyset SQL. Goal: alike.
+   captured keyset SQL. Goal: alike (read here as the deep page's p50 at most 1.5 x page 1's).
 4. CreateOpportunity and CreateLead at 1 and 8 callers beside MinimalWrite (an INSERT and an
-   outbox INSERT, same server) and the empty RPC. Goal CreateX / MinimalWrite >= 0.75.
+   outbox INSERT, same server) and the empty RPC. Goal CreateX / MinimalWrite >= 0.75. Then the
+   same work in-process (no gRPC): its statements, their client-side time, and their server
+   planning and execution time from EXPLAIN ANALYZE replayed in a rolled-back transaction.
 5. ConvertLead (BENCH_CONVERT fresh leads, one at a time): p50/p95 beside CreateCustomer on the
    same customer-svc (the call ConvertLead makes) and CreateOpportunity.
 
