@@ -20,7 +20,9 @@ from .runtime import Sales
 from .tables import leads
 
 
-def on_lead_saved(tx: Transaction, lead_id: str, created: bool, principal: Principal | None) -> None:
+def on_lead_saved(
+    tx: Transaction, lead_id: str, created: bool, principal: Principal | None, row: sa.Row | None = None
+) -> None:
     """Assign an unowned new lead by the assignment rules and recompute its score (both in the
     caller's transaction).
 
@@ -32,16 +34,19 @@ def on_lead_saved(tx: Transaction, lead_id: str, created: bool, principal: Princ
 
     The version is not bumped here: the caller's write in this transaction already moved it.
     Call it after writing the lead and before building the lead's event or response (re-read the
-    row: owner, team, assign_time and score may have changed)."""
+    row: owner, team, assign_time and score may have changed). `row`: the lead's row as just
+    written, when the caller has it (saves reading it again)."""
     conn = tx.conn
-    lead = conn.execute(sa.select(leads).where(leads.c.id == lead_id)).one_or_none()
+    lead = row if row is not None else conn.execute(sa.select(leads).where(leads.c.id == lead_id)).one_or_none()
     if lead is None or lead.delete_time is not None:
         return
     if created and not lead.owner_id:
         rules_assignment.assign_new(tx, lead)
     elif not created and principal is not None and lead.owner_id and principal.subject == lead.owner_id:
         rules_assignment.touch(conn, lead_id)
-    rules_scoring.rescore_lead(conn, lead_id, bump=False)
+    terms = rules_scoring.terms(conn)
+    if terms or not created:  # a new lead's score is 0, which no rules leave as it is
+        rules_scoring.rescore_lead(conn, lead_id, bump=False, ts=terms)
 
 
 def touch(tx: Transaction | sa.Connection, lead_id: str) -> None:

@@ -70,12 +70,12 @@ MOVES = {
 CONVERTIBLE = ("new", "contacted", "qualified")
 
 # Statements built once (a statement built per call costs more than its round trip).
-_INSERT = pg_insert(leads).on_conflict_do_nothing(index_elements=["request_id"]).returning(leads.c.id)
+_INSERT = pg_insert(leads).on_conflict_do_nothing(index_elements=["request_id"]).returning(*leads.c)
 _INSERT_OWNED = (
     pg_insert(leads)
     .values(assign_time=sa.func.now())
     .on_conflict_do_nothing(index_elements=["request_id"])
-    .returning(leads.c.id)
+    .returning(*leads.c)
 )
 _GET = sa.select(*LEAD_COLUMNS).where(leads.c.id == sa.bindparam("lead_id"))
 _LOCK = _GET.with_for_update(of=leads)
@@ -235,11 +235,12 @@ class Leads:
                 if (owner and owner != principal.subject) or team:
                     Scope.of(principal).require_assign(conn, owner or principal.subject, team, field="lead.owner")
                 params = {**v, "search_text": search_key(v), "request_id": rid}
-                lead_id = conn.execute(_INSERT_OWNED if owner else _INSERT, params).scalar()
-                if lead_id is None:  # a concurrent call with this request_id committed first
+                inserted = conn.execute(_INSERT_OWNED if owner else _INSERT, params).one_or_none()
+                if inserted is None:  # a concurrent call with this request_id committed first
                     earlier = conn.execute(sa.select(leads.c.id).where(leads.c.request_id == rid)).scalar_one()
                     return self._replay(conn, earlier, principal)
-                lead_rules.on_lead_saved(tx, lead_id, True, principal)
+                lead_id = inserted.id
+                lead_rules.on_lead_saved(tx, lead_id, True, principal, row=inserted)
                 row = None
                 if not owner:
                     row = conn.execute(_CLAIM, {"lead_id": lead_id, "owner": principal.subject}).one_or_none()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from types import SimpleNamespace
 
 import sqlalchemy as sa
 from google.protobuf import timestamp_pb2
@@ -554,14 +555,14 @@ def history(tx: Transaction, oid: str, actor: Principal | str, rows: list[dict])
         )
 
 
-def write_lines(tx: Transaction, oid: str, lines: list[Line], currency: str) -> None:
+def write_lines(tx: Transaction, oid: str, lines: list[Line], currency: str, known: dict | None = None) -> None:
     """The lines exactly as quotes read them: amount = quantity × unit price × (1 − discount/100)
-    rounded to the minor unit; a product's tax rate (and name) when the line gives none."""
+    rounded to the minor unit; a product's tax rate (and name) when the line gives none. `known`:
+    the lines' products as check_references returned them (else they are read here)."""
     if not lines:
         return
     ids = sorted({ln.product_id for ln in lines if ln.product_id})
-    known = {}
-    if ids:
+    if known is None and ids:
         known = {
             str(r.id): r
             for r in tx.execute(
@@ -589,25 +590,41 @@ def write_lines(tx: Transaction, oid: str, lines: list[Line], currency: str) -> 
     )
 
 
-def check_references(conn: sa.Connection, v: dict, prefix: str = "opportunity") -> None:
-    """Teams, product lines and products named must exist (INVALID_ARGUMENT naming each)."""
+def check_references(conn: sa.Connection, v: dict, prefix: str = "opportunity") -> dict:
+    """Teams, product lines and products named must exist (INVALID_ARGUMENT naming each), in one
+    round trip. Returns the lines' products by id (name, tax_rate, product_line_id)."""
     bad = []
     lines = v.get("lines") or []
     pids = sorted({ln.product_id for ln in lines if ln.product_id})
     checks = []
+    none = sa.null().cast(sa.Text)
+
+    def arm(kind: str, id_, name=none, tax=none, line=none):
+        return sa.select(sa.literal(kind), id_.cast(sa.Text), name, tax, line)
+
     if v.get("team_id"):
-        checks.append(sa.select(sa.literal("team"), teams.c.id.cast(sa.Text)).where(teams.c.id == v["team_id"]))
+        checks.append(arm("team", teams.c.id).where(teams.c.id == v["team_id"]))
     if v.get("product_line_id"):
-        checks.append(
-            sa.select(sa.literal("product_line"), product_lines.c.id.cast(sa.Text)).where(
-                product_lines.c.id == v["product_line_id"]
-            )
-        )
+        checks.append(arm("product_line", product_lines.c.id).where(product_lines.c.id == v["product_line_id"]))
     if pids:
-        checks.append(sa.select(sa.literal("product"), products.c.id.cast(sa.Text)).where(products.c.id.in_(pids)))
+        checks.append(
+            arm(
+                "product",
+                products.c.id,
+                products.c.name,
+                products.c.tax_rate.cast(sa.Text),
+                products.c.product_line_id.cast(sa.Text),
+            ).where(products.c.id.in_(pids))
+        )
     if not checks:
-        return
-    found = {(k, i) for k, i in conn.execute(sa.union_all(*checks))}
+        return {}
+    rows = conn.execute(sa.union_all(*checks)).all()
+    found = {(r[0], r[1]) for r in rows}
+    known = {
+        r[1]: SimpleNamespace(name=r[2], tax_rate=Decimal(r[3]), product_line_id=r[4])
+        for r in rows
+        if r[0] == "product"
+    }
     if v.get("team_id") and ("team", v["team_id"]) not in found:
         bad.append(FieldViolation(f"{prefix}.team", f"no such team: teams/{v['team_id']}"))
     if v.get("product_line_id") and ("product_line", v["product_line_id"]) not in found:
@@ -619,6 +636,7 @@ def check_references(conn: sa.Connection, v: dict, prefix: str = "opportunity") 
             bad.append(FieldViolation(f"{prefix}.lines[{i}].product", f"no such product: products/{ln.product_id}"))
     if bad:
         raise InvalidArgument(bad)
+    return known
 
 
 def search_text(v: dict) -> str:
@@ -728,11 +746,9 @@ def open_opportunity(
         "team_id": team_id,
     }
     product_ids = [ln.product_id for ln in lines if ln.product_id]
-    check_references(conn, values, field_prefix)
+    known = check_references(conn, values, field_prefix)
     if product_line_id is None and product_ids:
-        values["product_line_id"] = product_line_id = conn.execute(
-            sa.select(products.c.product_line_id).where(products.c.id == product_ids[0])
-        ).scalar()
+        values["product_line_id"] = product_line_id = known[product_ids[0]].product_line_id
     if pipeline_id is None:
         pipeline_id = _pipeline_for(conn, product_ids, product_line_id)
         if pipeline_id is None:
@@ -796,7 +812,7 @@ def open_opportunity(
     if oid is None:  # this request_id was used before: its opportunity
         first = conn.execute(sa.select(opportunities.c.id).where(opportunities.c.request_id == request_id)).scalar()
         return full(conn, first)[0]
-    write_lines(tx, oid, lines, currency_code)
+    write_lines(tx, oid, lines, currency_code, known)
     first_rows = [{"kind": "stage", "new_value": stage.name, "to_stage_id": stage.id}]
     if values["amount"]:
         first_rows.append({"kind": "amount", "new_value": amount_text(values["amount"], currency_code)})

@@ -110,12 +110,14 @@ def score_expression(ts: list[Term]) -> sa.ColumnElement:
     return sa.cast(sa.func.greatest(-(2**31) + 1, sa.func.least(2**31 - 1, total)), sa.Integer)
 
 
-def rescore(conn: sa.Connection, where: sa.ColumnElement | None = None, *, bump: bool = True) -> list:
+def rescore(
+    conn: sa.Connection, where: sa.ColumnElement | None = None, *, bump: bool = True, ts: list | None = None
+) -> list:
     """Write the current score on the leads `where` selects (a condition on `L`; all by default,
     deleted ones aside) whose score differs; with `bump`, their version and update time move.
     Returns the changed rows (all of leads' columns). One statement."""
     computed = (
-        sa.select(L.c.id, score_expression(terms(conn)).label("score"))
+        sa.select(L.c.id, score_expression(ts if ts is not None else terms(conn)).label("score"))
         .where(L.c.delete_time.is_(None), where if where is not None else sa.true())
         .subquery("computed")
     )
@@ -131,9 +133,9 @@ def rescore(conn: sa.Connection, where: sa.ColumnElement | None = None, *, bump:
     return conn.execute(stmt).all()
 
 
-def rescore_lead(conn: sa.Connection, lead_id: str, *, bump: bool = True):
-    """The lead's row if its score changed, else None."""
-    rows = rescore(conn, L.c.id == lead_id, bump=bump)
+def rescore_lead(conn: sa.Connection, lead_id: str, *, bump: bool = True, ts: list | None = None):
+    """The lead's row if its score changed, else None (`ts`: the active rules' terms, if read)."""
+    rows = rescore(conn, L.c.id == lead_id, bump=bump, ts=ts)
     return rows[0] if rows else None
 
 
