@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,6 +58,16 @@ def _die_with_parent() -> None:
     """Children get SIGTERM if this launcher dies without cleaning up (Linux prctl)."""
     if _LIBC is not None:
         _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+# Children get SIGTERM if this launcher dies without cleaning up. util-linux's setpriv sets it
+# and execs the child, so no Python runs between fork and exec here: a preexec_fn in a process
+# with gRPC's threads (the health probes) can hang the fork (grpc/grpc#37259), and did once.
+SETPRIV = shutil.which("setpriv")
+
+
+def child_argv(argv: list[str]) -> list[str]:
+    return [SETPRIV, "--pdeathsig", "TERM", "--", *argv] if SETPRIV else argv
 
 
 def say(msg: str) -> None:
@@ -144,7 +155,12 @@ class Child:
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                self.argv, env=self.env, stdout=out, stderr=out, cwd=ROOT, preexec_fn=_die_with_parent
+                child_argv(self.argv),
+                env=self.env,
+                stdout=out,
+                stderr=out,
+                cwd=ROOT,
+                preexec_fn=None if SETPRIV else _die_with_parent,
             )
         self.started_at = time.monotonic()
         self.awaiting_health = True
