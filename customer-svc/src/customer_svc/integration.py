@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 
 from google.protobuf import json_format, timestamp_pb2
 
 from crm.customer.v1 import customer_pb2, resources_pb2
-from crm.type.v1 import date_pb2
+from crm_chassis import dates
 from crm_chassis.errors import FieldViolation, InvalidArgument
 
 from . import domain
@@ -48,18 +49,11 @@ def ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
     return t
 
 
-def to_date(value: dt.date | None) -> date_pb2.Date | None:
-    return None if value is None else date_pb2.Date(year=value.year, month=value.month, day=value.day)
+to_date = dates.to_proto
 
 
-def from_date(d: date_pb2.Date, field: str, bad: list[FieldViolation]) -> dt.date | None:
-    if d.year == 0 and d.month == 0 and d.day == 0:
-        return None
-    try:
-        return dt.date(d.year, d.month, d.day)
-    except ValueError:
-        bad.append(FieldViolation(field, "is not a valid calendar date"))
-        return None
+# (d, field, bad); no business-year bounds here (a birth date may be old)
+from_date = functools.partial(dates.from_proto, business=False)
 
 
 def customer_to_proto(row, defs: dict | None = None, pii: bool = True) -> customer_pb2.Customer:

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import zoneinfo
 
 import sqlalchemy as sa
 from google.protobuf import empty_pb2
 
 from crm.sales.v1 import activities_pb2 as pb
 from crm.sales.v1 import activities_pb2_grpc, sales_events_pb2
-from crm_chassis import audit, timers
+from crm_chassis import audit, dates, timers
 from crm_chassis.auth import Principal
 from crm_chassis.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument
 from crm_chassis.filtering import (
@@ -51,7 +50,6 @@ from .tables import UUID, customer_refs, leads, metadata, opportunities, teams
 MAX_DURATION = 7 * 24 * 3600  # a call or meeting of a week at most
 DURATION_RULE = f"must be 0..{MAX_DURATION} seconds (a week)"
 
-TEHRAN = zoneinfo.ZoneInfo("Asia/Tehran")  # business days
 REMINDER = "activity.reminder"  # timer kind; key: the activity id
 
 KINDS = ("call", "meeting", "task", "email")
@@ -129,9 +127,8 @@ def clock() -> dt.datetime:
 
 def tehran_day(now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
     """The Asia/Tehran calendar day holding `now`, as [start, end) aware datetimes."""
-    day = now.astimezone(TEHRAN).date()
-    start = dt.datetime.combine(day, dt.time(), TEHRAN)
-    end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), TEHRAN)
+    day = now.astimezone(dates.TEHRAN).date()
+    start, end = dates.start_of_day(day), dates.end_of_day(day)
     return start, end
 
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from google.protobuf import timestamp_pb2
 from sqlalchemy.dialects import postgresql as pg
 
-from crm.type.v1 import date_pb2
+from crm_chassis import dates
 from crm_chassis.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from crm_chassis.filtering import (
     FilterSchema,
@@ -53,8 +53,7 @@ def ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
     return out
 
 
-def date_to_proto(value: dt.date | None) -> date_pb2.Date | None:
-    return None if value is None else date_pb2.Date(year=value.year, month=value.month, day=value.day)
+date_to_proto = dates.to_proto
 
 
 def date_value(value, where: str) -> dt.date | None:

@@ -9,13 +9,12 @@ import datetime as dt
 import decimal
 from decimal import Decimal
 from typing import NamedTuple
-from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
 from crm.sales.v1 import catalog_pb2 as pb
-from crm_chassis import audit, persian
+from crm_chassis import audit, dates, persian
 from crm_chassis.auth import Principal
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from crm_chassis.filtering import FieldType, FilterField, FilterSchema, Prefix, column_condition, keyset_page
@@ -46,7 +45,6 @@ from .catalog_common import (
 from .runtime import Sales
 from .tables import QUANTITY, UUID, price_list_items, price_lists, product_lines, products
 
-TEHRAN = ZoneInfo("Asia/Tehran")
 # Iran's standard VAT rate: 10 % from the start of 1403 (20 March 2024), up from 9 %, as the
 # Iranian National Tax Administration announced it (checked December 2026: the sources at hand show
 # no later change; confirm it each fiscal year). A product's own tax_rate overrides it; a product
@@ -84,9 +82,7 @@ def _search_name(name: str, sku: str) -> str:
     return f"{persian.normalize(name)}\t{persian.normalize(sku)}"
 
 
-def today() -> dt.date:
-    """Today in Asia/Tehran: the business day prices are asked for."""
-    return dt.datetime.now(TEHRAN).date()
+today = dates.today  # the business day prices are asked for
 
 
 # -- protos ------------------------------------------------------------------------------------

@@ -19,20 +19,19 @@ attempt's record (the lead is as it was); calling again converts it.
 
 from __future__ import annotations
 
-import datetime as dt
-
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
 from crm.customer.v1 import customer_pb2
 from crm.sales.v1 import conversion_pb2, conversion_pb2_grpc
+from crm_chassis import dates
 from crm_chassis.auth import Principal
 from crm_chassis.errors import DomainError, FailedPrecondition, InvalidArgument
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
 from crm_chassis.resources import ResourceName
 
-from . import dates, money
+from . import money
 from .customer_client import CustomerClient, authorization_of, customer_client
 from .opportunities_core import MAX_AMOUNT, TEXT_LIMITS
 from .runtime import Sales
@@ -128,14 +127,7 @@ class Converter:
         link = CUSTOMER.parse(req.customer, "customer")[0] if req.customer else None
         pipeline_id = PIPELINE.parse(req.pipeline, "pipeline")[0] if req.pipeline else None
         amount = money.to_decimal(req.amount, "amount") if req.HasField("amount") else None
-        close = None
-        if req.HasField("expected_close_date"):
-            d = req.expected_close_date
-            try:
-                close = dt.date(d.year, d.month, d.day)
-            except ValueError:
-                raise InvalidArgument.field("expected_close_date", "is not a calendar date") from None
-            dates.check(close, "expected_close_date")
+        close = dates.from_proto(req.expected_close_date, "expected_close_date")
         name = req.opportunity_name.strip()
         if "\x00" in name:
             raise InvalidArgument.field("opportunity_name", "must not contain NUL characters (U+0000)")

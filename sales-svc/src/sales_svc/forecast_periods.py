@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import zoneinfo
 from dataclasses import dataclass
 
-from crm_chassis import persian
+from crm_chassis import dates, persian
 from crm_chassis.errors import InvalidArgument
 
-from . import dates
-
-TEHRAN = zoneinfo.ZoneInfo("Asia/Tehran")
 CALENDARS = ("gregorian", "jalali")
 UNITS = ("month", "quarter", "year")
 MAX_PERIODS = 120
@@ -32,13 +28,10 @@ class Period:
     end: dt.date  # the day after the last
 
 
-def today() -> dt.date:
-    return dt.datetime.now(TEHRAN).date()
+today = dates.today
 
 
-def start_of_day(day: dt.date) -> dt.datetime:
-    """Midnight of a Tehran day, as an aware datetime (to compare with timestamps)."""
-    return dt.datetime.combine(day, dt.time(), TEHRAN)
+start_of_day = dates.start_of_day
 
 
 def _gregorian_start(year: int, month: int) -> dt.date:

@@ -20,8 +20,7 @@ from sqlalchemy.dialects import postgresql as pg
 
 from crm.sales.v1 import forecasts_pb2 as pb
 from crm.sales.v1 import forecasts_pb2_grpc
-from crm.type.v1 import date_pb2
-from crm_chassis import audit, timers
+from crm_chassis import audit, dates, timers
 from crm_chassis.auth import Principal
 from crm_chassis.errors import InvalidArgument, PermissionDenied
 from crm_chassis.filtering import FieldType, FilterField, FilterSchema, keyset_page, newest_first, query_fingerprint
@@ -31,7 +30,7 @@ from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName
 
 from .access import Scope
-from .forecast_periods import CALENDARS, TEHRAN, UNITS, Period, parse_label, period_of, resolve
+from .forecast_periods import CALENDARS, UNITS, Period, parse_label, period_of, resolve
 from .forecast_queries import (
     GROUP_BY,
     ZERO,
@@ -87,8 +86,7 @@ def reporting_currency() -> str:
 # -- proto mapping ----------------------------------------------------------------------------
 
 
-def _date(day: dt.date) -> date_pb2.Date:
-    return date_pb2.Date(year=day.year, month=day.month, day=day.day)
+_date = dates.to_proto
 
 
 def _ts(value: dt.datetime) -> timestamp_pb2.Timestamp:
@@ -362,7 +360,7 @@ class Forecasts:
         """The weekly freeze: a snapshot of the current and the next period (as of the timer's due
         time, Asia/Tehran) for every owner with an opportunity in them, in the firing's
         transaction (so exactly once per occurrence)."""
-        day = timer.due_at.astimezone(TEHRAN).date()
+        day = timer.due_at.astimezone(dates.TEHRAN).date()
         cal, unit = self.freeze_calendar, self.freeze_unit
         first = period_of(day, cal, unit)
         periods = [first, period_of(first.end, cal, unit)]

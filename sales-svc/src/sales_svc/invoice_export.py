@@ -90,7 +90,7 @@ def _xlsx_rows(recs: Iterator[dict]) -> Iterator[dict]:
 
 
 def _tehran():
-    from .invoices import TEHRAN
+    from crm_chassis.dates import TEHRAN
 
     return TEHRAN
 

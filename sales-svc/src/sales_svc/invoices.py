@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-import zoneinfo
 from decimal import Decimal, InvalidOperation
 
 import sqlalchemy as sa
 
 from crm.sales.v1 import invoices_pb2 as pb
 from crm.sales.v1 import invoices_pb2_grpc, sales_events_pb2
-from crm.type.v1 import date_pb2
-from crm_chassis import audit, persian, timers
+from crm_chassis import audit, dates, persian, timers
 from crm_chassis.auth import Principal
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from crm_chassis.filtering import (
@@ -41,7 +39,7 @@ from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName, UpdateMask, check_etag, etag
 
-from . import dates, invoice_export, invoice_pdf
+from . import invoice_export, invoice_pdf
 from .access import Scope
 from .invoice_tables import PAYMENT_METHODS, invoice_counters, invoice_details, invoice_lines, invoice_payments
 from .invoice_tax import Seller, tax_id
@@ -49,7 +47,6 @@ from .money import check_currency, round_minor, to_decimal, to_money
 from .runtime import Sales
 from .tables import customer_refs, invoices, opportunities, order_lines, orders, products
 
-TEHRAN = zoneinfo.ZoneInfo("Asia/Tehran")
 EARLIEST_PAYMENT_YEAR = 1900  # as orders' business dates
 OVERDUE = "invoice.overdue"
 SYSTEM = "system:invoices"
@@ -93,27 +90,16 @@ SELECT = sa.select(invoices, *DETAIL_COLUMNS).select_from(
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def today_tehran() -> dt.date:
-    return dt.datetime.now(TEHRAN).date()
+today_tehran = dates.today
 
 
-def end_of_day(day: dt.date) -> dt.datetime:
-    """The end of `day` in Asia/Tehran (the next midnight there), as an aware datetime."""
-    return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(0), tzinfo=TEHRAN)
+end_of_day = dates.end_of_day
 
 
-def _date(d: dt.date | None) -> date_pb2.Date | None:
-    return date_pb2.Date(year=d.year, month=d.month, day=d.day) if d else None
+_date = dates.to_proto
 
 
-def _from_date(d: date_pb2.Date, field: str) -> dt.date | None:
-    if not (d.year or d.month or d.day):
-        return None
-    try:
-        day = dt.date(d.year, d.month, d.day)
-    except ValueError:
-        raise InvalidArgument.field(field, f"{d.year}-{d.month}-{d.day} is not a date") from None
-    return dates.check(day, field)  # an issue date of 0001-01-01 had no fiscal year (a 500)
+_from_date = dates.from_proto  # an issue date of 0001-01-01 had no fiscal year (a 500)
 
 
 def _decimal(
@@ -825,7 +811,7 @@ class Invoices:
         tid = given_tax_id
         if not tid and self.seller.memory_id:
             # the tax id's day is the issue date's (its midnight in Tehran), not the clock's
-            issued = dt.datetime.combine(issue_date, dt.time(12), tzinfo=TEHRAN)
+            issued = dt.datetime.combine(issue_date, dt.time(12), tzinfo=dates.TEHRAN)
             tid = tax_id(self.seller.memory_id, issued, serial)
         return {"fiscal_year": fy, "sequence": seq, "number": number, "serial": serial, "tax_id": tid, "now": now}
 

@@ -18,14 +18,12 @@ from sqlalchemy.dialects import postgresql as pg
 
 from crm.sales.v1 import opportunities_pb2 as pb
 from crm.sales.v1 import sales_events_pb2
-from crm.type.v1 import date_pb2
-from crm_chassis import audit, persian
+from crm_chassis import audit, dates, persian
 from crm_chassis.auth import Principal
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from crm_chassis.resources import ResourceName, etag
 from crm_chassis.uow import Transaction
 
-from . import dates
 from .money import check_currency, round_minor, to_decimal, to_money
 from .tables import (
     opportunities,
@@ -127,22 +125,10 @@ def _decimal(text: str, where: str, bad: list, *, lo: Decimal, hi: Decimal | Non
     return d
 
 
-def from_date(d: date_pb2.Date, where: str, bad: list) -> dt.date | None:
-    if d.year == 0 and d.month == 0 and d.day == 0:
-        return None
-    try:
-        day = dt.date(d.year, d.month, d.day)
-    except ValueError:
-        bad.append(FieldViolation(where, "is not a valid calendar date"))
-        return None
-    if not dates.in_range(day):  # year 1 had no Jalali date for the export (a 500)
-        bad.append(FieldViolation(where, dates.out_of_range(day)))
-        return None
-    return day
+from_date = dates.from_proto  # (d, where, bad); year 1 had no Jalali date for the export (a 500)
 
 
-def to_date(value: dt.date | None) -> date_pb2.Date | None:
-    return None if value is None else date_pb2.Date(year=value.year, month=value.month, day=value.day)
+to_date = dates.to_proto
 
 
 def ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:

@@ -10,11 +10,10 @@ from collections.abc import Iterator
 from decimal import Decimal
 
 from crm.sales.v1 import opportunities_pb2 as pb
-from crm_chassis import documents, persian
+from crm_chassis import dates, documents, persian
 from crm_chassis.auth import Principal
 from crm_chassis.errors import FieldViolation, InvalidArgument
 
-from . import dates
 from .money import round_minor
 
 BATCH = 1000

@@ -16,15 +16,13 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
 from crm.sales.v1 import orders_pb2 as pb
 from crm.sales.v1 import orders_pb2_grpc, sales_events_pb2
-from crm.type.v1 import date_pb2
-from crm_chassis import audit, persian
+from crm_chassis import audit, dates, persian
 from crm_chassis.auth import Principal
 from crm_chassis.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument
 from crm_chassis.filtering import (
@@ -42,12 +40,11 @@ from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName, check_etag, etag
 
-from . import dates, money
+from . import money
 from .access import Scope
 from .runtime import Sales
 from .tables import QUANTITY, UUID, metadata, opportunities, order_lines, orders, products, teams
 
-TEHRAN = ZoneInfo("Asia/Tehran")
 ORDER = ResourceName("orders/{id}")
 ORDER_LINE = ResourceName("orders/{order_id}/lines/{line_id}")
 CUSTOMER = ResourceName("customers/{id}", id=r"[A-Za-z0-9_-]{1,64}")
@@ -111,9 +108,7 @@ def request_id_taken(request_id: str) -> AlreadyExists:
     )
 
 
-def today() -> dt.date:
-    """Today in Asia/Tehran (the business day)."""
-    return dt.datetime.now(TEHRAN).date()
+today = dates.today
 
 
 def enum_values(states: dict, prefix: str) -> dict[str, str]:
@@ -140,19 +135,10 @@ def ref(column, collection: str):
 # -- dates, decimals, money ----------------------------------------------------------------------
 
 
-def to_date(d: date_pb2.Date, field: str) -> dt.date | None:
-    """A Date message as a date; None when unset (all zero); INVALID_ARGUMENT for no such day."""
-    if not (d.year or d.month or d.day):
-        return None
-    try:
-        day = dt.date(d.year, d.month, d.day)
-    except ValueError:
-        raise InvalidArgument.field(field, f"{d.year:04d}-{d.month:02d}-{d.day:02d} is not a date") from None
-    return dates.check(day, field)
+to_date = dates.from_proto  # (d, field): INVALID_ARGUMENT naming the field
 
 
-def date_msg(day: dt.date | None) -> date_pb2.Date | None:
-    return date_pb2.Date(year=day.year, month=day.month, day=day.day) if day else None
+date_msg = dates.to_proto
 
 
 def decimal_text(value: Decimal | None) -> str:

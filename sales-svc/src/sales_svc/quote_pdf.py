@@ -23,10 +23,10 @@ from decimal import Decimal
 import sqlalchemy as sa
 
 from crm_chassis import documents, persian
+from crm_chassis.dates import TEHRAN
 
 from . import money
 from .invoice_tax import Seller
-from .orders import TEHRAN
 from .tables import customer_refs
 
 _ONES = ["", "یک", "دو", "سه", "چهار", "پنج", "شش", "هفت", "هشت", "نه"]

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from crm.sales.v1 import quotes_pb2 as pb
 from crm.sales.v1 import quotes_pb2_grpc, sales_events_pb2
-from crm_chassis import audit, timers
+from crm_chassis import audit, dates, timers
 from crm_chassis.auth import Principal
 from crm_chassis.errors import FailedPrecondition, InvalidArgument
 from crm_chassis.filtering import (
@@ -45,7 +45,6 @@ from . import money, quote_pdf
 from .access import Scope
 from .orders import (
     OPPORTUNITY,
-    TEHRAN,
     Line,
     Totals,
     date_msg,
@@ -333,7 +332,7 @@ def _not_state(name: str, state: str, rule: str, what: str) -> FailedPreconditio
 
 def expiry_time(valid_until: dt.date) -> dt.datetime:
     """The end of the valid_until day in Asia/Tehran: when a sent quote expires."""
-    return dt.datetime.combine(valid_until + dt.timedelta(days=1), dt.time(0), TEHRAN)
+    return dates.end_of_day(valid_until)
 
 
 UPDATE_MASK = UpdateMask(
@@ -806,7 +805,7 @@ class Quotes:
     def expire(self, conn: sa.Connection, timer) -> None:
         """Timer quote.expire: a quote still sent after its valid_until day is expired."""
         row = conn.execute(_select().where(quotes.c.id == timer.key).with_for_update(of=quotes)).one_or_none()
-        if row is None or row.state != "sent" or row.v_valid_until >= dt.datetime.now(TEHRAN).date():
+        if row is None or row.state != "sent" or row.v_valid_until >= dates.today():
             return
         with self.uow.joined(conn) as tx:
             new = self._set_state(tx, row, "expired", close_time=sa.func.now())

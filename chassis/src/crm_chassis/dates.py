@@ -1,0 +1,77 @@
+"""Calendar dates as the contracts carry them (crm.type.v1.Date) and the business day.
+
+- `from_proto(d, field, bad=None)`: a Date message as a `datetime.date`; all zero is None (unset);
+  a day the calendar lacks, or (with `business=True`, the default) a year outside
+  MIN_YEAR..MAX_YEAR, is a violation naming `field`: appended to `bad` when given (to report
+  every field at once), else raised as INVALID_ARGUMENT. Year 1 has no Jalali year and
+  9999-12-31 no next day, so a record's dates stay within business years.
+- `to_proto(day)`: the other way (None stays None).
+- `TEHRAN`, `today()`, `start_of_day(day)`, `end_of_day(day)`: the business day is Asia/Tehran's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from zoneinfo import ZoneInfo
+
+from crm.type.v1 import date_pb2
+
+from .errors import FieldViolation, InvalidArgument
+
+TEHRAN = ZoneInfo("Asia/Tehran")
+MIN_YEAR, MAX_YEAR = 1900, 2999
+
+
+def today() -> dt.date:
+    """Today in Asia/Tehran (the business day)."""
+    return dt.datetime.now(TEHRAN).date()
+
+
+def start_of_day(day: dt.date) -> dt.datetime:
+    """Midnight at the start of a Tehran day, as an aware datetime."""
+    return dt.datetime.combine(day, dt.time(0), tzinfo=TEHRAN)
+
+
+def end_of_day(day: dt.date) -> dt.datetime:
+    """The end of a Tehran day (the next midnight there), as an aware datetime."""
+    return start_of_day(day + dt.timedelta(days=1))
+
+
+def in_range(day: dt.date) -> bool:
+    return MIN_YEAR <= day.year <= MAX_YEAR
+
+
+def out_of_range(day: dt.date) -> str:
+    """The description of a date outside the business years."""
+    return f"{day.isoformat()} is not a business date: the year must be {MIN_YEAR}..{MAX_YEAR}"
+
+
+def check(day: dt.date | None, field: str) -> dt.date | None:
+    """INVALID_ARGUMENT naming `field` for a date outside the business years."""
+    if day is not None and not in_range(day):
+        raise InvalidArgument.field(field, out_of_range(day))
+    return day
+
+
+def to_proto(day: dt.date | None) -> date_pb2.Date | None:
+    return None if day is None else date_pb2.Date(year=day.year, month=day.month, day=day.day)
+
+
+def from_proto(
+    d: date_pb2.Date, field: str, bad: list[FieldViolation] | None = None, *, business: bool = True
+) -> dt.date | None:
+    if not (d.year or d.month or d.day):
+        return None
+    problem = None
+    try:
+        day = dt.date(d.year, d.month, d.day)
+    except ValueError:
+        day, problem = None, f"{d.year:04d}-{d.month:02d}-{d.day:02d} is not a calendar date"
+    if day is not None and business and not in_range(day):
+        day, problem = None, out_of_range(day)
+    if problem is None:
+        return day
+    if bad is None:
+        raise InvalidArgument.field(field, problem)
+    bad.append(FieldViolation(field, problem))
+    return None
