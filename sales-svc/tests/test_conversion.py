@@ -134,7 +134,7 @@ def test_a_customer_made_by_an_attempt_that_never_finished_is_the_one_the_retry_
     from sales_svc.conversion import Converter, customer_from_lead
 
     lead_id = new_lead(sales)
-    client = Converter(sales.ctx.shared["sales"]).customers
+    client = Converter(sales.ctx.shared["runtime"]).customers
     made = client.create_customer(
         customer_from_lead(lead_row(sales, lead_id)), customer_request_id(lead_id), md("sales_rep", "rita")[0][1]
     )

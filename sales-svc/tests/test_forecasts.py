@@ -535,7 +535,7 @@ def test_the_weekly_timer_freezes_the_current_and_next_period(svc, catalog, stub
         armed = timers.get(conn, FREEZE_KIND, FREEZE_KEY)
         assert armed is not None and armed.cron == "0 18 * * wed"  # armed by the migration / at start
         assert timers.reschedule(conn, FREEZE_KIND, FREEZE_KEY, dt.datetime(2025, 6, 1, 10, tzinfo=UTC))
-    svc.ctx.shared["sales"].timers.wake()
+    svc.ctx.shared["runtime"].timers.wake()
 
     def frozen():
         with svc.ctx.engine.connect() as conn:

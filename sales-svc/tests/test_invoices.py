@@ -31,7 +31,7 @@ MEMORY_ID = "A1B2C3"
 
 @pytest.fixture(scope="module")
 def stub(svc, ch):
-    svc.ctx.shared["sales"].extra["invoices.seller"] = Seller("14003456789", "10101234567", "شرکت نمونه", MEMORY_ID)
+    svc.ctx.shared["runtime"].extra["invoices.seller"] = Seller("14003456789", "10101234567", "شرکت نمونه", MEMORY_ID)
     return invoices_pb2_grpc.InvoiceServiceStub(ch)
 
 
@@ -519,7 +519,7 @@ def test_overdue_by_the_timer_exactly_once(stub, svc):
         pb.RecordPaymentRequest(parent=settled.name, payment=pb.Payment(amount=irr(1000), method="cash")),
         metadata=ADMIN,
     )
-    worker = svc.ctx.shared["sales"].timers
+    worker = svc.ctx.shared["runtime"].timers
     worker.run_once()
     wait_for(
         lambda: stub.GetInvoice(pb.GetInvoiceRequest(name=owed.name), metadata=ADMIN).state == "overdue",

@@ -472,7 +472,7 @@ def test_a_sent_quote_expires_after_its_valid_until(svc, quotes):
         assert timers.reschedule(conn, "quote.expire", qid, dt.datetime.now(dt.UTC))
     err = fails(quotes.AcceptQuote, pb.AcceptQuoteRequest(name=q.name), metadata=ADMIN)
     assert err.reason in ("QUOTE_EXPIRED", "QUOTE_NOT_SENT")
-    svc.ctx.shared["sales"].timers.wake()
+    svc.ctx.shared["runtime"].timers.wake()
     wait_for(lambda: quotes.GetQuote(pb.GetQuoteRequest(name=q.name), metadata=ADMIN).state == pb.QUOTE_STATE_EXPIRED)
 
 

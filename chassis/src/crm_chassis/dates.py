@@ -75,3 +75,23 @@ def from_proto(
         raise InvalidArgument.field(field, problem)
     bad.append(FieldViolation(field, problem))
     return None
+
+
+def timestamp(value: dt.datetime | None):
+    """A google.protobuf.Timestamp of an aware datetime, or None (a field left unset)."""
+    if value is None:
+        return None
+    from google.protobuf import timestamp_pb2
+
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(value)
+    return out
+
+
+def set_times(message, row, *fields: str) -> None:
+    """Copy these datetime attributes of a row into the message's Timestamp fields of the same
+    names (unset where the row has None)."""
+    for f in fields:
+        value = getattr(row, f)
+        if value is not None:
+            getattr(message, f).FromDatetime(value)

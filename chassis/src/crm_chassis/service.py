@@ -53,6 +53,10 @@ class ServiceSpec:
     # More background workers (a crm_chassis.timers.TimerWorker, a crm_chassis.jobs.JobWorker):
     # started and stopped with the service (SIGTERM releases running jobs to another replica).
     workers: Callable[[ServiceContext], list[BackgroundWorker]] = field(default=lambda ctx: [])
+    # Commands of the service's own (`python -m support_svc mail-in`): role -> its workers. A
+    # role's command runs only those; `serve` runs them with everything else.
+    roles: Callable[[ServiceContext], dict[str, list[BackgroundWorker]]] = field(default=lambda ctx: {})
+    role_names: tuple[str, ...] = ()
 
 
 class Service:
@@ -69,6 +73,7 @@ class Service:
         background: bool = True,
         grpc: bool = True,
         port: int | None = None,
+        role: str | None = None,
     ):
         self.spec = spec
         self.settings = settings or load_settings(spec.name, spec.default_port)
@@ -111,6 +116,11 @@ class Service:
             )
         if background:
             workers += spec.workers(self.ctx)
+        if (background and grpc) or role:
+            extra = spec.roles(self.ctx)
+            for name, ws in extra.items():
+                if role is None or name == role:
+                    workers += ws
         if grpc:
             self.grpc = GrpcService(self.settings, registrations, workers, port=port, database=engine)
 
@@ -155,10 +165,11 @@ def main(spec: ServiceSpec, argv: list[str] | None = None) -> int:
         "command",
         nargs="?",
         default="serve",
-        choices=["serve", "migrate", "relay", "consume", "work"],
-        help="serve: gRPC + relay + consumers + timers and jobs (default); migrate: upgrade the database "
-        "and exit; relay: only the outbox relay; consume: only the event consumers; work: only the "
-        "service's timer and job workers",
+        choices=["serve", "migrate", "relay", "consume", "work", *spec.role_names],
+        help="serve: gRPC + relay + consumers + timers and jobs + the service's own roles (default); "
+        "migrate: upgrade the database and exit; relay: only the outbox relay; consume: only the event "
+        "consumers; work: only the service's timer and job workers"
+        + "".join(f"; {r}: only that role of the service" for r in spec.role_names),
     )
     args = parser.parse_args(argv)
     settings = load_settings(spec.name, spec.default_port)
@@ -175,6 +186,7 @@ def main(spec: ServiceSpec, argv: list[str] | None = None) -> int:
         relay=args.command in ("serve", "relay"),
         consumers=args.command in ("serve", "consume"),
         background=args.command in ("serve", "work"),
+        role=args.command if args.command in spec.role_names else None,
     )
     service.run_until_signal()
     return 0

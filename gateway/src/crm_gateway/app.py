@@ -29,6 +29,7 @@ from crm_chassis.telemetry import setup_telemetry
 from . import clients as clients_mod
 from .openapi import openapi_document
 from .problems import from_rpc_error, problem
+from .public import PublicToken, RateLimiter
 from .routes import ROUTES, SERVICES, Route
 from .transcode import MAX_BODY_BYTES, MAX_UPLOAD_BYTES, BadRequest, build_request, error_field
 
@@ -97,7 +98,14 @@ def _handler(route: Route, clients):
 
 
 def _metadata() -> list[tuple[str, str]]:
+    public = g.get("public_token")
+    if public is not None:  # a public route: the gateway's own token, and who called
+        return [("authorization", public), ("x-request-id", g.request_id), ("x-forwarded-for", _client())]
     return [("authorization", request.headers["Authorization"]), ("x-request-id", g.request_id)]
+
+
+def _client() -> str:
+    return request.headers.get("X-Forwarded-For", "").split(",")[0].strip() or request.remote_addr or ""
 
 
 def create_app(clients: clients_mod.Clients | None = None) -> Flask:
@@ -115,6 +123,9 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
         return clients if clients is not None else clients_mod.get_clients()
 
     public = {"/healthz", "/readyz", "/openapi.json"}
+    public_routes = {r.endpoint: r for r in ROUTES if r.public}
+    limiter = RateLimiter()
+    public_token = PublicToken(verifier)
     untraced = {"/healthz", "/readyz"}
 
     @app.before_request
@@ -137,6 +148,19 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
             g.span = span
             g.span_token = otel_context.attach(trace.set_span_in_context(span))
         if request.path in public:
+            return None
+        route = public_routes.get(request.endpoint) if request.url_rule is not None else None
+        if route is not None:
+            size = request.content_length or 0
+            if size > route.public.max_bytes:
+                return problem(413, f"the body may be at most {route.public.max_bytes} bytes", code="PAYLOAD_TOO_LARGE")
+            ok, retry = limiter.allow(route.endpoint, _client(), route.public.per_minute)
+            if not ok:
+                resp = problem(429, f"at most {route.public.per_minute} requests a minute", code="RESOURCE_EXHAUSTED")
+                resp.headers["Retry-After"] = str(retry)
+                return resp
+            request.max_content_length = route.public.max_bytes
+            g.public_token = public_token.header()
             return None
         try:
             g.principal = verifier.verify_header(request.headers.get("Authorization"))
@@ -221,6 +245,6 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
 
     # -- the API: every route of the table, transcoded to its gRPC method ---------------------
     for route in ROUTES:
-        app.add_url_rule(route.flask_path, f"{route.method} {route.path}", _handler(route, cl), methods=[route.method])
+        app.add_url_rule(route.flask_path, route.endpoint, _handler(route, cl), methods=[route.method])
 
     return app

@@ -148,6 +148,8 @@ def _operation(b: _Builder, route: Route, method: descriptor.MethodDescriptor) -
         }
         if route.upload:
             op["requestBody"]["content"]["multipart/form-data"] = {"schema": _upload_form(b, route, body, bound)}
+    if route.public:
+        _public(op, route)
     return op
 
 
@@ -169,6 +171,29 @@ def _upload_form(b: _Builder, route: Route, body: descriptor.Descriptor, bound: 
 
 
 @lru_cache(maxsize=1)
+def _public(op: dict, route: Route) -> None:
+    """A public route: no bearer token; its limits, headers and raw body documented."""
+    pub = route.public
+    op["security"] = []
+    for code in ("401", "403"):
+        op["responses"].pop(code, None)
+    op["responses"].update(_problems(("413", "429")))
+    limits = f"Public: no bearer token. At most {pub.per_minute} requests a minute per client, bodies up to {pub.max_bytes} bytes."
+    op["description"] = " ".join(x for x in (op.get("description", ""), pub.description, limits) if x)
+    for name, header in pub.headers.items():
+        op["parameters"] = [p for p in op["parameters"] if p["name"] != name]
+        op["parameters"].append({"name": header, "in": "header", "required": False, "schema": {"type": "string"}})
+    if pub.raw_body:
+        op["parameters"] = [p for p in op["parameters"] if p["name"] != pub.raw_body]
+        op["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+
+
 def openapi_document() -> dict:
     b = _Builder()
     paths: dict[str, dict] = {}

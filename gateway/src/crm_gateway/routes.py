@@ -27,6 +27,8 @@ from google.protobuf import descriptor, descriptor_pb2
 from crm_chassis.registry import load_registry
 from crm_chassis.resources import singular_of
 
+from .public import Public
+
 
 def package_services(package: str) -> list[descriptor.ServiceDescriptor]:
     """Every gRPC service declared in a proto package's generated modules (crm.sales.v1 holds
@@ -72,6 +74,8 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
     "crm.sales.v1.OpportunityService.ExportOpportunities": (CSV, XLSX),
 }
 OCTET_STREAM = ("application/octet-stream",)
+# Routes reached without a bearer token, with their own authentication and limits (public.py).
+PUBLIC: dict[str, Public] = {}
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,11 @@ class Route:
     upload: str | None = None
     media_types: tuple[str, ...] = ()  # a download's
     description: str = ""
+    public: Public | None = None  # reached without a bearer token (public.py)
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.method} {self.path}"
 
     @property
     def flask_path(self) -> str:
@@ -200,6 +209,7 @@ def _route(service, method, rule, patterns, docs) -> Route:
         upload=UPLOADS.get(method.full_name),
         media_types=(DOWNLOADS.get(method.full_name, OCTET_STREAM) if method.server_streaming else ()),
         description=description,
+        public=PUBLIC.get(method.full_name),
     )
 
 

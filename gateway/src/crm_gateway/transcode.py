@@ -132,7 +132,17 @@ def is_upload(route: Route) -> bool:
 def build_request(route: Route, request_cls, path_args: dict[str, str]):
     msg = request_cls()
     body_keys: list[str] = []
-    if is_upload(route):
+    public = route.public
+    if public is not None:
+        for name, header in public.headers.items():
+            setattr(msg, name, request.headers.get(header, ""))
+        if public.client_address:
+            forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+            setattr(msg, public.client_address, forwarded or request.remote_addr or "")
+    if public is not None and public.raw_body:
+        # The exact bytes, for the service to check a signature over them.
+        setattr(msg, public.raw_body, request.get_data())
+    elif is_upload(route):
         target = msg if route.body == "*" else getattr(msg, route.body)
         body_keys = _read_form(route, target)
     elif route.body is not None:

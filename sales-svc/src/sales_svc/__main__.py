@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pathlib
-
-from crm_chassis.service import ServiceContext, ServiceSpec, main
+from crm_chassis.parts import parts_spec
+from crm_chassis.service import main
 
 from . import (
     activities,
@@ -22,7 +21,7 @@ from . import (
 )
 from .runtime import sales
 
-# The parts of the service (runtime.py says what each may define).
+# The parts of the service (crm_chassis.parts says what each may define).
 PARTS = [
     api,  # teams
     catalog,
@@ -39,33 +38,7 @@ PARTS = [
 ]
 
 
-def build(ctx: ServiceContext):
-    s = sales(ctx)
-    return [p.registration(s) for p in PARTS if hasattr(p, "registration")]
-
-
-def workers(ctx: ServiceContext):
-    s = sales(ctx)
-    for p in PARTS:
-        if hasattr(p, "timer_handlers"):
-            p.timer_handlers(s)
-    return [s.timers]
-
-
-def subscriptions(ctx: ServiceContext):
-    s = sales(ctx)
-    return [sub for p in PARTS if hasattr(p, "subscriptions") for sub in p.subscriptions(s)]
-
-
-SPEC = ServiceSpec(
-    name="sales-svc",
-    default_port=50052,
-    migrations=pathlib.Path(__file__).parent / "migrations",
-    producer_domain="sales",
-    build=build,
-    workers=workers,
-    subscriptions=subscriptions,
-)
+SPEC = parts_spec("sales-svc", 50052, __file__, "sales", PARTS, make=sales)
 
 
 def run() -> int:

@@ -9,11 +9,10 @@ with it); audit entries go through `sales.uow.joined(conn)`.
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from crm.customer.v1 import customer_events_pb2 as ce
 from crm_chassis import audit
-from crm_chassis.messaging.consumer import Requires, Subscription
+from crm_chassis import customer_refs as refs
+from crm_chassis.messaging.consumer import Subscription
 from crm_chassis.messaging.envelope import Event
 
 from . import tables
@@ -38,50 +37,12 @@ ERASED_FIELDS = (
 )
 
 
-def _id(name: str) -> str:
-    return name.removeprefix("customers/")
-
-
-def _ref_values(c) -> dict:
-    return {
-        "customer_id": _id(c.name),
-        "display_name": c.display_name,
-        "email": c.email.strip().lower(),
-        "phone": c.phone,
-        "mobile": c.mobile,
-        "national_id": c.national_id,
-        "province": c.province,
-        "city": c.city,
-        "acquisition_source": c.acquisition_source,
-        "merged_into": _id(c.merged_into) if c.merged_into else "",
-        "deleted": c.HasField("delete_time") or bool(c.merged_into),
-        "version": int(c.etag.strip('"') or 0),
-    }
-
-
-_UPSERT = pg_insert(customer_refs)
-_UPSERT = _UPSERT.on_conflict_do_update(
-    index_elements=["customer_id"],
-    set_={c.name: _UPSERT.excluded[c.name] for c in customer_refs.c if c.name != "customer_id"},
-    # Events may come out of order (several relays) or again (a replay): never go back.
-    where=customer_refs.c.version < _UPSERT.excluded.version,
-)
-
-
 def apply_customers(conn: sa.Connection, customers) -> None:
     """Upsert these customers' references unless a newer version is stored (one statement)."""
-    rows = [_ref_values(c) for c in customers]
-    if rows:
-        conn.execute(_UPSERT, rows)
+    refs.apply_customers(conn, customer_refs, customers)
 
 
-def on_customer(conn: sa.Connection, event: Event) -> None:
-    """customer.created/updated/deleted/undeleted.v1: the customer as it is now."""
-    cls = {
-        "customer.created.v1": ce.CustomerCreated,
-        "customer.updated.v1": ce.CustomerUpdated,
-    }.get(event.routing_key, ce.CustomerDeleted)
-    apply_customers(conn, [event.parse(cls).customer])
+on_customer = refs.on_customer(customer_refs)
 
 
 # Leads re-pointed from merged customers to the survivor, with the customer each named before.
@@ -101,17 +62,9 @@ class Handlers:
     def on_merged(self, conn: sa.Connection, event: Event) -> None:
         """The merged customers point to the survivor, and so does every sales record that named
         one of them (set-based, one UPDATE per table); re-pointed leads are audited."""
-        msg = event.parse(ce.CustomerMerged)
-        survivor = _id(msg.survivor.name)
-        merged = [_id(n) for n in msg.merged if _id(n) != survivor]
-        apply_customers(conn, [msg.survivor])
+        survivor, merged = refs.mark_merged(conn, customer_refs, event)
         if not merged:
             return
-        conn.execute(
-            customer_refs.update()
-            .where(customer_refs.c.customer_id.in_(merged))
-            .values(deleted=True, merged_into=survivor)
-        )
         with self.sales.uow.joined(conn) as tx:
             for table in tables.CUSTOMER_REFERENCES:
                 if table is leads:
@@ -127,7 +80,11 @@ class Handlers:
                     (
                         f"leads/{lead_id}",
                         "customer_merged",
-                        [audit.change("customer", audit.value(f"customers/{old}"), audit.value(msg.survivor.name))],
+                        [
+                            audit.change(
+                                "customer", audit.value(f"customers/{old}"), audit.value(f"customers/{survivor}")
+                            )
+                        ],
                     )
                     for lead_id, old in moved
                 ],
@@ -138,9 +95,7 @@ class Handlers:
         """The customer's reference loses its personal data (the event carries it blank), and so
         do the leads linked to it: names, contact details, national id, address; their search
         text is what is left (place, industry, tags) and their audit entries are redacted."""
-        c = event.parse(ce.CustomerErased).customer
-        apply_customers(conn, [c])
-        cid = _id(c.name)
+        cid = refs.erased(conn, customer_refs, event)
         rows = conn.execute(
             leads.update()
             .where(leads.c.customer_id == cid)
@@ -171,21 +126,7 @@ class Handlers:
     def on_unmerged(self, conn: sa.Connection, event: Event) -> None:
         """The survivor and the restored customers as they are now. Records re-pointed by the
         merge stay with the survivor (which of them named which customer before is not known)."""
-        msg = event.parse(ce.CustomerUnmerged)
-        apply_customers(conn, [msg.survivor, *msg.restored])
-
-
-# What each handler reads of its event; the consumer dead-letters an event without it.
-CUSTOMER = ("customer.name", "customer.create_time")
-REQUIRES = {
-    "customer.created.v1": Requires(ce.CustomerCreated, CUSTOMER),
-    "customer.updated.v1": Requires(ce.CustomerUpdated, CUSTOMER),
-    "customer.deleted.v1": Requires(ce.CustomerDeleted, CUSTOMER),
-    "customer.undeleted.v1": Requires(ce.CustomerDeleted, CUSTOMER),
-    "customer.erased.v1": Requires(ce.CustomerErased, CUSTOMER),
-    "customer.merged.v1": Requires(ce.CustomerMerged, ("survivor.name", "survivor.create_time", "merged")),
-    "customer.unmerged.v1": Requires(ce.CustomerUnmerged, ("survivor.name", "survivor.create_time", "restored")),
-}
+        refs.unmerged(conn, customer_refs, event)
 
 
 def handlers(sales: Sales) -> dict:
@@ -202,4 +143,4 @@ def handlers(sales: Sales) -> dict:
 
 
 def subscriptions(sales: Sales) -> list[Subscription]:
-    return [Subscription(domain="customer", handlers=handlers(sales), requires=REQUIRES)]
+    return [Subscription(domain="customer", handlers=handlers(sales), requires=refs.requires())]

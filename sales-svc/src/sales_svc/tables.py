@@ -11,30 +11,16 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
+from crm_chassis import customer_refs as refs
+from crm_chassis.columns import UUID, id_column, text_column, times
+
 metadata = sa.MetaData()
-UUID = pg.UUID(as_uuid=False)
 MONEY = sa.Numeric(28, 9)
 PERCENT = sa.Numeric(7, 4)  # 0..100 with four decimals: discounts, tax rates
 QUANTITY = sa.Numeric(20, 6)
 
 
-def _id() -> sa.Column:
-    return sa.Column("id", UUID, primary_key=True, server_default=sa.text("gen_random_uuid()"))
-
-
-def _text(name: str) -> sa.Column:
-    return sa.Column(name, sa.Text, nullable=False, server_default="")
-
-
-def _times(deletable: bool = False) -> list[sa.Column]:
-    cols = [
-        sa.Column("version", sa.Integer, nullable=False, server_default="1"),
-        sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-        sa.Column("update_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-    ]
-    if deletable:
-        cols.append(sa.Column("delete_time", sa.DateTime(timezone=True)))
-    return cols
+_id, _text, _times = id_column, text_column, times
 
 
 # --- teams: who manages whom (record-level access, access.py) ---
@@ -60,24 +46,7 @@ team_members = sa.Table(
 sa.Index("team_members_member", team_members.c.member_id)
 
 # --- customers as customer-svc's events describe them (never a call per row) ---
-customer_refs = sa.Table(
-    "customer_refs",
-    metadata,
-    sa.Column("customer_id", sa.Text, primary_key=True),  # customer-svc's id (uuid text)
-    _text("display_name"),
-    _text("email"),  # lower-cased
-    _text("phone"),  # E.164
-    _text("mobile"),  # E.164
-    _text("national_id"),
-    _text("province"),
-    _text("city"),
-    _text("acquisition_source"),
-    _text("merged_into"),  # survivor's id once merged
-    sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
-    sa.Column("version", sa.Integer, nullable=False, server_default="0"),  # the customer's etag version
-)
-for _c in ("email", "phone", "mobile", "national_id"):
-    sa.Index(f"customer_refs_{_c}", customer_refs.c[_c], postgresql_where=customer_refs.c[_c] != "")
+customer_refs = refs.define(metadata)  # customer-svc's customers, from its events
 
 # --- catalog: product lines, products, price lists, pipelines and stages ---
 product_lines = sa.Table(

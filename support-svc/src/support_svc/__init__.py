@@ -1,1 +1,1 @@
-"""support-svc: tickets, agents, SLAs, calls and surveys (a running skeleton: health, reflection, database, migrations, outbox)."""
+"""support-svc: the call center: tickets from every channel, business-hours SLAs, push offers with re-offer, calls, answers and surveys."""

@@ -1,17 +1,20 @@
-"""`python -m support_svc [serve|migrate|relay|consume]`"""
+"""`python -m support_svc [serve|migrate|relay|consume|work|mail-in]`"""
 
 from __future__ import annotations
 
-import pathlib
+from crm_chassis.parts import parts_spec
+from crm_chassis.service import main
 
-from crm_chassis.service import ServiceSpec, main
+from . import customer_projection, ticketing
+from .runtime import support
 
-SPEC = ServiceSpec(
-    name="support-svc",
-    default_port=50053,
-    migrations=pathlib.Path(__file__).parent / "migrations",
-    producer_domain="support",
-)
+# The parts of the service (crm_chassis.parts says what each may define; runtime.py the hooks).
+PARTS = [
+    ticketing,  # the core: opening, messages, states, delivery of replies
+    customer_projection,
+]
+
+SPEC = parts_spec("support-svc", 50053, __file__, "support", PARTS, make=lambda ctx: support(ctx, PARTS))
 
 
 def run() -> int:

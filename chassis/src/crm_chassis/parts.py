@@ -1,0 +1,119 @@
+"""A service made of parts: what sales-svc and support-svc (and the services after them) share
+in their `__main__` and runtime, so that none keeps its own copy.
+
+A part of a service (leads, tickets, routing, ...) is a module listed in the service's PARTS
+that may define:
+
+- `registration(rt: Runtime) -> Registration`: its gRPC service;
+- `timer_handlers(rt: Runtime) -> None`: adds its handlers to `rt.timers` (called in every role
+  that runs workers, so `python -m <package> work` fires them without serving gRPC);
+- `subscriptions(rt: Runtime) -> list[Subscription]`: the events it consumes;
+- `workers(rt: Runtime) -> list[BackgroundWorker]`: more background workers (started with
+  `serve` and `work`);
+- `roles(rt: Runtime) -> dict[str, list[BackgroundWorker]]`: commands of their own
+  (`python -m support_svc mail-in` runs only the inbound SMTP endpoint); `serve` runs them too.
+
+    PARTS = [tickets, routing, sla]
+    SPEC = parts_spec("support-svc", 50053, __file__, "support", PARTS)
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+
+from .config import phone_region
+from .service import ServiceContext, ServiceSpec
+from .timers import TimerWorker
+from .uow import UnitOfWork
+
+
+@dataclass
+class Runtime:
+    """What every part of one service shares, made once per process: the unit of work, the
+    timer worker (one per process; each part adds its handlers) and the settings."""
+
+    ctx: ServiceContext
+    uow: UnitOfWork
+    timers: TimerWorker
+    phone_region: str = "IR"  # of numbers written without a country code
+    extra: dict = field(default_factory=dict)  # per-part objects (clients, caches)
+
+    @property
+    def engine(self):
+        return self.ctx.engine
+
+    @property
+    def settings(self):
+        return self.ctx.settings
+
+    def once(self, key: str, make: Callable):
+        """The process' one object under `key` (a part's use cases, a client), made on first use
+        and shared by its servicer and its timer handlers."""
+        if key not in self.extra:
+            self.extra[key] = make()
+        return self.extra[key]
+
+
+def runtime(ctx: ServiceContext, domain: str, cls: type[Runtime] = Runtime) -> Runtime:
+    """The process' one Runtime of this service (kept in ctx.shared)."""
+    if "runtime" not in ctx.shared:
+        ctx.shared["runtime"] = cls(
+            ctx=ctx,
+            uow=UnitOfWork(ctx.engine, ctx.relay, source_service=ctx.settings.service_name, event_domain=domain),
+            timers=TimerWorker(ctx.engine),
+            phone_region=phone_region(),  # DEFAULT_PHONE_REGION
+        )
+    return ctx.shared["runtime"]
+
+
+def parts_spec(
+    name: str,
+    port: int,
+    main_file: str,
+    domain: str,
+    parts: Sequence[ModuleType],
+    *,
+    make: Callable[[ServiceContext], Runtime] | None = None,
+) -> ServiceSpec:
+    """The ServiceSpec of a service made of `parts` (its migrations beside `main_file`)."""
+    rt = make or (lambda ctx: runtime(ctx, domain))
+
+    def build(ctx: ServiceContext):
+        r = rt(ctx)
+        return [p.registration(r) for p in parts if hasattr(p, "registration")]
+
+    def workers(ctx: ServiceContext):
+        r = rt(ctx)
+        for p in parts:
+            if hasattr(p, "timer_handlers"):
+                p.timer_handlers(r)
+        more = [w for p in parts if hasattr(p, "workers") for w in p.workers(r)]
+        return [r.timers, *more]
+
+    def subscriptions(ctx: ServiceContext):
+        r = rt(ctx)
+        return [sub for p in parts if hasattr(p, "subscriptions") for sub in p.subscriptions(r)]
+
+    def roles(ctx: ServiceContext) -> dict:
+        r = rt(ctx)
+        found: dict = {}
+        for p in parts:
+            if hasattr(p, "roles"):
+                for role, ws in p.roles(r).items():
+                    found.setdefault(role, []).extend(ws)
+        return found
+
+    return ServiceSpec(
+        name=name,
+        default_port=port,
+        migrations=pathlib.Path(main_file).parent / "migrations",
+        producer_domain=domain,
+        build=build,
+        workers=workers,
+        subscriptions=subscriptions,
+        roles=roles,
+        role_names=tuple(sorted({r for p in parts if hasattr(p, "ROLES") for r in p.ROLES})),
+    )
