@@ -377,6 +377,21 @@ def service_specs() -> dict[str, ServiceCode]:
                     consumer="subscriptions" in kw,
                     domain=kw["producer_domain"].value if isinstance(kw.get("producer_domain"), ast.Constant) else None,
                 )
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "parts_spec":
+                # crm_chassis.parts.parts_spec(name, port, __file__, domain, PARTS): a service of
+                # parts publishes (its domain) and consumes (its parts' subscriptions).
+                name, port, _file, domain = (
+                    ast.literal_eval(a) if i != 2 else None for i, a in enumerate(node.args[:4])
+                )
+                specs[name] = ServiceCode(
+                    name=name,
+                    package=main.parent.name,
+                    folder=main.parents[2],
+                    default_port=port,
+                    producer=domain is not None,
+                    consumer=True,
+                    domain=domain,
+                )
     return specs
 
 
@@ -903,6 +918,13 @@ def check_render(step: Step, code: Code, render: Render, external: dict[str, set
         fronting = [s for s in services if selects(s["spec"].get("selector"), labels)]
         if not fronting:
             step.fail(f"{where}: no Service selects its pods")
+        declared = {p["containerPort"] for p in main.get("ports") or []}
+        for s in list(fronting):
+            targets = [resolve_port(main, sp.get("targetPort", sp["port"])) for sp in s["spec"].get("ports", [])]
+            if targets and port not in targets and all(x in declared for x in targets):
+                fronting.remove(s)  # another protocol of the same pods (support-svc's SMTP), its own port
+        if not fronting:
+            step.fail(f"{where}: no Service selects its pods on its gRPC port")
         for s in fronting:
             for sp in s["spec"].get("ports", []):
                 if resolve_port(main, sp.get("targetPort", sp["port"])) != port:
