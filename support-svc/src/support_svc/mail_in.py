@@ -39,6 +39,8 @@ from .tables import teams, ticket_messages, tickets
 from .ticketing import NewAttachment, NewTicket, Tickets, number_in, number_text
 
 log = logging.getLogger("crm.support.mail_in")
+# aiosmtpd logs every SMTP command (and the addresses in them) at INFO: only its warnings
+logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 ROLES = ("mail-in",)
 ACTOR = "mail-in"
@@ -113,7 +115,7 @@ class Inbox:
             raise  # the database: 451, the sender retries
         except Exception:  # noqa: BLE001 - a bug or an odd mail must not make a 451 loop
             log.exception("mail-in: storing the parsed mail failed; storing it raw", extra={"peer": peer})
-            return self._store(mail_parse._unparsed(raw, envelope_from, list(rcpt_tos), "store failed"), raw, peer)
+            return self._store(mail_parse.unparsed(raw, envelope_from, list(rcpt_tos), "store failed"), raw, peer)
 
     # -- one mail ----------------------------------------------------------------------------
     def _store(self, mail: ParsedMail, raw: bytes, peer: str) -> Stored:

@@ -300,14 +300,14 @@ def parse(raw: bytes, envelope_from: str = "", rcpt_tos=()) -> ParsedMail:
     try:
         msg = email.message_from_bytes(raw, policy=email.policy.default)
     except Exception as exc:  # noqa: BLE001 - unreadable at all: the raw text becomes the body
-        return _unparsed(raw, envelope_from, rcpts, f"{type(exc).__name__}: {exc}")
+        return unparsed(raw, envelope_from, rcpts, f"{type(exc).__name__}: {exc}")
     try:
         return _parsed(msg, raw, envelope_from, rcpts)
     except Exception as exc:  # noqa: BLE001 - never lose a mail over a parser corner case
-        return _unparsed(raw, envelope_from, rcpts, f"{type(exc).__name__}: {exc}")
+        return unparsed(raw, envelope_from, rcpts, f"{type(exc).__name__}: {exc}")
 
 
-def _unparsed(raw: bytes, envelope_from: str, rcpts: list[str], error: str) -> ParsedMail:
+def unparsed(raw: bytes, envelope_from: str, rcpts: list[str], error: str) -> ParsedMail:
     text = decode_bytes(raw, None)
     subject = ""
     m = re.search(r"^subject:[ \t]*(.*(?:\r?\n[ \t].*)*)", text, re.IGNORECASE | re.MULTILINE)

@@ -24,6 +24,8 @@ from email.message import EmailMessage
 from aiosmtpd.controller import Controller
 
 log = logging.getLogger("crm.smtp_sink")
+# aiosmtpd logs every SMTP command (and the addresses in them) at INFO: only its warnings
+logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 class ServerController(Controller):
