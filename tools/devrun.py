@@ -113,6 +113,15 @@ def http_ok(url: str) -> bool:
         return False
 
 
+def smtp_listening(port: int) -> bool:
+    """The local SMTP sink answers its greeting."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            return s.recv(3) == b"220"
+    except OSError:
+        return False
+
+
 def exit_reason(code: int) -> str:
     if code < 0:
         try:
@@ -310,6 +319,10 @@ def main() -> int:
     # Every process gets every service's address (the gateway calls several; sales-svc calls
     # customer-svc), so CRM_PORT_OFFSET moves the callers with the callees.
     env_base.update({s.addr_env: f"127.0.0.1:{port}" for s, port in services})
+    # support-svc: agent replies go to the local SMTP sink (its .eml files in .run/mail); its
+    # inbound SMTP endpoint (serve runs mail-in) moves with CRM_PORT_OFFSET too.
+    smtp_sink_port = 2526 + OFFSET
+    env_base.update(SMTP_PORT=str(smtp_sink_port), MAIL_IN_PORT=str(2525 + OFFSET))
     children: list[Child] = []
     for s, port in services:
         url = with_database(base_url, s.package)
@@ -332,6 +345,15 @@ def main() -> int:
             gw_env,
             f"http://127.0.0.1:{gateway_port}",
             lambda: http_ok(f"http://127.0.0.1:{gateway_port}/healthz"),
+        )
+    )
+    children.append(
+        Child(
+            "smtp-sink",
+            [PY, "-m", "support_svc.smtp_sink", "--port", str(smtp_sink_port), "--dir", str(RUN / "mail")],
+            env_base,
+            f"smtp://127.0.0.1:{smtp_sink_port}",
+            lambda: smtp_listening(smtp_sink_port),
         )
     )
     for c in children:

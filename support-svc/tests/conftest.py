@@ -3,6 +3,8 @@ events from the outbox table), plus callers of each role and helpers to make wha
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import sqlalchemy as sa
 
@@ -13,6 +15,8 @@ from support_svc.runtime import Support
 from tests.support.harness import channel, md, start_service
 
 ADMIN = md("admin", "ada")
+# The in-process service runs mail-in (serve does): on any free port, never a running suite's 2525.
+os.environ.setdefault("MAIL_IN_PORT", "0")
 
 
 def agent_md(sub: str):
