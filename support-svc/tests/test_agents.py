@@ -180,6 +180,10 @@ def test_teams_members_filters_and_raising_capacity_offers_at_once(svc, agents_a
         pb.ListAgentsRequest(filter=f'team = "{team.name}" AND skills:field'), metadata=agent_md(y)
     )
     assert [a.name for a in listed.agents] == [f"agents/{x}"] and list(listed.agents[0].teams) == [team.name]
+    by_skill = agents_api.ListAgents(
+        pb.ListAgentsRequest(filter=f'team = "{team.name}" AND skill != field'), metadata=BOSS
+    )
+    assert [a.name for a in by_skill.agents] == [f"agents/{y}"]
     fails(
         lambda: agents_api.ListAgents(pb.ListAgentsRequest(filter="colour = red"), metadata=BOSS),
         grpc.StatusCode.INVALID_ARGUMENT,

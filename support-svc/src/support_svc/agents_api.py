@@ -184,9 +184,17 @@ def _team_filter(op: str, value):
     return cond if op == "=" else sa.not_(cond)
 
 
+def _has(column, op: str, value):
+    if not isinstance(value, str):
+        raise ValueError("takes a key, e.g. skill = billing")
+    cond = column.any(value.lower())
+    return cond if op == "=" else sa.not_(cond)
+
+
 AGENT_FILTERS = FilterSchema(
     FilterField("team", _team_filter, operators=frozenset({"=", "!="})),
     FilterField("skills", agents.c.skills, FieldType.STRING_ARRAY),
+    FilterField("skill", lambda op, value: _has(agents.c.skills, op, value), operators=frozenset({"=", "!="})),
     FilterField("languages", agents.c.languages, FieldType.STRING_ARRAY),
     FilterField(
         "presence",
@@ -345,6 +353,7 @@ class Agents:
             row = self._lock(tx.conn, req.name)
             if not row.active and presence != "offline":
                 raise FailedPrecondition(f"{req.name} is deactivated", reason="AGENT_INACTIVE")
+            r = router(self.support)
             if row.presence != presence:
                 tx.execute(
                     agents.update().where(agents.c.id == aid).values(presence=presence, presence_time=sa.func.now())
@@ -352,11 +361,10 @@ class Agents:
                 tx.audit(
                     req.name, "agent.presence", principal, [{"field": "presence", "old": row.presence, "new": presence}]
                 )
-                r = router(self.support)
-                if presence == "online":
-                    r.fill(tx, aid)
-                else:
+                if presence != "online":
                     r.withdraw(tx, ticket_offers.c.agent_id == aid, f"agent went {presence}")
+            if presence == "online":  # (again: takes what waits now)
+                r.fill(tx, aid)
             out = self._get(tx.conn, aid, req.name)
         return agent_to_proto(out)
 
