@@ -5,7 +5,7 @@ from __future__ import annotations
 from crm_chassis.parts import parts_spec
 from crm_chassis.service import main
 
-from . import customer_projection, mail_in, mail_out, ticketing
+from . import agents_api, customer_projection, mail_in, mail_out, routing, ticketing
 from .runtime import support
 
 # The parts of the service (crm_chassis.parts says what each may define; runtime.py the hooks).
@@ -14,6 +14,10 @@ PARTS = [
     customer_projection,
     mail_out,  # agent replies by e-mail (senders["email"])
     mail_in,  # the inbound SMTP endpoint (role mail-in; serve runs it too)
+    routing,  # push offers of tickets to agents, re-offers, capacity
+    agents_api,  # AgentService: agents, presence, channel weights
+    agents_api.teams_part,  # TeamService
+    agents_api.calendars_part,  # CalendarService
 ]
 
 SPEC = parts_spec("support-svc", 50053, __file__, "support", PARTS, make=lambda ctx: support(ctx, PARTS))
