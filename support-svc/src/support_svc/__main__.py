@@ -6,12 +6,15 @@ from crm_chassis.parts import parts_spec
 from crm_chassis.service import main
 
 from . import customer_projection, ticketing
+from . import tickets_api, tickets_categories
 from .runtime import support
 
 # The parts of the service (crm_chassis.parts says what each may define; runtime.py the hooks).
 PARTS = [
     ticketing,  # the core: opening, messages, states, delivery of replies
     customer_projection,
+    tickets_api,  # TicketService: create, find, update, states, assign, messages, history, export
+    tickets_categories,  # CategoryService: the managed list of categories
 ]
 
 SPEC = parts_spec("support-svc", 50053, __file__, "support", PARTS, make=lambda ctx: support(ctx, PARTS))
