@@ -5,8 +5,7 @@ from __future__ import annotations
 from crm_chassis.parts import parts_spec
 from crm_chassis.service import main
 
-from . import customer_projection, ticketing
-from . import tickets_api, tickets_categories
+from . import customer_projection, ticketing, tickets_api, tickets_categories
 from .runtime import support
 
 # The parts of the service (crm_chassis.parts says what each may define; runtime.py the hooks).

@@ -30,7 +30,7 @@ from crm_chassis.filtering import keyset_page
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
-from crm_chassis.persian import phone_e164
+from crm_chassis.persian import normalize, phone_e164
 from crm_chassis.resources import ResourceName, UpdateMask, check_etag
 
 from . import tickets_export
@@ -127,7 +127,7 @@ def _id(pattern: ResourceName, value: str, field: str, bad: list) -> str | None:
 def check_tags(values, field: str, bad: list) -> list[str]:
     out: list[str] = []
     for i, raw in enumerate(values):
-        tag = raw.strip().lower()
+        tag = normalize(raw)  # Arabic ي/ك and Persian ی/ک are one tag
         if not tag:
             bad.append(FieldViolation(f"{field}[{i}]", "must not be empty"))
         elif len(tag) > TAG_LIMIT:
@@ -693,4 +693,3 @@ def use_cases(support: Support) -> TicketApi:
 
 def registration(support: Support) -> Registration:
     return Registration.of(TicketServicer(use_cases(support)))
-

@@ -92,7 +92,9 @@ class Categories:
                 )
             name = CATEGORY.format(row.id)
             changes = [audit.change(f, "null", audit.value(row._mapping[f])) for f in ("key", "display_name")]
-            changes += [audit.change(f, "null", audit.value(row._mapping[f])) for f in ("complaint", "skill", "team_id")]
+            changes += [
+                audit.change(f, "null", audit.value(row._mapping[f])) for f in ("complaint", "skill", "team_id")
+            ]
             tx.audit(name, "create", principal, changes)
         return to_proto(row)
 
@@ -202,4 +204,3 @@ class CategoryServicer(tickets_pb2_grpc.CategoryServiceServicer):
 
 def registration(support: Support) -> Registration:
     return Registration.of(CategoryServicer(support.once("categories", lambda: Categories(support))))
-

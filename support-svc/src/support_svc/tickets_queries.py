@@ -19,6 +19,8 @@ from crm_chassis.filtering import (
     FieldType,
     FilterField,
     FilterSchema,
+    Prefix,
+    array_contains,
     keyset_page,
     parse_order_by,
     query_fingerprint,
@@ -93,6 +95,12 @@ def _number(op: str, value):
     return _OPS[op](t.number, n)
 
 
+def _tags(op: str, value):
+    if value is None or isinstance(value, Prefix):
+        raise ValueError("tags takes a tag: tags:vip")
+    return array_contains(t.tags, normalize(value))
+
+
 NAME_OPS = frozenset({"=", "!="})
 ORDERED = frozenset({"=", "!=", "<", "<=", ">", ">="})
 TEAM = ResourceName("teams/{team_id}")
@@ -111,7 +119,7 @@ FILTERS = FilterSchema(
     FilterField("customer", _name_filter(t.customer_id, CUSTOMER, "customer", ""), operators=NAME_OPS),
     FilterField("category", _name_filter(t.category_id, CATEGORY, "category", None), operators=NAME_OPS),
     FilterField("complaint", t.complaint, FieldType.BOOL),
-    FilterField("tags", t.tags, FieldType.STRING_ARRAY),
+    FilterField("tags", _tags, FieldType.STRING_ARRAY),
     FilterField("number", _number, operators=ORDERED),
     FilterField("language", t.language),
     FilterField("create_time", t.create_time, FieldType.TIMESTAMP),

@@ -12,7 +12,9 @@ down_revision = "0002"
 
 
 def upgrade() -> None:
-    op.create_index("tickets_update", "tickets", [sa.literal_column("update_time DESC"), sa.literal_column("id DESC")], unique=False)
+    op.create_index(
+        "tickets_update", "tickets", [sa.literal_column("update_time DESC"), sa.literal_column("id DESC")], unique=False
+    )
 
 
 def downgrade() -> None:
