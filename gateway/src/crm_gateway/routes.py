@@ -74,7 +74,7 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
     "crm.sales.v1.OpportunityService.ExportOpportunities": (CSV, XLSX),
     "crm.support.v1.TicketService.ExportTickets": (CSV, XLSX),
     # an attachment answers the type it was uploaded with
-    "crm.support.v1.TicketService.GetAttachment": ("application/octet-stream", "application/pdf", "image/*", "*/*"),
+    "crm.support.v1.TicketService.GetAttachment": ("application/pdf", "image/*", "*/*"),
 }
 OCTET_STREAM = ("application/octet-stream",)
 # Routes reached without a bearer token, with their own authentication and limits (public.py).
