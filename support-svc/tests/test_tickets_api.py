@@ -733,5 +733,10 @@ def test_http_create_get_and_a_bad_field(svc):
     assert len(msg.get_json()["attachments"]) == 2, msg.get_json()
     persian = http.get(f"/v1/{msg.get_json()['name']}/attachments/2", headers=auth)
     assert persian.status_code == 200 and persian.data == b"hello", persian.get_data(as_text=True)
+    downloads = {r.headers["Content-Disposition"] for r in (download, persian)}
+    for header in downloads:
+        header.encode("latin-1")  # what an HTTP server can send
+    assert 'attachment; filename="a.txt"' in downloads
+    assert "filename*=UTF-8''%D8%B1%D8%B3%DB%8C%D8%AF.txt" in " ".join(downloads)
     listed = http.get("/v1/tickets?filter=state%20%3D%20NEW&page_size=1", headers=auth)
     assert listed.status_code == 200 and len(listed.get_json()["tickets"]) == 1
