@@ -10,6 +10,7 @@ import contextvars
 import logging
 import time
 import uuid
+from urllib.parse import quote
 
 import grpc
 from flask import Flask, Response, g, json, request
@@ -80,7 +81,7 @@ def _handler(route: Route, clients):
                     except StopIteration:
                         return
 
-            headers = {"Content-Disposition": f'attachment; filename="{head.filename}"'}
+            headers = {"Content-Disposition": _disposition(head.filename)}
             if "row_count" in head.DESCRIPTOR.fields_by_name:
                 headers["X-Row-Count"] = str(head.row_count)
             # content_type, not mimetype: the service's type already carries its charset (Flask
@@ -95,6 +96,15 @@ def _handler(route: Route, clients):
         return _json(resp, route.status, headers)
 
     return view
+
+
+def _disposition(filename: str) -> str:
+    """Content-Disposition of a download; a non-ASCII name (a Persian attachment's) goes as
+    RFC 6266 filename* (UTF-8) beside an ASCII fallback: a header carries latin-1 only."""
+    if filename.isascii():
+        return f'attachment; filename="{filename}"'
+    fallback = "".join(ch if ch.isascii() and ch not in '"\\' else "_" for ch in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 def _metadata() -> list[tuple[str, str]]:

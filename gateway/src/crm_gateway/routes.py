@@ -72,6 +72,9 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
     "crm.sales.v1.InvoiceService.RenderInvoicePdf": (PDF,),
     "crm.sales.v1.LeadService.ExportLeads": (CSV, XLSX),
     "crm.sales.v1.OpportunityService.ExportOpportunities": (CSV, XLSX),
+    "crm.support.v1.TicketService.ExportTickets": (CSV, XLSX),
+    # an attachment answers the type it was uploaded with
+    "crm.support.v1.TicketService.GetAttachment": ("application/pdf", "image/*", "*/*"),
 }
 OCTET_STREAM = ("application/octet-stream",)
 # Routes reached without a bearer token, with their own authentication and limits (public.py).
