@@ -5,13 +5,15 @@ from __future__ import annotations
 from crm_chassis.parts import parts_spec
 from crm_chassis.service import main
 
-from . import customer_projection, ticketing
+from . import calls, customer_projection, ticketing, visits
 from .runtime import support
 
 # The parts of the service (crm_chassis.parts says what each may define; runtime.py the hooks).
 PARTS = [
     ticketing,  # the core: opening, messages, states, delivery of replies
     customer_projection,
+    calls,  # CTI: call events from the PBX, call logs, callbacks, after-call work
+    visits,  # field-service visits of technicians
 ]
 
 SPEC = parts_spec("support-svc", 50053, __file__, "support", PARTS, make=lambda ctx: support(ctx, PARTS))
