@@ -78,7 +78,12 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
 }
 OCTET_STREAM = ("application/octet-stream",)
 # Routes reached without a bearer token, with their own authentication and limits (public.py).
-PUBLIC: dict[str, Public] = {}
+PUBLIC: dict[str, Public] = {
+    # A PBX's call events (support-svc calls.py checks the body's HMAC signature).
+    "crm.support.v1.CallService.PostCallEvent": Public(
+        per_minute=1200, max_bytes=64 * 1024, raw_body="body", headers={"signature": "X-Crm-Signature"}
+    ),
+}
 
 
 @dataclass(frozen=True)
