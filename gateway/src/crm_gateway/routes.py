@@ -75,7 +75,13 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
 }
 OCTET_STREAM = ("application/octet-stream",)
 # Routes reached without a bearer token, with their own authentication and limits (public.py).
-PUBLIC: dict[str, Public] = {}
+PUBLIC: dict[str, Public] = {
+    # survey links (support-svc surveys.py): the link's signed token is the credential
+    "crm.support.v1.SurveyService.GetSurveyByToken": Public(per_minute=30, max_bytes=16 * 1024),
+    "crm.support.v1.SurveyService.SubmitSurvey": Public(
+        per_minute=30, max_bytes=16 * 1024, client_address="client_address"
+    ),
+}
 
 
 @dataclass(frozen=True)
