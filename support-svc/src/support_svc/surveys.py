@@ -668,6 +668,7 @@ class Surveys:
             .where(s.ticket_id == after.id, s.kind == "expectation", s.state == "sent")
             .values(
                 perception_open=True,
+                nonce=secrets.token_urlsafe(12),  # a new link: the first one stops working
                 agent_id=after.assignee_id,
                 team_id=after.team_id,
                 expire_time=expire,
