@@ -638,3 +638,13 @@ def test_the_public_role_only_answers_links(svc, stub):
         assert code == grpc.StatusCode.PERMISSION_DENIED
     code, fields, _ = error(lambda: stub.GetSurveyByToken(pb.GetSurveyByTokenRequest(), metadata=public))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and fields == ["token"]
+
+
+def test_openapi_documents_the_survey_links_as_public(http):
+    doc = http.get("/openapi.json").get_json()
+    get = doc["paths"]["/v1/surveys/{token}"]["get"]
+    submit = doc["paths"]["/v1/surveys/{token}:submit"]["post"]
+    for op in (get, submit):
+        assert op["security"] == [] and "30 requests a minute" in op["description"]
+        assert "16384 bytes" in op["description"] and "429" in op["responses"]
+    assert doc["paths"]["/v1/surveys"]["get"].get("security") != []  # the staff list needs a token

@@ -5,8 +5,6 @@ every error the gateway or its server answers is listed, each an application/pro
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from google.protobuf import descriptor
 
 from .problem_doc import MEDIA_TYPE
@@ -170,7 +168,6 @@ def _upload_form(b: _Builder, route: Route, body: descriptor.Descriptor, bound: 
     return {"type": "object", "required": [UPLOAD_PART], "properties": props}
 
 
-@lru_cache(maxsize=1)
 def _public(op: dict, route: Route) -> None:
     """A public route: no bearer token; its limits, headers and raw body documented."""
     pub = route.public
