@@ -5,7 +5,7 @@ from __future__ import annotations
 from crm_chassis.parts import parts_spec
 from crm_chassis.service import main
 
-from . import agents_api, calls, customer_projection, mail_in, mail_out, routing, ticketing, tickets_api, tickets_categories, visits
+from . import agents_api, calls, customer_projection, mail_in, mail_out, routing, surveys, ticketing, tickets_api, tickets_categories, visits
 from .runtime import support
 
 # The parts of the service (crm_chassis.parts says what each may define; runtime.py the hooks).
@@ -22,6 +22,7 @@ PARTS = [
     tickets_categories,  # CategoryService: the managed list of categories
     calls,  # CTI: call events from the PBX, call logs, callbacks, after-call work
     visits,  # field-service visits of technicians
+    surveys,  # CSAT and expectation surveys, answered through signed links
 ]
 
 SPEC = parts_spec("support-svc", 50053, __file__, "support", PARTS, make=lambda ctx: support(ctx, PARTS))
