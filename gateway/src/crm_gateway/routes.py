@@ -82,6 +82,7 @@ PUBLIC: dict[str, Public] = {
     # A PBX's call events (support-svc calls.py checks the body's HMAC signature).
     "crm.support.v1.CallService.PostCallEvent": Public(
         per_minute=1200, max_bytes=64 * 1024, raw_body="body", headers={"signature": "X-Crm-Signature"}
+    ),
     # survey links (support-svc surveys.py): the link's signed token is the credential
     "crm.support.v1.SurveyService.GetSurveyByToken": Public(per_minute=30, max_bytes=16 * 1024),
     "crm.support.v1.SurveyService.SubmitSurvey": Public(

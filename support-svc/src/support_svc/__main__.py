@@ -5,7 +5,19 @@ from __future__ import annotations
 from crm_chassis.parts import parts_spec
 from crm_chassis.service import main
 
-from . import agents_api, calls, customer_projection, mail_in, mail_out, routing, surveys, ticketing, tickets_api, tickets_categories, visits
+from . import (
+    agents_api,
+    calls,
+    customer_projection,
+    mail_in,
+    mail_out,
+    routing,
+    surveys,
+    ticketing,
+    tickets_api,
+    tickets_categories,
+    visits,
+)
 from .runtime import support
 
 # The parts of the service (crm_chassis.parts says what each may define; runtime.py the hooks).
