@@ -9,7 +9,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0002"
-down_revision = "0002"
+down_revision = "0001"
 
 
 def upgrade() -> None:
