@@ -5,8 +5,6 @@ every error the gateway or its server answers is listed, each an application/pro
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from google.protobuf import descriptor
 
 from .problem_doc import MEDIA_TYPE
@@ -170,14 +168,13 @@ def _upload_form(b: _Builder, route: Route, body: descriptor.Descriptor, bound: 
     return {"type": "object", "required": [UPLOAD_PART], "properties": props}
 
 
-@lru_cache(maxsize=1)
 def _public(op: dict, route: Route) -> None:
     """A public route: no bearer token; its limits, headers and raw body documented."""
     pub = route.public
     op["security"] = []
-    for code in ("401", "403"):
-        op["responses"].pop(code, None)
-    op["responses"].update(_problems(("413", "429")))
+    op["responses"].pop("403", None)  # the gateway's own role is granted the RPC
+    # 401 stays: the service answers it for a bad signature, secret or site key
+    op["responses"].update(_problems(("401", "413", "429")))
     limits = f"Public: no bearer token. At most {pub.per_minute} requests a minute per client, bodies up to {pub.max_bytes} bytes."
     op["description"] = " ".join(x for x in (op.get("description", ""), pub.description, limits) if x)
     for name, header in pub.headers.items():
