@@ -184,10 +184,8 @@ def _public(op: dict, route: Route) -> None:
         op["parameters"] = [p for p in op["parameters"] if p["name"] != pub.raw_body]
         op["requestBody"] = {
             "required": True,
-            "content": {
-                "application/json": {"schema": {"type": "object"}},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            },
+            # the service reads the exact bytes (a signature is over them); the senders post JSON
+            "content": {"application/json": {"schema": {"type": "object"}}},
         }
 
 
