@@ -260,6 +260,9 @@ def test_photos_and_documents_are_noted_with_their_file_ids(svc, stub):
     assert post(stub, update(5551004, None, sticker={"file_id": "CAAD", "emoji": "👍"})).outcome == (
         pb.PostBotUpdateResponse.OUTCOME_APPENDED
     )
+    # a NUL in a text (PostgreSQL stores none) is dropped, not an error the platform retries forever
+    assert post(stub, update(5551004, "a\x00b")).outcome == pb.PostBotUpdateResponse.OUTCOME_APPENDED
+    assert messages(svc, tid)[-1].body == "ab"
     # kinds that are no message an agent answers are accepted and ignored
     ignored = {"update_id": 99, "callback_query": {"id": "1", "from": user(5551004), "data": "x"}}
     assert post(stub, ignored).outcome == pb.PostBotUpdateResponse.OUTCOME_IGNORED

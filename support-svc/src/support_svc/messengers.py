@@ -381,7 +381,19 @@ def parse_update(body: bytes) -> dict:
         raise InvalidArgument(FieldViolation("body", "must be a Bot API Update in JSON")) from None
     if not isinstance(update, dict):
         raise InvalidArgument(FieldViolation("body", "must be a JSON object (a Bot API Update)"))
-    return update
+    return _without_nul(update)
+
+
+def _without_nul(value):
+    """The value with every U+0000 removed from its strings (PostgreSQL stores none, in text or
+    jsonb; a message carrying one would fail, and the platform would redeliver it forever)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
 
 
 # --- the use cases -----------------------------------------------------------------------------
