@@ -5,8 +5,6 @@ every error the gateway or its server answers is listed, each an application/pro
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from google.protobuf import descriptor
 
 from .problem_doc import MEDIA_TYPE
@@ -174,9 +172,9 @@ def _public(op: dict, route: Route) -> None:
     """A public route: no bearer token; its limits, headers and raw body documented."""
     pub = route.public
     op["security"] = []
-    for code in ("401", "403"):
-        op["responses"].pop(code, None)
-    op["responses"].update(_problems(("413", "429")))
+    op["responses"].pop("403", None)  # the gateway's own role is granted the RPC
+    # 401 stays: the service answers it for a bad signature, secret or site key
+    op["responses"].update(_problems(("401", "413", "429")))
     limits = f"Public: no bearer token. At most {pub.per_minute} requests a minute per client, bodies up to {pub.max_bytes} bytes."
     op["description"] = " ".join(x for x in (op.get("description", ""), pub.description, limits) if x)
     for name, header in pub.headers.items():
@@ -186,10 +184,8 @@ def _public(op: dict, route: Route) -> None:
         op["parameters"] = [p for p in op["parameters"] if p["name"] != pub.raw_body]
         op["requestBody"] = {
             "required": True,
-            "content": {
-                "application/json": {"schema": {"type": "object"}},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            },
+            # the service reads the exact bytes (a signature is over them); the senders post JSON
+            "content": {"application/json": {"schema": {"type": "object"}}},
         }
 
 

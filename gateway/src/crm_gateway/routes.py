@@ -88,6 +88,18 @@ PUBLIC: dict[str, Public] = {
     "crm.support.v1.SurveyService.SubmitSurvey": Public(
         per_minute=30, max_bytes=16 * 1024, client_address="client_address"
     ),
+    # support-svc channels.proto: the public web form (its site key is checked by the service)
+    "crm.support.v1.ChannelService.SubmitWebForm": Public(
+        per_minute=10, max_bytes=32 * 1024, client_address="client_address", description="The site's contact form."
+    ),
+    # Telegram / Bale webhooks: the raw Update, and the secret token setWebhook was given
+    "crm.support.v1.ChannelService.PostBotUpdate": Public(
+        per_minute=600,
+        max_bytes=1024 * 1024,
+        raw_body="body",
+        headers={"secret_token": "X-Telegram-Bot-Api-Secret-Token"},
+        description="A bot's webhook (setWebhook url and secret_token).",
+    ),
 }
 
 

@@ -133,12 +133,6 @@ def build_request(route: Route, request_cls, path_args: dict[str, str]):
     msg = request_cls()
     body_keys: list[str] = []
     public = route.public
-    if public is not None:
-        for name, header in public.headers.items():
-            setattr(msg, name, request.headers.get(header, ""))
-        if public.client_address:
-            forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
-            setattr(msg, public.client_address, forwarded or request.remote_addr or "")
     if public is not None and public.raw_body:
         # The exact bytes, for the service to check a signature over them.
         setattr(msg, public.raw_body, request.get_data())
@@ -178,6 +172,13 @@ def build_request(route: Route, request_cls, path_args: dict[str, str]):
             getattr(msg, route.body).etag = request.headers["If-Match"]
     if route.method == "PATCH" and "update_mask" in fields and not msg.update_mask.paths:
         msg.update_mask.paths.extend(k for k in body_keys if k not in ("name", "etag"))
+    if public is not None:
+        # Last, so that a value the caller put in the body or the query cannot stand in for them.
+        for name, header in public.headers.items():
+            setattr(msg, name, request.headers.get(header, ""))
+        if public.client_address:
+            forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+            setattr(msg, public.client_address, forwarded or request.remote_addr or "")
     return msg
 
 

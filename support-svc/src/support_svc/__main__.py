@@ -17,6 +17,8 @@ from . import (
     tickets_api,
     tickets_categories,
     visits,
+    channels_api,
+    messengers,
 )
 from .runtime import support
 
@@ -35,6 +37,8 @@ PARTS = [
     calls,  # CTI: call events from the PBX, call logs, callbacks, after-call work
     visits,  # field-service visits of technicians
     surveys,  # CSAT and expectation surveys, answered through signed links
+    messengers,  # Telegram and Bale: inbound updates, reply senders, notices
+    channels_api,  # ChannelService: the bots' webhook, the public web form, channel status
 ]
 
 SPEC = parts_spec("support-svc", 50053, __file__, "support", PARTS, make=lambda ctx: support(ctx, PARTS))
