@@ -102,8 +102,22 @@ def search_indexes(table: sa.Table) -> None:
     )
 
 
+_COMPOUND = re.compile(r"[^\W_]+(?:\u200c[^\W_]+)+")  # a word written with a zero-width non-joiner
+
+
+def joined_forms(text: str) -> str:
+    """The words written with a ZWNJ, also written joined (درخواست‌ها -> درخواستها): normalize
+    makes the ZWNJ a space, and these let a reader who types the word joined find it too."""
+    return " ".join(dict.fromkeys(normalize(w.replace("\u200c", "")) for w in _COMPOUND.findall(text or "")))
+
+
 def search_values(title: str, body: str) -> dict:
-    return {"search_title": normalize(title), "search_text": normalize(f"{title}\n{body}")}
+    """search_title and search_text of a row (normalised; joined forms of ZWNJ words at the end)."""
+    text = f"{title}\n{body}"
+    return {
+        "search_title": " ".join(p for p in (normalize(title), joined_forms(title)) if p),
+        "search_text": "\n".join(p for p in (normalize(text), joined_forms(text)) if p),
+    }
 
 
 kb_categories = sa.Table(
@@ -322,9 +336,18 @@ def query_words(text: str, limit: int = 32) -> list[str]:
     return list(dict.fromkeys(_WORD.findall(normalize(text))))[:limit]
 
 
-def all_words_query(words: list[str]) -> str:
-    """to_tsquery text: every word, each as a prefix."""
-    return " & ".join(f"{w}:*" for w in words)
+def all_words_query(text: str, limit: int = 32) -> str:
+    """to_tsquery text: every word of `text`, each as a prefix; a word written with a ZWNJ
+    matches its two halves or the joined form (a text may have written it either way)."""
+    terms: list[str] = []
+    for chunk in text.split():
+        halves = _WORD.findall(normalize(chunk))
+        if not halves:
+            continue
+        joined = "".join(halves) if "\u200c" in chunk and len(halves) > 1 else ""
+        split = " & ".join(f"{w}:*" for w in halves)
+        terms.append(f"({split} | {joined}:*)" if joined else split)
+    return " & ".join(dict.fromkeys(terms[:limit]))
 
 
 def any_word_query(words: list[str]) -> str:
@@ -334,6 +357,11 @@ def any_word_query(words: list[str]) -> str:
 
 
 HEADLINE = 'StartSel=**, StopSel=**, MaxWords=35, MinWords=12, MaxFragments=2, FragmentDelimiter=" … "'
+
+
+def tsquery(text: str) -> sa.ColumnElement:
+    """to_tsquery('simple', text): immutable, so folded to a constant the GIN index can use."""
+    return sa.func.to_tsquery(sa.literal_column("'simple'::regconfig"), text)
 
 
 def headline(text_column, query) -> sa.ColumnElement:
@@ -816,7 +844,7 @@ class Knowledge:
             raise InvalidArgument(bad)
         limit = min(req.page_size or SEARCH_DEFAULT, SEARCH_MAX)
         raw = " ".join(words)
-        query = sa.func.to_tsquery(sa.literal_column("'simple'::regconfig"), all_words_query(words))
+        query = tsquery(all_words_query(text))
         where = [ka.state.in_(states or ["published"])]
         if language:
             where.append(ka.language == language)
@@ -824,18 +852,15 @@ class Knowledge:
             tree = sa.select(kc.id).where(kc.id == category_id).cte("tree", recursive=True)
             tree = tree.union_all(sa.select(kc.id).join(tree, kc.parent_id == tree.c.id))
             where.append(ka.category_id.in_(sa.select(tree.c.id)))
-        q = sa.select(query.label("q")).cte("q")
-        fulltext = ka.search_vector.op("@@")(q.c.q)
+        fulltext = ka.search_vector.op("@@")(query)
         trigram = sa.literal(raw).op("<%")(ka.search_text)
         top = (
             sa.select(
                 ka.id.label("hit_id"),
-                sa.or_(title_match(kb_articles, q.c.q), sa.literal(raw).op("<%")(ka.search_title)).label("in_title"),
-                sa.func.ts_rank(ka.search_vector, q.c.q).label("rank"),
+                sa.or_(title_match(kb_articles, query), sa.literal(raw).op("<%")(ka.search_title)).label("in_title"),
+                sa.func.ts_rank(ka.search_vector, query).label("rank"),
                 sa.func.word_similarity(raw, ka.search_text).label("similarity"),
             )
-            .select_from(kb_articles)
-            .join(q, sa.true())
             .where(*where, sa.or_(fulltext, trigram))
             .order_by(sa.text("in_title DESC"), sa.text("rank DESC"), sa.text("similarity DESC"), ka.update_time.desc())
             .limit(limit)
@@ -847,9 +872,9 @@ class Knowledge:
                 top.c.in_title,
                 top.c.rank,
                 top.c.similarity,
-                headline(ka.search_text, q.c.q).label("snippet"),
+                headline(ka.search_text, query).label("snippet"),
             )
-            .select_from(top.join(kb_articles, ka.id == top.c.hit_id).join(q, sa.true()))
+            .select_from(top.join(kb_articles, ka.id == top.c.hit_id))
             .order_by(top.c.in_title.desc(), top.c.rank.desc(), top.c.similarity.desc(), ka.update_time.desc())
         )
         with self.uow.read() as conn:
