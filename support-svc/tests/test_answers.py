@@ -740,3 +740,36 @@ def test_admin_and_roles(answers, kb):
         lambda: kb.CreateArticle(pb.CreateArticleRequest(article=pb.Article(title="x")), metadata=AGENT),
         grpc.StatusCode.PERMISSION_DENIED,
     )
+
+
+def test_over_http_through_the_gateway(svc, answers):
+    from crm_gateway import create_app
+    from crm_gateway.clients import Clients
+    from tests.support.harness import assert_problem, token
+
+    down = "127.0.0.1:9"
+    clients = Clients({"customer": down, "sales": down, "support": f"127.0.0.1:{svc.port}", "reporting": down})
+    http = create_app(clients).test_client()
+    manager = {"Authorization": f"Bearer {token('support_manager', 'mona')}"}
+    agent = {"Authorization": f"Bearer {token('support_agent', 'omid')}"}
+    try:
+        made = http.post(
+            "/v1/cannedAnswers", json={"title": "http", "body": "{{ ticket.number }} {{ x }}"}, headers=manager
+        )
+        body = assert_problem(made, 400, "body")  # the gateway names fields within the HTTP body
+        assert "x is not a placeholder" in str(body["errors"])
+        made = http.post("/v1/cannedAnswers", json={"title": "http", "body": "{{ ticket.number }}"}, headers=manager)
+        assert made.status_code == 201, made.get_data(as_text=True)
+        name = made.get_json()["name"]
+        t = open_ticket(svc)
+        out = http.post(f"/v1/{name}:render", json={"ticket": f"tickets/{t.id}"}, headers=agent)
+        assert out.status_code == 200 and out.get_json()["text"] == f"T-{t.number:06d}"
+        created = http.post("/v1/articles", json={"title": "راهنمای پرداخت", "body": "پرداخت"}, headers=manager)
+        art = created.get_json()["name"]
+        http.post(f"/v1/{art}:publish", json={}, headers=manager)
+        found = http.get("/v1/articles:search", query_string={"query": "پرداخت"}, headers=agent)
+        assert found.status_code == 200, found.get_data(as_text=True)
+        assert [r["article"]["name"] for r in found.get_json()["results"]] == [art]
+        assert_problem(http.post("/v1/articles", json={"title": "x"}, headers=agent), 403)
+    finally:
+        clients.close()
