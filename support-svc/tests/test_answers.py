@@ -268,6 +268,7 @@ def test_unknown_placeholders_and_statements_are_refused_on_create_and_update(an
         ("{% include 'other' %}", "include"),
         ("{{ ticket.subject.upper() }}", "calls"),
         ("{{ ticket.subject | center(100) }}", "center"),
+        ("{{ ticket.subject.upper }}", "only the placeholder groups have fields"),
     ]:
         fails(
             lambda b=body: create_answer(answers, "t", b), grpc.StatusCode.INVALID_ARGUMENT, "canned_answer.body", word

@@ -305,6 +305,9 @@ def check_template(body: str, field: str = BODY_FIELD) -> list[FieldViolation]:
         if isinstance(node, nodes.Getattr) and node.attr.startswith("_"):
             bad.append(f"{_line(node)}{node.attr} is not allowed (templates may not reach Python internals)")
             return
+        if isinstance(node, nodes.Getattr) and not isinstance(node.node, nodes.Name):
+            bad.append(f"{_line(node)}.{node.attr}: only the placeholder groups have fields (use filters on values)")
+            return
         key = node.arg.value if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) else None
         if isinstance(key, str) and key.startswith("_"):
             bad.append(f"{_line(node)}{key} is not allowed (templates may not reach Python internals)")

@@ -803,17 +803,14 @@ class Knowledge:
                 )
                 old = "helpful_count" if before else "not_helpful_count"
                 counts[old] = ka[old] - 1
-            if before is None or before != req.helpful:
+            if before != req.helpful:  # a new vote, or a changed one
                 new = "helpful_count" if req.helpful else "not_helpful_count"
                 counts[new] = ka[new] + 1
-            stmt = (
-                kb_articles.update().where(ka.id == aid).values(**counts)
-                if counts
-                else sa.select(*ARTICLE_COLUMNS).where(ka.id == aid)
-            )
-            if counts:
-                stmt = stmt.returning(*ARTICLE_COLUMNS)
-            out = tx.execute(stmt).one()
+                out = tx.execute(
+                    kb_articles.update().where(ka.id == aid).values(**counts).returning(*ARTICLE_COLUMNS)
+                ).one()
+            else:  # the same vote again: nothing changes
+                out = tx.execute(sa.select(*ARTICLE_COLUMNS).where(ka.id == aid)).one()
         return article_to_proto(out)
 
     # search -------------------------------------------------------------------------------------
