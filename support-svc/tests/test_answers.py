@@ -331,6 +331,20 @@ def test_a_missing_value_takes_the_documented_fallback_or_is_invalid_naming_it(s
         pb.RenderCannedAnswerRequest(name=friendly.name, ticket=f"tickets/{t.id}"), metadata=MANAGER
     )
     assert out.text == "مشتری گرامی، سلام"
+    branch = create_answer(
+        answers, "if", "{% if agent.name is defined %}{{ agent.name }}{% else %}پشتیبانی{% endif %}\n"
+    )
+    assert (  # the manager is not an agent: no agent.name
+        answers.RenderCannedAnswer(
+            pb.RenderCannedAnswerRequest(name=branch.name, ticket=f"tickets/{t.id}"), metadata=MANAGER
+        ).text
+        == "پشتیبانی"
+    )
+    fails(
+        lambda: create_answer(answers, "deep", "{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "canned_answer.body",
+    )
     bare = create_answer(answers, "b", "{{ customer.name }}، سلام")
     fails(
         lambda: answers.RenderCannedAnswer(

@@ -295,6 +295,8 @@ def check_template(body: str, field: str = BODY_FIELD) -> list[FieldViolation]:
         tree = ENV.parse(body)
     except TemplateSyntaxError as e:
         return [FieldViolation(field, f"line {e.lineno}: {e.message}")]
+    except RecursionError:
+        return [FieldViolation(field, "is nested too deeply")]
     bad: list[str] = []
 
     def walk(node: nodes.Node, parent: nodes.Node | None) -> None:
@@ -321,7 +323,10 @@ def check_template(body: str, field: str = BODY_FIELD) -> list[FieldViolation]:
         for child in node.iter_child_nodes():
             walk(child, node)
 
-    walk(tree, None)
+    try:
+        walk(tree, None)
+    except RecursionError:
+        return [FieldViolation(field, "is nested too deeply")]
     if not bad:  # a trial run with every placeholder filled: what only running shows (9 ** 9 ** 9)
         try:
             render(body, SAMPLE)
@@ -376,6 +381,8 @@ def render(body: str, values: dict) -> str:
         raise InvalidArgument.field(BODY_FIELD, f"refused by the sandbox: {e}") from None
     except UndefinedError as e:
         raise InvalidArgument.field(BODY_FIELD, str(e)) from None
+    except RecursionError:
+        raise InvalidArgument.field(BODY_FIELD, "is nested too deeply") from None
     except (TemplateError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError) as e:
         raise InvalidArgument.field(BODY_FIELD, f"the template failed: {type(e).__name__}: {e}") from None
     if len(text) > BODY_LIMIT:
