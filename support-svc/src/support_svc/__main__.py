@@ -7,18 +7,20 @@ from crm_chassis.service import main
 
 from . import (
     agents_api,
+    answers,
     calls,
+    channels_api,
     customer_projection,
+    knowledge,
     mail_in,
     mail_out,
+    messengers,
     routing,
     surveys,
     ticketing,
     tickets_api,
     tickets_categories,
     visits,
-    channels_api,
-    messengers,
 )
 from .runtime import support
 
@@ -39,6 +41,8 @@ PARTS = [
     surveys,  # CSAT and expectation surveys, answered through signed links
     messengers,  # Telegram and Bale: inbound updates, reply senders, notices
     channels_api,  # ChannelService: the bots' webhook, the public web form, channel status
+    answers,  # canned answers, replies from them, suggestions for a ticket
+    knowledge,  # the knowledge base: categories, articles, search, ratings
 ]
 
 SPEC = parts_spec("support-svc", 50053, __file__, "support", PARTS, make=lambda ctx: support(ctx, PARTS))

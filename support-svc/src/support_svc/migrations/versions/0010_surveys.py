@@ -10,7 +10,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0010"
-down_revision = "0007"
+down_revision = "0009"
 
 CSAT_QUESTIONS = [
     {"key": "speed", "text_fa": "سرعت پاسخگویی ما چطور بود؟", "text_en": "How was our speed of response?"},
