@@ -5,6 +5,8 @@ every error the gateway or its server answers is listed, each an application/pro
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from google.protobuf import descriptor
 
 from .problem_doc import MEDIA_TYPE
