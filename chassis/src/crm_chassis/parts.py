@@ -4,7 +4,7 @@ in their `__main__` and runtime, so that none keeps its own copy.
 A part of a service (leads, tickets, routing, ...) is a module listed in the service's PARTS
 that may define:
 
-- `registration(rt: Runtime) -> Registration`: its gRPC service;
+- `registration(rt: Runtime) -> Registration | list[Registration]`: its gRPC service(s);
 - `timer_handlers(rt: Runtime) -> None`: adds its handlers to `rt.timers` (called in every role
   that runs workers, so `python -m <package> work` fires them without serving gRPC);
 - `subscriptions(rt: Runtime) -> list[Subscription]`: the events it consumes;
@@ -83,7 +83,12 @@ def parts_spec(
 
     def build(ctx: ServiceContext):
         r = rt(ctx)
-        return [p.registration(r) for p in parts if hasattr(p, "registration")]
+        found = []
+        for p in parts:
+            if hasattr(p, "registration"):
+                reg = p.registration(r)
+                found.extend(reg if isinstance(reg, list) else [reg])
+        return found
 
     def workers(ctx: ServiceContext):
         r = rt(ctx)

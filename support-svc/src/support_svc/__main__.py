@@ -31,9 +31,7 @@ PARTS = [
     mail_out,  # agent replies by e-mail (senders["email"])
     mail_in,  # the inbound SMTP endpoint (role mail-in; serve runs it too)
     routing,  # push offers of tickets to agents, re-offers, capacity
-    agents_api,  # AgentService: agents, presence, channel weights
-    agents_api.teams_part,  # TeamService
-    agents_api.calendars_part,  # CalendarService
+    agents_api,  # AgentService, TeamService, CalendarService: agents, presence, weights, teams, calendars
     tickets_api,  # TicketService: create, find, update, states, assign, messages, history, export
     tickets_categories,  # CategoryService: the managed list of categories
     calls,  # CTI: call events from the PBX, call logs, callbacks, after-call work

@@ -19,7 +19,6 @@ import datetime as dt
 import functools
 import inspect
 import re
-import types
 import zoneinfo
 
 import sqlalchemy as sa
@@ -1093,19 +1092,10 @@ class CalendarServicer(agents_pb2_grpc.CalendarServiceServicer):
         return self.uc.holidays(request)
 
 
-def registration(support: Support) -> Registration:
-    return Registration.of(AgentServicer(support.once("agents", lambda: Agents(support))))
-
-
-# A part has one gRPC service (crm_chassis.parts); TeamService and CalendarService are parts of
-# their own in __main__.PARTS.
-teams_part = types.SimpleNamespace(
-    __name__="support_svc.agents_api.teams_part",
-    registration=lambda support: Registration.of(TeamServicer(support.once("teams", lambda: Teams(support)))),
-)
-calendars_part = types.SimpleNamespace(
-    __name__="support_svc.agents_api.calendars_part",
-    registration=lambda support: Registration.of(
-        CalendarServicer(support.once("calendars", lambda: Calendars(support)))
-    ),
-)
+def registration(support: Support) -> list[Registration]:
+    """AgentService, TeamService and CalendarService."""
+    return [
+        Registration.of(AgentServicer(support.once("agents", lambda: Agents(support)))),
+        Registration.of(TeamServicer(support.once("teams", lambda: Teams(support)))),
+        Registration.of(CalendarServicer(support.once("calendars", lambda: Calendars(support)))),
+    ]

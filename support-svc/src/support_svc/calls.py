@@ -59,12 +59,11 @@ from crm_chassis.resources import ResourceName, UpdateMask, check_etag, etag
 
 from .runtime import Support
 from .tables import TEXTS, agents, metadata, tickets
-from .ticketing import CUSTOMER, OPEN_STATES, TICKET, NewTicket, Tickets
+from .ticketing import AGENT, CUSTOMER, OPEN_STATES, TICKET, NewTicket, Tickets
 
 CALL = ResourceName("calls/{call_id}")
 CALLBACK = ResourceName("callbacks/{callback_id}")
 # Agents are token subjects, not UUIDs.
-AGENT = ResourceName("agents/{agent_id}", agent_id=r"[^/\s]{1,200}")
 
 EVENTS = ("new", "answered", "hangup", "transfer")
 DIRECTIONS = ("inbound", "outbound")

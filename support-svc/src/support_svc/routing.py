@@ -48,12 +48,11 @@ from crm_chassis.work_tables import timers as timer_rows
 
 from .runtime import Support
 from .tables import agents, metadata, teams, tickets
-from .ticketing import DONE_STATES, OPEN_STATES, TICKET, Tickets
+from .ticketing import AGENT, DONE_STATES, OPEN_STATES, TICKET, Tickets
 
 log = logging.getLogger("support.routing")
 
 OFFER = ResourceName("ticketOffers/{offer_id}")
-AGENT = ResourceName("agents/{agent_id}", agent_id=r"[A-Za-z0-9._@-]{1,128}")
 TEAM = ResourceName("teams/{team_id}")
 
 EXPIRE = "offer.expire"  # timer kind; key: the offer id

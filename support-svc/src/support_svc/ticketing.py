@@ -40,7 +40,8 @@ TICKET = ResourceName("tickets/{ticket_id}")
 MESSAGE = ResourceName("tickets/{ticket_id}/messages/{message_id}")
 CUSTOMER = ResourceName("customers/{customer_id}")
 TEAM = ResourceName("teams/{team_id}")
-AGENT = ResourceName("agents/{agent_id}")
+# An agent is named by their token subject (agents_api.AGENT_ID says which characters).
+AGENT = ResourceName("agents/{agent_id}", agent_id=r"[A-Za-z0-9._@-]{1,128}")
 CATEGORY = ResourceName("categories/{category_id}")
 
 STATES = ("new", "open", "waiting_on_customer", "waiting_on_third_party", "resolved", "closed", "reopened")

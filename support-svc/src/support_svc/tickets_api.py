@@ -37,6 +37,7 @@ from . import tickets_export
 from .runtime import Support
 from .tables import agents, attachments, categories, customer_refs, teams, ticket_intervals, ticket_messages, tickets
 from .ticketing import (
+    AGENT,
     BODY_LIMIT,
     CHANNEL_OF,
     KIND_OF,
@@ -61,7 +62,6 @@ ATTACHMENT = ResourceName(
 )
 CUSTOMER = ResourceName("customers/{customer_id}")
 TEAM = ResourceName("teams/{team_id}")
-AGENT = ResourceName("agents/{agent_id}", agent_id=r"[^/\s]{1,200}")
 CATEGORY = ResourceName("categories/{category_id}")
 
 REQUEST_ID_LIMIT = 128

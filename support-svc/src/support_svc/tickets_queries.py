@@ -31,7 +31,7 @@ from crm_chassis.persian import normalize, to_ascii_digits
 from crm_chassis.resources import ResourceName
 
 from .tables import categories, ticket_messages, tickets
-from .ticketing import CHANNELS, KINDS, PRIORITIES, STATES
+from .ticketing import AGENT, CHANNELS, KINDS, PRIORITIES, STATES
 
 t = tickets.c
 
@@ -104,7 +104,6 @@ def _tags(op: str, value):
 NAME_OPS = frozenset({"=", "!="})
 ORDERED = frozenset({"=", "!=", "<", "<=", ">", ">="})
 TEAM = ResourceName("teams/{team_id}")
-AGENT = ResourceName("agents/{agent_id}", agent_id=r"[^/\s]{1,200}")
 CUSTOMER = ResourceName("customers/{customer_id}", customer_id=r"[^/\s]{1,200}")
 CATEGORY = ResourceName("categories/{category_id}")
 
