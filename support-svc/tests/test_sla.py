@@ -506,3 +506,40 @@ def test_admin_reads_ticket_sla_of_a_ticket_without_policy(svc, stub):
             pb.GetTicketSlaRequest(name="tickets/00000000-0000-0000-0000-000000000000/sla"), metadata=ADMIN
         )
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_policies_over_http_through_the_gateway(svc):
+    from crm_gateway import create_app
+    from crm_gateway.clients import Clients
+    from tests.support.harness import assert_problem, token
+
+    http = create_app(
+        Clients(
+            {
+                "customer": "127.0.0.1:9",
+                "sales": "127.0.0.1:9",
+                "support": f"127.0.0.1:{svc.port}",
+                "reporting": "127.0.0.1:9",
+            }
+        )
+    ).test_client()
+    manager = {"Authorization": f"Bearer {token('support_manager', 'maryam')}"}
+    agent = {"Authorization": f"Bearer {token('support_agent', 'omid')}"}
+    made = http.post(
+        "/v1/slaPolicies",
+        json={"displayName": "http web form", "position": 50, "priorities": ["PRIORITY_LOW"], "resolutionMinutes": 480,
+              "breachActions": ["SLA_BREACH_ACTION_NOTIFY_MANAGER"]},
+        headers=manager,
+    )  # fmt: skip
+    assert made.status_code == 201, made.get_data(as_text=True)
+    name = made.get_json()["name"]
+    got = http.get(f"/v1/{name}", headers=agent)
+    assert got.status_code == 200 and got.get_json()["resolutionMinutes"] == 480
+    assert_problem(http.post("/v1/slaPolicies", json={"displayName": "x"}, headers=agent), 403)
+    assert_problem(
+        http.post("/v1/slaPolicies", json={"displayName": "", "firstResponseMinutes": 5}, headers=manager),
+        400,
+        "display_name",  # the gateway names fields within the body
+    )
+    off = http.post(f"/v1/{name}:deactivate", json={}, headers=manager)
+    assert off.status_code == 200 and not off.get_json().get("active", False)
