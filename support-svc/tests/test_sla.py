@@ -395,6 +395,18 @@ def test_waiting_on_the_customer_cancels_the_timers_and_resuming_rearms_them(svc
     r.timers.run_once()
     assert events(svc, "ticket.sla_breached.v1", subject=f"tickets/{tk.id}") == []
     assert timer(svc, sla.BREACH, tk.id, "resolution") is None
+    # resolved in time: the event says so; waiting did not count
+    with r.uow.begin() as tx:
+        r.tickets.change_state(tx, tk.id, "resolved", "agent-1")
+    (done,) = events(svc, "ticket.resolved.v1", ev.TicketEvent, subject=f"tickets/{tk.id}")
+    assert done.sla_resolution_met and done.resolution_business_seconds < 120
+    assert state(svc, tk.id).resolution_met and timer(svc, sla.BREACH, tk.id, "resolution") is None
+    # a customer message reopens it: the resolution clock goes on from where it stopped
+    add_message(svc, tk.id, "customer", "دوباره خراب شد")
+    s = state(svc, tk.id)
+    assert ticket(svc, tk.id).state == "reopened" and not s.resolution_met
+    assert timer(svc, sla.BREACH, tk.id, "resolution").due_at == s.resolution_due
+    assert s.resolution_due - dt.datetime.now(dt.UTC) > dt.timedelta(minutes=57)
 
 
 def test_an_agent_reply_stops_the_update_clock_and_no_breach_fires_later(svc, stub, desk):
@@ -426,10 +438,10 @@ def test_a_deactivated_policy_releases_its_tickets_to_the_next_one_or_none(svc, 
     a = policy(stub, "complaints A", position=10, categories=[f"categories/{cat}"], first_response_minutes=10)
     b = policy(stub, "complaints B", position=11, categories=[f"categories/{cat}"], first_response_minutes=90)
     tk = open_ticket(svc, priority="normal", team_id=team, category_id=cat)
-    # (the "normal breach" policy of an earlier test comes first by position; deactivate it)
-    off_normal = [x for x in list_all(stub) if x.display_name == "normal breach"]
-    for x in off_normal:
-        stub.DeactivateSlaPolicy(pb.DeactivateSlaPolicyRequest(name=x.name), metadata=MANAGER)
+    # (policies of earlier tests may come first: only A and B stay active)
+    for x in list_all(stub):
+        if x.active and x.name not in (a.name, b.name):
+            stub.DeactivateSlaPolicy(pb.DeactivateSlaPolicyRequest(name=x.name), metadata=MANAGER)
     assert str(state(svc, tk.id).policy_id) == a.name.split("/")[1]
     due_a = state(svc, tk.id).first_response_due
     stub.DeactivateSlaPolicy(pb.DeactivateSlaPolicyRequest(name=a.name), metadata=MANAGER)

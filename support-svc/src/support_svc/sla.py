@@ -57,6 +57,7 @@ ACTIONS = ("notify_manager", "raise_priority", "reassign")
 WARN, BREACH = "sla.warn", "sla.breach"
 KINDS = (WARN, BREACH)
 ACTOR = "system"  # who SLA actions are by
+LABELS = {"first_response": "پاسخ اول", "next_response": "پاسخ بعدی", "resolution": "حل درخواست"}
 
 sla_policies = sa.Table(
     "sla_policies",
@@ -478,7 +479,17 @@ class Engine:
 
     # events -------------------------------------------------------------------------------
     def event_fields(self, conn: sa.Connection, row) -> dict:
-        """The SLA fields of a TicketEvent, computed for the ticket as it is in this change."""
+        """The SLA fields of a TicketEvent, computed for the ticket as it is in this change
+        (once per transaction and ticket version: a change publishes several events)."""
+        cache = conn.info.setdefault("sla.event_fields", {})
+        key = (id(conn.get_transaction()), str(row.id), row.version, row.update_time)
+        if key not in cache:
+            if len(cache) > 256:
+                cache.clear()
+            cache[key] = self._event_fields(conn, row)
+        return dict(cache[key])
+
+    def _event_fields(self, conn: sa.Connection, row) -> dict:
         (s,) = self.compute(conn, [row], row.update_time)
         if s.policy is None:
             return {}
@@ -544,8 +555,11 @@ class Engine:
             manager = ""
             if row.team_id:
                 manager = tx.conn.execute(sa.select(teams.c.manager_id).where(teams.c.id == row.team_id)).scalar() or ""
-            who = f"agents/{manager}" if manager else "no manager (the ticket has no team, or its team none)"
-            body = f"SLA breached: {metric.replace('_', ' ')} (policy «{policy.display_name}»). Team manager: {who}."
+            who = f"agents/{manager}" if manager else "—"
+            body = (
+                f"SLA: مهلت {LABELS[metric]} گذشت (سیاست «{policy.display_name}»). مدیر تیم: {who}\n"
+                f"SLA breached: {metric.replace('_', ' ')} (policy «{policy.display_name}»). Team manager: {who}."
+            )
             tickets_.add_message(tx, row.id, "system", body, author="sla", actor=ACTOR)
             taken.append("notify_manager")
         if "raise_priority" in wanted and row.priority in PRIORITY_UP:
@@ -602,7 +616,11 @@ class Engine:
             ]
         )
         t = timers.timers
-        conn.execute(t.delete().where(t.c.kind.in_(KINDS), t.c.key.in_(keys)))
+        # A timer firing right now is skipped (its row is locked): its handler recomputes, and
+        # the re-selection after this commit locks the ticket after it and sets it right.
+        # Waiting for it instead could deadlock with that handler arming the ticket's other timer.
+        pending = sa.select(t.c.id).where(t.c.kind.in_(KINDS), t.c.key.in_(keys)).with_for_update(skip_locked=True)
+        conn.execute(t.delete().where(t.c.id.in_(pending.scalar_subquery())))
         released = conn.execute(
             ticket_sla.update()
             .where(ticket_sla.c.ticket_id.in_(open_of))
