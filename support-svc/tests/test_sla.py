@@ -7,6 +7,7 @@ deactivated policy releases its tickets) and a calendar edit recomputing a due t
 from __future__ import annotations
 
 import datetime as dt
+import time
 from zoneinfo import ZoneInfo
 
 import grpc
@@ -180,11 +181,27 @@ def timer(svc, kind, tid, metric):
         return timers.get(conn, kind, f"{tid}:{metric}")
 
 
+def settle(svc, seconds: float = 5.0) -> None:
+    """Fire the due SLA timers now. The service's own timer worker runs too and may have
+    claimed some: wait (briefly) until none is due any more."""
+    t = timers.timers
+    due = sa.select(sa.func.count()).where(
+        t.c.kind.in_(sla.KINDS), t.c.state == "scheduled", t.c.next_attempt_at <= sa.func.now()
+    )
+    deadline = time.monotonic() + seconds
+    while True:
+        rt(svc).timers.run_once()
+        with svc.ctx.engine.connect() as conn:
+            if not conn.execute(due).scalar() or time.monotonic() > deadline:
+                return
+        time.sleep(0.05)
+
+
 def fire_now(svc, tid, metric, kind=sla.BREACH):
-    """Move the timer into the past and run the worker once."""
+    """Move the timer into the past and fire it."""
     with svc.ctx.engine.begin() as conn:
         timers.reschedule(conn, kind, f"{tid}:{metric}", dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
-    rt(svc).timers.run_once()
+    settle(svc)
 
 
 def recompute(stub, **kw) -> int:
@@ -327,8 +344,7 @@ def test_a_breach_fires_once_with_its_actions_after_the_warning(svc, stub, desk)
     assert recompute(stub, policy=p.name) >= 1
     s = state(svc, tk.id)
     assert s.first_response_due < dt.datetime.now(dt.UTC)  # due in the past: the timers are due now
-    rt(svc).timers.run_once()
-    rt(svc).timers.run_once()
+    settle(svc)
     subject = f"tickets/{tk.id}"
     (warning,) = events(svc, "ticket.sla_warning.v1", ev.SlaEvent, subject=subject)
     (breach,) = events(svc, "ticket.sla_breached.v1", ev.SlaEvent, subject=subject)
@@ -351,7 +367,7 @@ def test_a_breach_fires_once_with_its_actions_after_the_warning(svc, stub, desk)
         )
     assert len(notes) == 1 and "agents/maryam" in notes[0]
     # high priority matches no policy of this desk's yet: the ticket has none now; nothing fires again
-    rt(svc).timers.run_once()
+    settle(svc)
     assert len(events(svc, "ticket.sla_breached.v1", subject=subject)) == 1
 
 
@@ -392,7 +408,7 @@ def test_waiting_on_the_customer_cancels_the_timers_and_resuming_rearms_them(svc
         r.tickets.change_state(tx, tk.id, "waiting_on_customer", "agent-1")
     with svc.ctx.engine.begin() as conn:
         timers.schedule(conn, sla.BREACH, f"{tk.id}:resolution", dt.datetime.now(dt.UTC) - dt.timedelta(hours=2))
-    r.timers.run_once()
+    settle(svc)
     assert events(svc, "ticket.sla_breached.v1", subject=f"tickets/{tk.id}") == []
     assert timer(svc, sla.BREACH, tk.id, "resolution") is None
     # resolved in time: the event says so; waiting did not count
@@ -428,7 +444,7 @@ def test_an_agent_reply_stops_the_update_clock_and_no_breach_fires_later(svc, st
     with svc.ctx.engine.begin() as conn:  # a stale firing (say, from before the reply) breaches nothing
         timers.schedule(conn, sla.BREACH, f"{tk.id}:next_response", dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
     backdate(svc, tk.id, 60)
-    rt(svc).timers.run_once()
+    settle(svc)
     assert events(svc, "ticket.sla_breached.v1", subject=f"tickets/{tk.id}") == []
 
 
@@ -454,7 +470,7 @@ def test_a_deactivated_policy_releases_its_tickets_to_the_next_one_or_none(svc, 
     assert s.policy_id is None and s.first_response_due is None
     assert timer(svc, sla.BREACH, tk.id, "first_response") is None
     backdate(svc, tk.id, 120)
-    rt(svc).timers.run_once()
+    settle(svc)
     assert events(svc, "ticket.sla_breached.v1", subject=f"tickets/{tk.id}") == []  # nobody fires for A
     # an update naming active=true brings B back onto its open tickets
     cur = stub.GetSlaPolicy(pb.GetSlaPolicyRequest(name=b.name), metadata=MANAGER)
@@ -555,3 +571,44 @@ def test_policies_over_http_through_the_gateway(svc):
     )
     off = http.post(f"/v1/{name}:deactivate", json={}, headers=manager)
     assert off.status_code == 200 and not off.get_json().get("active", False)
+
+
+def test_the_customer_rank_selects_a_policy_and_a_locked_ticket_delays_the_firing(svc, stub, desk):
+    from support_svc.tables import customer_refs
+
+    gold = "ranks/0b9d3c1e-5a4f-4e2b-8c7d-6e5f4a3b2c1d"
+    with svc.ctx.engine.begin() as conn:
+        conn.execute(customer_refs.insert().values(customer_id="c-gold", display_name="Gold", rank=gold, version=1))
+        conn.execute(customer_refs.insert().values(customer_id="c-plain", display_name="Plain", version=1))
+    p = policy(stub, "gold customers", position=0, customer_ranks=[gold], first_response_minutes=10)
+    plain = open_ticket(svc, team_id=desk["team"], customer_id="c-plain")
+    vip = open_ticket(svc, team_id=desk["team"], customer_id="c-gold")
+    assert str(state(svc, vip.id).policy_id) == p.name.split("/")[1]
+    assert state(svc, plain.id).policy_id is None or str(state(svc, plain.id).policy_id) != p.name.split("/")[1]
+
+    backdate(svc, vip.id, 15)
+    assert recompute(stub, policy=p.name) == 1  # only the gold customer's ticket is concerned
+    assert state(svc, vip.id).first_response_due < dt.datetime.now(dt.UTC)
+    with svc.ctx.engine.connect() as holder:  # an agent's change holds the ticket right now
+        holder.execute(sa.select(tickets.c.id).where(tickets.c.id == vip.id).with_for_update())
+        settle(svc)
+        t1 = timer(svc, sla.BREACH, vip.id, "first_response")
+        assert t1 is not None and t1.attempts >= 1 and "lock" in (t1.last_error or "").lower()
+        assert events(svc, "ticket.sla_breached.v1", subject=f"tickets/{vip.id}") == []
+        holder.rollback()
+    fire_now(svc, vip.id, "first_response")  # the retry finds the ticket free
+    (breach,) = events(svc, "ticket.sla_breached.v1", ev.SlaEvent, subject=f"tickets/{vip.id}")
+    assert breach.policy == p.name and breach.customer == "customers/c-gold" and list(breach.actions) == []
+    assert state(svc, vip.id).first_response_breached
+    # the policy changed so that it no longer matches: its ticket is let go at once
+    cur = stub.GetSlaPolicy(pb.GetSlaPolicyRequest(name=p.name), metadata=MANAGER)
+    stub.UpdateSlaPolicy(
+        pb.UpdateSlaPolicyRequest(
+            sla_policy=pb.SlaPolicy(
+                name=p.name, customer_ranks=["ranks/1b9d3c1e-5a4f-4e2b-8c7d-6e5f4a3b2c1d"], etag=cur.etag
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["customer_ranks"]),
+        ),
+        metadata=MANAGER,
+    )
+    assert str(state(svc, vip.id).policy_id) != p.name.split("/")[1]
