@@ -119,6 +119,13 @@ def test_clock_flags_met_breached_and_the_warning():
     assert late.due == s + dt.timedelta(minutes=30) and late.warn == s + dt.timedelta(minutes=20)
 
 
+def test_a_calendar_without_open_hours_is_never_due_instead_of_failing_the_change():
+    closed = BusinessCalendar(weekly={}, holiday_country=None)
+    s = t(2026, 1, 10, 8)
+    c = sla.clock("resolution", [Interval("open", s)], closed, s, None, 3600, 600, s + dt.timedelta(days=2))
+    assert c.running and c.elapsed == 0 and c.due is None and c.warn is None and not c.breached
+
+
 # -- policies over gRPC -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stub(ch):

@@ -229,9 +229,13 @@ def clock(
     stopped = stop is not None
     c.paused = not stopped and paused_now(intervals, paused_states)
     c.running = not stopped and not c.paused
-    c.due = due_at(intervals, calendar, start, target_seconds, now, stop, paused_states)
-    if warning_seconds and warning_seconds < target_seconds:
-        c.warn = due_at(intervals, calendar, start, target_seconds - warning_seconds, now, stop, paused_states)
+    try:
+        c.due = due_at(intervals, calendar, start, target_seconds, now, stop, paused_states)
+        if warning_seconds and warning_seconds < target_seconds:
+            c.warn = due_at(intervals, calendar, start, target_seconds - warning_seconds, now, stop, paused_states)
+    except ValueError:  # a calendar with no open hours for years: never due (and no timer)
+        log.warning("sla calendar has no open hours", extra={"metric": metric, "calendar": repr(calendar)})
+        c.due = c.warn = None
     c.met = stopped and c.elapsed <= target_seconds
     c.breached = c.elapsed > target_seconds or (c.running and c.elapsed >= target_seconds)
     return c
