@@ -357,6 +357,8 @@ class Computed:
         """Whether the metric's timers are as stored (same policy, due and flags): not re-armed,
         so a recompute that changes nothing writes no timer (and resets no claimed one)."""
         o, c = self.old, self.clocks.get(metric)
+        if self.policy is None and o is not None and o.policy_id is None:
+            return True  # no policy before or now: no timers
         if o is None or self.policy is None or str(o.policy_id) != str(self.policy.id) or c is None:
             return False
         due = c.due if c.running else None
