@@ -576,8 +576,13 @@ def test_policies_over_http_through_the_gateway(svc):
         400,
         "display_name",  # the gateway names fields within the body
     )
+    tk = open_ticket(svc, priority="low", subject="http sla")
+    got = http.get(f"/v1/tickets/{tk.id}/sla", headers=agent)
+    assert got.status_code == 200 and got.get_json()["name"] == f"tickets/{tk.id}/sla"
     off = http.post(f"/v1/{name}:deactivate", json={}, headers=manager)
     assert off.status_code == 200 and not off.get_json().get("active", False)
+    count = http.post("/v1/slaPolicies:recompute", json={"policy": name}, headers=manager)
+    assert count.status_code == 200, count.get_data(as_text=True)
 
 
 def test_the_customer_rank_selects_a_policy_and_a_locked_ticket_delays_the_firing(svc, stub, desk):
@@ -619,3 +624,14 @@ def test_the_customer_rank_selects_a_policy_and_a_locked_ticket_delays_the_firin
         metadata=MANAGER,
     )
     assert str(state(svc, vip.id).policy_id) != p.name.split("/")[1]
+
+
+def test_recompute_goes_in_batches_and_skips_closed_tickets(svc, desk):
+    ids = [str(open_ticket(svc, team_id=desk["team"], subject=f"batch {i}").id) for i in range(5)]
+    r = rt(svc)
+    with r.uow.begin() as tx:
+        r.tickets.change_state(tx, ids[0], "closed", "agent-1")
+    with svc.ctx.engine.begin() as conn:  # as if opened before the SLA part existed
+        conn.execute(ticket_sla.delete().where(ticket_sla.c.ticket_id.in_(ids)))
+    assert sla.engine(r).recompute_ids(ids, batch=2) == 4
+    assert [state(svc, i) is not None for i in ids] == [False, True, True, True, True]
