@@ -16,6 +16,8 @@ from . import (
     mail_out,
     messengers,
     routing,
+    sla,
+    sla_api,
     surveys,
     ticketing,
     tickets_api,
@@ -31,6 +33,8 @@ PARTS = [
     mail_out,  # agent replies by e-mail (senders["email"])
     mail_in,  # the inbound SMTP endpoint (role mail-in; serve runs it too)
     routing,  # push offers of tickets to agents, re-offers, capacity
+    sla,  # SLA clocks from state intervals, warnings, breaches and their actions
+    sla_api,  # SlaService: policies, recompute, a ticket's SLA
     agents_api,  # AgentService, TeamService, CalendarService: agents, presence, weights, teams, calendars
     tickets_api,  # TicketService: create, find, update, states, assign, messages, history, export
     tickets_categories,  # CategoryService: the managed list of categories
