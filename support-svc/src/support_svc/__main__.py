@@ -15,6 +15,7 @@ from . import (
     mail_in,
     mail_out,
     messengers,
+    queue,
     routing,
     sla,
     sla_api,
@@ -45,6 +46,7 @@ PARTS = [
     channels_api,  # ChannelService: the bots' webhook, the public web form, channel status
     answers,  # canned answers, replies from them, suggestions for a ticket
     knowledge,  # the knowledge base: categories, articles, search, ratings
+    queue,  # QueueService: the live queue per team and agent
 ]
 
 SPEC = parts_spec("support-svc", 50053, __file__, "support", PARTS, make=lambda ctx: support(ctx, PARTS))
