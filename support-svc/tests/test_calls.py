@@ -371,3 +371,28 @@ def test_calls_are_listed_by_filter_in_keyset_pages_and_updated_with_an_etag(svc
             )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in [v.field for v in read_rpc_error(err.value).field_violations]
+
+
+def test_erasing_the_customer_blanks_their_calls_and_callbacks(svc, stub):
+    """customer.erased.v1: the numbers of the customer's calls and missed-call callbacks go, the
+    call facts (times, outcome) stay; another customer's calls keep theirs."""
+    from support_svc.calls import callbacks
+
+    mobile, other = fresh_mobile(), fresh_mobile()
+    cid = customer(svc, mobile)
+    customer(svc, other)
+    for number, call_id in ((mobile, f"er-{uuid.uuid4().hex[:8]}"), (other, f"er-{uuid.uuid4().hex[:8]}")):
+        post(stub, call_id, "new", T0, caller=number, queue="support")
+        post(stub, call_id, "hangup", T0 + dt.timedelta(seconds=20), caller=number, queue="support", cause="no_answer")
+    erased = customer_message("customer.erased.v1", cid=cid, version=9)
+    handlers = customer_projection.subscriptions(rt(svc))[0].handlers
+    with svc.ctx.engine.begin() as conn:
+        handlers[erased.routing_key](conn, erased)
+    with svc.ctx.engine.connect() as conn:
+        mine = conn.execute(sa.select(call_rows).where(call_rows.c.customer_id == cid)).all()
+        cbs = conn.execute(sa.select(callbacks).where(callbacks.c.customer_id == cid)).all()
+        kept = conn.execute(sa.select(call_rows.c.number).where(call_rows.c.number == other)).all()
+    assert mine and all(r.number == "" and r.caller == "" for r in mine)
+    assert all(r.outcome == "missed" and r.queue_seconds == 20 for r in mine)
+    assert cbs and all(r.number == "" for r in cbs)
+    assert kept

@@ -540,6 +540,10 @@ def test_attachment_download_returns_the_same_bytes(svc, stub):
         )
         if listed.filename == "scan.bin":
             assert len(chunks) == 1 + 5  # 1 MiB in 256 KiB chunks and the tail
+        # The attachment's own name downloads the same file.
+        assert listed.name.startswith(f"{msg.name}/attachments/")
+        by_name = list(stub.GetAttachment(pb.GetAttachmentRequest(name=listed.name), metadata=AGENT))
+        assert b"".join(c.data for c in by_name[1:]) == data
     fails(
         lambda: list(stub.GetAttachment(pb.GetAttachmentRequest(name=f"{msg.name}/attachments/3"), metadata=AGENT)),
         grpc.StatusCode.NOT_FOUND,

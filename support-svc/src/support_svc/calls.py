@@ -178,6 +178,10 @@ callbacks = sa.Table(
     *times(),
     sa.CheckConstraint("state IN ('open', 'done')", name="callbacks_state"),
 )
+
+# Personal data blanked when the customer is erased (customer_projection.erase_personal).
+calls.info["personal"] = ("caller", "callee", "number", "note")
+callbacks.info["personal"] = ("number", "note")
 cb = callbacks.c
 # One open callback per number: another missed call counts it up.
 sa.Index("callbacks_open_number", cb.number, unique=True, postgresql_where=cb.state == "open")

@@ -2,7 +2,8 @@
 matched to customers from it, never by a call per message. A merge re-points the merged
 customers' tickets (and calls, surveys: every table with a customer_id column in CUSTOMER_TABLES)
 to the survivor; erasure blanks the personal data tickets copied (contact address and name,
-message bodies and attachments of the customer's messages)."""
+message bodies and attachments of the customer's messages) and the columns other parts declare
+personal (`table.info["personal"]`: a call's numbers, a visit's address and signature)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,16 @@ ACTOR = "customer-svc"
 def customer_tables() -> list[sa.Table]:
     """Every table of the service that names a customer (parts add theirs to `metadata`)."""
     return [t for t in metadata.tables.values() if "customer_id" in t.c and t is not customer_refs]
+
+
+def erase_personal(conn: sa.Connection, customer_id: str) -> None:
+    """Blank the personal columns (declared in a table's info["personal"]) of every row of the
+    customer in the parts' tables: a call's numbers and note, a visit's address and sign-off."""
+    for table in customer_tables():
+        personal = table.info.get("personal", ())
+        if personal:
+            blank = {c: (None if table.c[c].nullable else "") for c in personal}
+            conn.execute(table.update().where(table.c.customer_id == customer_id).values(**blank))
 
 
 class Handlers:
@@ -50,6 +61,7 @@ class Handlers:
                 .returning(tickets.c.id)
             )
         ]
+        erase_personal(conn, cid)
         if not ids:
             return
         mine = sa.and_(ticket_messages.c.ticket_id.in_(ids), ticket_messages.c.kind == "customer")

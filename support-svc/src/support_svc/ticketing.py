@@ -556,7 +556,13 @@ def message_to_proto(row, files=()) -> pb.TicketMessage:
         external_id=row.external_id,
         delivery=DELIVERY_ENUM.get(row.delivery, 0),
         attachments=[
-            pb.Attachment(filename=f.filename, content_type=f.content_type, size_bytes=f.size_bytes) for f in files
+            pb.Attachment(
+                name=f"{MESSAGE.format(row.ticket_id, row.id)}/attachments/{f.id}" if hasattr(f, "id") else "",
+                filename=f.filename,
+                content_type=f.content_type,
+                size_bytes=f.size_bytes,
+            )
+            for f in files
         ],
     )
     set_times(m, row, "create_time")

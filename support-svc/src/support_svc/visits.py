@@ -97,6 +97,9 @@ visits = sa.Table(
         name=OVERLAP,
     ),
 )
+
+# Personal data blanked when the customer is erased (customer_projection.erase_personal).
+visits.info["personal"] = ("address", "note", "signer_name", "signature", "signature_content_type")
 v = visits.c
 sa.Index("visits_technician_start", v.technician_id, v.start_time, v.id)
 sa.Index("visits_start", v.start_time, v.id)
