@@ -230,6 +230,9 @@ def parse_event(body: bytes, region: str) -> CtiEvent:
             bad.append(FieldViolation(name, "must be a string"))
             return ""
         value = value.strip()
+        if "\x00" in value:  # PostgreSQL stores no NUL in text: a bad field, not a failed INSERT
+            bad.append(FieldViolation(name, "must not contain NUL characters (U+0000)"))
+            return ""
         if required and not value:
             bad.append(FieldViolation(name, "is required"))
         elif len(value) > limit:
