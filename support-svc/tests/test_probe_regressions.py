@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import io
 import json
 
 import grpc
@@ -14,7 +15,7 @@ import pytest
 from crm.support.v1 import calls_pb2 as calls_pb
 from crm.support.v1 import calls_pb2_grpc
 from crm_chassis.errors import read_rpc_error
-from tests.support.harness import md
+from tests.support.harness import md, token
 
 PUBLIC = md("public_channel", "gateway:public")
 CTI_KEY = b"dev-cti-key"
@@ -38,3 +39,60 @@ def test_a_cti_event_with_a_nul_character_is_invalid_argument_not_internal(ch):
             stub.PostCallEvent(req, metadata=PUBLIC)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, err.value.details())
         assert [v.field for v in read_rpc_error(err.value).field_violations] == [field]
+
+
+@pytest.fixture(scope="module")
+def http(svc):
+    from crm_gateway import create_app
+    from crm_gateway.clients import Clients
+
+    clients = Clients(
+        {
+            "customer": "127.0.0.1:9",
+            "sales": "127.0.0.1:9",
+            "support": f"127.0.0.1:{svc.port}",
+            "reporting": "127.0.0.1:9",
+        }
+    )
+    return create_app(clients).test_client()
+
+
+def test_a_405_says_which_methods_the_route_allows(http):
+    """The gateway's problem document replaced werkzeug's 405 and dropped its Allow header
+    (RFC 9110 requires it)."""
+    resp = http.put("/v1/categories", headers={"Authorization": f"Bearer {token('support_manager', 'mina')}"})
+    assert resp.status_code == 405
+    assert resp.mimetype == "application/problem+json"
+    assert set(resp.headers["Allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
+
+
+def _chunked(http, path: str, body: bytes, client: str):
+    """POST `body` the way gunicorn hands a Transfer-Encoding: chunked request to the app: no
+    CONTENT_LENGTH, wsgi.input_terminated set."""
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Response
+
+    environ = EnvironBuilder(
+        path=path, method="POST", input_stream=io.BytesIO(body), content_type="application/json"
+    ).get_environ()
+    environ.pop("CONTENT_LENGTH", None)
+    environ.update({"wsgi.input_terminated": True, "HTTP_TRANSFER_ENCODING": "chunked"})
+    environ["HTTP_X_FORWARDED_FOR"] = client
+    return Response.from_app(http.application, environ)
+
+
+def test_a_chunked_public_body_over_the_limit_is_413_not_a_truncated_400(http):
+    """A body without Content-Length (Transfer-Encoding: chunked) over a public route's limit was
+    cut at the limit by werkzeug and answered as broken JSON (400) or, for a signed route, a
+    bad signature (401). It is too large: 413, as with a Content-Length."""
+    body = json.dumps({"siteKey": "dev-site-key", "email": "a@example.ir", "body": "x" * 40_000}).encode()
+    resp = _chunked(http, "/v1/webform:submit", body, "10.77.0.1")
+    assert resp.status_code == 413, resp.get_data(as_text=True)
+    event = json.dumps({"call_id": "c-big", "event": "new", "direction": "inbound", "pad": "x" * 70_000}).encode()
+    resp = _chunked(http, "/v1/cti/dev-pbx:event", event, "10.77.0.1")
+    assert resp.status_code == 413, resp.get_data(as_text=True)
+    # a chunked body within the limit still goes through
+    small = json.dumps({"siteKey": "dev-site-key", "email": "a@example.ir", "body": "سلام"}).encode()
+    resp = _chunked(http, "/v1/webform:submit", small, "10.77.0.2")
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert resp.get_json()["ticketNumber"].startswith("T-")
