@@ -96,3 +96,24 @@ def test_a_chunked_public_body_over_the_limit_is_413_not_a_truncated_400(http):
     resp = _chunked(http, "/v1/webform:submit", small, "10.77.0.2")
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert resp.get_json()["ticketNumber"].startswith("T-")
+
+
+def test_make_run_with_a_port_offset_links_surveys_to_its_own_gateway():
+    """`CRM_PORT_OFFSET=300 make run` serves the gateway at 8380, but the survey link in an agent
+    reply pointed at http://localhost:8080 (SURVEY_BASE_URL's default): another suite's gateway,
+    or nothing."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "tools" / "devrun.py"
+    spec = importlib.util.spec_from_file_location("devrun_probe", path)
+    devrun = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = devrun  # its dataclasses look their module up
+    spec.loader.exec_module(devrun)
+    env = devrun.support_env({}, 300, 8380)
+    assert env["SURVEY_BASE_URL"] == "http://localhost:8380"
+    assert (env["SMTP_PORT"], env["MAIL_IN_PORT"]) == ("2826", "2825")
+    assert devrun.support_env({"SURVEY_BASE_URL": "https://crm.example.ir"}, 300, 8380)["SURVEY_BASE_URL"] == (
+        "https://crm.example.ir"
+    )
