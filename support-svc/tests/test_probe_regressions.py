@@ -117,3 +117,36 @@ def test_make_run_with_a_port_offset_links_surveys_to_its_own_gateway():
     assert devrun.support_env({"SURVEY_BASE_URL": "https://crm.example.ir"}, 300, 8380)["SURVEY_BASE_URL"] == (
         "https://crm.example.ir"
     )
+
+
+def test_a_mail_with_nul_characters_is_stored_not_answered_451_forever(svc):
+    """A mail with U+0000 in its Message-ID, subject, sender name or body failed in PostgreSQL
+    (a DataError, which mail-in treats as the database being down): 451 on every retry of the
+    sending MTA. Content never makes a 4xx; the NULs are dropped."""
+    import smtplib
+
+    import sqlalchemy as sa
+
+    from support_svc.tables import ticket_messages, tickets
+
+    from .conftest import rt
+
+    raw = (
+        b"From: =?utf-8?q?Sa=00ra?= <nul-sender@example.ir>\r\nTo: support@crm.local\r\n"
+        b"Subject: nul\x00here\r\nMessage-ID: <nul\x00probe@example.ir>\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n\r\nbody\x00with a nul\r\n"
+    )
+    with smtplib.SMTP("127.0.0.1", rt(svc).extra["mail_in"].port, timeout=30) as s:
+        s.ehlo()
+        s.mail("nul-sender@example.ir")
+        s.rcpt("support@crm.local")
+        code, answer = s.data(raw)
+    assert code == 250, answer
+    with svc.ctx.engine.connect() as conn:
+        row = conn.execute(
+            sa.select(tickets.c.subject, ticket_messages.c.body, ticket_messages.c.external_id)
+            .join(ticket_messages, ticket_messages.c.ticket_id == tickets.c.id)
+            .where(tickets.c.contact_address == "nul-sender@example.ir")
+        ).one()
+    assert row.subject == "nulhere" and row.body == "bodywith a nul"
+    assert row.external_id == "<nulprobe@example.ir>"
