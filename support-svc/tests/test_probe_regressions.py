@@ -150,3 +150,26 @@ def test_a_mail_with_nul_characters_is_stored_not_answered_451_forever(svc):
         ).one()
     assert row.subject == "nulhere" and row.body == "bodywith a nul"
     assert row.external_id == "<nulprobe@example.ir>"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/tickets",
+        "/v1/agents",
+        "/v1/cannedAnswers",
+        "/v1/calls",
+        "/v1/callbacks",
+        "/v1/articles",
+        "/v1/slaPolicies",
+        "/v1/surveys",
+        "/v1/surveyTemplates",
+    ],
+)
+def test_a_blank_order_by_is_the_default_order_not_a_500(http, path):
+    """`?order_by=%20` (only spaces) passed the `or "default"` and parse_order_by answered no
+    keys for it; keys[-1] then raised IndexError: INTERNAL, HTTP 500, on every list of
+    support-svc."""
+    headers = {"Authorization": f"Bearer {token('support_manager', 'mina')}"}
+    resp = http.get(f"{path}?order_by=%20%20", headers=headers)
+    assert resp.status_code == 200, resp.get_data(as_text=True)

@@ -697,7 +697,7 @@ class Calls:
     def list(self, req: pb.ListCallsRequest) -> tuple[list[pb.Call], str]:
         limit = page_size(req.page_size)
         where = CALL_FILTERS.compile(req.filter)
-        keys = parse_order_by(req.order_by or "start_time desc", CALL_SORTABLE)
+        keys = parse_order_by(req.order_by.strip() or "start_time desc", CALL_SORTABLE)
         order = with_tiebreaker(keys, c.id, descending=keys[-1].descending)
         purpose = query_fingerprint(req.filter, req.order_by)
         with self.uow.read() as conn:
@@ -769,7 +769,7 @@ class Calls:
     def list_callbacks(self, req: pb.ListCallbacksRequest) -> tuple[list[pb.Callback], str]:
         limit = page_size(req.page_size)
         where = CALLBACK_FILTERS.compile(req.filter)
-        keys = parse_order_by(req.order_by or "due_time", CALLBACK_SORTABLE)
+        keys = parse_order_by(req.order_by.strip() or "due_time", CALLBACK_SORTABLE)
         order = with_tiebreaker(keys, cb.id, descending=keys[-1].descending)
         purpose = query_fingerprint(req.filter, req.order_by, of="callbacks")
         with self.uow.read() as conn:
