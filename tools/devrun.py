@@ -283,6 +283,17 @@ def stop_postgres(pgdata: pathlib.Path) -> str:
 # --- main ----------------------------------------------------------------------------------
 
 
+def support_env(environ, offset: int, gateway_port: int) -> dict[str, str]:
+    """support-svc's local settings: agent replies to the SMTP sink, mail-in, and the survey
+    links in replies pointing at this run's gateway (not 8080, another suite's, under an offset)
+    unless SURVEY_BASE_URL is given."""
+    return {
+        "SMTP_PORT": str(2526 + offset),
+        "MAIL_IN_PORT": str(2525 + offset),
+        "SURVEY_BASE_URL": environ.get("SURVEY_BASE_URL") or f"http://localhost:{gateway_port}",
+    }
+
+
 def main() -> int:
     from crm_chassis.config import DEFAULT_AMQP_URL
     from crm_chassis.db import ensure_database, start_embedded_postgres, with_database
@@ -322,7 +333,7 @@ def main() -> int:
     # support-svc: agent replies go to the local SMTP sink (its .eml files in .run/mail); its
     # inbound SMTP endpoint (serve runs mail-in) moves with CRM_PORT_OFFSET too.
     smtp_sink_port = 2526 + OFFSET
-    env_base.update(SMTP_PORT=str(smtp_sink_port), MAIL_IN_PORT=str(2525 + OFFSET))
+    env_base.update(support_env(os.environ, OFFSET, gateway_port))
     children: list[Child] = []
     for s, port in services:
         url = with_database(base_url, s.package)

@@ -169,7 +169,11 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
                 resp = problem(429, f"at most {route.public.per_minute} requests a minute", code="RESOURCE_EXHAUSTED")
                 resp.headers["Retry-After"] = str(retry)
                 return resp
-            request.max_content_length = route.public.max_bytes
+            # A chunked body has no Content-Length to refuse it by, and werkzeug cuts a stream at
+            # max_content_length without a word: read one byte more than the limit to tell.
+            request.max_content_length = route.public.max_bytes + 1
+            if request.content_length is None and len(request.get_data()) > route.public.max_bytes:
+                return problem(413, f"the body may be at most {route.public.max_bytes} bytes", code="PAYLOAD_TOO_LARGE")
             g.public_token = public_token.header()
             return None
         try:
@@ -229,7 +233,9 @@ def create_app(clients: clients_mod.Clients | None = None) -> Flask:
 
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException):
-        return problem(err.code or 500, err.description or err.name)
+        # keep the headers its status requires: a 405's Allow (RFC 9110 15.5.6)
+        kept = {k: v for k, v in err.get_headers() if k.lower() == "allow"}
+        return problem(err.code or 500, err.description or err.name, headers=kept)
 
     @app.errorhandler(Exception)
     def _unexpected(err):

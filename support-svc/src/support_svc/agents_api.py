@@ -305,7 +305,7 @@ class Agents:
         where = [AGENT_FILTERS.compile(req.filter)]
         if not re.search(r"\bactive\b", req.filter or ""):
             where.append(agents.c.active)
-        keys = parse_order_by(req.order_by or "display_name", AGENT_SORTABLE)
+        keys = parse_order_by(req.order_by.strip() or "display_name", AGENT_SORTABLE)
         order = with_tiebreaker(keys, agents.c.id, descending=keys[-1].descending)
         purpose = query_fingerprint(req.filter, req.order_by)
         with self.uow.read() as conn:

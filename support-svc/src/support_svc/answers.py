@@ -554,7 +554,7 @@ class Answers:
     def list(self, req: pb.ListCannedAnswersRequest):
         limit = page_size(req.page_size)
         where = FILTERS_SCHEMA.compile(req.filter)
-        keys = parse_order_by(req.order_by or "create_time desc", SORTABLE)
+        keys = parse_order_by(req.order_by.strip() or "create_time desc", SORTABLE)
         order = with_tiebreaker(keys, ca.id, descending=keys[-1].descending)
         with self.uow.read() as conn:
             rows, token = keyset_page(

@@ -234,6 +234,9 @@ def parse_event(body: bytes, region: str) -> CtiEvent:
             bad.append(FieldViolation(name, "must be a string"))
             return ""
         value = value.strip()
+        if "\x00" in value:  # PostgreSQL stores no NUL in text: a bad field, not a failed INSERT
+            bad.append(FieldViolation(name, "must not contain NUL characters (U+0000)"))
+            return ""
         if required and not value:
             bad.append(FieldViolation(name, "is required"))
         elif len(value) > limit:
@@ -698,7 +701,7 @@ class Calls:
     def list(self, req: pb.ListCallsRequest) -> tuple[list[pb.Call], str]:
         limit = page_size(req.page_size)
         where = CALL_FILTERS.compile(req.filter)
-        keys = parse_order_by(req.order_by or "start_time desc", CALL_SORTABLE)
+        keys = parse_order_by(req.order_by.strip() or "start_time desc", CALL_SORTABLE)
         order = with_tiebreaker(keys, c.id, descending=keys[-1].descending)
         purpose = query_fingerprint(req.filter, req.order_by)
         with self.uow.read() as conn:
@@ -770,7 +773,7 @@ class Calls:
     def list_callbacks(self, req: pb.ListCallbacksRequest) -> tuple[list[pb.Callback], str]:
         limit = page_size(req.page_size)
         where = CALLBACK_FILTERS.compile(req.filter)
-        keys = parse_order_by(req.order_by or "due_time", CALLBACK_SORTABLE)
+        keys = parse_order_by(req.order_by.strip() or "due_time", CALLBACK_SORTABLE)
         order = with_tiebreaker(keys, cb.id, descending=keys[-1].descending)
         purpose = query_fingerprint(req.filter, req.order_by, of="callbacks")
         with self.uow.read() as conn:

@@ -681,7 +681,7 @@ class Knowledge:
     def list_articles(self, req: pb.ListArticlesRequest):
         limit = page_size(req.page_size)
         where = ARTICLE_FILTERS.compile(req.filter)
-        keys = parse_order_by(req.order_by or "create_time desc", ARTICLE_SORTABLE)
+        keys = parse_order_by(req.order_by.strip() or "create_time desc", ARTICLE_SORTABLE)
         order = with_tiebreaker(keys, ka.id, descending=keys[-1].descending)
         with self.uow.read() as conn:
             rows, token = keyset_page(

@@ -12,6 +12,7 @@ Message-ID gets a stable one from the SHA-256 of its bytes (a redelivery is the 
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
 import email.utils
@@ -302,9 +303,28 @@ def parse(raw: bytes, envelope_from: str = "", rcpt_tos=()) -> ParsedMail:
     except Exception as exc:  # noqa: BLE001 - unreadable at all: the raw text becomes the body
         return unparsed(raw, envelope_from, rcpts, f"{type(exc).__name__}: {exc}")
     try:
-        return _parsed(msg, raw, envelope_from, rcpts)
+        return _without_nul(_parsed(msg, raw, envelope_from, rcpts))
     except Exception as exc:  # noqa: BLE001 - never lose a mail over a parser corner case
         return unparsed(raw, envelope_from, rcpts, f"{type(exc).__name__}: {exc}")
+
+
+def _no_nul(value):
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, list):
+        return [_no_nul(v) for v in value]
+    return value
+
+
+def _without_nul(mail: ParsedMail) -> ParsedMail:
+    """The mail with U+0000 dropped from every text (PostgreSQL stores none: the failed INSERT
+    would be a DataError, answered 451, and the sender would retry forever)."""
+    changes = {f.name: _no_nul(getattr(mail, f.name)) for f in dataclasses.fields(mail) if f.name != "attachments"}
+    files = [
+        dataclasses.replace(a, filename=_no_nul(a.filename), content_type=_no_nul(a.content_type))
+        for a in mail.attachments
+    ]
+    return dataclasses.replace(mail, **changes, attachments=files)
 
 
 def unparsed(raw: bytes, envelope_from: str, rcpts: list[str], error: str) -> ParsedMail:
@@ -318,18 +338,20 @@ def unparsed(raw: bytes, envelope_from: str, rcpts: list[str], error: str) -> Pa
             subject = m.group(1)
     mid = message_ids(m2.group(1))[:1] if (m2 := re.search(r"^message-id:(.*)$", text, re.I | re.M)) else []
     body, truncated = _limit(text.strip() or EMPTY_BODY, BODY_LIMIT)
-    return ParsedMail(
-        message_id=mid[0] if mid else synthetic_message_id(raw),
-        synthetic_id=not mid,
-        in_reply_to=[],
-        references=[],
-        subject=(" ".join(subject.split()) or NO_SUBJECT)[:SUBJECT_LIMIT],
-        from_address=envelope_from,
-        from_name="",
-        recipients=rcpts,
-        body=body,
-        parse_error=error[:500],
-        truncated=True,  # the original is kept: nothing of a mail we could not read is lost
+    return _without_nul(
+        ParsedMail(
+            message_id=mid[0] if mid else synthetic_message_id(raw),
+            synthetic_id=not mid,
+            in_reply_to=[],
+            references=[],
+            subject=(" ".join(subject.split()) or NO_SUBJECT)[:SUBJECT_LIMIT],
+            from_address=envelope_from,
+            from_name="",
+            recipients=rcpts,
+            body=body,
+            parse_error=error[:500],
+            truncated=True,  # the original is kept: nothing of a mail we could not read is lost
+        )
     )
 
 

@@ -262,7 +262,7 @@ class SlaPolicies:
     def list(self, req: pb.ListSlaPoliciesRequest) -> tuple[list[pb.SlaPolicy], str]:
         limit = page_size(req.page_size)
         where = FILTERS.compile(req.filter)
-        keys = parse_order_by(req.order_by or "position", SORTABLE)
+        keys = parse_order_by(req.order_by.strip() or "position", SORTABLE)
         order = with_tiebreaker(keys, p.id, descending=keys[-1].descending)
         purpose = query_fingerprint(req.filter, req.order_by)
         with self.uow.read() as conn:

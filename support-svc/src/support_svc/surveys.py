@@ -984,7 +984,7 @@ class Surveys:
     def list(self, req: pb.ListSurveysRequest) -> tuple[list[pb.Survey], str]:
         limit = page_size(req.page_size)
         where = SURVEY_FILTERS.compile(req.filter)
-        keys = parse_order_by(req.order_by or "send_time desc", SURVEY_SORTABLE)
+        keys = parse_order_by(req.order_by.strip() or "send_time desc", SURVEY_SORTABLE)
         order = with_tiebreaker(keys, s.id, descending=keys[-1].descending)
         purpose = query_fingerprint(req.filter, req.order_by)
         with self.uow.read() as conn:
@@ -1215,7 +1215,7 @@ class Surveys:
     def list_templates(self, req: pb.ListSurveyTemplatesRequest):
         limit = page_size(req.page_size)
         where = TEMPLATE_FILTERS.compile(req.filter)
-        keys = parse_order_by(req.order_by or "create_time desc", TEMPLATE_SORTABLE)
+        keys = parse_order_by(req.order_by.strip() or "create_time desc", TEMPLATE_SORTABLE)
         order = with_tiebreaker(keys, st.id, descending=keys[-1].descending)
         purpose = query_fingerprint(req.filter, req.order_by)
         with self.uow.read() as conn:

@@ -165,7 +165,7 @@ class TicketQueries:
     def list_page(self, conn, filter_: str, order_by: str, size: int, token: str):
         limit = page_size(size)
         where = FILTERS.compile(filter_)
-        keys = parse_order_by(order_by or "create_time desc", SORTABLE)
+        keys = parse_order_by((order_by or "").strip() or "create_time desc", SORTABLE)
         order = with_tiebreaker(keys, t.id, descending=keys[-1].descending)
         purpose = query_fingerprint(filter_, order_by, kind="list")
         return keyset_page(conn, BASE.where(where), order, self.tokens, purpose, limit, token)
