@@ -62,7 +62,7 @@ test: lint k8s-check
 	$(BIN)/pytest
 
 bench: venv proto
-	$(PY) -m bench && $(PY) -m bench.sales_bench
+	$(PY) -m bench && $(PY) -m bench.sales_bench && $(PY) -m bench.support_bench
 
 clean:
 	rm -rf $(VENV) proto/gen node_modules .run
