@@ -173,3 +173,19 @@ def test_a_blank_order_by_is_the_default_order_not_a_500(http, path):
     headers = {"Authorization": f"Bearer {token('support_manager', 'mina')}"}
     resp = http.get(f"{path}?order_by=%20%20", headers=headers)
     assert resp.status_code == 200, resp.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("tz", ["Asia", "Europe", "x" * 300, "Asia/" + "y" * 300])
+def test_a_calendar_time_zone_that_is_a_folder_or_too_long_is_a_named_bad_field(http, tz):
+    """zoneinfo raises IsADirectoryError for "Asia" (a region, not a zone) and OSError for a
+    name too long for the file system; only ZoneInfoNotFoundError and ValueError were caught, so
+    CreateCalendar answered INTERNAL (HTTP 500)."""
+    headers = {"Authorization": f"Bearer {token('support_manager', 'mina')}"}
+    body = {
+        "displayName": f"tz {tz[:20]} {len(tz)}",
+        "timezone": tz,
+        "weeklyHours": {"sat": {"ranges": ["08:00-16:00"]}},
+    }
+    resp = http.post("/v1/calendars", json=body, headers=headers)
+    assert resp.status_code == 400, resp.get_data(as_text=True)
+    assert [e["field"] for e in resp.get_json()["errors"]] == ["calendar.timezone"]

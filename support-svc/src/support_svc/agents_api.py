@@ -741,7 +741,7 @@ def _calendar_values(c: pb.Calendar, paths, bad: list) -> dict:
             tz = c.timezone.strip() or "Asia/Tehran"
             try:
                 zoneinfo.ZoneInfo(tz)
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "Asia" is a folder
                 bad.append(FieldViolation(where, f"{tz!r} is not an IANA time zone (e.g. Asia/Tehran)"))
             v["timezone"] = tz
         elif p == "weekly_hours":
