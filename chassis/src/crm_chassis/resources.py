@@ -139,11 +139,29 @@ class ResourceName:
             raise TypeError(f"{self.pattern} takes {len(self.variables)} ids")
         return "/".join(f"{c}/{v}" for c, v in zip(self.collections, values, strict=True))
 
+    def one(self, conn, query, name: str):
+        """The row `query` finds, or NOT_FOUND naming `name` (a get, or a read FOR UPDATE)."""
+        row = conn.execute(query).one_or_none()
+        if row is None:
+            raise self.not_found(name)
+        return row
+
     def not_found(self, name: str | Sequence[Any]) -> NotFound:
         """NOT_FOUND for this resource: message, reason (NOTE_NOT_FOUND...) and metadata name."""
         if not isinstance(name, str):
             name = self.format(*name)
         return NotFound(f"{self.singular} {name} does not exist", reason=self.reason, metadata={"name": name})
+
+
+def same_requester(creator: str, principal, what: str) -> None:
+    """A retried create finds the resource its request_id made; a request_id another caller
+    used is ALREADY_EXISTS (AIP-155: the key is the caller's), naming request_id."""
+    if creator != principal.subject:
+        raise AlreadyExists(
+            f"request_id was already used for another caller's {what}; use a new one",
+            reason="REQUEST_ID_REUSED",
+            metadata={"field": "request_id"},
+        )
 
 
 # -- etags -------------------------------------------------------------------------------------

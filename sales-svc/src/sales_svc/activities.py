@@ -27,7 +27,7 @@ from crm.sales.v1 import activities_pb2 as pb
 from crm.sales.v1 import activities_pb2_grpc, sales_events_pb2
 from crm_chassis import audit, dates, timers
 from crm_chassis.auth import Principal
-from crm_chassis.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument
+from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from crm_chassis.filtering import (
     FieldType,
     FilterField,
@@ -40,7 +40,7 @@ from crm_chassis.filtering import (
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
-from crm_chassis.resources import ResourceName, UpdateMask, changes, check_etag, etag
+from crm_chassis.resources import ResourceName, UpdateMask, changes, check_etag, etag, same_requester
 from crm_chassis.uow import Transaction
 
 from .access import Scope
@@ -427,12 +427,8 @@ class Activities:
     @staticmethod
     def _by_request_id(conn: sa.Connection, request_id: str, principal: Principal):
         row = conn.execute(sa.select(activities).where(a.request_id == request_id)).one_or_none()
-        if row is not None and row.creator != principal.subject:
-            raise AlreadyExists(
-                "request_id was already used for another caller's activity; use a new one",
-                reason="REQUEST_ID_REUSED",
-                metadata={"field": "request_id"},
-            )
+        if row is not None:
+            same_requester(row.creator, principal, "activity")
         return row
 
     @staticmethod

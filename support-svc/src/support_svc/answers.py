@@ -42,7 +42,7 @@ from crm.support.v1 import answers_pb2 as pb
 from crm.support.v1 import answers_pb2_grpc
 from crm_chassis.auth import Principal
 from crm_chassis.dates import TEHRAN, set_times
-from crm_chassis.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument
+from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from crm_chassis.filtering import (
     FieldType,
     FilterField,
@@ -56,7 +56,7 @@ from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.persian import format_jalali, to_persian_digits
-from crm_chassis.resources import ResourceName, UpdateMask, changes, check_etag, etag
+from crm_chassis.resources import ResourceName, UpdateMask, changes, check_etag, etag, same_requester
 
 from . import knowledge as kb
 from .runtime import Support
@@ -534,21 +534,14 @@ class Answers:
         return to_proto(row)
 
     @staticmethod
-    def _same_caller(row, principal: Principal) -> pb.CannedAnswer:
-        if row.creator != principal.subject:
-            raise AlreadyExists(
-                "request_id was already used for another caller's canned answer; use a new one",
-                reason="REQUEST_ID_REUSED",
-                metadata={"field": "request_id"},
-            )
+    def _same_caller(row, principal: Principal):
+        same_requester(row.creator, principal, "canned answer")
         return to_proto(row)
 
     def get(self, name: str) -> pb.CannedAnswer:
         aid = CANNED_ANSWER.parse(name).id
         with self.uow.read() as conn:
-            row = conn.execute(sa.select(*COLUMNS).where(ca.id == aid)).one_or_none()
-        if row is None:
-            raise CANNED_ANSWER.not_found(name)
+            row = CANNED_ANSWER.one(conn, sa.select(*COLUMNS).where(ca.id == aid), name)
         return to_proto(row)
 
     def list(self, req: pb.ListCannedAnswersRequest):
@@ -570,9 +563,7 @@ class Answers:
 
     def _locked(self, conn, name: str, field: str = "name"):
         aid = CANNED_ANSWER.parse(name, field).id
-        row = conn.execute(sa.select(*COLUMNS).where(ca.id == aid).with_for_update()).one_or_none()
-        if row is None:
-            raise CANNED_ANSWER.not_found(name)
+        row = CANNED_ANSWER.one(conn, sa.select(*COLUMNS).where(ca.id == aid).with_for_update(), name)
         return row
 
     def update(self, a: pb.CannedAnswer, mask, principal: Principal) -> pb.CannedAnswer:

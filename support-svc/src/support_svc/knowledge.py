@@ -45,7 +45,7 @@ from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.persian import normalize
-from crm_chassis.resources import ResourceName, UpdateMask, changes, check_etag, etag
+from crm_chassis.resources import ResourceName, UpdateMask, changes, check_etag, etag, same_requester
 
 from .runtime import Support
 from .tables import TEXTS, categories, metadata
@@ -529,9 +529,7 @@ class Knowledge:
     def get_category(self, name: str) -> pb.KbCategory:
         cid = KB_CATEGORY.parse(name).id
         with self.uow.read() as conn:
-            row = conn.execute(sa.select(kb_categories).where(kc.id == cid)).one_or_none()
-        if row is None:
-            raise KB_CATEGORY.not_found(name)
+            row = KB_CATEGORY.one(conn, sa.select(kb_categories).where(kc.id == cid), name)
         return category_to_proto(row)
 
     def list_categories(self, req: pb.ListKbCategoriesRequest):
@@ -661,21 +659,14 @@ class Knowledge:
         return article_to_proto(row)
 
     @staticmethod
-    def _same_caller(row, principal: Principal) -> pb.Article:
-        if row.author != principal.subject:
-            raise AlreadyExists(
-                "request_id was already used for another caller's article; use a new one",
-                reason="REQUEST_ID_REUSED",
-                metadata={"field": "request_id"},
-            )
+    def _same_caller(row, principal: Principal):
+        same_requester(row.author, principal, "article")
         return article_to_proto(row)
 
     def get_article(self, name: str) -> pb.Article:
         aid = ARTICLE.parse(name).id
         with self.uow.read() as conn:
-            row = conn.execute(sa.select(*ARTICLE_COLUMNS).where(ka.id == aid)).one_or_none()
-        if row is None:
-            raise ARTICLE.not_found(name)
+            row = ARTICLE.one(conn, sa.select(*ARTICLE_COLUMNS).where(ka.id == aid), name)
         return article_to_proto(row)
 
     def list_articles(self, req: pb.ListArticlesRequest):
@@ -697,9 +688,7 @@ class Knowledge:
 
     def _locked(self, conn, name: str, field: str = "name"):
         aid = ARTICLE.parse(name, field).id
-        row = conn.execute(sa.select(*ARTICLE_COLUMNS).where(ka.id == aid).with_for_update()).one_or_none()
-        if row is None:
-            raise ARTICLE.not_found(name)
+        row = ARTICLE.one(conn, sa.select(*ARTICLE_COLUMNS).where(ka.id == aid).with_for_update(), name)
         return row
 
     def update_article(self, a: pb.Article, mask, principal: Principal) -> pb.Article:

@@ -75,6 +75,7 @@ SUBJECT_LIMIT = 300
 BODY_LIMIT = 100_000
 DELIVER = "message.deliver"  # the timer that sends an agent reply
 DELIVERY_ATTEMPTS = 8
+_NEXT_NUMBER = sa.select(sa.func.nextval(sa.func.pg_get_serial_sequence("tickets", "number")))
 _NUMBER = re.compile(r"\[?\bT-(\d{1,12})\b\]?")
 
 
@@ -134,6 +135,9 @@ class NewTicket:
 class Tickets:
     def __init__(self, support: Support):
         self.support = support
+        # category id -> key, for the events: a category's key never changes (CategoryService
+        # refuses it) and ids are never reused, so the process keeps what it has read.
+        self._category_keys: dict[str, str] = {}
 
     # -- reading ---------------------------------------------------------------------------
     @staticmethod
@@ -205,13 +209,11 @@ class Tickets:
             "create_time": now,
             "update_time": now,
         }
+        # The number first, so the search key (which holds it) is written with the row: one write
+        # of the row and its trigram index, not an INSERT and an UPDATE.
+        values["number"] = conn.execute(_NEXT_NUMBER).scalar()
+        values["search_text"] = search_text(values)
         row = conn.execute(tickets.insert().values(**values).returning(tickets)).one()
-        row = conn.execute(
-            tickets.update()
-            .where(tickets.c.id == row.id)
-            .values(search_text=search_text({**values, "number": row.number}))
-            .returning(tickets)
-        ).one()
         conn.execute(ticket_intervals.insert().values(ticket_id=row.id, state="new", start_time=now))
         self.publish(tx, "ticket.opened.v1", row, actor)
         for hook in self.support.hooks.opened:
@@ -477,7 +479,10 @@ class Tickets:
     def event(self, conn, row, actor: str, *, previous: str = "", reason: str = "", message=None) -> ev_pb.TicketEvent:
         key = ""
         if row.category_id:
-            key = conn.execute(sa.select(categories.c.key).where(categories.c.id == row.category_id)).scalar() or ""
+            key = self._category_keys.get(str(row.category_id), "")
+            if not key:
+                key = conn.execute(sa.select(categories.c.key).where(categories.c.id == row.category_id)).scalar() or ""
+                self._category_keys[str(row.category_id)] = key
         e = ev_pb.TicketEvent(
             ticket=TICKET.format(row.id),
             number=number_text(row.number),
