@@ -16,8 +16,9 @@ from google.protobuf import field_mask_pb2
 from crm.sales.v1 import catalog_pb2 as pb
 from crm.sales.v1 import catalog_pb2_grpc
 from crm.type.v1 import date_pb2, money_pb2
+from crm_chassis import money
 from crm_chassis.errors import read_rpc_error
-from sales_svc import catalog, money
+from sales_svc import catalog
 from sales_svc.tables import opportunities, price_list_items, products
 from tests.support.harness import assert_problem, token
 

@@ -20,9 +20,9 @@ from crm.sales.v1 import forecasts_pb2_grpc
 from crm.type.v1 import date_pb2, money_pb2
 from crm_chassis import timers
 from crm_chassis.errors import read_rpc_error
+from crm_chassis.money import to_decimal
 from sales_svc.forecast_tables import forecast_snapshots
 from sales_svc.forecasts import FREEZE_KEY, FREEZE_KIND
-from sales_svc.money import to_decimal
 from sales_svc.tables import (
     invoices,
     leads,

@@ -17,9 +17,9 @@ from crm.sales.v1 import invoices_pb2 as pb
 from crm.sales.v1 import invoices_pb2_grpc, sales_events_pb2
 from crm.type.v1 import date_pb2, money_pb2
 from crm_chassis import persian, timers
+from crm_chassis.money import to_decimal, to_money
 from sales_svc.invoice_tax import Seller, tax_id, verhoeff_digit, verhoeff_ok
 from sales_svc.invoices import end_of_day, today_tehran
-from sales_svc.money import to_decimal, to_money
 from sales_svc.tables import opportunities, order_lines, orders, pipelines, stages
 from tests.support.harness import assert_problem, md, token, wait_for
 

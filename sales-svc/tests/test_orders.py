@@ -14,8 +14,8 @@ import pytest
 from crm.sales.v1 import orders_pb2 as pb
 from crm.sales.v1 import orders_pb2_grpc, sales_events_pb2
 from crm.type.v1 import date_pb2
+from crm_chassis import money
 from crm_chassis.errors import read_rpc_error
-from sales_svc import money
 from sales_svc.orders import today
 
 from .conftest import ADMIN, events, make_team, manager, rep

@@ -20,9 +20,8 @@ from google.protobuf import field_mask_pb2
 from crm.sales.v1 import orders_pb2, orders_pb2_grpc, quotes_pb2_grpc, sales_events_pb2
 from crm.sales.v1 import quotes_pb2 as pb
 from crm.type.v1 import date_pb2, money_pb2
-from crm_chassis import persian
+from crm_chassis import money, persian
 from crm_chassis.errors import read_rpc_error
-from sales_svc import money
 from sales_svc.orders import today
 from sales_svc.quote_pdf import amount_in_words, words_fa
 from sales_svc.tables import customer_refs, opportunities, opportunity_lines, orders, pipelines, stages

@@ -1,1 +1,1 @@
-"""campaign-svc: segments, campaigns, deliveries, consent and loyalty (a running skeleton: health, reflection, database, migrations, outbox)."""
+"""campaign-svc: segments, personalised campaigns over e-mail, SMS and messengers, tracking and attribution, consent, the loyalty club"""

@@ -1,17 +1,20 @@
-"""`python -m campaign_svc [serve|migrate|relay|consume]`"""
+"""`python -m campaign_svc [serve|migrate|relay|consume|work]`"""
 
 from __future__ import annotations
 
-import pathlib
+from crm_chassis.parts import parts_spec
+from crm_chassis.service import main
 
-from crm_chassis.service import ServiceSpec, main
+from . import api, audience
+from .runtime import campaign
 
-SPEC = ServiceSpec(
-    name="campaign-svc",
-    default_port=50054,
-    migrations=pathlib.Path(__file__).parent / "migrations",
-    producer_domain="campaign",
-)
+# The parts of the service (crm_chassis.parts says what each may define; runtime.py the hooks).
+PARTS = [
+    audience,  # the customer projection with sales and support behaviour, from their events
+    api,  # CampaignService
+]
+
+SPEC = parts_spec("campaign-svc", 50054, __file__, "campaign", PARTS, make=lambda ctx: campaign(ctx, PARTS))
 
 
 def run() -> int:

@@ -5,19 +5,33 @@ buyer's name, never calls customer-svc per message.
 
     customer_refs = define(metadata, "rank", "address")        # tables.py
     create(op, "rank", "address")                                # its migration
+    audience = define(metadata, "gender", "birth_date", "tags", name="audience",
+                      columns=lambda: [sa.Column("order_count", sa.Integer, ...)])
     apply_customers(conn, customer_refs, [c1, c2])               # from customer.*.v1 events
     match(conn, customer_refs, email="a@b.ir", phone="+98912...")  # -> customer id or None
 
 Rows are version-guarded: an event older than the stored customer (several relays, a replay)
 changes nothing. A merged customer's row names its survivor, and `match` follows it.
+
+Extra fields are text copied by name (rank, address, fax, industry, ...), or one of TYPED,
+stored in a column of their own type: enums as lower-case value names without the prefix
+(type 'person', kind 'end_consumer', gender 'female'), dates as DATE, create_time (when the
+customer registered) as timestamptz, groups and tags as text[] (group ids without 'groups/').
+`columns` are the service's own columns on the same row (a campaign audience's order count):
+`apply_customers` never writes them.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Callable
+
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from crm.customer.v1 import customer_events_pb2 as ce
+from crm.customer.v1 import customer_pb2 as cpb
 
 from .messaging.envelope import Event
 
@@ -27,28 +41,75 @@ INDEXED = ("email", "phone", "mobile", "national_id")
 CUSTOMER_EVENTS = ("customer.created.v1", "customer.updated.v1", "customer.deleted.v1", "customer.undeleted.v1")
 
 
+def _enum(enum, prefix: str, field: str) -> Callable:
+    names = {v.number: v.name.removeprefix(prefix).lower() for v in enum.DESCRIPTOR.values if v.number}
+    return lambda c: names.get(getattr(c, field), "")
+
+
+def _date(d) -> dt.date | None:
+    try:
+        return dt.date(d.year, d.month, d.day) if d.year else None
+    except ValueError:
+        return None
+
+
+TIMESTAMPTZ = sa.DateTime(timezone=True)
+TEXTS = pg.ARRAY(sa.Text)
+# Typed extra fields: name -> (column type, server default, value from the Customer message).
+TYPED: dict[str, tuple] = {
+    "type": (sa.Text, "", _enum(cpb.CustomerType, "CUSTOMER_TYPE_", "type")),
+    "kind": (sa.Text, "", _enum(cpb.CustomerKind, "CUSTOMER_KIND_", "kind")),
+    "gender": (sa.Text, "", _enum(cpb.Gender, "GENDER_", "gender")),
+    "lifecycle_stage": (sa.Text, "", _enum(cpb.LifecycleStage, "LIFECYCLE_STAGE_", "lifecycle_stage")),
+    "education_degree": (sa.Text, "", _enum(cpb.EducationDegree, "EDUCATION_DEGREE_", "education_degree")),
+    "birth_date": (sa.Date, None, lambda c: _date(c.birth_date)),
+    "acquisition_date": (sa.Date, None, lambda c: _date(c.acquisition_date)),
+    "create_time": (
+        TIMESTAMPTZ,
+        None,
+        lambda c: c.create_time.ToDatetime(dt.UTC) if c.HasField("create_time") else None,
+    ),
+    "groups": (TEXTS, "{}", lambda c: [g.removeprefix("groups/") for g in c.groups]),
+    "tags": (TEXTS, "{}", lambda c: list(c.tags)),
+}
+
+
+def _extra_column(n: str) -> sa.Column:
+    if n not in TYPED:
+        return sa.Column(n, sa.Text, nullable=False, server_default="")
+    kind, default, _ = TYPED[n]
+    if default is None:
+        return sa.Column(n, kind)
+    return sa.Column(n, kind, nullable=False, server_default=default)
+
+
 def _columns(extra: tuple[str, ...]) -> list:
-    text = [sa.Column(n, sa.Text, nullable=False, server_default="") for n in (*BASE, *extra)]
+    text = [sa.Column(n, sa.Text, nullable=False, server_default="") for n in BASE]
     return [
         sa.Column("customer_id", sa.Text, primary_key=True),  # customer-svc's id (uuid text)
         *text,
+        *[_extra_column(n) for n in extra],
         sa.Column("merged_into", sa.Text, nullable=False, server_default=""),  # the survivor's id
         sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("version", sa.Integer, nullable=False, server_default="0"),  # the customer's etag version
     ]
 
 
-def define(metadata: sa.MetaData, *extra: str, name: str = "customer_refs") -> sa.Table:
-    """The projection's table; `extra`: more Customer fields the service keeps (rank, address, fax)."""
-    table = sa.Table(name, metadata, *_columns(extra), info={"extra": extra})
+def define(
+    metadata: sa.MetaData, *extra: str, name: str = "customer_refs", columns: Callable[[], list] | None = None
+) -> sa.Table:
+    """The projection's table; `extra`: more Customer fields the service keeps (rank, address,
+    fax, or a TYPED field); `columns()`: the service's own columns on the row."""
+    own = columns() if columns else []
+    table = sa.Table(name, metadata, *_columns(extra), *own, info={"extra": extra})
     for c in INDEXED:
         sa.Index(f"{name}_{c}", table.c[c], postgresql_where=table.c[c] != "")
     return table
 
 
-def create(op, *extra: str, name: str = "customer_refs") -> None:
+def create(op, *extra: str, name: str = "customer_refs", columns: Callable[[], list] | None = None) -> None:
     """Create the table in an Alembic migration (frozen there, like any migration's DDL)."""
-    op.create_table(name, *_columns(extra))
+    op.create_table(name, *_columns(extra), *(columns() if columns else []))
     for c in INDEXED:
         op.create_index(f"{name}_{c}", name, [c], postgresql_where=sa.text(f"{c} != ''"))
 
@@ -58,7 +119,9 @@ def _id(name: str) -> str:
 
 
 def values(table: sa.Table, c) -> dict:
-    row = {n: getattr(c, n) for n in (*BASE, *table.info.get("extra", ()))}
+    row = {n: getattr(c, n) for n in BASE}
+    for n in table.info.get("extra", ()):
+        row[n] = TYPED[n][2](c) if n in TYPED else getattr(c, n)
     row["email"] = c.email.strip().lower()
     row.update(
         customer_id=_id(c.name),
@@ -69,11 +132,16 @@ def values(table: sa.Table, c) -> dict:
     return row
 
 
+def _written(table: sa.Table) -> list[str]:
+    """The columns apply_customers writes (not the service's own)."""
+    return ["customer_id", *BASE, *table.info.get("extra", ()), "merged_into", "deleted", "version"]
+
+
 def _upsert(table: sa.Table):
     stmt = pg_insert(table)
     return stmt.on_conflict_do_update(
         index_elements=["customer_id"],
-        set_={c.name: stmt.excluded[c.name] for c in table.c if c.name != "customer_id"},
+        set_={n: stmt.excluded[n] for n in _written(table) if n != "customer_id"},
         # Events may come out of order (several relays) or again (a replay): never go back.
         where=table.c.version < stmt.excluded.version,
     )

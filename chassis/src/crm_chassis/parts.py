@@ -7,7 +7,8 @@ that may define:
 - `registration(rt: Runtime) -> Registration | list[Registration]`: its gRPC service(s);
 - `timer_handlers(rt: Runtime) -> None`: adds its handlers to `rt.timers` (called in every role
   that runs workers, so `python -m <package> work` fires them without serving gRPC);
-- `subscriptions(rt: Runtime) -> list[Subscription]`: the events it consumes;
+- `subscriptions(rt: Runtime) -> list[Subscription]`: the events it consumes (the parts'
+  subscriptions to one producer become one queue: `merge_subscriptions`);
 - `workers(rt: Runtime) -> list[BackgroundWorker]`: more background workers (started with
   `serve` and `work`);
 - `roles(rt: Runtime) -> dict[str, list[BackgroundWorker]]`: commands of their own
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 from .config import phone_region
+from .messaging.consumer import Requires, Subscription
 from .service import ServiceContext, ServiceSpec
 from .timers import TimerWorker
 from .uow import UnitOfWork
@@ -69,6 +71,34 @@ def runtime(ctx: ServiceContext, domain: str, cls: type[Runtime] = Runtime) -> R
     return ctx.shared["runtime"]
 
 
+def merge_subscriptions(subs: Sequence[Subscription]) -> list[Subscription]:
+    """One subscription per producer domain (one queue each): where several parts handle the
+    same routing key, its handlers run in part order in the one transaction of the delivery
+    (so the inbox applies the event to all of them once), and a field any of them requires is
+    required."""
+    merged: dict[str, Subscription] = {}
+    for sub in subs:
+        into = merged.setdefault(sub.domain, Subscription(domain=sub.domain))
+        for key, handler in sub.handlers.items():
+            first = into.handlers.get(key)
+            into.handlers[key] = handler if first is None else _both(first, handler)
+        for key, req in sub.requires.items():
+            had = into.requires.get(key)
+            if had is not None and had.message is not req.message:
+                raise ValueError(f"{key}: parts parse it as {had.message.__name__} and {req.message.__name__}")
+            fields = req.fields if had is None else tuple(dict.fromkeys((*had.fields, *req.fields)))
+            into.requires[key] = Requires(req.message, fields)
+    return list(merged.values())
+
+
+def _both(first: Callable, second: Callable) -> Callable:
+    def handle(conn, event):
+        first(conn, event)
+        second(conn, event)
+
+    return handle
+
+
 def parts_spec(
     name: str,
     port: int,
@@ -100,7 +130,7 @@ def parts_spec(
 
     def subscriptions(ctx: ServiceContext):
         r = rt(ctx)
-        return [sub for p in parts if hasattr(p, "subscriptions") for sub in p.subscriptions(r)]
+        return merge_subscriptions([sub for p in parts if hasattr(p, "subscriptions") for sub in p.subscriptions(r)])
 
     def roles(ctx: ServiceContext) -> dict:
         r = rt(ctx)

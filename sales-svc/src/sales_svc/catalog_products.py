@@ -14,14 +14,13 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
 from crm.sales.v1 import catalog_pb2 as pb
-from crm_chassis import audit, dates, persian
+from crm_chassis import audit, dates, money, persian
 from crm_chassis.auth import Principal
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from crm_chassis.filtering import FieldType, FilterField, FilterSchema, Prefix, column_condition, keyset_page
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import Updatable, UpdateMask, check_etag, etag, required_text, text
 
-from . import money
 from .catalog_common import (
     CODE,
     PRICE_LIST,

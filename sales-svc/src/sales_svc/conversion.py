@@ -24,14 +24,13 @@ from sqlalchemy.dialects import postgresql as pg
 
 from crm.customer.v1 import customer_pb2
 from crm.sales.v1 import conversion_pb2, conversion_pb2_grpc
-from crm_chassis import dates
+from crm_chassis import dates, money
 from crm_chassis.auth import Principal
 from crm_chassis.errors import DomainError, FailedPrecondition, InvalidArgument
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
 from crm_chassis.resources import ResourceName
 
-from . import money
 from .customer_client import CustomerClient, authorization_of, customer_client
 from .opportunities_core import MAX_AMOUNT, TEXT_LIMITS
 from .runtime import Sales

@@ -19,10 +19,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
 from crm_chassis.errors import FailedPrecondition
+from crm_chassis.money import RIALS_PER_TOMAN
 
 from .forecast_periods import Period, start_of_day
 from .forecast_tables import AMOUNTS, COUNTS, exchange_rates
-from .money import RIALS_PER_TOMAN
 from .tables import invoices, leads, opportunities, opportunity_lines, product_lines, products, teams
 
 o = opportunities.c

@@ -26,6 +26,7 @@ from crm_chassis.errors import InvalidArgument, PermissionDenied
 from crm_chassis.filtering import FieldType, FilterField, FilterSchema, keyset_page, newest_first, query_fingerprint
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
+from crm_chassis.money import AmountOutOfRange, check_currency, to_decimal, to_money
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName
 
@@ -42,7 +43,6 @@ from .forecast_queries import (
     sales_cycle,
 )
 from .forecast_tables import AMOUNTS, COUNTS, exchange_rates, forecast_snapshots
-from .money import AmountOutOfRange, check_currency, to_decimal, to_money
 from .runtime import Sales
 from .tables import invoices, opportunities
 

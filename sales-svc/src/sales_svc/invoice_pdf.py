@@ -9,8 +9,7 @@ from collections.abc import Iterator
 
 from crm.sales.v1 import invoices_pb2 as pb
 from crm_chassis import documents, persian
-
-from .money import MINOR_DIGITS, NAMES_FA
+from crm_chassis.money import MINOR_DIGITS, NAMES_FA
 
 TITLES = {"invoice": "صورتحساب فروش کالا و خدمات", "credit_note": "صورتحساب برگشت از فروش"}
 STATES = {
@@ -43,7 +42,7 @@ def _day(d) -> str:
 
 
 def _amount(m, currency: str) -> str:
-    from .money import to_decimal
+    from crm_chassis.money import to_decimal
 
     return persian.format_number(to_decimal(m), decimals=MINOR_DIGITS.get(currency, 2), persian_digits=True)
 

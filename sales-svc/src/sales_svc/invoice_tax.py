@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from decimal import Decimal
 
-from .money import round_minor
+from crm_chassis.money import round_minor
 
 # Verhoeff's dihedral group D5 multiplication, position permutation and inverse tables.
 _D = [

@@ -36,6 +36,7 @@ from crm_chassis.filtering import (
 )
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
+from crm_chassis.money import check_currency, round_minor, to_decimal, to_money
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName, UpdateMask, check_etag, etag
 
@@ -43,7 +44,6 @@ from . import invoice_export, invoice_pdf
 from .access import Scope
 from .invoice_tables import PAYMENT_METHODS, invoice_counters, invoice_details, invoice_lines, invoice_payments
 from .invoice_tax import Seller, tax_id
-from .money import check_currency, round_minor, to_decimal, to_money
 from .runtime import Sales
 from .tables import customer_refs, invoices, opportunities, order_lines, orders, products
 

@@ -40,10 +40,10 @@ import sqlalchemy as sa
 from crm.sales.v1 import opportunities_pb2 as pb
 from crm_chassis.auth import Principal
 from crm_chassis.errors import InvalidArgument
+from crm_chassis.money import round_minor, to_money
 from crm_chassis.uow import UnitOfWork
 
 from .access import Reach, Scope
-from .money import round_minor, to_money
 from .opportunities_core import PIPELINE, PRODUCT, PRODUCT_LINE, STAGE, TEAM, to_date
 from .tables import UUID, opportunities, opportunity_board_rollup, opportunity_lines, pipelines, stages
 

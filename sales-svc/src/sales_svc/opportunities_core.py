@@ -21,10 +21,10 @@ from crm.sales.v1 import sales_events_pb2
 from crm_chassis import audit, dates, persian
 from crm_chassis.auth import Principal
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from crm_chassis.money import check_currency, round_minor, to_decimal, to_money
 from crm_chassis.resources import ResourceName, etag
 from crm_chassis.uow import Transaction
 
-from .money import check_currency, round_minor, to_decimal, to_money
 from .tables import (
     opportunities,
     opportunity_history,

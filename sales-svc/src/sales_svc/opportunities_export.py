@@ -13,8 +13,7 @@ from crm.sales.v1 import opportunities_pb2 as pb
 from crm_chassis import dates, documents, persian
 from crm_chassis.auth import Principal
 from crm_chassis.errors import FieldViolation, InvalidArgument
-
-from .money import round_minor
+from crm_chassis.money import round_minor
 
 BATCH = 1000
 MAX_ROWS = 1_000_000

@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql as pg
 
 from crm.sales.v1 import orders_pb2 as pb
 from crm.sales.v1 import orders_pb2_grpc, sales_events_pb2
-from crm_chassis import audit, dates, persian
+from crm_chassis import audit, dates, money, persian
 from crm_chassis.auth import Principal
 from crm_chassis.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument
 from crm_chassis.filtering import (
@@ -40,7 +40,6 @@ from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName, check_etag, etag
 
-from . import money
 from .access import Scope
 from .runtime import Sales
 from .tables import QUANTITY, UUID, metadata, opportunities, order_lines, orders, products, teams

@@ -22,10 +22,9 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-from crm_chassis import documents, persian
+from crm_chassis import documents, money, persian
 from crm_chassis.dates import TEHRAN
 
-from . import money
 from .invoice_tax import Seller
 from .tables import customer_refs
 

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from crm.sales.v1 import quotes_pb2 as pb
 from crm.sales.v1 import quotes_pb2_grpc, sales_events_pb2
-from crm_chassis import audit, dates, timers
+from crm_chassis import audit, dates, money, timers
 from crm_chassis.auth import Principal
 from crm_chassis.errors import FailedPrecondition, InvalidArgument
 from crm_chassis.filtering import (
@@ -41,7 +41,7 @@ from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName, UpdateMask, check_etag, etag
 
-from . import money, quote_pdf
+from . import quote_pdf
 from .access import Scope
 from .orders import (
     OPPORTUNITY,

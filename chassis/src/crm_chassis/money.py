@@ -9,8 +9,9 @@ from decimal import ROUND_HALF_EVEN, Context, Decimal
 import grpc
 
 from crm.type.v1 import money_pb2
-from crm_chassis import persian
-from crm_chassis.errors import DomainError, InvalidArgument
+
+from . import persian
+from .errors import DomainError, InvalidArgument
 
 NANO = Decimal("1e-9")
 _CODE = re.compile(r"^[A-Z]{3}$")

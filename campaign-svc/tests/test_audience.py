@@ -1,0 +1,258 @@
+"""The audience projection: customer fields typed, behaviour from sales and support facts,
+replays and out-of-order events, merge and erasure, the consent summary, and a trip through the
+real broker (customer, sales and support events on their queues, one per producer)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+
+import pika
+import sqlalchemy as sa
+
+from campaign_svc import audience as aud
+from campaign_svc import consent
+from campaign_svc.tables import audience, audience_orders, consent_ledger, consent_state, messages
+from crm.campaign.v1 import campaign_events_pb2 as ev
+from crm.customer.v1 import customer_pb2
+from crm.sales.v1 import sales_events_pb2 as se
+from crm.support.v1 import support_events_pb2 as te
+from crm.support.v1 import ticket_pb2
+from crm.type.v1 import date_pb2, money_pb2
+from tests.support.customers import customer, customer_message, merged_message
+from tests.support.harness import wait_for
+
+from .conftest import deliver, event_of, events, row, rt
+
+T0 = dt.datetime(2026, 3, 1, 9, 0, tzinfo=dt.UTC)
+
+
+def irr(units: int) -> money_pb2.Money:
+    return money_pb2.Money(currency_code="IRR", units=units)
+
+
+def order(cid: str, oid: str, key="order.placed.v1", total=1_000_000, at=T0, state="open", campaign=""):
+    e = se.OrderEvent(
+        order=f"orders/{oid}", customer=f"customers/{cid}", total=irr(total), state=state, campaign_id=campaign
+    )
+    e.event_time.FromDatetime(at)
+    e.lines.add(product="products/p1")
+    return event_of("sales", key, e, f"orders/{oid}")
+
+
+def invoice(cid: str, iid: str, key="invoice.paid.v1", total=500_000, paid=500_000, kind="invoice", at=T0, **kw):
+    e = se.InvoiceEvent(
+        invoice=f"invoices/{iid}",
+        customer=f"customers/{cid}",
+        kind=kind,
+        total=irr(total),
+        paid_total=irr(paid),
+        state=kw.pop("state", "paid"),
+        **kw,
+    )
+    e.event_time.FromDatetime(at)
+    return event_of("sales", key, e, f"invoices/{iid}")
+
+
+def ticket(cid: str, tid: str, version=1, complaint=False, state=ticket_pb2.Ticket.STATE_NEW, at=T0):
+    e = te.TicketEvent(
+        ticket=f"tickets/{tid}", customer=f"customers/{cid}", complaint=complaint, state=state, version=version
+    )
+    e.create_time.FromDatetime(at)
+    e.event_time.FromDatetime(at)
+    return event_of("support", "ticket.opened.v1", e, f"tickets/{tid}")
+
+
+def created(svc, **fields) -> str:
+    cid = str(uuid.uuid4())
+    deliver(svc, customer_message("customer.created.v1", cid=cid, **fields))
+    return cid
+
+
+def test_customer_fields_are_typed_and_version_guarded(svc):
+    cid = created(
+        svc,
+        display_name="مینا کاظمی",
+        email=" Mina@Example.IR ",
+        type=customer_pb2.CUSTOMER_TYPE_PERSON,
+        kind=customer_pb2.CUSTOMER_KIND_END_CONSUMER,
+        gender=customer_pb2.GENDER_FEMALE,
+        birth_date=date_pb2.Date(year=1990, month=6, day=21),
+        province="تهران",
+        industry="",
+        tags=["vip", "wholesale"],
+        groups=["groups/g1"],
+        rank="ranks/gold",
+    )
+    r = row(svc, audience, customer_id=cid)
+    assert (r.email, r.type, r.kind, r.gender) == ("mina@example.ir", "person", "end_consumer", "female")
+    assert r.birth_date == dt.date(1990, 6, 21) and r.tags == ["vip", "wholesale"] and r.groups == ["g1"]
+    assert r.create_time == dt.datetime(2026, 1, 5, tzinfo=dt.UTC) and r.rank == "ranks/gold"
+    # an older version arriving late changes nothing; a newer one does
+    deliver(svc, customer_message("customer.updated.v1", cid=cid, version=0, display_name="old"))
+    assert row(svc, audience, customer_id=cid).display_name == "مینا کاظمی"
+    deliver(svc, customer_message("customer.updated.v1", cid=cid, version=2, display_name="مینا", province="فارس"))
+    r = row(svc, audience, customer_id=cid)
+    assert (r.display_name, r.province, r.gender) == ("مینا", "فارس", "")
+
+
+def test_behaviour_from_sales_and_support_survives_replays_and_disorder(svc):
+    cid = created(svc, display_name="رضا")
+    o1, o2 = str(uuid.uuid4()), str(uuid.uuid4())
+    later = T0 + dt.timedelta(days=3)
+    deliver(svc, order(cid, o1, at=T0), order(cid, o2, at=later, total=2_000_000))
+    deliver(svc, order(cid, o1, at=T0))  # a replay
+    r = row(svc, audience, customer_id=cid)
+    assert r.order_count == 2 and r.first_purchase_time == T0 and r.last_purchase_time == later
+    # cancelled, then an older "placed" arrives late: still cancelled
+    deliver(svc, order(cid, o2, key="order.cancelled.v1", state="cancelled", at=later + dt.timedelta(hours=1)))
+    deliver(svc, order(cid, o2, at=later))
+    r = row(svc, audience, customer_id=cid)
+    assert r.order_count == 1 and r.last_purchase_time == T0
+    assert row(svc, audience_orders, order_id=o2).placed_time == later
+    # revenue: paid invoices minus credit notes
+    i1, c1 = str(uuid.uuid4()), str(uuid.uuid4())
+    deliver(svc, invoice(cid, i1, total=900_000, paid=900_000), invoice(cid, i1, total=900_000, paid=900_000))
+    deliver(
+        svc,
+        invoice(cid, c1, key="invoice.credited.v1", kind="credit_note", total=100_000, paid=0, state="issued"),
+    )
+    assert row(svc, audience, customer_id=cid).revenue == Decimal("800000")
+    # tickets and complaints
+    t1, t2 = str(uuid.uuid4()), str(uuid.uuid4())
+    deliver(svc, ticket(cid, t1), ticket(cid, t2, complaint=True, at=later))
+    r = row(svc, audience, customer_id=cid)
+    assert (r.ticket_count, r.complaint_count, r.last_complaint_time) == (2, 1, later)
+    # the category changed to not-a-complaint (a newer version); an old version replayed later
+    deliver(svc, ticket(cid, t2, version=3, complaint=False, at=later), ticket(cid, t2, version=2, complaint=True))
+    assert row(svc, audience, customer_id=cid).complaint_count == 0
+    assert row(svc, audience, customer_id=cid).last_activity_time == later
+    # the full rebuild agrees with the incremental state
+    with svc.ctx.engine.begin() as conn:
+        before = conn.execute(sa.select(audience).where(audience.c.customer_id == cid)).one()
+        aud.rebuild_behaviour(conn)
+        after = conn.execute(sa.select(audience).where(audience.c.customer_id == cid)).one()
+    assert {k: v for k, v in before._mapping.items() if k != "behaviour_time"} == {
+        k: v for k, v in after._mapping.items() if k != "behaviour_time"
+    }
+
+
+def test_facts_before_the_customer_event_count_once_it_arrives(svc):
+    cid = str(uuid.uuid4())
+    deliver(svc, order(cid, str(uuid.uuid4())))
+    assert row(svc, audience, customer_id=cid) is None
+    deliver(svc, customer_message("customer.created.v1", cid=cid, display_name="دیر"))
+    assert row(svc, audience, customer_id=cid).order_count == 1
+
+
+def test_audience_changed_hook_runs_in_the_transaction(svc):
+    seen = []
+    hooks = rt(svc).hooks.audience_changed
+    hooks.append(lambda conn, ids, cause: seen.append((tuple(ids), cause, conn.in_transaction())))
+    try:
+        cid = created(svc)
+        deliver(svc, order(cid, str(uuid.uuid4())))
+    finally:
+        hooks.pop()
+    assert seen == [((cid,), "customer", True), ((cid,), "sales", True)]
+
+
+def test_merge_repoints_facts_and_messages_and_erasure_blanks_personal_data(svc):
+    a, b = created(svc, email="a@x.ir"), created(svc, email="b@x.ir")
+    deliver(svc, order(a, str(uuid.uuid4())), order(b, str(uuid.uuid4())))
+    r = rt(svc)
+    with r.uow.begin() as tx:
+        camp = tx.conn.execute(
+            sa.text("INSERT INTO campaigns (display_name, channel) VALUES ('c', 'email') RETURNING id")
+        ).scalar()
+        tx.conn.execute(messages.insert().values(campaign_id=camp, customer_id=b, channel="email", address="b@x.ir"))
+        consent.record(
+            r, tx, consent.Change("email", "b@x.ir", "granted", "web_form", customer_id=b, proof={"ip": "1"})
+        )
+    deliver(svc, merged_message(customer(a, 2, email="a@x.ir"), [b]))
+    assert row(svc, audience, customer_id=a).order_count == 2
+    assert row(svc, audience, customer_id=b).merged_into == a
+    with svc.ctx.engine.connect() as conn:
+        assert conn.execute(sa.select(messages.c.customer_id).where(messages.c.campaign_id == camp)).scalar() == a
+    # erasure: personal columns of every table blank (message address, consent proof)
+    deliver(svc, customer_message("customer.erased.v1", cid=a, version=5))
+    with svc.ctx.engine.connect() as conn:
+        assert conn.execute(sa.select(messages.c.address).where(messages.c.campaign_id == camp)).scalar() == ""
+        entry = conn.execute(sa.select(consent_ledger).where(consent_ledger.c.customer_id == a)).one()
+        assert (entry.address, entry.proof) == ("", {})
+    assert row(svc, audience, customer_id=a).email == ""
+
+
+def test_consent_ledger_state_summary_and_sendable(svc, monkeypatch):
+    cid = created(svc, email="c@x.ir", mobile="+989121234567")
+    r = rt(svc)
+    with r.uow.begin() as tx:
+        consent.record(r, tx, consent.Change("email", "c@x.ir", "requested", "web_form", text_version="v1"))
+        consent.record(
+            r, tx, consent.Change("email", "c@x.ir", "granted", "confirmation_link", proof={"ip": "10.0.0.1"})
+        )
+    assert row(svc, audience, customer_id=cid).email_consent == "granted"
+    changed = events(svc, "consent.changed.v1")
+    assert [e.parse(ev.ConsentEvent).status for e in changed[-2:]] == ["pending", "granted"]
+
+    def may(channel, address, env):
+        with svc.ctx.engine.connect() as conn:
+            return conn.execute(sa.select(consent.sendable(channel, "marketing", sa.literal(address), env))).scalar()
+
+    opt_in = {"CONSENT_MODE_EMAIL": "opt_in"}
+    assert may("email", "c@x.ir", {}) and may("email", "c@x.ir", opt_in)
+    assert may("email", "never@x.ir", {}) and not may("email", "never@x.ir", opt_in)
+    with r.uow.begin() as tx:  # unsubscribe from everything
+        consent.record(r, tx, consent.Change("email", "c@x.ir", "revoked", "list_unsubscribe", purpose="all"))
+    assert not may("email", "c@x.ir", {}) and row(svc, audience, customer_id=cid).email_consent == "revoked"
+    with r.uow.begin() as tx:
+        assert consent.suppress(tx, "email", "never@x.ir", "hard_bounce", "5.1.1")
+        assert not consent.suppress(tx, "email", "never@x.ir", "hard_bounce", "5.1.1")
+    assert not may("email", "never@x.ir", {})
+    with svc.ctx.engine.connect() as conn:
+        ledger = (
+            conn.execute(
+                sa.select(consent_ledger.c.action)
+                .where(consent_ledger.c.address == "c@x.ir")
+                .order_by(consent_ledger.c.id)
+            )
+            .scalars()
+            .all()
+        )
+        assert ledger == ["requested", "granted", "revoked"]
+        assert (
+            conn.execute(sa.select(consent_state.c.status).where(consent_state.c.address == "c@x.ir")).scalar()
+            == "revoked"
+        )
+
+
+def test_addresses_are_normalised_or_rejected_naming_the_field():
+    import pytest
+
+    from crm_chassis.errors import InvalidArgument
+
+    assert consent.normalise("email", " A@B.IR ") == "a@b.ir"
+    assert consent.normalise("sms", "۰۹۱۲ ۱۲۳ ۴۵۶۷") == "+989121234567"
+    for channel, bad in (("email", "no-at-sign"), ("sms", "12"), ("fax", "x"), ("email", "")):
+        with pytest.raises(InvalidArgument) as err:
+            consent.normalise(channel, bad, field_name="recipient")
+        assert err.value.violations[0].field in ("recipient", "channel")
+
+
+def test_events_of_three_producers_reach_the_projection_through_the_broker(svc, broker):
+    """The service's consumer has one queue per producer (the parts' subscriptions merged) and
+    applies customer, sales and support events from the real broker."""
+    from campaign_svc.__main__ import SPEC
+
+    assert sorted(s.domain for s in SPEC.subscriptions(svc.ctx)) == ["customer", "sales", "support"]
+    cid = str(uuid.uuid4())
+    conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+    chan = conn.channel()
+    for e in (customer_message("customer.created.v1", cid=cid), order(cid, str(uuid.uuid4())), ticket(cid, "t9")):
+        chan.basic_publish(e.exchange, e.routing_key, e.data, e.amqp_properties())
+    conn.close()
+    wait_for(
+        lambda: (r := row(svc, audience, customer_id=cid)) is not None and r.order_count == 1 and r.ticket_count == 1,
+        what="the audience row with its order and ticket",
+    )
