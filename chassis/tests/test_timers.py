@@ -482,3 +482,34 @@ def test_several_claim_loops_fire_each_timer_once(engine):
         worker.stop()
     assert sorted(r.key for r in fired(engine, "loops")) == sorted(f"t{i}" for i in range(60))
     assert remaining(engine, "loops") == []
+
+
+def test_a_handler_waiting_for_a_lock_lets_its_batch_commit_and_runs_alone(engine):
+    """t1's handler needs a row a change holds (a change that could be waiting for one of the
+    batch's timer rows): t0 commits without waiting for it, and t1 fires alone once the change
+    is over, with no failed attempt."""
+    import threading
+
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE res (id int PRIMARY KEY)"))
+        conn.execute(sa.text("INSERT INTO res VALUES (1)"))
+
+    def handle(conn, timer):
+        if timer.key == "t1":
+            conn.execute(sa.text("SELECT id FROM res WHERE id = 1 FOR UPDATE"))
+        recorder("w")(conn, timer)
+
+    worker = TimerWorker(engine, {"lockwait": handle}, late_warning_seconds=3600)
+    due_timers(engine, "lockwait", 3)
+    result = {}
+    with engine.connect() as holder:
+        holder.execute(sa.text("SELECT id FROM res WHERE id = 1 FOR UPDATE"))
+        th = threading.Thread(target=lambda: result.setdefault("n", worker.run_once()))
+        th.start()
+        wait_for(lambda: [r.key for r in fired(engine, "lockwait")] == ["t0"], what="t0 committed meanwhile")
+        holder.rollback()
+    th.join(20)
+    assert result["n"] == 3
+    assert sorted(r.key for r in fired(engine, "lockwait")) == ["t0", "t1", "t2"]
+    assert [(r.key, r.ok) for r in firings(engine, "lockwait") if r.key == "t1"] == [("t1", True)]
+    assert remaining(engine, "lockwait") == []

@@ -43,7 +43,11 @@ Guarantees:
   a timer it cancelled or moved is not fired by the stale claim; a handler that moves or
   cancels its own timer is honoured (the bookkeeping only touches rows still under this claim).
   A transaction of plain handlers ends after `max_transaction_seconds` (the rest go on in the
-  next), so slow handlers do not hold locks and commits back for long.
+  next), so slow handlers do not hold locks and commits back for long. It runs with a short
+  lock_timeout (`lock_wait_seconds`): a handler that has to wait for a lock ends it (what is
+  done commits, releasing the batch's timer rows, which a change holding that lock may be
+  waiting for) and runs again alone, where it waits as long as it must — so batching adds no
+  deadlock that firing one timer per transaction did not have.
 - A batch handler runs once for the batch (in a savepoint); if it raises, the batch is fired
   one timer at a time (`handler(conn, [timer])`, a savepoint each), so one bad timer fails
   alone. A transaction that fails as a whole (at its commit, say) is done again one timer per
@@ -61,9 +65,9 @@ Guarantees:
   logs a warning for a firing later than `late_warning_seconds`.
 - A claim that filled the batch is followed by the next claim at once; otherwise the worker
   sleeps until the next due time (at most `poll_seconds`) or a `wake()`.
-- Handlers share a transaction with the other timers of their batch: a handler must not wait
-  for a lock that a transaction holding a timer row could be waiting behind (lock with
-  NOWAIT or SKIP LOCKED, or cancel timers with SKIP LOCKED, as support-svc's do).
+- A batch handler holds its batch's timer rows while it runs: it must not wait for a lock
+  that a transaction waiting for one of those rows could hold (lock with SKIP LOCKED or
+  NOWAIT and return the busy ones for a retry, as support-svc's SLA and offer handlers do).
 
 Why a table and not procrastinate: procrastinate (a well-kept PostgreSQL task queue) defers
 through its own connection, so a timer could not commit in the caller's SQLAlchemy
@@ -347,6 +351,19 @@ RETURNING key, lateness_seconds
 _TIMERS_TABLE = re.compile(r"\btimers\b", re.IGNORECASE)
 
 
+_LOCK_WAITS = ("55P03", "40P01")  # lock_not_available (lock_timeout, NOWAIT), deadlock_detected
+
+
+def _waited_for_a_lock(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 10:
+        for e in (exc, getattr(exc, "orig", None)):
+            if getattr(e, "sqlstate", None) in _LOCK_WAITS:
+                return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:ERROR_LIMIT]
 
@@ -391,6 +408,7 @@ class TimerWorker(PollingWorker):
         retention_days: float = 7.0,
         late_warning_seconds: float = 30.0,
         max_transaction_seconds: float = 1.0,
+        lock_wait_seconds: float = 0.1,
         loops: int = 1,
         worker_id: str | None = None,
     ):
@@ -404,6 +422,7 @@ class TimerWorker(PollingWorker):
         self.retention_days = retention_days
         self.late_warning_seconds = late_warning_seconds
         self.max_transaction_seconds = max_transaction_seconds
+        self.lock_wait_seconds = lock_wait_seconds
         self.loops = max(1, loops)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._kinds: dict[str, _Kind] = {}
@@ -559,6 +578,7 @@ class TimerWorker(PollingWorker):
 
     def _transaction(self, spec: _Kind, ids: list[int], token: str) -> tuple[int, list[int], list[int]]:
         deadline = time.monotonic() + self.max_transaction_seconds
+        alone = None
         with self.engine.begin() as conn:
             rows = conn.execute(_LOCK, {"ids": ids, "token": token}).all()
             locked = {r.id for r in rows}
@@ -566,10 +586,19 @@ class TimerWorker(PollingWorker):
             if spec.batch is not None:
                 outcomes, left = self._run_batch(conn, spec, rows, token), []
             else:
-                outcomes, left = self._run_each(conn, spec.handler, rows, token, deadline)
+                shared = len(rows) > 1 and self.lock_wait_seconds > 0
+                if shared:  # see _run_each: a handler waiting for a lock must not hold the others
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{max(1, int(self.lock_wait_seconds * 1000))}ms'")
+                outcomes, left, alone = self._run_each(conn, spec.handler, rows, token, deadline, shared)
             records = self._finish(conn, spec, outcomes, token)
         self._count(outcomes, records)
-        return len(outcomes), left, skipped
+        done = len(outcomes)
+        if alone is not None:  # in a transaction of its own it may wait as long as it must
+            n, _, more = self._transaction(spec, [alone], token)
+            done += n
+            skipped += more
+            left = [i for i in left if i != alone]
+        return done, left, skipped
 
     def _run_batch(self, conn: sa.Connection, spec: _Kind, rows: list, token: str) -> list[_Outcome]:
         if not rows:
@@ -593,16 +622,20 @@ class TimerWorker(PollingWorker):
         if timer.key in retry:
             raise _Retry(retry[timer.key])
 
-    def _run_each(self, conn, handler, rows, token, deadline) -> tuple[list[_Outcome], list[int]]:
-        """Per-timer handlers, a savepoint each; stops early (the rest left for the next
-        transaction) when stopping or past `deadline`. Re-verifies the rest of the batch after a
-        handler wrote to the timers table (it may have moved or cancelled one of them)."""
+    def _run_each(self, conn, handler, rows, token, deadline, shared=False):
+        """Per-timer handlers, a savepoint each: (outcomes, ids left for the next transaction,
+        the id of a timer to fire alone). Stops early when stopping or past `deadline`.
+        Re-verifies the rest of the batch after a handler wrote to the timers table (it may have
+        moved or cancelled one of them). In a `shared` transaction (several timers, a short
+        lock_timeout) a handler that has to wait for a lock (or meets a deadlock) ends it: what
+        is done commits, releasing the batch's timer rows (a change holding that lock may be
+        waiting for one of them), and it runs again alone."""
         out: list[_Outcome] = []
         gone: set[int] = set()
         with _TimerWrites(conn) as writes:
             for i, r in enumerate(rows):
                 if i and (self._stopping.is_set() or (deadline is not None and time.monotonic() > deadline)):
-                    return out, [x.id for x in rows[i:]]
+                    return out, [x.id for x in rows[i:]], None
                 if writes.dirty:
                     rest = [x.id for x in rows[i:]]
                     current = set(conn.execute(_CURRENT, {"ids": rest, "token": token}).scalars())
@@ -617,9 +650,11 @@ class TimerWorker(PollingWorker):
                 except _Retry as exc:
                     error = str(exc)[:ERROR_LIMIT]
                 except Exception as exc:
+                    if shared and _waited_for_a_lock(exc):
+                        return out, [x.id for x in rows[i:]], r.id
                     error = _error_text(exc)
                 out.append(_Outcome(r, error))
-        return out, []
+        return out, [], None
 
     def _finish(self, conn: sa.Connection, spec: _Kind, outcomes: list[_Outcome], token: str) -> list:
         """Set-based bookkeeping: done/failed timers in one statement, the firings in another."""
