@@ -247,7 +247,9 @@ def firing_profile(url: str, amqp: str, n: int = 200) -> list[dict]:
             book = sum(
                 t
                 for s, t in zip(stmts, raw.each_ms, strict=False)
-                if s.startswith(("INSERT INTO timer_firings", "SELECT timers.lease_token"))
+                if s.startswith(("INSERT INTO timer_firings", "SELECT timers.lease_token", "WITH v AS"))
+                or s.startswith(("SAVEPOINT", "RELEASE SAVEPOINT", "ROLLBACK TO SAVEPOINT", "SET LOCAL lock_timeout"))
+                or s.startswith("SELECT timers.id FROM timers")
                 or ("FROM timers" in s and "FOR UPDATE" in s and "clock_timestamp" in s)
                 or (s.startswith("DELETE FROM timers WHERE timers.id ="))
             )

@@ -147,8 +147,8 @@ def test_a_claim_made_before_the_timer_moved_does_not_fire_it(engine):
     with engine.begin() as conn:
         timers.reschedule(conn, "sla", "moved", later)
         timers.reschedule(conn, "report", "daily", later)
-    assert worker._fire(claimed["sla"], token) is False
-    assert worker._fire(claimed["report"], token) is False
+    assert worker._fire_group("sla", [claimed["sla"].id], token)[0] == 0  # no firing ran
+    assert worker._fire_group("report", [claimed["report"].id], token)[0] == 0
     assert fired(engine) == []
     with engine.connect() as conn:
         assert timers.get(conn, "sla", "moved").due_at == later
@@ -305,3 +305,211 @@ def test_lateness_is_recorded_per_firing_and_summarised(engine):
     assert summary.count == 2
     assert summary.max == max(per_firing.values())
     assert summary.p50 <= summary.p95 <= summary.max
+
+
+# -- batches ------------------------------------------------------------------------------------
+def due_timers(engine, kind: str, n: int, prefix: str = "t") -> None:
+    due = now() - dt.timedelta(seconds=1)
+    with engine.begin() as conn:
+        for i in range(n):
+            timers.schedule(conn, kind, f"{prefix}{i}", due + dt.timedelta(milliseconds=i), {"i": i})
+
+
+def firings(engine, kind: str) -> list:
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(timer_firings.c.key, timer_firings.c.attempt, timer_firings.c.ok, timer_firings.c.error)
+            .where(timer_firings.c.kind == kind)
+            .order_by(timer_firings.c.id)
+        ).all()
+
+
+def remaining(engine, kind: str) -> list:
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(timers.timers).where(timers.timers.c.kind == kind).order_by(timers.timers.c.key)
+        ).all()
+
+
+def test_a_batch_handler_fires_many_due_timers_in_one_call(engine):
+    calls: list[list[str]] = []
+    worker = TimerWorker(engine, batch_size=50)
+
+    @worker.batch_handler("sla.many")
+    def many(conn, batch):
+        calls.append([t.key for t in batch])
+        conn.execute(
+            sa.text("INSERT INTO fired VALUES (:k, :key, :d, 'w')"),
+            [{"k": t.kind, "key": t.key, "d": t.due_at} for t in batch],
+        )
+
+    due_timers(engine, "sla.many", 12)
+    with engine.begin() as conn:  # and a recurring one of the same kind, due now
+        timers.schedule_recurring(conn, "sla.many", "daily", "0 8 * * *", after=now() - dt.timedelta(days=1))
+        conn.execute(sa.text("UPDATE timers SET due_at = now() - interval '1 second', next_attempt_at = due_at "
+                             "WHERE key = 'daily'"))  # fmt: skip
+    assert worker.run_once() == 13
+    assert len(calls) == 1 and sorted(calls[0]) == sorted([f"t{i}" for i in range(12)] + ["daily"])
+    assert len(fired(engine, "sla.many")) == 13
+    assert [(r.attempt, r.ok) for r in firings(engine, "sla.many")] == [(1, True)] * 13
+    (left,) = remaining(engine, "sla.many")  # one-shots gone, the recurring one at its next occurrence
+    assert left.key == "daily" and left.due_at > now() and left.lease_token is None
+    assert worker.run_once() == 0
+
+
+def test_a_failing_batch_falls_back_to_one_at_a_time_and_the_poison_timer_fails_alone(engine):
+    seen: list[int] = []
+    worker = TimerWorker(engine, backoff_seconds=60, late_warning_seconds=3600)
+
+    def batch(conn, ts):
+        seen.append(len(ts))
+        for t in ts:
+            if t.key == "t3":
+                raise ValueError("cannot do t3")
+            recorder("w")(conn, t)
+
+    worker.register_batch("mail.batch", batch, max_attempts=2)
+    due_timers(engine, "mail.batch", 6)
+    assert worker.run_once() == 6
+    assert seen == [6, 1, 1, 1, 1, 1, 1]  # the batch, then each alone
+    assert sorted(r.key for r in fired(engine, "mail.batch")) == ["t0", "t1", "t2", "t4", "t5"]  # once each
+    (poison,) = remaining(engine, "mail.batch")
+    assert poison.key == "t3" and poison.attempts == 1 and poison.state == "scheduled"
+    assert poison.last_error == "ValueError: cannot do t3" and poison.next_attempt_at > now()
+    with engine.begin() as conn:  # its back-off is over
+        timers.reschedule(conn, "mail.batch", "t3", now() - dt.timedelta(seconds=1))
+        conn.execute(sa.text("UPDATE timers SET attempts = 1"))
+    assert worker.run_once() == 1
+    (poison,) = remaining(engine, "mail.batch")
+    assert poison.state == "failed" and poison.attempts == 2  # max_attempts: given up
+    assert [(r.key, r.ok) for r in firings(engine, "mail.batch") if r.key == "t3"] == [("t3", False), ("t3", False)]
+
+
+def test_a_batch_handler_may_leave_some_timers_for_a_retry(engine):
+    worker = TimerWorker(engine, backoff_seconds=60)
+
+    @worker.batch_handler("sla.some")
+    def some(conn, batch):
+        for t in batch:
+            if t.key != "t1":
+                recorder("w")(conn, t)
+        return {"t1": "ticket locked by a change"}
+
+    due_timers(engine, "sla.some", 3)
+    assert worker.run_once() == 3
+    assert sorted(r.key for r in fired(engine, "sla.some")) == ["t0", "t2"]
+    (t1,) = remaining(engine, "sla.some")
+    assert t1.key == "t1" and t1.attempts == 1 and t1.last_error == "ticket locked by a change"
+    assert t1.next_attempt_at > now() and t1.lease_token is None
+    assert ("t1", 1, False, "ticket locked by a change") in firings(engine, "sla.some")
+
+
+def test_plain_handlers_share_a_transaction_and_a_raising_one_rolls_back_only_itself(engine):
+    def handle(conn, timer):
+        recorder("w")(conn, timer)
+        if timer.key == "t2":
+            raise RuntimeError("t2 broke")
+        if timer.key == "t0":  # cancels a later timer of the same batch, moves another, and itself
+            timers.cancel(conn, "plain", "t4")
+            timers.reschedule(conn, "plain", "t5", now() + dt.timedelta(hours=1))
+            timers.reschedule(conn, "plain", "t0", now() + dt.timedelta(hours=2))
+
+    worker = TimerWorker(engine, {"plain": handle}, backoff_seconds=60, late_warning_seconds=3600)
+    due_timers(engine, "plain", 7)
+    statements: list[str] = []
+    sa.event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    assert worker.run_once() == 5  # t4 cancelled and t5 moved before their turn: not fired
+    commits = sum(1 for s in statements if s.strip().upper().startswith("UPDATE TIMERS SET LEASE_TOKEN"))
+    assert commits == 1  # one claim
+    assert sorted(r.key for r in fired(engine, "plain")) == ["t0", "t1", "t3", "t6"]  # t2 rolled back
+    left = {r.key: r for r in remaining(engine, "plain")}
+    assert set(left) == {"t0", "t2", "t5"}
+    assert left["t0"].due_at > now() + dt.timedelta(minutes=90) and left["t0"].attempts == 0  # its own move kept
+    assert left["t2"].attempts == 1 and left["t2"].last_error == "RuntimeError: t2 broke"
+    assert left["t5"].due_at > now() + dt.timedelta(minutes=50)
+    assert all(r.lease_token is None for r in left.values())
+
+
+def test_a_full_batch_is_followed_by_another_claim_at_once(engine):
+    worker = TimerWorker(engine, {"bulk": recorder("w")}, batch_size=5, poll_seconds=60)
+    due_timers(engine, "bulk", 23)
+    worker.start()
+    try:  # with a sleep of poll_seconds after each batch this would take minutes
+        wait_for(lambda: len(fired(engine, "bulk")) == 23, timeout=20, what="23 firings in 5 batches")
+    finally:
+        worker.stop()
+
+
+def test_stop_finishes_the_transaction_and_releases_the_rest(engine):
+    worker = TimerWorker(engine, batch_size=10)
+
+    def handle(conn, timer):
+        recorder("w")(conn, timer)
+        if timer.key == "t1":
+            worker._signal_stop()  # SIGTERM arrives while t1 fires
+
+    worker.register("slow", handle)
+    due_timers(engine, "slow", 6)
+    assert worker.run_once() == 2
+    assert sorted(r.key for r in fired(engine, "slow")) == ["t0", "t1"]
+    left = remaining(engine, "slow")
+    assert [r.key for r in left] == ["t2", "t3", "t4", "t5"]
+    assert all(r.lease_token is None for r in left)  # free for another worker now
+
+
+def test_a_timer_row_held_by_another_transaction_is_skipped_and_fired_later(engine):
+    worker = TimerWorker(engine, {"held": recorder("w")})
+    due_timers(engine, "held", 3)
+    with engine.connect() as holder:  # a change is moving t1 right now
+        holder.execute(sa.text("SELECT 1 FROM timers WHERE key = 't1' FOR UPDATE"))
+        assert worker.run_once() == 2
+        holder.rollback()  # ...and gives up
+    assert sorted(r.key for r in fired(engine, "held")) == ["t0", "t2"]
+    (t1,) = remaining(engine, "held")
+    assert t1.lease_token is None and t1.attempts == 0  # released, not failed
+    assert worker.run_once() == 1
+    assert sorted(r.key for r in fired(engine, "held")) == ["t0", "t1", "t2"]
+
+
+def test_several_claim_loops_fire_each_timer_once(engine):
+    worker = TimerWorker(engine, {"loops": recorder("w")}, batch_size=7, loops=3, poll_seconds=0.05)
+    due_timers(engine, "loops", 60)
+    worker.start()
+    try:
+        wait_for(lambda: len(fired(engine, "loops")) >= 60, what="60 firings")
+        time.sleep(0.3)
+    finally:
+        worker.stop()
+    assert sorted(r.key for r in fired(engine, "loops")) == sorted(f"t{i}" for i in range(60))
+    assert remaining(engine, "loops") == []
+
+
+def test_a_handler_waiting_for_a_lock_lets_its_batch_commit_and_runs_alone(engine):
+    """t1's handler needs a row a change holds (a change that could be waiting for one of the
+    batch's timer rows): t0 commits without waiting for it, and t1 fires alone once the change
+    is over, with no failed attempt."""
+    import threading
+
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE res (id int PRIMARY KEY)"))
+        conn.execute(sa.text("INSERT INTO res VALUES (1)"))
+
+    def handle(conn, timer):
+        if timer.key == "t1":
+            conn.execute(sa.text("SELECT id FROM res WHERE id = 1 FOR UPDATE"))
+        recorder("w")(conn, timer)
+
+    worker = TimerWorker(engine, {"lockwait": handle}, late_warning_seconds=3600)
+    due_timers(engine, "lockwait", 3)
+    result = {}
+    with engine.connect() as holder:
+        holder.execute(sa.text("SELECT id FROM res WHERE id = 1 FOR UPDATE"))
+        th = threading.Thread(target=lambda: result.setdefault("n", worker.run_once()))
+        th.start()
+        wait_for(lambda: [r.key for r in fired(engine, "lockwait")] == ["t0"], what="t0 committed meanwhile")
+        holder.rollback()
+    th.join(20)
+    assert result["n"] == 3
+    assert sorted(r.key for r in fired(engine, "lockwait")) == ["t0", "t1", "t2"]
+    assert [(r.key, r.ok) for r in firings(engine, "lockwait") if r.key == "t1"] == [("t1", True)]
+    assert remaining(engine, "lockwait") == []

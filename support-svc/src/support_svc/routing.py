@@ -429,21 +429,64 @@ class Router:
         return to_proto(row)
 
     # timers -----------------------------------------------------------------------------------
-    def expire(self, conn: sa.Connection, timer: timers.Timer) -> None:
-        """offer.expire: an offer not answered in time expires and the next agent is offered."""
-        row = conn.execute(sa.select(ticket_offers).where(o.id == timer.key).with_for_update()).one_or_none()
-        if row is None or row.state != "offered":
-            return  # answered meanwhile
+    def expire(self, conn: sa.Connection, due: list[timers.Timer]) -> dict[str, str]:
+        """offer.expire, a batch: the offers not answered in time expire and each ticket is
+        offered to the next agent. Returns {timer key: reason} of those to retry.
+
+        Offers, then their tickets, are locked in id order SKIP LOCKED: an offer being answered
+        (AcceptOffer, DeclineOffer hold it) or a ticket held by a change is left out and its timer
+        retried soon (it then finds the offer answered, or expires it); waiting instead, while
+        this transaction holds the batch's timer rows, could deadlock with a change that
+        withdraws the offer. The offers expire in one UPDATE and their events go out by one
+        `publish_many`; then each ticket is re-offered (`offer`)."""
+        if not due:
+            return {}
+        ids = sorted({t.key for t in due})
+        rows = conn.execute(
+            sa.select(ticket_offers).where(o.id.in_(ids)).order_by(o.id).with_for_update(skip_locked=True)
+        ).all()
+        retry: dict[str, str] = {}
+        got = {str(r.id) for r in rows}
+        missing = [i for i in ids if i not in got]
+        if missing:  # being answered right now (or gone: nothing to do)
+            for oid in conn.execute(sa.select(o.id).where(o.id.in_(missing))).scalars():
+                retry[str(oid)] = f"offer {oid} is locked by another transaction; retried"
+        live = [r for r in rows if r.state == "offered"]  # the others were answered meanwhile
+        if not live:
+            return retry
+        ticket_ids = sorted({str(r.ticket_id) for r in live})
+        held = {
+            str(t.id): t
+            for t in conn.execute(
+                sa.select(tickets)
+                .where(tickets.c.id.in_(ticket_ids))
+                .order_by(tickets.c.id)
+                .with_for_update(skip_locked=True)
+            )
+        }
+        go = []
+        for r in live:
+            if str(r.ticket_id) in held:
+                go.append(r.id)
+            else:
+                retry[str(r.id)] = f"ticket {r.ticket_id} is locked by another transaction; retried"
+        if not go:
+            return retry
+        expired = conn.execute(
+            ticket_offers.update()
+            .where(o.id.in_(go), o.state == "offered")
+            .values(state="expired", answer_time=sa.func.now())
+            .returning(ticket_offers)
+        ).all()
+        expired.sort(key=lambda r: str(r.ticket_id))
         with self.uow.joined(conn) as tx:
-            ticket = Tickets.lock(conn, row.ticket_id)
-            row = conn.execute(
-                ticket_offers.update()
-                .where(o.id == row.id)
-                .values(state="expired", answer_time=sa.func.now())
-                .returning(ticket_offers)
-            ).one()
-            tx.publish("ticket.offer_expired.v1", _event(row, row.answer_time), TICKET.format(row.ticket_id))
-            self.offer(tx, ticket)
+            tx.publish_many(
+                "ticket.offer_expired.v1",
+                [(TICKET.format(r.ticket_id), _event(r, r.answer_time)) for r in expired],
+            )
+            for r in expired:
+                self.offer(tx, held[str(r.ticket_id)])
+        return retry
 
     def available(self, conn: sa.Connection, timer: timers.Timer) -> None:
         """agent.available: after-call work is over; offer the agent what waits."""
@@ -513,5 +556,6 @@ def registration(support: Support) -> Registration:
 
 
 def timer_handlers(support: Support) -> None:
-    support.timers.register(EXPIRE, router(support).expire)
+    # A retry is an offer or ticket busy right now: many, so that one never stays 'offered'.
+    support.timers.register_batch(EXPIRE, router(support).expire, max_attempts=50)
     support.timers.register(AVAILABLE, router(support).available)

@@ -520,47 +520,16 @@ class Engine:
 
     # timers -------------------------------------------------------------------------------
     def fire(self, conn: sa.Connection, timer: timers.Timer) -> None:
-        """sla.warn / sla.breach: recompute first (the clock may have paused or the policy
-        changed); if the metric is really due and not yet flagged, flag it, publish the event
-        and (breach) take the policy's actions. The ticket is locked NOWAIT (a change holding it
-        wins; this firing is retried) so the timer row and the ticket are never waited on in
-        the other order."""
-        tid, _, metric = timer.key.rpartition(":")
-        level = "warned" if timer.kind == WARN else "breached"
-        row = conn.execute(sa.select(tickets).where(tickets.c.id == tid).with_for_update(nowait=True)).one_or_none()
-        if row is None:
-            return
-        now = conn.execute(sa.select(sa.func.now())).scalar()
-        (s,) = self.compute(conn, [row], now)
-        c = s.clocks.get(metric)
-        at = None if c is None else (c.warn if level == "warned" else c.due)
-        due = c is not None and c.running and at is not None and at <= now and not s.flags[metric][level]
-        if due:
-            s.flags[metric][level] = True
-            if level == "breached":
-                s.flags[metric]["warned"] = True  # no warning after the breach
-        self.store(conn, [s], force=True)
-        if not due:
-            return
-        with self.support.uow.joined(conn) as tx:
-            actions = self._actions(tx, s, metric) if level == "breached" else []
-            e = ev_pb.SlaEvent(
-                ticket=TICKET.format(tid),
-                policy=POLICY.format(s.policy.id),
-                metric=metric,
-                team=f"teams/{row.team_id}" if row.team_id else "",
-                assignee=f"agents/{row.assignee_id}" if row.assignee_id else "",
-                customer=f"customers/{row.customer_id}" if row.customer_id else "",
-                actions=actions,
-            )
-            e.due_time.FromDatetime(c.due)
-            e.event_time.FromDatetime(now)
-            key = "ticket.sla_warning.v1" if level == "warned" else "ticket.sla_breached.v1"
-            tx.publish(key, e, TICKET.format(tid))
+        """One sla.warn / sla.breach timer (`fire_batch` of one); a ticket held by a change
+        raises, so the timer is retried."""
+        retry = self.fire_batch(conn, [timer])
+        if timer.key in retry:
+            raise TicketBusy(retry[timer.key])
 
-    def _actions(self, tx, s: Computed, metric: str) -> list[str]:
+    def _actions(self, tx, s: Computed, metric: str, managers: dict | None = None) -> list[str]:
         """The breach actions of the policy that apply now; their changes go through ticketing
-        (its hooks recompute the ticket again: a raised priority may select another policy)."""
+        (its hooks recompute the ticket again: a raised priority may select another policy).
+        `managers`: team id -> manager id, read beforehand for a batch."""
         row, policy = s.ticket, s.policy
         wanted = set(policy.breach_actions or ())
         taken = []
@@ -569,7 +538,12 @@ class Engine:
         if "notify_manager" in wanted:
             manager = ""
             if row.team_id:
-                manager = tx.conn.execute(sa.select(teams.c.manager_id).where(teams.c.id == row.team_id)).scalar() or ""
+                if managers is not None and str(row.team_id) in managers:
+                    manager = managers[str(row.team_id)]
+                else:
+                    manager = (
+                        tx.conn.execute(sa.select(teams.c.manager_id).where(teams.c.id == row.team_id)).scalar() or ""
+                    )
             who = f"agents/{manager}" if manager else "—"
             body = (
                 f"SLA: مهلت {LABELS[metric]} گذشت (سیاست «{policy.display_name}»). مدیر تیم: {who}\n"
@@ -587,6 +561,85 @@ class Engine:
             tickets_.update(tx, row.id, {"assignee_id": ""}, ACTOR, reason=reason)
             taken.append("reassign")
         return taken
+
+    def fire_batch(self, conn: sa.Connection, due: list[timers.Timer]) -> dict[str, str]:
+        """sla.warn / sla.breach, many timers of one kind at once (the timer worker's batch
+        handler). Recompute first (a clock may have paused or a policy changed); each metric
+        really due and not yet flagged is flagged, its event published and (breach) the
+        policy's actions taken. Returns {timer key: reason} of the timers to retry.
+
+        The tickets are locked SKIP LOCKED, in id order: a ticket held by a change is left out
+        (that change wins; its timer is retried soon), so the timer rows and a ticket are never
+        waited on in the other order (the change holding the ticket may be waiting for its timer
+        rows, which this transaction holds). One `compute` and one `store` for the batch; the
+        events by one `publish_many`; the actions per ticket where the policy asks."""
+        if not due:
+            return {}
+        level = "warned" if due[0].kind == WARN else "breached"
+        wanted: dict[str, list[tuple[timers.Timer, str]]] = {}
+        for t in due:
+            tid, _, metric = t.key.rpartition(":")
+            wanted.setdefault(tid, []).append((t, metric))
+        ids = sorted(wanted)
+        rows = conn.execute(
+            sa.select(tickets).where(tickets.c.id.in_(ids)).order_by(tickets.c.id).with_for_update(skip_locked=True)
+        ).all()
+        got = {str(r.id) for r in rows}
+        retry: dict[str, str] = {}
+        missing = [i for i in ids if i not in got]
+        if missing:  # locked by a change, or gone (then there is nothing to do)
+            busy = conn.execute(sa.select(tickets.c.id).where(tickets.c.id.in_(missing))).scalars()
+            for tid in busy:
+                for t, _ in wanted[str(tid)]:
+                    retry[t.key] = f"ticket {tid} is locked by another transaction; retried"
+        if not rows:
+            return retry
+        now = conn.execute(sa.select(sa.func.now())).scalar()
+        states = self.compute(conn, rows, now)
+        fired: list[tuple[Computed, str, Clock]] = []
+        for s in states:
+            for _, metric in wanted[str(s.ticket.id)]:
+                c = s.clocks.get(metric)
+                at = None if c is None else (c.warn if level == "warned" else c.due)
+                if c is None or not c.running or at is None or at > now or s.flags[metric][level]:
+                    continue
+                s.flags[metric][level] = True
+                if level == "breached":
+                    s.flags[metric]["warned"] = True  # no warning after the breach
+                fired.append((s, metric, c))
+        self.store(conn, states, force=True)
+        if fired:
+            self._publish_fired(conn, fired, level, now)
+        return retry
+
+    def _publish_fired(self, conn: sa.Connection, fired: list, level: str, now: dt.datetime) -> None:
+        """The breach actions (per ticket, where its policy asks) and the SLA events of a batch."""
+        managers = None
+        if level == "breached" and any("notify_manager" in (s.policy.breach_actions or ()) for s, _, _ in fired):
+            team_ids = sorted({str(s.ticket.team_id) for s, _, _ in fired if s.ticket.team_id})
+            managers = {
+                str(i): m or ""
+                for i, m in conn.execute(sa.select(teams.c.id, teams.c.manager_id).where(teams.c.id.in_(team_ids)))
+            }
+        with self.support.uow.joined(conn) as tx:
+            items = []
+            for s, metric, c in fired:
+                row = s.ticket
+                actions = self._actions(tx, s, metric, managers) if level == "breached" else []
+                e = ev_pb.SlaEvent(
+                    ticket=TICKET.format(row.id),
+                    policy=POLICY.format(s.policy.id),
+                    metric=metric,
+                    team=f"teams/{row.team_id}" if row.team_id else "",
+                    assignee=f"agents/{row.assignee_id}" if row.assignee_id else "",
+                    customer=f"customers/{row.customer_id}" if row.customer_id else "",
+                    actions=actions,
+                )
+                e.due_time.FromDatetime(c.due)
+                e.event_time.FromDatetime(now)
+                items.append((TICKET.format(row.id), e))
+            key = "ticket.sla_warning.v1" if level == "warned" else "ticket.sla_breached.v1"
+            tx.publish_many(key, items)
 
     # policies -----------------------------------------------------------------------------
     @staticmethod
@@ -675,4 +728,8 @@ def install(support: Support) -> None:
 def timer_handlers(support: Support) -> None:
     eng = engine(support)
     for kind in KINDS:
-        support.timers.register(kind, eng.fire, max_attempts=20)
+        support.timers.register_batch(kind, eng.fire_batch, max_attempts=20)
+
+
+class TicketBusy(Exception):
+    """The ticket of an SLA timer is held by a change: the firing is retried."""
