@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import re
 import threading
 from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
@@ -311,3 +312,21 @@ def run_alembic_env(target_metadata=None) -> None:
             connection.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_ID})
             connection.commit()
     engine.dispose()
+
+
+def cacheable(statement, *returning: sa.ColumnElement) -> sa.TextClause | sa.TextualSelect:
+    """A Core statement SQLAlchemy compiles on every execution (it has no cache key: PostgreSQL's
+    INSERT ... ON CONFLICT) as the same SQL in a cacheable text clause, compiled once: ~0.5 ms of
+    Python less per execution. Its bound parameters keep their names and types (and the values
+    of its constants); `returning` types the columns of its RETURNING clause (give them if it
+    has one)."""
+    from sqlalchemy.dialects import postgresql
+
+    # as for executemany: no implicit RETURNING (or pre-execution) of the primary key
+    compiled = statement.compile(dialect=postgresql.dialect(paramstyle="named"), for_executemany=not returning)
+    # ":payload::JSONB": the cast goes (the engine's dialect renders its own), the name stays
+    sql = re.sub(r"(?<![:\w]):(\w+)::\w+", r":\1", compiled.string)
+    named = {name: bind for bind, name in compiled.bind_names.items()}
+    binds = [sa.bindparam(name, compiled.params.get(name), type_=bind.type) for name, bind in named.items()]
+    text = sa.text(sql).bindparams(*binds)
+    return text.columns(*returning) if returning else text

@@ -97,6 +97,7 @@ import sqlalchemy as sa
 from croniter import croniter
 from sqlalchemy.dialects import postgresql as pg
 
+from .db import cacheable
 from .work_tables import timer_firings, timers
 from .workers import PollingWorker
 
@@ -144,37 +145,53 @@ def next_occurrence(cron: str, timezone: str = DEFAULT_TIMEZONE, after: dt.datet
     return croniter(cron, base.astimezone(tz)).get_next(dt.datetime).astimezone(dt.UTC)
 
 
-def _upsert(conn: sa.Connection, values: dict[str, Any]) -> None:
-    values = {
-        **values,
-        "next_attempt_at": values["due_at"],
-        "state": "scheduled",
-        "attempts": 0,
-        "last_error": None,
-        "lease_token": None,
-        "lease_until": None,
-    }
-    stmt = pg.insert(timers).values(**values)
-    update = {k: stmt.excluded[k] for k in values if k not in ("kind", "key")}
-    conn.execute(
-        stmt.on_conflict_do_update(constraint="timers_kind_key", set_={**update, "update_time": sa.func.now()})
+_UPSERT_COLUMNS = ("kind", "key", "due_at", "next_attempt_at", "payload", "cron", "timezone")
+
+
+def _upsert_statement():
+    """The one upsert of a timer row, built once with bound parameters and kept as cacheable
+    text (db.cacheable): SQLAlchemy compiles an ON CONFLICT statement on every execution."""
+    stmt = pg.insert(timers).values({c: sa.bindparam(c, type_=timers.c[c].type) for c in _UPSERT_COLUMNS})
+    moved = {c: stmt.excluded[c] for c in _UPSERT_COLUMNS if c not in ("kind", "key")}
+    reset = {"state": "scheduled", "attempts": 0, "last_error": None, "lease_token": None, "lease_until": None}
+    return cacheable(
+        stmt.on_conflict_do_update(constraint="timers_kind_key", set_={**moved, **reset, "update_time": sa.func.now()})
     )
+
+
+_UPSERT = _upsert_statement()
+
+
+def _upsert(conn: sa.Connection, values: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """Insert or replace timer rows (kind, key, due_at, payload, cron, timezone): attempts
+    reset, error and lease cleared. Several rows go as one executemany (one round trip)."""
+    rows = values if isinstance(values, list) else [values]
+    if not rows:
+        return
+    params = [{**r, "next_attempt_at": r["due_at"]} for r in rows]
+    conn.execute(_UPSERT, params if len(params) > 1 else params[0])
 
 
 def schedule(conn: sa.Connection, kind: str, key: str, at: dt.datetime, payload: dict[str, Any] | None = None) -> None:
     """Set timer (kind, key) to fire at `at`, in the caller's transaction. An existing timer
     with that key (one-shot or recurring, even a failed one) is replaced."""
-    _upsert(
-        conn,
-        {
+    schedule_many(conn, [(kind, key, at, payload)])
+
+
+def schedule_many(conn: sa.Connection, items) -> None:
+    """`schedule` for many timers at once: `items` are (kind, key, at, payload) tuples, written
+    in one round trip. The same (kind, key) twice: the last one wins, as with `schedule` in turn."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for kind, key, at, payload in items:
+        rows[(kind, str(key))] = {
             "kind": kind,
             "key": str(key),
             "due_at": _aware(at),
             "payload": payload or {},
             "cron": None,
             "timezone": None,
-        },
-    )
+        }
+    _upsert(conn, list(rows.values()))
 
 
 def schedule_recurring(

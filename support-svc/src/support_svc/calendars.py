@@ -21,6 +21,12 @@ from .tables import calendar_days, calendars, teams
 CACHE_SECONDS = 30.0
 DEFAULT = BusinessCalendar()
 _cache: dict[str, tuple[int, float, BusinessCalendar]] = {}
+_VERSION = sa.select(calendars.c.version).where(calendars.c.id == sa.bindparam("id"))
+_OF_TEAM = (
+    sa.select(calendars.c.id, calendars.c.version)
+    .select_from(teams.join(calendars, calendars.c.id == teams.c.calendar_id))
+    .where(teams.c.id == sa.bindparam("team"))
+)
 
 
 def build(row, days) -> BusinessCalendar:
@@ -41,26 +47,36 @@ def calendar(conn: sa.Connection, calendar_id: str | None) -> BusinessCalendar:
     """The calendar by id (the default one for None or a missing id)."""
     if not calendar_id:
         return DEFAULT
+    version = conn.execute(_VERSION, {"id": str(calendar_id)}).scalar()
+    return of_version(conn, calendar_id, version)
+
+
+def of_version(conn: sa.Connection, calendar_id: str | None, version: int | None) -> BusinessCalendar:
+    """The calendar by id whose current version the caller has just read (in a statement of
+    its own, e.g. joined to the tickets it computes): the cached one when it is of that version
+    and still fresh, else read (two statements). None for either: the default calendar."""
+    if not calendar_id or version is None:
+        return DEFAULT
     key = str(calendar_id)
     hit = _cache.get(key)
-    version = conn.execute(sa.select(calendars.c.version).where(calendars.c.id == key)).scalar()
-    if version is None:
-        return DEFAULT
     if hit is not None and hit[0] == version and hit[1] > time.monotonic():
         return hit[2]
-    row = conn.execute(sa.select(calendars).where(calendars.c.id == key)).one()
+    row = conn.execute(sa.select(calendars).where(calendars.c.id == key)).one_or_none()
+    if row is None:
+        return DEFAULT
     days = conn.execute(sa.select(calendar_days).where(calendar_days.c.calendar_id == key)).all()
     cal = build(row, days)
-    _cache[key] = (version, time.monotonic() + CACHE_SECONDS, cal)
+    _cache[key] = (row.version, time.monotonic() + CACHE_SECONDS, cal)
     return cal
 
 
 def calendar_of_team(conn: sa.Connection, team_id: str | None) -> BusinessCalendar:
-    """The calendar the team works by (the default one for no team or no calendar)."""
+    """The calendar the team works by (the default one for no team or no calendar): one
+    statement (the team's calendar and its version) when the calendar is cached."""
     if not team_id:
         return DEFAULT
-    cid = conn.execute(sa.select(teams.c.calendar_id).where(teams.c.id == team_id)).scalar()
-    return calendar(conn, cid)
+    row = conn.execute(_OF_TEAM, {"team": str(team_id)}).one_or_none()
+    return DEFAULT if row is None else of_version(conn, row.id, row.version)
 
 
 def forget(calendar_id: str) -> None:

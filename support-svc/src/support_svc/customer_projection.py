@@ -86,3 +86,26 @@ def subscriptions(support: Support) -> list[Subscription]:
         }
     )
     return [Subscription(domain="customer", handlers=handlers, requires=refs.requires())]
+
+
+# -- lookups ------------------------------------------------------------------------------------
+def email_match(email) -> sa.ScalarSelect:
+    """A scalar subquery: the customer of an e-mail address (a bound parameter or column,
+    already stripped and lower case; '' or NULL: none), as crm_chassis.customer_refs.match
+    finds it: among the newest 20 rows with that address, the first merged one's survivor or
+    the first live one. For folding the match into a statement that reads other things."""
+    r = customer_refs.alias("matched_ref")
+    newest = (
+        sa.select(r.c.customer_id, r.c.merged_into, r.c.deleted, r.c.version)
+        .where(r.c.email == email, email != "")
+        .order_by(r.c.version.desc())
+        .limit(20)
+        .subquery("newest")
+    )
+    return (
+        sa.select(sa.case((newest.c.merged_into != "", newest.c.merged_into), else_=newest.c.customer_id))
+        .where(sa.or_(newest.c.merged_into != "", sa.not_(newest.c.deleted)))
+        .order_by(newest.c.version.desc())
+        .limit(1)
+        .scalar_subquery()
+    )

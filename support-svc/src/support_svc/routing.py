@@ -47,8 +47,8 @@ from crm_chassis.resources import ResourceName
 from crm_chassis.work_tables import timers as timer_rows
 
 from .runtime import Support
-from .tables import agents, metadata, teams, tickets
-from .ticketing import AGENT, DONE_STATES, OPEN_STATES, TICKET, Tickets
+from .tables import agents, metadata, tickets
+from .ticketing import AGENT, DONE_STATES, OPEN_STATES, TICKET, Tickets, opened_here, tx_memo
 
 log = logging.getLogger("support.routing")
 
@@ -88,6 +88,8 @@ sa.Index("ticket_offers_ticket", o.ticket_id, o.offer_time.desc(), o.id.desc())
 # An agent's offers (their pending ones: the load, "my offers").
 sa.Index("ticket_offers_agent", o.agent_id, o.offer_time.desc(), o.id.desc())
 sa.Index("ticket_offers_agent_live", o.agent_id, postgresql_where=o.state == "offered")
+# An agent's last offer in a team (round robin, migration 0012).
+sa.Index("ticket_offers_agent_team", o.agent_id, o.team_id, o.offer_time)
 
 # -- the SQL ------------------------------------------------------------------------------------
 # An agent's load: the weights of their open assigned tickets and of their pending offers.
@@ -102,6 +104,9 @@ LOAD_SQL = f"""(
     WHERE lo.agent_id = {{agent}} AND lo.state = 'offered')
 )"""
 _WEIGHT = "coalesce((SELECT weight FROM channel_weights WHERE channel = {channel}), 1)"
+# Who declined this ticket or let an offer of it expire (read once, by the ticket's index).
+_REFUSED = """ARRAY(SELECT x.agent_id FROM ticket_offers x WHERE x.ticket_id = CAST(:ticket AS uuid)
+                      AND x.state IN ('declined', 'expired'))"""
 _ELIGIBLE = """a.active AND a.presence = 'online' AND (a.busy_until IS NULL OR a.busy_until <= now())"""
 
 # The one agent to offer a ticket to (strategy-specific ORDER BY), locked.
@@ -112,8 +117,7 @@ SELECT a.id, l.load, a.capacity
   CROSS JOIN LATERAL (SELECT {load} AS load) l
  WHERE m.team_id = CAST(:team AS uuid)
    AND {eligible}
-   AND NOT EXISTS (SELECT 1 FROM ticket_offers x WHERE x.ticket_id = CAST(:ticket AS uuid)
-                    AND x.agent_id = a.id AND x.state IN ('declined', 'expired'))
+   AND NOT (a.id = ANY({refused}))
    AND NOT (a.id = ANY(CAST(:tried AS text[])))
    AND l.load + {weight} <= a.capacity
    {skills}
@@ -123,17 +127,47 @@ SELECT a.id, l.load, a.capacity
 """
 _SKILLS = """AND (:skill = '' OR :skill = ANY(a.skills)) AND :language = ANY(a.languages)"""
 _ORDERS = {
-    "round_robin": "(a.id <= :cursor), a.id",
     "least_loaded": "l.load::float8 / greatest(a.capacity, 1), a.id",
     "skills": "l.load::float8 / greatest(a.capacity, 1), a.id",
 }
+# Round robin: the member offered a ticket of this team longest ago (never: first), then by id.
+# The order needs no load, so the members are taken in turn (locked as they are taken, skipping
+# those a concurrent offer holds) and the load is computed only until one has room. No cursor
+# row is written: concurrent offers into one team never wait on each other, and each sees the
+# others' offers once committed (the one being made locks its agent: the others skip them).
+_CHOOSE_ROUND_ROBIN = """
+SELECT c.id, l.load, c.capacity
+  FROM (SELECT a.id, a.capacity
+          FROM team_members m
+          JOIN agents a ON a.id = m.agent_id
+         WHERE m.team_id = CAST(:team AS uuid)
+           AND {eligible}
+           AND NOT (a.id = ANY({refused}))
+           AND NOT (a.id = ANY(CAST(:tried AS text[])))
+         ORDER BY (SELECT max(r.offer_time) FROM ticket_offers r
+                    WHERE r.agent_id = a.id AND r.team_id = CAST(:team AS uuid)) NULLS FIRST, a.id
+         FOR UPDATE OF a SKIP LOCKED) c
+ CROSS JOIN LATERAL (SELECT {load} AS load) l
+ WHERE l.load + {weight} <= c.capacity
+ LIMIT 1
+"""
 
 
 def _choose_sql(strategy: str) -> sa.TextClause:
+    if strategy == "round_robin":
+        return sa.text(
+            _CHOOSE_ROUND_ROBIN.format(
+                load=LOAD_SQL.format(agent="c.id"),
+                eligible=_ELIGIBLE,
+                refused=_REFUSED,
+                weight=_WEIGHT.format(channel=":channel"),
+            )
+        )
     return sa.text(
         _CHOOSE.format(
             load=LOAD_SQL.format(agent="a.id"),
             eligible=_ELIGIBLE,
+            refused=_REFUSED,
             weight=_WEIGHT.format(channel=":channel"),
             skills=_SKILLS if strategy == "skills" else "",
             order=_ORDERS[strategy],
@@ -255,26 +289,26 @@ class Router:
         if not ticket.team_id or ticket.assignee_id or ticket.state not in OPEN_STATES:
             return None
         conn = tx.conn
-        team = conn.execute(sa.select(teams).where(teams.c.id == ticket.team_id, teams.c.active)).one_or_none()
-        if team is None:
+        team = Tickets.team(conn, ticket.team_id)
+        if team is None or not team.active:
             return None
-        if conn.execute(sa.select(o.id).where(o.ticket_id == ticket.id, o.state == "offered")).first():
-            return None  # one live offer at a time
+        offered = tx_memo(conn, "routing.offered")
+        # one live offer at a time (a ticket opened in this transaction and not offered yet has none)
+        if (str(ticket.id) in offered or not opened_here(conn, ticket.id)) and conn.execute(
+            sa.select(o.id).where(o.ticket_id == ticket.id, o.state == "offered")
+        ).first():
+            return None
         strategy = team.strategy if team.strategy in STRATEGIES else "round_robin"
         params = {
             "team": str(team.id),
             "ticket": str(ticket.id),
             "channel": ticket.channel,
-            "cursor": team.rr_cursor or "",
             "skill": "",
             "language": ticket.language or "fa",
         }
         if strategy == "skills" and ticket.category_id:
-            from .tables import categories
-
-            params["skill"] = (
-                conn.execute(sa.select(categories.c.skill).where(categories.c.id == ticket.category_id)).scalar() or ""
-            )
+            cat = Tickets.category(conn, ticket.category_id)
+            params["skill"] = (cat.skill if cat is not None else "") or ""
         tried: list[str] = []
         for _ in range(3):  # an agent filled by a concurrent offer since the choice: the next one
             chosen = conn.execute(CHOOSE[strategy], {**params, "tried": tried}).first()
@@ -282,8 +316,6 @@ class Router:
                 return None
             row = self._insert(tx, ticket, chosen.id, team.id, strategy, team.offer_timeout_seconds)
             if row is not None:
-                if strategy == "round_robin":
-                    conn.execute(teams.update().where(teams.c.id == team.id).values(rr_cursor=chosen.id))
                 return row
             tried.append(chosen.id)
         return None
@@ -303,6 +335,7 @@ class Router:
         ).one_or_none()
         if row is None:
             return None
+        tx_memo(conn, "routing.offered")[str(ticket.id)] = True
         timers.schedule(conn, EXPIRE, str(row.id), row.expire_time, {"ticket_id": str(ticket.id)})
         tx.publish("ticket.offered.v1", _event(row, row.offer_time), TICKET.format(ticket.id))
         return row

@@ -39,11 +39,13 @@ from crm.support.v1 import support_events_pb2 as ev_pb
 from crm_chassis import timers
 from crm_chassis.business_time import BusinessCalendar
 from crm_chassis.columns import TIMESTAMPTZ, UUID, id_column, text_column, times
+from crm_chassis.db import cacheable
 from crm_chassis.resources import ResourceName
 
-from .calendars import calendar_of_team
+from . import calendars as calendar_cache
 from .runtime import Support
-from .tables import TEXTS, customer_refs, metadata, teams, ticket_intervals, ticket_messages, tickets
+from .tables import TEXTS, calendars, customer_refs, metadata, teams, ticket_intervals, ticket_messages, tickets
+from .ticketing import opened_here, tx_memo
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +282,9 @@ def _with_rank(frm):
 
 
 def _policies_statement() -> sa.Select:
-    """Each ticket of :ids with the first active policy it matches (a LATERAL subquery). Built
-    once: making the alias and the lateral's columns costs milliseconds of Python a call."""
+    """Each ticket of :ids with the first active policy it matches (a LATERAL subquery) and its
+    team's calendar id and version (so the cached calendar needs no statement of its own).
+    Built once: making the alias and the lateral's columns costs milliseconds of Python a call."""
     p = sla_policies.alias("p")
     t = tickets
     frm, rank = _with_rank(t)
@@ -292,9 +295,19 @@ def _policies_statement() -> sa.Select:
         .limit(1)
         .lateral("first")
     )
+    frm = (
+        frm.outerjoin(first, sa.true())
+        .outerjoin(teams, teams.c.id == t.c.team_id)
+        .outerjoin(calendars, calendars.c.id == teams.c.calendar_id)
+    )
     return (
-        sa.select(t.c.id.label("ticket_id"), *first.c)
-        .select_from(frm.outerjoin(first, sa.true()))
+        sa.select(
+            t.c.id.label("ticket_id"),
+            calendars.c.id.label("calendar_id"),
+            calendars.c.version.label("calendar_version"),
+            *first.c,
+        )
+        .select_from(frm)
         .where(t.c.id.in_(sa.bindparam("ticket_ids", expanding=True)))
     )
 
@@ -302,13 +315,19 @@ def _policies_statement() -> sa.Select:
 _POLICIES = _policies_statement()
 
 
-def select_policies(conn: sa.Connection, ticket_ids: Sequence[str]) -> dict[str, object]:
-    """Each ticket's policy row (the first active matching one by precedence) or None, in one
-    statement."""
+def _select_policies(conn: sa.Connection, ticket_ids: Sequence[str]) -> dict[str, object]:
+    """Each ticket's row of _POLICIES (policy columns, None id for no policy; calendar id and
+    version), in one statement."""
     if not ticket_ids:
         return {}
     rows = conn.execute(_POLICIES, {"ticket_ids": [str(i) for i in ticket_ids]}).all()
-    return {str(r.ticket_id): (r if r.id is not None else None) for r in rows}
+    return {str(r.ticket_id): r for r in rows}
+
+
+def select_policies(conn: sa.Connection, ticket_ids: Sequence[str]) -> dict[str, object]:
+    """Each ticket's policy row (the first active matching one by precedence) or None, in one
+    statement."""
+    return {tid: (r if r.id is not None else None) for tid, r in _select_policies(conn, ticket_ids).items()}
 
 
 def load_intervals(conn: sa.Connection, ticket_ids: Sequence[str]) -> dict[str, list[Interval]]:
@@ -394,8 +413,64 @@ class Computed:
         return v
 
 
+# The stored state's columns (Computed.values) and its upsert, built once (compiled once).
+STORED = (
+    "ticket_id",
+    "policy_id",
+    "next_response_start",
+    "computed_at",
+    *(f"{m}_{f}" for m in METRICS for f in ("due", "seconds", "warned", "breached")),
+    "first_response_met",
+    "resolution_met",
+)
+
+
+def _store_statement():
+    stmt = pg_insert(ticket_sla).values({c: sa.bindparam(c, type_=ticket_sla.c[c].type) for c in STORED})
+    excluded = {c: stmt.excluded[c] for c in STORED if c != "ticket_id"}
+    return cacheable(stmt.on_conflict_do_update(index_elements=["ticket_id"], set_=excluded))
+
+
+_STORE = _store_statement()
+MEMO_LIMIT = 1024  # entries of a transaction's memo before it is emptied (a bulk change)
+
+
+def _key(row) -> tuple:
+    """A ticket row's version in this transaction (every change bumps version)."""
+    return (str(row.id), row.version, row.update_time)
+
+
+def _fields_of(s: Computed) -> dict:
+    """The SLA fields of a TicketEvent from a computed state."""
+    if s.policy is None:
+        return {}
+    fr, res = s.clocks.get("first_response"), s.clocks.get("resolution")
+    out = {"sla_policy": POLICY.format(s.policy.id)}
+    if fr is not None and fr.stop is not None:
+        out["first_response_business_seconds"] = int(fr.elapsed)
+        out["sla_first_response_met"] = fr.met
+    if res is not None and res.stop is not None:
+        out["resolution_business_seconds"] = int(res.elapsed)
+        out["sla_resolution_met"] = res.met
+    return out
+
+
+def _memo(conn: sa.Connection, name: str) -> dict:
+    memo = tx_memo(conn, name)
+    if len(memo) > MEMO_LIMIT:
+        memo.clear()
+    return memo
+
+
 class Engine:
-    """Computes and stores SLA state of tickets (one object per process: support.once)."""
+    """Computes and stores SLA state of tickets (one object per process: support.once).
+
+    Within one transaction a ticket version (id, version, update_time) is computed once at its
+    own update_time: the events of a change and the `changed` hook that stores it share that
+    computation (`tx_memo`); a store drops it, so the next computation reads the stored flags.
+    A ticket opened in this transaction (ticketing.opened_here) and not stored yet has no
+    stored state and no timers, and while it is still new its one interval is known: neither is
+    read."""
 
     def __init__(self, support: Support):
         self.support = support
@@ -404,53 +479,76 @@ class Engine:
     def compute(self, conn: sa.Connection, rows: Sequence, now: dt.datetime) -> list[Computed]:
         """The SLA state of ticket rows at `now` (no writes): policies selected, flags carried
         over from the stored state unless the policy or the next-response cycle changed."""
-        ids = [str(r.id) for r in rows]
-        if not ids:
+        if not rows:
             return []
-        policies = select_policies(conn, ids)
-        intervals = load_intervals(conn, ids)
-        nexts = load_next_starts(conn, rows)
-        stored = load_stored(conn, ids)
-        cals: dict = {}
-        out = []
-        for r in rows:
-            tid = str(r.id)
-            team = str(r.team_id) if r.team_id else None
-            if team not in cals:
-                cals[team] = calendar_of_team(conn, team)
-            policy = policies.get(tid)
-            nxt = nexts.get(tid)
-            cs = clocks(r, intervals[tid], cals[team], policy, now, nxt)
-            old = stored.get(tid)
-            same_policy = old is not None and policy is not None and str(old.policy_id) == str(policy.id)
-            flags = {}
-            for m in METRICS:
-                keep = same_policy and (m != "next_response" or old.next_response_start == nxt)
-                flags[m] = {
-                    "warned": bool(keep and getattr(old, f"{m}_warned")),
-                    "breached": bool(keep and getattr(old, f"{m}_breached")),
-                }
-            out.append(Computed(r, policy, cs, now, nxt, flags, old))
+        memo = _memo(conn, "sla.computed")
+        out: list[Computed | None] = [None] * len(rows)
+        todo = []
+        for i, r in enumerate(rows):
+            hit = memo.get(_key(r)) if now == r.update_time else None
+            if hit is not None:
+                out[i] = hit
+            else:
+                todo.append(r)
+        if todo:
+            stored_here = tx_memo(conn, "sla.stored")
+            fresh = {str(r.id) for r in todo if str(r.id) not in stored_here and opened_here(conn, r.id)}
+            ids = [str(r.id) for r in todo]
+            context = _select_policies(conn, ids)
+            known = {
+                str(r.id): [Interval("new", r.create_time)] for r in todo if str(r.id) in fresh and r.state == "new"
+            }
+            intervals = (
+                {**load_intervals(conn, [i for i in ids if i not in known]), **known}
+                if len(known) < len(ids)
+                else known
+            )
+            nexts = load_next_starts(conn, todo)
+            stored = load_stored(conn, [i for i in ids if i not in fresh]) if len(fresh) < len(ids) else {}
+            cals: dict = {}
+            done = {}
+            for r in todo:
+                tid = str(r.id)
+                ctx = context.get(tid)
+                cal_key = (ctx.calendar_id, ctx.calendar_version) if ctx is not None else (None, None)
+                if cal_key not in cals:
+                    cals[cal_key] = calendar_cache.of_version(conn, *cal_key)
+                policy = ctx if ctx is not None and ctx.id is not None else None
+                nxt = nexts.get(tid)
+                cs = clocks(r, intervals.get(tid, []), cals[cal_key], policy, now, nxt)
+                old = stored.get(tid)
+                same_policy = old is not None and policy is not None and str(old.policy_id) == str(policy.id)
+                flags = {}
+                for m in METRICS:
+                    keep = same_policy and (m != "next_response" or old.next_response_start == nxt)
+                    flags[m] = {
+                        "warned": bool(keep and getattr(old, f"{m}_warned")),
+                        "breached": bool(keep and getattr(old, f"{m}_breached")),
+                    }
+                c = Computed(r, policy, cs, now, nxt, flags, old)
+                done[id(r)] = c
+                if now == r.update_time:
+                    memo[_key(r)] = c
+            out = [o if o is not None else done[id(r)] for o, r in zip(out, rows, strict=True)]
         return out
 
     # storing ------------------------------------------------------------------------------
     def store(self, conn: sa.Connection, states: Sequence[Computed], force: bool = False) -> None:
         """Write ticket_sla and set/cancel the timers of these states (those of an unchanged
-        metric are left alone unless `force`)."""
+        metric are left alone unless `force`): one upsert, at most one DELETE of timers and one
+        upsert of the armed ones."""
         if not states:
             return
-        values = [s.values() for s in states]
-        stmt = pg_insert(ticket_sla)
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["ticket_id"],
-                set_={c: stmt.excluded[c] for c in values[0] if c != "ticket_id"},
-            ),
-            values,
+        conn.execute(_STORE, [s.values() for s in states])
+        computed, fields, stored_here = (
+            _memo(conn, "sla.computed"),
+            _memo(conn, "sla.fields"),
+            tx_memo(conn, "sla.stored"),
         )
         drop, arm = [], []
         for s in states:
             tid = str(s.ticket.id)
+            fresh = s.old is None and tid not in stored_here and opened_here(conn, tid)  # no timers yet
             for m in METRICS:
                 c = s.clocks.get(m)
                 key = f"{tid}:{m}"
@@ -459,13 +557,17 @@ class Engine:
                 for kind, flag, at in ((WARN, "warned", c and c.warn), (BREACH, "breached", c and c.due)):
                     if c is not None and c.running and at is not None and not s.flags[m][flag]:
                         arm.append((kind, key, at, {"ticket_id": tid, "metric": m}))
-                    else:
+                    elif not fresh:
                         drop.append((kind, key))
+            stored_here[tid] = True
+            k = _key(s.ticket)
+            if s.now == s.ticket.update_time:
+                fields.setdefault(k, _fields_of(s))
+            computed.pop(k, None)  # stored: a computation from now on reads these flags
         if drop:
             t = timers.timers
             conn.execute(t.delete().where(sa.tuple_(t.c.kind, t.c.key).in_(drop)))
-        for kind, key, at, payload in arm:
-            timers.schedule(conn, kind, key, at, payload)
+        timers.schedule_many(conn, arm)
 
     def recompute(self, conn: sa.Connection, rows: Sequence, now: dt.datetime | None = None) -> list[Computed]:
         """Compute and store (the tickets are locked by the caller)."""
@@ -495,28 +597,17 @@ class Engine:
     # events -------------------------------------------------------------------------------
     def event_fields(self, conn: sa.Connection, row) -> dict:
         """The SLA fields of a TicketEvent, computed for the ticket as it is in this change
-        (once per transaction and ticket version: a change publishes several events)."""
-        cache = conn.info.setdefault("sla.event_fields", {})
-        key = (id(conn.get_transaction()), str(row.id), row.version, row.update_time)
-        if key not in cache:
-            if len(cache) > 256:
-                cache.clear()
-            cache[key] = self._event_fields(conn, row)
-        return dict(cache[key])
+        (once per transaction and ticket version: a change publishes several events, and its
+        `changed` hook stores the same computation)."""
+        fields = _memo(conn, "sla.fields")
+        key = _key(row)
+        if key not in fields:
+            fields[key] = self._event_fields(conn, row)
+        return dict(fields[key])
 
     def _event_fields(self, conn: sa.Connection, row) -> dict:
         (s,) = self.compute(conn, [row], row.update_time)
-        if s.policy is None:
-            return {}
-        fr, res = s.clocks.get("first_response"), s.clocks.get("resolution")
-        out = {"sla_policy": POLICY.format(s.policy.id)}
-        if fr is not None and fr.stop is not None:
-            out["first_response_business_seconds"] = int(fr.elapsed)
-            out["sla_first_response_met"] = fr.met
-        if res is not None and res.stop is not None:
-            out["resolution_business_seconds"] = int(res.elapsed)
-            out["sla_resolution_met"] = res.met
-        return out
+        return _fields_of(s)
 
     # timers -------------------------------------------------------------------------------
     def fire(self, conn: sa.Connection, timer: timers.Timer) -> None:

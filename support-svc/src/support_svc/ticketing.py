@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import uuid
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -27,14 +29,16 @@ from crm.support.v1 import support_events_pb2 as ev_pb
 from crm.support.v1 import ticket_pb2 as pb
 from crm_chassis import customer_refs as refs
 from crm_chassis import timers
+from crm_chassis.columns import UUID
 from crm_chassis.dates import set_times
+from crm_chassis.db import cacheable
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from crm_chassis.persian import normalize
 from crm_chassis.resources import ResourceName, etag
 
 from .runtime import Support
 from .tables import attachments as attachment_rows
-from .tables import categories, customer_refs, ticket_intervals, ticket_messages, tickets
+from .tables import categories, customer_refs, teams, ticket_intervals, ticket_messages, tickets
 
 TICKET = ResourceName("tickets/{ticket_id}")
 MESSAGE = ResourceName("tickets/{ticket_id}/messages/{message_id}")
@@ -75,8 +79,65 @@ SUBJECT_LIMIT = 300
 BODY_LIMIT = 100_000
 DELIVER = "message.deliver"  # the timer that sends an agent reply
 DELIVERY_ATTEMPTS = 8
-_NEXT_NUMBER = sa.select(sa.func.nextval(sa.func.pg_get_serial_sequence("tickets", "number")))
 _NUMBER = re.compile(r"\[?\bT-(\d{1,12})\b\]?")
+FIRST_KINDS = ("customer", "note", "system")  # a first message opening writes with the ticket
+_MESSAGE_COLUMNS = (
+    "ticket_id",
+    "kind",
+    "author",
+    "body",
+    "channel",
+    "external_id",
+    "delivery",
+    "headers",
+    "create_time",
+)
+# A message; the same (channel, external id) again is nothing (a concurrent redelivery). The
+# partial index's predicate is literal SQL: PostgreSQL infers the arbiter index from it, which
+# a bound parameter ('' sent as $n) defeats once the statement runs on a generic plan.
+_INSERT_MESSAGE = cacheable(
+    pg_insert(ticket_messages)
+    .values({c: sa.bindparam(c, type_=ticket_messages.c[c].type) for c in _MESSAGE_COLUMNS})
+    .on_conflict_do_nothing(index_elements=["channel", "external_id"], index_where=sa.text("external_id <> ''"))
+    .returning(ticket_messages),
+    *ticket_messages.c,
+)
+_SEEN = sa.select(ticket_messages).where(
+    ticket_messages.c.channel == sa.bindparam("channel"), ticket_messages.c.external_id == sa.bindparam("external_id")
+)
+_MEMO = "support.tx_memo"
+
+
+def tx_memo(conn: sa.Connection, name: str) -> dict:
+    """A dict that lives as long as the connection's current transaction (a fresh one in the
+    next): what the parts read or computed in this transaction, shared between the core, its
+    hooks and its events (reference rows, SLA state, the tickets opened here)."""
+    tx = conn.get_transaction()
+    if tx is None:
+        return {}
+    held = conn.info.get(_MEMO)
+    if held is None or held[0]() is not tx:
+        held = (weakref.ref(tx), {})
+        conn.info[_MEMO] = held
+    return held[1].setdefault(name, {})
+
+
+def opened_here(conn: sa.Connection, ticket_id) -> bool:
+    """Whether the ticket was opened in the connection's current transaction (so nothing of
+    it that `open` did not write exists: no stored SLA state, no offers, no timers)."""
+    return str(ticket_id) in tx_memo(conn, "tickets.opened")
+
+
+class _Before:
+    """A ticket row with a few columns as they were (the opened event's ticket without the
+    first message that `open` wrote with it)."""
+
+    def __init__(self, row, **was):
+        self._row, self._was = row, was
+
+    def __getattr__(self, name):
+        was = self.__dict__["_was"]
+        return was[name] if name in was else getattr(self.__dict__["_row"], name)
 
 
 def number_text(n: int) -> str:
@@ -95,6 +156,55 @@ def search_text(values) -> str:
     if values.get("number"):
         parts.append(number_text(values["number"]))
     return normalize(" ".join(p for p in parts if p))
+
+
+def number_text_sql(number: sa.ColumnElement) -> sa.ColumnElement:
+    """number_text in SQL (T-000123; more digits past a million)."""
+    digits = sa.cast(number, sa.Text)
+    return "T-" + sa.case((number < 1_000_000, sa.func.lpad(digits, 6, "0")), else_=digits)
+
+
+# The columns `open` gives; the number and the times come from the database in the statement,
+# the rest are the table's defaults (counts 0, no times).
+_OPEN_COLUMNS = (
+    "id", "subject", "customer_id", "channel", "contact_address", "contact_name", "category_id", "complaint",
+    "priority", "product", "order_ref", "team_id", "assignee_id", "state", "tags", "custom_fields", "language",
+    "request_id", "message_count", "version",
+)  # fmt: skip
+
+
+def _open_statement():
+    """The ticket and its first state interval in one statement, compiled once: the number
+    from the sequence, now(), and the search key with the number in it (search_text of the
+    other columns, given as :search_prefix, then the normalized number: the same text). The
+    interval is a CTE (its foreign key is checked at the statement's end)."""
+    n = sa.select(
+        sa.func.nextval(sa.func.pg_get_serial_sequence("tickets", "number")).label("number"),
+        sa.func.now().label("now"),
+    ).subquery("n")
+    prefix = sa.bindparam("search_prefix", type_=sa.Text)
+    key = sa.func.lower(number_text_sql(n.c.number))
+    columns = {c: sa.bindparam(c, type_=tickets.c[c].type) for c in _OPEN_COLUMNS}
+    columns.update(
+        number=n.c.number,
+        create_time=n.c.now,
+        update_time=n.c.now,
+        last_customer_message_time=sa.case((sa.bindparam("customer_message", type_=sa.Boolean), n.c.now)),
+        search_text=sa.case((prefix == "", key), else_=prefix + " " + key),
+    )
+    interval = ticket_intervals.insert().from_select(
+        ["ticket_id", "state", "start_time"],
+        sa.select(sa.bindparam("id", type_=UUID), sa.literal("new"), sa.func.now()),
+    )
+    return (
+        tickets.insert()
+        .from_select(list(columns), sa.select(*columns.values()).select_from(n))
+        .returning(tickets)
+        .add_cte(interval.cte("first_interval"))
+    )
+
+
+_OPEN = _open_statement()
 
 
 @dataclass
@@ -160,18 +270,74 @@ class Tickets:
         return conn.execute(sa.select(tickets).where(tickets.c.number == number)).one_or_none()
 
     def match_customer(self, conn: sa.Connection, address: str) -> str:
-        """The customer of an e-mail address or phone number ('' if none), from the projection."""
+        """The customer of an e-mail address or phone number ('' if none), from the projection
+        (once per transaction and address; `remember_match` gives one found otherwise)."""
         from crm_chassis.persian import phone_e164
 
+        memo = tx_memo(conn, "tickets.matched")
+        if address in memo:
+            return memo[address]
         if "@" in address:
-            return refs.match(conn, customer_refs, email=address) or ""
-        phone = phone_e164(address, self.support.phone_region) if address else None
-        return refs.match(conn, customer_refs, phones=(phone,) if phone else ()) or ""
+            found = refs.match(conn, customer_refs, email=address) or ""
+        else:
+            phone = phone_e164(address, self.support.phone_region) if address else None
+            found = refs.match(conn, customer_refs, phones=(phone,) if phone else ()) or ""
+        memo[address] = found
+        return found
+
+    @staticmethod
+    def remember_match(conn: sa.Connection, address: str, customer_id: str) -> None:
+        """The customer of an address as the caller matched it in this transaction (by
+        customer_projection.email_match_column, folded into a statement of its own)."""
+        tx_memo(conn, "tickets.matched")[address] = customer_id or ""
+
+    @staticmethod
+    def category(conn: sa.Connection, category_id):
+        """The categories row (None if none), read once per transaction."""
+        memo = tx_memo(conn, "tickets.categories")
+        key = str(category_id)
+        if key not in memo:
+            memo[key] = conn.execute(sa.select(categories).where(categories.c.id == key)).one_or_none()
+        return memo[key]
+
+    @staticmethod
+    def team(conn: sa.Connection, team_id):
+        """The teams row (None if none), read once per transaction."""
+        memo = tx_memo(conn, "tickets.teams")
+        key = str(team_id)
+        if key not in memo:
+            memo[key] = conn.execute(sa.select(teams).where(teams.c.id == key)).one_or_none()
+        return memo[key]
+
+    @staticmethod
+    def remember(conn: sa.Connection, kind: str, key, row) -> None:
+        """A categories / teams row (kind "categories" / "teams") the caller read in this
+        transaction, for `category` / `team`."""
+        tx_memo(conn, f"tickets.{kind}")[str(key)] = row
+
+    @staticmethod
+    def _changed(conn: sa.Connection, row):
+        """Record the ticket as the core wrote it last in this transaction; returns it."""
+        tx_memo(conn, "tickets.latest")[str(row.id)] = row
+        return row
+
+    @staticmethod
+    def latest(conn: sa.Connection, row):
+        """The ticket as the core wrote it last in this transaction (`row` if not since)."""
+        seen = tx_memo(conn, "tickets.latest").get(str(row.id))
+        return seen if seen is not None and seen.version > row.version else row
 
     # -- opening ---------------------------------------------------------------------------
     def open(self, tx, new: NewTicket, actor: str):
-        """Insert the ticket and its first message; hooks `opened` then `message` run, and
-        ticket.opened.v1 + ticket.message_added.v1 are published. Returns the ticket row."""
+        """Insert the ticket, its first state interval and its first message; publish
+        ticket.opened.v1 (the ticket as opened, without the message: version 1), run the
+        `opened` hooks, publish ticket.message_added.v1 (version 2) and run the `message` hooks.
+        Returns the ticket row.
+
+        The first message (customer, note or system) is written with the ticket, so the hooks
+        run once: `opened` sees the ticket with its message, and the first message runs no
+        `changed` hooks (it moves no state and no clock: no first response yet). A first
+        message of another kind is added after, by add_message, with all its rules."""
         violations = self._check_new(new)
         if violations:
             raise InvalidArgument(violations)
@@ -180,13 +346,16 @@ class Tickets:
         complaint = False
         team_id = new.team_id
         if new.category_id:
-            cat = conn.execute(sa.select(categories).where(categories.c.id == new.category_id)).one_or_none()
+            cat = self.category(conn, new.category_id)
             if cat is None or not cat.active:
                 raise InvalidArgument(FieldViolation("ticket.category", "is not an active category"))
             complaint = cat.complaint
             team_id = team_id or cat.team_id
-        now = conn.execute(sa.select(sa.func.now())).scalar()
+        first = bool(new.body or new.attachments)
+        inline = first and new.kind in FIRST_KINDS
+        tid = str(uuid.uuid4())
         values = {
+            "id": tid,
             "subject": new.subject.strip(),
             "customer_id": customer_id,
             "channel": new.channel,
@@ -206,23 +375,55 @@ class Tickets:
             "custom_fields": new.custom_fields,
             "language": new.language or "fa",
             "request_id": new.request_id,
-            "create_time": now,
-            "update_time": now,
+            # with its first message: as add_message leaves a new ticket
+            "message_count": 1 if inline else 0,
+            "version": 2 if inline else 1,
+            "customer_message": inline and new.kind == "customer",
         }
-        # The number first, so the search key (which holds it) is written with the row: one write
-        # of the row and its trigram index, not an INSERT and an UPDATE.
-        values["number"] = conn.execute(_NEXT_NUMBER).scalar()
-        values["search_text"] = search_text(values)
-        row = conn.execute(tickets.insert().values(**values).returning(tickets)).one()
-        conn.execute(ticket_intervals.insert().values(ticket_id=row.id, state="new", start_time=now))
-        self.publish(tx, "ticket.opened.v1", row, actor)
+        # One write of the row and its trigram-indexed search key (which holds the number).
+        values["search_prefix"] = search_text(values)
+        row = conn.execute(_OPEN, values).one()
+        now = row.create_time
+        tx_memo(conn, "tickets.opened")[tid] = True
+        msg = None
+        if inline:
+            author = new.author or new.contact_address
+            msg = self._insert_message(
+                conn,
+                tid,
+                new.kind,
+                new.body,
+                author,
+                new.channel,
+                new.external_id,
+                "",
+                new.headers,
+                now,
+                new.attachments,
+            )
+            if msg is None:  # that (channel, external id) is another ticket's message: opened without it
+                row = conn.execute(
+                    tickets.update()
+                    .where(tickets.c.id == tid)
+                    .values(message_count=0, version=1, last_customer_message_time=None)
+                    .returning(tickets)
+                ).one()
+        self._changed(conn, row)
+        # SLA and the other event fields are those of the ticket with its message: the message
+        # moves no clock, and the hooks below compute (and store) that same version.
+        opened = row if msg is None else _Before(row, message_count=0, version=1, last_customer_message_time=None)
+        self.publish(tx, "ticket.opened.v1", opened, actor, fields_of=row)
         for hook in self.support.hooks.opened:
             hook(tx, row)
-        row = self.get(conn, row.id)
-        if new.body or new.attachments:
+        if msg is not None:
+            row = self.latest(conn, row)
+            self.publish(tx, "ticket.message_added.v1", row, actor or msg.author, message=msg)
+            for hook in self.support.hooks.message:
+                hook(tx, row, msg)
+        elif first and not inline:
             self.add_message(
                 tx,
-                row.id,
+                tid,
                 new.kind,
                 new.body,
                 author=new.author or new.contact_address,
@@ -232,8 +433,39 @@ class Tickets:
                 attachments=new.attachments,
                 actor=actor,
             )
-            row = self.get(conn, row.id)
-        return row
+        return self.latest(conn, row)
+
+    def _insert_message(self, conn, ticket_id, kind, body, author, channel, external_id, delivery, headers, now, files):
+        """Insert a message and its attachments; None if (channel, external_id) exists."""
+        msg = conn.execute(
+            _INSERT_MESSAGE,
+            {
+                "ticket_id": ticket_id,
+                "kind": kind,
+                "author": author,
+                "body": body,
+                "channel": channel,
+                "external_id": external_id,
+                "delivery": delivery,
+                "headers": headers or {},
+                "create_time": now,
+            },
+        ).one_or_none()
+        if msg is None:
+            return None
+        rows = [
+            {
+                "message_id": msg.id,
+                "filename": a.filename,
+                "content_type": a.content_type,
+                "size_bytes": len(a.content),
+                "content": a.content,
+            }
+            for a in files
+        ]
+        if rows:
+            conn.execute(attachment_rows.insert(), rows)
+        return msg
 
     def _check_new(self, new: NewTicket) -> list[FieldViolation]:
         v = []
@@ -279,11 +511,7 @@ class Tickets:
         before = self.lock(conn, ticket_id)
         channel = channel or (before.channel if kind in ("customer", "agent") else "agent")
         if external_id:
-            seen = conn.execute(
-                sa.select(ticket_messages).where(
-                    ticket_messages.c.channel == channel, ticket_messages.c.external_id == external_id
-                )
-            ).one_or_none()
+            seen = conn.execute(_SEEN, {"channel": channel, "external_id": external_id}).one_or_none()
             if seen is not None:
                 return seen, False
         if kind == "customer" and before.state == "closed":
@@ -293,41 +521,12 @@ class Tickets:
         now = conn.execute(sa.select(sa.func.now())).scalar()
         sender = self._sender(before)
         delivery = "pending" if kind == "agent" and sender else ""
-        stmt = pg_insert(ticket_messages).values(
-            ticket_id=ticket_id,
-            kind=kind,
-            author=author,
-            body=body,
-            channel=channel,
-            external_id=external_id,
-            delivery=delivery,
-            headers=headers or {},
-            create_time=now,
+        # a concurrent redelivery of the same mail: one row
+        msg = self._insert_message(
+            conn, ticket_id, kind, body, author, channel, external_id, delivery, headers, now, attachments
         )
-        if external_id:  # a concurrent redelivery of the same mail: one row
-            stmt = stmt.on_conflict_do_nothing(
-                index_elements=["channel", "external_id"], index_where=ticket_messages.c.external_id != ""
-            )
-        msg = conn.execute(stmt.returning(ticket_messages)).one_or_none()
         if msg is None:
-            seen = conn.execute(
-                sa.select(ticket_messages).where(
-                    ticket_messages.c.channel == channel, ticket_messages.c.external_id == external_id
-                )
-            ).one()
-            return seen, False
-        files = [
-            {
-                "message_id": msg.id,
-                "filename": a.filename,
-                "content_type": a.content_type,
-                "size_bytes": len(a.content),
-                "content": a.content,
-            }
-            for a in attachments
-        ]
-        if files:
-            conn.execute(attachment_rows.insert(), files)
+            return conn.execute(_SEEN, {"channel": channel, "external_id": external_id}).one(), False
         values: dict = {
             "message_count": tickets.c.message_count + 1,
             "update_time": now,
@@ -351,9 +550,10 @@ class Tickets:
         if state != before.state:
             values.update(self._state_values(before, state, now))
             self._interval(conn, ticket_id, state, now)
-        after = conn.execute(
-            tickets.update().where(tickets.c.id == ticket_id).values(**values).returning(tickets)
-        ).one()
+        after = self._changed(
+            conn,
+            conn.execute(tickets.update().where(tickets.c.id == ticket_id).values(**values).returning(tickets)).one(),
+        )
         self.publish(tx, "ticket.message_added.v1", after, actor or author, message=msg)
         if kind == "agent" and before.first_response_time is None:
             self.publish(tx, "ticket.first_responded.v1", after, actor or author)
@@ -426,9 +626,10 @@ class Tickets:
         now = conn.execute(sa.select(sa.func.now())).scalar()
         values = {**self._state_values(before, state, now), "update_time": now, "version": tickets.c.version + 1}
         self._interval(conn, ticket_id, state, now)
-        after = conn.execute(
-            tickets.update().where(tickets.c.id == ticket_id).values(**values).returning(tickets)
-        ).one()
+        after = self._changed(
+            conn,
+            conn.execute(tickets.update().where(tickets.c.id == ticket_id).values(**values).returning(tickets)).one(),
+        )
         tx.audit(
             TICKET.format(ticket_id), "state_changed", actor, [{"field": "state", "old": before.state, "new": state}]
         )
@@ -450,16 +651,19 @@ class Tickets:
         if "category_id" in values:
             cat = None
             if values["category_id"]:
-                cat = conn.execute(sa.select(categories).where(categories.c.id == values["category_id"])).one_or_none()
+                cat = self.category(conn, values["category_id"])
                 if cat is None:
                     raise InvalidArgument(FieldViolation("ticket.category", "is not a category"))
             values = {**values, "complaint": bool(cat and cat.complaint)}
-        after = conn.execute(
-            tickets.update()
-            .where(tickets.c.id == ticket_id)
-            .values(**values, update_time=now, version=tickets.c.version + 1)
-            .returning(tickets)
-        ).one()
+        after = self._changed(
+            conn,
+            conn.execute(
+                tickets.update()
+                .where(tickets.c.id == ticket_id)
+                .values(**values, update_time=now, version=tickets.c.version + 1)
+                .returning(tickets)
+            ).one(),
+        )
         if "assignee_id" in values and values["assignee_id"] != before.assignee_id:
             self.publish(tx, "ticket.assigned.v1", after, actor, reason=reason)
         if routing_key:
@@ -469,14 +673,29 @@ class Tickets:
         return before, after
 
     # -- events ----------------------------------------------------------------------------
-    def publish(self, tx, routing_key: str, row, actor: str, *, previous: str = "", reason: str = "", message=None):
+    def publish(
+        self,
+        tx,
+        routing_key: str,
+        row,
+        actor: str,
+        *,
+        previous: str = "",
+        reason: str = "",
+        message=None,
+        fields_of=None,
+    ):
         tx.publish(
             routing_key,
-            self.event(tx.conn, row, actor, previous=previous, reason=reason, message=message),
+            self.event(tx.conn, row, actor, previous=previous, reason=reason, message=message, fields_of=fields_of),
             TICKET.format(row.id),
         )
 
-    def event(self, conn, row, actor: str, *, previous: str = "", reason: str = "", message=None) -> ev_pb.TicketEvent:
+    def event(
+        self, conn, row, actor: str, *, previous: str = "", reason: str = "", message=None, fields_of=None
+    ) -> ev_pb.TicketEvent:
+        """The TicketEvent of a ticket row; the parts' fields (SLA) are those of `fields_of`
+        (default: the row)."""
         key = ""
         if row.category_id:
             key = self._category_keys.get(str(row.category_id), "")
@@ -508,7 +727,7 @@ class Tickets:
             e.message = MESSAGE.format(row.id, message.id)
             e.message_kind = KIND_ENUM[message.kind]
         for extra in self.support.hooks.event_fields:
-            for k, v in extra(conn, row).items():
+            for k, v in extra(conn, fields_of if fields_of is not None else row).items():
                 setattr(e, k, v)
         return e
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import sqlalchemy as sa
 
@@ -24,6 +25,7 @@ from crm.support.v1 import tickets_pb2 as pb
 from crm.support.v1 import tickets_pb2_grpc
 from crm_chassis import audit
 from crm_chassis.auth import Principal
+from crm_chassis.columns import UUID
 from crm_chassis.dates import set_times
 from crm_chassis.errors import FieldViolation, InvalidArgument
 from crm_chassis.filtering import keyset_page
@@ -34,6 +36,7 @@ from crm_chassis.persian import normalize, phone_e164
 from crm_chassis.resources import ResourceName, UpdateMask, check_etag
 
 from . import tickets_export
+from .customer_projection import email_match
 from .runtime import Support
 from .tables import agents, attachments, categories, customer_refs, teams, ticket_intervals, ticket_messages, tickets
 from .ticketing import (
@@ -261,6 +264,53 @@ def check_customer(conn, customer_id: str, field: str, bad: list) -> None:
         )
 
 
+def _lookups_statement() -> sa.Select:
+    """Everything CreateTicket checks and opening reads, in one statement: the ticket of the
+    request id (a retry), the category row, the team row (the given one, else the category's),
+    the assignee's and the given customer's state, and the customer of the contact e-mail."""
+    p = {
+        n: sa.bindparam(n, type_=t)
+        for n, t in (
+            ("request_id", sa.Text),
+            ("category_id", UUID),
+            ("team_id", UUID),
+            ("agent_id", sa.Text),
+            ("customer_id", sa.Text),
+            ("email", sa.Text),
+        )
+    }
+    given = customer_refs.alias("given_ref")
+    one = sa.select(sa.literal(1).label("one")).subquery("one")
+    frm = (
+        one.outerjoin(categories, categories.c.id == p["category_id"])
+        .outerjoin(teams, teams.c.id == sa.func.coalesce(p["team_id"], categories.c.team_id))
+        .outerjoin(given, given.c.customer_id == p["customer_id"])
+    )
+    existing = sa.select(tickets.c.id).where(tickets.c.request_id == p["request_id"], p["request_id"] != "")
+    agent = sa.select(agents.c.active).where(agents.c.id == p["agent_id"])
+    return sa.select(
+        existing.scalar_subquery().label("existing_id"),
+        agent.scalar_subquery().label("agent_active"),
+        given.c.customer_id.label("given_customer"),
+        given.c.deleted.label("given_deleted"),
+        given.c.merged_into.label("given_merged_into"),
+        email_match(p["email"]).label("matched"),
+        *(c.label(f"category_{c.name}") for c in categories.c),
+        *(c.label(f"team_{c.name}") for c in teams.c),
+    ).select_from(frm)
+
+
+_LOOKUPS = _lookups_statement()
+
+
+def _part(row, table: sa.Table, prefix: str):
+    """The columns of `table` in a row of _LOOKUPS, as a row-like object (None if absent)."""
+    m = row._mapping
+    if m[f"{prefix}id"] is None:
+        return None
+    return SimpleNamespace(**{c.name: m[f"{prefix}{c.name}"] for c in table.c})
+
+
 def _raise(bad: list) -> None:
     if bad:
         raise InvalidArgument(bad)
@@ -398,20 +448,75 @@ class TicketApi:
     def _by_request_id(self, conn, request_id: str):
         return conn.execute(sa.select(tickets).where(tickets.c.request_id == request_id)).one_or_none()
 
+    def _check_references(self, conn, new: NewTicket):
+        """The ticket of the request id if this is a retry (else None); otherwise checks the
+        references (INVALID_ARGUMENT naming each bad one) in one statement and keeps what
+        opening reads again (the category and team rows, the sender's customer) for it."""
+        email = new.contact_address if "@" in new.contact_address and not new.customer_id else ""
+        row = conn.execute(
+            _LOOKUPS,
+            {
+                "request_id": new.request_id,
+                "category_id": new.category_id,
+                "team_id": new.team_id,
+                "agent_id": new.assignee_id or None,
+                "customer_id": new.customer_id or None,
+                "email": email.strip().lower(),
+            },
+        ).one()
+        if row.existing_id is not None:
+            return Tickets.get(conn, row.existing_id)
+        bad: list[FieldViolation] = []
+        if new.customer_id and row.given_customer is not None:
+            if row.given_deleted:
+                bad.append(
+                    FieldViolation("ticket.customer", f"customer {CUSTOMER.format(new.customer_id)} was deleted")
+                )
+            elif row.given_merged_into:
+                bad.append(
+                    FieldViolation(
+                        "ticket.customer",
+                        f"customer {CUSTOMER.format(new.customer_id)} was merged into "
+                        f"{CUSTOMER.format(row.given_merged_into)}",
+                    )
+                )
+        category = _part(row, categories, "category_")
+        if new.category_id:
+            if category is None:
+                bad.append(
+                    FieldViolation("ticket.category", f"category {CATEGORY.format(new.category_id)} does not exist")
+                )
+            elif not category.active:
+                bad.append(
+                    FieldViolation("ticket.category", f"category {CATEGORY.format(new.category_id)} is deactivated")
+                )
+        team = _part(row, teams, "team_")
+        if new.team_id:
+            if team is None:
+                bad.append(FieldViolation("ticket.team", f"team {TEAM.format(new.team_id)} does not exist"))
+            elif not team.active:
+                bad.append(FieldViolation("ticket.team", f"team {TEAM.format(new.team_id)} is deactivated"))
+        if new.assignee_id:
+            if row.agent_active is None:
+                bad.append(FieldViolation("ticket.assignee", f"agent {AGENT.format(new.assignee_id)} does not exist"))
+            elif not row.agent_active:
+                bad.append(FieldViolation("ticket.assignee", f"agent {AGENT.format(new.assignee_id)} is deactivated"))
+        _raise(bad)
+        if category is not None:
+            Tickets.remember(conn, "categories", category.id, category)
+        if team is not None:
+            Tickets.remember(conn, "teams", team.id, team)
+        if email:
+            Tickets.remember_match(conn, new.contact_address, row.matched or "")
+        return None
+
     def create(self, req: pb.CreateTicketRequest, principal: Principal) -> tpb.Ticket:
         new = self._new_ticket(req, principal)
         try:
             with self.uow.begin() as tx:
-                if new.request_id:
-                    existing = self._by_request_id(tx.conn, new.request_id)
-                    if existing is not None:
-                        return to_proto(existing)
-                bad: list[FieldViolation] = []
-                check_customer(tx.conn, new.customer_id, "ticket.customer", bad)
-                check_category(tx.conn, new.category_id, "ticket.category", bad)
-                check_team(tx.conn, new.team_id, "ticket.team", bad)
-                check_agent(tx.conn, new.assignee_id, "ticket.assignee", bad)
-                _raise(bad)
+                existing = self._check_references(tx.conn, new)
+                if existing is not None:
+                    return to_proto(existing)
                 row = self.core.open(tx, new, principal.subject)
                 fields = ["subject", "channel", "customer_id", "category_id", "priority", "team_id", "assignee_id"]
                 tx.audit(
