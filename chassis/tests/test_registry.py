@@ -31,6 +31,7 @@ def test_the_repository_registry_lists_every_service_with_its_spec():
         "customer": ("CUSTOMER_SVC_ADDR", "localhost:50051"),
         "sales": ("SALES_SVC_ADDR", "localhost:50052"),
         "support": ("SUPPORT_SVC_ADDR", "localhost:50053"),
+        "campaign": ("CAMPAIGN_SVC_ADDR", "localhost:50054"),
         "reporting": ("REPORTING_SVC_ADDR", "localhost:50055"),
     }
     assert reg.next_free_port() == 50056

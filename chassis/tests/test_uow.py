@@ -207,11 +207,20 @@ def test_a_joined_transaction_commits_and_rolls_back_with_the_callers(uow, engin
 
     with engine.begin() as conn:
         handler(conn, 1)
+        handler(conn, 3)
+        assert uow.relay.wakes == 0  # not before the rows are committed: the relay would find none
+    assert uow.relay.wakes == 1  # once, at the commit
     with pytest.raises(RuntimeError), engine.begin() as conn:
         handler(conn, 2)
         raise RuntimeError("the caller fails after the handler")
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT array_agg(id) FROM things")).scalar() == [1]
-        assert conn.execute(sa.text("SELECT array_agg(subject) FROM outbox")).scalar() == ["things/1"]
-        assert conn.execute(sa.text("SELECT array_agg(resource) FROM audit_entries")).scalar() == ["things/1"]
-    assert uow.relay.wakes == 2
+        assert conn.execute(sa.text("SELECT array_agg(id ORDER BY id) FROM things")).scalar() == [1, 3]
+        assert conn.execute(sa.text("SELECT array_agg(subject ORDER BY subject) FROM outbox")).scalar() == [
+            "things/1",
+            "things/3",
+        ]
+        assert conn.execute(sa.text("SELECT array_agg(resource ORDER BY resource) FROM audit_entries")).scalar() == [
+            "things/1",
+            "things/3",
+        ]
+    assert uow.relay.wakes == 1  # nothing to relay from the rolled-back one

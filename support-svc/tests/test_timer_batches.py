@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from crm.support.v1 import support_events_pb2 as ev
+from crm.support.v1 import ticket_pb2
 from crm_chassis import timers
 from support_svc import routing, sla
 from support_svc.sla import ticket_sla
@@ -121,6 +122,36 @@ def test_several_due_breaches_fire_in_one_batch_each_once_with_its_action(svc, d
     assert all(len(breaches(svc, tid)) == 1 for tid in ids)
 
 
+def test_the_notes_of_a_batch_are_one_message_each_with_their_events_fields(svc, desk, worker):
+    """notify_manager's notes are written set-based for the batch (Tickets.add_notes): each
+    ticket gets one system message, one more version and message, and a message_added event
+    whose numbers and SLA fields are those of the ticket as it is afterwards."""
+    ids = overdue_tickets(svc, desk, 3)
+    with svc.ctx.engine.connect() as conn:
+        was = {str(r.id): r for r in conn.execute(sa.select(tickets).where(tickets.c.id.in_(ids)))}
+    assert worker.run_once() == 3
+    with svc.ctx.engine.connect() as conn:
+        now = {str(r.id): r for r in conn.execute(sa.select(tickets).where(tickets.c.id.in_(ids)))}
+    for tid in ids:
+        assert now[tid].version == was[tid].version + 1
+        assert now[tid].message_count == was[tid].message_count + 1
+        assert now[tid].first_response_time is None and now[tid].state == was[tid].state  # a note answers nothing
+        e = events(svc, "ticket.message_added.v1", ev.TicketEvent, subject=f"tickets/{tid}")[-1]
+        assert e.message_kind == ticket_pb2.TicketMessage.KIND_SYSTEM and e.version == now[tid].version
+        assert e.message_count == now[tid].message_count
+        assert e.sla_policy == desk["policy"]
+        assert len(notes(svc, tid)) == 1
+        assert e.message.endswith("/messages/" + str(_note_id(svc, tid)))
+
+
+def _note_id(svc, tid):
+    with svc.ctx.engine.connect() as conn:
+        q = sa.select(ticket_messages.c.id).where(
+            ticket_messages.c.ticket_id == tid, ticket_messages.c.kind == "system"
+        )
+        return conn.execute(q).scalar_one()
+
+
 def test_a_ticket_held_by_a_change_is_skipped_and_fired_later(svc, desk, worker, batch_sizes):
     free_a, held, free_b = overdue_tickets(svc, desk, 3)
     with svc.ctx.engine.connect() as holder:  # an agent's change holds the ticket right now
@@ -143,14 +174,14 @@ def test_a_failing_firing_does_not_block_the_rest_of_its_batch(svc, desk, worker
     ids = overdue_tickets(svc, desk, 4)
     poison = ids[2]
     eng = sla.engine(rt(svc))
-    actions = eng._actions
+    notice = eng._notice
 
-    def failing(tx, s, metric, managers=None):
+    def failing(s, metric, managers):
         if str(s.ticket.id) == poison:
             raise RuntimeError("the manager's note failed")
-        return actions(tx, s, metric, managers)
+        return notice(s, metric, managers)
 
-    monkeypatch.setattr(eng, "_actions", failing)
+    monkeypatch.setattr(eng, "_notice", failing)
     assert worker.run_once() == 4
     assert batch_sizes == [4, 1, 1, 1, 1]  # the batch failed: each alone
     for tid in ids:
@@ -159,7 +190,7 @@ def test_a_failing_firing_does_not_block_the_rest_of_its_batch(svc, desk, worker
     assert not breached(svc, poison)  # its flag rolled back with the rest of its firing
     t = breach_timer(svc, poison)
     assert t.attempts == 1 and t.last_error == "RuntimeError: the manager's note failed"
-    monkeypatch.setattr(eng, "_actions", actions)  # mended
+    monkeypatch.setattr(eng, "_notice", notice)  # mended
     retry_now(svc, poison)
     assert worker.run_once() == 1
     assert len(breaches(svc, poison)) == 1 and len(notes(svc, poison)) == 1

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator
 
 import sqlalchemy as sa
@@ -222,16 +223,25 @@ class UnitOfWork:
         """A Transaction on a connection that is already in a transaction someone else commits (a
         timer handler's, an event handler's): publish and audit as in `begin`; the rows are
         written when the block ends and commit (or roll back) with that transaction. The relay
-        is woken then too; if the commit comes later, the relay's next poll takes the rows."""
+        is woken when that transaction commits (not before: it would find nothing yet and wait
+        for its next poll)."""
         tx = Transaction(self, conn)
         yield tx
         tx.flush()
         if tx.events and self.relay is not None:
-            self.relay.wake()
+            current = conn.get_transaction()
+            armed = conn.info.get(_WAKE_ARMED)
+            if armed is None or armed() is not current:  # once per transaction
+                conn.info[_WAKE_ARMED] = weakref.ref(current)
+                # a listener left by a transaction that rolled back wakes the relay once more
+                sa.event.listen(conn, "commit", lambda c, relay=self.relay: relay.wake(), once=True)
 
     def read(self) -> sa.Connection:
         """`with uow.read() as conn:` an autocommit connection for reads."""
         return self.reader.connect()
+
+
+_WAKE_ARMED = "uow.relay_wake_armed"  # conn.info: the transaction whose commit wakes the relay
 
 
 def new_ids(n: int) -> list[str]:

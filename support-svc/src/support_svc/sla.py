@@ -617,31 +617,25 @@ class Engine:
         if timer.key in retry:
             raise TicketBusy(retry[timer.key])
 
-    def _actions(self, tx, s: Computed, metric: str, managers: dict | None = None) -> list[str]:
-        """The breach actions of the policy that apply now; their changes go through ticketing
-        (its hooks recompute the ticket again: a raised priority may select another policy).
-        `managers`: team id -> manager id, read beforehand for a batch."""
-        row, policy = s.ticket, s.policy
-        wanted = set(policy.breach_actions or ())
-        taken = []
+    @staticmethod
+    def _notice(s: Computed, metric: str, managers: dict) -> str:
+        """The system note telling of a breach (notify_manager), naming the team's manager."""
+        manager = managers.get(str(s.ticket.team_id), "") if s.ticket.team_id else ""
+        who = f"agents/{manager}" if manager else "—"
+        name = s.policy.display_name
+        return (
+            f"SLA: مهلت {LABELS[metric]} گذشت (سیاست «{name}»). مدیر تیم: {who}\n"
+            f"SLA breached: {metric.replace('_', ' ')} (policy «{name}»). Team manager: {who}."
+        )
+
+    def _actions(self, tx, s: Computed, metric: str) -> list[str]:
+        """The breach actions of the policy that change the ticket (notify_manager's notes are
+        added for the whole batch beforehand); their changes go through ticketing (its hooks
+        recompute the ticket again: a raised priority may select another policy)."""
+        row, wanted = s.ticket, set(s.policy.breach_actions or ())
+        taken = ["notify_manager"] if "notify_manager" in wanted else []
         tickets_ = self.support.tickets
         reason = f"sla {metric} breached"
-        if "notify_manager" in wanted:
-            manager = ""
-            if row.team_id:
-                if managers is not None and str(row.team_id) in managers:
-                    manager = managers[str(row.team_id)]
-                else:
-                    manager = (
-                        tx.conn.execute(sa.select(teams.c.manager_id).where(teams.c.id == row.team_id)).scalar() or ""
-                    )
-            who = f"agents/{manager}" if manager else "—"
-            body = (
-                f"SLA: مهلت {LABELS[metric]} گذشت (سیاست «{policy.display_name}»). مدیر تیم: {who}\n"
-                f"SLA breached: {metric.replace('_', ' ')} (policy «{policy.display_name}»). Team manager: {who}."
-            )
-            tickets_.add_message(tx, row.id, "system", body, author="sla", actor=ACTOR)
-            taken.append("notify_manager")
         if "raise_priority" in wanted and row.priority in PRIORITY_UP:
             tickets_.update(
                 tx, row.id, {"priority": PRIORITY_UP[row.priority]}, ACTOR, routing_key="ticket.escalated.v1",
@@ -704,19 +698,39 @@ class Engine:
         return retry
 
     def _publish_fired(self, conn: sa.Connection, fired: list, level: str, now: dt.datetime) -> None:
-        """The breach actions (per ticket, where its policy asks) and the SLA events of a batch."""
-        managers = None
-        if level == "breached" and any("notify_manager" in (s.policy.breach_actions or ()) for s, _, _ in fired):
-            team_ids = sorted({str(s.ticket.team_id) for s, _, _ in fired if s.ticket.team_id})
-            managers = {
-                str(i): m or ""
-                for i, m in conn.execute(sa.select(teams.c.id, teams.c.manager_id).where(teams.c.id.in_(team_ids)))
-            }
+        """The breach actions (where its policy asks) and the SLA events of a batch: the
+        managers' notes of the whole batch set-based (Tickets.add_notes, their events' SLA
+        fields those just computed: a note changes no clock), then the actions that change a
+        ticket one by one, then the SLA events by one publish_many."""
         with self.support.uow.joined(conn) as tx:
+            if level == "breached":
+                notify = [(s, m) for s, m, _ in fired if "notify_manager" in (s.policy.breach_actions or ())]
+                if notify:
+                    team_ids = sorted({str(s.ticket.team_id) for s, _ in notify if s.ticket.team_id})
+                    managers = {
+                        str(i): m or ""
+                        for i, m in conn.execute(
+                            sa.select(teams.c.id, teams.c.manager_id).where(teams.c.id.in_(team_ids))
+                        )
+                    }
+                    by_id = {str(s.ticket.id): s for s, _ in notify}
+
+                    def prime(rows) -> None:
+                        fields = _memo(conn, "sla.fields")
+                        for r in rows:
+                            fields.setdefault(_key(r), _fields_of(by_id[str(r.id)]))
+
+                    self.support.tickets.add_notes(
+                        tx,
+                        [(str(s.ticket.id), self._notice(s, m, managers)) for s, m in notify],
+                        author="sla",
+                        actor=ACTOR,
+                        prime=prime,
+                    )
             items = []
             for s, metric, c in fired:
                 row = s.ticket
-                actions = self._actions(tx, s, metric, managers) if level == "breached" else []
+                actions = self._actions(tx, s, metric) if level == "breached" else []
                 e = ev_pb.SlaEvent(
                     ticket=TICKET.format(row.id),
                     policy=POLICY.format(s.policy.id),

@@ -19,7 +19,7 @@ import datetime as dt
 import re
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -567,6 +567,57 @@ class Tickets:
         if delivery == "pending":
             timers.schedule(conn, DELIVER, str(msg.id), now, {"ticket_id": str(ticket_id)})
         return msg, True
+
+    def add_notes(self, tx, notes: Sequence[tuple[str, str]], *, author: str, actor: str, prime=None) -> list:
+        """System notes on many locked tickets at once (the SLA's breach notices), set-based:
+        one INSERT of the messages, one UPDATE of the tickets (message count, version, update
+        time) and their message_added events by one publish_many. `notes`: (ticket id, body).
+        A note changes no state, clock or assignee, so the `changed` hooks don't run (as for a
+        system message by add_message); the `message` hooks do. `prime(rows)` is called with
+        the tickets as changed before their events are built (the SLA engine hands over the
+        fields it has computed already). Returns the changed ticket rows."""
+        if not notes:
+            return []
+        conn = tx.conn
+        now = conn.execute(sa.select(sa.func.now())).scalar()
+        msgs = conn.execute(
+            ticket_messages.insert().returning(*ticket_messages.c, sort_by_parameter_order=True),
+            [
+                {
+                    "ticket_id": tid,
+                    "kind": "system",
+                    "author": author,
+                    "body": body,
+                    "channel": "agent",
+                    "external_id": "",
+                    "delivery": "",
+                    "headers": {},
+                    "create_time": now,
+                }
+                for tid, body in notes
+            ],
+        ).all()
+        counts: dict[str, int] = {}
+        for tid, _ in notes:
+            counts[str(tid)] = counts.get(str(tid), 0) + 1
+        v = sa.values(sa.column("id", UUID), sa.column("n", sa.Integer), name="v").data(list(counts.items()))
+        rows = conn.execute(
+            tickets.update()
+            .where(tickets.c.id == v.c.id)
+            .values(message_count=tickets.c.message_count + v.c.n, version=tickets.c.version + 1, update_time=now)
+            .returning(tickets)
+        ).all()
+        by_id = {str(r.id): self._changed(conn, r) for r in rows}
+        if prime is not None:
+            prime(rows)
+        tx.publish_many(
+            "ticket.message_added.v1",
+            [(TICKET.format(m.ticket_id), self.event(conn, by_id[str(m.ticket_id)], actor, message=m)) for m in msgs],
+        )
+        for m in msgs:
+            for hook in self.support.hooks.message:
+                hook(tx, by_id[str(m.ticket_id)], m)
+        return rows
 
     def _sender(self, ticket):
         senders = self.support.senders
