@@ -155,6 +155,21 @@ def test_a_claim_made_before_the_timer_moved_does_not_fire_it(engine):
         assert timers.get(conn, "report", "daily").due_at == later
 
 
+def test_cancel_many_removes_exactly_the_pairs_named(engine):
+    later = now() + dt.timedelta(hours=1)
+    for kind, key in (("sla", "a"), ("sla", "b"), ("report", "a"), ("report", "c")):
+        schedule(engine, kind, key, later)
+    with engine.begin() as conn:
+        # ("report", "b") and ("sla", "c") exist only as halves of other pairs: kept; a pair twice counts once
+        gone = timers.cancel_many(conn, [("sla", "a"), ("report", "c"), ("sla", "a"), ("report", "b"), ("x", "y")])
+        assert gone == 2
+        assert timers.cancel_many(conn, []) == 0
+    with engine.connect() as conn:
+        left = {(k, key) for k, key in (("sla", "a"), ("sla", "b"), ("report", "a"), ("report", "c"))
+                if timers.get(conn, k, key) is not None}  # fmt: skip
+    assert left == {("sla", "b"), ("report", "a")}
+
+
 def test_cancel_and_reschedule(engine):
     later = now() + dt.timedelta(hours=1)
     schedule(engine, "sla", "cancelled", now() + dt.timedelta(milliseconds=300))

@@ -564,9 +564,7 @@ class Engine:
             if s.now == s.ticket.update_time:
                 fields.setdefault(k, _fields_of(s))
             computed.pop(k, None)  # stored: a computation from now on reads these flags
-        if drop:
-            t = timers.timers
-            conn.execute(t.delete().where(sa.tuple_(t.c.kind, t.c.key).in_(drop)))
+        timers.cancel_many(conn, drop)
         timers.schedule_many(conn, arm)
 
     def recompute(self, conn: sa.Connection, rows: Sequence, now: dt.datetime | None = None) -> list[Computed]:

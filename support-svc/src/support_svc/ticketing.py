@@ -102,6 +102,15 @@ _INSERT_MESSAGE = cacheable(
     .returning(ticket_messages),
     *ticket_messages.c,
 )
+# System notes on many tickets in one statement (Tickets.add_notes).
+_INSERT_NOTES = sa.text(
+    """
+INSERT INTO ticket_messages (ticket_id, kind, author, body, channel, external_id, delivery, headers, create_time)
+SELECT u.ticket_id, 'system', :author, u.body, 'agent', '', '', '{}', :now
+  FROM unnest(CAST(:tickets AS uuid[]), CAST(:bodies AS text[])) AS u(ticket_id, body)
+RETURNING *
+"""
+).columns(*ticket_messages.c)
 _SEEN = sa.select(ticket_messages).where(
     ticket_messages.c.channel == sa.bindparam("channel"), ticket_messages.c.external_id == sa.bindparam("external_id")
 )
@@ -581,21 +590,8 @@ class Tickets:
         conn = tx.conn
         now = conn.execute(sa.select(sa.func.now())).scalar()
         msgs = conn.execute(
-            ticket_messages.insert().returning(*ticket_messages.c, sort_by_parameter_order=True),
-            [
-                {
-                    "ticket_id": tid,
-                    "kind": "system",
-                    "author": author,
-                    "body": body,
-                    "channel": "agent",
-                    "external_id": "",
-                    "delivery": "",
-                    "headers": {},
-                    "create_time": now,
-                }
-                for tid, body in notes
-            ],
+            _INSERT_NOTES,
+            {"tickets": [str(t) for t, _ in notes], "bodies": [b for _, b in notes], "author": author, "now": now},
         ).all()
         counts: dict[str, int] = {}
         for tid, _ in notes:
