@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from crm.support.v1 import queue_pb2 as pb
 from crm.support.v1 import queue_pb2_grpc
+from support_svc import queue
 from support_svc.routing import ticket_offers
 
 from .conftest import ADMIN, agent_md, make_agent, make_team, open_ticket, rt
@@ -94,3 +95,72 @@ def test_bad_input_names_the_field_and_an_unknown_team_is_not_found(stub):
     with pytest.raises(grpc.RpcError) as err:
         stub.GetQueueView(pb.GetQueueViewRequest(team=f"teams/{uuid.uuid4()}"), metadata=ADMIN)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+RECOUNT = """
+SELECT team_id::text, assignee_id, state, channel, sla_breached, count(*) AS n FROM tickets
+ WHERE state NOT IN ('resolved', 'closed') GROUP BY 1, 2, 3, 4, 5
+"""
+ROLLED = """
+SELECT team_id::text, assignee_id, state, channel, breached, sum(n)::bigint AS n
+  FROM (SELECT team_id, assignee_id, state, channel, breached, n FROM queue_rollup
+        UNION ALL SELECT team_id, assignee_id, state, channel, breached, n FROM queue_deltas) c
+ GROUP BY 1, 2, 3, 4, 5 HAVING sum(n) <> 0
+"""
+
+
+def counts(svc, sql: str) -> set:
+    with svc.ctx.engine.connect() as conn:
+        return {tuple(r) for r in conn.execute(sa.text(sql))}
+
+
+def test_the_rollup_counts_what_the_tickets_say_through_every_kind_of_change(svc, stub):
+    u = uuid.uuid4().hex[:6]
+    team, other = make_team(svc, f"roll-{u}"), make_team(svc, f"roll-other-{u}")
+    agent = make_agent(svc, f"roll-{u}", teams=[team], capacity=50)
+    ts = [open_ticket(svc, team_id=team, channel=ch) for ch in ("email", "phone", "email", "web")]
+    r = rt(svc)
+    with r.uow.begin() as tx:
+        r.tickets.update(tx, ts[0].id, {"assignee_id": agent}, "ada")
+        r.tickets.update(tx, ts[1].id, {"team_id": other}, "ada")  # moves between teams
+        r.tickets.change_state(tx, ts[2].id, "waiting_on_customer", "ada")
+        r.tickets.change_state(tx, ts[3].id, "resolved", "ada")  # leaves the counts
+    clock(svc, ts[0].id, first_response_due=dt.datetime.now(dt.UTC), first_response_breached=True)
+    assert counts(svc, ROLLED) == counts(svc, RECOUNT)
+    before = stub.GetQueueView(pb.GetQueueViewRequest(), metadata=ADMIN)
+    mine = {t.team: t for t in before.teams}[f"teams/{team}"]
+    assert (mine.open, mine.waiting_on_customer, mine.breached) == (1, 1, 1)
+    assert {t.team: t for t in before.teams}[f"teams/{other}"].open >= 1
+    with svc.ctx.engine.begin() as conn:
+        queue.compact(conn)
+        assert conn.execute(sa.text("SELECT count(*) FROM queue_deltas")).scalar() == 0
+    assert counts(svc, ROLLED) == counts(svc, RECOUNT)  # nothing counted twice or lost
+    after = stub.GetQueueView(pb.GetQueueViewRequest(), metadata=ADMIN)
+    assert list(after.teams) == list(before.teams) and list(after.agents) == list(before.agents)
+    with svc.ctx.engine.begin() as conn:  # a breach lifted by the SLA part moves the count back
+        conn.execute(
+            sa.text("UPDATE ticket_sla SET first_response_breached = false WHERE ticket_id = :t"), {"t": ts[0].id}
+        )
+    assert counts(svc, ROLLED) == counts(svc, RECOUNT)
+    assert {t.team: t for t in stub.GetQueueView(pb.GetQueueViewRequest(), metadata=ADMIN).teams}[
+        f"teams/{team}"
+    ].breached == 0
+
+
+def test_changes_of_one_team_do_not_wait_on_each_other_and_an_open_delta_waits_for_its_commit(svc):
+    u = uuid.uuid4().hex[:6]
+    team = make_team(svc, f"roll-hot-{u}")
+    insert = sa.text("INSERT INTO tickets (subject, channel, team_id, state) VALUES (:s, 'email', :t, 'new')")
+    with svc.ctx.engine.connect() as holder:  # a change of the team, not committed yet
+        holder.begin()
+        holder.execute(insert, {"s": "held", "t": team})
+        with svc.ctx.engine.begin() as conn:  # another change of the team meanwhile
+            conn.execute(sa.text("SET LOCAL lock_timeout = '1s'"))  # a shared counter row would time out
+            conn.execute(insert, {"s": "free", "t": team})
+        with svc.ctx.engine.begin() as conn:
+            queue.compact(conn)  # folds what is committed; the held delta stays
+        holder.commit()
+    with svc.ctx.engine.connect() as conn:
+        left = conn.execute(sa.text("SELECT coalesce(sum(n), 0) FROM queue_deltas WHERE team_id = :t"), {"t": team})
+        assert left.scalar() == 1  # the held ticket's delta, for the next compaction
+    assert counts(svc, ROLLED) == counts(svc, RECOUNT)

@@ -1,9 +1,14 @@
 """The live queue view (QueueService.GetQueueView): per team and agent, what is open, waiting,
 being offered and about to breach, plus the tickets nearest to a breach.
 
-Four set-based statements in one REPEATABLE READ snapshot (so the counts agree with each other):
-the open tickets grouped by team (an index-only scan of `tickets_queue`), the live offers by
-team, the SLA clocks of open tickets by team and by assignee, and the agents with their load.
+Read from a rollup, not from the open tickets (migration 0013): triggers on `tickets` append the
+count changes of each statement to `queue_deltas` (per team, assignee, state, channel and
+breached; no shared counter row is locked, so concurrent changes of one team never wait on
+each other), and the `queue.compact` timer folds them into `queue_rollup` every few seconds.
+The view sums the two. A trigger on ticket_sla keeps each ticket's soonest SLA target on the
+ticket (`sla_due`, `sla_breached`), so the about-to-breach counts and the at-risk list are
+index range scans of the tickets due within the horizon. All in one REPEATABLE READ snapshot
+(the counts agree with each other).
 """
 
 from __future__ import annotations
@@ -15,12 +20,11 @@ from crm.support.v1 import queue_pb2_grpc
 from crm_chassis.errors import FieldViolation, InvalidArgument
 from crm_chassis.grpc_server import Registration
 
-from .routing import LOAD_SQL
 from .runtime import Support
 from .tables import tickets
 from .ticketing import AGENT, TEAM, TICKET, number_text
 
-# The open tickets' queue columns, for an index-only count per team (migration 0011).
+# The open tickets' queue columns, for the oldest unassigned ticket of a team (migration 0011).
 sa.Index(
     "tickets_queue",
     tickets.c.team_id,
@@ -32,72 +36,98 @@ sa.Index(
 
 DEFAULT_HORIZON = 30
 DEFAULT_AT_RISK = 20
+COMPACT = "queue.compact"
+COMPACT_CRON = "* * * * * */5"  # every 5 seconds (croniter's sixth field)
 
 _DONE = "('resolved', 'closed')"
 _ACTIVE = "('new', 'open', 'reopened')"
-# The soonest target of a clock that still runs (not met, not breached) and the soonest breached.
-_DUE = """
-  CASE WHEN NOT s.first_response_breached AND NOT s.first_response_met THEN s.first_response_due END,
-  CASE WHEN NOT s.next_response_breached THEN s.next_response_due END,
-  CASE WHEN NOT s.resolution_breached AND NOT s.resolution_met THEN s.resolution_due END
-"""
-_BREACHED = "(s.first_response_breached OR s.next_response_breached OR s.resolution_breached)"
+_COUNTS = """(SELECT team_id, assignee_id, state, channel, breached, n FROM queue_rollup
+              UNION ALL SELECT team_id, assignee_id, state, channel, breached, n FROM queue_deltas)"""
+_RISK = f"t.state NOT IN {_DONE} AND t.state <> 'waiting_on_customer' AND t.sla_due IS NOT NULL"
 
-_TEAMS = sa.text(
+
+def _variants(sql: str) -> dict[bool, sa.TextClause]:
+    """A statement for all teams and one for a team (`{team}` filled in): two plans, each using
+    its own index, rather than one generic plan around `:team IS NULL OR ...`."""
+    return {
+        False: sa.text(sql.format(team="", team_c="")),
+        True: sa.text(
+            sql.format(team="AND t.team_id = CAST(:team AS uuid)", team_c="AND c.team_id = CAST(:team AS uuid)")
+        ),
+    }
+
+
+_TEAMS = _variants(
     f"""
-SELECT t.team_id::text AS team_id,
-       count(*) FILTER (WHERE t.state IN {_ACTIVE}) AS open,
-       count(*) FILTER (WHERE t.state = 'waiting_on_customer') AS waiting_on_customer,
-       count(*) FILTER (WHERE t.state = 'waiting_on_third_party') AS waiting_on_third_party,
-       count(*) FILTER (WHERE t.state IN {_ACTIVE} AND t.assignee_id = '') AS unassigned_all,
-       min(t.create_time) FILTER (WHERE t.state IN {_ACTIVE} AND t.assignee_id = '') AS oldest_unassigned
-  FROM tickets t
- WHERE t.state NOT IN {_DONE} AND (CAST(:team AS uuid) IS NULL OR t.team_id = CAST(:team AS uuid))
+SELECT c.team_id::text AS team_id,
+       coalesce(sum(c.n) FILTER (WHERE c.state IN {_ACTIVE}), 0)::bigint AS open,
+       coalesce(sum(c.n) FILTER (WHERE c.state = 'waiting_on_customer'), 0)::bigint AS waiting_on_customer,
+       coalesce(sum(c.n) FILTER (WHERE c.state = 'waiting_on_third_party'), 0)::bigint AS waiting_on_third_party,
+       coalesce(sum(c.n) FILTER (WHERE c.state IN {_ACTIVE} AND c.assignee_id = ''), 0)::bigint AS unassigned_all,
+       coalesce(sum(c.n) FILTER (WHERE c.breached), 0)::bigint AS breached,
+       sum(c.n)::bigint AS total
+  FROM {_COUNTS} c
+ WHERE true {{team_c}}
+ GROUP BY c.team_id
+"""
+)
+# The oldest open unassigned ticket of each team: one index read per state (tickets_queue).
+_OLDEST = sa.text(
+    """
+SELECT tm.id::text AS team_id,
+       least((SELECT min(t.create_time) FROM tickets t WHERE t.team_id = tm.id AND t.state = 'new' AND t.assignee_id = ''),
+             (SELECT min(t.create_time) FROM tickets t WHERE t.team_id = tm.id AND t.state = 'open' AND t.assignee_id = ''),
+             (SELECT min(t.create_time) FROM tickets t WHERE t.team_id = tm.id AND t.state = 'reopened'
+                 AND t.assignee_id = '')) AS oldest
+  FROM teams tm WHERE tm.id = ANY(CAST(:ids AS uuid[]))
+"""
+)
+_OFFERS = _variants(
+    """
+SELECT t.team_id::text AS team_id, count(*) AS n FROM ticket_offers t
+ WHERE t.state = 'offered' {team}
  GROUP BY t.team_id
 """
 )
-_OFFERS = sa.text(
-    """
-SELECT o.team_id::text AS team_id, count(*) AS n FROM ticket_offers o
- WHERE o.state = 'offered' AND (CAST(:team AS uuid) IS NULL OR o.team_id = CAST(:team AS uuid))
- GROUP BY o.team_id
-"""
-)
-_SLA = sa.text(
+# Open tickets (not paused) whose running target is due within the horizon, not yet breached.
+_SOON = _variants(
     f"""
-SELECT t.team_id::text AS team_id, t.assignee_id,
-       count(*) FILTER (WHERE NOT {_BREACHED} AND least({_DUE}) < now() + make_interval(mins => :horizon)) AS soon,
-       count(*) FILTER (WHERE {_BREACHED}) AS breached
-  FROM ticket_sla s JOIN tickets t ON t.id = s.ticket_id
- WHERE t.state NOT IN {_DONE} AND (CAST(:team AS uuid) IS NULL OR t.team_id = CAST(:team AS uuid))
+SELECT t.team_id::text AS team_id, t.assignee_id, count(*) AS soon
+  FROM tickets t
+ WHERE {_RISK} AND NOT t.sla_breached AND t.sla_due < now() + make_interval(mins => :horizon) {{team}}
  GROUP BY t.team_id, t.assignee_id
 """
 )
-_AT_RISK = sa.text(
+# Breached first (their due time is past), then the soonest due.
+_AT_RISK = _variants(
     f"""
-SELECT t.id, t.number, t.subject, t.team_id::text AS team_id, t.assignee_id, {_BREACHED} AS breached,
+SELECT t.id, t.number, t.subject, t.team_id::text AS team_id, t.assignee_id, t.sla_breached AS breached,
        s.first_response_due, s.next_response_due, s.resolution_due,
        s.first_response_breached, s.next_response_breached, s.resolution_breached,
-       s.first_response_met, s.resolution_met,
-       CASE WHEN {_BREACHED} THEN least(
-              CASE WHEN s.first_response_breached THEN s.first_response_due END,
-              CASE WHEN s.next_response_breached THEN s.next_response_due END,
-              CASE WHEN s.resolution_breached THEN s.resolution_due END)
-            ELSE least({_DUE}) END AS due
-  FROM ticket_sla s JOIN tickets t ON t.id = s.ticket_id
- WHERE t.state NOT IN {_DONE} AND t.state <> 'waiting_on_customer'
-   AND (CAST(:team AS uuid) IS NULL OR t.team_id = CAST(:team AS uuid))
-   AND ({_BREACHED} OR least({_DUE}) < now() + make_interval(mins => :horizon))
- ORDER BY due NULLS LAST, t.id
+       s.first_response_met, s.resolution_met, t.sla_due AS due
+  FROM tickets t JOIN ticket_sla s ON s.ticket_id = t.id
+ WHERE {_RISK} AND t.sla_due < now() + make_interval(mins => :horizon) {{team}}
+ ORDER BY t.sla_due, t.id
  LIMIT :lim
 """
 )
-_AGENTS = sa.text(
+# Each agent's open assigned tickets (all teams) and their weight, from the rollup.
+_ASSIGNED = sa.text(
     f"""
+SELECT c.assignee_id, sum(c.n)::bigint AS assigned_open, sum(c.n * coalesce(w.weight, 1))::bigint AS load
+  FROM {_COUNTS} c LEFT JOIN channel_weights w ON w.channel = c.channel
+ WHERE c.assignee_id <> ''
+ GROUP BY c.assignee_id
+"""
+)
+_AGENTS = sa.text(
+    """
 SELECT a.id, a.display_name, a.presence, a.capacity, a.busy_until,
-       (SELECT count(*) FROM tickets x WHERE x.assignee_id = a.id AND x.state NOT IN {_DONE}) AS assigned_open,
        (SELECT count(*) FROM ticket_offers y WHERE y.agent_id = a.id AND y.state = 'offered') AS pending_offers,
-       {LOAD_SQL.format(agent="a.id")} AS load
+       (SELECT coalesce(sum(coalesce(ow.weight, 1)), 0) FROM ticket_offers lo
+          JOIN tickets ot ON ot.id = lo.ticket_id
+          LEFT JOIN channel_weights ow ON ow.channel = ot.channel
+         WHERE lo.agent_id = a.id AND lo.state = 'offered') AS offer_load
   FROM agents a
  WHERE a.active AND (CAST(:team AS uuid) IS NULL
        OR a.id IN (SELECT m.agent_id FROM team_members m WHERE m.team_id = CAST(:team AS uuid)))
@@ -111,6 +141,25 @@ SELECT m.team_id::text AS team_id, count(*) AS n FROM team_members m JOIN agents
  GROUP BY m.team_id
 """
 )
+# Fold the deltas committed so far into the rollup (a delta of a transaction still open is not
+# seen, so it stays for the next round; a second compaction at once waits, then skips the rows
+# the first removed) and drop the keys that count nothing any more.
+_COMPACT = sa.text(
+    """
+WITH d AS (DELETE FROM queue_deltas RETURNING team_id, assignee_id, state, channel, breached, n),
+     s AS (SELECT team_id, assignee_id, state, channel, breached, sum(n) AS n FROM d
+            GROUP BY team_id, assignee_id, state, channel, breached)
+INSERT INTO queue_rollup AS r (team_id, assignee_id, state, channel, breached, n)
+SELECT * FROM s
+ON CONFLICT ON CONSTRAINT queue_rollup_key DO UPDATE SET n = r.n + excluded.n
+"""
+)
+
+
+def compact(conn: sa.Connection) -> None:
+    """queue.compact: the deltas into the rollup (in the caller's transaction)."""
+    conn.execute(_COMPACT)
+    conn.execute(sa.text("DELETE FROM queue_rollup WHERE n = 0"))
 
 
 def _metric(row) -> str:
@@ -145,14 +194,16 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         if problems:
             raise InvalidArgument(problems)
         args = {"team": team_id, "horizon": horizon, "lim": limit}
+        one = team_id is not None
         with self.support.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
             read_time = conn.execute(sa.text("SELECT now()")).scalar()
-            teams = {r.team_id: r for r in conn.execute(_TEAMS, args)}
-            offers = {r.team_id: r.n for r in conn.execute(_OFFERS, args)}
-            sla_rows = conn.execute(_SLA, args).all()
+            teams = {r.team_id: r for r in conn.execute(_TEAMS[one], args) if r.total}
+            offers = {r.team_id: r.n for r in conn.execute(_OFFERS[one], args)}
+            sla_rows = conn.execute(_SOON[one], args).all()
             online = {r.team_id: r.n for r in conn.execute(_ONLINE, args)}
-            at_risk = conn.execute(_AT_RISK, args).all()
+            at_risk = conn.execute(_AT_RISK[one], args).all()
             agents = conn.execute(_AGENTS, args).all()
+            assigned = {r.assignee_id: r for r in conn.execute(_ASSIGNED)} if agents else {}
             ids = [t for t in {*teams, *offers, *online} if t]
             if team_id and team_id not in ids:
                 ids.append(team_id)
@@ -161,14 +212,16 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
                     sa.text("SELECT id::text, name FROM teams WHERE id = ANY(CAST(:ids AS uuid[]))"), {"ids": ids}
                 ).all()
             )
+            oldest = {r.team_id: r.oldest for r in conn.execute(_OLDEST, {"ids": [t for t in teams if t]})}
         if team_id and team_id not in names:
             raise TEAM.not_found(team_id)
         soon_team: dict = {}
         breached_team: dict = {}
         soon_agent: dict = {}
+        for tid, r in teams.items():
+            breached_team[tid] = r.breached
         for r in sla_rows:
             soon_team[r.team_id] = soon_team.get(r.team_id, 0) + r.soon
-            breached_team[r.team_id] = breached_team.get(r.team_id, 0) + r.breached
             if r.assignee_id:
                 soon_agent[r.assignee_id] = soon_agent.get(r.assignee_id, 0) + r.soon
         view = pb.QueueView(horizon_minutes=horizon)
@@ -190,17 +243,17 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
                 breached=breached_team.get(tid, 0),
                 agents_online=online.get(tid, 0),
             )
-            if r is not None and r.oldest_unassigned is not None:
-                q.oldest_unassigned_time.FromDatetime(r.oldest_unassigned)
+            if oldest.get(tid) is not None:
+                q.oldest_unassigned_time.FromDatetime(oldest[tid])
             view.teams.append(q)
         for a in agents:
             aq = pb.AgentQueue(
                 agent=AGENT.format(a.id),
                 display_name=a.display_name,
                 presence=a.presence,
-                load=int(a.load),
+                load=int((assigned[a.id].load if a.id in assigned else 0) + a.offer_load),
                 capacity=a.capacity,
-                assigned_open=a.assigned_open,
+                assigned_open=int(assigned[a.id].assigned_open) if a.id in assigned else 0,
                 pending_offers=a.pending_offers,
                 about_to_breach=soon_agent.get(a.id, 0),
             )
@@ -225,3 +278,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
 
 def registration(support: Support) -> Registration:
     return Registration.of(QueueServicer(support))
+
+
+def timer_handlers(support: Support) -> None:
+    support.timers.register(COMPACT, lambda conn, timer: compact(conn))

@@ -786,6 +786,10 @@ class Engine:
                 for m in METRICS
             ]
         )
+        # The tickets first, in id order (as every change does): the trigger on ticket_sla writes
+        # their SLA summary (migration 0013), which must not wait for a change holding a ticket
+        # while this transaction holds its ticket_sla row.
+        conn.execute(sa.select(tickets.c.id).where(tickets.c.id.in_(open_of)).order_by(tickets.c.id).with_for_update())
         t = timers.timers
         # A timer firing right now is skipped (its row is locked): its handler recomputes, and
         # the re-selection after this commit locks the ticket after it and sets it right.

@@ -146,6 +146,10 @@ tickets = sa.Table(
     text_column("search_text"),  # crm_chassis.persian.normalize of subject, number, contact, tags
     text_column("request_id"),
     *times(),
+    # the soonest SLA target (a breached ticket's earliest breached one), kept from ticket_sla by
+    # a trigger for the live queue view (migration 0013, queue.py)
+    sa.Column("sla_due", TIMESTAMPTZ),
+    sa.Column("sla_breached", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 sa.Index("tickets_state_team", tickets.c.team_id, tickets.c.state)
 sa.Index(
