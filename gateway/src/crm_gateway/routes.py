@@ -92,6 +92,23 @@ PUBLIC: dict[str, Public] = {
     "crm.support.v1.ChannelService.SubmitWebForm": Public(
         per_minute=10, max_bytes=32 * 1024, client_address="client_address", description="The site's contact form."
     ),
+    # campaign-svc consent.proto: confirmation and unsubscribe links (the signed token is the
+    # credential), RFC 8058's one-click POST (any body), the SMS provider's inbound messages
+    "crm.campaign.v1.ConsentService.GetOptIn": Public(per_minute=30, max_bytes=4 * 1024),
+    "crm.campaign.v1.ConsentService.ConfirmOptIn": Public(
+        per_minute=30, max_bytes=4 * 1024, client_address="client_address"
+    ),
+    "crm.campaign.v1.ConsentService.GetUnsubscribe": Public(per_minute=30, max_bytes=4 * 1024),
+    "crm.campaign.v1.ConsentService.Unsubscribe": Public(
+        per_minute=30,
+        max_bytes=4 * 1024,
+        raw_body="body",
+        client_address="client_address",
+        description="An unsubscribe link, and the List-Unsubscribe one-click POST (RFC 8058).",
+    ),
+    "crm.campaign.v1.ConsentService.PostInboundSms": Public(
+        per_minute=1200, max_bytes=16 * 1024, description="SMS received by the company's line (stop keywords)."
+    ),
     # Telegram / Bale webhooks: the raw Update, and the secret token setWebhook was given
     "crm.support.v1.ChannelService.PostBotUpdate": Public(
         per_minute=600,

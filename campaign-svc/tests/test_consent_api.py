@@ -1,0 +1,252 @@
+"""ConsentService: double opt-in through the signed confirmation link (the message handed to the
+channel's sender by its durable timer), unsubscribe links and RFC 8058's one-click POST through
+the gateway without a token, SMS stop keywords with a redelivery, suppressions, and bad input
+named by field."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from campaign_svc import consent, consent_api
+from campaign_svc.tables import consent_ledger
+from crm.campaign.v1 import campaign_events_pb2 as ev
+from crm.campaign.v1 import consent_pb2 as pb
+from crm.campaign.v1 import consent_pb2_grpc
+from crm_chassis.links import Signer
+from tests.support.harness import md
+
+from .conftest import ADMIN, MARKETER, events, rt
+
+PUBLIC = md("public_channel", "gateway:public")
+
+
+@pytest.fixture(scope="module")
+def stub(ch):
+    return consent_pb2_grpc.ConsentServiceStub(ch)
+
+
+@pytest.fixture(scope="module")
+def worker(svc):
+    """The service's timer worker, stopped: run_once fires what is due, in this thread."""
+    w = rt(svc).timers
+    w.stop()
+    w._stopping.clear()
+    return w
+
+
+@pytest.fixture
+def outbox(svc):
+    """What the channel senders were handed (the e-mail and SMS senders of this test)."""
+    sent = []
+
+    def send(out):
+        sent.append(out)
+        return f"<{len(sent)}@test>"
+
+    senders = rt(svc).senders
+    saved = dict(senders)
+    senders["email"] = senders["sms"] = send
+    yield sent
+    senders.clear()
+    senders.update(saved)
+
+
+@pytest.fixture(scope="module")
+def http(svc):
+    from crm_gateway import create_app
+    from crm_gateway.clients import Clients
+
+    names = ("customer", "sales", "support", "reporting")
+    return create_app(
+        Clients({**dict.fromkeys(names, "127.0.0.1:9"), "campaign": f"127.0.0.1:{svc.port}"})
+    ).test_client()
+
+
+def ledger(svc, address: str) -> list:
+    with svc.ctx.engine.connect() as conn:
+        q = sa.select(consent_ledger).where(consent_ledger.c.address == address).order_by(consent_ledger.c.id)
+        return conn.execute(q).all()
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code(), err.value.details()
+
+
+def test_double_opt_in_sends_a_link_that_grants_once_with_proof(svc, stub, worker, outbox):
+    got = stub.RequestOptIn(
+        pb.RequestOptInRequest(channel="email", address=" Sara@Example.IR ", text_version="v3", source="web_form"),
+        metadata=MARKETER,
+    )
+    assert got.confirmation_sent and got.entry.action == "requested" and got.entry.address == "sara@example.ir"
+    assert [(p.purpose, p.status) for p in got.consent.purposes] == [("marketing", "pending")]
+    assert outbox == []  # not before the commit: the timer sends it
+    worker.run_once()
+    (message,) = outbox
+    assert message.channel == "email" and message.address == "sara@example.ir"
+    assert 'dir="rtl"' in message.html and "تأیید" in message.text
+    token = re.search(r"/v1/optIn/([A-Za-z0-9_\-.]+)", message.text).group(1)
+
+    page = stub.GetOptIn(pb.GetOptInRequest(token=token), metadata=PUBLIC)  # a GET confirms nothing
+    assert (page.masked_address, page.status) == ("s***@example.ir", "pending")
+    done = stub.ConfirmOptIn(pb.ConfirmOptInRequest(token=token, client_address="203.0.113.9"), metadata=PUBLIC)
+    assert done.status == "granted"
+    again = stub.ConfirmOptIn(pb.ConfirmOptInRequest(token=token), metadata=PUBLIC)  # a second click
+    assert again.status == "granted"
+    rows = ledger(svc, "sara@example.ir")
+    assert [(r.action, r.source) for r in rows] == [("requested", "web_form"), ("granted", "confirmation_link")]
+    assert rows[1].text_version == "v3" and rows[1].proof["client_address"] == "203.0.113.9"
+    assert rows[1].proof["requested_entry"] == f"consentEntries/{rows[0].id}"
+    changes = [
+        e
+        for e in events(svc, "consent.changed.v1", ev.ConsentEvent)
+        if e.entry in {f"consentEntries/{r.id}" for r in rows}
+    ]
+    assert [(e.previous_status, e.status) for e in changes] == [("", "pending"), ("pending", "granted")]
+    # already granted: asking again sends nothing
+    assert not stub.RequestOptIn(
+        pb.RequestOptInRequest(channel="email", address="sara@example.ir"), metadata=MARKETER
+    ).confirmation_sent
+    worker.run_once()
+    assert len(outbox) == 1
+
+
+def test_a_forged_or_expired_confirmation_link_is_refused(svc, stub):
+    assert code_of(lambda: stub.GetOptIn(pb.GetOptInRequest(token="abc.def"), metadata=PUBLIC))[0] == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    got = stub.RequestOptIn(pb.RequestOptInRequest(channel="sms", address="09121112233"), metadata=MARKETER)
+    entry_id = got.entry.name.rsplit("/", 1)[1]
+    links = Signer(consent_api.settings(rt(svc)).secret, "opt-in")
+    past = links.sign(entry_id, expire_time=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1))
+    code, details = code_of(lambda: stub.ConfirmOptIn(pb.ConfirmOptInRequest(token=past), metadata=PUBLIC))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "expired" in details
+    other = Signer(consent_api.settings(rt(svc)).secret, "unsubscribe").sign(entry_id)  # another purpose's token
+    assert code_of(lambda: stub.ConfirmOptIn(pb.ConfirmOptInRequest(token=other), metadata=PUBLIC))[0] == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert [r.action for r in ledger(svc, "+989121112233")] == ["requested"]  # nothing granted
+
+
+def test_one_click_unsubscribe_through_the_gateway_stops_a_queued_message(svc, stub, http):
+    address = "reza@example.ir"
+    stub.RecordConsent(
+        pb.RecordConsentRequest(
+            entry=pb.ConsentEntry(channel="email", address=address, action="granted", source="import")
+        ),
+        metadata=MARKETER,
+    )
+    may_send = sa.select(consent.sendable("email", "marketing", sa.literal(address)))
+    with svc.ctx.engine.connect() as conn:
+        assert conn.execute(may_send).scalar()  # a message queued for it would go
+    url = consent_api.unsubscribe_url(rt(svc), "email", address, "marketing", "m-1")
+    path = url.split("localhost:8080", 1)[1]
+    page = http.get(path)  # the landing page's question, no bearer token
+    assert page.status_code == 200, page.get_data(as_text=True)
+    assert page.get_json()["maskedAddress"] == "r***@example.ir" and page.get_json()["status"] == "granted"
+    one_click = http.post(
+        path, data="List-Unsubscribe=One-Click", content_type="application/x-www-form-urlencoded"
+    )  # RFC 8058: the mail client's POST
+    assert one_click.status_code == 200, one_click.get_data(as_text=True)
+    assert one_click.get_json()["status"] == "revoked"
+    with svc.ctx.engine.connect() as conn:
+        assert not conn.execute(may_send).scalar()  # the queued message is not sent now
+    rows = ledger(svc, address)
+    assert [(r.action, r.source) for r in rows] == [("granted", "import"), ("revoked", "list_unsubscribe")]
+    assert rows[1].proof["message"] == "m-1"
+    http.post(path, data="List-Unsubscribe=One-Click", content_type="application/x-www-form-urlencoded")
+    assert len(ledger(svc, address)) == 2  # a repeated POST records nothing more
+    tampered = path[:-3] + ("AAA" if not path.endswith("AAA") else "BBB")
+    assert http.post(tampered, data="List-Unsubscribe=One-Click").status_code == 401
+
+
+def test_an_sms_stop_keyword_revokes_every_purpose_once(svc, stub):
+    for purpose in ("marketing", "newsletter"):
+        stub.RecordConsent(
+            pb.RecordConsentRequest(
+                entry=pb.ConsentEntry(channel="sms", address="0912 555 6677", action="granted", purpose=purpose)
+            ),
+            metadata=MARKETER,
+        )
+    req = pb.PostInboundSmsRequest(
+        key="dev-sms-key", from_number="+98 912 555 6677", message=" لغو۱۱ ", message_id="k-77"
+    )
+    assert stub.PostInboundSms(req, metadata=PUBLIC).stopped
+    assert stub.PostInboundSms(req, metadata=PUBLIC).stopped  # the provider's redelivery
+    c = stub.GetConsent(pb.GetConsentRequest(channel="sms", address="09125556677"), metadata=MARKETER)
+    assert {(p.purpose, p.status) for p in c.purposes} == {("marketing", "revoked"), ("newsletter", "revoked")}
+    assert not c.sendable
+    stops = [r for r in ledger(svc, "+989125556677") if r.source == "sms_stop"]
+    assert len(stops) == 2 and {r.proof["keyword"] for r in stops} == {"لغو11"}  # one per purpose, once
+    chat = pb.PostInboundSmsRequest(key="dev-sms-key", from_number="09125556677", message="سلام، قیمت؟")
+    assert not stub.PostInboundSms(chat, metadata=PUBLIC).stopped
+    bad = pb.PostInboundSmsRequest(key="wrong", from_number="09125556677", message="stop")
+    assert code_of(lambda: stub.PostInboundSms(bad, metadata=PUBLIC))[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert consent_api.stop_keyword("STOP") == "stop" and consent_api.stop_keyword("لغو 11") == "لغو11"
+    assert consent_api.stop_keyword("stop the noise") == ""
+
+
+def test_suppressions_by_hand_and_their_errors(svc, stub):
+    s = pb.Suppression(channel="email", address="Bounce@Example.ir", reason="admin", detail="asked by phone")
+    made = stub.CreateSuppression(pb.CreateSuppressionRequest(suppression=s), metadata=ADMIN)
+    assert made.address == "bounce@example.ir" and made.reason == "admin"
+    assert code_of(lambda: stub.CreateSuppression(pb.CreateSuppressionRequest(suppression=s), metadata=ADMIN))[0] == (
+        grpc.StatusCode.ALREADY_EXISTS
+    )
+    c = stub.GetConsent(pb.GetConsentRequest(channel="email", address="bounce@example.ir"), metadata=MARKETER)
+    assert c.suppressed and c.suppression_reason == "admin" and not c.sendable
+    listed = stub.ListSuppressions(pb.ListSuppressionsRequest(channel="email"), metadata=MARKETER)
+    assert "bounce@example.ir" in [x.address for x in listed.suppressions]
+    assert code_of(lambda: stub.CreateSuppression(pb.CreateSuppressionRequest(suppression=s), metadata=MARKETER))[
+        0
+    ] == (grpc.StatusCode.PERMISSION_DENIED)
+    stub.DeleteSuppression(pb.DeleteSuppressionRequest(channel="email", address="bounce@example.ir"), metadata=ADMIN)
+    code = code_of(
+        lambda: stub.DeleteSuppression(
+            pb.DeleteSuppressionRequest(channel="email", address="bounce@example.ir"), metadata=ADMIN
+        )
+    )[0]
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("entry", "field"),
+    [
+        (pb.ConsentEntry(channel="fax", address="x", action="granted"), "entry.channel"),
+        (pb.ConsentEntry(channel="email", address="not-mail", action="granted"), "entry.address"),
+        (pb.ConsentEntry(channel="sms", address="12", action="granted"), "entry.address"),
+        (pb.ConsentEntry(channel="email", address="a@b.ir", action="requested"), "entry.action"),
+        (pb.ConsentEntry(channel="email", address="a@b.ir", action="granted", purpose="all"), "entry.purpose"),
+        (pb.ConsentEntry(channel="email", address="a@b.ir", action="granted", purpose="a b"), "entry.purpose"),
+    ],
+)
+def test_bad_entries_name_the_field(stub, entry, field):
+    code, details = code_of(lambda: stub.RecordConsent(pb.RecordConsentRequest(entry=entry), metadata=MARKETER))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details
+
+
+def test_the_ledger_lists_newest_first_in_keyset_pages(stub):
+    for action in ("granted", "revoked", "granted"):
+        stub.RecordConsent(
+            pb.RecordConsentRequest(entry=pb.ConsentEntry(channel="telegram", address="5550001", action=action)),
+            metadata=MARKETER,
+        )
+    first = stub.ListConsentEntries(
+        pb.ListConsentEntriesRequest(channel="telegram", address="5550001", page_size=2), metadata=MARKETER
+    )
+    assert [e.action for e in first.entries] == ["granted", "revoked"] and first.next_page_token
+    rest = stub.ListConsentEntries(
+        pb.ListConsentEntriesRequest(
+            channel="telegram", address="5550001", page_size=2, page_token=first.next_page_token
+        ),
+        metadata=MARKETER,
+    )
+    assert [e.action for e in rest.entries] == ["granted"] and not rest.next_page_token
+    code, details = code_of(lambda: stub.ListConsentEntries(pb.ListConsentEntriesRequest(), metadata=MARKETER))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "address" in details
