@@ -34,7 +34,9 @@ sa.Index(
     templates.c.id.desc(),
     postgresql_where=templates.c.delete_time.is_(None),
 )
-sa.Index("templates_request_id", templates.c.request_id, unique=True, postgresql_where=templates.c.request_id.isnot(None))
+sa.Index(
+    "templates_request_id", templates.c.request_id, unique=True, postgresql_where=templates.c.request_id.isnot(None)
+)
 
 template_versions = sa.Table(
     "template_versions",
