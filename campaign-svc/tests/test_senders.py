@@ -225,7 +225,12 @@ def test_the_generic_json_provider_with_configured_field_names(sms):
     sent_id = s.send(sms_out("09121234567"))
     assert sent_id.startswith("g-")
     [req] = [r for r in sms.received if r.path == "/sms"]
-    assert req.fields == {"msisdn": "+989121234567", "body": sms_out("x").text, "originator": "CRM", "client_ref": "m-1"}
+    assert req.fields == {
+        "msisdn": "+989121234567",
+        "body": sms_out("x").text,
+        "originator": "CRM",
+        "client_ref": "m-1",
+    }
     assert req.headers["Authorization"] == "Bearer KAVE-KEY"
     sms.fail(503)
     with pytest.raises(SendError) as err:
