@@ -4,7 +4,8 @@ registered at runtime construction (`install`). Each raises `outgoing.SendError`
 refused address or message (`hard_bounce` when the address itself was refused).
 
 - **email**: SMTP through `crm_chassis.mail.SmtpPool` (persistent sessions, reused across
-  sends). multipart/alternative (the text part, then the HTML part as rendered: styles
+  sends), the MIME written by `crm_chassis.mail.compose` (fast: no EmailMessage).
+  multipart/alternative (the text part, then the HTML part as rendered: styles
   inlined, dir and lang set), a Message-ID stable per message (`<cmp-{message id}@{domain}>`,
   the same on every retry), and when the Outgoing has an unsubscribe link the RFC 2369 / RFC
   8058 headers `List-Unsubscribe: <mailto:...>, <https://...>` and `List-Unsubscribe-Post:
@@ -33,17 +34,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
+from email.utils import make_msgid, parseaddr
 
 from crm_chassis import bots as chassis_bots
 from crm_chassis.config import ConfigError
-from crm_chassis.mail import MailError, SmtpPool, SmtpSettings, smtp_settings
+from crm_chassis.mail import MailError, SmtpPool, SmtpSettings, compose, smtp_settings
 from crm_chassis.persian import phone_e164
 
 from .outgoing import Outgoing, SendError
@@ -80,46 +81,39 @@ def unsubscribe_headers(out: Outgoing) -> dict[str, str]:
     return headers
 
 
-def _cte(text: str) -> str:
-    """base64 for a mostly non-ASCII (Persian) part, 2 bytes a letter becoming 2.7; quoted-
-    printable would make them 6 each. Quoted-printable (readable) for the rest."""
-    sample = text[:2000]
-    wide = sum(1 for c in sample if ord(c) > 127)
-    return "base64" if wide * 5 > len(sample) else "quoted-printable"
-
-
 class EmailSender:
     def __init__(self, settings: SmtpSettings, connections: int = 4):
         self.settings = settings
         self.pool = SmtpPool(settings, size=connections)
 
-    def build(self, out: Outgoing) -> EmailMessage:
+    def headers(self, out: Outgoing) -> list[tuple[str, str]]:
         address = out.address.strip()
-        if "@" not in address or any(c in address for c in "\r\n<>,; "):
+        if not _ADDRESS.fullmatch(address):
             raise SendError(f"{address!r} is not an e-mail address", retryable=False, code="bad_address")
-        mail = EmailMessage()
-        mail["From"] = out.sender or self.settings.from_header
-        mail["To"] = address
-        mail["Subject"] = out.subject
-        mail["Date"] = formatdate(usegmt=True)
-        mail["Message-ID"] = message_id_of(out, self.settings.domain)
+        headers = {
+            "From": out.sender or self.settings.from_header,
+            "To": address,
+            "Subject": out.subject,
+            "Message-ID": message_id_of(out, self.settings.domain),
+        }
         if out.reply_to:
-            mail["Reply-To"] = out.reply_to
+            headers["Reply-To"] = out.reply_to
         if out.campaign_id:
-            mail["X-CRM-Campaign"] = out.campaign_id
-        for name, value in {**unsubscribe_headers(out), **out.headers}.items():
-            if name in mail:
-                del mail[name]
-            mail[name] = value
-        mail.set_content(out.text or " ", cte=_cte(out.text))
-        if out.html:
-            mail.add_alternative(out.html, subtype="html", cte=_cte(out.html))
-        return mail
+            headers["X-CRM-Campaign"] = out.campaign_id
+        headers.update(unsubscribe_headers(out))
+        headers.update(out.headers)
+        return list(headers.items())
+
+    def build(self, out: Outgoing) -> bytes:
+        """The mail as sent: the text part and the HTML part as multipart/alternative."""
+        return compose(self.headers(out), out.text or " ", out.html)
 
     def send(self, out: Outgoing) -> str:
-        mail = self.build(out)
+        headers = self.headers(out)
+        data = compose(headers, out.text or " ", out.html)
+        envelope_from = parseaddr(out.sender)[1] if out.sender else self.settings.sender
         try:
-            self.pool.send(mail)
+            self.pool.send(data, envelope_from, [out.address.strip()])
         except MailError as e:
             raise SendError(
                 str(e),
@@ -127,10 +121,13 @@ class EmailSender:
                 hard_bounce=e.permanent and e.recipient,
                 code=f"smtp_{e.code}" if e.code else f"smtp_{e.stage or 'error'}",
             ) from None
-        return mail["Message-ID"]
+        return dict(headers)["Message-ID"]
 
     def close(self) -> None:
         self.pool.close()
+
+
+_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
 
 
 # --- SMS ---------------------------------------------------------------------------------------

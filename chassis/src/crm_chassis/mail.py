@@ -20,8 +20,10 @@ SMTP_TIMEOUT_SECONDS (30).
 
 from __future__ import annotations
 
+import base64
 import os
 import queue
+import secrets
 import smtplib
 import ssl
 import threading
@@ -30,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
-from email.utils import formataddr, getaddresses
+from email.utils import formataddr, formatdate, getaddresses
 
 from .config import ConfigError
 
@@ -49,7 +51,8 @@ class SmtpSettings:
 
     @property
     def from_header(self) -> str:
-        return formataddr((self.sender_name, self.sender)) if self.sender_name else self.sender
+        """The From header's value (a non-ASCII name RFC 2047-encoded)."""
+        return formataddr((self.sender_name, self.sender), charset="utf-8") if self.sender_name else self.sender
 
 
 def _bool(value: str) -> bool:
@@ -292,3 +295,97 @@ def deliver(mail: EmailMessage, settings: SmtpSettings) -> None:
         conn.send(as_bytes(mail), sender, rcpts)
     finally:
         conn.close()
+
+
+# --- composing a mail fast ---------------------------------------------------------------------
+# The email package's EmailMessage spends ~2 ms building and flattening one two-part mail
+# (its header registry parses every header it is given); a campaign sends thousands a second.
+# `compose` writes the same MIME directly: 7-bit headers (RFC 2047 encoded words for non-ASCII
+# text, folded), base64 or quoted-printable bodies, CRLF line ends.
+_WORD_BYTES = 45  # UTF-8 bytes per encoded word: "=?utf-8?b?" + 60 base64 chars + "?=" < 76
+
+
+def encoded_words(text: str) -> str:
+    """`text` as RFC 2047 encoded words (base64, UTF-8), one per folded line; ASCII text as is."""
+    if text.isascii():
+        return text
+    words, chunk, size = [], [], 0
+    for ch in text:
+        n = len(ch.encode())
+        if size + n > _WORD_BYTES:
+            words.append("".join(chunk))
+            chunk, size = [], 0
+        chunk.append(ch)
+        size += n
+    if chunk:
+        words.append("".join(chunk))
+    return "\r\n ".join(f"=?utf-8?b?{base64.b64encode(w.encode()).decode()}?=" for w in words)
+
+
+def _header(name: str, value: str) -> str:
+    value = " ".join(str(value).replace("\r", " ").replace("\n", " ").split())  # no header injection
+    if not value.isascii():
+        return f"{name}: {encoded_words(value)}"
+    line = f"{name}: {value}"
+    if len(line) <= 78:
+        return line
+    out, current = [], f"{name}:"  # fold at spaces (a list of addresses, a long URL list)
+    for word in value.split(" "):
+        if len(current) + 1 + len(word) > 78 and current != f"{name}:":
+            out.append(current)
+            current = ""
+        current += " " + word
+    out.append(current)
+    return "\r\n".join(out)
+
+
+def _body(text: str) -> tuple[str, bytes]:
+    """(Content-Transfer-Encoding, the encoded body): base64 for mostly non-ASCII text (Persian:
+    2 bytes a letter become 2.7; quoted-printable would make them 6), else quoted-printable."""
+    import quopri
+
+    data = text.replace("\r\n", "\n").encode()
+    sample = text[:2000]
+    if (len(sample.encode()) - len(sample)) * 5 > len(sample):  # ~ the non-ASCII characters
+        return "base64", base64.encodebytes(data).replace(b"\n", b"\r\n")
+    return "quoted-printable", quopri.encodestring(data).replace(b"\n", b"\r\n")
+
+
+_date_cache: list = [0, ""]
+
+
+def _date() -> str:
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[:] = [now, formatdate(now, usegmt=True)]
+    return _date_cache[1]
+
+
+def compose(headers: list[tuple[str, str]], text: str, html: str = "") -> bytes:
+    """A mail as SMTP sends it: `headers` (From, To, Subject, Message-ID, ...; a Date is added
+    when none is given), a text/plain part and, if `html`, a multipart/alternative of the text
+    and the HTML (UTF-8)."""
+    lines = [_header(n, v) for n, v in headers]
+    if not any(n.lower() == "date" for n, _ in headers):
+        lines.append(f"Date: {_date()}")
+    lines.append("MIME-Version: 1.0")
+    text_cte, text_data = _body(text)
+    if not html:
+        lines += ['Content-Type: text/plain; charset="utf-8"', f"Content-Transfer-Encoding: {text_cte}"]
+        return "\r\n".join(lines).encode() + b"\r\n\r\n" + text_data
+    boundary = f"=_crm_{secrets.token_hex(12)}"
+    html_cte, html_data = _body(html)
+    lines.append(f'Content-Type: multipart/alternative; boundary="{boundary}"')
+    b = boundary.encode()
+    return b"".join(
+        [
+            "\r\n".join(lines).encode(),
+            b"\r\n\r\n--" + b + b'\r\nContent-Type: text/plain; charset="utf-8"\r\n',
+            b"Content-Transfer-Encoding: " + text_cte.encode() + b"\r\n\r\n",
+            text_data,
+            b"\r\n--" + b + b'\r\nContent-Type: text/html; charset="utf-8"\r\n',
+            b"Content-Transfer-Encoding: " + html_cte.encode() + b"\r\n\r\n",
+            html_data,
+            b"\r\n--" + b + b"--\r\n",
+        ]
+    )
