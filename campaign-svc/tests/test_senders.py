@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -124,6 +125,20 @@ def test_one_smtp_session_carries_many_messages_and_a_dropped_one_is_reopened():
     finally:
         s.close()
         smtp.stop()
+
+
+def test_threads_share_the_pool_without_opening_more_sessions_than_its_size(smtp):
+    s = sender_to(smtp, connections=3)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            ids = list(
+                pool.map(lambda i: s.send(outgoing(address=f"r{i}@example.ir", message_id=f"p-{i}")), range(200))
+            )
+    finally:
+        s.close()
+    assert len(set(ids)) == 200 and smtp.count == 200
+    assert 1 <= smtp.sessions <= 3
+    assert sorted(r for _, rs in smtp.envelopes() for r in rs) == sorted(f"r{i}@example.ir" for i in range(200))
 
 
 def test_smtp_refusals_become_send_errors(smtp):

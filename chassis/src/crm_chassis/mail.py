@@ -347,7 +347,8 @@ def _body(text: str) -> tuple[str, bytes]:
     data = text.replace("\r\n", "\n").encode()
     sample = text[:2000]
     if (len(sample.encode()) - len(sample)) * 5 > len(sample):  # ~ the non-ASCII characters
-        return "base64", base64.encodebytes(data).replace(b"\n", b"\r\n")
+        canonical = data.replace(b"\n", b"\r\n")  # RFC 2045: text is CRLF lines before base64
+        return "base64", base64.encodebytes(canonical).replace(b"\n", b"\r\n")
     return "quoted-printable", quopri.encodestring(data).replace(b"\n", b"\r\n")
 
 
