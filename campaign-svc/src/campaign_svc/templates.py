@@ -7,7 +7,8 @@ Templates, in one place:
   the HTML one with autoescape on (a customer's name cannot inject markup), the others off;
   `Missing` (StrictUndefined) makes a variable without a value an error naming it:
   INVALID_ARGUMENT on `template.html_body` "undefined variable 'customer.given_name' ...";
-  `{{ customer.given_name | default("مشتری گرامی") }}` falls back instead;
+  `{{ customer.given_name | default("مشتری گرامی") }}` falls back instead, and a missing
+  value is false in a test (`{% if customer.city %}`);
 - `check` runs at save time: a syntax error names the field and line, and so does a variable
   outside VARIABLES (an unknown root or field, an attribute starting with "_"); a trial run
   with every variable filled (SAMPLE) finds what only running shows (a refused operation);
@@ -129,9 +130,14 @@ DATE_COLUMNS = {
 
 
 class Missing(StrictUndefined):
-    """StrictUndefined whose error names the variable (customer.given_name)."""
+    """StrictUndefined whose error names the variable (customer.given_name). It is false in a
+    test (`{% if customer.city %}`, `customer.city or "…"`); output, comparison and arithmetic
+    of it are the error."""
 
     __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return False
 
     @property
     def _undefined_message(self) -> str:
