@@ -39,9 +39,12 @@ HTML = """<html><head><style>h1 { color: #1a5276; } .note { font-size: 12px; }</
 
 @pytest.fixture(scope="module")
 def servers():
-    with SmtpCapture() as smtp, SmsStub(api_key="KAVE", bad_numbers={"09350000000"}) as sms:
-        with BotApiStub(token=TG_TOKEN) as bot:
-            yield smtp, sms, bot
+    with (
+        SmtpCapture() as smtp,
+        SmsStub(api_key="KAVE", bad_numbers={"09350000000"}) as sms,
+        BotApiStub(token=TG_TOKEN) as bot,
+    ):
+        yield smtp, sms, bot
 
 
 @pytest.fixture(scope="module")
