@@ -22,7 +22,7 @@ from crm.campaign.v1 import templates_pb2 as pb
 from crm.campaign.v1 import templates_pb2_grpc
 from crm_chassis.errors import read_rpc_error
 from tests.support.bot_api_stub import BotApiStub
-from tests.support.harness import channel, md, start_service
+from tests.support.harness import assert_problem, channel, md, start_service, token
 from tests.support.sms_stub import SmsStub
 from tests.support.smtp_capture import SmtpCapture
 
@@ -427,3 +427,47 @@ def test_the_audience_row_is_read_not_customer_svc(svc):
             pb.RenderTemplateRequest(name=t.name, customer="customers/cust-bare"), metadata=MARKETER, timeout=10
         )
     assert "<p>قم</p>" in r.html and "<i>" not in r.html  # no rank: the test is false, no error
+
+
+# --- over HTTP ------------------------------------------------------------------------------------
+@pytest.fixture
+def http(svc):
+    from crm_gateway import create_app
+    from crm_gateway.clients import Clients
+
+    clients = Clients(
+        {k: "127.0.0.1:9" for k in ("customer", "sales", "support", "reporting")}
+        | {"campaign": f"127.0.0.1:{svc.port}"}
+    )
+    yield create_app(clients).test_client()
+    clients.close()
+
+
+def test_templates_over_http_through_the_gateway(http, servers):
+    smtp, _, _ = servers
+    auth = {"Authorization": f"Bearer {token('marketer', 'mina')}"}
+    made = http.post(
+        "/v1/templates",
+        json={
+            "displayName": "http",
+            "channel": "email",
+            "subject": "سلام",
+            "htmlBody": "<p>{{ customer.display_name }}</p>",
+        },
+        headers=auth,
+    )
+    assert made.status_code == 201, made.get_data(as_text=True)
+    name = made.get_json()["name"]
+    assert made.headers["Location"].endswith(f"/v1/{name}")
+    r = http.post(f"/v1/{name}:render", json={"customer": "customers/cust-sara"}, headers=auth)
+    assert r.status_code == 200 and "سارا کریمی" in r.get_json()["html"]
+    bad = http.post(
+        "/v1/templates:preview", json={"template": {"channel": "sms", "textBody": "{{ nope }}"}}, headers=auth
+    )
+    assert "unknown variable 'nope'" in assert_problem(bad, 400, "template.text_body")["errors"][0]["description"]
+    before = smtp.count
+    sent = http.post(f"/v1/{name}:sendTest", json={"address": "mina@crm.test"}, headers=auth)
+    assert sent.status_code == 200 and sent.get_json()["address"] == "mina@crm.test" and smtp.count == before + 1
+    versions = http.get(f"/v1/{name}/versions", headers=auth)
+    assert [v["version"] for v in versions.get_json()["versions"]] == ["1"]
+    assert http.get(f"/v1/{name}").status_code == 401  # no token
