@@ -76,6 +76,8 @@ def svc(databases, broker, servers):
                 "last_purchase_time": dt.datetime(2026, 11, 20, 10, 0, tzinfo=dt.UTC),
             },
             {"customer_id": "cust-bare", "display_name": "نیما"},
+            {"customer_id": "cust-old", "display_name": "سارا (قدیمی)", "merged_into": "cust-sara", "deleted": True},
+            {"customer_id": "cust-erased", "display_name": "", "deleted": True},
         ):
             conn.execute(audience.insert().values(**values))
     yield service
@@ -286,8 +288,14 @@ def test_render_for_a_customer_with_fallbacks_persian_letters_and_jalali_dates(a
         pb.RenderTemplateRequest(name=t.name, customer="customers/cust-bare"), metadata=MARKETER, timeout=10
     )
     assert "مشتری ویژه ما در ایران" in bare.html and "آخرین خرید شما: —" in bare.html
-    nobody = problem(api.RenderTemplate, pb.RenderTemplateRequest(name=t.name, customer="customers/nobody"))
-    assert nobody.code == grpc.StatusCode.NOT_FOUND
+    merged = api.RenderTemplate(
+        pb.RenderTemplateRequest(name=t.name, customer="customers/cust-old"), metadata=MARKETER, timeout=10
+    )
+    assert merged.html == r.html  # a merged customer renders as the survivor
+    for gone in ("customers/nobody", "customers/cust-erased"):
+        assert problem(api.RenderTemplate, pb.RenderTemplateRequest(name=t.name, customer=gone)).code == (
+            grpc.StatusCode.NOT_FOUND
+        )
 
 
 def test_a_template_that_fails_to_render_names_the_variable(api, servers):

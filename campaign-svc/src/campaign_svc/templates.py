@@ -396,6 +396,19 @@ def customer_group(row, language: str) -> Group:
     return Group("customer", values)
 
 
+def audience_row(conn, customer_id: str):
+    """The customer's audience row (a merged customer's survivor's), or None (unknown, erased)."""
+    for _ in range(3):  # a merge chain is short; never loop on a bad one
+        row = conn.execute(sa.select(audience).where(audience.c.customer_id == customer_id)).one_or_none()
+        if row is None:
+            return None
+        if row.merged_into:  # merged rows are marked deleted too: follow to the survivor
+            customer_id = row.merged_into
+            continue
+        return None if row.deleted else row
+    return None
+
+
 def values_of(customer: Group, language: str, campaign: dict | None = None, unsubscribe_url: str = "") -> dict:
     today = dt.datetime.now(TEHRAN).date()
     values = {
@@ -754,6 +767,12 @@ class Templates:
             tx.audit(req.name, "template.delete", principal, [])
 
     # versions ------------------------------------------------------------------------------------------
+    def pin(self, conn, name: str, field: str = "template") -> tuple[str, int]:
+        """(template id, current version) of a template a campaign is about to use: the version
+        it pins (NOT_FOUND for a deleted template; INVALID_ARGUMENT on `field` for a bad name)."""
+        row = self._row(conn, name, field)
+        return row.id, row.current_version
+
     def version_row(self, conn, template_id: str, version: int, name: str):
         """A version of a template (of a deleted one too: campaigns pinned it)."""
         row = conn.execute(
@@ -800,9 +819,7 @@ class Templates:
     def _values(self, conn, customer: str, sample, language: str, field: str = "customer") -> dict:
         if customer:
             cid = CUSTOMER.parse(customer, field).customer_id
-            row = conn.execute(
-                sa.select(audience).where(audience.c.customer_id == cid, audience.c.deleted.is_(False))
-            ).one_or_none()
+            row = audience_row(conn, cid)
             if row is None:
                 raise CUSTOMER.not_found(customer)
             return values_of(customer_group(row, language), language, unsubscribe_url=SAMPLE["unsubscribe_url"])
