@@ -30,7 +30,8 @@ MARKETER = md("marketer", "mina")
 OTHER = md("marketer", "omid")
 TG_TOKEN = "4242:TG-campaigns"
 
-HTML = """<html><head><style>h1 { color: #1a5276; } .note { font-size: 12px; }</style></head>
+HTML = """<html><head><style>h1 { color: #1a5276; } .note { font-size: 12px; }
+@media (max-width: 600px) { h1 { font-size: 18px; } }</style></head>
 <body><h1>{{ customer.display_name }} عزیز</h1>
 <p>مشتری {{ customer.rank | default("ویژه") }} ما در {{ customer.city | default("ایران") }}،
 آخرین خرید شما: {{ customer.last_purchase_date | default("—") }}</p>
@@ -279,7 +280,9 @@ def test_render_for_a_customer_with_fallbacks_persian_letters_and_jalali_dates(a
         pb.RenderTemplateRequest(name=t.name, customer="customers/cust-sara"), metadata=MARKETER, timeout=10
     )
     assert r.subject == "سارا کریمی، پیشنهاد ویژه پاییز"  # Persian ی and ک
-    assert '<html dir="rtl" lang="fa">' in r.html and "<style" not in r.html
+    assert '<html dir="rtl" lang="fa">' in r.html
+    assert "<style>@media (max-width: 600px) { h1 { font-size: 18px; } }" in r.html  # only @media stays
+    assert "color: #1a5276; }" not in r.html
     assert 'style="color: #1a5276;"' in r.html and 'class="note" style="font-size: 12px;"' in r.html
     assert "مشتری طلایی ما در اصفهان" in r.html
     assert "۱۴۰۵/۰۸/۲۹" in r.html  # 2026-11-20 in the Jalali calendar, Persian digits

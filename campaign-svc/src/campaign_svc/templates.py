@@ -247,7 +247,7 @@ def _render_one(field: str, source: str, values: dict, where: str) -> str:
 
 
 # --- HTML: the document, inlined CSS, the text part ------------------------------------------
-INLINER = css_inline.CSSInliner(keep_style_tags=False, load_remote_stylesheets=False)
+INLINER = css_inline.CSSInliner(keep_style_tags=False, keep_at_rules=True, load_remote_stylesheets=False)
 _HTML_TAG = re.compile(r"<html\b([^>]*)>", re.IGNORECASE)
 _HAS_BODY = re.compile(r"<body\b", re.IGNORECASE)
 
