@@ -167,9 +167,10 @@ class Sandbox(templating.Sandbox):
     what = "a template"
 
 
-def _environment(autoescape: bool) -> Sandbox:
-    env = Sandbox(autoescape=autoescape, undefined=Missing, trim_blocks=True, lstrip_blocks=True, auto_reload=False)
+def _environment(autoescape: bool, trim: bool = True) -> Sandbox:
+    env = Sandbox(autoescape=autoescape, undefined=Missing, trim_blocks=trim, lstrip_blocks=trim, auto_reload=False)
     env.globals = {}
+    env.filters.pop("safe", None)  # no value is ever markup: a customer's text cannot inject HTML
     env.filters["persian_digits"] = to_persian_digits
     env.filters["number"] = lambda v, persian=True: format_number(v, persian_digits=persian)
     return env
@@ -177,15 +178,18 @@ def _environment(autoescape: bool) -> Sandbox:
 
 TEXT_ENV = _environment(False)
 HTML_ENV = _environment(True)
+# the text part made from an HTML template: its line breaks are the markup's, kept as they are
+DERIVED_ENV = _environment(False, trim=False)
+ENVS = {"html_body": HTML_ENV, "derived_text": DERIVED_ENV}
 
 
 def _env(field: str) -> Sandbox:
-    return HTML_ENV if field == "html_body" else TEXT_ENV
+    return ENVS.get(field, TEXT_ENV)
 
 
 @functools.lru_cache(maxsize=1024)
-def compiled(source: str, html: bool):
-    return (HTML_ENV if html else TEXT_ENV).from_string(source)
+def compiled(source: str, field: str):
+    return _env(field).from_string(source)
 
 
 def _names(tree: nodes.Template) -> list[str]:
@@ -220,7 +224,10 @@ def check(field: str, source: str, where: str | None = None) -> list[FieldViolat
         return [FieldViolation(where, f"line {e.lineno}: {e.message}")]
     except RecursionError:
         return [FieldViolation(where, "is nested too deeply")]
-    bad = _names(tree)
+    try:
+        bad = _names(tree)
+    except TemplateSyntaxError as e:  # an unknown filter or test
+        return [FieldViolation(where, f"line {e.lineno}: {e.message}")]
     if not bad:
         try:
             _render_one(field, source, SAMPLE, where)
@@ -233,7 +240,7 @@ def _render_one(field: str, source: str, values: dict, where: str) -> str:
     if not source:
         return ""
     try:
-        return compiled(source, field == "html_body").render(values)
+        return compiled(source, field).render(values)
     except TemplateSyntaxError as e:
         raise InvalidArgument.field(where, f"line {e.lineno}: {e.message}") from None
     except SecurityError as e:
@@ -359,9 +366,35 @@ def html_to_text(html: str) -> str:
     p = _Text()
     p.feed(html)
     p.close()
-    text = "".join(p.out)
-    lines = [line.strip() for line in text.split("\n")]
+    return _tidy("".join(p.out))
+
+
+def _tidy(text: str) -> str:
+    lines = [_BLANKS.sub(" ", line).strip() for line in text.split("\n")]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+@functools.lru_cache(maxsize=256)
+def text_template(html_source: str) -> str | None:
+    """The text part's template made once from the HTML template (its markup turned to text,
+    its Jinja left as it was), so a recipient's text part is rendered, not parsed out of their
+    HTML; None when that is not a template of the same variables (Jinja inside markup in a way
+    the conversion breaks): the text is then made from each rendered HTML."""
+    if _TAG_IN_EXPRESSION.search(html_source) is not None:
+        return None
+    text = html_to_text(html_source)
+    try:
+        same = meta.find_undeclared_variables(DERIVED_ENV.parse(text)) == meta.find_undeclared_variables(
+            HTML_ENV.parse(html_source)
+        )
+    except TemplateSyntaxError:
+        return None
+    return text if same else None
+
+
+_BLANKS = re.compile(r"[ \t\r\f\v]+")
+# `<` or `>` inside {{ }} or {% %} (a comparison): the HTML parser would read it as markup
+_TAG_IN_EXPRESSION = re.compile(r"\{[{%][^}]*[<>][^}]*[}%]\}")
 
 
 # --- values ----------------------------------------------------------------------------------------
@@ -501,6 +534,8 @@ def render(t, values: dict, where: str = FIELD) -> Rendered:
         html = fix(html_document(body, t.language, t.direction))
     if t.text_body:
         text = fix(_render_one("text_body", t.text_body, values, f"{where}.text_body").strip())
+    elif (derived := text_template(t.html_body) if t.channel == "email" else None) is not None:
+        text = fix(_tidy(_render_one("derived_text", derived, values, f"{where}.html_body")))
     else:
         text = html_to_text(html)
     if t.channel == "sms" and len(text) > SMS_LIMIT:

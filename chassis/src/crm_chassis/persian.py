@@ -127,10 +127,15 @@ _LETTERS = str.maketrans(
 )
 
 
+_ARABIC_FORMS = re.compile("[\u064a\u0649\u0643\u0660-\u0669]")
+
+
 def persian_letters(text: str | None) -> str:
     """A text to show: Arabic Yeh and Kaf (an Arabic keyboard's) as the Persian letters and
     Arabic-Indic digits as Persian ones; nothing else changes (spaces, ZWNJ, Latin, case)."""
-    return (text or "").translate(_LETTERS)
+    if not text or not _ARABIC_FORMS.search(text):  # the common case, a scan without copying
+        return text or ""
+    return text.translate(_LETTERS)
 
 
 def digits_only(text: str | None) -> str:
