@@ -262,6 +262,12 @@ def test_bad_templates_are_refused_at_save_time_naming_field_and_line(api):
         )
     )
     assert set(channel_rules) == {"template.subject", "template.html_body", "template.text_body"}
+    nul = field_errors(
+        problem(
+            create, pb.CreateTemplateRequest(template=pb.Template(display_name="x", channel="sms", text_body="a\x00b"))
+        )
+    )
+    assert nul == {"template.text_body": "must not contain NUL characters (U+0000)"}  # the chassis' check
     assert set(field_errors(problem(create, pb.CreateTemplateRequest(template=pb.Template(display_name="x"))))) == {
         "template.channel"
     }
