@@ -17,8 +17,9 @@ import sqlalchemy as sa
 from crm.support.v1 import channels_pb2 as pb
 from crm.support.v1 import channels_pb2_grpc
 from crm_chassis import timers
+from crm_chassis.bots import BotApiError, TelegramBot, split_text
 from support_svc.__main__ import SPEC
-from support_svc.messengers import BotApiError, TelegramBot, messenger_chats, split_text
+from support_svc.messengers import messenger_chats
 from support_svc.tables import ticket_messages, tickets
 from support_svc.ticketing import DELIVER, number_text
 from tests.support.bot_api_stub import BotApiStub

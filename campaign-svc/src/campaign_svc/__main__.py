@@ -5,7 +5,7 @@ from __future__ import annotations
 from crm_chassis.parts import parts_spec
 from crm_chassis.service import main
 
-from . import api, audience, consent_api
+from . import api, audience, channels, consent_api, templates
 from .runtime import campaign
 
 # The parts of the service (crm_chassis.parts says what each may define; runtime.py the hooks).
@@ -13,6 +13,8 @@ PARTS = [
     audience,  # the customer projection with sales and support behaviour, from their events
     consent_api,  # ConsentService: the ledger, double opt-in, unsubscribe links, SMS stop, suppressions
     api,  # CampaignService
+    channels,  # the channel senders (e-mail over SMTP, SMS providers, Telegram / Bale bots)
+    templates,  # TemplateService: templates, versions, rendering, test sends
 ]
 
 SPEC = parts_spec("campaign-svc", 50054, __file__, "campaign", PARTS, make=lambda ctx: campaign(ctx, PARTS))

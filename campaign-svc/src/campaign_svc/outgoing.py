@@ -17,6 +17,11 @@ class Outgoing:
     message_id: str = ""  # our messages.id: idempotency key for providers that take one
     campaign_id: str = ""
     sender: str = ""  # e-mail From / SMS line number; "" for the channel's default
+    # e-mail: the recipient's unsubscribe links, sent as List-Unsubscribe (and, for an https
+    # URL, List-Unsubscribe-Post: List-Unsubscribe=One-Click, RFC 8058)
+    unsubscribe_url: str = ""
+    unsubscribe_mailto: str = ""  # mailto:unsubscribe+...@domain (or the bare address)
+    reply_to: str = ""  # e-mail Reply-To
 
 
 class SendError(Exception):

@@ -8,6 +8,7 @@ Search keys
     ``normalize(text)``: the key a search or a duplicate check compares (NFKC, Arabic letter
     variants to Persian, Persian/Arabic-Indic digits to ASCII, no diacritics, tatweel or
     zero-width characters, lower case, single spaces). Store text as given; compare keys.
+    ``persian_letters(text)``: for display, Arabic Yeh/Kaf and digits as the Persian ones only.
 Digits
     ``to_ascii_digits`` / ``to_persian_digits`` convert digits only (nothing else changes);
     ``digits_only`` keeps the ASCII digits of a text typed in any script; ``format_number``
@@ -63,6 +64,7 @@ __all__ = [
     "parse_date",
     "parse_jalali",
     "parse_number",
+    "persian_letters",
     "phone_e164",
     "to_ascii_digits",
     "to_jalali",
@@ -113,6 +115,27 @@ def normalize(text: str | None) -> str:
     t = unicodedata.normalize("NFKC", text).translate(_TRANSLATE)
     t = _DIACRITICS.sub("", t)
     return _SPACES.sub(" ", t).strip().lower()
+
+
+_LETTERS = str.maketrans(
+    {
+        "ي": "ی",  # ARABIC YEH -> FARSI YEH
+        "ى": "ی",  # ALEF MAKSURA
+        "ك": "ک",  # ARABIC KAF -> KEHEH
+        **{chr(0x0660 + i): chr(0x06F0 + i) for i in range(10)},  # Arabic-Indic -> Persian digits
+    }
+)
+
+
+_ARABIC_FORMS = re.compile("[\u064a\u0649\u0643\u0660-\u0669]")
+
+
+def persian_letters(text: str | None) -> str:
+    """A text to show: Arabic Yeh and Kaf (an Arabic keyboard's) as the Persian letters and
+    Arabic-Indic digits as Persian ones; nothing else changes (spaces, ZWNJ, Latin, case)."""
+    if not text or not _ARABIC_FORMS.search(text):  # the common case, a scan without copying
+        return text or ""
+    return text.translate(_LETTERS)
 
 
 def digits_only(text: str | None) -> str:

@@ -34,12 +34,12 @@ import sqlalchemy as sa
 from google.protobuf import empty_pb2
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, nodes
 from jinja2.exceptions import SecurityError, UndefinedError
-from jinja2.sandbox import SandboxedEnvironment
 from jinja2.utils import missing
 from sqlalchemy.dialects import postgresql as pg
 
 from crm.support.v1 import answers_pb2 as pb
 from crm.support.v1 import answers_pb2_grpc
+from crm_chassis import templating
 from crm_chassis.auth import Principal
 from crm_chassis.dates import TEHRAN, set_times
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument
@@ -240,30 +240,8 @@ class Group(dict):
         self._path = path
 
 
-MAX_SEQUENCE = 10_000
-
-
-class Sandbox(SandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**", "%"})
-
-    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's signature
-        raise SecurityError("calls are not allowed in a canned answer (use filters)")
-
-    def call_binop(self, context, operator, left, right):
-        if operator == "**":
-            if (
-                not isinstance(right, int | float)
-                or abs(right) > 100
-                or (isinstance(left, int | float) and abs(left) > 10**6)
-            ):
-                raise SecurityError("a power that large is not allowed in a canned answer")
-        elif operator == "*":
-            for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > MAX_SEQUENCE:
-                    raise SecurityError(f"a repetition longer than {MAX_SEQUENCE:,} is not allowed")
-        elif operator == "%" and isinstance(left, str):
-            raise SecurityError("formatting with % is not allowed in a canned answer (use placeholders)")
-        return super().call_binop(context, operator, left, right)
+class Sandbox(templating.Sandbox):
+    what = "a canned answer"
 
 
 def _environment() -> Sandbox:

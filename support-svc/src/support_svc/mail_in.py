@@ -30,9 +30,9 @@ import sqlalchemy as sa
 
 from crm_chassis.config import ConfigError
 from crm_chassis.errors import FailedPrecondition
+from crm_chassis.mail import mail_domain
 
 from . import mail_parse
-from .mail_out import mail_domain
 from .mail_parse import ParsedMail
 from .runtime import Support
 from .tables import teams, ticket_messages, tickets

@@ -9,70 +9,28 @@ In-Reply-To / References of the customer's last mail, a plain text part and an H
 
 Settings (environment, read once): SMTP_HOST (127.0.0.1), SMTP_PORT (2526: the local sink),
 SMTP_FROM (support@crm.local), MAIL_DOMAIN (crm.local), SMTP_STARTTLS (false), SMTP_USER and
-SMTP_PASSWORD (none: no login), SMTP_TIMEOUT_SECONDS (30).
+SMTP_PASSWORD (none: no login), SMTP_TIMEOUT_SECONDS (30); read and sent by crm_chassis.mail.
 """
 
 from __future__ import annotations
 
-import os
-import smtplib
-import ssl
-from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formataddr, formatdate
 
 import sqlalchemy as sa
+
+from crm_chassis.mail import SmtpSettings, deliver, smtp_settings
 
 from .mail_parse import is_synthetic, references, reply_subject, text_to_html
 from .runtime import Support
 from .tables import attachments, ticket_messages
 from .ticketing import number_text
 
-
-@dataclass(frozen=True)
-class OutSettings:
-    host: str = "127.0.0.1"
-    port: int = 2526
-    sender: str = "support@crm.local"
-    sender_name: str = ""
-    domain: str = "crm.local"
-    starttls: bool = False
-    user: str = ""
-    password: str = ""
-    timeout: float = 30.0
+OutSettings = SmtpSettings
 
 
-def _bool(value: str) -> bool:
-    return value.strip().lower() in ("1", "true", "yes", "on")
-
-
-def out_settings(env=None) -> OutSettings:
-    env = os.environ if env is None else env
-    from crm_chassis.config import ConfigError
-
-    try:
-        port = int(env.get("SMTP_PORT") or 2526)
-        timeout = float(env.get("SMTP_TIMEOUT_SECONDS") or 30)
-    except ValueError as exc:
-        raise ConfigError([f"SMTP_PORT / SMTP_TIMEOUT_SECONDS: {exc}"]) from exc
-    if not 1 <= port <= 65535:
-        raise ConfigError([f"SMTP_PORT={port} is out of range [1, 65535]"])
-    return OutSettings(
-        host=env.get("SMTP_HOST") or "127.0.0.1",
-        port=port,
-        sender=env.get("SMTP_FROM") or "support@crm.local",
-        sender_name=env.get("SMTP_FROM_NAME") or "",
-        domain=mail_domain(env),
-        starttls=_bool(env.get("SMTP_STARTTLS") or ""),
-        user=env.get("SMTP_USER") or "",
-        password=env.get("SMTP_PASSWORD") or "",
-        timeout=timeout,
-    )
-
-
-def mail_domain(env=None) -> str:
-    env = os.environ if env is None else env
-    return (env.get("MAIL_DOMAIN") or "crm.local").strip().lower()
+def out_settings(env=None) -> SmtpSettings:
+    return smtp_settings(env, default_from="support@crm.local")
 
 
 def message_id_of(message_id, domain: str) -> str:
@@ -104,7 +62,7 @@ def build(conn: sa.Connection, ticket, message, settings: OutSettings) -> EmailM
     if "@" not in to:
         raise ValueError(f"ticket {number_text(ticket.number)} has no e-mail address to reply to")
     mail = EmailMessage()
-    mail["From"] = formataddr((settings.sender_name, settings.sender)) if settings.sender_name else settings.sender
+    mail["From"] = settings.from_header
     mail["To"] = formataddr((ticket.contact_name, to)) if ticket.contact_name else to
     mail["Subject"] = reply_subject(number_text(ticket.number), ticket.subject)
     mail["Message-ID"] = message_id_of(message.id, settings.domain)
@@ -125,17 +83,6 @@ def build(conn: sa.Connection, ticket, message, settings: OutSettings) -> EmailM
             bytes(f.content), maintype=maintype or "application", subtype=subtype or "octet-stream", filename=f.filename
         )
     return mail
-
-
-def deliver(mail: EmailMessage, settings: OutSettings) -> None:
-    with smtplib.SMTP(settings.host, settings.port, timeout=settings.timeout) as smtp:
-        smtp.ehlo()
-        if settings.starttls:
-            smtp.starttls(context=ssl.create_default_context())
-            smtp.ehlo()
-        if settings.user:
-            smtp.login(settings.user, settings.password)
-        smtp.send_message(mail)
 
 
 def sender(support: Support):

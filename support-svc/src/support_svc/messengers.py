@@ -24,17 +24,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from crm_chassis import bots as chassis_bots
 from crm_chassis import timers
+from crm_chassis.bots import BotApi, BotApiError
 from crm_chassis.columns import UUID, text_column, times
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from crm_chassis.persian import phone_e164
@@ -45,11 +43,10 @@ from .ticketing import NewTicket, Tickets, number_text
 
 log = logging.getLogger("support.messengers")
 
-PROVIDERS = ("telegram", "bale")
+PROVIDERS = chassis_bots.PROVIDERS
 LABELS = {"telegram": "تلگرام", "bale": "بله"}
 NOTICE = "messenger.notice"  # timer kind: a short message to a chat (greeting, ticket number)
 NOTICE_ATTEMPTS = 6
-TEXT_LIMIT = 4096  # of one Bot API text message; longer replies go as several
 SUBJECT_CHARS = 80
 
 GREETING = "سلام! به پشتیبانی خوش آمدید. پرسش یا درخواست خود را بنویسید تا کارشناسان ما پاسخ دهند."
@@ -116,27 +113,19 @@ class ChannelSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> ChannelSettings:
         env = os.environ if env is None else env
         providers = {
-            "telegram": ProviderSettings(
-                "telegram",
-                (env.get("TELEGRAM_API_BASE") or "https://api.telegram.org").rstrip("/"),
-                env.get("TELEGRAM_BOT_TOKEN", "").strip(),
-                env.get("TELEGRAM_WEBHOOK_SECRET", "").strip(),
-            ),
-            "bale": ProviderSettings(
-                "bale",
-                (env.get("BALE_API_BASE") or "https://tapi.bale.ai").rstrip("/"),
-                env.get("BALE_BOT_TOKEN", "").strip(),
-                env.get("BALE_WEBHOOK_SECRET", "").strip(),
-            ),
+            p: ProviderSettings(
+                p,
+                chassis_bots.api_base(p, env),
+                chassis_bots.bot_token(p, env),
+                env.get(f"{chassis_bots.ENV_PREFIX[p]}_WEBHOOK_SECRET", "").strip(),
+            )
+            for p in PROVIDERS
         }
-        try:
-            timeout = float(env.get("BOT_API_TIMEOUT_SECONDS") or 10)
-        except ValueError:
-            timeout = 10.0
+        timeout = chassis_bots.api_timeout(env)
         keys = tuple(k.strip() for k in (env.get("WEB_FORM_KEYS") or "dev-site-key").split(",") if k.strip())
         return cls(
             providers=providers,
-            timeout=timeout if timeout > 0 else 10.0,
+            timeout=timeout,
             confirm_tickets=_flag(env.get("MESSENGER_CONFIRM_TICKETS"), True),
             public_base_url=(env.get("PUBLIC_BASE_URL") or "").rstrip("/"),
             web_form_keys=keys,
@@ -148,122 +137,8 @@ def channel_settings(support: Support) -> ChannelSettings:
     return support.once("channels.settings", ChannelSettings.from_env)
 
 
-# --- the Bot API -------------------------------------------------------------------------------
-class BotApiError(Exception):
-    """A Bot API call that did not answer ok: its error code, description and (for 429) how
-    many seconds to wait before the next call."""
-
-    def __init__(self, code: int, description: str, retry_after: int = 0):
-        self.code, self.description, self.retry_after = code, description, retry_after
-        more = f" (retry after {retry_after} s)" if retry_after else ""
-        super().__init__(f"Bot API error {code}: {description}{more}")
-
-
-class BotApi:
-    """A client of the Telegram Bot API shape: JSON POSTs to {base}/bot{token}/{method}."""
-
-    provider = ""
-
-    def __init__(self, base_url: str, token: str, timeout: float = 10.0):
-        if not token:
-            raise ValueError("a bot token is required")
-        self.base_url = base_url.rstrip("/")
-        self.token = token
-        self.timeout = timeout
-        # After a 429 no call is made until then (monotonic clock): hammering a bot that is
-        # told to wait only lengthens the wait.
-        self._not_before = 0.0
-        self._lock = threading.Lock()
-
-    def call(self, method: str, params: dict):
-        """The `result` of a Bot API method; BotApiError when it does not answer ok (or cannot
-        be reached)."""
-        with self._lock:
-            wait = self._not_before - time.monotonic()
-        if wait > 0:
-            raise BotApiError(429, "waiting for the Bot API's flood limit", int(wait) + 1)
-        req = urllib.request.Request(
-            f"{self.base_url}/bot{self.token}/{method}",
-            data=json.dumps(params, ensure_ascii=False).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - the configured base URL
-                status, raw = resp.status, resp.read()
-        except urllib.error.HTTPError as err:
-            status, raw = err.code, err.read()
-        except (urllib.error.URLError, OSError) as err:  # refused, timed out, DNS
-            reason = getattr(err, "reason", err)
-            raise BotApiError(0, f"{self.provider or 'bot'} API unreachable: {reason}") from None
-        try:
-            answer = json.loads(raw or b"{}")
-        except ValueError:
-            answer = {}
-        if not isinstance(answer, dict):
-            answer = {}
-        if status == 200 and answer.get("ok"):
-            return answer.get("result")
-        retry_after = 0
-        params_ = answer.get("parameters")
-        if isinstance(params_, dict) and isinstance(params_.get("retry_after"), int):
-            retry_after = params_["retry_after"]
-        code = answer.get("error_code") if isinstance(answer.get("error_code"), int) else status
-        if retry_after:
-            with self._lock:
-                self._not_before = max(self._not_before, time.monotonic() + retry_after)
-        # The token is part of the URL and never of the error's text.
-        raise BotApiError(code, str(answer.get("description") or f"HTTP {status}")[:300], retry_after)
-
-    def send_message(self, chat_id: str | int, text: str, reply_to: int | None = None) -> int:
-        """Send a plain-text message (no parse mode: an agent's text is never read as markup);
-        the id of the message sent."""
-        params: dict = {"chat_id": chat_id, "text": text}
-        if reply_to:
-            params["reply_to_message_id"] = reply_to  # Telegram and Bale both read this form
-        result = self.call("sendMessage", params)
-        if not isinstance(result, dict) or "message_id" not in result:
-            raise BotApiError(0, "sendMessage answered no message")
-        return int(result["message_id"])
-
-    def send_text(self, chat_id: str | int, text: str) -> int:
-        """Send a text of any length as messages of at most 4096 characters; the first one's id."""
-        chunks = split_text(text)
-        first = 0
-        for chunk in chunks:
-            mid = self.send_message(chat_id, chunk)
-            first = first or mid
-        return first
-
-
-class TelegramBot(BotApi):
-    provider = "telegram"
-    DEFAULT_BASE = "https://api.telegram.org"
-
-
-class BaleBot(BotApi):
-    provider = "bale"
-    DEFAULT_BASE = "https://tapi.bale.ai"
-
-
-BOT_CLASSES = {"telegram": TelegramBot, "bale": BaleBot}
-
-
-def split_text(text: str, limit: int = TEXT_LIMIT) -> list[str]:
-    """Chunks of at most `limit` characters, cut at a line break or a space where there is one."""
-    text = text.strip()
-    out = []
-    while len(text) > limit:
-        cut = text.rfind("\n", 0, limit)
-        if cut < limit // 2:
-            cut = text.rfind(" ", 0, limit)
-        if cut < limit // 2:
-            cut = limit
-        out.append(text[:cut].rstrip())
-        text = text[cut:].lstrip()
-    if text:
-        out.append(text)
-    return out
+# --- the Bot API (crm_chassis.bots) -----------------------------------------------------------
+BOT_CLASSES = chassis_bots.BOT_CLASSES
 
 
 def bots(support: Support) -> dict[str, BotApi]:
