@@ -5,12 +5,13 @@ from __future__ import annotations
 from crm_chassis.parts import parts_spec
 from crm_chassis.service import main
 
-from . import api, audience
+from . import api, audience, segments
 from .runtime import campaign
 
 # The parts of the service (crm_chassis.parts says what each may define; runtime.py the hooks).
 PARTS = [
     audience,  # the customer projection with sales and support behaviour, from their events
+    segments,  # dynamic, static and combined segments; membership kept current (SegmentService)
     api,  # CampaignService
 ]
 
