@@ -224,7 +224,10 @@ def test_events_built_by_the_database_parse_as_the_messages_python_would_publish
 
     texts = ["a", "سلام" * 40, "x" * 20000, ""]
     with engine.begin() as conn:
-        conn.execute(sa.text("INSERT INTO things VALUES (1, :a), (2, :b), (3, :c), (4, :d)"), dict(zip("abcd", texts)))
+        conn.execute(
+            sa.text("INSERT INTO things VALUES (1, :a), (2, :b), (3, :c), (4, :d)"),
+            dict(zip("abcd", texts, strict=True)),
+        )
     things = sa.table("things", sa.column("id"), sa.column("name"))
     with uow.begin() as tx:
         q = sa.select(("things/" + sa.cast(things.c.id, sa.Text)).label("subject"), things.c.name.label("reason"))

@@ -136,21 +136,16 @@ class Definition:
 
     @classmethod
     def of(cls, row) -> Definition:
-        return cls(
-            str(row.id), row.kind, row.filter, tuple(row.include_ids), row.include_all, tuple(row.exclude_ids)
-        )
+        return cls(str(row.id), row.kind, row.filter, tuple(row.include_ids), row.include_all, tuple(row.exclude_ids))
 
 
 def member_condition(d: Definition, cid: sa.ColumnElement, now: dt.datetime, field: str = "segment.filter"):
     """SQL: is the customer `cid` (a column) a member of the combined segment `d`."""
     m = segment_members.alias("inc")
     if d.include_all:
-        inc = (
-            sa.select(sa.func.count())
-            .where(m.c.segment_id.in_(d.include), m.c.customer_id == cid)
-            .scalar_subquery()
-            == len(d.include)
-        )
+        inc = sa.select(sa.func.count()).where(
+            m.c.segment_id.in_(d.include), m.c.customer_id == cid
+        ).scalar_subquery() == len(d.include)
     else:
         inc = sa.exists().where(m.c.segment_id.in_(d.include), m.c.customer_id == cid)
     if not d.exclude:
@@ -261,7 +256,11 @@ class Segments:
                     )
                 )
             else:
-                cid = sa.func.unnest(sa.cast(sa.literal(list(ids)), sa.ARRAY(sa.Text))).table_valued("customer_id").render_derived()
+                cid = (
+                    sa.func.unnest(sa.cast(sa.literal(list(ids)), sa.ARRAY(sa.Text)))
+                    .table_valued("customer_id")
+                    .render_derived()
+                )
                 branches.append(
                     sa.select(sid.label("segment_id"), cid.c.customer_id.label("customer_id")).where(
                         member_condition(d, cid.c.customer_id, now)
@@ -313,8 +312,22 @@ class Segments:
                 )
 
     def publish(self, conn, diff, cause: str) -> None:
-        """Events and member counts for a difference made by hand or by import."""
-        self._publish(conn, diff, cause, self.now())
+        """Events and member counts for a difference made by hand or by import; the combined
+        segments built on the changed segments follow (those customers re-evaluated)."""
+        now = self.now()
+        self._publish(conn, diff, cause, now)
+        ids = sorted({cid for _, _, cid in diff})
+        if not ids:
+            return
+        rows = conn.execute(
+            sa.select(segments).where(segments.c.kind == COMBINED).order_by(segments.c.depth, segments.c.id)
+        ).all()
+        if rows:
+            lock_shared(conn, [str(r.id) for r in rows])
+            follow: list[tuple[str, str, str]] = []
+            for depth in sorted({r.depth for r in rows}):
+                follow += self._apply(conn, [Definition.of(r) for r in rows if r.depth == depth], ids, now)
+            self._publish(conn, follow, "event", now)
 
     # -- 2. rebuilds ---------------------------------------------------------------------------
     def start_rebuild(self, conn: sa.Connection, segment_id: str, cause: str, creator: str = "") -> jobs.Job:
@@ -346,7 +359,9 @@ class Segments:
                 row = tx.conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
                 if row is None:
                     return {"deleted": True}
-                added, removed = self.diff(tx, Definition.of(row), None, None, self.now()) if row.kind == COMBINED else (0, 0)
+                added, removed = (
+                    self.diff(tx, Definition.of(row), None, None, self.now()) if row.kind == COMBINED else (0, 0)
+                )
                 self._finish(tx.conn, sid)
                 ctx.save(tx.conn, "done", processed=total, total=total, increment={"added": added, "removed": removed})
         with self.uow.begin() as tx:  # combined segments built on this one follow it
@@ -424,7 +439,8 @@ class Segments:
             REMOVED,
             template,
             sa.select(
-                sa.literal(f"segments/{d.id}").label("subject"), (sa.literal("customers/") + gone.c.customer_id).label("customer")
+                sa.literal(f"segments/{d.id}").label("subject"),
+                (sa.literal("customers/") + gone.c.customer_id).label("customer"),
             ),
             {"customer": 2},
         )
@@ -434,8 +450,15 @@ class Segments:
             .from_select(
                 ["segment_id", "customer_id", "since", "source"],
                 sa.select(
-                    sa.literal(d.id, s.c.segment_id.type), want.c.customer_id, sa.literal(now, s.c.since.type), sa.literal(source)
-                ).where(*in_range(want.c.customer_id)),
+                    sa.literal(d.id, s.c.segment_id.type),
+                    want.c.customer_id,
+                    sa.literal(now, s.c.since.type),
+                    sa.literal(source),
+                ).where(
+                    *in_range(want.c.customer_id),
+                    # an anti-join (hashed), not a conflict probe per current member
+                    ~sa.exists().where(s.c.segment_id == d.id, s.c.customer_id == want.c.customer_id),
+                ),
             )
             .on_conflict_do_nothing()
             .returning(s.c.customer_id)
@@ -445,7 +468,8 @@ class Segments:
             ADDED,
             template,
             sa.select(
-                sa.literal(f"segments/{d.id}").label("subject"), (sa.literal("customers/") + new.c.customer_id).label("customer")
+                sa.literal(f"segments/{d.id}").label("subject"),
+                (sa.literal("customers/") + new.c.customer_id).label("customer"),
             ),
             {"customer": 2},
         )

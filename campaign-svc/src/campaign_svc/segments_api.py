@@ -184,7 +184,9 @@ class SegmentUseCases:
             out["include_ids"] = self._parts(conn, inc, "segment.include_segments", bad, own_id)
             out["exclude_ids"] = self._parts(conn, exc, "segment.exclude_segments", bad, own_id)
             if not inc:
-                bad.append(FieldViolation("segment.include_segments", "a combined segment includes at least one segment"))
+                bad.append(
+                    FieldViolation("segment.include_segments", "a combined segment includes at least one segment")
+                )
             both = set(out["include_ids"]) & set(out["exclude_ids"])
             if both:
                 bad.append(FieldViolation("segment.exclude_segments", "a segment cannot be both included and excluded"))
@@ -220,7 +222,10 @@ class SegmentUseCases:
     @staticmethod
     def _propagate(conn) -> None:
         """Depth and relative of every combined segment from its parts (after a change)."""
-        rows = {str(r.id): r for r in conn.execute(sa.select(s.id, s.kind, s.include_ids, s.exclude_ids, s.relative, s.depth))}
+        rows = {
+            str(r.id): r
+            for r in conn.execute(sa.select(s.id, s.kind, s.include_ids, s.exclude_ids, s.relative, s.depth))
+        }
         depth = {k: (0 if r.kind != seg.COMBINED else None) for k, r in rows.items()}
         rel = {k: r.relative for k, r in rows.items() if r.kind != seg.COMBINED}
         for _ in range(len(rows) + 1):
@@ -382,9 +387,11 @@ class SegmentUseCases:
             row = self._locked(tx.conn, name, "name")
             check_etag(etag_value, row.version, name)
             sid = str(row.id)
-            users = tx.conn.execute(
-                sa.select(s.id).where(sa.or_(s.include_ids.any(sid), s.exclude_ids.any(sid)))
-            ).scalars().all()
+            users = (
+                tx.conn.execute(sa.select(s.id).where(sa.or_(s.include_ids.any(sid), s.exclude_ids.any(sid))))
+                .scalars()
+                .all()
+            )
             if users:
                 raise FailedPrecondition(
                     f"{name} is part of {', '.join(SEGMENT.format(u) for u in users)}; change those first",
@@ -446,7 +453,10 @@ class SegmentUseCases:
                 ).all()
         return pb.PreviewSegmentResponse(
             member_count=count,
-            members=[pb.SegmentMember(customer=CUSTOMER.format(r.customer_id), display_name=r.display_name or "") for r in sample],
+            members=[
+                pb.SegmentMember(customer=CUSTOMER.format(r.customer_id), display_name=r.display_name or "")
+                for r in sample
+            ],
             relative_time=d["relative"],
         )
 
@@ -485,7 +495,9 @@ class SegmentUseCases:
             )
         out = pb.ListSegmentMembersResponse(next_page_token=token, member_count=count)
         for r in rows:
-            item = out.members.add(customer=CUSTOMER.format(r.customer_id), display_name=r.display_name or "", source=r.source)
+            item = out.members.add(
+                customer=CUSTOMER.format(r.customer_id), display_name=r.display_name or "", source=r.source
+            )
             item.since.FromDatetime(r.since)
         return out
 
@@ -522,7 +534,9 @@ class SegmentUseCases:
             sid = str(row.id)
             seg.lock_exclusive(tx.conn, sid)
             known = set(
-                tx.conn.execute(sa.select(audience.c.customer_id).where(audience.c.customer_id.in_(ids), LIVE)).scalars()
+                tx.conn.execute(
+                    sa.select(audience.c.customer_id).where(audience.c.customer_id.in_(ids), LIVE)
+                ).scalars()
             )
             unknown = [
                 FieldViolation(f"customers[{i}]", f"{n} is not a known customer")
@@ -534,7 +548,9 @@ class SegmentUseCases:
             m = segment_members
             stmt = (
                 pg_insert(m)
-                .values([{"segment_id": sid, "customer_id": c, "source": "manual", "since": self.seg.now()} for c in ids])
+                .values(
+                    [{"segment_id": sid, "customer_id": c, "source": "manual", "since": self.seg.now()} for c in ids]
+                )
                 .on_conflict_do_nothing()
                 .returning(m.c.customer_id)
             )
@@ -551,11 +567,17 @@ class SegmentUseCases:
             row = self._static(tx.conn, name, "segment")
             sid = str(row.id)
             seg.lock_exclusive(tx.conn, sid)
-            gone = tx.conn.execute(
-                m.delete().where(m.c.segment_id == sid, m.c.customer_id.in_(ids)).returning(m.c.customer_id)
-            ).scalars().all()
+            gone = (
+                tx.conn.execute(
+                    m.delete().where(m.c.segment_id == sid, m.c.customer_id.in_(ids)).returning(m.c.customer_id)
+                )
+                .scalars()
+                .all()
+            )
             self.seg.publish(tx.conn, [(seg.REMOVED, sid, c) for c in gone], "manual")
-            tx.audit(name, "segment.remove_members", principal, [{"field": "members", "old": str(len(gone)), "new": ""}])
+            tx.audit(
+                name, "segment.remove_members", principal, [{"field": "members", "old": str(len(gone)), "new": ""}]
+            )
             count = tx.conn.execute(sa.select(s.member_count).where(s.id == sid)).scalar_one()
         return pb.ChangeSegmentMembersResponse(changed=len(gone), member_count=count)
 
@@ -609,14 +631,24 @@ class SegmentUseCases:
         if len(content) > IMPORT_BYTES:
             raise InvalidArgument.field("content", f"the file is larger than {IMPORT_BYTES // (1024 * 1024)} MiB")
         rows, unmatched = self._read_csv(content)
-        r = sa.func.unnest(
-            sa.cast(sa.literal([x[0] for x in rows]), sa.ARRAY(sa.Integer)),
-            sa.cast(sa.literal([x[1] for x in rows]), sa.ARRAY(sa.Text)),
-            sa.cast(sa.literal([x[2] for x in rows]), sa.ARRAY(sa.Text)),
-        ).table_valued("line", "kind", "key").render_derived(name="r")
+        r = (
+            sa.func.unnest(
+                sa.cast(sa.literal([x[0] for x in rows]), sa.ARRAY(sa.Integer)),
+                sa.cast(sa.literal([x[1] for x in rows]), sa.ARRAY(sa.Text)),
+                sa.cast(sa.literal([x[2] for x in rows]), sa.ARRAY(sa.Text)),
+            )
+            .table_valued("line", "kind", "key")
+            .render_derived(name="r")
+        )
 
         def one(cond):
-            return sa.select(audience.c.customer_id).where(cond, LIVE).order_by(audience.c.customer_id).limit(1).scalar_subquery()
+            return (
+                sa.select(audience.c.customer_id)
+                .where(cond, LIVE)
+                .order_by(audience.c.customer_id)
+                .limit(1)
+                .scalar_subquery()
+            )
 
         match = sa.func.coalesce(
             sa.case((r.c.kind == "id", one(audience.c.customer_id == r.c.key))),
@@ -632,22 +664,35 @@ class SegmentUseCases:
             found = tx.conn.execute(sa.select(r.c.line, match.label("customer_id"))).all() if rows else []
             matched = sorted({f.customer_id for f in found if f.customer_id})
             unmatched += [
-                pb.UnmatchedRow(line=f.line, value=raw[f.line], reason="matches no customer") for f in found if not f.customer_id
+                pb.UnmatchedRow(line=f.line, value=raw[f.line], reason="matches no customer")
+                for f in found
+                if not f.customer_id
             ]
             m = segment_members
-            ids = sa.func.unnest(sa.cast(sa.literal(matched), sa.ARRAY(sa.Text))).table_valued("customer_id").render_derived()
+            ids = (
+                sa.func.unnest(sa.cast(sa.literal(matched), sa.ARRAY(sa.Text)))
+                .table_valued("customer_id")
+                .render_derived()
+            )
             stmt = (
                 pg_insert(m)
                 .from_select(
                     ["segment_id", "customer_id", "since", "source"],
-                    sa.select(sa.literal(sid, m.c.segment_id.type), ids.c.customer_id, sa.literal(self.seg.now(), m.c.since.type), sa.literal("import")),
+                    sa.select(
+                        sa.literal(sid, m.c.segment_id.type),
+                        ids.c.customer_id,
+                        sa.literal(self.seg.now(), m.c.since.type),
+                        sa.literal("import"),
+                    ),
                 )
                 .on_conflict_do_nothing()
                 .returning(m.c.customer_id)
             )
             added = tx.conn.execute(stmt).scalars().all() if matched else []
             self.seg.publish(tx.conn, [(seg.ADDED, sid, c) for c in added], "import")
-            tx.audit(name, "segment.import_members", principal, [{"field": "members", "old": "", "new": str(len(added))}])
+            tx.audit(
+                name, "segment.import_members", principal, [{"field": "members", "old": "", "new": str(len(added))}]
+            )
             count = tx.conn.execute(sa.select(s.member_count).where(s.id == sid)).scalar_one()
         unmatched.sort(key=lambda u: u.line)
         return pb.ImportSegmentMembersResponse(

@@ -274,7 +274,9 @@ def proto_string_sql(number: int, text) -> sa.ColumnElement:
     data = sa.func.convert_to(text, "UTF8")
     n = sa.func.octet_length(data)
     one = sa.func.set_byte(sa.literal(b"\x00", sa.LargeBinary), 0, n)
-    two = sa.func.set_byte(sa.func.set_byte(sa.literal(b"\x00\x00", sa.LargeBinary), 0, n.op("&")(127).op("|")(128)), 1, n.op(">>")(7))
+    two = sa.func.set_byte(
+        sa.func.set_byte(sa.literal(b"\x00\x00", sa.LargeBinary), 0, n.op("&")(127).op("|")(128)), 1, n.op(">>")(7)
+    )
     three = sa.func.set_byte(
         sa.func.set_byte(
             sa.func.set_byte(sa.literal(b"\x00\x00\x00", sa.LargeBinary), 0, n.op("&")(127).op("|")(128)),
