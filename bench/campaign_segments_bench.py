@@ -55,6 +55,8 @@ RAW_WHERE = (
     "NOT deleted AND merged_into = '' AND province = 'تهران' "
     "AND last_purchase_time >= now() - interval '90 days' AND order_count >= 2"
 )
+MID = "last_purchase_time >= now - 90d AND order_count >= 2"  # every recent repeat buyer
+MID_WHERE = "NOT deleted AND merged_into = '' AND last_purchase_time >= now() - interval '90 days' AND order_count >= 2"
 BROAD = 'order_count >= 1 AND email_consent != "revoked"'
 MORE = [  # more segments for the hook's measurement
     "tags:vip AND revenue > 5000000",
@@ -216,6 +218,10 @@ def main() -> int:
         wait_ready(stub, m["segment"].name)
         again_s = time.perf_counter() - t
         again = stub.GetSegmentRebuild(pb.GetSegmentRebuildRequest(name=again.name), metadata=MD)
+        t = time.perf_counter()
+        raw.execute(f"CREATE TEMP TABLE scratch1 AS SELECT customer_id FROM audience WHERE {MID_WHERE}")
+        raw_mid_s = time.perf_counter() - t
+        mid = materialise(stub, "bench mid", MID)
         broad = materialise(stub, "bench broad", BROAD)
         t = time.perf_counter()
         raw.execute(
@@ -228,12 +234,17 @@ def main() -> int:
             {"what": "CreateSegment -> READY (typical, with events)", "members": m["members"], "seconds": round(m["seconds"], 3)},
             {"what": "RebuildSegment, nothing changed (typical)", "members": m["members"], "seconds": round(again_s, 3),
              "diff": f"+{again.added} -{again.removed}"},
+            {"what": "raw CREATE TEMP TABLE AS SELECT (mid)", "members": mid["members"], "seconds": round(raw_mid_s, 3)},
+            {"what": "CreateSegment -> READY (mid, with events)", "members": mid["members"], "seconds": round(mid["seconds"], 3)},
             {"what": "raw CREATE TEMP TABLE AS SELECT (broad)", "members": broad["members"], "seconds": round(raw_broad_s, 3)},
             {"what": "CreateSegment -> READY (broad, with events)", "members": broad["members"], "seconds": round(broad["seconds"], 3)},
         ]  # fmt: skip
         say(table(rows, ["what", "members", "seconds", "diff"]))
         say(f"  member_added events in the outbox: {events:,} (one per member)")
-        say(f"  goal < 2 s (typical): {'met' if m['seconds'] < 2 else 'NOT met'}")
+        say(f"  typical: {FILTER}\n  mid: {MID}\n  broad: {BROAD}")
+        say(
+            f"  goal < 2 s: typical {'met' if m['seconds'] < 2 else 'NOT met'}, mid {'met' if mid['seconds'] < 2 else 'NOT met'}"
+        )
         out["materialise"] = rows
 
         say("\n== 3. hook: one customer's change against every dynamic segment ==")

@@ -101,6 +101,9 @@ AUDIENCE_FILTERS = FilterSchema(
 )
 
 
+_PAGES = sa.text("SELECT (pg_relation_size('audience') / current_setting('block_size')::int)::int")
+
+
 def _chunk() -> int:
     return max(1000, int(os.environ.get("SEGMENT_REBUILD_CHUNK", "250000")))
 
@@ -376,11 +379,12 @@ class Segments:
         return {"segment": f"segments/{sid}"}
 
     def _rebuild_dynamic(self, ctx: jobs.JobContext, sid: str, total: int) -> None:
-        cp = ctx.checkpoint or {}
-        lo, processed = cp.get("after"), cp.get("processed", 0)
+        """Chunks of heap pages of the audience (a TID range scan each: sequential, whatever the
+        order of customer ids), each one transaction; a resumed job starts after its last chunk."""
+        cp = ctx.checkpoint
         if cp == "done":
             return
-        size = _chunk()
+        start = (cp or {}).get("page", 0)
         while True:
             with ctx.step(self.uow) as tx:
                 conn = tx.conn
@@ -388,25 +392,82 @@ class Segments:
                 row = conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
                 if row is None:
                     return
-                q = sa.select(a.customer_id).order_by(a.customer_id).offset(size - 1).limit(1)
-                if lo is not None:
-                    q = q.where(a.customer_id > lo)
-                hi = conn.execute(q).scalar()
-                added, removed = self.diff(tx, Definition.of(row), lo, hi, self.now())
-                processed = min(total, processed + size) if hi is not None else total
-                last = hi is None
+                pages = conn.execute(_PAGES).scalar_one()  # now: rows appended meanwhile are in the last chunk
+                step = max(1, -(-pages * _chunk() // max(total, 1)))
+                end = start + step
+                last = end >= pages
+                added, removed = self.diff_pages(tx, Definition.of(row), start, None if last else end, self.now())
+                processed = total if last else min(total, total * end // max(pages, 1))
                 if last:
                     self._finish(conn, sid)
                 ctx.save(
                     conn,
-                    "done" if last else {"after": hi, "processed": processed},
+                    "done" if last else {"page": end},
                     processed=processed,
                     total=total,
                     increment={"added": added, "removed": removed},
                 )
             if last:
                 return
-            lo = hi
+            start = end
+
+    def diff_pages(self, tx, d: Definition, first: int, end: int | None, now: dt.datetime) -> tuple[int, int]:
+        """The set-based difference of a dynamic segment over the audience rows in heap pages
+        [first, end): members among them who no longer match deleted, those who match and are
+        not members inserted; their events built by the database. Returns (added, removed)."""
+        s = segment_members
+        ctid = sa.literal_column("audience.ctid")
+        where = [ctid >= sa.text(f"'({int(first)},0)'::tid")]
+        if end is not None:
+            where.append(ctid < sa.text(f"'({int(end)},0)'::tid"))
+        cur = (
+            sa.select(a.customer_id, sa.func.coalesce(matches(d, now), sa.false()).label("hit"))
+            .where(*where)
+            .cte("cur")
+        )
+        template = ev.SegmentMemberEvent(segment=f"segments/{d.id}", cause="rebuild")
+        template.event_time.FromDatetime(now)
+        subject = sa.literal(f"segments/{d.id}").label("subject")
+        gone = (
+            s.delete()
+            .where(
+                s.c.segment_id == d.id,
+                s.c.customer_id.in_(sa.select(cur.c.customer_id).where(~cur.c.hit)),
+            )
+            .returning(s.c.customer_id)
+            .cte("gone")
+        )
+        removed = tx.publish_select(
+            REMOVED,
+            template,
+            sa.select(subject, (sa.literal("customers/") + gone.c.customer_id).label("customer")),
+            {"customer": 2},
+        )
+        new = (
+            pg_insert(s)
+            .from_select(
+                ["segment_id", "customer_id", "since", "source"],
+                sa.select(
+                    sa.literal(d.id, s.c.segment_id.type),
+                    cur.c.customer_id,
+                    sa.literal(now, s.c.since.type),
+                    sa.literal("filter"),
+                ).where(
+                    cur.c.hit,
+                    ~sa.exists().where(s.c.segment_id == d.id, s.c.customer_id == cur.c.customer_id),
+                ),
+            )
+            .on_conflict_do_nothing()
+            .returning(s.c.customer_id)
+            .cte("new")
+        )
+        added = tx.publish_select(
+            ADDED,
+            template,
+            sa.select(subject, (sa.literal("customers/") + new.c.customer_id).label("customer")),
+            {"customer": 2},
+        )
+        return added, removed
 
     def diff(self, tx, d: Definition, lo: str | None, hi: str | None, now: dt.datetime) -> tuple[int, int]:
         """Set-based: members of `d` among customer ids in (lo, hi] that no longer qualify are

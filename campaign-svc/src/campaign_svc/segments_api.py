@@ -708,12 +708,16 @@ class SegmentUseCases:
     def of_customer(self, name: str) -> pb.ListCustomerSegmentsResponse:
         cid = CUSTOMER.parse(name, "customer").id
         m = segment_members
+        # one probe of the key (segment, customer) per segment: no index on customer_id to write
+        since = (
+            sa.select(m.c.since)
+            .where(m.c.segment_id == s.id, m.c.customer_id == cid)
+            .correlate(segments)
+            .scalar_subquery()
+        )
         with self.uow.read() as conn:
             rows = conn.execute(
-                sa.select(s.id, s.display_name, m.c.since)
-                .select_from(m.join(segments, s.id == m.c.segment_id))
-                .where(m.c.customer_id == cid)
-                .order_by(s.display_name)
+                sa.select(s.id, s.display_name, since.label("since")).where(since.is_not(None)).order_by(s.display_name)
             ).all()
         out = pb.ListCustomerSegmentsResponse()
         for r in rows:

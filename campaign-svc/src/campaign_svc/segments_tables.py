@@ -5,7 +5,8 @@
   (0 for dynamic and static, 1 + the deepest part for a combined one: the order in which
   combined segments are re-evaluated), the materialised `member_count`, the latest rebuild job.
 - `segment_members`: one row per (segment, customer), `since` when they entered and `source`
-  (filter | combined | manual | import). A merge of customers moves these rows itself
+  (filter | combined | manual | import); its key (segment, customer) serves every lookup, one
+  customer's segments included (a probe per segment), so a big build writes one index. A merge of customers moves these rows itself
   (info["merge"] = "own": a customer in a segment twice would break the key), see segments.py.
 - Indexes on the audience for the fields segments filter on most (partial: live customers only,
   the condition every segment query carries).
@@ -49,7 +50,6 @@ segment_members = sa.Table(
     sa.Column("source", sa.Text, nullable=False, server_default="filter"),
     info={"merge": "own"},
 )
-sa.Index("segment_members_customer", segment_members.c.customer_id)
 
 LIVE = sa.and_(~audience.c.deleted, audience.c.merged_into == "")
 AUDIENCE_INDEXES = {

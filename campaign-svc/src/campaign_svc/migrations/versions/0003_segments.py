@@ -56,7 +56,6 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["segment_id"], ["segments.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("segment_id", "customer_id"),
     )
-    op.create_index("segment_members_customer", "segment_members", ["customer_id"])
     for name, (cols, using) in INDEXES.items():
         op.create_index(
             name, "audience", cols, postgresql_where=sa.text(LIVE), **({"postgresql_using": using} if using else {})
