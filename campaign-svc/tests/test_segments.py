@@ -474,7 +474,7 @@ def test_update_with_etags_list_with_filters_and_delete(svc, stub):
             conn.execute(
                 sa.select(sa.func.count())
                 .select_from(segment_members)
-                .join(segments, isouter=True)
+                .join(segments, segments.c.id == segment_members.c.segment_id, isouter=True)
                 .where(segments.c.id.is_(None))
             ).scalar()
             == 0

@@ -410,6 +410,7 @@ class SegmentUseCases:
                 job = jobs.get(tx.conn, str(row.rebuild_job))
                 if job is not None and not job.ended:
                     jobs.cancel(tx.conn, job.id, by=principal.subject)
+            tx.conn.execute(segment_members.delete().where(segment_members.c.segment_id == sid))
             tx.conn.execute(segments.delete().where(s.id == sid))
             tx.audit(name, "segment.delete", principal, [{"field": "display_name", "old": row.display_name, "new": ""}])
 

@@ -53,7 +53,6 @@ def upgrade() -> None:
         sa.Column("customer_id", sa.Text(), nullable=False),
         sa.Column("since", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.Column("source", sa.Text(), server_default="filter", nullable=False),
-        sa.ForeignKeyConstraint(["segment_id"], ["segments.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("segment_id", "customer_id"),
     )
     for name, (cols, using) in INDEXES.items():
