@@ -488,3 +488,22 @@ def test_update_with_etags_list_with_filters_and_delete(svc, stub):
         md=analyst,
     )
     assert e.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_consent_change_moves_the_customer_and_a_replayed_event_publishes_nothing(svc, stub):
+    from campaign_svc import consent
+
+    t = tag()
+    cid = str(uuid.uuid4())
+    created = customer_message("customer.created.v1", cid=cid, email=f"{t}@x.ir", tags=[t])
+    deliver(svc, created)
+    s = dynamic(stub, f'tags:{t} AND email_consent = "granted"')
+    r = rt(svc)
+    with r.uow.begin() as tx:
+        consent.record(r, tx, consent.Change("email", f"{t}@x.ir", "granted", "web_form", customer_id=cid))
+    assert members(stub, s.name) == {cid}
+    with r.uow.begin() as tx:
+        consent.record(r, tx, consent.Change("email", f"{t}@x.ir", "revoked", "unsubscribe_link"))
+    assert members(stub, s.name) == set()
+    deliver(svc, created)  # the same event again: nothing moves, nothing is published
+    assert member_events(svc, s.name) == [("+", cid, "event"), ("-", cid, "event")]

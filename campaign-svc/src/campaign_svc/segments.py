@@ -13,7 +13,8 @@
      (`depth`); a merged customer's static memberships move to the survivor; a deleted or
      erased customer leaves static segments.
   2. A rebuild (a crm_chassis job, kind "segment.rebuild"): the audience is walked in chunks
-     of customer ids (SEGMENT_REBUILD_CHUNK, default 250000), each chunk one transaction that
+     of heap pages (about SEGMENT_REBUILD_CHUNK customers, default 250000; TID range scans),
+     each chunk one transaction that
      deletes the members who no longer match and inserts those who newly match, with their
      events built by the database (Transaction.publish_select) and the job's progress saved in
      the same transaction; combined segments that include the segment are rebuilt after it.
@@ -362,9 +363,7 @@ class Segments:
                 row = tx.conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
                 if row is None:
                     return {"deleted": True}
-                added, removed = (
-                    self.diff(tx, Definition.of(row), None, None, self.now()) if row.kind == COMBINED else (0, 0)
-                )
+                added, removed = self.diff(tx, Definition.of(row), self.now()) if row.kind == COMBINED else (0, 0)
                 self._finish(tx.conn, sid)
                 ctx.save(tx.conn, "done", processed=total, total=total, increment={"added": added, "removed": removed})
         with self.uow.begin() as tx:  # combined segments built on this one follow it
@@ -412,10 +411,9 @@ class Segments:
             start = end
 
     def diff_pages(self, tx, d: Definition, first: int, end: int | None, now: dt.datetime) -> tuple[int, int]:
-        """The set-based difference of a dynamic segment over the audience rows in heap pages
-        [first, end): members among them who no longer match deleted, those who match and are
-        not members inserted; their events built by the database. Returns (added, removed)."""
-        s = segment_members
+        """The difference of a dynamic segment over the audience rows in heap pages
+        [first, end): members among them who no longer match leave, those who match and are
+        not members enter. Returns (added, removed)."""
         ctid = sa.literal_column("audience.ctid")
         where = [ctid >= sa.text(f"'({int(first)},0)'::tid")]
         if end is not None:
@@ -425,86 +423,32 @@ class Segments:
             .where(*where)
             .cte("cur")
         )
+        leaving = segment_members.c.customer_id.in_(sa.select(cur.c.customer_id).where(~cur.c.hit))
+        entering = sa.select(cur.c.customer_id).where(cur.c.hit)
+        return self._write(tx, d, leaving, entering, now)
+
+    def diff(self, tx, d: Definition, now: dt.datetime) -> tuple[int, int]:
+        """The whole difference of a combined segment. Returns (added, removed)."""
+        want = candidates(d, now).subquery("want")
+        leaving = ~sa.exists().where(want.c.customer_id == segment_members.c.customer_id)
+        return self._write(tx, d, leaving, sa.select(want.c.customer_id), now)
+
+    def _write(self, tx, d: Definition, leaving, entering: sa.Select, now: dt.datetime) -> tuple[int, int]:
+        """Set-based: delete the members for which `leaving` holds, insert the customers
+        `entering` selects who are not members yet (an anti-join: hashed, not a conflict probe
+        per member), each with its event built by the database. Returns (added, removed)."""
+        s = segment_members
         template = ev.SegmentMemberEvent(segment=f"segments/{d.id}", cause="rebuild")
         template.event_time.FromDatetime(now)
         subject = sa.literal(f"segments/{d.id}").label("subject")
-        gone = (
-            s.delete()
-            .where(
-                s.c.segment_id == d.id,
-                s.c.customer_id.in_(sa.select(cur.c.customer_id).where(~cur.c.hit)),
-            )
-            .returning(s.c.customer_id)
-            .cte("gone")
-        )
+        gone = s.delete().where(s.c.segment_id == d.id, leaving).returning(s.c.customer_id).cte("gone")
         removed = tx.publish_select(
             REMOVED,
             template,
             sa.select(subject, (sa.literal("customers/") + gone.c.customer_id).label("customer")),
             {"customer": 2},
         )
-        new = (
-            pg_insert(s)
-            .from_select(
-                ["segment_id", "customer_id", "since", "source"],
-                sa.select(
-                    sa.literal(d.id, s.c.segment_id.type),
-                    cur.c.customer_id,
-                    sa.literal(now, s.c.since.type),
-                    sa.literal("filter"),
-                ).where(
-                    cur.c.hit,
-                    ~sa.exists().where(s.c.segment_id == d.id, s.c.customer_id == cur.c.customer_id),
-                ),
-            )
-            .on_conflict_do_nothing()
-            .returning(s.c.customer_id)
-            .cte("new")
-        )
-        added = tx.publish_select(
-            ADDED,
-            template,
-            sa.select(subject, (sa.literal("customers/") + new.c.customer_id).label("customer")),
-            {"customer": 2},
-        )
-        return added, removed
-
-    def diff(self, tx, d: Definition, lo: str | None, hi: str | None, now: dt.datetime) -> tuple[int, int]:
-        """Set-based: members of `d` among customer ids in (lo, hi] that no longer qualify are
-        deleted, those who qualify and are not members inserted; the events are built by the
-        database. Returns (added, removed)."""
-        s = segment_members
-        want = candidates(d, now).subquery("want")
-
-        def in_range(col):
-            conds = []
-            if lo is not None:
-                conds.append(col > lo)
-            if hi is not None:
-                conds.append(col <= hi)
-            return conds
-
-        template = ev.SegmentMemberEvent(segment=f"segments/{d.id}", cause="rebuild")
-        template.event_time.FromDatetime(now)
-        gone = (
-            s.delete()
-            .where(
-                s.c.segment_id == d.id,
-                *in_range(s.c.customer_id),
-                ~sa.exists().where(want.c.customer_id == s.c.customer_id),
-            )
-            .returning(s.c.customer_id)
-            .cte("gone")
-        )
-        removed = tx.publish_select(
-            REMOVED,
-            template,
-            sa.select(
-                sa.literal(f"segments/{d.id}").label("subject"),
-                (sa.literal("customers/") + gone.c.customer_id).label("customer"),
-            ),
-            {"customer": 2},
-        )
+        want = entering.subquery("entering")
         source = "filter" if d.kind == DYNAMIC else "combined"
         new = (
             pg_insert(s)
@@ -515,11 +459,7 @@ class Segments:
                     want.c.customer_id,
                     sa.literal(now, s.c.since.type),
                     sa.literal(source),
-                ).where(
-                    *in_range(want.c.customer_id),
-                    # an anti-join (hashed), not a conflict probe per current member
-                    ~sa.exists().where(s.c.segment_id == d.id, s.c.customer_id == want.c.customer_id),
-                ),
+                ).where(~sa.exists().where(s.c.segment_id == d.id, s.c.customer_id == want.c.customer_id)),
             )
             .on_conflict_do_nothing()
             .returning(s.c.customer_id)
@@ -528,10 +468,7 @@ class Segments:
         added = tx.publish_select(
             ADDED,
             template,
-            sa.select(
-                sa.literal(f"segments/{d.id}").label("subject"),
-                (sa.literal("customers/") + new.c.customer_id).label("customer"),
-            ),
+            sa.select(subject, (sa.literal("customers/") + new.c.customer_id).label("customer")),
             {"customer": 2},
         )
         return added, removed
