@@ -32,7 +32,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -501,10 +500,6 @@ def depends_relative(conn: sa.Connection, ids: Iterable[str]) -> tuple[bool, int
         sa.select(sa.func.bool_or(segments.c.relative), sa.func.max(segments.c.depth)).where(segments.c.id.in_(ids))
     ).one()
     return bool(r[0]), r[1] if r[1] is not None else -1
-
-
-def new_id() -> str:
-    return str(uuid.uuid4())
 
 
 def engine(rt: Campaign) -> Segments:

@@ -4,7 +4,6 @@ Membership maintenance itself is segments.py."""
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 
 import sqlalchemy as sa
@@ -777,4 +776,3 @@ def registration(rt: Campaign, engine: seg.Segments) -> Registration:
     return Registration.of(SegmentServicer(rt.once("segment_use_cases", lambda: SegmentUseCases(rt, engine))))
 
 
-__all__ = ["SegmentServicer", "SegmentUseCases", "dt"]
