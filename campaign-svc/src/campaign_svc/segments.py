@@ -383,6 +383,17 @@ class Segments:
         if cp == "done":
             return
         start = (cp or {}).get("page", 0)
+        # A first build (no member yet): nothing can leave and no row of a later chunk is a
+        # member (the hook's concurrent inserts meet ON CONFLICT), so no delete, no anti-join.
+        fresh = (cp or {}).get("fresh")
+        if fresh is None:
+            with self.engine.connect() as conn:
+                fresh = (
+                    conn.execute(
+                        sa.select(segment_members.c.customer_id).where(segment_members.c.segment_id == sid).limit(1)
+                    ).first()
+                    is None
+                )
         while True:
             with ctx.step(self.uow) as tx:
                 conn = tx.conn
@@ -394,13 +405,15 @@ class Segments:
                 step = max(1, -(-pages * _chunk() // max(total, 1)))
                 end = start + step
                 last = end >= pages
-                added, removed = self.diff_pages(tx, Definition.of(row), start, None if last else end, self.now())
+                added, removed = self.diff_pages(
+                    tx, Definition.of(row), start, None if last else end, self.now(), fresh
+                )
                 processed = total if last else min(total, total * end // max(pages, 1))
                 if last:
                     self._finish(conn, sid)
                 ctx.save(
                     conn,
-                    "done" if last else {"page": end},
+                    "done" if last else {"page": end, "fresh": fresh},
                     processed=processed,
                     total=total,
                     increment={"added": added, "removed": removed},
@@ -409,10 +422,12 @@ class Segments:
                 return
             start = end
 
-    def diff_pages(self, tx, d: Definition, first: int, end: int | None, now: dt.datetime) -> tuple[int, int]:
+    def diff_pages(
+        self, tx, d: Definition, first: int, end: int | None, now: dt.datetime, fresh: bool = False
+    ) -> tuple[int, int]:
         """The difference of a dynamic segment over the audience rows in heap pages
         [first, end): members among them who no longer match leave, those who match and are
-        not members enter. Returns (added, removed)."""
+        not members enter (`fresh`: a first build, only entering). Returns (added, removed)."""
         ctid = sa.literal_column("audience.ctid")
         where = [ctid >= sa.text(f"'({int(first)},0)'::tid")]
         if end is not None:
@@ -422,9 +437,9 @@ class Segments:
             .where(*where)
             .cte("cur")
         )
-        leaving = segment_members.c.customer_id.in_(sa.select(cur.c.customer_id).where(~cur.c.hit))
+        leaving = None if fresh else segment_members.c.customer_id.in_(sa.select(cur.c.customer_id).where(~cur.c.hit))
         entering = sa.select(cur.c.customer_id).where(cur.c.hit)
-        return self._write(tx, d, leaving, entering, now)
+        return self._write(tx, d, leaving, entering, now, anti_join=not fresh)
 
     def diff(self, tx, d: Definition, now: dt.datetime) -> tuple[int, int]:
         """The whole difference of a combined segment. Returns (added, removed)."""
@@ -432,7 +447,9 @@ class Segments:
         leaving = ~sa.exists().where(want.c.customer_id == segment_members.c.customer_id)
         return self._write(tx, d, leaving, sa.select(want.c.customer_id), now)
 
-    def _write(self, tx, d: Definition, leaving, entering: sa.Select, now: dt.datetime) -> tuple[int, int]:
+    def _write(
+        self, tx, d: Definition, leaving, entering: sa.Select, now: dt.datetime, anti_join: bool = True
+    ) -> tuple[int, int]:
         """Set-based: delete the members for which `leaving` holds, insert the customers
         `entering` selects who are not members yet (an anti-join: hashed, not a conflict probe
         per member), each with its event built by the database. Returns (added, removed)."""
@@ -440,13 +457,15 @@ class Segments:
         template = ev.SegmentMemberEvent(segment=f"segments/{d.id}", cause="rebuild")
         template.event_time.FromDatetime(now)
         subject = sa.literal(f"segments/{d.id}").label("subject")
-        gone = s.delete().where(s.c.segment_id == d.id, leaving).returning(s.c.customer_id).cte("gone")
-        removed = tx.publish_select(
-            REMOVED,
-            template,
-            sa.select(subject, (sa.literal("customers/") + gone.c.customer_id).label("customer")),
-            {"customer": 2},
-        )
+        removed = 0
+        if leaving is not None:
+            gone = s.delete().where(s.c.segment_id == d.id, leaving).returning(s.c.customer_id).cte("gone")
+            removed = tx.publish_select(
+                REMOVED,
+                template,
+                sa.select(subject, (sa.literal("customers/") + gone.c.customer_id).label("customer")),
+                {"customer": 2},
+            )
         want = entering.subquery("entering")
         source = "filter" if d.kind == DYNAMIC else "combined"
         new = (
@@ -458,7 +477,11 @@ class Segments:
                     want.c.customer_id,
                     sa.literal(now, s.c.since.type),
                     sa.literal(source),
-                ).where(~sa.exists().where(s.c.segment_id == d.id, s.c.customer_id == want.c.customer_id)),
+                ).where(
+                    ~sa.exists().where(s.c.segment_id == d.id, s.c.customer_id == want.c.customer_id)
+                    if anti_join
+                    else sa.true()
+                ),
             )
             .on_conflict_do_nothing()
             .returning(s.c.customer_id)

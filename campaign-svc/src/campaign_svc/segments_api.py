@@ -774,5 +774,3 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
 
 def registration(rt: Campaign, engine: seg.Segments) -> Registration:
     return Registration.of(SegmentServicer(rt.once("segment_use_cases", lambda: SegmentUseCases(rt, engine))))
-
-
