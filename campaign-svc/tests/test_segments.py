@@ -507,3 +507,34 @@ def test_a_consent_change_moves_the_customer_and_a_replayed_event_publishes_noth
     assert members(stub, s.name) == set()
     deliver(svc, created)  # the same event again: nothing moves, nothing is published
     assert member_events(svc, s.name) == [("+", cid, "event"), ("-", cid, "event")]
+
+
+def test_a_resumed_rebuild_goes_on_after_its_last_chunk(svc, stub):
+    """A rebuild job taken over after a crash starts from its checkpoint (the heap page after
+    the last committed chunk): the pages before it are not evaluated again."""
+    from crm_chassis import jobs
+    from crm_chassis.work_tables import jobs as job_rows
+
+    t = tag()
+    ids = rows(svc, *(dict(tags=[t], order_count=0) for _ in range(300)))
+    s = dynamic(stub, f"tags:{t} AND order_count >= 1")
+    assert members(stub, s.name) == set()
+    with svc.ctx.engine.begin() as conn:  # behind the hook's back
+        conn.execute(audience.update().where(audience.c.customer_id.in_(ids)).values(order_count=1))
+        pages = dict(
+            conn.execute(
+                sa.select(audience.c.customer_id, sa.text("(ctid::text::point)[0]::int")).where(
+                    audience.c.customer_id.in_(ids)
+                )
+            ).all()
+        )
+    cut = sorted(set(pages.values()))[len(set(pages.values())) // 2]
+    sid = s.name.removeprefix("segments/")
+    with svc.ctx.engine.begin() as conn:
+        job = jobs.start(conn, seg.REBUILD_KIND, {"segment_id": sid, "cause": "request"})
+        conn.execute(job_rows.update().where(job_rows.c.id == job.id).values(checkpoint={"page": cut, "fresh": False}))
+        conn.execute(segments.update().where(segments.c.id == sid).values(rebuild_job=job.id))
+    seg.engine(rt(svc)).worker.wake()
+    ready(stub, s.name)
+    after = {c for c, p in pages.items() if p >= cut}
+    assert 0 < len(after) < len(ids) and members(stub, s.name) == after
