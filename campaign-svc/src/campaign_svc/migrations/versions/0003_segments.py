@@ -13,7 +13,7 @@ down_revision = "0002"
 
 LIVE = "NOT deleted AND merged_into = ''"
 INDEXES = {
-    "audience_seg_province": (["province", "city"], None),
+    "audience_seg_province": (["province", "last_purchase_time"], None),  # INCLUDE (city, order_count)
     "audience_seg_last_purchase": (["last_purchase_time"], None),
     "audience_seg_last_activity": (["last_activity_time"], None),
     "audience_seg_create_time": (["create_time"], None),
@@ -57,7 +57,12 @@ def upgrade() -> None:
     )
     for name, (cols, using) in INDEXES.items():
         op.create_index(
-            name, "audience", cols, postgresql_where=sa.text(LIVE), **({"postgresql_using": using} if using else {})
+            name,
+            "audience",
+            cols,
+            postgresql_where=sa.text(LIVE),
+            **({"postgresql_using": using} if using else {}),
+            **({"postgresql_include": ["city", "order_count"]} if name == "audience_seg_province" else {}),
         )
 
 
