@@ -725,3 +725,65 @@ def test_a_jalali_date_is_read_as_the_persian_calendar_day():
     with pytest.raises(InvalidArgument) as err:
         SCHEMA.compile('due = "1405-12-30"')  # 1405 is not a leap year: Esfand has 29 days
     assert err.value.violations[0].field == "filter"
+
+
+# -- relative time ----------------------------------------------------------------------------
+_rel = sa.table("r", sa.column("ts", sa.DateTime(timezone=True)), sa.column("d", sa.Date), sa.column("n", sa.Integer))
+REL = FilterSchema(
+    FilterField("ts", _rel.c.ts, FieldType.TIMESTAMP),
+    FilterField("d", _rel.c.d, FieldType.DATE),
+    FilterField("n", _rel.c.n, FieldType.INT),
+)
+TEHRAN = dt.timezone(dt.timedelta(hours=3, minutes=30))
+
+
+def _bound(text: str, now: dt.datetime):
+    c = REL.analyse(text, now)
+    return [c.where.right.value], c
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("ts >= now - 90d", dt.datetime(2025, 12, 25, 10, tzinfo=dt.UTC)),
+        ("ts>=now-12h", dt.datetime(2026, 3, 24, 22, tzinfo=dt.UTC)),
+        ("ts < now + 30min", dt.datetime(2026, 3, 25, 10, 30, tzinfo=dt.UTC)),
+        ("ts < today + 1d", dt.datetime(2026, 3, 26, tzinfo=TEHRAN)),
+        ("ts >= this_week", dt.datetime(2026, 3, 21, tzinfo=TEHRAN)),  # Saturday
+        ("ts >= this_month", dt.datetime(2026, 3, 1, tzinfo=TEHRAN)),
+        ("ts >= this_year - 2w", dt.datetime(2026, 1, 1, tzinfo=TEHRAN) - dt.timedelta(weeks=2)),
+        ("ts >= this_jalali_month", dt.datetime(2026, 3, 21, tzinfo=TEHRAN)),  # 1405-01-01
+        ("d >= this_jalali_year", dt.date(2026, 3, 21)),
+        ("d <= today - 1d", dt.date(2026, 3, 24)),
+    ],
+)
+def test_relative_times_resolve_against_the_given_now(text, expected):
+    now = dt.datetime(2026, 3, 25, 10, tzinfo=dt.UTC)  # a Wednesday, 13:30 in Tehran
+    values, compiled = _bound(text, now)
+    assert values == [expected] and compiled.relative and compiled.fields <= {"ts", "d"}
+
+
+def test_a_filter_without_relative_time_says_so_and_names_its_fields():
+    c = REL.analyse('n > 2 AND ts >= "2026-01-01"')
+    assert not c.relative and c.fields == {"n", "ts"}
+    # later clocks give later bounds: a stored filter drifts
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    assert _bound("ts > now - 1d", t0)[0] != _bound("ts > now - 1d", t0 + dt.timedelta(hours=1))[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("ts >= now - 3m", "minutes are 'min'"),
+        ("ts >= now - x", "expected a duration like 90d"),
+        ("ts >= now -", "expected a duration"),
+        ("n > now", "'n' expects an integer"),
+        ("ts > 90d", "expected a value"),
+        ("ts > tomorrow", "relative time"),
+    ],
+)
+def test_bad_relative_times_name_the_field_given(text, says):
+    with pytest.raises(InvalidArgument) as err:
+        REL.analyse(text, field="segment.filter")
+    (v,) = err.value.violations
+    assert v.field == "segment.filter" and says in v.description

@@ -224,3 +224,30 @@ def test_a_joined_transaction_commits_and_rolls_back_with_the_callers(uow, engin
             "things/3",
         ]
     assert uow.relay.wakes == 1  # nothing to relay from the rolled-back one
+
+
+def test_events_built_by_the_database_parse_as_the_messages_python_would_publish(uow, engine):
+    """publish_select: one outbox row per selected row, the payload the template's bytes plus
+    string fields encoded in SQL (one-, two- and three-byte lengths, UTF-8 text)."""
+    from google.rpc import error_details_pb2
+
+    texts = ["a", "سلام" * 40, "x" * 20000, ""]
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO things VALUES (1, :a), (2, :b), (3, :c), (4, :d)"),
+            dict(zip("abcd", texts, strict=True)),
+        )
+    things = sa.table("things", sa.column("id"), sa.column("name"))
+    with uow.begin() as tx:
+        q = sa.select(("things/" + sa.cast(things.c.id, sa.Text)).label("subject"), things.c.name.label("reason"))
+        n = tx.publish_select(
+            "thing.named.v1", error_details_pb2.ErrorInfo(domain="crm", metadata={"k": "v"}), q, {"reason": 1}
+        )
+    assert n == 4
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(outbox).order_by(outbox.c.subject)).all()
+    got = {r.subject: row_to_event(r).parse(error_details_pb2.ErrorInfo) for r in rows}
+    for i, text in enumerate(texts, 1):
+        assert got[f"things/{i}"] == error_details_pb2.ErrorInfo(reason=text, domain="crm", metadata={"k": "v"})
+    assert {r.routing_key for r in rows} == {"thing.named.v1"} and len({r.event_id for r in rows}) == 4
+    assert uow.relay.wakes == 1

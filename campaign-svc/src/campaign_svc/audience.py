@@ -89,7 +89,9 @@ def _products(lines) -> list[str]:
 
 
 def customer_tables() -> list[sa.Table]:
-    """Every table of the service that names a customer (parts add theirs to `metadata`)."""
+    """Every table of the service that names a customer (parts add theirs to `metadata`); a
+    table whose part re-points its own rows on a merge (info["merge"] = "own": a key that
+    includes customer_id) is erased here but not re-pointed (see `on_merged`)."""
     return [t for t in metadata.tables.values() if "customer_id" in t.c and t is not audience]
 
 
@@ -176,7 +178,7 @@ class Handlers:
     def on_merged(self, conn: sa.Connection, event: Event) -> None:
         survivor, merged = refs.mark_merged(conn, audience, event)
         for table in customer_tables():
-            if merged:
+            if merged and table.info.get("merge") != "own":
                 conn.execute(table.update().where(table.c.customer_id.in_(merged)).values(customer_id=survivor))
         self._changed(conn, [survivor, *merged], "merge")
 

@@ -48,6 +48,22 @@ enum           = !=                            a value name from the field's map
 string_array   : (has)                         string: ``tags:vip``, ``groups:"groups/1"``
 =============  ==============================  ==========================================
 
+Relative time: a timestamp or date field also takes a time relative to the moment the filter
+is compiled (``compile(text, now=...)``; the current time by default), so a stored filter
+drifts with the clock::
+
+    reltime  := ANCHOR [("+" | "-") DURATION]
+    ANCHOR   := now | today | this_week | this_month | this_year | this_jalali_month | this_jalali_year
+    DURATION := NUMBER UNIT        UNIT := s | min | h | d | w   (seconds, minutes, hours, days, weeks)
+
+``last_purchase_time >= now - 90d`` (bought in the last 90 days), ``last_complaint_time >=
+this_month`` (complained this month), ``create_time < today - 2w``. ``today`` and the
+``this_*`` anchors are the start of the day, week (Saturday), month or year in the schema's
+time zone (Asia/Tehran by default); the Jalali ones of the Persian calendar's month and year.
+A date field compares with the date of that instant in the zone. `FilterSchema.analyse` also
+says whether a filter uses relative time (it must be re-evaluated as time passes) and which
+fields it names.
+
 Any field also takes ``= null`` / ``!= null``. A field compiled by a callable (an EXISTS
 over a join table...) gets the operator and the converted value; see `FilterField`.
 
@@ -136,6 +152,9 @@ _TIMESTAMP_RE = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
 _KEYWORDS = frozenset({"AND", "OR", "NOT"})
+_DURATION_RE = re.compile(r"([0-9]+)(s|min|h|d|w)(?![A-Za-z0-9_])")
+_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+ANCHORS = ("now", "today", "this_week", "this_month", "this_year", "this_jalali_month", "this_jalali_year")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r"}
 
 
@@ -207,7 +226,11 @@ class FilterSchema:
     """The filterable fields of one List RPC; `compile` turns a filter string into SQL."""
 
     def __init__(
-        self, *fields: FilterField, max_length: int = MAX_FILTER_LENGTH, max_depth: int = MAX_FILTER_DEPTH
+        self,
+        *fields: FilterField,
+        max_length: int = MAX_FILTER_LENGTH,
+        max_depth: int = MAX_FILTER_DEPTH,
+        zone: str = "Asia/Tehran",
     ) -> None:
         self.fields: dict[str, FilterField] = {}
         for f in fields:
@@ -216,13 +239,37 @@ class FilterSchema:
             self.fields[f.name] = f
         self.max_length = max_length
         self.max_depth = max_depth
+        self.zone = ZoneInfo(zone)
 
-    def compile(self, text: str) -> ColumnElement[bool]:
-        """The boolean SQL expression for `text` (``true`` when blank); InvalidArgument on `filter`."""
+    def compile(self, text: str, now: dt.datetime | None = None) -> ColumnElement[bool]:
+        """The boolean SQL expression for `text` (``true`` when blank); InvalidArgument on `filter`.
+        Relative times (``now - 90d``) are resolved against `now` (default: the current time)."""
+        return self.analyse(text, now).where
+
+    def analyse(self, text: str, now: dt.datetime | None = None, field: str = "filter") -> Compiled:
+        """`compile` plus what the filter depends on: whether it uses relative time, which fields
+        it names. Errors are InvalidArgument naming `field`."""
         text = text or ""
-        if len(text) > self.max_length:
-            _fail(self.max_length, f"filter is longer than {self.max_length} characters")
-        return _Parser(text, _tokenize(text), self).parse()
+        try:
+            if len(text) > self.max_length:
+                _fail(self.max_length, f"filter is longer than {self.max_length} characters")
+            parser = _Parser(text, _tokenize(text), self, now)
+            where = parser.parse()
+        except InvalidArgument as exc:
+            if field == "filter":
+                raise
+            raise InvalidArgument.field(field, exc.violations[0].description) from None
+        return Compiled(where, parser.relative, frozenset(parser.names))
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A compiled filter: the WHERE expression, whether it uses relative time (``now - 90d``:
+    its result drifts with the clock) and the fields it names."""
+
+    where: ColumnElement[bool]
+    relative: bool
+    fields: frozenset[str]
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -243,6 +290,7 @@ class _Token:
     pos: int  # 0-based offset of the first character
     end: int = 0  # offset just after the token
     prefix: bool = False  # a string that ended in an unescaped "*"
+    value: Any = None  # a resolved relative time (kind "time")
 
     def describe(self) -> str:
         if self.kind == "end":
@@ -269,18 +317,24 @@ def _tokenize(src: str) -> list[_Token]:
                 _fail(i, "unexpected '!'", "use '!=' or NOT")
             out.append(_Token("op", op, i, i + len(op)))
             i += len(op)
-        elif c == "-":
-            out.append(_Token("-", c, i, i + 1))
+        elif c in "-+":
+            out.append(_Token(c, c, i, i + 1))
             i += 1
         elif c in "\"'":
             tok = _string(src, i)
             out.append(tok)
             i = tok.end
+        elif c.isascii() and c.isdigit() and (d := _DURATION_RE.match(src, i)):
+            out.append(_Token("duration", d.group(), i, d.end()))
+            i = d.end()
         elif c.isascii() and c.isdigit():
             m = _NUMBER_RE.match(src, i)
             end = m.end()
             if end < n and (src[end].isalnum() or src[end] in "_."):
-                _fail(i, f"malformed number {src[i : end + 1]!r}", "quote strings, timestamps and dates")
+                hint = "quote strings, timestamps and dates"
+                if src[end : end + 1] == "m" and src[end : end + 3] != "min":
+                    hint = "minutes are 'min'; for months use days (90d) or this_month"
+                _fail(i, f"malformed number {src[i : end + 1]!r}", hint)
             out.append(_Token("number", m.group(), i, end))
             i = end
         elif c.isascii() and (c.isalpha() or c == "_"):
@@ -329,8 +383,11 @@ def _encodable(c: str) -> bool:
 
 
 class _Parser:
-    def __init__(self, src: str, tokens: list[_Token], schema: FilterSchema) -> None:
+    def __init__(self, src: str, tokens: list[_Token], schema: FilterSchema, now: dt.datetime | None = None) -> None:
         self.src, self.tokens, self.schema, self.i = src, tokens, schema, 0
+        self.now = now
+        self.relative = False  # a relative time was used
+        self.names: set[str] = set()
 
     @property
     def peek(self) -> _Token:
@@ -406,14 +463,50 @@ class _Parser:
             names = sorted(self.schema.fields)
             shown = ", ".join(names[:30]) + (", ..." if len(names) > 30 else "")
             _fail(tok.pos, f"unknown field {tok.text!r}", f"filterable fields: {shown or 'none'}")
+        self.names.add(field.name)
         op = self.take()
         if op.kind != "op":
             _fail(op.pos, f"expected an operator (= != < <= > >= :) after {tok.text!r}, found {op.describe()}")
-        value = self.value()
+        value = self.value(field)
         return self.condition(field, op, value)
 
-    def value(self) -> _Token:
+    def relative_time(self, anchor: _Token, field: FilterField) -> _Token:
+        """ANCHOR [(+|-) DURATION] as a "time" token holding the instant."""
+        now = self.now if self.now is not None else dt.datetime.now(dt.UTC)
+        if now.tzinfo is None:
+            raise ValueError("now must be timezone-aware")
+        at = _anchor(anchor.text, now, self.schema.zone)
+        end = anchor.end
+        if self.peek.kind in ("+", "-"):
+            sign = self.take()
+            dur = self.take()
+            if dur.kind != "duration":
+                unit = "; minutes are 'min'" if dur.kind == "word" and dur.text.startswith("m") else ""
+                _fail(
+                    dur.pos,
+                    f"expected a duration like 90d, 12h, 30min, 45s or 2w after {sign.text!r}, found {dur.describe()}",
+                    f"units: s, min, h, d, w{unit}",
+                )
+            m = _DURATION_RE.fullmatch(dur.text)
+            seconds = int(m.group(1)) * _UNITS[m.group(2)]
+            if seconds > 200 * 366 * 86400:
+                _fail(dur.pos, f"duration {dur.text} is longer than 200 years")
+            delta = dt.timedelta(seconds=seconds)
+            at = at + delta if sign.kind == "+" else at - delta
+            end = dur.end
+        self.relative = True
+        value = at.astimezone(self.schema.zone).date() if field.type is FieldType.DATE else at
+        return _Token("time", self.src[anchor.pos : end], anchor.pos, end, value=value)
+
+    def value(self, field: FilterField | None = None) -> _Token:
         tok = self.take()
+        if (
+            tok.kind == "word"
+            and tok.text in ANCHORS
+            and field is not None
+            and field.type in (FieldType.TIMESTAMP, FieldType.DATE)
+        ):
+            return self.relative_time(tok, field)
         if tok.kind == "-":
             num = self.peek
             if num.kind != "number" or num.pos != tok.end:
@@ -487,6 +580,8 @@ def _convert(field: FilterField, op: str, tok: _Token) -> Any:
             shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
             bad("one of its value names", f"{name!r} values: {shown}")
         return field.enum_values[tok.text]
+    if tok.kind == "time" and t in (FieldType.DATE, FieldType.TIMESTAMP):
+        return tok.value
     if t is FieldType.DATE:
         if tok.kind != "string" or not _DATE_RE.fullmatch(tok.text):
             bad('a quoted date like "2026-01-31" or, Jalali, "1405-01-01"')
@@ -497,7 +592,7 @@ def _convert(field: FilterField, op: str, tok: _Token) -> Any:
     if t is FieldType.TIMESTAMP:
         hint = 'like "2026-01-31T09:30:00Z", "2026-01-31" or, Jalali, "1405-01-01"'
         if tok.kind != "string":
-            bad("a quoted RFC 3339 timestamp", hint)
+            bad("a quoted RFC 3339 timestamp or a relative time (now - 90d, this_month)", hint)
         try:
             if _DATE_RE.fullmatch(tok.text):
                 day = _day(tok.text)
@@ -513,6 +608,29 @@ def _convert(field: FilterField, op: str, tok: _Token) -> Any:
             pass
         bad("a valid RFC 3339 timestamp with a UTC offset", hint)
     raise AssertionError(t)  # pragma: no cover
+
+
+def _anchor(name: str, now: dt.datetime, zone: ZoneInfo) -> dt.datetime:
+    """The instant an anchor names: now, or the start of today / this week (Saturday) / month /
+    year (Gregorian or Jalali) in `zone`."""
+    if name == "now":
+        return now
+    local = now.astimezone(zone).date()
+    if name == "today":
+        day = local
+    elif name == "this_week":  # the Iranian week starts on Saturday
+        day = local - dt.timedelta(days=(local.weekday() - 5) % 7)
+    elif name == "this_month":
+        day = local.replace(day=1)
+    elif name == "this_year":
+        day = local.replace(month=1, day=1)
+    else:
+        j = persian.to_jalali(local)
+        if name == "this_jalali_month":
+            day = persian.jalali_month_bounds(j.year, j.month)[0]
+        else:
+            day = persian.jalali_year_bounds(j.year)[0]
+    return dt.datetime.combine(day, dt.time(), zone)
 
 
 # A date whose year is below this is a Jalali (Persian calendar) date: 1405-01-01 is 2026-03-21.

@@ -8,7 +8,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0004"
-down_revision = "0002"
+down_revision = "0003"
 
 UUID = postgresql.UUID(as_uuid=False)
 TS = sa.DateTime(timezone=True)

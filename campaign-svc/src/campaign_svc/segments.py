@@ -1,0 +1,553 @@
+"""Segments: who a campaign speaks to, picked from the audience projection and kept current.
+
+- DYNAMIC: an AIP-160 filter over every audience column (`AUDIENCE_FILTERS`), with relative
+  times (`last_purchase_time >= now - 90d`, `last_complaint_time >= this_month`; see
+  crm_chassis.filtering). STATIC: customers added by hand or imported from a CSV (matched by
+  customer id, e-mail or phone through the audience). COMBINED: the customers of the included
+  segments (any, or with include_all every one) minus those of the excluded segments.
+- Membership is materialised in `segment_members` and kept current three ways, all set-based:
+  1. `audience_changed(conn, ids, cause)` (runtime hook, in the transaction that changed the
+     audience rows): those customers are re-evaluated against every dynamic segment in ONE
+     statement (a UNION ALL of each segment's compiled filter over the changed rows; one INSERT
+     and one DELETE of the difference), then against the combined segments level by level
+     (`depth`); a merged customer's static memberships move to the survivor; a deleted or
+     erased customer leaves static segments.
+  2. A rebuild (a crm_chassis job, kind "segment.rebuild"): the audience is walked in chunks
+     of heap pages (about SEGMENT_REBUILD_CHUNK customers, default 250000; TID range scans),
+     each chunk one transaction that
+     deletes the members who no longer match and inserts those who newly match, with their
+     events built by the database (Transaction.publish_select) and the job's progress saved in
+     the same transaction; combined segments that include the segment are rebuilt after it.
+  3. Relative-time segments drift with the clock: the recurring timer "segments.refresh"
+     (SEGMENT_REFRESH_CRON, default hourly) starts a rebuild of each of them.
+  Rebuilds and the hook exclude each other per segment (an advisory lock: the hook's shared,
+  a rebuild chunk's exclusive), so a chunk never writes from a snapshot older than a change.
+- Every customer entering or leaving publishes segment.member_added.v1 /
+  segment.member_removed.v1 (SegmentMemberEvent; cause "event", "rebuild", "manual", "import").
+- `now` comes from `Segments.clock` (tests set it): relative filters compile against it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from crm.campaign.v1 import campaign_events_pb2 as ev
+from crm_chassis import jobs, timers
+from crm_chassis.filtering import FieldType, FilterField, FilterSchema
+
+from .runtime import Campaign
+from .segments_tables import LIVE, segment_members, segments
+from .tables import audience
+
+log = logging.getLogger("campaign.segments")
+
+DYNAMIC, STATIC, COMBINED = "dynamic", "static", "combined"
+KINDS = (DYNAMIC, STATIC, COMBINED)
+REBUILD_KIND = "segment.rebuild"
+REFRESH_TIMER = "segments.refresh"
+ADDED, REMOVED = "segment.member_added.v1", "segment.member_removed.v1"
+
+a = audience.c
+_TEXT = (
+    "display_name",
+    "email",
+    "phone",
+    "mobile",
+    "national_id",
+    "province",
+    "city",
+    "type",
+    "kind",
+    "gender",
+    "lifecycle_stage",
+    "education_degree",
+    "rank",
+    "industry",
+    "country",
+    "owner",
+    "email_consent",
+    "sms_consent",
+)
+_INT = ("order_count", "open_opportunities", "won_opportunities", "ticket_count", "complaint_count")
+_TIME = (
+    "create_time",
+    "first_purchase_time",
+    "last_purchase_time",
+    "last_ticket_time",
+    "last_complaint_time",
+    "last_activity_time",
+)
+AUDIENCE_FILTERS = FilterSchema(
+    FilterField("customer_id", a.customer_id),
+    *(FilterField(n, a[n]) for n in _TEXT),
+    FilterField("source", a.acquisition_source),  # how they found us
+    FilterField("acquisition_source", a.acquisition_source),
+    *(FilterField(n, a[n], FieldType.INT) for n in _INT),
+    FilterField("revenue", a.revenue, FieldType.FLOAT),
+    *(FilterField(n, a[n], FieldType.TIMESTAMP) for n in _TIME),
+    FilterField("birth_date", a.birth_date, FieldType.DATE),
+    FilterField("acquisition_date", a.acquisition_date, FieldType.DATE),
+    # the month of the birthday (1..12): "birthday this month" campaigns
+    FilterField("birth_month", sa.cast(sa.extract("month", a.birth_date), sa.Integer), FieldType.INT),
+    FilterField("tags", a.tags, FieldType.STRING_ARRAY),
+    FilterField("groups", a.groups, FieldType.STRING_ARRAY),
+)
+
+
+_PAGES = sa.text("SELECT (pg_relation_size('audience') / current_setting('block_size')::int)::int")
+
+
+def _chunk() -> int:
+    return max(1000, int(os.environ.get("SEGMENT_REBUILD_CHUNK", "250000")))
+
+
+def refresh_cron() -> str:
+    return os.environ.get("SEGMENT_REFRESH_CRON", "0 * * * *").strip() or "0 * * * *"
+
+
+def _lock_key(segment_id) -> sa.ColumnElement:
+    return sa.func.hashtextextended(sa.literal("segment:") + sa.cast(segment_id, sa.Text), 0)
+
+
+def lock_shared(conn: sa.Connection, ids: Sequence[str]) -> None:
+    if ids:
+        keys = sa.func.unnest(sa.cast(sa.literal(sorted(ids)), sa.ARRAY(sa.Text))).table_valued("sid").render_derived()
+        conn.execute(sa.select(sa.func.count(sa.func.pg_advisory_xact_lock_shared(_lock_key(keys.c.sid)))))
+
+
+def lock_exclusive(conn: sa.Connection, segment_id: str) -> None:
+    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(sa.literal(segment_id)))))
+
+
+@dataclass(frozen=True)
+class Definition:
+    """What decides a segment's members (a stored row or a preview)."""
+
+    id: str
+    kind: str
+    filter: str = ""
+    include: tuple[str, ...] = ()
+    include_all: bool = False
+    exclude: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, row) -> Definition:
+        return cls(str(row.id), row.kind, row.filter, tuple(row.include_ids), row.include_all, tuple(row.exclude_ids))
+
+
+def member_condition(d: Definition, cid: sa.ColumnElement, now: dt.datetime, field: str = "segment.filter"):
+    """SQL: is the customer `cid` (a column) a member of the combined segment `d`."""
+    m = segment_members.alias("inc")
+    if d.include_all:
+        inc = sa.select(sa.func.count()).where(
+            m.c.segment_id.in_(d.include), m.c.customer_id == cid
+        ).scalar_subquery() == len(d.include)
+    else:
+        inc = sa.exists().where(m.c.segment_id.in_(d.include), m.c.customer_id == cid)
+    if not d.exclude:
+        return inc
+    x = segment_members.alias("exc")
+    return sa.and_(inc, ~sa.exists().where(x.c.segment_id.in_(d.exclude), x.c.customer_id == cid))
+
+
+def matches(d: Definition, now: dt.datetime, field: str = "segment.filter") -> sa.ColumnElement:
+    """SQL over `audience`: the live customer matches the dynamic segment `d`."""
+    return sa.and_(LIVE, AUDIENCE_FILTERS.analyse(d.filter, now, field).where)
+
+
+def candidates(d: Definition, now: dt.datetime, field: str = "segment.filter") -> sa.Select:
+    """SELECT customer_id of every member of `d` now (dynamic or combined), for previews and rebuilds."""
+    if d.kind == DYNAMIC:
+        return sa.select(a.customer_id.label("customer_id")).where(matches(d, now, field))
+    if d.kind == COMBINED:
+        m = segment_members.alias("src")
+        ids = sa.select(m.c.customer_id).where(m.c.segment_id.in_(d.include)).distinct().subquery("ids")
+        return sa.select(ids.c.customer_id.label("customer_id")).where(member_condition(d, ids.c.customer_id, now))
+    s = segment_members
+    return sa.select(s.c.customer_id.label("customer_id")).where(s.c.segment_id == d.id)
+
+
+def _event(segment_id: str, customer_id: str, cause: str, when: dt.datetime) -> ev.SegmentMemberEvent:
+    e = ev.SegmentMemberEvent(segment=f"segments/{segment_id}", customer=f"customers/{customer_id}", cause=cause)
+    e.event_time.FromDatetime(when)
+    return e
+
+
+class Segments:
+    """Membership maintenance (the hook, rebuilds, the refresh timer), shared by the API."""
+
+    def __init__(self, rt: Campaign):
+        self.rt = rt
+        self.uow = rt.uow
+        self.engine = rt.engine
+        self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+        self.worker = jobs.JobWorker(rt.engine, {REBUILD_KIND: self._run_rebuild}, concurrency=2, poll_seconds=1.0)
+
+    def now(self) -> dt.datetime:
+        return self.clock()
+
+    # -- 1. the hook: re-evaluate these customers --------------------------------------------
+    def audience_changed(self, conn: sa.Connection, ids: Sequence[str], cause: str) -> None:
+        rows = conn.execute(sa.select(segments).order_by(segments.c.depth, segments.c.id)).all()
+        if not rows:
+            return
+        now = self.now()
+        lock_shared(conn, [str(r.id) for r in rows])
+        diff: list[tuple[str, str, str]] = []  # (routing key, segment id, customer id)
+        diff += self._static_follow(conn, ids, rows)
+        dynamic = [Definition.of(r) for r in rows if r.kind == DYNAMIC]
+        if dynamic:
+            diff += self._apply(conn, dynamic, ids, now)
+        for depth in sorted({r.depth for r in rows if r.kind == COMBINED}):
+            level = [Definition.of(r) for r in rows if r.kind == COMBINED and r.depth == depth]
+            diff += self._apply(conn, level, ids, now)
+        self._publish(conn, diff, "event", now)
+
+    def _static_follow(self, conn, ids, rows) -> list[tuple[str, str, str]]:
+        """Static memberships of merged customers move to the survivor; deleted leave."""
+        static = [str(r.id) for r in rows if r.kind == STATIC]
+        if not static:
+            return []
+        s = segment_members
+        gone = sa.select(a.customer_id, a.merged_into).where(
+            a.customer_id.in_(ids), sa.or_(a.deleted, a.merged_into != "")
+        )
+        found = conn.execute(gone).all()
+        if not found:
+            return []
+        out = []
+        survivors = {r.customer_id: r.merged_into for r in found if r.merged_into}
+        removed = conn.execute(
+            s.delete()
+            .where(s.c.segment_id.in_(static), s.c.customer_id.in_([r.customer_id for r in found]))
+            .returning(s.c.segment_id, s.c.customer_id, s.c.since, s.c.source)
+        ).all()
+        moved = [
+            {"segment_id": r.segment_id, "customer_id": survivors[r.customer_id], "since": r.since, "source": r.source}
+            for r in removed
+            if r.customer_id in survivors
+        ]
+        out += [(REMOVED, str(r.segment_id), r.customer_id) for r in removed]
+        if moved:
+            stmt = pg_insert(s).values(moved).on_conflict_do_nothing().returning(s.c.segment_id, s.c.customer_id)
+            out += [(ADDED, str(r.segment_id), r.customer_id) for r in conn.execute(stmt)]
+        return out
+
+    def _apply(self, conn, defs: list[Definition], ids: Sequence[str], now) -> list[tuple[str, str, str]]:
+        """One statement: the members among `ids` of each segment of `defs` (one level), the
+        rows to add inserted and those to drop deleted; returns the difference."""
+        s = segment_members
+        branches = []
+        for d in defs:
+            sid = sa.literal(d.id, s.c.segment_id.type)
+            if d.kind == DYNAMIC:
+                try:
+                    cond = matches(d, now)
+                except Exception:  # a stored filter that no longer compiles (a field removed): skip it
+                    log.exception("segment filter does not compile", extra={"segment": d.id})
+                    continue
+                branches.append(
+                    sa.select(sid.label("segment_id"), a.customer_id.label("customer_id")).where(
+                        a.customer_id.in_(ids), cond
+                    )
+                )
+            else:
+                cid = (
+                    sa.func.unnest(sa.cast(sa.literal(list(ids)), sa.ARRAY(sa.Text)))
+                    .table_valued("customer_id")
+                    .render_derived()
+                )
+                branches.append(
+                    sa.select(sid.label("segment_id"), cid.c.customer_id.label("customer_id")).where(
+                        member_condition(d, cid.c.customer_id, now)
+                    )
+                )
+        if not branches:
+            return []
+        m = sa.union_all(*branches).cte("m")
+        source = "filter" if defs[0].kind == DYNAMIC else "combined"
+        ins = (
+            pg_insert(s)
+            .from_select(
+                ["segment_id", "customer_id", "since", "source"],
+                sa.select(m.c.segment_id, m.c.customer_id, sa.literal(now, s.c.since.type), sa.literal(source)),
+            )
+            .on_conflict_do_nothing()
+            .returning(s.c.segment_id, s.c.customer_id)
+            .cte("ins")
+        )
+        seg_ids = [d.id for d in defs]
+        dele = (
+            s.delete()
+            .where(
+                s.c.segment_id.in_(seg_ids),
+                s.c.customer_id.in_(ids),
+                ~sa.exists().where(m.c.segment_id == s.c.segment_id, m.c.customer_id == s.c.customer_id),
+            )
+            .returning(s.c.segment_id, s.c.customer_id)
+            .cte("del")
+        )
+        q = sa.union_all(
+            sa.select(sa.literal(ADDED).label("k"), ins.c.segment_id, ins.c.customer_id),
+            sa.select(sa.literal(REMOVED).label("k"), dele.c.segment_id, dele.c.customer_id),
+        )
+        return [(r.k, str(r.segment_id), r.customer_id) for r in conn.execute(q)]
+
+    def _publish(self, conn, diff, cause: str, now: dt.datetime) -> None:
+        if not diff:
+            return
+        delta: dict[str, int] = {}
+        with self.uow.joined(conn) as tx:
+            for key, sid, cid in diff:
+                delta[sid] = delta.get(sid, 0) + (1 if key == ADDED else -1)
+                tx.publish(key, _event(sid, cid, cause, now), f"segments/{sid}")
+        for sid, n in delta.items():
+            if n:
+                conn.execute(
+                    segments.update().where(segments.c.id == sid).values(member_count=segments.c.member_count + n)
+                )
+
+    def publish(self, conn, diff, cause: str) -> None:
+        """Events and member counts for a difference made by hand or by import; the combined
+        segments built on the changed segments follow (those customers re-evaluated)."""
+        now = self.now()
+        self._publish(conn, diff, cause, now)
+        ids = sorted({cid for _, _, cid in diff})
+        if not ids:
+            return
+        rows = conn.execute(
+            sa.select(segments).where(segments.c.kind == COMBINED).order_by(segments.c.depth, segments.c.id)
+        ).all()
+        if rows:
+            lock_shared(conn, [str(r.id) for r in rows])
+            follow: list[tuple[str, str, str]] = []
+            for depth in sorted({r.depth for r in rows}):
+                follow += self._apply(conn, [Definition.of(r) for r in rows if r.depth == depth], ids, now)
+            self._publish(conn, follow, "event", now)
+
+    # -- 2. rebuilds ---------------------------------------------------------------------------
+    def start_rebuild(self, conn: sa.Connection, segment_id: str, cause: str, creator: str = "") -> jobs.Job:
+        """A rebuild job for the segment (a queued one is reused; a running one is cancelled:
+        the definition it started from may be stale)."""
+        row = conn.execute(sa.select(segments).where(segments.c.id == segment_id).with_for_update()).one()
+        if row.rebuild_job is not None:
+            prev = jobs.get(conn, str(row.rebuild_job))
+            if prev is not None and prev.state == jobs.QUEUED:
+                return prev
+            if prev is not None and prev.state == jobs.RUNNING:
+                jobs.cancel(conn, prev.id, by="segments")
+        job = jobs.start(conn, REBUILD_KIND, {"segment_id": segment_id, "cause": cause}, creator=creator)
+        conn.execute(segments.update().where(segments.c.id == segment_id).values(rebuild_job=job.id))
+        return job
+
+    def _run_rebuild(self, ctx: jobs.JobContext):
+        sid = ctx.params["segment_id"]
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
+            total = conn.execute(sa.select(sa.func.count()).select_from(audience)).scalar_one()
+        if row is None:
+            return {"deleted": True}
+        if row.kind == DYNAMIC:
+            self._rebuild_dynamic(ctx, sid, total)
+        else:
+            with ctx.step(self.uow) as tx:
+                lock_exclusive(tx.conn, sid)
+                row = tx.conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
+                if row is None:
+                    return {"deleted": True}
+                added, removed = self.diff(tx, Definition.of(row), self.now()) if row.kind == COMBINED else (0, 0)
+                self._finish(tx.conn, sid)
+                ctx.save(tx.conn, "done", processed=total, total=total, increment={"added": added, "removed": removed})
+        with self.uow.begin() as tx:  # combined segments built on this one follow it
+            for dep in tx.conn.execute(
+                sa.select(segments.c.id).where(
+                    segments.c.kind == COMBINED,
+                    sa.or_(segments.c.include_ids.any(sid), segments.c.exclude_ids.any(sid)),
+                )
+            ).scalars():
+                self.start_rebuild(tx.conn, str(dep), "dependency")
+        self.worker.wake()
+        return {"segment": f"segments/{sid}"}
+
+    def _rebuild_dynamic(self, ctx: jobs.JobContext, sid: str, total: int) -> None:
+        """Chunks of heap pages of the audience (a TID range scan each: sequential, whatever the
+        order of customer ids), each one transaction; a resumed job starts after its last chunk."""
+        cp = ctx.checkpoint
+        if cp == "done":
+            return
+        start = (cp or {}).get("page", 0)
+        # A first build (no member yet): nothing can leave and no row of a later chunk is a
+        # member (the hook's concurrent inserts meet ON CONFLICT), so no delete, no anti-join.
+        fresh = (cp or {}).get("fresh")
+        if fresh is None:
+            with self.engine.connect() as conn:
+                fresh = (
+                    conn.execute(
+                        sa.select(segment_members.c.customer_id).where(segment_members.c.segment_id == sid).limit(1)
+                    ).first()
+                    is None
+                )
+        while True:
+            with ctx.step(self.uow) as tx:
+                conn = tx.conn
+                lock_exclusive(conn, sid)
+                row = conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
+                if row is None:
+                    return
+                pages = conn.execute(_PAGES).scalar_one()  # now: rows appended meanwhile are in the last chunk
+                step = max(1, -(-pages * _chunk() // max(total, 1)))
+                end = start + step
+                last = end >= pages
+                added, removed = self.diff_pages(
+                    tx, Definition.of(row), start, None if last else end, self.now(), fresh
+                )
+                processed = total if last else min(total, total * end // max(pages, 1))
+                if last:
+                    self._finish(conn, sid)
+                ctx.save(
+                    conn,
+                    "done" if last else {"page": end, "fresh": fresh},
+                    processed=processed,
+                    total=total,
+                    increment={"added": added, "removed": removed},
+                )
+            if last:
+                return
+            start = end
+
+    def diff_pages(
+        self, tx, d: Definition, first: int, end: int | None, now: dt.datetime, fresh: bool = False
+    ) -> tuple[int, int]:
+        """The difference of a dynamic segment over the audience rows in heap pages
+        [first, end): members among them who no longer match leave, those who match and are
+        not members enter (`fresh`: a first build, only entering). Returns (added, removed)."""
+        ctid = sa.literal_column("audience.ctid")
+        where = [ctid >= sa.text(f"'({int(first)},0)'::tid")]
+        if end is not None:
+            where.append(ctid < sa.text(f"'({int(end)},0)'::tid"))
+        cur = (
+            sa.select(a.customer_id, sa.func.coalesce(matches(d, now), sa.false()).label("hit"))
+            .where(*where)
+            .cte("cur")
+        )
+        leaving = None if fresh else segment_members.c.customer_id.in_(sa.select(cur.c.customer_id).where(~cur.c.hit))
+        entering = sa.select(cur.c.customer_id).where(cur.c.hit)
+        return self._write(tx, d, leaving, entering, now, anti_join=not fresh)
+
+    def diff(self, tx, d: Definition, now: dt.datetime) -> tuple[int, int]:
+        """The whole difference of a combined segment. Returns (added, removed)."""
+        want = candidates(d, now).subquery("want")
+        leaving = ~sa.exists().where(want.c.customer_id == segment_members.c.customer_id)
+        return self._write(tx, d, leaving, sa.select(want.c.customer_id), now)
+
+    def _write(
+        self, tx, d: Definition, leaving, entering: sa.Select, now: dt.datetime, anti_join: bool = True
+    ) -> tuple[int, int]:
+        """Set-based: delete the members for which `leaving` holds, insert the customers
+        `entering` selects who are not members yet (an anti-join: hashed, not a conflict probe
+        per member), each with its event built by the database. Returns (added, removed)."""
+        s = segment_members
+        template = ev.SegmentMemberEvent(segment=f"segments/{d.id}", cause="rebuild")
+        template.event_time.FromDatetime(now)
+        subject = sa.literal(f"segments/{d.id}").label("subject")
+        removed = 0
+        if leaving is not None:
+            gone = s.delete().where(s.c.segment_id == d.id, leaving).returning(s.c.customer_id).cte("gone")
+            removed = tx.publish_select(
+                REMOVED,
+                template,
+                sa.select(subject, (sa.literal("customers/") + gone.c.customer_id).label("customer")),
+                {"customer": 2},
+            )
+        want = entering.subquery("entering")
+        source = "filter" if d.kind == DYNAMIC else "combined"
+        new = (
+            pg_insert(s)
+            .from_select(
+                ["segment_id", "customer_id", "since", "source"],
+                sa.select(
+                    sa.literal(d.id, s.c.segment_id.type),
+                    want.c.customer_id,
+                    sa.literal(now, s.c.since.type),
+                    sa.literal(source),
+                ).where(
+                    ~sa.exists().where(s.c.segment_id == d.id, s.c.customer_id == want.c.customer_id)
+                    if anti_join
+                    else sa.true()
+                ),
+            )
+            .on_conflict_do_nothing()
+            .returning(s.c.customer_id)
+            .cte("new")
+        )
+        added = tx.publish_select(
+            ADDED,
+            template,
+            sa.select(subject, (sa.literal("customers/") + new.c.customer_id).label("customer")),
+            {"customer": 2},
+        )
+        return added, removed
+
+    def _finish(self, conn, sid: str) -> None:
+        count = sa.select(sa.func.count()).where(segment_members.c.segment_id == sid).scalar_subquery()
+        conn.execute(
+            segments.update().where(segments.c.id == sid).values(member_count=count, rebuild_time=sa.func.now())
+        )
+
+    # -- 3. the clock ------------------------------------------------------------------------------
+    def refresh(self, conn: sa.Connection, timer=None) -> int:
+        """Start a rebuild of every segment whose membership drifts with the clock."""
+        ids = conn.execute(
+            sa.select(segments.c.id).where(segments.c.relative).order_by(segments.c.depth, segments.c.id)
+        ).scalars()
+        n = 0
+        for sid in ids:
+            self.start_rebuild(conn, str(sid), "clock")
+            n += 1
+        return n
+
+
+def depends_relative(conn: sa.Connection, ids: Iterable[str]) -> tuple[bool, int]:
+    """(any of these segments drifts with the clock, their deepest depth)."""
+    ids = list(ids)
+    if not ids:
+        return False, -1
+    r = conn.execute(
+        sa.select(sa.func.bool_or(segments.c.relative), sa.func.max(segments.c.depth)).where(segments.c.id.in_(ids))
+    ).one()
+    return bool(r[0]), r[1] if r[1] is not None else -1
+
+
+def engine(rt: Campaign) -> Segments:
+    return rt.once("segments", lambda: Segments(rt))
+
+
+# -- the part --------------------------------------------------------------------------------
+def install(rt: Campaign) -> None:
+    rt.hooks.audience_changed.append(lambda conn, ids, cause: engine(rt).audience_changed(conn, ids, cause))
+
+
+def timer_handlers(rt: Campaign) -> None:
+    seg = engine(rt)
+    rt.timers.register(REFRESH_TIMER, lambda conn, timer: seg.refresh(conn, timer))
+    with rt.engine.begin() as conn:
+        current = timers.get(conn, REFRESH_TIMER, "all")
+        if current is None or current.cron != refresh_cron():
+            timers.schedule_recurring(conn, REFRESH_TIMER, "all", refresh_cron())
+
+
+def workers(rt: Campaign) -> list:
+    return [engine(rt).worker]
+
+
+def registration(rt: Campaign):
+    from .segments_api import registration as reg
+
+    return reg(rt, engine(rt))
