@@ -540,3 +540,7 @@ def registration(rt: Campaign) -> Registration:
 
 def timer_handlers(rt: Campaign) -> None:
     rt.timers.register(CONFIRM, use_cases(rt).send_confirmation, max_attempts=12)
+
+
+def install(rt: Campaign) -> None:
+    settings(rt)  # read at start, as every other setting

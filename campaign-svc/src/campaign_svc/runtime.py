@@ -10,6 +10,11 @@ rows of those customers (a customer event, a sales or support fact, a consent ch
 or erasure); `cause` is "customer", "sales", "support", "consent", "merge" or "erasure". The
 segments part keeps dynamic segment membership current from it.
 
+`renderer(conn, template_id, version, context) -> templates.Rendered` is the templates part's:
+the subject, text and HTML of a template version for one recipient (`context`: "customer" the
+audience row or None, "campaign" a dict, "unsubscribe_url"); it raises InvalidArgument naming
+the variable that failed. The campaigns part renders each message through it.
+
 A sender is `send(out: outgoing.Outgoing) -> str` (the provider's id of what it sent, e.g. the
 SMTP Message-ID); it raises `outgoing.SendError` (retryable or not) on failure.
 """
@@ -33,6 +38,7 @@ class Hooks:
 class Campaign(Runtime):
     hooks: Hooks = field(default_factory=Hooks)
     senders: dict[str, Callable] = field(default_factory=dict)  # channel -> send(Outgoing) -> str
+    renderer: Callable | None = None  # (conn, template_id, version, context) -> templates.Rendered
     installed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -166,6 +166,15 @@ campaigns = sa.Table(
     sa.Column("currency", sa.Text, nullable=False, server_default="IRR"),
     sa.Column("attribution_days", sa.Integer, nullable=False, server_default="30"),
     sa.Column("cloned_from", UUID),
+    # A/B: the share of the audience testing the variants, the metric and wait of the winner
+    sa.Column("test_percent", sa.Integer, nullable=False, server_default="0"),
+    text_column("winner_metric"),  # opens | clicks | responses | revenue
+    sa.Column("winner_wait_hours", sa.Integer, nullable=False, server_default="24"),
+    text_column("winner_variant"),
+    sa.Column("throttle_per_second", sa.Integer, nullable=False, server_default="0"),  # 0: the channel's
+    sa.Column("quiet_start_hour", sa.Integer, nullable=False, server_default="22"),
+    sa.Column("quiet_end_hour", sa.Integer, nullable=False, server_default="8"),
+    sa.Column("ignore_frequency_cap", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("launch_time", TIMESTAMPTZ),
     sa.Column("complete_time", TIMESTAMPTZ),
     text_column("owner"),  # the marketer's subject
@@ -183,7 +192,8 @@ messages = sa.Table(
     sa.Column("customer_id", sa.Text, nullable=False),
     sa.Column("channel", sa.Text, nullable=False),
     sa.Column("address", sa.Text, nullable=False),  # e-mail, E.164 number or chat id at queue time
-    # queued | sending | sent | delivered | bounced | failed | suppressed | capped | cancelled
+    # queued | held (for the A/B winner) | sending | sent | delivered | bounced | failed |
+    # suppressed | capped | cancelled
     sa.Column("state", sa.Text, nullable=False, server_default="queued"),
     sa.Column("not_before", TIMESTAMPTZ, nullable=False, server_default=sa.func.now()),  # quiet hours
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
@@ -201,12 +211,29 @@ messages = sa.Table(
     sa.Column("unsubscribed_time", TIMESTAMPTZ),
     sa.Column("open_count", sa.Integer, nullable=False, server_default="0"),
     sa.Column("click_count", sa.Integer, nullable=False, server_default="0"),
+    # quiet hours are read in it (the campaign's when queued; migration 0006)
+    sa.Column("timezone", sa.Text, nullable=False, server_default="Asia/Tehran"),
+    sa.Column("lease_until", TIMESTAMPTZ),  # while sending: a worker that died leaves it to the sweep
     sa.UniqueConstraint("campaign_id", "run", "customer_id", name="messages_one_per_run"),
     info={"personal": ("address",)},
 )
 # The delivery workers' queue: due queued messages, oldest first.
 sa.Index("messages_due", messages.c.not_before, postgresql_where=messages.c.state == "queued")
 sa.Index("messages_customer", messages.c.customer_id, messages.c.sent_time)
+sa.Index("messages_sending", messages.c.lease_until, postgresql_where=messages.c.state == "sending")
+sa.Index("messages_campaign", messages.c.campaign_id, messages.c.run, messages.c.state)
+
+# The content of a campaign: one template version per A/B variant (key '' with one variant).
+campaign_variants = sa.Table(
+    "campaign_variants",
+    metadata,
+    sa.Column("campaign_id", UUID, sa.ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("template_id", sa.Text, nullable=False),
+    sa.Column("template_version", sa.Integer, nullable=False),
+    sa.Column("weight", sa.Integer, nullable=False, server_default="1"),
+)
 sa.Index("messages_provider_id", messages.c.provider_message_id, postgresql_where=messages.c.provider_message_id != "")
 
 # --- consent ---

@@ -861,6 +861,14 @@ class Templates:
         given = json_format.MessageToDict(sample) if sample is not None and sample.ListFields() else None
         return sample_values(given)
 
+    def render_for(self, conn, template_id: str, version: int, ctx: dict) -> Rendered:
+        """runtime.Campaign.renderer: a pinned version for one recipient (ctx: "customer" the
+        audience row or None, "campaign" a dict, "unsubscribe_url")."""
+        v = self.version_row(conn, template_id, version, VERSION.format(template_id, version))
+        row = ctx.get("customer")
+        group = customer_group(row, v.language) if row is not None else Group("customer", {})
+        return render(v, values_of(group, v.language, ctx.get("campaign"), ctx.get("unsubscribe_url", "")))
+
     def render(self, req: pb.RenderTemplateRequest) -> pb.RenderedMessage:
         with self.uow.read() as conn:
             v = self._pinned(conn, req.name, req.version)
@@ -1005,3 +1013,7 @@ def use_cases(rt: Campaign) -> Templates:
 
 def registration(rt: Campaign) -> Registration:
     return Registration.of(TemplateServicer(use_cases(rt)))
+
+
+def install(rt: Campaign) -> None:
+    rt.renderer = use_cases(rt).render_for
