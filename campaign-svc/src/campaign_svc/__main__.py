@@ -5,13 +5,15 @@ from __future__ import annotations
 from crm_chassis.parts import parts_spec
 from crm_chassis.service import main
 
-from . import api, audience
+from . import api, audience, loyalty, loyalty_api
 from .runtime import campaign
 
 # The parts of the service (crm_chassis.parts says what each may define; runtime.py the hooks).
 PARTS = [
     audience,  # the customer projection with sales and support behaviour, from their events
     api,  # CampaignService
+    loyalty,  # the loyalty club's ledger: earning and reversal from sales events, expiry and tier timers
+    loyalty_api,  # LoyaltyService: programmes, members, balances, redemptions, adjustments
 ]
 
 SPEC = parts_spec("campaign-svc", 50054, __file__, "campaign", PARTS, make=lambda ctx: campaign(ctx, PARTS))

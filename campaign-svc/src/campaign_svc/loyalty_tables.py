@@ -128,8 +128,12 @@ sa.Index(
     unique=True,
     postgresql_where=mv.source_event_id.isnot(None),
 )
-sa.Index("loyalty_movements_invoice_earn", mv.program_id, mv.invoice_id, unique=True, postgresql_where=mv.kind == "earn")
-sa.Index("loyalty_movements_request", mv.program_id, mv.request_id, unique=True, postgresql_where=mv.request_id.isnot(None))
+sa.Index(
+    "loyalty_movements_invoice_earn", mv.program_id, mv.invoice_id, unique=True, postgresql_where=mv.kind == "earn"
+)
+sa.Index(
+    "loyalty_movements_request", mv.program_id, mv.request_id, unique=True, postgresql_where=mv.request_id.isnot(None)
+)
 sa.Index("loyalty_movements_history", mv.member_id, mv.id.desc())
 sa.Index("loyalty_movements_lots", mv.member_id, mv.expire_time, postgresql_where=mv.remaining > 0)
 sa.Index("loyalty_movements_qualify", mv.member_id, mv.qualify_time, postgresql_where=mv.kind.in_(["earn", "reverse"]))
