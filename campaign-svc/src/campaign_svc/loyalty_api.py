@@ -27,7 +27,6 @@ from .loyalty_tables import loyalty_members, loyalty_movements, loyalty_programs
 from .runtime import Campaign
 
 CUSTOMER = ResourceName("customers/{customer_id}")
-BALANCE = ResourceName("programs/{program_id}/members/{customer_id}/balance")
 KEY = re.compile(r"[a-z0-9_-]{1,40}")
 REF = re.compile(r"(products|productLines)/[A-Za-z0-9_-]{1,64}")
 NAME_LIMIT, DESCRIPTION_LIMIT, REASON_LIMIT, REQUEST_LIMIT = 200, 2000, 500, 128
@@ -507,10 +506,14 @@ class LoyaltyApi:
             return self.member_proto(conn, prog, self._member(conn, pid, cid, name))
 
     def balance(self, name: str) -> pb.MemberBalance:
-        ids = BALANCE.parse(name)
-        member_name = MEMBER.format(ids.program_id, ids.customer_id)
+        member_name = name.removesuffix("/balance")
+        if member_name == name or not MEMBER.matches(member_name):
+            raise InvalidArgument.field(
+                "name", "must be 'programs/{program_id}/members/{customer_id}/balance' with UUID ids"
+            )
+        pid, cid = self._member_ids(member_name, "name")
         with self.rt.uow.read() as conn:
-            row = self._member(conn, ids.program_id, ids.customer_id, member_name)
+            row = self._member(conn, pid, cid, member_name)
             out = pb.MemberBalance(member=member_name, balance=row.balance)
             nxt = conn.execute(
                 sa.select(mv.expire_time, sa.func.sum(mv.remaining))
