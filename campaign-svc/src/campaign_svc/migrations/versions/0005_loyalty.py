@@ -17,11 +17,16 @@ depends_on = None
 # At commit, every member row written in the transaction must hold the sum of its ledger.
 CHECK_BALANCE = """
 CREATE FUNCTION loyalty_check_balance() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE total bigint;
+DECLARE total bigint; now_balance bigint;
 BEGIN
+  -- NEW is the row as this event wrote it; the check is of the row as the transaction leaves it
+  SELECT balance INTO now_balance FROM loyalty_members WHERE id = NEW.id;
+  IF NOT FOUND THEN
+    RETURN NULL;
+  END IF;
   SELECT coalesce(sum(points), 0) INTO total FROM loyalty_movements WHERE member_id = NEW.id;
-  IF total <> NEW.balance THEN
-    RAISE EXCEPTION 'loyalty member % balance % is not the sum of its movements %', NEW.id, NEW.balance, total
+  IF total <> now_balance THEN
+    RAISE EXCEPTION 'loyalty member % balance % is not the sum of its movements %', NEW.id, now_balance, total
       USING ERRCODE = 'check_violation';
   END IF;
   RETURN NULL;
