@@ -464,7 +464,7 @@ def test_manual_adjustments_with_a_reason_and_the_permission(svc, stub):
         "adjusted",
         50,
         50,
-        "tester",
+        "ada",
         "جبران تأخیر ارسال",
     )
     assert add.HasField("expire_time")  # a positive adjustment is a lot with the programme's lifetime
