@@ -40,6 +40,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm.sales.v1 import sales_events_pb2 as se
 from crm_chassis import persian, timers
+from crm_chassis.db import cacheable
 from crm_chassis.messaging.consumer import Requires, Subscription
 from crm_chassis.messaging.envelope import Event
 from crm_chassis.money import NANO, to_money
@@ -210,6 +211,42 @@ class Rules:
         return key
 
 
+# The two inserts of every earning, compiled once (an ON CONFLICT statement is compiled on every
+# execution otherwise: crm_chassis.db.cacheable).
+_enrol = pg_insert(loyalty_members).values(
+    {c: sa.bindparam(c, type_=m[c].type) for c in ("program_id", "customer", "enroll_source", "enroll_time")}
+)
+_ENROL = cacheable(
+    _enrol.on_conflict_do_update(
+        constraint="loyalty_members_one_per_program", set_={"customer": _enrol.excluded.customer}
+    ).returning(*loyalty_members.c),
+    *loyalty_members.c,
+)
+_MOVE_COLUMNS = [c.name for c in loyalty_movements.c if c.name not in ("id", "record_time")]
+_MOVE_DEFAULTS = {
+    "amount": Decimal(0),
+    "invoice_id": "",
+    "credit_note_id": "",
+    "reward_key": "",
+    "reason": "",
+    "actor": "",
+    "source_event_id": None,
+    "request_id": None,
+    "remaining": 0,
+    "expire_time": None,
+    "lots": [],
+    "shortfall": 0,
+    "details": {},
+}
+_MOVE = cacheable(
+    pg_insert(loyalty_movements)
+    .values({c: sa.bindparam(c, type_=mv[c].type) for c in _MOVE_COLUMNS})
+    .on_conflict_do_nothing()
+    .returning(*loyalty_movements.c),
+    *loyalty_movements.c,
+)
+
+
 # -- the engine --------------------------------------------------------------------------------
 class Loyalty:
     """The ledger's operations, shared by the event handlers, the timers and the API."""
@@ -233,14 +270,13 @@ class Loyalty:
     # members
     def member_for_update(self, conn, program_id: str, customer: str, source: str = "auto", when=None):
         """The member row, locked; enrolled first if the customer is not a member."""
-        stmt = pg_insert(loyalty_members).values(
-            program_id=program_id, customer=customer, enroll_source=source, enroll_time=when or self.now()
-        )
-        return conn.execute(
-            stmt.on_conflict_do_update(
-                constraint="loyalty_members_one_per_program", set_={"customer": stmt.excluded.customer}
-            ).returning(loyalty_members)
-        ).one()
+        params = {
+            "program_id": program_id,
+            "customer": customer,
+            "enroll_source": source,
+            "enroll_time": when or self.now(),
+        }
+        return conn.execute(_ENROL, params).one()
 
     def locked_member(self, conn, member_id):
         return conn.execute(sa.select(loyalty_members).where(m.id == member_id).with_for_update()).one_or_none()
@@ -251,14 +287,9 @@ class Loyalty:
         repeat (the same event, invoice or request). `member` is the locked row; returns
         (movement row, member row after)."""
         balance = member.balance + points
-        row = conn.execute(
-            pg_insert(loyalty_movements)
-            .values(
-                program_id=member.program_id, member_id=member.id, kind=kind, points=points, balance=balance, **cols
-            )
-            .on_conflict_do_nothing()
-            .returning(loyalty_movements)
-        ).one_or_none()
+        values = {**_MOVE_DEFAULTS, **cols}
+        values.update(program_id=member.program_id, member_id=member.id, kind=kind, points=points, balance=balance)
+        row = conn.execute(_MOVE, values).one_or_none()
         if row is None:
             return None, member
         totals = {}
