@@ -10,7 +10,9 @@ baseline quorum queue bound the same way. Then, in the same run:
 
 1. baseline: a plain pika consumer (BlockingConnection, prefetch as the service's, one ack per
    message) drains the baseline queue: messages/s;
-2. the service starts again and its consumer drains its queue: every event in its own
+2. the chassis' EventConsumer with a no-op handler drains a third queue filled the same way:
+   its events/s is the ceiling of one transaction (inbox row + commit) per event;
+3. the service starts again and its consumer drains its queue: every event in its own
    transaction with the inbox row, the audience projection's handler and the loyalty
    handler (member upsert, earn movement, expiry timer, tier evaluation, points.earned.v1 and
    tier.changed.v1 in the outbox). Accrual events/s is measured on the database clock, from
@@ -45,8 +47,9 @@ from crm.campaign.v1 import loyalty_pb2_grpc
 from crm.sales.v1 import sales_events_pb2 as se
 from crm.type.v1 import money_pb2
 from crm_chassis.db import create_engine, migrate
+from crm_chassis.messaging.consumer import EventConsumer, Subscription
 from crm_chassis.messaging.envelope import new_event
-from crm_chassis.messaging.topology import declare_producer, exchange_for, queue_name
+from crm_chassis.messaging.topology import declare_consumer_queue, declare_producer, exchange_for, queue_name
 from tests.support.harness import ROOT, Broker, Databases, md, stop_process
 
 N = int(os.environ.get("BENCH_POINTS_EVENTS", "5000"))
@@ -55,6 +58,7 @@ PREFETCH = int(os.environ.get("CONSUMER_PREFETCH", "100"))
 RESULTS = ROOT / "bench" / "results"
 GOAL = 0.5
 BASELINE_QUEUE = "bench.points.raw"
+NOOP = "bench-noop"  # the chassis consumer with a no-op handler, on its own queue
 OUT = io.StringIO()
 
 
@@ -135,6 +139,7 @@ def publish(url: str, evs: list) -> float:
     declare_producer(ch, "sales")
     ch.queue_declare(queue=BASELINE_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
     ch.queue_bind(queue=BASELINE_QUEUE, exchange=exchange_for("sales"), routing_key="invoice.paid.v1")
+    declare_consumer_queue(ch, NOOP, "sales", ["invoice.paid.v1"], 5)
     ch.confirm_delivery()
     t0 = time.perf_counter()
     for e in evs:
@@ -173,6 +178,26 @@ def raw_consume(url: str, n: int) -> float:
     return (n - 1) / elapsed if n > 1 else float(n)
 
 
+def noop_consume(engine, url: str, n: int) -> float:
+    """Events/s of the chassis' EventConsumer with a handler that does nothing (the inbox row
+    and the commit of each event's transaction): the ceiling of one transaction per event."""
+    sub = Subscription(domain="sales", handlers={"invoice.paid.v1": lambda conn, event: None})
+    consumer = EventConsumer(engine, url, NOOP, [sub], prefetch=PREFETCH)
+    consumer.start()
+    try:
+        deadline = time.monotonic() + 120
+        while consumer.processed < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        consumer.stop()
+    with engine.connect() as conn:
+        first, last, done = conn.execute(
+            sa.text("SELECT min(processed_at), max(processed_at), count(*) FROM inbox WHERE consumer = :c"), {"c": NOOP}
+        ).one()
+    span = (last - first).total_seconds()
+    return (done - 1) / span if span > 0 else float("inf")
+
+
 def main() -> int:
     say(f"# campaign-svc loyalty accrual ({dt.datetime.now():%Y-%m-%d %H:%M})")
     say(f"{platform.node()}, {os.cpu_count()} cores, python {platform.python_version()}; load average {loadavg()}")
@@ -186,7 +211,7 @@ def main() -> int:
     try:
         url = dbs.fresh("bench_points")
         migrate(url, SPEC.migrations)
-        engine = create_engine(url, pool_size=2)
+        engine = create_engine(url, pool_size=4)
         proc, port = start_service_process("campaign-svc", "campaign_svc", url, broker.url, log)
         program = create_program(port)
         time.sleep(1.0)  # the consumer has declared and bound its queues
@@ -205,7 +230,11 @@ def main() -> int:
         raw = raw_consume(broker.url, N)
         say(f"  {raw:,.0f} messages/s")
 
-        say("\n== 2. campaign-svc's consumer: points accrual ==")
+        say("\n== 2. the chassis' EventConsumer with a no-op handler (one transaction per event) ==")
+        noop = noop_consume(engine, broker.url, N)
+        say(f"  {noop:,.0f} events/s (ratio {noop / raw:.2f} to the raw consume)")
+
+        say("\n== 3. campaign-svc's consumer: points accrual ==")
         t0 = time.perf_counter()
         proc, port = start_service_process("campaign-svc", "campaign_svc", url, broker.url, log)
         started = time.perf_counter() - t0
@@ -246,6 +275,7 @@ def main() -> int:
                 "program": program,
                 "publish_per_s": round(rate),
                 "raw_consume_per_s": round(raw),
+                "noop_consumer_per_s": round(noop),
                 "accrual_per_s": round(accrual),
                 "wall_seconds_from_start": round(wall, 2),
                 "ratio": round(ratio, 3),
