@@ -442,6 +442,7 @@ def test_credit_notes_reverse_in_proportion_and_record_what_was_already_spent(sv
     deliver(svc, credit("AED", cid, inv, 100, number="CN-1405-000003"))  # beyond the invoice: nothing more
     assert [x.kind for x in movements(stub, prog, cid)].count("reversed") == 3
     assert movements(stub, prog, cid)[0].points == 0
+    assert len(points_events(svc, "points.reversed.v1", cid)) == 2  # a movement of nothing publishes nothing
     assert ledger_problems(svc) == []
 
 
@@ -632,3 +633,24 @@ def test_an_invoice_through_the_broker_earns_once_beside_the_audience(svc, stub,
 def _balance(svc, cid):
     with svc.ctx.engine.connect() as conn:
         return conn.execute(sa.select(loyalty_members.c.balance).where(loyalty_members.c.customer == cid)).scalar()
+
+
+# -- merges ------------------------------------------------------------------------------------
+def test_a_customer_merge_joins_the_members_and_their_ledgers(svc, stub):
+    from tests.support.customers import customer, merged_message
+
+    prog = program(stub, "NOK", lifetime_unit=pb.LIFETIME_UNIT_DAYS, lifetime_count=100)
+    a, b, c, d = (str(uuid.uuid4()) for _ in range(4))
+    deliver(svc, paid("NOK", a, [("products/x", "", 1, 40)]), paid("NOK", b, [("products/x", "", 1, 25)]))
+    stub.RedeemPoints(
+        pb.RedeemPointsRequest(member=f"{prog.name}/members/{b}", points=5, reason="x", request_id="m1"), metadata=ADMIN
+    )
+    deliver(svc, paid("NOK", c, [("products/x", "", 1, 7)]))
+    deliver(svc, merged_message(customer(a, 3), [b]), merged_message(customer(d, 2), [c]))
+    got = member(stub, prog, a)
+    assert (got.balance, got.earned, got.redeemed) == (60, 65, 5)  # b's ledger is a's now
+    assert sorted(x.points for x in movements(stub, prog, a)) == [-5, 25, 40]
+    assert rpc_error(member, stub, prog, b).code() == grpc.StatusCode.NOT_FOUND
+    assert member(stub, prog, d).balance == 7  # d was no member: c's member became d's
+    assert rpc_error(member, stub, prog, c).code() == grpc.StatusCode.NOT_FOUND
+    assert ledger_problems(svc) == []

@@ -38,6 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from crm.campaign.v1 import campaign_events_pb2 as ev
+from crm.customer.v1 import customer_events_pb2 as ce
 from crm.sales.v1 import sales_events_pb2 as se
 from crm_chassis import persian, timers
 from crm_chassis.db import cacheable
@@ -470,8 +471,58 @@ class Loyalty:
                     qualify_time=earn.qualify_time,
                     occur_time=when,
                 )
-                self._publish_movements(tx, [with_member(row, member, prog)])
+                if row.points or row.shortfall:  # a credit note beyond what earned moves nothing: no event
+                    self._publish_movements(tx, [with_member(row, member, prog)])
                 self.evaluate_tier(conn, tx, prog, member, now, "spend" if prog.tier_basis == "spend" else "points")
+
+    def on_merged(self, conn: sa.Connection, event: Event) -> None:
+        """customer.merged.v1: each programme's member of a merged customer joins the survivor's:
+        renamed when the survivor is not a member there, else its movements (lots included,
+        their expiry timers keyed by lot stay right) move to the survivor's member, whose
+        totals add up, and the merged member goes (its tier timers with it); the survivor's
+        tier is evaluated again."""
+        msg = event.parse(ce.CustomerMerged)
+        survivor = _id(msg.survivor.name)
+        merged = sorted({_id(n) for n in msg.merged} - {survivor, ""})
+        if not survivor or not merged:
+            return
+        rows = conn.execute(
+            sa.select(loyalty_members).where(m.customer.in_([survivor, *merged])).order_by(m.id).with_for_update()
+        ).all()
+        now = self.now()
+        by_program: dict = {}
+        for r in rows:
+            by_program.setdefault(str(r.program_id), []).append(r)
+        with self.rt.uow.joined(conn) as tx:
+            for program_id, members in by_program.items():
+                keep = next((r for r in members if r.customer == survivor), None)
+                gone = [r for r in members if r is not keep]
+                if keep is None:  # the survivor was no member: the first merged member becomes theirs
+                    keep, gone = gone[0], gone[1:]
+                    conn.execute(loyalty_members.update().where(m.id == keep.id).values(customer=survivor))
+                if not gone:
+                    continue
+                ids = [r.id for r in gone]
+                conn.execute(loyalty_movements.update().where(mv.member_id.in_(ids)).values(member_id=keep.id))
+                keep = conn.execute(
+                    loyalty_members.update()
+                    .where(m.id == keep.id)
+                    .values(
+                        balance=m.balance + sum(r.balance for r in gone),
+                        earned=m.earned + sum(r.earned for r in gone),
+                        redeemed=m.redeemed + sum(r.redeemed for r in gone),
+                        expired=m.expired + sum(r.expired for r in gone),
+                        version=m.version + 1,
+                        update_time=sa.func.now(),
+                    )
+                    .returning(loyalty_members)
+                ).one()
+                for r in gone:
+                    timers.cancel(conn, GRACE, str(r.id))
+                    timers.cancel(conn, PERIOD_END, str(r.id))
+                conn.execute(loyalty_members.delete().where(m.id.in_(ids)))
+                prog = Rules(conn.execute(sa.select(loyalty_programs).where(loyalty_programs.c.id == program_id)).one())
+                self.evaluate_tier(conn, tx, prog, keep, now, "spend" if prog.tier_basis == "spend" else "points")
 
     # tiers ----------------------------------------------------------------------------------
     def figure(self, conn, prog: Rules, member_id, start, end) -> Decimal:
@@ -664,13 +715,18 @@ def subscriptions(rt: Campaign) -> list[Subscription]:
     lo = engine(rt)
     return [
         Subscription(
+            domain="customer",
+            handlers={"customer.merged.v1": lo.on_merged},
+            requires={"customer.merged.v1": Requires(ce.CustomerMerged, ("survivor",))},
+        ),
+        Subscription(
             domain="sales",
             handlers={"invoice.paid.v1": lo.on_paid, "invoice.credited.v1": lo.on_credited},
             requires={
                 "invoice.paid.v1": Requires(se.InvoiceEvent, ("invoice", "customer")),
                 "invoice.credited.v1": Requires(se.InvoiceEvent, ("invoice", "customer")),
             },
-        )
+        ),
     ]
 
 
