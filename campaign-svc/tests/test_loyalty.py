@@ -654,3 +654,45 @@ def test_a_customer_merge_joins_the_members_and_their_ledgers(svc, stub):
     assert member(stub, prog, d).balance == 7  # d was no member: c's member became d's
     assert rpc_error(member, stub, prog, c).code() == grpc.StatusCode.NOT_FOUND
     assert ledger_problems(svc) == []
+
+
+def test_spend_tiers_over_the_gregorian_year_count_the_net_spend(svc, stub, clock):
+    prog = program(
+        stub,
+        "INR",
+        per=100,
+        points=1,
+        tiers=[pb.Tier(key="vip", threshold_spend=money("INR", "1000.50"))],
+        tier_basis=pb.TIER_BASIS_SPEND,
+        tier_period=pb.TIER_PERIOD_GREGORIAN_YEAR,
+        downgrade=pb.DOWNGRADE_NONE,
+    )
+    assert prog.tiers[0].threshold_spend == money("INR", "1000.50")
+    cid = str(uuid.uuid4())
+    clock["now"] = dt.datetime(2026, 12, 30, tzinfo=TEHRAN)
+    last_year = paid("INR", cid, [("products/x", "", 1, 900)], at=dt.datetime(2025, 12, 31, 20, tzinfo=TEHRAN))
+    inv = paid("INR", cid, [("products/x", "", 1, 700)], at=dt.datetime(2026, 1, 1, 1, tzinfo=TEHRAN), tax=63)
+    deliver(svc, last_year, inv)
+    m = member(stub, prog, cid)
+    assert (m.tier, m.period_figure, m.next_tier, m.to_next_tier) == ("", "700", "vip", "300.5")  # 2025 does not count
+    deliver(svc, paid("INR", cid, [("products/x", "", 1, "300.50")], at=dt.datetime(2026, 6, 1, tzinfo=TEHRAN)))
+    m = member(stub, prog, cid)
+    assert (m.tier, m.period_figure) == ("vip", "1000.5")
+    assert [(e.tier, e.reason) for e in tier_events(svc, cid)] == [("vip", "spend")]
+    deliver(svc, credit("INR", cid, inv, 700))  # below again; downgrade none: kept
+    assert member(stub, prog, cid).tier == "vip"
+    err = rpc_error(
+        stub.CreateProgram,
+        pb.CreateProgramRequest(
+            program=pb.Program(
+                display_name="x",
+                currency_code="INR",
+                earn_amount=money("INR", 1),
+                earn_points=1,
+                tier_basis=pb.TIER_BASIS_SPEND,
+                tiers=[pb.Tier(key="a", threshold_points=5)],
+            )
+        ),
+        metadata=ADMIN,
+    )
+    assert fields(err) == {"program.tiers[0].threshold_spend"}
