@@ -696,3 +696,46 @@ def test_spend_tiers_over_the_gregorian_year_count_the_net_spend(svc, stub, cloc
         metadata=ADMIN,
     )
     assert fields(err) == {"program.tiers[0].threshold_spend"}
+
+
+# -- the gateway -------------------------------------------------------------------------------
+def test_the_gateway_serves_the_loyalty_routes(svc):
+    """The annotated RPCs are HTTP routes of the gateway (JSON in and out, errors naming fields)."""
+    from crm_gateway import create_app
+    from crm_gateway.clients import Clients
+    from tests.support.harness import token
+
+    clients = Clients({"campaign": f"127.0.0.1:{svc.port}"})
+    try:
+        http = create_app(clients).test_client()
+        auth = {"Authorization": f"Bearer {token('marketer', 'mina')}"}
+        body = {
+            "displayName": "باشگاه",
+            "currencyCode": "SGD",
+            "earnAmount": {"currencyCode": "SGD", "units": "10"},
+            "earnPoints": "1",
+        }
+        made = http.post("/v1/programs", json=body, headers=auth)
+        assert made.status_code == 201, made.get_data(as_text=True)
+        name = made.get_json()["name"]
+        cid = str(uuid.uuid4())
+        joined = http.post(f"/v1/{name}/members", json={"customer": f"customers/{cid}"}, headers=auth)
+        assert joined.status_code == 201 and joined.get_json()["enrollSource"] == "explicit"
+        bal = http.get(f"/v1/{name}/members/{cid}/balance", headers=auth)
+        assert bal.status_code == 200 and bal.get_json()["member"] == f"{name}/members/{cid}"
+        short = http.post(
+            f"/v1/{name}/members/{cid}:redeemPoints",
+            json={"points": "5", "reason": "x", "requestId": "h1"},
+            headers=auth,
+        )
+        assert short.status_code == 400 and "is 0 points" in short.get_data(as_text=True)  # FAILED_PRECONDITION
+        bad = http.post("/v1/programs", json={"currencyCode": "SGD"}, headers=auth)
+        assert bad.status_code == 400 and "program.display_name" in bad.get_data(as_text=True)
+        denied = http.post(
+            f"/v1/{name}/members/{cid}:adjustPoints",
+            json={"points": "5", "reason": "x", "requestId": "h2"},
+            headers=auth,
+        )
+        assert denied.status_code == 403
+    finally:
+        clients.close()
