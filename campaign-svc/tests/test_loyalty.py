@@ -518,6 +518,21 @@ def test_the_balance_is_the_ledger_sum_and_the_commit_refuses_anything_else(svc,
     with pytest.raises(sa.exc.IntegrityError), svc.ctx.engine.begin() as conn:  # nor negative
         mid = conn.execute(sa.select(loyalty_members.c.id).limit(1)).scalar_one()
         conn.execute(loyalty_members.update().where(loyalty_members.c.id == mid).values(balance=-5))
+    with pytest.raises(sa.exc.IntegrityError) as err, svc.ctx.engine.begin() as conn:  # nor a movement alone
+        mem = conn.execute(sa.select(loyalty_members).limit(1)).one()
+        conn.execute(
+            loyalty_movements.insert().values(
+                program_id=mem.program_id,
+                member_id=mem.id,
+                kind="adjust",
+                points=7,
+                balance=mem.balance + 7,
+                remaining=7,
+                qualify_time=NOW,
+                occur_time=NOW,
+            )
+        )
+    assert "not the sum of its movements" in str(err.value)
     with svc.ctx.engine.connect() as conn:  # no movement was kept without its member's balance
         assert conn.execute(sa.select(sa.func.count()).where(loyalty_movements.c.balance < 0)).scalar_one() == 0
     assert ledger_problems(svc) == []

@@ -14,25 +14,31 @@ down_revision = "0002"
 branch_labels = None
 depends_on = None
 
-# At commit, every member row written in the transaction must hold the sum of its ledger.
+# At commit, every member written in the transaction, and the member of every movement written,
+# must hold the sum of its ledger (a movement without its balance, or a balance without its
+# movement, is refused).
 CHECK_BALANCE = """
 CREATE FUNCTION loyalty_check_balance() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE total bigint; now_balance bigint;
+DECLARE mid uuid; total bigint; now_balance bigint;
 BEGIN
-  -- NEW is the row as this event wrote it; the check is of the row as the transaction leaves it
-  SELECT balance INTO now_balance FROM loyalty_members WHERE id = NEW.id;
+  IF TG_TABLE_NAME = 'loyalty_members' THEN mid := NEW.id; ELSE mid := NEW.member_id; END IF;
+  -- NEW is the row as this event wrote it; the check is of the member as the transaction leaves it
+  SELECT balance INTO now_balance FROM loyalty_members WHERE id = mid;
   IF NOT FOUND THEN
     RETURN NULL;
   END IF;
-  SELECT coalesce(sum(points), 0) INTO total FROM loyalty_movements WHERE member_id = NEW.id;
+  SELECT coalesce(sum(points), 0) INTO total FROM loyalty_movements WHERE member_id = mid;
   IF total <> now_balance THEN
-    RAISE EXCEPTION 'loyalty member % balance % is not the sum of its movements %', NEW.id, now_balance, total
+    RAISE EXCEPTION 'loyalty member % balance % is not the sum of its movements %', mid, now_balance, total
       USING ERRCODE = 'check_violation';
   END IF;
   RETURN NULL;
 END $$;
 CREATE CONSTRAINT TRIGGER loyalty_members_balance_is_ledger_sum
   AFTER INSERT OR UPDATE OF balance ON loyalty_members
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION loyalty_check_balance();
+CREATE CONSTRAINT TRIGGER loyalty_movements_balance_is_ledger_sum
+  AFTER INSERT OR UPDATE OF points, member_id ON loyalty_movements
   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION loyalty_check_balance();
 """
 
@@ -179,6 +185,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.execute("DROP TRIGGER IF EXISTS loyalty_movements_balance_is_ledger_sum ON loyalty_movements")
     op.execute("DROP TRIGGER IF EXISTS loyalty_members_balance_is_ledger_sum ON loyalty_members")
     op.execute("DROP FUNCTION IF EXISTS loyalty_check_balance()")
     op.drop_table("loyalty_movements")
