@@ -754,3 +754,42 @@ def test_the_gateway_serves_the_loyalty_routes(svc):
         assert denied.status_code == 403
     finally:
         clients.close()
+
+
+def test_a_rolling_window_is_reviewed_when_its_oldest_points_leave_it(svc, stub, clock):
+    prog = program(
+        stub,
+        "TRY",
+        tiers=[pb.Tier(key="silver", threshold_points=100)],
+        tier_period=pb.TIER_PERIOD_ROLLING_DAYS,
+        tier_period_days=30,
+        downgrade=pb.DOWNGRADE_GRACE,
+        downgrade_grace_days=10,
+    )
+    cid = str(uuid.uuid4())
+    earned = NOW - dt.timedelta(days=25)
+    clock["now"] = NOW
+    deliver(svc, paid("TRY", cid, [("products/x", "", 1, 120)], at=earned))
+    assert member(stub, prog, cid).tier == "silver"
+    mid = _member_id(svc, cid)
+    with svc.ctx.engine.connect() as conn:
+        review = timers.get(conn, lo_mod.REVIEW, mid)
+    assert review is not None and review.due_at > earned + dt.timedelta(days=30)  # when the 120 leave the window
+    clock["now"] = NOW + dt.timedelta(days=6)  # they have left: the figure is 0 with no movement
+    with svc.ctx.engine.begin() as conn:
+        timers.reschedule(conn, lo_mod.REVIEW, mid, dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+
+    def grace_started():
+        with svc.ctx.engine.connect() as conn:
+            return timers.get(conn, lo_mod.GRACE, mid)
+
+    grace = run_timers(svc, grace_started, "the review starting the grace")
+    assert grace.due_at == clock["now"] + dt.timedelta(days=10) and member(stub, prog, cid).tier == "silver"
+    clock["now"] = NOW + dt.timedelta(days=17)
+    with svc.ctx.engine.begin() as conn:
+        timers.reschedule(conn, lo_mod.GRACE, mid, dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+    run_timers(svc, lambda: member(stub, prog, cid).tier == "", "the downgrade after the grace")
+    assert [(e.tier, e.direction, e.reason) for e in tier_events(svc, cid)] == [
+        ("silver", "upgrade", "points"),
+        ("", "downgrade", "inactivity"),
+    ]

@@ -59,6 +59,7 @@ MOVEMENT = ResourceName(
 
 EXPIRE = "loyalty.expire"  # key: the lot's movement id
 GRACE = "loyalty.tier_grace"  # key: the member id
+REVIEW = "loyalty.tier_review"  # key: the member id (rolling windows with a grace downgrade)
 PERIOD_END = "loyalty.period_end"  # key: the member id; payload {"period_end": iso time}
 KINDS = ("earn", "redeem", "expire", "adjust", "reverse")
 WORD = {"earn": "earned", "redeem": "redeemed", "expire": "expired", "adjust": "adjusted", "reverse": "reversed"}
@@ -554,7 +555,30 @@ class Loyalty:
                     timers.schedule(conn, GRACE, str(member.id), now + dt.timedelta(days=prog.row.downgrade_grace_days))
             else:
                 timers.cancel(conn, GRACE, str(member.id))
+            if prog.row.tier_period == "rolling_days" and member.tier:
+                self._arm_review(conn, prog, member, start)
         return member
+
+    def _arm_review(self, conn, prog: Rules, member, start: dt.datetime) -> None:
+        """A rolling window's figure falls as time passes, with no movement to notice it: the
+        tier is reviewed when the oldest movement in the window leaves it (`loyalty.tier_review`)."""
+        oldest = conn.execute(
+            sa.select(sa.func.min(mv.qualify_time)).where(
+                mv.member_id == member.id, mv.kind.in_(["earn", "reverse"]), mv.qualify_time >= start
+            )
+        ).scalar()
+        if oldest is not None:
+            due = oldest + dt.timedelta(days=prog.row.tier_period_days, microseconds=1)
+            timers.schedule(conn, REVIEW, str(member.id), due)
+
+    def fire_review(self, conn, timer: timers.Timer):
+        member = self.locked_member(conn, timer.key)
+        if member is None or not member.tier:
+            return
+        prog = Rules(conn.execute(sa.select(loyalty_programs).where(loyalty_programs.c.id == member.program_id)).one())
+        now = max(self.now(), timer.due_at)
+        with self.rt.uow.joined(conn) as tx:
+            self.evaluate_tier(conn, tx, prog, member, now, "points")
 
     def set_tier(self, conn, tx, prog: Rules, member, tier: str, reason: str, now: dt.datetime):
         previous = member.tier
@@ -616,7 +640,9 @@ class Loyalty:
         target = prog.tier_of(self.figure(conn, prog, member.id, start, end))
         if prog.rank.get(target, 0) < prog.rank.get(member.tier, 0):
             with self.rt.uow.joined(conn) as tx:
-                self.set_tier(conn, tx, prog, member, target, "inactivity", now)
+                member = self.set_tier(conn, tx, prog, member, target, "inactivity", now)
+            if prog.row.tier_period == "rolling_days" and member.tier:
+                self._arm_review(conn, prog, member, start)
 
     # events ---------------------------------------------------------------------------------
     def _publish_movements(self, tx, rows) -> None:
@@ -735,6 +761,7 @@ def timer_handlers(rt: Campaign) -> None:
     rt.timers.register_batch(EXPIRE, lo.fire_expiry, max_attempts=20)
     rt.timers.register(PERIOD_END, lo.fire_period_end, max_attempts=20)
     rt.timers.register(GRACE, lo.fire_grace, max_attempts=20)
+    rt.timers.register(REVIEW, lo.fire_review, max_attempts=20)
 
 
 __all__ = ["KINDS", "MEMBER", "MOVEMENT", "PROGRAM", "Loyalty", "Rules", "engine", "subscriptions", "timer_handlers"]
