@@ -321,9 +321,15 @@ def test_invoice_paid_earns_by_the_rules_and_bonus_period_once_per_event(svc, st
     sent = points_events(svc, "points.earned.v1", cid)
     assert [(e.points, e.balance, e.kind) for e in sent] == [(44, 44, "earned"), (10, 54, "earned")]
     assert sent[0].account == f"{prog.name}/members/{cid}" and sent[0].programme == prog.name
-    # an invoice in another currency earns nothing here; a credit note is not an invoice
+    # an invoice credited in part before it was paid earns on what was paid: 200,000 of 400,000
+    half = paid("IRR", cid, [("products/p1", "", 1, 400_000)], at=NOW + dt.timedelta(days=10))
+    inv = half.parse(se.InvoiceEvent)
+    inv.paid_total.CopyFrom(money("IRR", 200_000))
+    deliver(svc, event_of("sales", "invoice.paid.v1", inv, half.subject))
+    assert movements(stub, prog, cid)[0].points == 20 and movements(stub, prog, cid)[0].amount == money("IRR", 200_000)
+    # an invoice in another currency earns nothing here
     deliver(svc, paid("SEK", cid, [("products/p1", "", 1, 1_000_000)]))
-    assert member(stub, prog, cid).balance == 54
+    assert member(stub, prog, cid).balance == 74
     assert ledger_problems(svc) == []
 
 

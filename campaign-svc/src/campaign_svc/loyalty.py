@@ -149,7 +149,7 @@ class Rules:
         i = self.rank.get(key)
         return self.tiers[i - 1] if i else None
 
-    def points(self, lines, net: Decimal, paid_at: dt.datetime, tier_key: str) -> tuple[int, dict]:
+    def points(self, lines, net: Decimal, paid_at: dt.datetime, tier_key: str, share=Decimal(1)) -> tuple[int, dict]:
         """Points an invoice earns, and how: base per line (times its product rule's
         multiplier), times the bonus period's and the tier's multipliers, plus the per-unit
         extras; rounded by the programme's rule."""
@@ -171,9 +171,11 @@ class Rules:
         bonus = max((x for start, end, x in self.bonus if start <= paid_at < end), default=Decimal(1))
         tier = self.tier(tier_key)
         tier_mult = tier.multiplier if tier else Decimal(1)
-        raw = base * bonus * tier_mult + extra
+        raw = (base * bonus * tier_mult + extra) * share
         points = int(raw.quantize(Decimal(1), rounding=self.rounding)) if raw > 0 else 0
         details = {"base": str(base), "bonus": str(bonus), "tier_multiplier": str(tier_mult), "extra": str(extra)}
+        if share != 1:
+            details["paid_share"] = str(share)
         if ruled:
             details["product_rules"] = ruled
         return points, details
@@ -385,13 +387,17 @@ class Loyalty:
             if e.lines
             else _amount(e.total) - _amount(e.tax_total)
         )
+        # A credit note issued before the payment left less to pay: only what was paid earns.
+        total, paid_total = _amount(e.total), _amount(e.paid_total)
+        share = paid_total / total if 0 < paid_total < total else Decimal(1)
+        net *= share
         if net <= 0:
             return
         now = self.now()
         with self.rt.uow.joined(conn) as tx:
             for prog in programs:
                 member = self.member_for_update(conn, prog.id, customer, when=paid_at)
-                points, details = prog.points(e.lines, net, paid_at, member.tier)
+                points, details = prog.points(e.lines, net, paid_at, member.tier, share)
                 expire = prog.lifetime_end(paid_at) if points > 0 else None
                 row, member = self.record(
                     conn,

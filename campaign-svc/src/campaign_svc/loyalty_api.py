@@ -517,7 +517,7 @@ class LoyaltyApi:
             out = pb.MemberBalance(member=member_name, balance=row.balance)
             nxt = conn.execute(
                 sa.select(mv.expire_time, sa.func.sum(mv.remaining))
-                .where(mv.member_id == row.id, mv.remaining > 0, mv.expire_time.isnot(None))
+                .where(mv.member_id == row.id, mv.remaining > 0, mv.expire_time > self.lo.now())
                 .group_by(mv.expire_time)
                 .order_by(mv.expire_time)
                 .limit(1)
