@@ -41,6 +41,7 @@ from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm.customer.v1 import customer_events_pb2 as ce
 from crm.sales.v1 import sales_events_pb2 as se
 from crm_chassis import persian, timers
+from crm_chassis.columns import TIMESTAMPTZ, UUID
 from crm_chassis.db import cacheable
 from crm_chassis.messaging.consumer import Requires, Subscription
 from crm_chassis.messaging.envelope import Event
@@ -372,55 +373,215 @@ class Loyalty:
         return [Rules(r) for r in rows]
 
     def on_paid(self, conn: sa.Connection, event: Event) -> None:
-        e = event.parse(se.InvoiceEvent)
-        if (e.kind or "invoice") != "invoice":
-            return
-        customer, invoice = _id(e.customer), _id(e.invoice)
-        if not customer or not invoice:
-            return
-        programs = self.programs_for(conn, e.total.currency_code)
-        if not programs:
-            return
-        paid_at = e.event_time.ToDatetime(dt.UTC) if e.event_time.seconds else event.time
-        net = (
-            sum((_amount(x.amount) for x in e.lines), Decimal(0))
-            if e.lines
-            else _amount(e.total) - _amount(e.tax_total)
-        )
-        # A credit note issued before the payment left less to pay: only what was paid earns.
-        total, paid_total = _amount(e.total), _amount(e.paid_total)
-        share = paid_total / total if 0 < paid_total < total else Decimal(1)
-        net *= share
-        if net <= 0:
-            return
+        self.earn_batch(conn, [event])
+
+    def earn_batch(self, conn: sa.Connection, events: list[Event]) -> int:
+        """invoice.paid.v1 events (one, or a batch in one transaction) earned set-based: the
+        members enrolled and locked by one upsert (in key order), the earnings already made
+        (same event or invoice) skipped, each member's points, balance, figure and tier carried
+        through its events in order in Python, then one INSERT of the movements, one UPDATE of
+        the members, the expiry timers and the events by COPY. Returns the movements written."""
+        items = []
+        for event in events:
+            e = event.parse(se.InvoiceEvent)
+            if (e.kind or "invoice") != "invoice":
+                continue
+            customer, invoice = _id(e.customer), _id(e.invoice)
+            if not customer or not invoice:
+                continue
+            net = (
+                sum((_amount(x.amount) for x in e.lines), Decimal(0))
+                if e.lines
+                else _amount(e.total) - _amount(e.tax_total)
+            )
+            # A credit note issued before the payment left less to pay: only what was paid earns.
+            total, paid_total = _amount(e.total), _amount(e.paid_total)
+            share = paid_total / total if 0 < paid_total < total else Decimal(1)
+            net *= share
+            if net > 0:
+                paid_at = e.event_time.ToDatetime(dt.UTC) if e.event_time.seconds else event.time
+                items.append((event, e, customer, invoice, paid_at, net, share))
+        if not items:
+            return 0
+        currencies = sorted({i[1].total.currency_code for i in items})
+        progs: dict[str, list[Rules]] = {}
+        for r in conn.execute(
+            sa.select(loyalty_programs).where(loyalty_programs.c.active, loyalty_programs.c.currency.in_(currencies))
+        ):
+            progs.setdefault(r.currency, []).append(Rules(r))
+        work = [(p, i) for i in items for p in progs.get(i[1].total.currency_code, ())]
+        if not work:
+            return 0
         now = self.now()
-        with self.rt.uow.joined(conn) as tx:
-            for prog in programs:
-                member = self.member_for_update(conn, prog.id, customer, when=paid_at)
-                points, details = prog.points(e.lines, net, paid_at, member.tier, share)
-                expire = prog.lifetime_end(paid_at) if points > 0 else None
-                row, member = self.record(
-                    conn,
-                    member,
-                    "earn",
-                    points,
-                    amount=net,
-                    invoice_id=invoice,
-                    actor=SYSTEM,
-                    source_event_id=event.id,
-                    remaining=points,
-                    expire_time=expire,
-                    details=details,
-                    qualify_time=paid_at,
-                    occur_time=paid_at,
+        first: dict[tuple, dt.datetime] = {}
+        for p, i in work:
+            key = (p.id, i[2])
+            first[key] = min(first.get(key, i[4]), i[4])
+        ins = pg_insert(loyalty_members).values(
+            [
+                {"program_id": pid, "customer": c, "enroll_source": "auto", "enroll_time": first[(pid, c)]}
+                for pid, c in sorted(first)
+            ]
+        )
+        members = {
+            (str(r.program_id), r.customer): r
+            for r in conn.execute(
+                ins.on_conflict_do_update(
+                    constraint="loyalty_members_one_per_program", set_={"customer": ins.excluded.customer}
+                ).returning(loyalty_members)
+            )
+        }
+        prog_ids = sorted({p.id for p, _i in work})
+        seen = {
+            (str(r.program_id), k)
+            for r in conn.execute(
+                sa.select(mv.program_id, mv.invoice_id, mv.source_event_id).where(
+                    mv.kind == "earn",
+                    mv.program_id.in_(prog_ids),
+                    sa.or_(
+                        mv.invoice_id.in_(sorted({i[3] for i in items})),
+                        mv.source_event_id.in_(sorted({i[0].id for i in items})),
+                    ),
                 )
-                if row is None:
-                    continue  # this event (or invoice) earned here already
-                if expire is not None:
-                    timers.schedule(conn, EXPIRE, str(row.id), expire)
-                if points:
-                    self._publish_movements(tx, [with_member(row, member, prog)])
-                self.evaluate_tier(conn, tx, prog, member, now, "spend" if prog.tier_basis == "spend" else "points")
+            )
+            for k in (("invoice", r.invoice_id), ("event", r.source_event_id))
+        }
+        # the figure of each member of a programme with tiers, in the current period
+        state: dict = {}
+        for prog in {p.id: p for p, _i in work}.values():
+            ids = [r.id for (pid, _c), r in members.items() if pid == prog.id]
+            figures: dict = {}
+            start, end = prog.period(now)
+            if prog.tiers:
+                col = mv.amount if prog.tier_basis == "spend" else mv.points
+                q = sa.select(mv.member_id, sa.func.sum(col)).where(
+                    mv.member_id.in_(ids), mv.kind.in_(["earn", "reverse"])
+                )
+                if start is not None:
+                    q = q.where(mv.qualify_time >= start)
+                if end is not None:
+                    q = q.where(mv.qualify_time < end)
+                figures = {str(k): Decimal(v) for k, v in conn.execute(q.group_by(mv.member_id))}
+            for (pid, _c), r in members.items():
+                if pid == prog.id:
+                    state[r.id] = {
+                        "row": r,
+                        "balance": r.balance,
+                        "earned": r.earned,
+                        "tier": r.tier,
+                        "tier_time": r.tier_time,
+                        "figure": figures.get(str(r.id), Decimal(0)),
+                        "start": start,
+                        "end": end,
+                    }
+        moves, tiers_changed = [], []
+        for prog, (event, e, customer, invoice, paid_at, net, share) in work:
+            if (prog.id, ("invoice", invoice)) in seen or (prog.id, ("event", event.id)) in seen:
+                continue  # this event (or invoice) earned here already
+            seen.update({(prog.id, ("invoice", invoice)), (prog.id, ("event", event.id))})
+            member = members[(prog.id, customer)]
+            s = state[member.id]
+            points, details = prog.points(e.lines, net, paid_at, s["tier"], share)
+            s["balance"] += points
+            s["earned"] += points
+            moves.append(
+                {
+                    **_MOVE_DEFAULTS,
+                    "program_id": prog.id,
+                    "member_id": member.id,
+                    "kind": "earn",
+                    "points": points,
+                    "balance": s["balance"],
+                    "amount": net,
+                    "invoice_id": invoice,
+                    "actor": SYSTEM,
+                    "source_event_id": event.id,
+                    "remaining": points,
+                    "expire_time": prog.lifetime_end(paid_at) if points > 0 else None,
+                    "details": details,
+                    "qualify_time": paid_at,
+                    "occur_time": paid_at,
+                    "_prog": prog,
+                    "_customer": customer,
+                }
+            )
+            if (
+                prog.tiers
+                and (s["start"] is None or s["start"] <= paid_at)
+                and (s["end"] is None or paid_at < s["end"])
+            ):
+                s["figure"] += net if prog.tier_basis == "spend" else points
+            if prog.tiers:
+                target = prog.tier_of(s["figure"])
+                if prog.rank.get(target, 0) > prog.rank.get(s["tier"], 0):
+                    tiers_changed.append((prog, member, s["tier"], target))
+                    s["tier"], s["tier_time"] = target, now
+        if not moves:
+            return 0
+        rows = conn.execute(
+            loyalty_movements.insert().returning(*loyalty_movements.c, sort_by_parameter_order=True),
+            [{k: v for k, v in x.items() if not k.startswith("_")} for x in moves],
+        ).all()
+        touched = {x["member_id"] for x in moves}
+        vals = sa.values(
+            sa.column("id", UUID),
+            sa.column("balance", sa.BigInteger),
+            sa.column("earned", sa.BigInteger),
+            sa.column("tier", sa.Text),
+            sa.column("tier_time", TIMESTAMPTZ),
+            name="v",
+        ).data(
+            [
+                (mid, state[mid]["balance"], state[mid]["earned"], state[mid]["tier"], state[mid]["tier_time"])
+                for mid in sorted(touched)
+            ]
+        )
+        conn.execute(
+            loyalty_members.update()
+            .where(m.id == vals.c.id)
+            .values(
+                balance=vals.c.balance,
+                earned=vals.c.earned,
+                tier=vals.c.tier,
+                tier_time=sa.cast(vals.c.tier_time, TIMESTAMPTZ),
+                version=m.version + 1,
+                update_time=sa.func.now(),
+            )
+        )
+        arm = [(EXPIRE, str(r.id), r.expire_time, None) for r in rows if r.expire_time is not None]
+        with self.rt.uow.joined(conn) as tx:
+            earned = [
+                (msg.account, msg)
+                for r, x in zip(rows, moves, strict=True)
+                if r.points
+                for msg in [
+                    movement_event(_Row({**r._mapping, "customer": x["_customer"], "currency": x["_prog"].currency}))
+                ]
+            ]
+            tx.publish_many(ROUTING["earn"], earned)
+            changes = []
+            for prog, member, previous, tier in tiers_changed:
+                msg = self.tier_event(
+                    prog, member.customer, previous, tier, "spend" if prog.tier_basis == "spend" else "points", now
+                )
+                changes.append((msg.account, msg))
+                end = state[member.id]["end"]
+                if prog.row.downgrade == "period_end" and end is not None:
+                    arm.append((PERIOD_END, str(member.id), end, {"period_end": end.isoformat()}))
+            tx.publish_many("tier.changed.v1", changes)
+            timers.schedule_many(conn, arm)
+            for mid in sorted(touched):  # the rules that need a timer looked at, per member (rare ones)
+                s = state[mid]
+                prog = next(x["_prog"] for x in moves if x["member_id"] == mid)
+                if prog.tiers and prog.row.downgrade == "grace":
+                    below = prog.rank.get(prog.tier_of(s["figure"]), 0) < prog.rank.get(s["tier"], 0)
+                    if not below:
+                        timers.cancel(conn, GRACE, str(mid))
+                    elif timers.get(conn, GRACE, str(mid)) is None:
+                        timers.schedule(conn, GRACE, str(mid), now + dt.timedelta(days=prog.row.downgrade_grace_days))
+                    if prog.row.tier_period == "rolling_days" and s["tier"]:
+                        self._arm_review(conn, prog, s["row"], s["start"])
+        return len(rows)
 
     def on_credited(self, conn: sa.Connection, event: Event) -> None:
         e = event.parse(se.InvoiceEvent)
@@ -594,10 +755,15 @@ class Loyalty:
             .values(tier=tier, tier_time=now, version=m.version + 1, update_time=sa.func.now())
             .returning(loyalty_members)
         ).one()
+        msg = self.tier_event(prog, member.customer, previous, tier, reason, now)
+        tx.publish("tier.changed.v1", msg, msg.account)
+        return after
+
+    def tier_event(self, prog: Rules, customer: str, previous: str, tier: str, reason: str, now) -> ev.TierEvent:
         up = prog.rank.get(tier, 0) > prog.rank.get(previous, 0)
         msg = ev.TierEvent(
-            account=self.member_name(prog.id, member.customer),
-            customer=f"customers/{member.customer}",
+            account=self.member_name(prog.id, customer),
+            customer=f"customers/{customer}",
             programme=prog.name,
             previous_tier=previous,
             tier=tier,
@@ -605,8 +771,7 @@ class Loyalty:
             reason=reason,
         )
         msg.event_time.FromDatetime(now)
-        tx.publish("tier.changed.v1", msg, msg.account)
-        return after
+        return msg
 
     # timers ---------------------------------------------------------------------------------
     def fire_expiry(self, conn, due: list[timers.Timer]):
