@@ -799,3 +799,29 @@ def test_a_rolling_window_is_reviewed_when_its_oldest_points_leave_it(svc, stub,
         ("silver", "upgrade", "points"),
         ("", "downgrade", "inactivity"),
     ]
+
+
+def test_a_batch_of_invoices_earns_as_the_events_one_by_one_would(svc, stub):
+    """earn_batch (what a batch consumer would call; one event is a batch of one): members
+    carried through their events in order (a tier reached mid-batch multiplies the next
+    earning), a repeat within the batch skipped, every programme of the currency earning."""
+    tiered = program(stub, "PLN", tiers=[pb.Tier(key="silver", threshold_points=50, multiplier="2")])
+    plain = program(stub, "PLN")
+    x, y = str(uuid.uuid4()), str(uuid.uuid4())
+    e1 = paid("PLN", x, [("products/a", "", 1, 40)])
+    e2 = paid("PLN", x, [("products/a", "", 1, 30)])
+    e3 = paid("PLN", x, [("products/a", "", 1, 10)])
+    ey = paid("PLN", y, [("products/a", "", 1, 5)])
+    lo = lo_mod.engine(rt(svc))
+    with svc.ctx.engine.begin() as conn:
+        assert lo.earn_batch(conn, [e1, e2, republished(e2), ey, e3, e1]) == 8  # 4 invoices x 2 programmes
+    got = member(stub, tiered, x)
+    assert (got.balance, got.tier) == (40 + 30 + 20, "silver")  # e3 earned double: silver since e2
+    assert [x_.points for x_ in movements(stub, tiered, x)] == [20, 30, 40]
+    assert member(stub, plain, x).balance == 80 and member(stub, plain, y).balance == 5
+    assert [(e.tier, e.direction) for e in tier_events(svc, x)] == [("silver", "upgrade")]
+    assert sorted(e.points for e in points_events(svc, "points.earned.v1", x)) == [10, 20, 30, 30, 40, 40]
+    with svc.ctx.engine.begin() as conn:  # the whole batch again: nothing
+        assert lo.earn_batch(conn, [e1, e2, e3, ey]) == 0
+    assert member(stub, tiered, x).balance == 90
+    assert ledger_problems(svc) == []
