@@ -19,9 +19,15 @@ baseline quorum queue bound the same way. Then, in the same run:
    the first earn movement's transaction to the last (record_time), and beside it the wall
    time from the service's start.
 
+4. the loyalty accrual alone, in this process (earn_batch on BENCH_POINTS_IN_PROCESS new events
+   with their inbox rows, no broker, no audience handler), one event per transaction and
+   BENCH_POINTS_BATCH per transaction: what a consumer applying batches of deliveries would
+   reach (the chassis consumer applies one delivery per transaction today).
+
 Goal (issue #11): accrual events/s >= 0.5 of the raw pika consume rate. Afterwards the ledger
 is checked (every member's balance is the sum of its movements; N earn movements).
-Settings: BENCH_POINTS_EVENTS (5000), BENCH_POINTS_CUSTOMERS (1000), CONSUMER_PREFETCH (100).
+Settings: BENCH_POINTS_EVENTS (5000), BENCH_POINTS_CUSTOMERS (1000), CONSUMER_PREFETCH (100),
+BENCH_POINTS_IN_PROCESS (2000), BENCH_POINTS_BATCH (100).
 Results: bench/results/campaign-points-<stamp>.txt/.json.
 """
 
@@ -39,6 +45,7 @@ import uuid
 import grpc
 import pika
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from bench.__main__ import start_service_process
 from campaign_svc.__main__ import SPEC
@@ -49,14 +56,17 @@ from crm.type.v1 import money_pb2
 from crm_chassis.db import create_engine, migrate
 from crm_chassis.messaging.consumer import EventConsumer, Subscription
 from crm_chassis.messaging.envelope import new_event
+from crm_chassis.messaging.tables import inbox
 from crm_chassis.messaging.topology import declare_consumer_queue, declare_producer, exchange_for, queue_name
-from tests.support.harness import ROOT, Broker, Databases, md, stop_process
+from tests.support.harness import ROOT, Broker, Databases, md, start_service, stop_process
 
 N = int(os.environ.get("BENCH_POINTS_EVENTS", "5000"))
 CUSTOMERS = int(os.environ.get("BENCH_POINTS_CUSTOMERS", "1000"))
 PREFETCH = int(os.environ.get("CONSUMER_PREFETCH", "100"))
 RESULTS = ROOT / "bench" / "results"
 GOAL = 0.5
+IN_PROCESS = int(os.environ.get("BENCH_POINTS_IN_PROCESS", "2000"))
+BATCH = int(os.environ.get("BENCH_POINTS_BATCH", "100"))
 BASELINE_QUEUE = "bench.points.raw"
 NOOP = "bench-noop"  # the chassis consumer with a no-op handler, on its own queue
 OUT = io.StringIO()
@@ -198,6 +208,31 @@ def noop_consume(engine, url: str, n: int) -> float:
     return (done - 1) / span if span > 0 else float("inf")
 
 
+def in_process(url: str, amqp_url: str, n: int, batch: int) -> float:
+    """Events/s of the loyalty accrual alone (earn_batch) in this process, `batch` events per
+    transaction with their inbox rows, as a consumer applying a batch of deliveries would:
+    no broker, no audience handler."""
+    from campaign_svc import loyalty
+
+    svc = start_service(SPEC, url, amqp_url, relay=False, consumers=False)
+    try:
+        lo = loyalty.engine(svc.ctx.shared["runtime"])
+        evs = invoice_events(n)
+        t0 = time.perf_counter()
+        for i in range(0, n, batch):
+            chunk = evs[i : i + batch]
+            with svc.ctx.engine.begin() as conn:
+                conn.execute(
+                    pg_insert(inbox)
+                    .values([{"consumer": f"{NOOP}-{batch}", "event_id": e.id, "event_type": e.type} for e in chunk])
+                    .on_conflict_do_nothing()
+                )
+                lo.earn_batch(conn, chunk)
+        return n / (time.perf_counter() - t0)
+    finally:
+        svc.stop(0)
+
+
 def main() -> int:
     say(f"# campaign-svc loyalty accrual ({dt.datetime.now():%Y-%m-%d %H:%M})")
     say(f"{platform.node()}, {os.cpu_count()} cores, python {platform.python_version()}; load average {loadavg()}")
@@ -270,8 +305,18 @@ def main() -> int:
             f"  ledger: {checks[0]} members, {checks[1]} with a balance that is not the ledger sum, {checks[2]} in a tier; "
             f"{checks[3]} points.earned.v1 in the outbox, {checks[4]} expiry timers"
         )
+        stop_process(proc)
+        proc = None
+        say(f"\n== 4. the loyalty accrual alone in-process (earn_batch), {IN_PROCESS} events per batch size ==")
+        per_batch = {}
+        for size in (1, BATCH):
+            per_batch[size] = in_process(url, broker.url, IN_PROCESS, size)
+            say(
+                f"  {size:4d} per transaction: {per_batch[size]:,.0f} events/s (ratio {per_batch[size] / raw:.2f} to the raw consume)"
+            )
         out.update(
             {
+                "in_process_per_s": {str(k): round(v) for k, v in per_batch.items()},
                 "program": program,
                 "publish_per_s": round(rate),
                 "raw_consume_per_s": round(raw),
