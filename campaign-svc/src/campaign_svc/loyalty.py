@@ -23,7 +23,9 @@ reverse) take them from the lots soonest-expiring first and record which.
   tier, payload the period end) or after a grace (`loyalty.tier_grace`, started when the
   figure falls below the tier, cancelled when it is back).
 
-Events (PointsEvent, TierEvent) go through the outbox of the same transaction.
+Events (PointsEvent, TierEvent) go through the outbox of the same transaction. Whatever locks
+several member rows locks them in (programme, customer) order, so that earning, expiry and
+merges running side by side (replicas) do not deadlock.
 """
 
 from __future__ import annotations
@@ -346,7 +348,7 @@ class Loyalty:
     def expire_due(self, conn, tx, *, lot_ids=None, member_id=None, now=None) -> int:
         """Expire the due lots (expire_time <= now) among `lot_ids` or of one member, set-based:
         one movement per lot, balances lowered, points.expired.v1 each. Members are locked
-        first (in id order), then their lots."""
+        first (in (programme, customer) order, as everything here locks them), then their lots."""
         now = now or self.now()
         due = sa.select(mv.id).where(mv.remaining > 0, mv.expire_time <= now)
         if lot_ids is not None:
@@ -354,7 +356,7 @@ class Loyalty:
         if member_id is not None:
             due = due.where(mv.member_id == member_id)
         owners = sa.select(mv.member_id).where(mv.id.in_(due.scalar_subquery())).distinct().scalar_subquery()
-        conn.execute(sa.select(m.id).where(m.id.in_(owners)).order_by(m.id).with_for_update())
+        conn.execute(sa.select(m.id).where(m.id.in_(owners)).order_by(m.program_id, m.customer).with_for_update())
         rows = conn.execute(_EXPIRE_SQL, {"ids": [r.id for r in conn.execute(due)], "now": now}).all()
         if rows:
             self._publish_movements(tx, rows)
@@ -655,7 +657,10 @@ class Loyalty:
         if not survivor or not merged:
             return
         rows = conn.execute(
-            sa.select(loyalty_members).where(m.customer.in_([survivor, *merged])).order_by(m.id).with_for_update()
+            sa.select(loyalty_members)
+            .where(m.customer.in_([survivor, *merged]))
+            .order_by(m.program_id, m.customer)
+            .with_for_update()
         ).all()
         now = self.now()
         by_program: dict = {}
