@@ -218,17 +218,8 @@ class Rules:
         return key
 
 
-# The two inserts of every earning, compiled once (an ON CONFLICT statement is compiled on every
+# The insert of a movement, compiled once (an ON CONFLICT statement is compiled on every
 # execution otherwise: crm_chassis.db.cacheable).
-_enrol = pg_insert(loyalty_members).values(
-    {c: sa.bindparam(c, type_=m[c].type) for c in ("program_id", "customer", "enroll_source", "enroll_time")}
-)
-_ENROL = cacheable(
-    _enrol.on_conflict_do_update(
-        constraint="loyalty_members_one_per_program", set_={"customer": _enrol.excluded.customer}
-    ).returning(*loyalty_members.c),
-    *loyalty_members.c,
-)
 _MOVE_COLUMNS = [c.name for c in loyalty_movements.c if c.name not in ("id", "record_time")]
 _MOVE_DEFAULTS = {
     "amount": Decimal(0),
@@ -270,21 +261,7 @@ class Loyalty:
     def member_name(program_id, customer) -> str:
         return MEMBER.format(str(program_id), customer)
 
-    @staticmethod
-    def movement_name(program_id, customer, movement_id) -> str:
-        return MOVEMENT.format(str(program_id), customer, str(movement_id))
-
     # members
-    def member_for_update(self, conn, program_id: str, customer: str, source: str = "auto", when=None):
-        """The member row, locked; enrolled first if the customer is not a member."""
-        params = {
-            "program_id": program_id,
-            "customer": customer,
-            "enroll_source": source,
-            "enroll_time": when or self.now(),
-        }
-        return conn.execute(_ENROL, params).one()
-
     def locked_member(self, conn, member_id):
         return conn.execute(sa.select(loyalty_members).where(m.id == member_id).with_for_update()).one_or_none()
 
@@ -368,12 +345,6 @@ class Loyalty:
         return conn.execute(q.limit(1)).first() is not None
 
     # earning and reversal -----------------------------------------------------------------
-    def programs_for(self, conn, currency: str) -> list[Rules]:
-        rows = conn.execute(
-            sa.select(loyalty_programs).where(loyalty_programs.c.active, loyalty_programs.c.currency == currency)
-        ).all()
-        return [Rules(r) for r in rows]
-
     def on_paid(self, conn: sa.Connection, event: Event) -> None:
         self.earn_batch(conn, [event])
 
