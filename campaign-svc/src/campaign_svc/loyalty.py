@@ -9,6 +9,8 @@ reverse) take them from the lots soonest-expiring first and record which.
 - invoice.paid.v1: in every active programme of the invoice's currency the customer (enrolled
   on the way) earns per the programme's rules; the unique (programme, event id, kind) and
   (programme, invoice) of earn rows make a redelivered or re-published event a no-op.
+  `earn_batch` does it set-based for any number of events (one is a batch of one), ready for
+  a consumer that applies deliveries in batches.
 - invoice.credited.v1 (a credit note): each programme that earned on the credited invoice
   takes back points in proportion to the amount credited so far (cumulative, so partial
   credit notes add up to the whole earning and never more). Points already spent are not
@@ -21,7 +23,9 @@ reverse) take them from the lots soonest-expiring first and record which.
   points earned minus reversed, or spend, in the period); upgrades at once; downgrades per
   the rule: none, at the calendar period's end (`loyalty.period_end` timer per member in a
   tier, payload the period end) or after a grace (`loyalty.tier_grace`, started when the
-  figure falls below the tier, cancelled when it is back).
+  figure falls below the tier, cancelled when it is back; with a rolling window a
+  `loyalty.tier_review` timer looks again when the window's oldest points leave it).
+- customer.merged.v1: the merged customer's members join the survivor's (ledgers moved).
 
 Events (PointsEvent, TierEvent) go through the outbox of the same transaction. Whatever locks
 several member rows locks them in (programme, customer) order, so that earning, expiry and
