@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+import json
 import zoneinfo
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal, InvalidOperation
@@ -47,7 +48,6 @@ from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm.customer.v1 import customer_events_pb2 as ce
 from crm.sales.v1 import sales_events_pb2 as se
 from crm_chassis import persian, timers
-from crm_chassis.columns import TIMESTAMPTZ, UUID
 from crm_chassis.db import cacheable
 from crm_chassis.messaging.consumer import Requires, Subscription
 from crm_chassis.messaging.envelope import Event
@@ -249,6 +249,86 @@ _MOVE = cacheable(
 )
 
 
+# The statements of earn_batch: one text each whatever the batch size (arrays, not lists of
+# VALUES), so they are compiled once and sent as prepared-alike text.
+_ENROL_MANY = sa.text(
+    """INSERT INTO loyalty_members (program_id, customer, enroll_source, enroll_time)
+       SELECT p, c, 'auto', t FROM unnest(CAST(:program_ids AS uuid[]), CAST(:customers AS text[]),
+                                          CAST(:times AS timestamptz[])) AS k(p, c, t)
+       ON CONFLICT ON CONSTRAINT loyalty_members_one_per_program DO UPDATE SET customer = EXCLUDED.customer
+       RETURNING *"""
+).columns(*loyalty_members.c)
+_EARNED = sa.text(
+    """SELECT program_id, invoice_id, source_event_id FROM loyalty_movements
+        WHERE kind = 'earn' AND program_id = ANY(CAST(:program_ids AS uuid[]))
+          AND (invoice_id = ANY(CAST(:invoices AS text[])) OR source_event_id = ANY(CAST(:events AS text[])))"""
+)
+
+
+def _figures(column: str) -> sa.TextClause:
+    return sa.text(
+        f"""SELECT member_id, sum({column}) FROM loyalty_movements
+             WHERE member_id = ANY(CAST(:ids AS uuid[])) AND kind IN ('earn', 'reverse')
+               AND (CAST(:start AS timestamptz) IS NULL OR qualify_time >= :start)
+               AND (CAST(:end AS timestamptz) IS NULL OR qualify_time < :end)
+             GROUP BY member_id"""
+    )
+
+
+_FIGURES_POINTS, _FIGURES_SPEND = _figures("points"), _figures("amount")
+_ARRAY_TYPES = {
+    "program_id": "uuid",
+    "member_id": "uuid",
+    "points": "bigint",
+    "balance": "bigint",
+    "amount": "numeric",
+    "remaining": "bigint",
+    "shortfall": "bigint",
+    "expire_time": "timestamptz",
+    "qualify_time": "timestamptz",
+    "occur_time": "timestamptz",
+    "lots": "jsonb",
+    "details": "jsonb",
+}
+
+
+def _move_many() -> sa.TextClause:
+    cols = [c for c in _MOVE_COLUMNS]
+    arrays = ", ".join(
+        f"CAST(:{c} AS {'text' if _ARRAY_TYPES.get(c) == 'jsonb' else _ARRAY_TYPES.get(c, 'text')}[])" for c in cols
+    )
+    select = ", ".join(f"CAST({c} AS jsonb)" if _ARRAY_TYPES.get(c) == "jsonb" else c for c in cols)
+    return sa.text(
+        f"""INSERT INTO loyalty_movements ({", ".join(cols)})
+            SELECT {select} FROM unnest({arrays}) WITH ORDINALITY AS v({", ".join(cols)}, n) ORDER BY n
+            RETURNING *"""
+    ).columns(*loyalty_movements.c)
+
+
+_MOVE_MANY = _move_many()
+_MEMBERS_AFTER = sa.text(
+    """UPDATE loyalty_members mb SET balance = v.balance, earned = v.earned, tier = v.tier,
+              tier_time = v.tier_time, version = mb.version + 1, update_time = now()
+         FROM unnest(CAST(:ids AS uuid[]), CAST(:balances AS bigint[]), CAST(:earned AS bigint[]),
+                     CAST(:tiers AS text[]), CAST(:tier_times AS timestamptz[])) AS v(id, balance, earned, tier, tier_time)
+        WHERE mb.id = v.id"""
+)
+
+
+def _array_value(v):
+    """A movement's value as an array element: JSON as text (cast to jsonb in SQL)."""
+    return json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v
+
+
+def _publish_all(tx, routing_key: str, items: list) -> None:
+    """A few events as outbox rows of the transaction's one write; many by COPY."""
+    if len(items) > 8:
+        tx.publish_many(routing_key, items)
+    else:
+        for subject, msg in items:
+            tx.publish(routing_key, msg, subject)
+
+
 # -- the engine --------------------------------------------------------------------------------
 class Loyalty:
     """The ledger's operations, shared by the event handlers, the timers and the API."""
@@ -394,32 +474,28 @@ class Loyalty:
         for p, i in work:
             key = (p.id, i[2])
             first[key] = min(first.get(key, i[4]), i[4])
-        ins = pg_insert(loyalty_members).values(
-            [
-                {"program_id": pid, "customer": c, "enroll_source": "auto", "enroll_time": first[(pid, c)]}
-                for pid, c in sorted(first)
-            ]
-        )
+        keys = sorted(first)
         members = {
             (str(r.program_id), r.customer): r
             for r in conn.execute(
-                ins.on_conflict_do_update(
-                    constraint="loyalty_members_one_per_program", set_={"customer": ins.excluded.customer}
-                ).returning(loyalty_members)
+                _ENROL_MANY,
+                {
+                    "program_ids": [k[0] for k in keys],
+                    "customers": [k[1] for k in keys],
+                    "times": [first[k] for k in keys],
+                },
             )
         }
         prog_ids = sorted({p.id for p, _i in work})
         seen = {
             (str(r.program_id), k)
             for r in conn.execute(
-                sa.select(mv.program_id, mv.invoice_id, mv.source_event_id).where(
-                    mv.kind == "earn",
-                    mv.program_id.in_(prog_ids),
-                    sa.or_(
-                        mv.invoice_id.in_(sorted({i[3] for i in items})),
-                        mv.source_event_id.in_(sorted({i[0].id for i in items})),
-                    ),
-                )
+                _EARNED,
+                {
+                    "program_ids": prog_ids,
+                    "invoices": sorted({i[3] for i in items}),
+                    "events": sorted({i[0].id for i in items}),
+                },
             )
             for k in (("invoice", r.invoice_id), ("event", r.source_event_id))
         }
@@ -430,15 +506,8 @@ class Loyalty:
             figures: dict = {}
             start, end = prog.period(now)
             if prog.tiers:
-                col = mv.amount if prog.tier_basis == "spend" else mv.points
-                q = sa.select(mv.member_id, sa.func.sum(col)).where(
-                    mv.member_id.in_(ids), mv.kind.in_(["earn", "reverse"])
-                )
-                if start is not None:
-                    q = q.where(mv.qualify_time >= start)
-                if end is not None:
-                    q = q.where(mv.qualify_time < end)
-                figures = {str(k): Decimal(v) for k, v in conn.execute(q.group_by(mv.member_id))}
+                q = _FIGURES_SPEND if prog.tier_basis == "spend" else _FIGURES_POINTS
+                figures = {str(k): Decimal(v) for k, v in conn.execute(q, {"ids": ids, "start": start, "end": end})}
             for (pid, _c), r in members.items():
                 if pid == prog.id:
                     state[r.id] = {
@@ -495,47 +564,31 @@ class Loyalty:
                     s["tier"], s["tier_time"] = target, now
         if not moves:
             return 0
-        rows = conn.execute(
-            loyalty_movements.insert().returning(*loyalty_movements.c, sort_by_parameter_order=True),
-            [{k: v for k, v in x.items() if not k.startswith("_")} for x in moves],
-        ).all()
+        rows = conn.execute(_MOVE_MANY, {c: [_array_value(x[c]) for x in moves] for c in _MOVE_COLUMNS}).all()
         touched = {x["member_id"] for x in moves}
-        vals = sa.values(
-            sa.column("id", UUID),
-            sa.column("balance", sa.BigInteger),
-            sa.column("earned", sa.BigInteger),
-            sa.column("tier", sa.Text),
-            sa.column("tier_time", TIMESTAMPTZ),
-            name="v",
-        ).data(
-            [
-                (mid, state[mid]["balance"], state[mid]["earned"], state[mid]["tier"], state[mid]["tier_time"])
-                for mid in sorted(touched)
-            ]
-        )
+        mids = sorted(touched)
         conn.execute(
-            loyalty_members.update()
-            .where(m.id == vals.c.id)
-            .values(
-                balance=vals.c.balance,
-                earned=vals.c.earned,
-                tier=vals.c.tier,
-                tier_time=sa.cast(vals.c.tier_time, TIMESTAMPTZ),
-                version=m.version + 1,
-                update_time=sa.func.now(),
-            )
+            _MEMBERS_AFTER,
+            {
+                "ids": mids,
+                "balances": [state[x]["balance"] for x in mids],
+                "earned": [state[x]["earned"] for x in mids],
+                "tiers": [state[x]["tier"] for x in mids],
+                "tier_times": [state[x]["tier_time"] for x in mids],
+            },
         )
         arm = [(EXPIRE, str(r.id), r.expire_time, None) for r in rows if r.expire_time is not None]
+        written = {(str(r.program_id), r.source_event_id): r for r in rows}  # RETURNING's order is not promised
         with self.rt.uow.joined(conn) as tx:
-            earned = [
-                (msg.account, msg)
-                for r, x in zip(rows, moves, strict=True)
-                if r.points
-                for msg in [
-                    movement_event(_Row({**r._mapping, "customer": x["_customer"], "currency": x["_prog"].currency}))
-                ]
-            ]
-            tx.publish_many(ROUTING["earn"], earned)
+            earned = []
+            for x in moves:
+                r = written[(str(x["program_id"]), x["source_event_id"])]
+                if r.points:
+                    msg = movement_event(
+                        _Row({**r._mapping, "customer": x["_customer"], "currency": x["_prog"].currency})
+                    )
+                    earned.append((msg.account, msg))
+            _publish_all(tx, ROUTING["earn"], earned)
             changes = []
             for prog, member, previous, tier in tiers_changed:
                 msg = self.tier_event(
@@ -545,7 +598,7 @@ class Loyalty:
                 end = state[member.id]["end"]
                 if prog.row.downgrade == "period_end" and end is not None:
                     arm.append((PERIOD_END, str(member.id), end, {"period_end": end.isoformat()}))
-            tx.publish_many("tier.changed.v1", changes)
+            _publish_all(tx, "tier.changed.v1", changes)
             timers.schedule_many(conn, arm)
             for mid in sorted(touched):  # the rules that need a timer looked at, per member (rare ones)
                 s = state[mid]
