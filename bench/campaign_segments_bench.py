@@ -56,10 +56,8 @@ RAW_WHERE = (
     "AND last_purchase_time >= now() - interval '90 days' AND order_count >= 2"
 )
 # A filter no index serves (a parallel scan of the whole audience): the preview's worst case.
-SCAN = 'revenue > 4000000 AND email_consent = "granted" AND gender = "female"'
-SCAN_WHERE = (
-    "NOT deleted AND merged_into = '' AND revenue > 4000000 AND email_consent = 'granted' AND gender = 'female'"
-)
+SCAN = 'revenue > 4000000 AND email_consent = "granted" AND gender = "male"'
+SCAN_WHERE = "NOT deleted AND merged_into = '' AND revenue > 4000000 AND email_consent = 'granted' AND gender = 'male'"
 MID = "last_purchase_time >= now - 90d AND order_count >= 2"  # every recent repeat buyer
 MID_WHERE = "NOT deleted AND merged_into = '' AND last_purchase_time >= now() - interval '90 days' AND order_count >= 2"
 BROAD = 'order_count >= 1 AND email_consent != "revoked"'

@@ -83,6 +83,7 @@ MASK = UpdateMask(
 )
 COLUMN_OF = {"include_segments": "include_ids", "exclude_segments": "exclude_ids"}
 JOB_STATE = job_rows.c.state.label("job_state")
+_ESTIMATE = sa.text("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'audience'::regclass")
 
 
 def _ts(msg, field: str, value) -> None:
@@ -436,12 +437,15 @@ class SegmentUseCases:
             if kind == seg.DYNAMIC:
                 where = seg.matches(definition, now)
                 count = conn.execute(sa.select(sa.func.count()).select_from(audience).where(where)).scalar_one()
-                sample = conn.execute(
-                    sa.select(audience.c.customer_id, audience.c.display_name)
-                    .where(where)
-                    .order_by(audience.c.customer_id)
-                    .limit(size)
-                ).all()
+                first = sa.select(audience.c.customer_id, audience.c.display_name).where(where)
+                if count and count * 100 < conn.execute(_ESTIMATE).scalar_one():
+                    # rare matches: filter first (by its indexes, or one scan), then sort them;
+                    # walking the key order would visit most of the audience to find a few
+                    found = first.cte("found").prefix_with("MATERIALIZED")
+                    first = sa.select(found.c.customer_id, found.c.display_name)
+                    sample = conn.execute(first.order_by(found.c.customer_id).limit(size)).all()
+                else:
+                    sample = conn.execute(first.order_by(audience.c.customer_id).limit(size)).all() if count else []
             else:
                 q = seg.candidates(definition, now).subquery("c")
                 count = conn.execute(sa.select(sa.func.count()).select_from(q)).scalar_one()
