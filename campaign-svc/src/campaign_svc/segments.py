@@ -8,8 +8,8 @@
 - Membership is materialised in `segment_members` and kept current three ways, all set-based:
   1. `audience_changed(conn, ids, cause)` (runtime hook, in the transaction that changed the
      audience rows): those customers are re-evaluated against every dynamic segment in ONE
-     statement (a UNION ALL of each segment's compiled filter over the changed rows; one INSERT
-     and one DELETE of the difference), then against the combined segments level by level
+     SELECT (a UNION ALL of each segment's compiled filter over the changed rows; then one
+     DELETE and one INSERT of the difference), then against the combined segments level by level
      (`depth`); a merged customer's static memberships move to the survivor; a deleted or
      erased customer leaves static segments.
   2. A rebuild (a crm_chassis job, kind "segment.rebuild"): the audience is walked in chunks
@@ -241,8 +241,8 @@ class Segments:
         return out
 
     def _apply(self, conn, defs: list[Definition], ids: Sequence[str], now) -> list[tuple[str, str, str]]:
-        """One statement: the members among `ids` of each segment of `defs` (one level), the
-        rows to add inserted and those to drop deleted; returns the difference."""
+        """The members among `ids` of each segment of `defs` (one level) made right: the rows
+        to add inserted and those to drop deleted; returns the difference."""
         s = segment_members
         branches = []
         for d in defs:
@@ -271,34 +271,36 @@ class Segments:
                 )
         if not branches:
             return []
-        m = sa.union_all(*branches).cte("m")
-        source = "filter" if defs[0].kind == DYNAMIC else "combined"
-        ins = (
-            pg_insert(s)
-            .from_select(
-                ["segment_id", "customer_id", "since", "source"],
-                sa.select(m.c.segment_id, m.c.customer_id, sa.literal(now, s.c.since.type), sa.literal(source)),
-            )
-            .on_conflict_do_nothing()
-            .returning(s.c.segment_id, s.c.customer_id)
-            .cte("ins")
-        )
+        # Which of these customers each segment has now (one SELECT over all the segments, a
+        # statement SQLAlchemy compiles once: its shape only changes with the segments), which
+        # it had, and the difference written by one INSERT and one DELETE. RETURNING decides
+        # the events, so a concurrent change of the same customer never publishes twice.
         seg_ids = [d.id for d in defs]
-        dele = (
-            s.delete()
-            .where(
-                s.c.segment_id.in_(seg_ids),
-                s.c.customer_id.in_(ids),
-                ~sa.exists().where(m.c.segment_id == s.c.segment_id, m.c.customer_id == s.c.customer_id),
+        matched = {(str(r.segment_id), r.customer_id) for r in conn.execute(sa.union_all(*branches))}
+        current = {
+            (str(r.segment_id), r.customer_id)
+            for r in conn.execute(
+                sa.select(s.c.segment_id, s.c.customer_id).where(s.c.segment_id.in_(seg_ids), s.c.customer_id.in_(ids))
             )
-            .returning(s.c.segment_id, s.c.customer_id)
-            .cte("del")
-        )
-        q = sa.union_all(
-            sa.select(sa.literal(ADDED).label("k"), ins.c.segment_id, ins.c.customer_id),
-            sa.select(sa.literal(REMOVED).label("k"), dele.c.segment_id, dele.c.customer_id),
-        )
-        return [(r.k, str(r.segment_id), r.customer_id) for r in conn.execute(q)]
+        }
+        out: list[tuple[str, str, str]] = []
+        drop = sorted(current - matched)
+        if drop:
+            gone = conn.execute(
+                s.delete()
+                .where(sa.tuple_(s.c.segment_id, s.c.customer_id).in_(drop))
+                .returning(s.c.segment_id, s.c.customer_id)
+            )
+            out += [(REMOVED, str(r.segment_id), r.customer_id) for r in gone]
+        add = sorted(matched - current)
+        if add:
+            source = "filter" if defs[0].kind == DYNAMIC else "combined"
+            rows = [{"segment_id": g, "customer_id": c, "since": now, "source": source} for g, c in add]
+            new = conn.execute(
+                pg_insert(s).values(rows).on_conflict_do_nothing().returning(s.c.segment_id, s.c.customer_id)
+            )
+            out += [(ADDED, str(r.segment_id), r.customer_id) for r in new]
+        return out
 
     def _publish(self, conn, diff, cause: str, now: dt.datetime) -> None:
         if not diff:
