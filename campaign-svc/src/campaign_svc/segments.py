@@ -539,10 +539,16 @@ def install(rt: Campaign) -> None:
 def timer_handlers(rt: Campaign) -> None:
     seg = engine(rt)
     rt.timers.register(REFRESH_TIMER, lambda conn, timer: seg.refresh(conn, timer))
+    cron = refresh_cron()
+    try:
+        timers.next_occurrence(cron)
+    except (ValueError, KeyError):
+        log.error("SEGMENT_REFRESH_CRON %r is not a cron expression; refreshing hourly", cron)
+        cron = "0 * * * *"
     with rt.engine.begin() as conn:
         current = timers.get(conn, REFRESH_TIMER, "all")
-        if current is None or current.cron != refresh_cron():
-            timers.schedule_recurring(conn, REFRESH_TIMER, "all", refresh_cron())
+        if current is None or current.cron != cron:
+            timers.schedule_recurring(conn, REFRESH_TIMER, "all", cron)
 
 
 def workers(rt: Campaign) -> list:
