@@ -384,6 +384,18 @@ class Segments:
         cp = ctx.checkpoint
         if cp == "done":
             return
+        if cp is None and self._small(sid):
+            # Few customers match and few are members: one set-based step, the filter served
+            # by its indexes (a walk of the whole heap would cost more than the change).
+            with ctx.step(self.uow) as tx:
+                lock_exclusive(tx.conn, sid)
+                row = tx.conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
+                if row is None:
+                    return
+                added, removed = self.diff(tx, Definition.of(row), self.now())
+                self._finish(tx.conn, sid)
+                ctx.save(tx.conn, "done", processed=total, total=total, increment={"added": added, "removed": removed})
+            return
         start = (cp or {}).get("page", 0)
         # A first build (no member yet): nothing can leave and no row of a later chunk is a
         # member (the hook's concurrent inserts meet ON CONFLICT), so no delete, no anti-join.
@@ -424,6 +436,16 @@ class Segments:
                 return
             start = end
 
+    def _small(self, sid: str) -> bool:
+        """Whether the segment's matches and members both fit in one chunk."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
+            if row is None or row.member_count > _chunk():
+                return False
+            d = Definition.of(row)
+            n = conn.execute(sa.select(sa.func.count()).select_from(candidates(d, self.now()).subquery())).scalar_one()
+            return n <= _chunk()
+
     def diff_pages(
         self, tx, d: Definition, first: int, end: int | None, now: dt.datetime, fresh: bool = False
     ) -> tuple[int, int]:
@@ -444,7 +466,8 @@ class Segments:
         return self._write(tx, d, leaving, entering, now, anti_join=not fresh)
 
     def diff(self, tx, d: Definition, now: dt.datetime) -> tuple[int, int]:
-        """The whole difference of a combined segment. Returns (added, removed)."""
+        """The whole difference of a combined segment, or of a dynamic one whose matches are
+        few (its filter's indexes serve it). Returns (added, removed)."""
         want = candidates(d, now).subquery("want")
         leaving = ~sa.exists().where(want.c.customer_id == segment_members.c.customer_id)
         return self._write(tx, d, leaving, sa.select(want.c.customer_id), now)
