@@ -101,6 +101,7 @@ AUDIENCE_FILTERS = FilterSchema(
 )
 
 
+_ESTIMATE = sa.text("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'audience'::regclass")
 _PAGES = sa.text("SELECT (pg_relation_size('audience') / current_setting('block_size')::int)::int")
 
 
@@ -353,7 +354,11 @@ class Segments:
         sid = ctx.params["segment_id"]
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
-            total = conn.execute(sa.select(sa.func.count()).select_from(audience)).scalar_one()
+            # the planner's row count (progress, not a figure); counted if never analysed
+            total = (
+                conn.execute(_ESTIMATE).scalar_one()
+                or conn.execute(sa.select(sa.func.count()).select_from(audience)).scalar_one()
+            )
         if row is None:
             return {"deleted": True}
         if row.kind == DYNAMIC:

@@ -83,7 +83,6 @@ MASK = UpdateMask(
 )
 COLUMN_OF = {"include_segments": "include_ids", "exclude_segments": "exclude_ids"}
 JOB_STATE = job_rows.c.state.label("job_state")
-_ESTIMATE = sa.text("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'audience'::regclass")
 
 
 def _ts(msg, field: str, value) -> None:
@@ -438,7 +437,7 @@ class SegmentUseCases:
                 where = seg.matches(definition, now)
                 count = conn.execute(sa.select(sa.func.count()).select_from(audience).where(where)).scalar_one()
                 first = sa.select(audience.c.customer_id, audience.c.display_name).where(where)
-                if count and count * 100 < conn.execute(_ESTIMATE).scalar_one():
+                if count and count * 100 < conn.execute(seg._ESTIMATE).scalar_one():
                     # rare matches: filter first (by its indexes, or one scan), then sort them;
                     # walking the key order would visit most of the audience to find a few
                     found = first.cte("found").prefix_with("MATERIALIZED")
