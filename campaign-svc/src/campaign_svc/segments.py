@@ -40,6 +40,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm_chassis import jobs, timers
+from crm_chassis.errors import FailedPrecondition
 from crm_chassis.filtering import FieldType, FilterField, FilterSchema
 
 from .runtime import Campaign
@@ -345,7 +346,10 @@ class Segments:
             if prev is not None and prev.state == jobs.QUEUED:
                 return prev
             if prev is not None and prev.state == jobs.RUNNING:
-                jobs.cancel(conn, prev.id, by="segments")
+                try:
+                    jobs.cancel(conn, prev.id, by="segments")
+                except FailedPrecondition:  # it ended meanwhile
+                    pass
         job = jobs.start(conn, REBUILD_KIND, {"segment_id": segment_id, "cause": cause}, creator=creator)
         conn.execute(segments.update().where(segments.c.id == segment_id).values(rebuild_job=job.id))
         return job
