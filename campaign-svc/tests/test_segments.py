@@ -301,7 +301,7 @@ def test_static_lists_by_hand_and_csv_import_with_unmatched_rows(svc, stub):
     csv = (
         b"name,email,mobile\n"
         b"x,ALEF@x.ir,\n"  # 2: by e-mail, case-insensitive
-        b"y,,09121111111\n"  # 3: the same customer by mobile
+        b"y,unknown@x.ir,09121111111\n"  # 3: the same customer by mobile (the e-mail matches nobody)
         b"z,,021 8888 8888\n"  # 4: by landline phone
         b"w,nobody@x.ir,\n"  # 5: nobody
         b"v,,12\n"  # 6: not a phone number
