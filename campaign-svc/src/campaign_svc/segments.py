@@ -40,6 +40,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm_chassis import jobs, timers
+from crm_chassis.columns import UUID
 from crm_chassis.errors import FailedPrecondition
 from crm_chassis.filtering import FieldType, FilterField, FilterSchema
 
@@ -112,6 +113,20 @@ def _chunk() -> int:
 
 def refresh_cron() -> str:
     return os.environ.get("SEGMENT_REFRESH_CRON", "0 * * * *").strip() or "0 * * * *"
+
+
+def _texts(values) -> sa.ColumnElement:
+    """A text[] parameter (one bind, any length: no IN list of thousands)."""
+    return sa.cast(sa.literal(list(values)), sa.ARRAY(sa.Text))
+
+
+def _pairs(pairs):
+    """(segment id, customer id) pairs as a table of two array parameters."""
+    return (
+        sa.func.unnest(sa.cast(sa.literal([p[0] for p in pairs]), sa.ARRAY(UUID)), _texts(p[1] for p in pairs))
+        .table_valued("segment_id", "customer_id")
+        .render_derived(name="pairs")
+    )
 
 
 def _lock_key(segment_id) -> sa.ColumnElement:
@@ -257,15 +272,11 @@ class Segments:
                     continue
                 branches.append(
                     sa.select(sid.label("segment_id"), a.customer_id.label("customer_id")).where(
-                        a.customer_id.in_(ids), cond
+                        a.customer_id == sa.any_(_texts(ids)), cond
                     )
                 )
             else:
-                cid = (
-                    sa.func.unnest(sa.cast(sa.literal(list(ids)), sa.ARRAY(sa.Text)))
-                    .table_valued("customer_id")
-                    .render_derived()
-                )
+                cid = sa.func.unnest(_texts(ids)).table_valued("customer_id").render_derived()
                 branches.append(
                     sa.select(sid.label("segment_id"), cid.c.customer_id.label("customer_id")).where(
                         member_condition(d, cid.c.customer_id, now)
@@ -282,24 +293,37 @@ class Segments:
         current = {
             (str(r.segment_id), r.customer_id)
             for r in conn.execute(
-                sa.select(s.c.segment_id, s.c.customer_id).where(s.c.segment_id.in_(seg_ids), s.c.customer_id.in_(ids))
+                sa.select(s.c.segment_id, s.c.customer_id).where(
+                    s.c.segment_id.in_(seg_ids), s.c.customer_id == sa.any_(_texts(ids))
+                )
             )
         }
         out: list[tuple[str, str, str]] = []
         drop = sorted(current - matched)
-        if drop:
+        if drop:  # one array parameter each, whatever the number of pairs
+            pairs = _pairs(drop)
             gone = conn.execute(
                 s.delete()
-                .where(sa.tuple_(s.c.segment_id, s.c.customer_id).in_(drop))
+                .where(
+                    sa.tuple_(s.c.segment_id, s.c.customer_id).in_(sa.select(pairs.c.segment_id, pairs.c.customer_id))
+                )
                 .returning(s.c.segment_id, s.c.customer_id)
             )
             out += [(REMOVED, str(r.segment_id), r.customer_id) for r in gone]
         add = sorted(matched - current)
         if add:
             source = "filter" if defs[0].kind == DYNAMIC else "combined"
-            rows = [{"segment_id": g, "customer_id": c, "since": now, "source": source} for g, c in add]
+            pairs = _pairs(add)
             new = conn.execute(
-                pg_insert(s).values(rows).on_conflict_do_nothing().returning(s.c.segment_id, s.c.customer_id)
+                pg_insert(s)
+                .from_select(
+                    ["segment_id", "customer_id", "since", "source"],
+                    sa.select(
+                        pairs.c.segment_id, pairs.c.customer_id, sa.literal(now, s.c.since.type), sa.literal(source)
+                    ),
+                )
+                .on_conflict_do_nothing()
+                .returning(s.c.segment_id, s.c.customer_id)
             )
             out += [(ADDED, str(r.segment_id), r.customer_id) for r in new]
         return out
@@ -308,10 +332,17 @@ class Segments:
         if not diff:
             return
         delta: dict[str, int] = {}
+        by_key: dict[str, list] = {ADDED: [], REMOVED: []}
+        for key, sid, cid in diff:
+            delta[sid] = delta.get(sid, 0) + (1 if key == ADDED else -1)
+            by_key[key].append((f"segments/{sid}", _event(sid, cid, cause, now)))
         with self.uow.joined(conn) as tx:
-            for key, sid, cid in diff:
-                delta[sid] = delta.get(sid, 0) + (1 if key == ADDED else -1)
-                tx.publish(key, _event(sid, cid, cause, now), f"segments/{sid}")
+            for key, items in by_key.items():
+                if len(items) > 50:  # an import, a merge of many: by COPY
+                    tx.publish_many(key, items)
+                else:
+                    for subject, message in items:
+                        tx.publish(key, message, subject)
         for sid, n in delta.items():
             if n:
                 conn.execute(
