@@ -19,7 +19,8 @@
      events built by the database (Transaction.publish_select) and the job's progress saved in
      the same transaction; combined segments that include the segment are rebuilt after it.
   3. Relative-time segments drift with the clock: the recurring timer "segments.refresh"
-     (SEGMENT_REFRESH_CRON, default hourly) starts a rebuild of each of them.
+     (SEGMENT_REFRESH_CRON, default hourly) re-evaluates the customers whose compared times
+     crossed a relative bound since the last evaluation (an index range per bound), see `refresh`.
   Rebuilds and the hook exclude each other per segment (an advisory lock: the hook's shared,
   a rebuild chunk's exclusive), so a chunk never writes from a snapshot older than a change.
 - Every customer entering or leaving publishes segment.member_added.v1 /
@@ -41,7 +42,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm_chassis import jobs, timers
 from crm_chassis.columns import UUID
-from crm_chassis.errors import FailedPrecondition
+from crm_chassis.errors import FailedPrecondition, InvalidArgument
 from crm_chassis.filtering import FieldType, FilterField, FilterSchema
 
 from .runtime import Campaign
@@ -404,8 +405,9 @@ class Segments:
                 row = tx.conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
                 if row is None:
                     return {"deleted": True}
-                added, removed = self.diff(tx, Definition.of(row), self.now()) if row.kind == COMBINED else (0, 0)
-                self._finish(tx.conn, sid)
+                now = self.now()
+                added, removed = self.diff(tx, Definition.of(row), now) if row.kind == COMBINED else (0, 0)
+                self._finish(tx.conn, sid, now)
                 ctx.save(tx.conn, "done", processed=total, total=total, increment={"added": added, "removed": removed})
         with self.uow.begin() as tx:  # combined segments built on this one follow it
             for dep in tx.conn.execute(
@@ -432,11 +434,14 @@ class Segments:
                 row = tx.conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
                 if row is None:
                     return
-                added, removed = self.diff(tx, Definition.of(row), self.now())
-                self._finish(tx.conn, sid)
+                now = self.now()
+                added, removed = self.diff(tx, Definition.of(row), now)
+                self._finish(tx.conn, sid, now)
                 ctx.save(tx.conn, "done", processed=total, total=total, increment={"added": added, "removed": removed})
             return
         start = (cp or {}).get("page", 0)
+        # the clock of the first chunk: every customer was evaluated at it or later
+        t0 = (cp or {}).get("t0") or self.now().isoformat()
         # A first build (no member yet): nothing can leave and no row of a later chunk is a
         # member (the hook's concurrent inserts meet ON CONFLICT), so no delete, no anti-join.
         fresh = (cp or {}).get("fresh")
@@ -464,10 +469,10 @@ class Segments:
                 )
                 processed = total if last else min(total, total * end // max(pages, 1))
                 if last:
-                    self._finish(conn, sid)
+                    self._finish(conn, sid, dt.datetime.fromisoformat(t0))
                 ctx.save(
                     conn,
-                    "done" if last else {"page": end, "fresh": fresh},
+                    "done" if last else {"page": end, "fresh": fresh, "t0": t0},
                     processed=processed,
                     total=total,
                     increment={"added": added, "removed": removed},
@@ -560,23 +565,55 @@ class Segments:
         )
         return added, removed
 
-    def _finish(self, conn, sid: str) -> None:
+    def _finish(self, conn, sid: str, evaluated: dt.datetime) -> None:
         count = sa.select(sa.func.count()).where(segment_members.c.segment_id == sid).scalar_subquery()
         conn.execute(
-            segments.update().where(segments.c.id == sid).values(member_count=count, rebuild_time=sa.func.now())
+            segments.update()
+            .where(segments.c.id == sid)
+            .values(member_count=count, rebuild_time=sa.func.now(), evaluated_time=evaluated)
         )
 
     # -- 3. the clock ------------------------------------------------------------------------------
     def refresh(self, conn: sa.Connection, timer=None) -> int:
-        """Start a rebuild of every segment whose membership drifts with the clock."""
-        ids = conn.execute(
-            sa.select(segments.c.id).where(segments.c.relative).order_by(segments.c.depth, segments.c.id)
-        ).scalars()
-        n = 0
-        for sid in ids:
-            self.start_rebuild(conn, str(sid), "clock")
-            n += 1
-        return n
+        """Re-evaluate the segments whose filter names a relative time, as the clock moved since
+        they were last evaluated (`evaluated_time`). Only customers whose compared fields lie
+        between a relative value then and now can have changed (`last_purchase_time >= now - 30d`
+        an hour later: those who bought between 30 days and 30 days minus an hour ago), found
+        through the fields' indexes and re-evaluated like an audience change; a band wider than a
+        rebuild chunk (a month boundary for `this_month`) starts a rebuild instead. Combined
+        segments follow their parts. Returns the number of segments looked at."""
+        now = self.now()
+        rows = conn.execute(
+            sa.select(segments)
+            .where(segments.c.relative, segments.c.kind == DYNAMIC, segments.c.evaluated_time.is_not(None))
+            .order_by(segments.c.id)
+        ).all()
+        for row in rows:
+            d = Definition.of(row)
+            try:
+                then = AUDIENCE_FILTERS.analyse(d.filter, row.evaluated_time)
+                later = AUDIENCE_FILTERS.analyse(d.filter, now)
+            except InvalidArgument:
+                log.warning("segment filter no longer compiles", extra={"segment": d.id})
+                continue
+            bands = []
+            for (name, v1), (_, v2) in zip(then.relative_values, later.relative_values, strict=True):
+                bands.append(AUDIENCE_FILTERS.fields[name].target.between(min(v1, v2), max(v1, v2)))
+            limit = _chunk()
+            ids = (
+                conn.execute(sa.select(a.customer_id).where(LIVE, sa.or_(*bands)).limit(limit + 1)).scalars().all()
+                if bands
+                else []
+            )
+            if len(ids) > limit:
+                self.start_rebuild(conn, d.id, "clock")
+                continue
+            lock_shared(conn, [d.id])
+            # members in the band, whatever their row says now (a deleted customer left already)
+            diff = self._apply(conn, [d], ids, now) if ids else []
+            conn.execute(segments.update().where(segments.c.id == d.id).values(evaluated_time=now))
+            self.publish(conn, diff, "rebuild")
+        return len(rows)
 
 
 def depends_relative(conn: sa.Connection, ids: Iterable[str]) -> tuple[bool, int]:
