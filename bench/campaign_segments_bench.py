@@ -285,6 +285,30 @@ def main() -> int:
                 lat.append((time.perf_counter() - t) * 1000)
         say(f"  {n_dyn} dynamic segments: p50 {pct(lat, 50):.1f} ms, p95 {pct(lat, 95):.1f} ms per changed customer")
         out["hook"] = {"segments": n_dyn, "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95)}
+
+        say("\n== 4. the clock: relative segments an hour later ==")
+        live = seg.engine(svc.ctx.shared["runtime"])  # the service's own engine (in this process)
+        n_rel = raw.execute("SELECT count(*) FROM segments WHERE relative AND kind = 'dynamic'").fetchone()[0]
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+        live.clock = lambda: later
+        before = raw.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        t = time.perf_counter()
+        with engine.begin() as conn:
+            live.refresh(conn)
+        refresh_s = time.perf_counter() - t
+        moved = raw.execute("SELECT count(*) FROM outbox").fetchone()[0] - before
+        t = time.perf_counter()
+        job = stub.RebuildSegment(pb.RebuildSegmentRequest(name=mid["segment"].name), metadata=MD)
+        wait_ready(stub, mid["segment"].name)
+        rebuild_s = time.perf_counter() - t
+        job = stub.GetSegmentRebuild(pb.GetSegmentRebuildRequest(name=job.name), metadata=MD)
+        live.clock = lambda: dt.datetime.now(dt.UTC)
+        say(
+            f"  refresh of {n_rel} relative segments (the bands an hour moved): {refresh_s * 1000:.0f} ms, "
+            f"{moved} member events; a full rebuild of the mid segment at that clock: {rebuild_s:.2f} s "
+            f"(+{job.added} -{job.removed}: what the refresh left to do)"
+        )
+        out["clock"] = {"segments": n_rel, "refresh_ms": refresh_s * 1000, "events": moved, "rebuild_mid_s": rebuild_s}
         out["loadavg_end"] = os.getloadavg()
         ch.close()
     finally:
