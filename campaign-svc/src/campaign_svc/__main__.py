@@ -5,7 +5,7 @@ from __future__ import annotations
 from crm_chassis.parts import parts_spec
 from crm_chassis.service import main
 
-from . import audience, campaigns, channels, consent_api, delivery, segments, templates
+from . import audience, campaigns, channels, consent_api, delivery, segments, templates, tracking
 from .runtime import campaign
 
 # The parts of the service (crm_chassis.parts says what each may define; runtime.py the hooks).
@@ -17,6 +17,7 @@ PARTS = [
     templates,  # TemplateService: templates, versions, rendering, test sends
     campaigns,  # CampaignService: campaigns, runs, A/B winner, clone, stats
     delivery,  # the delivery workers: throttled, consent re-checked, never sent twice
+    tracking,  # TrackingService: opens, clicks, bounces, receipts, the site's click-stream, responses
 ]
 
 SPEC = parts_spec("campaign-svc", 50054, __file__, "campaign", PARTS, make=lambda ctx: campaign(ctx, PARTS))
