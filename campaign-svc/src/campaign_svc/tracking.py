@@ -52,6 +52,7 @@ from crm_chassis.filtering import keyset_page
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
 from crm_chassis.links import Signer
+from crm_chassis.messaging.consumer import Subscription
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName
 
@@ -63,7 +64,7 @@ from .tracking_tables import page_events, responses, visitors, web_activity
 
 m = messages.c
 RESPONSE = ResourceName("responses/{response_id}")
-VISITOR = ResourceName("visitors/{visitor_id}")
+VISITOR = ResourceName("visitors/{visitor_id}", visitor_id=r"[A-Za-z0-9_-]{8,64}")
 CUSTOMER = ResourceName("customers/{customer_id}")
 # A 1x1 transparent GIF.
 GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
@@ -318,7 +319,7 @@ def parse_webhook(body: bytes) -> Bounce:
     if b.kind not in ("hard", "soft"):
         if b.kind:
             raise InvalidArgument.field("kind", "must be hard or soft")
-        if not b.status[:1] in ("4", "5"):
+        if b.status[:1] not in ("4", "5"):
             raise InvalidArgument.field("status", "give kind, or a 4.x.x / 5.x.x status")
         b.kind = kind_of(b.status)
     if b.channel not in consent.CHANNELS:
@@ -409,13 +410,13 @@ class Tracking:
                 row = tx.conn.execute(
                     messages.update()
                     .where(m.id == mid)
-                    .values(
-                        click_count=m.click_count + 1, clicked_time=sa.func.coalesce(m.clicked_time, sa.func.now())
-                    )
+                    .values(click_count=m.click_count + 1, clicked_time=sa.func.coalesce(m.clicked_time, sa.func.now()))
                     .returning(messages)
                 ).first()
                 if row is not None:
-                    tx.publish("message.clicked.v1", message_event(row, url=url), MESSAGE.format(row.campaign_id, row.id))
+                    tx.publish(
+                        "message.clicked.v1", message_event(row, url=url), MESSAGE.format(row.campaign_id, row.id)
+                    )
         return pb.ClickRedirect(location=_landing(self.rt, url, row))
 
     # bounces and receipts -----------------------------------------------------------------------
@@ -576,9 +577,7 @@ class Tracking:
             v = conn.execute(sa.select(visitors).where(visitors.c.visitor_id == vid)).first()
             if v is None:
                 raise NotFound(f"{req.name} not found")
-            views = conn.execute(
-                sa.select(sa.func.count()).where(p.visitor_id == vid, p.kind == "page_view")
-            ).scalar()
+            views = conn.execute(sa.select(sa.func.count()).where(p.visitor_id == vid, p.kind == "page_view")).scalar()
             last = conn.execute(
                 sa.select(p.url).where(p.visitor_id == vid).order_by(p.event_time.desc(), p.id.desc()).limit(1)
             ).scalar()
@@ -661,9 +660,7 @@ class Tracking:
             "actor": current_principal().subject,
             "request_id": request_id or None,
         }
-        row = conn.execute(
-            pg_insert(responses).values(**values).on_conflict_do_nothing().returning(responses)
-        ).first()
+        row = conn.execute(pg_insert(responses).values(**values).on_conflict_do_nothing().returning(responses)).first()
         if row is None:  # a concurrent call with this request_id committed first
             return conn.execute(sa.select(responses).where(responses.c.request_id == request_id)).one()
         if message is not None:
@@ -711,14 +708,18 @@ def summarise(conn: sa.Connection, customer_id: str) -> None:
         .limit(1)
         .scalar_subquery()
     )
-    agg = sa.select(
-        sa.literal(customer_id).label("customer_id"),
-        sa.func.count().filter(p.kind == "page_view").label("page_views"),
-        sa.func.count().filter(p.kind == "event").label("event_count"),
-        sa.func.min(p.event_time).label("first_visit_time"),
-        sa.func.max(p.event_time).label("last_visit_time"),
-        sa.func.coalesce(last_page, "").label("last_page"),
-    ).select_from(theirs).where(v.customer_id == customer_id)
+    agg = (
+        sa.select(
+            sa.literal(customer_id).label("customer_id"),
+            sa.func.count().filter(p.kind == "page_view").label("page_views"),
+            sa.func.count().filter(p.kind == "event").label("event_count"),
+            sa.func.min(p.event_time).label("first_visit_time"),
+            sa.func.max(p.event_time).label("last_visit_time"),
+            sa.func.coalesce(last_page, "").label("last_page"),
+        )
+        .select_from(theirs)
+        .where(v.customer_id == customer_id)
+    )
     cols = ["customer_id", "page_views", "event_count", "first_visit_time", "last_visit_time", "last_page"]
     stmt = pg_insert(web_activity).from_select(cols, agg)
     conn.execute(
@@ -784,6 +785,22 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
 
     def GetVisitor(self, request, context):
         return self.uc.get_visitor(request)
+
+
+def on_merged(conn: sa.Connection, event) -> None:
+    """customer.merged.v1 (after the audience part re-pointed the visitors): the merged
+    customers' web_activity goes, the survivor's is recomputed from all their visits."""
+    from crm.customer.v1 import customer_events_pb2 as ce
+
+    msg = event.parse(ce.CustomerMerged)
+    survivor = msg.survivor.name.rsplit("/", 1)[-1]
+    merged = [n.rsplit("/", 1)[-1] for n in msg.merged]
+    conn.execute(web_activity.delete().where(web_activity.c.customer_id.in_(merged)))
+    summarise(conn, survivor)
+
+
+def subscriptions(rt: Campaign) -> list[Subscription]:
+    return [Subscription(domain="customer", handlers={"customer.merged.v1": on_merged})]
 
 
 def use_cases(rt: Campaign) -> Tracking:

@@ -57,6 +57,7 @@ web_activity = sa.Table(
     sa.Column("first_visit_time", TIMESTAMPTZ),
     sa.Column("last_visit_time", TIMESTAMPTZ),
     text_column("last_page"),
+    info={"merge": "own"},  # tracking.py recomputes the survivor's row on a merge
 )
 
 responses = sa.Table(

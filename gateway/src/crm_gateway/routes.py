@@ -113,7 +113,10 @@ PUBLIC: dict[str, Public] = {
     # (302 to the signed target); bounces and SMS receipts from providers (BOUNCE_KEYS); the
     # company site's click-stream (TRACKING_SITE_KEYS)
     "crm.campaign.v1.TrackingService.GetOpenPixel": Public(
-        per_minute=600, max_bytes=1024, raw_response="data", cache_control="no-store, no-cache, must-revalidate, max-age=0"
+        per_minute=600,
+        max_bytes=1024,
+        raw_response="data",
+        cache_control="no-store, no-cache, must-revalidate, max-age=0",
     ),
     "crm.campaign.v1.TrackingService.FollowClick": Public(
         per_minute=300, max_bytes=1024, redirect="location", client_address="client_address", cache_control="no-store"
@@ -126,7 +129,10 @@ PUBLIC: dict[str, Public] = {
         description="A bounce: an RFC 3464 delivery-status notification as received, or a provider's JSON webhook.",
     ),
     "crm.campaign.v1.TrackingService.PostDeliveryReceipt": Public(
-        per_minute=1200, max_bytes=16 * 1024, headers={"key": "X-Crm-Provider-Key"}, description="An SMS delivery receipt."
+        per_minute=1200,
+        max_bytes=16 * 1024,
+        headers={"key": "X-Crm-Provider-Key"},
+        description="An SMS delivery receipt.",
     ),
     "crm.campaign.v1.TrackingService.PostTrackingEvents": Public(
         per_minute=120, max_bytes=64 * 1024, client_address="client_address", description="The site's click-stream."

@@ -37,7 +37,14 @@ def upgrade() -> None:
         *[
             _text(n)
             for n in (
-                "name", "url", "referrer", "title", "utm_source", "utm_medium", "utm_campaign", "utm_term",
+                "name",
+                "url",
+                "referrer",
+                "title",
+                "utm_source",
+                "utm_medium",
+                "utm_campaign",
+                "utm_term",
                 "utm_content",
             )
         ],  # fmt: skip
@@ -57,9 +64,7 @@ def upgrade() -> None:
     op.create_table(
         "responses",
         sa.Column("id", UUID, server_default=sa.text("gen_random_uuid()"), primary_key=True),
-        sa.Column(
-            "campaign_id", UUID, sa.ForeignKey("campaigns.id", ondelete="CASCADE"), nullable=False
-        ),
+        sa.Column("campaign_id", UUID, sa.ForeignKey("campaigns.id", ondelete="CASCADE"), nullable=False),
         sa.Column("message_id", UUID),
         _text("customer_id"),
         sa.Column("kind", sa.Text(), nullable=False),
@@ -67,7 +72,14 @@ def upgrade() -> None:
         *[
             _text(n)
             for n in (
-                "contact_name", "email", "phone", "text", "utm_source", "utm_medium", "utm_campaign", "visitor_id",
+                "contact_name",
+                "email",
+                "phone",
+                "text",
+                "utm_source",
+                "utm_medium",
+                "utm_campaign",
+                "visitor_id",
                 "actor",
             )
         ],  # fmt: skip
