@@ -7,6 +7,7 @@ to a customer; responses published for sales."""
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import uuid
 from urllib.parse import parse_qs, urlsplit
@@ -17,7 +18,7 @@ import sqlalchemy as sa
 
 from campaign_svc import consent_api, delivery, tracking
 from campaign_svc.__main__ import SPEC
-from campaign_svc.tables import messages, suppressions
+from campaign_svc.tables import audience_invoices, messages, suppressions
 from campaign_svc.tracking_tables import web_activity
 from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm.campaign.v1 import campaign_service_pb2 as cpb
@@ -379,3 +380,21 @@ def test_a_response_is_recorded_once_and_published_for_sales(svc, stubs, tr, smt
         "response.kind"
         in code(lambda: tr.RecordResponse(pb.RecordResponseRequest(response=bad_kind), metadata=MARKETER))[1]
     )
+
+
+def test_first_touch_attribution_counts_invoices_whose_lead_came_from_the_campaign(svc, stubs, smtp, sender):
+    c, ids, _ = mailed(svc, stubs, smtp, sender)
+    cid = c.name.split("/")[1]
+    with svc.ctx.engine.begin() as conn:  # the lead of ids[0] came from this campaign; a later invoice, and
+        now = conn.execute(sa.select(sa.func.now())).scalar()  # an unpaid one that does not count
+        for n, (paid, amount) in enumerate(((now - dt.timedelta(days=90), 3_000_000), (None, 5_000_000))):
+            conn.execute(
+                audience_invoices.insert().values(
+                    invoice_id=f"ft-{cid}-{n}", customer_id=ids[0], kind="invoice", state="paid" if paid else "issued",
+                    total=amount, paid_total=amount if paid else 0, currency="IRR", paid_time=paid,
+                    order_id=f"ord-ft-{n}", campaign_id=cid, event_time=now,
+                )
+            )  # fmt: skip
+    stats = stubs[0].GetCampaignStats(cpb.GetCampaignStatsRequest(name=c.name), metadata=MARKETER)
+    assert (stats.first_touch_orders, stats.first_touch_revenue.units) == (1, 3_000_000)
+    assert stats.total.orders == 0  # last touch: paid long before the message

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from crm_chassis.columns import TIMESTAMPTZ, UUID, id_column, text_column
 
-from .tables import metadata
+from .tables import audience_invoices, metadata
 
 visitors = sa.Table(
     "visitors",
@@ -83,3 +83,11 @@ responses = sa.Table(
     info={"personal": ("contact_name", "email", "phone", "text")},
 )
 sa.Index("responses_campaign", responses.c.campaign_id, responses.c.create_time, responses.c.id)
+
+# First-touch attribution (campaigns.campaign_stats) reads a campaign's invoices by their lead's
+# campaign.
+sa.Index(
+    "audience_invoices_campaign",
+    audience_invoices.c.campaign_id,
+    postgresql_where=audience_invoices.c.campaign_id != "",
+)

@@ -1,5 +1,5 @@
 """Tracking: web visitors, page events, per-customer web activity, responses
-(campaign_svc/tracking_tables.py)
+(campaign_svc/tracking_tables.py), and the index first-touch attribution reads invoices by
 
 Revision ID: 0007
 """
@@ -87,9 +87,16 @@ def upgrade() -> None:
         sa.Column("create_time", TS, server_default=sa.text("now()"), nullable=False),
     )
     op.create_index("responses_campaign", "responses", ["campaign_id", "create_time", "id"])
+    op.create_index(
+        "audience_invoices_campaign",
+        "audience_invoices",
+        ["campaign_id"],
+        postgresql_where=sa.text("campaign_id <> ''"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("audience_invoices_campaign", table_name="audience_invoices")
     op.drop_table("responses")
     op.drop_table("web_activity")
     op.drop_index("page_events_visitor", table_name="page_events")
