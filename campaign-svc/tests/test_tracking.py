@@ -19,16 +19,17 @@ import sqlalchemy as sa
 from campaign_svc import consent_api, delivery, tracking
 from campaign_svc.__main__ import SPEC
 from campaign_svc.tables import audience_invoices, messages, suppressions
-from campaign_svc.tracking_tables import web_activity
+from campaign_svc.tracking_tables import page_events, visitors, web_activity
 from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm.campaign.v1 import campaign_service_pb2 as cpb
 from crm.campaign.v1 import campaign_service_pb2_grpc, segments_pb2_grpc, templates_pb2_grpc, tracking_pb2_grpc
 from crm.campaign.v1 import tracking_pb2 as pb
 from crm_chassis.links import Signer
+from tests.support.customers import customer, customer_message, merged_message
 from tests.support.harness import channel, start_service
 from tests.support.smtp_capture import SmtpCapture
 
-from .conftest import MARKETER, events, rt
+from .conftest import MARKETER, deliver, events, row, rt
 from .test_campaigns import campaign, launched, people, rows_of, segment_of, template
 
 BASE = "https://crm.test"
@@ -398,3 +399,22 @@ def test_first_touch_attribution_counts_invoices_whose_lead_came_from_the_campai
     stats = stubs[0].GetCampaignStats(cpb.GetCampaignStatsRequest(name=c.name), metadata=MARKETER)
     assert (stats.first_touch_orders, stats.first_touch_revenue.units) == (1, 3_000_000)
     assert stats.total.orders == 0  # last touch: paid long before the message
+
+
+def test_a_merge_moves_web_activity_to_the_survivor_and_an_erasure_forgets_the_visits(svc, http):
+    a, b = people(svc, 2)
+    for vid, cid in (("visitor-merge-a", a), ("visitor-merge-b", b)):
+        http.post(
+            "/v1/trackingEvents:post",
+            json={"siteKey": "dev-site-key", "visitorId": vid, "identify": {"customer": f"customers/{cid}"},
+                  "events": [{"url": f"https://shop.example.ir/{vid}"}]},
+        )  # fmt: skip
+    deliver(svc, merged_message(customer(a, 2, email=f"{a}@example.ir"), [b]))
+    assert row(svc, web_activity, customer_id=b) is None
+    assert row(svc, web_activity, customer_id=a).page_views == 2
+    assert row(svc, visitors, visitor_id="visitor-merge-b").customer_id == a
+    deliver(svc, customer_message("customer.erased.v1", cid=a, version=5))
+    assert row(svc, web_activity, customer_id=a) is None and row(svc, visitors, visitor_id="visitor-merge-a") is None
+    with svc.ctx.engine.connect() as conn:
+        left = conn.execute(sa.select(sa.func.count()).where(page_events.c.visitor_id.like("visitor-merge-%"))).scalar()
+    assert left == 0

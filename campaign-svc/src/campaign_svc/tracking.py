@@ -799,8 +799,22 @@ def on_merged(conn: sa.Connection, event) -> None:
     summarise(conn, survivor)
 
 
+def on_erased(conn: sa.Connection, event) -> None:
+    """customer.erased.v1: the customer's browsing history goes (their visitors' page events,
+    the visitors, the summary); their responses lose the contact (audience.erase_personal)."""
+    from crm.customer.v1 import customer_events_pb2 as ce
+
+    cid = event.parse(ce.CustomerErased).customer.name.rsplit("/", 1)[-1]
+    theirs = sa.select(visitors.c.visitor_id).where(visitors.c.customer_id == cid)
+    conn.execute(page_events.delete().where(page_events.c.visitor_id.in_(theirs)))
+    conn.execute(visitors.delete().where(visitors.c.customer_id == cid))
+    conn.execute(web_activity.delete().where(web_activity.c.customer_id == cid))
+
+
 def subscriptions(rt: Campaign) -> list[Subscription]:
-    return [Subscription(domain="customer", handlers={"customer.merged.v1": on_merged})]
+    return [
+        Subscription(domain="customer", handlers={"customer.merged.v1": on_merged, "customer.erased.v1": on_erased})
+    ]
 
 
 def use_cases(rt: Campaign) -> Tracking:
