@@ -112,8 +112,9 @@ PUBLIC: dict[str, Public] = {
     # campaign-svc tracking.proto: the open pixel (a GIF even for a bad token) and tracked clicks
     # (302 to the signed target); bounces and SMS receipts from providers (BOUNCE_KEYS); the
     # company site's click-stream (TRACKING_SITE_KEYS)
+    # (high limits: a webmail's image proxy fetches for many readers from a few addresses)
     "crm.campaign.v1.TrackingService.GetOpenPixel": Public(
-        per_minute=600,
+        per_minute=6000,
         max_bytes=1024,
         raw_response="data",
         cache_control="no-store, no-cache, must-revalidate, max-age=0",
