@@ -418,3 +418,23 @@ def test_a_merge_moves_web_activity_to_the_survivor_and_an_erasure_forgets_the_v
     with svc.ctx.engine.connect() as conn:
         left = conn.execute(sa.select(sa.func.count()).where(page_events.c.visitor_id.like("visitor-merge-%"))).scalar()
     assert left == 0
+
+
+def test_an_sms_answer_to_a_campaign_is_a_response_once(svc, stubs, smtp, sender, http):
+    c, ids, _ = mailed(svc, stubs, smtp, sender)
+    with svc.ctx.engine.begin() as conn:  # as the SMS sender would have left it
+        conn.execute(
+            messages.update()
+            .where(messages.c.campaign_id == c.name.split("/")[1])
+            .values(channel="sms", address="+989127770000")
+        )
+    for _ in range(2):  # the provider delivers it twice
+        resp = http.post(
+            "/v1/sms:inbound",
+            json={"key": "dev-sms-key", "fromNumber": "09127770000", "message": "بله، علاقه‌مندم", "messageId": "in-9"},
+        )
+        assert resp.status_code == 200 and not resp.json.get("stopped")
+    got = [e for e in events(svc, "response.recorded.v1", ev.ResponseEvent) if e.campaign == c.name]
+    assert [(e.kind, e.channel, e.phone, e.customer) for e in got] == [
+        ("sms", "sms", "+989127770000", f"customers/{ids[0]}")
+    ]

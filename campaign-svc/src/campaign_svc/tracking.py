@@ -672,6 +672,33 @@ class Tracking:
         tx.publish("response.recorded.v1", response_event(row), RESPONSE.format(row.id))
         return row
 
+    def sms_reply(self, number: str, text: str, provider_id: str = "") -> str:
+        """An SMS to the company's line that is no stop keyword: a response (kind sms) to the
+        latest campaign SMS sent to that number within its campaign's attribution window; the
+        response's name, or "" when no campaign message went there. A provider's redelivery
+        (same message id) is one response."""
+        c = campaigns.c
+        with self.uow.begin() as tx:
+            row = tx.conn.execute(
+                sa.select(messages)
+                .join(campaigns, c.id == m.campaign_id)
+                .where(
+                    m.channel == "sms",
+                    m.address == number,
+                    m.sent_time.is_not(None),
+                    m.sent_time > sa.func.now() - sa.func.make_interval(0, 0, 0, c.attribution_days),
+                )
+                .order_by(m.sent_time.desc())
+                .limit(1)
+            ).first()
+            if row is None:
+                return ""
+            given = pb.Response(
+                message=MESSAGE.format(row.campaign_id, row.id), kind="sms", channel="sms", phone=number, text=text
+            )
+            rid = f"sms:{provider_id[:100]}" if provider_id else ""
+            return RESPONSE.format(self._record(tx, given, rid).id)
+
     def record_response(self, req: pb.RecordResponseRequest) -> pb.Response:
         if len(req.request_id) > 128:
             raise InvalidArgument.field("request_id", "must be at most 128 characters")
