@@ -365,6 +365,13 @@ def test_a_response_is_recorded_once_and_published_for_sales(svc, stubs, tr, smt
               "response": {"contactName": "Reza", "email": "reza@example.ir", "text": "call me"}},
     )  # fmt: skip
     assert form.status_code == 200 and form.json["response"].startswith("responses/")
+    unknown = http.post(  # a form of no campaign we know: its events are kept, no response
+        "/v1/trackingEvents:post",
+        json={"siteKey": "dev-site-key", "visitorId": "visitor-form2",
+              "events": [{"url": "https://shop.example.ir/form", "utmCampaign": "newsletter-12"}],
+              "response": {"contactName": "Ali", "text": "hi"}},
+    )  # fmt: skip
+    assert unknown.json == {"accepted": 1}
     listed = tr.ListResponses(pb.ListResponsesRequest(campaign=c.name), metadata=MARKETER)
     assert [(r.kind, r.channel) for r in listed.responses] == [("form", "web"), ("reply", "email")]
 
@@ -438,3 +445,15 @@ def test_an_sms_answer_to_a_campaign_is_a_response_once(svc, stubs, smtp, sender
     assert [(e.kind, e.channel, e.phone, e.customer) for e in got] == [
         ("sms", "sms", "+989127770000", f"customers/{ids[0]}")
     ]
+
+
+def test_parse_dsn_reads_a_returned_message_and_tells_soft_from_hard():
+    mid = str(uuid.uuid4())
+    raw = dsn(f"<cmp-{mid}@crm.test>", "a@b.ir", "4.2.2").replace(
+        b"Content-Type: text/rfc822-headers\r\n\r\n", b"Content-Type: message/rfc822\r\n\r\n"
+    )
+    b = tracking.parse_dsn(raw.replace(b"Subject: x\r\n", b"Subject: x\r\n\r\nthe body\r\n"))
+    assert (b.message_id, b.kind, b.status, b.recipient) == (mid, "soft", "4.2.2", "a@b.ir")
+    assert tracking.parse_dsn(dsn("<x@elsewhere>", "a@b.ir")).kind == "hard"
+    assert tracking.parse_dsn(dsn("<x@elsewhere>", "a@b.ir", "2.0.0", "delivered")).kind == ""
+    assert tracking.parse_dsn(b"Subject: hi\r\n\r\nnot a report") is None

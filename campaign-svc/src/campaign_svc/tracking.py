@@ -550,11 +550,23 @@ class Tracking:
                 accepted=len(rows), customer=CUSTOMER.format(visitor.customer_id) if visitor.customer_id else ""
             )
             f = req.response
-            if f.contact_name or f.email or f.phone or f.text:
-                utm = next((e for e in reversed(req.events) if e.utm_campaign), pb.TrackingEvent())
+            utm = next((e for e in reversed(req.events) if e.utm_campaign), pb.TrackingEvent())
+            # the form's campaign: as the page names it, else the UTM campaign, else the click's; a
+            # form of no known campaign is no campaign response (the events are kept all the same)
+            campaign_id = (
+                CAMPAIGN.parse(f.campaign, "response.campaign").campaign_id
+                if f.campaign
+                else (_uuid(utm.utm_campaign) or (str(clicked.campaign_id) if clicked is not None else ""))
+            )
+            known = (
+                _uuid(campaign_id)
+                and conn.execute(sa.select(campaigns.c.id).where(campaigns.c.id == _uuid(campaign_id))).first()
+            )
+            if known and (f.contact_name or f.email or f.phone or f.text):
+                by_click = clicked is not None and str(clicked.campaign_id) == _uuid(campaign_id)
                 given = pb.Response(
-                    campaign=f.campaign,
-                    message=MESSAGE.format(clicked.campaign_id, clicked.id) if clicked is not None else "",
+                    campaign=CAMPAIGN.format(_uuid(campaign_id)),
+                    message=MESSAGE.format(clicked.campaign_id, clicked.id) if by_click else "",
                     customer=out.customer,
                     kind="form",
                     channel="web",
