@@ -167,6 +167,11 @@ def test_merge_repoints_facts_and_messages_and_erasure_blanks_personal_data(svc)
             sa.text("INSERT INTO campaigns (display_name, channel) VALUES ('c', 'email') RETURNING id")
         ).scalar()
         tx.conn.execute(messages.insert().values(campaign_id=camp, customer_id=b, channel="email", address="b@x.ir"))
+        both = tx.conn.execute(
+            sa.text("INSERT INTO campaigns (display_name, channel) VALUES ('both', 'email') RETURNING id")
+        ).scalar()
+        for cid in (a, b):  # both got this campaign's run: the survivor's message stays its own
+            tx.conn.execute(messages.insert().values(campaign_id=both, customer_id=cid, channel="email", address=cid))
         consent.record(
             r, tx, consent.Change("email", "b@x.ir", "granted", "web_form", customer_id=b, proof={"ip": "1"})
         )
@@ -175,6 +180,8 @@ def test_merge_repoints_facts_and_messages_and_erasure_blanks_personal_data(svc)
     assert row(svc, audience, customer_id=b).merged_into == a
     with svc.ctx.engine.connect() as conn:
         assert conn.execute(sa.select(messages.c.customer_id).where(messages.c.campaign_id == camp)).scalar() == a
+        kept = conn.execute(sa.select(messages.c.customer_id, messages.c.address).where(messages.c.campaign_id == both))
+        assert sorted(kept.all()) == sorted([(a, a), (b, b)])
     # erasure: personal columns of every table blank (message address, consent proof)
     deliver(svc, customer_message("customer.erased.v1", cid=a, version=5))
     with svc.ctx.engine.connect() as conn:

@@ -435,6 +435,10 @@ def test_bad_input_is_named_and_state_rules_hold(svc, stubs):
         lambda: campaign(stubs, "", [pb.Variant(template=sms_tpl.name)])
     )  # an SMS template in an e-mail campaign
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "is for sms" in details
+    plain = api.CreateCampaign(
+        pb.CreateCampaignRequest(campaign=pb.Campaign(display_name="p", channel="sms")), metadata=MARKETER
+    )
+    assert (plain.quiet_start_hour, plain.quiet_end_hour, plain.attribution_days) == (22, 8, 30)  # the defaults
     c = campaign(stubs, "", [])
     code, details = code_of(lambda: api.LaunchCampaign(pb.LaunchCampaignRequest(name=c.name), metadata=MARKETER))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "campaign.segment" in details and "campaign.variants" in details
@@ -470,3 +474,36 @@ def test_bad_input_is_named_and_state_rules_hold(svc, stubs):
     )
     listed = api.ListCampaigns(pb.ListCampaignsRequest(filter='state = "cancelled"'), metadata=MARKETER)
     assert sent.name in [x.name for x in listed.campaigns]
+
+
+def test_the_campaign_routes_over_http_through_the_gateway(svc, stubs):
+    from crm_gateway import create_app
+    from crm_gateway.clients import Clients
+    from tests.support.harness import token
+
+    names = ("customer", "sales", "support", "reporting")
+    http = create_app(
+        Clients({**dict.fromkeys(names, "127.0.0.1:9"), "campaign": f"127.0.0.1:{svc.port}"})
+    ).test_client()
+    auth = {"Authorization": f"Bearer {token('marketer', 'mina')}"}
+    ids = people(svc, 1)
+    body = {
+        "displayName": "HTTP campaign",
+        "channel": "email",
+        "segment": segment_of(stubs, ids),
+        "variants": [{"template": template(stubs)}],
+        "quietStartHour": 0,
+        "quietEndHour": 0,
+    }
+    made = http.post("/v1/campaigns", json=body, headers=auth)
+    assert made.status_code == 201, made.get_data(as_text=True)
+    name = made.get_json()["name"]
+    assert made.get_json()["state"] == "STATE_DRAFT" and made.get_json()["variants"][0]["templateVersion"] == 1
+    launched_ = http.post(f"/v1/{name}:launch", json={}, headers=auth)
+    assert launched_.status_code == 200 and launched_.get_json()["state"] == "STATE_RUNNING"
+    fire_timers(svc)
+    stats = http.get(f"/v1/{name}/stats", headers=auth)
+    assert stats.status_code == 200 and stats.get_json()["total"]["queued"] == "1"
+    bad = http.post("/v1/campaigns", json={"channel": "pigeon"}, headers=auth)
+    assert bad.status_code == 400 and "campaign.channel" in bad.get_data(as_text=True)
+    assert http.get(f"/v1/{name}/stats").status_code == 401  # no token

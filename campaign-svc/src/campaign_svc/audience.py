@@ -91,7 +91,9 @@ def _products(lines) -> list[str]:
 def customer_tables() -> list[sa.Table]:
     """Every table of the service that names a customer (parts add theirs to `metadata`); a
     table whose part re-points its own rows on a merge (info["merge"] = "own": a key that
-    includes customer_id) is erased here but not re-pointed (see `on_merged`)."""
+    includes customer_id) is erased here but not re-pointed (see `on_merged`); one whose key
+    includes customer_id (info["merge_unique"] = the other key columns) is re-pointed where the
+    survivor has no row of the same key, the rest kept under the merged id."""
     return [t for t in metadata.tables.values() if "customer_id" in t.c and t is not audience]
 
 
@@ -179,7 +181,12 @@ class Handlers:
         survivor, merged = refs.mark_merged(conn, audience, event)
         for table in customer_tables():
             if merged and table.info.get("merge") != "own":
-                conn.execute(table.update().where(table.c.customer_id.in_(merged)).values(customer_id=survivor))
+                q = table.update().where(table.c.customer_id.in_(merged))
+                # a key with customer_id (one message per campaign run): the survivor's own row wins
+                if key := table.info.get("merge_unique"):
+                    o = table.alias("o")
+                    q = q.where(~sa.exists().where(o.c.customer_id == survivor, *[o.c[k] == table.c[k] for k in key]))
+                conn.execute(q.values(customer_id=survivor))
         self._changed(conn, [survivor, *merged], "merge")
 
     def on_unmerged(self, conn: sa.Connection, event: Event) -> None:

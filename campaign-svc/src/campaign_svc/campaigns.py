@@ -204,7 +204,9 @@ class Campaigns:
         self.tokens = PageTokens(rt.settings.jwt_secret, "campaigns")
 
     # -- validation ------------------------------------------------------------------------------
-    def _values(self, cmp: pb.Campaign, paths, currency: str = "IRR") -> tuple[dict, list | None]:
+    def _values(
+        self, cmp: pb.Campaign, paths, currency: str = "IRR", creating: bool = False
+    ) -> tuple[dict, list | None]:
         """Column values of the paths named (all on create), and the variants if named."""
         bad: list[FieldViolation] = []
         v: dict = {}
@@ -265,6 +267,11 @@ class Campaigns:
                 )  # fmt: skip
             if len(variants) > 8:
                 bad.append(FieldViolation("campaign.variants", "at most 8 variants"))
+        for f, default in (("quiet_start_hour", 22), ("quiet_end_hour", 8)):
+            if f in p and not cmp.HasField(f):
+                p.discard(f)
+                if creating:
+                    v[f] = default
         for f, lo, hi in (
             ("test_percent", 0, 99),
             ("winner_wait_hours", 0, 24 * 30),
@@ -358,7 +365,7 @@ class Campaigns:
     def create(self, req: pb.CreateCampaignRequest) -> pb.Campaign:
         cmp = req.campaign
         paths = [*MASK.updatable, "channel"]
-        values, variants = self._values(cmp, paths)
+        values, variants = self._values(cmp, paths, creating=True)
         principal = current_principal()
         with self.uow.begin() as tx:
             conn = tx.conn

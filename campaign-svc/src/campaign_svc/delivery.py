@@ -23,11 +23,11 @@ One round (`Delivery.run_once`):
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -56,9 +56,11 @@ def max_attempts(env=os.environ) -> int:
         return 6
 
 
-def backoff(attempt: int) -> dt.timedelta:
-    """30 s, 2 min, 8 min, ... at most 2 h."""
-    return dt.timedelta(seconds=min(30 * 4 ** max(0, attempt - 1), 7200))
+def send_threads(env=os.environ) -> int:
+    try:
+        return max(1, int(env.get("CAMPAIGN_SEND_THREADS", "4")))
+    except ValueError:
+        return 4
 
 
 def context(rt: Campaign, cmp, customer, address: str = "", message_id: str = "") -> dict:
@@ -120,6 +122,7 @@ class Delivery(PollingWorker):
         self.poll_seconds = poll_seconds
         self.clock = clock
         self._budget: dict[str, tuple[float, float]] = {}  # campaign id -> (tokens, at)
+        self.threads = send_threads()
         self._lock = threading.Lock()
 
     # -- throttle --------------------------------------------------------------------------------
@@ -216,10 +219,13 @@ class Delivery(PollingWorker):
         )
 
     def _send(self, claimed: list) -> list[Outcome]:
+        """Render every claimed message (in this thread: the template versions are read once),
+        then hand them to the channels' senders from CAMPAIGN_SEND_THREADS threads (4; the
+        e-mail sender keeps a pool of as many SMTP sessions)."""
         by_campaign: dict = {}
         for cmp, r in claimed:
             by_campaign.setdefault(cmp.id, (cmp, []))[1].append(r)
-        outcomes: list[Outcome] = []
+        ready: list = []  # (outcome if settled already, or (send, Outgoing, id))
         with self.engine.connect() as conn:
             for cmp, rows in by_campaign.values():
                 variants = {
@@ -234,11 +240,21 @@ class Delivery(PollingWorker):
                 }
                 send = self.rt.senders.get(cmp.channel)
                 for r in rows:
-                    outcomes.append(self._one(conn, cmp, r, variants, customers.get(r.customer_id), send))
+                    ready.append(self._prepare(conn, cmp, r, variants, customers.get(r.customer_id), send))
             conn.rollback()
-        return outcomes
+        todo = [x for x in ready if not isinstance(x, Outcome)]
+        done = {id(x): x for x in ready if isinstance(x, Outcome)}
+        if len(todo) > 1 and self.threads > 1:
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="campaign-send") as pool:
+                for item, out in zip(todo, pool.map(self._deliver, todo), strict=True):
+                    done[id(item)] = out
+        else:
+            for item in todo:
+                done[id(item)] = self._deliver(item)
+        return [done[id(x)] for x in ready]
 
-    def _one(self, conn, cmp, r, variants, customer, send) -> Outcome:
+    def _prepare(self, conn, cmp, r, variants, customer, send):
+        """The message's Outgoing ready to send, or its Outcome if it cannot be sent."""
         mid = str(r.id)
         variant = variants.get(r.variant) or (next(iter(variants.values())) if len(variants) == 1 else None)
         if variant is None:
@@ -263,6 +279,11 @@ class Delivery(PollingWorker):
             campaign_id=str(cmp.id),
             unsubscribe_url=ctx["unsubscribe_url"] if cmp.channel == "email" else "",
         )
+        return (send, out, mid)
+
+    @staticmethod
+    def _deliver(item) -> Outcome:
+        send, out, mid = item
         try:
             provider_id = send(out)
         except SendError as e:
@@ -270,7 +291,7 @@ class Delivery(PollingWorker):
                 return Outcome(mid, "queued", error=str(e)[:500])
             return Outcome(mid, "bounced" if e.hard_bounce else "failed", error=str(e)[:500], hard=e.hard_bounce)
         except Exception as e:  # a sender's bug: retried (the message is not lost), logged
-            log.exception("sender of %s failed", cmp.channel)
+            log.exception("sender of %s failed", out.channel)
             return Outcome(mid, "queued", error=f"{type(e).__name__}: {e}"[:500])
         return Outcome(mid, "sent", provider_id=str(provider_id or "")[:300])
 

@@ -215,7 +215,7 @@ messages = sa.Table(
     sa.Column("timezone", sa.Text, nullable=False, server_default="Asia/Tehran"),
     sa.Column("lease_until", TIMESTAMPTZ),  # while sending: a worker that died leaves it to the sweep
     sa.UniqueConstraint("campaign_id", "run", "customer_id", name="messages_one_per_run"),
-    info={"personal": ("address",)},
+    info={"personal": ("address",), "merge_unique": ("campaign_id", "run")},
 )
 # The delivery workers' queue: due queued messages, oldest first.
 sa.Index("messages_due", messages.c.not_before, postgresql_where=messages.c.state == "queued")

@@ -679,6 +679,7 @@ class Templates:
         self.uow = rt.uow
         self.tokens = PageTokens(rt.settings.jwt_secret, "templates")
         self.version_tokens = PageTokens(rt.settings.jwt_secret, "template_versions")
+        self._versions: dict = {}  # (template id, version) -> its row: versions never change
 
     # create / read / update / delete ----------------------------------------------------------------
     def create(self, t: pb.Template, request_id: str, principal: Principal) -> pb.Template:
@@ -864,7 +865,13 @@ class Templates:
     def render_for(self, conn, template_id: str, version: int, ctx: dict) -> Rendered:
         """runtime.Campaign.renderer: a pinned version for one recipient (ctx: "customer" the
         audience row or None, "campaign" a dict, "unsubscribe_url")."""
-        v = self.version_row(conn, template_id, version, VERSION.format(template_id, version))
+        key = (str(template_id), int(version))
+        v = self._versions.get(key)
+        if v is None:  # a version never changes: read once per process
+            v = self.version_row(conn, template_id, version, VERSION.format(template_id, version))
+            if len(self._versions) > 1000:
+                self._versions.clear()
+            self._versions[key] = v
         row = ctx.get("customer")
         group = customer_group(row, v.language) if row is not None else Group("customer", {})
         return render(v, values_of(group, v.language, ctx.get("campaign"), ctx.get("unsubscribe_url", "")))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import time
 import uuid
 from urllib.parse import quote
@@ -20,6 +21,7 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from crm_chassis.auth import TokenVerifier
 from crm_chassis.config import load_settings
@@ -134,13 +136,27 @@ def _metadata() -> list[tuple[str, str]]:
 
 
 def _client() -> str:
-    return request.headers.get("X-Forwarded-For", "").split(",")[0].strip() or request.remote_addr or ""
+    return request.remote_addr or ""
 
 
-def create_app(clients: clients_mod.Clients | None = None) -> Flask:
+def proxy_hops(env=os.environ) -> int:
+    """GATEWAY_PROXY_HOPS: how many proxies in front of the gateway append to X-Forwarded-For
+    (1 behind the Kubernetes ingress; 0, the default, when clients reach it directly). The
+    client's address is the entry that many places from the right; the entries to its left are
+    what the client itself sent, and a client can write anything there."""
+    try:
+        return max(0, int(env.get("GATEWAY_PROXY_HOPS", "0")))
+    except ValueError:
+        return 0
+
+
+def create_app(clients: clients_mod.Clients | None = None, *, hops: int | None = None) -> Flask:
     settings = load_settings(SERVICE_NAME, 8080)
     verifier = TokenVerifier.from_settings(settings)
     app = Flask("crm_gateway")
+    hops = proxy_hops() if hops is None else hops
+    if hops:  # werkzeug's ProxyFix: request.remote_addr becomes the trusted hop's client
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)
     app.json.ensure_ascii = False
     # An import carries its file base64-encoded in the JSON body: 64 MiB of file is ~86 MiB.
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
