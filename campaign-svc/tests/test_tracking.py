@@ -26,7 +26,7 @@ from crm.campaign.v1 import campaign_service_pb2_grpc, segments_pb2_grpc, templa
 from crm.campaign.v1 import tracking_pb2 as pb
 from crm_chassis.links import Signer
 from tests.support.customers import customer, customer_message, merged_message
-from tests.support.harness import channel, start_service
+from tests.support.harness import channel, gateway_client, start_service
 from tests.support.smtp_capture import SmtpCapture
 
 from .conftest import MARKETER, deliver, events, row, rt
@@ -99,13 +99,9 @@ def clean_desk(svc):
 
 @pytest.fixture(scope="module")
 def http(svc):
-    from crm_gateway import create_app
-    from crm_gateway.clients import Clients
-
-    names = ("customer", "sales", "support", "reporting")
-    return create_app(
-        Clients({**dict.fromkeys(names, "127.0.0.1:9"), "campaign": f"127.0.0.1:{svc.port}"})
-    ).test_client()
+    client, clients = gateway_client(campaign=f"127.0.0.1:{svc.port}")
+    yield client
+    clients.close()
 
 
 def mailed(svc, stubs, smtp, sender, n: int = 1, **fields):
