@@ -328,6 +328,13 @@ def test_the_clickstream_ties_a_visitor_to_a_customer(svc, stubs, tr, smtp, send
         json={"siteKey": "dev-site-key", "visitorId": "visitor-0002", "clickToken": crm_t, "events": [page]},
     )
     assert landed.json["customer"] == f"customers/{ids[1]}"
+    # visitor-0001 says it is the other customer after all: both summaries follow
+    http.post(
+        "/v1/trackingEvents:post",
+        json={"siteKey": "dev-site-key", "visitorId": "visitor-0001", "identify": {"customer": f"customers/{ids[1]}"}},
+    )
+    assert row(svc, web_activity, customer_id=ids[1]).page_views == 3
+    assert row(svc, web_activity, customer_id=ids[0]).page_views == 0
 
     bad = http.post("/v1/trackingEvents:post", json={"siteKey": "nope", "visitorId": "visitor-0003"})
     assert bad.status_code == 401

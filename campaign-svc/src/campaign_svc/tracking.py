@@ -528,6 +528,9 @@ class Tracking:
             customer, how = self._customer_by(conn, req.identify), "identify"
             if not customer and clicked is not None:
                 customer, how = clicked.customer_id, "click"
+            before = conn.execute(
+                sa.select(visitors.c.customer_id).where(visitors.c.visitor_id == req.visitor_id).with_for_update()
+            ).scalar()
             first = min((r["event_time"] for r in rows), default=now)
             stmt = pg_insert(visitors).values(
                 visitor_id=req.visitor_id, customer_id=customer, identified_by=how if customer else "",
@@ -546,6 +549,8 @@ class Tracking:
                 conn.execute(page_events.insert(), rows)
             if visitor.customer_id:
                 summarise(conn, visitor.customer_id)
+            if before and before != visitor.customer_id:  # the visitor turned out to be someone else
+                summarise(conn, before)
             out = pb.PostTrackingEventsResponse(
                 accepted=len(rows), customer=CUSTOMER.format(visitor.customer_id) if visitor.customer_id else ""
             )
