@@ -90,6 +90,8 @@ def _handler(route: Route, clients):
             # would append a second one to a text/* mimetype).
             return Response(body(), content_type=head.content_type, headers=headers)
         resp = call(req, metadata=_metadata(), timeout=clients_mod.CALL_TIMEOUT)
+        if route.public is not None and (route.public.raw_response or route.public.redirect):
+            return _raw(route.public, resp)
         headers = {}
         if "etag" in resp.DESCRIPTOR.fields_by_name and resp.etag:
             headers["ETag"] = resp.etag
@@ -98,6 +100,23 @@ def _handler(route: Route, clients):
         return _json(resp, route.status, headers)
 
     return view
+
+
+def _raw(public, resp) -> Response:
+    """A public route's raw answer: the bytes of `raw_response` with the response's content_type,
+    or a 302 to the `redirect` field's URL (the service vouches for it: a signed link's)."""
+    headers = {"Cache-Control": public.cache_control} if public.cache_control else {}
+    if public.redirect:
+        location = getattr(resp, public.redirect)
+        if not location:
+            return problem(404, "no such link", code="NOT_FOUND")
+        return Response(b"", status=302, headers={**headers, "Location": location})
+    fields = resp.DESCRIPTOR.fields_by_name
+    content_type = resp.content_type if "content_type" in fields and resp.content_type else OCTET
+    return Response(getattr(resp, public.raw_response), content_type=content_type, headers=headers)
+
+
+OCTET = "application/octet-stream"
 
 
 def _disposition(filename: str) -> str:
