@@ -10,19 +10,21 @@ baseline quorum queue bound the same way. Then, in the same run:
 
 1. baseline: a plain pika consumer (BlockingConnection, prefetch as the service's, one ack per
    message) drains the baseline queue: messages/s;
-2. the chassis' EventConsumer with a no-op handler drains a third queue filled the same way:
-   its events/s is the ceiling of one transaction (inbox row + commit) per event;
-3. the service starts again and its consumer drains its queue: every event in its own
-   transaction with the inbox row, the audience projection's handler and the loyalty
-   handler (member upsert, earn movement, expiry timer, tier evaluation, points.earned.v1 and
-   tier.changed.v1 in the outbox). Accrual events/s is measured on the database clock, from
+2. the chassis' EventConsumer with a no-op handler drains a third queue filled the same way,
+   in batches of CONSUMER_BATCH (50) deliveries per transaction (the service's default): the
+   ceiling of the consumer itself;
+3. the service starts again and its consumer drains its queue: the deliveries that arrive
+   together in one transaction with their inbox rows, the audience projection's batch handler
+   (facts per event, behaviour recomputed once per customer, the segments hook once) and the
+   loyalty batch handler (earn_batch: members, movements, expiry timers, tiers,
+   points.earned.v1 and tier.changed.v1 by COPY). Accrual events/s is measured on the database clock, from
    the first earn movement's transaction to the last (record_time), and beside it the wall
    time from the service's start.
 
 4. the loyalty accrual alone, in this process (earn_batch on BENCH_POINTS_IN_PROCESS new events
    with their inbox rows, no broker, no audience handler), one event per transaction and
    BENCH_POINTS_BATCH per transaction: what a consumer applying batches of deliveries would
-   reach (the chassis consumer applies one delivery per transaction today).
+   reach without the broker and the audience.
 
 Goal (issue #11): accrual events/s >= 0.5 of the raw pika consume rate. Afterwards the ledger
 is checked (every member's balance is the sum of its movements; N earn movements).
@@ -62,6 +64,7 @@ from tests.support.harness import ROOT, Broker, Databases, md, start_service, st
 
 N = int(os.environ.get("BENCH_POINTS_EVENTS", "5000"))
 CUSTOMERS = int(os.environ.get("BENCH_POINTS_CUSTOMERS", "1000"))
+CONSUMER_BATCH = int(os.environ.get("CONSUMER_BATCH", "50"))
 PREFETCH = int(os.environ.get("CONSUMER_PREFETCH", "100"))
 RESULTS = ROOT / "bench" / "results"
 GOAL = 0.5
@@ -189,10 +192,11 @@ def raw_consume(url: str, n: int) -> float:
 
 
 def noop_consume(engine, url: str, n: int) -> float:
-    """Events/s of the chassis' EventConsumer with a handler that does nothing (the inbox row
-    and the commit of each event's transaction): the ceiling of one transaction per event."""
+    """Events/s of the chassis' EventConsumer with a handler that does nothing (the inbox rows
+    and the commit of each transaction), in batches as the service's consumer makes them
+    (CONSUMER_BATCH, 50): the ceiling of the consumer itself."""
     sub = Subscription(domain="sales", handlers={"invoice.paid.v1": lambda conn, event: None})
-    consumer = EventConsumer(engine, url, NOOP, [sub], prefetch=PREFETCH)
+    consumer = EventConsumer(engine, url, NOOP, [sub], prefetch=PREFETCH, batch_size=CONSUMER_BATCH)
     consumer.start()
     try:
         deadline = time.monotonic() + 120
@@ -265,7 +269,9 @@ def main() -> int:
         raw = raw_consume(broker.url, N)
         say(f"  {raw:,.0f} messages/s")
 
-        say("\n== 2. the chassis' EventConsumer with a no-op handler (one transaction per event) ==")
+        say(
+            "\n== 2. the chassis' EventConsumer with a no-op handler (batches of CONSUMER_BATCH deliveries per transaction) =="
+        )
         noop = noop_consume(engine, broker.url, N)
         say(f"  {noop:,.0f} events/s (ratio {noop / raw:.2f} to the raw consume)")
 

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from campaign_svc import audience as aud
 from campaign_svc import consent
+from campaign_svc.__main__ import SPEC
 from campaign_svc.tables import audience, audience_orders, consent_ledger, consent_state, messages
 from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm.customer.v1 import customer_pb2
@@ -263,3 +264,26 @@ def test_events_of_three_producers_reach_the_projection_through_the_broker(svc, 
         lambda: (r := row(svc, audience, customer_id=cid)) is not None and r.order_count == 1 and r.ticket_count == 1,
         what="the audience row with its order and ticket",
     )
+
+
+def test_a_batch_of_sales_events_gives_what_they_give_one_at_a_time(svc):
+    """The consumer's batch handler (facts per event, each customer recomputed once, the hook
+    once) leaves the audience as the events one by one do."""
+    a, b, x, y = (created(svc) for _ in range(4))
+    evs = lambda p, q: [  # noqa: E731
+        order(p, str(uuid.uuid4()), total=2_000_000),
+        invoice(p, str(uuid.uuid4()), total=700_000, paid=700_000),
+        invoice(q, str(uuid.uuid4()), total=300_000, paid=300_000),
+        invoice(p, str(uuid.uuid4()), total=100_000, paid=100_000),
+    ]
+    deliver(svc, *evs(a, b))  # one at a time
+    sub = {s.domain: s for s in SPEC.subscriptions(svc.ctx)}["sales"]
+    batch = evs(x, y)
+    with svc.ctx.engine.begin() as conn:  # runs of one routing key, as the consumer makes them
+        sub.batch["order.placed.v1"](conn, batch[:1])
+        sub.batch["invoice.paid.v1"](conn, batch[1:])
+    cols = ("order_count", "revenue", "last_purchase_time", "first_purchase_time")
+    for one, many in ((a, x), (b, y)):
+        r1, r2 = row(svc, audience, customer_id=one), row(svc, audience, customer_id=many)
+        assert tuple(getattr(r1, c) for c in cols) == tuple(getattr(r2, c) for c in cols)
+    assert row(svc, audience, customer_id=x).revenue == 800_000 and row(svc, audience, customer_id=x).order_count == 1

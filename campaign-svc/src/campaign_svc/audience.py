@@ -166,10 +166,32 @@ def _upsert_fact(conn: sa.Connection, table: sa.Table, key: str, row: dict, guar
 class Handlers:
     def __init__(self, rt: Campaign):
         self.rt = rt
+        self._deferred: dict[str, set[str]] | None = None  # cause -> ids, while a batch runs
 
     def _changed(self, conn, ids, cause: str) -> None:
+        if self._deferred is not None:
+            self._deferred.setdefault(cause, set()).update(ids)
+            return
         recompute(conn, ids)
         self.rt.audience_changed(conn, ids, cause)
+
+    def batch(self, single):
+        """A batch handler of the consumer: each event's facts as `single` writes them, then the
+        behaviour of all their customers recomputed in one statement and the audience hook
+        (segments) called once with all of them."""
+
+        def handle(conn, events) -> None:
+            self._deferred = {}
+            try:
+                for e in events:
+                    single(conn, e)
+                deferred = self._deferred
+            finally:
+                self._deferred = None
+            for cause, ids in deferred.items():
+                self._changed(conn, sorted(ids), cause)
+
+        return handle
 
     # customers
     def on_customer(self, conn: sa.Connection, event: Event) -> None:
@@ -318,10 +340,13 @@ def subscriptions(rt: Campaign) -> list[Subscription]:
     support = dict.fromkeys(TICKET_EVENTS, h.on_ticket)
     return [
         Subscription(domain="customer", handlers=customer, requires=refs.requires()),
-        Subscription(domain="sales", handlers=sales, requires=sales_requires),
+        Subscription(
+            domain="sales", handlers=sales, requires=sales_requires, batch={k: h.batch(f) for k, f in sales.items()}
+        ),
         Subscription(
             domain="support",
             handlers=support,
             requires={k: Requires(te.TicketEvent, ("ticket",)) for k in TICKET_EVENTS},
+            batch={k: h.batch(f) for k, f in support.items()},
         ),
     ]

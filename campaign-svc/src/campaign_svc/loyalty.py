@@ -952,6 +952,7 @@ def subscriptions(rt: Campaign) -> list[Subscription]:
         Subscription(
             domain="sales",
             handlers={"invoice.paid.v1": lo.on_paid, "invoice.credited.v1": lo.on_credited},
+            batch={"invoice.paid.v1": lo.earn_batch},  # the consumer's batches: one set-based earning
             requires={
                 "invoice.paid.v1": Requires(se.InvoiceEvent, ("invoice", "customer")),
                 "invoice.credited.v1": Requires(se.InvoiceEvent, ("invoice", "customer")),
