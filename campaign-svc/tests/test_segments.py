@@ -6,6 +6,7 @@ events with its events in the outbox, rebuild diffs, the refresh timer, bad filt
 from __future__ import annotations
 
 import datetime as dt
+import io
 import time
 import uuid
 from decimal import Decimal
@@ -594,3 +595,24 @@ def test_a_big_import_is_set_based_and_its_combinations_follow(svc, stub):
     assert stub.GetSegment(pb.GetSegmentRequest(name=rest.name), metadata=MARKETER).member_count == 500
     assert len(events(svc, seg.REMOVED, subject=rest.name)) == 3000
     assert len(events(svc, seg.ADDED, subject=listed.name)) == 3000
+
+
+def test_a_csv_uploaded_through_the_gateway_as_multipart_fills_a_static_list(svc, stub):
+    from tests.support.harness import gateway_client, token
+
+    (a,) = rows(svc, dict(display_name="ت", email="te@x.ir"))
+    s = create(stub, pb.SEGMENT_KIND_STATIC)
+    http, clients = gateway_client(campaign=f"127.0.0.1:{svc.port}")
+    try:
+        resp = http.post(
+            f"/v1/{s.name}:importMembers",
+            data={"file": (io.BytesIO(b"email\nTE@x.ir\nnobody@x.ir\n"), "list.csv", "text/csv")},
+            headers={"Authorization": f"Bearer {token('marketer', 'mina')}"},
+            content_type="multipart/form-data",
+        )
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+        body = resp.get_json()
+        assert (int(body["matched"]), int(body["unmatchedCount"])) == (1, 1)  # int64 as JSON strings
+    finally:
+        clients.close()
+    assert members(stub, s.name) == {a}

@@ -62,7 +62,10 @@ XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 PDF = "application/pdf"
 DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
 # A multipart/form-data body's file part fills this bytes field of the request (transcode.py).
-UPLOADS: dict[str, str] = {"crm.customer.v1.CustomerService.ImportCustomers": "content"}
+UPLOADS: dict[str, str] = {
+    "crm.customer.v1.CustomerService.ImportCustomers": "content",
+    "crm.campaign.v1.SegmentService.ImportSegmentMembers": "content",  # a CSV of customers
+}
 # The media types a server-streaming download answers (its first message names which one).
 DOWNLOADS: dict[str, tuple[str, ...]] = {
     "crm.customer.v1.CustomerService.ExportCustomers": (CSV, XLSX, PDF, DOCX),
