@@ -112,6 +112,31 @@ class Outcome:
     hard: bool = False
 
 
+# The outcomes of a round by the primary key, from arrays (one cacheable statement, whatever
+# the count). A retry (queued) waits 30 s, 2 min, 8 min, ... at most 2 h; past the attempts
+# limit it has failed.
+_RECORD = sa.text(
+    f"""
+UPDATE messages m SET
+  state = CASE WHEN o.state = 'queued' AND m.attempts < :limit THEN 'queued'
+               WHEN o.state = 'queued' THEN 'failed' ELSE o.state END,
+  provider_message_id = o.pid,
+  error = o.err,
+  lease_until = NULL,
+  sent_time = CASE WHEN o.state = 'sent' THEN now() ELSE m.sent_time END,
+  bounced_time = CASE WHEN o.state = 'bounced' THEN now() ELSE m.bounced_time END,
+  bounce_kind = CASE WHEN o.state = 'bounced' THEN 'hard' ELSE m.bounce_kind END,
+  not_before = CASE WHEN o.state = 'queued' AND m.attempts < :limit
+                    THEN now() + make_interval(secs => least(30 * power(4, m.attempts - 1), 7200))
+                    ELSE m.not_before END
+  FROM unnest(CAST(:ids AS uuid[]), CAST(:states AS text[]), CAST(:pids AS text[]), CAST(:errs AS text[]))
+       AS o(id, state, pid, err)
+ WHERE m.id = o.id AND m.state = 'sending'
+RETURNING {", ".join(f"m.{col.name}" for col in messages.c)}
+"""
+).columns(*messages.c)
+
+
 class Delivery(PollingWorker):
     name = "campaign-delivery"
 
@@ -123,6 +148,7 @@ class Delivery(PollingWorker):
         self.clock = clock
         self._budget: dict[str, tuple[float, float]] = {}  # campaign id -> (tokens, at)
         self.threads = send_threads()
+        self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     # -- throttle --------------------------------------------------------------------------------
@@ -219,13 +245,13 @@ class Delivery(PollingWorker):
         )
 
     def _send(self, claimed: list) -> list[Outcome]:
-        """Render every claimed message (in this thread: the template versions are read once),
-        then hand them to the channels' senders from CAMPAIGN_SEND_THREADS threads (4; the
-        e-mail sender keeps a pool of as many SMTP sessions)."""
+        """Render each claimed message in this thread (the template versions are read once) and
+        hand it at once to the channel's sender on CAMPAIGN_SEND_THREADS threads (4; the e-mail
+        sender keeps a pool of as many SMTP sessions), so sending overlaps rendering."""
         by_campaign: dict = {}
         for cmp, r in claimed:
             by_campaign.setdefault(cmp.id, (cmp, []))[1].append(r)
-        ready: list = []  # (outcome if settled already, or (send, Outgoing, id))
+        results: list = []  # an Outcome, or the Future of one
         with self.engine.connect() as conn:
             for cmp, rows in by_campaign.values():
                 variants = {
@@ -240,18 +266,20 @@ class Delivery(PollingWorker):
                 }
                 send = self.rt.senders.get(cmp.channel)
                 for r in rows:
-                    ready.append(self._prepare(conn, cmp, r, variants, customers.get(r.customer_id), send))
+                    item = self._prepare(conn, cmp, r, variants, customers.get(r.customer_id), send)
+                    if isinstance(item, Outcome):
+                        results.append(item)
+                    elif self.threads > 1:
+                        results.append(self._pool().submit(self._deliver, item))
+                    else:
+                        results.append(self._deliver(item))
             conn.rollback()
-        todo = [x for x in ready if not isinstance(x, Outcome)]
-        done = {id(x): x for x in ready if isinstance(x, Outcome)}
-        if len(todo) > 1 and self.threads > 1:
-            with ThreadPoolExecutor(self.threads, thread_name_prefix="campaign-send") as pool:
-                for item, out in zip(todo, pool.map(self._deliver, todo), strict=True):
-                    done[id(item)] = out
-        else:
-            for item in todo:
-                done[id(item)] = self._deliver(item)
-        return [done[id(x)] for x in ready]
+        return [x if isinstance(x, Outcome) else x.result() for x in results]
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="campaign-send")
+        return self._executor
 
     def _prepare(self, conn, cmp, r, variants, customer, send):
         """The message's Outgoing ready to send, or its Outcome if it cannot be sent."""
@@ -298,35 +326,17 @@ class Delivery(PollingWorker):
     def _record(self, outcomes: list[Outcome]) -> None:
         if not outcomes:
             return
-        limit = max_attempts()
-        v = sa.values(
-            sa.column("id", sa.Text), sa.column("state", sa.Text), sa.column("pid", sa.Text), sa.column("err", sa.Text),
-            name="o",
-        ).data([(o.id, o.state, o.provider_id, o.error) for o in outcomes])  # fmt: skip
-        retry = sa.and_(v.c.state == "queued", m.attempts < limit)
         with self.rt.uow.begin() as tx:
             conn = tx.conn
             rows = conn.execute(
-                messages.update()
-                .where(sa.cast(m.id, sa.Text) == v.c.id, m.state == "sending")
-                .values(
-                    state=sa.case((retry, "queued"), (v.c.state == "queued", "failed"), else_=v.c.state),
-                    provider_message_id=v.c.pid,
-                    error=v.c.err,
-                    lease_until=None,
-                    sent_time=sa.case((v.c.state == "sent", sa.func.now()), else_=m.sent_time),
-                    bounced_time=sa.case((v.c.state == "bounced", sa.func.now()), else_=m.bounced_time),
-                    bounce_kind=sa.case((v.c.state == "bounced", "hard"), else_=m.bounce_kind),
-                    not_before=sa.case(
-                        (
-                            retry,
-                            sa.func.now()
-                            + sa.func.make_interval(0, 0, 0, 0, 0, 0, 30 * sa.func.power(4, m.attempts - 1)),
-                        ),
-                        else_=m.not_before,
-                    ),
-                )
-                .returning(messages)
+                _RECORD,
+                {
+                    "ids": [o.id for o in outcomes],
+                    "states": [o.state for o in outcomes],
+                    "pids": [o.provider_id for o in outcomes],
+                    "errs": [o.error for o in outcomes],
+                    "limit": max_attempts(),
+                },
             ).all()
             hard = [r for r in rows if r.state == "bounced"]
             for r in hard:
@@ -383,6 +393,9 @@ class Delivery(PollingWorker):
     def stop(self, timeout: float = 10.0) -> None:
         self._signal_stop()
         self._join(timeout)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
 
 
 def _message_event(r) -> ev.MessageEvent:
