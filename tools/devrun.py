@@ -284,13 +284,16 @@ def stop_postgres(pgdata: pathlib.Path) -> str:
 
 
 def support_env(environ, offset: int, gateway_port: int) -> dict[str, str]:
-    """support-svc's local settings: agent replies to the SMTP sink, mail-in, and the survey
-    links in replies pointing at this run's gateway (not 8080, another suite's, under an offset)
-    unless SURVEY_BASE_URL is given."""
+    """The mail-sending services' local settings (support-svc, campaign-svc): mail to the SMTP
+    sink, support's mail-in, and the links in messages (survey, unsubscribe, opt-in, tracking)
+    pointing at this run's gateway (not 8080, another suite's, under an offset) unless
+    SURVEY_BASE_URL / PUBLIC_BASE_URL is given."""
+    here = f"http://localhost:{gateway_port}"
     return {
         "SMTP_PORT": str(2526 + offset),
         "MAIL_IN_PORT": str(2525 + offset),
-        "SURVEY_BASE_URL": environ.get("SURVEY_BASE_URL") or f"http://localhost:{gateway_port}",
+        "SURVEY_BASE_URL": environ.get("SURVEY_BASE_URL") or here,
+        "PUBLIC_BASE_URL": environ.get("PUBLIC_BASE_URL") or here,
     }
 
 
