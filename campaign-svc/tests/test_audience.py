@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from campaign_svc import audience as aud
 from campaign_svc import consent
 from campaign_svc.__main__ import SPEC
-from campaign_svc.tables import audience, audience_orders, consent_ledger, consent_state, messages
+from campaign_svc.tables import audience, audience_invoices, audience_orders, consent_ledger, consent_state, messages
 from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm.customer.v1 import customer_pb2
 from crm.sales.v1 import sales_events_pb2 as se
@@ -287,3 +287,19 @@ def test_a_batch_of_sales_events_gives_what_they_give_one_at_a_time(svc):
         r1, r2 = row(svc, audience, customer_id=one), row(svc, audience, customer_id=many)
         assert tuple(getattr(r1, c) for c in cols) == tuple(getattr(r2, c) for c in cols)
     assert row(svc, audience, customer_id=x).revenue == 800_000 and row(svc, audience, customer_id=x).order_count == 1
+
+
+def test_a_batch_keeps_the_newest_fact_of_an_invoice_seen_twice(svc):
+    """Two events of one invoice in a batch (paid, then an older issued one arriving late): the
+    newest by event time wins, as one by one."""
+    cid = created(svc)
+    iid = str(uuid.uuid4())
+    newer = invoice(cid, iid, total=900_000, paid=900_000, at=T0 + dt.timedelta(hours=1))
+    older = invoice(cid, iid, key="invoice.issued.v1", total=900_000, paid=0, state="issued", at=T0)
+    sub = {s.domain: s for s in SPEC.subscriptions(svc.ctx)}["sales"]
+    with svc.ctx.engine.begin() as conn:
+        sub.batch["invoice.paid.v1"](conn, [newer, newer])
+        sub.batch["invoice.issued.v1"](conn, [older])
+    fact = row(svc, audience_invoices, invoice_id=iid)
+    assert (fact.state, fact.paid_total) == ("paid", 900_000)
+    assert row(svc, audience, customer_id=cid).revenue == 900_000

@@ -150,8 +150,19 @@ def rebuild_behaviour(conn: sa.Connection) -> int:
     return len(ids)
 
 
+_FACTS = "audience.facts"  # conn.info: the facts of a batch being gathered (Handlers.batch)
+
+
 def _upsert_fact(conn: sa.Connection, table: sa.Table, key: str, row: dict, guard: str) -> bool:
-    """Insert or update one fact unless the stored one is newer (by `guard`); True if written."""
+    """Insert or update one fact unless the stored one is newer (by `guard`); True if written.
+    Inside a batch the fact is gathered (the newest per key) and written by `_write_facts`."""
+    gathered = conn.info.get(_FACTS)
+    if gathered is not None:
+        group = gathered.setdefault((table.name, key, guard, tuple(sorted(row))), (table, {}))[1]
+        had = group.get(row[key])
+        if had is None or had[guard] <= row[guard]:
+            group[row[key]] = row
+        return True
     stmt = pg_insert(table).values(**row)
     done = conn.execute(
         stmt.on_conflict_do_update(
@@ -161,6 +172,20 @@ def _upsert_fact(conn: sa.Connection, table: sa.Table, key: str, row: dict, guar
         ).returning(table.c[key])
     ).first()
     return done is not None
+
+
+def _write_facts(conn: sa.Connection, gathered: dict) -> None:
+    """The gathered facts: one multi-row upsert per table and shape, each guarded as one by one."""
+    for (_, key, guard, _), (table, rows) in gathered.items():
+        stmt = pg_insert(table).values(list(rows.values()))
+        cols = next(iter(rows.values())).keys()
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[key],
+                set_={c: stmt.excluded[c] for c in cols if c != key},
+                where=table.c[guard] <= stmt.excluded[guard],
+            )
+        )
 
 
 class Handlers:
@@ -176,18 +201,22 @@ class Handlers:
         self.rt.audience_changed(conn, ids, cause)
 
     def batch(self, single):
-        """A batch handler of the consumer: each event's facts as `single` writes them, then the
-        behaviour of all their customers recomputed in one statement and the audience hook
-        (segments) called once with all of them."""
+        """A batch handler of the consumer: each event's facts gathered as `single` makes them and
+        written in one upsert per table (the newest per key, as one by one), then the behaviour
+        of all their customers recomputed in one statement and the audience hook (segments)
+        called once with all of them."""
 
         def handle(conn, events) -> None:
             self._deferred = {}
+            conn.info[_FACTS] = {}
             try:
                 for e in events:
                     single(conn, e)
-                deferred = self._deferred
+                deferred, gathered = self._deferred, conn.info[_FACTS]
             finally:
                 self._deferred = None
+                conn.info.pop(_FACTS, None)
+            _write_facts(conn, gathered)  # before the recompute (and the next part) reads them
             for cause, ids in deferred.items():
                 self._changed(conn, sorted(ids), cause)
 
