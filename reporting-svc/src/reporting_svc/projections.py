@@ -1,4 +1,4 @@
-"""Projections: event handlers that keep the read models, and the queries over them."""
+"""The customer projection (customer-svc's events): customers per acquisition source, and its query."""
 
 from __future__ import annotations
 
@@ -8,20 +8,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from crm.customer.v1 import customer_events_pb2
-from crm_chassis.messaging.consumer import Requires, Subscription
+from crm_chassis.messaging.consumer import Requires
 from crm_chassis.messaging.envelope import Event
 
-metadata = sa.MetaData()
-
-customer_source_facts = sa.Table(
-    "customer_source_facts",
-    metadata,
-    sa.Column("customer_id", sa.Text, primary_key=True),
-    sa.Column("acquisition_source", sa.Text, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
-    sa.Column("version", sa.Integer, nullable=False, server_default="0"),
-)
+from .projection import Projection
+from .tables import customer_source_facts
 
 UNKNOWN_SOURCE = "unknown"
 
@@ -103,22 +94,25 @@ REQUIRES = {
 }
 
 
-def subscriptions() -> list[Subscription]:
-    return [
-        Subscription(
-            domain="customer",
-            handlers={
-                "customer.created.v1": on_customer_created,
-                "customer.updated.v1": on_customer_updated,
-                "customer.deleted.v1": on_customer_deleted,
-                "customer.undeleted.v1": on_customer_deleted,
-                "customer.erased.v1": on_customer_erased,
-                "customer.merged.v1": on_customer_merged,
-                "customer.unmerged.v1": on_customer_unmerged,
-            },
-            requires=REQUIRES,
-        )
-    ]
+PROJECTION = Projection(
+    name="customers",
+    domain="customer",
+    handlers={
+        "customer.created.v1": on_customer_created,
+        "customer.updated.v1": on_customer_updated,
+        "customer.deleted.v1": on_customer_deleted,
+        "customer.undeleted.v1": on_customer_deleted,
+        "customer.erased.v1": on_customer_erased,
+        "customer.merged.v1": on_customer_merged,
+        "customer.unmerged.v1": on_customer_unmerged,
+    },
+    requires=REQUIRES,
+    tables=[customer_source_facts],
+)
+
+
+def subscriptions(rt=None):
+    return [PROJECTION.subscription()]
 
 
 def customers_by_source(

@@ -1,0 +1,184 @@
+"""RebuildProjections: replay the event log (the crm.events.log stream) into fresh tables while
+the live ones keep serving, then swap them in.
+
+The job (crm_chassis.jobs, kind "reporting.rebuild"):
+
+1. makes schema rebuild_<job> with an empty copy of every projected table (CREATE TABLE ...
+   LIKE ... INCLUDING ALL) and records it in projection_rebuilds: from that commit on, the live
+   consumer applies every event to the shadow tables too (projection.wrap);
+2. reads the stream's length (a passive declare's message count): the replay stops there, as
+   every later event reaches the shadow tables through the live consumer;
+3. consumes the stream from its first offset (x-stream-offset, prefetch-limited), applying each
+   event's bare handler with the tables translated to the shadow schema, 500 events per
+   transaction, each committed with its checkpoint (the next offset). An event no handler can
+   read (a poison event) is skipped and counted;
+4. swaps in one transaction: locks projection_rebuilds (so no consumer transaction is between
+   its read of the shadow schema and its writes), moves the live tables to a retired schema and
+   the rebuilt ones to public, drops the retired schema.
+
+A restart mid-rebuild resumes: the job is taken over (chassis jobs) and continues from its last
+checkpoint's offset into the same shadow schema (handlers are version-guarded, so an event
+seen twice changes nothing). A rebuild started while another is queued or running returns that
+one. A failed or cancelled rebuild leaves its shadow schema until the next rebuild, which drops
+it first.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pika
+import sqlalchemy as sa
+
+from crm_chassis import jobs
+from crm_chassis.messaging.envelope import MalformedEvent, from_amqp
+from crm_chassis.messaging.publisher import url_parameters
+from crm_chassis.messaging.topology import EVENT_LOG_STREAM
+
+from .projection import in_schema
+from .tables import PROJECTED, projection_rebuilds
+
+log = logging.getLogger("reporting.rebuild")
+
+KIND = "reporting.rebuild"
+BATCH = 500
+
+
+def dispatch_table(projections) -> dict:
+    """(domain, routing key) -> (bare handler, Requires or None)."""
+    return {
+        (p.domain, key): (h, p.requires.get(key)) for p in projections for key, h in p.handlers.items()
+    }
+
+
+def stream_length(amqp_url: str) -> int:
+    conn = pika.BlockingConnection(url_parameters(amqp_url))
+    try:
+        ch = conn.channel()
+        ok = ch.queue_declare(EVENT_LOG_STREAM, durable=True, arguments={"x-queue-type": "stream"})
+        return int(ok.method.message_count)
+    finally:
+        conn.close()
+
+
+def _prepare(conn: sa.Connection, job_id: str) -> str:
+    leftover = conn.execute(sa.select(projection_rebuilds.c.shadow_schema)).scalar()
+    schema = f"rebuild_{job_id.replace('-', '')[:12]}"
+    for s in {leftover, schema} - {None}:
+        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{s}" CASCADE'))
+    conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    for t in PROJECTED:
+        conn.execute(sa.text(f'CREATE TABLE "{schema}"."{t.name}" (LIKE public."{t.name}" INCLUDING ALL)'))
+    conn.execute(projection_rebuilds.delete())
+    conn.execute(projection_rebuilds.insert().values(id=1, job_id=job_id, shadow_schema=schema))
+    return schema
+
+
+def swap(conn: sa.Connection, schema: str) -> None:
+    retired = f"retired_{schema.removeprefix('rebuild_')}"
+    conn.execute(sa.text("LOCK TABLE projection_rebuilds IN ACCESS EXCLUSIVE MODE"))
+    conn.execute(sa.text(f'CREATE SCHEMA "{retired}"'))
+    for t in PROJECTED:
+        conn.execute(sa.text(f'ALTER TABLE public."{t.name}" SET SCHEMA "{retired}"'))
+        conn.execute(sa.text(f'ALTER TABLE "{schema}"."{t.name}" SET SCHEMA public'))
+    conn.execute(projection_rebuilds.delete())
+    conn.execute(sa.text(f'DROP SCHEMA "{retired}" CASCADE'))
+    conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+def apply_batch(conn: sa.Connection, schema: str, table: dict, batch: list) -> int:
+    """Apply (method, properties, body) deliveries to the shadow schema; returns how many were
+    skipped (unreadable, or no handler wanted them in a way it could read)."""
+    skipped = 0
+    with in_schema(conn, schema):
+        for method, props, body in batch:
+            try:
+                event = from_amqp(method, props, body)
+            except MalformedEvent:
+                skipped += 1
+                continue
+            domain = event.exchange.removeprefix("crm.").removesuffix(".events")
+            found = table.get((domain, event.routing_key))
+            if found is None:
+                continue
+            handler, requires = found
+            if requires is not None and requires.problem(event):
+                skipped += 1
+                continue
+            try:
+                with conn.begin_nested():
+                    handler(conn, event)
+            except sa.exc.DBAPIError:
+                raise
+            except Exception:  # a poison event: the rest of the log still counts
+                log.exception("rebuild skipped an event its handler failed on", extra={"event_id": event.id})
+                skipped += 1
+    return skipped
+
+
+def run(ctx: jobs.JobContext, amqp_url: str, projections) -> dict:
+    cp = ctx.checkpoint
+    if cp is None:
+        with ctx.step() as conn:
+            schema = _prepare(conn, ctx.id)
+        end = stream_length(amqp_url)  # after the shadow tables exist: later events reach them live
+        with ctx.step() as conn:
+            cp = {"schema": schema, "end": end, "next": 0}
+            ctx.save(conn, checkpoint=cp, total=end, processed=0, message="replaying the event log")
+    if cp.get("swapped"):  # the swap committed; only the job's end was lost
+        return {"events": cp["next"]}
+    schema, end, nxt = cp["schema"], cp["end"], cp["next"]
+    table = dispatch_table(projections)
+    if nxt < end:
+        conn_amqp = pika.BlockingConnection(url_parameters(amqp_url))
+        try:
+            ch = conn_amqp.channel()
+            ch.basic_qos(prefetch_count=BATCH * 2)  # a stream needs a prefetch limit
+            batch, last_tag = [], None
+            for method, props, body in ch.consume(
+                EVENT_LOG_STREAM, arguments={"x-stream-offset": nxt}, inactivity_timeout=2.0
+            ):
+                if method is not None:
+                    offset = int((props.headers or {}).get("x-stream-offset", nxt))
+                    last_tag = method.delivery_tag
+                    if offset < end:
+                        batch.append((method, props, body))
+                        nxt = offset + 1
+                    else:
+                        nxt = end
+                if batch and (len(batch) >= BATCH or nxt >= end or method is None):
+                    with ctx.step() as conn:
+                        skipped = apply_batch(conn, schema, table, batch)
+                        ctx.save(
+                            conn,
+                            checkpoint={**cp, "next": nxt},
+                            processed=nxt,
+                            increment={"skipped": skipped} if skipped else None,
+                        )
+                    ch.basic_ack(last_tag, multiple=True)
+                    batch = []
+                if nxt >= end:
+                    break
+                if method is None:
+                    ctx.check()
+            ch.cancel()
+        finally:
+            if conn_amqp.is_open:
+                conn_amqp.close()
+    with ctx.step() as conn:
+        swap(conn, schema)
+        ctx.save(conn, checkpoint={**cp, "next": nxt, "swapped": True}, processed=nxt, message="swapped in")
+    log.info("projections rebuilt", extra={"events": nxt, "schema": schema})
+    return {"events": nxt}
+
+
+def worker(rt):
+    return rt.once("jobs", lambda: jobs.JobWorker(rt.engine, poll_seconds=0.5))
+
+
+def workers(rt):
+    from . import PROJECTIONS
+
+    w = worker(rt)
+    w.register(KIND, lambda ctx: run(ctx, rt.settings.amqp_url, PROJECTIONS()))
+    return [w]
