@@ -142,7 +142,10 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
 def _latest(conn) -> jobs.Job | None:
     """The newest rebuild job."""
     jid = conn.execute(
-        sa.select(job_table.c.id).where(job_table.c.kind == rebuild.KIND).order_by(job_table.c.create_time.desc()).limit(1)
+        sa.select(job_table.c.id)
+        .where(job_table.c.kind == rebuild.KIND)
+        .order_by(job_table.c.create_time.desc())
+        .limit(1)
     ).scalar()
     return None if jid is None else jobs.get(conn, str(jid))
 

@@ -37,9 +37,13 @@ def check(period: str, calendar: str, field_prefix: str = "") -> tuple[str, str]
     period = (period or "all").strip().lower()
     calendar = (calendar or "gregorian").strip().lower()
     if period not in PERIODS:
-        raise InvalidArgument.field(f"{field_prefix}period", f"unknown period {period!r}; use one of {', '.join(PERIODS)}")
+        raise InvalidArgument.field(
+            f"{field_prefix}period", f"unknown period {period!r}; use one of {', '.join(PERIODS)}"
+        )
     if calendar not in CALENDARS:
-        raise InvalidArgument.field(f"{field_prefix}calendar", f"unknown calendar {calendar!r}; use gregorian or jalali")
+        raise InvalidArgument.field(
+            f"{field_prefix}calendar", f"unknown calendar {calendar!r}; use gregorian or jalali"
+        )
     return period, calendar
 
 
@@ -88,7 +92,9 @@ def label(key: str, period: str, calendar: str, lang: str) -> str:
         return f"سه‌ماهه {digits(q)} {digits(y)}" if fa else f"Q{q} {y}"
     if period == "month":
         y, m = key.split("-")
-        names = (JALALI_MONTHS if fa else JALALI_MONTHS_EN) if j else (GREGORIAN_MONTHS_FA if fa else GREGORIAN_MONTHS_EN)
+        names = (
+            (JALALI_MONTHS if fa else JALALI_MONTHS_EN) if j else (GREGORIAN_MONTHS_FA if fa else GREGORIAN_MONTHS_EN)
+        )
         return f"{names[int(m) - 1]} {digits(y)}"
     # day, week: the date itself (a week by its Saturday)
     text = key.replace("-", "/") if j else key

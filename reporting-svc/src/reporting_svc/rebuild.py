@@ -46,9 +46,7 @@ BATCH = 500
 
 def dispatch_table(projections) -> dict:
     """(domain, routing key) -> (bare handler, Requires or None)."""
-    return {
-        (p.domain, key): (h, p.requires.get(key)) for p in projections for key, h in p.handlers.items()
-    }
+    return {(p.domain, key): (h, p.requires.get(key)) for p in projections for key, h in p.handlers.items()}
 
 
 def stream_length(amqp_url: str) -> int:

@@ -30,7 +30,9 @@ def parse(req: pb.GetSupportReportRequest, prefix: str = "") -> dict:
     for i, d in enumerate(req.dimensions):
         d = d.strip().lower()
         if d not in DIMENSIONS:
-            raise InvalidArgument.field(f"{prefix}dimensions[{i}]", f"unknown dimension {d!r}; use agent, team or channel")
+            raise InvalidArgument.field(
+                f"{prefix}dimensions[{i}]", f"unknown dimension {d!r}; use agent, team or channel"
+            )
         if d not in dims:
             dims.append(d)
     lang = "fa" if req.language_code.lower().startswith("fa") else "en"

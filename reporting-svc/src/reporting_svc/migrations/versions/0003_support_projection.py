@@ -3,7 +3,6 @@
 Revision ID: 0003
 """
 
-import sqlalchemy as sa
 from alembic import op
 
 from crm_chassis.work_tables import create_job_tables
