@@ -6,7 +6,7 @@ The job (crm_chassis.jobs, kind "reporting.rebuild"):
 1. makes schema rebuild_<job> with an empty copy of every projected table (CREATE TABLE ...
    LIKE ... INCLUDING ALL) and records it in projection_rebuilds: from that commit on, the live
    consumer applies every event to the shadow tables too (projection.wrap);
-2. reads the stream's length (a passive declare's message count): the replay stops there, as
+2. reads the stream's end (the last offset, from a consumer attached at "last"): the replay stops there, as
    every later event reaches the shadow tables through the live consumer;
 3. consumes the stream from its first offset (x-stream-offset, prefetch-limited), applying each
    event's bare handler with the tables translated to the shadow schema, 500 events per
@@ -49,12 +49,25 @@ def dispatch_table(projections) -> dict:
     return {(p.domain, key): (h, p.requires.get(key)) for p in projections for key, h in p.handlers.items()}
 
 
-def stream_length(amqp_url: str) -> int:
+def stream_length(amqp_url: str, settle: float = 0.3) -> int:
+    """The offset after the stream's last message (0 for an empty stream). A consumer attached
+    at "last" receives the whole last chunk; the highest offset in it is the last one. (A
+    declare's message count is not used: the broker updates it only with its statistics.)"""
     conn = pika.BlockingConnection(url_parameters(amqp_url))
     try:
         ch = conn.channel()
-        ok = ch.queue_declare(EVENT_LOG_STREAM, durable=True, arguments={"x-queue-type": "stream"})
-        return int(ok.method.message_count)
+        ch.queue_declare(EVENT_LOG_STREAM, durable=True, arguments={"x-queue-type": "stream"})
+        ch.basic_qos(prefetch_count=1000)
+        last = -1
+        for method, props, _ in ch.consume(
+            EVENT_LOG_STREAM, arguments={"x-stream-offset": "last"}, inactivity_timeout=settle
+        ):
+            if method is None:
+                break
+            last = max(last, int((props.headers or {}).get("x-stream-offset", -1)))
+            ch.basic_ack(method.delivery_tag)
+        ch.cancel()
+        return last + 1
     finally:
         conn.close()
 

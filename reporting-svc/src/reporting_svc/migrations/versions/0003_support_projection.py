@@ -5,7 +5,7 @@ Revision ID: 0003
 
 from alembic import op
 
-from crm_chassis.work_tables import create_job_tables
+from crm_chassis.work_tables import create_job_tables, create_timer_tables
 from reporting_svc import tables as t
 
 revision = "0003"
@@ -24,6 +24,7 @@ NEW = [
 
 def upgrade() -> None:
     create_job_tables(op)
+    create_timer_tables(op)  # the parts runtime's timer worker
     for table in NEW:
         op.create_table(table.name, *(c._copy() for c in table.columns))
     op.create_index("support_daily_agent", "support_daily", ["agent", "day"])
@@ -32,5 +33,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     for table in reversed(NEW):
         op.drop_table(table.name)
-    op.drop_table("job_inputs")
+    for name in ("timer_firings", "timers", "job_inputs"):
+        op.drop_table(name)
     op.drop_table("jobs")
