@@ -141,46 +141,57 @@ def run(ctx: jobs.JobContext, amqp_url: str, projections) -> dict:
     schema, end, nxt = cp["schema"], cp["end"], cp["next"]
     table = dispatch_table(projections)
     if nxt < end:
-        conn_amqp = pika.BlockingConnection(url_parameters(amqp_url))
-        try:
-            ch = conn_amqp.channel()
-            ch.basic_qos(prefetch_count=BATCH * 2)  # a stream needs a prefetch limit
-            batch, last_tag = [], None
-            for method, props, body in ch.consume(
-                EVENT_LOG_STREAM, arguments={"x-stream-offset": nxt}, inactivity_timeout=2.0
-            ):
-                if method is not None:
-                    offset = int((props.headers or {}).get("x-stream-offset", nxt))
-                    last_tag = method.delivery_tag
-                    if offset < end:
-                        batch.append((method, props, body))
-                        nxt = offset + 1
-                    else:
-                        nxt = end
-                if batch and (len(batch) >= BATCH or nxt >= end or method is None):
-                    with ctx.step() as conn:
-                        skipped = apply_batch(conn, schema, table, batch)
-                        ctx.save(
-                            conn,
-                            checkpoint={**cp, "next": nxt},
-                            processed=nxt,
-                            increment={"skipped": skipped} if skipped else None,
-                        )
-                    ch.basic_ack(last_tag, multiple=True)
-                    batch = []
-                if nxt >= end:
-                    break
-                if method is None:
-                    ctx.check()
-            ch.cancel()
-        finally:
-            if conn_amqp.is_open:
-                conn_amqp.close()
+        nxt = _replay(ctx, amqp_url, table, cp, schema, nxt, end)
     with ctx.step() as conn:
         swap(conn, schema)
         ctx.save(conn, checkpoint={**cp, "next": nxt, "swapped": True}, processed=nxt, message="swapped in")
     log.info("projections rebuilt", extra={"events": nxt, "schema": schema})
     return {"events": nxt}
+
+
+def _replay(ctx: jobs.JobContext, amqp_url: str, table: dict, cp: dict, schema: str, nxt: int, end: int) -> int:
+    """Apply the log's events [nxt, end) in batches, each committed with its checkpoint."""
+    conn_amqp = pika.BlockingConnection(url_parameters(amqp_url))
+    ch = conn_amqp.channel()
+    try:
+        ch.basic_qos(prefetch_count=BATCH * 2)  # a stream needs a prefetch limit
+        batch, last_tag = [], None
+        for method, props, body in ch.consume(
+            EVENT_LOG_STREAM, arguments={"x-stream-offset": nxt}, inactivity_timeout=2.0
+        ):
+            if method is not None:
+                offset = int((props.headers or {}).get("x-stream-offset", nxt))
+                last_tag = method.delivery_tag
+                if offset < end:
+                    batch.append((method, props, body))
+                    nxt = offset + 1
+                else:
+                    nxt = end
+            if batch and (len(batch) >= BATCH or nxt >= end or method is None):
+                with ctx.step() as conn:
+                    skipped = apply_batch(conn, schema, table, batch)
+                    ctx.save(
+                        conn,
+                        checkpoint={**cp, "next": nxt},
+                        processed=nxt,
+                        increment={"skipped": skipped} if skipped else None,
+                    )
+                ch.basic_ack(last_tag, multiple=True)  # credit for the next deliveries
+                batch = []
+            if nxt >= end:
+                break
+            if method is None:
+                ctx.check()
+        return nxt
+    finally:
+        # A stream refuses nack (which closing a channel with unacked deliveries sends): ack what
+        # was delivered (an ack on a stream only grants credit) before letting go.
+        try:
+            ch.basic_ack(0, multiple=True)
+            ch.cancel()
+            conn_amqp.close()
+        except pika.exceptions.AMQPError as exc:
+            log.warning("closing the event log consumer", extra={"error": repr(exc)})
 
 
 def worker(rt):
