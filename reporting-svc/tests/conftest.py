@@ -134,6 +134,33 @@ def breach(ticket: int, metric: str, agent: str, at: dt.datetime, team: str = "t
     return Feed.event("support", "ticket.sla_breached.v1", msg, msg.ticket, at)
 
 
+def lead(n: int, source: str, status: str, created: dt.datetime, version: int, at: dt.datetime | None = None) -> Event:
+    from crm.sales.v1 import sales_events_pb2 as sales
+
+    msg = sales.LeadEvent(
+        lead=f"leads/l{n}", status=status, source=source, create_time=ts(created), version=version,
+        event_time=ts(at or created),
+    )  # fmt: skip
+    key = {"new": "lead.created.v1", "converted": "lead.converted.v1"}.get(status, "lead.updated.v1")
+    return Feed.event("sales", key, msg, msg.lead, at or created)
+
+
+def opportunity(
+    n: int, source: str, state: str, currency: str, units: int, closed: dt.datetime | None, version: int
+) -> Event:
+    from crm.sales.v1 import sales_events_pb2 as sales
+    from crm.type.v1 import money_pb2
+
+    msg = sales.OpportunityEvent(
+        opportunity=f"opportunities/o{n}", state=state, source=source, version=version,
+        amount=money_pb2.Money(currency_code=currency, units=units),
+    )  # fmt: skip
+    if closed is not None:
+        msg.close_time.CopyFrom(ts(closed))
+    key = {"won": "opportunity.won.v1", "lost": "opportunity.lost.v1", "open": "opportunity.reopened.v1"}[state]
+    return Feed.event("sales", key, msg, msg.opportunity, closed)
+
+
 @pytest.fixture(scope="module")
 def svc(request, databases, broker):
     service = start_service(
@@ -153,4 +180,6 @@ def ev():
     """The event builders above: ev.tickets(...), ev.csat(...), ev.breach(...), ev.ts(...)."""
     import types
 
-    return types.SimpleNamespace(tickets=ticket_events, csat=csat, breach=breach, ts=ts, again=Feed.again)
+    return types.SimpleNamespace(
+        tickets=ticket_events, csat=csat, breach=breach, lead=lead, opportunity=opportunity, ts=ts, again=Feed.again
+    )

@@ -80,6 +80,7 @@ def answers(stub):
         one(period="day", calendar="jalali"),
         one(dimensions=["agent"]),
         stub.CountCustomersBySource(rs.CountCustomersBySourceRequest(), metadata=md()),
+        stub.GetAcquisitionReport(rs.GetAcquisitionReportRequest(period="month", calendar="jalali"), metadata=md()),
     )
 
 
@@ -110,12 +111,18 @@ def test_live_projection_then_rebuild_gives_the_same_answers(live, stub, own_bro
         customer(2, "website", 1),
         customer(2, "referral", 2),
         customer(3, "exhibition", 1),
+        ev.lead(1, "website", "new", D, 1),
+        ev.lead(1, "website", "converted", D, 2),
+        ev.opportunity(1, "website", "won", "IRT", 1_500_000, D + 5 * H, 3),
     ]
     stale = ev.again(events[0])  # an old version again, as a relay retry might publish it
     publish(own_broker.url, [*events, stale])
     wait_for(lambda: applied(live) == len(events) + 1, 15, "the live consumer to apply every event")
     before = answers(stub)
     assert before[0].total.requests == 2 and before[0].total.closed == 1
+    web = {r.source: r for r in before[3].rows}["website"]
+    assert (web.customers, web.leads, web.converted_leads, web.won_opportunities) == (1, 1, 1, 1)
+    assert (web.won_revenue[0].currency_code, web.won_revenue[0].units) == ("IRR", 15_000_000)
     assert {s.acquisition_source: s.customer_count for s in before[2].sources} == {
         "website": 1,
         "referral": 1,
@@ -125,6 +132,7 @@ def test_live_projection_then_rebuild_gives_the_same_answers(live, stub, own_bro
     with live.ctx.engine.begin() as conn:  # damage the live tables: only a real swap repairs them
         conn.execute(sa.text("UPDATE support_daily SET requests = requests + 100"))
         conn.execute(sa.text("DELETE FROM customer_source_facts"))
+        conn.execute(sa.text("UPDATE acquisition_daily SET leads = leads + 7"))
     assert answers(stub) != before
 
     job = stub.RebuildProjections(rs.RebuildProjectionsRequest(request_id="r1"), metadata=md())
@@ -162,7 +170,7 @@ def test_live_projection_then_rebuild_gives_the_same_answers(live, stub, own_bro
         "empty queues",
     )
     assert (
-        set(lag) == {"customer", "support"} and lag["support"].applied_events == 10
+        set(lag) == {"customer", "sales", "support"} and lag["support"].applied_events == 10
     )  # 8 + the stale copy + the late ticket
     assert not status.HasField("rebuild")
 

@@ -14,7 +14,7 @@ from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
 from crm_chassis.work_tables import jobs as job_table
 
-from . import PROJECTIONS, projections, rebuild, status, support_report
+from . import PROJECTIONS, acquisition_report, projections, rebuild, status, support_report
 
 EXPORT_FORMATS = ("csv", "xlsx")
 REBUILD = "projectionRebuilds/"
@@ -89,6 +89,21 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
             ({"acquisition_source": s, "customer_count": n} for s, n in rows),
             filename=f"customers-by-source-{_stamp()}",
             title="Customers by source",
+        )
+
+    def GetAcquisitionReport(self, request, context):
+        q = acquisition_report.parse(request)
+        with self.engine.connect() as conn:
+            return acquisition_report.report(conn, q)
+
+    def ExportAcquisitionReport(self, request, context):
+        fmt = _format(request.format)
+        q = acquisition_report.parse(request.report, "report.")
+        with self.engine.connect() as conn:
+            resp = acquisition_report.report(conn, q)
+        columns, rows = acquisition_report.export_rows(resp, q)
+        yield from documents.stream_table(
+            pb.ExportReportResponse, fmt, columns, rows, filename=f"acquisition-{_stamp()}", title="Acquisition sources"
         )
 
     # -- report 4 ----------------------------------------------------------------------------

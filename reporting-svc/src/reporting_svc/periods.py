@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from crm_chassis.errors import InvalidArgument
+from crm_chassis import dates
+from crm_chassis.errors import FieldViolation, InvalidArgument
 from crm_chassis.persian import JALALI_MONTHS, JALALI_QUARTERS, to_persian_digits
 
 PERIODS = ("all", "day", "week", "month", "quarter", "year", "weekday", "day_of_month")
@@ -45,6 +46,21 @@ def check(period: str, calendar: str, field_prefix: str = "") -> tuple[str, str]
             f"{field_prefix}calendar", f"unknown calendar {calendar!r}; use gregorian or jalali"
         )
     return period, calendar
+
+
+def parse_request(req, prefix: str = "") -> dict:
+    """The range (Tehran days, both included), period, calendar and language of a report request
+    with fields start_date, end_date, period, calendar, language_code."""
+    bad: list[FieldViolation] = []
+    start = dates.from_proto(req.start_date, f"{prefix}start_date", bad) if req.HasField("start_date") else None
+    end = dates.from_proto(req.end_date, f"{prefix}end_date", bad) if req.HasField("end_date") else None
+    if bad:
+        raise InvalidArgument(bad)
+    if start and end and end < start:
+        raise InvalidArgument.field(f"{prefix}end_date", "must not be before start_date")
+    period, calendar = check(req.period, req.calendar, prefix)
+    lang = "fa" if req.language_code.lower().startswith("fa") else "en"
+    return {"start": start, "end": end, "period": period, "calendar": calendar, "lang": lang}
 
 
 def key_expr(day: sa.ColumnElement, period: str, calendar: str) -> sa.ColumnElement:

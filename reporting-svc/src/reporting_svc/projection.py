@@ -29,17 +29,24 @@ import contextlib
 import datetime as dt
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from crm_chassis.dates import TEHRAN
 from crm_chassis.messaging.consumer import Requires, Subscription
 from crm_chassis.messaging.envelope import Event
 
 from .tables import projection_rebuilds, projection_sources
 
 Handler = Callable[[sa.Connection, Event], None]
-Contribution = tuple[Mapping[str, object], Mapping[str, int]]
+Contribution = tuple[Mapping[str, object], Mapping[str, int | Decimal]]
+
+
+def tehran_day(t: dt.datetime) -> dt.date:
+    """The business day (Asia/Tehran) of an instant: the `day` of every rollup."""
+    return t.astimezone(TEHRAN).date()
 
 
 @dataclass
@@ -139,7 +146,7 @@ class Rollup:
                 k = tuple(key[c] for c in self.keys)
                 acc = delta.setdefault(k, dict.fromkeys(self.measures, 0))
                 for m, v in measures.items():
-                    acc[m] += sign * int(v)
+                    acc[m] += sign * v
         rows = [
             {**dict(zip(self.keys, k, strict=True)), **m} for k, m in delta.items() if any(v != 0 for v in m.values())
         ]

@@ -5,40 +5,44 @@ from __future__ import annotations
 import datetime as dt
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from crm.customer.v1 import customer_events_pb2
 from crm_chassis.messaging.consumer import Requires
 from crm_chassis.messaging.envelope import Event
 
-from .projection import Projection
-from .tables import customer_source_facts
+from .projection import Projection, Rollup, apply_versioned, tehran_day
+from .tables import ACQUISITION_MEASURES, acquisition_daily, customer_source_facts
 
 UNKNOWN_SOURCE = "unknown"
 
 
+ROLLUP = Rollup(acquisition_daily, ("day", "source", "currency"), ACQUISITION_MEASURES)
+
+
+def _contrib(f) -> list:
+    if f is None:
+        return []
+    m = f._mapping if hasattr(f, "_mapping") else f
+    if m["deleted"]:
+        return []
+    return [({"day": tehran_day(m["created_at"]), "source": m["acquisition_source"], "currency": ""}, {"customers": 1})]
+
+
 def _apply_customer(conn: sa.Connection, c) -> None:
-    """Upsert the customer's facts unless a newer version is already stored: events may
-    arrive out of order (several relays) or again (replays from the stream)."""
-    version = int(c.etag.strip('"') or 0)
-    stmt = pg_insert(customer_source_facts).values(
-        customer_id=c.name.removeprefix("customers/"),
-        acquisition_source=c.acquisition_source or UNKNOWN_SOURCE,
-        created_at=c.create_time.ToDatetime(tzinfo=dt.UTC),
-        deleted=c.HasField("delete_time") or bool(c.merged_into),
-        version=version,
+    """Store the customer's facts unless a newer version is already stored (events may arrive
+    out of order, from several relays, or again, replayed from the stream), and move its count
+    in the acquisition rollup."""
+    values = {
+        "acquisition_source": c.acquisition_source or UNKNOWN_SOURCE,
+        "created_at": c.create_time.ToDatetime(tzinfo=dt.UTC),
+        "deleted": c.HasField("delete_time") or bool(c.merged_into),
+        "version": int(c.etag.strip('"') or 0),
+    }
+    applied, old = apply_versioned(
+        conn, customer_source_facts, {"customer_id": c.name.removeprefix("customers/")}, values
     )
-    conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["customer_id"],
-            set_={
-                "acquisition_source": stmt.excluded.acquisition_source,
-                "deleted": stmt.excluded.deleted,
-                "version": stmt.excluded.version,
-            },
-            where=customer_source_facts.c.version < stmt.excluded.version,
-        )
-    )
+    if applied:
+        ROLLUP.apply(conn, _contrib(old), _contrib(values))
 
 
 def on_customer_created(conn: sa.Connection, event: Event) -> None:
@@ -64,9 +68,11 @@ def on_customer_merged(conn: sa.Connection, event: Event) -> None:
     msg = event.parse(customer_events_pb2.CustomerMerged)
     _apply_customer(conn, msg.survivor)
     ids = [n.removeprefix("customers/") for n in msg.merged]
-    conn.execute(
-        customer_source_facts.update().where(customer_source_facts.c.customer_id.in_(ids)).values(deleted=True)
-    )
+    t = customer_source_facts
+    gone = conn.execute(
+        t.update().where(t.c.customer_id.in_(ids), t.c.deleted.is_(False)).values(deleted=True).returning(*t.c)
+    ).all()
+    ROLLUP.apply(conn, [c for r in gone for c in _contrib({**r._mapping, "deleted": False})], [])
 
 
 def on_customer_unmerged(conn: sa.Connection, event: Event) -> None:
@@ -107,7 +113,7 @@ PROJECTION = Projection(
         "customer.unmerged.v1": on_customer_unmerged,
     },
     requires=REQUIRES,
-    tables=[customer_source_facts],
+    tables=[customer_source_facts, acquisition_daily],
 )
 
 

@@ -21,11 +21,10 @@ import sqlalchemy as sa
 
 from crm.support.v1 import support_events_pb2 as ev
 from crm.support.v1 import ticket_pb2
-from crm_chassis.dates import TEHRAN
 from crm_chassis.messaging.consumer import Requires
 from crm_chassis.messaging.envelope import Event
 
-from .projection import Projection, Rollup, apply_versioned
+from .projection import Projection, Rollup, apply_versioned, tehran_day
 from .tables import (
     SUPPORT_MEASURES,
     call_facts,
@@ -48,10 +47,6 @@ TICKET_KEYS = [
     "ticket.reopened.v1",
     "ticket.closed.v1",
 ]
-
-
-def tehran_day(t: dt.datetime) -> dt.date:
-    return t.astimezone(TEHRAN).date()
 
 
 def _ts(msg, name: str) -> dt.datetime | None:

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import sqlalchemy as sa
 
 from crm.reporting.v1 import reporting_service_pb2 as pb
-from crm_chassis import dates, documents
-from crm_chassis.errors import FieldViolation, InvalidArgument
+from crm_chassis import documents
+from crm_chassis.errors import InvalidArgument
 
 from . import periods
 from .tables import SUPPORT_MEASURES, support_daily
@@ -18,14 +18,7 @@ DIMENSIONS = ("agent", "team", "channel")
 
 
 def parse(req: pb.GetSupportReportRequest, prefix: str = "") -> dict:
-    bad: list[FieldViolation] = []
-    start = dates.from_proto(req.start_date, f"{prefix}start_date", bad) if req.HasField("start_date") else None
-    end = dates.from_proto(req.end_date, f"{prefix}end_date", bad) if req.HasField("end_date") else None
-    if bad:
-        raise InvalidArgument(bad)
-    if start and end and end < start:
-        raise InvalidArgument.field(f"{prefix}end_date", "must not be before start_date")
-    period, calendar = periods.check(req.period, req.calendar, prefix)
+    q = periods.parse_request(req, prefix)
     dims = []
     for i, d in enumerate(req.dimensions):
         d = d.strip().lower()
@@ -35,8 +28,7 @@ def parse(req: pb.GetSupportReportRequest, prefix: str = "") -> dict:
             )
         if d not in dims:
             dims.append(d)
-    lang = "fa" if req.language_code.lower().startswith("fa") else "en"
-    return {"start": start, "end": end, "period": period, "calendar": calendar, "dims": dims, "lang": lang}
+    return {**q, "dims": dims}
 
 
 def _row(m, key: str, q: dict) -> pb.SupportRow:

@@ -104,8 +104,56 @@ support_daily = sa.Table(
     *(sa.Column(m, sa.BigInteger, nullable=False, server_default="0") for m in SUPPORT_MEASURES),
 )
 
+# sales-svc: one row per lead and per opportunity, their newest version.
+lead_facts = sa.Table(
+    "lead_facts",
+    metadata,
+    sa.Column("lead_id", sa.Text, primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("create_time", TS, nullable=False),
+)
+
+opportunity_facts = sa.Table(
+    "opportunity_facts",
+    metadata,
+    sa.Column("opportunity_id", sa.Text, primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("currency", sa.Text, nullable=False),  # IRR for IRT amounts (kept in rials)
+    sa.Column("amount", sa.Numeric(38, 9), nullable=False),
+    sa.Column("close_time", TS),
+)
+
+ACQUISITION_MEASURES = ("customers", "leads", "converted_leads", "won_opportunities", "won_amount")
+
+# Report 1's rollup: per Tehran day x acquisition source x currency ("" for the counts). Customers
+# count on their creation day (not deleted or merged away); leads on their creation day, with
+# those of them converted since (a cohort); won opportunities and their amount on the closing day.
+acquisition_daily = sa.Table(
+    "acquisition_daily",
+    metadata,
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("source", sa.Text, primary_key=True),
+    sa.Column("currency", sa.Text, primary_key=True),
+    *(sa.Column(m, sa.BigInteger, nullable=False, server_default="0") for m in ACQUISITION_MEASURES[:-1]),
+    sa.Column("won_amount", sa.Numeric(38, 9), nullable=False, server_default="0"),
+)
+
 # The tables a rebuild makes afresh (everything the projections write but the lag table).
-PROJECTED = [customer_source_facts, ticket_facts, survey_facts, sla_breach_facts, call_facts, support_daily]
+PROJECTED = [
+    customer_source_facts,
+    ticket_facts,
+    survey_facts,
+    sla_breach_facts,
+    call_facts,
+    support_daily,
+    lead_facts,
+    opportunity_facts,
+    acquisition_daily,
+]
 
 # Per producer: the newest event applied, for GetProjectionStatus.
 projection_sources = sa.Table(
