@@ -80,6 +80,8 @@ SERVICE_ONLY = {
     "OUTBOX_POLL_SECONDS": "relay_poll_seconds",
     "CONSUMER_PREFETCH": "consumer_prefetch",
     "CONSUMER_DELIVERY_LIMIT": "consumer_delivery_limit",
+    "CONSUMER_BATCH": "consumer_batch",
+    "CONSUMER_BATCH_WAIT_MS": "consumer_batch_wait",
 }
 
 # Keys of the Secret CloudNativePG creates for Cluster <name> as <name>-app.

@@ -763,6 +763,12 @@ def test_relative_times_resolve_against_the_given_now(text, expected):
     assert values == [expected] and compiled.relative and compiled.fields <= {"ts", "d"}
 
 
+def test_relative_comparisons_are_listed_with_their_values():
+    now = dt.datetime(2026, 3, 25, 10, tzinfo=dt.UTC)
+    c = REL.analyse("n > 1 AND (ts >= now - 1d OR d < today) AND ts < now", now)
+    assert c.relative_values == (("ts", now - dt.timedelta(days=1)), ("d", dt.date(2026, 3, 25)), ("ts", now))
+
+
 def test_a_filter_without_relative_time_says_so_and_names_its_fields():
     c = REL.analyse('n > 2 AND ts >= "2026-01-01"')
     assert not c.relative and c.fields == {"n", "ts"}

@@ -371,3 +371,72 @@ def test_a_failed_publish_leaves_every_row_unpublished_and_claimable(engine, bro
         assert unpublished(engine) == 0
     finally:
         relay.publisher.close()
+
+
+def _queued_then_consumed(engine, broker, name: str, events: list[Event], **consumer_kw) -> EventConsumer:
+    """The events wait in the consumer's queue before it starts, so they arrive together."""
+    consumer = EventConsumer(engine, broker.url, name, prefetch=100, delivery_limit=3, **consumer_kw)
+    conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+    ch = conn.channel()
+    declare_producer(ch, DOMAIN)
+    consumer.declare(ch)
+    ch.confirm_delivery()
+    for e in events:
+        ch.basic_publish(exchange_for(DOMAIN), KEY, e.data, e.amqp_properties())
+    conn.close()
+    consumer.start()
+    assert consumer.ready.wait(10), "consumer did not connect"
+    return consumer
+
+
+def test_events_that_arrive_together_are_handled_in_one_transaction_by_the_batch_handler(engine, broker):
+    runs: list[int] = []
+
+    def batch(conn, events):
+        runs.append(len(events))
+        for e in events:
+            record(conn, e)
+
+    events = [make_event(f"b{i}".encode()) for i in range(40)]
+    events.insert(10, events[3])  # the same event twice in the queue: once
+    sub = Subscription(DOMAIN, {KEY: record}, batch={KEY: batch})
+    consumer = _queued_then_consumed(engine, broker, "batch-test", events, subscriptions=[sub], batch_size=50)
+    try:
+        wait_for(lambda: consumer.processed + consumer.duplicates == 41, what="every delivery")
+        assert received(engine) == (40, 40)
+        assert consumer.batches >= 1 and sum(runs) == 40 and max(runs) > 1  # not one transaction each
+        assert len(runs) < 40
+        assert consumer.duplicates == 1
+    finally:
+        consumer.stop(2)
+
+
+def test_a_poison_event_in_a_batch_fails_alone_and_the_rest_commit(engine, broker):
+    def handler(conn, event: Event):
+        if event.data == b"poison":
+            raise RuntimeError("cannot handle this one")
+        record(conn, event)
+
+    poison = make_event(b"poison")
+    events = [make_event(b"fine-1"), make_event(b"fine-2"), poison, *[make_event(b"fine") for _ in range(5)]]
+    sub = Subscription(DOMAIN, {KEY: handler})
+    consumer = _queued_then_consumed(engine, broker, "batch-poison", events, subscriptions=[sub], batch_size=50)
+    try:
+        wait_for(lambda: received(engine)[0] == 7, what="the events around the poison one")
+        dlq = dead_letter_queue(queue_name("batch-poison", DOMAIN))
+        conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+        ch = conn.channel()
+        got = [None]
+
+        def dead_lettered():
+            method, props, _body = ch.basic_get(dlq, auto_ack=True)
+            if method is not None:
+                got[0] = props
+            return got[0] is not None
+
+        wait_for(dead_lettered, what="the poison message in the dead-letter queue")
+        conn.close()
+        assert got[0].headers["cloudEvents_id"] == poison.id
+        assert received(engine) == (7, 7)  # each of the others once
+    finally:
+        consumer.stop(2)

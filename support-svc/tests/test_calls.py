@@ -128,6 +128,7 @@ def test_a_signed_call_is_logged_once_with_its_customer_ticket_and_times(svc, st
     assert len(logged) == 1
     assert (logged[0].outcome, logged[0].queue_seconds, logged[0].talk_seconds) == ("answered", 12, 80)
     assert logged[0].customer == f"customers/{cid}" and logged[0].ticket == call.ticket
+    assert logged[0].version == int(call.etag.strip('"'))  # a consumer keeps the newest by it
     # after-call work: the agent is busy until end + 60 s (the default)
     assert busy_until(svc, "omid") == T0 + dt.timedelta(seconds=92 + 60)
 

@@ -356,6 +356,8 @@ def test_a_ticket_moved_or_assigned_by_hand_loses_its_offer(svc):
     with r.uow.begin() as tx:
         r.tickets.update(tx, t.id, {"team_id": other}, "boss")
     assert offers(svc, t.id)[0].state == "withdrawn" and live(svc, t.id).agent_id == c
+    (gone,) = events(svc, "ticket.offer_withdrawn.v1", ev.OfferEvent, subject=f"tickets/{t.id}")
+    assert gone.agent == f"agents/{first.agent_id}" and gone.reason == "ticket moved to another team"
     with r.uow.begin() as tx:
         r.tickets.update(tx, t.id, {"assignee_id": a}, "boss")
     assert live(svc, t.id) is None

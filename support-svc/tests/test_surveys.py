@@ -28,7 +28,7 @@ from support_svc.surveys import (
     zone_of,
 )
 from support_svc.tables import ticket_messages
-from tests.support.harness import assert_problem
+from tests.support.harness import assert_problem, gateway_client
 
 from .conftest import ADMIN, add_message, agent_md, events, make_team, manager_md, open_ticket, rt
 
@@ -43,18 +43,9 @@ def stub(ch):
 
 @pytest.fixture(scope="module")
 def http(svc):
-    from crm_gateway import create_app
-    from crm_gateway.clients import Clients
-
-    clients = Clients(
-        {
-            "customer": "127.0.0.1:9",
-            "sales": "127.0.0.1:9",
-            "support": f"127.0.0.1:{svc.port}",
-            "reporting": "127.0.0.1:9",
-        }
-    )
-    return create_app(clients).test_client()
+    client, clients = gateway_client(hops=1, support=f"127.0.0.1:{svc.port}")
+    yield client
+    clients.close()
 
 
 def error(call) -> tuple[grpc.StatusCode, list[str], str]:

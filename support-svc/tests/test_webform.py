@@ -18,7 +18,7 @@ from support_svc.channels_api import webform_submissions
 from support_svc.tables import tickets
 from support_svc.ticketing import number_text
 from tests.support.customers import customer_message
-from tests.support.harness import assert_problem, md, start_service
+from tests.support.harness import assert_problem, gateway_client, md, start_service
 
 from .conftest import category_id, rt
 
@@ -42,18 +42,8 @@ def svc(request, databases, broker):
 
 
 def make_http(svc):
-    from crm_gateway import create_app
-    from crm_gateway.clients import Clients
-
-    clients = Clients(
-        {
-            "customer": "127.0.0.1:9",
-            "sales": "127.0.0.1:9",
-            "support": f"127.0.0.1:{svc.port}",
-            "reporting": "127.0.0.1:9",
-        }
-    )
-    return create_app(clients).test_client(), clients
+    """The gateway as behind one proxy (the ingress): the client is the last X-Forwarded-For entry."""
+    return gateway_client(hops=1, support=f"127.0.0.1:{svc.port}")
 
 
 @pytest.fixture
@@ -101,7 +91,7 @@ def test_a_form_over_http_without_a_token_opens_a_web_ticket_and_answers_its_num
     resp = http.post(
         PATH,
         json=form(category="complaint", clientAddress="198.51.100.1"),  # the body cannot set the address
-        headers={"X-Forwarded-For": "203.0.113.7, 10.0.0.2"},
+        headers={"X-Forwarded-For": "10.9.9.9, 203.0.113.7"},  # the first entry the client wrote itself
     )
     assert resp.status_code == 200, resp.get_data(as_text=True)
     body = resp.get_json()
@@ -201,6 +191,19 @@ def test_the_route_is_rate_limited_per_client(svc, monkeypatch):
         assert_problem(limited, 429)
         assert limited.headers["Retry-After"] == "60"
         assert http.post(PATH, json=form(), headers={"X-Forwarded-For": "192.0.2.55"}).status_code == 200
+        # a client writing addresses of its own in front of what the proxy appended is still itself
+        spoofed = {"X-Forwarded-For": "198.51.100.99, 192.0.2.55"}
+        for _ in range(9):
+            http.post(PATH, json=form(siteKey="wrong"), headers=spoofed)
+        assert_problem(http.post(PATH, json=form(), headers={"X-Forwarded-For": "203.0.113.1, 192.0.2.55"}), 429)
+    finally:
+        clients.close()
+    direct, clients = gateway_client(support=f"127.0.0.1:{svc.port}")  # no proxy in front
+    try:
+        for i in range(10):
+            direct.post(PATH, json=form(siteKey="wrong"), headers={"X-Forwarded-For": f"198.18.0.{i}"})
+        limited = direct.post(PATH, json=form(), headers={"X-Forwarded-For": "198.18.1.1"})
+        assert_problem(limited, 429)  # X-Forwarded-For is not believed without a proxy
     finally:
         clients.close()
 

@@ -193,6 +193,18 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def gateway_client(hops: int = 0, **addresses: str):
+    """The gateway's Flask app as a test client (and its Clients, to close), calling the services
+    at `addresses` (client key -> host:port; the others a closed port). `hops`: the proxies in
+    front of it (GATEWAY_PROXY_HOPS), for tests of the client address on public routes."""
+    from crm_gateway import create_app
+    from crm_gateway.clients import Clients
+
+    keys = ("customer", "sales", "support", "campaign", "reporting")
+    clients = Clients({**dict.fromkeys(keys, "127.0.0.1:9"), **addresses})
+    return create_app(clients, hops=hops).test_client(), clients
+
+
 def free_port() -> int:
     import socket
 

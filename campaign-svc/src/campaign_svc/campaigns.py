@@ -865,6 +865,13 @@ def campaign_stats(conn: sa.Connection, row) -> pb.CampaignStats:
     }.get(row.goal_kind, 0.0)
     target = float(row.goal_target)
     cost = Decimal(row.cost)
+    inv = audience_invoices.c  # first touch: the invoice's lead came from this campaign (sales-svc)
+    first = conn.execute(
+        sa.select(
+            sa.func.count(sa.distinct(sa.func.nullif(inv.order_id, ""))).label("orders"),
+            sa.func.coalesce(sa.func.sum(inv.paid_total), 0).label("revenue"),
+        ).where(inv.campaign_id == str(row.id), inv.kind == "invoice", inv.paid_time.is_not(None))
+    ).one()
     return pb.CampaignStats(
         campaign=CAMPAIGN.format(row.id),
         total=total,
@@ -874,6 +881,8 @@ def campaign_stats(conn: sa.Connection, row) -> pb.CampaignStats:
         roi=float((revenue - cost) / cost) if cost else 0.0,
         cost=money.to_money(cost, row.currency),
         leads=total.responded,
+        first_touch_orders=first.orders,
+        first_touch_revenue=money.to_money(first.revenue, row.currency),
     )
 
 

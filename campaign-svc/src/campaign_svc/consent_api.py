@@ -419,6 +419,9 @@ class Consents:
         number = consent.normalise("sms", req.from_number, self.rt.phone_region, "from_number")
         keyword = stop_keyword(req.message)
         if not keyword:
+            from . import tracking  # an answer to a campaign SMS is a response
+
+            tracking.use_cases(self.rt).sms_reply(number, req.message, req.message_id)
             return pb.PostInboundSmsResponse(stopped=False)
         principal = current_principal()
         with self.uow.begin() as tx:

@@ -36,7 +36,7 @@ from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm_chassis.errors import DomainError, FailedPrecondition, InvalidArgument
 from crm_chassis.workers import PollingWorker
 
-from . import consent
+from . import consent, tracking
 from .campaigns import CAMPAIGN, MESSAGE, channel_throttle, event
 from .outgoing import Outgoing, SendError
 from .runtime import Campaign
@@ -266,12 +266,15 @@ class Delivery(PollingWorker):
             content = render(self.rt, conn, variant, ctx)
         except DomainError as e:
             return Outcome(mid, "failed", error=f"render: {e}")
+        html = content.html
+        if cmp.channel == "email" and tracking.settings(self.rt).email:
+            html = tracking.track(self.rt, html, mid)  # click links and the open pixel
         out = Outgoing(
             channel=cmp.channel,
             address=r.address,
             text=content.text,
             subject=content.subject,
-            html=content.html,
+            html=html,
             message_id=mid,
             campaign_id=str(cmp.id),
             unsubscribe_url=ctx["unsubscribe_url"] if cmp.channel == "email" else "",

@@ -8,8 +8,8 @@
 - Membership is materialised in `segment_members` and kept current three ways, all set-based:
   1. `audience_changed(conn, ids, cause)` (runtime hook, in the transaction that changed the
      audience rows): those customers are re-evaluated against every dynamic segment in ONE
-     statement (a UNION ALL of each segment's compiled filter over the changed rows; one INSERT
-     and one DELETE of the difference), then against the combined segments level by level
+     SELECT (a UNION ALL of each segment's compiled filter over the changed rows; then one
+     DELETE and one INSERT of the difference), then against the combined segments level by level
      (`depth`); a merged customer's static memberships move to the survivor; a deleted or
      erased customer leaves static segments.
   2. A rebuild (a crm_chassis job, kind "segment.rebuild"): the audience is walked in chunks
@@ -19,7 +19,8 @@
      events built by the database (Transaction.publish_select) and the job's progress saved in
      the same transaction; combined segments that include the segment are rebuilt after it.
   3. Relative-time segments drift with the clock: the recurring timer "segments.refresh"
-     (SEGMENT_REFRESH_CRON, default hourly) starts a rebuild of each of them.
+     (SEGMENT_REFRESH_CRON, default hourly) re-evaluates the customers whose compared times
+     crossed a relative bound since the last evaluation (an index range per bound), see `refresh`.
   Rebuilds and the hook exclude each other per segment (an advisory lock: the hook's shared,
   a rebuild chunk's exclusive), so a chunk never writes from a snapshot older than a change.
 - Every customer entering or leaving publishes segment.member_added.v1 /
@@ -40,6 +41,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm_chassis import jobs, timers
+from crm_chassis.columns import UUID
+from crm_chassis.errors import FailedPrecondition, InvalidArgument
 from crm_chassis.filtering import FieldType, FilterField, FilterSchema
 
 from .runtime import Campaign
@@ -101,6 +104,7 @@ AUDIENCE_FILTERS = FilterSchema(
 )
 
 
+_ESTIMATE = sa.text("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'audience'::regclass")
 _PAGES = sa.text("SELECT (pg_relation_size('audience') / current_setting('block_size')::int)::int")
 
 
@@ -110,6 +114,20 @@ def _chunk() -> int:
 
 def refresh_cron() -> str:
     return os.environ.get("SEGMENT_REFRESH_CRON", "0 * * * *").strip() or "0 * * * *"
+
+
+def _texts(values) -> sa.ColumnElement:
+    """A text[] parameter (one bind, any length: no IN list of thousands)."""
+    return sa.cast(sa.literal(list(values)), sa.ARRAY(sa.Text))
+
+
+def _pairs(pairs):
+    """(segment id, customer id) pairs as a table of two array parameters."""
+    return (
+        sa.func.unnest(sa.cast(sa.literal([p[0] for p in pairs]), sa.ARRAY(UUID)), _texts(p[1] for p in pairs))
+        .table_valued("segment_id", "customer_id")
+        .render_derived(name="pairs")
+    )
 
 
 def _lock_key(segment_id) -> sa.ColumnElement:
@@ -241,8 +259,8 @@ class Segments:
         return out
 
     def _apply(self, conn, defs: list[Definition], ids: Sequence[str], now) -> list[tuple[str, str, str]]:
-        """One statement: the members among `ids` of each segment of `defs` (one level), the
-        rows to add inserted and those to drop deleted; returns the difference."""
+        """The members among `ids` of each segment of `defs` (one level) made right: the rows
+        to add inserted and those to drop deleted; returns the difference."""
         s = segment_members
         branches = []
         for d in defs:
@@ -255,15 +273,11 @@ class Segments:
                     continue
                 branches.append(
                     sa.select(sid.label("segment_id"), a.customer_id.label("customer_id")).where(
-                        a.customer_id.in_(ids), cond
+                        a.customer_id == sa.any_(_texts(ids)), cond
                     )
                 )
             else:
-                cid = (
-                    sa.func.unnest(sa.cast(sa.literal(list(ids)), sa.ARRAY(sa.Text)))
-                    .table_valued("customer_id")
-                    .render_derived()
-                )
+                cid = sa.func.unnest(_texts(ids)).table_valued("customer_id").render_derived()
                 branches.append(
                     sa.select(sid.label("segment_id"), cid.c.customer_id.label("customer_id")).where(
                         member_condition(d, cid.c.customer_id, now)
@@ -271,43 +285,65 @@ class Segments:
                 )
         if not branches:
             return []
-        m = sa.union_all(*branches).cte("m")
-        source = "filter" if defs[0].kind == DYNAMIC else "combined"
-        ins = (
-            pg_insert(s)
-            .from_select(
-                ["segment_id", "customer_id", "since", "source"],
-                sa.select(m.c.segment_id, m.c.customer_id, sa.literal(now, s.c.since.type), sa.literal(source)),
-            )
-            .on_conflict_do_nothing()
-            .returning(s.c.segment_id, s.c.customer_id)
-            .cte("ins")
-        )
+        # Which of these customers each segment has now (one SELECT over all the segments, a
+        # statement SQLAlchemy compiles once: its shape only changes with the segments), which
+        # it had, and the difference written by one INSERT and one DELETE. RETURNING decides
+        # the events, so a concurrent change of the same customer never publishes twice.
         seg_ids = [d.id for d in defs]
-        dele = (
-            s.delete()
-            .where(
-                s.c.segment_id.in_(seg_ids),
-                s.c.customer_id.in_(ids),
-                ~sa.exists().where(m.c.segment_id == s.c.segment_id, m.c.customer_id == s.c.customer_id),
+        matched = {(str(r.segment_id), r.customer_id) for r in conn.execute(sa.union_all(*branches))}
+        current = {
+            (str(r.segment_id), r.customer_id)
+            for r in conn.execute(
+                sa.select(s.c.segment_id, s.c.customer_id).where(
+                    s.c.segment_id.in_(seg_ids), s.c.customer_id == sa.any_(_texts(ids))
+                )
             )
-            .returning(s.c.segment_id, s.c.customer_id)
-            .cte("del")
-        )
-        q = sa.union_all(
-            sa.select(sa.literal(ADDED).label("k"), ins.c.segment_id, ins.c.customer_id),
-            sa.select(sa.literal(REMOVED).label("k"), dele.c.segment_id, dele.c.customer_id),
-        )
-        return [(r.k, str(r.segment_id), r.customer_id) for r in conn.execute(q)]
+        }
+        out: list[tuple[str, str, str]] = []
+        drop = sorted(current - matched)
+        if drop:  # one array parameter each, whatever the number of pairs
+            pairs = _pairs(drop)
+            gone = conn.execute(
+                s.delete()
+                .where(
+                    sa.tuple_(s.c.segment_id, s.c.customer_id).in_(sa.select(pairs.c.segment_id, pairs.c.customer_id))
+                )
+                .returning(s.c.segment_id, s.c.customer_id)
+            )
+            out += [(REMOVED, str(r.segment_id), r.customer_id) for r in gone]
+        add = sorted(matched - current)
+        if add:
+            source = "filter" if defs[0].kind == DYNAMIC else "combined"
+            pairs = _pairs(add)
+            new = conn.execute(
+                pg_insert(s)
+                .from_select(
+                    ["segment_id", "customer_id", "since", "source"],
+                    sa.select(
+                        pairs.c.segment_id, pairs.c.customer_id, sa.literal(now, s.c.since.type), sa.literal(source)
+                    ),
+                )
+                .on_conflict_do_nothing()
+                .returning(s.c.segment_id, s.c.customer_id)
+            )
+            out += [(ADDED, str(r.segment_id), r.customer_id) for r in new]
+        return out
 
     def _publish(self, conn, diff, cause: str, now: dt.datetime) -> None:
         if not diff:
             return
         delta: dict[str, int] = {}
+        by_key: dict[str, list] = {ADDED: [], REMOVED: []}
+        for key, sid, cid in diff:
+            delta[sid] = delta.get(sid, 0) + (1 if key == ADDED else -1)
+            by_key[key].append((f"segments/{sid}", _event(sid, cid, cause, now)))
         with self.uow.joined(conn) as tx:
-            for key, sid, cid in diff:
-                delta[sid] = delta.get(sid, 0) + (1 if key == ADDED else -1)
-                tx.publish(key, _event(sid, cid, cause, now), f"segments/{sid}")
+            for key, items in by_key.items():
+                if len(items) > 50:  # an import, a merge of many: by COPY
+                    tx.publish_many(key, items)
+                else:
+                    for subject, message in items:
+                        tx.publish(key, message, subject)
         for sid, n in delta.items():
             if n:
                 conn.execute(
@@ -342,7 +378,10 @@ class Segments:
             if prev is not None and prev.state == jobs.QUEUED:
                 return prev
             if prev is not None and prev.state == jobs.RUNNING:
-                jobs.cancel(conn, prev.id, by="segments")
+                try:
+                    jobs.cancel(conn, prev.id, by="segments")
+                except FailedPrecondition:  # it ended meanwhile
+                    pass
         job = jobs.start(conn, REBUILD_KIND, {"segment_id": segment_id, "cause": cause}, creator=creator)
         conn.execute(segments.update().where(segments.c.id == segment_id).values(rebuild_job=job.id))
         return job
@@ -351,7 +390,11 @@ class Segments:
         sid = ctx.params["segment_id"]
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
-            total = conn.execute(sa.select(sa.func.count()).select_from(audience)).scalar_one()
+            # the planner's row count (progress, not a figure); counted if never analysed
+            total = (
+                conn.execute(_ESTIMATE).scalar_one()
+                or conn.execute(sa.select(sa.func.count()).select_from(audience)).scalar_one()
+            )
         if row is None:
             return {"deleted": True}
         if row.kind == DYNAMIC:
@@ -362,8 +405,9 @@ class Segments:
                 row = tx.conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
                 if row is None:
                     return {"deleted": True}
-                added, removed = self.diff(tx, Definition.of(row), self.now()) if row.kind == COMBINED else (0, 0)
-                self._finish(tx.conn, sid)
+                now = self.now()
+                added, removed = self.diff(tx, Definition.of(row), now) if row.kind == COMBINED else (0, 0)
+                self._finish(tx.conn, sid, now)
                 ctx.save(tx.conn, "done", processed=total, total=total, increment={"added": added, "removed": removed})
         with self.uow.begin() as tx:  # combined segments built on this one follow it
             for dep in tx.conn.execute(
@@ -382,7 +426,22 @@ class Segments:
         cp = ctx.checkpoint
         if cp == "done":
             return
+        if cp is None and self._small(sid):
+            # Few customers match and few are members: one set-based step, the filter served
+            # by its indexes (a walk of the whole heap would cost more than the change).
+            with ctx.step(self.uow) as tx:
+                lock_exclusive(tx.conn, sid)
+                row = tx.conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
+                if row is None:
+                    return
+                now = self.now()
+                added, removed = self.diff(tx, Definition.of(row), now)
+                self._finish(tx.conn, sid, now)
+                ctx.save(tx.conn, "done", processed=total, total=total, increment={"added": added, "removed": removed})
+            return
         start = (cp or {}).get("page", 0)
+        # the clock of the first chunk: every customer was evaluated at it or later
+        t0 = (cp or {}).get("t0") or self.now().isoformat()
         # A first build (no member yet): nothing can leave and no row of a later chunk is a
         # member (the hook's concurrent inserts meet ON CONFLICT), so no delete, no anti-join.
         fresh = (cp or {}).get("fresh")
@@ -410,10 +469,10 @@ class Segments:
                 )
                 processed = total if last else min(total, total * end // max(pages, 1))
                 if last:
-                    self._finish(conn, sid)
+                    self._finish(conn, sid, dt.datetime.fromisoformat(t0))
                 ctx.save(
                     conn,
-                    "done" if last else {"page": end, "fresh": fresh},
+                    "done" if last else {"page": end, "fresh": fresh, "t0": t0},
                     processed=processed,
                     total=total,
                     increment={"added": added, "removed": removed},
@@ -421,6 +480,16 @@ class Segments:
             if last:
                 return
             start = end
+
+    def _small(self, sid: str) -> bool:
+        """Whether the segment's matches and members both fit in one chunk."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
+            if row is None or row.member_count > _chunk():
+                return False
+            d = Definition.of(row)
+            n = conn.execute(sa.select(sa.func.count()).select_from(candidates(d, self.now()).subquery())).scalar_one()
+            return n <= _chunk()
 
     def diff_pages(
         self, tx, d: Definition, first: int, end: int | None, now: dt.datetime, fresh: bool = False
@@ -442,7 +511,8 @@ class Segments:
         return self._write(tx, d, leaving, entering, now, anti_join=not fresh)
 
     def diff(self, tx, d: Definition, now: dt.datetime) -> tuple[int, int]:
-        """The whole difference of a combined segment. Returns (added, removed)."""
+        """The whole difference of a combined segment, or of a dynamic one whose matches are
+        few (its filter's indexes serve it). Returns (added, removed)."""
         want = candidates(d, now).subquery("want")
         leaving = ~sa.exists().where(want.c.customer_id == segment_members.c.customer_id)
         return self._write(tx, d, leaving, sa.select(want.c.customer_id), now)
@@ -495,23 +565,55 @@ class Segments:
         )
         return added, removed
 
-    def _finish(self, conn, sid: str) -> None:
+    def _finish(self, conn, sid: str, evaluated: dt.datetime) -> None:
         count = sa.select(sa.func.count()).where(segment_members.c.segment_id == sid).scalar_subquery()
         conn.execute(
-            segments.update().where(segments.c.id == sid).values(member_count=count, rebuild_time=sa.func.now())
+            segments.update()
+            .where(segments.c.id == sid)
+            .values(member_count=count, rebuild_time=sa.func.now(), evaluated_time=evaluated)
         )
 
     # -- 3. the clock ------------------------------------------------------------------------------
     def refresh(self, conn: sa.Connection, timer=None) -> int:
-        """Start a rebuild of every segment whose membership drifts with the clock."""
-        ids = conn.execute(
-            sa.select(segments.c.id).where(segments.c.relative).order_by(segments.c.depth, segments.c.id)
-        ).scalars()
-        n = 0
-        for sid in ids:
-            self.start_rebuild(conn, str(sid), "clock")
-            n += 1
-        return n
+        """Re-evaluate the segments whose filter names a relative time, as the clock moved since
+        they were last evaluated (`evaluated_time`). Only customers whose compared fields lie
+        between a relative value then and now can have changed (`last_purchase_time >= now - 30d`
+        an hour later: those who bought between 30 days and 30 days minus an hour ago), found
+        through the fields' indexes and re-evaluated like an audience change; a band wider than a
+        rebuild chunk (a month boundary for `this_month`) starts a rebuild instead. Combined
+        segments follow their parts. Returns the number of segments looked at."""
+        now = self.now()
+        rows = conn.execute(
+            sa.select(segments)
+            .where(segments.c.relative, segments.c.kind == DYNAMIC, segments.c.evaluated_time.is_not(None))
+            .order_by(segments.c.id)
+        ).all()
+        for row in rows:
+            d = Definition.of(row)
+            try:
+                then = AUDIENCE_FILTERS.analyse(d.filter, row.evaluated_time)
+                later = AUDIENCE_FILTERS.analyse(d.filter, now)
+            except InvalidArgument:
+                log.warning("segment filter no longer compiles", extra={"segment": d.id})
+                continue
+            bands = []
+            for (name, v1), (_, v2) in zip(then.relative_values, later.relative_values, strict=True):
+                bands.append(AUDIENCE_FILTERS.fields[name].target.between(min(v1, v2), max(v1, v2)))
+            limit = _chunk()
+            ids = (
+                conn.execute(sa.select(a.customer_id).where(LIVE, sa.or_(*bands)).limit(limit + 1)).scalars().all()
+                if bands
+                else []
+            )
+            if len(ids) > limit:
+                self.start_rebuild(conn, d.id, "clock")
+                continue
+            lock_shared(conn, [d.id])
+            # members in the band, whatever their row says now (a deleted customer left already)
+            diff = self._apply(conn, [d], ids, now) if ids else []
+            conn.execute(segments.update().where(segments.c.id == d.id).values(evaluated_time=now))
+            self.publish(conn, diff, "rebuild")
+        return len(rows)
 
 
 def depends_relative(conn: sa.Connection, ids: Iterable[str]) -> tuple[bool, int]:
@@ -537,10 +639,16 @@ def install(rt: Campaign) -> None:
 def timer_handlers(rt: Campaign) -> None:
     seg = engine(rt)
     rt.timers.register(REFRESH_TIMER, lambda conn, timer: seg.refresh(conn, timer))
+    cron = refresh_cron()
+    try:
+        timers.next_occurrence(cron)
+    except (ValueError, KeyError):
+        log.error("SEGMENT_REFRESH_CRON %r is not a cron expression; refreshing hourly", cron)
+        cron = "0 * * * *"
     with rt.engine.begin() as conn:
         current = timers.get(conn, REFRESH_TIMER, "all")
-        if current is None or current.cron != refresh_cron():
-            timers.schedule_recurring(conn, REFRESH_TIMER, "all", refresh_cron())
+        if current is None or current.cron != cron:
+            timers.schedule_recurring(conn, REFRESH_TIMER, "all", cron)
 
 
 def workers(rt: Campaign) -> list:

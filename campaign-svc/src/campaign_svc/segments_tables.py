@@ -36,6 +36,8 @@ segments = sa.Table(
     sa.Column("member_count", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("rebuild_job", UUID),  # the latest rebuild (crm_chassis.jobs)
     sa.Column("rebuild_time", TIMESTAMPTZ),
+    # the clock the membership was last evaluated at in full (a rebuild's start, a refresh)
+    sa.Column("evaluated_time", TIMESTAMPTZ),
     text_column("creator"),
     sa.Column("request_id", sa.Text, unique=True),
     *times(),

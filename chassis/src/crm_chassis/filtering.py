@@ -259,17 +259,20 @@ class FilterSchema:
             if field == "filter":
                 raise
             raise InvalidArgument.field(field, exc.violations[0].description) from None
-        return Compiled(where, parser.relative, frozenset(parser.names))
+        return Compiled(where, parser.relative, frozenset(parser.names), tuple(parser.relative_values))
 
 
 @dataclass(frozen=True)
 class Compiled:
     """A compiled filter: the WHERE expression, whether it uses relative time (``now - 90d``:
-    its result drifts with the clock) and the fields it names."""
+    its result drifts with the clock), the fields it names, and each relative comparison's
+    (field, resolved value) in filter order: compiled at two times, a row's result can only
+    differ if a field is between its two values (what a periodic re-evaluation must look at)."""
 
     where: ColumnElement[bool]
     relative: bool
     fields: frozenset[str]
+    relative_values: tuple[tuple[str, Any], ...] = ()
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -388,6 +391,7 @@ class _Parser:
         self.now = now
         self.relative = False  # a relative time was used
         self.names: set[str] = set()
+        self.relative_values: list[tuple[str, Any]] = []
 
     @property
     def peek(self) -> _Token:
@@ -529,6 +533,8 @@ class _Parser:
                 hint = f"':' (has) is for repeated fields; {hint}"
             _fail(op.pos, f"operator {op.text!r} is not supported for {field.type.value} field {field.name!r}", hint)
         value = None if is_null else _convert(field, op.text, tok)
+        if tok.kind == "time":
+            self.relative_values.append((field.name, value))
         if callable(field.target) and not isinstance(field.target, sa.ColumnElement):
             try:
                 return field.target(op.text, value)

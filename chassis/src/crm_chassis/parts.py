@@ -8,7 +8,8 @@ that may define:
 - `timer_handlers(rt: Runtime) -> None`: adds its handlers to `rt.timers` (called in every role
   that runs workers, so `python -m <package> work` fires them without serving gRPC);
 - `subscriptions(rt: Runtime) -> list[Subscription]`: the events it consumes (the parts'
-  subscriptions to one producer become one queue: `merge_subscriptions`);
+  subscriptions to one producer become one queue: `merge_subscriptions`); a Subscription's
+  `batch` handlers take a run of events of one routing key at once (the consumer's batches);
 - `workers(rt: Runtime) -> list[BackgroundWorker]`: more background workers (started with
   `serve` and `work`);
 - `roles(rt: Runtime) -> dict[str, list[BackgroundWorker]]`: commands of their own
@@ -77,18 +78,38 @@ def merge_subscriptions(subs: Sequence[Subscription]) -> list[Subscription]:
     (so the inbox applies the event to all of them once), and a field any of them requires is
     required."""
     merged: dict[str, Subscription] = {}
+    pairs: dict[tuple[str, str], list[tuple[Callable, Callable | None]]] = {}
     for sub in subs:
         into = merged.setdefault(sub.domain, Subscription(domain=sub.domain))
         for key, handler in sub.handlers.items():
             first = into.handlers.get(key)
             into.handlers[key] = handler if first is None else _both(first, handler)
+            pairs.setdefault((sub.domain, key), []).append((handler, sub.batch.get(key)))
         for key, req in sub.requires.items():
             had = into.requires.get(key)
             if had is not None and had.message is not req.message:
                 raise ValueError(f"{key}: parts parse it as {had.message.__name__} and {req.message.__name__}")
             fields = req.fields if had is None else tuple(dict.fromkeys((*had.fields, *req.fields)))
             into.requires[key] = Requires(req.message, fields)
+    for (domain, key), handlers in pairs.items():
+        if any(batch is not None for _, batch in handlers):
+            merged[domain].batch[key] = _batch_of(handlers)
     return list(merged.values())
+
+
+def _batch_of(handlers: list[tuple[Callable, Callable | None]]) -> Callable:
+    """One batch handler of a routing key several parts handle: each part in turn takes the
+    whole run of events, by its batch handler or its handler event by event."""
+
+    def handle(conn, events):
+        for single, batch in handlers:
+            if batch is not None:
+                batch(conn, events)
+            else:
+                for e in events:
+                    single(conn, e)
+
+    return handle
 
 
 def _both(first: Callable, second: Callable) -> Callable:

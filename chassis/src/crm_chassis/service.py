@@ -104,6 +104,8 @@ class Service:
                 subs,
                 prefetch=self.settings.consumer_prefetch,
                 delivery_limit=self.settings.consumer_delivery_limit,
+                batch_size=self.settings.consumer_batch,
+                batch_wait=self.settings.consumer_batch_wait,
             )
             workers.append(self.consumer)
         self.workers = workers

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import time
 import uuid
 from urllib.parse import quote
@@ -20,6 +21,7 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from crm_chassis.auth import TokenVerifier
 from crm_chassis.config import load_settings
@@ -88,6 +90,8 @@ def _handler(route: Route, clients):
             # would append a second one to a text/* mimetype).
             return Response(body(), content_type=head.content_type, headers=headers)
         resp = call(req, metadata=_metadata(), timeout=clients_mod.CALL_TIMEOUT)
+        if route.public is not None and (route.public.raw_response or route.public.redirect):
+            return _raw(route.public, resp)
         headers = {}
         if "etag" in resp.DESCRIPTOR.fields_by_name and resp.etag:
             headers["ETag"] = resp.etag
@@ -96,6 +100,23 @@ def _handler(route: Route, clients):
         return _json(resp, route.status, headers)
 
     return view
+
+
+def _raw(public, resp) -> Response:
+    """A public route's raw answer: the bytes of `raw_response` with the response's content_type,
+    or a 302 to the `redirect` field's URL (the service vouches for it: a signed link's)."""
+    headers = {"Cache-Control": public.cache_control} if public.cache_control else {}
+    if public.redirect:
+        location = getattr(resp, public.redirect)
+        if not location:
+            return problem(404, "no such link", code="NOT_FOUND")
+        return Response(b"", status=302, headers={**headers, "Location": location})
+    fields = resp.DESCRIPTOR.fields_by_name
+    content_type = resp.content_type if "content_type" in fields and resp.content_type else OCTET
+    return Response(getattr(resp, public.raw_response), content_type=content_type, headers=headers)
+
+
+OCTET = "application/octet-stream"
 
 
 def _disposition(filename: str) -> str:
@@ -115,13 +136,27 @@ def _metadata() -> list[tuple[str, str]]:
 
 
 def _client() -> str:
-    return request.headers.get("X-Forwarded-For", "").split(",")[0].strip() or request.remote_addr or ""
+    return request.remote_addr or ""
 
 
-def create_app(clients: clients_mod.Clients | None = None) -> Flask:
+def proxy_hops(env=os.environ) -> int:
+    """GATEWAY_PROXY_HOPS: how many proxies in front of the gateway append to X-Forwarded-For
+    (1 behind the Kubernetes ingress; 0, the default, when clients reach it directly). The
+    client's address is the entry that many places from the right; the entries to its left are
+    what the client itself sent, and a client can write anything there."""
+    try:
+        return max(0, int(env.get("GATEWAY_PROXY_HOPS", "0")))
+    except ValueError:
+        return 0
+
+
+def create_app(clients: clients_mod.Clients | None = None, *, hops: int | None = None) -> Flask:
     settings = load_settings(SERVICE_NAME, 8080)
     verifier = TokenVerifier.from_settings(settings)
     app = Flask("crm_gateway")
+    hops = proxy_hops() if hops is None else hops
+    if hops:  # werkzeug's ProxyFix: request.remote_addr becomes the trusted hop's client
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)
     app.json.ensure_ascii = False
     # An import carries its file base64-encoded in the JSON body: 64 MiB of file is ~86 MiB.
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES

@@ -182,6 +182,17 @@ def _public(op: dict, route: Route) -> None:
     for name, header in pub.headers.items():
         op["parameters"] = [p for p in op["parameters"] if p["name"] != name]
         op["parameters"].append({"name": header, "in": "header", "required": False, "schema": {"type": "string"}})
+    if pub.raw_response:
+        op["responses"]["200"] = {
+            "description": "The bytes as they are (Content-Type: the service's)",
+            "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    if pub.redirect:
+        op["responses"].pop("200", None)
+        op["responses"]["302"] = {
+            "description": "A redirect to the link's target",
+            "headers": {"Location": {"schema": {"type": "string", "format": "uri"}}},
+        }
     if pub.raw_body:
         op["parameters"] = [p for p in op["parameters"] if p["name"] != pub.raw_body]
         op["requestBody"] = {

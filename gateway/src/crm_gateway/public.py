@@ -32,7 +32,14 @@ class Public:
     headers: dict[str, str] = field(default_factory=dict)
     # The request field the client's address fills, if the request has it.
     client_address: str | None = None
-    # The content type of the response when the service answers raw bytes (a survey page).
+    # The bytes field of the response answered as it is (an open pixel), with the response's
+    # `content_type` field as its Content-Type; None: the response is JSON.
+    raw_response: str | None = None
+    # The text field of the response that is a redirect's target: the gateway answers 302 with it
+    # as the Location (a tracked click); None: no redirect.
+    redirect: str | None = None
+    # Cache-Control of a raw or redirect response ("" for none).
+    cache_control: str = ""
     description: str = ""
 
 

@@ -112,6 +112,35 @@ PUBLIC: dict[str, Public] = {
     "crm.campaign.v1.ConsentService.PostInboundSms": Public(
         per_minute=1200, max_bytes=16 * 1024, description="SMS received by the company's line (stop keywords)."
     ),
+    # campaign-svc tracking.proto: the open pixel (a GIF even for a bad token) and tracked clicks
+    # (302 to the signed target); bounces and SMS receipts from providers (BOUNCE_KEYS); the
+    # company site's click-stream (TRACKING_SITE_KEYS)
+    # (high limits: a webmail's image proxy fetches for many readers from a few addresses)
+    "crm.campaign.v1.TrackingService.GetOpenPixel": Public(
+        per_minute=6000,
+        max_bytes=1024,
+        raw_response="data",
+        cache_control="no-store, no-cache, must-revalidate, max-age=0",
+    ),
+    "crm.campaign.v1.TrackingService.FollowClick": Public(
+        per_minute=1200, max_bytes=1024, redirect="location", client_address="client_address", cache_control="no-store"
+    ),
+    "crm.campaign.v1.TrackingService.PostBounce": Public(
+        per_minute=1200,
+        max_bytes=512 * 1024,
+        raw_body="body",
+        headers={"key": "X-Crm-Provider-Key"},
+        description="A bounce: an RFC 3464 delivery-status notification as received, or a provider's JSON webhook.",
+    ),
+    "crm.campaign.v1.TrackingService.PostDeliveryReceipt": Public(
+        per_minute=1200,
+        max_bytes=16 * 1024,
+        headers={"key": "X-Crm-Provider-Key"},
+        description="An SMS delivery receipt.",
+    ),
+    "crm.campaign.v1.TrackingService.PostTrackingEvents": Public(
+        per_minute=120, max_bytes=64 * 1024, client_address="client_address", description="The site's click-stream."
+    ),
     # Telegram / Bale webhooks: the raw Update, and the secret token setWebhook was given
     "crm.support.v1.ChannelService.PostBotUpdate": Public(
         per_minute=600,

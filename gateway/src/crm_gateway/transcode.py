@@ -176,9 +176,8 @@ def build_request(route: Route, request_cls, path_args: dict[str, str]):
         # Last, so that a value the caller put in the body or the query cannot stand in for them.
         for name, header in public.headers.items():
             setattr(msg, name, request.headers.get(header, ""))
-        if public.client_address:
-            forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
-            setattr(msg, public.client_address, forwarded or request.remote_addr or "")
+        if public.client_address:  # the client as the trusted proxies saw it (app.proxy_hops)
+            setattr(msg, public.client_address, request.remote_addr or "")
     return msg
 
 

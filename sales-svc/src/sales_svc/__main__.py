@@ -8,6 +8,7 @@ from crm_chassis.service import main
 from . import (
     activities,
     api,
+    campaign_responses,
     catalog,
     conversion,
     customer_projection,
@@ -28,6 +29,7 @@ PARTS = [
     leads,
     lead_rules,
     customer_projection,
+    campaign_responses,  # campaign-svc's responses become leads
     conversion,
     opportunities,
     activities,

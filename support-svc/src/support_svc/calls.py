@@ -382,6 +382,7 @@ def to_event(row) -> ev_pb.CallEvent:
         disposition=row.disposition,
         queue_seconds=row.queue_seconds,
         talk_seconds=row.talk_seconds,
+        version=row.version,
     )
     set_times(e, row, "start_time", "end_time")
     return e

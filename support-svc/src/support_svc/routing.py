@@ -375,6 +375,10 @@ class Router:
         ).all()
         for row in rows:
             _cancel_timer(conn, EXPIRE, str(row.id))
+        if rows:  # the agent's pending offer went away: their client drops it
+            tx.publish_many(
+                "ticket.offer_withdrawn.v1", [(TICKET.format(r.ticket_id), _event(r, r.answer_time)) for r in rows]
+            )
         if reoffer:
             for row in rows:
                 self.offer(tx, Tickets.lock(conn, row.ticket_id))

@@ -14,12 +14,22 @@ commit. What happens to a delivery that cannot be handled depends on why:
   The consumer holds the delivery and the ones behind it unacknowledged (at most `prefetch`)
   and retries them in order with back-off until the database answers; a held delivery has not
   been returned to the queue, so it does not count towards the delivery limit.
+
+Batches (`batch_size` > 1, CONSUMER_BATCH): the deliveries that arrive together (up to
+batch_size, waiting at most `batch_wait` seconds for more) are handled in ONE transaction: one
+INSERT of their ids into the inbox (the redelivered ones drop out), then each run of
+consecutive events of one subscription and routing key goes to the subscription's batch
+handler for that key if it has one (`Subscription.batch`), else to its handler event by event,
+in arrival order. They are acked after the commit. If the batch fails, its deliveries are
+handled again one at a time as above, so a poison event is requeued alone and the others go
+through.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
+import itertools
 import logging
 import threading
 from collections.abc import Callable
@@ -44,6 +54,7 @@ from .topology import dead_letter_exchange, declare_consumer_queue
 log = logging.getLogger("crm.consumer")
 
 Handler = Callable[[sa.Connection, Event], None]
+BatchHandler = Callable[[sa.Connection, list[Event]], None]
 
 DEAD_LETTER_REASON = "x-crm-dead-letter-reason"  # header on an event the consumer dead-lettered itself
 DEAD_LETTER_QUEUE = "x-crm-dead-letter-queue"  # the queue it came from
@@ -106,6 +117,8 @@ class Subscription:
     domain: str  # producer domain: "customer" -> exchange crm.customer.events
     handlers: dict[str, Handler] = field(default_factory=dict)  # routing key -> handler
     requires: dict[str, Requires] = field(default_factory=dict)  # routing key -> what its handler needs
+    # routing key -> a handler of many events of that key at once (the consumer's batches)
+    batch: dict[str, BatchHandler] = field(default_factory=dict)
 
 
 @dataclass
@@ -132,6 +145,8 @@ class EventConsumer:
         delivery_limit: int = 5,
         max_backoff: float = 5.0,
         inbox_retention_hours: float = 168.0,
+        batch_size: int = 1,
+        batch_wait: float = 0.0,
     ):
         self.engine = engine
         self.inbox_retention_hours = inbox_retention_hours
@@ -147,6 +162,11 @@ class EventConsumer:
         self._channel = None
         self._dl_channel = None  # confirm mode: dead-letters with a reason are published here
         self._held: collections.deque[_Delivery] = collections.deque()  # unsettled while the database is down
+        self.batch_size = max(1, min(batch_size, prefetch))
+        self.batch_wait = batch_wait
+        self._pending: list[_Delivery] = []  # the batch being gathered
+        self._flush_armed = False
+        self.batches = 0  # batches committed as one transaction
         self._retry_delay = self.FIRST_RETRY
         self.ready = threading.Event()  # set once queues are declared and consuming
         self.processed = 0
@@ -188,6 +208,8 @@ class EventConsumer:
             try:
                 self._conn = pika.BlockingConnection(self.params)
                 self._held.clear()  # deliveries of a previous connection went back to the queue
+                self._pending.clear()
+                self._flush_armed = False
                 self._retry_delay = self.FIRST_RETRY
                 self._channel = self._conn.channel()
                 self._dl_channel = self._conn.channel()
@@ -253,13 +275,126 @@ class EventConsumer:
         delivery = _Delivery(channel, method, properties, body, sub, queue)
         if self._held:  # keep the order: behind the ones waiting for the database
             self._held.append(delivery)
+        elif self.batch_size > 1:
+            self._pending.append(delivery)
+            if len(self._pending) >= self.batch_size:
+                self._flush()
+            elif not self._flush_armed:  # the rest of what arrived together, then the batch
+                self._flush_armed = True
+                self._conn.call_later(self.batch_wait, self._flush)
         elif not self._process(delivery):
-            self._held.append(delivery)
+            self._hold([delivery])
+
+    def _hold(self, deliveries: list[_Delivery]) -> None:
+        first = not self._held
+        self._held.extend(deliveries)
+        if first:
             log.warning(
                 "database unavailable; events are held unacknowledged and retried with back-off",
-                extra={"queue": queue, "consumer": self.consumer_service},
+                extra={"queue": deliveries[0].queue, "consumer": self.consumer_service},
             )
             self._retry_later()
+
+    def _flush(self) -> None:
+        self._flush_armed = False
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        if self._held:
+            self._held.extend(batch)
+            return
+        unsettled = self._process_batch(batch)
+        if unsettled:
+            self._hold(unsettled)
+
+    def _process_batch(self, batch: list[_Delivery]) -> list[_Delivery]:
+        """Handle a batch in one transaction and settle it; returns the deliveries left
+        unsettled (the database was unavailable), in order."""
+        ready: list[tuple[_Delivery, Event]] = []
+        for d in batch:
+            try:
+                event = from_amqp(d.method, d.properties, d.body)
+            except MalformedEvent as exc:
+                self._dead_letter(d, f"malformed envelope: {exc}")
+                continue
+            requirement = d.sub.requires.get(event.routing_key)
+            problem = requirement.problem(event) if requirement is not None else None
+            if problem:
+                self._dead_letter(d, problem, event)
+                continue
+            ready.append((d, event))
+        if len(ready) <= 1:
+            return [d for d, _ in ready if not self._process(d)]
+        links = []
+        for _, e in ready:
+            ctx = trace.get_current_span(extract_context(e.trace_headers)).get_span_context()
+            if ctx.is_valid:
+                links.append(trace.Link(ctx))
+        with self._tracer.start_as_current_span(
+            f"{ready[0][0].queue} process batch",
+            kind=SpanKind.CONSUMER,
+            links=links,
+            attributes={"messaging.system": "rabbitmq", "messaging.operation.type": "process",
+                        "messaging.batch.message_count": len(ready)},
+        ) as span:  # fmt: skip
+            try:
+                fresh = self.handle_batch([(d.sub, e) for d, e in ready])
+            except Exception as exc:
+                span.record_exception(exc)
+                if is_database_unavailable(exc):
+                    self.database_waits += 1
+                    return [d for d, _ in ready]
+                log.warning(
+                    "a batch of events failed; handling them one at a time",
+                    extra={"events": len(ready), "error": f"{type(exc).__name__}: {exc}"[:300]},
+                )
+                for i, (d, _) in enumerate(ready):
+                    if not self._process(d):
+                        return [x for x, _ in ready[i:]]
+                return []
+        for d, _ in ready:
+            d.channel.basic_ack(d.method.delivery_tag)
+        self.batches += 1
+        self.processed += fresh
+        self.duplicates += len(ready) - fresh
+        return []
+
+    def handle_batch(self, items: list[tuple[Subscription, Event]]) -> int:
+        """Process events in one transaction, each exactly once; returns how many were new."""
+        with self.engine.begin() as conn:
+            fresh_ids = set(
+                conn.execute(
+                    pg_insert(inbox)
+                    .values(
+                        [{"consumer": self.consumer_service, "event_id": e.id, "event_type": e.type} for _, e in items]
+                    )
+                    .on_conflict_do_nothing()
+                    .returning(inbox.c.event_id)
+                ).scalars()
+            )
+            seen: set[str] = set()
+            todo = []
+            for sub, e in items:
+                if e.id in fresh_ids and e.id not in seen:  # the same event twice in one batch: once
+                    seen.add(e.id)
+                    todo.append((sub, e))
+            # runs of consecutive events of one subscription and routing key, in arrival order
+            for _, run in itertools.groupby(todo, key=lambda item: (id(item[0]), item[1].routing_key)):
+                run = list(run)
+                self._handle_run(conn, run[0][0], [e for _, e in run])
+        return len(seen)
+
+    @staticmethod
+    def _handle_run(conn: sa.Connection, sub: Subscription, events: list[Event]) -> None:
+        key = events[0].routing_key
+        batch = sub.batch.get(key)
+        if batch is not None:
+            batch(conn, events)
+            return
+        handler = sub.handlers.get(key)
+        if handler is not None:
+            for e in events:
+                handler(conn, e)
 
     def _retry_later(self) -> None:
         self._conn.call_later(self._retry_delay, self._retry_held)

@@ -38,6 +38,7 @@ def upgrade() -> None:
         sa.Column("member_count", sa.BigInteger(), server_default="0", nullable=False),
         sa.Column("rebuild_job", sa.UUID(as_uuid=False), nullable=True),
         sa.Column("rebuild_time", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("evaluated_time", sa.DateTime(timezone=True), nullable=True),
         sa.Column("creator", sa.Text(), server_default="", nullable=False),
         sa.Column("request_id", sa.Text(), nullable=True),
         sa.Column("version", sa.Integer(), server_default="1", nullable=False),

@@ -1,0 +1,352 @@
+"""Loyalty points accrual through campaign-svc's consumer: `python -m bench.campaign_points_bench`.
+
+A fresh campaign database migrated to head; campaign-svc runs as its own process (`python -m
+campaign_svc serve`: gRPC, relay, consumer, timers) long enough to declare its queues and get
+one programme (CreateProgram over gRPC: 1 point per 10,000 IRR, a product rule, a bonus
+period, two tiers, points expiring after 12 months), then stops. BENCH_POINTS_EVENTS
+invoice.paid.v1 events (three lines each, BENCH_POINTS_CUSTOMERS customers) are published
+with confirms to crm.sales.events, where they fill both the service's sales queue and a
+baseline quorum queue bound the same way. Then, in the same run:
+
+1. baseline: a plain pika consumer (BlockingConnection, prefetch as the service's, one ack per
+   message) drains the baseline queue: messages/s;
+2. the chassis' EventConsumer with a no-op handler drains a third queue filled the same way:
+   its events/s is the ceiling of one transaction (inbox row + commit) per event;
+3. the service starts again and its consumer drains its queue: every event in its own
+   transaction with the inbox row, the audience projection's handler and the loyalty
+   handler (member upsert, earn movement, expiry timer, tier evaluation, points.earned.v1 and
+   tier.changed.v1 in the outbox). Accrual events/s is measured on the database clock, from
+   the first earn movement's transaction to the last (record_time), and beside it the wall
+   time from the service's start.
+
+4. the loyalty accrual alone, in this process (earn_batch on BENCH_POINTS_IN_PROCESS new events
+   with their inbox rows, no broker, no audience handler), one event per transaction and
+   BENCH_POINTS_BATCH per transaction: what a consumer applying batches of deliveries would
+   reach (the chassis consumer applies one delivery per transaction today).
+
+Goal (issue #11): accrual events/s >= 0.5 of the raw pika consume rate. Afterwards the ledger
+is checked (every member's balance is the sum of its movements; N earn movements).
+Settings: BENCH_POINTS_EVENTS (5000), BENCH_POINTS_CUSTOMERS (1000), CONSUMER_PREFETCH (100),
+BENCH_POINTS_IN_PROCESS (2000), BENCH_POINTS_BATCH (100).
+Results: bench/results/campaign-points-<stamp>.txt/.json.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import platform
+import sys
+import time
+import uuid
+
+import grpc
+import pika
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from bench.__main__ import start_service_process
+from campaign_svc.__main__ import SPEC
+from crm.campaign.v1 import loyalty_pb2 as pb
+from crm.campaign.v1 import loyalty_pb2_grpc
+from crm.sales.v1 import sales_events_pb2 as se
+from crm.type.v1 import money_pb2
+from crm_chassis.db import create_engine, migrate
+from crm_chassis.messaging.consumer import EventConsumer, Subscription
+from crm_chassis.messaging.envelope import new_event
+from crm_chassis.messaging.tables import inbox
+from crm_chassis.messaging.topology import declare_consumer_queue, declare_producer, exchange_for, queue_name
+from tests.support.harness import ROOT, Broker, Databases, md, start_service, stop_process
+
+N = int(os.environ.get("BENCH_POINTS_EVENTS", "5000"))
+CUSTOMERS = int(os.environ.get("BENCH_POINTS_CUSTOMERS", "1000"))
+PREFETCH = int(os.environ.get("CONSUMER_PREFETCH", "100"))
+RESULTS = ROOT / "bench" / "results"
+GOAL = 0.5
+IN_PROCESS = int(os.environ.get("BENCH_POINTS_IN_PROCESS", "2000"))
+BATCH = int(os.environ.get("BENCH_POINTS_BATCH", "100"))
+BASELINE_QUEUE = "bench.points.raw"
+NOOP = "bench-noop"  # the chassis consumer with a no-op handler, on its own queue
+OUT = io.StringIO()
+
+
+def say(msg: str = "") -> None:
+    print(msg, flush=True)
+    OUT.write(msg + "\n")
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def irr(units: int) -> money_pb2.Money:
+    return money_pb2.Money(currency_code="IRR", units=units)
+
+
+def create_program(port: int) -> str:
+    now = dt.datetime.now(dt.UTC)
+    bonus = pb.BonusPeriod(display_name="bench", multiplier="1.5")
+    bonus.start_time.FromDatetime(now - dt.timedelta(days=1))
+    bonus.end_time.FromDatetime(now + dt.timedelta(days=1))
+    prog = pb.Program(
+        display_name="باشگاه مشتریان",
+        currency_code="IRR",
+        earn_amount=irr(10_000),
+        earn_points=1,
+        product_rules=[pb.ProductRule(product="products/p2", multiplier="2")],
+        bonus_periods=[bonus],
+        lifetime_unit=pb.LIFETIME_UNIT_MONTHS,
+        lifetime_count=12,
+        tiers=[
+            pb.Tier(key="silver", threshold_points=500),
+            pb.Tier(key="gold", threshold_points=5000, multiplier="1.2"),
+        ],
+        tier_period=pb.TIER_PERIOD_JALALI_YEAR,
+        downgrade=pb.DOWNGRADE_PERIOD_END,
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = loyalty_pb2_grpc.LoyaltyServiceStub(ch)
+        return stub.CreateProgram(pb.CreateProgramRequest(program=prog), metadata=md("admin", "bench"), timeout=10).name
+
+
+def invoice_events(n: int) -> list:
+    customers = [str(uuid.uuid4()) for _ in range(CUSTOMERS)]
+    out = []
+    now = dt.datetime.now(dt.UTC)
+    for i in range(n):
+        iid = str(uuid.uuid4())
+        e = se.InvoiceEvent(
+            invoice=f"invoices/{iid}",
+            number=f"1405-{i:06d}",
+            kind="invoice",
+            customer=f"customers/{customers[i % CUSTOMERS]}",
+            total=irr(2_180_000),
+            tax_total=irr(180_000),
+            paid_total=irr(2_180_000),
+            state="paid",
+        )
+        e.lines.add(product="products/p1", quantity="1", amount=irr(1_000_000))
+        e.lines.add(product="products/p2", quantity="2", amount=irr(600_000))
+        e.lines.add(product="products/p3", quantity="1", amount=irr(400_000))
+        e.event_time.FromDatetime(now)
+        out.append(
+            new_event(
+                domain="sales",
+                source_service="sales-svc",
+                routing_key="invoice.paid.v1",
+                subject=f"invoices/{iid}",
+                message=e,
+            )
+        )
+    return out
+
+
+def publish(url: str, evs: list) -> float:
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    ch = conn.channel()
+    declare_producer(ch, "sales")
+    ch.queue_declare(queue=BASELINE_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+    ch.queue_bind(queue=BASELINE_QUEUE, exchange=exchange_for("sales"), routing_key="invoice.paid.v1")
+    declare_consumer_queue(ch, NOOP, "sales", ["invoice.paid.v1"], 5)
+    ch.confirm_delivery()
+    t0 = time.perf_counter()
+    for e in evs:
+        ch.basic_publish(e.exchange, e.routing_key, e.data, e.amqp_properties())
+    rate = len(evs) / (time.perf_counter() - t0)
+    conn.close()
+    return rate
+
+
+def depth(url: str, queue: str) -> int:
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    n = conn.channel().queue_declare(queue=queue, passive=True).method.message_count
+    conn.close()
+    return n
+
+
+def raw_consume(url: str, n: int) -> float:
+    """Messages/s of a plain pika consumer draining the baseline queue, one ack per message."""
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    ch = conn.channel()
+    ch.basic_qos(prefetch_count=PREFETCH)
+    state = {"n": 0, "t0": None}
+
+    def on_message(channel, method, properties, body):
+        if state["t0"] is None:
+            state["t0"] = time.perf_counter()
+        state["n"] += 1
+        channel.basic_ack(method.delivery_tag)
+        if state["n"] >= n:
+            channel.stop_consuming()
+
+    ch.basic_consume(BASELINE_QUEUE, on_message)
+    ch.start_consuming()
+    elapsed = time.perf_counter() - state["t0"]
+    conn.close()
+    return (n - 1) / elapsed if n > 1 else float(n)
+
+
+def noop_consume(engine, url: str, n: int) -> float:
+    """Events/s of the chassis' EventConsumer with a handler that does nothing (the inbox row
+    and the commit of each event's transaction): the ceiling of one transaction per event."""
+    sub = Subscription(domain="sales", handlers={"invoice.paid.v1": lambda conn, event: None})
+    consumer = EventConsumer(engine, url, NOOP, [sub], prefetch=PREFETCH)
+    consumer.start()
+    try:
+        deadline = time.monotonic() + 120
+        while consumer.processed < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        consumer.stop()
+    with engine.connect() as conn:
+        first, last, done = conn.execute(
+            sa.text("SELECT min(processed_at), max(processed_at), count(*) FROM inbox WHERE consumer = :c"), {"c": NOOP}
+        ).one()
+    span = (last - first).total_seconds()
+    return (done - 1) / span if span > 0 else float("inf")
+
+
+def in_process(url: str, amqp_url: str, n: int, batch: int) -> float:
+    """Events/s of the loyalty accrual alone (earn_batch) in this process, `batch` events per
+    transaction with their inbox rows, as a consumer applying a batch of deliveries would:
+    no broker, no audience handler."""
+    from campaign_svc import loyalty
+
+    svc = start_service(SPEC, url, amqp_url, relay=False, consumers=False)
+    try:
+        lo = loyalty.engine(svc.ctx.shared["runtime"])
+        evs = invoice_events(n)
+        t0 = time.perf_counter()
+        for i in range(0, n, batch):
+            chunk = evs[i : i + batch]
+            with svc.ctx.engine.begin() as conn:
+                conn.execute(
+                    pg_insert(inbox)
+                    .values([{"consumer": f"{NOOP}-{batch}", "event_id": e.id, "event_type": e.type} for e in chunk])
+                    .on_conflict_do_nothing()
+                )
+                lo.earn_batch(conn, chunk)
+        return n / (time.perf_counter() - t0)
+    finally:
+        svc.stop(0)
+
+
+def main() -> int:
+    say(f"# campaign-svc loyalty accrual ({dt.datetime.now():%Y-%m-%d %H:%M})")
+    say(f"{platform.node()}, {os.cpu_count()} cores, python {platform.python_version()}; load average {loadavg()}")
+    say(f"{N} invoice.paid.v1 events over {CUSTOMERS} customers, prefetch {PREFETCH}")
+    stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}"
+    RESULTS.mkdir(exist_ok=True)
+    out: dict = {"events": N, "customers": CUSTOMERS, "prefetch": PREFETCH, "loadavg_start": os.getloadavg()}
+    dbs, broker = Databases(), Broker()
+    proc = engine = None
+    log = RESULTS / f"campaign-points-{stamp}-campaign-svc.log"
+    try:
+        url = dbs.fresh("bench_points")
+        migrate(url, SPEC.migrations)
+        engine = create_engine(url, pool_size=4)
+        proc, port = start_service_process("campaign-svc", "campaign_svc", url, broker.url, log)
+        program = create_program(port)
+        time.sleep(1.0)  # the consumer has declared and bound its queues
+        stop_process(proc)
+        proc = None
+        say(f"\n  programme {program}; the service stopped, its queues declared")
+
+        evs = invoice_events(N)
+        rate = publish(broker.url, evs)
+        queue = queue_name("campaign-svc", "sales")
+        say(
+            f"  published {N} with confirms at {rate:,.0f}/s; {queue}: {depth(broker.url, queue)}, {BASELINE_QUEUE}: {depth(broker.url, BASELINE_QUEUE)}"
+        )
+
+        say("\n== 1. baseline: plain pika consume + ack of the same messages ==")
+        raw = raw_consume(broker.url, N)
+        say(f"  {raw:,.0f} messages/s")
+
+        say("\n== 2. the chassis' EventConsumer with a no-op handler (one transaction per event) ==")
+        noop = noop_consume(engine, broker.url, N)
+        say(f"  {noop:,.0f} events/s (ratio {noop / raw:.2f} to the raw consume)")
+
+        say("\n== 3. campaign-svc's consumer: points accrual ==")
+        t0 = time.perf_counter()
+        proc, port = start_service_process("campaign-svc", "campaign_svc", url, broker.url, log)
+        started = time.perf_counter() - t0
+        earn = sa.text("SELECT count(*) FROM loyalty_movements WHERE kind = 'earn'")
+        deadline = time.monotonic() + 300
+        with engine.connect() as conn:
+            while conn.execute(earn).scalar_one() < N:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the service did not accrue every event in 300 s")
+                time.sleep(0.2)
+        wall = time.perf_counter() - t0
+        with engine.connect() as conn:
+            first, last = conn.execute(
+                sa.text("SELECT min(record_time), max(record_time) FROM loyalty_movements WHERE kind = 'earn'")
+            ).one()
+            checks = conn.execute(
+                sa.text(
+                    """SELECT (SELECT count(*) FROM loyalty_members),
+                              (SELECT count(*) FROM loyalty_members mb WHERE mb.balance <>
+                                 (SELECT coalesce(sum(points), 0) FROM loyalty_movements l WHERE l.member_id = mb.id)),
+                              (SELECT count(*) FROM loyalty_members WHERE tier <> ''),
+                              (SELECT count(*) FROM outbox WHERE routing_key = 'points.earned.v1'),
+                              (SELECT count(*) FROM timers WHERE kind = 'loyalty.expire')"""
+                )
+            ).one()
+        span = (last - first).total_seconds()
+        accrual = (N - 1) / span if span > 0 else float("inf")
+        ratio = accrual / raw
+        say(f"  service up in {started:.1f} s; all {N} accrued {wall:.1f} s after its start")
+        say(f"  accrual {accrual:,.0f} events/s (first to last earn transaction, database clock)")
+        say(f"  ratio to the raw pika consume: {ratio:.2f} (goal >= {GOAL})  {'MET' if ratio >= GOAL else 'NOT MET'}")
+        say(
+            f"  ledger: {checks[0]} members, {checks[1]} with a balance that is not the ledger sum, {checks[2]} in a tier; "
+            f"{checks[3]} points.earned.v1 in the outbox, {checks[4]} expiry timers"
+        )
+        stop_process(proc)
+        proc = None
+        say(f"\n== 4. the loyalty accrual alone in-process (earn_batch), {IN_PROCESS} events per batch size ==")
+        per_batch = {}
+        for size in (1, BATCH):
+            per_batch[size] = in_process(url, broker.url, IN_PROCESS, size)
+            say(
+                f"  {size:4d} per transaction: {per_batch[size]:,.0f} events/s (ratio {per_batch[size] / raw:.2f} to the raw consume)"
+            )
+        out.update(
+            {
+                "in_process_per_s": {str(k): round(v) for k, v in per_batch.items()},
+                "program": program,
+                "publish_per_s": round(rate),
+                "raw_consume_per_s": round(raw),
+                "noop_consumer_per_s": round(noop),
+                "accrual_per_s": round(accrual),
+                "wall_seconds_from_start": round(wall, 2),
+                "ratio": round(ratio, 3),
+                "goal": GOAL,
+                "members": checks[0],
+                "balance_mismatches": checks[1],
+                "members_in_a_tier": checks[2],
+                "points_earned_events": checks[3],
+                "expiry_timers": checks[4],
+            }
+        )
+    finally:
+        if proc is not None:
+            stop_process(proc)
+        if engine is not None:
+            engine.dispose()
+        dbs.drop_all()
+        broker.close()
+    out["loadavg_end"] = os.getloadavg()
+    say(f"\nload average at the end: {loadavg()}")
+    path = RESULTS / f"campaign-points-{stamp}.json"
+    path.write_text(json.dumps(out, indent=2, default=str, ensure_ascii=False))
+    (RESULTS / f"campaign-points-{stamp}.txt").write_text(OUT.getvalue())
+    say(f"saved {path.relative_to(ROOT)} and .txt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
