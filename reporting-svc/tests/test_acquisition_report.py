@@ -96,10 +96,8 @@ def test_bad_period_names_the_field(stub):
 
 
 def test_export_csv(stub):
-    req = rs.GetAcquisitionReportRequest(period="month", calendar="jalali", language_code="fa")
-    chunks = list(
-        stub.ExportAcquisitionReport(rs.ExportAcquisitionReportRequest(report=req, format="csv"), metadata=md())
-    )
+    req = rs.ExportAcquisitionReportRequest(period="month", calendar="jalali", language_code="fa", format="csv")
+    chunks = list(stub.ExportAcquisitionReport(req, metadata=md()))
     lines = b"".join(c.data for c in chunks).decode("utf-8-sig").strip().splitlines()
     assert lines[0].startswith("دوره,منبع جذب,مشتریان") and len(lines) == 4
     assert lines[1].startswith("آبان ۱۴۰۵,website,1,2,1,0.5,0")

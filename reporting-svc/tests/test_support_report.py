@@ -158,24 +158,24 @@ def test_export_csv_and_xlsx(stub):
 
     import openpyxl
 
-    req = rs.GetSupportReportRequest(period="month", calendar="jalali", dimensions=["agent"])
-    chunks = list(stub.ExportSupportReport(rs.ExportSupportReportRequest(report=req, format="csv"), metadata=md()))
+    req = dict(period="month", calendar="jalali", dimensions=["agent"])
+    chunks = list(stub.ExportSupportReport(rs.ExportSupportReportRequest(**req, format="csv"), metadata=md()))
     assert chunks[0].content_type.startswith("text/csv") and chunks[0].filename.endswith(".csv")
     text = b"".join(c.data for c in chunks).decode("utf-8-sig")
     lines = text.strip().splitlines()
     assert lines[0].startswith("Period,Agent,Requests,Closed")
     assert lines[1].startswith("Aban 1405,agents/a,2,1") and chunks[0].row_count == 3
-    x = list(stub.ExportSupportReport(rs.ExportSupportReportRequest(report=req, format="xlsx"), metadata=md()))
+    x = list(stub.ExportSupportReport(rs.ExportSupportReportRequest(**req, format="xlsx"), metadata=md()))
     ws = openpyxl.load_workbook(io.BytesIO(b"".join(c.data for c in x))).active
     values = [[c.value for c in row] for row in ws.iter_rows()]
     assert ["Azar 1405", "agents/b", 3] in [v[:3] for v in values]
     with pytest.raises(grpc.RpcError) as info:
-        list(stub.ExportSupportReport(rs.ExportSupportReportRequest(report=req, format="pdf"), metadata=md()))
+        list(stub.ExportSupportReport(rs.ExportSupportReportRequest(**req, format="pdf"), metadata=md()))
     assert read_rpc_error(info.value).field_violations[0].field == "format"
-    bad = rs.ExportSupportReportRequest(report=rs.GetSupportReportRequest(period="x"), format="csv")
+    bad = rs.ExportSupportReportRequest(period="x", format="csv")
     with pytest.raises(grpc.RpcError) as info:
         list(stub.ExportSupportReport(bad, metadata=md()))
-    assert read_rpc_error(info.value).field_violations[0].field == "report.period"
+    assert read_rpc_error(info.value).field_violations[0].field == "period"
 
 
 def test_lag_per_producer(stub):

@@ -60,10 +60,10 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
         self.engine = rt.engine
 
     # -- report 1 ----------------------------------------------------------------------------
-    def _by_source(self, request, prefix: str = ""):
+    def _by_source(self, request):
         start, end = _time(request, "start_time"), _time(request, "end_time")
         if start and end and end < start:
-            raise InvalidArgument.field(f"{prefix}end_time", "must not be before start_time")
+            raise InvalidArgument.field("end_time", "must not be before start_time")
         with self.engine.connect() as conn:
             return projections.customers_by_source(conn, start, end)
 
@@ -76,7 +76,7 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
 
     def ExportCustomersBySource(self, request, context):
         fmt = _format(request.format)
-        rows = self._by_source(request.report, "report.")
+        rows = self._by_source(request)
         fa = request.language_code.lower().startswith("fa")
         columns = [
             documents.Column("acquisition_source", "منبع جذب" if fa else "Acquisition source", 2.0),
@@ -98,7 +98,7 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
 
     def ExportAcquisitionReport(self, request, context):
         fmt = _format(request.format)
-        q = acquisition_report.parse(request.report, "report.")
+        q = acquisition_report.parse(request)
         with self.engine.connect() as conn:
             resp = acquisition_report.report(conn, q)
         columns, rows = acquisition_report.export_rows(resp, q)
@@ -114,7 +114,7 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
 
     def ExportSupportReport(self, request, context):
         fmt = _format(request.format)
-        q = support_report.parse(request.report, "report.")
+        q = support_report.parse(request)
         with self.engine.connect() as conn:
             resp = support_report.report(conn, q)
         columns, rows = support_report.export_rows(resp, q)
