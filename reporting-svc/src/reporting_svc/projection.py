@@ -14,7 +14,7 @@ Building blocks for handlers:
 
 - `apply_versioned(conn, table, key, values)`: upsert an entity's fact only if its version is
   newer than the stored one; returns (applied, old row). Out-of-order and replayed events leave
-  the newest state. An advisory lock on the key serialises two replicas on one entity.
+  the newest state. The fact's row lock (FOR UPDATE) serialises two replicas on one entity.
 - `Rollup(table, keys, measures).apply(conn, old, new)`: add to the rollup the difference
   between a fact's new contributions and its old ones (each a list of (key dict, measures)).
   Rollups therefore stay equal to a sum over the facts, whatever the order of events.
@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from crm_chassis.dates import TEHRAN
 from crm_chassis.messaging.consumer import Requires, Subscription
@@ -76,28 +76,37 @@ def in_schema(conn: sa.Connection, schema: str | None):
         conn.execution_options(schema_translate_map=before or {None: None})
 
 
+_SHADOW = sa.select(projection_rebuilds.c.shadow_schema)
+_TRACK = (
+    projection_sources.update()
+    .where(projection_sources.c.domain == sa.bindparam("w_domain"))
+    .values(
+        last_event_time=sa.func.greatest(projection_sources.c.last_event_time, sa.bindparam("event_time")),
+        last_applied_at=sa.func.now(),
+        applied_events=projection_sources.c.applied_events + 1,
+    )
+)
+_TRACK_FIRST = projection_sources.insert().values(last_applied_at=sa.func.now(), applied_events=1)
+
+
 def shadow_schema(conn: sa.Connection) -> str | None:
     """The schema of the rebuild in progress, or None."""
     with in_schema(conn, None):
-        return conn.execute(sa.select(projection_rebuilds.c.shadow_schema)).scalar()
+        return conn.execute(_SHADOW).scalar()
 
 
 def track(conn: sa.Connection, domain: str, event_time: dt.datetime) -> None:
     with in_schema(conn, None):
-        stmt = pg_insert(projection_sources).values(
-            domain=domain, last_event_time=event_time, last_applied_at=sa.func.now(), applied_events=1
-        )
-        t = projection_sources
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["domain"],
-                set_={
-                    "last_event_time": sa.func.greatest(t.c.last_event_time, stmt.excluded.last_event_time),
-                    "last_applied_at": stmt.excluded.last_applied_at,
-                    "applied_events": t.c.applied_events + 1,
+        if conn.execute(_TRACK, {"w_domain": domain, "event_time": event_time}).rowcount == 0:
+            conn.execute(
+                _TRACK_FIRST,
+                {
+                    "domain": domain,
+                    "last_event_time": event_time,
+                    "last_applied_at": sa.func.now(),
+                    "applied_events": 1,
                 },
             )
-        )
 
 
 def wrap(domain: str, handler: Handler) -> Handler:
@@ -113,22 +122,32 @@ def wrap(domain: str, handler: Handler) -> Handler:
     return handle
 
 
+@functools.cache
+def _fact_statements(table: sa.Table, keys: tuple[str, ...]):
+    """The statements of apply_versioned for a table, built once (their compiled forms are then
+    cached by SQLAlchemy, per schema translation)."""
+    where = sa.and_(*(table.c[k] == sa.bindparam(f"w_{k}") for k in keys))
+    select = sa.select(table).where(where).with_for_update()
+    # Plain INSERT and UPDATE: SQLAlchemy caches their compiled forms (not ON CONFLICT's).
+    return select, table.insert(), table.update().where(where)
+
+
 def apply_versioned(
     conn: sa.Connection, table: sa.Table, key: Mapping[str, object], values: Mapping[str, object]
 ) -> tuple[bool, sa.Row | None]:
     """Store the fact `key` + `values` (which include `version`) unless a version at least as
-    new is stored. Returns (applied, the row it replaced or None)."""
-    lock_key = f"{table.name}:" + "|".join(str(key[k]) for k in sorted(key))
-    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(lock_key, 0))))
-    cond = sa.and_(*(table.c[k] == v for k, v in key.items()))
-    old = conn.execute(sa.select(table).where(cond)).first()
-    if old is not None and old.version >= values["version"]:
-        return False, old
-    row = {**key, **values}
+    new is stored. Returns (applied, the row it replaced or None). The stored row is locked (FOR
+    UPDATE) for the rest of the transaction; two replicas inserting the same new entity meet on
+    the primary key: the one that lost rolls back, and its redelivery takes the update path."""
+    select, insert, update = _fact_statements(table, tuple(key))
+    where = {f"w_{k}": v for k, v in key.items()}
+    old = conn.execute(select, where).first()
     if old is None:
-        conn.execute(table.insert().values(row))
-    else:
-        conn.execute(table.update().where(cond).values(values))
+        conn.execute(insert, {**key, **values})
+        return True, None
+    if old.version >= values["version"]:
+        return False, old
+    conn.execute(update, {**where, **values})
     return True, old
 
 
@@ -138,8 +157,19 @@ class Rollup:
     keys: tuple[str, ...]
     measures: tuple[str, ...]
 
+    @functools.cached_property
+    def _statements(self):
+        t = self.table
+        where = sa.and_(*(t.c[k] == sa.bindparam(f"w_{k}") for k in self.keys))
+        add = (
+            t.update()
+            .where(where)
+            .values({m: t.c[m] + sa.bindparam(f"d_{m}", type_=t.c[m].type) for m in self.measures})
+        )
+        return add, t.insert()
+
     def apply(self, conn: sa.Connection, old: Iterable[Contribution], new: Iterable[Contribution]) -> None:
-        """Add new - old to the rollup rows, one statement for every key touched."""
+        """Add new - old to the rollup rows: an UPDATE per key touched (an INSERT for a new one)."""
         delta: dict[tuple, dict[str, int]] = {}
         for sign, contribs in ((-1, old), (1, new)):
             for key, measures in contribs:
@@ -147,18 +177,13 @@ class Rollup:
                 acc = delta.setdefault(k, dict.fromkeys(self.measures, 0))
                 for m, v in measures.items():
                     acc[m] += sign * v
-        rows = [
-            {**dict(zip(self.keys, k, strict=True)), **m} for k, m in delta.items() if any(v != 0 for v in m.values())
-        ]
-        if not rows:
-            return
-        stmt = pg_insert(self.table).values(rows)
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=list(self.keys),
-                set_={m: self.table.c[m] + getattr(stmt.excluded, m) for m in self.measures},
-            )
-        )
+        add, insert = self._statements
+        for k, m in delta.items():
+            if not any(v != 0 for v in m.values()):
+                continue
+            params = {**{f"w_{c}": v for c, v in zip(self.keys, k, strict=True)}, **{f"d_{n}": v for n, v in m.items()}}
+            if conn.execute(add, params).rowcount == 0:  # a new row (a race with another replica rolls back)
+                conn.execute(insert, {**dict(zip(self.keys, k, strict=True)), **m})
 
 
 def subscriptions(projections: Iterable[Projection]) -> list[Subscription]:
