@@ -97,29 +97,48 @@ def swap(conn: sa.Connection, schema: str) -> None:
     conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
 
 
+def _readable(batch: list, table: dict) -> tuple[list, int]:
+    """(event, handler) of the deliveries some handler reads, and how many were unreadable."""
+    found, skipped = [], 0
+    for method, props, body in batch:
+        try:
+            event = from_amqp(method, props, body)
+        except MalformedEvent:
+            skipped += 1
+            continue
+        domain = event.exchange.removeprefix("crm.").removesuffix(".events")
+        entry = table.get((domain, event.routing_key))
+        if entry is None:
+            continue
+        handler, requires = entry
+        if requires is not None and requires.problem(event):
+            skipped += 1
+            continue
+        found.append((event, handler))
+    return found, skipped
+
+
 def apply_batch(conn: sa.Connection, schema: str, table: dict, batch: list) -> int:
     """Apply (method, properties, body) deliveries to the shadow schema; returns how many were
-    skipped (unreadable, or no handler wanted them in a way it could read)."""
-    skipped = 0
+    skipped (unreadable, or a handler failed on them). The batch runs in one savepoint; if a
+    handler fails, it runs again one savepoint an event, so only the poison event is left out."""
+    events, skipped = _readable(batch, table)
     with in_schema(conn, schema):
-        for method, props, body in batch:
-            try:
-                event = from_amqp(method, props, body)
-            except MalformedEvent:
-                skipped += 1
-                continue
-            domain = event.exchange.removeprefix("crm.").removesuffix(".events")
-            found = table.get((domain, event.routing_key))
-            if found is None:
-                continue
-            handler, requires = found
-            if requires is not None and requires.problem(event):
-                skipped += 1
-                continue
+        try:
+            with conn.begin_nested():
+                for event, handler in events:
+                    handler(conn, event)
+            return skipped
+        except sa.exc.DBAPIError as exc:
+            if exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError):
+                raise
+        except Exception:
+            pass
+        for event, handler in events:
             try:
                 with conn.begin_nested():
                     handler(conn, event)
-            except sa.exc.DBAPIError:
+            except sa.exc.OperationalError:
                 raise
             except Exception:  # a poison event: the rest of the log still counts
                 log.exception("rebuild skipped an event its handler failed on", extra={"event_id": event.id})
