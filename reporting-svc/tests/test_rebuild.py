@@ -139,6 +139,9 @@ def test_live_projection_then_rebuild_gives_the_same_answers(live, stub, own_bro
         conn.execute(sa.text("UPDATE acquisition_daily SET leads = leads + 7"))
     assert answers(stub) != before
 
+    indexes = sa.text("SELECT tablename, indexname FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1, 2")
+    with live.ctx.engine.connect() as conn:
+        index_names = conn.execute(indexes).all()
     job = stub.RebuildProjections(rs.RebuildProjectionsRequest(request_id="r1"), metadata=md())
     assert job.name.startswith("projectionRebuilds/")
     again = stub.RebuildProjections(rs.RebuildProjectionsRequest(request_id="r1"), metadata=md())
@@ -159,6 +162,7 @@ def test_live_projection_then_rebuild_gives_the_same_answers(live, stub, own_bro
             sa.text("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'rebuild_%' OR nspname LIKE 'retired_%'")
         ).all()
         assert schemas == [] and conn.execute(sa.text("SELECT count(*) FROM projection_rebuilds")).scalar() == 0
+        assert conn.execute(indexes).all() == index_names  # as the migrations named them
 
     # the live consumer goes on into the swapped-in tables
     late = ev.tickets(13, agent="agents/a", channel=email, created=D + 2 * H)

@@ -90,9 +90,16 @@ _TRACK_FIRST = projection_sources.insert().values(last_applied_at=sa.func.now(),
 
 
 def shadow_schema(conn: sa.Connection) -> str | None:
-    """The schema of the rebuild in progress, or None."""
+    """The schema of the rebuild in progress, or None; read once a transaction (the consumer's
+    batches put many events in one), which holds its lock on projection_rebuilds to the end."""
+    tx = conn.get_transaction()
+    cached = conn.info.get("reporting_shadow")
+    if tx is not None and cached is not None and cached[0] is tx:
+        return cached[1]
     with in_schema(conn, None):
-        return conn.execute(_SHADOW).scalar()
+        value = conn.execute(_SHADOW).scalar()
+    conn.info["reporting_shadow"] = (tx, value)
+    return value
 
 
 def track(conn: sa.Connection, domain: str, event_time: dt.datetime) -> None:

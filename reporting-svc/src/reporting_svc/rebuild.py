@@ -92,6 +92,7 @@ def swap(conn: sa.Connection, schema: str) -> None:
     for t in PROJECTED:
         conn.execute(sa.text(f'ALTER TABLE public."{t.name}" SET SCHEMA "{retired}"'))
         conn.execute(sa.text(f'ALTER TABLE "{schema}"."{t.name}" SET SCHEMA public'))
+    _keep_index_names(conn, retired)
     conn.execute(projection_rebuilds.delete())
     conn.execute(sa.text(f'DROP SCHEMA "{retired}" CASCADE'))
     conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
@@ -116,6 +117,22 @@ def _readable(batch: list, table: dict) -> tuple[list, int]:
             continue
         found.append((event, handler))
     return found, skipped
+
+
+_INDEXES = sa.text(
+    "SELECT tablename, indexname, regexp_replace(indexdef, '^(CREATE (UNIQUE )?INDEX )\\S+ ON \\S+?\\.', '\\1 ON ') AS body "
+    "FROM pg_indexes WHERE schemaname = :s"
+)
+
+
+def _keep_index_names(conn: sa.Connection, retired: str) -> None:
+    """The swapped-in tables' indexes get the names the live ones had (CREATE TABLE ... LIKE
+    names them itself), so later migrations find the indexes they name."""
+    old = {(r.tablename, r.body): r.indexname for r in conn.execute(_INDEXES, {"s": retired})}
+    for r in conn.execute(_INDEXES, {"s": "public"}).all():
+        name = old.get((r.tablename, r.body))
+        if name and name != r.indexname:
+            conn.execute(sa.text(f'ALTER INDEX public."{r.indexname}" RENAME TO "{name}"'))
 
 
 def apply_batch(conn: sa.Connection, schema: str, table: dict, batch: list) -> int:
