@@ -177,20 +177,116 @@ class Rollup:
 
     def apply(self, conn: sa.Connection, old: Iterable[Contribution], new: Iterable[Contribution]) -> None:
         """Add new - old to the rollup rows: an UPDATE per key touched (an INSERT for a new one)."""
-        delta: dict[tuple, dict[str, int]] = {}
-        for sign, contribs in ((-1, old), (1, new)):
-            for key, measures in contribs:
-                k = tuple(key[c] for c in self.keys)
-                acc = delta.setdefault(k, dict.fromkeys(self.measures, 0))
-                for m, v in measures.items():
-                    acc[m] += sign * v
         add, insert = self._statements
-        for k, m in delta.items():
-            if not any(v != 0 for v in m.values()):
-                continue
+        for k, m in _delta(self, old, new).items():
             params = {**{f"w_{c}": v for c, v in zip(self.keys, k, strict=True)}, **{f"d_{n}": v for n, v in m.items()}}
             if conn.execute(add, params).rowcount == 0:  # a new row (a race with another replica rolls back)
                 conn.execute(insert, {**dict(zip(self.keys, k, strict=True)), **m})
+
+
+def _delta(rollup: Rollup, old: Iterable[Contribution], new: Iterable[Contribution]) -> dict:
+    delta: dict[tuple, dict] = {}
+    for sign, contribs in ((-1, old), (1, new)):
+        for key, measures in contribs:
+            k = tuple(key[c] for c in rollup.keys)
+            acc = delta.setdefault(k, dict.fromkeys(rollup.measures, 0))
+            for m, v in measures.items():
+                acc[m] += sign * v
+    return {k: m for k, m in delta.items() if any(v != 0 for v in m.values())}
+
+
+def _in(table: sa.Table, cols: tuple[str, ...]):
+    """WHERE (cols) IN :ks, an expanding parameter (one compiled form for any number of keys)."""
+    if len(cols) == 1:
+        return table.c[cols[0]].in_(sa.bindparam("ks", expanding=True))
+    return sa.tuple_(*(table.c[c] for c in cols)).in_(sa.bindparam("ks", expanding=True))
+
+
+def _ks(cols: tuple[str, ...], keys) -> list:
+    return [k[0] for k in keys] if len(cols) == 1 else [tuple(k) for k in keys]
+
+
+def rollup_many(conn: sa.Connection, rollup: Rollup, old: Iterable[Contribution], new: Iterable[Contribution]) -> None:
+    """Rollup.apply for many facts at once: one SELECT of the rows touched, one UPDATE and one
+    INSERT, each executed for many rows."""
+    delta = _delta(rollup, old, new)
+    if not delta:
+        return
+    t, keys = rollup.table, rollup.keys
+    found = {
+        tuple(r) for r in conn.execute(sa.select(*(t.c[k] for k in keys)).where(_in(t, keys)), {"ks": _ks(keys, delta)})
+    }
+    add, insert = rollup._statements
+    updates = [
+        {**{f"w_{c}": v for c, v in zip(keys, k, strict=True)}, **{f"d_{n}": v for n, v in m.items()}}
+        for k, m in delta.items()
+        if k in found
+    ]
+    inserts = [{**dict(zip(keys, k, strict=True)), **m} for k, m in delta.items() if k not in found]
+    if updates:
+        conn.execute(add, updates)
+    if inserts:
+        conn.execute(insert, inserts)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """A fact table and the rollup its rows contribute to: `apply` one change as an event's
+    handler does, `apply_many` a batch of changes (the rebuild) with the same result."""
+
+    table: sa.Table
+    rollup: Rollup
+    contributions: Callable[[Mapping], list]
+
+    def apply(self, conn: sa.Connection, key: Mapping, values: Mapping) -> None:
+        applied, old = apply_versioned(conn, self.table, key, values)
+        if applied:
+            self.rollup.apply(conn, self._contrib(old), self._contrib({**key, **values}))
+
+    def _contrib(self, row) -> list:
+        return [] if row is None else self.contributions(row._mapping if hasattr(row, "_mapping") else row)
+
+    def apply_many(self, conn: sa.Connection, changes: list[tuple[Mapping, Mapping]]) -> None:
+        if not changes:
+            return
+        cols = tuple(changes[0][0])
+        latest: dict[tuple, tuple[Mapping, Mapping]] = {}
+        for key, values in changes:  # the newest version of each entity in the batch
+            k = tuple(key[c] for c in cols)
+            if k not in latest or values["version"] > latest[k][1]["version"]:
+                latest[k] = (key, values)
+        t = self.table
+        select = sa.select(t).where(_in(t, cols)).with_for_update()
+        old = {tuple(r._mapping[c] for c in cols): r for r in conn.execute(select, {"ks": _ks(cols, latest)})}
+        _, insert, update = _fact_statements(t, cols)
+        inserts, updates, before, after = [], [], [], []
+        for k, (key, values) in latest.items():
+            o = old.get(k)
+            if o is None:
+                inserts.append({**key, **values})
+            elif o.version < values["version"]:
+                updates.append({**{f"w_{c}": v for c, v in key.items()}, **values})
+                before.extend(self._contrib(o))
+            else:
+                continue
+            after.extend(self._contrib({**key, **values}))
+        if inserts:
+            conn.execute(insert, inserts)
+        if updates:
+            conn.execute(update, updates)
+        rollup_many(conn, self.rollup, before, after)
+
+
+def per_event(extract: Callable[[Event], tuple[Facts, Mapping, Mapping] | None]) -> Handler:
+    """The handler of an extractor (event -> (facts, key, values) or None)."""
+
+    def handle(conn: sa.Connection, event: Event) -> None:
+        change = extract(event)
+        if change is not None:
+            change[0].apply(conn, change[1], change[2])
+
+    handle.extract = extract
+    return handle
 
 
 def subscriptions(projections: Iterable[Projection]) -> list[Subscription]:

@@ -10,7 +10,7 @@ from crm.customer.v1 import customer_events_pb2
 from crm_chassis.messaging.consumer import Requires
 from crm_chassis.messaging.envelope import Event
 
-from .projection import Projection, Rollup, apply_versioned, tehran_day
+from .projection import Facts, Projection, Rollup, per_event, tehran_day
 from .tables import ACQUISITION_MEASURES, acquisition_daily, customer_source_facts
 
 UNKNOWN_SOURCE = "unknown"
@@ -28,39 +28,30 @@ def _contrib(f) -> list:
     return [({"day": tehran_day(m["created_at"]), "source": m["acquisition_source"], "currency": ""}, {"customers": 1})]
 
 
-def _apply_customer(conn: sa.Connection, c) -> None:
-    """Store the customer's facts unless a newer version is already stored (events may arrive
-    out of order, from several relays, or again, replayed from the stream), and move its count
-    in the acquisition rollup."""
+def _customer_change(c):
+    """The customer's facts (applied unless a newer version is stored: events may arrive out of
+    order, from several relays, or again, replayed from the stream); its count in the
+    acquisition rollup moves with them."""
     values = {
         "acquisition_source": c.acquisition_source or UNKNOWN_SOURCE,
         "created_at": c.create_time.ToDatetime(tzinfo=dt.UTC),
         "deleted": c.HasField("delete_time") or bool(c.merged_into),
         "version": int(c.etag.strip('"') or 0),
     }
-    applied, old = apply_versioned(
-        conn, customer_source_facts, {"customer_id": c.name.removeprefix("customers/")}, values
-    )
-    if applied:
-        ROLLUP.apply(conn, _contrib(old), _contrib(values))
+    return CUSTOMERS, {"customer_id": c.name.removeprefix("customers/")}, values
 
 
-def on_customer_created(conn: sa.Connection, event: Event) -> None:
-    _apply_customer(conn, event.parse(customer_events_pb2.CustomerCreated).customer)
+def _apply_customer(conn: sa.Connection, c) -> None:
+    CUSTOMERS.apply(conn, *_customer_change(c)[1:])
 
 
-def on_customer_updated(conn: sa.Connection, event: Event) -> None:
-    _apply_customer(conn, event.parse(customer_events_pb2.CustomerUpdated).customer)
-
-
-def on_customer_deleted(conn: sa.Connection, event: Event) -> None:
-    """customer.deleted.v1 and customer.undeleted.v1: the customer carries delete_time or not."""
-    _apply_customer(conn, event.parse(customer_events_pb2.CustomerDeleted).customer)
-
-
-def on_customer_erased(conn: sa.Connection, event: Event) -> None:
-    """Erasure keeps the aggregate facts (source, creation time): the counts do not change."""
-    _apply_customer(conn, event.parse(customer_events_pb2.CustomerErased).customer)
+CUSTOMERS = Facts(customer_source_facts, ROLLUP, _contrib)
+# created, updated, deleted / undeleted (the customer carries delete_time or not), erased (the
+# aggregate facts stay: the counts do not change): each carries the customer after the change.
+on_customer_created = per_event(lambda e: _customer_change(e.parse(customer_events_pb2.CustomerCreated).customer))
+on_customer_updated = per_event(lambda e: _customer_change(e.parse(customer_events_pb2.CustomerUpdated).customer))
+on_customer_deleted = per_event(lambda e: _customer_change(e.parse(customer_events_pb2.CustomerDeleted).customer))
+on_customer_erased = per_event(lambda e: _customer_change(e.parse(customer_events_pb2.CustomerErased).customer))
 
 
 def on_customer_merged(conn: sa.Connection, event: Event) -> None:

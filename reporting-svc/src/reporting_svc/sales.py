@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import datetime as dt
 
-import sqlalchemy as sa
-
 from crm.sales.v1 import sales_events_pb2 as ev
 from crm_chassis import money
 from crm_chassis.messaging.consumer import Requires
 from crm_chassis.messaging.envelope import Event
 
-from .projection import Projection, Rollup, apply_versioned, tehran_day
+from .projection import Facts, Projection, Rollup, per_event, tehran_day
 from .projections import UNKNOWN_SOURCE
 from .tables import ACQUISITION_MEASURES, acquisition_daily, lead_facts, opportunity_facts
 
@@ -54,7 +52,7 @@ def _lead_contrib(f) -> list:
     return [(key, {"leads": 1, "converted_leads": int(m["status"] == "converted")})]
 
 
-def on_lead(conn: sa.Connection, event: Event) -> None:
+def fact_lead(event: Event):
     lead = event.parse(ev.LeadEvent)
     values = {
         "version": lead.version,
@@ -62,9 +60,7 @@ def on_lead(conn: sa.Connection, event: Event) -> None:
         "status": lead.status,
         "create_time": lead.create_time.ToDatetime(tzinfo=dt.UTC),
     }
-    applied, old = apply_versioned(conn, lead_facts, {"lead_id": lead.lead.removeprefix("leads/")}, values)
-    if applied:
-        ROLLUP.apply(conn, _lead_contrib(old), _lead_contrib(values))
+    return LEADS, {"lead_id": lead.lead.removeprefix("leads/")}, values
 
 
 def _opp_contrib(f) -> list:
@@ -77,7 +73,7 @@ def _opp_contrib(f) -> list:
     return [(key, {"won_opportunities": 1, "won_amount": m["amount"]})]
 
 
-def on_opportunity(conn: sa.Connection, event: Event) -> None:
+def fact_opportunity(event: Event):
     o = event.parse(ev.OpportunityEvent)
     currency = o.amount.currency_code or "IRR"
     amount = money.to_decimal(o.amount, "amount") if o.amount.currency_code else 0
@@ -90,9 +86,13 @@ def on_opportunity(conn: sa.Connection, event: Event) -> None:
         "close_time": o.close_time.ToDatetime(tzinfo=dt.UTC) if o.HasField("close_time") else None,
     }
     key = {"opportunity_id": o.opportunity.removeprefix("opportunities/")}
-    applied, old = apply_versioned(conn, opportunity_facts, key, values)
-    if applied:
-        ROLLUP.apply(conn, _opp_contrib(old), _opp_contrib(values))
+    return OPPORTUNITIES, key, values
+
+
+LEADS = Facts(lead_facts, ROLLUP, _lead_contrib)
+OPPORTUNITIES = Facts(opportunity_facts, ROLLUP, _opp_contrib)
+on_lead = per_event(fact_lead)
+on_opportunity = per_event(fact_opportunity)
 
 
 LEAD = Requires(ev.LeadEvent, ("lead", "create_time", "version"))

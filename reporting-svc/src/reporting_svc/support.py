@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import datetime as dt
 
-import sqlalchemy as sa
-
 from crm.support.v1 import support_events_pb2 as ev
 from crm.support.v1 import ticket_pb2
 from crm_chassis.messaging.consumer import Requires
 from crm_chassis.messaging.envelope import Event
 
-from .projection import Projection, Rollup, apply_versioned, tehran_day
+from .projection import Facts, Projection, Rollup, per_event, tehran_day
 from .tables import (
     SUPPORT_MEASURES,
     call_facts,
@@ -86,7 +84,7 @@ def ticket_contributions(f) -> list:
     return out
 
 
-def on_ticket(conn: sa.Connection, event: Event) -> None:
+def fact_ticket(event: Event):
     t = event.parse(ev.TicketEvent)
     values = {
         "version": t.version,
@@ -103,9 +101,7 @@ def on_ticket(conn: sa.Connection, event: Event) -> None:
         "sla_first_response_met": t.sla_first_response_met,
         "sla_resolution_met": t.sla_resolution_met,
     }
-    applied, old = apply_versioned(conn, ticket_facts, {"ticket_id": t.ticket.removeprefix("tickets/")}, values)
-    if applied:
-        ROLLUP.apply(conn, ticket_contributions(old), ticket_contributions(values))
+    return TICKETS, {"ticket_id": t.ticket.removeprefix("tickets/")}, values
 
 
 def _survey_contrib(f) -> list:
@@ -116,14 +112,12 @@ def _survey_contrib(f) -> list:
     return [(key, {"csat_sum": m["csat"], "csat_count": 1})]
 
 
-def on_survey(conn: sa.Connection, event: Event) -> None:
+def fact_survey(event: Event):
     s = event.parse(ev.SurveyEvent)
     if s.kind != "csat" or not 1 <= s.csat <= 5:
-        return  # expectation surveys: the zone-of-tolerance report (not yet built)
+        return None  # expectation surveys: the zone-of-tolerance report (not yet built)
     values = {"version": _ts(s, "answer_time"), "agent": s.agent, "team": s.team, "csat": s.csat}
-    applied, old = apply_versioned(conn, survey_facts, {"survey_id": s.survey.removeprefix("surveys/")}, values)
-    if applied:
-        ROLLUP.apply(conn, _survey_contrib(old), _survey_contrib(values))
+    return SURVEYS, {"survey_id": s.survey.removeprefix("surveys/")}, values
 
 
 def _breach_contrib(f) -> list:
@@ -134,13 +128,11 @@ def _breach_contrib(f) -> list:
     return [(key, {"sla_breaches": 1})]
 
 
-def on_sla_breached(conn: sa.Connection, event: Event) -> None:
+def fact_sla_breach(event: Event):
     s = event.parse(ev.SlaEvent)
     values = {"version": _ts(s, "event_time"), "team": s.team, "assignee": s.assignee}
     key = {"ticket_id": s.ticket.removeprefix("tickets/"), "metric": s.metric}
-    applied, old = apply_versioned(conn, sla_breach_facts, key, values)
-    if applied:
-        ROLLUP.apply(conn, _breach_contrib(old), _breach_contrib(values))
+    return BREACHES, key, values
 
 
 def _call_contrib(f) -> list:
@@ -151,12 +143,20 @@ def _call_contrib(f) -> list:
     return [(key, {"calls": 1})]
 
 
-def on_call(conn: sa.Connection, event: Event) -> None:
+def fact_call(event: Event):
     c = event.parse(ev.CallEvent)
     values = {"version": _ts(c, "start_time"), "agent": c.agent}
-    applied, old = apply_versioned(conn, call_facts, {"call_id": c.call.removeprefix("calls/")}, values)
-    if applied:
-        ROLLUP.apply(conn, _call_contrib(old), _call_contrib(values))
+    return CALLS, {"call_id": c.call.removeprefix("calls/")}, values
+
+
+TICKETS = Facts(ticket_facts, ROLLUP, ticket_contributions)
+SURVEYS = Facts(survey_facts, ROLLUP, _survey_contrib)
+BREACHES = Facts(sla_breach_facts, ROLLUP, _breach_contrib)
+CALLS = Facts(call_facts, ROLLUP, _call_contrib)
+on_ticket = per_event(fact_ticket)
+on_survey = per_event(fact_survey)
+on_sla_breached = per_event(fact_sla_breach)
+on_call = per_event(fact_call)
 
 
 TICKET = Requires(ev.TicketEvent, ("ticket", "create_time", "version"))
