@@ -135,22 +135,45 @@ def _keep_index_names(conn: sa.Connection, retired: str) -> None:
             conn.execute(sa.text(f'ALTER INDEX public."{r.indexname}" RENAME TO "{name}"'))
 
 
+def _set_based(conn: sa.Connection, events: list) -> None:
+    """Apply the events' fact changes table by table (Facts.apply_many: the newest version of each
+    entity, a few statements for the whole batch); an event whose handler is not an extractor
+    (a merge) runs on its own, after the changes before it."""
+    pending: dict = {}
+
+    def flush():
+        for facts, changes in pending.items():
+            facts.apply_many(conn, changes)
+        pending.clear()
+
+    for event, handler in events:
+        extract = getattr(handler, "extract", None)
+        if extract is None:
+            flush()
+            handler(conn, event)
+            continue
+        change = extract(event)
+        if change is not None:
+            pending.setdefault(change[0], []).append((change[1], change[2]))
+    flush()
+
+
 def apply_batch(conn: sa.Connection, schema: str, table: dict, batch: list) -> int:
     """Apply (method, properties, body) deliveries to the shadow schema; returns how many were
-    skipped (unreadable, or a handler failed on them). The batch runs in one savepoint; if a
-    handler fails, it runs again one savepoint an event, so only the poison event is left out."""
+    skipped (unreadable, or a handler failed on them). The batch runs set-based in one savepoint;
+    if that fails, it runs again event by event, one savepoint each, so only a poison event is
+    left out."""
     events, skipped = _readable(batch, table)
     with in_schema(conn, schema):
         try:
             with conn.begin_nested():
-                for event, handler in events:
-                    handler(conn, event)
+                _set_based(conn, events)
             return skipped
         except sa.exc.DBAPIError as exc:
             if exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError):
                 raise
-        except Exception:
-            pass
+        except Exception as exc:
+            log.warning("a rebuild batch failed set-based; applying it event by event", extra={"error": repr(exc)})
         for event, handler in events:
             try:
                 with conn.begin_nested():
