@@ -32,6 +32,7 @@ class Feed:
         subs = SPEC.subscriptions(service.ctx)
         self.consumer = EventConsumer(service.ctx.engine, "amqp://unused", "reporting-svc", subs)
         self.handlers = {(s.domain, k): h for s in subs for k, h in s.handlers.items()}
+        self.subs = {s.domain: s for s in subs}
         self.requires = {(s.domain, k): r for s in subs for k, r in s.requires.items()}
 
     def deliver(self, *events: Event) -> list[bool]:
@@ -42,6 +43,11 @@ class Feed:
             assert req is None or req.problem(e) is None, req.problem(e)
             done.append(self.consumer.handle(e, self.handlers.get((domain, e.routing_key))))
         return done
+
+    def deliver_batch(self, *events: Event) -> int:
+        """The events in one transaction, as the consumer handles a batch: runs of one routing key
+        go to the subscription's batch handler (set-based). Returns how many were new."""
+        return self.consumer.handle_batch([(self.subs[e.exchange.split(".")[1]], e) for e in events])
 
     @staticmethod
     def event(domain: str, routing_key: str, message, subject: str = "", when: dt.datetime | None = None) -> Event:

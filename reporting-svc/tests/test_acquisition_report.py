@@ -43,13 +43,18 @@ def stub(svc, feed, ev):
         customer(feed, 4, "referral", AZAR, version=1),
     )
     converted = ev.lead(1, "website", "converted", ABAN, 2, at=AZAR)
-    feed.deliver(
-        converted,
-        ev.lead(1, "website", "new", ABAN, 1),  # older: ignored
-        ev.lead(2, "website", "new", ABAN, 1),
-        ev.lead(3, "website", "new", AZAR, 1),
-        ev.lead(4, "referral", "converted", AZAR, 2),
-        ev.again(converted),  # a replay
+    feed.deliver(converted)
+    # one consumer batch: a run of three lead.created.v1 goes to the batch handler (set-based),
+    # the first older than the stored version
+    assert (
+        feed.deliver_batch(
+            ev.again(converted),  # a replay, then an older version in a run of three
+            ev.lead(1, "website", "new", ABAN, 1),  # older: ignored
+            ev.lead(2, "website", "new", ABAN, 1),
+            ev.lead(3, "website", "new", AZAR, 1),
+            ev.lead(4, "referral", "converted", AZAR, 2),
+        )
+        == 5
     )
     won = ev.opportunity(1, "website", "won", "IRT", 2_000_000, AZAR, 3)
     feed.deliver(

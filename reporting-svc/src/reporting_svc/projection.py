@@ -62,6 +62,7 @@ class Projection:
             domain=self.domain,
             handlers={k: wrap(self.domain, h) for k, h in self.handlers.items()},
             requires=dict(self.requires),
+            batch={k: wrap_batch(self.domain, h) for k, h in self.handlers.items() if hasattr(h, "extract")},
         )
 
 
@@ -83,10 +84,10 @@ _TRACK = (
     .values(
         last_event_time=sa.func.greatest(projection_sources.c.last_event_time, sa.bindparam("event_time")),
         last_applied_at=sa.func.now(),
-        applied_events=projection_sources.c.applied_events + 1,
+        applied_events=projection_sources.c.applied_events + sa.bindparam("n", type_=sa.BigInteger),
     )
 )
-_TRACK_FIRST = projection_sources.insert().values(last_applied_at=sa.func.now(), applied_events=1)
+_TRACK_FIRST = projection_sources.insert().values(last_applied_at=sa.func.now())
 
 
 def shadow_schema(conn: sa.Connection) -> str | None:
@@ -102,18 +103,10 @@ def shadow_schema(conn: sa.Connection) -> str | None:
     return value
 
 
-def track(conn: sa.Connection, domain: str, event_time: dt.datetime) -> None:
+def track(conn: sa.Connection, domain: str, event_time: dt.datetime, count: int = 1) -> None:
     with in_schema(conn, None):
-        if conn.execute(_TRACK, {"w_domain": domain, "event_time": event_time}).rowcount == 0:
-            conn.execute(
-                _TRACK_FIRST,
-                {
-                    "domain": domain,
-                    "last_event_time": event_time,
-                    "last_applied_at": sa.func.now(),
-                    "applied_events": 1,
-                },
-            )
+        if conn.execute(_TRACK, {"w_domain": domain, "event_time": event_time, "n": count}).rowcount == 0:
+            conn.execute(_TRACK_FIRST, {"domain": domain, "last_event_time": event_time, "applied_events": count})
 
 
 def wrap(domain: str, handler: Handler) -> Handler:
@@ -126,6 +119,22 @@ def wrap(domain: str, handler: Handler) -> Handler:
         track(conn, domain, event.time)
 
     handle.__wrapped__ = handler  # the bare handler, as the rebuild replays it
+    return handle
+
+
+def wrap_batch(domain: str, handler: Handler) -> Callable[[sa.Connection, list[Event]], None]:
+    """The consumer's batch handler of a run of events of one routing key: applied set-based
+    (apply_events), with the shadow check and the lag row once for the run."""
+
+    def handle(conn: sa.Connection, events: list[Event]) -> None:
+        shadow = shadow_schema(conn)
+        pairs = [(e, handler) for e in events]
+        apply_events(conn, pairs)
+        if shadow:
+            with in_schema(conn, shadow):
+                apply_events(conn, pairs)
+        track(conn, domain, max(e.time for e in events), len(events))
+
     return handle
 
 
@@ -287,6 +296,30 @@ def per_event(extract: Callable[[Event], tuple[Facts, Mapping, Mapping] | None])
 
     handle.extract = extract
     return handle
+
+
+def apply_events(conn: sa.Connection, pairs: list[tuple[Event, Handler]]) -> None:
+    """Apply events' fact changes table by table (Facts.apply_many: the newest version of each
+    entity, a few statements for all of them); an event whose handler is not an extractor (a
+    merge) runs on its own, after the changes before it. The same result as the handlers one by
+    one."""
+    pending: dict = {}
+
+    def flush():
+        for facts, changes in pending.items():
+            facts.apply_many(conn, changes)
+        pending.clear()
+
+    for event, handler in pairs:
+        extract = getattr(handler, "extract", None)
+        if extract is None:
+            flush()
+            handler(conn, event)
+            continue
+        change = extract(event)
+        if change is not None:
+            pending.setdefault(change[0], []).append((change[1], change[2]))
+    flush()
 
 
 def subscriptions(projections: Iterable[Projection]) -> list[Subscription]:

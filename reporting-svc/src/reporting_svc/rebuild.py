@@ -35,7 +35,7 @@ from crm_chassis.messaging.envelope import MalformedEvent, from_amqp
 from crm_chassis.messaging.publisher import url_parameters
 from crm_chassis.messaging.topology import EVENT_LOG_STREAM
 
-from .projection import in_schema
+from .projection import apply_events, in_schema
 from .tables import PROJECTED, projection_rebuilds
 
 log = logging.getLogger("reporting.rebuild")
@@ -135,29 +135,6 @@ def _keep_index_names(conn: sa.Connection, retired: str) -> None:
             conn.execute(sa.text(f'ALTER INDEX public."{r.indexname}" RENAME TO "{name}"'))
 
 
-def _set_based(conn: sa.Connection, events: list) -> None:
-    """Apply the events' fact changes table by table (Facts.apply_many: the newest version of each
-    entity, a few statements for the whole batch); an event whose handler is not an extractor
-    (a merge) runs on its own, after the changes before it."""
-    pending: dict = {}
-
-    def flush():
-        for facts, changes in pending.items():
-            facts.apply_many(conn, changes)
-        pending.clear()
-
-    for event, handler in events:
-        extract = getattr(handler, "extract", None)
-        if extract is None:
-            flush()
-            handler(conn, event)
-            continue
-        change = extract(event)
-        if change is not None:
-            pending.setdefault(change[0], []).append((change[1], change[2]))
-    flush()
-
-
 def apply_batch(conn: sa.Connection, schema: str, table: dict, batch: list) -> int:
     """Apply (method, properties, body) deliveries to the shadow schema; returns how many were
     skipped (unreadable, or a handler failed on them). The batch runs set-based in one savepoint;
@@ -167,7 +144,7 @@ def apply_batch(conn: sa.Connection, schema: str, table: dict, batch: list) -> i
     with in_schema(conn, schema):
         try:
             with conn.begin_nested():
-                _set_based(conn, events)
+                apply_events(conn, events)
             return skipped
         except sa.exc.DBAPIError as exc:
             if exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError):
