@@ -78,6 +78,21 @@ HAND_WRITTEN = {
         200,
     ),
     ("GET", "/v1/reports/customers-by-source", "CountCustomersBySource", (), None, 200),
+    ("GET", "/v1/reports/customers-by-source:export", "ExportCustomersBySource", (), None, 200),
+    ("GET", "/v1/reports/acquisition", "GetAcquisitionReport", (), None, 200),
+    ("GET", "/v1/reports/acquisition:export", "ExportAcquisitionReport", (), None, 200),
+    ("GET", "/v1/reports/support", "GetSupportReport", (), None, 200),
+    ("GET", "/v1/reports/support:export", "ExportSupportReport", (), None, 200),
+    ("GET", "/v1/projectionStatus", "GetProjectionStatus", (), None, 200),
+    ("POST", "/v1/projectionRebuilds", "RebuildProjections", (), "*", 201),
+    (
+        "GET",
+        "/v1/projectionRebuilds/{projection_rebuild_id}",
+        "GetProjectionRebuild",
+        (("name", "projectionRebuilds/{projection_rebuild_id}"),),
+        None,
+        200,
+    ),
 }
 
 
@@ -89,7 +104,13 @@ def test_the_annotations_reproduce_the_hand_written_table():
     old = [r for r in ROUTES if r.service in BEFORE]
     got = {(r.method, r.path, r.rpc, tuple(sorted(r.bind.items())), r.body, r.status) for r in old}
     assert got == HAND_WRITTEN
-    assert {r.rpc for r in old if r.stream} == {"ExportCustomers", "DownloadImportErrorReport"}
+    assert {r.rpc for r in old if r.stream} == {
+        "ExportCustomers",
+        "DownloadImportErrorReport",
+        "ExportCustomersBySource",
+        "ExportAcquisitionReport",
+        "ExportSupportReport",
+    }
     assert [(r.rpc, r.upload) for r in old if r.upload] == [("ImportCustomers", "content")]
     # Summaries are the RPCs' proto comments (the generated modules carry none).
     get = next(r for r in ROUTES if r.rpc == "GetCustomer")

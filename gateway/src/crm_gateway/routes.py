@@ -76,6 +76,9 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
     "crm.sales.v1.LeadService.ExportLeads": (CSV, XLSX),
     "crm.sales.v1.OpportunityService.ExportOpportunities": (CSV, XLSX),
     "crm.support.v1.TicketService.ExportTickets": (CSV, XLSX),
+    "crm.reporting.v1.ReportingService.ExportCustomersBySource": (CSV, XLSX),
+    "crm.reporting.v1.ReportingService.ExportSupportReport": (CSV, XLSX),
+    "crm.reporting.v1.ReportingService.ExportAcquisitionReport": (CSV, XLSX),
     # an attachment answers the type it was uploaded with
     "crm.support.v1.TicketService.GetAttachment": ("application/pdf", "image/*", "*/*"),
 }

@@ -1,26 +1,24 @@
-"""`python -m reporting_svc [serve|migrate|consume]`"""
+"""`python -m reporting_svc [serve|migrate|relay|consume|work]`"""
 
 from __future__ import annotations
 
-import pathlib
+from crm_chassis.parts import parts_spec
+from crm_chassis.service import main
 
-from crm_chassis.service import ServiceContext, ServiceSpec, main
+from . import api, projections, rebuild, sales, support
 
-from . import projections
-from .api import registration
+# The parts of the service (crm_chassis.parts says what each may define). Each projection part
+# has a PROJECTION (projection.py); reporting_svc.PROJECTIONS lists them for the rebuild.
+PARTS = [
+    projections,  # customers per acquisition source (customer-svc's events)
+    sales,  # leads, conversions and won revenue per acquisition source (sales-svc's events)
+    support,  # the support desk: ticket, survey, SLA and call facts; the support_daily rollup
+    rebuild,  # RebuildProjections: the job that replays crm.events.log into fresh tables and swaps
+    api,  # ReportingService: the reports, their exports, projection status and rebuilds
+]
 
-
-def build(ctx: ServiceContext):
-    return [registration(ctx.engine)]
-
-
-SPEC = ServiceSpec(
-    name="reporting-svc",
-    default_port=50055,
-    migrations=pathlib.Path(__file__).parent / "migrations",
-    build=build,
-    subscriptions=lambda ctx: projections.subscriptions(),
-)
+# reporting-svc publishes nothing: no event domain, no relay.
+SPEC = parts_spec("reporting-svc", 50055, __file__, None, PARTS)
 
 
 def run() -> int:

@@ -1,71 +1,57 @@
-"""Projections: event handlers that keep the read models, and the queries over them."""
+"""The customer projection (customer-svc's events): customers per acquisition source, and its query."""
 
 from __future__ import annotations
 
 import datetime as dt
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from crm.customer.v1 import customer_events_pb2
-from crm_chassis.messaging.consumer import Requires, Subscription
+from crm_chassis.messaging.consumer import Requires
 from crm_chassis.messaging.envelope import Event
 
-metadata = sa.MetaData()
-
-customer_source_facts = sa.Table(
-    "customer_source_facts",
-    metadata,
-    sa.Column("customer_id", sa.Text, primary_key=True),
-    sa.Column("acquisition_source", sa.Text, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
-    sa.Column("version", sa.Integer, nullable=False, server_default="0"),
-)
+from .projection import Facts, Projection, Rollup, per_event, tehran_day
+from .tables import ACQUISITION_MEASURES, acquisition_daily, customer_source_facts
 
 UNKNOWN_SOURCE = "unknown"
 
 
+ROLLUP = Rollup(acquisition_daily, ("day", "source", "currency"), ACQUISITION_MEASURES)
+
+
+def _contrib(f) -> list:
+    if f is None:
+        return []
+    m = f._mapping if hasattr(f, "_mapping") else f
+    if m["deleted"]:
+        return []
+    return [({"day": tehran_day(m["created_at"]), "source": m["acquisition_source"], "currency": ""}, {"customers": 1})]
+
+
+def _customer_change(c):
+    """The customer's facts (applied unless a newer version is stored: events may arrive out of
+    order, from several relays, or again, replayed from the stream); its count in the
+    acquisition rollup moves with them."""
+    values = {
+        "acquisition_source": c.acquisition_source or UNKNOWN_SOURCE,
+        "created_at": c.create_time.ToDatetime(tzinfo=dt.UTC),
+        "deleted": c.HasField("delete_time") or bool(c.merged_into),
+        "version": int(c.etag.strip('"') or 0),
+    }
+    return CUSTOMERS, {"customer_id": c.name.removeprefix("customers/")}, values
+
+
 def _apply_customer(conn: sa.Connection, c) -> None:
-    """Upsert the customer's facts unless a newer version is already stored: events may
-    arrive out of order (several relays) or again (replays from the stream)."""
-    version = int(c.etag.strip('"') or 0)
-    stmt = pg_insert(customer_source_facts).values(
-        customer_id=c.name.removeprefix("customers/"),
-        acquisition_source=c.acquisition_source or UNKNOWN_SOURCE,
-        created_at=c.create_time.ToDatetime(tzinfo=dt.UTC),
-        deleted=c.HasField("delete_time") or bool(c.merged_into),
-        version=version,
-    )
-    conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["customer_id"],
-            set_={
-                "acquisition_source": stmt.excluded.acquisition_source,
-                "deleted": stmt.excluded.deleted,
-                "version": stmt.excluded.version,
-            },
-            where=customer_source_facts.c.version < stmt.excluded.version,
-        )
-    )
+    CUSTOMERS.apply(conn, *_customer_change(c)[1:])
 
 
-def on_customer_created(conn: sa.Connection, event: Event) -> None:
-    _apply_customer(conn, event.parse(customer_events_pb2.CustomerCreated).customer)
-
-
-def on_customer_updated(conn: sa.Connection, event: Event) -> None:
-    _apply_customer(conn, event.parse(customer_events_pb2.CustomerUpdated).customer)
-
-
-def on_customer_deleted(conn: sa.Connection, event: Event) -> None:
-    """customer.deleted.v1 and customer.undeleted.v1: the customer carries delete_time or not."""
-    _apply_customer(conn, event.parse(customer_events_pb2.CustomerDeleted).customer)
-
-
-def on_customer_erased(conn: sa.Connection, event: Event) -> None:
-    """Erasure keeps the aggregate facts (source, creation time): the counts do not change."""
-    _apply_customer(conn, event.parse(customer_events_pb2.CustomerErased).customer)
+CUSTOMERS = Facts(customer_source_facts, ROLLUP, _contrib)
+# created, updated, deleted / undeleted (the customer carries delete_time or not), erased (the
+# aggregate facts stay: the counts do not change): each carries the customer after the change.
+on_customer_created = per_event(lambda e: _customer_change(e.parse(customer_events_pb2.CustomerCreated).customer))
+on_customer_updated = per_event(lambda e: _customer_change(e.parse(customer_events_pb2.CustomerUpdated).customer))
+on_customer_deleted = per_event(lambda e: _customer_change(e.parse(customer_events_pb2.CustomerDeleted).customer))
+on_customer_erased = per_event(lambda e: _customer_change(e.parse(customer_events_pb2.CustomerErased).customer))
 
 
 def on_customer_merged(conn: sa.Connection, event: Event) -> None:
@@ -73,9 +59,11 @@ def on_customer_merged(conn: sa.Connection, event: Event) -> None:
     msg = event.parse(customer_events_pb2.CustomerMerged)
     _apply_customer(conn, msg.survivor)
     ids = [n.removeprefix("customers/") for n in msg.merged]
-    conn.execute(
-        customer_source_facts.update().where(customer_source_facts.c.customer_id.in_(ids)).values(deleted=True)
-    )
+    t = customer_source_facts
+    gone = conn.execute(
+        t.update().where(t.c.customer_id.in_(ids), t.c.deleted.is_(False)).values(deleted=True).returning(*t.c)
+    ).all()
+    ROLLUP.apply(conn, [c for r in gone for c in _contrib({**r._mapping, "deleted": False})], [])
 
 
 def on_customer_unmerged(conn: sa.Connection, event: Event) -> None:
@@ -103,22 +91,25 @@ REQUIRES = {
 }
 
 
-def subscriptions() -> list[Subscription]:
-    return [
-        Subscription(
-            domain="customer",
-            handlers={
-                "customer.created.v1": on_customer_created,
-                "customer.updated.v1": on_customer_updated,
-                "customer.deleted.v1": on_customer_deleted,
-                "customer.undeleted.v1": on_customer_deleted,
-                "customer.erased.v1": on_customer_erased,
-                "customer.merged.v1": on_customer_merged,
-                "customer.unmerged.v1": on_customer_unmerged,
-            },
-            requires=REQUIRES,
-        )
-    ]
+PROJECTION = Projection(
+    name="customers",
+    domain="customer",
+    handlers={
+        "customer.created.v1": on_customer_created,
+        "customer.updated.v1": on_customer_updated,
+        "customer.deleted.v1": on_customer_deleted,
+        "customer.undeleted.v1": on_customer_deleted,
+        "customer.erased.v1": on_customer_erased,
+        "customer.merged.v1": on_customer_merged,
+        "customer.unmerged.v1": on_customer_unmerged,
+    },
+    requires=REQUIRES,
+    tables=[customer_source_facts, acquisition_daily],
+)
+
+
+def subscriptions(rt=None):
+    return [PROJECTION.subscription()]
 
 
 def customers_by_source(

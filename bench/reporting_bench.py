@@ -1,0 +1,204 @@
+"""reporting-svc: live projection, rebuild and report latency: `python -m bench.reporting_bench`.
+
+On a fresh database and a private vhost (so the event log holds only these events):
+
+1. BENCH_REPORTING_EVENTS events (support tickets: opened, first_responded, resolved, closed;
+   one CSAT survey per ticket; customers created, a tenth of them updated) are published to the
+   producers' exchanges, with this service's queues and a raw queue bound beforehand.
+2. raw: a plain pika consumer (prefetch 100, ack per message) drains the raw queue: msg/s.
+3. live: reporting-svc (in this process: gRPC, consumers, job worker) starts and applies its
+   queues; events/s from its start to the last event applied (projection_sources). Goal: at
+   least 0.5 of raw.
+4. rebuild: RebuildProjections replays crm.events.log into shadow tables and swaps: events/s.
+   Goal (issue 12) >= 20,000 events/s.
+5. reports: GetSupportReport (Jalali day x agent; month) and GetAcquisitionReport (Jalali month)
+   BENCH_REPORT_CALLS times each: p50/p95 ms.
+
+Results: bench/results/reporting-<stamp>.txt/.json.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import time
+
+import pika
+import sqlalchemy as sa
+
+from bench.load import pct, table
+from crm.customer.v1 import customer_events_pb2, customer_pb2
+from crm.reporting.v1 import reporting_service_pb2 as rs
+from crm.reporting.v1 import reporting_service_pb2_grpc as rsg
+from crm.support.v1 import support_events_pb2 as sev
+from crm_chassis.messaging.envelope import new_event
+from crm_chassis.messaging.topology import declare_consumer_queue, declare_producer, exchange_for
+from reporting_svc import PROJECTIONS
+from reporting_svc.__main__ import SPEC
+from tests.support.harness import ROOT, Broker, Databases, channel, md, service_settings, start_service, wait_for
+
+N = int(os.environ.get("BENCH_REPORTING_EVENTS", "20000"))
+CALLS = int(os.environ.get("BENCH_REPORT_CALLS", "50"))
+T0 = dt.datetime(2026, 10, 1, 6, 0, tzinfo=dt.UTC)
+
+
+def ts(t):
+    from google.protobuf import timestamp_pb2
+
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(t)
+    return out
+
+
+def events(n: int) -> list:
+    out = []
+    i = 0
+    while len(out) < n:
+        created = T0 + dt.timedelta(minutes=37 * i)
+        name = f"tickets/{i}"
+        base = dict(ticket=name, channel=1 + i % 6, team=f"teams/{i % 3}", assignee=f"agents/{i % 20}",
+                    complaint=i % 9 == 0, create_time=ts(created), sla_policy="slaPolicies/std")  # fmt: skip
+        steps = [
+            ("ticket.opened.v1", {}),
+            ("ticket.first_responded.v1", {"first_response_time": ts(created + dt.timedelta(minutes=20))}),
+            ("ticket.resolved.v1", {"resolve_time": ts(created + dt.timedelta(hours=3)), "sla_resolution_met": True}),
+            ("ticket.closed.v1", {"close_time": ts(created + dt.timedelta(hours=5))}),
+        ]
+        acc = {}
+        for v, (key, change) in enumerate(steps, 1):
+            acc.update(change)
+            msg = sev.TicketEvent(**base, **acc, version=v, exchange_count=v)
+            out.append(
+                new_event(domain="support", source_service="support-svc", routing_key=key, subject=name, message=msg)
+            )
+        survey = sev.SurveyEvent(survey=f"surveys/{i}", ticket=name, agent=base["assignee"], team=base["team"],
+                                 kind="csat", csat=1 + i % 5, answer_time=ts(created + dt.timedelta(hours=6)))  # fmt: skip
+        out.append(new_event(domain="support", source_service="support-svc", routing_key="survey.answered.v1",
+                             subject=survey.survey, message=survey))  # fmt: skip
+        c = customer_pb2.Customer(name=f"customers/{i}", acquisition_source=("website", "referral", "")[i % 3],
+                                  create_time=ts(created), etag='"1"')  # fmt: skip
+        out.append(new_event(domain="customer", source_service="customer-svc", routing_key="customer.created.v1",
+                             subject=c.name, message=customer_events_pb2.CustomerCreated(customer=c)))  # fmt: skip
+        if i % 10 == 0:
+            c.etag, c.acquisition_source = '"2"', "exhibition"
+            out.append(new_event(domain="customer", source_service="customer-svc", routing_key="customer.updated.v1",
+                                 subject=c.name, message=customer_events_pb2.CustomerUpdated(customer=c)))  # fmt: skip
+        i += 1
+    return out[:n]
+
+
+def publish(url: str, evs: list) -> float:
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    ch = conn.channel()
+    ch.confirm_delivery()
+    t0 = time.perf_counter()
+    for e in evs:
+        ch.basic_publish(e.exchange, e.routing_key, e.data, e.amqp_properties())
+    conn.close()
+    return len(evs) / (time.perf_counter() - t0)
+
+
+def raw_consume(url: str, queue: str, n: int) -> float:
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    ch = conn.channel()
+    ch.basic_qos(prefetch_count=100)
+    got, t0 = 0, time.perf_counter()
+    for method, _p, _b in ch.consume(queue, inactivity_timeout=5):
+        if method is None:
+            break
+        ch.basic_ack(method.delivery_tag)
+        got += 1
+        if got >= n:
+            break
+    rate = got / (time.perf_counter() - t0)
+    ch.cancel()
+    conn.close()
+    return rate
+
+
+def main() -> None:
+    dbs, broker = Databases(), Broker()
+    out: dict = {"events": N, "host": platform.node(), "python": platform.python_version()}
+    try:
+        evs = events(N)
+        db = dbs.fresh("rep_bench")
+        limit = service_settings(SPEC.name, db, broker.url).consumer_delivery_limit  # as the consumer declares it
+        conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+        ch = conn.channel()
+        ch.queue_declare("bench.raw", durable=True, arguments={"x-queue-type": "quorum"})
+        for p in PROJECTIONS():
+            declare_producer(ch, p.domain)
+            ch.queue_bind("bench.raw", exchange_for(p.domain), "#")
+            declare_consumer_queue(ch, "reporting-svc", p.domain, list(p.handlers), limit)
+        conn.close()
+        out["publish_per_s"] = round(publish(broker.url, evs))
+        out["raw_consume_per_s"] = round(raw_consume(broker.url, "bench.raw", N))
+
+        svc = start_service(SPEC, db, broker.url)
+        t0 = time.perf_counter()
+
+        def applied():
+            with svc.ctx.engine.connect() as c:
+                return c.execute(sa.text("SELECT coalesce(sum(applied_events), 0) FROM projection_sources")).scalar()
+
+        wait_for(lambda: applied() >= N, 600, "the live projection")
+        out["live_per_s"] = round(N / (time.perf_counter() - t0))
+        out["live_over_raw"] = round(out["live_per_s"] / out["raw_consume_per_s"], 2)
+        with channel(svc) as gch:
+            stub = rsg.ReportingServiceStub(gch)
+            t0 = time.perf_counter()
+            job = stub.RebuildProjections(rs.RebuildProjectionsRequest(), metadata=md())
+
+            def done():
+                j = stub.GetProjectionRebuild(rs.GetProjectionRebuildRequest(name=job.name), metadata=md())
+                return j if j.state in ("succeeded", "failed", "cancelled") else None
+
+            j = wait_for(done, 600, "the rebuild")
+            out["rebuild_state"] = j.state
+            out["rebuild_per_s"] = round(j.processed_events / (time.perf_counter() - t0))
+            calls = {
+                "support day x agent (jalali)": lambda: stub.GetSupportReport(
+                    rs.GetSupportReportRequest(period="day", calendar="jalali", dimensions=["agent"]), metadata=md()
+                ),
+                "support month": lambda: stub.GetSupportReport(
+                    rs.GetSupportReportRequest(period="month"), metadata=md()
+                ),
+                "acquisition jalali month": lambda: stub.GetAcquisitionReport(
+                    rs.GetAcquisitionReportRequest(period="month", calendar="jalali"), metadata=md()
+                ),
+            }
+            rows = []
+            for name, call in calls.items():
+                times = []
+                for _ in range(CALLS):
+                    t = time.perf_counter()
+                    call()
+                    times.append((time.perf_counter() - t) * 1000)
+                rows.append({"report": name, "p50_ms": round(pct(times, 50), 1), "p95_ms": round(pct(times, 95), 1)})
+            out["reports"] = rows
+        svc.stop(0)
+    finally:
+        broker.close()
+        dbs.drop_all()
+    text = "\n".join(
+        [
+            f"reporting-svc bench: {N} events",
+            table(
+                [{"figure": k, "value": v} for k, v in out.items() if k != "reports"],
+                ["figure", "value"],
+            ),
+            "",
+            table(out.get("reports", []), ["report", "p50_ms", "p95_ms"]),
+        ]
+    )
+    print(text)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    results = ROOT / "bench" / "results"
+    (results / f"reporting-{stamp}.txt").write_text(text + "\n")
+    (results / f"reporting-{stamp}.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

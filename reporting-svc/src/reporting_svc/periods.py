@@ -1,0 +1,119 @@
+"""Grouping by period, in SQL over a rollup's `day` column (a Tehran business day): Gregorian or
+Jalali day, week (Saturday to Friday), month, quarter, year, weekday and day of month. The
+Jalali keys come from the SQL functions of migration 0004 (jalali_month(date) -> '1405-09').
+Labels for readers in English or Persian are made here from the keys.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from crm_chassis import dates
+from crm_chassis.errors import FieldViolation, InvalidArgument
+from crm_chassis.persian import JALALI_MONTHS, JALALI_QUARTERS, to_persian_digits
+
+PERIODS = ("all", "day", "week", "month", "quarter", "year", "weekday", "day_of_month")
+CALENDARS = ("gregorian", "jalali")
+
+GREGORIAN_MONTHS_EN = (
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+)  # fmt: skip
+GREGORIAN_MONTHS_FA = (
+    "ژانویه", "فوریه", "مارس", "آوریل", "مه", "ژوئن",
+    "ژوئیه", "اوت", "سپتامبر", "اکتبر", "نوامبر", "دسامبر",
+)  # fmt: skip
+JALALI_MONTHS_EN = (
+    "Farvardin", "Ordibehesht", "Khordad", "Tir", "Mordad", "Shahrivar",
+    "Mehr", "Aban", "Azar", "Dey", "Bahman", "Esfand",
+)  # fmt: skip
+WEEKDAYS_EN = ("Saturday", "Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
+WEEKDAYS_FA = ("شنبه", "یکشنبه", "دوشنبه", "سه‌شنبه", "چهارشنبه", "پنجشنبه", "جمعه")
+SEASONS_EN = ("Spring", "Summer", "Autumn", "Winter")
+
+
+def check(period: str, calendar: str, field_prefix: str = "") -> tuple[str, str]:
+    """The period and calendar of a request (defaults: all, gregorian); INVALID_ARGUMENT on the
+    field otherwise."""
+    period = (period or "all").strip().lower()
+    calendar = (calendar or "gregorian").strip().lower()
+    if period not in PERIODS:
+        raise InvalidArgument.field(
+            f"{field_prefix}period", f"unknown period {period!r}; use one of {', '.join(PERIODS)}"
+        )
+    if calendar not in CALENDARS:
+        raise InvalidArgument.field(
+            f"{field_prefix}calendar", f"unknown calendar {calendar!r}; use gregorian or jalali"
+        )
+    return period, calendar
+
+
+def parse_request(req, prefix: str = "") -> dict:
+    """The range (Tehran days, both included), period, calendar and language of a report request
+    with fields start_date, end_date, period, calendar, language_code."""
+    bad: list[FieldViolation] = []
+    start = dates.from_proto(req.start_date, f"{prefix}start_date", bad) if req.HasField("start_date") else None
+    end = dates.from_proto(req.end_date, f"{prefix}end_date", bad) if req.HasField("end_date") else None
+    if bad:
+        raise InvalidArgument(bad)
+    if start and end and end < start:
+        raise InvalidArgument.field(f"{prefix}end_date", "must not be before start_date")
+    period, calendar = check(req.period, req.calendar, prefix)
+    lang = "fa" if req.language_code.lower().startswith("fa") else "en"
+    return {"start": start, "end": end, "period": period, "calendar": calendar, "lang": lang}
+
+
+def key_expr(day: sa.ColumnElement, period: str, calendar: str) -> sa.ColumnElement:
+    """The SQL expression of a row's period key (text, sortable)."""
+    f = sa.func
+    j = calendar == "jalali"
+    if period == "all":
+        return sa.literal("")
+    if period == "day":
+        return f.jalali_date(day) if j else f.to_char(day, "YYYY-MM-DD")
+    if period == "week":
+        start = f.week_start_saturday(day)
+        return f.jalali_date(start) if j else f.to_char(start, "YYYY-MM-DD")
+    if period == "month":
+        return f.jalali_month(day) if j else f.to_char(day, "YYYY-MM")
+    if period == "quarter":
+        return f.jalali_quarter(day) if j else f.to_char(day, 'YYYY-"Q"Q')
+    if period == "year":
+        return f.jalali_year(day) if j else f.to_char(day, "YYYY")
+    if period == "weekday":
+        return sa.cast(f.weekday_from_saturday(day), sa.Text)
+    if period == "day_of_month":
+        dom = f.jalali_day_of_month(day) if j else sa.cast(sa.extract("day", day), sa.Integer)
+        return f.lpad(sa.cast(dom, sa.Text), 2, "0")
+    raise ValueError(period)
+
+
+def label(key: str, period: str, calendar: str, lang: str) -> str:
+    """A reader's label of a period key: 'Azar 1405' / 'آذر ۱۴۰۵', 'Saturday' / 'شنبه', ..."""
+    fa = lang.lower().startswith("fa")
+    digits = to_persian_digits if fa else str
+    j = calendar == "jalali"
+    if period == "all":
+        return "همه" if fa else "All"
+    if period == "weekday":
+        return (WEEKDAYS_FA if fa else WEEKDAYS_EN)[int(key)]
+    if period == "day_of_month":
+        return digits(str(int(key)))
+    if period == "year":
+        return digits(key)
+    if period == "quarter":
+        y, q = key.split("-Q")
+        if j:
+            return f"{JALALI_QUARTERS[int(q) - 1]} {digits(y)}" if fa else f"{SEASONS_EN[int(q) - 1]} {y}"
+        return f"سه‌ماهه {digits(q)} {digits(y)}" if fa else f"Q{q} {y}"
+    if period == "month":
+        y, m = key.split("-")
+        names = (
+            (JALALI_MONTHS if fa else JALALI_MONTHS_EN) if j else (GREGORIAN_MONTHS_FA if fa else GREGORIAN_MONTHS_EN)
+        )
+        return f"{names[int(m) - 1]} {digits(y)}"
+    # day, week: the date itself (a week by its Saturday)
+    text = key.replace("-", "/") if j else key
+    if period == "week":
+        return f"هفته از {digits(text)}" if fa else f"week of {text}"
+    return digits(text)

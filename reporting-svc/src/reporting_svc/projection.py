@@ -1,0 +1,326 @@
+"""The projection framework of reporting-svc.
+
+A projection is a module (a part in PARTS) with a `PROJECTION = Projection(...)`: the producer
+domain it reads, its handlers per routing key and what each requires of its event. Every
+handler is wrapped (`wrap`) so that, in the consumer's one transaction per delivery (whose
+inbox row makes a redelivery a no-op):
+
+- the producer's lag row (projection_sources) records the newest event time applied;
+- while a rebuild is in progress, the event is applied to the rebuild's shadow schema as well
+  (the same handler, its tables translated to that schema), so the rebuilt tables miss nothing
+  that arrived during the replay.
+
+Building blocks for handlers:
+
+- `apply_versioned(conn, table, key, values)`: upsert an entity's fact only if its version is
+  newer than the stored one; returns (applied, old row). Out-of-order and replayed events leave
+  the newest state. The fact's row lock (FOR UPDATE) serialises two replicas on one entity.
+- `Rollup(table, keys, measures).apply(conn, old, new)`: add to the rollup the difference
+  between a fact's new contributions and its old ones (each a list of (key dict, measures)).
+  Rollups therefore stay equal to a sum over the facts, whatever the order of events.
+
+Handlers use SQLAlchemy Core only (no hand-written table names): the rebuild runs them with
+`schema_translate_map` pointing at its shadow schema.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import sqlalchemy as sa
+
+from crm_chassis.dates import TEHRAN
+from crm_chassis.messaging.consumer import Requires, Subscription
+from crm_chassis.messaging.envelope import Event
+
+from .tables import projection_rebuilds, projection_sources
+
+Handler = Callable[[sa.Connection, Event], None]
+Contribution = tuple[Mapping[str, object], Mapping[str, int | Decimal]]
+
+
+def tehran_day(t: dt.datetime) -> dt.date:
+    """The business day (Asia/Tehran) of an instant: the `day` of every rollup."""
+    return t.astimezone(TEHRAN).date()
+
+
+@dataclass
+class Projection:
+    name: str
+    domain: str  # the producer: crm.<domain>.events
+    handlers: dict[str, Handler]
+    requires: dict[str, Requires] = field(default_factory=dict)
+    tables: list[sa.Table] = field(default_factory=list)  # what it writes (documentation, checks)
+
+    def subscription(self) -> Subscription:
+        return Subscription(
+            domain=self.domain,
+            handlers={k: wrap(self.domain, h) for k, h in self.handlers.items()},
+            requires=dict(self.requires),
+            batch={k: wrap_batch(self.domain, h) for k, h in self.handlers.items() if hasattr(h, "extract")},
+        )
+
+
+@contextlib.contextmanager
+def in_schema(conn: sa.Connection, schema: str | None):
+    """Run Core statements on `conn` against `schema` instead of the default one."""
+    before = conn.get_execution_options().get("schema_translate_map")
+    conn.execution_options(schema_translate_map={None: schema})
+    try:
+        yield conn
+    finally:
+        conn.execution_options(schema_translate_map=before or {None: None})
+
+
+_SHADOW = sa.select(projection_rebuilds.c.shadow_schema)
+_TRACK = (
+    projection_sources.update()
+    .where(projection_sources.c.domain == sa.bindparam("w_domain"))
+    .values(
+        last_event_time=sa.func.greatest(projection_sources.c.last_event_time, sa.bindparam("event_time")),
+        last_applied_at=sa.func.now(),
+        applied_events=projection_sources.c.applied_events + sa.bindparam("n", type_=sa.BigInteger),
+    )
+)
+_TRACK_FIRST = projection_sources.insert().values(last_applied_at=sa.func.now())
+
+
+def shadow_schema(conn: sa.Connection) -> str | None:
+    """The schema of the rebuild in progress, or None; read once a transaction (the consumer's
+    batches put many events in one), which holds its lock on projection_rebuilds to the end."""
+    tx = conn.get_transaction()
+    cached = conn.info.get("reporting_shadow")
+    if tx is not None and cached is not None and cached[0] is tx:
+        return cached[1]
+    with in_schema(conn, None):
+        value = conn.execute(_SHADOW).scalar()
+    conn.info["reporting_shadow"] = (tx, value)
+    return value
+
+
+def track(conn: sa.Connection, domain: str, event_time: dt.datetime, count: int = 1) -> None:
+    with in_schema(conn, None):
+        if conn.execute(_TRACK, {"w_domain": domain, "event_time": event_time, "n": count}).rowcount == 0:
+            conn.execute(_TRACK_FIRST, {"domain": domain, "last_event_time": event_time, "applied_events": count})
+
+
+def wrap(domain: str, handler: Handler) -> Handler:
+    def handle(conn: sa.Connection, event: Event) -> None:
+        shadow = shadow_schema(conn)  # first: the rebuild's swap locks this table before the others
+        handler(conn, event)
+        if shadow:
+            with in_schema(conn, shadow):
+                handler(conn, event)
+        track(conn, domain, event.time)
+
+    handle.__wrapped__ = handler  # the bare handler, as the rebuild replays it
+    return handle
+
+
+def wrap_batch(domain: str, handler: Handler) -> Callable[[sa.Connection, list[Event]], None]:
+    """The consumer's batch handler of a run of events of one routing key: applied set-based
+    (apply_events), with the shadow check and the lag row once for the run."""
+
+    def handle(conn: sa.Connection, events: list[Event]) -> None:
+        shadow = shadow_schema(conn)
+        pairs = [(e, handler) for e in events]
+        apply_events(conn, pairs)
+        if shadow:
+            with in_schema(conn, shadow):
+                apply_events(conn, pairs)
+        track(conn, domain, max(e.time for e in events), len(events))
+
+    return handle
+
+
+@functools.cache
+def _fact_statements(table: sa.Table, keys: tuple[str, ...]):
+    """The statements of apply_versioned for a table, built once (their compiled forms are then
+    cached by SQLAlchemy, per schema translation)."""
+    where = sa.and_(*(table.c[k] == sa.bindparam(f"w_{k}") for k in keys))
+    select = sa.select(table).where(where).with_for_update()
+    # Plain INSERT and UPDATE: SQLAlchemy caches their compiled forms (not ON CONFLICT's).
+    return select, table.insert(), table.update().where(where)
+
+
+def apply_versioned(
+    conn: sa.Connection, table: sa.Table, key: Mapping[str, object], values: Mapping[str, object]
+) -> tuple[bool, sa.Row | None]:
+    """Store the fact `key` + `values` (which include `version`) unless a version at least as
+    new is stored. Returns (applied, the row it replaced or None). The stored row is locked (FOR
+    UPDATE) for the rest of the transaction; two replicas inserting the same new entity meet on
+    the primary key: the one that lost rolls back, and its redelivery takes the update path."""
+    select, insert, update = _fact_statements(table, tuple(key))
+    where = {f"w_{k}": v for k, v in key.items()}
+    old = conn.execute(select, where).first()
+    if old is None:
+        conn.execute(insert, {**key, **values})
+        return True, None
+    if old.version >= values["version"]:
+        return False, old
+    conn.execute(update, {**where, **values})
+    return True, old
+
+
+@dataclass(frozen=True)
+class Rollup:
+    table: sa.Table
+    keys: tuple[str, ...]
+    measures: tuple[str, ...]
+
+    @functools.cached_property
+    def _statements(self):
+        t = self.table
+        where = sa.and_(*(t.c[k] == sa.bindparam(f"w_{k}") for k in self.keys))
+        add = (
+            t.update()
+            .where(where)
+            .values({m: t.c[m] + sa.bindparam(f"d_{m}", type_=t.c[m].type) for m in self.measures})
+        )
+        return add, t.insert()
+
+    def apply(self, conn: sa.Connection, old: Iterable[Contribution], new: Iterable[Contribution]) -> None:
+        """Add new - old to the rollup rows: an UPDATE per key touched (an INSERT for a new one)."""
+        add, insert = self._statements
+        for k, m in _delta(self, old, new).items():
+            params = {**{f"w_{c}": v for c, v in zip(self.keys, k, strict=True)}, **{f"d_{n}": v for n, v in m.items()}}
+            if conn.execute(add, params).rowcount == 0:  # a new row (a race with another replica rolls back)
+                conn.execute(insert, {**dict(zip(self.keys, k, strict=True)), **m})
+
+
+def _delta(rollup: Rollup, old: Iterable[Contribution], new: Iterable[Contribution]) -> dict:
+    delta: dict[tuple, dict] = {}
+    for sign, contribs in ((-1, old), (1, new)):
+        for key, measures in contribs:
+            k = tuple(key[c] for c in rollup.keys)
+            acc = delta.setdefault(k, dict.fromkeys(rollup.measures, 0))
+            for m, v in measures.items():
+                acc[m] += sign * v
+    return {k: m for k, m in delta.items() if any(v != 0 for v in m.values())}
+
+
+def _in(table: sa.Table, cols: tuple[str, ...]):
+    """WHERE (cols) IN :ks, an expanding parameter (one compiled form for any number of keys)."""
+    if len(cols) == 1:
+        return table.c[cols[0]].in_(sa.bindparam("ks", expanding=True))
+    return sa.tuple_(*(table.c[c] for c in cols)).in_(sa.bindparam("ks", expanding=True))
+
+
+def _ks(cols: tuple[str, ...], keys) -> list:
+    return [k[0] for k in keys] if len(cols) == 1 else [tuple(k) for k in keys]
+
+
+def rollup_many(conn: sa.Connection, rollup: Rollup, old: Iterable[Contribution], new: Iterable[Contribution]) -> None:
+    """Rollup.apply for many facts at once: one SELECT of the rows touched, one UPDATE and one
+    INSERT, each executed for many rows."""
+    delta = _delta(rollup, old, new)
+    if not delta:
+        return
+    t, keys = rollup.table, rollup.keys
+    found = {
+        tuple(r) for r in conn.execute(sa.select(*(t.c[k] for k in keys)).where(_in(t, keys)), {"ks": _ks(keys, delta)})
+    }
+    add, insert = rollup._statements
+    updates = [
+        {**{f"w_{c}": v for c, v in zip(keys, k, strict=True)}, **{f"d_{n}": v for n, v in m.items()}}
+        for k, m in delta.items()
+        if k in found
+    ]
+    inserts = [{**dict(zip(keys, k, strict=True)), **m} for k, m in delta.items() if k not in found]
+    if updates:
+        conn.execute(add, updates)
+    if inserts:
+        conn.execute(insert, inserts)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """A fact table and the rollup its rows contribute to: `apply` one change as an event's
+    handler does, `apply_many` a batch of changes (the rebuild) with the same result."""
+
+    table: sa.Table
+    rollup: Rollup
+    contributions: Callable[[Mapping], list]
+
+    def apply(self, conn: sa.Connection, key: Mapping, values: Mapping) -> None:
+        applied, old = apply_versioned(conn, self.table, key, values)
+        if applied:
+            self.rollup.apply(conn, self._contrib(old), self._contrib({**key, **values}))
+
+    def _contrib(self, row) -> list:
+        return [] if row is None else self.contributions(row._mapping if hasattr(row, "_mapping") else row)
+
+    def apply_many(self, conn: sa.Connection, changes: list[tuple[Mapping, Mapping]]) -> None:
+        if not changes:
+            return
+        cols = tuple(changes[0][0])
+        latest: dict[tuple, tuple[Mapping, Mapping]] = {}
+        for key, values in changes:  # the newest version of each entity in the batch
+            k = tuple(key[c] for c in cols)
+            if k not in latest or values["version"] > latest[k][1]["version"]:
+                latest[k] = (key, values)
+        t = self.table
+        select = sa.select(t).where(_in(t, cols)).with_for_update()
+        old = {tuple(r._mapping[c] for c in cols): r for r in conn.execute(select, {"ks": _ks(cols, latest)})}
+        _, insert, update = _fact_statements(t, cols)
+        inserts, updates, before, after = [], [], [], []
+        for k, (key, values) in latest.items():
+            o = old.get(k)
+            if o is None:
+                inserts.append({**key, **values})
+            elif o.version < values["version"]:
+                updates.append({**{f"w_{c}": v for c, v in key.items()}, **values})
+                before.extend(self._contrib(o))
+            else:
+                continue
+            after.extend(self._contrib({**key, **values}))
+        if inserts:
+            conn.execute(insert, inserts)
+        if updates:
+            conn.execute(update, updates)
+        rollup_many(conn, self.rollup, before, after)
+
+
+def per_event(extract: Callable[[Event], tuple[Facts, Mapping, Mapping] | None]) -> Handler:
+    """The handler of an extractor (event -> (facts, key, values) or None)."""
+
+    def handle(conn: sa.Connection, event: Event) -> None:
+        change = extract(event)
+        if change is not None:
+            change[0].apply(conn, change[1], change[2])
+
+    handle.extract = extract
+    return handle
+
+
+def apply_events(conn: sa.Connection, pairs: list[tuple[Event, Handler]]) -> None:
+    """Apply events' fact changes table by table (Facts.apply_many: the newest version of each
+    entity, a few statements for all of them); an event whose handler is not an extractor (a
+    merge) runs on its own, after the changes before it. The same result as the handlers one by
+    one."""
+    pending: dict = {}
+
+    def flush():
+        for facts, changes in pending.items():
+            facts.apply_many(conn, changes)
+        pending.clear()
+
+    for event, handler in pairs:
+        extract = getattr(handler, "extract", None)
+        if extract is None:
+            flush()
+            handler(conn, event)
+            continue
+        change = extract(event)
+        if change is not None:
+            pending.setdefault(change[0], []).append((change[1], change[2]))
+    flush()
+
+
+def subscriptions(projections: Iterable[Projection]) -> list[Subscription]:
+    return [p.subscription() for p in projections]

@@ -1,0 +1,177 @@
+"""The read models of reporting-svc, on one metadata. Migrations create them (0001..0004); the
+rebuild makes fresh copies of every PROJECTED table in a schema of its own and swaps them in.
+
+Facts are keyed by the entity's id and carry its version (or event time): a handler applies an
+event only if it is newer (projection.apply_versioned), so out-of-order and replayed events
+leave the newest state. Rollups are sums kept by delta from a fact's old to its new state
+(projection.Rollup), so they stay right whatever order facts arrive in.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+TS = sa.DateTime(timezone=True)
+
+customer_source_facts = sa.Table(
+    "customer_source_facts",
+    metadata,
+    sa.Column("customer_id", sa.Text, primary_key=True),
+    sa.Column("acquisition_source", sa.Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("version", sa.Integer, nullable=False, server_default="0"),
+)
+
+# support-svc: one row per ticket, its newest version.
+ticket_facts = sa.Table(
+    "ticket_facts",
+    metadata,
+    sa.Column("ticket_id", sa.Text, primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("team", sa.Text, nullable=False),
+    sa.Column("assignee", sa.Text, nullable=False),
+    sa.Column("complaint", sa.Boolean, nullable=False),
+    sa.Column("exchange_count", sa.Integer, nullable=False),
+    sa.Column("create_time", TS, nullable=False),
+    sa.Column("first_response_time", TS),
+    sa.Column("resolve_time", TS),
+    sa.Column("close_time", TS),
+    sa.Column("sla_policy", sa.Text, nullable=False),
+    sa.Column("sla_first_response_met", sa.Boolean, nullable=False),
+    sa.Column("sla_resolution_met", sa.Boolean, nullable=False),
+)
+
+# survey.answered.v1 (csat): one row per survey; version = answer time.
+survey_facts = sa.Table(
+    "survey_facts",
+    metadata,
+    sa.Column("survey_id", sa.Text, primary_key=True),
+    sa.Column("version", TS, nullable=False),
+    sa.Column("agent", sa.Text, nullable=False),
+    sa.Column("team", sa.Text, nullable=False),
+    sa.Column("csat", sa.Integer, nullable=False),
+)
+
+# ticket.sla_breached.v1: one row per (ticket, metric); a breach counts once.
+sla_breach_facts = sa.Table(
+    "sla_breach_facts",
+    metadata,
+    sa.Column("ticket_id", sa.Text, primary_key=True),
+    sa.Column("metric", sa.Text, primary_key=True),
+    sa.Column("version", TS, nullable=False),
+    sa.Column("team", sa.Text, nullable=False),
+    sa.Column("assignee", sa.Text, nullable=False),
+)
+
+# call.logged.v1: one row per call.
+call_facts = sa.Table(
+    "call_facts",
+    metadata,
+    sa.Column("call_id", sa.Text, primary_key=True),
+    sa.Column("version", TS, nullable=False),
+    sa.Column("agent", sa.Text, nullable=False),
+)
+
+SUPPORT_MEASURES = (
+    "requests",
+    "complaints",
+    "exchanges",
+    "first_responses",
+    "first_response_seconds",
+    "resolutions",
+    "resolution_seconds",
+    "sla_targets",
+    "sla_met",
+    "closed",
+    "sla_breaches",
+    "csat_sum",
+    "csat_count",
+    "calls",
+)
+
+# The support desk's daily rollup: per Tehran day x team x agent x channel.
+support_daily = sa.Table(
+    "support_daily",
+    metadata,
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("team", sa.Text, primary_key=True),
+    sa.Column("agent", sa.Text, primary_key=True),
+    sa.Column("channel", sa.Text, primary_key=True),
+    *(sa.Column(m, sa.BigInteger, nullable=False, server_default="0") for m in SUPPORT_MEASURES),
+)
+
+# sales-svc: one row per lead and per opportunity, their newest version.
+lead_facts = sa.Table(
+    "lead_facts",
+    metadata,
+    sa.Column("lead_id", sa.Text, primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("create_time", TS, nullable=False),
+)
+
+opportunity_facts = sa.Table(
+    "opportunity_facts",
+    metadata,
+    sa.Column("opportunity_id", sa.Text, primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("currency", sa.Text, nullable=False),  # IRR for IRT amounts (kept in rials)
+    sa.Column("amount", sa.Numeric(38, 9), nullable=False),
+    sa.Column("close_time", TS),
+)
+
+ACQUISITION_MEASURES = ("customers", "leads", "converted_leads", "won_opportunities", "won_amount")
+
+# Report 1's rollup: per Tehran day x acquisition source x currency ("" for the counts). Customers
+# count on their creation day (not deleted or merged away); leads on their creation day, with
+# those of them converted since (a cohort); won opportunities and their amount on the closing day.
+acquisition_daily = sa.Table(
+    "acquisition_daily",
+    metadata,
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("source", sa.Text, primary_key=True),
+    sa.Column("currency", sa.Text, primary_key=True),
+    *(sa.Column(m, sa.BigInteger, nullable=False, server_default="0") for m in ACQUISITION_MEASURES[:-1]),
+    sa.Column("won_amount", sa.Numeric(38, 9), nullable=False, server_default="0"),
+)
+
+# The tables a rebuild makes afresh (everything the projections write but the lag table).
+PROJECTED = [
+    customer_source_facts,
+    ticket_facts,
+    survey_facts,
+    sla_breach_facts,
+    call_facts,
+    support_daily,
+    lead_facts,
+    opportunity_facts,
+    acquisition_daily,
+]
+
+# Per producer: the newest event applied, for GetProjectionStatus.
+projection_sources = sa.Table(
+    "projection_sources",
+    metadata,
+    sa.Column("domain", sa.Text, primary_key=True),
+    sa.Column("last_event_time", TS, nullable=False),
+    sa.Column("last_applied_at", TS, nullable=False),
+    sa.Column("applied_events", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+# The rebuild in progress (at most one row): while it is there, live events are applied to its
+# shadow schema too, so the swapped-in tables miss nothing that arrived during the replay.
+projection_rebuilds = sa.Table(
+    "projection_rebuilds",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),  # always 1
+    sa.Column("job_id", sa.Text, nullable=False),
+    sa.Column("shadow_schema", sa.Text, nullable=False),
+    sa.Column("start_time", TS, nullable=False, server_default=sa.func.now()),
+)
