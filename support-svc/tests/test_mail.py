@@ -378,3 +378,59 @@ def test_charsets_fall_back_to_utf8_then_cp1256():
     assert mail_parse.decode_bytes("سلام".encode(), "x-unknown") == "سلام"
     assert mail_parse.decode_bytes("سلام".encode("cp1256"), "us-ascii") == "سلام"
     assert mail_parse.decode_bytes("سلام".encode(), "utf-8") == "سلام"
+
+
+def dsn(original_id: str, recipient: str, status: str = "5.1.1", action: str = "failed") -> bytes:
+    """An RFC 3464 delivery-status notification returning the headers of one of our mails."""
+    text = (
+        "From: MAILER-DAEMON@mx.example.ir\n"
+        "To: support@crm.test\n"
+        "Subject: Undelivered Mail Returned to Sender\n"
+        f"Message-ID: <dsn-{uuid.uuid4().hex}@mx.example.ir>\n"
+        "MIME-Version: 1.0\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\n\n'
+        "--B\nContent-Type: text/plain\n\nThe mail could not be delivered.\n"
+        "--B\nContent-Type: message/delivery-status\n\n"
+        "Reporting-MTA: dns; mx.example.ir\n\n"
+        f"Final-Recipient: rfc822; {recipient}\nAction: {action}\nStatus: {status}\n"
+        f"Diagnostic-Code: smtp; 550 {status} mailbox unknown\n"
+        "--B\nContent-Type: text/rfc822-headers\n\n"
+        f"From: support@{DOMAIN}\nTo: {recipient}\nMessage-ID: {original_id}\nSubject: Re: x\n"
+        "--B--\n"
+    )
+    return text.replace("\n", "\r\n").encode()
+
+
+def test_a_bounce_of_our_reply_marks_it_failed_with_a_note_and_makes_no_ticket(svc, sink):
+    first = mail("bounce me", "hello", sender="gone@example.ir")
+    send(svc, first, sender="gone@example.ir")
+    t = ticket_of(svc, first["Message-ID"])
+    sink.start()
+    try:
+        msg, _ = add_message(svc, t.id, "agent", "we answered", author="agent-7")
+        rt(svc).timers.run_once()
+        wait_for(lambda: delivery(svc, msg.id).delivery == "sent", 15, "sent")
+    finally:
+        sink.stop()
+    before = count(svc, tickets)
+    report = dsn(f"<msg-{msg.id}@{DOMAIN}>", "gone@example.ir")
+    assert send(svc, report, sender="")[0] == 250
+    send(svc, report, sender="")  # the MTA sends it again
+    assert count(svc, tickets) == before  # no ticket of the mailer daemon
+    d = delivery(svc, msg.id)
+    assert d.delivery == "failed" and "5.1.1" in d.delivery_error and "hard" in d.delivery_error
+    with svc.ctx.engine.connect() as conn:
+        notes = (
+            conn.execute(
+                sa.select(ticket_messages.c.body).where(
+                    ticket_messages.c.ticket_id == t.id, ticket_messages.c.kind == "system"
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert len([n for n in notes if "bounced" in n]) == 1  # noted once
+    # a report of a mail that is not ours is a mail like any other
+    other = dsn("<someone-else@example.org>", "x@example.ir")
+    send(svc, other, sender="")
+    assert count(svc, tickets) == before + 1

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import email
-import email.policy
 import hashlib
 import hmac
 import html as htmlmod
@@ -37,7 +35,6 @@ import os
 import re
 import uuid
 from dataclasses import dataclass
-from email.parser import HeaderParser
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import sqlalchemy as sa
@@ -52,6 +49,8 @@ from crm_chassis.filtering import keyset_page
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
 from crm_chassis.links import Signer
+from crm_chassis.mail import kind_of
+from crm_chassis.mail import parse_dsn as mail_dsn
 from crm_chassis.messaging.consumer import Subscription
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName
@@ -229,63 +228,18 @@ class Bounce:
     channel: str = "email"
 
 
-def kind_of(status: str, action: str = "failed") -> str:
-    """hard for 5.x.x, soft for 4.x.x; "" when the report is no failure (delivered, delayed)."""
-    action = (action or "failed").strip().lower()
-    if action not in ("failed",):
-        return ""
-    head = (status or "").strip()[:1]
-    return "soft" if head == "4" else "hard"
-
-
-def _address_of(field: str) -> str:
-    """'rfc822; a@b.ir' -> 'a@b.ir'."""
-    value = (field or "").partition(";")[2] if ";" in (field or "") else (field or "")
-    return value.strip().strip("<>").lower()
-
-
 def parse_dsn(raw: bytes) -> Bounce | None:
-    """The bounce an RFC 3464 delivery-status notification reports (multipart/report;
-    report-type=delivery-status), or None if the message is not one. The original message is
-    found by the Message-ID of the returned message or headers (ours: <cmp-{id}@domain>)."""
-    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
-    if msg.get_content_type() != "multipart/report":
+    """The bounce an RFC 3464 delivery-status notification reports (crm_chassis.mail.parse_dsn),
+    or None if the message is not one; our message by the returned message's Message-ID
+    (<cmp-{id}@domain>) or its X-CRM-Message header."""
+    dsn = mail_dsn(raw)
+    if dsn is None:
         return None
-    out: Bounce | None = None
-    original = None
-    for part in msg.walk():
-        ctype = part.get_content_type()
-        if ctype == "message/delivery-status":
-            blocks = part.get_payload()
-            if isinstance(blocks, str):  # a parser that left it as text
-                blocks = [HeaderParser().parsestr(b) for b in re.split(r"\r?\n\r?\n", blocks) if b.strip()]
-            for block in blocks[1:] if len(blocks) > 1 else blocks:
-                if block.get("Action") is None and block.get("Status") is None:
-                    continue
-                status = (block.get("Status") or "").strip().split(" ")[0]
-                action = (block.get("Action") or "failed").strip()
-                recipient = _address_of(block.get("Original-Recipient") or block.get("Final-Recipient") or "")
-                out = Bounce(
-                    recipient=recipient,
-                    status=status,
-                    kind=kind_of(status, action),
-                    description=" ".join(str(block.get("Diagnostic-Code") or action).split())[:300],
-                )
-                if out.kind:  # the first failed recipient (we send one recipient per message)
-                    break
-        elif ctype == "message/rfc822":
-            payload = part.get_payload()
-            if isinstance(payload, list) and payload:
-                original = payload[0]
-        elif ctype == "text/rfc822-headers":
-            original = HeaderParser().parsestr(part.get_payload(decode=True).decode("utf-8", "replace"))
-    if out is None:
-        return None
-    if original is not None:
-        out.provider_message_id = str(original.get("Message-ID") or "").strip()
-        own = str(original.get("X-CRM-Message") or "").strip()
-        found = _OUR_MESSAGE_ID.search(out.provider_message_id)
-        out.message_id = _uuid(own) or (_uuid(found.group(1)) if found else None) or ""
+    out = Bounce(recipient=dsn.recipient, status=dsn.status, kind=dsn.kind, description=dsn.description)
+    out.provider_message_id = dsn.original_message_id
+    own = dsn.original_headers.get("X-CRM-Message", "").strip()
+    found = _OUR_MESSAGE_ID.search(out.provider_message_id)
+    out.message_id = _uuid(own) or (_uuid(found.group(1)) if found else None) or ""
     return out
 
 

@@ -21,16 +21,20 @@ SMTP_TIMEOUT_SECONDS (30).
 from __future__ import annotations
 
 import base64
+import email
+import email.policy
 import os
 import queue
+import re
 import secrets
 import smtplib
 import ssl
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
+from email.parser import HeaderParser
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import formataddr, formatdate, getaddresses
 
@@ -390,3 +394,73 @@ def compose(headers: list[tuple[str, str]], text: str, html: str = "") -> bytes:
             b"\r\n--" + b + b"--\r\n",
         ]
     )
+
+
+# -- delivery-status notifications (RFC 3464) ----------------------------------------------------
+@dataclass
+class Dsn:
+    """What a delivery-status notification reports of the (first failed) recipient."""
+
+    recipient: str = ""
+    status: str = ""  # 5.1.1
+    kind: str = ""  # hard (5.x.x) | soft (4.x.x) | "" (delayed, delivered, relayed: no failure)
+    description: str = ""  # the Diagnostic-Code, or the action
+    original_message_id: str = ""  # the Message-ID of the message it returns
+    original_headers: dict = field(default_factory=dict)  # the returned message's headers
+
+
+def kind_of(status: str, action: str = "failed") -> str:
+    """hard for 5.x.x, soft for 4.x.x; "" when the report is no failure (delivered, delayed)."""
+    action = (action or "failed").strip().lower()
+    if action not in ("failed",):
+        return ""
+    head = (status or "").strip()[:1]
+    return "soft" if head == "4" else "hard"
+
+
+def _address_of(value: str) -> str:
+    """'rfc822; a@b.ir' -> 'a@b.ir'."""
+    value = (value or "").partition(";")[2] if ";" in (value or "") else (value or "")
+    return value.strip().strip("<>").lower()
+
+
+def parse_dsn(raw: bytes) -> Dsn | None:
+    """The report of an RFC 3464 delivery-status notification (multipart/report;
+    report-type=delivery-status), or None if the message is not one. The returned message (a
+    message/rfc822 part, or text/rfc822-headers) gives the original Message-ID."""
+    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    if msg.get_content_type() != "multipart/report":
+        return None
+    out: Dsn | None = None
+    original = None
+    for part in msg.walk():
+        ctype = part.get_content_type()
+        if ctype == "message/delivery-status":
+            blocks = part.get_payload()
+            if isinstance(blocks, str):  # a parser that left it as text
+                blocks = [HeaderParser().parsestr(b) for b in re.split(r"\r?\n\r?\n", blocks) if b.strip()]
+            for block in blocks[1:] if len(blocks) > 1 else blocks:
+                if block.get("Action") is None and block.get("Status") is None:
+                    continue
+                status = (block.get("Status") or "").strip().split(" ")[0]
+                action = (block.get("Action") or "failed").strip()
+                out = Dsn(
+                    recipient=_address_of(block.get("Original-Recipient") or block.get("Final-Recipient") or ""),
+                    status=status,
+                    kind=kind_of(status, action),
+                    description=" ".join(str(block.get("Diagnostic-Code") or action).split())[:300],
+                )
+                if out.kind:  # the first failed recipient
+                    break
+        elif ctype == "message/rfc822":
+            payload = part.get_payload()
+            if isinstance(payload, list) and payload:
+                original = payload[0]
+        elif ctype == "text/rfc822-headers":
+            original = HeaderParser().parsestr(part.get_payload(decode=True).decode("utf-8", "replace"))
+    if out is None:
+        return None
+    if original is not None:
+        out.original_message_id = str(original.get("Message-ID") or "").strip()
+        out.original_headers = {k: str(v) for k, v in original.items()}
+    return out

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 
 from crm_chassis.config import ConfigError
 from crm_chassis.errors import FailedPrecondition
-from crm_chassis.mail import mail_domain
+from crm_chassis.mail import mail_domain, parse_dsn
 
 from . import mail_parse
 from .mail_parse import ParsedMail
@@ -88,6 +88,9 @@ def in_settings(env=None) -> InSettings:
     )
 
 
+_OUR_REPLY = re.compile(r"<msg-([0-9a-fA-F-]{36})@[^>]+>")  # mail_out.message_id_of
+
+
 @dataclass
 class Stored:
     ticket_id: str
@@ -108,6 +111,9 @@ class Inbox:
         return self.support.tickets
 
     def store(self, raw: bytes, envelope_from: str = "", rcpt_tos=(), peer: str = "") -> Stored:
+        bounced = self._bounce(raw)
+        if bounced is not None:
+            return bounced
         mail = mail_parse.parse(raw, envelope_from, rcpt_tos)
         try:
             return self._store(mail, raw, peer)
@@ -116,6 +122,48 @@ class Inbox:
         except Exception:  # noqa: BLE001 - a bug or an odd mail must not make a 451 loop
             log.exception("mail-in: storing the parsed mail failed; storing it raw", extra={"peer": peer})
             return self._store(mail_parse.unparsed(raw, envelope_from, list(rcpt_tos), "store failed"), raw, peer)
+
+    # -- a bounce of one of our replies ---------------------------------------------------------
+    def _bounce(self, raw: bytes) -> Stored | None:
+        """A delivery-status notification returning one of our agent replies (its Message-ID
+        <msg-{id}@domain>): the reply's delivery is marked failed with the status and a system
+        note says so on the ticket. No ticket is made of it (nor a reply sent to the mailer
+        daemon). A delay or delivery report only answers. Anything else: None (a normal mail)."""
+        try:
+            dsn = parse_dsn(raw)
+        except Exception:  # noqa: BLE001 - an odd report is a normal mail then
+            return None
+        found = _OUR_REPLY.search(dsn.original_message_id) if dsn is not None else None
+        if found is None:
+            return None
+        with self.support.uow.begin() as tx:
+            conn = tx.conn
+            msg = conn.execute(
+                sa.select(ticket_messages.c.ticket_id, ticket_messages.c.delivery_error).where(
+                    ticket_messages.c.id == found.group(1), ticket_messages.c.kind == "agent"
+                )
+            ).first()
+            if msg is None:
+                return None
+            ticket = self.tickets.lock(conn, msg.ticket_id)
+            if dsn.kind:
+                error = f"bounced ({dsn.kind}) {dsn.status}: {dsn.description}"[:500]
+                if msg.delivery_error != error:  # a repeated report notes nothing more
+                    conn.execute(
+                        ticket_messages.update()
+                        .where(ticket_messages.c.id == found.group(1))
+                        .values(delivery="failed", delivery_error=error)
+                    )
+                    note = (
+                        f"پاسخ به {dsn.recipient} برگشت خورد ({dsn.status}). "
+                        f"The reply to {dsn.recipient} bounced ({dsn.status}): {dsn.description}"
+                    )
+                    self.tickets.add_notes(tx, [(str(ticket.id), note)], author="mail", actor="mail-in")
+            log.info(
+                "mail-in: a delivery report of a reply",
+                extra={"ticket": number_text(ticket.number), "status": dsn.status, "kind": dsn.kind},
+            )
+            return Stored(str(ticket.id), number_text(ticket.number), False, False)
 
     # -- one mail ----------------------------------------------------------------------------
     def _store(self, mail: ParsedMail, raw: bytes, peer: str) -> Stored:
