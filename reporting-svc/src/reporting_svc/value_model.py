@@ -1,0 +1,154 @@
+"""Predictive customer value: BG/NBD + Gamma-Gamma (bgnbd.py) fitted on customer_value_daily,
+results per customer in value_scores, cached per (currency, as-of day) in value_fits.
+
+A fit is made on demand (GetCustomerValue, ListChurnRisks, the export) when there is none for
+the currency and day, or when the sales projection applied events since it (projection_sources);
+an advisory lock makes concurrent requests fit once. Time unit: days. A customer's purchases
+are the Tehran days with a paid invoice; x = those days - 1, t_x = last - first, T = as-of - first.
+Gamma-Gamma takes the mean net revenue per purchase day of customers with x > 0.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+import numpy as np
+import sqlalchemy as sa
+
+from crm_chassis.errors import FailedPrecondition
+
+from . import bgnbd
+from .tables import projection_sources
+from .value_tables import value_fits, value_scores
+
+RECENT_DAYS = 90
+
+SUMMARY_SQL = sa.text(
+    f"""
+    SELECT customer_id,
+           count(*) FILTER (WHERE purchases > 0) AS n,
+           min(day) FILTER (WHERE purchases > 0) AS first_day,
+           max(day) FILTER (WHERE purchases > 0) AS last_day,
+           sum(revenue) AS revenue,
+           sum(revenue) FILTER (WHERE purchases > 0) AS purchase_revenue,
+           count(*) FILTER (WHERE purchases > 0 AND day > CAST(:as_of AS date) - {RECENT_DAYS}) AS recent,
+           coalesce(sum(credit_notes) FILTER (WHERE day > CAST(:as_of AS date) - {RECENT_DAYS}), 0) AS recent_credits
+    FROM customer_value_daily
+    WHERE currency = :currency AND day <= :as_of
+    GROUP BY customer_id
+    HAVING count(*) FILTER (WHERE purchases > 0) > 0
+    ORDER BY customer_id
+    """
+)
+
+TEXTS = {
+    "no_recent_purchase": (
+        "no purchase for {since} days, usually every {every}",
+        "{since} روز بدون خرید، معمولاً هر {every} روز",
+    ),
+    "frequency_dropped": (
+        "frequency dropped: {recent} purchases in the last {days} days, {usual} usually",
+        "کاهش تکرار خرید: {recent} خرید در {days} روز گذشته، معمولاً {usual}",
+    ),
+    "single_purchase": ("one purchase only, {since} days ago", "تنها یک خرید، {since} روز پیش"),
+    "credit_notes": ("credit notes {n} in the last {days} days", "{n} اعلامیه بستانکار در {days} روز گذشته"),
+}
+
+
+def reasons(since: int, x: int, t_x: int, T: int, recent: int, credits: int) -> list[dict]:
+    """Why a customer may be lost, as codes with their figures (the text is made per language)."""
+    out = []
+    if x == 0:
+        out.append({"code": "single_purchase", "since": since})
+    else:
+        every = t_x / x
+        if since > 2 * every and since >= 14:
+            out.append({"code": "no_recent_purchase", "since": since, "every": max(1, round(every))})
+        window = min(RECENT_DAYS, T)
+        before = T - window
+        usual = (x + 1 - recent) / before * window if before > 0 else 0.0
+        if usual >= 2 and recent < usual / 2:
+            out.append({"code": "frequency_dropped", "recent": recent, "days": RECENT_DAYS, "usual": round(usual, 1)})
+    if credits:
+        out.append({"code": "credit_notes", "n": credits, "days": RECENT_DAYS})
+    return out
+
+
+def reason_text(reason: dict, lang: str) -> str:
+    from crm_chassis.persian import to_persian_digits
+
+    template = TEXTS[reason["code"]][1 if lang == "fa" else 0]
+    text = template.format(**reason)
+    return to_persian_digits(text) if lang == "fa" else text
+
+
+def _stale(conn: sa.Connection, fit_time: dt.datetime) -> bool:
+    last = conn.execute(
+        sa.select(projection_sources.c.last_applied_at).where(projection_sources.c.domain == "sales")
+    ).scalar()
+    return last is not None and last > fit_time
+
+
+def ensure_fit(conn: sa.Connection, currency: str, as_of: dt.date, horizon: int) -> dict | None:
+    """The fit of (currency, as_of), made now if missing or stale (or of another horizon).
+    None when there are no customers; FAILED_PRECONDITION when too few to fit."""
+    row = conn.execute(sa.select(value_fits).where(value_fits.c.currency == currency, value_fits.c.as_of == as_of)).first()
+    if row is not None and row.params.get("horizon_days") == horizon and not _stale(conn, row.fit_time):
+        return dict(row.params) if row.customers else None
+    conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('reporting.value_fit'), hashtext(:k))"),
+                 {"k": f"{currency}:{as_of}"})  # fmt: skip
+    return fit(conn, currency, as_of, horizon)
+
+
+def fit(conn: sa.Connection, currency: str, as_of: dt.date, horizon: int) -> dict | None:
+    rows = conn.execute(SUMMARY_SQL, {"currency": currency, "as_of": as_of}).all()
+    conn.execute(value_scores.delete().where(value_scores.c.currency == currency, value_scores.c.as_of == as_of))
+    conn.execute(value_fits.delete().where(value_fits.c.currency == currency, value_fits.c.as_of == as_of))
+    now = dt.datetime.now(dt.UTC)
+    if not rows:
+        conn.execute(value_fits.insert().values(currency=currency, as_of=as_of, fit_time=now, customers=0,
+                                                params={"horizon_days": horizon}))  # fmt: skip
+        return None
+    n = np.array([r.n for r in rows], dtype=float)
+    x = n - 1
+    t_x = np.array([(r.last_day - r.first_day).days for r in rows], dtype=float)
+    T = np.array([(as_of - r.first_day).days for r in rows], dtype=float)
+    spend = np.array([float(r.purchase_revenue) / r.n for r in rows])
+    try:
+        model = bgnbd.fit_bgnbd(x, t_x, T)
+    except ValueError as e:
+        raise FailedPrecondition(f"cannot fit the purchase model: {e} (need at least 3 customers, some repeat)") from None
+    try:
+        gg = bgnbd.fit_gamma_gamma(x, spend)
+        expected_spend = gg.expected_spend(x, spend)
+        gg_params = {"p": gg.p, "q": gg.q, "gamma": gg.gamma, "log_likelihood": gg.log_likelihood}
+    except ValueError:
+        gg, gg_params = None, None
+        expected_spend = spend  # too few repeat customers: their own mean spend
+    p_alive = model.p_alive(x, t_x, T)
+    expected = model.expected_purchases(horizon, x, t_x, T)
+    scores = []
+    for i, r in enumerate(rows):
+        since = (as_of - r.last_day).days
+        scores.append({
+            "currency": currency, "as_of": as_of, "customer_id": r.customer_id, "purchases": r.n,
+            "first_day": r.first_day, "last_day": r.last_day, "historic_clv": r.revenue,
+            "p_alive": float(p_alive[i]), "churn_risk": float(1 - p_alive[i]),
+            "expected_purchases": _finite(expected[i]), "expected_spend": _finite(expected_spend[i]),
+            "predicted_clv": _finite(expected[i] * expected_spend[i]), "horizon_days": horizon,
+            "reasons": reasons(since, int(x[i]), int(t_x[i]), int(T[i]), r.recent, int(r.recent_credits)),
+        })  # fmt: skip
+    conn.execute(value_scores.insert(), scores)
+    params = {
+        "horizon_days": horizon,
+        "bgnbd": {"r": model.r, "alpha": model.alpha, "a": model.a, "b": model.b, "log_likelihood": model.log_likelihood},
+        "gamma_gamma": gg_params,
+    }
+    conn.execute(value_fits.insert().values(currency=currency, as_of=as_of, fit_time=now, customers=len(rows), params=params))
+    return params
+
+
+def _finite(v) -> float:
+    v = float(v)
+    return v if math.isfinite(v) else 0.0
