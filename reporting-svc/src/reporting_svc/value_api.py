@@ -47,6 +47,11 @@ def _money(amount, currency: str):
     return money.to_money(money.round_minor(Decimal(str(amount)), currency), currency)
 
 
+def _amount(m) -> str:
+    """A Money as a plain decimal string for exports ("400", "12.5")."""
+    return format(money.to_decimal(m).normalize(), "f")
+
+
 def _rfm(r, currency: str) -> pb.RfmCustomer:
     return pb.RfmCustomer(
         customer="customers/" + r.customer_id, recency_days=r.recency_days, frequency=r.frequency,
@@ -190,7 +195,7 @@ class ValueServicer(value_pb2_grpc.ValueServiceServicer):
             cols = [("decile", "Decile", "دهک"), ("customers", "Customers", "مشتریان"), ("revenue", "Revenue", "درآمد"),
                     ("customer_share", "Cumulative customers", "سهم تجمعی مشتریان"),
                     ("revenue_share", "Cumulative revenue", "سهم تجمعی درآمد")]  # fmt: skip
-            rows = ({"decile": c.decile, "customers": c.customers, "revenue": str(money.to_decimal(c.revenue)),
+            rows = ({"decile": c.decile, "customers": c.customers, "revenue": _amount(c.revenue),
                      "customer_share": round(c.cumulative_customer_share, 4),
                      "revenue_share": round(c.cumulative_revenue_share, 4)} for c in resp.curve)  # fmt: skip
         elif report == "rfm":
@@ -198,7 +203,7 @@ class ValueServicer(value_pb2_grpc.ValueServiceServicer):
                                                            end_date=request.end_date if request.HasField("end_date") else None,
                                                            currency_code=request.currency_code))  # fmt: skip
             cols = [("segment", "Segment", "بخش"), ("customers", "Customers", "مشتریان"), ("revenue", "Revenue", "درآمد")]
-            rows = ({"segment": s.segment, "customers": s.customers, "revenue": str(money.to_decimal(s.revenue))}
+            rows = ({"segment": s.segment, "customers": s.customers, "revenue": _amount(s.revenue)}
                     for s in resp.segments)  # fmt: skip
         else:
             req = pb.ListChurnRisksRequest(currency_code=request.currency_code)
@@ -210,7 +215,7 @@ class ValueServicer(value_pb2_grpc.ValueServiceServicer):
                     ("predicted_clv", "Predicted CLV", "ارزش پیش‌بینی‌شده"), ("reasons", "Reasons", "دلایل")]  # fmt: skip
             lang = "fa" if fa else "en"
             rows = ({"customer": "customers/" + s.customer_id, "churn_risk": round(s.churn_risk, 4), "purchases": s.purchases,
-                     "historic_clv": str(s.historic_clv), "predicted_clv": round(s.predicted_clv, 2),
+                     "historic_clv": format(s.historic_clv.normalize(), "f"), "predicted_clv": round(s.predicted_clv, 2),
                      "reasons": "; ".join(value_model.reason_text(r, lang) for r in s.reasons)} for s in scores)  # fmt: skip
         columns = [documents.Column(f, fa_ if fa else en) for f, en, fa_ in cols]
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
