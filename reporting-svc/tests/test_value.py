@@ -151,7 +151,15 @@ def test_rfm_scores_and_segments(stub):
     for cid, (rec, freq, mon, rs, fs, ms, seg) in expect.items():
         page = call(stub, "ListRfmSegmentCustomers", segment=seg, end_date=d(2026, 11, 30), currency_code="USD")
         [c] = page.customers
-        got = (c.recency_days, c.frequency, c.monetary.units, c.recency_score, c.frequency_score, c.monetary_score, c.segment)
+        got = (
+            c.recency_days,
+            c.frequency,
+            c.monetary.units,
+            c.recency_score,
+            c.frequency_score,
+            c.monetary_score,
+            c.segment,
+        )
         assert (c.customer, got) == (f"customers/{cid}", (rec, freq, mon, rs, fs, ms, seg))
 
 
@@ -184,7 +192,9 @@ def test_churn_risks_highest_first_with_reasons(stub):
     assert risks == sorted(risks, reverse=True)
     rest, token = [], first.next_page_token
     while token:
-        page = call(stub, "ListChurnRisks", currency_code="EUR", as_of_date=d(2026, 12, 1), page_size=5, page_token=token)
+        page = call(
+            stub, "ListChurnRisks", currency_code="EUR", as_of_date=d(2026, 12, 1), page_size=5, page_token=token
+        )
         rest += list(page.customers)
         token = page.next_page_token
     names = [c.name for c in first.customers] + [c.name for c in rest]

@@ -33,7 +33,11 @@ class BgNbd:
         with np.errstate(divide="ignore", over="ignore"):
             ratio = np.where(
                 x > 0,
-                np.exp(np.log(a) - np.log(np.maximum(b + x - 1, 1e-300)) + (r + x) * (np.log(alpha + T) - np.log(alpha + t_x))),
+                np.exp(
+                    np.log(a)
+                    - np.log(np.maximum(b + x - 1, 1e-300))
+                    + (r + x) * (np.log(alpha + T) - np.log(alpha + t_x))
+                ),
                 0.0,
             )
         return 1.0 / (1.0 + ratio)
@@ -57,7 +61,9 @@ def bgnbd_log_likelihood(params, x, t_x, T) -> np.ndarray:
     a2 = g(a + b) + g(b + x) - g(b) - g(a + b + x)
     a3 = -(r + x) * np.log(alpha + T)
     with np.errstate(divide="ignore", invalid="ignore"):
-        a4 = np.where(x > 0, np.log(a) - np.log(np.where(x > 0, b + x - 1, 1.0)) - (r + x) * np.log(alpha + t_x), -np.inf)
+        a4 = np.where(
+            x > 0, np.log(a) - np.log(np.where(x > 0, b + x - 1, 1.0)) - (r + x) * np.log(alpha + t_x), -np.inf
+        )
     return a1 + a2 + np.logaddexp(a3, a4)
 
 

@@ -88,7 +88,9 @@ def currency_of(value: str, field: str = "currency_code") -> str:
     return "IRR" if code == "IRT" else code
 
 
-def period_of(req, start_field: str = "start_date", end_field: str = "end_date") -> tuple[dt.date | None, dt.date | None]:
+def period_of(
+    req, start_field: str = "start_date", end_field: str = "end_date"
+) -> tuple[dt.date | None, dt.date | None]:
     bad: list[FieldViolation] = []
     start = dates.from_proto(getattr(req, start_field), start_field, bad) if req.HasField(start_field) else None
     end = dates.from_proto(getattr(req, end_field), end_field, bad) if req.HasField(end_field) else None
@@ -157,7 +159,13 @@ def pareto(conn: sa.Connection, currency: str, start: dt.date | None, end: dt.da
              "customer_share": r.last_rn / n, "revenue_share": float(cum / total)}
         )  # fmt: skip
     top = sum(Decimal(r.top) for r in rows)
-    return {"customers": n, "total": total, "top_customers": int(rows[0].top_k), "top_share": float(top / total), "curve": curve}
+    return {
+        "customers": n,
+        "total": total,
+        "top_customers": int(rows[0].top_k),
+        "top_share": float(top / total),
+        "curve": curve,
+    }
 
 
 # -- RFM -------------------------------------------------------------------------------------

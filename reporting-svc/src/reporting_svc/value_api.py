@@ -117,7 +117,9 @@ class ValueServicer(value_pb2_grpc.ValueServiceServicer):
     def ListRfmSegmentCustomers(self, request, context):
         segment = request.segment.strip().lower()
         if segment not in value.SEGMENT_IDS:
-            raise InvalidArgument.field("segment", f"unknown segment {segment!r}; use one of {', '.join(value.SEGMENT_IDS)}")
+            raise InvalidArgument.field(
+                "segment", f"unknown segment {segment!r}; use one of {', '.join(value.SEGMENT_IDS)}"
+            )
         currency = value.currency_of(request.currency_code)
         start, end = value.period_of(request)
         limit = page_size(request.page_size)
@@ -163,9 +165,13 @@ class ValueServicer(value_pb2_grpc.ValueServiceServicer):
         with self.engine.begin() as conn:
             if value_model.ensure_fit(conn, currency, as_of, horizon) is None:
                 return [], fp, currency
-            q = sa.select(t).where(t.c.currency == currency, t.c.as_of == as_of, t.c.churn_risk >= request.min_churn_risk)
+            q = sa.select(t).where(
+                t.c.currency == currency, t.c.as_of == as_of, t.c.churn_risk >= request.min_churn_risk
+            )
             if after:
-                q = q.where(sa.or_(t.c.churn_risk < after[0], sa.and_(t.c.churn_risk == after[0], t.c.customer_id > after[1])))
+                q = q.where(
+                    sa.or_(t.c.churn_risk < after[0], sa.and_(t.c.churn_risk == after[0], t.c.customer_id > after[1]))
+                )
             rows = conn.execute(q.order_by(t.c.churn_risk.desc(), t.c.customer_id).limit(limit)).all()
         return rows, fp, currency
 
@@ -202,7 +208,11 @@ class ValueServicer(value_pb2_grpc.ValueServiceServicer):
             resp = self._rfm_report(pb.GetRfmReportRequest(start_date=request.start_date if request.HasField("start_date") else None,
                                                            end_date=request.end_date if request.HasField("end_date") else None,
                                                            currency_code=request.currency_code))  # fmt: skip
-            cols = [("segment", "Segment", "بخش"), ("customers", "Customers", "مشتریان"), ("revenue", "Revenue", "درآمد")]
+            cols = [
+                ("segment", "Segment", "بخش"),
+                ("customers", "Customers", "مشتریان"),
+                ("revenue", "Revenue", "درآمد"),
+            ]
             rows = ({"segment": s.segment, "customers": s.customers, "revenue": _amount(s.revenue)}
                     for s in resp.segments)  # fmt: skip
         else:

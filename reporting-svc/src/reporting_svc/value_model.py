@@ -93,7 +93,9 @@ def _stale(conn: sa.Connection, fit_time: dt.datetime) -> bool:
 def ensure_fit(conn: sa.Connection, currency: str, as_of: dt.date, horizon: int) -> dict | None:
     """The fit of (currency, as_of), made now if missing or stale (or of another horizon).
     None when there are no customers; FAILED_PRECONDITION when too few to fit."""
-    row = conn.execute(sa.select(value_fits).where(value_fits.c.currency == currency, value_fits.c.as_of == as_of)).first()
+    row = conn.execute(
+        sa.select(value_fits).where(value_fits.c.currency == currency, value_fits.c.as_of == as_of)
+    ).first()
     if row is not None and row.params.get("horizon_days") == horizon and not _stale(conn, row.fit_time):
         return dict(row.params) if row.customers else None
     conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('reporting.value_fit'), hashtext(:k))"),
@@ -118,7 +120,9 @@ def fit(conn: sa.Connection, currency: str, as_of: dt.date, horizon: int) -> dic
     try:
         model = bgnbd.fit_bgnbd(x, t_x, T)
     except ValueError as e:
-        raise FailedPrecondition(f"cannot fit the purchase model: {e} (need at least 3 customers, some repeat)") from None
+        raise FailedPrecondition(
+            f"cannot fit the purchase model: {e} (need at least 3 customers, some repeat)"
+        ) from None
     try:
         gg = bgnbd.fit_gamma_gamma(x, spend)
         expected_spend = gg.expected_spend(x, spend)
@@ -142,10 +146,18 @@ def fit(conn: sa.Connection, currency: str, as_of: dt.date, horizon: int) -> dic
     conn.execute(value_scores.insert(), scores)
     params = {
         "horizon_days": horizon,
-        "bgnbd": {"r": model.r, "alpha": model.alpha, "a": model.a, "b": model.b, "log_likelihood": model.log_likelihood},
+        "bgnbd": {
+            "r": model.r,
+            "alpha": model.alpha,
+            "a": model.a,
+            "b": model.b,
+            "log_likelihood": model.log_likelihood,
+        },
         "gamma_gamma": gg_params,
     }
-    conn.execute(value_fits.insert().values(currency=currency, as_of=as_of, fit_time=now, customers=len(rows), params=params))
+    conn.execute(
+        value_fits.insert().values(currency=currency, as_of=as_of, fit_time=now, customers=len(rows), params=params)
+    )
     return params
 
 

@@ -69,7 +69,13 @@ value_scores = sa.Table(
     sa.Column("horizon_days", sa.Integer, nullable=False),
     sa.Column("reasons", JSONB, nullable=False),
 )
-sa.Index("value_scores_risk", value_scores.c.currency, value_scores.c.as_of, value_scores.c.churn_risk.desc(), value_scores.c.customer_id)
+sa.Index(
+    "value_scores_risk",
+    value_scores.c.currency,
+    value_scores.c.as_of,
+    value_scores.c.churn_risk.desc(),
+    value_scores.c.customer_id,
+)
 sa.Index("customer_value_daily_customer", customer_value_daily.c.customer_id, customer_value_daily.c.day)
 
 # The rebuild makes these afresh too (it copies every PROJECTED table).
