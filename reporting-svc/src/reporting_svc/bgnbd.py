@@ -67,6 +67,11 @@ def bgnbd_log_likelihood(params, x, t_x, T) -> np.ndarray:
     return a1 + a2 + np.logaddexp(a3, a4)
 
 
+def _distinct(*columns) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    rows, counts = np.unique(np.column_stack(columns), axis=0, return_counts=True)
+    return tuple(rows.T), counts.astype(float)
+
+
 def _fit(negll, starts) -> tuple[np.ndarray, float]:
     best = None
     for start in starts:
@@ -83,10 +88,12 @@ def fit_bgnbd(x, t_x, T) -> BgNbd:
     if len(x) < 3 or not (x > 0).any():
         raise ValueError("too few customers with repeat purchases to fit")
     scale = float(np.mean(T)) or 1.0  # α is in time units: start it near the data's scale
+    # Customers with the same (x, t_x, T) (whole days) have the same likelihood: each distinct
+    # summary once, weighted by how many customers have it.
+    (x, t_x, T), weight = _distinct(x, t_x, T)
 
     def negll(logp):
-        ll = bgnbd_log_likelihood(np.exp(logp), x, t_x, T)
-        s = ll.sum()
+        s = (weight * bgnbd_log_likelihood(np.exp(logp), x, t_x, T)).sum()
         return -s if np.isfinite(s) else 1e300
 
     params, ll = _fit(negll, [(1.0, scale / 10, 1.0, 1.0), (0.5, scale, 0.5, 2.0), (2.0, scale / 50, 2.0, 5.0)])
@@ -125,9 +132,10 @@ def fit_gamma_gamma(x, m) -> GammaGamma:
     if len(x) < 3:
         raise ValueError("too few repeat customers to fit the spend model")
     mean = float(m.mean())
+    (x, m), weight = _distinct(x, m)
 
     def negll(logp):
-        s = gg_log_likelihood(np.exp(logp), x, m).sum()
+        s = (weight * gg_log_likelihood(np.exp(logp), x, m)).sum()
         return -s if np.isfinite(s) else 1e300
 
     params, ll = _fit(negll, [(1.0, 2.0, mean), (5.0, 3.0, mean * 2), (2.0, 5.0, mean / 2)])

@@ -11,7 +11,7 @@ Gamma-Gamma takes the mean net revenue per purchase day of customers with x > 0.
 from __future__ import annotations
 
 import datetime as dt
-import math
+import json
 
 import numpy as np
 import sqlalchemy as sa
@@ -132,18 +132,23 @@ def fit(conn: sa.Connection, currency: str, as_of: dt.date, horizon: int) -> dic
         expected_spend = spend  # too few repeat customers: their own mean spend
     p_alive = model.p_alive(x, t_x, T)
     expected = model.expected_purchases(horizon, x, t_x, T)
-    scores = []
-    for i, r in enumerate(rows):
-        since = (as_of - r.last_day).days
-        scores.append({
-            "currency": currency, "as_of": as_of, "customer_id": r.customer_id, "purchases": r.n,
-            "first_day": r.first_day, "last_day": r.last_day, "historic_clv": r.revenue,
-            "p_alive": float(p_alive[i]), "churn_risk": float(1 - p_alive[i]),
-            "expected_purchases": _finite(expected[i]), "expected_spend": _finite(expected_spend[i]),
-            "predicted_clv": _finite(expected[i] * expected_spend[i]), "horizon_days": horizon,
-            "reasons": reasons(since, int(x[i]), int(t_x[i]), int(T[i]), r.recent, int(r.recent_credits)),
-        })  # fmt: skip
-    conn.execute(value_scores.insert(), scores)
+    since = [(as_of - r.last_day).days for r in rows]
+    why = [
+        json.dumps(reasons(since[i], int(x[i]), int(t_x[i]), int(T[i]), r.recent, int(r.recent_credits)))
+        for i, r in enumerate(rows)
+    ]
+    clean = np.nan_to_num
+    conn.execute(  # one statement for every customer's score: INSERT ... SELECT FROM unnest(arrays)
+        INSERT_SCORES,
+        {
+            "currency": currency, "as_of": as_of, "horizon": horizon,
+            "ids": [r.customer_id for r in rows], "n": [r.n for r in rows],
+            "first": [r.first_day for r in rows], "last": [r.last_day for r in rows],
+            "clv": [r.revenue for r in rows], "alive": p_alive.tolist(),
+            "expected": clean(expected, posinf=0.0).tolist(), "spend": clean(expected_spend, posinf=0.0).tolist(),
+            "predicted": clean(expected * expected_spend, posinf=0.0).tolist(), "reasons": why,
+        },
+    )  # fmt: skip
     params = {
         "horizon_days": horizon,
         "bgnbd": {
@@ -161,6 +166,15 @@ def fit(conn: sa.Connection, currency: str, as_of: dt.date, horizon: int) -> dic
     return params
 
 
-def _finite(v) -> float:
-    v = float(v)
-    return v if math.isfinite(v) else 0.0
+INSERT_SCORES = sa.text(
+    """
+    INSERT INTO value_scores (currency, as_of, customer_id, purchases, first_day, last_day, historic_clv,
+                              p_alive, churn_risk, expected_purchases, expected_spend, predicted_clv,
+                              horizon_days, reasons)
+    SELECT :currency, :as_of, id, n, f, l, clv, alive, 1 - alive, e, s, p, :horizon, CAST(why AS jsonb)
+    FROM unnest(CAST(:ids AS text[]), CAST(:n AS int[]), CAST(:first AS date[]), CAST(:last AS date[]),
+                CAST(:clv AS numeric[]), CAST(:alive AS float8[]), CAST(:expected AS float8[]),
+                CAST(:spend AS float8[]), CAST(:predicted AS float8[]), CAST(:reasons AS text[]))
+         AS u(id, n, f, l, clv, alive, e, s, p, why)
+    """
+)
