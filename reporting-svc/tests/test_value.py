@@ -321,3 +321,25 @@ def test_bgnbd_recovers_synthetic_parameters():
     zbar = np.array([rng.gamma(pp, 1 / nu[i], xs[i]).mean() for i in range(n)])
     gg = bgnbd.fit_gamma_gamma(xs, zbar)
     assert (gg.p, gg.q, gg.gamma) == pytest.approx((pp, q, gamma), rel=0.2)
+
+
+def test_a_new_invoice_refits(stub, feed):
+    """The cached fit is made again once the projection applied newer events (runs last: it adds
+    a customer to the EUR set)."""
+    with pytest.raises(grpc.RpcError) as info:
+        call(stub, "GetCustomerValue", name="customers/e13", currency_code="EUR", as_of_date=d(2026, 12, 1))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    feed.deliver(
+        invoice(feed, "e13", dt.date(2026, 11, 1), 500, "EUR"), invoice(feed, "e13", dt.date(2026, 11, 20), 700, "EUR")
+    )
+    v = call(stub, "GetCustomerValue", name="customers/e13", currency_code="EUR", as_of_date=d(2026, 12, 1))
+    assert (v.purchases, v.historic_clv.units) == (2, 1200)
+    names = []
+    token = ""
+    while True:
+        page = call(stub, "ListChurnRisks", currency_code="EUR", as_of_date=d(2026, 12, 1), page_token=token)
+        names += [c.name for c in page.customers]
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(names) == 13 and "customers/e13/value" in names

@@ -93,14 +93,24 @@ def _stale(conn: sa.Connection, fit_time: dt.datetime) -> bool:
 def ensure_fit(conn: sa.Connection, currency: str, as_of: dt.date, horizon: int) -> dict | None:
     """The fit of (currency, as_of), made now if missing or stale (or of another horizon).
     None when there are no customers; FAILED_PRECONDITION when too few to fit."""
-    row = conn.execute(
-        sa.select(value_fits).where(value_fits.c.currency == currency, value_fits.c.as_of == as_of)
-    ).first()
-    if row is not None and row.params.get("horizon_days") == horizon and not _stale(conn, row.fit_time):
-        return dict(row.params) if row.customers else None
+    cached = _cached(conn, currency, as_of, horizon)
+    if cached is not None:
+        return cached or None
     conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('reporting.value_fit'), hashtext(:k))"),
                  {"k": f"{currency}:{as_of}"})  # fmt: skip
+    cached = _cached(conn, currency, as_of, horizon)  # made by the request we waited for
+    if cached is not None:
+        return cached or None
     return fit(conn, currency, as_of, horizon)
+
+
+def _cached(conn: sa.Connection, currency: str, as_of: dt.date, horizon: int) -> dict | None:
+    """The fresh fit's parameters ({} for one without customers), or None."""
+    t = value_fits
+    row = conn.execute(sa.select(t).where(t.c.currency == currency, t.c.as_of == as_of)).first()
+    if row is None or row.params.get("horizon_days") != horizon or _stale(conn, row.fit_time):
+        return None
+    return dict(row.params) if row.customers else {}
 
 
 def fit(conn: sa.Connection, currency: str, as_of: dt.date, horizon: int) -> dict | None:
