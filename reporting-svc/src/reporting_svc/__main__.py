@@ -5,7 +5,7 @@ from __future__ import annotations
 from crm_chassis.parts import parts_spec
 from crm_chassis.service import main
 
-from . import api, projections, rebuild, sales, support
+from . import api, projections, rebuild, sales, support, value, value_api
 
 # The parts of the service (crm_chassis.parts says what each may define). Each projection part
 # has a PROJECTION (projection.py); reporting_svc.PROJECTIONS lists them for the rebuild.
@@ -15,6 +15,8 @@ PARTS = [
     support,  # the support desk: ticket, survey, SLA and call facts; the support_daily rollup
     rebuild,  # RebuildProjections: the job that replays crm.events.log into fresh tables and swaps
     api,  # ReportingService: the reports, their exports, projection status and rebuilds
+    value,  # customer value: invoice facts and the per-customer revenue rollup (sales-svc's events)
+    value_api,  # ValueService: Pareto, RFM, CLV and churn risk (BG/NBD + Gamma-Gamma)
 ]
 
 # reporting-svc publishes nothing: no event domain, no relay.
