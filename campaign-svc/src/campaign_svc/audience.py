@@ -19,6 +19,7 @@ currency per deployment). `rebuild_behaviour(conn)` recomputes every customer at
 from __future__ import annotations
 
 import datetime as dt
+import json
 from decimal import Decimal
 
 import sqlalchemy as sa
@@ -174,18 +175,38 @@ def _upsert_fact(conn: sa.Connection, table: sa.Table, key: str, row: dict, guar
     return done is not None
 
 
-def _write_facts(conn: sa.Connection, gathered: dict) -> None:
-    """The gathered facts: one multi-row upsert per table and shape, each guarded as one by one."""
-    for (_, key, guard, _), (table, rows) in gathered.items():
-        stmt = pg_insert(table).values(list(rows.values()))
-        cols = next(iter(rows.values())).keys()
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[key],
-                set_={c: stmt.excluded[c] for c in cols if c != key},
-                where=table.c[guard] <= stmt.excluded[guard],
-            )
+def _json_default(v):
+    if isinstance(v, Decimal):
+        return str(v)
+    if isinstance(v, (dt.datetime, dt.date)):
+        return v.isoformat()
+    raise TypeError(f"{type(v).__name__} in a fact row")
+
+
+_UPSERTS: dict[tuple, sa.TextClause] = {}
+
+
+def _upsert_many(table: sa.Table, key: str, guard: str, cols: tuple[str, ...]) -> sa.TextClause:
+    """One text statement per table and shape (compiled once, whatever the number of rows):
+    the rows as one jsonb parameter, typed by the table's row type, upserted with the guard."""
+    k = (table.name, key, guard, cols)
+    if k not in _UPSERTS:
+        names = ", ".join(cols)
+        _UPSERTS[k] = sa.text(
+            f"""INSERT INTO {table.name} ({names})
+                SELECT {names} FROM jsonb_populate_recordset(NULL::{table.name}, CAST(:rows AS jsonb))
+                ON CONFLICT ({key}) DO UPDATE SET {", ".join(f"{c} = EXCLUDED.{c}" for c in cols if c != key)}
+                WHERE {table.name}.{guard} <= EXCLUDED.{guard}"""
         )
+    return _UPSERTS[k]
+
+
+def _write_facts(conn: sa.Connection, gathered: dict) -> None:
+    """The gathered facts: one upsert per table and shape (the rows as one jsonb array: no
+    multi-row VALUES compiled per batch), each guarded as one by one."""
+    for (_, key, guard, cols), (table, rows) in gathered.items():
+        data = json.dumps(list(rows.values()), default=_json_default, ensure_ascii=False)
+        conn.execute(_upsert_many(table, key, guard, cols), {"rows": data})
 
 
 class Handlers:
