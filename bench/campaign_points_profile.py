@@ -17,7 +17,6 @@ import pstats
 import time
 from collections import defaultdict
 
-import grpc
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -39,7 +38,6 @@ def main() -> None:
         svc = start_service(SPEC, url, broker.url, relay=False, consumers=False)
         try:
             create_program(svc.port)
-            rt = svc.ctx.shared["runtime"]
             subs = {s.domain: s for s in rt_subscriptions(svc)}
             handle = subs["sales"].batch["invoice.paid.v1"]
             stmts: dict[str, list[float]] = defaultdict(list)
@@ -78,8 +76,10 @@ def main() -> None:
             n = BATCH * (BATCHES - warm)
             sql = sum(sum(v) for v in stmts.values())
             print(f"{n} events in batches of {BATCH}: {1000 * total / n:.3f} ms/event ({n / total:,.0f} events/s)")
-            print(f"  SQL {1000 * sql / n:.3f} ms/event in {sum(len(v) for v in stmts.values()) / (n / BATCH):.1f} statements/batch; "
-                  f"Python (and commit) {1000 * (total - sql) / n:.3f} ms/event")
+            print(
+                f"  SQL {1000 * sql / n:.3f} ms/event in {sum(len(v) for v in stmts.values()) / (n / BATCH):.1f} statements/batch; "
+                f"Python (and commit) {1000 * (total - sql) / n:.3f} ms/event"
+            )
             for s, v in sorted(stmts.items(), key=lambda kv: -sum(kv[1]))[:15]:
                 print(f"  {1000 * sum(v) / n:7.3f} ms/event  x{len(v) / (n / BATCH):4.1f}/batch  {s}")
             out = io.StringIO()
@@ -93,8 +93,8 @@ def main() -> None:
 
 
 def rt_subscriptions(svc):
-    from crm_chassis.parts import merge_subscriptions
     from campaign_svc.__main__ import PARTS
+    from crm_chassis.parts import merge_subscriptions
 
     rt = svc.ctx.shared["runtime"]
     return merge_subscriptions([s for p in PARTS if hasattr(p, "subscriptions") for s in p.subscriptions(rt)])

@@ -19,7 +19,6 @@ currency per deployment). `rebuild_behaviour(conn)` recomputes every customer at
 from __future__ import annotations
 
 import datetime as dt
-import json
 from decimal import Decimal
 
 import sqlalchemy as sa
@@ -30,6 +29,7 @@ from crm.sales.v1 import sales_events_pb2 as se
 from crm.support.v1 import support_events_pb2 as te
 from crm.support.v1 import ticket_pb2
 from crm_chassis import customer_refs as refs
+from crm_chassis import jsonrows
 from crm_chassis.messaging.consumer import Requires, Subscription
 from crm_chassis.messaging.envelope import Event
 from crm_chassis.money import NANO
@@ -175,26 +175,16 @@ def _upsert_fact(conn: sa.Connection, table: sa.Table, key: str, row: dict, guar
     return done is not None
 
 
-def _json_default(v):
-    if isinstance(v, Decimal):
-        return str(v)
-    if isinstance(v, (dt.datetime, dt.date)):
-        return v.isoformat()
-    raise TypeError(f"{type(v).__name__} in a fact row")
-
-
 _UPSERTS: dict[tuple, sa.TextClause] = {}
 
 
 def _upsert_many(table: sa.Table, key: str, guard: str, cols: tuple[str, ...]) -> sa.TextClause:
     """One text statement per table and shape (compiled once, whatever the number of rows):
-    the rows as one jsonb parameter, typed by the table's row type, upserted with the guard."""
+    the rows as one jsonb parameter (crm_chassis.jsonrows), upserted with the guard."""
     k = (table.name, key, guard, cols)
     if k not in _UPSERTS:
-        names = ", ".join(cols)
         _UPSERTS[k] = sa.text(
-            f"""INSERT INTO {table.name} ({names})
-                SELECT {names} FROM jsonb_populate_recordset(NULL::{table.name}, CAST(:rows AS jsonb))
+            f"""INSERT INTO {table.name} ({", ".join(cols)}) {jsonrows.select_rows(table.name, cols)}
                 ON CONFLICT ({key}) DO UPDATE SET {", ".join(f"{c} = EXCLUDED.{c}" for c in cols if c != key)}
                 WHERE {table.name}.{guard} <= EXCLUDED.{guard}"""
         )
@@ -202,11 +192,10 @@ def _upsert_many(table: sa.Table, key: str, guard: str, cols: tuple[str, ...]) -
 
 
 def _write_facts(conn: sa.Connection, gathered: dict) -> None:
-    """The gathered facts: one upsert per table and shape (the rows as one jsonb array: no
-    multi-row VALUES compiled per batch), each guarded as one by one."""
+    """The gathered facts: one upsert per table and shape (the rows as one jsonb parameter:
+    no multi-row VALUES compiled per batch), each guarded as one by one."""
     for (_, key, guard, cols), (table, rows) in gathered.items():
-        data = json.dumps(list(rows.values()), default=_json_default, ensure_ascii=False)
-        conn.execute(_upsert_many(table, key, guard, cols), {"rows": data})
+        conn.execute(_upsert_many(table, key, guard, cols), {"rows": jsonrows.dumps(rows.values())})
 
 
 class Handlers:
