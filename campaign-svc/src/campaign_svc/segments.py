@@ -24,7 +24,9 @@
   Rebuilds and the hook exclude each other per segment (an advisory lock: the hook's shared,
   a rebuild chunk's exclusive), so a chunk never writes from a snapshot older than a change.
 - Every customer entering or leaving publishes segment.member_added.v1 /
-  segment.member_removed.v1 (SegmentMemberEvent; cause "event", "rebuild", "manual", "import").
+  segment.member_removed.v1 (SegmentMemberEvent; cause "event", "rebuild", "manual", "import"),
+  but for a new segment's first build: its members come into being with the segment, announced
+  by one segment.built.v1 (SegmentBuilt: the member count) at its end.
 - `now` comes from `Segments.clock` (tests set it): relative filters compile against it.
 """
 
