@@ -496,8 +496,9 @@ class Segments:
             if row is None or row.member_count > _chunk():
                 return False
             d = Definition.of(row)
-            n = conn.execute(sa.select(sa.func.count()).select_from(candidates(d, self.now()).subquery())).scalar_one()
-            return n <= _chunk()
+            # counted up to one more than a chunk: a broad filter's scan stops there
+            q = candidates(d, self.now()).limit(_chunk() + 1).subquery()
+            return conn.execute(sa.select(sa.func.count()).select_from(q)).scalar_one() <= _chunk()
 
     def diff_pages(
         self,
