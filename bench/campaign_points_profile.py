@@ -83,7 +83,9 @@ def main() -> None:
             for s, v in sorted(stmts.items(), key=lambda kv: -sum(kv[1]))[:15]:
                 print(f"  {1000 * sum(v) / n:7.3f} ms/event  x{len(v) / (n / BATCH):4.1f}/batch  {s}")
             out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats(os.environ.get("BENCH_PROFILE_SORT", "cumulative")).print_stats(30)
+            pstats.Stats(prof, stream=out).sort_stats(os.environ.get("BENCH_PROFILE_SORT", "cumulative")).print_stats(
+                30
+            )
             print(out.getvalue())
         finally:
             svc.stop(0)

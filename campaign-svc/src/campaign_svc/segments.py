@@ -570,7 +570,8 @@ class Segments:
                     want.c.customer_id,
                     sa.literal(now, s.c.since.type),
                     sa.literal(source),
-                ).where(
+                )
+                .where(
                     ~sa.exists().where(s.c.segment_id == d.id, s.c.customer_id == want.c.customer_id)
                     if anti_join
                     else sa.true()
