@@ -354,6 +354,29 @@ def test_a_merge_moves_static_memberships_to_the_survivor(svc, stub):
 
 
 # -- rebuilds and the clock -----------------------------------------------------------------
+def test_a_first_build_publishes_one_built_event_and_later_changes_member_events(svc, stub, monkeypatch):
+    """A new segment's members come into being with it: one segment.built.v1 with the count,
+    no member events (over several chunks and in the one-step path); a later rebuild or a
+    change of a customer publishes member events again."""
+    monkeypatch.setenv("SEGMENT_REBUILD_CHUNK", "1000")
+    t = tag()
+    ids = rows(svc, *(dict(tags=[t], order_count=i % 2) for i in range(2400)))
+    chunked = dynamic(stub, f"tags:{t}")  # 2,400 matches: more than a chunk, walked in pages
+    small = dynamic(stub, f"tags:{t} AND order_count >= 1")  # 1,200: still more than a chunk
+    tiny = dynamic(stub, f'tags:{t} AND customer_id = "{ids[1]}"')  # one step through the indexes
+    for s, n in ((chunked, 2400), (small, 1200), (tiny, 1)):
+        assert s.member_count == n and member_events(svc, s.name) == []
+        built = [e.parse(ev.SegmentBuilt) for e in events(svc, seg.BUILT, subject=s.name)]
+        assert [(b.segment, b.member_count, b.cause) for b in built] == [(s.name, n, "create")]
+    assert members(stub, tiny.name) == {ids[1]}
+    with svc.ctx.engine.begin() as conn:  # behind the hook's back, then a rebuild
+        conn.execute(audience.update().where(audience.c.customer_id == ids[1]).values(order_count=0))
+    stub.RebuildSegment(pb.RebuildSegmentRequest(name=small.name), metadata=MARKETER)
+    ready(stub, small.name)
+    assert member_events(svc, small.name) == [("-", ids[1], "rebuild")]
+    assert len(events(svc, seg.BUILT, subject=small.name)) == 1
+
+
 def test_rebuild_applies_exactly_the_difference_with_its_events(svc, stub, monkeypatch):
     monkeypatch.setenv("SEGMENT_REBUILD_CHUNK", "1000")  # several chunks over the module's audience
     t = tag()

@@ -29,6 +29,7 @@ from crm.sales.v1 import sales_events_pb2 as se
 from crm.support.v1 import support_events_pb2 as te
 from crm.support.v1 import ticket_pb2
 from crm_chassis import customer_refs as refs
+from crm_chassis import jsonrows
 from crm_chassis.messaging.consumer import Requires, Subscription
 from crm_chassis.messaging.envelope import Event
 from crm_chassis.money import NANO
@@ -174,18 +175,27 @@ def _upsert_fact(conn: sa.Connection, table: sa.Table, key: str, row: dict, guar
     return done is not None
 
 
-def _write_facts(conn: sa.Connection, gathered: dict) -> None:
-    """The gathered facts: one multi-row upsert per table and shape, each guarded as one by one."""
-    for (_, key, guard, _), (table, rows) in gathered.items():
-        stmt = pg_insert(table).values(list(rows.values()))
-        cols = next(iter(rows.values())).keys()
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[key],
-                set_={c: stmt.excluded[c] for c in cols if c != key},
-                where=table.c[guard] <= stmt.excluded[guard],
-            )
+_UPSERTS: dict[tuple, sa.TextClause] = {}
+
+
+def _upsert_many(table: sa.Table, key: str, guard: str, cols: tuple[str, ...]) -> sa.TextClause:
+    """One text statement per table and shape (compiled once, whatever the number of rows):
+    the rows as one jsonb parameter (crm_chassis.jsonrows), upserted with the guard."""
+    k = (table.name, key, guard, cols)
+    if k not in _UPSERTS:
+        _UPSERTS[k] = sa.text(
+            f"""INSERT INTO {table.name} ({", ".join(cols)}) {jsonrows.select_rows(table.name, cols)}
+                ON CONFLICT ({key}) DO UPDATE SET {", ".join(f"{c} = EXCLUDED.{c}" for c in cols if c != key)}
+                WHERE {table.name}.{guard} <= EXCLUDED.{guard}"""
         )
+    return _UPSERTS[k]
+
+
+def _write_facts(conn: sa.Connection, gathered: dict) -> None:
+    """The gathered facts: one upsert per table and shape (the rows as one jsonb parameter:
+    no multi-row VALUES compiled per batch), each guarded as one by one."""
+    for (_, key, guard, cols), (table, rows) in gathered.items():
+        conn.execute(_upsert_many(table, key, guard, cols), {"rows": jsonrows.dumps(rows.values())})
 
 
 class Handlers:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
-import json
 import zoneinfo
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal, InvalidOperation
@@ -47,7 +46,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm.customer.v1 import customer_events_pb2 as ce
 from crm.sales.v1 import sales_events_pb2 as se
-from crm_chassis import persian, timers
+from crm_chassis import jsonrows, persian, timers
 from crm_chassis.db import cacheable
 from crm_chassis.messaging.consumer import Requires, Subscription
 from crm_chassis.messaging.envelope import Event
@@ -276,36 +275,12 @@ def _figures(column: str) -> sa.TextClause:
 
 
 _FIGURES_POINTS, _FIGURES_SPEND = _figures("points"), _figures("amount")
-_ARRAY_TYPES = {
-    "program_id": "uuid",
-    "member_id": "uuid",
-    "points": "bigint",
-    "balance": "bigint",
-    "amount": "numeric",
-    "remaining": "bigint",
-    "shortfall": "bigint",
-    "expire_time": "timestamptz",
-    "qualify_time": "timestamptz",
-    "occur_time": "timestamptz",
-    "lots": "jsonb",
-    "details": "jsonb",
-}
-
-
-def _move_many() -> sa.TextClause:
-    cols = [c for c in _MOVE_COLUMNS]
-    arrays = ", ".join(
-        f"CAST(:{c} AS {'text' if _ARRAY_TYPES.get(c) == 'jsonb' else _ARRAY_TYPES.get(c, 'text')}[])" for c in cols
-    )
-    select = ", ".join(f"CAST({c} AS jsonb)" if _ARRAY_TYPES.get(c) == "jsonb" else c for c in cols)
-    return sa.text(
-        f"""INSERT INTO loyalty_movements ({", ".join(cols)})
-            SELECT {select} FROM unnest({arrays}) WITH ORDINALITY AS v({", ".join(cols)}, n) ORDER BY n
-            RETURNING *"""
-    ).columns(*loyalty_movements.c)
-
-
-_MOVE_MANY = _move_many()
+# the movements of a batch as one jsonb parameter (crm_chassis.jsonrows), inserted in order
+_MOVE_MANY = sa.text(
+    f"""INSERT INTO loyalty_movements ({", ".join(_MOVE_COLUMNS)})
+        {jsonrows.select_rows("loyalty_movements", _MOVE_COLUMNS)}
+        RETURNING *"""
+).columns(*loyalty_movements.c)
 _MEMBERS_AFTER = sa.text(
     """UPDATE loyalty_members mb SET balance = v.balance, earned = v.earned, tier = v.tier,
               tier_time = v.tier_time, version = mb.version + 1, update_time = now()
@@ -313,11 +288,6 @@ _MEMBERS_AFTER = sa.text(
                      CAST(:tiers AS text[]), CAST(:tier_times AS timestamptz[])) AS v(id, balance, earned, tier, tier_time)
         WHERE mb.id = v.id"""
 )
-
-
-def _array_value(v):
-    """A movement's value as an array element: JSON as text (cast to jsonb in SQL)."""
-    return json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v
 
 
 def _publish_all(tx, routing_key: str, items: list) -> None:
@@ -564,7 +534,7 @@ class Loyalty:
                     s["tier"], s["tier_time"] = target, now
         if not moves:
             return 0
-        rows = conn.execute(_MOVE_MANY, {c: [_array_value(x[c]) for x in moves] for c in _MOVE_COLUMNS}).all()
+        rows = conn.execute(_MOVE_MANY, {"rows": jsonrows.dumps({c: x[c] for c in _MOVE_COLUMNS} for x in moves)}).all()
         touched = {x["member_id"] for x in moves}
         mids = sorted(touched)
         conn.execute(

@@ -24,7 +24,9 @@
   Rebuilds and the hook exclude each other per segment (an advisory lock: the hook's shared,
   a rebuild chunk's exclusive), so a chunk never writes from a snapshot older than a change.
 - Every customer entering or leaving publishes segment.member_added.v1 /
-  segment.member_removed.v1 (SegmentMemberEvent; cause "event", "rebuild", "manual", "import").
+  segment.member_removed.v1 (SegmentMemberEvent; cause "event", "rebuild", "manual", "import"),
+  but for a new segment's first build: its members come into being with the segment, announced
+  by one segment.built.v1 (SegmentBuilt: the member count) at its end.
 - `now` comes from `Segments.clock` (tests set it): relative filters compile against it.
 """
 
@@ -56,6 +58,7 @@ KINDS = (DYNAMIC, STATIC, COMBINED)
 REBUILD_KIND = "segment.rebuild"
 REFRESH_TIMER = "segments.refresh"
 ADDED, REMOVED = "segment.member_added.v1", "segment.member_removed.v1"
+BUILT = "segment.built.v1"  # a new segment's first build: one event, not one per member
 
 a = audience.c
 _TEXT = (
@@ -397,8 +400,11 @@ class Segments:
             )
         if row is None:
             return {"deleted": True}
+        # A new segment's first build: its members come into being with it, announced by one
+        # segment.built.v1 (member events follow every later change), not one event per member.
+        first = ctx.params.get("cause") == "create" and row.evaluated_time is None
         if row.kind == DYNAMIC:
-            self._rebuild_dynamic(ctx, sid, total)
+            self._rebuild_dynamic(ctx, sid, total, first)
         else:
             with ctx.step(self.uow) as tx:
                 lock_exclusive(tx.conn, sid)
@@ -406,8 +412,10 @@ class Segments:
                 if row is None:
                     return {"deleted": True}
                 now = self.now()
-                added, removed = self.diff(tx, Definition.of(row), now) if row.kind == COMBINED else (0, 0)
-                self._finish(tx.conn, sid, now)
+                added, removed = (
+                    self.diff(tx, Definition.of(row), now, events=not first) if row.kind == COMBINED else (0, 0)
+                )
+                self._finish(tx.conn, sid, now, tx if first else None)
                 ctx.save(tx.conn, "done", processed=total, total=total, increment={"added": added, "removed": removed})
         with self.uow.begin() as tx:  # combined segments built on this one follow it
             for dep in tx.conn.execute(
@@ -420,7 +428,7 @@ class Segments:
         self.worker.wake()
         return {"segment": f"segments/{sid}"}
 
-    def _rebuild_dynamic(self, ctx: jobs.JobContext, sid: str, total: int) -> None:
+    def _rebuild_dynamic(self, ctx: jobs.JobContext, sid: str, total: int, first: bool = False) -> None:
         """Chunks of heap pages of the audience (a TID range scan each: sequential, whatever the
         order of customer ids), each one transaction; a resumed job starts after its last chunk."""
         cp = ctx.checkpoint
@@ -435,8 +443,8 @@ class Segments:
                 if row is None:
                     return
                 now = self.now()
-                added, removed = self.diff(tx, Definition.of(row), now)
-                self._finish(tx.conn, sid, now)
+                added, removed = self.diff(tx, Definition.of(row), now, events=not first)
+                self._finish(tx.conn, sid, now, tx if first else None)
                 ctx.save(tx.conn, "done", processed=total, total=total, increment={"added": added, "removed": removed})
             return
         start = (cp or {}).get("page", 0)
@@ -465,11 +473,11 @@ class Segments:
                 end = start + step
                 last = end >= pages
                 added, removed = self.diff_pages(
-                    tx, Definition.of(row), start, None if last else end, self.now(), fresh
+                    tx, Definition.of(row), start, None if last else end, self.now(), fresh, events=not first
                 )
                 processed = total if last else min(total, total * end // max(pages, 1))
                 if last:
-                    self._finish(conn, sid, dt.datetime.fromisoformat(t0))
+                    self._finish(conn, sid, dt.datetime.fromisoformat(t0), tx if first else None)
                 ctx.save(
                     conn,
                     "done" if last else {"page": end, "fresh": fresh, "t0": t0},
@@ -488,11 +496,19 @@ class Segments:
             if row is None or row.member_count > _chunk():
                 return False
             d = Definition.of(row)
-            n = conn.execute(sa.select(sa.func.count()).select_from(candidates(d, self.now()).subquery())).scalar_one()
-            return n <= _chunk()
+            # counted up to one more than a chunk: a broad filter's scan stops there
+            q = candidates(d, self.now()).limit(_chunk() + 1).subquery()
+            return conn.execute(sa.select(sa.func.count()).select_from(q)).scalar_one() <= _chunk()
 
     def diff_pages(
-        self, tx, d: Definition, first: int, end: int | None, now: dt.datetime, fresh: bool = False
+        self,
+        tx,
+        d: Definition,
+        first: int,
+        end: int | None,
+        now: dt.datetime,
+        fresh: bool = False,
+        events: bool = True,
     ) -> tuple[int, int]:
         """The difference of a dynamic segment over the audience rows in heap pages
         [first, end): members among them who no longer match leave, those who match and are
@@ -508,17 +524,24 @@ class Segments:
         )
         leaving = None if fresh else segment_members.c.customer_id.in_(sa.select(cur.c.customer_id).where(~cur.c.hit))
         entering = sa.select(cur.c.customer_id).where(cur.c.hit)
-        return self._write(tx, d, leaving, entering, now, anti_join=not fresh)
+        return self._write(tx, d, leaving, entering, now, anti_join=not fresh, events=events)
 
-    def diff(self, tx, d: Definition, now: dt.datetime) -> tuple[int, int]:
+    def diff(self, tx, d: Definition, now: dt.datetime, events: bool = True) -> tuple[int, int]:
         """The whole difference of a combined segment, or of a dynamic one whose matches are
         few (its filter's indexes serve it). Returns (added, removed)."""
         want = candidates(d, now).subquery("want")
         leaving = ~sa.exists().where(want.c.customer_id == segment_members.c.customer_id)
-        return self._write(tx, d, leaving, sa.select(want.c.customer_id), now)
+        return self._write(tx, d, leaving, sa.select(want.c.customer_id), now, events=events)
 
     def _write(
-        self, tx, d: Definition, leaving, entering: sa.Select, now: dt.datetime, anti_join: bool = True
+        self,
+        tx,
+        d: Definition,
+        leaving,
+        entering: sa.Select,
+        now: dt.datetime,
+        anti_join: bool = True,
+        events: bool = True,
     ) -> tuple[int, int]:
         """Set-based: delete the members for which `leaving` holds, insert the customers
         `entering` selects who are not members yet (an anti-join: hashed, not a conflict probe
@@ -547,16 +570,21 @@ class Segments:
                     want.c.customer_id,
                     sa.literal(now, s.c.since.type),
                     sa.literal(source),
-                ).where(
+                )
+                .where(
                     ~sa.exists().where(s.c.segment_id == d.id, s.c.customer_id == want.c.customer_id)
                     if anti_join
                     else sa.true()
-                ),
+                )
+                # in key order: the index of (segment, customer) filled page after page, not a
+                # random leaf per member (fewer pages dirtied and written to the WAL)
+                .order_by(want.c.customer_id),
             )
             .on_conflict_do_nothing()
-            .returning(s.c.customer_id)
-            .cte("new")
         )
+        if not events:  # a first build: the rows only (segment.built.v1 at its end)
+            return tx.conn.execute(new).rowcount, removed
+        new = new.returning(s.c.customer_id).cte("new")
         added = tx.publish_select(
             ADDED,
             template,
@@ -565,13 +593,20 @@ class Segments:
         )
         return added, removed
 
-    def _finish(self, conn, sid: str, evaluated: dt.datetime) -> None:
+    def _finish(self, conn, sid: str, evaluated: dt.datetime, built=None) -> None:
+        """The count and clock of a finished build; `built` (a first build's transaction)
+        publishes segment.built.v1 with the count."""
         count = sa.select(sa.func.count()).where(segment_members.c.segment_id == sid).scalar_subquery()
-        conn.execute(
+        n = conn.execute(
             segments.update()
             .where(segments.c.id == sid)
             .values(member_count=count, rebuild_time=sa.func.now(), evaluated_time=evaluated)
-        )
+            .returning(segments.c.member_count)
+        ).scalar_one_or_none()
+        if built is not None and n is not None:
+            e = ev.SegmentBuilt(segment=f"segments/{sid}", member_count=n, cause="create")
+            e.event_time.FromDatetime(evaluated)
+            built.publish(BUILT, e, f"segments/{sid}")
 
     # -- 3. the clock ------------------------------------------------------------------------------
     def refresh(self, conn: sa.Connection, timer=None) -> int:

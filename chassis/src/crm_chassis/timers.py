@@ -97,6 +97,7 @@ import sqlalchemy as sa
 from croniter import croniter
 from sqlalchemy.dialects import postgresql as pg
 
+from . import jsonrows
 from .db import cacheable
 from .work_tables import timer_firings, timers
 from .workers import PollingWorker
@@ -160,6 +161,13 @@ def _upsert_statement():
 
 
 _UPSERT = _upsert_statement()
+_UPSERT_MANY = sa.text(
+    f"""INSERT INTO timers ({", ".join(_UPSERT_COLUMNS)}) {jsonrows.select_rows("timers", _UPSERT_COLUMNS)}
+        ON CONFLICT ON CONSTRAINT timers_kind_key DO UPDATE SET
+        {", ".join(f"{c} = EXCLUDED.{c}" for c in _UPSERT_COLUMNS if c not in ("kind", "key"))},
+        state = 'scheduled', attempts = 0, last_error = NULL, lease_token = NULL, lease_until = NULL,
+        update_time = now()"""
+)
 
 
 def _upsert(conn: sa.Connection, values: dict[str, Any] | list[dict[str, Any]]) -> None:
@@ -169,7 +177,10 @@ def _upsert(conn: sa.Connection, values: dict[str, Any] | list[dict[str, Any]]) 
     if not rows:
         return
     params = [{**r, "next_attempt_at": r["due_at"]} for r in rows]
-    conn.execute(_UPSERT, params if len(params) > 1 else params[0])
+    if len(params) > 1:  # one statement, the rows as one jsonb parameter (crm_chassis.jsonrows)
+        conn.execute(_UPSERT_MANY, {"rows": jsonrows.dumps(params)})
+    else:
+        conn.execute(_UPSERT, params[0])
 
 
 def schedule(conn: sa.Connection, kind: str, key: str, at: dt.datetime, payload: dict[str, Any] | None = None) -> None:
