@@ -63,6 +63,7 @@ class Projection:
             handlers={k: wrap(self.domain, h) for k, h in self.handlers.items()},
             requires=dict(self.requires),
             batch={k: wrap_batch(self.domain, h) for k, h in self.handlers.items() if hasattr(h, "extract")},
+            batch_all=wrap_batch_all(self.domain, self.handlers),
         )
 
 
@@ -125,10 +126,20 @@ def wrap(domain: str, handler: Handler) -> Handler:
 def wrap_batch(domain: str, handler: Handler) -> Callable[[sa.Connection, list[Event]], None]:
     """The consumer's batch handler of a run of events of one routing key: applied set-based
     (apply_events), with the shadow check and the lag row once for the run."""
+    return wrap_batch_all(domain, {None: handler}, lambda e: None)
+
+
+def wrap_batch_all(
+    domain: str, handlers: Mapping[str | None, Handler], key: Callable[[Event], str | None] = lambda e: e.routing_key
+) -> Callable[[sa.Connection, list[Event]], None]:
+    """The consumer's batch_all handler of a run of a producer's events, any routing keys in
+    arrival order: apply_events takes them table by table (Facts.apply_many, a few statements
+    per table for the whole run; a handler that is no extractor, a merge, runs in its place),
+    with the shadow check and the lag row once for the run. Same result as one by one."""
 
     def handle(conn: sa.Connection, events: list[Event]) -> None:
         shadow = shadow_schema(conn)
-        pairs = [(e, handler) for e in events]
+        pairs = [(e, h) for e in events if (h := handlers.get(key(e))) is not None]
         apply_events(conn, pairs)
         if shadow:
             with in_schema(conn, shadow):

@@ -72,8 +72,9 @@ call_facts = sa.Table(
     "call_facts",
     metadata,
     sa.Column("call_id", sa.Text, primary_key=True),
-    sa.Column("version", TS, nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),  # CallEvent.version (the call log's etag)
     sa.Column("agent", sa.Text, nullable=False),
+    sa.Column("start_time", TS, nullable=False),
 )
 
 SUPPORT_MEASURES = (
