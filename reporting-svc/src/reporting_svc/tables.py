@@ -10,6 +10,7 @@ leave the newest state. Rollups are sums kept by delta from a fact's old to its 
 from __future__ import annotations
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 
 metadata = sa.MetaData()
 
@@ -143,6 +144,35 @@ acquisition_daily = sa.Table(
     sa.Column("won_amount", sa.Numeric(38, 9), nullable=False, server_default="0"),
 )
 
+# Report 7, Customer 360: one row per event about a customer, from every service. customer_id
+# is the customer the row is shown under (the survivor, after a merge); origin_customer_id the
+# one the event named. event_id is unique: a redelivered event adds nothing.
+timeline = sa.Table(
+    "timeline",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("customer_id", sa.Text, nullable=False),
+    sa.Column("origin_customer_id", sa.Text, nullable=False),
+    sa.Column("occurred_at", TS, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("ref", sa.Text, nullable=False),
+    sa.Column("title", sa.Text, nullable=False),
+    sa.Column("detail", JSONB, nullable=False, server_default="{}"),
+    sa.Column("event_id", sa.Text, nullable=False, unique=True),
+)
+sa.Index("timeline_page", timeline.c.customer_id, timeline.c.occurred_at.desc(), timeline.c.id.desc())
+sa.Index("timeline_origin", timeline.c.origin_customer_id)
+
+# customer.merged.v1: a merged customer's events, later ones too, go to the survivor's timeline.
+customer_aliases = sa.Table(
+    "customer_aliases",
+    metadata,
+    sa.Column("merged_id", sa.Text, primary_key=True),
+    sa.Column("survivor_id", sa.Text, nullable=False),
+)
+sa.Index("customer_aliases_survivor", customer_aliases.c.survivor_id)
+
 # The tables a rebuild makes afresh (everything the projections write but the lag table).
 PROJECTED = [
     customer_source_facts,
@@ -154,6 +184,8 @@ PROJECTED = [
     lead_facts,
     opportunity_facts,
     acquisition_daily,
+    timeline,
+    customer_aliases,
 ]
 
 # Per producer: the newest event applied, for GetProjectionStatus.
