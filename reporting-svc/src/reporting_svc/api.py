@@ -15,7 +15,7 @@ from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens
 from crm_chassis.work_tables import jobs as job_table
 
-from . import PROJECTIONS, acquisition_report, projections, rebuild, status, support_report, timeline
+from . import PROJECTIONS, acquisition_report, loyalty, projections, rebuild, status, support_report, timeline
 
 EXPORT_FORMATS = ("csv", "xlsx")
 REBUILD = "projectionRebuilds/"
@@ -123,6 +123,12 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
         yield from documents.stream_table(
             pb.ExportReportResponse, fmt, columns, rows, filename=f"support-{_stamp()}", title="Support desk"
         )
+
+    # -- report 5 ----------------------------------------------------------------------------
+    def GetLoyaltyReport(self, request, context):
+        q = loyalty.parse(request)
+        with self.engine.connect() as conn:
+            return loyalty.report(conn, q)
 
     # -- report 7 ----------------------------------------------------------------------------
     def GetCustomerTimeline(self, request, context):

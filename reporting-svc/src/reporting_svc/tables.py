@@ -173,6 +173,43 @@ customer_aliases = sa.Table(
 )
 sa.Index("customer_aliases_survivor", customer_aliases.c.survivor_id)
 
+# Report 5, loyalty (campaign-svc's points ledger and tiers). One row per ledger movement (points
+# signed: positive in, negative out; version = its time) into loyalty_daily (Tehran day x
+# programme: the points moved per kind); one row per member account with its newest tier into
+# tier_counts (programme x tier: accounts).
+LOYALTY_MEASURES = ("earned", "redeemed", "expired", "adjusted", "reversed")
+points_facts = sa.Table(
+    "points_facts",
+    metadata,
+    sa.Column("entry_id", sa.Text, primary_key=True),
+    sa.Column("version", TS, nullable=False),
+    sa.Column("programme", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("points", sa.BigInteger, nullable=False),
+)
+loyalty_daily = sa.Table(
+    "loyalty_daily",
+    metadata,
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("programme", sa.Text, primary_key=True),
+    *(sa.Column(m, sa.BigInteger, nullable=False, server_default="0") for m in LOYALTY_MEASURES),
+)
+tier_facts = sa.Table(
+    "tier_facts",
+    metadata,
+    sa.Column("account_id", sa.Text, primary_key=True),
+    sa.Column("version", TS, nullable=False),
+    sa.Column("programme", sa.Text, nullable=False),
+    sa.Column("tier", sa.Text, nullable=False),
+)
+tier_counts = sa.Table(
+    "tier_counts",
+    metadata,
+    sa.Column("programme", sa.Text, primary_key=True),
+    sa.Column("tier", sa.Text, primary_key=True),
+    sa.Column("accounts", sa.BigInteger, nullable=False, server_default="0"),
+)
+
 # The tables a rebuild makes afresh (everything the projections write but the lag table).
 PROJECTED = [
     customer_source_facts,
@@ -186,6 +223,10 @@ PROJECTED = [
     acquisition_daily,
     timeline,
     customer_aliases,
+    points_facts,
+    loyalty_daily,
+    tier_facts,
+    tier_counts,
 ]
 
 # Per producer: the newest event applied, for GetProjectionStatus.

@@ -17,7 +17,7 @@ The projection is four Projection objects, one per producer (the domain of each 
 handler is an extractor (projection.per_event) whose change a `Timeline` sink applies, one by
 one or many at once (a multi-row INSERT .. ON CONFLICT DO NOTHING), so the consumer's batches
 and the rebuild take it set-based like the fact tables. The producers' lag rows are kept by
-their own projections (customers, sales, support); campaign's by this one.
+their own projections (customers, sales, support, loyalty).
 """
 
 from __future__ import annotations
@@ -322,7 +322,7 @@ PROJECTIONS = [
     Projection("timeline-customer", "customer", CUSTOMER_HANDLERS, CUSTOMER_REQUIRES, TABLES, tracks=False),
     Projection("timeline-sales", "sales", SALES_HANDLERS, SALES_REQUIRES, TABLES, tracks=False),
     Projection("timeline-support", "support", SUPPORT_HANDLERS, SUPPORT_REQUIRES, TABLES, tracks=False),
-    Projection("timeline-campaign", "campaign", CAMPAIGN_HANDLERS, CAMPAIGN_REQUIRES, TABLES),
+    Projection("timeline-campaign", "campaign", CAMPAIGN_HANDLERS, CAMPAIGN_REQUIRES, TABLES, tracks=False),
 ]
 KINDS = sorted({k.rsplit(".", 1)[0] for p in PROJECTIONS for k in p.handlers})
 SOURCES = ("customer", "sales", "support", "campaign")
