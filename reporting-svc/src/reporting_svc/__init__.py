@@ -3,6 +3,13 @@
 
 def PROJECTIONS():  # noqa: N802  (a constant, made on first use to avoid an import cycle)
     """Every projection of the service (each a part in __main__.PARTS)."""
-    from . import loyalty, projections, sales, support, timeline
+    from . import campaigns, loyalty, projections, sales, support, timeline
 
-    return [projections.PROJECTION, sales.PROJECTION, support.PROJECTION, loyalty.PROJECTION, *timeline.PROJECTIONS]
+    return [
+        projections.PROJECTION,
+        sales.PROJECTION,
+        support.PROJECTION,
+        loyalty.PROJECTION,
+        *campaigns.PROJECTIONS,
+        *timeline.PROJECTIONS,
+    ]

@@ -15,7 +15,17 @@ from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens
 from crm_chassis.work_tables import jobs as job_table
 
-from . import PROJECTIONS, acquisition_report, loyalty, projections, rebuild, status, support_report, timeline
+from . import (
+    PROJECTIONS,
+    acquisition_report,
+    campaigns,
+    loyalty,
+    projections,
+    rebuild,
+    status,
+    support_report,
+    timeline,
+)
 
 EXPORT_FORMATS = ("csv", "xlsx")
 REBUILD = "projectionRebuilds/"
@@ -129,6 +139,11 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
         q = loyalty.parse(request)
         with self.engine.connect() as conn:
             return loyalty.report(conn, q)
+
+    def GetCampaignReport(self, request, context):
+        q = campaigns.parse(request)
+        with self.engine.connect() as conn:
+            return campaigns.report(conn, q)
 
     # -- report 7 ----------------------------------------------------------------------------
     def GetCustomerTimeline(self, request, context):

@@ -210,6 +210,42 @@ tier_counts = sa.Table(
     sa.Column("accounts", sa.BigInteger, nullable=False, server_default="0"),
 )
 
+# Report 5, campaigns: each campaign's newest state (goal, cost: CampaignEvent.version) and what
+# is attributed to it (responses; sales' leads, orders and paid invoices naming its id), summed
+# per campaign in campaign_stats. Amounts in rials (IRT as IRR); campaign ids without "campaigns/".
+CAMPAIGN_MEASURES = ("responses", "leads", "orders", "revenue")
+campaign_facts = sa.Table(
+    "campaign_facts",
+    metadata,
+    sa.Column("campaign_id", sa.Text, primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("display_name", sa.Text, nullable=False),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("goal_kind", sa.Text, nullable=False),
+    sa.Column("goal_target", sa.Numeric(38, 9), nullable=False),
+    sa.Column("currency", sa.Text, nullable=False),
+    sa.Column("cost", sa.Numeric(38, 9), nullable=False),
+    sa.Column("recipients", sa.BigInteger, nullable=False),
+)
+campaign_stats = sa.Table(
+    "campaign_stats",
+    metadata,
+    sa.Column("campaign_id", sa.Text, primary_key=True),
+    *(sa.Column(m, sa.BigInteger, nullable=False, server_default="0") for m in CAMPAIGN_MEASURES[:-1]),
+    sa.Column("revenue", sa.Numeric(38, 9), nullable=False, server_default="0"),
+)
+campaign_attribution_facts = sa.Table(  # one row per response, lead, order or invoice naming a campaign
+    "campaign_attribution_facts",
+    metadata,
+    sa.Column("ref", sa.Text, primary_key=True),  # responses/{id}, leads/{id}, orders/{id}, invoices/{id}
+    sa.Column("version", sa.BigInteger, nullable=False),  # the record's version, or its event time in microseconds
+    sa.Column("campaign_id", sa.Text, nullable=False),
+    sa.Column("measure", sa.Text, nullable=False),  # responses, leads, orders, revenue
+    sa.Column("counts", sa.Boolean, nullable=False),  # an order not cancelled, an invoice paid
+    sa.Column("amount", sa.Numeric(38, 9), nullable=False),  # revenue: rials
+)
+
 # The tables a rebuild makes afresh (everything the projections write but the lag table).
 PROJECTED = [
     customer_source_facts,
@@ -227,6 +263,9 @@ PROJECTED = [
     loyalty_daily,
     tier_facts,
     tier_counts,
+    campaign_facts,
+    campaign_stats,
+    campaign_attribution_facts,
 ]
 
 # Per producer: the newest event applied, for GetProjectionStatus.
