@@ -3,7 +3,8 @@
 On a fresh database and a private vhost (so the event log holds only these events):
 
 1. BENCH_REPORTING_EVENTS events (support tickets: opened, first_responded, resolved, closed;
-   one CSAT survey per ticket; customers created, a tenth of them updated) are published to the
+   one CSAT survey per ticket; customers created, a tenth of them updated; tickets and surveys
+   name one of 50 customers, whose Customer 360 timelines get long) are published to the
    producers' exchanges, with this service's queues and a raw queue bound beforehand.
 2. raw: a plain pika consumer (prefetch 100, ack per message) drains the raw queue: msg/s.
 3. live: reporting-svc (in this process: gRPC, consumers, job worker) starts and applies its
@@ -12,7 +13,7 @@ On a fresh database and a private vhost (so the event log holds only these event
 4. rebuild: RebuildProjections replays crm.events.log into shadow tables and swaps: events/s.
    Goal (issue 12) >= 20,000 events/s.
 5. reports: GetSupportReport (Jalali day x agent; month) and GetAcquisitionReport (Jalali month)
-   BENCH_REPORT_CALLS times each: p50/p95 ms.
+   BENCH_REPORT_CALLS times each: p50/p95 ms; and a Customer 360 first page (50 entries).
 
 Results: bench/results/reporting-<stamp>.txt/.json.
 """
@@ -59,7 +60,8 @@ def events(n: int) -> list:
         created = T0 + dt.timedelta(minutes=37 * i)
         name = f"tickets/{i}"
         base = dict(ticket=name, channel=1 + i % 6, team=f"teams/{i % 3}", assignee=f"agents/{i % 20}",
-                    complaint=i % 9 == 0, create_time=ts(created), sla_policy="slaPolicies/std")  # fmt: skip
+                    complaint=i % 9 == 0, create_time=ts(created), sla_policy="slaPolicies/std",
+                    customer=f"customers/{i % 50}")  # fmt: skip
         steps = [
             ("ticket.opened.v1", {}),
             ("ticket.first_responded.v1", {"first_response_time": ts(created + dt.timedelta(minutes=20))}),
@@ -74,7 +76,7 @@ def events(n: int) -> list:
                 new_event(domain="support", source_service="support-svc", routing_key=key, subject=name, message=msg)
             )
         survey = sev.SurveyEvent(survey=f"surveys/{i}", ticket=name, agent=base["assignee"], team=base["team"],
-                                 kind="csat", csat=1 + i % 5, answer_time=ts(created + dt.timedelta(hours=6)))  # fmt: skip
+                                 kind="csat", csat=1 + i % 5, customer=base["customer"], answer_time=ts(created + dt.timedelta(hours=6)))  # fmt: skip
         out.append(new_event(domain="support", source_service="support-svc", routing_key="survey.answered.v1",
                              subject=survey.survey, message=survey))  # fmt: skip
         c = customer_pb2.Customer(name=f"customers/{i}", acquisition_source=("website", "referral", "")[i % 3],
@@ -167,6 +169,9 @@ def main() -> None:
                 ),
                 "acquisition jalali month": lambda: stub.GetAcquisitionReport(
                     rs.GetAcquisitionReportRequest(period="month", calendar="jalali"), metadata=md()
+                ),
+                "customer 360 first page (50)": lambda: stub.GetCustomerTimeline(
+                    rs.GetCustomerTimelineRequest(customer="customers/7"), metadata=md()
                 ),
             }
             rows = []

@@ -440,3 +440,45 @@ def test_a_poison_event_in_a_batch_fails_alone_and_the_rest_commit(engine, broke
         assert received(engine) == (7, 7)  # each of the others once
     finally:
         consumer.stop(2)
+
+
+def test_a_batch_all_handler_takes_a_run_of_mixed_keys_in_arrival_order_in_one_call(engine, broker):
+    other = "thing.changed.v1"
+    calls: list[list[tuple[str, bytes]]] = []
+
+    def batch_all(conn, events):
+        calls.append([(e.routing_key, e.data) for e in events])
+        for e in events:
+            record(conn, e)
+
+    def per_key(conn, events):  # must not be used while batch_all is set
+        raise AssertionError("split by key")
+
+    events = []
+    for i in range(30):
+        key = KEY if i % 3 else other  # keys interleaved: runs of one key are at most 2 long
+        events.append(
+            new_event(domain=DOMAIN, source_service="test-svc", routing_key=key, subject="things/1",
+                      message=Payload(f"m{i}".encode()))
+        )  # fmt: skip
+    sub = Subscription(DOMAIN, {KEY: record, other: record}, batch={KEY: per_key, other: per_key}, batch_all=batch_all)
+    consumer = EventConsumer(engine, broker.url, "batch-all", [sub], prefetch=100, delivery_limit=3, batch_size=50)
+    conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+    ch = conn.channel()
+    declare_producer(ch, DOMAIN)
+    consumer.declare(ch)
+    ch.confirm_delivery()
+    for e in events:
+        ch.basic_publish(exchange_for(DOMAIN), e.routing_key, e.data, e.amqp_properties())
+    conn.close()
+    consumer.start()
+    assert consumer.ready.wait(10), "consumer did not connect"
+    try:
+        wait_for(lambda: consumer.processed == 30, what="every delivery")
+        assert received(engine) == (30, 30)
+        assert [x for call in calls for x in call] == [(e.routing_key, e.data) for e in events]  # arrival order
+        assert max(len(c) for c in calls) > 2  # a run across keys in one call
+        assert any(len({k for k, _ in c}) == 2 for c in calls)
+        assert len(calls) < 30
+    finally:
+        consumer.stop(2)

@@ -83,6 +83,16 @@ HAND_WRITTEN = {
     ("GET", "/v1/reports/acquisition:export", "ExportAcquisitionReport", (), None, 200),
     ("GET", "/v1/reports/support", "GetSupportReport", (), None, 200),
     ("GET", "/v1/reports/support:export", "ExportSupportReport", (), None, 200),
+    ("GET", "/v1/reports/loyalty", "GetLoyaltyReport", (), None, 200),
+    ("GET", "/v1/reports/campaigns", "GetCampaignReport", (), None, 200),
+    (
+        "GET",
+        "/v1/customers/{customer_id}/timeline",
+        "GetCustomerTimeline",
+        (("customer", "customers/{customer_id}"),),
+        None,
+        200,
+    ),
     ("GET", "/v1/projectionStatus", "GetProjectionStatus", (), None, 200),
     ("POST", "/v1/projectionRebuilds", "RebuildProjections", (), "*", 201),
     (

@@ -83,6 +83,9 @@ def answers(stub):
         one(dimensions=["agent"]),
         stub.CountCustomersBySource(rs.CountCustomersBySourceRequest(), metadata=md()),
         stub.GetAcquisitionReport(rs.GetAcquisitionReportRequest(period="month", calendar="jalali"), metadata=md()),
+        stub.GetCustomerTimeline(  # Customer 360: created, then updated
+            rs.GetCustomerTimelineRequest(customer="customers/00000000-0000-4000-8000-000000000002"), metadata=md()
+        ),
     )
 
 
@@ -128,6 +131,7 @@ def test_live_projection_then_rebuild_gives_the_same_answers(live, stub, own_bro
     web = {r.source: r for r in before[3].rows}["website"]
     assert (web.customers, web.leads, web.converted_leads, web.won_opportunities) == (1, 1, 1, 1)
     assert (web.won_revenue[0].currency_code, web.won_revenue[0].units) == ("IRR", 15_000_000)
+    assert [e.kind for e in before[4].entries] == ["customer.updated", "customer.created"]
     assert {s.acquisition_source: s.customer_count for s in before[2].sources} == {
         "website": 1,
         "referral": 1,
@@ -138,6 +142,7 @@ def test_live_projection_then_rebuild_gives_the_same_answers(live, stub, own_bro
         conn.execute(sa.text("UPDATE support_daily SET requests = requests + 100"))
         conn.execute(sa.text("DELETE FROM customer_source_facts"))
         conn.execute(sa.text("UPDATE acquisition_daily SET leads = leads + 7"))
+        conn.execute(sa.text("DELETE FROM timeline"))
     assert answers(stub) != before
 
     indexes = sa.text("SELECT tablename, indexname FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1, 2")
@@ -185,7 +190,7 @@ def test_live_projection_then_rebuild_gives_the_same_answers(live, stub, own_bro
         "empty queues",
     )
     assert (
-        set(lag) == {"customer", "sales", "support"} and lag["support"].applied_events == 10
+        set(lag) == {"campaign", "customer", "sales", "support"} and lag["support"].applied_events == 10
     )  # 8 + the stale copy + the late ticket
     assert not status.HasField("rebuild")
 

@@ -9,7 +9,8 @@ that may define:
   that runs workers, so `python -m <package> work` fires them without serving gRPC);
 - `subscriptions(rt: Runtime) -> list[Subscription]`: the events it consumes (the parts'
   subscriptions to one producer become one queue: `merge_subscriptions`); a Subscription's
-  `batch` handlers take a run of events of one routing key at once (the consumer's batches);
+  `batch` handlers take a run of events of one routing key at once (the consumer's batches),
+  its `batch_all` a run of events of any of its keys, in arrival order;
 - `workers(rt: Runtime) -> list[BackgroundWorker]`: more background workers (started with
   `serve` and `work`);
 - `roles(rt: Runtime) -> dict[str, list[BackgroundWorker]]`: commands of their own
@@ -21,6 +22,7 @@ that may define:
 
 from __future__ import annotations
 
+import itertools
 import pathlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -76,11 +78,23 @@ def merge_subscriptions(subs: Sequence[Subscription]) -> list[Subscription]:
     """One subscription per producer domain (one queue each): where several parts handle the
     same routing key, its handlers run in part order in the one transaction of the delivery
     (so the inbox applies the event to all of them once), and a field any of them requires is
-    required."""
+    required.
+
+    Batches: where parts handle the same key and any has a `batch` handler for it, the merged
+    `batch[key]` gives the run to each part in turn (its batch handler, or its handler event by
+    event). Where any part of a domain sets `batch_all`, the merged subscription has a
+    `batch_all` too: each part in turn, in part order, takes its own events of the run (those
+    of the keys it handles, in arrival order): in one call if it set batch_all, else run of one
+    key by run of one key as above. A single part with batch_all is kept as it is. So each part
+    sees its events in arrival order, as with a subscription of its own; what is not kept is
+    the interleaving of two parts' writes within one batch (parts keep tables of their own).
+    """
     merged: dict[str, Subscription] = {}
+    parts_of: dict[str, list[Subscription]] = {}
     pairs: dict[tuple[str, str], list[tuple[Callable, Callable | None]]] = {}
     for sub in subs:
         into = merged.setdefault(sub.domain, Subscription(domain=sub.domain))
+        parts_of.setdefault(sub.domain, []).append(sub)
         for key, handler in sub.handlers.items():
             first = into.handlers.get(key)
             into.handlers[key] = handler if first is None else _both(first, handler)
@@ -94,7 +108,33 @@ def merge_subscriptions(subs: Sequence[Subscription]) -> list[Subscription]:
     for (domain, key), handlers in pairs.items():
         if any(batch is not None for _, batch in handlers):
             merged[domain].batch[key] = _batch_of(handlers)
+    for domain, parts in parts_of.items():
+        if any(p.batch_all is not None for p in parts):
+            merged[domain].batch_all = parts[0].batch_all if len(parts) == 1 else _batch_all_of(parts)
     return list(merged.values())
+
+
+def _batch_all_of(parts: list[Subscription]) -> Callable:
+    """The merged batch_all of a domain's parts (merge_subscriptions says the rule)."""
+
+    def handle(conn, events):
+        for part in parts:
+            mine = [e for e in events if e.routing_key in part.handlers]
+            if not mine:
+                continue
+            if part.batch_all is not None:
+                part.batch_all(conn, mine)
+                continue
+            for key, run in itertools.groupby(mine, key=lambda e: e.routing_key):
+                run = list(run)
+                batch = part.batch.get(key)
+                if batch is not None:
+                    batch(conn, run)
+                else:
+                    for e in run:
+                        part.handlers[key](conn, e)
+
+    return handle
 
 
 def _batch_of(handlers: list[tuple[Callable, Callable | None]]) -> Callable:

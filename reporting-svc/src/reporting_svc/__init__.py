@@ -3,6 +3,14 @@
 
 def PROJECTIONS():  # noqa: N802  (a constant, made on first use to avoid an import cycle)
     """Every projection of the service (each a part in __main__.PARTS)."""
-    from . import projections, sales, support, value
+    from . import campaigns, loyalty, projections, sales, support, timeline, value
 
-    return [projections.PROJECTION, sales.PROJECTION, support.PROJECTION, value.PROJECTION]
+    return [
+        projections.PROJECTION,
+        sales.PROJECTION,
+        support.PROJECTION,
+        value.PROJECTION,
+        loyalty.PROJECTION,
+        *campaigns.PROJECTIONS,
+        *timeline.PROJECTIONS,
+    ]

@@ -19,6 +19,9 @@ def parse(req: pb.GetAcquisitionReportRequest, prefix: str = "") -> dict:
     return {**periods.parse_request(req, prefix), "sources": sorted({s.strip() for s in req.sources if s.strip()})}
 
 
+ACQ_COUNTS = ("customers", "leads", "converted_leads", "won_opportunities")
+
+
 def report(conn: sa.Connection, q: dict) -> pb.GetAcquisitionReportResponse:
     t = acquisition_daily
     where = []
@@ -29,14 +32,12 @@ def report(conn: sa.Connection, q: dict) -> pb.GetAcquisitionReportResponse:
     if q["sources"]:
         where.append(t.c.source.in_(q["sources"]))
     key = periods.key_expr(t.c.day, q["period"], q["calendar"]).label("period_key")
-    counts = [
-        sa.cast(sa.func.sum(t.c[m]), sa.BigInteger).label(m)
-        for m in ("customers", "leads", "converted_leads", "won_opportunities")
-    ]
+    counts = [sa.cast(sa.func.sum(t.c[m]), sa.BigInteger).label(m) for m in ACQ_COUNTS]
     q_rows = (
         sa.select(key, t.c.source, t.c.currency, *counts, sa.func.sum(t.c.won_amount).label("won_amount"))
         .where(*where)
         .group_by(key, t.c.source, t.c.currency)
+        .having(sa.or_(*(sa.func.sum(t.c[m]) != 0 for m in (*ACQ_COUNTS, "won_amount"))))  # facts moved away: no row
         .order_by(key, t.c.source, t.c.currency)
     )
     rows: dict[tuple[str, str], pb.AcquisitionRow] = {}

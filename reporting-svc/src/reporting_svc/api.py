@@ -12,9 +12,20 @@ from crm_chassis import documents, jobs
 from crm_chassis.errors import InvalidArgument, NotFound
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
+from crm_chassis.pagination import PageTokens
 from crm_chassis.work_tables import jobs as job_table
 
-from . import PROJECTIONS, acquisition_report, projections, rebuild, status, support_report
+from . import (
+    PROJECTIONS,
+    acquisition_report,
+    campaigns,
+    loyalty,
+    projections,
+    rebuild,
+    status,
+    support_report,
+    timeline,
+)
 
 EXPORT_FORMATS = ("csv", "xlsx")
 REBUILD = "projectionRebuilds/"
@@ -58,6 +69,7 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
     def __init__(self, rt):
         self.rt = rt
         self.engine = rt.engine
+        self.timeline_tokens = PageTokens(rt.settings.jwt_secret, "customer-timeline")
 
     # -- report 1 ----------------------------------------------------------------------------
     def _by_source(self, request):
@@ -122,9 +134,26 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
             pb.ExportReportResponse, fmt, columns, rows, filename=f"support-{_stamp()}", title="Support desk"
         )
 
+    # -- report 5 ----------------------------------------------------------------------------
+    def GetLoyaltyReport(self, request, context):
+        q = loyalty.parse(request)
+        with self.engine.connect() as conn:
+            return loyalty.report(conn, q)
+
+    def GetCampaignReport(self, request, context):
+        q = campaigns.parse(request)
+        with self.engine.connect() as conn:
+            return campaigns.report(conn, q)
+
+    # -- report 7 ----------------------------------------------------------------------------
+    def GetCustomerTimeline(self, request, context):
+        q = timeline.parse(request)
+        with self.engine.connect() as conn:
+            return timeline.page(conn, self.timeline_tokens, q, request.page_token)
+
     # -- projections -------------------------------------------------------------------------
     def GetProjectionStatus(self, request, context):
-        domains = [p.domain for p in PROJECTIONS()]
+        domains = list(dict.fromkeys(p.domain for p in PROJECTIONS()))
         depths = status.queue_depths(self.rt.settings.amqp_url, self.rt.settings.service_name, domains)
         with self.engine.connect() as conn:
             out = pb.ProjectionStatus(producers=status.producers(conn, domains, depths, dt.datetime.now(dt.UTC)))

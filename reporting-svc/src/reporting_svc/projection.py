@@ -56,13 +56,17 @@ class Projection:
     handlers: dict[str, Handler]
     requires: dict[str, Requires] = field(default_factory=dict)
     tables: list[sa.Table] = field(default_factory=list)  # what it writes (documentation, checks)
+    # keeps the producer's lag row; False for a second projection of a producer (one count per event)
+    tracks: bool = True
 
     def subscription(self) -> Subscription:
+        lag = self.domain if self.tracks else None
         return Subscription(
             domain=self.domain,
-            handlers={k: wrap(self.domain, h) for k, h in self.handlers.items()},
+            handlers={k: wrap(lag, h) for k, h in self.handlers.items()},
             requires=dict(self.requires),
-            batch={k: wrap_batch(self.domain, h) for k, h in self.handlers.items() if hasattr(h, "extract")},
+            batch={k: wrap_batch(lag, h) for k, h in self.handlers.items() if hasattr(h, "extract")},
+            batch_all=wrap_batch_all(lag, self.handlers),
         )
 
 
@@ -109,31 +113,45 @@ def track(conn: sa.Connection, domain: str, event_time: dt.datetime, count: int 
             conn.execute(_TRACK_FIRST, {"domain": domain, "last_event_time": event_time, "applied_events": count})
 
 
-def wrap(domain: str, handler: Handler) -> Handler:
+def wrap(domain: str | None, handler: Handler) -> Handler:
     def handle(conn: sa.Connection, event: Event) -> None:
         shadow = shadow_schema(conn)  # first: the rebuild's swap locks this table before the others
         handler(conn, event)
         if shadow:
             with in_schema(conn, shadow):
                 handler(conn, event)
-        track(conn, domain, event.time)
+        if domain:
+            track(conn, domain, event.time)
 
     handle.__wrapped__ = handler  # the bare handler, as the rebuild replays it
     return handle
 
 
-def wrap_batch(domain: str, handler: Handler) -> Callable[[sa.Connection, list[Event]], None]:
+def wrap_batch(domain: str | None, handler: Handler) -> Callable[[sa.Connection, list[Event]], None]:
     """The consumer's batch handler of a run of events of one routing key: applied set-based
     (apply_events), with the shadow check and the lag row once for the run."""
+    return wrap_batch_all(domain, {None: handler}, lambda e: None)
+
+
+def wrap_batch_all(
+    domain: str | None,
+    handlers: Mapping[str | None, Handler],
+    key: Callable[[Event], str | None] = lambda e: e.routing_key,
+) -> Callable[[sa.Connection, list[Event]], None]:
+    """The consumer's batch_all handler of a run of a producer's events, any routing keys in
+    arrival order: apply_events takes them table by table (Facts.apply_many, a few statements
+    per table for the whole run; a handler that is no extractor, a merge, runs in its place),
+    with the shadow check and the lag row once for the run. Same result as one by one."""
 
     def handle(conn: sa.Connection, events: list[Event]) -> None:
         shadow = shadow_schema(conn)
-        pairs = [(e, handler) for e in events]
+        pairs = [(e, h) for e in events if (h := handlers.get(key(e))) is not None]
         apply_events(conn, pairs)
         if shadow:
             with in_schema(conn, shadow):
                 apply_events(conn, pairs)
-        track(conn, domain, max(e.time for e in events), len(events))
+        if domain:
+            track(conn, domain, max(e.time for e in events), len(events))
 
     return handle
 

@@ -45,8 +45,12 @@ BATCH = 500
 
 
 def dispatch_table(projections) -> dict:
-    """(domain, routing key) -> (bare handler, Requires or None)."""
-    return {(p.domain, key): (h, p.requires.get(key)) for p in projections for key, h in p.handlers.items()}
+    """(domain, routing key) -> [(bare handler, Requires or None)], one per projection reading it."""
+    table: dict = {}
+    for p in projections:
+        for key, h in p.handlers.items():
+            table.setdefault((p.domain, key), []).append((h, p.requires.get(key)))
+    return table
 
 
 def stream_length(amqp_url: str, settle: float = 0.3) -> int:
@@ -108,14 +112,11 @@ def _readable(batch: list, table: dict) -> tuple[list, int]:
             skipped += 1
             continue
         domain = event.exchange.removeprefix("crm.").removesuffix(".events")
-        entry = table.get((domain, event.routing_key))
-        if entry is None:
-            continue
-        handler, requires = entry
-        if requires is not None and requires.problem(event):
+        entries = table.get((domain, event.routing_key), [])
+        readable = [h for h, requires in entries if requires is None or not requires.problem(event)]
+        if len(readable) < len(entries):
             skipped += 1
-            continue
-        found.append((event, handler))
+        found.extend((event, h) for h in readable)
     return found, skipped
 
 

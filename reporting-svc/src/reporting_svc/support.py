@@ -10,7 +10,8 @@ rows (Tehran day x team x agent x channel); a changed fact moves its contributio
   met; and as closed on its closing day, with the agent who had it.
 - A CSAT survey counts on its answer day with its agent and team (channel "").
 - A breach (ticket.sla_breached.v1) counts once per ticket and metric on its day.
-- A call counts on its start day with its agent (channel "phone").
+- A call counts on its start day with its agent (channel "phone"); its newest version
+  (CallEvent.version) wins.
 """
 
 from __future__ import annotations
@@ -139,13 +140,15 @@ def _call_contrib(f) -> list:
     if f is None:
         return []
     m = f._mapping if hasattr(f, "_mapping") else f
-    key = {"day": tehran_day(m["version"]), "team": "", "agent": m["agent"], "channel": "phone"}
+    key = {"day": tehran_day(m["start_time"]), "team": "", "agent": m["agent"], "channel": "phone"}
     return [(key, {"calls": 1})]
 
 
 def fact_call(event: Event):
+    """The call's newest version (CallEvent.version, the call log's etag: an agent or outcome
+    corrected later replaces the first report); it counts on its start day."""
     c = event.parse(ev.CallEvent)
-    values = {"version": _ts(c, "start_time"), "agent": c.agent}
+    values = {"version": c.version, "agent": c.agent, "start_time": _ts(c, "start_time")}
     return CALLS, {"call_id": c.call.removeprefix("calls/")}, values
 
 

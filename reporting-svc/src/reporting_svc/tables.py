@@ -10,6 +10,7 @@ leave the newest state. Rollups are sums kept by delta from a fact's old to its 
 from __future__ import annotations
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 
 metadata = sa.MetaData()
 
@@ -72,8 +73,9 @@ call_facts = sa.Table(
     "call_facts",
     metadata,
     sa.Column("call_id", sa.Text, primary_key=True),
-    sa.Column("version", TS, nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),  # CallEvent.version (the call log's etag)
     sa.Column("agent", sa.Text, nullable=False),
+    sa.Column("start_time", TS, nullable=False),
 )
 
 SUPPORT_MEASURES = (
@@ -142,6 +144,108 @@ acquisition_daily = sa.Table(
     sa.Column("won_amount", sa.Numeric(38, 9), nullable=False, server_default="0"),
 )
 
+# Report 7, Customer 360: one row per event about a customer, from every service. customer_id
+# is the customer the row is shown under (the survivor, after a merge); origin_customer_id the
+# one the event named. event_id is unique: a redelivered event adds nothing.
+timeline = sa.Table(
+    "timeline",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("customer_id", sa.Text, nullable=False),
+    sa.Column("origin_customer_id", sa.Text, nullable=False),
+    sa.Column("occurred_at", TS, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("ref", sa.Text, nullable=False),
+    sa.Column("title", sa.Text, nullable=False),
+    sa.Column("detail", JSONB, nullable=False, server_default="{}"),
+    sa.Column("event_id", sa.Text, nullable=False, unique=True),
+)
+sa.Index("timeline_page", timeline.c.customer_id, timeline.c.occurred_at.desc(), timeline.c.id.desc())
+sa.Index("timeline_origin", timeline.c.origin_customer_id)
+
+# customer.merged.v1: a merged customer's events, later ones too, go to the survivor's timeline.
+customer_aliases = sa.Table(
+    "customer_aliases",
+    metadata,
+    sa.Column("merged_id", sa.Text, primary_key=True),
+    sa.Column("survivor_id", sa.Text, nullable=False),
+)
+sa.Index("customer_aliases_survivor", customer_aliases.c.survivor_id)
+
+# Report 5, loyalty (campaign-svc's points ledger and tiers). One row per ledger movement (points
+# signed: positive in, negative out; version = its time) into loyalty_daily (Tehran day x
+# programme: the points moved per kind); one row per member account with its newest tier into
+# tier_counts (programme x tier: accounts).
+LOYALTY_MEASURES = ("earned", "redeemed", "expired", "adjusted", "reversed")
+points_facts = sa.Table(
+    "points_facts",
+    metadata,
+    sa.Column("entry_id", sa.Text, primary_key=True),
+    sa.Column("version", TS, nullable=False),
+    sa.Column("programme", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("points", sa.BigInteger, nullable=False),
+)
+loyalty_daily = sa.Table(
+    "loyalty_daily",
+    metadata,
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("programme", sa.Text, primary_key=True),
+    *(sa.Column(m, sa.BigInteger, nullable=False, server_default="0") for m in LOYALTY_MEASURES),
+)
+tier_facts = sa.Table(
+    "tier_facts",
+    metadata,
+    sa.Column("account_id", sa.Text, primary_key=True),
+    sa.Column("version", TS, nullable=False),
+    sa.Column("programme", sa.Text, nullable=False),
+    sa.Column("tier", sa.Text, nullable=False),
+)
+tier_counts = sa.Table(
+    "tier_counts",
+    metadata,
+    sa.Column("programme", sa.Text, primary_key=True),
+    sa.Column("tier", sa.Text, primary_key=True),
+    sa.Column("accounts", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+# Report 5, campaigns: each campaign's newest state (goal, cost: CampaignEvent.version) and what
+# is attributed to it (responses; sales' leads, orders and paid invoices naming its id), summed
+# per campaign in campaign_stats. Amounts in rials (IRT as IRR); campaign ids without "campaigns/".
+CAMPAIGN_MEASURES = ("responses", "leads", "orders", "revenue")
+campaign_facts = sa.Table(
+    "campaign_facts",
+    metadata,
+    sa.Column("campaign_id", sa.Text, primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("display_name", sa.Text, nullable=False),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("goal_kind", sa.Text, nullable=False),
+    sa.Column("goal_target", sa.Numeric(38, 9), nullable=False),
+    sa.Column("currency", sa.Text, nullable=False),
+    sa.Column("cost", sa.Numeric(38, 9), nullable=False),
+    sa.Column("recipients", sa.BigInteger, nullable=False),
+)
+campaign_stats = sa.Table(
+    "campaign_stats",
+    metadata,
+    sa.Column("campaign_id", sa.Text, primary_key=True),
+    *(sa.Column(m, sa.BigInteger, nullable=False, server_default="0") for m in CAMPAIGN_MEASURES[:-1]),
+    sa.Column("revenue", sa.Numeric(38, 9), nullable=False, server_default="0"),
+)
+campaign_attribution_facts = sa.Table(  # one row per response, lead, order or invoice naming a campaign
+    "campaign_attribution_facts",
+    metadata,
+    sa.Column("ref", sa.Text, primary_key=True),  # responses/{id}, leads/{id}, orders/{id}, invoices/{id}
+    sa.Column("version", sa.BigInteger, nullable=False),  # the record's version, or its event time in microseconds
+    sa.Column("campaign_id", sa.Text, nullable=False),
+    sa.Column("measure", sa.Text, nullable=False),  # responses, leads, orders, revenue
+    sa.Column("counts", sa.Boolean, nullable=False),  # an order not cancelled, an invoice paid
+    sa.Column("amount", sa.Numeric(38, 9), nullable=False),  # revenue: rials
+)
+
 # The tables a rebuild makes afresh (everything the projections write but the lag table).
 PROJECTED = [
     customer_source_facts,
@@ -153,6 +257,15 @@ PROJECTED = [
     lead_facts,
     opportunity_facts,
     acquisition_daily,
+    timeline,
+    customer_aliases,
+    points_facts,
+    loyalty_daily,
+    tier_facts,
+    tier_counts,
+    campaign_facts,
+    campaign_stats,
+    campaign_attribution_facts,
 ]
 
 # Per producer: the newest event applied, for GetProjectionStatus.

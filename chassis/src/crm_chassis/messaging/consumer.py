@@ -20,7 +20,8 @@ batch_size, waiting at most `batch_wait` seconds for more) are handled in ONE tr
 INSERT of their ids into the inbox (the redelivered ones drop out), then each run of
 consecutive events of one subscription and routing key goes to the subscription's batch
 handler for that key if it has one (`Subscription.batch`), else to its handler event by event,
-in arrival order. They are acked after the commit. If the batch fails, its deliveries are
+in arrival order. A subscription with `batch_all` takes its whole run of consecutive events,
+whatever their routing keys, in arrival order, in one call instead. They are acked after the commit. If the batch fails, its deliveries are
 handled again one at a time as above, so a poison event is requeued alone and the others go
 through.
 """
@@ -119,6 +120,14 @@ class Subscription:
     requires: dict[str, Requires] = field(default_factory=dict)  # routing key -> what its handler needs
     # routing key -> a handler of many events of that key at once (the consumer's batches)
     batch: dict[str, BatchHandler] = field(default_factory=dict)
+    # a handler of a run of events of any of its routing keys at once, in arrival order; when
+    # set, the consumer gives it the subscription's whole run instead of splitting it by key
+    batch_all: BatchHandler | None = None
+
+
+def _run_key(item: tuple[Subscription, Event]) -> tuple:
+    sub, event = item
+    return (id(sub),) if sub.batch_all is not None else (id(sub), event.routing_key)
 
 
 @dataclass
@@ -378,14 +387,18 @@ class EventConsumer:
                 if e.id in fresh_ids and e.id not in seen:  # the same event twice in one batch: once
                     seen.add(e.id)
                     todo.append((sub, e))
-            # runs of consecutive events of one subscription and routing key, in arrival order
-            for _, run in itertools.groupby(todo, key=lambda item: (id(item[0]), item[1].routing_key)):
+            # runs of consecutive events of one subscription (and routing key, unless the
+            # subscription takes them all at once), in arrival order
+            for _, run in itertools.groupby(todo, key=_run_key):
                 run = list(run)
                 self._handle_run(conn, run[0][0], [e for _, e in run])
         return len(seen)
 
     @staticmethod
     def _handle_run(conn: sa.Connection, sub: Subscription, events: list[Event]) -> None:
+        if sub.batch_all is not None:
+            sub.batch_all(conn, events)
+            return
         key = events[0].routing_key
         batch = sub.batch.get(key)
         if batch is not None:

@@ -1,14 +1,14 @@
 """customer value: invoice facts, the per-customer daily rollup, the models' fits and scores
 
-Revision ID: 0006
+Revision ID: 0010
 """
 
 from alembic import op
 
 from reporting_svc import value_tables as t
 
-revision = "0006"
-down_revision = "0005"
+revision = "0010"
+down_revision = "0009"
 
 NEW = [t.invoice_value_facts, t.customer_value_daily, t.value_fits, t.value_scores]
 

@@ -1,0 +1,383 @@
+"""Report 7, Customer 360: one customer's timeline across every service, newest first.
+
+Each event about a customer (customer-svc: created, updated, note added, merged; sales-svc:
+leads, opportunities, orders, invoices; support-svc: tickets opened and resolved, calls,
+surveys; campaign-svc: messages sent, opened and clicked, responses, points earned and
+redeemed, tier changes) becomes one row of `timeline`: kind (the routing key without its
+version), source (the producer), ref (the resource), a one-line title and the event's figures
+(detail, JSON). The event id is unique, so a redelivered event adds nothing; events are facts
+that happened, so their order of arrival does not matter.
+
+Merges: customer.merged.v1 moves the merged customers' rows to the survivor and records an
+alias (merged -> survivor), so later events naming a merged customer land on the survivor
+too; a chain (A into B, B into C) ends at C. customer.unmerged.v1 drops the restored
+customers' aliases and moves the rows they were written on back to them.
+
+The projection is four Projection objects, one per producer (the domain of each queue); each
+handler is an extractor (projection.per_event) whose change a `Timeline` sink applies, one by
+one or many at once (a multi-row INSERT .. ON CONFLICT DO NOTHING), so the consumer's batches
+and the rebuild take it set-based like the fact tables. The producers' lag rows are kept by
+their own projections (customers, sales, support, loyalty).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping
+
+import sqlalchemy as sa
+from google.protobuf import json_format
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from crm.campaign.v1 import campaign_events_pb2 as cev
+from crm.customer.v1 import customer_events_pb2 as cust
+from crm.reporting.v1 import reporting_service_pb2 as pb
+from crm.sales.v1 import sales_events_pb2 as sev
+from crm.support.v1 import support_events_pb2 as tev
+from crm_chassis.errors import InvalidArgument
+from crm_chassis.messaging.consumer import Requires
+from crm_chassis.messaging.envelope import Event
+from crm_chassis.pagination import PageTokens, page_size
+
+from .projection import Projection, per_event
+from .tables import customer_aliases, timeline
+
+CUSTOMER = "customers/"
+
+
+class Timeline:
+    """The sink of timeline rows: `apply` one, `apply_many` a batch (the interface of Facts)."""
+
+    def apply(self, conn: sa.Connection, key: Mapping, values: Mapping) -> None:
+        self.apply_many(conn, [(key, values)])
+
+    def apply_many(self, conn: sa.Connection, changes: list[tuple[Mapping, Mapping]]) -> None:
+        if not changes:
+            return
+        origins = sorted({v["origin_customer_id"] for _, v in changes})
+        a = customer_aliases
+        alias = dict(conn.execute(sa.select(a.c.merged_id, a.c.survivor_id).where(a.c.merged_id.in_(origins))).all())
+        rows = [
+            {**k, **v, "customer_id": alias.get(v["origin_customer_id"], v["origin_customer_id"])} for k, v in changes
+        ]
+        conn.execute(pg_insert(timeline).on_conflict_do_nothing(index_elements=["event_id"]), rows)
+
+
+TIMELINE = Timeline()
+
+
+def _money(m) -> dict:
+    if not m.currency_code:
+        return {}
+    return {"amount": str(m.units + m.nanos / 1e9) if m.nanos else str(m.units), "currency": m.currency_code}
+
+
+def _fmt(m) -> str:
+    d = _money(m)
+    return f"{d['amount']} {d['currency']}" if d else ""
+
+
+def _detail(msg, *fields: str) -> dict:
+    """The named fields of the event's message (set ones only), as JSON."""
+    full = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    return {f: full[f] for f in fields if f in full}
+
+
+def entry(source: str, parse: type, customer: Callable, ref: Callable, title: Callable, fields: tuple = ()):
+    """The extractor of one kind of event: None when the event names no customer."""
+
+    def extract(event: Event):
+        msg = event.parse(parse)
+        who = customer(msg).removeprefix(CUSTOMER)
+        if not who:
+            return None
+        values = {
+            "origin_customer_id": who,
+            "occurred_at": event.time,
+            "kind": event.routing_key.rsplit(".", 1)[0],
+            "source": source,
+            "ref": ref(msg),
+            "title": title(msg, event.routing_key.split(".")[1]),
+            "detail": _detail(msg, *fields),
+        }
+        return TIMELINE, {"event_id": event.id}, values
+
+    return per_event(extract)
+
+
+# -- customer-svc ------------------------------------------------------------------------------
+def _customer_entry(attr: str, title: str):
+    return entry(
+        "customer",
+        getattr(cust, attr),
+        lambda m: m.customer.name,
+        lambda m: m.customer.name,
+        lambda m, verb: title,
+        ("changed_fields",),
+    )
+
+
+def _note_title(m, verb) -> str:
+    text = m.note.text.strip().splitlines()[0] if m.note.text.strip() else ""
+    return "Note: " + (text[:80] + "…" if len(text) > 80 else text)
+
+
+def on_customer_merged(conn: sa.Connection, event: Event) -> None:
+    msg = event.parse(cust.CustomerMerged)
+    survivor = msg.survivor.name.removeprefix(CUSTOMER)
+    merged = [n.removeprefix(CUSTOMER) for n in msg.merged]
+    a, t = customer_aliases, timeline
+    conn.execute(a.update().where(a.c.survivor_id.in_(merged)).values(survivor_id=survivor))  # chains end here
+    stmt = pg_insert(a)
+    conn.execute(
+        stmt.on_conflict_do_update(index_elements=["merged_id"], set_={"survivor_id": stmt.excluded.survivor_id}),
+        [{"merged_id": m, "survivor_id": survivor} for m in merged],
+    )
+    conn.execute(t.update().where(t.c.customer_id.in_(merged)).values(customer_id=survivor))
+    TIMELINE.apply(
+        conn,
+        {"event_id": event.id},
+        {
+            "origin_customer_id": survivor, "occurred_at": event.time, "kind": "customer.merged", "source": "customer",
+            "ref": msg.merge or msg.survivor.name, "title": f"{len(merged)} customer record(s) merged into this one",
+            "detail": {"merged": list(msg.merged)},
+        },
+    )  # fmt: skip
+
+
+def on_customer_unmerged(conn: sa.Connection, event: Event) -> None:
+    msg = event.parse(cust.CustomerUnmerged)
+    restored = [c.name.removeprefix(CUSTOMER) for c in msg.restored]
+    a, t = customer_aliases, timeline
+    conn.execute(a.delete().where(a.c.merged_id.in_(restored)))
+    conn.execute(t.update().where(t.c.origin_customer_id.in_(restored)).values(customer_id=t.c.origin_customer_id))
+
+
+CUSTOMER_HANDLERS = {
+    "customer.created.v1": _customer_entry("CustomerCreated", "Customer record created"),
+    "customer.updated.v1": _customer_entry("CustomerUpdated", "Customer record updated"),
+    "note.added.v1": entry(
+        "customer", cust.NoteAdded, lambda m: m.customer, lambda m: m.note.name or m.customer, _note_title, ()
+    ),
+    "customer.merged.v1": on_customer_merged,
+    "customer.unmerged.v1": on_customer_unmerged,
+}
+CUSTOMER_REQUIRES = {
+    "customer.created.v1": Requires(cust.CustomerCreated, ("customer.name",)),
+    "customer.updated.v1": Requires(cust.CustomerUpdated, ("customer.name",)),
+    "note.added.v1": Requires(cust.NoteAdded, ("customer",)),
+    "customer.merged.v1": Requires(cust.CustomerMerged, ("survivor.name", "merged")),
+    "customer.unmerged.v1": Requires(cust.CustomerUnmerged, ("survivor.name", "restored")),
+}
+
+# -- sales-svc ---------------------------------------------------------------------------------
+SALES_HANDLERS = {
+    **{
+        f"lead.{verb}.v1": entry(
+            "sales",
+            sev.LeadEvent,
+            lambda m: m.customer,
+            lambda m: m.lead,
+            lambda m, v: f"Lead {v}" + (f" ({m.source})" if m.source else ""),
+            ("status", "source", "product_line", "owner", "disqualify_reason", "opportunity"),
+        )  # fmt: skip
+        for verb in ("created", "qualified", "disqualified", "converted")
+    },
+    **{
+        f"opportunity.{verb}.v1": entry(
+            "sales",
+            sev.OpportunityEvent,
+            lambda m: m.customer,
+            lambda m: m.opportunity,
+            lambda m, v: (
+                f"Opportunity {m.name or m.opportunity} {v}" + (f": {_fmt(m.amount)}" if _fmt(m.amount) else "")
+            ),
+            ("name", "stage_name", "state", "amount", "owner", "close_reason"),
+        )  # fmt: skip
+        for verb in ("created", "won", "lost")
+    },
+    **{
+        f"order.{verb}.v1": entry(
+            "sales",
+            sev.OrderEvent,
+            lambda m: m.customer,
+            lambda m: m.order,
+            lambda m, v: f"Order {m.number or m.order} {v}" + (f": {_fmt(m.total)}" if _fmt(m.total) else ""),
+            ("number", "state", "total", "owner", "cancel_reason"),
+        )  # fmt: skip
+        for verb in ("placed", "delivered", "cancelled")
+    },
+    **{
+        f"invoice.{verb}.v1": entry(
+            "sales",
+            sev.InvoiceEvent,
+            lambda m: m.customer,
+            lambda m: m.invoice,
+            lambda m, v: f"Invoice {m.number or m.invoice} {v}" + (f": {_fmt(m.total)}" if _fmt(m.total) else ""),
+            ("number", "kind", "state", "total", "paid_total", "due_date", "credited_invoice"),
+        )  # fmt: skip
+        for verb in ("issued", "paid", "overdue", "credited")
+    },
+}
+SALES_REQUIRES = {
+    k: Requires(
+        {"lead": sev.LeadEvent, "opportunity": sev.OpportunityEvent, "order": sev.OrderEvent}.get(
+            k.split(".")[0], sev.InvoiceEvent
+        ),
+        (k.split(".")[0],),
+    )
+    for k in SALES_HANDLERS
+}
+
+# -- support-svc -------------------------------------------------------------------------------
+SUPPORT_HANDLERS = {
+    **{
+        f"ticket.{verb}.v1": entry(
+            "support",
+            tev.TicketEvent,
+            lambda m: m.customer,
+            lambda m: m.ticket,
+            lambda m, v: f"Ticket {m.number or m.ticket} {v}" + (" (complaint)" if m.complaint else ""),
+            ("number", "channel", "category", "complaint", "priority", "team", "assignee", "state"),
+        )  # fmt: skip
+        for verb in ("opened", "resolved")
+    },
+    "call.logged.v1": entry(
+        "support",
+        tev.CallEvent,
+        lambda m: m.customer,
+        lambda m: m.call,
+        lambda m, v: f"{(m.direction or 'phone').capitalize()} call, {m.outcome or 'logged'}",
+        ("direction", "queue", "agent", "outcome", "disposition", "talk_seconds", "ticket"),
+    ),  # fmt: skip
+    "survey.answered.v1": entry(
+        "support",
+        tev.SurveyEvent,
+        lambda m: m.customer,
+        lambda m: m.survey,
+        lambda m, v: "Survey answered" + (f": satisfaction {m.csat}/5" if m.kind == "csat" and m.csat else ""),
+        ("kind", "csat", "ticket", "agent"),
+    ),  # fmt: skip
+}
+SUPPORT_REQUIRES = {
+    "ticket.opened.v1": Requires(tev.TicketEvent, ("ticket",)),
+    "ticket.resolved.v1": Requires(tev.TicketEvent, ("ticket",)),
+    "call.logged.v1": Requires(tev.CallEvent, ("call",)),
+    "survey.answered.v1": Requires(tev.SurveyEvent, ("survey",)),
+}
+
+# -- campaign-svc ------------------------------------------------------------------------------
+CAMPAIGN_HANDLERS = {
+    **{
+        f"message.{verb}.v1": entry(
+            "campaign",
+            cev.MessageEvent,
+            lambda m: m.customer,
+            lambda m: m.message,
+            lambda m, v: f"Campaign {m.channel or 'message'} {v}" + (f": {m.url}" if v == "clicked" and m.url else ""),
+            ("campaign", "variant", "channel", "state", "url"),
+        )  # fmt: skip
+        for verb in ("sent", "opened", "clicked")
+    },
+    "response.recorded.v1": entry(
+        "campaign",
+        cev.ResponseEvent,
+        lambda m: m.customer,
+        lambda m: m.response,
+        lambda m, v: f"Responded to a campaign ({m.kind or 'response'})",
+        ("campaign", "message", "kind", "channel", "utm_source", "utm_medium", "utm_campaign"),
+    ),  # fmt: skip
+    **{
+        f"points.{verb}.v1": entry(
+            "campaign",
+            cev.PointsEvent,
+            lambda m: m.customer,
+            lambda m: m.entry or m.account,
+            lambda m, v: f"{abs(m.points)} points {v}, balance {m.balance}",
+            ("account", "programme", "kind", "points", "balance", "amount", "reference", "reason"),
+        )  # fmt: skip
+        for verb in ("earned", "redeemed")
+    },
+    "tier.changed.v1": entry(
+        "campaign",
+        cev.TierEvent,
+        lambda m: m.customer,
+        lambda m: m.account,
+        lambda m, v: f"Tier {m.direction or 'changed'}: {m.previous_tier or '-'} → {m.tier}",
+        ("programme", "previous_tier", "tier", "direction", "reason"),
+    ),  # fmt: skip
+}
+CAMPAIGN_REQUIRES = {
+    "message.sent.v1": Requires(cev.MessageEvent, ("message",)),
+    "message.opened.v1": Requires(cev.MessageEvent, ("message",)),
+    "message.clicked.v1": Requires(cev.MessageEvent, ("message",)),
+    "response.recorded.v1": Requires(cev.ResponseEvent, ("response",)),
+    "points.earned.v1": Requires(cev.PointsEvent, ("account",)),
+    "points.redeemed.v1": Requires(cev.PointsEvent, ("account",)),
+    "tier.changed.v1": Requires(cev.TierEvent, ("account",)),
+}
+
+TABLES = [timeline, customer_aliases]
+PROJECTIONS = [
+    Projection("timeline-customer", "customer", CUSTOMER_HANDLERS, CUSTOMER_REQUIRES, TABLES, tracks=False),
+    Projection("timeline-sales", "sales", SALES_HANDLERS, SALES_REQUIRES, TABLES, tracks=False),
+    Projection("timeline-support", "support", SUPPORT_HANDLERS, SUPPORT_REQUIRES, TABLES, tracks=False),
+    Projection("timeline-campaign", "campaign", CAMPAIGN_HANDLERS, CAMPAIGN_REQUIRES, TABLES, tracks=False),
+]
+KINDS = sorted({k.rsplit(".", 1)[0] for p in PROJECTIONS for k in p.handlers})
+SOURCES = ("customer", "sales", "support", "campaign")
+
+
+def subscriptions(rt=None):
+    return [p.subscription() for p in PROJECTIONS]
+
+
+# -- the query ---------------------------------------------------------------------------------
+def parse(req: pb.GetCustomerTimelineRequest) -> dict:
+    if not req.customer.startswith(CUSTOMER) or not req.customer.removeprefix(CUSTOMER) or "/" in req.customer[10:]:
+        raise InvalidArgument.field("customer", "must be customers/{customer_id}")
+    kinds, sources = set(), set()
+    for i, k in enumerate(req.kinds):
+        k = k.strip().lower().removesuffix(".v1")
+        if k in SOURCES:
+            sources.add(k)
+        elif k in KINDS:
+            kinds.add(k)
+        else:
+            raise InvalidArgument.field(
+                f"kinds[{i}]", f"unknown kind {k!r}; use a source ({', '.join(SOURCES)}) or a kind"
+            )
+    return {
+        "customer": req.customer.removeprefix(CUSTOMER),
+        "size": page_size(req.page_size),
+        "kinds": sorted(kinds),
+        "sources": sorted(sources),
+    }
+
+
+def page(conn: sa.Connection, tokens: PageTokens, q: dict, token: str) -> pb.GetCustomerTimelineResponse:
+    a, t = customer_aliases, timeline
+    who = conn.execute(sa.select(a.c.survivor_id).where(a.c.merged_id == q["customer"])).scalar() or q["customer"]
+    fingerprint = tokens.fingerprint(customer=who, kinds=q["kinds"], sources=q["sources"])
+    after = tokens.decode(token, fingerprint)
+    stmt = sa.select(t).where(t.c.customer_id == who)
+    if q["kinds"] or q["sources"]:
+        stmt = stmt.where(sa.or_(t.c.kind.in_(q["kinds"]), t.c.source.in_(q["sources"])))
+    if after is not None:
+        try:
+            at, last_id = dt.datetime.fromisoformat(after[0]), int(after[1])
+        except (ValueError, TypeError, IndexError):
+            raise InvalidArgument.field("page_token", "is not a valid page token for this query") from None
+        stmt = stmt.where(sa.tuple_(t.c.occurred_at, t.c.id) < sa.tuple_(sa.literal(at, t.c.occurred_at.type), last_id))
+    rows = conn.execute(stmt.order_by(t.c.occurred_at.desc(), t.c.id.desc()).limit(q["size"] + 1)).all()
+    out = pb.GetCustomerTimelineResponse()
+    for r in rows[: q["size"]]:
+        e = out.entries.add(
+            kind=r.kind, source=r.source, ref=r.ref, title=r.title, origin_customer=CUSTOMER + r.origin_customer_id
+        )
+        e.detail.update(r.detail)
+        e.occur_time.FromDatetime(r.occurred_at)
+    if len(rows) > q["size"]:
+        last = rows[q["size"] - 1]
+        out.next_page_token = tokens.encode([last.occurred_at.isoformat(), last.id], fingerprint)
+    return out
