@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from crm.support.v1 import support_events_pb2 as ev
 from crm.support.v1 import ticket_pb2
 from crm_chassis import timers
-from support_svc import routing, sla
+from support_svc import queue, routing, sla
 from support_svc.sla import ticket_sla
 from support_svc.tables import ticket_messages, tickets
 
@@ -28,6 +28,8 @@ def worker(svc):
     w = rt(svc).timers
     w.stop()
     w._stopping.clear()  # stopped, yet run_once fires (a stopped worker would release its claims)
+    with svc.ctx.engine.begin() as conn:  # the queue's compaction (every 5 s) would count in run_once
+        timers.cancel(conn, queue.COMPACT, "all")
     return w
 
 
