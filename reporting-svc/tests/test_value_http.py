@@ -49,6 +49,15 @@ def test_pareto_over_http(http):
     assert body["topRevenueShare"] == pytest.approx(1000 / 2800)
 
 
+def test_pareto_over_a_period_given_as_dates_in_the_query(http):
+    # the first invoices only (each customer's k = 0 one, on 1..5 June): 100 + 200 + ... + 500 = 1500
+    r = http.get("/v1/reports/value/pareto?currency_code=IRR&start_date=2026-06-01&end_date=2026-06-10", headers=auth())
+    assert r.status_code == 200, r.data
+    assert r.get_json()["totalRevenue"]["units"] == "1500"
+    bad = http.get("/v1/reports/value/pareto?start_date=1%20June", headers=auth())
+    assert bad.status_code == 400 and "start_date" in bad.get_data(as_text=True)
+
+
 def test_customer_value_by_resource_path(http):
     r = http.get("/v1/customers/k2/value?horizon_days=90&language_code=fa", headers=auth())
     assert r.status_code == 200, r.data

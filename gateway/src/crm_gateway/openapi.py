@@ -99,6 +99,10 @@ def _operation(b: _Builder, route: Route, method: descriptor.MethodDescriptor) -
     for fd in req.fields:
         if fd.name in bound or fd.name == route.body or route.body == "*":
             continue
+        if fd.type == FD.TYPE_MESSAGE and fd.message_type.full_name == "crm.type.v1.Date":
+            date = {"type": "string", "format": "date", "description": "YYYY-MM-DD"}
+            params.append({"name": fd.name, "in": "query", "required": False, "schema": date})
+            continue
         if fd.type == FD.TYPE_MESSAGE and fd.message_type.full_name not in _WELL_KNOWN:
             continue
         params.append({"name": fd.name, "in": "query", "required": False, "schema": b.field(fd)})

@@ -107,7 +107,15 @@ def _set_path(msg, path: str, value: str) -> None:
     setattr(msg, last, value)
 
 
+_ISO_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})")
+
+
 def _query_value(fd: descriptor.FieldDescriptor, raw: str, name: str):
+    if fd.type == descriptor.FieldDescriptor.TYPE_MESSAGE and fd.message_type.full_name == "crm.type.v1.Date":
+        m = _ISO_DATE.fullmatch(raw.strip())
+        if m is None:
+            raise BadRequest(name, "must be a date, YYYY-MM-DD")
+        return {"year": int(m.group(1)), "month": int(m.group(2)), "day": int(m.group(3))}
     if fd.type in _INTS:
         try:
             return int(raw)
@@ -123,6 +131,7 @@ def _query_value(fd: descriptor.FieldDescriptor, raw: str, name: str):
         except ValueError:
             raise BadRequest(name, "must be a number") from None
     return raw  # strings, enum names, Timestamps (RFC 3339) and FieldMasks (comma-separated) parse from JSON strings
+    # (a crm.type.v1.Date is YYYY-MM-DD, above)
 
 
 def is_upload(route: Route) -> bool:
