@@ -477,14 +477,9 @@ def test_bad_input_is_named_and_state_rules_hold(svc, stubs):
 
 
 def test_the_campaign_routes_over_http_through_the_gateway(svc, stubs):
-    from crm_gateway import create_app
-    from crm_gateway.clients import Clients
-    from tests.support.harness import token
+    from tests.support.harness import gateway_client, token
 
-    names = ("customer", "sales", "support", "reporting")
-    http = create_app(
-        Clients({**dict.fromkeys(names, "127.0.0.1:9"), "campaign": f"127.0.0.1:{svc.port}"})
-    ).test_client()
+    http, clients = gateway_client(campaign=f"127.0.0.1:{svc.port}")
     auth = {"Authorization": f"Bearer {token('marketer', 'mina')}"}
     ids = people(svc, 1)
     body = {
@@ -507,3 +502,4 @@ def test_the_campaign_routes_over_http_through_the_gateway(svc, stubs):
     bad = http.post("/v1/campaigns", json={"channel": "pigeon"}, headers=auth)
     assert bad.status_code == 400 and "campaign.channel" in bad.get_data(as_text=True)
     assert http.get(f"/v1/{name}/stats").status_code == 401  # no token
+    clients.close()

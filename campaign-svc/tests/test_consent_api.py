@@ -58,13 +58,11 @@ def outbox(svc):
 
 @pytest.fixture(scope="module")
 def http(svc):
-    from crm_gateway import create_app
-    from crm_gateway.clients import Clients
+    from tests.support.harness import gateway_client
 
-    names = ("customer", "sales", "support", "reporting")
-    return create_app(
-        Clients({**dict.fromkeys(names, "127.0.0.1:9"), "campaign": f"127.0.0.1:{svc.port}"})
-    ).test_client()
+    client, clients = gateway_client(campaign=f"127.0.0.1:{svc.port}")
+    yield client
+    clients.close()
 
 
 def ledger(svc, address: str) -> list:

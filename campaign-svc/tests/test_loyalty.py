@@ -722,13 +722,10 @@ def test_spend_tiers_over_the_gregorian_year_count_the_net_spend(svc, stub, cloc
 # -- the gateway -------------------------------------------------------------------------------
 def test_the_gateway_serves_the_loyalty_routes(svc):
     """The annotated RPCs are HTTP routes of the gateway (JSON in and out, errors naming fields)."""
-    from crm_gateway import create_app
-    from crm_gateway.clients import Clients
-    from tests.support.harness import token
+    from tests.support.harness import gateway_client, token
 
-    clients = Clients({"campaign": f"127.0.0.1:{svc.port}"})
+    http, clients = gateway_client(campaign=f"127.0.0.1:{svc.port}")
     try:
-        http = create_app(clients).test_client()
         auth = {"Authorization": f"Bearer {token('marketer', 'mina')}"}
         body = {
             "displayName": "باشگاه",

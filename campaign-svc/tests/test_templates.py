@@ -449,14 +449,10 @@ def test_the_audience_row_is_read_not_customer_svc(svc):
 # --- over HTTP ------------------------------------------------------------------------------------
 @pytest.fixture
 def http(svc):
-    from crm_gateway import create_app
-    from crm_gateway.clients import Clients
+    from tests.support.harness import gateway_client
 
-    clients = Clients(
-        {k: "127.0.0.1:9" for k in ("customer", "sales", "support", "reporting")}
-        | {"campaign": f"127.0.0.1:{svc.port}"}
-    )
-    yield create_app(clients).test_client()
+    client, clients = gateway_client(campaign=f"127.0.0.1:{svc.port}")
+    yield client
     clients.close()
 
 

@@ -16,8 +16,6 @@ commit, through the channel's sender (runtime.Campaign.senders); a failed send i
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import hmac
 import os
 from dataclasses import dataclass
 
@@ -31,7 +29,7 @@ from crm_chassis.errors import AlreadyExists, FieldViolation, InvalidArgument, N
 from crm_chassis.filtering import keyset_page
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
-from crm_chassis.links import Signer
+from crm_chassis.links import Signer, key_list, key_matches, link_secret
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName
 
@@ -63,14 +61,13 @@ class Settings:
 
     @classmethod
     def from_env(cls, jwt_secret: str, env=os.environ) -> Settings:
-        given = env.get("CONSENT_LINK_SECRET", "")
-        secret = given.encode() if given else hashlib.sha256(f"consent-links:{jwt_secret}".encode()).digest()
+        secret = link_secret(env.get("CONSENT_LINK_SECRET", ""), jwt_secret, "consent-links")
         try:
             days = int(env.get("OPT_IN_LINK_DAYS", "7"))
         except ValueError:
             days = 7
         base = env.get("PUBLIC_BASE_URL", "http://localhost:8080").rstrip("/")
-        keys = tuple(k.strip() for k in env.get("SMS_INBOUND_KEYS", "dev-sms-key").split(",") if k.strip())
+        keys = key_list(env, "SMS_INBOUND_KEYS", "dev-sms-key")
         return cls(secret, max(1, days), base, env.get("OPT_IN_PAGE_URL", f"{base}/v1/optIn/{{token}}"), keys)
 
 
@@ -412,9 +409,7 @@ class Consents:
 
     # SMS stop keywords ------------------------------------------------------------------------
     def inbound_sms(self, req: pb.PostInboundSmsRequest) -> pb.PostInboundSmsResponse:
-        if not req.key or not any(
-            hmac.compare_digest(req.key.encode(), k.encode()) for k in settings(self.rt).sms_keys
-        ):
+        if not key_matches(req.key, settings(self.rt).sms_keys):
             raise Unauthenticated("the provider key is not valid", reason="SMS_KEY_INVALID")
         number = consent.normalise("sms", req.from_number, self.rt.phone_region, "from_number")
         keyword = stop_keyword(req.message)

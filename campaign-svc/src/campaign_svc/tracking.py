@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import hashlib
-import hmac
 import html as htmlmod
 import json
 import os
@@ -48,7 +46,7 @@ from crm_chassis.errors import DomainError, FieldViolation, InvalidArgument, Not
 from crm_chassis.filtering import keyset_page
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
-from crm_chassis.links import Signer
+from crm_chassis.links import Signer, key_list, key_matches, link_secret
 from crm_chassis.mail import kind_of
 from crm_chassis.mail import parse_dsn as mail_dsn
 from crm_chassis.messaging.consumer import Subscription
@@ -83,10 +81,6 @@ HARD_FAILED = frozenset({"14", "blocked", "rejected"})
 
 
 # --- settings and links ------------------------------------------------------------------------
-def _list(env, name: str, default: str = "") -> tuple[str, ...]:
-    return tuple(k.strip() for k in env.get(name, default).split(",") if k.strip())
-
-
 @dataclass(frozen=True)
 class Settings:
     secret: bytes
@@ -98,14 +92,13 @@ class Settings:
 
     @classmethod
     def from_env(cls, jwt_secret: str, env=os.environ) -> Settings:
-        given = env.get("TRACKING_LINK_SECRET", "")
-        secret = given.encode() if given else hashlib.sha256(f"tracking-links:{jwt_secret}".encode()).digest()
+        secret = link_secret(env.get("TRACKING_LINK_SECRET", ""), jwt_secret, "tracking-links")
         return cls(
             secret=secret,
             base_url=env.get("PUBLIC_BASE_URL", "http://localhost:8080").rstrip("/"),
-            site_keys=_list(env, "TRACKING_SITE_KEYS", "dev-site-key"),
-            bounce_keys=_list(env, "BOUNCE_KEYS", "dev-bounce-key"),
-            site_domains=tuple(d.lower() for d in _list(env, "TRACKING_SITE_DOMAINS")),
+            site_keys=key_list(env, "TRACKING_SITE_KEYS", "dev-site-key"),
+            bounce_keys=key_list(env, "BOUNCE_KEYS", "dev-bounce-key"),
+            site_domains=tuple(d.lower() for d in key_list(env, "TRACKING_SITE_DOMAINS")),
             email=env.get("TRACKING_EMAIL", "true").strip().lower() not in ("0", "false", "no", "off"),
         )
 
@@ -210,10 +203,6 @@ def message_event(r, *, url: str = "") -> ev.MessageEvent:
     )
     e.event_time.GetCurrentTime()
     return e
-
-
-def _key_ok(given: str, keys: tuple[str, ...]) -> bool:
-    return bool(given) and any(hmac.compare_digest(given.encode(), k.encode()) for k in keys)
 
 
 # --- bounces -----------------------------------------------------------------------------------
@@ -375,7 +364,7 @@ class Tracking:
 
     # bounces and receipts -----------------------------------------------------------------------
     def post_bounce(self, req: pb.PostBounceRequest) -> pb.PostBounceResponse:
-        if not _key_ok(req.key, settings(self.rt).bounce_keys):
+        if not key_matches(req.key, settings(self.rt).bounce_keys):
             raise Unauthenticated("the provider key is not valid", reason="BOUNCE_KEY_INVALID")
         body = bytes(req.body or b"")
         if not body.strip():
@@ -387,7 +376,7 @@ class Tracking:
             return apply_bounce(self.rt, tx, b)
 
     def delivery_receipt(self, req: pb.PostDeliveryReceiptRequest) -> pb.PostDeliveryReceiptResponse:
-        if not _key_ok(req.key, settings(self.rt).bounce_keys):
+        if not key_matches(req.key, settings(self.rt).bounce_keys):
             raise Unauthenticated("the provider key is not valid", reason="BOUNCE_KEY_INVALID")
         if not req.provider_message_id:
             raise InvalidArgument.field("provider_message_id", "is required")
@@ -470,7 +459,7 @@ class Tracking:
         return rows
 
     def post_events(self, req: pb.PostTrackingEventsRequest) -> pb.PostTrackingEventsResponse:
-        if not _key_ok(req.site_key, settings(self.rt).site_keys):
+        if not key_matches(req.site_key, settings(self.rt).site_keys):
             raise Unauthenticated("the site key is not valid", reason="SITE_KEY_INVALID")
         if not VISITOR_ID.fullmatch(req.visitor_id):
             raise InvalidArgument.field("visitor_id", "must be 8 to 64 letters, digits, '-' or '_'")

@@ -21,6 +21,7 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
+from collections.abc import Iterable, Mapping
 
 from .errors import FailedPrecondition, Unauthenticated
 
@@ -77,3 +78,20 @@ class Signer:
             if int(expiry) < now.timestamp():
                 raise LinkExpired("the link has expired", reason="LINK_EXPIRED")
         return fields
+
+
+# -- the settings of signed links and keyed public routes -------------------------------------
+def link_secret(given: str, jwt_secret: str, purpose: str) -> bytes:
+    """A links' signing secret: the one given (a setting), else one derived from the suite's
+    JWT secret for this purpose (so each kind of link has its own key without more settings)."""
+    return given.encode() if given else hashlib.sha256(f"{purpose}:{jwt_secret}".encode()).digest()
+
+
+def key_list(env: Mapping[str, str], name: str, default: str = "") -> tuple[str, ...]:
+    """A comma-separated list of keys from a setting (`default` when unset or empty)."""
+    return tuple(k.strip() for k in (env.get(name) or default).split(",") if k.strip())
+
+
+def key_matches(given: str, keys: Iterable[str]) -> bool:
+    """Whether `given` is one of `keys`, compared in constant time."""
+    return bool(given) and any(hmac.compare_digest(given.encode(), k.encode()) for k in keys)

@@ -26,6 +26,7 @@ from crm.support.v1 import channels_pb2_grpc
 from crm_chassis.columns import TIMESTAMPTZ, UUID, id_column, text_column
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unauthenticated
 from crm_chassis.grpc_server import Registration
+from crm_chassis.links import key_matches
 from crm_chassis.persian import phone_e164
 
 from . import messengers
@@ -112,7 +113,7 @@ class Channels:
     def submit(self, req: pb.SubmitWebFormRequest) -> pb.SubmitWebFormResponse:
         key = req.site_key.strip()
         # Every key is compared (constant time each), so the time does not tell which matched.
-        if not any([_matches(key, k) for k in self.settings.web_form_keys]):
+        if not key_matches(key, self.settings.web_form_keys):
             raise Unauthenticated("the site key is wrong or missing", reason="BAD_SITE_KEY")
         if req.website.strip():
             log.info("web form honeypot filled: dropped", extra={"client": req.client_address[:ADDRESS_LIMIT]})

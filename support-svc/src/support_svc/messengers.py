@@ -35,6 +35,7 @@ from crm_chassis import timers
 from crm_chassis.bots import BotApi, BotApiError
 from crm_chassis.columns import UUID, text_column, times
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from crm_chassis.links import key_list
 from crm_chassis.persian import phone_e164
 
 from .runtime import Support
@@ -122,7 +123,7 @@ class ChannelSettings:
             for p in PROVIDERS
         }
         timeout = chassis_bots.api_timeout(env)
-        keys = tuple(k.strip() for k in (env.get("WEB_FORM_KEYS") or "dev-site-key").split(",") if k.strip())
+        keys = key_list(env, "WEB_FORM_KEYS", "dev-site-key")
         return cls(
             providers=providers,
             timeout=timeout,

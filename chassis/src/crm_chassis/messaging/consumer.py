@@ -140,6 +140,18 @@ class _Delivery:
     queue: str
 
 
+# A batch's event ids into the inbox in one statement that compiles once, whatever the batch's
+# size (a multi-row VALUES is compiled afresh for each size); the ones already there drop out.
+_INBOX_MANY = sa.text(
+    """
+INSERT INTO inbox (consumer, event_id, event_type)
+SELECT :c, u.event_id, u.event_type FROM unnest(CAST(:ids AS text[]), CAST(:types AS text[])) AS u(event_id, event_type)
+ON CONFLICT DO NOTHING
+RETURNING event_id
+"""
+)
+
+
 class EventConsumer:
     name = "event-consumer"
     FIRST_RETRY = 0.2  # seconds before the first retry of a held delivery; doubles up to max_backoff
@@ -321,17 +333,9 @@ class EventConsumer:
         unsettled (the database was unavailable), in order."""
         ready: list[tuple[_Delivery, Event]] = []
         for d in batch:
-            try:
-                event = from_amqp(d.method, d.properties, d.body)
-            except MalformedEvent as exc:
-                self._dead_letter(d, f"malformed envelope: {exc}")
-                continue
-            requirement = d.sub.requires.get(event.routing_key)
-            problem = requirement.problem(event) if requirement is not None else None
-            if problem:
-                self._dead_letter(d, problem, event)
-                continue
-            ready.append((d, event))
+            event = self._accepted(d)
+            if event is not None:
+                ready.append((d, event))
         if len(ready) <= 1:
             return [d for d, _ in ready if not self._process(d)]
         links = []
@@ -373,12 +377,8 @@ class EventConsumer:
         with self.engine.begin() as conn:
             fresh_ids = set(
                 conn.execute(
-                    pg_insert(inbox)
-                    .values(
-                        [{"consumer": self.consumer_service, "event_id": e.id, "event_type": e.type} for _, e in items]
-                    )
-                    .on_conflict_do_nothing()
-                    .returning(inbox.c.event_id)
+                    _INBOX_MANY,
+                    {"c": self.consumer_service, "ids": [e.id for _, e in items], "types": [e.type for _, e in items]},
                 ).scalars()
             )
             seen: set[str] = set()
@@ -425,18 +425,26 @@ class EventConsumer:
         if done:
             log.info("database available again; held events processed", extra={"events": done})
 
-    def _process(self, d: _Delivery) -> bool:
-        """Handle one delivery and settle it (ack, requeue or dead-letter). Returns False, leaving
-        it unsettled, when the database was unavailable."""
+    def _accepted(self, d: _Delivery) -> Event | None:
+        """The delivery's event if it can be handled; None once dead-lettered (a malformed
+        envelope, or a body without what its subscription requires)."""
         try:
             event = from_amqp(d.method, d.properties, d.body)
         except MalformedEvent as exc:
             self._dead_letter(d, f"malformed envelope: {exc}")
-            return True
+            return None
         requirement = d.sub.requires.get(event.routing_key)
         problem = requirement.problem(event) if requirement is not None else None
         if problem:
             self._dead_letter(d, problem, event)
+            return None
+        return event
+
+    def _process(self, d: _Delivery) -> bool:
+        """Handle one delivery and settle it (ack, requeue or dead-letter). Returns False, leaving
+        it unsettled, when the database was unavailable."""
+        event = self._accepted(d)
+        if event is None:
             return True
         handler = d.sub.handlers.get(event.routing_key)
         attempt = int((d.properties.headers or {}).get("x-delivery-count", 0)) + 1
