@@ -129,3 +129,25 @@ def test_hooks_run_in_the_transaction_of_the_change(svc):
         r.hooks.opened.pop()
         r.hooks.message.pop()
     assert seen == [("opened", t.id), ("message", "customer"), ("message", "agent")]
+
+
+def test_a_customer_merge_repoints_tickets_and_an_erasure_blanks_the_contact(svc):
+    """support-svc consumes customer.merged / customer.erased: the merged customer's tickets
+    belong to the survivor; an erased customer's contact address is blanked."""
+    import uuid
+
+    from support_svc import customer_projection
+    from tests.support.customers import customer, customer_message, merged_message
+
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    handlers = customer_projection.subscriptions(rt(svc))[0].handlers
+    with svc.ctx.engine.begin() as conn:
+        for cid, mail in ((a, "a@merge.ir"), (b, "b@merge.ir")):
+            handlers["customer.created.v1"](conn, customer_message("customer.created.v1", cid=cid, email=mail))
+    t = open_ticket(svc, customer_id=b, contact_address="b@merge.ir")
+    with svc.ctx.engine.begin() as conn:
+        handlers["customer.merged.v1"](conn, merged_message(customer(a, 2, email="a@merge.ir"), [b]))
+    assert ticket(svc, t.id).customer_id == a
+    with svc.ctx.engine.begin() as conn:
+        handlers["customer.erased.v1"](conn, customer_message("customer.erased.v1", cid=a, version=5))
+    assert ticket(svc, t.id).contact_address == ""
