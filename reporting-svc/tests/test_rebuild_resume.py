@@ -61,7 +61,11 @@ def test_restart_mid_rebuild_resumes_and_keeps_live_events(databases, own_broker
         for e in ev.tickets(20 + n, agent="agents/a", channel=WEB, created=D + n * H, first_response=60 * (n + 1))
     ]
     publish(own_broker.url, events)
-    wait_for(lambda: totals(first).requests == 4, 10, "the live projection")
+    # every event applied, first responses included (60, 120, 180, 240 s: 150 on average), not
+    # only the four openings: a snapshot taken earlier would miss the last responses
+    wait_for(
+        lambda: (t := totals(first)).requests == 4 and t.avg_first_response_seconds == 150, 10, "the live projection"
+    )
     before = totals(first)
 
     monkeypatch.setattr(rebuild, "BATCH", 2)
