@@ -3,7 +3,7 @@
 
 def PROJECTIONS():  # noqa: N802  (a constant, made on first use to avoid an import cycle)
     """Every projection of the service (each a part in __main__.PARTS)."""
-    from . import campaigns, loyalty, projections, sales, support, timeline, value
+    from . import campaigns, loyalty, projections, sales, segments, support, timeline, value
 
     return [
         projections.PROJECTION,
@@ -12,5 +12,6 @@ def PROJECTIONS():  # noqa: N802  (a constant, made on first use to avoid an imp
         value.PROJECTION,
         loyalty.PROJECTION,
         *campaigns.PROJECTIONS,
+        *segments.PROJECTIONS,
         *timeline.PROJECTIONS,
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from crm_chassis.parts import parts_spec
 from crm_chassis.service import main
 
-from . import api, campaigns, loyalty, projections, rebuild, sales, support, timeline, value, value_api
+from . import api, campaigns, loyalty, projections, rebuild, sales, segments, support, timeline, value, value_api
 
 # The parts of the service (crm_chassis.parts says what each may define). Each projection part
 # has a PROJECTION (projection.py); reporting_svc.PROJECTIONS lists them for the rebuild.
@@ -15,6 +15,7 @@ PARTS = [
     support,  # the support desk: ticket, survey, SLA and call facts; the support_daily rollup
     loyalty,  # report 5's loyalty: points ledger and tiers (campaign-svc's events)
     campaigns,  # report 5's campaigns: goal share, responses, attributed leads, orders, revenue, ROI
+    segments,  # report 2, sales by segment: customer demographics, order lines, lead to first purchase
     timeline,  # Customer 360: every service's events per customer (after the projections of each producer)
     rebuild,  # RebuildProjections: the job that replays crm.events.log into fresh tables and swaps
     api,  # ReportingService: the reports, their exports, projection status and rebuilds

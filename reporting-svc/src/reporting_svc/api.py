@@ -22,6 +22,7 @@ from . import (
     loyalty,
     projections,
     rebuild,
+    sales_report,
     status,
     support_report,
     timeline,
@@ -116,6 +117,23 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
         columns, rows = acquisition_report.export_rows(resp, q)
         yield from documents.stream_table(
             pb.ExportReportResponse, fmt, columns, rows, filename=f"acquisition-{_stamp()}", title="Acquisition sources"
+        )
+
+    # -- report 2 ----------------------------------------------------------------------------
+    def GetSalesReport(self, request, context):
+        q = sales_report.parse(request)
+        with self.engine.connect() as conn:
+            return sales_report.report(conn, q)
+
+    def ExportSalesReport(self, request, context):
+        fmt = _format(request.format)
+        q = sales_report.parse(request)
+        with self.engine.connect() as conn:
+            resp = sales_report.report(conn, q)
+        columns, rows = sales_report.export_rows(resp, q)
+        name = "sales" if q["table"] == "sales" else "lead-to-purchase"
+        yield from documents.stream_table(
+            pb.ExportReportResponse, fmt, columns, rows, filename=f"{name}-{_stamp()}", title="Sales by segment"
         )
 
     # -- report 4 ----------------------------------------------------------------------------

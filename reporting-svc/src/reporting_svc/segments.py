@@ -1,0 +1,350 @@
+"""Report 2's projection, sales by segment: customer demographics (customer-svc's events), order
+lines (sales-svc's order events) and the time from lead to first purchase (sales-svc's lead
+events), into the rollups sales_daily, sales_buyers_daily and lead_purchase_daily.
+
+Decisions (docs/reports.md, "Sales by segment"):
+
+- Revenue is the orders placed and not cancelled, their lines' net amounts (after discount,
+  before tax) on the order's date. Not paid invoices: the question is who buys what, and the
+  order is the purchase with its products and quantities; invoices are billing and cash (partial,
+  later, with credit notes), which report 6 (customer value) reads.
+- A customer's values are the newest record's (a customer.updated that changes the city moves
+  their past sales with them: most such changes are corrections and fill-ins, and the answer then
+  depends only on the newest state, whatever order events arrive in); the age is the age on the
+  order's day, from the newest birth date.
+- Events arrive out of order across exchanges: an order whose customer is not known yet counts
+  under "unknown" and moves when the customer arrives. Every write for a customer first locks its
+  customer_demo_facts row (a placeholder with version 0 if none), so two replicas cannot count an
+  order under stale values.
+- An erased customer keeps the aggregates only: its orders' and lead row's personal values
+  (age band, gender) are cleared and they are frozen (later events about them change nothing);
+  orders first seen after the erasure count without age and gender.
+
+The rollups keep, for every fact, exactly what it adds (the fact row stores the values it was
+counted under), and each change adds the difference between new and old contributions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from decimal import Decimal
+
+import sqlalchemy as sa
+
+from crm.customer.v1 import customer_events_pb2, customer_pb2
+from crm.sales.v1 import sales_events_pb2 as ev
+from crm_chassis import money
+from crm_chassis.messaging.consumer import Requires
+from crm_chassis.messaging.envelope import Event
+
+from .projection import Projection, Rollup, rollup_many, tehran_day
+from .sales import LEAD_KEYS
+from .sales_tables import (
+    CUSTOMER_DIMS,
+    PRODUCT_DIMS,
+    SALES_MEASURES,
+    customer_demo_facts,
+    lead_purchase_daily,
+    lead_purchase_facts,
+    sales_buyers_daily,
+    sales_daily,
+    sales_order_facts,
+)
+
+UNKNOWN = "unknown"
+GRAINS = ("order", "line", "product")
+AGE_BANDS = ((0, 17), (18, 24), (25, 34), (35, 44), (45, 54), (55, 64), (65, None))
+GENDERS = {
+    customer_pb2.GENDER_FEMALE: "female",
+    customer_pb2.GENDER_MALE: "male",
+    customer_pb2.GENDER_OTHER: "other",
+}
+KINDS = {customer_pb2.CUSTOMER_TYPE_PERSON: "person", customer_pb2.CUSTOMER_TYPE_ORGANIZATION: "organization"}
+ORDER_KEYS = ["order.placed.v1", "order.delivered.v1", "order.cancelled.v1"]
+
+SALES_KEYS = ("day", "grain", *CUSTOMER_DIMS, *PRODUCT_DIMS, "currency")
+SALES = Rollup(sales_daily, SALES_KEYS, SALES_MEASURES)
+BUYERS = Rollup(sales_buyers_daily, (*SALES_KEYS[:2], "customer_id", *SALES_KEYS[2:]), ("orders",))
+LEAD_PURCHASE = Rollup(lead_purchase_daily, ("day", *CUSTOMER_DIMS, "days"), ("customers",))
+
+
+def age_band(birth: dt.date | None, on: dt.date) -> str:
+    """The band of the age in whole years on a day ("unknown" without a birth date)."""
+    if birth is None or birth > on:
+        return UNKNOWN
+    age = on.year - birth.year - ((on.month, on.day) < (birth.month, birth.day))
+    for lo, hi in AGE_BANDS:
+        if hi is None or age <= hi:
+            return f"{lo}+" if hi is None else f"{lo}-{hi}"
+    return UNKNOWN  # pragma: no cover
+
+
+def _m(row):
+    return row._mapping if hasattr(row, "_mapping") else row
+
+
+def resolve(demo, day: dt.date) -> dict:
+    """The customer's values a purchase on `day` counts under."""
+    d = _m(demo)
+    return {
+        "age_band": age_band(d["birth_date"], day) if d["customer_kind"] == "person" else UNKNOWN,
+        "gender": d["gender"],
+        "province": d["province"],
+        "city": d["city"],
+        "customer_kind": d["customer_kind"],
+    }
+
+
+# -- customers -------------------------------------------------------------------------------
+
+_PLACEHOLDER = {"version": 0, "birth_date": None, "gender": UNKNOWN, "province": UNKNOWN, "city": UNKNOWN,
+                "customer_kind": UNKNOWN, "erased": False}  # fmt: skip
+_DEMO_SELECT = sa.select(customer_demo_facts).where(customer_demo_facts.c.customer_id == sa.bindparam("cid"))
+
+
+def lock_customer(conn: sa.Connection, cid: str) -> dict:
+    """The customer's demographics row, locked for the transaction (made as a placeholder if the
+    customer is not known yet): every change about a customer goes through this lock."""
+    row = conn.execute(_DEMO_SELECT.with_for_update(), {"cid": cid}).first()
+    if row is None:
+        conn.execute(customer_demo_facts.insert(), {"customer_id": cid, **_PLACEHOLDER})
+        return {"customer_id": cid, **_PLACEHOLDER}
+    return dict(row._mapping)
+
+
+def _demo_values(c: customer_pb2.Customer, erased: bool) -> dict:
+    birth = None
+    if c.HasField("birth_date") and c.birth_date.year:
+        try:
+            birth = dt.date(c.birth_date.year, c.birth_date.month or 1, c.birth_date.day or 1)
+        except ValueError:
+            birth = None
+    return {
+        "version": int(c.etag.strip('"') or 0),
+        "birth_date": None if erased else birth,
+        "gender": UNKNOWN if erased else GENDERS.get(c.gender, UNKNOWN),
+        "province": c.province.strip() or UNKNOWN,
+        "city": c.city.strip() or UNKNOWN,
+        "customer_kind": KINDS.get(c.type, UNKNOWN),
+        "erased": erased,
+    }
+
+
+def apply_customer(conn: sa.Connection, c: customer_pb2.Customer, erase: bool = False) -> None:
+    cid = c.name.removeprefix("customers/")
+    demo = lock_customer(conn, cid)
+    new = _demo_values(c, erase or c.erased or demo["erased"])  # erased stays erased
+    if new["version"] <= demo["version"]:
+        return  # an older or the same version: the newest state is kept
+    t = customer_demo_facts
+    conn.execute(t.update().where(t.c.customer_id == cid).values(**new))
+    if new["erased"] and not demo["erased"]:
+        _freeze(conn, cid)
+    else:
+        reattribute(conn, cid, {**demo, **new})
+
+
+def _freeze(conn: sa.Connection, cid: str) -> None:
+    """Erasure: the rollups keep what the customer's facts added; the facts lose the personal
+    values and stop changing."""
+    personal = {"age_band": None, "gender": None, "frozen": True}
+    for t in (sales_order_facts, lead_purchase_facts):
+        conn.execute(t.update().where(t.c.customer_id == cid, t.c.frozen.is_(False)).values(**personal))
+
+
+def on_customer(cls, erase: bool = False):
+    def handle(conn: sa.Connection, event: Event) -> None:
+        apply_customer(conn, event.parse(cls).customer, erase)
+
+    return handle
+
+
+# -- orders ----------------------------------------------------------------------------------
+
+
+def order_contributions(o) -> tuple[list, list]:
+    """(sales_daily, sales_buyers_daily) contributions of an order fact as it is stored."""
+    m = _m(o)
+    if not m["counts"] or m["age_band"] is None:
+        return [], []
+    dims = {d: m[d] for d in CUSTOMER_DIMS}
+    groups: dict[tuple, list] = defaultdict(lambda: [Decimal(0), Decimal(0)])
+    currencies = set()
+    for product, line, qty, amount, currency in m["lines"]:
+        currencies.add(currency)
+        for grain, p, pl in (("order", "", ""), ("line", "", line), ("product", product, line)):
+            acc = groups[(grain, p, pl, currency)]
+            acc[0] += Decimal(qty)
+            acc[1] += Decimal(amount)
+    sales, buyers = [], []
+    for (grain, p, pl, currency), (qty, amount) in groups.items():
+        key = {"day": m["day"], "grain": grain, **dims, "product": p, "product_line": pl, "currency": currency}
+        sales.append((key, {"orders": 1, "quantity": qty, "revenue": amount}))
+        buyers.append(({**key, "customer_id": m["customer_id"]}, {"orders": 1}))
+    return sales, buyers
+
+
+def _apply_order_rollups(conn: sa.Connection, old: list, new: list) -> None:
+    before = [order_contributions(o) for o in old]
+    after = [order_contributions(o) for o in new]
+    rollup_many(conn, SALES, [c for b in before for c in b[0]], [c for a in after for c in a[0]])
+    rollup_many(conn, BUYERS, [c for b in before for c in b[1]], [c for a in after for c in a[1]])
+
+
+def _lines(o: ev.OrderEvent) -> list:
+    out = []
+    for line in o.lines:
+        currency = line.amount.currency_code or o.total.currency_code or "IRR"
+        amount = money.to_decimal(line.amount, "lines.amount") if line.amount.currency_code else Decimal(0)
+        qty = Decimal(line.quantity or "0")
+        out.append([line.product, line.product_line, str(qty), str(money.rials(amount, currency)),
+                    "IRR" if currency == "IRT" else currency])  # fmt: skip
+    if not out:  # an order without lines still counts as an order
+        currency = o.total.currency_code or "IRR"
+        out.append(["", "", "0", "0", "IRR" if currency == "IRT" else currency])
+    return out
+
+
+_ORDER_SELECT = (
+    sa.select(sales_order_facts).where(sales_order_facts.c.order_id == sa.bindparam("oid")).with_for_update()
+)
+
+
+def on_order(conn: sa.Connection, event: Event) -> None:
+    o = event.parse(ev.OrderEvent)
+    cid, oid = o.customer.removeprefix("customers/"), o.order.removeprefix("orders/")
+    version = o.event_time.ToDatetime(tzinfo=dt.UTC) if o.HasField("event_time") else event.time
+    demo = lock_customer(conn, cid)
+    old = conn.execute(_ORDER_SELECT, {"oid": oid}).first()
+    if old is not None and (old.version >= version or old.frozen):
+        return
+    if old is not None and old.customer_id != cid:
+        lock_customer(conn, old.customer_id)
+    if o.order_date.year:
+        day = dt.date(o.order_date.year, o.order_date.month, o.order_date.day)
+    else:  # no order date: the Tehran day of the event
+        day = tehran_day(version)
+    values = {"version": version, "customer_id": cid, "day": day, "counts": o.state != "cancelled",
+              "lines": _lines(o), **resolve(demo, day), "frozen": False}  # fmt: skip
+    t = sales_order_facts
+    if old is None:
+        conn.execute(t.insert(), {"order_id": oid, **values})
+    else:
+        conn.execute(t.update().where(t.c.order_id == oid).values(**values))
+    _apply_order_rollups(conn, [old] if old is not None else [], [values])
+    refresh_lead_purchase(conn, cid, demo)
+    if old is not None and old.customer_id != cid:
+        refresh_lead_purchase(conn, old.customer_id, lock_customer(conn, old.customer_id))
+
+
+def reattribute(conn: sa.Connection, cid: str, demo: dict) -> None:
+    """The customer's values changed: move its orders (and its lead-to-purchase row)."""
+    t = sales_order_facts
+    rows = conn.execute(sa.select(t).where(t.c.customer_id == cid, t.c.frozen.is_(False)).with_for_update()).all()
+    old, new = [], []
+    for r in rows:
+        values = resolve(demo, r.day)
+        if any(r._mapping[d] != values[d] for d in CUSTOMER_DIMS):
+            old.append(r)
+            new.append({**r._mapping, **values})
+    if new:
+        conn.execute(
+            t.update().where(t.c.order_id == sa.bindparam("w_id")).values({d: sa.bindparam(d) for d in CUSTOMER_DIMS}),
+            [{"w_id": n["order_id"], **{d: n[d] for d in CUSTOMER_DIMS}} for n in new],
+        )
+        _apply_order_rollups(conn, old, new)
+    refresh_lead_purchase(conn, cid, demo)
+
+
+# -- lead to purchase ------------------------------------------------------------------------
+
+_FIRST_DAY = sa.select(sa.func.min(sales_order_facts.c.day)).where(
+    sales_order_facts.c.customer_id == sa.bindparam("cid"), sales_order_facts.c.counts
+)
+_LP_SELECT = (
+    sa.select(lead_purchase_facts).where(lead_purchase_facts.c.customer_id == sa.bindparam("cid")).with_for_update()
+)
+
+
+def _lp_contrib(row) -> list:
+    m = _m(row)
+    if m["day"] is None or m["age_band"] is None:
+        return []
+    return [({"day": m["day"], **{d: m[d] for d in CUSTOMER_DIMS}, "days": m["days"]}, {"customers": 1})]
+
+
+def refresh_lead_purchase(conn: sa.Connection, cid: str, demo: dict, lead_time: dt.datetime | None = None) -> None:
+    """Recompute the customer's time from its first lead to its first purchase (kept on
+    lead_purchase_facts, a row only for customers that came as a lead) and move the rollup."""
+    row = conn.execute(_LP_SELECT, {"cid": cid}).first()
+    if row is None and lead_time is None:
+        return
+    if row is not None and row.frozen:
+        return
+    first_lead = lead_time if row is None else min(t for t in (row.first_lead_time, lead_time) if t is not None)
+    first_day = conn.execute(_FIRST_DAY, {"cid": cid}).scalar()
+    new = {"first_lead_time": first_lead, "day": None, "days": None, **dict.fromkeys(CUSTOMER_DIMS)}
+    if first_day is not None and first_day >= tehran_day(first_lead):
+        new.update(day=first_day, days=(first_day - tehran_day(first_lead)).days, **resolve(demo, first_day))
+    t = lead_purchase_facts
+    if row is None:
+        conn.execute(t.insert(), {"customer_id": cid, **new})
+        rollup_many(conn, LEAD_PURCHASE, [], _lp_contrib(new))
+    elif any(row._mapping[k] != v for k, v in new.items()):
+        conn.execute(t.update().where(t.c.customer_id == cid).values(**new))
+        rollup_many(conn, LEAD_PURCHASE, _lp_contrib(row), _lp_contrib(new))
+
+
+def on_lead(conn: sa.Connection, event: Event) -> None:
+    lead = event.parse(ev.LeadEvent)
+    if not lead.customer:
+        return  # not linked to a customer (yet)
+    cid = lead.customer.removeprefix("customers/")
+    demo = lock_customer(conn, cid)
+    refresh_lead_purchase(conn, cid, demo, lead.create_time.ToDatetime(tzinfo=dt.UTC))
+
+
+# -- the projections -------------------------------------------------------------------------
+
+CUSTOMER = ("customer.name", "customer.create_time")
+TABLES = [customer_demo_facts, sales_order_facts, sales_daily, sales_buyers_daily, lead_purchase_facts,
+          lead_purchase_daily]  # fmt: skip
+
+PROJECTIONS = [
+    Projection(
+        "segments-customer",
+        "customer",
+        {
+            "customer.created.v1": on_customer(customer_events_pb2.CustomerCreated),
+            "customer.updated.v1": on_customer(customer_events_pb2.CustomerUpdated),
+            "customer.deleted.v1": on_customer(customer_events_pb2.CustomerDeleted),
+            "customer.undeleted.v1": on_customer(customer_events_pb2.CustomerDeleted),
+            "customer.erased.v1": on_customer(customer_events_pb2.CustomerErased, erase=True),
+        },
+        {
+            "customer.created.v1": Requires(customer_events_pb2.CustomerCreated, CUSTOMER),
+            "customer.updated.v1": Requires(customer_events_pb2.CustomerUpdated, CUSTOMER),
+            "customer.deleted.v1": Requires(customer_events_pb2.CustomerDeleted, CUSTOMER),
+            "customer.undeleted.v1": Requires(customer_events_pb2.CustomerDeleted, CUSTOMER),
+            "customer.erased.v1": Requires(customer_events_pb2.CustomerErased, CUSTOMER),
+        },
+        TABLES,
+        tracks=False,
+    ),
+    Projection(
+        "segments-sales",
+        "sales",
+        {**dict.fromkeys(ORDER_KEYS, on_order), **dict.fromkeys(LEAD_KEYS, on_lead)},
+        {
+            **dict.fromkeys(ORDER_KEYS, Requires(ev.OrderEvent, ("order", "customer"))),
+            **dict.fromkeys(LEAD_KEYS, Requires(ev.LeadEvent, ("lead", "create_time"))),
+        },
+        TABLES,
+        tracks=False,
+    ),
+]
+
+
+def subscriptions(rt=None):
+    return [p.subscription() for p in PROJECTIONS]
