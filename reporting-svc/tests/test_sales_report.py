@@ -342,6 +342,37 @@ def test_age_bands_and_median():
     assert median({3: 1}) == 3 and median({0: 1, 1: 1, 9: 1, 56: 1}) == 5 and median({2: 2, 7: 1}) == 2
 
 
+def merged(survivor: Event, *names: str) -> Event:
+    c = survivor.parse(cev.CustomerCreated).customer
+    msg = cev.CustomerMerged(survivor=c, merged=list(names), merge="merges/m1")
+    return new_event(domain="customer", source_service="customer-svc", routing_key="customer.merged.v1",
+                     subject=c.name, message=msg)  # fmt: skip
+
+
+def test_a_merge_moves_orders_and_the_first_lead_to_the_survivor(stub, live, own_broker):
+    events = [
+        customer(6, 1, gender="f", birth=D(1980, 5, 5), province="Razavi Khorasan", city="Mashhad"),
+        customer(7, 1),  # the duplicate: nothing known
+        order(10, 7, [("p1", "l1", 1, 100_000)], day=NOV(27)),
+        lead(7, 7, dt.datetime(2026, 11, 20, 10, tzinfo=UTC)),
+    ]
+    total = distinct(PHASE1 + PHASE2 + PHASE3)
+    publish(own_broker.url, events)
+    wait_for(lambda: handled(live) == total + 4, 20, "the duplicate's events")
+    assert {r.city: r.orders for r in get(stub, dimensions=["city"]).rows}["unknown"] == 1
+    survivor = customer(6, 2, gender="f", birth=D(1980, 5, 5), province="Razavi Khorasan", city="Mashhad")
+    publish(own_broker.url, [merged(survivor, "customers/c7")])
+    wait_for(lambda: handled(live) == total + 5, 20, "the merge")
+    late = order(11, 7, [("p2", "l1", 2, 50_000)], day=NOV(29))  # names the merged customer
+    publish(own_broker.url, [late])
+    wait_for(lambda: handled(live) == total + 6, 20, "the late order")
+    cities = {r.city: figures(r) for r in get(stub, dimensions=["city"]).rows}
+    assert "unknown" not in cities and cities["Mashhad"] == (2, 1, "3", 150_000)
+    assert get(stub).total.customers == 6
+    t = get(stub, dimensions=["city"]).lead_to_purchase
+    assert [(r.customers, r.average_days) for r in t if r.city == "Mashhad"] == [(1, 7.0)]  # 20 Nov -> 27 Nov
+
+
 def answers(stub):
     return [
         get(stub),

@@ -16,6 +16,7 @@ tables.py; migration 0011.
 - lead_purchase_facts / lead_purchase_daily: per customer, the first lead's creation and the
   first purchase's day, and the rollup of the days between (per day of the first purchase x the
   customer's values x days: customers), from which averages, medians and buckets are read.
+- sales_customer_aliases: merged customer -> survivor (customer.merged.v1).
 """
 
 from __future__ import annotations
@@ -110,6 +111,16 @@ lead_purchase_daily = sa.Table(
     sa.Column("customers", sa.BigInteger, nullable=False, server_default="0"),
 )
 
+# customer.merged.v1: the merged customer -> the survivor, so an order event naming a merged
+# customer (published before the merge, arriving after it) counts under the survivor.
+sales_customer_aliases = sa.Table(
+    "sales_customer_aliases",
+    metadata,
+    sa.Column("merged_id", sa.Text, primary_key=True),
+    sa.Column("survivor_id", sa.Text, nullable=False),
+)
+sa.Index("sales_customer_aliases_survivor", sales_customer_aliases.c.survivor_id)
+
 NEW = [
     customer_demo_facts,
     sales_order_facts,
@@ -117,6 +128,7 @@ NEW = [
     sales_buyers_daily,
     lead_purchase_facts,
     lead_purchase_daily,
+    sales_customer_aliases,
 ]
 # The rebuild makes these afresh too (it copies every PROJECTED table).
 PROJECTED.extend(NEW)

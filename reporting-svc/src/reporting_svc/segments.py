@@ -16,6 +16,9 @@ Decisions (docs/reports.md, "Sales by segment"):
   under "unknown" and moves when the customer arrives. Every write for a customer first locks its
   customer_demo_facts row (a placeholder with version 0 if none), so two replicas cannot count an
   order under stale values.
+- customer.merged.v1: the merged customers' orders and first lead go to the survivor, with its
+  values (sales-svc re-points its records without events); later events naming a merged
+  customer count under the survivor. An unmerge leaves what was moved (as sales-svc does).
 - An erased customer keeps the aggregates only: its orders' and lead row's personal values
   (age band, gender) are cleared and they are frozen (later events about them change nothing);
   orders first seen after the erasure count without age and gender.
@@ -48,6 +51,7 @@ from .sales_tables import (
     lead_purchase_daily,
     lead_purchase_facts,
     sales_buyers_daily,
+    sales_customer_aliases,
     sales_daily,
     sales_order_facts,
 )
@@ -213,7 +217,7 @@ _ORDER_SELECT = (
 
 def on_order(conn: sa.Connection, event: Event) -> None:
     o = event.parse(ev.OrderEvent)
-    cid, oid = o.customer.removeprefix("customers/"), o.order.removeprefix("orders/")
+    cid, oid = current_id(conn, o.customer.removeprefix("customers/")), o.order.removeprefix("orders/")
     version = o.event_time.ToDatetime(tzinfo=dt.UTC) if o.HasField("event_time") else event.time
     demo = lock_customer(conn, cid)
     old = conn.execute(_ORDER_SELECT, {"oid": oid}).first()
@@ -240,21 +244,77 @@ def on_order(conn: sa.Connection, event: Event) -> None:
 
 def reattribute(conn: sa.Connection, cid: str, demo: dict) -> None:
     """The customer's values changed: move its orders (and its lead-to-purchase row)."""
+    _move_orders(conn, [cid], cid, demo)
+    refresh_lead_purchase(conn, cid, demo)
+
+
+def _move_orders(conn: sa.Connection, owners: list[str], cid: str, demo: dict) -> None:
+    """The orders of `owners` (not frozen) count under customer `cid` with its values `demo`:
+    their facts and the rollups move by the difference."""
     t = sales_order_facts
-    rows = conn.execute(sa.select(t).where(t.c.customer_id == cid, t.c.frozen.is_(False)).with_for_update()).all()
+    rows = conn.execute(sa.select(t).where(t.c.customer_id.in_(owners), t.c.frozen.is_(False)).with_for_update()).all()
     old, new = [], []
     for r in rows:
-        values = resolve(demo, r.day)
-        if any(r._mapping[d] != values[d] for d in CUSTOMER_DIMS):
+        values = {"customer_id": cid, **resolve(demo, r.day)}
+        if any(r._mapping[k] != v for k, v in values.items()):
             old.append(r)
             new.append({**r._mapping, **values})
     if new:
+        cols = ("customer_id", *CUSTOMER_DIMS)
         conn.execute(
-            t.update().where(t.c.order_id == sa.bindparam("w_id")).values({d: sa.bindparam(d) for d in CUSTOMER_DIMS}),
-            [{"w_id": n["order_id"], **{d: n[d] for d in CUSTOMER_DIMS}} for n in new],
+            t.update().where(t.c.order_id == sa.bindparam("w_id")).values({c: sa.bindparam(c) for c in cols}),
+            [{"w_id": n["order_id"], **{c: n[c] for c in cols}} for n in new],
         )
         _apply_order_rollups(conn, old, new)
-    refresh_lead_purchase(conn, cid, demo)
+
+
+_ALIAS = sa.select(sales_customer_aliases.c.survivor_id).where(
+    sales_customer_aliases.c.merged_id == sa.bindparam("cid")
+)
+
+
+def current_id(conn: sa.Connection, cid: str) -> str:
+    """The customer an event naming `cid` counts under: the survivor of a merge, or itself."""
+    return conn.execute(_ALIAS, {"cid": cid}).scalar() or cid
+
+
+def on_customer_merged(conn: sa.Connection, event: Event) -> None:
+    """The merged customers' orders and their first lead go to the survivor (sales-svc re-points
+    its records without events), counted with the survivor's values; later events naming a
+    merged customer count under the survivor (sales_customer_aliases)."""
+    msg = event.parse(customer_events_pb2.CustomerMerged)
+    apply_customer(conn, msg.survivor)
+    survivor = msg.survivor.name.removeprefix("customers/")
+    merged = sorted({n.removeprefix("customers/") for n in msg.merged} - {survivor})
+    if not merged:
+        return
+    demo = lock_customer(conn, survivor)
+    for cid in merged:
+        lock_customer(conn, cid)
+    a = sales_customer_aliases
+    conn.execute(a.update().where(a.c.survivor_id.in_(merged)).values(survivor_id=survivor))  # chains
+    known = set(conn.execute(sa.select(a.c.merged_id).where(a.c.merged_id.in_(merged))).scalars())
+    if known:
+        conn.execute(a.update().where(a.c.merged_id.in_(known)).values(survivor_id=survivor))
+    if fresh := [c for c in merged if c not in known]:
+        conn.execute(a.insert(), [{"merged_id": c, "survivor_id": survivor} for c in fresh])
+    _move_orders(conn, merged, survivor, demo)
+    lp = lead_purchase_facts
+    gone = conn.execute(lp.delete().where(lp.c.customer_id.in_(merged), lp.c.frozen.is_(False)).returning(*lp.c)).all()
+    rollup_many(conn, LEAD_PURCHASE, [c for r in gone for c in _lp_contrib(r)], [])
+    firsts = [r.first_lead_time for r in gone if r.first_lead_time is not None]
+    refresh_lead_purchase(conn, survivor, demo, min(firsts) if firsts else None)
+
+
+def on_customer_unmerged(conn: sa.Connection, event: Event) -> None:
+    """The restored customers are themselves again for later events; what the merge moved stays
+    with the survivor (as in sales-svc, which does not know which record named whom before)."""
+    msg = event.parse(customer_events_pb2.CustomerUnmerged)
+    restored = [c.name.removeprefix("customers/") for c in msg.restored]
+    a = sales_customer_aliases
+    conn.execute(a.delete().where(a.c.merged_id.in_(restored)))
+    for c in [msg.survivor, *msg.restored]:
+        apply_customer(conn, c)
 
 
 # -- lead to purchase ------------------------------------------------------------------------
@@ -300,7 +360,7 @@ def on_lead(conn: sa.Connection, event: Event) -> None:
     lead = event.parse(ev.LeadEvent)
     if not lead.customer:
         return  # not linked to a customer (yet)
-    cid = lead.customer.removeprefix("customers/")
+    cid = current_id(conn, lead.customer.removeprefix("customers/"))
     demo = lock_customer(conn, cid)
     refresh_lead_purchase(conn, cid, demo, lead.create_time.ToDatetime(tzinfo=dt.UTC))
 
@@ -309,7 +369,7 @@ def on_lead(conn: sa.Connection, event: Event) -> None:
 
 CUSTOMER = ("customer.name", "customer.create_time")
 TABLES = [customer_demo_facts, sales_order_facts, sales_daily, sales_buyers_daily, lead_purchase_facts,
-          lead_purchase_daily]  # fmt: skip
+          lead_purchase_daily, sales_customer_aliases]  # fmt: skip
 
 PROJECTIONS = [
     Projection(
@@ -321,6 +381,8 @@ PROJECTIONS = [
             "customer.deleted.v1": on_customer(customer_events_pb2.CustomerDeleted),
             "customer.undeleted.v1": on_customer(customer_events_pb2.CustomerDeleted),
             "customer.erased.v1": on_customer(customer_events_pb2.CustomerErased, erase=True),
+            "customer.merged.v1": on_customer_merged,
+            "customer.unmerged.v1": on_customer_unmerged,
         },
         {
             "customer.created.v1": Requires(customer_events_pb2.CustomerCreated, CUSTOMER),
@@ -328,6 +390,12 @@ PROJECTIONS = [
             "customer.deleted.v1": Requires(customer_events_pb2.CustomerDeleted, CUSTOMER),
             "customer.undeleted.v1": Requires(customer_events_pb2.CustomerDeleted, CUSTOMER),
             "customer.erased.v1": Requires(customer_events_pb2.CustomerErased, CUSTOMER),
+            "customer.merged.v1": Requires(
+                customer_events_pb2.CustomerMerged, ("survivor.name", "survivor.create_time", "merged")
+            ),
+            "customer.unmerged.v1": Requires(
+                customer_events_pb2.CustomerUnmerged, ("survivor.name", "survivor.create_time", "restored")
+            ),
         },
         TABLES,
         tracks=False,

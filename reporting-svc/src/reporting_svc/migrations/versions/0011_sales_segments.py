@@ -1,5 +1,5 @@
 """report 2, sales by segment: customer demographics, order facts, the sales and buyers rollups,
-lead-to-purchase facts and rollup
+lead-to-purchase facts and rollup, merged customers' aliases
 
 Revision ID: 0011
 """
@@ -16,6 +16,7 @@ def upgrade() -> None:
     for table in t.NEW:
         op.create_table(table.name, *(c._copy() for c in table.columns))
     op.create_index("sales_order_facts_customer", "sales_order_facts", ["customer_id"])
+    op.create_index("sales_customer_aliases_survivor", "sales_customer_aliases", ["survivor_id"])
 
 
 def downgrade() -> None:
