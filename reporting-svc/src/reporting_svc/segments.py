@@ -157,11 +157,65 @@ def _freeze(conn: sa.Connection, cid: str) -> None:
         conn.execute(t.update().where(t.c.customer_id == cid, t.c.frozen.is_(False)).values(**personal))
 
 
-def on_customer(cls, erase: bool = False):
+CUSTOMER_EVENTS = {  # routing key: (message, an erasure)
+    "customer.created.v1": (customer_events_pb2.CustomerCreated, False),
+    "customer.updated.v1": (customer_events_pb2.CustomerUpdated, False),
+    "customer.deleted.v1": (customer_events_pb2.CustomerDeleted, False),
+    "customer.undeleted.v1": (customer_events_pb2.CustomerDeleted, False),
+    "customer.erased.v1": (customer_events_pb2.CustomerErased, True),
+}
+DEMO_COLUMNS = tuple(_PLACEHOLDER)
+
+
+def on_customer(key: str):
+    cls, erase = CUSTOMER_EVENTS[key]
+
     def handle(conn: sa.Connection, event: Event) -> None:
         apply_customer(conn, event.parse(cls).customer, erase)
 
+    handle.many = apply_customers  # a run of customer events, set-based (projection.apply_events)
     return handle
+
+
+def apply_customers(conn: sa.Connection, events: list[Event]) -> None:
+    """apply_customer for a run of events, set-based: the newest version of each customer, one
+    locking SELECT, one INSERT (a customer not seen before has no orders yet: every order makes
+    its placeholder first), one UPDATE and one move of the changed customers' orders. Erasures,
+    and customers erased before, go one by one in order. The same result as one by one."""
+    parsed = []
+    for e in events:
+        cls, erase = CUSTOMER_EVENTS[e.routing_key]
+        c = e.parse(cls).customer
+        parsed.append((c.name.removeprefix("customers/"), c, erase))
+    t = customer_demo_facts
+    ids = sorted({cid for cid, _, _ in parsed})
+    locked = sa.select(t).where(t.c.customer_id.in_(ids)).order_by(t.c.customer_id).with_for_update()
+    stored = {r.customer_id: dict(r._mapping) for r in conn.execute(locked)}
+    erasing = {cid for cid, c, erase in parsed if erase or c.erased} | {c for c, r in stored.items() if r["erased"]}
+    newest: dict[str, dict] = {}
+    for cid, c, _ in parsed:
+        v = _demo_values(c, False)
+        if cid not in erasing and (cid not in newest or v["version"] > newest[cid]["version"]):
+            newest[cid] = v
+    inserts = [{"customer_id": cid, **v} for cid, v in newest.items() if cid not in stored]
+    updates = {cid: v for cid, v in newest.items() if cid in stored and v["version"] > stored[cid]["version"]}
+    if inserts:
+        conn.execute(t.insert(), inserts)
+    if updates:
+        conn.execute(
+            t.update()
+            .where(t.c.customer_id == sa.bindparam("w_id"))
+            .values({k: sa.bindparam(k) for k in DEMO_COLUMNS}),
+            [{"w_id": cid, **v} for cid, v in updates.items()],
+        )
+        demos = {cid: {**stored[cid], **v} for cid, v in updates.items()}
+        _move_orders(conn, sorted(demos), demos)
+        lp = lead_purchase_facts
+        for cid in conn.execute(sa.select(lp.c.customer_id).where(lp.c.customer_id.in_(sorted(demos)))).scalars():
+            refresh_lead_purchase(conn, cid, demos[cid])
+    for cid, c, erase in parsed:
+        if cid in erasing:
+            apply_customer(conn, c, erase)
 
 
 # -- orders ----------------------------------------------------------------------------------
@@ -244,18 +298,19 @@ def on_order(conn: sa.Connection, event: Event) -> None:
 
 def reattribute(conn: sa.Connection, cid: str, demo: dict) -> None:
     """The customer's values changed: move its orders (and its lead-to-purchase row)."""
-    _move_orders(conn, [cid], cid, demo)
+    _move_orders(conn, [cid], {cid: demo})
     refresh_lead_purchase(conn, cid, demo)
 
 
-def _move_orders(conn: sa.Connection, owners: list[str], cid: str, demo: dict) -> None:
-    """The orders of `owners` (not frozen) count under customer `cid` with its values `demo`:
-    their facts and the rollups move by the difference."""
+def _move_orders(conn: sa.Connection, owners: list[str], demos: dict[str, dict], survivor: str | None = None) -> None:
+    """The orders of `owners` (not frozen) count under their customer (or `survivor`) with its
+    values in `demos`: their facts and the rollups move by the difference."""
     t = sales_order_facts
     rows = conn.execute(sa.select(t).where(t.c.customer_id.in_(owners), t.c.frozen.is_(False)).with_for_update()).all()
     old, new = [], []
     for r in rows:
-        values = {"customer_id": cid, **resolve(demo, r.day)}
+        cid = survivor or r.customer_id
+        values = {"customer_id": cid, **resolve(demos[cid], r.day)}
         if any(r._mapping[k] != v for k, v in values.items()):
             old.append(r)
             new.append({**r._mapping, **values})
@@ -298,7 +353,7 @@ def on_customer_merged(conn: sa.Connection, event: Event) -> None:
         conn.execute(a.update().where(a.c.merged_id.in_(known)).values(survivor_id=survivor))
     if fresh := [c for c in merged if c not in known]:
         conn.execute(a.insert(), [{"merged_id": c, "survivor_id": survivor} for c in fresh])
-    _move_orders(conn, merged, survivor, demo)
+    _move_orders(conn, merged, {survivor: demo}, survivor)
     lp = lead_purchase_facts
     gone = conn.execute(lp.delete().where(lp.c.customer_id.in_(merged), lp.c.frozen.is_(False)).returning(*lp.c)).all()
     rollup_many(conn, LEAD_PURCHASE, [c for r in gone for c in _lp_contrib(r)], [])
@@ -376,11 +431,7 @@ PROJECTIONS = [
         "segments-customer",
         "customer",
         {
-            "customer.created.v1": on_customer(customer_events_pb2.CustomerCreated),
-            "customer.updated.v1": on_customer(customer_events_pb2.CustomerUpdated),
-            "customer.deleted.v1": on_customer(customer_events_pb2.CustomerDeleted),
-            "customer.undeleted.v1": on_customer(customer_events_pb2.CustomerDeleted),
-            "customer.erased.v1": on_customer(customer_events_pb2.CustomerErased, erase=True),
+            **{k: on_customer(k) for k in CUSTOMER_EVENTS},
             "customer.merged.v1": on_customer_merged,
             "customer.unmerged.v1": on_customer_unmerged,
         },
