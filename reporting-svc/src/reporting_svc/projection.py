@@ -318,32 +318,26 @@ def per_event(extract: Callable[[Event], tuple[Facts, Mapping, Mapping] | None])
 
 def apply_events(conn: sa.Connection, pairs: list[tuple[Event, Handler]]) -> None:
     """Apply events' fact changes table by table (Facts.apply_many: the newest version of each
-    entity, a few statements for all of them); a run of consecutive events whose handlers share a
-    `many` (conn, events) is applied by it at once; any other handler that is not an extractor (a
-    merge) runs on its own, after the changes before it. The same result as the handlers one by
-    one."""
+    entity, a few statements for all of them); the events whose handlers have a `many` (conn,
+    events) go to it together, in arrival order (for handlers whose result does not depend on
+    the order of those events); a handler that is neither (a merge) runs on its own, after
+    everything before it. The same result as the handlers one by one."""
     pending: dict = {}
-    run: list[Event] = []
-    run_many: list = [None]
+    runs: dict = {}
 
     def flush():
         for facts, changes in pending.items():
             facts.apply_many(conn, changes)
         pending.clear()
-        if run:
-            run_many[0](conn, list(run))
-            run.clear()
+        for many, events in runs.items():
+            many(conn, events)
+        runs.clear()
 
     for event, handler in pairs:
         many = getattr(handler, "many", None)
         if many is not None:
-            if not run or run_many[0] is not many:
-                flush()
-                run_many[0] = many
-            run.append(event)
+            runs.setdefault(many, []).append(event)
             continue
-        if run:
-            flush()
         extract = getattr(handler, "extract", None)
         if extract is None:
             flush()

@@ -34,6 +34,7 @@ from collections import defaultdict
 from decimal import Decimal
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
 
 from crm.customer.v1 import customer_events_pb2, customer_pb2
 from crm.sales.v1 import sales_events_pb2 as ev
@@ -104,17 +105,31 @@ def resolve(demo, day: dt.date) -> dict:
 
 _PLACEHOLDER = {"version": 0, "birth_date": None, "gender": UNKNOWN, "province": UNKNOWN, "city": UNKNOWN,
                 "customer_kind": UNKNOWN, "erased": False}  # fmt: skip
-_DEMO_SELECT = sa.select(customer_demo_facts).where(customer_demo_facts.c.customer_id == sa.bindparam("cid"))
+_DEMO_LOCK = (
+    sa.select(customer_demo_facts)
+    .where(customer_demo_facts.c.customer_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(customer_demo_facts.c.customer_id)
+    .with_for_update()
+)
+_PLACEHOLDERS = pg.insert(customer_demo_facts).on_conflict_do_nothing(index_elements=["customer_id"])
+
+
+def lock_customers(conn: sa.Connection, cids) -> dict[str, dict]:
+    """The customers' demographics rows, locked for the transaction (in id order), made as
+    placeholders for those not known yet: every change about a customer goes through this lock."""
+    ids = sorted(set(cids))
+    if not ids:
+        return {}
+    found = {r.customer_id: dict(r._mapping) for r in conn.execute(_DEMO_LOCK, {"ids": ids})}
+    missing = [c for c in ids if c not in found]
+    if missing:  # another replica may be inserting one: ON CONFLICT waits for it, then it is read
+        conn.execute(_PLACEHOLDERS, [{"customer_id": c, **_PLACEHOLDER} for c in missing])
+        found.update({r.customer_id: dict(r._mapping) for r in conn.execute(_DEMO_LOCK, {"ids": missing})})
+    return found
 
 
 def lock_customer(conn: sa.Connection, cid: str) -> dict:
-    """The customer's demographics row, locked for the transaction (made as a placeholder if the
-    customer is not known yet): every change about a customer goes through this lock."""
-    row = conn.execute(_DEMO_SELECT.with_for_update(), {"cid": cid}).first()
-    if row is None:
-        conn.execute(customer_demo_facts.insert(), {"customer_id": cid, **_PLACEHOLDER})
-        return {"customer_id": cid, **_PLACEHOLDER}
-    return dict(row._mapping)
+    return lock_customers(conn, [cid])[cid]
 
 
 def _demo_values(c: customer_pb2.Customer, erased: bool) -> dict:
@@ -173,34 +188,30 @@ def on_customer(key: str):
     def handle(conn: sa.Connection, event: Event) -> None:
         apply_customer(conn, event.parse(cls).customer, erase)
 
-    handle.many = apply_customers  # a run of customer events, set-based (projection.apply_events)
+    if not erase:  # an erasure's effect depends on what came before it: it runs on its own
+        handle.many = apply_customers  # customer events of a batch, set-based (projection.apply_events)
     return handle
 
 
 def apply_customers(conn: sa.Connection, events: list[Event]) -> None:
     """apply_customer for a run of events, set-based: the newest version of each customer, one
-    locking SELECT, one INSERT (a customer not seen before has no orders yet: every order makes
-    its placeholder first), one UPDATE and one move of the changed customers' orders. Erasures,
-    and customers erased before, go one by one in order. The same result as one by one."""
+    locking SELECT (and an INSERT of placeholders for the new ones), one UPDATE, one move of the
+    changed customers' orders and lead rows. Erasures, and customers erased before, go one by
+    one in order. The same result as one by one."""
     parsed = []
     for e in events:
         cls, erase = CUSTOMER_EVENTS[e.routing_key]
         c = e.parse(cls).customer
         parsed.append((c.name.removeprefix("customers/"), c, erase))
     t = customer_demo_facts
-    ids = sorted({cid for cid, _, _ in parsed})
-    locked = sa.select(t).where(t.c.customer_id.in_(ids)).order_by(t.c.customer_id).with_for_update()
-    stored = {r.customer_id: dict(r._mapping) for r in conn.execute(locked)}
+    stored = lock_customers(conn, [cid for cid, _, _ in parsed])
     erasing = {cid for cid, c, erase in parsed if erase or c.erased} | {c for c, r in stored.items() if r["erased"]}
     newest: dict[str, dict] = {}
     for cid, c, _ in parsed:
         v = _demo_values(c, False)
         if cid not in erasing and (cid not in newest or v["version"] > newest[cid]["version"]):
             newest[cid] = v
-    inserts = [{"customer_id": cid, **v} for cid, v in newest.items() if cid not in stored]
-    updates = {cid: v for cid, v in newest.items() if cid in stored and v["version"] > stored[cid]["version"]}
-    if inserts:
-        conn.execute(t.insert(), inserts)
+    updates = {cid: v for cid, v in newest.items() if v["version"] > stored[cid]["version"]}
     if updates:
         conn.execute(
             t.update()
@@ -210,9 +221,7 @@ def apply_customers(conn: sa.Connection, events: list[Event]) -> None:
         )
         demos = {cid: {**stored[cid], **v} for cid, v in updates.items()}
         _move_orders(conn, sorted(demos), demos)
-        lp = lead_purchase_facts
-        for cid in conn.execute(sa.select(lp.c.customer_id).where(lp.c.customer_id.in_(sorted(demos)))).scalars():
-            refresh_lead_purchase(conn, cid, demos[cid])
+        refresh_leads(conn, demos, {})
     for cid, c, erase in parsed:
         if cid in erasing:
             apply_customer(conn, c, erase)
@@ -264,36 +273,88 @@ def _lines(o: ev.OrderEvent) -> list:
     return out
 
 
-_ORDER_SELECT = (
-    sa.select(sales_order_facts).where(sales_order_facts.c.order_id == sa.bindparam("oid")).with_for_update()
+_ORDERS_LOCK = (
+    sa.select(sales_order_facts)
+    .where(sales_order_facts.c.order_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(sales_order_facts.c.order_id)
+    .with_for_update()
+)
+_ORDER_UPDATE = (
+    sales_order_facts.update()
+    .where(sales_order_facts.c.order_id == sa.bindparam("w_id"))
+    .values({c: sa.bindparam(c) for c in ("version", "customer_id", "day", "counts", "lines", *CUSTOMER_DIMS)})
 )
 
 
-def on_order(conn: sa.Connection, event: Event) -> None:
-    o = event.parse(ev.OrderEvent)
-    cid, oid = current_id(conn, o.customer.removeprefix("customers/")), o.order.removeprefix("orders/")
+def _order_values(o: ev.OrderEvent, event: Event) -> dict:
     version = o.event_time.ToDatetime(tzinfo=dt.UTC) if o.HasField("event_time") else event.time
-    demo = lock_customer(conn, cid)
-    old = conn.execute(_ORDER_SELECT, {"oid": oid}).first()
-    if old is not None and (old.version >= version or old.frozen):
-        return
-    if old is not None and old.customer_id != cid:
-        lock_customer(conn, old.customer_id)
     if o.order_date.year:
         day = dt.date(o.order_date.year, o.order_date.month, o.order_date.day)
     else:  # no order date: the Tehran day of the event
         day = tehran_day(version)
-    values = {"version": version, "customer_id": cid, "day": day, "counts": o.state != "cancelled",
-              "lines": _lines(o), **resolve(demo, day), "frozen": False}  # fmt: skip
-    t = sales_order_facts
-    if old is None:
-        conn.execute(t.insert(), {"order_id": oid, **values})
-    else:
-        conn.execute(t.update().where(t.c.order_id == oid).values(**values))
-    _apply_order_rollups(conn, [old] if old is not None else [], [values])
-    refresh_lead_purchase(conn, cid, demo)
-    if old is not None and old.customer_id != cid:
-        refresh_lead_purchase(conn, old.customer_id, lock_customer(conn, old.customer_id))
+    return {"version": version, "day": day, "counts": o.state != "cancelled", "lines": _lines(o)}
+
+
+def apply_sales(conn: sa.Connection, events: list[Event]) -> None:
+    """Order and lead events (one, or a batch's), set-based: the newest version of
+    each order, the first lead per customer; the customers locked first (in id order), then the
+    orders; one INSERT and one UPDATE of order facts, the rollups' differences in a few
+    statements, and the lead-to-purchase rows of the customers touched. The same result as one
+    by one, whatever order they came in."""
+    orders: dict[str, tuple] = {}
+    leads: dict[str, dt.datetime] = {}
+    for e in events:
+        if e.routing_key in ORDER_KEYS:
+            o = e.parse(ev.OrderEvent)
+            oid, v = o.order.removeprefix("orders/"), _order_values(o, e)
+            if oid not in orders or v["version"] > orders[oid][1]["version"]:
+                orders[oid] = (o.customer.removeprefix("customers/"), v)
+        else:
+            lead = e.parse(ev.LeadEvent)
+            if lead.customer:  # else not linked to a customer (yet)
+                cid, t = lead.customer.removeprefix("customers/"), lead.create_time.ToDatetime(tzinfo=dt.UTC)
+                leads[cid] = min(leads.get(cid, t), t)
+    alias = current_ids(conn, {c for c, _ in orders.values()} | set(leads))
+    leads = _min_by(((alias[c], t) for c, t in leads.items()))
+    demos = lock_customers(conn, [alias[c] for c, _ in orders.values()] + list(leads))
+    old = {r.order_id: r for r in conn.execute(_ORDERS_LOCK, {"ids": sorted(orders)})} if orders else {}
+    if moved := {r.customer_id for r in old.values()} - set(demos):  # an order re-pointed: rare
+        demos.update(lock_customers(conn, moved))
+    inserts, updates, before, after = [], [], [], []
+    touched = set(leads)
+    for oid, (cid, v) in orders.items():
+        cid, o = alias[cid], old.get(oid)
+        if o is not None and (o.version >= v["version"] or o.frozen):
+            continue
+        values = {**v, "customer_id": cid, **resolve(demos[cid], v["day"])}
+        if o is None:
+            inserts.append({"order_id": oid, **values, "frozen": False})
+        else:
+            updates.append({"w_id": oid, **values})
+            before.append(o)
+            touched.add(o.customer_id)
+        after.append(values)
+        touched.add(cid)
+    if inserts:
+        conn.execute(sales_order_facts.insert(), inserts)
+    if updates:
+        conn.execute(_ORDER_UPDATE, updates)
+    _apply_order_rollups(conn, before, after)
+    refresh_leads(conn, {c: demos[c] for c in touched}, leads)
+
+
+def _min_by(pairs) -> dict:
+    out: dict = {}
+    for k, t in pairs:
+        out[k] = min(out.get(k, t), t)
+    return out
+
+
+def on_sales(conn: sa.Connection, event: Event) -> None:
+    apply_sales(conn, [event])
+
+
+on_sales.many = apply_sales  # the order and lead events of a batch, set-based (projection.apply_events)
 
 
 def reattribute(conn: sa.Connection, cid: str, demo: dict) -> None:
@@ -323,14 +384,16 @@ def _move_orders(conn: sa.Connection, owners: list[str], demos: dict[str, dict],
         _apply_order_rollups(conn, old, new)
 
 
-_ALIAS = sa.select(sales_customer_aliases.c.survivor_id).where(
-    sales_customer_aliases.c.merged_id == sa.bindparam("cid")
+_ALIASES = sa.select(sales_customer_aliases.c.merged_id, sales_customer_aliases.c.survivor_id).where(
+    sales_customer_aliases.c.merged_id.in_(sa.bindparam("ids", expanding=True))
 )
 
 
-def current_id(conn: sa.Connection, cid: str) -> str:
-    """The customer an event naming `cid` counts under: the survivor of a merge, or itself."""
-    return conn.execute(_ALIAS, {"cid": cid}).scalar() or cid
+def current_ids(conn: sa.Connection, cids) -> dict[str, str]:
+    """The customer an event naming each of `cids` counts under: the survivor of a merge, or itself."""
+    ids = sorted(set(cids))
+    found = dict(conn.execute(_ALIASES, {"ids": ids}).all()) if ids else {}
+    return {c: found.get(c, c) for c in ids}
 
 
 def on_customer_merged(conn: sa.Connection, event: Event) -> None:
@@ -343,9 +406,7 @@ def on_customer_merged(conn: sa.Connection, event: Event) -> None:
     merged = sorted({n.removeprefix("customers/") for n in msg.merged} - {survivor})
     if not merged:
         return
-    demo = lock_customer(conn, survivor)
-    for cid in merged:
-        lock_customer(conn, cid)
+    demo = lock_customers(conn, [survivor, *merged])[survivor]
     a = sales_customer_aliases
     conn.execute(a.update().where(a.c.survivor_id.in_(merged)).values(survivor_id=survivor))  # chains
     known = set(conn.execute(sa.select(a.c.merged_id).where(a.c.merged_id.in_(merged))).scalars())
@@ -374,11 +435,21 @@ def on_customer_unmerged(conn: sa.Connection, event: Event) -> None:
 
 # -- lead to purchase ------------------------------------------------------------------------
 
-_FIRST_DAY = sa.select(sa.func.min(sales_order_facts.c.day)).where(
-    sales_order_facts.c.customer_id == sa.bindparam("cid"), sales_order_facts.c.counts
+_FIRST_DAYS = (
+    sa.select(sales_order_facts.c.customer_id, sa.func.min(sales_order_facts.c.day))
+    .where(sales_order_facts.c.customer_id.in_(sa.bindparam("ids", expanding=True)), sales_order_facts.c.counts)
+    .group_by(sales_order_facts.c.customer_id)
 )
-_LP_SELECT = (
-    sa.select(lead_purchase_facts).where(lead_purchase_facts.c.customer_id == sa.bindparam("cid")).with_for_update()
+_LP_LOCK = (
+    sa.select(lead_purchase_facts)
+    .where(lead_purchase_facts.c.customer_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(lead_purchase_facts.c.customer_id)
+    .with_for_update()
+)
+_LP_UPDATE = (
+    lead_purchase_facts.update()
+    .where(lead_purchase_facts.c.customer_id == sa.bindparam("w_id"))
+    .values({c: sa.bindparam(c) for c in ("first_lead_time", "day", "days", *CUSTOMER_DIMS)})
 )
 
 
@@ -389,35 +460,45 @@ def _lp_contrib(row) -> list:
     return [({"day": m["day"], **{d: m[d] for d in CUSTOMER_DIMS}, "days": m["days"]}, {"customers": 1})]
 
 
+def refresh_leads(conn: sa.Connection, demos: dict[str, dict], lead_times: dict[str, dt.datetime]) -> None:
+    """Recompute the customers' time from their first lead to their first purchase (kept on
+    lead_purchase_facts: a row only for customers that came as a lead; `lead_times` are leads
+    just seen) and move the rollup. Customers locked by the caller."""
+    ids = sorted(demos)
+    if not ids:
+        return
+    rows = {r.customer_id: r for r in conn.execute(_LP_LOCK, {"ids": ids})}
+    ids = [c for c in ids if (c in rows and not rows[c].frozen) or (c not in rows and c in lead_times)]
+    if not ids:
+        return
+    first_days = dict(conn.execute(_FIRST_DAYS, {"ids": ids}).all())
+    inserts, updates, before, after = [], [], [], []
+    for cid in ids:
+        row = rows.get(cid)
+        first_lead = min(t for t in (row.first_lead_time if row else None, lead_times.get(cid)) if t is not None)
+        first_day = first_days.get(cid)
+        new = {"first_lead_time": first_lead, "day": None, "days": None, **dict.fromkeys(CUSTOMER_DIMS)}
+        if first_day is not None and first_day >= tehran_day(first_lead):
+            new.update(day=first_day, days=(first_day - tehran_day(first_lead)).days, **resolve(demos[cid], first_day))
+        if row is None:
+            inserts.append({"customer_id": cid, **new})
+        elif any(row._mapping[k] != v for k, v in new.items()):
+            updates.append({"w_id": cid, **new})
+            before.append(row)
+        else:
+            continue
+        after.append(new)
+    if inserts:
+        conn.execute(lead_purchase_facts.insert(), inserts)
+    if updates:
+        conn.execute(_LP_UPDATE, updates)
+    rollup_many(
+        conn, LEAD_PURCHASE, [c for r in before for c in _lp_contrib(r)], [c for n in after for c in _lp_contrib(n)]
+    )
+
+
 def refresh_lead_purchase(conn: sa.Connection, cid: str, demo: dict, lead_time: dt.datetime | None = None) -> None:
-    """Recompute the customer's time from its first lead to its first purchase (kept on
-    lead_purchase_facts, a row only for customers that came as a lead) and move the rollup."""
-    row = conn.execute(_LP_SELECT, {"cid": cid}).first()
-    if row is None and lead_time is None:
-        return
-    if row is not None and row.frozen:
-        return
-    first_lead = lead_time if row is None else min(t for t in (row.first_lead_time, lead_time) if t is not None)
-    first_day = conn.execute(_FIRST_DAY, {"cid": cid}).scalar()
-    new = {"first_lead_time": first_lead, "day": None, "days": None, **dict.fromkeys(CUSTOMER_DIMS)}
-    if first_day is not None and first_day >= tehran_day(first_lead):
-        new.update(day=first_day, days=(first_day - tehran_day(first_lead)).days, **resolve(demo, first_day))
-    t = lead_purchase_facts
-    if row is None:
-        conn.execute(t.insert(), {"customer_id": cid, **new})
-        rollup_many(conn, LEAD_PURCHASE, [], _lp_contrib(new))
-    elif any(row._mapping[k] != v for k, v in new.items()):
-        conn.execute(t.update().where(t.c.customer_id == cid).values(**new))
-        rollup_many(conn, LEAD_PURCHASE, _lp_contrib(row), _lp_contrib(new))
-
-
-def on_lead(conn: sa.Connection, event: Event) -> None:
-    lead = event.parse(ev.LeadEvent)
-    if not lead.customer:
-        return  # not linked to a customer (yet)
-    cid = current_id(conn, lead.customer.removeprefix("customers/"))
-    demo = lock_customer(conn, cid)
-    refresh_lead_purchase(conn, cid, demo, lead.create_time.ToDatetime(tzinfo=dt.UTC))
+    refresh_leads(conn, {cid: demo}, {cid: lead_time} if lead_time else {})
 
 
 # -- the projections -------------------------------------------------------------------------
@@ -454,7 +535,7 @@ PROJECTIONS = [
     Projection(
         "segments-sales",
         "sales",
-        {**dict.fromkeys(ORDER_KEYS, on_order), **dict.fromkeys(LEAD_KEYS, on_lead)},
+        dict.fromkeys([*ORDER_KEYS, *LEAD_KEYS], on_sales),
         {
             **dict.fromkeys(ORDER_KEYS, Requires(ev.OrderEvent, ("order", "customer"))),
             **dict.fromkeys(LEAD_KEYS, Requires(ev.LeadEvent, ("lead", "create_time"))),
