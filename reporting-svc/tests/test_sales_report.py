@@ -11,7 +11,6 @@ import datetime as dt
 import uuid
 
 import grpc
-import pika
 import pytest
 import sqlalchemy as sa
 from google.protobuf import timestamp_pb2
@@ -25,11 +24,12 @@ from crm.sales.v1 import sales_events_pb2 as sales
 from crm.type.v1 import date_pb2, money_pb2
 from crm_chassis.errors import read_rpc_error
 from crm_chassis.messaging.envelope import Event, new_event
-from crm_chassis.messaging.topology import declare_producer
 from reporting_svc.__main__ import SPEC
 from reporting_svc.sales_report import median
 from reporting_svc.segments import age_band
 from tests.support.harness import Broker, channel, gateway_client, md, start_service, token, wait_for
+
+from .test_rebuild import publish
 
 UTC = dt.UTC
 
@@ -83,19 +83,6 @@ def lead(n: int, cust: int, created: dt.datetime, version: int = 2) -> Event:
 
 def again(e: Event) -> Event:
     return Event(**{**e.__dict__, "id": str(uuid.uuid4())})
-
-
-def publish(url: str, events) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        ch = conn.channel()
-        ch.confirm_delivery()
-        for domain in ("customer", "sales"):
-            declare_producer(ch, domain)
-        for e in events:
-            ch.basic_publish(e.exchange, e.routing_key, e.data, e.amqp_properties())
-    finally:
-        conn.close()
 
 
 D = dt.date

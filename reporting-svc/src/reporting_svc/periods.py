@@ -63,6 +63,21 @@ def parse_request(req, prefix: str = "") -> dict:
     return {"start": start, "end": end, "period": period, "calendar": calendar, "lang": lang}
 
 
+def dimensions(values, allowed: tuple[str, ...], prefix: str = "") -> list[str]:
+    """A request's grouping dimensions, lower-cased, once each, in the order asked;
+    INVALID_ARGUMENT on `dimensions[i]` for one not in `allowed`."""
+    dims: list[str] = []
+    for i, d in enumerate(values):
+        d = d.strip().lower()
+        if d not in allowed:
+            raise InvalidArgument.field(
+                f"{prefix}dimensions[{i}]", f"unknown dimension {d!r}; use one of {', '.join(allowed)}"
+            )
+        if d not in dims:
+            dims.append(d)
+    return dims
+
+
 def key_expr(day: sa.ColumnElement, period: str, calendar: str) -> sa.ColumnElement:
     """The SQL expression of a row's period key (text, sortable)."""
     f = sa.func
@@ -86,6 +101,18 @@ def key_expr(day: sa.ColumnElement, period: str, calendar: str) -> sa.ColumnElem
         dom = f.jalali_day_of_month(day) if j else sa.cast(sa.extract("day", day), sa.Integer)
         return f.lpad(sa.cast(dom, sa.Text), 2, "0")
     raise ValueError(period)
+
+
+def keys_by_day(day: sa.ColumnElement, where: list, period: str, calendar: str) -> sa.CTE:
+    """A CTE of (day, period_key) over the distinct days of `day`'s table (in `where`): joined on
+    the day, the period functions (PL/pgSQL for Jalali keys) run once per day instead of once per
+    rollup row. MATERIALIZED: inlined, PostgreSQL would evaluate them per joined row again."""
+    days = sa.select(day.label("day")).where(*where).distinct().subquery("days")
+    return (
+        sa.select(days.c.day, key_expr(days.c.day, period, calendar).label("period_key"))
+        .cte("period_keys")
+        .prefix_with("MATERIALIZED")
+    )
 
 
 def label(key: str, period: str, calendar: str, lang: str) -> str:

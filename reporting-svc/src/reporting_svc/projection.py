@@ -319,19 +319,19 @@ def per_event(extract: Callable[[Event], tuple[Facts, Mapping, Mapping] | None])
 def apply_events(conn: sa.Connection, pairs: list[tuple[Event, Handler]]) -> None:
     """Apply events' fact changes table by table (Facts.apply_many: the newest version of each
     entity, a few statements for all of them); the events whose handlers have a `many` (conn,
-    events) go to it together, in arrival order (for handlers whose result does not depend on
-    the order of those events); a handler that is neither (a merge) runs on its own, after
-    everything before it. The same result as the handlers one by one."""
+    events) go to it together at the end, in arrival order (for handlers whose result does not
+    depend on the order of those events); a handler that is neither (a merge) runs on its own,
+    after the extractors' changes before it and the `many` runs it names in its `after`. The
+    same result as the handlers one by one."""
     pending: dict = {}
     runs: dict = {}
 
-    def flush():
+    def flush(manys=None):
         for facts, changes in pending.items():
             facts.apply_many(conn, changes)
         pending.clear()
-        for many, events in runs.items():
-            many(conn, events)
-        runs.clear()
+        for many in list(runs) if manys is None else [m for m in manys if m in runs]:
+            many(conn, runs.pop(many))
 
     for event, handler in pairs:
         many = getattr(handler, "many", None)
@@ -340,7 +340,7 @@ def apply_events(conn: sa.Connection, pairs: list[tuple[Event, Handler]]) -> Non
             continue
         extract = getattr(handler, "extract", None)
         if extract is None:
-            flush()
+            flush(getattr(handler, "after", ()))
             handler(conn, event)
             continue
         change = extract(event)

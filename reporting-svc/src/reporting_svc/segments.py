@@ -43,6 +43,7 @@ from crm_chassis.messaging.consumer import Requires
 from crm_chassis.messaging.envelope import Event
 
 from .projection import Projection, Rollup, rollup_many, tehran_day
+from .projections import REQUIRES as CUSTOMER_REQUIRES
 from .sales import LEAD_KEYS
 from .sales_tables import (
     CUSTOMER_DIMS,
@@ -105,12 +106,24 @@ def resolve(demo, day: dt.date) -> dict:
 
 _PLACEHOLDER = {"version": 0, "birth_date": None, "gender": UNKNOWN, "province": UNKNOWN, "city": UNKNOWN,
                 "customer_kind": UNKNOWN, "erased": False}  # fmt: skip
-_DEMO_LOCK = (
-    sa.select(customer_demo_facts)
-    .where(customer_demo_facts.c.customer_id.in_(sa.bindparam("ids", expanding=True)))
-    .order_by(customer_demo_facts.c.customer_id)
-    .with_for_update()
-)
+
+
+def _lock_in(table: sa.Table, key: str) -> sa.Select:
+    """SELECT ... WHERE key IN :ids ORDER BY key FOR UPDATE (rows locked in key order)."""
+    return (
+        sa.select(table)
+        .where(table.c[key].in_(sa.bindparam("ids", expanding=True)))
+        .order_by(table.c[key])
+        .with_for_update()
+    )
+
+
+def _update_by(table: sa.Table, key: str, columns) -> sa.Update:
+    """UPDATE ... SET columns WHERE key = :w_id, for executemany."""
+    return table.update().where(table.c[key] == sa.bindparam("w_id")).values({c: sa.bindparam(c) for c in columns})
+
+
+_DEMO_LOCK = _lock_in(customer_demo_facts, "customer_id")
 _PLACEHOLDERS = pg.insert(customer_demo_facts).on_conflict_do_nothing(index_elements=["customer_id"])
 
 
@@ -188,7 +201,9 @@ def on_customer(key: str):
     def handle(conn: sa.Connection, event: Event) -> None:
         apply_customer(conn, event.parse(cls).customer, erase)
 
-    if not erase:  # an erasure's effect depends on what came before it: it runs on its own
+    if erase:  # its effect depends on what came before it: it runs on its own, after those
+        handle.after = ORDERED
+    else:
         handle.many = apply_customers  # customer events of a batch, set-based (projection.apply_events)
     return handle
 
@@ -213,12 +228,7 @@ def apply_customers(conn: sa.Connection, events: list[Event]) -> None:
             newest[cid] = v
     updates = {cid: v for cid, v in newest.items() if v["version"] > stored[cid]["version"]}
     if updates:
-        conn.execute(
-            t.update()
-            .where(t.c.customer_id == sa.bindparam("w_id"))
-            .values({k: sa.bindparam(k) for k in DEMO_COLUMNS}),
-            [{"w_id": cid, **v} for cid, v in updates.items()],
-        )
+        conn.execute(_update_by(t, "customer_id", DEMO_COLUMNS), [{"w_id": cid, **v} for cid, v in updates.items()])
         demos = {cid: {**stored[cid], **v} for cid, v in updates.items()}
         _move_orders(conn, sorted(demos), demos)
         refresh_leads(conn, demos, {})
@@ -273,16 +283,9 @@ def _lines(o: ev.OrderEvent) -> list:
     return out
 
 
-_ORDERS_LOCK = (
-    sa.select(sales_order_facts)
-    .where(sales_order_facts.c.order_id.in_(sa.bindparam("ids", expanding=True)))
-    .order_by(sales_order_facts.c.order_id)
-    .with_for_update()
-)
-_ORDER_UPDATE = (
-    sales_order_facts.update()
-    .where(sales_order_facts.c.order_id == sa.bindparam("w_id"))
-    .values({c: sa.bindparam(c) for c in ("version", "customer_id", "day", "counts", "lines", *CUSTOMER_DIMS)})
+_ORDERS_LOCK = _lock_in(sales_order_facts, "order_id")
+_ORDER_UPDATE = _update_by(
+    sales_order_facts, "order_id", ("version", "customer_id", "day", "counts", "lines", *CUSTOMER_DIMS)
 )
 
 
@@ -377,10 +380,7 @@ def _move_orders(conn: sa.Connection, owners: list[str], demos: dict[str, dict],
             new.append({**r._mapping, **values})
     if new:
         cols = ("customer_id", *CUSTOMER_DIMS)
-        conn.execute(
-            t.update().where(t.c.order_id == sa.bindparam("w_id")).values({c: sa.bindparam(c) for c in cols}),
-            [{"w_id": n["order_id"], **{c: n[c] for c in cols}} for n in new],
-        )
+        conn.execute(_update_by(t, "order_id", cols), [{"w_id": n["order_id"], **{c: n[c] for c in cols}} for n in new])
         _apply_order_rollups(conn, old, new)
 
 
@@ -433,6 +433,10 @@ def on_customer_unmerged(conn: sa.Connection, event: Event) -> None:
         apply_customer(conn, c)
 
 
+ORDERED = (apply_customers, apply_sales)  # the `many` runs an erasure, a merge, an unmerge must follow
+on_customer_merged.after = on_customer_unmerged.after = ORDERED
+
+
 # -- lead to purchase ------------------------------------------------------------------------
 
 _FIRST_DAYS = (
@@ -440,17 +444,8 @@ _FIRST_DAYS = (
     .where(sales_order_facts.c.customer_id.in_(sa.bindparam("ids", expanding=True)), sales_order_facts.c.counts)
     .group_by(sales_order_facts.c.customer_id)
 )
-_LP_LOCK = (
-    sa.select(lead_purchase_facts)
-    .where(lead_purchase_facts.c.customer_id.in_(sa.bindparam("ids", expanding=True)))
-    .order_by(lead_purchase_facts.c.customer_id)
-    .with_for_update()
-)
-_LP_UPDATE = (
-    lead_purchase_facts.update()
-    .where(lead_purchase_facts.c.customer_id == sa.bindparam("w_id"))
-    .values({c: sa.bindparam(c) for c in ("first_lead_time", "day", "days", *CUSTOMER_DIMS)})
-)
+_LP_LOCK = _lock_in(lead_purchase_facts, "customer_id")
+_LP_UPDATE = _update_by(lead_purchase_facts, "customer_id", ("first_lead_time", "day", "days", *CUSTOMER_DIMS))
 
 
 def _lp_contrib(row) -> list:
@@ -503,7 +498,6 @@ def refresh_lead_purchase(conn: sa.Connection, cid: str, demo: dict, lead_time: 
 
 # -- the projections -------------------------------------------------------------------------
 
-CUSTOMER = ("customer.name", "customer.create_time")
 TABLES = [customer_demo_facts, sales_order_facts, sales_daily, sales_buyers_daily, lead_purchase_facts,
           lead_purchase_daily, sales_customer_aliases]  # fmt: skip
 
@@ -516,19 +510,7 @@ PROJECTIONS = [
             "customer.merged.v1": on_customer_merged,
             "customer.unmerged.v1": on_customer_unmerged,
         },
-        {
-            "customer.created.v1": Requires(customer_events_pb2.CustomerCreated, CUSTOMER),
-            "customer.updated.v1": Requires(customer_events_pb2.CustomerUpdated, CUSTOMER),
-            "customer.deleted.v1": Requires(customer_events_pb2.CustomerDeleted, CUSTOMER),
-            "customer.undeleted.v1": Requires(customer_events_pb2.CustomerDeleted, CUSTOMER),
-            "customer.erased.v1": Requires(customer_events_pb2.CustomerErased, CUSTOMER),
-            "customer.merged.v1": Requires(
-                customer_events_pb2.CustomerMerged, ("survivor.name", "survivor.create_time", "merged")
-            ),
-            "customer.unmerged.v1": Requires(
-                customer_events_pb2.CustomerUnmerged, ("survivor.name", "survivor.create_time", "restored")
-            ),
-        },
+        {k: CUSTOMER_REQUIRES[k] for k in [*CUSTOMER_EVENTS, "customer.merged.v1", "customer.unmerged.v1"]},
         TABLES,
         tracks=False,
     ),
