@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
 
 from crm_chassis.dates import TEHRAN
 from crm_chassis.messaging.consumer import Requires, Subscription
@@ -254,6 +255,28 @@ def rollup_many(conn: sa.Connection, rollup: Rollup, old: Iterable[Contribution]
         conn.execute(add, updates)
     if inserts:
         conn.execute(insert, inserts)
+
+
+@functools.cache
+def _upsert(rollup: Rollup):
+    stmt = pg.insert(rollup.table)
+    t = rollup.table
+    return stmt.on_conflict_do_update(
+        index_elements=list(rollup.keys), set_={m: t.c[m] + stmt.excluded[m] for m in rollup.measures}
+    )
+
+
+def rollup_upsert(
+    conn: sa.Connection, rollup: Rollup, old: Iterable[Contribution], new: Iterable[Contribution]
+) -> None:
+    """rollup_many as one INSERT ... ON CONFLICT DO UPDATE executed for many rows (in key order,
+    so two replicas lock rows in the same order): no SELECT of the rows touched, whose
+    `(keys) IN (...)` over a wide key grows with the rollup's rows times the keys of the batch."""
+    delta = _delta(rollup, old, new)
+    if delta:
+        conn.execute(
+            _upsert(rollup), [{**dict(zip(rollup.keys, k, strict=True)), **m} for k, m in sorted(delta.items())]
+        )
 
 
 @dataclass(frozen=True)

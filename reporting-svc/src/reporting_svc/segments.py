@@ -42,7 +42,7 @@ from crm_chassis import money
 from crm_chassis.messaging.consumer import Requires
 from crm_chassis.messaging.envelope import Event
 
-from .projection import Projection, Rollup, rollup_many, tehran_day
+from .projection import Projection, Rollup, rollup_upsert, tehran_day
 from .projections import REQUIRES as CUSTOMER_REQUIRES
 from .sales import LEAD_KEYS
 from .sales_tables import (
@@ -265,8 +265,8 @@ def order_contributions(o) -> tuple[list, list]:
 def _apply_order_rollups(conn: sa.Connection, old: list, new: list) -> None:
     before = [order_contributions(o) for o in old]
     after = [order_contributions(o) for o in new]
-    rollup_many(conn, SALES, [c for b in before for c in b[0]], [c for a in after for c in a[0]])
-    rollup_many(conn, BUYERS, [c for b in before for c in b[1]], [c for a in after for c in a[1]])
+    rollup_upsert(conn, SALES, [c for b in before for c in b[0]], [c for a in after for c in a[0]])
+    rollup_upsert(conn, BUYERS, [c for b in before for c in b[1]], [c for a in after for c in a[1]])
 
 
 def _lines(o: ev.OrderEvent) -> list:
@@ -417,7 +417,7 @@ def on_customer_merged(conn: sa.Connection, event: Event) -> None:
     _move_orders(conn, merged, {survivor: demo}, survivor)
     lp = lead_purchase_facts
     gone = conn.execute(lp.delete().where(lp.c.customer_id.in_(merged), lp.c.frozen.is_(False)).returning(*lp.c)).all()
-    rollup_many(conn, LEAD_PURCHASE, [c for r in gone for c in _lp_contrib(r)], [])
+    rollup_upsert(conn, LEAD_PURCHASE, [c for r in gone for c in _lp_contrib(r)], [])
     firsts = [r.first_lead_time for r in gone if r.first_lead_time is not None]
     refresh_lead_purchase(conn, survivor, demo, min(firsts) if firsts else None)
 
@@ -487,7 +487,7 @@ def refresh_leads(conn: sa.Connection, demos: dict[str, dict], lead_times: dict[
         conn.execute(lead_purchase_facts.insert(), inserts)
     if updates:
         conn.execute(_LP_UPDATE, updates)
-    rollup_many(
+    rollup_upsert(
         conn, LEAD_PURCHASE, [c for r in before for c in _lp_contrib(r)], [c for n in after for c in _lp_contrib(n)]
     )
 
