@@ -31,6 +31,8 @@ import pika
 import sqlalchemy as sa
 from google.protobuf import timestamp_pb2
 
+import reporting_svc
+import reporting_svc.__main__ as main_module
 from bench.load import pct, table
 from bench.reporting_bench import publish, raw_consume
 from crm.customer.v1 import customer_events_pb2, customer_pb2
@@ -41,8 +43,9 @@ from crm.sales.v1 import sales_events_pb2 as sales
 from crm.type.v1 import date_pb2, money_pb2
 from crm_chassis.messaging.envelope import new_event
 from crm_chassis.messaging.topology import declare_consumer_queue, declare_producer, exchange_for
-from reporting_svc import PROJECTIONS
-from reporting_svc.__main__ import SPEC
+from crm_chassis.parts import parts_spec
+from reporting_svc import PROJECTIONS, segments
+from reporting_svc.__main__ import PARTS, SPEC
 from tests.support.harness import ROOT, Broker, Databases, channel, md, service_settings, start_service, wait_for
 
 CUSTOMERS = int(os.environ.get("BENCH_SALES_CUSTOMERS", "2000"))
@@ -104,12 +107,12 @@ def events(rng: random.Random) -> list:
     return out
 
 
-def main() -> None:
+def run(evs: list, spec, projections) -> dict:
+    """One service over the events: raw, live, rebuild and report figures."""
     dbs, broker = Databases(), Broker()
-    evs = events(random.Random(2026))
     n = len(evs)
-    out: dict = {"events": n, "customers": CUSTOMERS, "orders": ORDERS, "host": platform.node(),
-                 "python": platform.python_version()}  # fmt: skip
+    out: dict = {}
+    svc = None
     try:
         db = dbs.fresh("rep_sales_bench")
         limit = service_settings(SPEC.name, db, broker.url).consumer_delivery_limit
@@ -117,7 +120,7 @@ def main() -> None:
         ch = conn.channel()
         ch.queue_declare("bench.raw", durable=True, arguments={"x-queue-type": "quorum"})
         domains: dict[str, set] = {}
-        for p in PROJECTIONS():
+        for p in projections():
             domains.setdefault(p.domain, set()).update(p.handlers)
         for domain, keys in domains.items():
             declare_producer(ch, domain)
@@ -128,7 +131,7 @@ def main() -> None:
         out["publish_per_s"] = round(publish(broker.url, evs))
         out["raw_consume_per_s"] = round(raw_consume(broker.url, "bench.raw", n))
 
-        svc = start_service(SPEC, db, broker.url)
+        svc = start_service(spec, db, broker.url)
         t0 = time.perf_counter()
 
         def handled():
@@ -139,7 +142,7 @@ def main() -> None:
         out["live_per_s"] = round(n / (time.perf_counter() - t0))
         out["live_over_raw"] = round(out["live_per_s"] / out["raw_consume_per_s"], 2)
         with svc.ctx.engine.connect() as c:
-            for t in ("sales_order_facts", "sales_daily", "sales_buyers_daily", "lead_purchase_daily"):
+            for t in ("sales_order_facts", "sales_daily", "sales_buyers_daily", "lead_purchase_daily") * (spec is SPEC):
                 out[f"rows_{t}"] = c.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar()
         with channel(svc) as gch:
             stub = rsg.ReportingServiceStub(gch)
@@ -155,28 +158,57 @@ def main() -> None:
             if j.error:
                 out["rebuild_error"] = j.error[:200]
             out["rebuild_per_s"] = round(j.processed_events / (time.perf_counter() - t0))
-            shapes = {
-                "all (total, lead to purchase)": {},
-                "jalali month x city": {"period": "month", "calendar": "jalali", "dimensions": ["city"]},
-                "jalali month x product": {"period": "month", "calendar": "jalali", "dimensions": ["product"]},
-                "day x age band x gender": {"period": "day", "dimensions": ["age_band", "gender"]},
-                "week x product line x kind": {"period": "week", "dimensions": ["product_line", "customer_kind"]},
-            }
-            rows = []
-            for name, kw in shapes.items():
-                req = sp.GetSalesReportRequest(**kw)
-                times = []
-                for _ in range(CALLS):
-                    t = time.perf_counter()
-                    resp = stub.GetSalesReport(req, metadata=md())
-                    times.append((time.perf_counter() - t) * 1000)
-                rows.append({"report": name, "rows": len(resp.rows), "p50_ms": round(pct(times, 50), 1),
-                             "p95_ms": round(pct(times, 95), 1)})  # fmt: skip
-            out["reports"] = rows
+            if spec is SPEC:
+                out["reports"] = reports(stub)
         svc.stop(0)
     finally:
         broker.close()
         dbs.drop_all()
+    return out
+
+
+def reports(stub) -> list[dict]:
+    shapes = {
+        "all (total, lead to purchase)": {},
+        "jalali month x city": {"period": "month", "calendar": "jalali", "dimensions": ["city"]},
+        "jalali month x product": {"period": "month", "calendar": "jalali", "dimensions": ["product"]},
+        "day x age band x gender": {"period": "day", "dimensions": ["age_band", "gender"]},
+        "week x product line x kind": {"period": "week", "dimensions": ["product_line", "customer_kind"]},
+    }
+    rows = []
+    for name, kw in shapes.items():
+        req = sp.GetSalesReportRequest(**kw)
+        times = []
+        for _ in range(CALLS):
+            t = time.perf_counter()
+            resp = stub.GetSalesReport(req, metadata=md())
+            times.append((time.perf_counter() - t) * 1000)
+        rows.append({"report": name, "rows": len(resp.rows), "p50_ms": round(pct(times, 50), 1),
+                     "p95_ms": round(pct(times, 95), 1)})  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    """With BENCH_SALES_BASELINE=1, first the same events through the service without report 2's
+    projection (the baseline of what it adds), then with it."""
+    evs = events(random.Random(2026))
+    n = len(evs)
+    out: dict = {"events": n, "customers": CUSTOMERS, "orders": ORDERS, "host": platform.node(),
+                 "python": platform.python_version()}  # fmt: skip
+    if os.environ.get("BENCH_SALES_BASELINE"):
+        spec = parts_spec("reporting-svc", 50055, main_module.__file__, None, [p for p in PARTS if p is not segments])
+        without = [p for p in PROJECTIONS() if p not in segments.PROJECTIONS]
+        original = reporting_svc.PROJECTIONS
+        reporting_svc.PROJECTIONS = lambda: without  # the rebuild job reads it
+        try:
+            out["without_report_2"] = run(evs, spec, lambda: without)
+        finally:
+            reporting_svc.PROJECTIONS = original
+    out.update(run(evs, SPEC, PROJECTIONS))
+    base = out.pop("without_report_2", None)
+    if base:
+        for k in ("raw_consume_per_s", "live_per_s", "live_over_raw", "rebuild_per_s", "rebuild_state"):
+            out[f"without report 2: {k}"] = base.get(k)
     text = "\n".join(
         [
             f"reporting-svc sales-by-segment bench: {n} events",
