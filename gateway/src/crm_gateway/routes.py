@@ -79,6 +79,8 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
     "crm.reporting.v1.ReportingService.ExportCustomersBySource": (CSV, XLSX),
     "crm.reporting.v1.ReportingService.ExportSupportReport": (CSV, XLSX),
     "crm.reporting.v1.ReportingService.ExportAcquisitionReport": (CSV, XLSX),
+    "crm.reporting.v1.ReportingService.ExportPipelineReport": (CSV, XLSX),
+    "crm.reporting.v1.ReportingService.ExportForecastReport": (CSV, XLSX),
     "crm.reporting.v1.ValueService.ExportValueReport": (CSV, XLSX),
     # an attachment answers the type it was uploaded with
     "crm.support.v1.TicketService.GetAttachment": ("application/pdf", "image/*", "*/*"),
