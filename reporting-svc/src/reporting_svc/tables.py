@@ -57,6 +57,30 @@ survey_facts = sa.Table(
     sa.Column("csat", sa.Integer, nullable=False),
 )
 
+# survey.answered.v1 (expectation, since 0013): one row per survey; version = answer time;
+# `scores` its dimensions' levels [{"dimension", "adequate", "desired", "perceived"}] (1-9 each;
+# a dimension without all three is left out).
+expectation_facts = sa.Table(
+    "expectation_facts",
+    metadata,
+    sa.Column("survey_id", sa.Text, primary_key=True),
+    sa.Column("version", TS, nullable=False),
+    sa.Column("agent", sa.Text, nullable=False),
+    sa.Column("team", sa.Text, nullable=False),
+    sa.Column("scores", JSONB, nullable=False),
+)
+EXPECTATION_MEASURES = ("answers", "adequate_sum", "desired_sum", "perceived_sum")
+# The expectation survey's rollup: per Tehran answer day x team x agent x dimension.
+expectation_daily = sa.Table(
+    "expectation_daily",
+    metadata,
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("team", sa.Text, primary_key=True),
+    sa.Column("agent", sa.Text, primary_key=True),
+    sa.Column("dimension", sa.Text, primary_key=True),
+    *(sa.Column(m, sa.BigInteger, nullable=False, server_default="0") for m in EXPECTATION_MEASURES),
+)
+
 # ticket.sla_breached.v1: one row per (ticket, metric); a breach counts once.
 sla_breach_facts = sa.Table(
     "sla_breach_facts",
@@ -315,6 +339,8 @@ PROJECTED = [
     sla_breach_facts,
     call_facts,
     support_daily,
+    expectation_facts,
+    expectation_daily,
     lead_facts,
     opportunity_facts,
     acquisition_daily,
