@@ -30,6 +30,7 @@ from .tables import (
     PIPELINE_MEASURES,
     SNAPSHOT_AMOUNTS,
     acquisition_daily,
+    campaign_leads_daily,
     forecast_snapshot_facts,
     lead_facts,
     opportunity_facts,
@@ -39,6 +40,7 @@ from .tables import (
 ROLLUP = Rollup(acquisition_daily, ("day", "source", "currency"), ACQUISITION_MEASURES)
 PIPELINE_DIMS = ("owner", "team", "stage", "stage_name", "forecast_category", "currency")
 PIPELINE = Rollup(sales_pipeline_daily, ("day", *PIPELINE_DIMS), PIPELINE_MEASURES)
+CAMPAIGN_LEADS = Rollup(campaign_leads_daily, ("day", "source", "campaign_id"), ("leads",))
 NO_DATE = dt.date(1, 1, 1)  # the `day` of open opportunities without an expected close date
 NANO = Decimal("1e-9")
 SNAPSHOT_KEY = "forecast_snapshot.created.v1"
@@ -73,6 +75,18 @@ def _lead_contrib(f) -> list:
     return [(key, {"leads": 1, "converted_leads": int(m["status"] == "converted")})]
 
 
+def _campaign_lead_contrib(f) -> list:
+    """A lead from a campaign, on its creation day under its source (report 1's cost share)."""
+    if f is None:
+        return []
+    m = _m(f)
+    if not m["campaign_id"]:
+        return []
+    return [
+        ({"day": tehran_day(m["create_time"]), "source": m["source"], "campaign_id": m["campaign_id"]}, {"leads": 1})
+    ]
+
+
 def fact_lead(event: Event):
     lead = event.parse(ev.LeadEvent)
     values = {
@@ -80,6 +94,7 @@ def fact_lead(event: Event):
         "source": lead.source or UNKNOWN_SOURCE,
         "status": lead.status,
         "create_time": lead.create_time.ToDatetime(tzinfo=dt.UTC),
+        "campaign_id": lead.campaign_id.removeprefix("campaigns/"),
     }
     return LEADS, {"lead_id": lead.lead.removeprefix("leads/")}, values
 
@@ -178,7 +193,7 @@ def fact_snapshot(event: Event):
     return SNAPSHOTS, {"snapshot_id": f.forecast_snapshot.removeprefix("forecastSnapshots/")}, values
 
 
-LEADS = Facts(lead_facts, ROLLUP, _lead_contrib)
+LEADS = Facts(lead_facts, ROLLUP, _lead_contrib, more=((CAMPAIGN_LEADS, _campaign_lead_contrib),))
 OPPORTUNITIES = Facts(opportunity_facts, ROLLUP, _opp_contrib, more=((PIPELINE, pipeline_contributions),))
 SNAPSHOTS = Facts(forecast_snapshot_facts, PIPELINE, lambda f: [])  # read as they are: no rollup
 on_lead = per_event(fact_lead)
@@ -203,7 +218,14 @@ PROJECTION = Projection(
         **dict.fromkeys(OPPORTUNITY_KEYS, OPPORTUNITY),
         SNAPSHOT_KEY: SNAPSHOT,
     },
-    tables=[lead_facts, opportunity_facts, acquisition_daily, sales_pipeline_daily, forecast_snapshot_facts],
+    tables=[
+        lead_facts,
+        opportunity_facts,
+        acquisition_daily,
+        campaign_leads_daily,
+        sales_pipeline_daily,
+        forecast_snapshot_facts,
+    ],
 )
 
 

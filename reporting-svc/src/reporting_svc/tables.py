@@ -139,7 +139,22 @@ lead_facts = sa.Table(
     sa.Column("source", sa.Text, nullable=False),
     sa.Column("status", sa.Text, nullable=False),
     sa.Column("create_time", TS, nullable=False),
+    # since 0013: the campaign the lead came from (LeadEvent.campaign_id; '' for none or projected before)
+    sa.Column("campaign_id", sa.Text, nullable=False, server_default=""),
 )
+
+# Report 1's cost per acquisition: leads attributed to a campaign per Tehran creation day x the
+# lead's source x campaign (a rollup of lead_facts), to share each campaign's cost among the
+# sources and periods of the leads it brought.
+campaign_leads_daily = sa.Table(
+    "campaign_leads_daily",
+    metadata,
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("source", sa.Text, primary_key=True),
+    sa.Column("campaign_id", sa.Text, primary_key=True),
+    sa.Column("leads", sa.BigInteger, nullable=False, server_default="0"),
+)
+sa.Index("campaign_leads_daily_campaign", campaign_leads_daily.c.campaign_id)
 
 opportunity_facts = sa.Table(
     "opportunity_facts",
@@ -344,6 +359,7 @@ PROJECTED = [
     lead_facts,
     opportunity_facts,
     acquisition_daily,
+    campaign_leads_daily,
     sales_pipeline_daily,
     forecast_snapshot_facts,
     timeline,
