@@ -32,11 +32,7 @@ ACQ_COUNTS = ("customers", "leads", "converted_leads", "won_opportunities")
 
 def report(conn: sa.Connection, q: dict) -> pb.GetAcquisitionReportResponse:
     t = acquisition_daily
-    where = []
-    if q["start"]:
-        where.append(t.c.day >= q["start"])
-    if q["end"]:
-        where.append(t.c.day <= q["end"])
+    where = periods.in_range(t.c.day, q)
     if q["sources"]:
         where.append(t.c.source.in_(q["sources"]))
     key = periods.key_expr(t.c.day, q["period"], q["calendar"]).label("period_key")
@@ -92,11 +88,7 @@ def _lead_totals():
 def allocated_costs(conn: sa.Connection, q: dict) -> dict[tuple[str, str], Decimal]:
     """(period key, source) -> the campaign cost allocated to it, in rials (module docstring)."""
     d, f, totals = campaign_leads_daily, campaign_facts, _lead_totals()
-    where = [f.c.cost != 0, d.c.leads != 0]
-    if q["start"]:
-        where.append(d.c.day >= q["start"])
-    if q["end"]:
-        where.append(d.c.day <= q["end"])
+    where = [f.c.cost != 0, d.c.leads != 0, *periods.in_range(d.c.day, q)]
     if q["sources"]:
         where.append(d.c.source.in_(q["sources"]))
     key = periods.key_expr(d.c.day, q["period"], q["calendar"]).label("period_key")

@@ -63,11 +63,8 @@ def _number(m) -> Decimal:
 
 def pipeline(conn: sa.Connection, q: dict) -> pb.GetPipelineReportResponse:
     t = sales_pipeline_daily
-    where = []
-    if q["start"]:
-        where.append(t.c.day >= q["start"])  # NO_DATE is before every day
+    where = periods.in_range(t.c.day, q)  # NO_DATE is before every start
     if q["end"]:
-        where.append(t.c.day <= q["end"])
         where.append(t.c.day != NO_DATE)
     dims = [t.c[d] for d in q["dims"]]
     keys = list(dims)

@@ -66,11 +66,7 @@ def _row(m, key: str, q: dict) -> pb.SupportRow:
 def report(conn: sa.Connection, q: dict) -> pb.GetSupportReportResponse:
     t = support_daily
     sums = [sa.cast(sa.func.coalesce(sa.func.sum(t.c[m]), 0), sa.BigInteger).label(m) for m in SUPPORT_MEASURES]
-    where = []
-    if q["start"]:
-        where.append(t.c.day >= q["start"])
-    if q["end"]:
-        where.append(t.c.day <= q["end"])
+    where = periods.in_range(t.c.day, q)
     key = periods.key_expr(t.c.day, q["period"], q["calendar"]).label("period_key")
     dims = [t.c[d] for d in q["dims"]]
     # a group whose facts all moved elsewhere (a ticket reassigned, a call's agent corrected)
@@ -102,11 +98,7 @@ def expectations(conn: sa.Connection, q: dict) -> list[pb.ExpectationRow]:
     """The zone of tolerance per period, agent / team (as asked) and dimension, from
     expectation_daily: mean adequate, desired and perceived levels, MSA and MSS."""
     t = expectation_daily
-    where = []
-    if q["start"]:
-        where.append(t.c.day >= q["start"])
-    if q["end"]:
-        where.append(t.c.day <= q["end"])
+    where = periods.in_range(t.c.day, q)
     keys = [t.c[d] for d in q["dims"] if d in ("agent", "team")]
     if q["period"] != "all":
         keys.insert(0, periods.key_expr(t.c.day, q["period"], q["calendar"]).label("period_key"))
