@@ -28,7 +28,7 @@ from google.protobuf import empty_pb2
 from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm.campaign.v1 import campaign_service_pb2 as pb
 from crm.campaign.v1 import campaign_service_pb2_grpc
-from crm_chassis import money, timers
+from crm_chassis import dates, money, timers
 from crm_chassis.columns import UUID
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from crm_chassis.filtering import FieldType, FilterField, FilterSchema, keyset_page
@@ -679,9 +679,10 @@ def _variant_case(variants, bucket, scale: int) -> sa.ColumnElement:
     return sa.case(*[(cond, sa.literal(key)) for cond, key in edges[:-1]], else_=sa.literal(variants[-1].key))
 
 
-def quiet_until(now, tz: str, start: int, end: int) -> sa.ColumnElement:
-    """SQL: the end of the quiet hours if `now` falls in them in time zone `tz` (hours
-    start..end, wrapping past midnight when start > end), else `now`."""
+def quiet_until(now, tz: str | sa.ColumnElement, start: int, end: int) -> sa.ColumnElement:
+    """SQL: the end of the quiet hours if `now` falls in them in time zone `tz` (a zone name, or
+    a column holding one per row: the recipient's; hours start..end, wrapping past midnight
+    when start > end), else `now`."""
     if start == end:
         return sa.literal(now)
     local = sa.func.timezone(tz, sa.literal(now))
@@ -713,6 +714,12 @@ def enqueue(conn: sa.Connection, row, run: int, variants, now: dt.datetime) -> d
         )
     else:
         variant = _variant_case(variants, bucket, 100)
+    # The recipient's time zone: their country's when the country tells it (crm_chassis.dates
+    # .country_zones), else the campaign's. Quiet hours are read in it, now and at delivery.
+    zones = sa.values(sa.column("country", sa.Text), sa.column("zone", sa.Text), name="country_zones").data(
+        sorted(dates.country_zones().items())
+    )
+    timezone = sa.func.coalesce(zones.c.zone, sa.literal(row.timezone, sa.Text))
     p = messages.alias("p")
     cap = frequency_cap()
     capped = sa.false()
@@ -743,10 +750,14 @@ def enqueue(conn: sa.Connection, row, run: int, variants, now: dt.datetime) -> d
             sa.literal(row.channel, sa.Text).label("channel"),
             address.label("address"),
             state.label("state"),
-            quiet_until(now, row.timezone, row.quiet_start_hour, row.quiet_end_hour).label("not_before"),
-            sa.literal(row.timezone, sa.Text).label("timezone"),
+            quiet_until(now, timezone, row.quiet_start_hour, row.quiet_end_hour).label("not_before"),
+            timezone.label("timezone"),
         )
-        .select_from(segment_members.join(audience, a.customer_id == members.customer_id))
+        .select_from(
+            segment_members.join(audience, a.customer_id == members.customer_id).outerjoin(
+                zones, zones.c.country == a.country
+            )
+        )
         .where(members.segment_id == row.segment_id, ~a.deleted, a.merged_into == "", address != "")
     )
     if row.exclude_segment_ids:
