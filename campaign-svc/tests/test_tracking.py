@@ -326,6 +326,54 @@ def test_a_dsn_hard_bounce_marks_the_message_and_suppresses_the_address_for_the_
     assert http.post("/v1/bounces:post", data=b"hello", headers=KEY).status_code == 400
 
 
+def reply(sender: str, text: str, message_id: str, in_reply_to: str = "", extra: str = "") -> bytes:
+    head = (
+        f"From: =?utf-8?b?2YXYsduM2YU=?= <{sender}>\r\nTo: news@crm.test\r\n"
+        "Subject: =?utf-8?b?UmU6INis2LTZhtmI2KfYsdmH?=\r\n"
+        f"Message-ID: {message_id}\r\n" + (f"In-Reply-To: {in_reply_to}\r\n" if in_reply_to else "") + extra
+    )
+    return (head + "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + text).encode()
+
+
+def test_a_reply_to_a_campaign_mail_is_a_response_once_and_auto_replies_are_not(svc, stubs, smtp, sender, http):
+    c, ids, _ = mailed(svc, stubs, smtp, sender, n=2)
+    first, second = message_row(svc, c, ids[0]), message_row(svc, c, ids[1])
+    body = "سلام، لطفاً با من تماس بگیرید.\r\n\r\nدر تاریخ ۱۲ آذر ۱۴۰۵، خبرنامه نوشت:\r\n> جشنواره پاییز\r\n"
+    raw = reply(f"{ids[0]}@example.ir", body, f"<r-{ids[0]}@mail.example.ir>", first.provider_message_id)
+    assert http.post("/v1/inboundMail:post", data=raw).status_code == 401  # no provider key
+    resp = http.post("/v1/inboundMail:post", data=raw, headers=KEY)
+    assert resp.status_code == 200, resp.json
+    assert (resp.json["outcome"], resp.json["message"]) == ("reply", f"{c.name}/messages/{first.id}")
+    assert http.post("/v1/inboundMail:post", data=raw, headers=KEY).json["response"] == resp.json["response"]
+    got = [e for e in events(svc, "response.recorded.v1", ev.ResponseEvent) if e.campaign == c.name]
+    assert [(e.kind, e.channel, e.customer, e.text, e.contact_name) for e in got] == [
+        ("reply", "email", f"customers/{ids[0]}", "سلام، لطفاً با من تماس بگیرید.", "مریم")
+    ]
+    assert message_row(svc, c, ids[0]).responded_time is not None
+    # An out-of-office answer from the other recipient records nothing.
+    auto = reply(
+        f"{ids[1]}@example.ir",
+        "I am away until Monday.",
+        f"<ooo-{ids[1]}@mail.example.ir>",
+        second.provider_message_id,
+        "Auto-Submitted: auto-replied\r\n",
+    )
+    assert http.post("/v1/inboundMail:post", data=auto, headers=KEY).json == {"outcome": "auto_reply"}
+    # A reply whose client dropped In-Reply-To is matched by its sender's address.
+    bare = reply(f"{ids[1]}@example.ir", "Interested.", f"<bare-{ids[1]}@mail.example.ir>")
+    assert http.post("/v1/inboundMail:post", data=bare, headers=KEY).json["message"] == f"{c.name}/messages/{second.id}"
+    got = [e for e in events(svc, "response.recorded.v1", ev.ResponseEvent) if e.campaign == c.name]
+    assert [e.customer for e in got] == [f"customers/{ids[0]}", f"customers/{ids[1]}"]
+    # A stranger's mail answers nothing of ours; a returned message is a bounce.
+    stranger = reply("someone@else.ir", "hello", "<s-1@else.ir>")
+    assert http.post("/v1/inboundMail:post", data=stranger, headers=KEY).json == {"outcome": "unmatched"}
+    bounced = http.post(
+        "/v1/inboundMail:post", data=dsn(first.provider_message_id, f"{ids[0]}@example.ir"), headers=KEY
+    )
+    assert (bounced.json["outcome"], bounced.json["bounceKind"]) == ("bounce", "hard")
+    assert http.post("/v1/inboundMail:post", data=b"  ", headers=KEY).status_code == 400
+
+
 def test_a_provider_webhook_bounce_and_an_sms_delivery_receipt(svc, stubs, smtp, sender, http):
     c, ids, _ = mailed(svc, stubs, smtp, sender, n=2)
     hard, soft = (message_row(svc, c, i) for i in ids)

@@ -49,6 +49,8 @@ from crm_chassis.interceptors import current_principal
 from crm_chassis.links import Signer, key_list, key_matches, link_secret
 from crm_chassis.mail import kind_of
 from crm_chassis.mail import parse_dsn as mail_dsn
+from crm_chassis.mail_parse import parse as parse_mail
+from crm_chassis.mail_parse import reply_text
 from crm_chassis.messaging.consumer import Subscription
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName
@@ -414,6 +416,69 @@ class Tracking:
             raise InvalidArgument.field("body", "is not a delivery-status notification (multipart/report)")
         with self.uow.begin() as tx:
             return apply_bounce(self.rt, tx, b)
+
+    def inbound_mail(self, req: pb.PostInboundMailRequest) -> pb.PostInboundMailResponse:
+        """A mail to the marketing mailbox: a bounce, a reply to a campaign e-mail (a response,
+        once per Message-ID), an auto-reply (nothing), or one that answers no message of ours."""
+        if not key_matches(req.key, settings(self.rt).bounce_keys):
+            raise Unauthenticated("the provider key is not valid", reason="BOUNCE_KEY_INVALID")
+        raw = bytes(req.body or b"")
+        if not raw.strip():
+            raise InvalidArgument.field("body", "is required")
+        bounce = parse_dsn(raw)
+        if bounce is not None:
+            with self.uow.begin() as tx:
+                b = apply_bounce(self.rt, tx, bounce)
+            return pb.PostInboundMailResponse(outcome="bounce", message=b.message, bounce_kind=b.bounce_kind)
+        mail = parse_mail(raw)
+        if mail.auto_submitted:  # out of office, a list's robot: no person answered
+            return pb.PostInboundMailResponse(outcome="auto_reply")
+        with self.uow.begin() as tx:
+            row = self._answered(tx.conn, mail.thread_ids, mail.from_address)
+            if row is None:
+                return pb.PostInboundMailResponse(outcome="unmatched")
+            given = pb.Response(
+                message=MESSAGE.format(row.campaign_id, row.id),
+                kind="reply",
+                channel="email",
+                contact_name=mail.from_name,
+                text=reply_text(mail.body),
+            )
+            if "@" in mail.from_address:
+                given.email = mail.from_address
+            try:
+                response = self._record(tx, given, "mail:" + mail.message_id[:120])
+            except InvalidArgument:  # a From no address check takes: the reply without it
+                given.ClearField("email")
+                response = self._record(tx, given, "mail:" + mail.message_id[:120])
+        return pb.PostInboundMailResponse(outcome="reply", message=given.message, response=RESPONSE.format(response.id))
+
+    @staticmethod
+    def _answered(conn: sa.Connection, thread_ids: list[str], sender: str):
+        """The campaign e-mail a reply answers: the one its In-Reply-To / References name
+        (<cmp-{id}@...>), else the latest one mailed to its sender within the campaign's
+        attribution window."""
+        for mid in thread_ids:
+            found = _OUR_MESSAGE_ID.search(mid)
+            mid_ = _uuid(found.group(1)) if found else None
+            row = conn.execute(sa.select(messages).where(m.id == mid_)).first() if mid_ else None
+            if row is not None:
+                return row
+        if not sender:
+            return None
+        c = campaigns.c
+        return conn.execute(
+            sa.select(messages)
+            .join(campaigns, c.id == m.campaign_id)
+            .where(
+                m.channel == "email",
+                m.address == sender,
+                m.sent_time.is_not(None),
+                m.sent_time > sa.func.now() - sa.func.make_interval(0, 0, 0, c.attribution_days),
+            )
+            .order_by(m.sent_time.desc())
+            .limit(1)
+        ).first()
 
     def delivery_receipt(self, req: pb.PostDeliveryReceiptRequest) -> pb.PostDeliveryReceiptResponse:
         if not key_matches(req.key, settings(self.rt).bounce_keys):
@@ -796,6 +861,9 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
 
     def PostBounce(self, request, context):
         return self.uc.post_bounce(request)
+
+    def PostInboundMail(self, request, context):
+        return self.uc.inbound_mail(request)
 
     def PostDeliveryReceipt(self, request, context):
         return self.uc.delivery_receipt(request)
