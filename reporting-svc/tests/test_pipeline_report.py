@@ -25,7 +25,7 @@ from crm_chassis.errors import read_rpc_error
 from crm_chassis.messaging.envelope import new_event
 from crm_chassis.money import to_decimal
 from reporting_svc.__main__ import SPEC
-from tests.support.harness import Broker, channel, gateway_client, md, start_service, token, wait_for
+from tests.support.harness import channel, gateway_client, md, start_service, token, wait_for
 
 from .conftest import Feed, ts
 from .test_campaign_report import campaign
@@ -146,13 +146,6 @@ def campaign_lead(n: int, source: str, campaign_id: str):
         create_time=ts(at("2026-11-20")),
     )  # fmt: skip
     return Feed.event("sales", "lead.created.v1", msg, msg.lead, at("2026-11-20"))
-
-
-@pytest.fixture(scope="module")
-def own_broker():
-    b = Broker()
-    yield b
-    b.close()
 
 
 @pytest.fixture(scope="module")
