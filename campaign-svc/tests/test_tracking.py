@@ -23,7 +23,13 @@ from campaign_svc.tables import audience_invoices, messages, suppressions
 from campaign_svc.tracking_tables import page_events, visitors, web_activity
 from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm.campaign.v1 import campaign_service_pb2 as cpb
-from crm.campaign.v1 import campaign_service_pb2_grpc, segments_pb2_grpc, templates_pb2_grpc, tracking_pb2_grpc
+from crm.campaign.v1 import (
+    campaign_service_pb2_grpc,
+    segments_pb2_grpc,
+    templates_pb2,
+    templates_pb2_grpc,
+    tracking_pb2_grpc,
+)
 from crm.campaign.v1 import tracking_pb2 as pb
 from crm_chassis.links import Signer
 from tests.support.customers import customer, customer_message, merged_message
@@ -562,6 +568,50 @@ def test_an_sms_answer_to_a_campaign_is_a_response_once(svc, stubs, smtp, sender
     assert [(e.kind, e.channel, e.phone, e.customer) for e in got] == [
         ("sms", "sms", "+989127770000", f"customers/{ids[0]}")
     ]
+
+
+def test_sms_links_are_short_links_that_track_the_click(svc, stubs, sender, http):
+    api, _, tpl = stubs
+    r = rt(svc)
+    texts: list[str] = []
+    before = r.senders.get("sms")
+    r.senders["sms"] = lambda out: texts.append(out.text) or f"sms-{len(texts)}"  # the provider's side
+    try:
+        ids = people(svc, 1)
+        t = tpl.CreateTemplate(
+            templates_pb2.CreateTemplateRequest(
+                template=templates_pb2.Template(
+                    display_name="sms", channel="sms", text_body=f"تخفیف پاییز: {SHOP}. لغو۱۱"
+                )
+            ),
+            metadata=MARKETER,
+        )
+        c = cpb.Campaign(
+            display_name="پیامک",
+            channel="sms",
+            segment=segment_of(stubs, ids),
+            variants=[cpb.Variant(template=t.name)],
+            quiet_start_hour=0,
+            quiet_end_hour=0,
+        )
+        c = launched(stubs, svc, api.CreateCampaign(cpb.CreateCampaignRequest(campaign=c), metadata=MARKETER))
+        assert sender.run_once() == 1
+    finally:
+        r.senders["sms"] = before
+    (text,) = texts
+    code = re.fullmatch(r"تخفیف پاییز: https://crm\.test/s/([A-Za-z0-9_-]{10})\. لغو۱۱", text).group(1)
+    assert code == tracking.short_code(r, str(message_row(svc, c, ids[0]).id), SHOP)  # stable: a retry re-writes it
+    resp = http.get(f"/s/{code}", headers=BROWSER)
+    assert resp.status_code == 302
+    target = urlsplit(resp.headers["Location"])
+    assert (target.netloc, target.path, parse_qs(target.query)["utm_medium"]) == ("shop.example.ir", "/autumn", ["sms"])
+    assert message_row(svc, c, ids[0]).click_count == 1
+    (clicked,) = [e for e in events(svc, "message.clicked.v1", ev.MessageEvent) if e.campaign == c.name]
+    assert clicked.url == SHOP
+    for bad in ("AAAAAAAAAA", "short", "AAAA%3DAAAAA"):
+        assert http.get(f"/s/{bad}").status_code == 404
+    # Bot messages have room for the signed click link.
+    assert tracking.track_text(r, None, f"see {SHOP}!", "m-1").startswith(f"see {BASE}/v1/t/c/")
 
 
 def test_parse_dsn_reads_a_returned_message_and_tells_soft_from_hard():

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
+import hmac
 import html as htmlmod
 import json
 import os
@@ -59,7 +61,7 @@ from . import consent
 from .campaigns import CAMPAIGN, MESSAGE
 from .runtime import Campaign
 from .tables import audience, campaigns, messages
-from .tracking_tables import page_events, responses, visitors, web_activity
+from .tracking_tables import page_events, responses, short_links, visitors, web_activity
 
 m = messages.c
 RESPONSE = ResourceName("responses/{response_id}")
@@ -160,6 +162,46 @@ def trackable(rt: Campaign, url: str) -> bool:
         return False
     base = settings(rt).base_url
     return not any(url.startswith(f"{base}{p}") for p in ("/v1/unsubscribe/", "/v1/optIn/", "/v1/t/"))
+
+
+_TEXT_URL = re.compile(r"https?://[^\s<>\"'«»]+", re.IGNORECASE)
+SHORT_CODE = re.compile(r"[A-Za-z0-9_-]{10}")
+
+
+def short_code(rt: Campaign, message_id: str, url: str) -> str:
+    """10 URL-safe characters (60 bits of an HMAC of the message and the target): the same link
+    of the same message always gets the same code, so a re-render writes the same row."""
+    digest = hmac.new(settings(rt).secret, f"short|{message_id}|{url}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode()[:10]
+
+
+def track_text(rt: Campaign, conn: sa.Connection | None, text: str, message_id: str) -> str:
+    """A text message with its http(s) links tracked: short links (`{base}/s/{code}`, stored in
+    short_links through `conn`) when `conn` is given (SMS: every character counts), else signed
+    click links (bot messages). Trailing punctuation stays outside the link."""
+    if not text:
+        return text
+    found: dict[str, str] = {}
+
+    def link(match: re.Match) -> str:
+        raw = match.group(0)
+        url = raw.rstrip(".,;:!?)]}،؛؟")
+        tail = raw[len(url) :]
+        if not trackable(rt, url):
+            return raw
+        if conn is None:
+            return click_url(rt, message_id, url) + tail
+        code = found.setdefault(url, short_code(rt, message_id, url))
+        return f"{settings(rt).base_url}/s/{code}{tail}"
+
+    out = _TEXT_URL.sub(link, text)
+    if found and conn is not None:
+        conn.execute(
+            pg_insert(short_links)
+            .values([{"code": c, "message_id": message_id, "url": u} for u, c in found.items()])
+            .on_conflict_do_nothing()
+        )
+    return out
 
 
 def track(rt: Campaign, html: str, message_id: str) -> str:
@@ -375,11 +417,23 @@ class Tracking:
         fields = _signer(self.rt, "click").open(req.token)  # UNAUTHENTICATED if forged
         if len(fields) != 2 or not _is_http(fields[1]):
             raise Unauthenticated("the link is not valid", reason="TRACKING_LINK_INVALID")
-        mid, url = _uuid(fields[0]), fields[1]
+        return self._click(_uuid(fields[0]), fields[1], req.user_agent)
+
+    def follow_short_link(self, req: pb.FollowShortLinkRequest) -> pb.ClickRedirect:
+        if not SHORT_CODE.fullmatch(req.code):
+            raise NotFound("no such link")
+        with self.uow.read() as conn:
+            link = conn.execute(sa.select(short_links).where(short_links.c.code == req.code)).first()
+        if link is None or not _is_http(link.url):
+            raise NotFound("no such link")
+        return self._click(str(link.message_id), link.url, req.user_agent)
+
+    def _click(self, mid: str | None, url: str, user_agent: str) -> pb.ClickRedirect:
+        """Record a click of message `mid` on `url` (a machine's apart) and answer its redirect."""
         row = None
         if mid is not None:
             with self.uow.begin() as tx:
-                if not machine_agent(req.user_agent):
+                if not machine_agent(user_agent):
                     person = [m.id == mid]
                     quick = settings(self.rt).machine_click_seconds
                     if quick:  # sooner after the send than a reader clicks: a scanner on arrival
@@ -858,6 +912,9 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
 
     def FollowClick(self, request, context):
         return self.uc.follow_click(request)
+
+    def FollowShortLink(self, request, context):
+        return self.uc.follow_short_link(request)
 
     def PostBounce(self, request, context):
         return self.uc.post_bounce(request)

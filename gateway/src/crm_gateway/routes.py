@@ -137,6 +137,14 @@ PUBLIC: dict[str, Public] = {
         headers={"user_agent": "User-Agent"},
         cache_control="no-store",
     ),
+    "crm.campaign.v1.TrackingService.FollowShortLink": Public(
+        per_minute=1200,
+        max_bytes=1024,
+        redirect="location",
+        client_address="client_address",
+        headers={"user_agent": "User-Agent"},
+        cache_control="no-store",
+    ),
     "crm.campaign.v1.TrackingService.PostBounce": Public(
         per_minute=1200,
         max_bytes=512 * 1024,
