@@ -125,8 +125,12 @@ class Exporter:
         return json_format.MessageToDict(msg, preserving_proto_field_name=True)
 
     def request(self, params: Mapping[str, Any], fmt: str, language_code: str) -> Message:
-        """The Export request a run sends (parameters as stored, plus the schedule's own)."""
-        msg = json_format.ParseDict(dict(params), self.request_type(), ignore_unknown_fields=False)
+        """The Export request a run sends (parameters as stored, plus the schedule's own);
+        INVALID_ARGUMENT if the stored parameters no longer fit the request type."""
+        try:
+            msg = json_format.ParseDict(dict(params), self.request_type(), ignore_unknown_fields=False)
+        except json_format.ParseError as exc:
+            raise InvalidArgument.field("parameters", str(exc).split("\n")[0][:300]) from None
         names = self.request_type.DESCRIPTOR.fields_by_name
         if "format" in names:
             msg.format = fmt

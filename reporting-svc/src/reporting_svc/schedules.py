@@ -11,9 +11,10 @@ Arming: a schedule that is not paused has its recurring timer (schedule_runs.SCH
 in the transaction that saves it, and cancelled by a pause or a delete. next_run_time is that
 timer's due time; last_run_time and last_run_state are those of its newest run.
 
-Lock order, timer row then schedule row, in Update and Delete: the firing holds its timer's
-row while it runs and reads the schedule without a lock, so neither waits for the other in a
-cycle.
+Lock order, timer rows then the schedule's row (then, in Delete, its runs), in Update and
+Delete: a firing holds its timer's row while it runs, reads the schedule without a lock and
+writes its run in transactions of its own, so a change waits for a firing to end and a firing
+never waits for a change (no cycle, not even one through the firing's second connection).
 """
 
 from __future__ import annotations
@@ -231,14 +232,16 @@ class Schedules:
     def _read(self, conn, schedule_id, name: str, principal: Principal):
         return SCHEDULE_NAME.one(conn, READ.where(s_.id == schedule_id, self._mine(principal)), name)
 
-    def _lock(self, conn, name: str, principal: Principal, field: str = "name"):
-        """The schedule's timer row, then its row, locked (NOT_FOUND for another's)."""
+    def _lock(self, conn, name: str, principal: Principal, field: str = "name", runs_too: bool = False):
+        """The schedule's timer row (and with `runs_too` its "run now" timers), then its row,
+        locked (NOT_FOUND for another's): a firing in progress holds its timer's row, so this
+        waits for it to end before touching the schedule or its runs."""
         sid = SCHEDULE_NAME.parse(name, field).id
-        conn.execute(
-            sa.select(timer_table.c.id)
-            .where(timer_table.c.kind == SCHEDULE, timer_table.c.key == sid)
-            .with_for_update()
-        )
+        t = timer_table.c
+        mine = sa.and_(t.kind == SCHEDULE, t.key == sid)
+        if runs_too:
+            mine = sa.or_(mine, sa.and_(t.kind == RUN_NOW, t.payload["schedule"].astext == sid))
+        conn.execute(sa.select(t.id).where(mine).order_by(t.id).with_for_update())
         q = sa.select(schedules).where(s_.id == sid, self._mine(principal)).with_for_update()
         return SCHEDULE_NAME.one(conn, q, name)
 
@@ -320,7 +323,7 @@ class Schedules:
 
     def delete(self, req: pb.DeleteReportScheduleRequest, principal: Principal) -> None:
         with self.uow.begin() as tx:
-            row = self._lock(tx.conn, req.name, principal)
+            row = self._lock(tx.conn, req.name, principal, runs_too=True)
             check_etag(req.etag, row.version, req.name)
             tx.execute(schedules.delete().where(s_.id == row.id))  # its runs go with it (cascade)
             timers.cancel(tx.conn, SCHEDULE, str(row.id))
