@@ -1,11 +1,14 @@
-"""Sending e-mail over SMTP, shared by support-svc (agent replies) and campaign-svc (campaigns):
-the settings, a one-shot `deliver`, and `SmtpPool`, persistent connections reused across
-sends for throughput, with SMTP failures classified as `MailError`.
+"""Sending e-mail over SMTP, shared by support-svc (agent replies), campaign-svc (campaigns) and
+reporting-svc (scheduled reports): the settings, a one-shot `deliver`, `SmtpPool`, persistent
+connections reused across sends for throughput, with SMTP failures classified as `MailError`,
+and `compose`, the MIME of a mail (with attachments) written fast.
 
     settings = smtp_settings(default_from="news@crm.local")
     deliver(mail, settings)                    # one connection for one message
     pool = SmtpPool(settings, size=4)
     pool.send(mail)                            # a pooled connection (reconnects when stale)
+    data = compose(headers, text, html, [Attachment("r.xlsx", XLSX_TYPE, content)])  # fast MIME
+    is_address("a@b.ir")                       # an address a form may take
 
 `MailError.permanent` is a 5xx answer (the same message will never be accepted), else a 4xx
 answer, a refused or broken connection or a timeout (worth a retry later);
@@ -57,6 +60,15 @@ class SmtpSettings:
     def from_header(self) -> str:
         """The From header's value (a non-ASCII name RFC 2047-encoded)."""
         return formataddr((self.sender_name, self.sender), charset="utf-8") if self.sender_name else self.sender
+
+
+# An e-mail address as a form takes it: local part @ a domain with at least one dot (no display
+# name, no comments, no quoted local part).
+ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
+
+
+def is_address(value: str) -> bool:
+    return bool(value) and ADDRESS.fullmatch(value) is not None
 
 
 def _bool(value: str) -> bool:

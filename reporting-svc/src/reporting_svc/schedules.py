@@ -20,7 +20,6 @@ never waits for a change (no cycle, not even one through the firing's second con
 from __future__ import annotations
 
 import datetime as dt
-import re
 import zoneinfo
 
 import sqlalchemy as sa
@@ -36,6 +35,7 @@ from crm_chassis.errors import FieldViolation, InvalidArgument
 from crm_chassis.filtering import FieldType, FilterField, FilterSchema, keyset_page, query_fingerprint
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
+from crm_chassis.mail import is_address
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName, UpdateMask, changes, check_etag, etag, required_text, same_requester
 from crm_chassis.work_tables import timers as timer_table
@@ -53,7 +53,6 @@ DEFAULT_ZONE = timers.DEFAULT_TIMEZONE
 LANGUAGES = ("fa", "en")
 MAX_RECIPIENTS = 20
 REQUEST_ID_LIMIT = 128
-_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
 
 MASK = UpdateMask(
     ["display_name", "parameters", "format", "cron", "time_zone", "recipients", "language_code", "paused"],
@@ -162,7 +161,7 @@ def check_zone(value: str, where: str) -> str:
 def check_recipients(values, where: str, owner: str) -> list[str]:
     found = [v.strip().lower() for v in values if v.strip()]
     if not found:
-        if _ADDRESS.fullmatch(owner or ""):
+        if is_address(owner):
             return [owner.lower()]
         raise InvalidArgument.field(where, "name at least one e-mail address")
     if len(found) > MAX_RECIPIENTS:
@@ -170,7 +169,7 @@ def check_recipients(values, where: str, owner: str) -> list[str]:
     bad = [
         FieldViolation(f"{where}[{i}]", f"{v!r} is not an e-mail address")
         for i, v in enumerate(found)
-        if not _ADDRESS.fullmatch(v)
+        if not is_address(v)
     ]
     if bad:
         raise InvalidArgument(bad)
