@@ -7,6 +7,7 @@ to a customer; responses published for sales."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 import uuid
@@ -189,6 +190,71 @@ def test_a_click_redirects_to_the_signed_url_and_a_forged_one_never_does(svc, st
     js = tracking._signer(rt(svc), "click").sign(str(row.id), "javascript:alert(1)")
     assert http.get(f"/v1/t/c/{js}").status_code == 401
     assert message_row(svc, c, ids[0]).click_count == 1
+
+
+SCANNER = {"User-Agent": "Mozilla/5.0 (compatible; Barracuda Sentinel; +http://www.barracuda.com)"}
+BROWSER = {
+    "User-Agent": "Mozilla/5.0 (Linux; Android 13; CUBOT X70) AppleWebKit/537.36 Chrome/120 Mobile Safari/537.36"
+}
+GMAIL_PROXY = {
+    "User-Agent": "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"
+}
+
+
+def test_machine_agents_are_told_from_readers():
+    machines = [
+        SCANNER["User-Agent"],
+        "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/120.0 Safari/537.36",
+        "Microsoft Office SafeLinks/1.0",
+        "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)",
+        "WhatsApp/2.23.20.0",
+        "Proofpoint URL Defense",
+    ]
+    readers = [
+        BROWSER["User-Agent"],
+        GMAIL_PROXY["User-Agent"],
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36",
+        "Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17029; Pro)",
+        "",  # a direct gRPC caller: not judged
+    ]
+    assert [a for a in machines if not tracking.machine_agent(a)] == []
+    assert [a for a in readers if tracking.machine_agent(a)] == []
+
+
+def test_link_scanners_and_prefetchers_are_counted_apart_from_readers(svc, stubs, smtp, sender, http):
+    api, _, _ = stubs
+    c, ids, got = mailed(svc, stubs, smtp, sender)
+    link = path_of(re.search(r'href="([^"]+/v1/t/c/[^"]+)"', got[ids[0]]).group(1))
+    pixel = path_of(re.search(r'<img src="([^"]+/v1/t/o/[^"]+)"', got[ids[0]]).group(1))
+    # A mail gateway's scanner follows the link and fetches the pixel: still redirected (with no
+    # visit token) and answered, but neither a click nor an open, and no event.
+    resp = http.get(link, headers=SCANNER)
+    assert resp.status_code == 302 and resp.headers["Location"].startswith("https://shop.example.ir/autumn")
+    assert "crm_t" not in resp.headers["Location"]
+    assert http.get(pixel, headers=SCANNER).data == tracking.GIF
+    r = message_row(svc, c, ids[0])
+    assert (r.click_count, r.clicked_time, r.open_count, r.opened_time) == (0, None, 0, None)
+    assert (r.machine_click_count, r.machine_open_count) == (1, 1)
+    # The reader, on a phone whose maker's name ends in "bot", and Gmail's image proxy: counted.
+    assert "crm_t" in http.get(link, headers=BROWSER).headers["Location"]
+    assert http.get(pixel, headers=GMAIL_PROXY).data == tracking.GIF
+    r = message_row(svc, c, ids[0])
+    assert (r.click_count, r.open_count, r.machine_click_count, r.machine_open_count) == (1, 1, 1, 1)
+    clicked = [e for e in events(svc, "message.clicked.v1", ev.MessageEvent) if e.campaign == c.name]
+    assert len(clicked) == 1
+    # A click sooner after the send than TRACKING_MACHINE_CLICK_SECONDS is a scanner's on arrival.
+    r_ = rt(svc)
+    before = tracking.settings(r_)
+    r_.extra["tracking.settings"] = dataclasses.replace(before, machine_click_seconds=3600)
+    try:
+        assert http.get(link, headers=BROWSER).status_code == 302
+    finally:
+        r_.extra["tracking.settings"] = before
+    r = message_row(svc, c, ids[0])
+    assert (r.click_count, r.machine_click_count) == (1, 2)
+    total = api.GetCampaignStats(cpb.GetCampaignStatsRequest(name=c.name), metadata=MARKETER).total
+    assert (total.clicked, total.opened, total.machine_clicks, total.machine_opens) == (1, 1, 2, 1)
 
 
 def dsn(message_id_header: str, recipient: str, status: str = "5.1.1", action: str = "failed") -> bytes:

@@ -237,7 +237,7 @@ class Delivery(PollingWorker):
 
         if cmp.quiet_start_hour == cmp.quiet_end_hour:
             return
-        until = quiet_until(now, cmp.timezone, cmp.quiet_start_hour, cmp.quiet_end_hour)
+        until = quiet_until(now, m.timezone, cmp.quiet_start_hour, cmp.quiet_end_hour)  # the recipient's zone
         conn.execute(
             messages.update()
             .where(m.campaign_id == cmp.id, m.state == "queued", m.not_before <= now, until > sa.literal(now))

@@ -78,6 +78,24 @@ _OUR_MESSAGE_ID = re.compile(r"<?cmp-([0-9a-fA-F-]{36})@")
 DELIVERED = frozenset({"10", "delivered", "delivrd"})
 SOFT_FAILED = frozenset({"6", "11", "failed", "undelivered", "undeliv"})
 HARD_FAILED = frozenset({"14", "blocked", "rejected"})
+# User agents of machines that fetch a message's links and images before, or instead of, its
+# reader: mail security gateways' link scanners, link previews of chat apps, crawlers and
+# headless browsers, and the "+http://..." signature crawlers put in their agent. Mail clients'
+# image proxies (Gmail's GoogleImageProxy, Yahoo's) fetch for a reader: they stay opens.
+_MACHINE_AGENT = re.compile(
+    r"\+https?://|\b(?:bot|crawler|spider|scanner)\b|[a-z](?:bot|spider)\b|crawl|preview|urlscan|safelinks|"
+    r"barracuda|proofpoint|mimecast|forcepoint|trend ?micro|messagelabs|symantec|sophos|fortiguard|"
+    r"zscaler|ironport|headless|phantomjs|slurp|facebookexternalhit|whatsapp|skypeuripreview",
+    re.IGNORECASE,
+)
+_PHONE_MODELS = re.compile(r"\bcubot\b", re.IGNORECASE)  # a phone maker whose name ends in "bot"
+
+
+def machine_agent(user_agent: str) -> bool:
+    """Whether a User-Agent is a machine's (see _MACHINE_AGENT); an empty one is not judged (a
+    direct gRPC caller has none)."""
+    agent = _PHONE_MODELS.sub("", user_agent or "")
+    return bool(agent) and _MACHINE_AGENT.search(agent) is not None
 
 
 # --- settings and links ------------------------------------------------------------------------
@@ -89,6 +107,8 @@ class Settings:
     bounce_keys: tuple[str, ...]
     site_domains: tuple[str, ...]  # landing pages there get crm_t and the campaign's UTM
     email: bool  # rewrite e-mail links and add the pixel
+    # a click this soon after the send is a link scanner's (they follow links on arrival); 0: off
+    machine_click_seconds: int
 
     @classmethod
     def from_env(cls, jwt_secret: str, env=os.environ) -> Settings:
@@ -100,6 +120,7 @@ class Settings:
             bounce_keys=key_list(env, "BOUNCE_KEYS", "dev-bounce-key"),
             site_domains=tuple(d.lower() for d in key_list(env, "TRACKING_SITE_DOMAINS")),
             email=env.get("TRACKING_EMAIL", "true").strip().lower() not in ("0", "false", "no", "off"),
+            machine_click_seconds=max(0, int(env.get("TRACKING_MACHINE_CLICK_SECONDS", "0") or 0)),
         )
 
 
@@ -331,6 +352,12 @@ class Tracking:
         mid = _uuid(fields[0]) if len(fields) == 1 else None
         if mid is None:
             return gif
+        if machine_agent(req.user_agent):  # a scanner's fetch: counted apart, not an open
+            with self.uow.begin() as tx:
+                tx.conn.execute(
+                    messages.update().where(m.id == mid).values(machine_open_count=m.machine_open_count + 1)
+                )
+            return gif
         with self.uow.begin() as tx:
             row = tx.conn.execute(
                 messages.update()
@@ -350,15 +377,28 @@ class Tracking:
         row = None
         if mid is not None:
             with self.uow.begin() as tx:
-                row = tx.conn.execute(
-                    messages.update()
-                    .where(m.id == mid)
-                    .values(click_count=m.click_count + 1, clicked_time=sa.func.coalesce(m.clicked_time, sa.func.now()))
-                    .returning(messages)
-                ).first()
+                if not machine_agent(req.user_agent):
+                    person = [m.id == mid]
+                    quick = settings(self.rt).machine_click_seconds
+                    if quick:  # sooner after the send than a reader clicks: a scanner on arrival
+                        soon = sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, quick)
+                        person.append(sa.or_(m.sent_time.is_(None), m.sent_time <= soon))
+                    row = tx.conn.execute(
+                        messages.update()
+                        .where(*person)
+                        .values(
+                            click_count=m.click_count + 1, clicked_time=sa.func.coalesce(m.clicked_time, sa.func.now())
+                        )
+                        .returning(messages)
+                    ).first()
                 if row is not None:
                     tx.publish(
                         "message.clicked.v1", message_event(row, url=url), MESSAGE.format(row.campaign_id, row.id)
+                    )
+                else:  # a machine's follow (or no such message): counted apart, redirected with no
+                    # visit token, so the site does not tie the scanner's visit to the customer
+                    tx.conn.execute(
+                        messages.update().where(m.id == mid).values(machine_click_count=m.machine_click_count + 1)
                     )
         return pb.ClickRedirect(location=_landing(self.rt, url, row))
 

@@ -124,10 +124,16 @@ PUBLIC: dict[str, Public] = {
         per_minute=6000,
         max_bytes=1024,
         raw_response="data",
+        headers={"user_agent": "User-Agent"},
         cache_control="no-store, no-cache, must-revalidate, max-age=0",
     ),
     "crm.campaign.v1.TrackingService.FollowClick": Public(
-        per_minute=1200, max_bytes=1024, redirect="location", client_address="client_address", cache_control="no-store"
+        per_minute=1200,
+        max_bytes=1024,
+        redirect="location",
+        client_address="client_address",
+        headers={"user_agent": "User-Agent"},
+        cache_control="no-store",
     ),
     "crm.campaign.v1.TrackingService.PostBounce": Public(
         per_minute=1200,
