@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import threading
 import zoneinfo
 
 import grpc
@@ -23,9 +24,9 @@ from crm.reporting.v1 import schedules_pb2 as pb
 from crm.reporting.v1 import schedules_pb2_grpc
 from crm_chassis.errors import read_rpc_error
 from reporting_svc.__main__ import SPEC
-from reporting_svc.schedule_runs import INTERRUPTED, SCHEDULE
+from reporting_svc.schedule_runs import INTERRUPTED, RUN_NOW, SCHEDULE
 from reporting_svc.schedule_tables import report_schedule_runs
-from tests.support.harness import channel, gateway_client, md, start_service, token
+from tests.support.harness import channel, gateway_client, md, start_service, token, wait_for
 from tests.support.smtp_capture import SmtpCapture
 
 TEHRAN = zoneinfo.ZoneInfo("Asia/Tehran")
@@ -369,6 +370,62 @@ def test_update_with_a_stale_etag_is_aborted_and_changes_rearm(svc, stub):
         assert not conn.execute(
             sa.text("SELECT count(*) FROM timers WHERE key = :key"), {"key": s.name.split("/")[1]}
         ).scalar()
+
+
+def test_a_delete_waits_for_a_firing_in_progress_and_never_blocks_it(svc, stub):
+    """A firing holds its timer's row and writes its run on a connection of its own: a delete
+    must wait at the timer before it touches the runs, or the two would wait for each other
+    (across two connections, where PostgreSQL sees no deadlock)."""
+    s = create(stub, display_name="Busy")
+    run = stub.RunReportSchedule(pb.RunReportScheduleRequest(name=s.name), metadata=md("sales_manager", MANAGER))
+    run_id = run.name.rsplit("/", 1)[1]
+    engine = svc.ctx.engine
+    firing = engine.connect()
+    held = firing.begin()
+    firing.execute(
+        sa.text("SELECT id FROM timers WHERE kind = :k AND key = :key FOR UPDATE"), {"k": RUN_NOW, "key": run_id}
+    )
+    failed: list = []
+
+    def delete():
+        try:
+            stub.DeleteReportSchedule(
+                pb.DeleteReportScheduleRequest(name=s.name), metadata=md("sales_manager", MANAGER)
+            )
+        except grpc.RpcError as exc:
+            failed.append(exc)
+
+    t = threading.Thread(target=delete)
+    t.start()
+    try:
+
+        def waiting() -> int:
+            with engine.connect() as conn:
+                return conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                ).scalar()
+
+        wait_for(
+            waiting,
+            what="the delete waiting for the firing",
+        )
+        with engine.begin() as own:  # the firing records its run as schedule_runs does: not blocked
+            own.execute(sa.text("SET LOCAL lock_timeout = '10s'"))
+            own.execute(report_schedule_runs.update().where(report_schedule_runs.c.id == run_id).values(state="sent"))
+    finally:
+        held.commit()
+        firing.close()
+        t.join(60)
+    assert not t.is_alive() and not failed
+    with pytest.raises(grpc.RpcError) as info:
+        get(stub, s.name)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with engine.connect() as conn:  # its runs and its "run now" timer went with it
+        assert not conn.execute(sa.select(sa.func.count()).where(report_schedule_runs.c.id == run_id)).scalar()
+        assert not conn.execute(sa.text("SELECT count(*) FROM timers WHERE key = :key"), {"key": run_id}).scalar()
 
 
 def test_another_user_neither_sees_nor_changes_my_schedule(stub):

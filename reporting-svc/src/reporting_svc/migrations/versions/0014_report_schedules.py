@@ -20,6 +20,8 @@ def upgrade() -> None:
         t.report_schedule_runs.name,
         *(c._copy() for c in t.report_schedule_runs.columns),
         sa.UniqueConstraint("schedule_id", "trigger", "slot_time", name="report_schedule_runs_slot"),
+        # Column._copy leaves foreign keys behind: the runs go with their schedule
+        sa.ForeignKeyConstraint(["schedule_id"], ["report_schedules.id"], ondelete="CASCADE"),
     )
     op.create_index("report_schedules_owner", "report_schedules", ["owner", "create_time", "id"])
     op.create_index("report_schedule_runs_newest", "report_schedule_runs", ["schedule_id", "slot_time", "id"])
