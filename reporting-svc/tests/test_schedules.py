@@ -304,6 +304,37 @@ def test_bad_input_names_the_field(stub):
     assert dict(ok.parameters) == {"period": "month", "calendar": "jalali"} and list(ok.recipients) == [MANAGER]
 
 
+def test_bad_names_masks_and_tokens_are_named(stub):
+    who = md("sales_manager", MANAGER)
+    assert violation(
+        lambda: stub.GetReportSchedule(pb.GetReportScheduleRequest(name="reportSchedules/x"), metadata=who)
+    ) == ["name"]
+    assert violation(
+        lambda: stub.GetReportScheduleRun(pb.GetReportScheduleRunRequest(name="reportSchedules/x/runs/y"), metadata=who)
+    ) == ["name"]
+    assert violation(
+        lambda: stub.ListReportScheduleRuns(pb.ListReportScheduleRunsRequest(parent="customers/1"), metadata=who)
+    ) == ["parent"]
+    assert violation(
+        lambda: stub.ListReportSchedules(pb.ListReportSchedulesRequest(page_token="forged"), metadata=who)
+    ) == ["page_token"]
+    s = create(stub, display_name="Masked")
+    for mask, field in ((["report"], "update_mask"), ([], "update_mask"), (["colour"], "update_mask")):
+        assert violation(
+            lambda mask=mask: stub.UpdateReportSchedule(
+                pb.UpdateReportScheduleRequest(
+                    report_schedule=pb.ReportSchedule(name=s.name, report="support"),
+                    update_mask=field_mask_pb2.FieldMask(paths=mask),
+                ),
+                metadata=who,
+            )
+        ) == [field]
+    missing = "reportSchedules/00000000-0000-4000-8000-000000000000"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.RunReportSchedule(pb.RunReportScheduleRequest(name=missing), metadata=who)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_update_with_a_stale_etag_is_aborted_and_changes_rearm(svc, stub):
     s = create(stub, display_name="Weekly", cron="0 8 * * sat")
     mask = field_mask_pb2.FieldMask(paths=["display_name"])
