@@ -262,6 +262,26 @@ def test_run_now_in_persian(svc, stub, worker, smtp):
     assert_next_slot(get(stub, s.name))  # the schedule's own time did not move
 
 
+def test_lookback_days_make_each_run_cover_the_days_before_it(svc, stub, worker, smtp):
+    """Customers of the fixture were created on 2026-11-20; a run on the 25th (08:30 Tehran)
+    with 7 days covers the 18th to the 24th, with 3 days the 22nd to the 24th."""
+    slot = dt.datetime(2026, 11, 25, 5, 0, tzinfo=dt.UTC)
+    week = create(stub, display_name="Last week", lookback_days=7, recipients=["boss@example.com"])
+    days3 = create(stub, display_name="Last 3 days", lookback_days=3, recipients=["boss@example.com"])
+    for s in (week, days3):
+        due_now(svc, s.name, slot)
+    assert worker.run_once() == 2
+    (w,) = [m for m in smtp.messages() if "Last week" in m["Subject"]]
+    assert "Period: 2026-11-18 to 2026-11-24" in w.get_body(("plain",)).get_content()
+    assert ["website", 3] in sheet_rows(attachment(w).get_content())
+    (d,) = [m for m in smtp.messages() if "Last 3 days" in m["Subject"]]
+    assert not [r for r in sheet_rows(attachment(d).get_content()) if r and r[0] == "website"]
+    assert violation(lambda: create(stub, lookback_days=-1)) == ["report_schedule.lookback_days"]
+    assert violation(lambda: create(stub, lookback_days=7, parameters={"start_time": "2026-01-01T00:00:00Z"})) == [
+        "report_schedule.lookback_days"
+    ]
+
+
 def test_a_report_that_fails_names_the_error(svc, stub, worker, smtp):
     s = create(stub, display_name="No rights", recipients=["boss@example.com"])
     with svc.ctx.engine.begin() as conn:  # the owner has lost reports.read since they saved it

@@ -15,6 +15,7 @@ current principal while it runs, as behind the server interceptor.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
 from crm.reporting.v1 import reporting_service_pb2, value_pb2
+from crm_chassis import dates
 from crm_chassis.auth import Principal
 from crm_chassis.errors import InvalidArgument
 from crm_chassis.interceptors import principal_var
@@ -38,6 +40,9 @@ from . import acquisition_report, api, support_report, value_api
 MAIL_FORMATS = ("pdf", "xlsx", "csv")
 # Fields of every Export request that are the schedule's own, not parameters.
 OWN_FIELDS = ("format", "language_code")
+# A request's period, by day (crm.type.v1.Date, both days included) or by instant (from, before).
+DAY_RANGE = ("start_date", "end_date")
+TIME_RANGE = ("start_time", "end_time")
 
 
 def _services() -> list[tuple[descriptor.ServiceDescriptor, Callable]]:
@@ -124,9 +129,24 @@ class Exporter:
             check(msg, f"{field}.")
         return json_format.MessageToDict(msg, preserving_proto_field_name=True)
 
-    def request(self, params: Mapping[str, Any], fmt: str, language_code: str) -> Message:
-        """The Export request a run sends (parameters as stored, plus the schedule's own);
-        INVALID_ARGUMENT if the stored parameters no longer fit the request type."""
+    def range_fields(self) -> tuple[str, str] | None:
+        """The request's period fields (DAY_RANGE or TIME_RANGE), if it has them."""
+        names = self.request_type.DESCRIPTOR.fields_by_name
+        for pair in (DAY_RANGE, TIME_RANGE):
+            if all(f in names and names[f].message_type is not None for f in pair):
+                return pair
+        return None
+
+    def request(
+        self,
+        params: Mapping[str, Any],
+        fmt: str,
+        language_code: str,
+        window: tuple[dt.datetime, dt.datetime] | None = None,
+    ) -> Message:
+        """The Export request a run sends (parameters as stored, plus the schedule's own, and
+        the period `window` (local midnights, the second excluded) when given); INVALID_ARGUMENT
+        if the stored parameters no longer fit the request type."""
         try:
             msg = json_format.ParseDict(dict(params), self.request_type(), ignore_unknown_fields=False)
         except json_format.ParseError as exc:
@@ -136,6 +156,14 @@ class Exporter:
             msg.format = fmt
         if "language_code" in names:
             msg.language_code = language_code
+        pair = self.range_fields() if window is not None else None
+        if pair == DAY_RANGE:
+            start, end = window[0].date(), window[1].date() - dt.timedelta(days=1)
+            msg.start_date.CopyFrom(dates.to_proto(start))
+            msg.end_date.CopyFrom(dates.to_proto(end))
+        elif pair == TIME_RANGE:
+            msg.start_time.FromDatetime(window[0].astimezone(dt.UTC))
+            msg.end_time.FromDatetime(window[1].astimezone(dt.UTC))
         return msg
 
     def render(self, rt, request: Message, owner: Principal) -> Rendered:

@@ -90,25 +90,49 @@ def _local(at: dt.datetime, zone: str) -> dt.datetime:
         return at.astimezone(dt.UTC)
 
 
+def window(row, slot: dt.datetime) -> tuple[dt.datetime, dt.datetime] | None:
+    """The period a run covers with lookback_days N: the N whole days (in the schedule's zone)
+    before the day of its slot, as (first midnight, the slot day's midnight); None for N = 0."""
+    if not row.lookback_days:
+        return None
+    local = _local(slot, row.time_zone)
+    end = dt.datetime.combine(local.date(), dt.time(0), tzinfo=local.tzinfo)
+    return end - dt.timedelta(days=row.lookback_days), end
+
+
+def _days(span: tuple[dt.datetime, dt.datetime]) -> tuple[dt.date, dt.date]:
+    """The first and last day of a window (its end is the next day's midnight)."""
+    return span[0].date(), span[1].date() - dt.timedelta(days=1)
+
+
 def message_text(row, slot: dt.datetime, out: exporters.Rendered) -> tuple[str, str]:
     """(subject, body) of the mail of a run, in the schedule's language (fa or en)."""
     local = _local(slot, row.time_zone)
+    span = window(row, slot)
     if row.language_code == "fa":
         day = format_jalali(local.date(), persian_digits=True)
         clock = to_persian_digits(local.strftime("%H:%M"))
         rows = to_persian_digits(out.row_count)
         subject = f"گزارش زمان‌بندی‌شده: {row.display_name} ({day})"
+        period = ""
+        if span:
+            first, last = (format_jalali(d, persian_digits=True) for d in _days(span))
+            period = f"بازه: {first} تا {last}\n"
         body = (
             f"گزارش «{row.display_name}» برای {day} ساعت {clock} ({row.time_zone}) پیوست است:\n"
-            f"{out.filename}، {rows} ردیف.\n\n"
+            f"{period}{out.filename}، {rows} ردیف.\n\n"
             f"این نامه را زمان‌بندی reportSchedules/{row.id} فرستاده است؛ برای تغییر یا توقف آن به CRM بروید."
         )
     else:
         stamp = local.strftime("%Y-%m-%d %H:%M")
         subject = f"Scheduled report: {row.display_name} ({local.strftime('%Y-%m-%d')})"
+        period = ""
+        if span:
+            first, last = _days(span)
+            period = f"Period: {first.isoformat()} to {last.isoformat()}\n"
         body = (
             f'The report "{row.display_name}" for {stamp} ({row.time_zone}) is attached:\n'
-            f"{out.filename}, {out.row_count} rows.\n\n"
+            f"{period}{out.filename}, {out.row_count} rows.\n\n"
             f"Sent by the schedule reportSchedules/{row.id}; change or pause it in the CRM."
         )
     return subject, body
@@ -184,7 +208,8 @@ class Runs:
         try:
             ex = exporters.exporter(row.report)
             owner = Principal(row.owner, tuple(row.owner_roles))
-            out = ex.render(self.rt, ex.request(row.parameters, row.format, row.language_code), owner)
+            req = ex.request(row.parameters, row.format, row.language_code, window(row, run.slot_time))
+            out = ex.render(self.rt, req, owner)
         except DomainError as exc:  # the report refused: it will refuse again; no retry
             self._mark(run.id, "failed", attempts=attempt, error=f"the report failed: {exc.message}"[:2000])
             return

@@ -28,6 +28,7 @@ report_schedules = sa.Table(
     sa.Column("recipients", ARRAY(sa.Text), nullable=False),
     sa.Column("language_code", sa.Text, nullable=False),
     sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("lookback_days", sa.Integer, nullable=False, server_default="0"),
     sa.Column("owner", sa.Text, nullable=False),
     sa.Column("owner_roles", ARRAY(sa.Text), nullable=False),
     sa.Column("version", sa.Integer, nullable=False, server_default="1"),

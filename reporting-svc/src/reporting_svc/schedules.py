@@ -52,10 +52,21 @@ ADMIN = "reports.admin"  # sees and changes every user's schedules
 DEFAULT_ZONE = timers.DEFAULT_TIMEZONE
 LANGUAGES = ("fa", "en")
 MAX_RECIPIENTS = 20
+MAX_LOOKBACK_DAYS = 3660
 REQUEST_ID_LIMIT = 128
 
 MASK = UpdateMask(
-    ["display_name", "parameters", "format", "cron", "time_zone", "recipients", "language_code", "paused"],
+    [
+        "display_name",
+        "parameters",
+        "format",
+        "cron",
+        "time_zone",
+        "recipients",
+        "language_code",
+        "paused",
+        "lookback_days",
+    ],
     immutable={"report": "create a schedule of the other report instead", "owner": "", "name": ""},
 )
 s_ = schedules.c
@@ -111,6 +122,7 @@ def to_proto(row) -> pb.ReportSchedule:
         recipients=list(row.recipients),
         language_code=row.language_code,
         paused=row.paused,
+        lookback_days=row.lookback_days,
         last_run_state=_state(row.last_run_state),
         owner=row.owner,
         etag=etag(row.version),
@@ -183,6 +195,25 @@ def check_language(value: str, where: str) -> str:
     return code
 
 
+def check_lookback(value: int, where: str) -> int:
+    if not 0 <= value <= MAX_LOOKBACK_DAYS:
+        raise InvalidArgument.field(where, f"must be 0 (the parameters' dates) to {MAX_LOOKBACK_DAYS} days")
+    return value
+
+
+def check_window(ex: exporters.Exporter, parameters: dict, lookback: int) -> None:
+    """A window of days needs a report with a period, and parameters that give none."""
+    if not lookback:
+        return
+    pair = ex.range_fields()
+    where = f"{FIELD}.lookback_days"
+    if pair is None:
+        raise InvalidArgument.field(where, f"the {ex.name} report takes no period; leave it 0")
+    given = [f for f in pair if f in parameters]
+    if given:
+        raise InvalidArgument.field(where, f"the parameters give {' and '.join(given)}; leave it 0 or drop them")
+
+
 def _values(m: pb.ReportSchedule, paths, report: str, owner: str) -> dict:
     """The stored values of the named fields of `m` (every problem at once where they are
     independent), for a schedule of `report`."""
@@ -196,6 +227,7 @@ def _values(m: pb.ReportSchedule, paths, report: str, owner: str) -> dict:
         "recipients": lambda: check_recipients(m.recipients, f"{FIELD}.recipients", owner),
         "language_code": lambda: check_language(m.language_code, f"{FIELD}.language_code"),
         "paused": lambda: bool(m.paused),
+        "lookback_days": lambda: check_lookback(m.lookback_days, f"{FIELD}.lookback_days"),
     }
     out, bad = {}, []
     for p in paths:
@@ -248,7 +280,9 @@ class Schedules:
         if len(request_id) > REQUEST_ID_LIMIT:
             raise InvalidArgument.field("request_id", f"must be at most {REQUEST_ID_LIMIT} characters")
         values = _values(m, MASK.updatable, m.report, principal.subject)
-        report = exporters.exporter(m.report, f"{FIELD}.report").name
+        ex = exporters.exporter(m.report, f"{FIELD}.report")
+        report = ex.name
+        check_window(ex, values["parameters"], values["lookback_days"])
         try:
             with self.uow.begin() as tx:
                 if request_id:
@@ -304,6 +338,11 @@ class Schedules:
             row = self._lock(tx.conn, m.name, principal, f"{FIELD}.name")
             check_etag(m.etag, row.version, m.name)
             values = _values(m, paths, row.report, row.owner)
+            check_window(
+                exporters.exporter(row.report),
+                values.get("parameters", row.parameters),
+                values.get("lookback_days", row.lookback_days),
+            )
             diff = changes(row._mapping, values)
             write = {c.field: values[c.field] for c in diff}
             if principal.subject == row.owner and list(row.owner_roles) != list(principal.roles):
