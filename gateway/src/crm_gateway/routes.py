@@ -135,12 +135,27 @@ PUBLIC: dict[str, Public] = {
         headers={"user_agent": "User-Agent"},
         cache_control="no-store",
     ),
+    "crm.campaign.v1.TrackingService.FollowShortLink": Public(
+        per_minute=1200,
+        max_bytes=1024,
+        redirect="location",
+        client_address="client_address",
+        headers={"user_agent": "User-Agent"},
+        cache_control="no-store",
+    ),
     "crm.campaign.v1.TrackingService.PostBounce": Public(
         per_minute=1200,
         max_bytes=512 * 1024,
         raw_body="body",
         headers={"key": "X-Crm-Provider-Key"},
         description="A bounce: an RFC 3464 delivery-status notification as received, or a provider's JSON webhook.",
+    ),
+    "crm.campaign.v1.TrackingService.PostInboundMail": Public(
+        per_minute=1200,
+        max_bytes=512 * 1024,
+        raw_body="body",
+        headers={"key": "X-Crm-Provider-Key"},
+        description="A mail to the marketing mailbox as received: a bounce, a reply to a campaign, an auto-reply.",
     ),
     "crm.campaign.v1.TrackingService.PostDeliveryReceipt": Public(
         per_minute=1200,
