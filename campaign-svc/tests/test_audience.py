@@ -228,7 +228,7 @@ def test_consent_ledger_state_summary_and_sendable(svc, monkeypatch):
             .scalars()
             .all()
         )
-        assert ledger == ["requested", "granted", "revoked"]
+        assert ledger == ["requested", "granted", "revoked", "revoked"]  # marketing, and "all"
         assert (
             conn.execute(sa.select(consent_state.c.status).where(consent_state.c.address == "c@x.ir")).scalar()
             == "revoked"

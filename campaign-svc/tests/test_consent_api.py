@@ -178,16 +178,42 @@ def test_an_sms_stop_keyword_revokes_every_purpose_once(svc, stub):
     assert stub.PostInboundSms(req, metadata=PUBLIC).stopped
     assert stub.PostInboundSms(req, metadata=PUBLIC).stopped  # the provider's redelivery
     c = stub.GetConsent(pb.GetConsentRequest(channel="sms", address="09125556677"), metadata=MARKETER)
-    assert {(p.purpose, p.status) for p in c.purposes} == {("marketing", "revoked"), ("newsletter", "revoked")}
+    assert {(p.purpose, p.status) for p in c.purposes} == {
+        ("all", "revoked"),
+        ("marketing", "revoked"),
+        ("newsletter", "revoked"),
+    }
     assert not c.sendable
     stops = [r for r in ledger(svc, "+989125556677") if r.source == "sms_stop"]
-    assert len(stops) == 2 and {r.proof["keyword"] for r in stops} == {"لغو11"}  # one per purpose, once
+    assert len(stops) == 3 and {r.proof["keyword"] for r in stops} == {"لغو11"}  # one per purpose, once
     chat = pb.PostInboundSmsRequest(key="dev-sms-key", from_number="09125556677", message="سلام، قیمت؟")
     assert not stub.PostInboundSms(chat, metadata=PUBLIC).stopped
     bad = pb.PostInboundSmsRequest(key="wrong", from_number="09125556677", message="stop")
     assert code_of(lambda: stub.PostInboundSms(bad, metadata=PUBLIC))[0] == grpc.StatusCode.UNAUTHENTICATED
     assert consent_api.stop_keyword("STOP") == "stop" and consent_api.stop_keyword("لغو 11") == "لغو11"
     assert consent_api.stop_keyword("stop the noise") == ""
+
+
+def test_a_stop_of_every_purpose_holds_for_purposes_never_asked_until_one_is_granted(svc, stub):
+    """A number that never had a consent row texts STOP: no purpose may be sent to it, not only
+    marketing (it was: a newsletter campaign still went out in opt-out mode); a later grant of
+    one purpose opens that one only."""
+    req = pb.PostInboundSmsRequest(key="dev-sms-key", from_number="09127778899", message="stop", message_id="k-78")
+    assert stub.PostInboundSms(req, metadata=PUBLIC).stopped
+    number = "+989127778899"
+
+    def may(purpose: str) -> bool:
+        with svc.ctx.engine.connect() as conn:
+            return conn.execute(sa.select(consent.sendable("sms", purpose, sa.literal(number)))).scalar()
+
+    assert not may("marketing") and not may("newsletter") and not may("service-notices")
+    stub.RecordConsent(
+        pb.RecordConsentRequest(
+            entry=pb.ConsentEntry(channel="sms", address=number, action="granted", purpose="newsletter")
+        ),
+        metadata=MARKETER,
+    )
+    assert may("newsletter") and not may("marketing")
 
 
 def test_suppressions_by_hand_and_their_errors(svc, stub):

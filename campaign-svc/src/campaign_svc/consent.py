@@ -102,13 +102,17 @@ def record(rt, tx, change: Change) -> list[Recorded]:
     if change.purpose == ALL:
         if change.action != "revoked":
             raise InvalidArgument.field("purpose", 'only a revocation may name purpose "all"')
-        purposes = list(
-            conn.execute(
+        # every purpose known for the address, and "all" itself: `sendable` reads that row for
+        # the purposes never asked (a newsletter after an SMS stop), until one is granted again
+        purposes = [
+            *conn.execute(
                 sa.select(consent_state.c.purpose).where(
                     consent_state.c.channel == change.channel, consent_state.c.address == change.address
                 )
-            ).scalars()
-        ) or ["marketing"]
+            ).scalars(),
+            "marketing",
+            ALL,
+        ]
     status = ACTIONS[change.action]
     out = []
     for purpose in sorted(set(purposes)):
@@ -223,9 +227,12 @@ def sendable(channel: str, purpose: str, address_col, env=os.environ) -> sa.Colu
     """SQL: may `purpose` be sent on `channel` to the address in `address_col` now."""
     s, c = suppressions, consent_state
     not_suppressed = ~sa.exists().where(s.c.channel == channel, s.c.address == address_col)
+    # the purpose's own status, or a revocation of every purpose ("all") recorded after it
     status = (
         sa.select(c.c.status)
-        .where(c.c.channel == channel, c.c.address == address_col, c.c.purpose == purpose)
+        .where(c.c.channel == channel, c.c.address == address_col, c.c.purpose.in_((purpose, ALL)))
+        .order_by(c.c.ledger_id.desc())
+        .limit(1)
         .scalar_subquery()
     )
     if mode(channel, env) == "opt_in":
