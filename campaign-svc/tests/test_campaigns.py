@@ -352,6 +352,49 @@ def test_the_ab_winner_takes_the_held_rest_by_its_metric(svc, stubs, sender):
     assert by["B"].opened == by["B"].sent > 0 and by["A"].opened == 0
 
 
+def test_a_recurring_ab_campaign_sends_its_later_runs_with_the_winner(svc, stubs, sender):
+    """The winner is chosen once (after the first run); a later run's rest was held for a winner
+    timer that then did nothing (the winner was known): those recipients never got a message."""
+    ids = people(svc, 30)
+    a, b = (
+        template(stubs, subject="A {{ customer.display_name }}"),
+        template(stubs, subject="B {{ customer.display_name }}"),
+    )
+    c = campaign(
+        stubs,
+        segment_of(stubs, ids),
+        [pb.Variant(key="A", template=a), pb.Variant(key="B", template=b)],
+        test_percent=50,
+        winner_metric="opens",
+        winner_wait_hours=1,
+        cron="0 3 * * *",
+    )
+    api = stubs[0]
+    api.LaunchCampaign(pb.LaunchCampaignRequest(name=c.name), metadata=MARKETER)
+    cid = c.name.removeprefix("campaigns/")
+
+    def due(kind: str) -> None:
+        with svc.ctx.engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE timers SET due_at = now(), next_attempt_at = now() WHERE kind = :k AND key = :c"),
+                {"k": kind, "c": cid},
+            )
+        fire_timers(svc)
+
+    due(cmod.RUN)  # run 1: half tested, half held for the winner
+    assert {r.state for r in rows_of(svc, c)} == {"queued", "held"}
+    sender.run_once()
+    due(cmod.WINNER)
+    winner = api.GetCampaign(pb.GetCampaignRequest(name=c.name), metadata=MARKETER).winner_variant
+    assert winner in ("A", "B")
+    sender.run_once()
+    due(cmod.RUN)  # run 2
+    due(cmod.WINNER)
+    second = [r for r in rows_of(svc, c) if r.run == 2]
+    assert len(second) == 30 and not [r for r in second if r.state == "held"]
+    assert {r.variant for r in second} == {winner}
+
+
 def test_a_provider_outage_is_retried_later_and_sent_once(svc, stubs, smtp, sender):
     ids = people(svc, 1)
     c = launched(stubs, svc, campaign(stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))]))

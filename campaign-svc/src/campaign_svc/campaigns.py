@@ -705,9 +705,14 @@ def enqueue(conn: sa.Connection, row, run: int, variants, now: dt.datetime) -> d
     address = _address(row.channel, a.customer_id)
     excluded = segment_members.alias("x")
     bucket = _bucket(sa.literal(str(row.id)), a.customer_id)
-    ab = len(variants) > 1 and row.test_percent > 0
+    # once a winner is chosen (after the first run of a recurring campaign), every later run
+    # sends it to everyone: nobody is held for a winner timer that would choose nothing
+    winner = row.winner_variant if row.winner_variant in {v.key for v in variants} else ""
+    ab = len(variants) > 1 and row.test_percent > 0 and not winner
     if not variants:
         variant = sa.literal("")
+    elif winner:
+        variant = sa.literal(winner)
     elif ab:
         variant = sa.case(
             (bucket < row.test_percent, _variant_case(variants, bucket, row.test_percent)), else_=sa.literal("")
