@@ -431,6 +431,41 @@ def test_a_message_interrupted_while_sending_is_never_resent(svc, stubs, sender)
     assert r.state == "failed" and "not resent" in r.error
 
 
+def test_a_slow_round_keeps_its_lease_so_another_workers_sweep_does_not_fail_its_messages(svc, stubs, sender):
+    """A round that outlives the 5-minute lease (a slow or timing-out provider, hundreds of
+    messages) while another process sweeps: the sweep marked the messages still being sent
+    'failed' (interrupted) and their outcome was then dropped: sent mail recorded as failed,
+    a provider outage's retries lost. The round renews its lease as it goes."""
+    ids = people(svc, 3)
+    c = launched(stubs, svc, campaign(stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))]))
+    other = delivery.Delivery(rt(svc))  # another process's worker: only its sweep runs here
+    t = [0.0]
+    sender.clock = lambda: t[0]
+    real = rt(svc).senders["email"]
+
+    def slow(out):
+        step = delivery.LEASE_SECONDS * 0.6  # this message took minutes: the clock moves on
+        t[0] += step
+        with svc.ctx.engine.begin() as conn:  # ...and so do the leases (their end comes closer)
+            conn.execute(
+                messages.update()
+                .where(messages.c.state == "sending")
+                .values(lease_until=messages.c.lease_until - sa.func.make_interval(0, 0, 0, 0, 0, 0, step))
+            )
+        other._sweep()
+        return real(out)
+
+    saved_threads, sender.threads = sender.threads, 1
+    rt(svc).senders["email"] = slow
+    try:
+        assert sender.run_once() == 3
+    finally:
+        rt(svc).senders["email"] = real
+        sender.threads = saved_threads
+    rows = rows_of(svc, c)
+    assert [r.state for r in rows] == ["sent"] * 3, [(r.state, r.error) for r in rows]
+
+
 def test_a_template_that_does_not_render_refuses_the_launch_naming_the_variable(svc, stubs):
     api, _, _ = stubs
     ids = people(svc, 1, city="")  # no city, and the template has no fallback for it
