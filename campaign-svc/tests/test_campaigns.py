@@ -586,6 +586,14 @@ def test_bad_input_is_named_and_state_rules_hold(svc, stubs):
     assert sent.name in [x.name for x in listed.campaigns]
 
 
+def test_a_recurring_campaign_in_an_unknown_time_zone_names_the_time_zone(stubs):
+    """The cron was checked in the unknown zone too, and ZoneInfoNotFoundError answered INTERNAL."""
+    api, _, _ = stubs
+    bad = pb.Campaign(display_name="x", channel="email", cron="0 3 * * *", time_zone="Mars/Olympus")
+    code, details = code_of(lambda: api.CreateCampaign(pb.CreateCampaignRequest(campaign=bad), metadata=MARKETER))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "campaign.time_zone" in details, details
+
+
 def test_the_campaign_routes_over_http_through_the_gateway(svc, stubs):
     from tests.support.harness import gateway_client, token
 
