@@ -220,6 +220,30 @@ def test_erasing_customers_forgets_their_consent_by_customer_and_by_address(svc)
         assert all(p == {} for (p,) in proofs)
 
 
+def test_an_erased_customers_queued_messages_are_cancelled_not_sent_to_a_blank_address(svc):
+    """The erasure blanked the address of a message still queued (or held for an A/B winner):
+    the delivery workers then sent it to "" (a bounce that suppressed the empty address)."""
+    cid = created(svc, email="gone@x.ir")
+    with rt(svc).uow.begin() as tx:
+        camp = tx.conn.execute(
+            sa.text("INSERT INTO campaigns (display_name, channel) VALUES ('c', 'email') RETURNING id")
+        ).scalar()
+        for run, state in ((1, "sent"), (2, "queued"), (3, "held")):
+            tx.conn.execute(
+                messages.insert().values(
+                    campaign_id=camp, run=run, customer_id=cid, channel="email", address="gone@x.ir", state=state
+                )
+            )
+    deliver(svc, customer_message("customer.erased.v1", cid=cid, version=5))
+    with svc.ctx.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(messages.c.run, messages.c.state, messages.c.address)
+            .where(messages.c.campaign_id == camp)
+            .order_by(messages.c.run)
+        ).all()
+    assert [tuple(r) for r in rows] == [(1, "sent", ""), (2, "cancelled", ""), (3, "cancelled", "")]
+
+
 def test_consent_ledger_state_summary_and_sendable(svc, monkeypatch):
     cid = created(svc, email="c@x.ir", mobile="+989121234567")
     r = rt(svc)

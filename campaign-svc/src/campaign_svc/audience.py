@@ -41,6 +41,7 @@ from .tables import (
     audience_opportunities,
     audience_orders,
     audience_tickets,
+    messages,
     metadata,
 )
 
@@ -262,6 +263,11 @@ class Handlers:
             )
         ).first()  # the addresses, read before the row is blanked
         cid = refs.erased(conn, audience, event)
+        conn.execute(  # nothing more goes to them (the address is about to be blanked)
+            messages.update()
+            .where(messages.c.customer_id == cid, messages.c.state.in_(("queued", "held")))
+            .values(state="cancelled", error="the customer was erased")
+        )
         erase_personal(
             conn, cid, emails=[known.email] if known else [], phones=[known.mobile, known.phone] if known else []
         )
