@@ -516,6 +516,32 @@ def test_clone_stats_attribution_and_roi(svc, stubs, sender):
     assert copy.goal_target.units == 10_000_000 and copy.cost.units == 0  # the copy's spend is its own
 
 
+def _paid(conn, cid: str, iid: str, amount: int, when, order: str = "", kind: str = "invoice", credited: str = ""):
+    conn.execute(
+        audience_invoices.insert().values(
+            invoice_id=iid, customer_id=cid, kind=kind, state="paid" if kind == "invoice" else "issued",
+            total=amount, paid_total=amount if kind == "invoice" else 0, currency="IRR",
+            paid_time=when if kind == "invoice" else None, order_id=order, credited_invoice=credited, event_time=when,
+        )
+    )  # fmt: skip
+
+
+def test_attributed_orders_count_orders_not_invoices_without_one(svc, stubs, sender):
+    """Two invoices of no order counted as one order (the distinct empty order id) beside the
+    real one; first touch already left them out."""
+    api, _, _ = stubs
+    ids = people(svc, 2)
+    c = launched(stubs, svc, campaign(stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))]))
+    sender.run_once()
+    with svc.ctx.engine.begin() as conn:
+        later = conn.execute(sa.select(sa.func.now())).scalar() + dt.timedelta(days=1)
+        _paid(conn, ids[0], f"o-{ids[0]}", 1_000_000, later, order=f"ord-{ids[0]}")
+        _paid(conn, ids[0], f"s-{ids[0]}", 2_000_000, later)  # a service invoice, no order
+        _paid(conn, ids[1], f"s-{ids[1]}", 3_000_000, later)
+    stats = api.GetCampaignStats(pb.GetCampaignStatsRequest(name=c.name), metadata=MARKETER)
+    assert (stats.total.orders, stats.total.revenue.units) == (1, 6_000_000)
+
+
 def test_bad_input_is_named_and_state_rules_hold(svc, stubs):
     api, _, _ = stubs
     for c, field in (

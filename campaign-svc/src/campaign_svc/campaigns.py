@@ -852,7 +852,9 @@ def _variant_stats(conn: sa.Connection, row) -> list[pb.VariantStats]:
     ]
     att = _attributed(row)
     money_cols = [
-        sa.func.count(sa.distinct(att.c.order_id)).label("orders"),
+        sa.func.count(sa.distinct(sa.func.nullif(att.c.order_id, ""))).label(
+            "orders"
+        ),  # an invoice of no order is none
         sa.func.coalesce(sa.func.sum(att.c.paid_total), 0).label("revenue"),
     ]
     total = conn.execute(sa.select(*cols).where(m.campaign_id == row.id)).one()
