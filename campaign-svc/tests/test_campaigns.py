@@ -542,6 +542,31 @@ def test_attributed_orders_count_orders_not_invoices_without_one(svc, stubs, sen
     assert (stats.total.orders, stats.total.revenue.units) == (1, 6_000_000)
 
 
+def test_a_credit_note_takes_its_amount_off_the_attributed_revenue_and_roi(svc, stubs, sender):
+    """A refunded payment still counted whole in the campaign's revenue, goal share and ROI (the
+    audience's revenue, and reporting's campaign report, take credit notes off)."""
+    api, _, _ = stubs
+    ids = people(svc, 1)
+    irr = lambda n: money_pb2.Money(currency_code="IRR", units=n)  # noqa: E731
+    c = campaign(
+        stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))], goal_kind="revenue",
+        goal_target=irr(10_000_000), cost=irr(1_000_000),
+    )  # fmt: skip
+    c = launched(stubs, svc, c)
+    sender.run_once()
+    cid = c.name.removeprefix("campaigns/")
+    with svc.ctx.engine.begin() as conn:
+        later = conn.execute(sa.select(sa.func.now())).scalar() + dt.timedelta(days=1)
+        _paid(conn, ids[0], f"i-{ids[0]}", 4_000_000, later, order=f"ord-{ids[0]}")
+        _paid(conn, ids[0], f"cn-{ids[0]}", 1_000_000, later, kind="credit_note", credited=f"i-{ids[0]}")
+        conn.execute(  # first touch: the invoice's lead came from the campaign
+            audience_invoices.update().where(audience_invoices.c.customer_id == ids[0]).values(campaign_id=cid)
+        )
+    stats = api.GetCampaignStats(pb.GetCampaignStatsRequest(name=c.name), metadata=MARKETER)
+    assert stats.total.revenue.units == 3_000_000 and stats.goal_share == pytest.approx(0.3)
+    assert stats.roi == pytest.approx(2.0) and stats.first_touch_revenue.units == 3_000_000
+
+
 def test_bad_input_is_named_and_state_rules_hold(svc, stubs):
     api, _, _ = stubs
     for c, field in (

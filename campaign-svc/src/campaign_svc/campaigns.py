@@ -805,6 +805,17 @@ def variant_rates(conn: sa.Connection, row) -> dict[str, float]:
     return {r.variant: (r.hit / r.sent if r.sent else 0.0) for r in conn.execute(q)}
 
 
+def _credited(inv) -> sa.ColumnElement:
+    """What the credit notes of the invoice `inv` (a table or alias) gave back (0 for none)."""
+    cn = audience_invoices.alias("cn")
+    return sa.func.coalesce(
+        sa.select(sa.func.sum(cn.c.total))
+        .where(cn.c.kind == "credit_note", cn.c.credited_invoice == inv.c.invoice_id, cn.c.state != "cancelled")
+        .scalar_subquery(),
+        0,
+    )
+
+
 def _attributed(row):
     """Paid invoices attributed to this campaign by last touch: the customer's latest message
     (of any campaign) sent before the payment within that campaign's attribution window."""
@@ -825,7 +836,12 @@ def _attributed(row):
         .lateral("touch")
     )
     return (
-        sa.select(inv.invoice_id, inv.paid_total, inv.order_id, touch.c.variant)
+        sa.select(
+            inv.invoice_id,
+            (inv.paid_total - _credited(audience_invoices)).label("paid_total"),  # less its credit notes
+            inv.order_id,
+            touch.c.variant,
+        )
         .select_from(audience_invoices.join(touch, sa.true()))
         .where(
             inv.kind == "invoice",
@@ -889,7 +905,7 @@ def campaign_stats(conn: sa.Connection, row) -> pb.CampaignStats:
     first = conn.execute(
         sa.select(
             sa.func.count(sa.distinct(sa.func.nullif(inv.order_id, ""))).label("orders"),
-            sa.func.coalesce(sa.func.sum(inv.paid_total), 0).label("revenue"),
+            sa.func.coalesce(sa.func.sum(inv.paid_total - _credited(audience_invoices)), 0).label("revenue"),
         ).where(inv.campaign_id == str(row.id), inv.kind == "invoice", inv.paid_time.is_not(None))
     ).one()
     return pb.CampaignStats(
