@@ -567,6 +567,34 @@ def test_a_credit_note_takes_its_amount_off_the_attributed_revenue_and_roi(svc, 
     assert stats.roi == pytest.approx(2.0) and stats.first_touch_revenue.units == 3_000_000
 
 
+def test_responses_without_a_message_count_toward_a_leads_goal(svc, stubs, sender):
+    """A response recorded for the campaign without a message of it (a web form reached by the
+    campaign's UTM link, a call) opens a lead in sales-svc all the same, but the goal counted only
+    recipients whose message had a response."""
+    from crm.campaign.v1 import tracking_pb2, tracking_pb2_grpc
+
+    api, _, _ = stubs
+    ids = people(svc, 1)
+    c = campaign(
+        stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))], goal_kind="leads",
+        goal_target=money_pb2.Money(currency_code="IRR", units=4),
+    )  # fmt: skip
+    c = launched(stubs, svc, c)
+    sender.run_once()
+    with channel(svc) as ch:
+        tr = tracking_pb2_grpc.TrackingServiceStub(ch)
+        (m,) = api.ListCampaignMessages(pb.ListCampaignMessagesRequest(parent=c.name), metadata=MARKETER).messages
+        for r in (
+            tracking_pb2.Response(message=m.name, kind="reply", text="بله"),
+            tracking_pb2.Response(campaign=c.name, kind="form", email="new1@example.ir"),
+            tracking_pb2.Response(campaign=c.name, kind="form", phone="09121112233"),
+        ):
+            tr.RecordResponse(tracking_pb2.RecordResponseRequest(response=r), metadata=MARKETER)
+    stats = api.GetCampaignStats(pb.GetCampaignStatsRequest(name=c.name), metadata=MARKETER)
+    assert (stats.leads, stats.goal_achieved, stats.total.responded) == (3, 3.0, 1)
+    assert stats.goal_share == pytest.approx(0.75)
+
+
 def test_bad_input_is_named_and_state_rules_hold(svc, stubs):
     api, _, _ = stubs
     for c, field in (

@@ -41,6 +41,7 @@ from . import consent
 from .runtime import Campaign
 from .segments_tables import segment_members
 from .tables import audience, audience_invoices, campaign_variants, campaigns, consent_state, messages
+from .tracking_tables import responses
 
 CAMPAIGN = ResourceName("campaigns/{campaign_id}")
 MESSAGE = ResourceName("campaigns/{campaign_id}/messages/{message_id}")
@@ -893,11 +894,13 @@ def campaign_stats(conn: sa.Connection, row) -> pb.CampaignStats:
     rows = _variant_stats(conn, row)
     total = rows[0] if rows else pb.VariantStats()
     revenue = money.to_decimal(total.revenue) if total.revenue.currency_code else Decimal(0)
+    # every response recorded for the campaign (with a message of it or not) opens a lead in sales-svc
+    answered = conn.execute(sa.select(sa.func.count()).where(responses.c.campaign_id == row.id)).scalar()
     achieved = {
         "orders": float(total.orders),
         "revenue": float(revenue),
-        "responses": float(total.responded),
-        "leads": float(total.responded),  # a response becomes a lead in sales-svc
+        "responses": float(answered),
+        "leads": float(answered),
     }.get(row.goal_kind, 0.0)
     target = float(row.goal_target)
     cost = Decimal(row.cost)
@@ -916,7 +919,7 @@ def campaign_stats(conn: sa.Connection, row) -> pb.CampaignStats:
         goal_share=achieved / target if target else 0.0,
         roi=float((revenue - cost) / cost) if cost else 0.0,
         cost=money.to_money(cost, row.currency),
-        leads=total.responded,
+        leads=answered,
         first_touch_orders=first.orders,
         first_touch_revenue=money.to_money(first.revenue, row.currency),
     )
