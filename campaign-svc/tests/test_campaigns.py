@@ -395,6 +395,41 @@ def test_a_recurring_ab_campaign_sends_its_later_runs_with_the_winner(svc, stubs
     assert {r.variant for r in second} == {winner}
 
 
+def test_a_scheduled_campaign_paused_past_its_start_runs_when_resumed(svc, stubs):
+    """Its run came while it was paused (and did nothing); the resume left it 'scheduled' with no
+    run to come, for ever."""
+    api, _, _ = stubs
+    ids = people(svc, 2)
+    start = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    c = campaign(stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))])
+    c = api.UpdateCampaign(
+        pb.UpdateCampaignRequest(
+            campaign=pb.Campaign(name=c.name, etag=c.etag, start_time=start),
+            update_mask=field_mask_pb2.FieldMask(paths=["start_time"]),
+        ),
+        metadata=MARKETER,
+    )
+    c = api.LaunchCampaign(pb.LaunchCampaignRequest(name=c.name), metadata=MARKETER)
+    assert c.state == pb.Campaign.STATE_SCHEDULED
+    c = api.PauseCampaign(pb.PauseCampaignRequest(name=c.name), metadata=MARKETER)
+    with svc.ctx.engine.begin() as conn:  # the start time comes while it is paused
+        conn.execute(
+            sa.text("UPDATE timers SET due_at = now(), next_attempt_at = now() WHERE kind = :k AND key = :c"),
+            {"k": cmod.RUN, "c": c.name.removeprefix("campaigns/")},
+        )
+        conn.execute(
+            sa.text("UPDATE campaigns SET start_time = now() - interval '1 minute' WHERE id = :c"),
+            {"c": c.name.removeprefix("campaigns/")},
+        )
+    fire_timers(svc)
+    assert rows_of(svc, c) == []
+    api.ResumeCampaign(pb.ResumeCampaignRequest(name=c.name), metadata=MARKETER)
+    fire_timers(svc)
+    after = api.GetCampaign(pb.GetCampaignRequest(name=c.name), metadata=MARKETER)
+    assert after.state == pb.Campaign.STATE_RUNNING and after.run == 1
+    assert {r.state for r in rows_of(svc, c)} == {"queued"}
+
+
 def test_a_provider_outage_is_retried_later_and_sent_once(svc, stubs, smtp, sender):
     ids = people(svc, 1)
     c = launched(stubs, svc, campaign(stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))]))

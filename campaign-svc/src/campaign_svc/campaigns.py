@@ -522,6 +522,10 @@ class Campaigns:
             if row.state != "paused":
                 raise FailedPrecondition(f"a {row.state} campaign is not paused", reason="CAMPAIGN_NOT_PAUSED")
             state = "running" if row.run else "scheduled"
+            if not row.run and not row.cron:  # its one run may have come (and done nothing) while paused
+                now = tx.conn.execute(sa.select(sa.func.now())).scalar()
+                at = row.start_time if row.start_time and row.start_time > now else now
+                timers.schedule(tx.conn, RUN, str(row.id), at)
             return self._proto(tx.conn, self._set_state(tx, row, state, "campaign.resumed.v1"))
 
     def cancel(self, req: pb.CancelCampaignRequest) -> pb.Campaign:
