@@ -362,6 +362,16 @@ def test_static_lists_by_hand_and_csv_import_with_unmatched_rows(svc, stub):
     assert e.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_an_import_with_a_nul_in_a_cell_answers_its_rows_not_internal(svc, stub):
+    """A NUL byte in an e-mail cell reached PostgreSQL in the match's text array: INTERNAL."""
+    (a,) = rows(svc, dict(display_name="نول", email="nul@x.ir"))
+    s = create(stub, pb.SEGMENT_KIND_STATIC)
+    csv = b"email\nnul@x.ir\x00\nno\x00body@x.ir\n"
+    r = stub.ImportSegmentMembers(pb.ImportSegmentMembersRequest(segment=s.name, content=csv), metadata=MARKETER)
+    assert (r.rows, r.matched) == (2, 1) and [u.line for u in r.unmatched] == [3]
+    assert members(stub, s.name) == {a}
+
+
 def test_a_merge_moves_static_memberships_to_the_survivor(svc, stub):
     a, b = str(uuid.uuid4()), str(uuid.uuid4())
     for cid in (a, b):
