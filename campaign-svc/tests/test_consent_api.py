@@ -115,6 +115,27 @@ def test_double_opt_in_sends_a_link_that_grants_once_with_proof(svc, stub, worke
     assert len(outbox) == 1
 
 
+def test_an_opt_in_request_after_an_unsubscribe_sends_nothing_until_it_is_confirmed(svc, stub, worker, outbox):
+    """The request made a revoked address 'pending', which opt-out mode sends to: anyone able to
+    post the site's form (or a marketer) undid an unsubscribe without the person's confirmation."""
+    address = "back@example.ir"
+    stub.RecordConsent(
+        pb.RecordConsentRequest(entry=pb.ConsentEntry(channel="email", address=address, action="revoked")),
+        metadata=MARKETER,
+    )
+    may_send = sa.select(consent.sendable("email", "marketing", sa.literal(address)))
+    got = stub.RequestOptIn(pb.RequestOptInRequest(channel="email", address=address), metadata=MARKETER)
+    assert got.confirmation_sent
+    with svc.ctx.engine.connect() as conn:
+        assert not conn.execute(may_send).scalar()  # still unsubscribed
+    worker.run_once()
+    (message,) = outbox  # the confirmation itself goes
+    token = re.search(r"/v1/optIn/([A-Za-z0-9_\-.]+)", message.text).group(1)
+    assert stub.ConfirmOptIn(pb.ConfirmOptInRequest(token=token), metadata=PUBLIC).status == "granted"
+    with svc.ctx.engine.connect() as conn:
+        assert conn.execute(may_send).scalar()
+
+
 def test_a_forged_or_expired_confirmation_link_is_refused(svc, stub):
     assert code_of(lambda: stub.GetOptIn(pb.GetOptInRequest(token="abc.def"), metadata=PUBLIC))[0] == (
         grpc.StatusCode.UNAUTHENTICATED

@@ -113,7 +113,6 @@ def record(rt, tx, change: Change) -> list[Recorded]:
             "marketing",
             ALL,
         ]
-    status = ACTIONS[change.action]
     out = []
     for purpose in sorted(set(purposes)):
         prev = conn.execute(
@@ -126,6 +125,9 @@ def record(rt, tx, change: Change) -> list[Recorded]:
             .with_for_update()
         ).first()
         customer_id = change.customer_id or (prev.customer_id if prev else "")
+        status = ACTIONS[change.action]
+        if change.action == "requested" and _effective(conn, change.channel, change.address, purpose) == "revoked":
+            status = "revoked"  # an unsubscribed address stays so until the person confirms
         values = {
             "channel": change.channel,
             "address": change.address,
@@ -175,6 +177,20 @@ def record(rt, tx, change: Change) -> list[Recorded]:
         _summarise(conn, change.channel, owner)
         rt.audience_changed(conn, [owner], "consent")
     return out
+
+
+def _effective(conn: sa.Connection, channel: str, address: str, purpose: str) -> str:
+    """The status `sendable` reads: the purpose's own, or a newer revocation of every purpose."""
+    c = consent_state.c
+    return (
+        conn.execute(
+            sa.select(c.status)
+            .where(c.channel == channel, c.address == address, c.purpose.in_((purpose, ALL)))
+            .order_by(c.ledger_id.desc())
+            .limit(1)
+        ).scalar()
+        or ""
+    )
 
 
 def _owner(conn: sa.Connection, channel: str, address: str) -> str:
