@@ -417,6 +417,19 @@ def test_a_provider_webhook_bounce_and_an_sms_delivery_receipt(svc, stubs, smtp,
     assert len(got) == 1 and message_row(svc, c, ids[0]).delivered_time is not None
 
 
+def test_a_bounce_report_with_a_nul_byte_is_read_not_internal(svc, http):
+    """A NUL in a webhook's JSON strings (\\u0000) or in a DSN reached PostgreSQL (a suppression,
+    the message's error): 500 to the provider, which then retries it for ever."""
+    resp = http.post("/v1/bounces:post", json={"recipient": "nul\u0000@x.ir", "status": "5.1.1"}, headers=KEY)
+    assert resp.status_code == 200 and resp.json["suppressed"] is True, resp.get_data(as_text=True)
+    raw = dsn("<cmp-00000000-0000-0000-0000-000000000000@crm.test>", "dsn\x00nul@x.ir")
+    resp = http.post("/v1/bounces:post", data=raw, headers=KEY)
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    with svc.ctx.engine.connect() as conn:
+        got = conn.execute(sa.select(suppressions.c.address).where(suppressions.c.address.like("%nul@x.ir"))).all()
+    assert sorted(a for (a,) in got) == ["dsnnul@x.ir", "nul@x.ir"]
+
+
 def test_the_clickstream_ties_a_visitor_to_a_customer(svc, stubs, tr, smtp, sender, http):
     c, ids, got = mailed(svc, stubs, smtp, sender, n=2)
     page = {"url": "https://shop.example.ir/p/1", "title": "کفش"}

@@ -113,6 +113,34 @@ def test_the_sandbox_refuses_calls_and_unbounded_work():
         assert words in str(err.value)
 
 
+def test_the_sandbox_bounds_the_work_of_filters_and_the_output():
+    """A width or count of a filter (center(999999999) made a gigabyte, slice(99999999) ran for
+    minutes), an output growing with an argument (replace, join), a %-format width, a loop
+    repeating a long text: refused before the work is done; a filter's assertion
+    (truncate(-5)) is a template error, not an AssertionError."""
+    from jinja2.exceptions import TemplateError
+
+    class Box(templating.Sandbox):
+        what = "a test template"
+
+    env = Box(undefined=StrictUndefined)
+    values = {"name": "سارا", "tags": ["a", "b"]}
+    for source in (
+        "{{ name | center(999999999) }}",
+        "{{ name | indent(99999999, true) }}",
+        "{{ tags | slice(99999999) | list }}",
+        "{{ '%99999999s' | format(name) }}",
+        "{{ ('x' * 9999) | replace('x', 'x' * 9999) }}",
+        "{{ ('x' * 9999) | list | join('y' * 9999) }}",
+        "{% for a in 'x' * 9999 %}{{ 'y' * 9999 }}{% endfor %}",
+        "{{ name | truncate(-5) }}",
+    ):
+        with pytest.raises(TemplateError):
+            templating.render(env.from_string(source), values)
+    ok = "{{ tags | join(', ') }} {{ name | center(8) | trim }} {{ name | replace('ا', 'آ') }} {{ '%5.2f' | format(3.14159) }}"
+    assert templating.render(env.from_string(ok), values) == "a, b سارا سآرآ  3.14"
+
+
 def test_bot_settings():
     env = {"TELEGRAM_BOT_TOKEN": " 1:A ", "BALE_API_BASE": "http://bale.local/", "BOT_API_TIMEOUT_SECONDS": "-1"}
     assert bots.bot_token("telegram", env) == "1:A" and bots.bot_token("bale", env) == ""

@@ -41,6 +41,7 @@ from . import consent
 from .runtime import Campaign
 from .segments_tables import segment_members
 from .tables import audience, audience_invoices, campaign_variants, campaigns, consent_state, messages
+from .tracking_tables import responses
 
 CAMPAIGN = ResourceName("campaigns/{campaign_id}")
 MESSAGE = ResourceName("campaigns/{campaign_id}/messages/{message_id}")
@@ -302,6 +303,8 @@ class Campaigns:
             if v["cron"]:
                 try:
                     timers.next_occurrence(v["cron"], v.get("timezone", "Asia/Tehran"))
+                except zoneinfo.ZoneInfoNotFoundError:
+                    pass  # the time zone's own violation names it
                 except ValueError as e:
                     bad.append(FieldViolation("campaign.cron", str(e)))
         if "ignore_frequency_cap" in p:
@@ -519,6 +522,10 @@ class Campaigns:
             if row.state != "paused":
                 raise FailedPrecondition(f"a {row.state} campaign is not paused", reason="CAMPAIGN_NOT_PAUSED")
             state = "running" if row.run else "scheduled"
+            if not row.run and not row.cron:  # its one run may have come (and done nothing) while paused
+                now = tx.conn.execute(sa.select(sa.func.now())).scalar()
+                at = row.start_time if row.start_time and row.start_time > now else now
+                timers.schedule(tx.conn, RUN, str(row.id), at)
             return self._proto(tx.conn, self._set_state(tx, row, state, "campaign.resumed.v1"))
 
     def cancel(self, req: pb.CancelCampaignRequest) -> pb.Campaign:
@@ -705,9 +712,14 @@ def enqueue(conn: sa.Connection, row, run: int, variants, now: dt.datetime) -> d
     address = _address(row.channel, a.customer_id)
     excluded = segment_members.alias("x")
     bucket = _bucket(sa.literal(str(row.id)), a.customer_id)
-    ab = len(variants) > 1 and row.test_percent > 0
+    # once a winner is chosen (after the first run of a recurring campaign), every later run
+    # sends it to everyone: nobody is held for a winner timer that would choose nothing
+    winner = row.winner_variant if row.winner_variant in {v.key for v in variants} else ""
+    ab = len(variants) > 1 and row.test_percent > 0 and not winner
     if not variants:
         variant = sa.literal("")
+    elif winner:
+        variant = sa.literal(winner)
     elif ab:
         variant = sa.case(
             (bucket < row.test_percent, _variant_case(variants, bucket, row.test_percent)), else_=sa.literal("")
@@ -798,6 +810,17 @@ def variant_rates(conn: sa.Connection, row) -> dict[str, float]:
     return {r.variant: (r.hit / r.sent if r.sent else 0.0) for r in conn.execute(q)}
 
 
+def _credited(inv) -> sa.ColumnElement:
+    """What the credit notes of the invoice `inv` (a table or alias) gave back (0 for none)."""
+    cn = audience_invoices.alias("cn")
+    return sa.func.coalesce(
+        sa.select(sa.func.sum(cn.c.total))
+        .where(cn.c.kind == "credit_note", cn.c.credited_invoice == inv.c.invoice_id, cn.c.state != "cancelled")
+        .scalar_subquery(),
+        0,
+    )
+
+
 def _attributed(row):
     """Paid invoices attributed to this campaign by last touch: the customer's latest message
     (of any campaign) sent before the payment within that campaign's attribution window."""
@@ -818,7 +841,12 @@ def _attributed(row):
         .lateral("touch")
     )
     return (
-        sa.select(inv.invoice_id, inv.paid_total, inv.order_id, touch.c.variant)
+        sa.select(
+            inv.invoice_id,
+            (inv.paid_total - _credited(audience_invoices)).label("paid_total"),  # less its credit notes
+            inv.order_id,
+            touch.c.variant,
+        )
         .select_from(audience_invoices.join(touch, sa.true()))
         .where(
             inv.kind == "invoice",
@@ -847,7 +875,9 @@ def _variant_stats(conn: sa.Connection, row) -> list[pb.VariantStats]:
     ]
     att = _attributed(row)
     money_cols = [
-        sa.func.count(sa.distinct(att.c.order_id)).label("orders"),
+        sa.func.count(sa.distinct(sa.func.nullif(att.c.order_id, ""))).label(
+            "orders"
+        ),  # an invoice of no order is none
         sa.func.coalesce(sa.func.sum(att.c.paid_total), 0).label("revenue"),
     ]
     total = conn.execute(sa.select(*cols).where(m.campaign_id == row.id)).one()
@@ -870,11 +900,13 @@ def campaign_stats(conn: sa.Connection, row) -> pb.CampaignStats:
     rows = _variant_stats(conn, row)
     total = rows[0] if rows else pb.VariantStats()
     revenue = money.to_decimal(total.revenue) if total.revenue.currency_code else Decimal(0)
+    # every response recorded for the campaign (with a message of it or not) opens a lead in sales-svc
+    answered = conn.execute(sa.select(sa.func.count()).where(responses.c.campaign_id == row.id)).scalar()
     achieved = {
         "orders": float(total.orders),
         "revenue": float(revenue),
-        "responses": float(total.responded),
-        "leads": float(total.responded),  # a response becomes a lead in sales-svc
+        "responses": float(answered),
+        "leads": float(answered),
     }.get(row.goal_kind, 0.0)
     target = float(row.goal_target)
     cost = Decimal(row.cost)
@@ -882,7 +914,7 @@ def campaign_stats(conn: sa.Connection, row) -> pb.CampaignStats:
     first = conn.execute(
         sa.select(
             sa.func.count(sa.distinct(sa.func.nullif(inv.order_id, ""))).label("orders"),
-            sa.func.coalesce(sa.func.sum(inv.paid_total), 0).label("revenue"),
+            sa.func.coalesce(sa.func.sum(inv.paid_total - _credited(audience_invoices)), 0).label("revenue"),
         ).where(inv.campaign_id == str(row.id), inv.kind == "invoice", inv.paid_time.is_not(None))
     ).one()
     return pb.CampaignStats(
@@ -893,7 +925,7 @@ def campaign_stats(conn: sa.Connection, row) -> pb.CampaignStats:
         goal_share=achieved / target if target else 0.0,
         roi=float((revenue - cost) / cost) if cost else 0.0,
         cost=money.to_money(cost, row.currency),
-        leads=total.responded,
+        leads=answered,
         first_touch_orders=first.orders,
         first_touch_revenue=money.to_money(first.revenue, row.currency),
     )

@@ -312,7 +312,14 @@ class Consents:
         row = conn.execute(sa.select(consent_ledger).where(consent_ledger.c.id == int(timer.key))).first()
         if row is None or row.action != "requested":
             return
-        if consent.status_of(conn, row.channel, row.address, row.purpose) != "pending":
+        state = conn.execute(
+            sa.select(consent_state.c.ledger_id).where(
+                consent_state.c.channel == row.channel,
+                consent_state.c.address == row.address,
+                consent_state.c.purpose == row.purpose,
+            )
+        ).scalar()
+        if state != row.id:  # answered (or asked again) since: a later entry set the state
             return
         send = self.rt.senders.get(row.channel)
         if send is None:

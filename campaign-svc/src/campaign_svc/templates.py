@@ -240,7 +240,7 @@ def _render_one(field: str, source: str, values: dict, where: str) -> str:
     if not source:
         return ""
     try:
-        return compiled(source, field).render(values)
+        return templating.render(compiled(source, field), values)  # output bounded
     except TemplateSyntaxError as e:
         raise InvalidArgument.field(where, f"line {e.lineno}: {e.message}") from None
     except SecurityError as e:

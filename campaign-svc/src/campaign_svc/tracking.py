@@ -306,7 +306,7 @@ def parse_webhook(body: bytes) -> Bounce:
         raise InvalidArgument.field("body", "is neither a delivery-status notification nor JSON") from None
     if not isinstance(data, dict):
         raise InvalidArgument.field("body", "must be a JSON object")
-    get = lambda k: str(data.get(k) or "").strip()  # noqa: E731
+    get = lambda k: str(data.get(k) or "").replace("\x00", "").strip()  # noqa: E731
     ours = get("message_id")
     if ours.startswith("campaigns/"):
         ours = ours.rsplit("/", 1)[-1]
@@ -462,7 +462,7 @@ class Tracking:
     def post_bounce(self, req: pb.PostBounceRequest) -> pb.PostBounceResponse:
         if not key_matches(req.key, settings(self.rt).bounce_keys):
             raise Unauthenticated("the provider key is not valid", reason="BOUNCE_KEY_INVALID")
-        body = bytes(req.body or b"")
+        body = bytes(req.body or b"").replace(b"\x00", b"")  # no address or status has a NUL (nor PostgreSQL text)
         if not body.strip():
             raise InvalidArgument.field("body", "is required")
         b = parse_webhook(body) if body.lstrip()[:1] == b"{" else parse_dsn(body)
