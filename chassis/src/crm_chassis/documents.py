@@ -100,6 +100,7 @@ about 2 s, DOCX about 1 s, PDF about 5.5 s (445 A4 pages).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import re
@@ -362,11 +363,22 @@ def stream_table(
 def stream_document(
     message: Callable[..., M], fmt: str, doc: Document, *, filename: str, chunk_size: int = DOWNLOAD_CHUNK
 ) -> Iterator[M]:
-    """``render_document_to`` as a streamed download (head: content_type and filename)."""
+    """``render_document_to`` as a streamed download (head: content_type, filename and, if
+    ``message`` has the field, ``row_count``: the table's rows)."""
+    counted = 0
+
+    def counting() -> Iterator[Mapping[str, Any]]:
+        nonlocal counted
+        for row in doc.rows:
+            counted += 1
+            yield row
 
     def write(out: IO[bytes]) -> dict[str, Any]:
-        render_document_to(fmt, doc, out)
-        return {"content_type": content_type(fmt), "filename": f"{filename}.{file_extension(fmt)}"}
+        render_document_to(fmt, dataclasses.replace(doc, rows=counting()), out)
+        head: dict[str, Any] = {"content_type": content_type(fmt), "filename": f"{filename}.{file_extension(fmt)}"}
+        if _has_field(message, "row_count"):
+            head["row_count"] = counted
+        return head
 
     return stream_file(message, write, chunk_size=chunk_size)
 
