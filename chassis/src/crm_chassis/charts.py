@@ -59,7 +59,7 @@ by a test. A viewer shapes it with the font it has; "Noto Sans Arabic" is named 
 
 Threads: figures are private to a call; the shared parts (the font manager's caches, the rc
 parameters set for one render with ``rc_context``) are used under one module lock, so two
-handlers drawing at once cannot interleave. A chart takes some tens of milliseconds.
+handlers drawing at once cannot interleave (charts are drawn one at a time per process).
 """
 
 from __future__ import annotations
