@@ -60,6 +60,10 @@ by a test. A viewer shapes it with the font it has; "Noto Sans Arabic" is named 
 Threads: figures are private to a call; the shared parts (the font manager's caches, the rc
 parameters set for one render with ``rc_context``) are used under one module lock, so two
 handlers drawing at once cannot interleave (charts are drawn one at a time per process).
+
+matplotlib's font cache goes to ``MPLCONFIGDIR``; unless it is set, this module points it at
+``$CRM_RUN_DIR/matplotlib`` (else the temporary directory), since the services' root filesystem
+is read-only in k8s and /tmp (CRM_RUN_DIR) is their writable scratch directory.
 """
 
 from __future__ import annotations
@@ -67,14 +71,22 @@ from __future__ import annotations
 import html
 import io
 import math
+import os
 import re
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import IO, Any, TypeVar
 
-import matplotlib
+# matplotlib keeps its font cache in MPLCONFIGDIR (default ~/.config, ~/.cache): the services'
+# root filesystem is read-only in k8s, /tmp is the writable emptyDir. An explicit setting wins.
+os.environ.setdefault(
+    "MPLCONFIGDIR", os.path.join(os.environ.get("CRM_RUN_DIR") or tempfile.gettempdir(), "matplotlib")
+)
+
+import matplotlib  # noqa: E402
 from matplotlib import font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
