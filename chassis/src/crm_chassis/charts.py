@@ -315,7 +315,11 @@ def _figure(chart: Chart) -> Figure:
     if rtl:
         ax.invert_xaxis()  # the first category on the right
     if kind != "pareto":
-        ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
+        values = [v for _, vals in series for v in vals if v is not None]
+        whole = not chart.percent and all(float(v).is_integer() for v in values)
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=6, integer=whole))  # counts: no 10.5 tick
+        if kind == "line" and min(values) >= 0:
+            ax.set_ylim(bottom=0)  # a line of counts from zero, as bars are
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: _fmt_number(v, fa, chart.percent)))
         ax.grid(axis="y", color="#e4e7eb", linewidth=0.8)
         ax.set_axisbelow(True)
