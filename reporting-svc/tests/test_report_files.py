@@ -237,3 +237,11 @@ def test_the_gateway_streams_every_format_with_its_type_and_name(http, path):
         assert r.data
     r = http.get(f"{path}{'&' if '?' in path else '?'}format=gif", headers=auth)
     assert r.status_code == 400 and "format" in r.get_data(as_text=True)
+
+
+def test_render_file_for_an_attachment(svc, stubs):
+    kind, name, data = report_files.render_file(
+        svc.ctx.engine, "support", rs.ExportSupportReportRequest(period="month", format="pdf", language_code="fa")
+    )
+    assert kind == "application/pdf" and name.startswith("support-") and name.endswith(".pdf")
+    assert data.startswith(b"%PDF")

@@ -106,6 +106,13 @@ def export(engine: sa.Engine, key: str, request, message=pb.ExportReportResponse
     return documents.stream_document(message, fmt, doc, filename=filename)
 
 
+def render_file(engine: sa.Engine, key: str, request) -> tuple[str, str, bytes]:
+    """A report's whole file at once (a mail attachment, a scheduled report): its content type,
+    file name and bytes, as ``export`` would stream them."""
+    chunks = list(export(engine, key, request))
+    return chunks[0].content_type, chunks[0].filename, b"".join(c.data for c in chunks[1:])
+
+
 # --------------------------------------------------------------------------- shared pieces
 
 
