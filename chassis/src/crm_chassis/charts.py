@@ -76,7 +76,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import IO, Any, TypeVar
 
@@ -149,7 +149,6 @@ class Chart:
     no_data: str = ""
     width: int = 960
     height: int = 540
-    meta: dict[str, Any] = field(default_factory=dict, compare=False)  # free for callers (not drawn)
 
 
 def _check(fmt: str) -> str:

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 
 from crm.reporting.v1 import reporting_service_pb2 as pb
 from crm.reporting.v1 import reporting_service_pb2_grpc
-from crm_chassis import jobs
+from crm_chassis import documents, jobs  # noqa: F401 (documents: see TABLE_FORMATS)
 from crm_chassis.errors import InvalidArgument, NotFound
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
@@ -28,6 +28,19 @@ from . import (
 )
 
 REBUILD = "projectionRebuilds/"
+# The formats every Export RPC answers (report_files.py); scheduled reports check theirs here.
+EXPORT_FORMATS = report_files.EXPORT_FORMATS
+# For an Export written as a plain table (csv, xlsx) before report_files.py: reports 2 and 3 are
+# being built beside it. Each becomes one report_files entry (docs/reports.md); then these go.
+TABLE_FORMATS = ("csv", "xlsx")
+_stamp = report_files.stamp
+
+
+def _format(value: str) -> str:
+    fmt = value.strip().lower()
+    if fmt not in TABLE_FORMATS:
+        raise InvalidArgument.field("format", "choose csv or xlsx")
+    return fmt
 
 
 def rebuild_message(job: jobs.Job) -> pb.ProjectionRebuild:

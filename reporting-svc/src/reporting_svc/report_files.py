@@ -74,7 +74,7 @@ def check_format(value: str) -> str:
     return fmt
 
 
-def _stamp() -> str:
+def stamp() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
 
 
@@ -87,7 +87,7 @@ def export(engine: sa.Engine, key: str, request, message=pb.ExportReportResponse
     q = report.query(request)
     fa = q.get("lang") == "fa"
     answer = report.load(engine, q)
-    filename = f"{key}-{_stamp()}"
+    filename = f"{key}-{stamp()}"
     if fmt in CHART_FORMATS:
         return charts.stream_chart(message, fmt, report.chart(answer, q), filename=filename)
     title = report.title[1 if fa else 0]
