@@ -29,6 +29,7 @@ from crm.campaign.v1 import (
     templates_pb2_grpc,
 )
 from crm.type.v1 import money_pb2
+from crm_chassis import dates
 from tests.support.harness import channel, start_service
 from tests.support.smtp_capture import SmtpCapture
 
@@ -275,6 +276,37 @@ def test_quiet_hours_hold_messages_until_they_end_in_the_time_zone(svc, stubs, s
     rows = rows_of(svc, c)
     assert {r.state for r in rows} == {"queued"}
     assert all(r.not_before > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=55) for r in rows)
+
+
+def test_quiet_hours_are_read_in_the_recipients_time_zone_from_their_country(svc, stubs, sender):
+    """A campaign read in UTC whose quiet hours are the next two hours in Tehran: the customer in
+    Iran waits, the one in the US (several zones: the campaign's) and the one with no country
+    are sent now. The message keeps the zone it was judged in."""
+    tehran_hour = dt.datetime.now(dates.TEHRAN).hour
+    iran = people(svc, 1, country="IR")
+    elsewhere = people(svc, 1, country="US") + people(svc, 1)
+    c = launched(
+        stubs,
+        svc,
+        campaign(
+            stubs,
+            segment_of(stubs, iran + elsewhere),
+            [pb.Variant(template=template(stubs))],
+            time_zone="UTC",
+            quiet_start_hour=tehran_hour,
+            quiet_end_hour=(tehran_hour + 2) % 24,
+        ),
+    )
+    rows = {r.customer_id: r for r in rows_of(svc, c)}
+    assert (rows[iran[0]].timezone, rows[elsewhere[0]].timezone, rows[elsewhere[1]].timezone) == (
+        "Asia/Tehran",
+        "UTC",
+        "UTC",
+    )
+    assert rows[iran[0]].not_before > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=55)
+    assert sender.run_once() == 2
+    states = {r.customer_id: r.state for r in rows_of(svc, c)}
+    assert states[iran[0]] == "queued" and {states[i] for i in elsewhere} == {"sent"}
 
 
 def test_the_ab_winner_takes_the_held_rest_by_its_metric(svc, stubs, sender):

@@ -31,3 +31,12 @@ def test_the_business_day_is_tehrans():
     day = dt.date(2026, 3, 21)
     assert dates.start_of_day(day) == dt.datetime(2026, 3, 20, 20, 30, tzinfo=dt.UTC)
     assert dates.end_of_day(day) - dates.start_of_day(day) == dt.timedelta(days=1)
+
+
+def test_country_zones_only_where_the_country_tells_the_clock():
+    zones = dates.country_zones()
+    assert zones["IR"] == "Asia/Tehran"
+    assert zones["DE"] == "Europe/Berlin"  # Busingen is listed too, and keeps Berlin's clock
+    assert zones["AE"] == "Asia/Dubai"
+    for several in ("US", "RU", "BR", "AU", "ES"):  # zones with different offsets: unknown
+        assert several not in zones

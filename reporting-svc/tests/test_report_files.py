@@ -12,6 +12,7 @@ import xml.etree.ElementTree as ET
 import grpc
 import pytest
 
+from crm.reporting.v1 import pipeline_report_pb2 as pr
 from crm.reporting.v1 import reporting_service_pb2 as rs
 from crm.reporting.v1 import reporting_service_pb2_grpc as rsg
 from crm.reporting.v1 import value_pb2 as vpb
@@ -80,6 +81,8 @@ def _calls(stubs):
     return {
         "customers-by-source": call(reporting.ExportCustomersBySource, rs.ExportCustomersBySourceRequest),
         "acquisition": call(reporting.ExportAcquisitionReport, rs.ExportAcquisitionReportRequest, period="month"),
+        "pipeline": call(reporting.ExportPipelineReport, pr.ExportPipelineReportRequest, dimensions=["stage"]),
+        "forecast": call(reporting.ExportForecastReport, pr.ExportForecastReportRequest),
         "support": call(reporting.ExportSupportReport, rs.ExportSupportReportRequest, period="day"),
         "loyalty": call(reporting.ExportLoyaltyReport, rs.ExportLoyaltyReportRequest, period="day"),
         "campaigns": call(reporting.ExportCampaignReport, rs.ExportCampaignReportRequest),
@@ -93,7 +96,7 @@ def _calls(stubs):
 
 
 REPORTS = (
-    "customers-by-source", "acquisition", "support", "loyalty", "campaigns", "customer-timeline",
+    "customers-by-source", "acquisition", "pipeline", "forecast", "support", "loyalty", "campaigns", "customer-timeline",
     "value-pareto", "value-rfm", "value-churn-risks",
 )  # fmt: skip
 
@@ -142,7 +145,9 @@ def test_a_bad_format_names_the_field(stubs, report):
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.field_violations[0].field == "format"
 
 
-@pytest.mark.parametrize("report", ["acquisition", "support", "loyalty", "value-pareto", "value-rfm"])
+@pytest.mark.parametrize(
+    "report", ["acquisition", "pipeline", "forecast", "support", "loyalty", "value-pareto", "value-rfm"]
+)
 def test_an_empty_period_still_exports(stubs, report):
     run = _calls(stubs)[report]
     _, _, csv = _file(run(format="csv", **EMPTY))

@@ -28,7 +28,7 @@ from google.protobuf import empty_pb2
 from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm.campaign.v1 import campaign_service_pb2 as pb
 from crm.campaign.v1 import campaign_service_pb2_grpc
-from crm_chassis import money, timers
+from crm_chassis import dates, money, timers
 from crm_chassis.columns import UUID
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from crm_chassis.filtering import FieldType, FilterField, FilterSchema, keyset_page
@@ -679,9 +679,10 @@ def _variant_case(variants, bucket, scale: int) -> sa.ColumnElement:
     return sa.case(*[(cond, sa.literal(key)) for cond, key in edges[:-1]], else_=sa.literal(variants[-1].key))
 
 
-def quiet_until(now, tz: str, start: int, end: int) -> sa.ColumnElement:
-    """SQL: the end of the quiet hours if `now` falls in them in time zone `tz` (hours
-    start..end, wrapping past midnight when start > end), else `now`."""
+def quiet_until(now, tz: str | sa.ColumnElement, start: int, end: int) -> sa.ColumnElement:
+    """SQL: the end of the quiet hours if `now` falls in them in time zone `tz` (a zone name, or
+    a column holding one per row: the recipient's; hours start..end, wrapping past midnight
+    when start > end), else `now`."""
     if start == end:
         return sa.literal(now)
     local = sa.func.timezone(tz, sa.literal(now))
@@ -713,6 +714,12 @@ def enqueue(conn: sa.Connection, row, run: int, variants, now: dt.datetime) -> d
         )
     else:
         variant = _variant_case(variants, bucket, 100)
+    # The recipient's time zone: their country's when the country tells it (crm_chassis.dates
+    # .country_zones), else the campaign's. Quiet hours are read in it, now and at delivery.
+    zones = sa.values(sa.column("country", sa.Text), sa.column("zone", sa.Text), name="country_zones").data(
+        sorted(dates.country_zones().items())
+    )
+    timezone = sa.func.coalesce(zones.c.zone, sa.literal(row.timezone, sa.Text))
     p = messages.alias("p")
     cap = frequency_cap()
     capped = sa.false()
@@ -743,10 +750,14 @@ def enqueue(conn: sa.Connection, row, run: int, variants, now: dt.datetime) -> d
             sa.literal(row.channel, sa.Text).label("channel"),
             address.label("address"),
             state.label("state"),
-            quiet_until(now, row.timezone, row.quiet_start_hour, row.quiet_end_hour).label("not_before"),
-            sa.literal(row.timezone, sa.Text).label("timezone"),
+            quiet_until(now, timezone, row.quiet_start_hour, row.quiet_end_hour).label("not_before"),
+            timezone.label("timezone"),
         )
-        .select_from(segment_members.join(audience, a.customer_id == members.customer_id))
+        .select_from(
+            segment_members.join(audience, a.customer_id == members.customer_id).outerjoin(
+                zones, zones.c.country == a.country
+            )
+        )
         .where(members.segment_id == row.segment_id, ~a.deleted, a.merged_into == "", address != "")
     )
     if row.exclude_segment_ids:
@@ -822,6 +833,7 @@ def _attributed(row):
 _COUNTS = ("queued", "held", "sent", "delivered", "bounced", "failed", "suppressed", "capped")
 _FIRSTS = {"opened": m.opened_time, "clicked": m.clicked_time, "responded": m.responded_time,
            "unsubscribed": m.unsubscribed_time}  # fmt: skip
+_MACHINE = {"machine_opens": m.machine_open_count, "machine_clicks": m.machine_click_count}
 
 
 def _variant_stats(conn: sa.Connection, row) -> list[pb.VariantStats]:
@@ -831,6 +843,7 @@ def _variant_stats(conn: sa.Connection, row) -> list[pb.VariantStats]:
     cols = [
         *[sa.func.count().filter(states.get(k, m.state == k)).label(k) for k in _COUNTS],
         *[sa.func.count(col).label(k) for k, col in _FIRSTS.items()],
+        *[sa.func.coalesce(sa.func.sum(col), 0).label(k) for k, col in _MACHINE.items()],
     ]
     att = _attributed(row)
     money_cols = [
@@ -845,7 +858,7 @@ def _variant_stats(conn: sa.Connection, row) -> list[pb.VariantStats]:
     def stats(variant: str, r, mr) -> pb.VariantStats:
         return pb.VariantStats(
             variant=variant,
-            **{k: getattr(r, k) for k in (*_COUNTS, *_FIRSTS)},
+            **{k: getattr(r, k) for k in (*_COUNTS, *_FIRSTS, *_MACHINE)},
             orders=mr.orders if mr is not None else 0,
             revenue=money.to_money(mr.revenue if mr is not None else 0, row.currency),
         )

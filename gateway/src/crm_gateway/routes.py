@@ -83,6 +83,8 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
     "crm.reporting.v1.ReportingService.ExportCustomersBySource": REPORT_FILES,
     "crm.reporting.v1.ReportingService.ExportSupportReport": REPORT_FILES,
     "crm.reporting.v1.ReportingService.ExportAcquisitionReport": REPORT_FILES,
+    "crm.reporting.v1.ReportingService.ExportPipelineReport": REPORT_FILES,
+    "crm.reporting.v1.ReportingService.ExportForecastReport": REPORT_FILES,
     "crm.reporting.v1.ReportingService.ExportLoyaltyReport": REPORT_FILES,
     "crm.reporting.v1.ReportingService.ExportCampaignReport": REPORT_FILES,
     "crm.reporting.v1.ReportingService.ExportCustomerTimeline": REPORT_FILES,
@@ -131,10 +133,24 @@ PUBLIC: dict[str, Public] = {
         per_minute=6000,
         max_bytes=1024,
         raw_response="data",
+        headers={"user_agent": "User-Agent"},
         cache_control="no-store, no-cache, must-revalidate, max-age=0",
     ),
     "crm.campaign.v1.TrackingService.FollowClick": Public(
-        per_minute=1200, max_bytes=1024, redirect="location", client_address="client_address", cache_control="no-store"
+        per_minute=1200,
+        max_bytes=1024,
+        redirect="location",
+        client_address="client_address",
+        headers={"user_agent": "User-Agent"},
+        cache_control="no-store",
+    ),
+    "crm.campaign.v1.TrackingService.FollowShortLink": Public(
+        per_minute=1200,
+        max_bytes=1024,
+        redirect="location",
+        client_address="client_address",
+        headers={"user_agent": "User-Agent"},
+        cache_control="no-store",
     ),
     "crm.campaign.v1.TrackingService.PostBounce": Public(
         per_minute=1200,
@@ -142,6 +158,13 @@ PUBLIC: dict[str, Public] = {
         raw_body="body",
         headers={"key": "X-Crm-Provider-Key"},
         description="A bounce: an RFC 3464 delivery-status notification as received, or a provider's JSON webhook.",
+    ),
+    "crm.campaign.v1.TrackingService.PostInboundMail": Public(
+        per_minute=1200,
+        max_bytes=512 * 1024,
+        raw_body="body",
+        headers={"key": "X-Crm-Provider-Key"},
+        description="A mail to the marketing mailbox as received: a bounce, a reply to a campaign, an auto-reply.",
     ),
     "crm.campaign.v1.TrackingService.PostDeliveryReceipt": Public(
         per_minute=1200,

@@ -20,6 +20,7 @@ from . import (
     acquisition_report,
     campaigns,
     loyalty,
+    pipeline_report,
     rebuild,
     report_files,
     status,
@@ -30,8 +31,8 @@ from . import (
 REBUILD = "projectionRebuilds/"
 # The formats every Export RPC answers (report_files.py); scheduled reports check theirs here.
 EXPORT_FORMATS = report_files.EXPORT_FORMATS
-# For an Export written as a plain table (csv, xlsx) before report_files.py: reports 2 and 3 are
-# being built beside it. Each becomes one report_files entry (docs/reports.md); then these go.
+# For an Export written as a plain table (csv, xlsx) before report_files.py (report 2, sales by
+# segment, built beside it): it becomes one report_files entry (docs/reports.md); then these go.
 TABLE_FORMATS = ("csv", "xlsx")
 _stamp = report_files.stamp
 
@@ -81,6 +82,23 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
 
     def ExportAcquisitionReport(self, request, context):
         yield from report_files.export(self.engine, "acquisition", request)
+
+    # -- report 3 ----------------------------------------------------------------------------
+    def GetPipelineReport(self, request, context):
+        q = pipeline_report.parse_pipeline(request)
+        with self.engine.connect() as conn:
+            return pipeline_report.pipeline(conn, q)
+
+    def ExportPipelineReport(self, request, context):
+        yield from report_files.export(self.engine, "pipeline", request)
+
+    def GetForecastReport(self, request, context):
+        q = pipeline_report.parse_forecast(request)
+        with self.engine.connect() as conn:
+            return pipeline_report.forecast(conn, q)
+
+    def ExportForecastReport(self, request, context):
+        yield from report_files.export(self.engine, "forecast", request)
 
     # -- report 4 ----------------------------------------------------------------------------
     def GetSupportReport(self, request, context):

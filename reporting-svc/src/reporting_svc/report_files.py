@@ -30,7 +30,17 @@ from crm_chassis.documents import Column
 from crm_chassis.errors import InvalidArgument
 from crm_chassis.persian import format_jalali, to_persian_digits
 
-from . import acquisition_report, campaigns, loyalty, periods, projections, support_report, timeline, value_api
+from . import (
+    acquisition_report,
+    campaigns,
+    loyalty,
+    periods,
+    pipeline_report,
+    projections,
+    support_report,
+    timeline,
+    value_api,
+)
 from .tables import LOYALTY_MEASURES
 
 EXPORT_FORMATS = ("csv", "xlsx", "pdf", "png", "svg")
@@ -303,6 +313,66 @@ register(
         _read(acquisition_report.report),
         acquisition_report.export_rows,
         _acquisition_chart,
+    )
+)
+
+
+# --------------------------------------------------------------------------- report 3: pipeline and forecast
+
+
+def _pipeline_chart(resp, q: dict) -> Chart:
+    title = ("Pipeline", "قیف فروش")
+    amount = tr(q, "Amount", "مبلغ")
+    weighted = tr(q, "Weighted", "وزنی")
+    group = (lambda r: " / ".join(getattr(r, "stage_name" if d == "stage" else d) or getattr(r, d) or "-"
+                                  for d in q["dims"])) if q["dims"] else (lambda r: amount)  # fmt: skip
+    if q["period"] == "all":
+        cats = [group(r) for r in resp.rows]
+        series = [
+            Series(amount, [_money_value([r.amount]) for r in resp.rows]),
+            Series(weighted, [_money_value([r.weighted_amount]) for r in resp.rows]),
+        ]
+        return _chart(q, "grouped_bar", cats, series, title)
+    cats, series = pivot(resp.rows, lambda r: r.period_label, group, lambda r: _money_value([r.amount]),
+                         other=tr(q, "Other", "سایر"))  # fmt: skip
+    return _chart(q, "stacked_bar", cats, series, title, y_label=amount)
+
+
+register(
+    ReportFile(
+        "pipeline",
+        ("Pipeline", "قیف فروش"),
+        pipeline_report.parse_pipeline,
+        _read(pipeline_report.pipeline),
+        pipeline_report.pipeline_export,
+        _pipeline_chart,
+    )
+)
+
+
+def _forecast_chart(resp, q: dict) -> Chart:
+    per: dict[str, list[float]] = {}
+    for r in resp.rows:
+        cell = per.setdefault(r.period_label, [0.0, 0.0])
+        cell[0] += _money_value([r.actual_won])
+        if r.HasField("latest"):
+            cell[1] += _money_value([r.latest.commit])
+    cats = list(per)
+    series = [
+        Series(tr(q, "Actual won", "فروش واقعی"), [per[c][0] for c in cats]),
+        Series(tr(q, "Commit", "تعهد"), [per[c][1] for c in cats]),
+    ]
+    return _chart(q, "grouped_bar", cats, series, ("Forecast vs actual", "پیش‌بینی در برابر واقعی"))
+
+
+register(
+    ReportFile(
+        "forecast",
+        ("Forecast vs actual", "پیش‌بینی در برابر واقعی"),
+        pipeline_report.parse_forecast,
+        _read(pipeline_report.forecast),
+        pipeline_report.forecast_export,
+        _forecast_chart,
     )
 )
 

@@ -33,7 +33,7 @@ def _as_of(req, field: str) -> dt.date:
     day = dates.from_proto(getattr(req, field), field, bad)
     if bad:
         raise InvalidArgument(bad)
-    return day
+    return dates.today() if day is None else day  # an all-zero Date is unset, as AIP's Date has it
 
 
 def _horizon(value_: int) -> int:
