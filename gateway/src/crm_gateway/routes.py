@@ -61,6 +61,10 @@ CSV = "text/csv"
 XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 PDF = "application/pdf"
 DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+PNG = "image/png"
+SVG = "image/svg+xml"
+# reporting-svc's report exports (report_files.py): the table, the chart and table, the chart
+REPORT_FILES = (CSV, XLSX, PDF, PNG, SVG)
 # A multipart/form-data body's file part fills this bytes field of the request (transcode.py).
 UPLOADS: dict[str, str] = {
     "crm.customer.v1.CustomerService.ImportCustomers": "content",
@@ -76,12 +80,15 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
     "crm.sales.v1.LeadService.ExportLeads": (CSV, XLSX),
     "crm.sales.v1.OpportunityService.ExportOpportunities": (CSV, XLSX),
     "crm.support.v1.TicketService.ExportTickets": (CSV, XLSX),
-    "crm.reporting.v1.ReportingService.ExportCustomersBySource": (CSV, XLSX),
-    "crm.reporting.v1.ReportingService.ExportSupportReport": (CSV, XLSX),
-    "crm.reporting.v1.ReportingService.ExportAcquisitionReport": (CSV, XLSX),
-    "crm.reporting.v1.ReportingService.ExportPipelineReport": (CSV, XLSX),
-    "crm.reporting.v1.ReportingService.ExportForecastReport": (CSV, XLSX),
-    "crm.reporting.v1.ValueService.ExportValueReport": (CSV, XLSX),
+    "crm.reporting.v1.ReportingService.ExportCustomersBySource": REPORT_FILES,
+    "crm.reporting.v1.ReportingService.ExportSupportReport": REPORT_FILES,
+    "crm.reporting.v1.ReportingService.ExportAcquisitionReport": REPORT_FILES,
+    "crm.reporting.v1.ReportingService.ExportPipelineReport": REPORT_FILES,
+    "crm.reporting.v1.ReportingService.ExportForecastReport": REPORT_FILES,
+    "crm.reporting.v1.ReportingService.ExportLoyaltyReport": REPORT_FILES,
+    "crm.reporting.v1.ReportingService.ExportCampaignReport": REPORT_FILES,
+    "crm.reporting.v1.ReportingService.ExportCustomerTimeline": REPORT_FILES,
+    "crm.reporting.v1.ValueService.ExportValueReport": REPORT_FILES,
     # an attachment answers the type it was uploaded with
     "crm.support.v1.TicketService.GetAttachment": ("application/pdf", "image/*", "*/*"),
 }
