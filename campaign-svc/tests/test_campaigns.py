@@ -630,6 +630,28 @@ def test_responses_without_a_message_count_toward_a_leads_goal(svc, stubs, sende
     assert stats.goal_share == pytest.approx(0.75)
 
 
+def test_an_unsubscribe_from_a_message_counts_in_the_campaigns_stats(svc, stubs, smtp, sender):
+    """The stats count recipients who unsubscribed from their message, but nothing ever set a
+    message's unsubscribed_time: always 0."""
+    from crm.campaign.v1 import consent_pb2, consent_pb2_grpc
+    from tests.support.harness import md
+
+    api, _, _ = stubs
+    ids = people(svc, 2)
+    c = launched(stubs, svc, campaign(stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))]))
+    sender.run_once()
+    mail = next(m for m in smtp.messages() if m["To"] == f"{ids[0]}@example.ir")
+    token = mail["List-Unsubscribe"].split("/v1/unsubscribe/", 1)[1].split(">", 1)[0]
+    with channel(svc) as ch:
+        consent_pb2_grpc.ConsentServiceStub(ch).Unsubscribe(
+            consent_pb2.UnsubscribeRequest(token=token, body=b"List-Unsubscribe=One-Click"),
+            metadata=md("public_channel", "gateway:public"),
+        )
+    stats = api.GetCampaignStats(pb.GetCampaignStatsRequest(name=c.name), metadata=MARKETER)
+    assert (stats.total.sent, stats.total.unsubscribed) == (2, 1)
+    assert {r.customer_id: r.unsubscribed_time is not None for r in rows_of(svc, c)} == {ids[0]: True, ids[1]: False}
+
+
 def test_bad_input_is_named_and_state_rules_hold(svc, stubs):
     api, _, _ = stubs
     for c, field in (
