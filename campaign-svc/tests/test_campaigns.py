@@ -395,6 +395,53 @@ def test_a_recurring_ab_campaign_sends_its_later_runs_with_the_winner(svc, stubs
     assert {r.variant for r in second} == {winner}
 
 
+def test_new_variants_of_a_recurring_ab_campaign_are_tested_and_their_winner_sends_the_rest(svc, stubs, sender):
+    """The variants changed (paused, new content) after the first winner: the next run tested
+    them and held the rest, and the winner timer did nothing (a winner was set): held for ever."""
+    ids = people(svc, 30)
+    a, b = (
+        template(stubs, subject="A {{ customer.display_name }}"),
+        template(stubs, subject="B {{ customer.display_name }}"),
+    )
+    api = stubs[0]
+    c = campaign(
+        stubs, segment_of(stubs, ids), [pb.Variant(key="A", template=a), pb.Variant(key="B", template=b)],
+        test_percent=50, winner_metric="opens", winner_wait_hours=1, cron="0 3 * * *",
+    )  # fmt: skip
+    api.LaunchCampaign(pb.LaunchCampaignRequest(name=c.name), metadata=MARKETER)
+    cid = c.name.removeprefix("campaigns/")
+
+    def due(kind: str) -> None:
+        with svc.ctx.engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE timers SET due_at = now(), next_attempt_at = now() WHERE kind = :k AND key = :c"),
+                {"k": kind, "c": cid},
+            )
+        fire_timers(svc)
+
+    due(cmod.RUN)
+    sender.run_once()
+    due(cmod.WINNER)
+    c = api.PauseCampaign(pb.PauseCampaignRequest(name=c.name), metadata=MARKETER)
+    c = api.UpdateCampaign(
+        pb.UpdateCampaignRequest(
+            campaign=pb.Campaign(
+                name=c.name, etag=c.etag, variants=[pb.Variant(key="C", template=a), pb.Variant(key="D", template=b)]
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["variants"]),
+        ),
+        metadata=MARKETER,
+    )
+    api.ResumeCampaign(pb.ResumeCampaignRequest(name=c.name, etag=c.etag), metadata=MARKETER)
+    sender.run_once()
+    due(cmod.RUN)  # run 2 tests C and D
+    assert "held" in {r.state for r in rows_of(svc, c) if r.run == 2}
+    due(cmod.WINNER)
+    second = [r for r in rows_of(svc, c) if r.run == 2]
+    assert not [r for r in second if r.state == "held"] and {r.variant for r in second} <= {"C", "D"}
+    assert api.GetCampaign(pb.GetCampaignRequest(name=c.name), metadata=MARKETER).winner_variant in ("C", "D")
+
+
 def test_a_scheduled_campaign_paused_past_its_start_runs_when_resumed(svc, stubs):
     """Its run came while it was paused (and did nothing); the resume left it 'scheduled' with no
     run to come, for ever."""
