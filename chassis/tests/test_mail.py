@@ -12,7 +12,7 @@ from jinja2.exceptions import SecurityError
 
 from crm_chassis import bots, templating
 from crm_chassis.config import ConfigError
-from crm_chassis.mail import compose, encoded_words, smtp_settings
+from crm_chassis.mail import Attachment, compose, encoded_words, smtp_settings
 from crm_chassis.persian import persian_letters
 
 LONG_SUBJECT = "سارا عزیز، جشنواره بزرگ پاییز با تخفیف‌های ویژه برای مشتریان طلایی در همه شعبه‌ها آغاز شد"
@@ -53,6 +53,30 @@ def test_compose_refuses_header_injection_and_writes_a_text_only_mail():
     assert m["Bcc"] is None and m["Subject"] == "hi Bcc: victim@example.com"
     assert m.get_content_type() == "text/plain" and m["Content-Transfer-Encoding"] == "quoted-printable"
     assert m.get_content() == "plain text\r\nline two"  # canonical CRLF line breaks
+
+
+def test_compose_attaches_files_after_the_text_and_html():
+    payload = bytes(range(256)) * 40  # binary, several base64 lines
+    data = compose(
+        [("To", "a@b.c"), ("Subject", "گزارش")],
+        "گزارش هفتگی پیوست است",
+        "<p>report</p>",
+        [
+            Attachment("acquisition-1.xlsx", "application/vnd.ms-excel", payload),
+            Attachment("گزارش.csv", "text/csv", b"a,b\r\n"),
+        ],
+    )
+    assert all(len(line) <= 998 for line in data.split(b"\r\n"))
+    m = parse(data)
+    assert m.get_content_type() == "multipart/mixed"
+    body, first, second = m.iter_parts()
+    assert body.get_content_type() == "multipart/alternative"
+    assert [p.get_content() for p in body.iter_parts()] == ["گزارش هفتگی پیوست است", "<p>report</p>"]
+    assert first.get_filename() == "acquisition-1.xlsx" and first.get_content() == payload
+    assert second.get_filename() == "گزارش.csv" and second.is_attachment()
+    plain = parse(compose([("To", "a@b.c")], "x", attachments=[Attachment("r.pdf", "application/pdf", b"%PDF")]))
+    text, pdf = plain.iter_parts()
+    assert text.get_content_type() == "text/plain" and pdf.get_content() == b"%PDF"
 
 
 def test_encoded_words_keep_every_word_short_and_split_no_character():

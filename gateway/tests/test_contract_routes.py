@@ -81,6 +81,10 @@ HAND_WRITTEN = {
     ("GET", "/v1/reports/customers-by-source:export", "ExportCustomersBySource", (), None, 200),
     ("GET", "/v1/reports/acquisition", "GetAcquisitionReport", (), None, 200),
     ("GET", "/v1/reports/acquisition:export", "ExportAcquisitionReport", (), None, 200),
+    ("GET", "/v1/reports/pipeline", "GetPipelineReport", (), None, 200),
+    ("GET", "/v1/reports/pipeline:export", "ExportPipelineReport", (), None, 200),
+    ("GET", "/v1/reports/forecast", "GetForecastReport", (), None, 200),
+    ("GET", "/v1/reports/forecast:export", "ExportForecastReport", (), None, 200),
     ("GET", "/v1/reports/support", "GetSupportReport", (), None, 200),
     ("GET", "/v1/reports/support:export", "ExportSupportReport", (), None, 200),
     ("GET", "/v1/reports/loyalty", "GetLoyaltyReport", (), None, 200),
@@ -119,6 +123,8 @@ def test_the_annotations_reproduce_the_hand_written_table():
         "DownloadImportErrorReport",
         "ExportCustomersBySource",
         "ExportAcquisitionReport",
+        "ExportPipelineReport",
+        "ExportForecastReport",
         "ExportSupportReport",
     }
     assert [(r.rpc, r.upload) for r in old if r.upload] == [("ImportCustomers", "content")]

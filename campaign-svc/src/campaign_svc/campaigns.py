@@ -867,6 +867,7 @@ def _attributed(row):
 _COUNTS = ("queued", "held", "sent", "delivered", "bounced", "failed", "suppressed", "capped")
 _FIRSTS = {"opened": m.opened_time, "clicked": m.clicked_time, "responded": m.responded_time,
            "unsubscribed": m.unsubscribed_time}  # fmt: skip
+_MACHINE = {"machine_opens": m.machine_open_count, "machine_clicks": m.machine_click_count}
 
 
 def _variant_stats(conn: sa.Connection, row) -> list[pb.VariantStats]:
@@ -876,6 +877,7 @@ def _variant_stats(conn: sa.Connection, row) -> list[pb.VariantStats]:
     cols = [
         *[sa.func.count().filter(states.get(k, m.state == k)).label(k) for k in _COUNTS],
         *[sa.func.count(col).label(k) for k, col in _FIRSTS.items()],
+        *[sa.func.coalesce(sa.func.sum(col), 0).label(k) for k, col in _MACHINE.items()],
     ]
     att = _attributed(row)
     money_cols = [
@@ -892,7 +894,7 @@ def _variant_stats(conn: sa.Connection, row) -> list[pb.VariantStats]:
     def stats(variant: str, r, mr) -> pb.VariantStats:
         return pb.VariantStats(
             variant=variant,
-            **{k: getattr(r, k) for k in (*_COUNTS, *_FIRSTS)},
+            **{k: getattr(r, k) for k in (*_COUNTS, *_FIRSTS, *_MACHINE)},
             orders=mr.orders if mr is not None else 0,
             revenue=money.to_money(mr.revenue if mr is not None else 0, row.currency),
         )

@@ -316,13 +316,18 @@ class Delivery(PollingWorker):
             content = render(self.rt, conn, variant, ctx)
         except DomainError as e:
             return Outcome(mid, "failed", error=f"render: {e}")
-        html = content.html
+        html, text = content.html, content.text
         if cmp.channel == "email" and tracking.settings(self.rt).email:
             html = tracking.track(self.rt, html, mid)  # click links and the open pixel
+        elif cmp.channel == "sms":  # short links, stored before the message leaves
+            with self.engine.begin() as links:
+                text = tracking.track_text(self.rt, links, text, mid)
+        elif cmp.channel != "email":  # bot messages: signed click links
+            text = tracking.track_text(self.rt, None, text, mid)
         out = Outgoing(
             channel=cmp.channel,
             address=r.address,
-            text=content.text,
+            text=text,
             subject=content.subject,
             html=html,
             message_id=mid,

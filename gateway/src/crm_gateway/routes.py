@@ -79,6 +79,8 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
     "crm.reporting.v1.ReportingService.ExportCustomersBySource": (CSV, XLSX),
     "crm.reporting.v1.ReportingService.ExportSupportReport": (CSV, XLSX),
     "crm.reporting.v1.ReportingService.ExportAcquisitionReport": (CSV, XLSX),
+    "crm.reporting.v1.ReportingService.ExportPipelineReport": (CSV, XLSX),
+    "crm.reporting.v1.ReportingService.ExportForecastReport": (CSV, XLSX),
     "crm.reporting.v1.ValueService.ExportValueReport": (CSV, XLSX),
     # an attachment answers the type it was uploaded with
     "crm.support.v1.TicketService.GetAttachment": ("application/pdf", "image/*", "*/*"),
@@ -124,10 +126,24 @@ PUBLIC: dict[str, Public] = {
         per_minute=6000,
         max_bytes=1024,
         raw_response="data",
+        headers={"user_agent": "User-Agent"},
         cache_control="no-store, no-cache, must-revalidate, max-age=0",
     ),
     "crm.campaign.v1.TrackingService.FollowClick": Public(
-        per_minute=1200, max_bytes=1024, redirect="location", client_address="client_address", cache_control="no-store"
+        per_minute=1200,
+        max_bytes=1024,
+        redirect="location",
+        client_address="client_address",
+        headers={"user_agent": "User-Agent"},
+        cache_control="no-store",
+    ),
+    "crm.campaign.v1.TrackingService.FollowShortLink": Public(
+        per_minute=1200,
+        max_bytes=1024,
+        redirect="location",
+        client_address="client_address",
+        headers={"user_agent": "User-Agent"},
+        cache_control="no-store",
     ),
     "crm.campaign.v1.TrackingService.PostBounce": Public(
         per_minute=1200,
@@ -135,6 +151,13 @@ PUBLIC: dict[str, Public] = {
         raw_body="body",
         headers={"key": "X-Crm-Provider-Key"},
         description="A bounce: an RFC 3464 delivery-status notification as received, or a provider's JSON webhook.",
+    ),
+    "crm.campaign.v1.TrackingService.PostInboundMail": Public(
+        per_minute=1200,
+        max_bytes=512 * 1024,
+        raw_body="body",
+        headers={"key": "X-Crm-Provider-Key"},
+        description="A mail to the marketing mailbox as received: a bounce, a reply to a campaign, an auto-reply.",
     ),
     "crm.campaign.v1.TrackingService.PostDeliveryReceipt": Public(
         per_minute=1200,

@@ -20,6 +20,7 @@ from . import (
     acquisition_report,
     campaigns,
     loyalty,
+    pipeline_report,
     projections,
     rebuild,
     status,
@@ -116,6 +117,37 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
         columns, rows = acquisition_report.export_rows(resp, q)
         yield from documents.stream_table(
             pb.ExportReportResponse, fmt, columns, rows, filename=f"acquisition-{_stamp()}", title="Acquisition sources"
+        )
+
+    # -- report 3 ----------------------------------------------------------------------------
+    def GetPipelineReport(self, request, context):
+        q = pipeline_report.parse_pipeline(request)
+        with self.engine.connect() as conn:
+            return pipeline_report.pipeline(conn, q)
+
+    def ExportPipelineReport(self, request, context):
+        fmt = _format(request.format)
+        q = pipeline_report.parse_pipeline(request)
+        with self.engine.connect() as conn:
+            resp = pipeline_report.pipeline(conn, q)
+        columns, rows = pipeline_report.pipeline_export(resp, q)
+        yield from documents.stream_table(
+            pb.ExportReportResponse, fmt, columns, rows, filename=f"pipeline-{_stamp()}", title="Pipeline"
+        )
+
+    def GetForecastReport(self, request, context):
+        q = pipeline_report.parse_forecast(request)
+        with self.engine.connect() as conn:
+            return pipeline_report.forecast(conn, q)
+
+    def ExportForecastReport(self, request, context):
+        fmt = _format(request.format)
+        q = pipeline_report.parse_forecast(request)
+        with self.engine.connect() as conn:
+            resp = pipeline_report.forecast(conn, q)
+        columns, rows = pipeline_report.forecast_export(resp, q)
+        yield from documents.stream_table(
+            pb.ExportReportResponse, fmt, columns, rows, filename=f"forecast-{_stamp()}", title="Forecast vs actual"
         )
 
     # -- report 4 ----------------------------------------------------------------------------
