@@ -696,6 +696,11 @@ def test_an_unsubscribe_from_a_message_counts_in_the_campaigns_stats(svc, stubs,
         )
     stats = api.GetCampaignStats(pb.GetCampaignStatsRequest(name=c.name), metadata=MARKETER)
     assert (stats.total.sent, stats.total.unsubscribed) == (2, 1)
+    listed = api.ListCampaignMessages(pb.ListCampaignMessagesRequest(parent=c.name), metadata=MARKETER).messages
+    assert {m.customer: m.HasField("unsubscribed_time") for m in listed} == {
+        f"customers/{ids[0]}": True,
+        f"customers/{ids[1]}": False,
+    }
     assert {r.customer_id: r.unsubscribed_time is not None for r in rows_of(svc, c)} == {ids[0]: True, ids[1]: False}
 
 

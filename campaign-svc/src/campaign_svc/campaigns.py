@@ -130,8 +130,14 @@ def message_to_proto(row) -> pb.CampaignMessage:
         attempts=row.attempts,
         error=row.error,
         provider_message_id=row.provider_message_id,
+        bounce_kind=row.bounce_kind,
+        open_count=row.open_count,
+        click_count=row.click_count,
     )
-    for f in ("not_before", "sent_time", "opened_time", "clicked_time"):
+    for f in (
+        "not_before", "sent_time", "opened_time", "clicked_time", "responded_time", "delivered_time", "bounced_time",
+        "unsubscribed_time",
+    ):  # fmt: skip
         if getattr(row, f) is not None:
             getattr(out, f).FromDatetime(getattr(row, f))
     return out
