@@ -395,6 +395,53 @@ def test_a_recurring_ab_campaign_sends_its_later_runs_with_the_winner(svc, stubs
     assert {r.variant for r in second} == {winner}
 
 
+def test_new_variants_of_a_recurring_ab_campaign_are_tested_and_their_winner_sends_the_rest(svc, stubs, sender):
+    """The variants changed (paused, new content) after the first winner: the next run tested
+    them and held the rest, and the winner timer did nothing (a winner was set): held for ever."""
+    ids = people(svc, 30)
+    a, b = (
+        template(stubs, subject="A {{ customer.display_name }}"),
+        template(stubs, subject="B {{ customer.display_name }}"),
+    )
+    api = stubs[0]
+    c = campaign(
+        stubs, segment_of(stubs, ids), [pb.Variant(key="A", template=a), pb.Variant(key="B", template=b)],
+        test_percent=50, winner_metric="opens", winner_wait_hours=1, cron="0 3 * * *",
+    )  # fmt: skip
+    api.LaunchCampaign(pb.LaunchCampaignRequest(name=c.name), metadata=MARKETER)
+    cid = c.name.removeprefix("campaigns/")
+
+    def due(kind: str) -> None:
+        with svc.ctx.engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE timers SET due_at = now(), next_attempt_at = now() WHERE kind = :k AND key = :c"),
+                {"k": kind, "c": cid},
+            )
+        fire_timers(svc)
+
+    due(cmod.RUN)
+    sender.run_once()
+    due(cmod.WINNER)
+    c = api.PauseCampaign(pb.PauseCampaignRequest(name=c.name), metadata=MARKETER)
+    c = api.UpdateCampaign(
+        pb.UpdateCampaignRequest(
+            campaign=pb.Campaign(
+                name=c.name, etag=c.etag, variants=[pb.Variant(key="C", template=a), pb.Variant(key="D", template=b)]
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["variants"]),
+        ),
+        metadata=MARKETER,
+    )
+    api.ResumeCampaign(pb.ResumeCampaignRequest(name=c.name, etag=c.etag), metadata=MARKETER)
+    sender.run_once()
+    due(cmod.RUN)  # run 2 tests C and D
+    assert "held" in {r.state for r in rows_of(svc, c) if r.run == 2}
+    due(cmod.WINNER)
+    second = [r for r in rows_of(svc, c) if r.run == 2]
+    assert not [r for r in second if r.state == "held"] and {r.variant for r in second} <= {"C", "D"}
+    assert api.GetCampaign(pb.GetCampaignRequest(name=c.name), metadata=MARKETER).winner_variant in ("C", "D")
+
+
 def test_a_scheduled_campaign_paused_past_its_start_runs_when_resumed(svc, stubs):
     """Its run came while it was paused (and did nothing); the resume left it 'scheduled' with no
     run to come, for ever."""
@@ -628,6 +675,33 @@ def test_responses_without_a_message_count_toward_a_leads_goal(svc, stubs, sende
     stats = api.GetCampaignStats(pb.GetCampaignStatsRequest(name=c.name), metadata=MARKETER)
     assert (stats.leads, stats.goal_achieved, stats.total.responded) == (3, 3.0, 1)
     assert stats.goal_share == pytest.approx(0.75)
+
+
+def test_an_unsubscribe_from_a_message_counts_in_the_campaigns_stats(svc, stubs, smtp, sender):
+    """The stats count recipients who unsubscribed from their message, but nothing ever set a
+    message's unsubscribed_time: always 0."""
+    from crm.campaign.v1 import consent_pb2, consent_pb2_grpc
+    from tests.support.harness import md
+
+    api, _, _ = stubs
+    ids = people(svc, 2)
+    c = launched(stubs, svc, campaign(stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))]))
+    sender.run_once()
+    mail = next(m for m in smtp.messages() if m["To"] == f"{ids[0]}@example.ir")
+    token = mail["List-Unsubscribe"].split("/v1/unsubscribe/", 1)[1].split(">", 1)[0]
+    with channel(svc) as ch:
+        consent_pb2_grpc.ConsentServiceStub(ch).Unsubscribe(
+            consent_pb2.UnsubscribeRequest(token=token, body=b"List-Unsubscribe=One-Click"),
+            metadata=md("public_channel", "gateway:public"),
+        )
+    stats = api.GetCampaignStats(pb.GetCampaignStatsRequest(name=c.name), metadata=MARKETER)
+    assert (stats.total.sent, stats.total.unsubscribed) == (2, 1)
+    listed = api.ListCampaignMessages(pb.ListCampaignMessagesRequest(parent=c.name), metadata=MARKETER).messages
+    assert {m.customer: m.HasField("unsubscribed_time") for m in listed} == {
+        f"customers/{ids[0]}": True,
+        f"customers/{ids[1]}": False,
+    }
+    assert {r.customer_id: r.unsubscribed_time is not None for r in rows_of(svc, c)} == {ids[0]: True, ids[1]: False}
 
 
 def test_bad_input_is_named_and_state_rules_hold(svc, stubs):

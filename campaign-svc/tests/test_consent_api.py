@@ -237,6 +237,22 @@ def test_a_stop_of_every_purpose_holds_for_purposes_never_asked_until_one_is_gra
     assert may("newsletter") and not may("marketing")
 
 
+def test_a_back_dated_grant_does_not_undo_a_later_revocation(svc, stub):
+    """RecordConsent takes a past occur_time (an import of old sign-ups); a grant of 2025 recorded
+    after an unsubscribe of today became the state, and the address was sent to again."""
+    address = "old@example.ir"
+    stub.RecordConsent(
+        pb.RecordConsentRequest(entry=pb.ConsentEntry(channel="email", address=address, action="revoked")),
+        metadata=MARKETER,
+    )
+    old = pb.ConsentEntry(channel="email", address=address, action="granted", source="import")
+    old.occur_time.FromDatetime(dt.datetime(2025, 3, 1, tzinfo=dt.UTC))
+    got = stub.RecordConsent(pb.RecordConsentRequest(entry=old), metadata=MARKETER)
+    assert [(p.purpose, p.status) for p in got.consent.purposes] == [("marketing", "revoked")]
+    assert not got.consent.sendable
+    assert [r.action for r in ledger(svc, address)] == ["revoked", "granted"]  # kept as proof all the same
+
+
 def test_suppressions_by_hand_and_their_errors(svc, stub):
     s = pb.Suppression(channel="email", address="Bounce@Example.ir", reason="admin", detail="asked by phone")
     made = stub.CreateSuppression(pb.CreateSuppressionRequest(suppression=s), metadata=ADMIN)

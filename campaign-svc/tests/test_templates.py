@@ -393,6 +393,22 @@ def test_send_test_email_to_oneself_through_smtp(api, servers):
     )
 
 
+def test_a_test_send_to_a_suppressed_address_is_refused(svc, api, servers):
+    """Suppression is checked at every send, but a test send went to a hard-bounced (or erased,
+    or complained) address all the same."""
+    from campaign_svc import consent
+
+    smtp, _, _ = servers
+    t = email_template(api, display_name="test send suppressed")
+    r = svc.ctx.shared["runtime"]
+    with r.uow.begin() as tx:
+        consent.suppress(tx, "email", "bounced@crm.test", "hard_bounce", "5.1.1")
+    before = smtp.count
+    err = problem(api.SendTestMessage, pb.SendTestMessageRequest(name=t.name, address="Bounced@CRM.test"))
+    assert err.code == grpc.StatusCode.FAILED_PRECONDITION and err.reason == "ADDRESS_SUPPRESSED", err
+    assert smtp.count == before
+
+
 def test_send_test_sms_and_what_an_outage_or_a_bad_number_answers(api, servers):
     _, sms, _ = servers
     t = api.CreateTemplate(

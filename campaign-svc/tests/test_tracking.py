@@ -163,6 +163,9 @@ def test_the_pixel_answers_a_gif_and_records_the_first_open_once(svc, stubs, smt
     assert http.get(path_of(pixel)).data == tracking.GIF
     again = message_row(svc, c, ids[0])
     assert again.open_count == 2 and again.opened_time == row.opened_time
+    listed = stubs[0].ListCampaignMessages(cpb.ListCampaignMessagesRequest(parent=c.name), metadata=MARKETER)
+    shown = {m.customer: m for m in listed.messages}[f"customers/{ids[0]}"]  # as docs/tracking.md says
+    assert shown.open_count == 2 and shown.HasField("opened_time")
     opened = [e for e in events(svc, "message.opened.v1", ev.MessageEvent) if e.campaign == c.name]
     assert [e.customer for e in opened] == [f"customers/{ids[0]}"]
     # a bad token: the same GIF, nothing recorded

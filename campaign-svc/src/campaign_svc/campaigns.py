@@ -130,8 +130,14 @@ def message_to_proto(row) -> pb.CampaignMessage:
         attempts=row.attempts,
         error=row.error,
         provider_message_id=row.provider_message_id,
+        bounce_kind=row.bounce_kind,
+        open_count=row.open_count,
+        click_count=row.click_count,
     )
-    for f in ("not_before", "sent_time", "opened_time", "clicked_time"):
+    for f in (
+        "not_before", "sent_time", "opened_time", "clicked_time", "responded_time", "delivered_time", "bounced_time",
+        "unsubscribed_time",
+    ):  # fmt: skip
         if getattr(row, f) is not None:
             getattr(out, f).FromDatetime(getattr(row, f))
     return out
@@ -606,16 +612,22 @@ class Campaigns:
         """campaign.winner: the variant with the best rate of the metric among its sent messages
         wins (ties: the first variant); the held messages get it and are queued."""
         row = conn.execute(sa.select(campaigns).where(c.id == timer.key).with_for_update()).first()
-        if row is None or row.state in ("cancelled",) or row.winner_variant:
+        if row is None or row.state in ("cancelled",):
             return
-        rates = variant_rates(conn, row)
         variants = [v.key for v in self._variants(conn, row.id)]
-        best = max(variants, key=lambda k: (rates.get(k, 0.0), -variants.index(k))) if variants else ""
+        known = row.winner_variant in variants  # chosen before; not when the variants changed since
+        if known:
+            best = row.winner_variant
+        else:
+            rates = variant_rates(conn, row)
+            best = max(variants, key=lambda k: (rates.get(k, 0.0), -variants.index(k))) if variants else ""
         conn.execute(
             messages.update()
             .where(m.campaign_id == row.id, m.state == "held")
             .values(state="queued", variant=best, not_before=sa.func.greatest(m.not_before, sa.func.now()))
         )
+        if known:
+            return
         with self.uow.joined(conn) as tx:
             row = conn.execute(
                 campaigns.update()

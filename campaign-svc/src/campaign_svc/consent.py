@@ -142,6 +142,12 @@ def record(rt, tx, change: Change) -> list[Recorded]:
         if change.occur_time is not None:
             values["occur_time"] = change.occur_time
         entry = conn.execute(consent_ledger.insert().values(**values).returning(consent_ledger.c.id)).scalar_one()
+        if change.occur_time is not None and _newer_than(conn, change, purpose):
+            # a change back-dated before the one in force (an import of old sign-ups) is proof
+            # kept in the ledger, not the state: it never undoes a later revocation
+            kept = prev.status if prev else ""
+            out.append(Recorded(entry, kept, kept, purpose))
+            continue
         state = {
             "channel": change.channel,
             "address": change.address,
@@ -190,6 +196,26 @@ def _effective(conn: sa.Connection, channel: str, address: str, purpose: str) ->
             .limit(1)
         ).scalar()
         or ""
+    )
+
+
+def _newer_than(conn: sa.Connection, change: Change, purpose: str) -> bool:
+    """Whether the entry in force for the purpose (its own, or a revocation of every purpose)
+    happened after `change.occur_time`."""
+    c, ledger = consent_state.c, consent_ledger.c
+    return (
+        conn.execute(
+            sa.select(sa.literal(1))
+            .select_from(consent_state.join(consent_ledger, ledger.id == c.ledger_id))
+            .where(
+                c.channel == change.channel,
+                c.address == change.address,
+                c.purpose.in_((purpose, ALL)),
+                ledger.occur_time > change.occur_time,
+            )
+            .limit(1)
+        ).first()
+        is not None
     )
 
 

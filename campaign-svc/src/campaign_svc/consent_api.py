@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import uuid
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -36,7 +37,7 @@ from crm_chassis.resources import ResourceName
 from . import consent
 from .outgoing import Outgoing
 from .runtime import Campaign
-from .tables import consent_ledger, consent_state, suppressions
+from .tables import consent_ledger, consent_state, messages, suppressions
 
 ENTRY = ResourceName("consentEntries/{entry}")
 CUSTOMER = ResourceName("customers/{customer_id}")
@@ -409,6 +410,16 @@ class Consents:
                         proof={"message": message_id, "client_address": req.client_address[:100]},
                         actor=principal.subject,
                     ),
+                )
+            try:
+                mid = str(uuid.UUID(message_id))
+            except ValueError:  # a link of no campaign message
+                mid = None
+            if mid:  # the campaign message it came from counts it (its stats)
+                tx.conn.execute(
+                    messages.update()
+                    .where(messages.c.id == mid)
+                    .values(unsubscribed_time=sa.func.coalesce(messages.c.unsubscribed_time, sa.func.now()))
                 )
         return pb.Unsubscription(
             channel=channel, masked_address=mask(channel, address), purpose=purpose, status="revoked"
