@@ -30,7 +30,7 @@ from customer_svc.__main__ import SPEC as CUSTOMER
 from reporting_svc.__main__ import SPEC as REPORTING
 from sales_svc.__main__ import SPEC as SALES
 from support_svc.__main__ import SPEC as SUPPORT
-from tests.support.harness import gateway_client, start_service, token
+from tests.support.harness import Broker, gateway_client, start_service, token
 from tests.support.harness import wait_for as _wait_for
 from tests.support.smtp_capture import SmtpCapture
 
@@ -79,8 +79,14 @@ def units(money: dict | None) -> int:
 
 
 @pytest.fixture(scope="module")
-def stack(databases, broker):
-    """All five services in process, each on its own fresh database, and the gateway's app."""
+def stack(databases):
+    """All five services in process, each on its own fresh database, and the gateway's app.
+
+    The journey has a RabbitMQ vhost of its own (not the session's): the session's `suite`
+    (customer-svc and reporting-svc of test_e2e, alive to the end of the run) consumes from the
+    same queue names, and would take half of this journey's events; nor can events other tests
+    left in a durable queue reach this journey's reports."""
+    own = Broker()
     with SmtpCapture() as smtp, pytest.MonkeyPatch.context() as mp:
         mp.setenv("SMTP_PORT", str(smtp.port))
         mp.setenv("SMTP_FROM", "news@journey.test")
@@ -92,10 +98,10 @@ def stack(databases, broker):
         mp.setenv("TRACKING_SITE_DOMAINS", "shop.journey.test")
         started = {}
         try:
-            started["customer"] = start_service(CUSTOMER, databases.fresh("jy_customer"), broker.url)
+            started["customer"] = start_service(CUSTOMER, databases.fresh("jy_customer"), own.url)
             mp.setenv("CUSTOMER_SVC_ADDR", f"127.0.0.1:{started['customer'].port}")
             for key, spec in (("sales", SALES), ("support", SUPPORT), ("campaign", CAMPAIGN), ("reporting", REPORTING)):
-                started[key] = start_service(spec, databases.fresh(f"jy_{key}"), broker.url)
+                started[key] = start_service(spec, databases.fresh(f"jy_{key}"), own.url)
             for key, svc in started.items():
                 if svc.consumer is not None:
                     assert svc.consumer.ready.wait(30), f"{key}'s consumer did not start"
@@ -105,6 +111,7 @@ def stack(databases, broker):
         finally:
             for svc in reversed(list(started.values())):
                 svc.stop(0)
+            own.close()
 
 
 # --- reports 2 and 3 --------------------------------------------------------------------------
@@ -114,9 +121,10 @@ def stack(databases, broker):
 
 
 def assert_sales_by_segment(http, journey: dict) -> None:  # pragma: no cover - report 2, not built yet
-    """TODO(report 2): the customer's order under their age band, province/city, gender, kind,
-    the product and the period, and their lead-to-purchase time (journey["lead_time"] to
-    journey["paid_time"])."""
+    """TODO(report 2): the customer's order (journey["order"], 90,000,000 IRR net) under their
+    city (شیراز), kind, the product (journey["product"]) and the period (journey["period"]), and
+    their lead-to-purchase time (journey["lead_time"] to journey["paid_time"]). `journey` also
+    has customer, lead, opportunity and invoice names."""
     raise NotImplementedError("report 2 (sales by segment) is not built yet")
 
 
@@ -134,8 +142,10 @@ def test_one_customer_through_every_service_and_every_report(stack):
     j: dict = {}
 
     # -- set-up: the source, the marketer's contact, segment, template, campaign, programme ----
-    src = http.post("/v1/acquisitionSources", json={"key": "campaign", "displayName": "Campaigns"}, headers=ADMIN)
-    assert src.status_code in (200, 201, 409), src.get_data(as_text=True)
+    # sales-svc gives a campaign response's lead the source "campaign", which is not in
+    # customer-svc's default list of acquisition sources: an admin adds it, so the customer and
+    # their lead count under one source in the acquisition report.
+    ok(http.post("/v1/acquisitionSources", json={"key": "campaign", "displayName": "Campaigns"}, headers=ADMIN), 201)
     person = ok(
         http.post(
             "/v1/customers",
@@ -152,6 +162,7 @@ def test_one_customer_through_every_service_and_every_report(stack):
         201,
     )
     customer = person["name"]
+    j["customer"] = customer
     cid = customer.removeprefix("customers/")
     segment = ok(
         http.post(
@@ -287,6 +298,7 @@ def test_one_customer_through_every_service_and_every_report(stack):
     lead = leads[0]
     assert lead["source"] == "campaign" and lead["campaignId"] == campaign_id and lead["email"] == EMAIL, lead
     assert lead["customer"] == customer, lead  # the clicked message's customer
+    j["lead"], j["lead_time"] = lead["name"], lead["createTime"]
     # The manager's team and priced product; the lead goes to a rep of the team.
     team = ok(http.post("/v1/teams", json={"displayName": "Shiraz", "manager": "maryam"}, headers=ADMIN), 201)
     ok(http.post(f"/v1/{team['name']}:addMembers", json={"members": ["reza"]}, headers=ADMIN))
@@ -299,13 +311,9 @@ def test_one_customer_through_every_service_and_every_report(stack):
         ),
         201,
     )
-    lead = ok(
-        http.patch(
-            f"/v1/{lead['name']}?update_mask=owner",
-            json={"owner": "reza"},
-            headers={**ADMIN, "If-Match": lead["etag"]},
-        )
-    )
+    # No If-Match: the lead's rules (scoring) may touch it after the consumer made it.
+    lead = ok(http.patch(f"/v1/{lead['name']}?update_mask=owner", json={"owner": "reza"}, headers=ADMIN))
+    assert lead["owner"] == "reza"
     ok(http.post(f"/v1/{lead['name']}:qualify", json={}, headers=REZA))
     conv = ok(http.post(f"/v1/{lead['name']}:convert", json={"opportunityName": "ERP for Sara"}, headers=REZA))
     # The lead came from a known customer: the conversion links them, no second customer.
@@ -354,6 +362,7 @@ def test_one_customer_through_every_service_and_every_report(stack):
         201,
     )
     assert ok(http.get(f"/v1/{inv['name']}", headers=MANAGER))["state"] == "paid"
+    j.update(product=product["name"], order=order["name"], invoice=inv["name"], paid_time=dt.datetime.now(dt.UTC))
 
     # -- loyalty: 90 points (1 per 1,000,000 rials of the 90,000,000 net of tax) ---------------
     member = f"{program['name']}/members/{cid}"
@@ -367,10 +376,6 @@ def test_one_customer_through_every_service_and_every_report(stack):
 
     # -- support: a ticket, replied to, resolved, the survey answered --------------------------
     ok(http.post("/v1/agents?agent_id=omid", json={"displayName": "امید", "capacity": 10}, headers=DESK), 201)
-    wait_for(
-        lambda: http.get(f"/v1/{customer}", headers=ADMIN).status_code == 200,
-        "the customer",
-    )
     ticket = ok(
         http.post(
             "/v1/tickets",
@@ -417,7 +422,7 @@ def test_one_customer_through_every_service_and_every_report(stack):
 
     # -- the reports: this customer's contribution, exact -------------------------------------
     today = dt.datetime.now(dt.UTC)
-    period = {
+    j["period"] = period = {
         "start_date": (today - dt.timedelta(days=2)).date().isoformat(),
         "end_date": (today + dt.timedelta(days=2)).date().isoformat(),
     }
