@@ -564,5 +564,13 @@ def test_one_customer_through_every_service_and_every_report(stack):
     assert by_kind["survey.answered"]["csat"] == 4 and by_kind["message.clicked"]["url"] == f"{SITE}/autumn"
     assert timeline(page_size=5) == entries  # the same, five at a time
 
+    # Last, the customer's mail client uses the message's List-Unsubscribe (RFC 8058 one-click).
+    (target,) = re.findall(r"<(" + re.escape(PUBLIC) + r"/v1/unsubscribe/[^>]+)>", unsubscribe)
+    path = urllib.parse.urlsplit(target).path
+    page = ok(http.get(path))  # public: no token; opt-out mode, never asked: no status yet
+    assert page.get("status", "") == "" and page["maskedAddress"].endswith("@example.ir"), page
+    done = ok(http.post(path, data="List-Unsubscribe=One-Click", content_type="application/x-www-form-urlencoded"))
+    assert done["status"] == "revoked", done
+
     # Reports 2 and 3: assert_sales_by_segment(http, j) and assert_pipeline_and_forecast(http, j)
     # go here once those reports exist (see above; not called yet).
