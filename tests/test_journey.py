@@ -9,8 +9,9 @@ which sales-svc turns into a lead attributed to the campaign. A rep qualifies an
 (the contact's own customer and an opportunity), wins it, the customer orders, is invoiced and
 pays: points in the club. The customer then opens a support ticket, an agent replies and
 resolves it, the customer answers the survey. Finally every report shows this customer's
-contribution with exact figures: acquisition (report 1), support (4), loyalty and campaigns (5),
-customer value (6) and the Customer 360 timeline (7), newest first.
+contribution with exact figures: acquisition (report 1), pipeline and forecast (3), support (4),
+loyalty and campaigns (5), customer value (6) and the Customer 360 timeline (7), newest first.
+Report 2 (sales by segment) is not built yet: its marked stub waits below.
 
 Every asynchronous effect is waited for by polling a gateway route with a deadline; nothing
 sleeps a fixed time."""
@@ -26,9 +27,11 @@ import uuid
 import pytest
 
 from campaign_svc.__main__ import SPEC as CAMPAIGN
+from crm_chassis import dates
 from customer_svc.__main__ import SPEC as CUSTOMER
 from reporting_svc.__main__ import SPEC as REPORTING
 from sales_svc.__main__ import SPEC as SALES
+from sales_svc.forecast_periods import period_of
 from support_svc.__main__ import SPEC as SUPPORT
 from tests.support.harness import Broker, gateway_client, start_service
 from tests.support.harness import wait_for as _wait_for
@@ -107,9 +110,9 @@ def stack(databases):
 
 
 # --- reports 2 and 3 --------------------------------------------------------------------------
-# Report 2 (sales by segment) and report 3 (pipeline and forecast vs actual) are being built by
-# other helpers. Their assertions go here, and the journey calls them once the reports exist.
-# Until then they are NOT called (so they cannot pass by skipping anything).
+# Report 2 (sales by segment) is being built by another helper: its assertions go in the marked
+# stub below, which the journey does NOT call yet (so it cannot pass by skipping anything). Call
+# it at the end of the journey once the report exists. Report 3 is built: checked below.
 
 
 def assert_sales_by_segment(http, journey: dict) -> None:  # pragma: no cover - report 2, not built yet
@@ -120,10 +123,32 @@ def assert_sales_by_segment(http, journey: dict) -> None:  # pragma: no cover - 
     raise NotImplementedError("report 2 (sales by segment) is not built yet")
 
 
-def assert_pipeline_and_forecast(http, journey: dict) -> None:  # pragma: no cover - report 3, not built yet
-    """TODO(report 3): the won opportunity (journey["opportunity"], 90,000,000 IRR) in the
-    pipeline's actuals for this period beside the forecast snapshot's figure."""
-    raise NotImplementedError("report 3 (pipeline and forecast) is not built yet")
+def open_pipeline(http) -> list[dict]:
+    """Report 3's pipeline now, by owner: its totals (one per currency)."""
+    return ok(http.get("/v1/reports/pipeline", query_string={"dimensions": "owner"}, headers=ANALYST)).get("totals", [])
+
+
+def assert_pipeline_and_forecast(http, journey: dict) -> None:
+    """Report 3 after the win: nothing open in the pipeline; this Jalali quarter's forecast row
+    of the rep has the win (90,000,000) as the actual beside the manager's snapshot (commit
+    180,000,000: accuracy 0.5)."""
+
+    def row():
+        rows = ok(
+            http.get(
+                "/v1/reports/forecast",
+                query_string={"period": "quarter", "calendar": "jalali", "owners": "reza"},
+                headers=ANALYST,
+            )
+        ).get("rows", [])
+        mine = [r for r in rows if r["periodKey"] == journey["quarter"] and int(r.get("wonOpportunities", 0)) == 1]
+        return mine[0] if mine else None
+
+    got = wait_for(row, "the win in the forecast report beside the snapshot")
+    assert (got["owner"], got["currencyCode"], units(got["actualWon"])) == ("reza", "IRR", 90_000_000), got
+    (snap,) = [x for x in got["snapshots"] if x["snapshot"] == journey["snapshot"]]
+    assert units(snap["commit"]) == 180_000_000 and snap["accuracy"] == pytest.approx(0.5), got
+    wait_for(lambda: not [t for t in open_pipeline(http) if int(t.get("opportunities", 0))], "an empty pipeline")
 
 
 # --- the journey ------------------------------------------------------------------------------
@@ -302,18 +327,36 @@ def test_one_customer_through_every_service_and_every_report(stack):
     assert conv["customer"] == customer and not conv.get("customerCreated"), conv
     opp = ok(http.get(f"/v1/{conv['opportunity']}", headers=REZA))
     assert opp["customer"] == customer and opp["source"] == "campaign", opp
+    close = dates.today()  # Asia/Tehran's: this Jalali quarter
+    j["quarter"] = period_of(close, "jalali", "quarter").label
     opp = ok(
         http.patch(
-            f"/v1/{opp['name']}?update_mask=lines",
+            f"/v1/{opp['name']}?update_mask=lines,expectedCloseDate",
             json={
                 "lines": [
                     {"product": product["name"], "quantity": "2", "unitPrice": irr(50_000_000), "discountPercent": "10"}
-                ]
+                ],
+                "expectedCloseDate": {"year": close.year, "month": close.month, "day": close.day},
             },
             headers={**REZA, "If-Match": opp["etag"]},
         )
     )
     assert units(opp["amount"]) == 90_000_000
+    # Report 3 before the win: the open opportunity in the pipeline; the manager's forecast.
+    (open_total,) = wait_for(
+        lambda: [t for t in open_pipeline(http) if units(t.get("amount")) == 90_000_000] or None,
+        "the open opportunity in the pipeline report",
+        lambda: open_pipeline(http),
+    )
+    assert int(open_total["opportunities"]) == 1, open_total
+    assert units(open_total["weightedAmount"]) == 90_000_000 * int(opp.get("probability", 0)) // 100, open_total
+    snapshot = http.post(
+        "/v1/forecastSnapshots",
+        json={"period": j["quarter"], "owner": "reza", "adjustedCommit": irr(180_000_000)},
+        headers=MANAGER,
+    )
+    assert snapshot.status_code in (200, 201), snapshot.get_data(as_text=True)
+    j["snapshot"] = snapshot.get_json()["name"]
     opp = ok(http.post(f"/v1/{opp['name']}:win", json={"reason": "best fit"}, headers=REZA))
     assert opp["state"] == "STATE_WON"
     j["opportunity"] = opp["name"]
@@ -413,12 +456,15 @@ def test_one_customer_through_every_service_and_every_report(stack):
     def acquisition():
         rows = ok(http.get("/v1/reports/acquisition", query_string={**period, "sources": "campaign"}, headers=ANALYST))
         rows = [r for r in rows.get("rows", []) if r["source"] == "campaign"]
-        return rows if rows and int(rows[0].get("wonOpportunities", 0)) == 1 else None
+        done = rows and int(rows[0].get("wonOpportunities", 0)) == 1 and units(rows[0].get("campaignCost"))
+        return rows if done else None
 
-    (row,) = wait_for(acquisition, "the acquisition report to count the win")
+    (row,) = wait_for(acquisition, "the acquisition report to count the win and the campaign's cost")
     assert int(row["customers"]) == 1 and int(row["leads"]) == 1 and int(row["convertedLeads"]) == 1, row
     assert row["conversionRate"] == 1
     assert [(m["currencyCode"], units(m)) for m in row["wonRevenue"]] == [("IRR", 90_000_000)], row
+    # The campaign's cost (entered after it completed) on its one lead, under the lead's source.
+    assert units(row["campaignCost"]) == 9_000_000 and units(row["costPerCustomer"]) == 9_000_000, row
 
     # Report 5, campaigns: the response, the lead, the order, revenue, goal share and ROI.
     def campaign_row():
@@ -564,6 +610,8 @@ def test_one_customer_through_every_service_and_every_report(stack):
     assert by_kind["survey.answered"]["csat"] == 4 and by_kind["message.clicked"]["url"] == f"{SITE}/autumn"
     assert timeline(page_size=5) == entries  # the same, five at a time
 
+    # Report 3: pipeline and forecast against the actual.
+    assert_pipeline_and_forecast(http, j)
     # Last, the customer's mail client uses the message's List-Unsubscribe (RFC 8058 one-click).
     (target,) = re.findall(r"<(" + re.escape(PUBLIC) + r"/v1/unsubscribe/[^>]+)>", unsubscribe)
     path = urllib.parse.urlsplit(target).path
@@ -572,5 +620,4 @@ def test_one_customer_through_every_service_and_every_report(stack):
     done = ok(http.post(path, data="List-Unsubscribe=One-Click", content_type="application/x-www-form-urlencoded"))
     assert done["status"] == "revoked", done
 
-    # Reports 2 and 3: assert_sales_by_segment(http, j) and assert_pipeline_and_forecast(http, j)
-    # go here once those reports exist (see above; not called yet).
+    # Report 2: assert_sales_by_segment(http, j) goes here once the report exists (see above).
