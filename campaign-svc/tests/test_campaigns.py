@@ -704,6 +704,39 @@ def test_an_unsubscribe_from_a_message_counts_in_the_campaigns_stats(svc, stubs,
     assert {r.customer_id: r.unsubscribed_time is not None for r in rows_of(svc, c)} == {ids[0]: True, ids[1]: False}
 
 
+def test_every_campaign_event_after_the_launch_carries_the_runs_recipients(svc, stubs, sender):
+    """A consumer keeps a campaign's newest event (reporting's report 5): the cost entered after
+    the campaign completed, a pause or the winner must not read as 0 recipients (the journey
+    found the report lost the entered cost, and with it the figure)."""
+    api, _, _ = stubs
+    ids = people(svc, 3)
+    c = launched(stubs, svc, campaign(stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))]))
+    irr = money_pb2.Money(currency_code="IRR", units=5_000_000)
+    api.UpdateCampaign(
+        pb.UpdateCampaignRequest(
+            campaign=pb.Campaign(name=c.name, cost=irr, etag=c.etag),
+            update_mask=field_mask_pb2.FieldMask(paths=["cost"]),
+        ),
+        metadata=MARKETER,
+    )
+    api.PauseCampaign(pb.PauseCampaignRequest(name=c.name), metadata=MARKETER)
+    (launch,) = events(svc, "campaign.launched.v1", ev.CampaignEvent, subject=c.name)
+    (update,) = events(svc, "campaign.updated.v1", ev.CampaignEvent, subject=c.name)
+    (pause,) = events(svc, "campaign.paused.v1", ev.CampaignEvent, subject=c.name)
+    assert launch.recipients == update.recipients == pause.recipients == 3
+    assert update.cost.units == 5_000_000 and update.version > launch.version
+    draft = campaign(stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))])
+    api.UpdateCampaign(
+        pb.UpdateCampaignRequest(
+            campaign=pb.Campaign(name=draft.name, display_name="d", etag=draft.etag),
+            update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+        ),
+        metadata=MARKETER,
+    )
+    (never_run,) = events(svc, "campaign.updated.v1", ev.CampaignEvent, subject=draft.name)
+    assert never_run.recipients == 0
+
+
 def test_bad_input_is_named_and_state_rules_hold(svc, stubs):
     api, _, _ = stubs
     for c, field in (

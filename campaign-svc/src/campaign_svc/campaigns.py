@@ -162,6 +162,16 @@ def event(row, *, recipients: int = 0) -> ev.CampaignEvent:
     return e
 
 
+def run_recipients(conn: sa.Connection, row) -> int:
+    """The messages of the campaign's latest run (0 before its first): the `recipients` of the
+    events other than launched and completed, so a consumer keeping the newest state of a
+    campaign (reporting) keeps the figure through an update, a pause or the winner."""
+    if not row.run:
+        return 0
+    q = sa.select(sa.func.count()).select_from(messages).where(m.campaign_id == row.id, m.run == row.run)
+    return conn.execute(q).scalar()
+
+
 FILTERS = FilterSchema(
     FilterField("state", c.state, FieldType.ENUM, enum_values={s.upper(): s for s in STATES} | {s: s for s in STATES}),
     FilterField("channel", c.channel),
@@ -453,7 +463,7 @@ class Campaigns:
                 .returning(campaigns)
             ).one()
             tx.audit(CAMPAIGN.format(row.id), "update", principal, [])
-            tx.publish("campaign.updated.v1", event(row), CAMPAIGN.format(row.id))
+            tx.publish("campaign.updated.v1", event(row, recipients=run_recipients(conn, row)), CAMPAIGN.format(row.id))
             return self._proto(conn, row)
 
     def delete(self, req: pb.DeleteCampaignRequest) -> None:
@@ -479,7 +489,7 @@ class Campaigns:
         ).one()
         tx.audit(CAMPAIGN.format(row.id), state, current_principal(), [])
         if key:
-            tx.publish(key, event(row), CAMPAIGN.format(row.id))
+            tx.publish(key, event(row, recipients=run_recipients(tx.conn, row)), CAMPAIGN.format(row.id))
         return row
 
     def launch(self, req: pb.LaunchCampaignRequest) -> pb.Campaign:
@@ -635,7 +645,9 @@ class Campaigns:
                 .values(winner_variant=best, version=c.version + 1, update_time=sa.func.now())
                 .returning(campaigns)
             ).one()
-            tx.publish("campaign.winner_chosen.v1", event(row), CAMPAIGN.format(row.id))
+            tx.publish(
+                "campaign.winner_chosen.v1", event(row, recipients=run_recipients(conn, row)), CAMPAIGN.format(row.id)
+            )
 
     # -- reading ---------------------------------------------------------------------------------
     def stats(self, name: str) -> pb.CampaignStats:
