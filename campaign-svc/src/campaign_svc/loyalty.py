@@ -16,9 +16,12 @@ reverse) take them from the lots soonest-expiring first and record which.
   credit notes add up to the whole earning and never more). Points already spent are not
   taken below zero: the movement takes what the balance has (the reversed invoice's own lot
   first, then soonest-expiring) and records the rest as `shortfall`.
-- expiry: one durable timer per lot (`loyalty.expire`, key the lot id) at its expire_time; the
-  batch handler expires the due lots of a batch in one statement. A taking movement first
-  expires the member's lots already due, so it never spends expired points.
+- expiry: one durable timer per member with expiring lots (`loyalty.expire`, key the member
+  id) at its soonest lot's expire_time: a lot arms it only if it expires sooner
+  (timers.schedule_many keep_earlier: no write otherwise, one row per member, not per lot); the
+  batch handler expires the due lots of its members in one statement and arms each member's
+  timer again at its next lot. A taking movement first expires the member's lots already due,
+  so it never spends expired points.
 - tiers: evaluated at every earning and reversal (the only movements that change the figure:
   points earned minus reversed, or spend, in the period); upgrades at once; downgrades per
   the rule: none, at the calendar period's end (`loyalty.period_end` timer per member in a
@@ -63,7 +66,7 @@ MOVEMENT = ResourceName(
     "programs/{program_id}/members/{customer_id}/movements/{movement_id}", movement_id=r"[0-9]{1,19}"
 )
 
-EXPIRE = "loyalty.expire"  # key: the lot's movement id
+EXPIRE = "loyalty.expire"  # key: the member id; due at its soonest-expiring live lot
 GRACE = "loyalty.tier_grace"  # key: the member id
 REVIEW = "loyalty.tier_review"  # key: the member id (rolling windows with a grace downgrade)
 PERIOD_END = "loyalty.period_end"  # key: the member id; payload {"period_end": iso time}
@@ -376,14 +379,14 @@ class Loyalty:
             )
         return used
 
-    def expire_due(self, conn, tx, *, lot_ids=None, member_id=None, now=None) -> int:
-        """Expire the due lots (expire_time <= now) among `lot_ids` or of one member, set-based:
+    def expire_due(self, conn, tx, *, member_ids=None, member_id=None, now=None) -> int:
+        """Expire the due lots (expire_time <= now) of these members (or one), set-based:
         one movement per lot, balances lowered, points.expired.v1 each. Members are locked
         first (in (programme, customer) order, as everything here locks them), then their lots."""
         now = now or self.now()
         due = sa.select(mv.id).where(mv.remaining > 0, mv.expire_time <= now)
-        if lot_ids is not None:
-            due = due.where(mv.id.in_([int(i) for i in lot_ids]))
+        if member_ids is not None:
+            due = due.where(mv.member_id.in_([str(i) for i in member_ids]))
         if member_id is not None:
             due = due.where(mv.member_id == member_id)
         owners = sa.select(mv.member_id).where(mv.id.in_(due.scalar_subquery())).distinct().scalar_subquery()
@@ -547,7 +550,12 @@ class Loyalty:
                 "tier_times": [state[x]["tier_time"] for x in mids],
             },
         )
-        arm = [(EXPIRE, str(r.id), r.expire_time, None) for r in rows if r.expire_time is not None]
+        soonest: dict = {}  # member -> its soonest new lot: the member's one expiry timer
+        for r in rows:
+            if r.expire_time is not None and (r.member_id not in soonest or r.expire_time < soonest[r.member_id]):
+                soonest[r.member_id] = r.expire_time
+        self.arm_expiry(conn, soonest)
+        arm = []
         written = {(str(r.program_id), r.source_event_id): r for r in rows}  # RETURNING's order is not promised
         with self.rt.uow.joined(conn) as tx:
             earned = []
@@ -691,6 +699,8 @@ class Loyalty:
                 for r in gone:
                     timers.cancel(conn, GRACE, str(r.id))
                     timers.cancel(conn, PERIOD_END, str(r.id))
+                    timers.cancel(conn, EXPIRE, str(r.id))
+                self.arm_expiry_from_lots(conn, [keep.id])  # the lots it took over
                 conn.execute(loyalty_members.delete().where(m.id.in_(ids)))
                 prog = Rules(conn.execute(sa.select(loyalty_programs).where(loyalty_programs.c.id == program_id)).one())
                 self.evaluate_tier(conn, tx, prog, keep, now, "spend" if prog.tier_basis == "spend" else "points")
@@ -778,8 +788,38 @@ class Loyalty:
 
     # timers ---------------------------------------------------------------------------------
     def fire_expiry(self, conn, due: list[timers.Timer]):
+        """The members' due lots expired, then each member's timer armed again at its next
+        expiring lot (none left: the fired timer goes)."""
+        ids = sorted(t.key for t in due)
         with self.rt.uow.joined(conn) as tx:
-            self.expire_due(conn, tx, lot_ids=[t.key for t in due], now=max(self.now(), max(t.due_at for t in due)))
+            self.expire_due(conn, tx, member_ids=ids, now=max(self.now(), max(t.due_at for t in due)))
+        self.arm_expiry_from_lots(conn, ids)
+
+    @staticmethod
+    def arm_expiry(conn, soonest: dict) -> None:
+        """Members' new lots: member id -> the soonest expire_time among them; each member's
+        timer is moved only if that is sooner than the one it has (one upsert, no write else)."""
+        timers.schedule_many(conn, [(EXPIRE, str(k), at, None) for k, at in sorted(soonest.items())], keep_earlier=True)
+
+    @staticmethod
+    def arm_expiry_from_lots(conn, member_ids) -> None:
+        """These members' timers set to their soonest live lot now (replacing what they had);
+        a member without one keeps no timer."""
+        ids = [str(i) for i in member_ids]
+        if not ids:
+            return
+        nxt = {
+            str(k): at
+            for k, at in conn.execute(
+                sa.select(mv.member_id, sa.func.min(mv.expire_time))
+                .where(mv.member_id.in_(ids), mv.remaining > 0, mv.expire_time.isnot(None))
+                .group_by(mv.member_id)
+            )
+        }
+        timers.schedule_many(conn, [(EXPIRE, k, at, None) for k, at in sorted(nxt.items())])
+        gone = [(EXPIRE, i) for i in ids if i not in nxt]
+        if gone:
+            timers.cancel_many(conn, gone)
 
     def fire_period_end(self, conn, timer: timers.Timer):
         member = self.locked_member(conn, timer.key)

@@ -632,7 +632,7 @@ class LoyaltyApi:
                     conn, member, "adjust", points, remaining=points, expire_time=expire, **cols
                 )
                 if expire is not None:
-                    timers.schedule(conn, EXPIRE, str(row.id), expire)
+                    self.lo.arm_expiry(conn, {member.id: expire})
             else:
                 take = abs(points)
                 self.lo.expire_due(conn, tx, member_id=member.id, now=now)
