@@ -54,6 +54,8 @@ from crm_chassis.db import cacheable
 from crm_chassis.messaging.consumer import Requires, Subscription
 from crm_chassis.messaging.envelope import Event
 from crm_chassis.money import NANO, to_money
+
+CENT = Decimal("0.01")
 from crm_chassis.resources import ResourceName
 
 from .loyalty_tables import loyalty_members, loyalty_movements, loyalty_programs
@@ -278,18 +280,28 @@ def _figures(column: str) -> sa.TextClause:
 
 
 _FIGURES_POINTS, _FIGURES_SPEND = _figures("points"), _figures("amount")
-# the movements of a batch as one jsonb parameter (crm_chassis.jsonrows), inserted in order
-_MOVE_MANY = sa.text(
-    f"""INSERT INTO loyalty_movements ({", ".join(_MOVE_COLUMNS)})
-        {jsonrows.select_rows("loyalty_movements", _MOVE_COLUMNS)}
-        RETURNING *"""
-).columns(*loyalty_movements.c)
 _MEMBERS_AFTER = sa.text(
     """UPDATE loyalty_members mb SET balance = v.balance, earned = v.earned, tier = v.tier,
               tier_time = v.tier_time, version = mb.version + 1, update_time = now()
          FROM unnest(CAST(:ids AS uuid[]), CAST(:balances AS bigint[]), CAST(:earned AS bigint[]),
                      CAST(:tiers AS text[]), CAST(:tier_times AS timestamptz[])) AS v(id, balance, earned, tier, tier_time)
         WHERE mb.id = v.id"""
+)
+
+
+# earn_batch's writes in ONE statement: the movements (one jsonb parameter, crm_chassis.jsonrows,
+# inserted in order), the members' balances, totals and tiers,
+# and the members' expiry timers (moved only when a new lot expires sooner); it returns the
+# movements' ids for their events.
+_EARN_WRITE = sa.text(
+    f"""WITH moved AS (
+          INSERT INTO loyalty_movements ({", ".join(_MOVE_COLUMNS)})
+          {jsonrows.select_rows("loyalty_movements", _MOVE_COLUMNS)}
+          RETURNING id, program_id, source_event_id
+        ), members AS ({_MEMBERS_AFTER.text}
+        ), armed AS ({timers.upsert_sql("timers", keep_earlier=True)}
+        )
+        SELECT id, program_id, source_event_id FROM moved"""
 )
 
 
@@ -537,34 +549,43 @@ class Loyalty:
                     s["tier"], s["tier_time"] = target, now
         if not moves:
             return 0
-        rows = conn.execute(_MOVE_MANY, {"rows": jsonrows.dumps({c: x[c] for c in _MOVE_COLUMNS} for x in moves)}).all()
         touched = {x["member_id"] for x in moves}
         mids = sorted(touched)
-        conn.execute(
-            _MEMBERS_AFTER,
-            {
-                "ids": mids,
-                "balances": [state[x]["balance"] for x in mids],
-                "earned": [state[x]["earned"] for x in mids],
-                "tiers": [state[x]["tier"] for x in mids],
-                "tier_times": [state[x]["tier_time"] for x in mids],
-            },
-        )
         soonest: dict = {}  # member -> its soonest new lot: the member's one expiry timer
-        for r in rows:
-            if r.expire_time is not None and (r.member_id not in soonest or r.expire_time < soonest[r.member_id]):
-                soonest[r.member_id] = r.expire_time
-        self.arm_expiry(conn, soonest)
+        for x in moves:
+            at, mid = x["expire_time"], x["member_id"]
+            if at is not None and (mid not in soonest or at < soonest[mid]):
+                soonest[mid] = at
+        ids = {
+            (str(r.program_id), r.source_event_id): r.id  # RETURNING's order is not promised
+            for r in conn.execute(
+                _EARN_WRITE,
+                {
+                    "rows": jsonrows.dumps({c: x[c] for c in _MOVE_COLUMNS} for x in moves),
+                    "ids": mids,
+                    "balances": [state[x]["balance"] for x in mids],
+                    "earned": [state[x]["earned"] for x in mids],
+                    "tiers": [state[x]["tier"] for x in mids],
+                    "tier_times": [state[x]["tier_time"] for x in mids],
+                    "timers": timers.upsert_rows(
+                        [(EXPIRE, str(k), at, None) for k, at in sorted(soonest.items())], keep_earlier=True
+                    ),
+                },
+            )
+        }
         arm = []
-        written = {(str(r.program_id), r.source_event_id): r for r in rows}  # RETURNING's order is not promised
         with self.rt.uow.joined(conn) as tx:
             earned = []
             for x in moves:
-                r = written[(str(x["program_id"]), x["source_event_id"])]
-                if r.points:
-                    msg = movement_event(
-                        _Row({**r._mapping, "customer": x["_customer"], "currency": x["_prog"].currency})
+                if x["points"]:
+                    r = _Row({c: x[c] for c in _MOVE_COLUMNS})
+                    r.update(
+                        id=ids[(str(x["program_id"]), x["source_event_id"])],
+                        amount=x["amount"].quantize(CENT, ROUND_HALF_UP),  # as the numeric(18, 2) column keeps it
+                        customer=x["_customer"],
+                        currency=x["_prog"].currency,
                     )
+                    msg = movement_event(r)
                     earned.append((msg.account, msg))
             _publish_all(tx, ROUTING["earn"], earned)
             changes = []
@@ -589,7 +610,7 @@ class Loyalty:
                         timers.schedule(conn, GRACE, str(mid), now + dt.timedelta(days=prog.row.downgrade_grace_days))
                     if prog.row.tier_period == "rolling_days" and s["tier"]:
                         self._arm_review(conn, prog, s["row"], s["start"])
-        return len(rows)
+        return len(ids)
 
     def on_credited(self, conn: sa.Connection, event: Event) -> None:
         e = event.parse(se.InvoiceEvent)

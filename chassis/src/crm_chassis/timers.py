@@ -163,18 +163,25 @@ def _upsert_statement():
 
 
 _UPSERT = _upsert_statement()
-_UPSERT_MANY = sa.text(
-    f"""INSERT INTO timers ({", ".join(_UPSERT_COLUMNS)}) {jsonrows.select_rows("timers", _UPSERT_COLUMNS)}
+
+
+def upsert_sql(param: str = "rows", keep_earlier: bool = False) -> str:
+    """SQL of the upsert of the timer rows in the jsonb parameter `param` (`upsert_rows` makes
+    it), for a statement of the caller's own (a CTE beside its other writes: one round trip).
+    With `keep_earlier`, a scheduled timer due no later than the new time is left alone (no
+    write at all: the WHERE of ON CONFLICT fails): "fire at the earliest of these times"."""
+    sql = f"""INSERT INTO timers ({", ".join(_UPSERT_COLUMNS)}) {jsonrows.select_rows("timers", _UPSERT_COLUMNS, param)}
         ON CONFLICT ON CONSTRAINT timers_kind_key DO UPDATE SET
         {", ".join(f"{c} = EXCLUDED.{c}" for c in _UPSERT_COLUMNS if c not in ("kind", "key"))},
         state = 'scheduled', attempts = 0, last_error = NULL, lease_token = NULL, lease_until = NULL,
         update_time = now()"""
-)
-# The same, but a scheduled timer that is due no later than the new time is left alone (no
-# write at all: the WHERE of ON CONFLICT fails): "fire at the earliest of these times".
-_UPSERT_EARLIER = sa.text(
-    _UPSERT_MANY.text + "\n        WHERE timers.state <> 'scheduled' OR EXCLUDED.due_at < timers.due_at"
-)
+    if keep_earlier:
+        sql += "\n        WHERE timers.state <> 'scheduled' OR EXCLUDED.due_at < timers.due_at"
+    return sql
+
+
+_UPSERT_MANY = sa.text(upsert_sql())
+_UPSERT_EARLIER = sa.text(upsert_sql(keep_earlier=True))
 
 
 def _upsert(conn: sa.Connection, values: dict[str, Any] | list[dict[str, Any]], keep_earlier: bool = False) -> None:
@@ -207,6 +214,17 @@ def schedule_many(conn: sa.Connection, items, *, keep_earlier: bool = False) -> 
     timer due at or before `at` is left as it is (payload too; a failed one is replaced), and
     of the same (kind, key) twice the earlier wins. One timer per owner ("the next of its
     deadlines") instead of one per deadline; its handler arms the next one when it fires."""
+    rows = _rows_of(items, keep_earlier)
+    _upsert(conn, rows, keep_earlier)
+
+
+def upsert_rows(items, keep_earlier: bool = False) -> str:
+    """The jsonb parameter of `upsert_sql` for (kind, key, at, payload) items, as `schedule_many`
+    takes them."""
+    return jsonrows.dumps({**r, "next_attempt_at": r["due_at"]} for r in _rows_of(items, keep_earlier))
+
+
+def _rows_of(items, keep_earlier: bool) -> list[dict[str, Any]]:
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for kind, key, at, payload in items:
         had = rows.get((kind, str(key)))
@@ -220,7 +238,7 @@ def schedule_many(conn: sa.Connection, items, *, keep_earlier: bool = False) -> 
             "cron": None,
             "timezone": None,
         }
-    _upsert(conn, list(rows.values()), keep_earlier)
+    return list(rows.values())
 
 
 def schedule_recurring(
