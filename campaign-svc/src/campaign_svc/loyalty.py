@@ -54,14 +54,13 @@ from crm_chassis.db import cacheable
 from crm_chassis.messaging.consumer import Requires, Subscription
 from crm_chassis.messaging.envelope import Event
 from crm_chassis.money import NANO, to_money
-
-CENT = Decimal("0.01")
 from crm_chassis.resources import ResourceName
 
 from .loyalty_tables import loyalty_members, loyalty_movements, loyalty_programs
 from .runtime import Campaign
 
 TEHRAN = zoneinfo.ZoneInfo("Asia/Tehran")
+CENT = Decimal("0.01")
 PROGRAM = ResourceName("programs/{program_id}")
 MEMBER = ResourceName("programs/{program_id}/members/{customer_id}")
 MOVEMENT = ResourceName(
