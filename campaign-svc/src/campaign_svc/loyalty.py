@@ -50,6 +50,7 @@ from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm.customer.v1 import customer_events_pb2 as ce
 from crm.sales.v1 import sales_events_pb2 as se
 from crm_chassis import jsonrows, persian, timers
+from crm_chassis.dates import set_timestamp
 from crm_chassis.db import cacheable
 from crm_chassis.messaging.consumer import Requires, Subscription
 from crm_chassis.messaging.envelope import Event
@@ -927,8 +928,8 @@ def movement_event(r) -> ev.PointsEvent:
     if r.amount and currency:
         msg.amount.CopyFrom(to_money(r.amount, currency))
     if r.expire_time is not None:
-        msg.expire_time.FromDatetime(r.expire_time)
-    msg.event_time.FromDatetime(r.occur_time)
+        set_timestamp(msg.expire_time, r.expire_time)
+    set_timestamp(msg.event_time, r.occur_time)
     return msg
 
 
