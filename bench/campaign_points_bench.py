@@ -48,7 +48,6 @@ import uuid
 import grpc
 import pika
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from bench.__main__ import start_service_process
 from campaign_svc.__main__ import SPEC
@@ -58,9 +57,8 @@ from crm.sales.v1 import sales_events_pb2 as se
 from crm.type.v1 import money_pb2
 from crm_chassis.config import DEFAULT_JWT_SECRET, load_settings
 from crm_chassis.db import create_engine, migrate
-from crm_chassis.messaging.consumer import EventConsumer, Subscription
+from crm_chassis.messaging.consumer import _INBOX_MANY, EventConsumer, Subscription
 from crm_chassis.messaging.envelope import new_event
-from crm_chassis.messaging.tables import inbox
 from crm_chassis.messaging.topology import declare_consumer_queue, declare_producer, exchange_for, queue_name
 from tests.support.harness import ROOT, Broker, Databases, md, start_service, stop_process
 
@@ -235,11 +233,10 @@ def in_process(url: str, amqp_url: str, n: int, batch: int) -> float:
         for i in range(0, n, batch):
             chunk = evs[i : i + batch]
             with svc.ctx.engine.begin() as conn:
-                conn.execute(
-                    pg_insert(inbox)
-                    .values([{"consumer": f"{NOOP}-{batch}", "event_id": e.id, "event_type": e.type} for e in chunk])
-                    .on_conflict_do_nothing()
-                )
+                conn.execute(  # the consumer's own inbox statement
+                    _INBOX_MANY,
+                    {"c": f"{NOOP}-{batch}", "ids": [e.id for e in chunk], "types": [e.type for e in chunk]},
+                ).all()
                 lo.earn_batch(conn, chunk)
         return n / (time.perf_counter() - t0)
     finally:
