@@ -21,7 +21,8 @@ INSERT of their ids into the inbox (the redelivered ones drop out), then each ru
 consecutive events of one subscription and routing key goes to the subscription's batch
 handler for that key if it has one (`Subscription.batch`), else to its handler event by event,
 in arrival order. A subscription with `batch_all` takes its whole run of consecutive events,
-whatever their routing keys, in arrival order, in one call instead. They are acked after the commit. If the batch fails, its deliveries are
+whatever their routing keys, in arrival order, in one call instead. They are acked after the
+commit, with one basic.ack (multiple=True) for the batch's last delivery tag. If the batch fails, its deliveries are
 handled again one at a time as above, so a poison event is requeued alone and the others go
 through.
 """
