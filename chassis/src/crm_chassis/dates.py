@@ -81,6 +81,21 @@ def from_proto(
     return None
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def set_timestamp(ts, value: dt.datetime) -> None:
+    """Timestamp.FromDatetime, a few times faster for an aware datetime (one subtraction instead
+    of a time tuple): what event building does per row. A naive one is read as UTC, as
+    FromDatetime reads it."""
+    if value.tzinfo is None:
+        ts.FromDatetime(value)
+        return
+    d = value - _EPOCH
+    ts.seconds = d.days * 86400 + d.seconds
+    ts.nanos = d.microseconds * 1000
+
+
 def timestamp(value: dt.datetime | None):
     """A google.protobuf.Timestamp of an aware datetime, or None (a field left unset)."""
     if value is None:
@@ -88,7 +103,7 @@ def timestamp(value: dt.datetime | None):
     from google.protobuf import timestamp_pb2
 
     out = timestamp_pb2.Timestamp()
-    out.FromDatetime(value)
+    set_timestamp(out, value)
     return out
 
 
@@ -98,7 +113,7 @@ def set_times(message, row, *fields: str) -> None:
     for f in fields:
         value = getattr(row, f)
         if value is not None:
-            getattr(message, f).FromDatetime(value)
+            set_timestamp(getattr(message, f), value)
 
 
 @functools.cache
