@@ -59,6 +59,7 @@ from reporting_svc import timeline as timeline_part
 from reporting_svc.__main__ import SPEC
 from tests.support.harness import ROOT, Broker, Databases, md, service_settings, start_service, wait_for
 
+DATABASE = os.environ.get("BENCH_SCALE_DATABASE", "")
 SIZES = [int(s) for s in os.environ.get("BENCH_SCALE_SIZES", "200000").split(",") if s.strip()]
 CALLS = int(os.environ.get("BENCH_SCALE_CALLS", "20"))
 CHECK = int(os.environ.get("BENCH_SCALE_CHECK", "5000"))
@@ -228,10 +229,26 @@ def measure(n: int, dbs: Databases) -> dict:
         counts = dict(c.execute(sa.text("SELECT rk, count(*) FROM gen.events GROUP BY rk")).all())
         out["events"] = sum(counts.values())
         data.drop_spec(c)
+        c.exec_driver_sql("CREATE TABLE bench_scale (events bigint NOT NULL, events_target bigint NOT NULL)")
+        c.execute(sa.text("INSERT INTO bench_scale VALUES (:e, :n)"), {"e": out["events"], "n": n})
     t = time.perf_counter()
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
         c.exec_driver_sql("VACUUM ANALYZE")
         out["vacuum_analyze_s"] = round(time.perf_counter() - t, 1)
+    engine.dispose()
+    return {**out, **serve_and_time(url)}
+
+
+def serve_and_time(url: str) -> dict:
+    """The report RPCs on reporting-svc's gRPC server over a generated database (migrated to
+    head first: BENCH_SCALE_DATABASE times a database kept from an earlier run, after a new
+    migration)."""
+    migrate(url, SPEC.migrations)
+    engine = sa.create_engine(url)
+    out: dict = {"revision": None}
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        out["revision"] = c.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+        out["events"], out["events_target"] = c.exec_driver_sql("SELECT events, events_target FROM bench_scale").one()
         out["db_size"] = c.execute(sa.text("SELECT pg_size_pretty(pg_database_size(current_database()))")).scalar()
         out["rows"] = {
             t.name: c.execute(sa.select(sa.func.count()).select_from(t)).scalar()
@@ -278,6 +295,7 @@ def measure(n: int, dbs: Databases) -> dict:
                 rs.GetCustomerTimelineRequest(customer=f"customers/{heavy}", page_token=token), metadata=m),
         }  # fmt: skip
         rows = []
+        out["load_average_before"] = round(os.getloadavg()[0], 1)
         with engine.connect() as c:
             for sql, label in (("SELECT count(*) FROM acquisition_daily", "baseline: SQL count(*) acquisition_daily"),
                                ("SELECT count(*) FROM timeline", "baseline: SQL count(*) timeline")):  # fmt: skip
@@ -291,6 +309,7 @@ def measure(n: int, dbs: Databases) -> dict:
             rows.append({"report": name, "p50_ms": round(pct(times, 50), 1), "p95_ms": p95, "calls": len(times),
                          "goal_ms": goal or "", "meets": "" if goal is None else ("yes" if p95 < goal else "NO")})  # fmt: skip
         out["reports"] = rows
+        out["load_average_after"] = round(os.getloadavg()[0], 1)
         ch.close()
     finally:
         svc.stop(0)
@@ -336,25 +355,37 @@ def explain(engine) -> dict:
 
 def main() -> None:
     dbs = Databases()
-    out: dict = {"host": platform.node(), "python": platform.python_version(), "calls": CALLS,
-                 "disk_free_gb_before": round(shutil.disk_usage(ROOT).free / 1e9, 1)}  # fmt: skip
+    out: dict = {
+        "stamp": dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "calls": CALLS,
+        "disk_free_gb_before": round(shutil.disk_usage(ROOT).free / 1e9, 1),
+    }
     try:
         if CHECK:
             out["shape_check"] = check_shape(dbs, CHECK)
+            report(out)
+            report(out, save=True)
             if not KEEP:
                 dbs.drop_all()
                 dbs.created.clear()
         out["runs"] = []
+        if DATABASE:
+            out["runs"].append({"spec_s": "-", "load_s": "-", "index_s": "-", "vacuum_analyze_s": "-",
+                                **serve_and_time(DATABASE)})  # fmt: skip
+            report(out)
+            report(out, save=True)
         for n in SIZES:
             out["runs"].append(measure(n, dbs))
             if not KEEP:
                 dbs.drop_all()
                 dbs.created.clear()
             report(out)
+            report(out, save=True)  # after each size: a long run stopped later keeps what it measured
     finally:
         if not KEEP:
             dbs.drop_all()
-    report(out, save=True)
 
 
 def report(out: dict, save: bool = False) -> None:
@@ -372,9 +403,10 @@ def report(out: dict, save: bool = False) -> None:
                     f"  {t['table']} only generated: {t['only_generated']}",
                 ]
     for run in out.get("runs", []):
-        lines += ["", f"{run['events']:,} events (target {run['events_target']:,}): spec {run['spec_s']} s, load "
+        lines += ["", f"{run['events']:,} events (target {run['events_target']:,}), migrations at {run['revision']}: spec {run['spec_s']} s, load "
                   f"{run['load_s']} s, indexes {run['index_s']} s, vacuum analyze {run['vacuum_analyze_s']} s; "
-                  f"database {run['db_size']}; heaviest customer {run['heavy_customer_entries']:,} timeline entries",
+                  f"database {run['db_size']}; heaviest customer {run['heavy_customer_entries']:,} timeline entries; "
+                  f"load average (2 cores, shared) {run['load_average_before']} before timing, {run['load_average_after']} after",
                   "rows: " + ", ".join(f"{k} {v:,}" for k, v in run["rows"].items()),
                   "sizes: " + ", ".join(f"{k} {v}" for k, v in run["sizes"].items()),
                   table(run["reports"], ["report", "p50_ms", "p95_ms", "calls", "goal_ms", "meets"])]  # fmt: skip
@@ -384,7 +416,7 @@ def report(out: dict, save: bool = False) -> None:
     else:
         plans = [f"\n-- EXPLAIN ANALYZE at {r['events']:,} events: {k}\n{v}" for r in out.get("runs", [])
                  for k, v in r.get("explain", {}).items()]  # fmt: skip
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+        stamp = out["stamp"]
         results = ROOT / "bench" / "results"
         (results / f"reporting-scale-{stamp}.txt").write_text(text + "\n" + "\n".join(plans) + "\n")
         (results / f"reporting-scale-{stamp}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
