@@ -317,7 +317,10 @@ def events_sql() -> str:
 
 
 # The facts (each entity's newest state) and the rollups (sums of the facts' contributions, the
-# rules of the projections' _contrib functions), then the timeline from gen.events.
+# rules of the projections' _contrib functions), then the timeline from gen.events. The per-day
+# rollups are written in day order (their primary key's) and the timeline in time order, as the
+# live path lays them out: a day's rollup rows are made, and stop changing, while its events
+# arrive (written in hash order, a month's support_daily rows were spread over the whole heap).
 PROJECT = [
     """INSERT INTO customer_source_facts (customer_id, acquisition_source, created_at, deleted, version)
        SELECT id, coalesce(nullif(CASE WHEN updated THEN source2 ELSE source END, ''), 'unknown'), created_at, false,
@@ -337,7 +340,7 @@ PROJECT = [
          UNION ALL SELECT tehran_day(create_time), source, '', 0, 1, (status = 'converted')::int, 0, 0 FROM lead_facts
          UNION ALL SELECT tehran_day(close_time), source, currency, 0, 0, 0, 1, amount FROM opportunity_facts
            WHERE state = 'won' AND close_time IS NOT NULL
-       ) x GROUP BY 1, 2, 3""",
+       ) x GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
     """INSERT INTO ticket_facts (ticket_id, version, channel, team, assignee, complaint, exchange_count, create_time,
                                  first_response_time, resolve_time, close_time, sla_policy, sla_first_response_met,
                                  sla_resolution_met)
@@ -371,13 +374,13 @@ PROJECT = [
            FROM survey_facts
          UNION ALL SELECT tehran_day(start_time), '', agent, 'phone', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1
            FROM call_facts
-       ) x GROUP BY 1, 2, 3, 4""",
+       ) x GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4""",
     """INSERT INTO points_facts (entry_id, version, programme, kind, points)
        SELECT 'ledger/' || id, at, programme, kind, points FROM gen.points""",
     """INSERT INTO loyalty_daily (day, programme, earned, redeemed, expired, adjusted, reversed)
        SELECT tehran_day(version), programme, coalesce(sum(points) FILTER (WHERE kind = 'earned'), 0),
               coalesce(sum(points) FILTER (WHERE kind = 'redeemed'), 0), 0, 0, 0
-       FROM points_facts GROUP BY 1, 2""",
+       FROM points_facts GROUP BY 1, 2 ORDER BY 1, 2""",
     """INSERT INTO tier_facts (account_id, version, programme, tier)
        SELECT 'accounts/' || id, at, programme, tier FROM gen.tiers""",
     """INSERT INTO tier_counts (programme, tier, accounts) SELECT programme, tier, count(*) FROM tier_facts GROUP BY 1, 2""",
@@ -410,7 +413,7 @@ PROJECT = [
               sum(CASE WHEN kind = 'credit_note' THEN -net_amount ELSE net_amount END),
               count(*) FILTER (WHERE kind <> 'credit_note'), count(*) FILTER (WHERE kind = 'credit_note')
        FROM invoice_value_facts WHERE value_time IS NOT NULL AND customer_id <> ''
-         AND (kind = 'credit_note' OR state = 'paid') GROUP BY 1, 2, 3""",
+         AND (kind = 'credit_note' OR state = 'paid') GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
 ]
 
 TIMELINE = """INSERT INTO timeline (customer_id, origin_customer_id, occurred_at, kind, source, ref, title, detail, event_id)
