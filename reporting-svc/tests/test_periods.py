@@ -72,7 +72,7 @@ def test_0015_inlined_functions_give_0004s_keys_every_day_1900_to_2200_and_the_s
     """0015 replaces the PL/pgSQL functions of 0004 by SQL expressions: the same keys every day of
     three centuries, the same support report by Jalali month, and it downgrades to 0004's."""
     url = databases.fresh("rep_periods_0015")
-    migrate(url, SPEC.migrations, "0010")
+    migrate(url, SPEC.migrations, "0014")
     engine = sa.create_engine(normalise_url(url))
     with engine.begin() as conn:
         conn.execute(
@@ -115,7 +115,7 @@ def test_0015_inlined_functions_give_0004s_keys_every_day_1900_to_2200_and_the_s
     cfg = Config()
     cfg.set_main_option("script_location", str(SPEC.migrations))
     cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
-    command.downgrade(cfg, "0010")
+    command.downgrade(cfg, "0014")
     with engine.connect() as conn:
         assert conn.execute(sa.text(LANGUAGE)).scalar() == "plpgsql"
     assert answers() == before
