@@ -628,6 +628,9 @@ def test_sms_links_are_short_links_that_track_the_click(svc, stubs, sender, http
         assert http.get(f"/s/{bad}").status_code == 404
     # Bot messages have room for the signed click link.
     assert tracking.track_text(r, None, f"see {SHOP}!", "m-1").startswith(f"see {BASE}/v1/t/c/")
+    # An erasure takes the customer's short links (a target may carry what the template put in it).
+    deliver(svc, customer_message("customer.erased.v1", cid=ids[0], version=5))
+    assert http.get(f"/s/{code}").status_code == 404
 
 
 def test_parse_dsn_reads_a_returned_message_and_tells_soft_from_hard():

@@ -694,8 +694,9 @@ def _address(channel: str, customer_id) -> sa.ColumnElement:
 
 
 def _bucket(campaign_id, customer_id) -> sa.ColumnElement:
-    """0..99, stable per (campaign, customer)."""
-    return sa.func.abs(sa.func.hashtext(sa.cast(campaign_id, sa.Text) + customer_id)) % 100
+    """0..99, stable per (campaign, customer). The hash is widened first: abs() of integer's
+    smallest value (-2^31) is out of range, and it would fail the whole run."""
+    return sa.func.abs(sa.cast(sa.func.hashtext(sa.cast(campaign_id, sa.Text) + customer_id), sa.BigInteger)) % 100
 
 
 def _variant_case(variants, bucket, scale: int) -> sa.ColumnElement:

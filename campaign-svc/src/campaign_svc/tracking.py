@@ -953,10 +953,13 @@ def on_merged(conn: sa.Connection, event) -> None:
 
 def on_erased(conn: sa.Connection, event) -> None:
     """customer.erased.v1: the customer's browsing history goes (their visitors' page events,
-    the visitors, the summary); their responses lose the contact (audience.erase_personal)."""
+    the visitors, the summary) and their SMS short links; their responses lose the contact
+    (audience.erase_personal)."""
     from crm.customer.v1 import customer_events_pb2 as ce
 
     cid = event.parse(ce.CustomerErased).customer.name.rsplit("/", 1)[-1]
+    # their SMS short links' targets may carry personal values the template put in the URL
+    conn.execute(short_links.delete().where(short_links.c.message_id.in_(sa.select(m.id).where(m.customer_id == cid))))
     theirs = sa.select(visitors.c.visitor_id).where(visitors.c.customer_id == cid)
     conn.execute(page_events.delete().where(page_events.c.visitor_id.in_(theirs)))
     conn.execute(visitors.delete().where(visitors.c.customer_id == cid))
