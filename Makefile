@@ -70,7 +70,7 @@ test: lint k8s-check $(CDNOW)
 bench: venv proto
 	$(PY) -m bench && $(PY) -m bench.sales_bench && $(PY) -m bench.support_bench
 	$(PY) -m bench.campaign_segments_bench && $(PY) -m bench.campaign_mail_bench && $(PY) -m bench.campaign_delivery_bench
-	$(PY) -m bench.campaign_points_bench && $(PY) -m bench.reporting_bench
+	$(PY) -m bench.campaign_points_bench && $(PY) -m bench.reporting_bench && $(PY) -m bench.reporting_scale_bench
 
 clean:
 	rm -rf $(VENV) proto/gen node_modules .run

@@ -11,7 +11,7 @@ baseline quorum queue bound the same way. Then, in the same run:
 1. baseline: a plain pika consumer (BlockingConnection, prefetch as the service's, one ack per
    message) drains the baseline queue: messages/s;
 2. the chassis' EventConsumer with a no-op handler drains a third queue filled the same way,
-   in batches of CONSUMER_BATCH (50) deliveries per transaction (the service's default): the
+   in batches of CONSUMER_BATCH deliveries per transaction (the service's setting): the
    ceiling of the consumer itself;
 3. the service starts again and its consumer drains its queue: the deliveries that arrive
    together in one transaction with their inbox rows, the audience projection's batch handler
@@ -28,7 +28,8 @@ baseline quorum queue bound the same way. Then, in the same run:
 
 Goal (issue #11): accrual events/s >= 0.5 of the raw pika consume rate. Afterwards the ledger
 is checked (every member's balance is the sum of its movements; N earn movements).
-Settings: BENCH_POINTS_EVENTS (5000), BENCH_POINTS_CUSTOMERS (1000), CONSUMER_PREFETCH (100),
+Settings: BENCH_POINTS_EVENTS (5000), BENCH_POINTS_CUSTOMERS (1000), CONSUMER_BATCH and
+CONSUMER_PREFETCH (the service's: the chassis' defaults unless set),
 BENCH_POINTS_IN_PROCESS (2000), BENCH_POINTS_BATCH (100).
 Results: bench/results/campaign-points-<stamp>.txt/.json.
 """
@@ -47,7 +48,6 @@ import uuid
 import grpc
 import pika
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from bench.__main__ import start_service_process
 from campaign_svc.__main__ import SPEC
@@ -55,17 +55,24 @@ from crm.campaign.v1 import loyalty_pb2 as pb
 from crm.campaign.v1 import loyalty_pb2_grpc
 from crm.sales.v1 import sales_events_pb2 as se
 from crm.type.v1 import money_pb2
+from crm_chassis.config import DEFAULT_JWT_SECRET, load_settings
 from crm_chassis.db import create_engine, migrate
-from crm_chassis.messaging.consumer import EventConsumer, Subscription
+from crm_chassis.messaging.consumer import _INBOX_MANY, EventConsumer, Subscription
 from crm_chassis.messaging.envelope import new_event
-from crm_chassis.messaging.tables import inbox
 from crm_chassis.messaging.topology import declare_consumer_queue, declare_producer, exchange_for, queue_name
 from tests.support.harness import ROOT, Broker, Databases, md, start_service, stop_process
 
 N = int(os.environ.get("BENCH_POINTS_EVENTS", "5000"))
 CUSTOMERS = int(os.environ.get("BENCH_POINTS_CUSTOMERS", "1000"))
-CONSUMER_BATCH = int(os.environ.get("CONSUMER_BATCH", "50"))
-PREFETCH = int(os.environ.get("CONSUMER_PREFETCH", "100"))
+# the service's own settings (CONSUMER_BATCH, CONSUMER_PREFETCH or the chassis' defaults), used
+# by the baseline and the no-op consumer too
+_SETTINGS = load_settings(
+    "campaign-svc",
+    1,
+    env={**os.environ, "DATABASE_URL": "postgresql://bench@localhost/bench", "JWT_SECRET": DEFAULT_JWT_SECRET},
+)
+CONSUMER_BATCH = _SETTINGS.consumer_batch
+PREFETCH = _SETTINGS.consumer_prefetch
 RESULTS = ROOT / "bench" / "results"
 GOAL = 0.5
 IN_PROCESS = int(os.environ.get("BENCH_POINTS_IN_PROCESS", "2000"))
@@ -194,7 +201,7 @@ def raw_consume(url: str, n: int) -> float:
 def noop_consume(engine, url: str, n: int) -> float:
     """Events/s of the chassis' EventConsumer with a handler that does nothing (the inbox rows
     and the commit of each transaction), in batches as the service's consumer makes them
-    (CONSUMER_BATCH, 50): the ceiling of the consumer itself."""
+    (CONSUMER_BATCH): the ceiling of the consumer itself."""
     sub = Subscription(domain="sales", handlers={"invoice.paid.v1": lambda conn, event: None})
     consumer = EventConsumer(engine, url, NOOP, [sub], prefetch=PREFETCH, batch_size=CONSUMER_BATCH)
     consumer.start()
@@ -226,11 +233,10 @@ def in_process(url: str, amqp_url: str, n: int, batch: int) -> float:
         for i in range(0, n, batch):
             chunk = evs[i : i + batch]
             with svc.ctx.engine.begin() as conn:
-                conn.execute(
-                    pg_insert(inbox)
-                    .values([{"consumer": f"{NOOP}-{batch}", "event_id": e.id, "event_type": e.type} for e in chunk])
-                    .on_conflict_do_nothing()
-                )
+                conn.execute(  # the consumer's own inbox statement
+                    _INBOX_MANY,
+                    {"c": f"{NOOP}-{batch}", "ids": [e.id for e in chunk], "types": [e.type for e in chunk]},
+                ).all()
                 lo.earn_batch(conn, chunk)
         return n / (time.perf_counter() - t0)
     finally:
@@ -240,7 +246,9 @@ def in_process(url: str, amqp_url: str, n: int, batch: int) -> float:
 def main() -> int:
     say(f"# campaign-svc loyalty accrual ({dt.datetime.now():%Y-%m-%d %H:%M})")
     say(f"{platform.node()}, {os.cpu_count()} cores, python {platform.python_version()}; load average {loadavg()}")
-    say(f"{N} invoice.paid.v1 events over {CUSTOMERS} customers, prefetch {PREFETCH}")
+    say(
+        f"{N} invoice.paid.v1 events over {CUSTOMERS} customers, prefetch {PREFETCH}, consumer batches of {CONSUMER_BATCH}"
+    )
     stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}"
     RESULTS.mkdir(exist_ok=True)
     out: dict = {"events": N, "customers": CUSTOMERS, "prefetch": PREFETCH, "loadavg_start": os.getloadavg()}

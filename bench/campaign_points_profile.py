@@ -18,12 +18,11 @@ import time
 from collections import defaultdict
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from bench.campaign_points_bench import create_program, invoice_events
 from campaign_svc.__main__ import SPEC
 from crm_chassis.db import migrate
-from crm_chassis.messaging.tables import inbox
+from crm_chassis.messaging.consumer import _INBOX_MANY
 from tests.support.harness import Broker, Databases, start_service
 
 BATCH = int(os.environ.get("CONSUMER_BATCH", "50"))
@@ -64,11 +63,9 @@ def main() -> None:
                 if b >= warm:
                     prof.enable()
                 with svc.ctx.engine.begin() as conn:
-                    conn.execute(
-                        pg_insert(inbox)
-                        .values([{"consumer": "profile", "event_id": e.id, "event_type": e.type} for e in run])
-                        .on_conflict_do_nothing()
-                    )
+                    conn.execute(  # the consumer's own inbox statement
+                        _INBOX_MANY, {"c": "profile", "ids": [e.id for e in run], "types": [e.type for e in run]}
+                    ).all()
                     handle(conn, run)
                 prof.disable()
                 if b >= warm:

@@ -10,8 +10,10 @@ On a fresh database and a private vhost (so the event log holds only these event
 3. live: reporting-svc (in this process: gRPC, consumers, job worker) starts and applies its
    queues; events/s from its start to the last event applied (projection_sources). Goal: at
    least 0.5 of raw.
-4. rebuild: RebuildProjections replays crm.events.log into shadow tables and swaps: events/s.
-   Goal (issue 12) >= 20,000 events/s.
+4. rebuild: first its baseline, a plain pika consumer reading crm.events.log from its first
+   offset (nothing done with the messages): events/s; then RebuildProjections replays the log
+   into shadow tables and swaps: events/s, and its ratio to that read. Goal (issue 12) >= 20,000
+   events/s.
 5. reports: GetSupportReport (Jalali day x agent; month) and GetAcquisitionReport (Jalali month)
    BENCH_REPORT_CALLS times each: p50/p95 ms; and a Customer 360 first page (50 entries).
 
@@ -35,7 +37,7 @@ from crm.reporting.v1 import reporting_service_pb2 as rs
 from crm.reporting.v1 import reporting_service_pb2_grpc as rsg
 from crm.support.v1 import support_events_pb2 as sev
 from crm_chassis.messaging.envelope import new_event
-from crm_chassis.messaging.topology import declare_consumer_queue, declare_producer, exchange_for
+from crm_chassis.messaging.topology import EVENT_LOG_STREAM, declare_consumer_queue, declare_producer, exchange_for
 from reporting_svc import PROJECTIONS
 from reporting_svc.__main__ import SPEC
 from tests.support.harness import ROOT, Broker, Databases, channel, md, service_settings, start_service, wait_for
@@ -120,6 +122,27 @@ def raw_consume(url: str, queue: str, n: int) -> float:
     return rate
 
 
+def raw_stream_read(url: str, n: int) -> float:
+    """The rebuild's baseline: a plain pika consumer reading crm.events.log from its first
+    offset (prefetch 1000, one multiple ack per 500), nothing else done with the messages."""
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    ch = conn.channel()
+    ch.basic_qos(prefetch_count=1000)
+    got, t0 = 0, time.perf_counter()
+    for method, _p, _b in ch.consume(EVENT_LOG_STREAM, inactivity_timeout=5, arguments={"x-stream-offset": "first"}):
+        if method is None:
+            break
+        got += 1
+        if got % 500 == 0 or got >= n:
+            ch.basic_ack(method.delivery_tag, multiple=True)
+        if got >= n:
+            break
+    rate = got / (time.perf_counter() - t0)
+    ch.cancel()
+    conn.close()
+    return rate
+
+
 def main() -> None:
     dbs, broker = Databases(), Broker()
     out: dict = {"events": N, "host": platform.node(), "python": platform.python_version()}
@@ -148,6 +171,7 @@ def main() -> None:
         wait_for(lambda: applied() >= N, 600, "the live projection")
         out["live_per_s"] = round(N / (time.perf_counter() - t0))
         out["live_over_raw"] = round(out["live_per_s"] / out["raw_consume_per_s"], 2)
+        out["raw_stream_read_per_s"] = round(raw_stream_read(broker.url, N))
         with channel(svc) as gch:
             stub = rsg.ReportingServiceStub(gch)
             t0 = time.perf_counter()
@@ -160,6 +184,7 @@ def main() -> None:
             j = wait_for(done, 600, "the rebuild")
             out["rebuild_state"] = j.state
             out["rebuild_per_s"] = round(j.processed_events / (time.perf_counter() - t0))
+            out["rebuild_over_raw_stream"] = round(out["rebuild_per_s"] / out["raw_stream_read_per_s"], 2)
             calls = {
                 "support day x agent (jalali)": lambda: stub.GetSupportReport(
                     rs.GetSupportReportRequest(period="day", calendar="jalali", dimensions=["agent"]), metadata=md()

@@ -56,3 +56,21 @@ def test_http_body_and_query_with_a_nul_are_400_naming_the_field(suite):
     # The same requests without the NUL are fine.
     assert suite.http.post("/v1/customers", json=person(givenName="ab"), headers=h).status_code == 201
     assert suite.http.get("/v1/customers:search?query=ab", headers=h).status_code == 200
+
+
+def test_an_out_of_range_timestamp_is_invalid_argument_naming_it_not_internal(suite):
+    """A Timestamp before 0001-01-01 (or after 9999) cannot become a datetime: the chassis
+    interceptor names it before any handler runs. It used to be INTERNAL from ToDatetime()."""
+    with grpc.insecure_channel(f"127.0.0.1:{suite.customer.port}") as ch:
+        stub = customer_service_pb2_grpc.CustomerServiceStub(ch)
+        request = customer_service_pb2.CreateCustomerRequest(
+            customer=customer_pb2.Customer(type=customer_pb2.CUSTOMER_TYPE_PERSON, given_name="a", family_name="b")
+        )
+        request.customer.create_time.seconds = -62_135_596_801
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CreateCustomer(request, metadata=md())
+        view = read_rpc_error(err.value)
+        assert view.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in view.field_violations] == ["customer.create_time"]
+        request.customer.create_time.seconds = 1_700_000_000  # a real one is taken (and ignored: output only)
+        assert stub.CreateCustomer(request, metadata=md()).name.startswith("customers/")

@@ -15,7 +15,8 @@ import sqlalchemy as sa
 from crm_chassis.messaging.tables import outbox
 from customer_svc.__main__ import SPEC as CUSTOMER
 from sales_svc.__main__ import SPEC as SALES
-from tests.support.harness import start_service, token, wait_for
+from tests.support.harness import start_service, wait_for
+from tests.support.journeys import as_, irr, ok, sales_desk
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +37,6 @@ def stack(databases, broker):
         customer.stop(0)
 
 
-def as_(roles: str, sub: str) -> dict:
-    return {"Authorization": f"Bearer {token(roles, sub)}"}
-
-
 ADMIN, MANAGER, REZA, OMID = (
     as_("admin", "ada"),
     as_("sales_manager", "maryam"),
@@ -48,29 +45,10 @@ ADMIN, MANAGER, REZA, OMID = (
 )
 
 
-def ok(resp, status: int = 200) -> dict:
-    assert resp.status_code == status, resp.get_data(as_text=True)
-    return resp.get_json()
-
-
-def irr(units: int) -> dict:
-    return {"currencyCode": "IRR", "units": str(units)}
-
-
 def test_a_lead_becomes_cash_and_every_step_is_published(stack):
     customer_svc, sales_svc, http = stack
     # The manager's team and a priced product.
-    team = ok(http.post("/v1/teams", json={"displayName": "Tehran North", "manager": "maryam"}, headers=ADMIN), 201)
-    ok(http.post(f"/v1/{team['name']}:addMembers", json={"members": ["reza"]}, headers=ADMIN))
-    line = ok(http.post("/v1/productLines", json={"code": "erp", "displayName": "ERP"}, headers=ADMIN), 201)
-    product = ok(
-        http.post(
-            "/v1/products",
-            json={"sku": "ERP-1", "displayName": "ERP licence", "productLine": line["name"], "taxRate": "10"},
-            headers=ADMIN,
-        ),
-        201,
-    )
+    _, product = sales_desk(http, ADMIN, "Tehran North", "maryam", "reza")
 
     # A rep's lead, Persian as typed (Arabic yeh, Persian digits), qualified and converted.
     lead = ok(
@@ -83,7 +61,7 @@ def test_a_lead_becomes_cash_and_every_step_is_published(stack):
                 "email": "Ali.Karimi@Example.ir",
                 "mobile": "۰۹۱۲۳۴۵۶۷۸۹",
                 "source": "exhibition",
-                "productLine": line["name"],
+                "productLine": product["productLine"],
             },
             headers=REZA,
         ),

@@ -284,8 +284,8 @@ def stop_postgres(pgdata: pathlib.Path) -> str:
 
 
 def support_env(environ, offset: int, gateway_port: int) -> dict[str, str]:
-    """The mail-sending services' local settings (support-svc, campaign-svc): mail to the SMTP
-    sink, support's mail-in, and the links in messages (survey, unsubscribe, opt-in, tracking)
+    """The mail-sending services' local settings (support-svc, campaign-svc, reporting-svc's
+    scheduled reports): mail to the SMTP sink, support's mail-in, and the links in messages (survey, unsubscribe, opt-in, tracking)
     pointing at this run's gateway (not 8080, another suite's, under an offset) unless
     SURVEY_BASE_URL / PUBLIC_BASE_URL is given."""
     here = f"http://localhost:{gateway_port}"
@@ -333,8 +333,9 @@ def main() -> int:
     # Every process gets every service's address (the gateway calls several; sales-svc calls
     # customer-svc), so CRM_PORT_OFFSET moves the callers with the callees.
     env_base.update({s.addr_env: f"127.0.0.1:{port}" for s, port in services})
-    # support-svc: agent replies go to the local SMTP sink (its .eml files in .run/mail); its
-    # inbound SMTP endpoint (serve runs mail-in) moves with CRM_PORT_OFFSET too.
+    # support-svc's agent replies, campaign-svc's messages and reporting-svc's scheduled reports
+    # go to the local SMTP sink (its .eml files in .run/mail); support-svc's inbound SMTP
+    # endpoint (serve runs mail-in) moves with CRM_PORT_OFFSET too.
     smtp_sink_port = 2526 + OFFSET
     env_base.update(support_env(os.environ, OFFSET, gateway_port))
     children: list[Child] = []

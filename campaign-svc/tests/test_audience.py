@@ -192,6 +192,58 @@ def test_merge_repoints_facts_and_messages_and_erasure_blanks_personal_data(svc)
     assert row(svc, audience, customer_id=a).email == ""
 
 
+def test_erasing_customers_forgets_their_consent_by_customer_and_by_address(svc):
+    """Two erased customers who each had a marketing consent: the second erasure failed on the
+    key of consent_state (channel, address "", purpose) and the event could never be applied;
+    an unsubscribe recorded by address only (the link carries no customer) kept the address and
+    the client's IP after the erasure."""
+    a = created(svc, email="era@x.ir", mobile="+989121110001")
+    b = created(svc, email="erb@x.ir", mobile="+989121110002")
+    r = rt(svc)
+    with r.uow.begin() as tx:
+        for cid, mail in ((a, "era@x.ir"), (b, "erb@x.ir")):
+            consent.record(r, tx, consent.Change("email", mail, "granted", "web_form", customer_id=cid))
+        consent.record(  # the unsubscribe link and an SMS stop know the address only
+            r,
+            tx,
+            consent.Change("email", "era@x.ir", "revoked", "unsubscribe_link", proof={"client_address": "1.2.3.4"}),
+        )
+        consent.record(r, tx, consent.Change("sms", "+989121110001", "revoked", "sms_stop", purpose="all"))
+    deliver(svc, customer_message("customer.erased.v1", cid=a, version=5))
+    deliver(svc, customer_message("customer.erased.v1", cid=b, version=5))
+    with svc.ctx.engine.connect() as conn:
+        for address in ("era@x.ir", "erb@x.ir", "+989121110001"):
+            assert conn.execute(sa.select(consent_ledger.c.id).where(consent_ledger.c.address == address)).all() == []
+            assert conn.execute(sa.select(consent_state).where(consent_state.c.address == address)).all() == []
+        assert conn.execute(sa.select(consent_state).where(consent_state.c.customer_id.in_([a, b]))).all() == []
+        proofs = conn.execute(sa.select(consent_ledger.c.proof).where(consent_ledger.c.customer_id.in_([a, b])))
+        assert all(p == {} for (p,) in proofs)
+
+
+def test_an_erased_customers_queued_messages_are_cancelled_not_sent_to_a_blank_address(svc):
+    """The erasure blanked the address of a message still queued (or held for an A/B winner):
+    the delivery workers then sent it to "" (a bounce that suppressed the empty address)."""
+    cid = created(svc, email="gone@x.ir")
+    with rt(svc).uow.begin() as tx:
+        camp = tx.conn.execute(
+            sa.text("INSERT INTO campaigns (display_name, channel) VALUES ('c', 'email') RETURNING id")
+        ).scalar()
+        for run, state in ((1, "sent"), (2, "queued"), (3, "held")):
+            tx.conn.execute(
+                messages.insert().values(
+                    campaign_id=camp, run=run, customer_id=cid, channel="email", address="gone@x.ir", state=state
+                )
+            )
+    deliver(svc, customer_message("customer.erased.v1", cid=cid, version=5))
+    with svc.ctx.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(messages.c.run, messages.c.state, messages.c.address)
+            .where(messages.c.campaign_id == camp)
+            .order_by(messages.c.run)
+        ).all()
+    assert [tuple(r) for r in rows] == [(1, "sent", ""), (2, "cancelled", ""), (3, "cancelled", "")]
+
+
 def test_consent_ledger_state_summary_and_sendable(svc, monkeypatch):
     cid = created(svc, email="c@x.ir", mobile="+989121234567")
     r = rt(svc)
@@ -228,7 +280,7 @@ def test_consent_ledger_state_summary_and_sendable(svc, monkeypatch):
             .scalars()
             .all()
         )
-        assert ledger == ["requested", "granted", "revoked"]
+        assert ledger == ["requested", "granted", "revoked", "revoked"]  # marketing, and "all"
         assert (
             conn.execute(sa.select(consent_state.c.status).where(consent_state.c.address == "c@x.ir")).scalar()
             == "revoked"

@@ -29,6 +29,7 @@ from crm.campaign.v1 import (
     templates_pb2_grpc,
 )
 from crm.type.v1 import money_pb2
+from crm_chassis import dates
 from tests.support.harness import channel, start_service
 from tests.support.smtp_capture import SmtpCapture
 
@@ -277,6 +278,37 @@ def test_quiet_hours_hold_messages_until_they_end_in_the_time_zone(svc, stubs, s
     assert all(r.not_before > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=55) for r in rows)
 
 
+def test_quiet_hours_are_read_in_the_recipients_time_zone_from_their_country(svc, stubs, sender):
+    """A campaign read in UTC whose quiet hours are the next two hours in Tehran: the customer in
+    Iran waits, the one in the US (several zones: the campaign's) and the one with no country
+    are sent now. The message keeps the zone it was judged in."""
+    tehran_hour = dt.datetime.now(dates.TEHRAN).hour
+    iran = people(svc, 1, country="IR")
+    elsewhere = people(svc, 1, country="US") + people(svc, 1)
+    c = launched(
+        stubs,
+        svc,
+        campaign(
+            stubs,
+            segment_of(stubs, iran + elsewhere),
+            [pb.Variant(template=template(stubs))],
+            time_zone="UTC",
+            quiet_start_hour=tehran_hour,
+            quiet_end_hour=(tehran_hour + 2) % 24,
+        ),
+    )
+    rows = {r.customer_id: r for r in rows_of(svc, c)}
+    assert (rows[iran[0]].timezone, rows[elsewhere[0]].timezone, rows[elsewhere[1]].timezone) == (
+        "Asia/Tehran",
+        "UTC",
+        "UTC",
+    )
+    assert rows[iran[0]].not_before > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=55)
+    assert sender.run_once() == 2
+    states = {r.customer_id: r.state for r in rows_of(svc, c)}
+    assert states[iran[0]] == "queued" and {states[i] for i in elsewhere} == {"sent"}
+
+
 def test_the_ab_winner_takes_the_held_rest_by_its_metric(svc, stubs, sender):
     api, _, _ = stubs
     ids = people(svc, 40)
@@ -320,6 +352,131 @@ def test_the_ab_winner_takes_the_held_rest_by_its_metric(svc, stubs, sender):
     assert by["B"].opened == by["B"].sent > 0 and by["A"].opened == 0
 
 
+def test_a_recurring_ab_campaign_sends_its_later_runs_with_the_winner(svc, stubs, sender):
+    """The winner is chosen once (after the first run); a later run's rest was held for a winner
+    timer that then did nothing (the winner was known): those recipients never got a message."""
+    ids = people(svc, 30)
+    a, b = (
+        template(stubs, subject="A {{ customer.display_name }}"),
+        template(stubs, subject="B {{ customer.display_name }}"),
+    )
+    c = campaign(
+        stubs,
+        segment_of(stubs, ids),
+        [pb.Variant(key="A", template=a), pb.Variant(key="B", template=b)],
+        test_percent=50,
+        winner_metric="opens",
+        winner_wait_hours=1,
+        cron="0 3 * * *",
+    )
+    api = stubs[0]
+    api.LaunchCampaign(pb.LaunchCampaignRequest(name=c.name), metadata=MARKETER)
+    cid = c.name.removeprefix("campaigns/")
+
+    def due(kind: str) -> None:
+        with svc.ctx.engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE timers SET due_at = now(), next_attempt_at = now() WHERE kind = :k AND key = :c"),
+                {"k": kind, "c": cid},
+            )
+        fire_timers(svc)
+
+    due(cmod.RUN)  # run 1: half tested, half held for the winner
+    assert {r.state for r in rows_of(svc, c)} == {"queued", "held"}
+    sender.run_once()
+    due(cmod.WINNER)
+    winner = api.GetCampaign(pb.GetCampaignRequest(name=c.name), metadata=MARKETER).winner_variant
+    assert winner in ("A", "B")
+    sender.run_once()
+    due(cmod.RUN)  # run 2
+    due(cmod.WINNER)
+    second = [r for r in rows_of(svc, c) if r.run == 2]
+    assert len(second) == 30 and not [r for r in second if r.state == "held"]
+    assert {r.variant for r in second} == {winner}
+
+
+def test_new_variants_of_a_recurring_ab_campaign_are_tested_and_their_winner_sends_the_rest(svc, stubs, sender):
+    """The variants changed (paused, new content) after the first winner: the next run tested
+    them and held the rest, and the winner timer did nothing (a winner was set): held for ever."""
+    ids = people(svc, 30)
+    a, b = (
+        template(stubs, subject="A {{ customer.display_name }}"),
+        template(stubs, subject="B {{ customer.display_name }}"),
+    )
+    api = stubs[0]
+    c = campaign(
+        stubs, segment_of(stubs, ids), [pb.Variant(key="A", template=a), pb.Variant(key="B", template=b)],
+        test_percent=50, winner_metric="opens", winner_wait_hours=1, cron="0 3 * * *",
+    )  # fmt: skip
+    api.LaunchCampaign(pb.LaunchCampaignRequest(name=c.name), metadata=MARKETER)
+    cid = c.name.removeprefix("campaigns/")
+
+    def due(kind: str) -> None:
+        with svc.ctx.engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE timers SET due_at = now(), next_attempt_at = now() WHERE kind = :k AND key = :c"),
+                {"k": kind, "c": cid},
+            )
+        fire_timers(svc)
+
+    due(cmod.RUN)
+    sender.run_once()
+    due(cmod.WINNER)
+    c = api.PauseCampaign(pb.PauseCampaignRequest(name=c.name), metadata=MARKETER)
+    c = api.UpdateCampaign(
+        pb.UpdateCampaignRequest(
+            campaign=pb.Campaign(
+                name=c.name, etag=c.etag, variants=[pb.Variant(key="C", template=a), pb.Variant(key="D", template=b)]
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["variants"]),
+        ),
+        metadata=MARKETER,
+    )
+    api.ResumeCampaign(pb.ResumeCampaignRequest(name=c.name, etag=c.etag), metadata=MARKETER)
+    sender.run_once()
+    due(cmod.RUN)  # run 2 tests C and D
+    assert "held" in {r.state for r in rows_of(svc, c) if r.run == 2}
+    due(cmod.WINNER)
+    second = [r for r in rows_of(svc, c) if r.run == 2]
+    assert not [r for r in second if r.state == "held"] and {r.variant for r in second} <= {"C", "D"}
+    assert api.GetCampaign(pb.GetCampaignRequest(name=c.name), metadata=MARKETER).winner_variant in ("C", "D")
+
+
+def test_a_scheduled_campaign_paused_past_its_start_runs_when_resumed(svc, stubs):
+    """Its run came while it was paused (and did nothing); the resume left it 'scheduled' with no
+    run to come, for ever."""
+    api, _, _ = stubs
+    ids = people(svc, 2)
+    start = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    c = campaign(stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))])
+    c = api.UpdateCampaign(
+        pb.UpdateCampaignRequest(
+            campaign=pb.Campaign(name=c.name, etag=c.etag, start_time=start),
+            update_mask=field_mask_pb2.FieldMask(paths=["start_time"]),
+        ),
+        metadata=MARKETER,
+    )
+    c = api.LaunchCampaign(pb.LaunchCampaignRequest(name=c.name), metadata=MARKETER)
+    assert c.state == pb.Campaign.STATE_SCHEDULED
+    c = api.PauseCampaign(pb.PauseCampaignRequest(name=c.name), metadata=MARKETER)
+    with svc.ctx.engine.begin() as conn:  # the start time comes while it is paused
+        conn.execute(
+            sa.text("UPDATE timers SET due_at = now(), next_attempt_at = now() WHERE kind = :k AND key = :c"),
+            {"k": cmod.RUN, "c": c.name.removeprefix("campaigns/")},
+        )
+        conn.execute(
+            sa.text("UPDATE campaigns SET start_time = now() - interval '1 minute' WHERE id = :c"),
+            {"c": c.name.removeprefix("campaigns/")},
+        )
+    fire_timers(svc)
+    assert rows_of(svc, c) == []
+    api.ResumeCampaign(pb.ResumeCampaignRequest(name=c.name), metadata=MARKETER)
+    fire_timers(svc)
+    after = api.GetCampaign(pb.GetCampaignRequest(name=c.name), metadata=MARKETER)
+    assert after.state == pb.Campaign.STATE_RUNNING and after.run == 1
+    assert {r.state for r in rows_of(svc, c)} == {"queued"}
+
+
 def test_a_provider_outage_is_retried_later_and_sent_once(svc, stubs, smtp, sender):
     ids = people(svc, 1)
     c = launched(stubs, svc, campaign(stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))]))
@@ -354,6 +511,41 @@ def test_a_message_interrupted_while_sending_is_never_resent(svc, stubs, sender)
     assert sender.run_once() == 0
     (r,) = rows_of(svc, c)
     assert r.state == "failed" and "not resent" in r.error
+
+
+def test_a_slow_round_keeps_its_lease_so_another_workers_sweep_does_not_fail_its_messages(svc, stubs, sender):
+    """A round that outlives the 5-minute lease (a slow or timing-out provider, hundreds of
+    messages) while another process sweeps: the sweep marked the messages still being sent
+    'failed' (interrupted) and their outcome was then dropped: sent mail recorded as failed,
+    a provider outage's retries lost. The round renews its lease as it goes."""
+    ids = people(svc, 3)
+    c = launched(stubs, svc, campaign(stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))]))
+    other = delivery.Delivery(rt(svc))  # another process's worker: only its sweep runs here
+    t = [0.0]
+    sender.clock = lambda: t[0]
+    real = rt(svc).senders["email"]
+
+    def slow(out):
+        step = delivery.LEASE_SECONDS * 0.6  # this message took minutes: the clock moves on
+        t[0] += step
+        with svc.ctx.engine.begin() as conn:  # ...and so do the leases (their end comes closer)
+            conn.execute(
+                messages.update()
+                .where(messages.c.state == "sending")
+                .values(lease_until=messages.c.lease_until - sa.func.make_interval(0, 0, 0, 0, 0, 0, step))
+            )
+        other._sweep()
+        return real(out)
+
+    saved_threads, sender.threads = sender.threads, 1
+    rt(svc).senders["email"] = slow
+    try:
+        assert sender.run_once() == 3
+    finally:
+        rt(svc).senders["email"] = real
+        sender.threads = saved_threads
+    rows = rows_of(svc, c)
+    assert [r.state for r in rows] == ["sent"] * 3, [(r.state, r.error) for r in rows]
 
 
 def test_a_template_that_does_not_render_refuses_the_launch_naming_the_variable(svc, stubs):
@@ -404,6 +596,145 @@ def test_clone_stats_attribution_and_roi(svc, stubs, sender):
     assert (copy.segment, copy.goal_kind, copy.display_name) == (c.segment, "revenue", "جشنواره پاییز (copy)")
     assert [v.template for v in copy.variants] == [v.template for v in c.variants]
     assert copy.goal_target.units == 10_000_000 and copy.cost.units == 0  # the copy's spend is its own
+
+
+def _paid(conn, cid: str, iid: str, amount: int, when, order: str = "", kind: str = "invoice", credited: str = ""):
+    conn.execute(
+        audience_invoices.insert().values(
+            invoice_id=iid, customer_id=cid, kind=kind, state="paid" if kind == "invoice" else "issued",
+            total=amount, paid_total=amount if kind == "invoice" else 0, currency="IRR",
+            paid_time=when if kind == "invoice" else None, order_id=order, credited_invoice=credited, event_time=when,
+        )
+    )  # fmt: skip
+
+
+def test_attributed_orders_count_orders_not_invoices_without_one(svc, stubs, sender):
+    """Two invoices of no order counted as one order (the distinct empty order id) beside the
+    real one; first touch already left them out."""
+    api, _, _ = stubs
+    ids = people(svc, 2)
+    c = launched(stubs, svc, campaign(stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))]))
+    sender.run_once()
+    with svc.ctx.engine.begin() as conn:
+        later = conn.execute(sa.select(sa.func.now())).scalar() + dt.timedelta(days=1)
+        _paid(conn, ids[0], f"o-{ids[0]}", 1_000_000, later, order=f"ord-{ids[0]}")
+        _paid(conn, ids[0], f"s-{ids[0]}", 2_000_000, later)  # a service invoice, no order
+        _paid(conn, ids[1], f"s-{ids[1]}", 3_000_000, later)
+    stats = api.GetCampaignStats(pb.GetCampaignStatsRequest(name=c.name), metadata=MARKETER)
+    assert (stats.total.orders, stats.total.revenue.units) == (1, 6_000_000)
+
+
+def test_a_credit_note_takes_its_amount_off_the_attributed_revenue_and_roi(svc, stubs, sender):
+    """A refunded payment still counted whole in the campaign's revenue, goal share and ROI (the
+    audience's revenue, and reporting's campaign report, take credit notes off)."""
+    api, _, _ = stubs
+    ids = people(svc, 1)
+    irr = lambda n: money_pb2.Money(currency_code="IRR", units=n)  # noqa: E731
+    c = campaign(
+        stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))], goal_kind="revenue",
+        goal_target=irr(10_000_000), cost=irr(1_000_000),
+    )  # fmt: skip
+    c = launched(stubs, svc, c)
+    sender.run_once()
+    cid = c.name.removeprefix("campaigns/")
+    with svc.ctx.engine.begin() as conn:
+        later = conn.execute(sa.select(sa.func.now())).scalar() + dt.timedelta(days=1)
+        _paid(conn, ids[0], f"i-{ids[0]}", 4_000_000, later, order=f"ord-{ids[0]}")
+        _paid(conn, ids[0], f"cn-{ids[0]}", 1_000_000, later, kind="credit_note", credited=f"i-{ids[0]}")
+        conn.execute(  # first touch: the invoice's lead came from the campaign
+            audience_invoices.update().where(audience_invoices.c.customer_id == ids[0]).values(campaign_id=cid)
+        )
+    stats = api.GetCampaignStats(pb.GetCampaignStatsRequest(name=c.name), metadata=MARKETER)
+    assert stats.total.revenue.units == 3_000_000 and stats.goal_share == pytest.approx(0.3)
+    assert stats.roi == pytest.approx(2.0) and stats.first_touch_revenue.units == 3_000_000
+
+
+def test_responses_without_a_message_count_toward_a_leads_goal(svc, stubs, sender):
+    """A response recorded for the campaign without a message of it (a web form reached by the
+    campaign's UTM link, a call) opens a lead in sales-svc all the same, but the goal counted only
+    recipients whose message had a response."""
+    from crm.campaign.v1 import tracking_pb2, tracking_pb2_grpc
+
+    api, _, _ = stubs
+    ids = people(svc, 1)
+    c = campaign(
+        stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))], goal_kind="leads",
+        goal_target=money_pb2.Money(currency_code="IRR", units=4),
+    )  # fmt: skip
+    c = launched(stubs, svc, c)
+    sender.run_once()
+    with channel(svc) as ch:
+        tr = tracking_pb2_grpc.TrackingServiceStub(ch)
+        (m,) = api.ListCampaignMessages(pb.ListCampaignMessagesRequest(parent=c.name), metadata=MARKETER).messages
+        for r in (
+            tracking_pb2.Response(message=m.name, kind="reply", text="بله"),
+            tracking_pb2.Response(campaign=c.name, kind="form", email="new1@example.ir"),
+            tracking_pb2.Response(campaign=c.name, kind="form", phone="09121112233"),
+        ):
+            tr.RecordResponse(tracking_pb2.RecordResponseRequest(response=r), metadata=MARKETER)
+    stats = api.GetCampaignStats(pb.GetCampaignStatsRequest(name=c.name), metadata=MARKETER)
+    assert (stats.leads, stats.goal_achieved, stats.total.responded) == (3, 3.0, 1)
+    assert stats.goal_share == pytest.approx(0.75)
+
+
+def test_an_unsubscribe_from_a_message_counts_in_the_campaigns_stats(svc, stubs, smtp, sender):
+    """The stats count recipients who unsubscribed from their message, but nothing ever set a
+    message's unsubscribed_time: always 0."""
+    from crm.campaign.v1 import consent_pb2, consent_pb2_grpc
+    from tests.support.harness import md
+
+    api, _, _ = stubs
+    ids = people(svc, 2)
+    c = launched(stubs, svc, campaign(stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))]))
+    sender.run_once()
+    mail = next(m for m in smtp.messages() if m["To"] == f"{ids[0]}@example.ir")
+    token = mail["List-Unsubscribe"].split("/v1/unsubscribe/", 1)[1].split(">", 1)[0]
+    with channel(svc) as ch:
+        consent_pb2_grpc.ConsentServiceStub(ch).Unsubscribe(
+            consent_pb2.UnsubscribeRequest(token=token, body=b"List-Unsubscribe=One-Click"),
+            metadata=md("public_channel", "gateway:public"),
+        )
+    stats = api.GetCampaignStats(pb.GetCampaignStatsRequest(name=c.name), metadata=MARKETER)
+    assert (stats.total.sent, stats.total.unsubscribed) == (2, 1)
+    listed = api.ListCampaignMessages(pb.ListCampaignMessagesRequest(parent=c.name), metadata=MARKETER).messages
+    assert {m.customer: m.HasField("unsubscribed_time") for m in listed} == {
+        f"customers/{ids[0]}": True,
+        f"customers/{ids[1]}": False,
+    }
+    assert {r.customer_id: r.unsubscribed_time is not None for r in rows_of(svc, c)} == {ids[0]: True, ids[1]: False}
+
+
+def test_every_campaign_event_after_the_launch_carries_the_runs_recipients(svc, stubs, sender):
+    """A consumer keeps a campaign's newest event (reporting's report 5): the cost entered after
+    the campaign completed, a pause or the winner must not read as 0 recipients (the journey
+    found the report lost the entered cost, and with it the figure)."""
+    api, _, _ = stubs
+    ids = people(svc, 3)
+    c = launched(stubs, svc, campaign(stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))]))
+    irr = money_pb2.Money(currency_code="IRR", units=5_000_000)
+    api.UpdateCampaign(
+        pb.UpdateCampaignRequest(
+            campaign=pb.Campaign(name=c.name, cost=irr, etag=c.etag),
+            update_mask=field_mask_pb2.FieldMask(paths=["cost"]),
+        ),
+        metadata=MARKETER,
+    )
+    api.PauseCampaign(pb.PauseCampaignRequest(name=c.name), metadata=MARKETER)
+    (launch,) = events(svc, "campaign.launched.v1", ev.CampaignEvent, subject=c.name)
+    (update,) = events(svc, "campaign.updated.v1", ev.CampaignEvent, subject=c.name)
+    (pause,) = events(svc, "campaign.paused.v1", ev.CampaignEvent, subject=c.name)
+    assert launch.recipients == update.recipients == pause.recipients == 3
+    assert update.cost.units == 5_000_000 and update.version > launch.version
+    draft = campaign(stubs, segment_of(stubs, ids), [pb.Variant(template=template(stubs))])
+    api.UpdateCampaign(
+        pb.UpdateCampaignRequest(
+            campaign=pb.Campaign(name=draft.name, display_name="d", etag=draft.etag),
+            update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+        ),
+        metadata=MARKETER,
+    )
+    (never_run,) = events(svc, "campaign.updated.v1", ev.CampaignEvent, subject=draft.name)
+    assert never_run.recipients == 0
 
 
 def test_bad_input_is_named_and_state_rules_hold(svc, stubs):
@@ -474,6 +805,14 @@ def test_bad_input_is_named_and_state_rules_hold(svc, stubs):
     )
     listed = api.ListCampaigns(pb.ListCampaignsRequest(filter='state = "cancelled"'), metadata=MARKETER)
     assert sent.name in [x.name for x in listed.campaigns]
+
+
+def test_a_recurring_campaign_in_an_unknown_time_zone_names_the_time_zone(stubs):
+    """The cron was checked in the unknown zone too, and ZoneInfoNotFoundError answered INTERNAL."""
+    api, _, _ = stubs
+    bad = pb.Campaign(display_name="x", channel="email", cron="0 3 * * *", time_zone="Mars/Olympus")
+    code, details = code_of(lambda: api.CreateCampaign(pb.CreateCampaignRequest(campaign=bad), metadata=MARKETER))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "campaign.time_zone" in details, details
 
 
 def test_the_campaign_routes_over_http_through_the_gateway(svc, stubs):

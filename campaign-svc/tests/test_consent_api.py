@@ -115,6 +115,27 @@ def test_double_opt_in_sends_a_link_that_grants_once_with_proof(svc, stub, worke
     assert len(outbox) == 1
 
 
+def test_an_opt_in_request_after_an_unsubscribe_sends_nothing_until_it_is_confirmed(svc, stub, worker, outbox):
+    """The request made a revoked address 'pending', which opt-out mode sends to: anyone able to
+    post the site's form (or a marketer) undid an unsubscribe without the person's confirmation."""
+    address = "back@example.ir"
+    stub.RecordConsent(
+        pb.RecordConsentRequest(entry=pb.ConsentEntry(channel="email", address=address, action="revoked")),
+        metadata=MARKETER,
+    )
+    may_send = sa.select(consent.sendable("email", "marketing", sa.literal(address)))
+    got = stub.RequestOptIn(pb.RequestOptInRequest(channel="email", address=address), metadata=MARKETER)
+    assert got.confirmation_sent
+    with svc.ctx.engine.connect() as conn:
+        assert not conn.execute(may_send).scalar()  # still unsubscribed
+    worker.run_once()
+    (message,) = outbox  # the confirmation itself goes
+    token = re.search(r"/v1/optIn/([A-Za-z0-9_\-.]+)", message.text).group(1)
+    assert stub.ConfirmOptIn(pb.ConfirmOptInRequest(token=token), metadata=PUBLIC).status == "granted"
+    with svc.ctx.engine.connect() as conn:
+        assert conn.execute(may_send).scalar()
+
+
 def test_a_forged_or_expired_confirmation_link_is_refused(svc, stub):
     assert code_of(lambda: stub.GetOptIn(pb.GetOptInRequest(token="abc.def"), metadata=PUBLIC))[0] == (
         grpc.StatusCode.UNAUTHENTICATED
@@ -178,16 +199,58 @@ def test_an_sms_stop_keyword_revokes_every_purpose_once(svc, stub):
     assert stub.PostInboundSms(req, metadata=PUBLIC).stopped
     assert stub.PostInboundSms(req, metadata=PUBLIC).stopped  # the provider's redelivery
     c = stub.GetConsent(pb.GetConsentRequest(channel="sms", address="09125556677"), metadata=MARKETER)
-    assert {(p.purpose, p.status) for p in c.purposes} == {("marketing", "revoked"), ("newsletter", "revoked")}
+    assert {(p.purpose, p.status) for p in c.purposes} == {
+        ("all", "revoked"),
+        ("marketing", "revoked"),
+        ("newsletter", "revoked"),
+    }
     assert not c.sendable
     stops = [r for r in ledger(svc, "+989125556677") if r.source == "sms_stop"]
-    assert len(stops) == 2 and {r.proof["keyword"] for r in stops} == {"لغو11"}  # one per purpose, once
+    assert len(stops) == 3 and {r.proof["keyword"] for r in stops} == {"لغو11"}  # one per purpose, once
     chat = pb.PostInboundSmsRequest(key="dev-sms-key", from_number="09125556677", message="سلام، قیمت؟")
     assert not stub.PostInboundSms(chat, metadata=PUBLIC).stopped
     bad = pb.PostInboundSmsRequest(key="wrong", from_number="09125556677", message="stop")
     assert code_of(lambda: stub.PostInboundSms(bad, metadata=PUBLIC))[0] == grpc.StatusCode.UNAUTHENTICATED
     assert consent_api.stop_keyword("STOP") == "stop" and consent_api.stop_keyword("لغو 11") == "لغو11"
     assert consent_api.stop_keyword("stop the noise") == ""
+
+
+def test_a_stop_of_every_purpose_holds_for_purposes_never_asked_until_one_is_granted(svc, stub):
+    """A number that never had a consent row texts STOP: no purpose may be sent to it, not only
+    marketing (it was: a newsletter campaign still went out in opt-out mode); a later grant of
+    one purpose opens that one only."""
+    req = pb.PostInboundSmsRequest(key="dev-sms-key", from_number="09127778899", message="stop", message_id="k-78")
+    assert stub.PostInboundSms(req, metadata=PUBLIC).stopped
+    number = "+989127778899"
+
+    def may(purpose: str) -> bool:
+        with svc.ctx.engine.connect() as conn:
+            return conn.execute(sa.select(consent.sendable("sms", purpose, sa.literal(number)))).scalar()
+
+    assert not may("marketing") and not may("newsletter") and not may("service-notices")
+    stub.RecordConsent(
+        pb.RecordConsentRequest(
+            entry=pb.ConsentEntry(channel="sms", address=number, action="granted", purpose="newsletter")
+        ),
+        metadata=MARKETER,
+    )
+    assert may("newsletter") and not may("marketing")
+
+
+def test_a_back_dated_grant_does_not_undo_a_later_revocation(svc, stub):
+    """RecordConsent takes a past occur_time (an import of old sign-ups); a grant of 2025 recorded
+    after an unsubscribe of today became the state, and the address was sent to again."""
+    address = "old@example.ir"
+    stub.RecordConsent(
+        pb.RecordConsentRequest(entry=pb.ConsentEntry(channel="email", address=address, action="revoked")),
+        metadata=MARKETER,
+    )
+    old = pb.ConsentEntry(channel="email", address=address, action="granted", source="import")
+    old.occur_time.FromDatetime(dt.datetime(2025, 3, 1, tzinfo=dt.UTC))
+    got = stub.RecordConsent(pb.RecordConsentRequest(entry=old), metadata=MARKETER)
+    assert [(p.purpose, p.status) for p in got.consent.purposes] == [("marketing", "revoked")]
+    assert not got.consent.sendable
+    assert [r.action for r in ledger(svc, address)] == ["revoked", "granted"]  # kept as proof all the same
 
 
 def test_suppressions_by_hand_and_their_errors(svc, stub):

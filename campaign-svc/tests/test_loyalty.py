@@ -399,6 +399,15 @@ def test_expiry_timer_expires_due_lots_and_a_taking_movement_expires_first(svc, 
     deliver(svc, old, paid("EUR", cid, [("products/b", "", 1, 20)], at=NOW - dt.timedelta(days=5)))
     name = f"{prog.name}/members/{cid}"
     lots = list(reversed(movements(stub, prog, cid)))
+    mid = _member_id(svc, cid)
+    with svc.ctx.engine.connect() as conn:  # one timer for the member, at its soonest lot
+        keys = [mid, *(lot.name.rpartition("/")[2] for lot in lots)]
+        n = conn.execute(
+            sa.text("SELECT count(*) FROM timers WHERE kind = :k AND key = ANY(:keys)"),
+            {"k": lo_mod.EXPIRE, "keys": keys},
+        ).scalar_one()
+        first = timers.get(conn, lo_mod.EXPIRE, mid)
+    assert n == 1 and first.due_at == lots[0].expire_time.ToDatetime(dt.UTC)
     run_timers(svc, lambda: member(stub, prog, cid).expired == 30, "the old lot expired by its timer")
     got = member(stub, prog, cid)
     assert (got.balance, got.expired) == (20, 30)
@@ -406,8 +415,8 @@ def test_expiry_timer_expires_due_lots_and_a_taking_movement_expires_first(svc, 
     assert (gone.kind, gone.points, gone.balance) == ("expired", -30, 20)
     assert [(u.lot, u.points) for u in gone.lots] == [(lots[0].name, 30)]
     assert [e.points for e in points_events(svc, "points.expired.v1", cid)] == [-30]
-    with svc.ctx.engine.connect() as conn:  # the young lot's timer waits for its day
-        young = timers.get(conn, lo_mod.EXPIRE, lots[1].name.rpartition("/")[2])
+    with svc.ctx.engine.connect() as conn:  # the member's timer now waits for the young lot's day
+        young = timers.get(conn, lo_mod.EXPIRE, mid)
     assert young is not None and young.due_at == lots[1].expire_time.ToDatetime(dt.UTC)
     bal = stub.GetMemberBalance(pb.GetMemberBalanceRequest(name=f"{name}/balance"), metadata=ADMIN)
     assert (bal.balance, bal.next_expiring_points, bal.next_expire_time) == (20, 20, lots[1].expire_time)
@@ -667,7 +676,13 @@ def test_a_customer_merge_joins_the_members_and_their_ledgers(svc, stub):
         pb.RedeemPointsRequest(member=f"{prog.name}/members/{b}", points=5, reason="x", request_id="m1"), metadata=ADMIN
     )
     deliver(svc, paid("NOK", c, [("products/x", "", 1, 7)]))
+    ma, mb, mc = _member_id(svc, a), _member_id(svc, b), _member_id(svc, c)
     deliver(svc, merged_message(customer(a, 3), [b]), merged_message(customer(d, 2), [c]))
+    with svc.ctx.engine.connect() as conn:  # the merged member's expiry timer went with it
+        assert timers.get(conn, lo_mod.EXPIRE, mb) is None
+        soonest = min(x.expire_time.ToDatetime(dt.UTC) for x in movements(stub, prog, a) if x.HasField("expire_time"))
+        assert timers.get(conn, lo_mod.EXPIRE, ma).due_at == soonest
+        assert timers.get(conn, lo_mod.EXPIRE, mc) is not None  # c's member, now d's, keeps its own
     got = member(stub, prog, a)
     assert (got.balance, got.earned, got.redeemed) == (60, 65, 5)  # b's ledger is a's now
     assert sorted(x.points for x in movements(stub, prog, a)) == [-5, 25, 40]

@@ -160,6 +160,31 @@ def test_dynamic_filters_select_the_hand_built_rows(svc, stub):
     assert dynamic(stub, f"tags:{t} AND last_purchase_time >= now - 90d").relative_time
 
 
+def test_a_text_filter_matches_arabic_and_persian_yeh_and_kaf_alike(svc, stub):
+    """Customers typed on an Arabic keyboard (كرج, علي) were missed by a filter typed on a Persian
+    one (کرج) and the other way round: the two spellings of the same letters are one value."""
+    t = tag()
+    persian_, arabic, other = rows(
+        svc,
+        dict(display_name="علی", city="کرج", tags=[t]),
+        dict(display_name="علي", city="كرج", tags=[t]),
+        dict(display_name="مینا", city="تهران", tags=[t]),
+    )
+    for text, want in {
+        'city = "کرج"': {persian_, arabic},
+        'city = "كرج"': {persian_, arabic},
+        'display_name = "علي"': {persian_, arabic},
+        'city != "کرج"': {other},
+        'display_name = "عل*"': {persian_, arabic},
+        'city = "ک*"': {persian_, arabic},
+    }.items():
+        preview = stub.PreviewSegment(
+            pb.PreviewSegmentRequest(segment=pb.Segment(kind=pb.SEGMENT_KIND_DYNAMIC, filter=f"tags:{t} AND {text}")),
+            metadata=MARKETER,
+        )
+        assert {m.customer.removeprefix("customers/") for m in preview.members} == want, text
+
+
 def test_a_bad_filter_names_segment_filter_with_the_parsers_message(stub):
     for text, says in (
         ("colour = red", "unknown field 'colour'"),
@@ -335,6 +360,16 @@ def test_static_lists_by_hand_and_csv_import_with_unmatched_rows(svc, stub):
     d = dynamic(stub, "order_count > 1000000")
     e = error(stub.AddSegmentMembers, pb.AddSegmentMembersRequest(segment=d.name, customers=[f"customers/{a}"]))
     assert e.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_an_import_with_a_nul_in_a_cell_answers_its_rows_not_internal(svc, stub):
+    """A NUL byte in an e-mail cell reached PostgreSQL in the match's text array: INTERNAL."""
+    (a,) = rows(svc, dict(display_name="نول", email="nul@x.ir"))
+    s = create(stub, pb.SEGMENT_KIND_STATIC)
+    csv = b"email\nnul@x.ir\x00\nno\x00body@x.ir\n"
+    r = stub.ImportSegmentMembers(pb.ImportSegmentMembersRequest(segment=s.name, content=csv), metadata=MARKETER)
+    assert (r.rows, r.matched) == (2, 1) and [u.line for u in r.unmatched] == [3]
+    assert members(stub, s.name) == {a}
 
 
 def test_a_merge_moves_static_memberships_to_the_survivor(svc, stub):

@@ -354,6 +354,20 @@ def test_preview_of_an_unsaved_template_with_sample_values(api):
     assert "unknown variable 'x'" in field_errors(err)["template.text_body"]
 
 
+def test_a_filter_asked_for_unbounded_work_is_refused_naming_the_field(api):
+    """center(999999999) built a gigabyte on the server (the client saw RESOURCE_EXHAUSTED), a
+    loop repeating a long text hundreds of megabytes, truncate(-5) answered INTERNAL."""
+    for body in (
+        "{{ customer.display_name | center(999999999) }}",
+        "{% for a in 'x' * 9999 %}{{ 'y' * 9999 }}{% endfor %}",
+        "{{ customer.display_name | truncate(-5) }}",
+    ):
+        err = problem(
+            api.PreviewTemplate, pb.PreviewTemplateRequest(template=pb.Template(channel="sms", text_body=body))
+        )
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "template.text_body" in field_errors(err), (body, err)
+
+
 # --- test sends ----------------------------------------------------------------------------------
 def test_send_test_email_to_oneself_through_smtp(api, servers):
     smtp, _, _ = servers
@@ -377,6 +391,22 @@ def test_send_test_email_to_oneself_through_smtp(api, servers):
         problem(api.SendTestMessage, pb.SendTestMessageRequest(name=t.name, address="nope")).field_violations[0].field
         == "address"
     )
+
+
+def test_a_test_send_to_a_suppressed_address_is_refused(svc, api, servers):
+    """Suppression is checked at every send, but a test send went to a hard-bounced (or erased,
+    or complained) address all the same."""
+    from campaign_svc import consent
+
+    smtp, _, _ = servers
+    t = email_template(api, display_name="test send suppressed")
+    r = svc.ctx.shared["runtime"]
+    with r.uow.begin() as tx:
+        consent.suppress(tx, "email", "bounced@crm.test", "hard_bounce", "5.1.1")
+    before = smtp.count
+    err = problem(api.SendTestMessage, pb.SendTestMessageRequest(name=t.name, address="Bounced@CRM.test"))
+    assert err.code == grpc.StatusCode.FAILED_PRECONDITION and err.reason == "ADDRESS_SUPPRESSED", err
+    assert smtp.count == before
 
 
 def test_send_test_sms_and_what_an_outage_or_a_bad_number_answers(api, servers):

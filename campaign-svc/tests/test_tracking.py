@@ -7,6 +7,7 @@ to a customer; responses published for sales."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 import uuid
@@ -22,7 +23,13 @@ from campaign_svc.tables import audience_invoices, messages, suppressions
 from campaign_svc.tracking_tables import page_events, visitors, web_activity
 from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm.campaign.v1 import campaign_service_pb2 as cpb
-from crm.campaign.v1 import campaign_service_pb2_grpc, segments_pb2_grpc, templates_pb2_grpc, tracking_pb2_grpc
+from crm.campaign.v1 import (
+    campaign_service_pb2_grpc,
+    segments_pb2_grpc,
+    templates_pb2,
+    templates_pb2_grpc,
+    tracking_pb2_grpc,
+)
 from crm.campaign.v1 import tracking_pb2 as pb
 from crm_chassis.links import Signer
 from tests.support.customers import customer, customer_message, merged_message
@@ -156,6 +163,9 @@ def test_the_pixel_answers_a_gif_and_records_the_first_open_once(svc, stubs, smt
     assert http.get(path_of(pixel)).data == tracking.GIF
     again = message_row(svc, c, ids[0])
     assert again.open_count == 2 and again.opened_time == row.opened_time
+    listed = stubs[0].ListCampaignMessages(cpb.ListCampaignMessagesRequest(parent=c.name), metadata=MARKETER)
+    shown = {m.customer: m for m in listed.messages}[f"customers/{ids[0]}"]  # as docs/tracking.md says
+    assert shown.open_count == 2 and shown.HasField("opened_time")
     opened = [e for e in events(svc, "message.opened.v1", ev.MessageEvent) if e.campaign == c.name]
     assert [e.customer for e in opened] == [f"customers/{ids[0]}"]
     # a bad token: the same GIF, nothing recorded
@@ -189,6 +199,71 @@ def test_a_click_redirects_to_the_signed_url_and_a_forged_one_never_does(svc, st
     js = tracking._signer(rt(svc), "click").sign(str(row.id), "javascript:alert(1)")
     assert http.get(f"/v1/t/c/{js}").status_code == 401
     assert message_row(svc, c, ids[0]).click_count == 1
+
+
+SCANNER = {"User-Agent": "Mozilla/5.0 (compatible; Barracuda Sentinel; +http://www.barracuda.com)"}
+BROWSER = {
+    "User-Agent": "Mozilla/5.0 (Linux; Android 13; CUBOT X70) AppleWebKit/537.36 Chrome/120 Mobile Safari/537.36"
+}
+GMAIL_PROXY = {
+    "User-Agent": "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"
+}
+
+
+def test_machine_agents_are_told_from_readers():
+    machines = [
+        SCANNER["User-Agent"],
+        "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/120.0 Safari/537.36",
+        "Microsoft Office SafeLinks/1.0",
+        "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)",
+        "WhatsApp/2.23.20.0",
+        "Proofpoint URL Defense",
+    ]
+    readers = [
+        BROWSER["User-Agent"],
+        GMAIL_PROXY["User-Agent"],
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36",
+        "Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17029; Pro)",
+        "",  # a direct gRPC caller: not judged
+    ]
+    assert [a for a in machines if not tracking.machine_agent(a)] == []
+    assert [a for a in readers if tracking.machine_agent(a)] == []
+
+
+def test_link_scanners_and_prefetchers_are_counted_apart_from_readers(svc, stubs, smtp, sender, http):
+    api, _, _ = stubs
+    c, ids, got = mailed(svc, stubs, smtp, sender)
+    link = path_of(re.search(r'href="([^"]+/v1/t/c/[^"]+)"', got[ids[0]]).group(1))
+    pixel = path_of(re.search(r'<img src="([^"]+/v1/t/o/[^"]+)"', got[ids[0]]).group(1))
+    # A mail gateway's scanner follows the link and fetches the pixel: still redirected (with no
+    # visit token) and answered, but neither a click nor an open, and no event.
+    resp = http.get(link, headers=SCANNER)
+    assert resp.status_code == 302 and resp.headers["Location"].startswith("https://shop.example.ir/autumn")
+    assert "crm_t" not in resp.headers["Location"]
+    assert http.get(pixel, headers=SCANNER).data == tracking.GIF
+    r = message_row(svc, c, ids[0])
+    assert (r.click_count, r.clicked_time, r.open_count, r.opened_time) == (0, None, 0, None)
+    assert (r.machine_click_count, r.machine_open_count) == (1, 1)
+    # The reader, on a phone whose maker's name ends in "bot", and Gmail's image proxy: counted.
+    assert "crm_t" in http.get(link, headers=BROWSER).headers["Location"]
+    assert http.get(pixel, headers=GMAIL_PROXY).data == tracking.GIF
+    r = message_row(svc, c, ids[0])
+    assert (r.click_count, r.open_count, r.machine_click_count, r.machine_open_count) == (1, 1, 1, 1)
+    clicked = [e for e in events(svc, "message.clicked.v1", ev.MessageEvent) if e.campaign == c.name]
+    assert len(clicked) == 1
+    # A click sooner after the send than TRACKING_MACHINE_CLICK_SECONDS is a scanner's on arrival.
+    r_ = rt(svc)
+    before = tracking.settings(r_)
+    r_.extra["tracking.settings"] = dataclasses.replace(before, machine_click_seconds=3600)
+    try:
+        assert http.get(link, headers=BROWSER).status_code == 302
+    finally:
+        r_.extra["tracking.settings"] = before
+    r = message_row(svc, c, ids[0])
+    assert (r.click_count, r.machine_click_count) == (1, 2)
+    total = api.GetCampaignStats(cpb.GetCampaignStatsRequest(name=c.name), metadata=MARKETER).total
+    assert (total.clicked, total.opened, total.machine_clicks, total.machine_opens) == (1, 1, 2, 1)
 
 
 def dsn(message_id_header: str, recipient: str, status: str = "5.1.1", action: str = "failed") -> bytes:
@@ -260,6 +335,54 @@ def test_a_dsn_hard_bounce_marks_the_message_and_suppresses_the_address_for_the_
     assert http.post("/v1/bounces:post", data=b"hello", headers=KEY).status_code == 400
 
 
+def reply(sender: str, text: str, message_id: str, in_reply_to: str = "", extra: str = "") -> bytes:
+    head = (
+        f"From: =?utf-8?b?2YXYsduM2YU=?= <{sender}>\r\nTo: news@crm.test\r\n"
+        "Subject: =?utf-8?b?UmU6INis2LTZhtmI2KfYsdmH?=\r\n"
+        f"Message-ID: {message_id}\r\n" + (f"In-Reply-To: {in_reply_to}\r\n" if in_reply_to else "") + extra
+    )
+    return (head + "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + text).encode()
+
+
+def test_a_reply_to_a_campaign_mail_is_a_response_once_and_auto_replies_are_not(svc, stubs, smtp, sender, http):
+    c, ids, _ = mailed(svc, stubs, smtp, sender, n=2)
+    first, second = message_row(svc, c, ids[0]), message_row(svc, c, ids[1])
+    body = "سلام، لطفاً با من تماس بگیرید.\r\n\r\nدر تاریخ ۱۲ آذر ۱۴۰۵، خبرنامه نوشت:\r\n> جشنواره پاییز\r\n"
+    raw = reply(f"{ids[0]}@example.ir", body, f"<r-{ids[0]}@mail.example.ir>", first.provider_message_id)
+    assert http.post("/v1/inboundMail:post", data=raw).status_code == 401  # no provider key
+    resp = http.post("/v1/inboundMail:post", data=raw, headers=KEY)
+    assert resp.status_code == 200, resp.json
+    assert (resp.json["outcome"], resp.json["message"]) == ("reply", f"{c.name}/messages/{first.id}")
+    assert http.post("/v1/inboundMail:post", data=raw, headers=KEY).json["response"] == resp.json["response"]
+    got = [e for e in events(svc, "response.recorded.v1", ev.ResponseEvent) if e.campaign == c.name]
+    assert [(e.kind, e.channel, e.customer, e.text, e.contact_name) for e in got] == [
+        ("reply", "email", f"customers/{ids[0]}", "سلام، لطفاً با من تماس بگیرید.", "مریم")
+    ]
+    assert message_row(svc, c, ids[0]).responded_time is not None
+    # An out-of-office answer from the other recipient records nothing.
+    auto = reply(
+        f"{ids[1]}@example.ir",
+        "I am away until Monday.",
+        f"<ooo-{ids[1]}@mail.example.ir>",
+        second.provider_message_id,
+        "Auto-Submitted: auto-replied\r\n",
+    )
+    assert http.post("/v1/inboundMail:post", data=auto, headers=KEY).json == {"outcome": "auto_reply"}
+    # A reply whose client dropped In-Reply-To is matched by its sender's address.
+    bare = reply(f"{ids[1]}@example.ir", "Interested.", f"<bare-{ids[1]}@mail.example.ir>")
+    assert http.post("/v1/inboundMail:post", data=bare, headers=KEY).json["message"] == f"{c.name}/messages/{second.id}"
+    got = [e for e in events(svc, "response.recorded.v1", ev.ResponseEvent) if e.campaign == c.name]
+    assert [e.customer for e in got] == [f"customers/{ids[0]}", f"customers/{ids[1]}"]
+    # A stranger's mail answers nothing of ours; a returned message is a bounce.
+    stranger = reply("someone@else.ir", "hello", "<s-1@else.ir>")
+    assert http.post("/v1/inboundMail:post", data=stranger, headers=KEY).json == {"outcome": "unmatched"}
+    bounced = http.post(
+        "/v1/inboundMail:post", data=dsn(first.provider_message_id, f"{ids[0]}@example.ir"), headers=KEY
+    )
+    assert (bounced.json["outcome"], bounced.json["bounceKind"]) == ("bounce", "hard")
+    assert http.post("/v1/inboundMail:post", data=b"  ", headers=KEY).status_code == 400
+
+
 def test_a_provider_webhook_bounce_and_an_sms_delivery_receipt(svc, stubs, smtp, sender, http):
     c, ids, _ = mailed(svc, stubs, smtp, sender, n=2)
     hard, soft = (message_row(svc, c, i) for i in ids)
@@ -295,6 +418,19 @@ def test_a_provider_webhook_bounce_and_an_sms_delivery_receipt(svc, stubs, smtp,
     http.post("/v1/deliveryReceipts:post", json={"providerMessageId": "kv-77", "status": "10"}, headers=KEY)
     got = [e for e in events(svc, "message.delivered.v1", ev.MessageEvent) if e.campaign == c.name]
     assert len(got) == 1 and message_row(svc, c, ids[0]).delivered_time is not None
+
+
+def test_a_bounce_report_with_a_nul_byte_is_read_not_internal(svc, http):
+    """A NUL in a webhook's JSON strings (\\u0000) or in a DSN reached PostgreSQL (a suppression,
+    the message's error): 500 to the provider, which then retries it for ever."""
+    resp = http.post("/v1/bounces:post", json={"recipient": "nul\u0000@x.ir", "status": "5.1.1"}, headers=KEY)
+    assert resp.status_code == 200 and resp.json["suppressed"] is True, resp.get_data(as_text=True)
+    raw = dsn("<cmp-00000000-0000-0000-0000-000000000000@crm.test>", "dsn\x00nul@x.ir")
+    resp = http.post("/v1/bounces:post", data=raw, headers=KEY)
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    with svc.ctx.engine.connect() as conn:
+        got = conn.execute(sa.select(suppressions.c.address).where(suppressions.c.address.like("%nul@x.ir"))).all()
+    assert sorted(a for (a,) in got) == ["dsnnul@x.ir", "nul@x.ir"]
 
 
 def test_the_clickstream_ties_a_visitor_to_a_customer(svc, stubs, tr, smtp, sender, http):
@@ -448,6 +584,53 @@ def test_an_sms_answer_to_a_campaign_is_a_response_once(svc, stubs, smtp, sender
     assert [(e.kind, e.channel, e.phone, e.customer) for e in got] == [
         ("sms", "sms", "+989127770000", f"customers/{ids[0]}")
     ]
+
+
+def test_sms_links_are_short_links_that_track_the_click(svc, stubs, sender, http):
+    api, _, tpl = stubs
+    r = rt(svc)
+    texts: list[str] = []
+    before = r.senders.get("sms")
+    r.senders["sms"] = lambda out: texts.append(out.text) or f"sms-{len(texts)}"  # the provider's side
+    try:
+        ids = people(svc, 1)
+        t = tpl.CreateTemplate(
+            templates_pb2.CreateTemplateRequest(
+                template=templates_pb2.Template(
+                    display_name="sms", channel="sms", text_body=f"تخفیف پاییز: {SHOP}. لغو۱۱"
+                )
+            ),
+            metadata=MARKETER,
+        )
+        c = cpb.Campaign(
+            display_name="پیامک",
+            channel="sms",
+            segment=segment_of(stubs, ids),
+            variants=[cpb.Variant(template=t.name)],
+            quiet_start_hour=0,
+            quiet_end_hour=0,
+        )
+        c = launched(stubs, svc, api.CreateCampaign(cpb.CreateCampaignRequest(campaign=c), metadata=MARKETER))
+        assert sender.run_once() == 1
+    finally:
+        r.senders["sms"] = before
+    (text,) = texts
+    code = re.fullmatch(r"تخفیف پاییز: https://crm\.test/s/([A-Za-z0-9_-]{10})\. لغو۱۱", text).group(1)
+    assert code == tracking.short_code(r, str(message_row(svc, c, ids[0]).id), SHOP)  # stable: a retry re-writes it
+    resp = http.get(f"/s/{code}", headers=BROWSER)
+    assert resp.status_code == 302
+    target = urlsplit(resp.headers["Location"])
+    assert (target.netloc, target.path, parse_qs(target.query)["utm_medium"]) == ("shop.example.ir", "/autumn", ["sms"])
+    assert message_row(svc, c, ids[0]).click_count == 1
+    (clicked,) = [e for e in events(svc, "message.clicked.v1", ev.MessageEvent) if e.campaign == c.name]
+    assert clicked.url == SHOP
+    for bad in ("AAAAAAAAAA", "short", "AAAA%3DAAAAA"):
+        assert http.get(f"/s/{bad}").status_code == 404
+    # Bot messages have room for the signed click link.
+    assert tracking.track_text(r, None, f"see {SHOP}!", "m-1").startswith(f"see {BASE}/v1/t/c/")
+    # An erasure takes the customer's short links (a target may carry what the template put in it).
+    deliver(svc, customer_message("customer.erased.v1", cid=ids[0], version=5))
+    assert http.get(f"/s/{code}").status_code == 404
 
 
 def test_parse_dsn_reads_a_returned_message_and_tells_soft_from_hard():

@@ -12,7 +12,7 @@ from jinja2.exceptions import SecurityError
 
 from crm_chassis import bots, templating
 from crm_chassis.config import ConfigError
-from crm_chassis.mail import compose, encoded_words, smtp_settings
+from crm_chassis.mail import Attachment, compose, encoded_words, smtp_settings
 from crm_chassis.persian import persian_letters
 
 LONG_SUBJECT = "سارا عزیز، جشنواره بزرگ پاییز با تخفیف‌های ویژه برای مشتریان طلایی در همه شعبه‌ها آغاز شد"
@@ -55,6 +55,30 @@ def test_compose_refuses_header_injection_and_writes_a_text_only_mail():
     assert m.get_content() == "plain text\r\nline two"  # canonical CRLF line breaks
 
 
+def test_compose_attaches_files_after_the_text_and_html():
+    payload = bytes(range(256)) * 40  # binary, several base64 lines
+    data = compose(
+        [("To", "a@b.c"), ("Subject", "گزارش")],
+        "گزارش هفتگی پیوست است",
+        "<p>report</p>",
+        [
+            Attachment("acquisition-1.xlsx", "application/vnd.ms-excel", payload),
+            Attachment("گزارش.csv", "text/csv", b"a,b\r\n"),
+        ],
+    )
+    assert all(len(line) <= 998 for line in data.split(b"\r\n"))
+    m = parse(data)
+    assert m.get_content_type() == "multipart/mixed"
+    body, first, second = m.iter_parts()
+    assert body.get_content_type() == "multipart/alternative"
+    assert [p.get_content() for p in body.iter_parts()] == ["گزارش هفتگی پیوست است", "<p>report</p>"]
+    assert first.get_filename() == "acquisition-1.xlsx" and first.get_content() == payload
+    assert second.get_filename() == "گزارش.csv" and second.is_attachment()
+    plain = parse(compose([("To", "a@b.c")], "x", attachments=[Attachment("r.pdf", "application/pdf", b"%PDF")]))
+    text, pdf = plain.iter_parts()
+    assert text.get_content_type() == "text/plain" and pdf.get_content() == b"%PDF"
+
+
 def test_encoded_words_keep_every_word_short_and_split_no_character():
     words = encoded_words(LONG_SUBJECT * 3).split("\r\n ")
     assert len(words) > 3 and all(len(w) <= 75 for w in words)
@@ -87,6 +111,34 @@ def test_the_sandbox_refuses_calls_and_unbounded_work():
         with pytest.raises(SecurityError) as err:
             env.from_string(source).render(name="x")
         assert words in str(err.value)
+
+
+def test_the_sandbox_bounds_the_work_of_filters_and_the_output():
+    """A width or count of a filter (center(999999999) made a gigabyte, slice(99999999) ran for
+    minutes), an output growing with an argument (replace, join), a %-format width, a loop
+    repeating a long text: refused before the work is done; a filter's assertion
+    (truncate(-5)) is a template error, not an AssertionError."""
+    from jinja2.exceptions import TemplateError
+
+    class Box(templating.Sandbox):
+        what = "a test template"
+
+    env = Box(undefined=StrictUndefined)
+    values = {"name": "سارا", "tags": ["a", "b"]}
+    for source in (
+        "{{ name | center(999999999) }}",
+        "{{ name | indent(99999999, true) }}",
+        "{{ tags | slice(99999999) | list }}",
+        "{{ '%99999999s' | format(name) }}",
+        "{{ ('x' * 9999) | replace('x', 'x' * 9999) }}",
+        "{{ ('x' * 9999) | list | join('y' * 9999) }}",
+        "{% for a in 'x' * 9999 %}{{ 'y' * 9999 }}{% endfor %}",
+        "{{ name | truncate(-5) }}",
+    ):
+        with pytest.raises(TemplateError):
+            templating.render(env.from_string(source), values)
+    ok = "{{ tags | join(', ') }} {{ name | center(8) | trim }} {{ name | replace('ا', 'آ') }} {{ '%5.2f' | format(3.14159) }}"
+    assert templating.render(env.from_string(ok), values) == "a, b سارا سآرآ  3.14"
 
 
 def test_bot_settings():

@@ -482,3 +482,46 @@ def test_a_batch_all_handler_takes_a_run_of_mixed_keys_in_arrival_order_in_one_c
         assert len(calls) < 30
     finally:
         consumer.stop(2)
+
+
+def test_a_committed_batch_is_acked_whole_and_nothing_comes_back_after_a_restart(engine, broker):
+    """One multiple-ack settles a batch (dead-lettered deliveries inside it included): after the
+    consumer stops, its queue is empty and no delivery is redelivered to the next consumer."""
+    events = [make_event(f"m{i}".encode()) for i in range(60)]
+    name = "batch-ack"
+    consumer = EventConsumer(engine, broker.url, name, [Subscription(DOMAIN, {KEY: record})], prefetch=100,
+                             delivery_limit=3, batch_size=25)  # fmt: skip
+    conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+    ch = conn.channel()
+    declare_producer(ch, DOMAIN)
+    consumer.declare(ch)
+    ch.confirm_delivery()
+    for i, e in enumerate(events):
+        ch.basic_publish(exchange_for(DOMAIN), KEY, e.data, e.amqp_properties())
+        if i == 30:  # a malformed one in the middle of a batch
+            ch.basic_publish(exchange_for(DOMAIN), KEY, b"junk", pika.BasicProperties(headers={}))
+    conn.close()
+    consumer.start()
+    assert consumer.ready.wait(10), "consumer did not connect"
+    try:
+        wait_for(lambda: consumer.processed == 60 and consumer.dead_lettered == 1, what="every delivery")
+        assert consumer.batches >= 2  # acked batch by batch
+    finally:
+        consumer.stop(5)
+    conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+    ch = conn.channel()
+    queue = queue_name(name, DOMAIN)
+    assert ch.queue_declare(queue=queue, passive=True).method.message_count == 0  # nothing unacked went back
+    assert ch.queue_declare(queue=dead_letter_queue(queue), passive=True).method.message_count == 1
+    conn.close()
+    again = EventConsumer(
+        engine, broker.url, name, [Subscription(DOMAIN, {KEY: record})], delivery_limit=3, batch_size=25
+    )
+    again.start()
+    try:
+        assert again.ready.wait(10)
+        time.sleep(0.5)
+        assert (again.processed, again.duplicates) == (0, 0)
+    finally:
+        again.stop(2)
+    assert received(engine) == (60, 60)

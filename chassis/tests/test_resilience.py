@@ -16,7 +16,7 @@ from google.protobuf import struct_pb2
 
 from crm.customer.v1 import customer_events_pb2, customer_pb2, customer_service_pb2
 from crm_chassis.db import DatabaseProbe, create_engine, is_database_unavailable
-from crm_chassis.interceptors import nul_violations
+from crm_chassis.interceptors import request_violations
 from crm_chassis.messaging.consumer import DEAD_LETTER_REASON, EventConsumer, Requires, Subscription
 from crm_chassis.messaging.envelope import Event, new_event
 from crm_chassis.messaging.outbox import OutboxRelay, enqueue
@@ -40,20 +40,64 @@ def test_nul_characters_are_found_in_nested_repeated_and_map_fields_by_path():
     clean = customer_service_pb2.CreateCustomerRequest(
         customer=customer_pb2.Customer(given_name="علی", family_name="رضایی"), request_id="r-1"
     )
-    assert nul_violations(clean) == []
+    assert request_violations(clean) == []
     bad = customer_service_pb2.CreateCustomerRequest(
         customer=customer_pb2.Customer(given_name="a\x00b", family_name="ok"), request_id="r\x00"
     )
-    assert sorted(v.field for v in nul_violations(bad)) == ["customer.given_name", "request_id"]
+    assert sorted(v.field for v in request_violations(bad)) == ["customer.given_name", "request_id"]
     # Maps, repeated fields and recursive messages (Struct -> Value -> ListValue -> Value).
     s = struct_pb2.Struct()
     s.update({"fine": "x", "nested": {"deep": ["ok", "no\x00"]}, "k\x00": 1})
-    assert sorted(v.field for v in nul_violations(s)) == [
+    assert sorted(v.field for v in request_violations(s)) == [
         "fields",  # a key with a NUL names the map
         'fields["nested"].struct_value.fields["deep"].list_value.values[1].string_value',
     ]
     # Bytes may hold anything.
-    assert nul_violations(customer_service_pb2.ImportCustomersRequest(content=b"\x00\x00")) == []
+    assert request_violations(customer_service_pb2.ImportCustomersRequest(content=b"\x00\x00")) == []
+
+
+def test_timestamps_and_durations_out_of_range_are_named_by_path():
+    """A Timestamp protobuf cannot turn into a datetime (before 0001 or after 9999, nanos out of
+    range) or a bad Duration is named like a NUL, wherever it sits; it used to be an INTERNAL
+    from ToDatetime() inside the handler."""
+    ok = struct_pb2.Struct()  # holds neither: nothing to report
+    assert request_violations(ok) == []
+    job = jobs_pb2_like()
+    assert request_violations(job) == []
+    job.create_time.seconds = 253_402_300_800  # 10000-01-01
+    job.ttl.seconds = 1
+    job.ttl.nanos = -1  # mixed signs
+    job.history.add().seconds = -62_135_596_801  # before 0001-01-01
+    job.history.add().nanos = 1_000_000_000
+    job.history.add().seconds = 1_700_000_000  # fine
+    assert [v.field for v in request_violations(job)] == ["create_time", "ttl", "history[0]", "history[1]"]
+    assert "9999-12-31" in request_violations(job)[0].description
+
+
+def jobs_pb2_like():
+    """A message with a Timestamp, a Duration and a repeated Timestamp, built at run time (no
+    contract of ours has all three)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, message_factory, timestamp_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    for dep in (timestamp_pb2, duration_pb2):
+        fdp = descriptor_pb2.FileDescriptorProto()
+        dep.DESCRIPTOR.CopyToProto(fdp)
+        pool.Add(fdp)
+    f = descriptor_pb2.FileDescriptorProto(
+        name="probe.proto",
+        package="probe",
+        dependency=["google/protobuf/timestamp.proto", "google/protobuf/duration.proto"],
+    )
+    m = f.message_type.add(name="Probe")
+    T = descriptor_pb2.FieldDescriptorProto
+    m.field.add(name="create_time", number=1, type=T.TYPE_MESSAGE, type_name=".google.protobuf.Timestamp")
+    m.field.add(name="ttl", number=2, type=T.TYPE_MESSAGE, type_name=".google.protobuf.Duration")
+    m.field.add(
+        name="history", number=3, type=T.TYPE_MESSAGE, type_name=".google.protobuf.Timestamp", label=T.LABEL_REPEATED
+    )
+    pool.Add(f)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("probe.Probe"))()
 
 
 # -- database errors ------------------------------------------------------------------------

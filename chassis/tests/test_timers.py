@@ -170,6 +170,41 @@ def test_cancel_many_removes_exactly_the_pairs_named(engine):
     assert left == {("sla", "b"), ("report", "a")}
 
 
+def test_keep_earlier_moves_a_timer_only_to_a_sooner_time(engine):
+    t0 = now() + dt.timedelta(hours=1)
+    schedule(engine, "expire", "m1", t0, {"v": 1})
+    with engine.begin() as conn:
+        timers.schedule_many(
+            conn,
+            [
+                ("expire", "m1", t0 + dt.timedelta(minutes=5), {"v": 2}),  # later than the one it has: kept
+                ("expire", "m2", t0 + dt.timedelta(minutes=9), None),  # new; of its two times the earlier
+                ("expire", "m2", t0 + dt.timedelta(minutes=7), None),
+                ("expire", "m2", t0 + dt.timedelta(minutes=8), None),
+            ],
+            keep_earlier=True,
+        )
+    with engine.connect() as conn:
+        m1, m2 = timers.get(conn, "expire", "m1"), timers.get(conn, "expire", "m2")
+    assert (m1.due_at, m1.payload) == (t0, {"v": 1})
+    assert m2.due_at == t0 + dt.timedelta(minutes=7)
+    schedule(engine, "expire", "m3", t0)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE timers SET state = 'failed' WHERE key = 'm3'"))
+        timers.schedule_many(
+            conn,
+            [
+                ("expire", "m1", t0 - dt.timedelta(minutes=1), {"v": 3}),
+                ("expire", "m3", t0 + dt.timedelta(days=1), None),
+            ],
+            keep_earlier=True,
+        )
+    with engine.connect() as conn:
+        m1, m3 = timers.get(conn, "expire", "m1"), timers.get(conn, "expire", "m3")
+    assert (m1.due_at, m1.payload) == (t0 - dt.timedelta(minutes=1), {"v": 3})  # sooner: moved
+    assert (m3.state, m3.due_at) == ("scheduled", t0 + dt.timedelta(days=1))  # a failed one is replaced
+
+
 def test_cancel_and_reschedule(engine):
     later = now() + dt.timedelta(hours=1)
     schedule(engine, "sla", "cancelled", now() + dt.timedelta(milliseconds=300))

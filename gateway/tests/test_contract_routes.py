@@ -81,10 +81,24 @@ HAND_WRITTEN = {
     ("GET", "/v1/reports/customers-by-source:export", "ExportCustomersBySource", (), None, 200),
     ("GET", "/v1/reports/acquisition", "GetAcquisitionReport", (), None, 200),
     ("GET", "/v1/reports/acquisition:export", "ExportAcquisitionReport", (), None, 200),
+    ("GET", "/v1/reports/pipeline", "GetPipelineReport", (), None, 200),
+    ("GET", "/v1/reports/pipeline:export", "ExportPipelineReport", (), None, 200),
+    ("GET", "/v1/reports/forecast", "GetForecastReport", (), None, 200),
+    ("GET", "/v1/reports/forecast:export", "ExportForecastReport", (), None, 200),
     ("GET", "/v1/reports/support", "GetSupportReport", (), None, 200),
     ("GET", "/v1/reports/support:export", "ExportSupportReport", (), None, 200),
     ("GET", "/v1/reports/loyalty", "GetLoyaltyReport", (), None, 200),
+    ("GET", "/v1/reports/loyalty:export", "ExportLoyaltyReport", (), None, 200),
     ("GET", "/v1/reports/campaigns", "GetCampaignReport", (), None, 200),
+    ("GET", "/v1/reports/campaigns:export", "ExportCampaignReport", (), None, 200),
+    (
+        "GET",
+        "/v1/customers/{customer_id}/timeline:export",
+        "ExportCustomerTimeline",
+        (("customer", "customers/{customer_id}"),),
+        None,
+        200,
+    ),
     (
         "GET",
         "/v1/customers/{customer_id}/timeline",
@@ -119,7 +133,12 @@ def test_the_annotations_reproduce_the_hand_written_table():
         "DownloadImportErrorReport",
         "ExportCustomersBySource",
         "ExportAcquisitionReport",
+        "ExportPipelineReport",
+        "ExportForecastReport",
         "ExportSupportReport",
+        "ExportLoyaltyReport",
+        "ExportCampaignReport",
+        "ExportCustomerTimeline",
     }
     assert [(r.rpc, r.upload) for r in old if r.upload] == [("ImportCustomers", "content")]
     # Summaries are the RPCs' proto comments (the generated modules carry none).
@@ -212,6 +231,13 @@ def test_downloads_document_and_send_their_real_media_types(suite):
     export = doc["paths"]["/v1/customers:export"]["get"]["responses"]["200"]
     assert set(export["content"]) == {CSV, XLSX, PDF, DOCX}
     assert set(export["headers"]) == {"Content-Disposition", "X-Row-Count"}
+    for path in (
+        "/v1/reports/loyalty:export",
+        "/v1/customers/{customer_id}/timeline:export",
+        "/v1/reports/value:export",
+    ):
+        chart = doc["paths"][path]["get"]["responses"]["200"]["content"]
+        assert set(chart) == {CSV, XLSX, PDF, "image/png", "image/svg+xml"}, path
     report = doc["paths"]["/v1/importJobs/{job_id}/errorReport"]["get"]["responses"]["200"]
     assert set(report["content"]) == {CSV, XLSX} and set(report["headers"]) == {"Content-Disposition"}
     assert "application/octet-stream" not in str(doc)

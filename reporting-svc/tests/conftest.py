@@ -15,7 +15,7 @@ from crm.support.v1 import ticket_pb2
 from crm_chassis.messaging.consumer import EventConsumer
 from crm_chassis.messaging.envelope import Event, new_event
 from reporting_svc.__main__ import SPEC
-from tests.support.harness import start_service
+from tests.support.harness import Broker, start_service
 
 
 def ts(value: dt.datetime) -> timestamp_pb2.Timestamp:
@@ -174,6 +174,14 @@ def svc(request, databases, broker):
     )
     yield service
     service.stop(0)
+
+
+@pytest.fixture(scope="module")
+def own_broker():
+    """A RabbitMQ vhost of the module's own (its event log holds only the module's events)."""
+    b = Broker()
+    yield b
+    b.close()
 
 
 @pytest.fixture(scope="module")

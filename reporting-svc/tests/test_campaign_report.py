@@ -103,3 +103,27 @@ def test_a_filter_and_an_unknown_campaign(stub):
         rs.GetCampaignReportRequest(campaigns=["campaigns/k2", "campaigns/zz"]), metadata=md()
     )
     assert [r.campaign for r in only.rows] == ["campaigns/k2"]
+
+
+def test_a_cost_entered_after_completion_and_a_resume_reach_the_report(svc, feed):
+    """campaign.updated.v1 (the cost entered afterwards) and campaign.resumed.v1 are the newest
+    state too (the journey found the entered cost never reached the report)."""
+    feed.deliver(campaign(3, 1, "launched", "revenue", irt(100_000), None))
+    feed.deliver(campaign(3, 2, "completed", "revenue", irt(100_000), None))
+    cost = campaign(3, 3, "completed", "revenue", irt(100_000), irt(50_000))
+    msg = cost.parse(cev.CampaignEvent)
+    feed.deliver(Feed.event("campaign", "campaign.updated.v1", msg, msg.campaign, T + 3 * H))
+    feed.deliver(campaign(4, 1, "launched", "responses", money_pb2.Money(units=1), None))
+    paused = campaign(4, 2, "paused", "responses", money_pb2.Money(units=1), None)
+    resumed = campaign(4, 3, "running", "responses", money_pb2.Money(units=1), None)
+    msg = resumed.parse(cev.CampaignEvent)
+    feed.deliver(paused, Feed.event("campaign", "campaign.resumed.v1", msg, msg.campaign, T + 3 * H))
+    with channel(svc) as ch:
+        got = rsg.ReportingServiceStub(ch).GetCampaignReport(
+            rs.GetCampaignReportRequest(campaigns=["campaigns/k3", "campaigns/k4"]), metadata=md("analyst")
+        )
+    rows = {r.campaign: r for r in got.rows}
+    three, four = rows["campaigns/k3"], rows["campaigns/k4"]
+    assert (three.state, three.cost.units, three.recipients) == ("completed", 500_000, 100)
+    assert three.roi == pytest.approx(-1.0)  # nothing earned yet against the entered cost
+    assert four.state == "running"

@@ -4,6 +4,7 @@ rollup from them (the report answers as before the upgrade); downgrade and upgra
 from __future__ import annotations
 
 import pathlib
+from decimal import Decimal
 
 import sqlalchemy as sa
 from alembic import command
@@ -41,5 +42,38 @@ def test_upgrade_from_0002_keeps_the_facts_and_fills_the_rollup(databases):
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT to_regclass('support_daily')")).scalar() is None
         assert conn.execute(sa.text("SELECT count(*) FROM customer_source_facts")).scalar() == 3
+    command.upgrade(cfg(url), "head")
+    engine.dispose()
+
+
+def test_0012_fills_the_pipeline_rollup_from_the_opportunity_facts(databases):
+    url = databases.fresh("rep_migr12")
+    migrate(url, SPEC.migrations, "0010")
+    engine = sa.create_engine(normalise_url(url))
+    with engine.begin() as conn:  # an open opportunity without a close date, a won one, a lost one
+        conn.execute(
+            sa.text(
+                "INSERT INTO opportunity_facts (opportunity_id, version, source, state, currency, amount, close_time,"
+                " owner, probability, expected_close_date) VALUES"
+                " ('a', 1, 'web', 'open', 'IRR', 1000, NULL, 'ana', 12.5, NULL),"
+                " ('b', 1, 'web', 'open', 'IRR', 3, NULL, 'ana', 50, NULL),"
+                " ('c', 2, 'web', 'won', 'IRR', 700, '2026-11-21 20:45+00', 'ana', 100, '2026-11-01'),"
+                " ('d', 1, 'web', 'lost', 'IRR', 9, '2026-11-21 10:00+00', 'ana', 0, NULL)"
+            )
+        )
+    migrate(url, SPEC.migrations)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT day::text, owner, open_opportunities, open_amount, weighted_amount, won_opportunities,"
+                " won_amount FROM sales_pipeline_daily ORDER BY day"
+            )
+        ).all()
+    # weighted as sales.weighted rounds it: 1000 x 12.5% + 3 x 50% (1.5)
+    assert [tuple(r) for r in rows] == [
+        ("0001-01-01", "ana", 2, 1003, Decimal("126.500000000"), 0, 0),
+        ("2026-11-22", "ana", 0, 0, 0, 1, 700),  # the Tehran day of the win
+    ]
+    command.downgrade(cfg(url), "0010")
     command.upgrade(cfg(url), "head")
     engine.dispose()

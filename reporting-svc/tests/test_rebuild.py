@@ -21,18 +21,11 @@ from crm_chassis.messaging.envelope import new_event
 from crm_chassis.messaging.topology import declare_producer
 from reporting_svc import rebuild
 from reporting_svc.__main__ import SPEC
-from tests.support.harness import Broker, channel, md, start_service, wait_for
+from tests.support.harness import channel, md, start_service, wait_for
 
 UTC = dt.UTC
 D = dt.datetime(2026, 11, 21, 6, 0, tzinfo=UTC)
 H = dt.timedelta(hours=1)
-
-
-@pytest.fixture(scope="module")
-def own_broker():
-    b = Broker()
-    yield b
-    b.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import datetime as dt
 import threading
 
 import pika
-import pytest
 import sqlalchemy as sa
 
 from crm.reporting.v1 import reporting_service_pb2 as rs
@@ -19,19 +18,12 @@ from crm_chassis import jobs
 from crm_chassis.messaging.topology import declare_producer
 from reporting_svc import rebuild
 from reporting_svc.__main__ import SPEC
-from tests.support.harness import Broker, channel, md, start_service, wait_for
+from tests.support.harness import channel, md, start_service, wait_for
 
 UTC = dt.UTC
 D = dt.datetime(2026, 11, 21, 6, 0, tzinfo=UTC)
 H = dt.timedelta(hours=1)
 WEB = ticket_pb2.Channel.Value("CHANNEL_WEB")
-
-
-@pytest.fixture(scope="module")
-def own_broker():
-    b = Broker()
-    yield b
-    b.close()
 
 
 def publish(url: str, events) -> None:

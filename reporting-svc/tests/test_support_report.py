@@ -153,7 +153,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(stub, kw, field):
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.field_violations[0].field == field
 
 
-def test_export_csv_and_xlsx(stub):
+def test_export_csv_and_xlsx_and_a_bad_format(stub):
     import io
 
     import openpyxl
@@ -170,7 +170,7 @@ def test_export_csv_and_xlsx(stub):
     values = [[c.value for c in row] for row in ws.iter_rows()]
     assert ["Azar 1405", "agents/b", 3] in [v[:3] for v in values]
     with pytest.raises(grpc.RpcError) as info:
-        list(stub.ExportSupportReport(rs.ExportSupportReportRequest(**req, format="pdf"), metadata=md()))
+        list(stub.ExportSupportReport(rs.ExportSupportReportRequest(**req, format="docx"), metadata=md()))
     assert read_rpc_error(info.value).field_violations[0].field == "format"
     bad = rs.ExportSupportReportRequest(period="x", format="csv")
     with pytest.raises(grpc.RpcError) as info:

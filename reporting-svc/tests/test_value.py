@@ -223,6 +223,9 @@ def test_empty_answers(stub):
     assert (r.customers, list(r.curve), r.top_revenue_share) == (0, [], 0.0)
     assert list(call(stub, "GetRfmReport", currency_code="GBP").segments) == []
     assert list(call(stub, "ListChurnRisks", currency_code="GBP").customers) == []
+    # A present but all-zero Date is unset (today), not a NULL as_of (it was INTERNAL).
+    empty = date_pb2.Date()
+    assert list(call(stub, "ListChurnRisks", currency_code="GBP", as_of_date=empty).customers) == []
     assert list(call(stub, "ListRfmSegmentCustomers", segment="loyal", currency_code="GBP").customers) == []
 
 

@@ -21,16 +21,9 @@ from crm.type.v1 import date_pb2, money_pb2
 from crm_chassis.messaging.envelope import new_event
 from crm_chassis.messaging.topology import declare_producer
 from reporting_svc.__main__ import SPEC
-from tests.support.harness import Broker, channel, md, start_service, wait_for
+from tests.support.harness import channel, md, start_service, wait_for
 
 UTC = dt.UTC
-
-
-@pytest.fixture(scope="module")
-def own_broker():
-    b = Broker()
-    yield b
-    b.close()
 
 
 @pytest.fixture(scope="module")

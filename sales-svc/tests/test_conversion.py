@@ -187,3 +187,15 @@ def test_linking_an_existing_customer_creates_none(stub, sales, customer_svc):
     linked = convert(stub, lead_id, customer=first.customer)
     assert not linked.customer_created and linked.customer == first.customer
     assert customers_made(customer_svc, lead_id) == 0
+
+
+def test_a_lead_that_names_its_customer_converts_to_that_customer(stub, sales, customer_svc):
+    """A campaign response from a known customer opens a lead naming them (campaign_responses):
+    converting it without `customer` links that customer, never a second one (the journey found
+    it made a duplicate)."""
+    first = convert(stub, new_lead(sales))
+    lead_id = new_lead(sales, source="campaign", customer_id=first.customer.removeprefix("customers/"))
+    linked = convert(stub, lead_id)
+    assert not linked.customer_created and linked.customer == first.customer
+    assert customers_made(customer_svc, lead_id) == 0
+    assert lead_row(sales, lead_id).customer_id == first.customer.removeprefix("customers/")

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from crm.sales.v1 import forecasts_pb2 as pb
 from crm.sales.v1 import forecasts_pb2_grpc
+from crm.sales.v1 import sales_events_pb2 as sev
 from crm.type.v1 import date_pb2, money_pb2
 from crm_chassis import timers
 from crm_chassis.errors import read_rpc_error
@@ -35,7 +36,7 @@ from sales_svc.tables import (
 )
 from tests.support.harness import assert_problem, token, wait_for
 
-from .conftest import ADMIN, make_team, manager, rep
+from .conftest import ADMIN, events, make_team, manager, rep
 
 TEHRAN = zoneinfo.ZoneInfo("Asia/Tehran")
 UTC = dt.UTC
@@ -452,6 +453,23 @@ def test_snapshot_against_won_and_invoiced_revenue(svc, catalog, stub):
     assert not plain.HasField("adjusted_commit")
     with svc.ctx.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).where(forecast_snapshots.c.owner_id == me)).scalar() == 2
+    # each stored snapshot published forecast_snapshot.created.v1 once (not the idempotent retry)
+    published = [e for e in events(svc, "forecast_snapshot.created.v1") if e.subject in (snap.name, plain.name)]
+    assert [e.subject for e in published] == [snap.name, plain.name]
+    first_ev = published[0].parse(sev.ForecastSnapshotEvent)
+    assert (first_ev.forecast_snapshot, first_ev.period, first_ev.calendar, first_ev.unit, first_ev.owner) == (
+        snap.name, "1406-Q1", "jalali", "quarter", me,
+    )  # fmt: skip
+    assert (first_ev.kind, first_ev.submitter, first_ev.currency_code) == ("submitted", boss, "IRR")
+    assert (money(first_ev.weighted_amount), money(first_ev.commit_amount), money(first_ev.closed_amount)) == (
+        500_000, 1_000_000, 2_000_000,
+    )  # fmt: skip
+    assert money(first_ev.adjusted_commit) == 2_500_000 and first_ev.open_count == 1 and first_ev.won_count == 1
+    assert (first_ev.period_start_date.year, first_ev.period_start_date.month, first_ev.period_start_date.day) == (
+        2027, 3, 21,
+    )  # fmt: skip
+    assert first_ev.create_time.ToDatetime(tzinfo=UTC) == snap.create_time.ToDatetime(tzinfo=UTC)
+    assert not published[1].parse(sev.ForecastSnapshotEvent).HasField("adjusted_commit")
 
     # then: the commit wins, invoices go out, a credit note comes back; a draft does not count
     with svc.ctx.engine.begin() as conn:
@@ -552,6 +570,16 @@ def test_the_weekly_timer_freezes_the_current_and_next_period(svc, catalog, stub
     ]
     assert (rows[0].weighted_amount, rows[0].closed_amount, rows[0].open_count) == (40, 300, 1)
     assert (rows[1].weighted_amount, rows[1].closed_amount) == (80, 0)
+    # the freeze published one forecast_snapshot.created.v1 per snapshot, in its transaction
+    frozen_events = {
+        e.subject: e.parse(sev.ForecastSnapshotEvent)
+        for e in events(svc, "forecast_snapshot.created.v1")
+        if e.subject in {f"forecastSnapshots/{r.id}" for r in rows}
+    }
+    assert len(frozen_events) == 2
+    q1 = frozen_events[f"forecastSnapshots/{rows[0].id}"]
+    assert (q1.period, q1.kind, q1.submitter, q1.owner) == ("1404-Q1", "weekly", "system", me)
+    assert (money(q1.weighted_amount), money(q1.closed_amount), q1.open_count) == (40, 300, 1)
     with svc.ctx.engine.connect() as conn:
         again = timers.get(conn, FREEZE_KIND, FREEZE_KEY)
     assert again.cron == "0 18 * * wed" and again.due_at > dt.datetime.now(UTC)  # the next Wednesday

@@ -41,6 +41,7 @@ from .tables import (
     audience_opportunities,
     audience_orders,
     audience_tickets,
+    messages,
     metadata,
 )
 
@@ -256,8 +257,20 @@ class Handlers:
         self._changed(conn, [_id(msg.survivor.name), *(_id(c.name) for c in msg.restored)], "customer")
 
     def on_erased(self, conn: sa.Connection, event: Event) -> None:
+        known = conn.execute(
+            sa.select(audience.c.email, audience.c.mobile, audience.c.phone).where(
+                audience.c.customer_id == _id(event.parse(ce.CustomerErased).customer.name)
+            )
+        ).first()  # the addresses, read before the row is blanked
         cid = refs.erased(conn, audience, event)
-        erase_personal(conn, cid)
+        conn.execute(  # nothing more goes to them (the address is about to be blanked)
+            messages.update()
+            .where(messages.c.customer_id == cid, messages.c.state.in_(("queued", "held")))
+            .values(state="cancelled", error="the customer was erased")
+        )
+        erase_personal(
+            conn, cid, emails=[known.email] if known else [], phones=[known.mobile, known.phone] if known else []
+        )
         self._changed(conn, [cid], "erasure")
 
     # sales
@@ -347,17 +360,39 @@ class Handlers:
         self._changed(conn, [cid], "support")
 
 
-def erase_personal(conn: sa.Connection, customer_id: str) -> None:
+def erase_personal(conn: sa.Connection, customer_id: str, emails=(), phones=()) -> None:
     """Blank the personal columns (a table's info["personal"]) of every row of the customer in
-    the parts' tables: a message's address, a consent entry's address and proof, ..."""
+    the parts' tables: a message's address, a consent entry's address and proof, ... Rows of no
+    customer that carry one of the customer's `emails` or `phones` (an unsubscribe link, an SMS
+    stop, a form: recorded by address only) are theirs too. A row whose key holds a personal
+    column (consent_state's address) is deleted: blanked, two of them would share a key."""
+    emails = sorted({e for e in emails if e})
+    phones = sorted({p for p in phones if p})
     for table in customer_tables():
         personal = table.info.get("personal", ())
-        if personal:
-            blank = {}
-            for c in personal:
-                col = table.c[c]
-                blank[c] = None if col.nullable else ({} if isinstance(col.type, sa.JSON) else "")
-            conn.execute(table.update().where(table.c.customer_id == customer_id).values(**blank))
+        if not personal:
+            continue
+        by_address = []
+        if "channel" in table.c and "address" in table.c:
+            by_address += [
+                sa.and_(table.c.channel == "email", table.c.address.in_(emails)),
+                sa.and_(table.c.channel == "sms", table.c.address.in_(phones)),
+            ]
+        if "email" in table.c:
+            by_address.append(table.c.email.in_(emails))
+        if "phone" in table.c:
+            by_address.append(table.c.phone.in_(phones))
+        where = table.c.customer_id == customer_id
+        if by_address and (emails or phones):
+            where = sa.or_(where, sa.and_(table.c.customer_id == "", sa.or_(*by_address)))
+        if any(table.c[c].primary_key for c in personal):
+            conn.execute(table.delete().where(where))
+            continue
+        blank = {}
+        for c in personal:
+            col = table.c[c]
+            blank[c] = None if col.nullable else ({} if isinstance(col.type, sa.JSON) else "")
+        conn.execute(table.update().where(where).values(**blank))
 
 
 def subscriptions(rt: Campaign) -> list[Subscription]:

@@ -28,7 +28,7 @@ from google.protobuf import empty_pb2
 from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm.campaign.v1 import campaign_service_pb2 as pb
 from crm.campaign.v1 import campaign_service_pb2_grpc
-from crm_chassis import money, timers
+from crm_chassis import dates, money, timers
 from crm_chassis.columns import UUID
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from crm_chassis.filtering import FieldType, FilterField, FilterSchema, keyset_page
@@ -41,6 +41,7 @@ from . import consent
 from .runtime import Campaign
 from .segments_tables import segment_members
 from .tables import audience, audience_invoices, campaign_variants, campaigns, consent_state, messages
+from .tracking_tables import responses
 
 CAMPAIGN = ResourceName("campaigns/{campaign_id}")
 MESSAGE = ResourceName("campaigns/{campaign_id}/messages/{message_id}")
@@ -129,8 +130,14 @@ def message_to_proto(row) -> pb.CampaignMessage:
         attempts=row.attempts,
         error=row.error,
         provider_message_id=row.provider_message_id,
+        bounce_kind=row.bounce_kind,
+        open_count=row.open_count,
+        click_count=row.click_count,
     )
-    for f in ("not_before", "sent_time", "opened_time", "clicked_time"):
+    for f in (
+        "not_before", "sent_time", "opened_time", "clicked_time", "responded_time", "delivered_time", "bounced_time",
+        "unsubscribed_time",
+    ):  # fmt: skip
         if getattr(row, f) is not None:
             getattr(out, f).FromDatetime(getattr(row, f))
     return out
@@ -153,6 +160,16 @@ def event(row, *, recipients: int = 0) -> ev.CampaignEvent:
     )
     e.event_time.GetCurrentTime()
     return e
+
+
+def run_recipients(conn: sa.Connection, row) -> int:
+    """The messages of the campaign's latest run (0 before its first): the `recipients` of the
+    events other than launched and completed, so a consumer keeping the newest state of a
+    campaign (reporting) keeps the figure through an update, a pause or the winner."""
+    if not row.run:
+        return 0
+    q = sa.select(sa.func.count()).select_from(messages).where(m.campaign_id == row.id, m.run == row.run)
+    return conn.execute(q).scalar()
 
 
 FILTERS = FilterSchema(
@@ -302,6 +319,8 @@ class Campaigns:
             if v["cron"]:
                 try:
                     timers.next_occurrence(v["cron"], v.get("timezone", "Asia/Tehran"))
+                except zoneinfo.ZoneInfoNotFoundError:
+                    pass  # the time zone's own violation names it
                 except ValueError as e:
                     bad.append(FieldViolation("campaign.cron", str(e)))
         if "ignore_frequency_cap" in p:
@@ -444,7 +463,7 @@ class Campaigns:
                 .returning(campaigns)
             ).one()
             tx.audit(CAMPAIGN.format(row.id), "update", principal, [])
-            tx.publish("campaign.updated.v1", event(row), CAMPAIGN.format(row.id))
+            tx.publish("campaign.updated.v1", event(row, recipients=run_recipients(conn, row)), CAMPAIGN.format(row.id))
             return self._proto(conn, row)
 
     def delete(self, req: pb.DeleteCampaignRequest) -> None:
@@ -470,7 +489,7 @@ class Campaigns:
         ).one()
         tx.audit(CAMPAIGN.format(row.id), state, current_principal(), [])
         if key:
-            tx.publish(key, event(row), CAMPAIGN.format(row.id))
+            tx.publish(key, event(row, recipients=run_recipients(tx.conn, row)), CAMPAIGN.format(row.id))
         return row
 
     def launch(self, req: pb.LaunchCampaignRequest) -> pb.Campaign:
@@ -519,6 +538,10 @@ class Campaigns:
             if row.state != "paused":
                 raise FailedPrecondition(f"a {row.state} campaign is not paused", reason="CAMPAIGN_NOT_PAUSED")
             state = "running" if row.run else "scheduled"
+            if not row.run and not row.cron:  # its one run may have come (and done nothing) while paused
+                now = tx.conn.execute(sa.select(sa.func.now())).scalar()
+                at = row.start_time if row.start_time and row.start_time > now else now
+                timers.schedule(tx.conn, RUN, str(row.id), at)
             return self._proto(tx.conn, self._set_state(tx, row, state, "campaign.resumed.v1"))
 
     def cancel(self, req: pb.CancelCampaignRequest) -> pb.Campaign:
@@ -599,16 +622,22 @@ class Campaigns:
         """campaign.winner: the variant with the best rate of the metric among its sent messages
         wins (ties: the first variant); the held messages get it and are queued."""
         row = conn.execute(sa.select(campaigns).where(c.id == timer.key).with_for_update()).first()
-        if row is None or row.state in ("cancelled",) or row.winner_variant:
+        if row is None or row.state in ("cancelled",):
             return
-        rates = variant_rates(conn, row)
         variants = [v.key for v in self._variants(conn, row.id)]
-        best = max(variants, key=lambda k: (rates.get(k, 0.0), -variants.index(k))) if variants else ""
+        known = row.winner_variant in variants  # chosen before; not when the variants changed since
+        if known:
+            best = row.winner_variant
+        else:
+            rates = variant_rates(conn, row)
+            best = max(variants, key=lambda k: (rates.get(k, 0.0), -variants.index(k))) if variants else ""
         conn.execute(
             messages.update()
             .where(m.campaign_id == row.id, m.state == "held")
             .values(state="queued", variant=best, not_before=sa.func.greatest(m.not_before, sa.func.now()))
         )
+        if known:
+            return
         with self.uow.joined(conn) as tx:
             row = conn.execute(
                 campaigns.update()
@@ -616,7 +645,9 @@ class Campaigns:
                 .values(winner_variant=best, version=c.version + 1, update_time=sa.func.now())
                 .returning(campaigns)
             ).one()
-            tx.publish("campaign.winner_chosen.v1", event(row), CAMPAIGN.format(row.id))
+            tx.publish(
+                "campaign.winner_chosen.v1", event(row, recipients=run_recipients(conn, row)), CAMPAIGN.format(row.id)
+            )
 
     # -- reading ---------------------------------------------------------------------------------
     def stats(self, name: str) -> pb.CampaignStats:
@@ -663,8 +694,9 @@ def _address(channel: str, customer_id) -> sa.ColumnElement:
 
 
 def _bucket(campaign_id, customer_id) -> sa.ColumnElement:
-    """0..99, stable per (campaign, customer)."""
-    return sa.func.abs(sa.func.hashtext(sa.cast(campaign_id, sa.Text) + customer_id)) % 100
+    """0..99, stable per (campaign, customer). The hash is widened first: abs() of integer's
+    smallest value (-2^31) is out of range, and it would fail the whole run."""
+    return sa.func.abs(sa.cast(sa.func.hashtext(sa.cast(campaign_id, sa.Text) + customer_id), sa.BigInteger)) % 100
 
 
 def _variant_case(variants, bucket, scale: int) -> sa.ColumnElement:
@@ -679,9 +711,10 @@ def _variant_case(variants, bucket, scale: int) -> sa.ColumnElement:
     return sa.case(*[(cond, sa.literal(key)) for cond, key in edges[:-1]], else_=sa.literal(variants[-1].key))
 
 
-def quiet_until(now, tz: str, start: int, end: int) -> sa.ColumnElement:
-    """SQL: the end of the quiet hours if `now` falls in them in time zone `tz` (hours
-    start..end, wrapping past midnight when start > end), else `now`."""
+def quiet_until(now, tz: str | sa.ColumnElement, start: int, end: int) -> sa.ColumnElement:
+    """SQL: the end of the quiet hours if `now` falls in them in time zone `tz` (a zone name, or
+    a column holding one per row: the recipient's; hours start..end, wrapping past midnight
+    when start > end), else `now`."""
     if start == end:
         return sa.literal(now)
     local = sa.func.timezone(tz, sa.literal(now))
@@ -704,15 +737,26 @@ def enqueue(conn: sa.Connection, row, run: int, variants, now: dt.datetime) -> d
     address = _address(row.channel, a.customer_id)
     excluded = segment_members.alias("x")
     bucket = _bucket(sa.literal(str(row.id)), a.customer_id)
-    ab = len(variants) > 1 and row.test_percent > 0
+    # once a winner is chosen (after the first run of a recurring campaign), every later run
+    # sends it to everyone: nobody is held for a winner timer that would choose nothing
+    winner = row.winner_variant if row.winner_variant in {v.key for v in variants} else ""
+    ab = len(variants) > 1 and row.test_percent > 0 and not winner
     if not variants:
         variant = sa.literal("")
+    elif winner:
+        variant = sa.literal(winner)
     elif ab:
         variant = sa.case(
             (bucket < row.test_percent, _variant_case(variants, bucket, row.test_percent)), else_=sa.literal("")
         )
     else:
         variant = _variant_case(variants, bucket, 100)
+    # The recipient's time zone: their country's when the country tells it (crm_chassis.dates
+    # .country_zones), else the campaign's. Quiet hours are read in it, now and at delivery.
+    zones = sa.values(sa.column("country", sa.Text), sa.column("zone", sa.Text), name="country_zones").data(
+        sorted(dates.country_zones().items())
+    )
+    timezone = sa.func.coalesce(zones.c.zone, sa.literal(row.timezone, sa.Text))
     p = messages.alias("p")
     cap = frequency_cap()
     capped = sa.false()
@@ -743,10 +787,14 @@ def enqueue(conn: sa.Connection, row, run: int, variants, now: dt.datetime) -> d
             sa.literal(row.channel, sa.Text).label("channel"),
             address.label("address"),
             state.label("state"),
-            quiet_until(now, row.timezone, row.quiet_start_hour, row.quiet_end_hour).label("not_before"),
-            sa.literal(row.timezone, sa.Text).label("timezone"),
+            quiet_until(now, timezone, row.quiet_start_hour, row.quiet_end_hour).label("not_before"),
+            timezone.label("timezone"),
         )
-        .select_from(segment_members.join(audience, a.customer_id == members.customer_id))
+        .select_from(
+            segment_members.join(audience, a.customer_id == members.customer_id).outerjoin(
+                zones, zones.c.country == a.country
+            )
+        )
         .where(members.segment_id == row.segment_id, ~a.deleted, a.merged_into == "", address != "")
     )
     if row.exclude_segment_ids:
@@ -787,6 +835,17 @@ def variant_rates(conn: sa.Connection, row) -> dict[str, float]:
     return {r.variant: (r.hit / r.sent if r.sent else 0.0) for r in conn.execute(q)}
 
 
+def _credited(inv) -> sa.ColumnElement:
+    """What the credit notes of the invoice `inv` (a table or alias) gave back (0 for none)."""
+    cn = audience_invoices.alias("cn")
+    return sa.func.coalesce(
+        sa.select(sa.func.sum(cn.c.total))
+        .where(cn.c.kind == "credit_note", cn.c.credited_invoice == inv.c.invoice_id, cn.c.state != "cancelled")
+        .scalar_subquery(),
+        0,
+    )
+
+
 def _attributed(row):
     """Paid invoices attributed to this campaign by last touch: the customer's latest message
     (of any campaign) sent before the payment within that campaign's attribution window."""
@@ -807,7 +866,12 @@ def _attributed(row):
         .lateral("touch")
     )
     return (
-        sa.select(inv.invoice_id, inv.paid_total, inv.order_id, touch.c.variant)
+        sa.select(
+            inv.invoice_id,
+            (inv.paid_total - _credited(audience_invoices)).label("paid_total"),  # less its credit notes
+            inv.order_id,
+            touch.c.variant,
+        )
         .select_from(audience_invoices.join(touch, sa.true()))
         .where(
             inv.kind == "invoice",
@@ -822,6 +886,7 @@ def _attributed(row):
 _COUNTS = ("queued", "held", "sent", "delivered", "bounced", "failed", "suppressed", "capped")
 _FIRSTS = {"opened": m.opened_time, "clicked": m.clicked_time, "responded": m.responded_time,
            "unsubscribed": m.unsubscribed_time}  # fmt: skip
+_MACHINE = {"machine_opens": m.machine_open_count, "machine_clicks": m.machine_click_count}
 
 
 def _variant_stats(conn: sa.Connection, row) -> list[pb.VariantStats]:
@@ -831,10 +896,13 @@ def _variant_stats(conn: sa.Connection, row) -> list[pb.VariantStats]:
     cols = [
         *[sa.func.count().filter(states.get(k, m.state == k)).label(k) for k in _COUNTS],
         *[sa.func.count(col).label(k) for k, col in _FIRSTS.items()],
+        *[sa.func.coalesce(sa.func.sum(col), 0).label(k) for k, col in _MACHINE.items()],
     ]
     att = _attributed(row)
     money_cols = [
-        sa.func.count(sa.distinct(att.c.order_id)).label("orders"),
+        sa.func.count(sa.distinct(sa.func.nullif(att.c.order_id, ""))).label(
+            "orders"
+        ),  # an invoice of no order is none
         sa.func.coalesce(sa.func.sum(att.c.paid_total), 0).label("revenue"),
     ]
     total = conn.execute(sa.select(*cols).where(m.campaign_id == row.id)).one()
@@ -845,7 +913,7 @@ def _variant_stats(conn: sa.Connection, row) -> list[pb.VariantStats]:
     def stats(variant: str, r, mr) -> pb.VariantStats:
         return pb.VariantStats(
             variant=variant,
-            **{k: getattr(r, k) for k in (*_COUNTS, *_FIRSTS)},
+            **{k: getattr(r, k) for k in (*_COUNTS, *_FIRSTS, *_MACHINE)},
             orders=mr.orders if mr is not None else 0,
             revenue=money.to_money(mr.revenue if mr is not None else 0, row.currency),
         )
@@ -857,11 +925,13 @@ def campaign_stats(conn: sa.Connection, row) -> pb.CampaignStats:
     rows = _variant_stats(conn, row)
     total = rows[0] if rows else pb.VariantStats()
     revenue = money.to_decimal(total.revenue) if total.revenue.currency_code else Decimal(0)
+    # every response recorded for the campaign (with a message of it or not) opens a lead in sales-svc
+    answered = conn.execute(sa.select(sa.func.count()).where(responses.c.campaign_id == row.id)).scalar()
     achieved = {
         "orders": float(total.orders),
         "revenue": float(revenue),
-        "responses": float(total.responded),
-        "leads": float(total.responded),  # a response becomes a lead in sales-svc
+        "responses": float(answered),
+        "leads": float(answered),
     }.get(row.goal_kind, 0.0)
     target = float(row.goal_target)
     cost = Decimal(row.cost)
@@ -869,7 +939,7 @@ def campaign_stats(conn: sa.Connection, row) -> pb.CampaignStats:
     first = conn.execute(
         sa.select(
             sa.func.count(sa.distinct(sa.func.nullif(inv.order_id, ""))).label("orders"),
-            sa.func.coalesce(sa.func.sum(inv.paid_total), 0).label("revenue"),
+            sa.func.coalesce(sa.func.sum(inv.paid_total - _credited(audience_invoices)), 0).label("revenue"),
         ).where(inv.campaign_id == str(row.id), inv.kind == "invoice", inv.paid_time.is_not(None))
     ).one()
     return pb.CampaignStats(
@@ -880,7 +950,7 @@ def campaign_stats(conn: sa.Connection, row) -> pb.CampaignStats:
         goal_share=achieved / target if target else 0.0,
         roi=float((revenue - cost) / cost) if cost else 0.0,
         cost=money.to_money(cost, row.currency),
-        leads=total.responded,
+        leads=answered,
         first_touch_orders=first.orders,
         first_touch_revenue=money.to_money(first.revenue, row.currency),
     )

@@ -102,14 +102,17 @@ def record(rt, tx, change: Change) -> list[Recorded]:
     if change.purpose == ALL:
         if change.action != "revoked":
             raise InvalidArgument.field("purpose", 'only a revocation may name purpose "all"')
-        purposes = list(
-            conn.execute(
+        # every purpose known for the address, and "all" itself: `sendable` reads that row for
+        # the purposes never asked (a newsletter after an SMS stop), until one is granted again
+        purposes = [
+            *conn.execute(
                 sa.select(consent_state.c.purpose).where(
                     consent_state.c.channel == change.channel, consent_state.c.address == change.address
                 )
-            ).scalars()
-        ) or ["marketing"]
-    status = ACTIONS[change.action]
+            ).scalars(),
+            "marketing",
+            ALL,
+        ]
     out = []
     for purpose in sorted(set(purposes)):
         prev = conn.execute(
@@ -122,6 +125,9 @@ def record(rt, tx, change: Change) -> list[Recorded]:
             .with_for_update()
         ).first()
         customer_id = change.customer_id or (prev.customer_id if prev else "")
+        status = ACTIONS[change.action]
+        if change.action == "requested" and _effective(conn, change.channel, change.address, purpose) == "revoked":
+            status = "revoked"  # an unsubscribed address stays so until the person confirms
         values = {
             "channel": change.channel,
             "address": change.address,
@@ -136,6 +142,12 @@ def record(rt, tx, change: Change) -> list[Recorded]:
         if change.occur_time is not None:
             values["occur_time"] = change.occur_time
         entry = conn.execute(consent_ledger.insert().values(**values).returning(consent_ledger.c.id)).scalar_one()
+        if change.occur_time is not None and _newer_than(conn, change, purpose):
+            # a change back-dated before the one in force (an import of old sign-ups) is proof
+            # kept in the ledger, not the state: it never undoes a later revocation
+            kept = prev.status if prev else ""
+            out.append(Recorded(entry, kept, kept, purpose))
+            continue
         state = {
             "channel": change.channel,
             "address": change.address,
@@ -171,6 +183,40 @@ def record(rt, tx, change: Change) -> list[Recorded]:
         _summarise(conn, change.channel, owner)
         rt.audience_changed(conn, [owner], "consent")
     return out
+
+
+def _effective(conn: sa.Connection, channel: str, address: str, purpose: str) -> str:
+    """The status `sendable` reads: the purpose's own, or a newer revocation of every purpose."""
+    c = consent_state.c
+    return (
+        conn.execute(
+            sa.select(c.status)
+            .where(c.channel == channel, c.address == address, c.purpose.in_((purpose, ALL)))
+            .order_by(c.ledger_id.desc())
+            .limit(1)
+        ).scalar()
+        or ""
+    )
+
+
+def _newer_than(conn: sa.Connection, change: Change, purpose: str) -> bool:
+    """Whether the entry in force for the purpose (its own, or a revocation of every purpose)
+    happened after `change.occur_time`."""
+    c, ledger = consent_state.c, consent_ledger.c
+    return (
+        conn.execute(
+            sa.select(sa.literal(1))
+            .select_from(consent_state.join(consent_ledger, ledger.id == c.ledger_id))
+            .where(
+                c.channel == change.channel,
+                c.address == change.address,
+                c.purpose.in_((purpose, ALL)),
+                ledger.occur_time > change.occur_time,
+            )
+            .limit(1)
+        ).first()
+        is not None
+    )
 
 
 def _owner(conn: sa.Connection, channel: str, address: str) -> str:
@@ -223,9 +269,12 @@ def sendable(channel: str, purpose: str, address_col, env=os.environ) -> sa.Colu
     """SQL: may `purpose` be sent on `channel` to the address in `address_col` now."""
     s, c = suppressions, consent_state
     not_suppressed = ~sa.exists().where(s.c.channel == channel, s.c.address == address_col)
+    # the purpose's own status, or a revocation of every purpose ("all") recorded after it
     status = (
         sa.select(c.c.status)
-        .where(c.c.channel == channel, c.c.address == address_col, c.c.purpose == purpose)
+        .where(c.c.channel == channel, c.c.address == address_col, c.c.purpose.in_((purpose, ALL)))
+        .order_by(c.c.ledger_id.desc())
+        .limit(1)
         .scalar_subquery()
     )
     if mode(channel, env) == "opt_in":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import uuid
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -36,7 +37,7 @@ from crm_chassis.resources import ResourceName
 from . import consent
 from .outgoing import Outgoing
 from .runtime import Campaign
-from .tables import consent_ledger, consent_state, suppressions
+from .tables import consent_ledger, consent_state, messages, suppressions
 
 ENTRY = ResourceName("consentEntries/{entry}")
 CUSTOMER = ResourceName("customers/{customer_id}")
@@ -312,7 +313,14 @@ class Consents:
         row = conn.execute(sa.select(consent_ledger).where(consent_ledger.c.id == int(timer.key))).first()
         if row is None or row.action != "requested":
             return
-        if consent.status_of(conn, row.channel, row.address, row.purpose) != "pending":
+        state = conn.execute(
+            sa.select(consent_state.c.ledger_id).where(
+                consent_state.c.channel == row.channel,
+                consent_state.c.address == row.address,
+                consent_state.c.purpose == row.purpose,
+            )
+        ).scalar()
+        if state != row.id:  # answered (or asked again) since: a later entry set the state
             return
         send = self.rt.senders.get(row.channel)
         if send is None:
@@ -402,6 +410,16 @@ class Consents:
                         proof={"message": message_id, "client_address": req.client_address[:100]},
                         actor=principal.subject,
                     ),
+                )
+            try:
+                mid = str(uuid.UUID(message_id))
+            except ValueError:  # a link of no campaign message
+                mid = None
+            if mid:  # the campaign message it came from counts it (its stats)
+                tx.conn.execute(
+                    messages.update()
+                    .where(messages.c.id == mid)
+                    .values(unsubscribed_time=sa.func.coalesce(messages.c.unsubscribed_time, sa.func.now()))
                 )
         return pb.Unsubscription(
             channel=channel, masked_address=mask(channel, address), purpose=purpose, status="revoked"

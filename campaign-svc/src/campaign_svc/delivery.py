@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -150,6 +150,7 @@ class Delivery(PollingWorker):
         self.threads = send_threads()
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._renewed = 0.0  # when the lease of the round's claimed messages was last taken (clock)
 
     # -- throttle --------------------------------------------------------------------------------
     def _allowance(self, cid: str, rate: int) -> int:
@@ -173,10 +174,25 @@ class Delivery(PollingWorker):
         with self._lock:
             self._sweep()
             claimed, suppressed = self._claim()
+            self._renewed = self.clock()
             outcomes = self._send(claimed) if claimed else []
             self._record(outcomes)
             self._complete()
             return len(outcomes) + suppressed
+
+    def _renew(self, ids: list[str]) -> None:
+        """A round still sending keeps its claim: the lease of its messages is taken again once a
+        third of it has passed, so another process's sweep never takes a live round's messages
+        for interrupted ones (and drops what this round then records)."""
+        if not ids or self.clock() - self._renewed < LEASE_SECONDS / 3:
+            return
+        self._renewed = self.clock()
+        with self.engine.begin() as conn:
+            conn.execute(
+                messages.update()
+                .where(m.id.in_(ids), m.state == "sending")
+                .values(lease_until=sa.func.now() + sa.text(f"interval '{LEASE_SECONDS} seconds'"))
+            )
 
     def _sweep(self) -> None:
         with self.engine.begin() as conn:
@@ -237,7 +253,7 @@ class Delivery(PollingWorker):
 
         if cmp.quiet_start_hour == cmp.quiet_end_hour:
             return
-        until = quiet_until(now, cmp.timezone, cmp.quiet_start_hour, cmp.quiet_end_hour)
+        until = quiet_until(now, m.timezone, cmp.quiet_start_hour, cmp.quiet_end_hour)  # the recipient's zone
         conn.execute(
             messages.update()
             .where(m.campaign_id == cmp.id, m.state == "queued", m.not_before <= now, until > sa.literal(now))
@@ -252,6 +268,7 @@ class Delivery(PollingWorker):
         for cmp, r in claimed:
             by_campaign.setdefault(cmp.id, (cmp, []))[1].append(r)
         results: list = []  # an Outcome, or the Future of one
+        ids = [str(r.id) for _, r in claimed]
         with self.engine.connect() as conn:
             for cmp, rows in by_campaign.values():
                 variants = {
@@ -273,7 +290,12 @@ class Delivery(PollingWorker):
                         results.append(self._pool().submit(self._deliver, item))
                     else:
                         results.append(self._deliver(item))
+                    self._renew(ids)
             conn.rollback()
+        pending = [x for x in results if not isinstance(x, Outcome)]
+        while pending:
+            pending = list(wait(pending, timeout=LEASE_SECONDS / 6).not_done)
+            self._renew(ids)
         return [x if isinstance(x, Outcome) else x.result() for x in results]
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -294,13 +316,18 @@ class Delivery(PollingWorker):
             content = render(self.rt, conn, variant, ctx)
         except DomainError as e:
             return Outcome(mid, "failed", error=f"render: {e}")
-        html = content.html
+        html, text = content.html, content.text
         if cmp.channel == "email" and tracking.settings(self.rt).email:
             html = tracking.track(self.rt, html, mid)  # click links and the open pixel
+        elif cmp.channel == "sms":  # short links, stored before the message leaves
+            with self.engine.begin() as links:
+                text = tracking.track_text(self.rt, links, text, mid)
+        elif cmp.channel != "email":  # bot messages: signed click links
+            text = tracking.track_text(self.rt, None, text, mid)
         out = Outgoing(
             channel=cmp.channel,
             address=r.address,
-            text=content.text,
+            text=text,
             subject=content.subject,
             html=html,
             message_id=mid,

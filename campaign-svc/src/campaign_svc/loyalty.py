@@ -16,9 +16,12 @@ reverse) take them from the lots soonest-expiring first and record which.
   credit notes add up to the whole earning and never more). Points already spent are not
   taken below zero: the movement takes what the balance has (the reversed invoice's own lot
   first, then soonest-expiring) and records the rest as `shortfall`.
-- expiry: one durable timer per lot (`loyalty.expire`, key the lot id) at its expire_time; the
-  batch handler expires the due lots of a batch in one statement. A taking movement first
-  expires the member's lots already due, so it never spends expired points.
+- expiry: one durable timer per member with expiring lots (`loyalty.expire`, key the member
+  id) at its soonest lot's expire_time: a lot arms it only if it expires sooner
+  (timers.schedule_many keep_earlier: no write otherwise, one row per member, not per lot); the
+  batch handler expires the due lots of its members in one statement and arms each member's
+  timer again at its next lot. A taking movement first expires the member's lots already due,
+  so it never spends expired points.
 - tiers: evaluated at every earning and reversal (the only movements that change the figure:
   points earned minus reversed, or spend, in the period); upgrades at once; downgrades per
   the rule: none, at the calendar period's end (`loyalty.period_end` timer per member in a
@@ -47,6 +50,7 @@ from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm.customer.v1 import customer_events_pb2 as ce
 from crm.sales.v1 import sales_events_pb2 as se
 from crm_chassis import jsonrows, persian, timers
+from crm_chassis.dates import set_timestamp
 from crm_chassis.db import cacheable
 from crm_chassis.messaging.consumer import Requires, Subscription
 from crm_chassis.messaging.envelope import Event
@@ -57,13 +61,14 @@ from .loyalty_tables import loyalty_members, loyalty_movements, loyalty_programs
 from .runtime import Campaign
 
 TEHRAN = zoneinfo.ZoneInfo("Asia/Tehran")
+CENT = Decimal("0.01")
 PROGRAM = ResourceName("programs/{program_id}")
 MEMBER = ResourceName("programs/{program_id}/members/{customer_id}")
 MOVEMENT = ResourceName(
     "programs/{program_id}/members/{customer_id}/movements/{movement_id}", movement_id=r"[0-9]{1,19}"
 )
 
-EXPIRE = "loyalty.expire"  # key: the lot's movement id
+EXPIRE = "loyalty.expire"  # key: the member id; due at its soonest-expiring live lot
 GRACE = "loyalty.tier_grace"  # key: the member id
 REVIEW = "loyalty.tier_review"  # key: the member id (rolling windows with a grace downgrade)
 PERIOD_END = "loyalty.period_end"  # key: the member id; payload {"period_end": iso time}
@@ -275,18 +280,28 @@ def _figures(column: str) -> sa.TextClause:
 
 
 _FIGURES_POINTS, _FIGURES_SPEND = _figures("points"), _figures("amount")
-# the movements of a batch as one jsonb parameter (crm_chassis.jsonrows), inserted in order
-_MOVE_MANY = sa.text(
-    f"""INSERT INTO loyalty_movements ({", ".join(_MOVE_COLUMNS)})
-        {jsonrows.select_rows("loyalty_movements", _MOVE_COLUMNS)}
-        RETURNING *"""
-).columns(*loyalty_movements.c)
 _MEMBERS_AFTER = sa.text(
     """UPDATE loyalty_members mb SET balance = v.balance, earned = v.earned, tier = v.tier,
               tier_time = v.tier_time, version = mb.version + 1, update_time = now()
          FROM unnest(CAST(:ids AS uuid[]), CAST(:balances AS bigint[]), CAST(:earned AS bigint[]),
                      CAST(:tiers AS text[]), CAST(:tier_times AS timestamptz[])) AS v(id, balance, earned, tier, tier_time)
         WHERE mb.id = v.id"""
+)
+
+
+# earn_batch's writes in ONE statement: the movements (one jsonb parameter, crm_chassis.jsonrows,
+# inserted in order), the members' balances, totals and tiers,
+# and the members' expiry timers (moved only when a new lot expires sooner); it returns the
+# movements' ids for their events.
+_EARN_WRITE = sa.text(
+    f"""WITH moved AS (
+          INSERT INTO loyalty_movements ({", ".join(_MOVE_COLUMNS)})
+          {jsonrows.select_rows("loyalty_movements", _MOVE_COLUMNS)}
+          RETURNING id, program_id, source_event_id
+        ), members AS ({_MEMBERS_AFTER.text}
+        ), armed AS ({timers.upsert_sql("timers", keep_earlier=True)}
+        )
+        SELECT id, program_id, source_event_id FROM moved"""
 )
 
 
@@ -376,14 +391,14 @@ class Loyalty:
             )
         return used
 
-    def expire_due(self, conn, tx, *, lot_ids=None, member_id=None, now=None) -> int:
-        """Expire the due lots (expire_time <= now) among `lot_ids` or of one member, set-based:
+    def expire_due(self, conn, tx, *, member_ids=None, member_id=None, now=None) -> int:
+        """Expire the due lots (expire_time <= now) of these members (or one), set-based:
         one movement per lot, balances lowered, points.expired.v1 each. Members are locked
         first (in (programme, customer) order, as everything here locks them), then their lots."""
         now = now or self.now()
         due = sa.select(mv.id).where(mv.remaining > 0, mv.expire_time <= now)
-        if lot_ids is not None:
-            due = due.where(mv.id.in_([int(i) for i in lot_ids]))
+        if member_ids is not None:
+            due = due.where(mv.member_id.in_([str(i) for i in member_ids]))
         if member_id is not None:
             due = due.where(mv.member_id == member_id)
         owners = sa.select(mv.member_id).where(mv.id.in_(due.scalar_subquery())).distinct().scalar_subquery()
@@ -534,29 +549,43 @@ class Loyalty:
                     s["tier"], s["tier_time"] = target, now
         if not moves:
             return 0
-        rows = conn.execute(_MOVE_MANY, {"rows": jsonrows.dumps({c: x[c] for c in _MOVE_COLUMNS} for x in moves)}).all()
         touched = {x["member_id"] for x in moves}
         mids = sorted(touched)
-        conn.execute(
-            _MEMBERS_AFTER,
-            {
-                "ids": mids,
-                "balances": [state[x]["balance"] for x in mids],
-                "earned": [state[x]["earned"] for x in mids],
-                "tiers": [state[x]["tier"] for x in mids],
-                "tier_times": [state[x]["tier_time"] for x in mids],
-            },
-        )
-        arm = [(EXPIRE, str(r.id), r.expire_time, None) for r in rows if r.expire_time is not None]
-        written = {(str(r.program_id), r.source_event_id): r for r in rows}  # RETURNING's order is not promised
+        soonest: dict = {}  # member -> its soonest new lot: the member's one expiry timer
+        for x in moves:
+            at, mid = x["expire_time"], x["member_id"]
+            if at is not None and (mid not in soonest or at < soonest[mid]):
+                soonest[mid] = at
+        ids = {
+            (str(r.program_id), r.source_event_id): r.id  # RETURNING's order is not promised
+            for r in conn.execute(
+                _EARN_WRITE,
+                {
+                    "rows": jsonrows.dumps({c: x[c] for c in _MOVE_COLUMNS} for x in moves),
+                    "ids": mids,
+                    "balances": [state[x]["balance"] for x in mids],
+                    "earned": [state[x]["earned"] for x in mids],
+                    "tiers": [state[x]["tier"] for x in mids],
+                    "tier_times": [state[x]["tier_time"] for x in mids],
+                    "timers": timers.upsert_rows(
+                        [(EXPIRE, str(k), at, None) for k, at in sorted(soonest.items())], keep_earlier=True
+                    ),
+                },
+            )
+        }
+        arm = []
         with self.rt.uow.joined(conn) as tx:
             earned = []
             for x in moves:
-                r = written[(str(x["program_id"]), x["source_event_id"])]
-                if r.points:
-                    msg = movement_event(
-                        _Row({**r._mapping, "customer": x["_customer"], "currency": x["_prog"].currency})
+                if x["points"]:
+                    r = _Row({c: x[c] for c in _MOVE_COLUMNS})
+                    r.update(
+                        id=ids[(str(x["program_id"]), x["source_event_id"])],
+                        amount=x["amount"].quantize(CENT, ROUND_HALF_UP),  # as the numeric(18, 2) column keeps it
+                        customer=x["_customer"],
+                        currency=x["_prog"].currency,
                     )
+                    msg = movement_event(r)
                     earned.append((msg.account, msg))
             _publish_all(tx, ROUTING["earn"], earned)
             changes = []
@@ -581,7 +610,7 @@ class Loyalty:
                         timers.schedule(conn, GRACE, str(mid), now + dt.timedelta(days=prog.row.downgrade_grace_days))
                     if prog.row.tier_period == "rolling_days" and s["tier"]:
                         self._arm_review(conn, prog, s["row"], s["start"])
-        return len(rows)
+        return len(ids)
 
     def on_credited(self, conn: sa.Connection, event: Event) -> None:
         e = event.parse(se.InvoiceEvent)
@@ -691,6 +720,8 @@ class Loyalty:
                 for r in gone:
                     timers.cancel(conn, GRACE, str(r.id))
                     timers.cancel(conn, PERIOD_END, str(r.id))
+                    timers.cancel(conn, EXPIRE, str(r.id))
+                self.arm_expiry_from_lots(conn, [keep.id])  # the lots it took over
                 conn.execute(loyalty_members.delete().where(m.id.in_(ids)))
                 prog = Rules(conn.execute(sa.select(loyalty_programs).where(loyalty_programs.c.id == program_id)).one())
                 self.evaluate_tier(conn, tx, prog, keep, now, "spend" if prog.tier_basis == "spend" else "points")
@@ -778,8 +809,38 @@ class Loyalty:
 
     # timers ---------------------------------------------------------------------------------
     def fire_expiry(self, conn, due: list[timers.Timer]):
+        """The members' due lots expired, then each member's timer armed again at its next
+        expiring lot (none left: the fired timer goes)."""
+        ids = sorted(t.key for t in due)
         with self.rt.uow.joined(conn) as tx:
-            self.expire_due(conn, tx, lot_ids=[t.key for t in due], now=max(self.now(), max(t.due_at for t in due)))
+            self.expire_due(conn, tx, member_ids=ids, now=max(self.now(), max(t.due_at for t in due)))
+        self.arm_expiry_from_lots(conn, ids)
+
+    @staticmethod
+    def arm_expiry(conn, soonest: dict) -> None:
+        """Members' new lots: member id -> the soonest expire_time among them; each member's
+        timer is moved only if that is sooner than the one it has (one upsert, no write else)."""
+        timers.schedule_many(conn, [(EXPIRE, str(k), at, None) for k, at in sorted(soonest.items())], keep_earlier=True)
+
+    @staticmethod
+    def arm_expiry_from_lots(conn, member_ids) -> None:
+        """These members' timers set to their soonest live lot now (replacing what they had);
+        a member without one keeps no timer."""
+        ids = [str(i) for i in member_ids]
+        if not ids:
+            return
+        nxt = {
+            str(k): at
+            for k, at in conn.execute(
+                sa.select(mv.member_id, sa.func.min(mv.expire_time))
+                .where(mv.member_id.in_(ids), mv.remaining > 0, mv.expire_time.isnot(None))
+                .group_by(mv.member_id)
+            )
+        }
+        timers.schedule_many(conn, [(EXPIRE, k, at, None) for k, at in sorted(nxt.items())])
+        gone = [(EXPIRE, i) for i in ids if i not in nxt]
+        if gone:
+            timers.cancel_many(conn, gone)
 
     def fire_period_end(self, conn, timer: timers.Timer):
         member = self.locked_member(conn, timer.key)
@@ -867,8 +928,8 @@ def movement_event(r) -> ev.PointsEvent:
     if r.amount and currency:
         msg.amount.CopyFrom(to_money(r.amount, currency))
     if r.expire_time is not None:
-        msg.expire_time.FromDatetime(r.expire_time)
-    msg.event_time.FromDatetime(r.occur_time)
+        set_timestamp(msg.expire_time, r.expire_time)
+    set_timestamp(msg.event_time, r.occur_time)
     return msg
 
 

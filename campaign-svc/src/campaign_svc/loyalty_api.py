@@ -13,7 +13,6 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from crm.campaign.v1 import loyalty_pb2 as pb
 from crm.campaign.v1 import loyalty_pb2_grpc
-from crm_chassis import timers
 from crm_chassis.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from crm_chassis.filtering import keyset_page
 from crm_chassis.grpc_server import Registration
@@ -22,7 +21,7 @@ from crm_chassis.money import NANO, check_currency, to_money
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName, UpdateMask, check_etag, etag
 
-from .loyalty import EXPIRE, MEMBER, MOVEMENT, PROGRAM, WORD, Loyalty, Rules, engine, with_member
+from .loyalty import MEMBER, MOVEMENT, PROGRAM, WORD, Loyalty, Rules, engine, with_member
 from .loyalty_tables import loyalty_members, loyalty_movements, loyalty_programs, loyalty_rewards
 from .runtime import Campaign
 
@@ -632,7 +631,7 @@ class LoyaltyApi:
                     conn, member, "adjust", points, remaining=points, expire_time=expire, **cols
                 )
                 if expire is not None:
-                    timers.schedule(conn, EXPIRE, str(row.id), expire)
+                    self.lo.arm_expiry(conn, {member.id: expire})
             else:
                 take = abs(points)
                 self.lo.expire_due(conn, tx, member_id=member.id, now=now)

@@ -42,10 +42,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from crm.campaign.v1 import campaign_events_pb2 as ev
-from crm_chassis import jobs, timers
+from crm_chassis import jobs, persian, timers
 from crm_chassis.columns import UUID
 from crm_chassis.errors import FailedPrecondition, InvalidArgument
-from crm_chassis.filtering import FieldType, FilterField, FilterSchema
+from crm_chassis.filtering import FieldType, FilterField, FilterSchema, Prefix, column_condition, negate
 
 from .runtime import Campaign
 from .segments_tables import LIVE, segment_members, segments
@@ -90,11 +90,36 @@ _TIME = (
     "last_complaint_time",
     "last_activity_time",
 )
+_ARABIC_FORMS = str.maketrans({"ی": "ي", "ک": "ك"})
+
+
+def _letters(column) -> Callable:
+    """A text field's condition that takes the Persian and the Arabic Yeh / Kaf (an Arabic
+    keyboard's ي ك, as customer-svc keeps what was typed) for the same letters: = and != (and a
+    prefix) compare the value written with Persian letters and with Arabic ones, an IN the
+    column's index serves; other operators compare the Persian form."""
+
+    def target(op: str, value):
+        if not isinstance(value, str):
+            return column_condition(column, op, value)
+        fa = persian.persian_letters(value)
+        forms = list(dict.fromkeys([fa, fa.translate(_ARABIC_FORMS)]))
+        if op not in ("=", "!=") or len(forms) == 1:
+            return column_condition(column, op, Prefix(fa) if isinstance(value, Prefix) else fa)
+        if isinstance(value, Prefix):
+            same = sa.or_(*(column_condition(column, "=", Prefix(f)) for f in forms))
+        else:
+            same = column.in_(forms)
+        return same if op == "=" else negate(same)
+
+    return target
+
+
 AUDIENCE_FILTERS = FilterSchema(
     FilterField("customer_id", a.customer_id),
-    *(FilterField(n, a[n]) for n in _TEXT),
-    FilterField("source", a.acquisition_source),  # how they found us
-    FilterField("acquisition_source", a.acquisition_source),
+    *(FilterField(n, _letters(a[n])) for n in _TEXT),
+    FilterField("source", _letters(a.acquisition_source)),  # how they found us
+    FilterField("acquisition_source", _letters(a.acquisition_source)),
     *(FilterField(n, a[n], FieldType.INT) for n in _INT),
     FilterField("revenue", a.revenue, FieldType.FLOAT),
     *(FilterField(n, a[n], FieldType.TIMESTAMP) for n in _TIME),

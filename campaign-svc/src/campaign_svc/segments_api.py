@@ -606,7 +606,9 @@ class SegmentUseCases:
                 )
             rows, bad = [], []
             for line, cells in table:
-                values = {k: tabular.cell_text(v) for k, v in mapping.values(cells).items()}
+                # a NUL byte is no part of an id, address or number (and PostgreSQL text refuses it)
+                values = {k: tabular.cell_text(v).replace("\x00", "") for k, v in mapping.values(cells).items()}
+                values = {k: v for k, v in values.items() if v}
                 if not values:
                     bad.append(pb.UnmatchedRow(line=line, value="", reason="the row is empty"))
                     continue

@@ -211,6 +211,9 @@ messages = sa.Table(
     sa.Column("unsubscribed_time", TIMESTAMPTZ),
     sa.Column("open_count", sa.Integer, nullable=False, server_default="0"),
     sa.Column("click_count", sa.Integer, nullable=False, server_default="0"),
+    # fetches by link scanners and prefetchers, not counted above (tracking.machine_reason; 0009)
+    sa.Column("machine_open_count", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("machine_click_count", sa.Integer, nullable=False, server_default="0"),
     # quiet hours are read in it (the campaign's when queued; migration 0006)
     sa.Column("timezone", sa.Text, nullable=False, server_default="Asia/Tehran"),
     sa.Column("lease_until", TIMESTAMPTZ),  # while sending: a worker that died leaves it to the sweep

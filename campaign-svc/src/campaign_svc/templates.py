@@ -67,7 +67,7 @@ from crm_chassis.resources import ResourceName, UpdateMask, changes, check_etag,
 
 from .outgoing import Outgoing, SendError
 from .runtime import Campaign
-from .tables import audience
+from .tables import audience, suppressions
 from .templates_tables import template_versions, templates
 
 TEMPLATE = ResourceName("templates/{template_id}")
@@ -240,7 +240,7 @@ def _render_one(field: str, source: str, values: dict, where: str) -> str:
     if not source:
         return ""
     try:
-        return compiled(source, field).render(values)
+        return templating.render(compiled(source, field), values)  # output bounded
     except TemplateSyntaxError as e:
         raise InvalidArgument.field(where, f"line {e.lineno}: {e.message}") from None
     except SecurityError as e:
@@ -924,6 +924,18 @@ class Templates:
             v = self._pinned(conn, req.name, req.version)
             values = self._values(conn, req.customer, req.sample, v.language)
         address = test_address(v.channel, req.address, self.rt.phone_region)
+        with self.uow.read() as conn:  # suppression holds for every send, a test's too
+            sup = conn.execute(
+                sa.select(suppressions.c.reason).where(
+                    suppressions.c.channel == v.channel, suppressions.c.address == address
+                )
+            ).scalar()
+        if sup is not None:
+            raise FailedPrecondition(
+                f"{address} is suppressed on {v.channel} ({sup}): nothing is sent to it",
+                reason="ADDRESS_SUPPRESSED",
+                metadata={"reason": sup},
+            )
         out = self.outgoing(v, values, address, headers={"X-CRM-Test": "1"})
         send = self.rt.senders.get(v.channel)
         if send is None:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
+import hmac
 import html as htmlmod
 import json
 import os
@@ -49,6 +51,8 @@ from crm_chassis.interceptors import current_principal
 from crm_chassis.links import Signer, key_list, key_matches, link_secret
 from crm_chassis.mail import kind_of
 from crm_chassis.mail import parse_dsn as mail_dsn
+from crm_chassis.mail_parse import parse as parse_mail
+from crm_chassis.mail_parse import reply_text
 from crm_chassis.messaging.consumer import Subscription
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName
@@ -57,7 +61,7 @@ from . import consent
 from .campaigns import CAMPAIGN, MESSAGE
 from .runtime import Campaign
 from .tables import audience, campaigns, messages
-from .tracking_tables import page_events, responses, visitors, web_activity
+from .tracking_tables import page_events, responses, short_links, visitors, web_activity
 
 m = messages.c
 RESPONSE = ResourceName("responses/{response_id}")
@@ -78,6 +82,24 @@ _OUR_MESSAGE_ID = re.compile(r"<?cmp-([0-9a-fA-F-]{36})@")
 DELIVERED = frozenset({"10", "delivered", "delivrd"})
 SOFT_FAILED = frozenset({"6", "11", "failed", "undelivered", "undeliv"})
 HARD_FAILED = frozenset({"14", "blocked", "rejected"})
+# User agents of machines that fetch a message's links and images before, or instead of, its
+# reader: mail security gateways' link scanners, link previews of chat apps, crawlers and
+# headless browsers, and the "+http://..." signature crawlers put in their agent. Mail clients'
+# image proxies (Gmail's GoogleImageProxy, Yahoo's) fetch for a reader: they stay opens.
+_MACHINE_AGENT = re.compile(
+    r"\+https?://|\b(?:bot|crawler|spider|scanner)\b|[a-z](?:bot|spider)\b|crawl|preview|urlscan|safelinks|"
+    r"barracuda|proofpoint|mimecast|forcepoint|trend ?micro|messagelabs|symantec|sophos|fortiguard|"
+    r"zscaler|ironport|headless|phantomjs|slurp|facebookexternalhit|whatsapp|skypeuripreview",
+    re.IGNORECASE,
+)
+_PHONE_MODELS = re.compile(r"\bcubot\b", re.IGNORECASE)  # a phone maker whose name ends in "bot"
+
+
+def machine_agent(user_agent: str) -> bool:
+    """Whether a User-Agent is a machine's (see _MACHINE_AGENT); an empty one is not judged (a
+    direct gRPC caller has none)."""
+    agent = _PHONE_MODELS.sub("", user_agent or "")
+    return bool(agent) and _MACHINE_AGENT.search(agent) is not None
 
 
 # --- settings and links ------------------------------------------------------------------------
@@ -89,6 +111,8 @@ class Settings:
     bounce_keys: tuple[str, ...]
     site_domains: tuple[str, ...]  # landing pages there get crm_t and the campaign's UTM
     email: bool  # rewrite e-mail links and add the pixel
+    # a click this soon after the send is a link scanner's (they follow links on arrival); 0: off
+    machine_click_seconds: int
 
     @classmethod
     def from_env(cls, jwt_secret: str, env=os.environ) -> Settings:
@@ -100,6 +124,7 @@ class Settings:
             bounce_keys=key_list(env, "BOUNCE_KEYS", "dev-bounce-key"),
             site_domains=tuple(d.lower() for d in key_list(env, "TRACKING_SITE_DOMAINS")),
             email=env.get("TRACKING_EMAIL", "true").strip().lower() not in ("0", "false", "no", "off"),
+            machine_click_seconds=max(0, int(env.get("TRACKING_MACHINE_CLICK_SECONDS", "0") or 0)),
         )
 
 
@@ -137,6 +162,46 @@ def trackable(rt: Campaign, url: str) -> bool:
         return False
     base = settings(rt).base_url
     return not any(url.startswith(f"{base}{p}") for p in ("/v1/unsubscribe/", "/v1/optIn/", "/v1/t/"))
+
+
+_TEXT_URL = re.compile(r"https?://[^\s<>\"'«»]+", re.IGNORECASE)
+SHORT_CODE = re.compile(r"[A-Za-z0-9_-]{10}")
+
+
+def short_code(rt: Campaign, message_id: str, url: str) -> str:
+    """10 URL-safe characters (60 bits of an HMAC of the message and the target): the same link
+    of the same message always gets the same code, so a re-render writes the same row."""
+    digest = hmac.new(settings(rt).secret, f"short|{message_id}|{url}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode()[:10]
+
+
+def track_text(rt: Campaign, conn: sa.Connection | None, text: str, message_id: str) -> str:
+    """A text message with its http(s) links tracked: short links (`{base}/s/{code}`, stored in
+    short_links through `conn`) when `conn` is given (SMS: every character counts), else signed
+    click links (bot messages). Trailing punctuation stays outside the link."""
+    if not text:
+        return text
+    found: dict[str, str] = {}
+
+    def link(match: re.Match) -> str:
+        raw = match.group(0)
+        url = raw.rstrip(".,;:!?)]}،؛؟")
+        tail = raw[len(url) :]
+        if not trackable(rt, url):
+            return raw
+        if conn is None:
+            return click_url(rt, message_id, url) + tail
+        code = found.setdefault(url, short_code(rt, message_id, url))
+        return f"{settings(rt).base_url}/s/{code}{tail}"
+
+    out = _TEXT_URL.sub(link, text)
+    if found and conn is not None:
+        conn.execute(
+            pg_insert(short_links)
+            .values([{"code": c, "message_id": message_id, "url": u} for u, c in found.items()])
+            .on_conflict_do_nothing()
+        )
+    return out
 
 
 def track(rt: Campaign, html: str, message_id: str) -> str:
@@ -241,7 +306,7 @@ def parse_webhook(body: bytes) -> Bounce:
         raise InvalidArgument.field("body", "is neither a delivery-status notification nor JSON") from None
     if not isinstance(data, dict):
         raise InvalidArgument.field("body", "must be a JSON object")
-    get = lambda k: str(data.get(k) or "").strip()  # noqa: E731
+    get = lambda k: str(data.get(k) or "").replace("\x00", "").strip()  # noqa: E731
     ours = get("message_id")
     if ours.startswith("campaigns/"):
         ours = ours.rsplit("/", 1)[-1]
@@ -331,6 +396,12 @@ class Tracking:
         mid = _uuid(fields[0]) if len(fields) == 1 else None
         if mid is None:
             return gif
+        if machine_agent(req.user_agent):  # a scanner's fetch: counted apart, not an open
+            with self.uow.begin() as tx:
+                tx.conn.execute(
+                    messages.update().where(m.id == mid).values(machine_open_count=m.machine_open_count + 1)
+                )
+            return gif
         with self.uow.begin() as tx:
             row = tx.conn.execute(
                 messages.update()
@@ -346,19 +417,44 @@ class Tracking:
         fields = _signer(self.rt, "click").open(req.token)  # UNAUTHENTICATED if forged
         if len(fields) != 2 or not _is_http(fields[1]):
             raise Unauthenticated("the link is not valid", reason="TRACKING_LINK_INVALID")
-        mid, url = _uuid(fields[0]), fields[1]
+        return self._click(_uuid(fields[0]), fields[1], req.user_agent)
+
+    def follow_short_link(self, req: pb.FollowShortLinkRequest) -> pb.ClickRedirect:
+        if not SHORT_CODE.fullmatch(req.code):
+            raise NotFound("no such link")
+        with self.uow.read() as conn:
+            link = conn.execute(sa.select(short_links).where(short_links.c.code == req.code)).first()
+        if link is None or not _is_http(link.url):
+            raise NotFound("no such link")
+        return self._click(str(link.message_id), link.url, req.user_agent)
+
+    def _click(self, mid: str | None, url: str, user_agent: str) -> pb.ClickRedirect:
+        """Record a click of message `mid` on `url` (a machine's apart) and answer its redirect."""
         row = None
         if mid is not None:
             with self.uow.begin() as tx:
-                row = tx.conn.execute(
-                    messages.update()
-                    .where(m.id == mid)
-                    .values(click_count=m.click_count + 1, clicked_time=sa.func.coalesce(m.clicked_time, sa.func.now()))
-                    .returning(messages)
-                ).first()
+                if not machine_agent(user_agent):
+                    person = [m.id == mid]
+                    quick = settings(self.rt).machine_click_seconds
+                    if quick:  # sooner after the send than a reader clicks: a scanner on arrival
+                        soon = sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, quick)
+                        person.append(sa.or_(m.sent_time.is_(None), m.sent_time <= soon))
+                    row = tx.conn.execute(
+                        messages.update()
+                        .where(*person)
+                        .values(
+                            click_count=m.click_count + 1, clicked_time=sa.func.coalesce(m.clicked_time, sa.func.now())
+                        )
+                        .returning(messages)
+                    ).first()
                 if row is not None:
                     tx.publish(
                         "message.clicked.v1", message_event(row, url=url), MESSAGE.format(row.campaign_id, row.id)
+                    )
+                else:  # a machine's follow (or no such message): counted apart, redirected with no
+                    # visit token, so the site does not tie the scanner's visit to the customer
+                    tx.conn.execute(
+                        messages.update().where(m.id == mid).values(machine_click_count=m.machine_click_count + 1)
                     )
         return pb.ClickRedirect(location=_landing(self.rt, url, row))
 
@@ -366,7 +462,7 @@ class Tracking:
     def post_bounce(self, req: pb.PostBounceRequest) -> pb.PostBounceResponse:
         if not key_matches(req.key, settings(self.rt).bounce_keys):
             raise Unauthenticated("the provider key is not valid", reason="BOUNCE_KEY_INVALID")
-        body = bytes(req.body or b"")
+        body = bytes(req.body or b"").replace(b"\x00", b"")  # no address or status has a NUL (nor PostgreSQL text)
         if not body.strip():
             raise InvalidArgument.field("body", "is required")
         b = parse_webhook(body) if body.lstrip()[:1] == b"{" else parse_dsn(body)
@@ -374,6 +470,69 @@ class Tracking:
             raise InvalidArgument.field("body", "is not a delivery-status notification (multipart/report)")
         with self.uow.begin() as tx:
             return apply_bounce(self.rt, tx, b)
+
+    def inbound_mail(self, req: pb.PostInboundMailRequest) -> pb.PostInboundMailResponse:
+        """A mail to the marketing mailbox: a bounce, a reply to a campaign e-mail (a response,
+        once per Message-ID), an auto-reply (nothing), or one that answers no message of ours."""
+        if not key_matches(req.key, settings(self.rt).bounce_keys):
+            raise Unauthenticated("the provider key is not valid", reason="BOUNCE_KEY_INVALID")
+        raw = bytes(req.body or b"")
+        if not raw.strip():
+            raise InvalidArgument.field("body", "is required")
+        bounce = parse_dsn(raw)
+        if bounce is not None:
+            with self.uow.begin() as tx:
+                b = apply_bounce(self.rt, tx, bounce)
+            return pb.PostInboundMailResponse(outcome="bounce", message=b.message, bounce_kind=b.bounce_kind)
+        mail = parse_mail(raw)
+        if mail.auto_submitted:  # out of office, a list's robot: no person answered
+            return pb.PostInboundMailResponse(outcome="auto_reply")
+        with self.uow.begin() as tx:
+            row = self._answered(tx.conn, mail.thread_ids, mail.from_address)
+            if row is None:
+                return pb.PostInboundMailResponse(outcome="unmatched")
+            given = pb.Response(
+                message=MESSAGE.format(row.campaign_id, row.id),
+                kind="reply",
+                channel="email",
+                contact_name=mail.from_name,
+                text=reply_text(mail.body),
+            )
+            if "@" in mail.from_address:
+                given.email = mail.from_address
+            try:
+                response = self._record(tx, given, "mail:" + mail.message_id[:120])
+            except InvalidArgument:  # a From no address check takes: the reply without it
+                given.ClearField("email")
+                response = self._record(tx, given, "mail:" + mail.message_id[:120])
+        return pb.PostInboundMailResponse(outcome="reply", message=given.message, response=RESPONSE.format(response.id))
+
+    @staticmethod
+    def _answered(conn: sa.Connection, thread_ids: list[str], sender: str):
+        """The campaign e-mail a reply answers: the one its In-Reply-To / References name
+        (<cmp-{id}@...>), else the latest one mailed to its sender within the campaign's
+        attribution window."""
+        for mid in thread_ids:
+            found = _OUR_MESSAGE_ID.search(mid)
+            mid_ = _uuid(found.group(1)) if found else None
+            row = conn.execute(sa.select(messages).where(m.id == mid_)).first() if mid_ else None
+            if row is not None:
+                return row
+        if not sender:
+            return None
+        c = campaigns.c
+        return conn.execute(
+            sa.select(messages)
+            .join(campaigns, c.id == m.campaign_id)
+            .where(
+                m.channel == "email",
+                m.address == sender,
+                m.sent_time.is_not(None),
+                m.sent_time > sa.func.now() - sa.func.make_interval(0, 0, 0, c.attribution_days),
+            )
+            .order_by(m.sent_time.desc())
+            .limit(1)
+        ).first()
 
     def delivery_receipt(self, req: pb.PostDeliveryReceiptRequest) -> pb.PostDeliveryReceiptResponse:
         if not key_matches(req.key, settings(self.rt).bounce_keys):
@@ -754,8 +913,14 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
     def FollowClick(self, request, context):
         return self.uc.follow_click(request)
 
+    def FollowShortLink(self, request, context):
+        return self.uc.follow_short_link(request)
+
     def PostBounce(self, request, context):
         return self.uc.post_bounce(request)
+
+    def PostInboundMail(self, request, context):
+        return self.uc.inbound_mail(request)
 
     def PostDeliveryReceipt(self, request, context):
         return self.uc.delivery_receipt(request)
@@ -788,10 +953,13 @@ def on_merged(conn: sa.Connection, event) -> None:
 
 def on_erased(conn: sa.Connection, event) -> None:
     """customer.erased.v1: the customer's browsing history goes (their visitors' page events,
-    the visitors, the summary); their responses lose the contact (audience.erase_personal)."""
+    the visitors, the summary) and their SMS short links; their responses lose the contact
+    (audience.erase_personal)."""
     from crm.customer.v1 import customer_events_pb2 as ce
 
     cid = event.parse(ce.CustomerErased).customer.name.rsplit("/", 1)[-1]
+    # their SMS short links' targets may carry personal values the template put in the URL
+    conn.execute(short_links.delete().where(short_links.c.message_id.in_(sa.select(m.id).where(m.customer_id == cid))))
     theirs = sa.select(visitors.c.visitor_id).where(visitors.c.customer_id == cid)
     conn.execute(page_events.delete().where(page_events.c.visitor_id.in_(theirs)))
     conn.execute(visitors.delete().where(visitors.c.customer_id == cid))

@@ -5,6 +5,8 @@
 - `page_events`: the site's page views and events, append-only, read by visitor and time.
 - `web_activity`: per customer, a summary of their visits kept from page_events (page views,
   events, last visit and page) for segmentation and sales' lead scoring to read.
+- `short_links`: the short links of SMS messages (an SMS has no room for a signed click token):
+  code -> (message, target URL), the code an HMAC of both, so a re-render writes the same row.
 - `responses`: recipients' responses to campaigns (a reply, a form, a click on a lead link, an
   SMS answer), each published as response.recorded.v1 for sales to open a lead.
 """
@@ -27,6 +29,15 @@ visitors = sa.Table(
     sa.Column("last_seen_time", TIMESTAMPTZ, nullable=False, server_default=sa.func.now()),
 )
 sa.Index("visitors_customer", visitors.c.customer_id, postgresql_where=visitors.c.customer_id != "")
+
+short_links = sa.Table(
+    "short_links",
+    metadata,
+    sa.Column("code", sa.Text, primary_key=True),
+    sa.Column("message_id", UUID, nullable=False, index=True),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("create_time", TIMESTAMPTZ, nullable=False, server_default=sa.func.now()),
+)
 
 page_events = sa.Table(
     "page_events",

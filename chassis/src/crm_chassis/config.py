@@ -43,7 +43,7 @@ class Settings:
     relay_poll_seconds: float
     consumer_prefetch: int
     consumer_delivery_limit: int
-    consumer_batch: int = 50  # CONSUMER_BATCH: deliveries handled in one transaction (1: one each)
+    consumer_batch: int = 200  # CONSUMER_BATCH: deliveries handled in one transaction (1: one each)
     consumer_batch_wait: float = 0.0  # CONSUMER_BATCH_WAIT_MS / 1000: how long a batch waits for more
     roles_file: str | None = None  # ROLES_FILE: the role -> permission policy (else the default)
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -145,9 +145,9 @@ def load_settings(
         run_dir=env.get("CRM_RUN_DIR", os.path.join(os.getcwd(), ".run")),
         relay_batch_size=_int(env, "OUTBOX_BATCH_SIZE", 500, problems, 1, 10000),
         relay_poll_seconds=_float(env, "OUTBOX_POLL_SECONDS", 0.5, problems),
-        consumer_prefetch=_int(env, "CONSUMER_PREFETCH", 100, problems, 1, 10000),
+        consumer_prefetch=_int(env, "CONSUMER_PREFETCH", 400, problems, 1, 10000),
         consumer_delivery_limit=_int(env, "CONSUMER_DELIVERY_LIMIT", 5, problems, 1, 1000),
-        consumer_batch=_int(env, "CONSUMER_BATCH", 50, problems, 1, 10000),
+        consumer_batch=_int(env, "CONSUMER_BATCH", 200, problems, 1, 10000),
         consumer_batch_wait=_int(env, "CONSUMER_BATCH_WAIT_MS", 0, problems, 0, 10000) / 1000,
         roles_file=roles_file,
     )

@@ -7,11 +7,15 @@
   9999-12-31 no next day, so a record's dates stay within business years.
 - `to_proto(day)`: the other way (None stays None).
 - `TEHRAN`, `today()`, `start_of_day(day)`, `end_of_day(day)`: the business day is Asia/Tehran's.
+- `country_zones()`: ISO 3166 country code -> the IANA zone its people's clocks keep, for the
+  countries where the country alone tells it (from the tzdata package's zone.tab).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import importlib.resources
 from zoneinfo import ZoneInfo
 
 from crm.type.v1 import date_pb2
@@ -77,6 +81,21 @@ def from_proto(
     return None
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def set_timestamp(ts, value: dt.datetime) -> None:
+    """Timestamp.FromDatetime, a few times faster for an aware datetime (one subtraction instead
+    of a time tuple): what event building does per row. A naive one is read as UTC, as
+    FromDatetime reads it."""
+    if value.tzinfo is None:
+        ts.FromDatetime(value)
+        return
+    d = value - _EPOCH
+    ts.seconds = d.days * 86400 + d.seconds
+    ts.nanos = d.microseconds * 1000
+
+
 def timestamp(value: dt.datetime | None):
     """A google.protobuf.Timestamp of an aware datetime, or None (a field left unset)."""
     if value is None:
@@ -84,7 +103,7 @@ def timestamp(value: dt.datetime | None):
     from google.protobuf import timestamp_pb2
 
     out = timestamp_pb2.Timestamp()
-    out.FromDatetime(value)
+    set_timestamp(out, value)
     return out
 
 
@@ -94,4 +113,28 @@ def set_times(message, row, *fields: str) -> None:
     for f in fields:
         value = getattr(row, f)
         if value is not None:
-            getattr(message, f).FromDatetime(value)
+            set_timestamp(getattr(message, f), value)
+
+
+@functools.cache
+def country_zones() -> dict[str, str]:
+    """ISO 3166 alpha-2 code -> an IANA zone, for every country whose zones (zone.tab of the
+    tzdata package) all keep the same clock: the same UTC offset in January and in July of
+    this year and the next (Iran: Asia/Tehran; Germany: Europe/Berlin, Busingen keeps the
+    same time). A country whose zones differ (US, RU, BR, AU...) is absent: its people's time
+    zone cannot be told from the country alone. The first zone zone.tab lists is given."""
+    text = importlib.resources.files("tzdata").joinpath("zoneinfo/zone.tab").read_text(encoding="utf-8")
+    by_country: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        code, _coordinates, zone, *_ = line.split("\t")
+        by_country.setdefault(code, []).append(zone)
+    year = dt.date.today().year
+    instants = [dt.datetime(y, m, 15, 12, tzinfo=dt.UTC) for y in (year, year + 1) for m in (1, 7)]
+
+    def clock(zone: str) -> tuple:
+        tz = ZoneInfo(zone)
+        return tuple(t.astimezone(tz).utcoffset() for t in instants)
+
+    return {code: zones[0] for code, zones in by_country.items() if len({clock(z) for z in zones}) == 1}

@@ -32,6 +32,13 @@ API
     (``fields``: "Invoice no." / "1403/05/12" pairs), the table, ``totals`` (label/value pairs
     under the table, their values under its last column) and closing ``notes``. PDF, DOCX and
     XLSX (``DOCUMENT_FORMATS``); a CSV has no place for a heading, so "csv" raises ValueError.
+    ``chart`` (PNG bytes, e.g. ``charts.render("png", ...)``) puts a picture between the
+    key/value lines and the table: in the PDF as wide as the page allows and at most half its
+    height, in the DOCX as a picture, in the XLSX on a second sheet ("Chart" / "نمودار") so the
+    table's sheet stays plain rows. ``png_size(png)`` reads a PNG's width and height.
+
+``text_direction(text)``: "R", "L" or None, the direction of the first strong letter (the base
+direction a renderer gives the line; charts uses it for SVG text).
 
 ``content_type(fmt)`` (alias ``media_type``) and ``file_extension(fmt)`` (without the dot) for
 the download; both raise ``ValueError`` for an unknown format. The CSV type is
@@ -93,6 +100,7 @@ about 2 s, DOCX about 1 s, PDF about 5.5 s (445 A4 pages).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import re
@@ -127,7 +135,9 @@ __all__ = [
     "render_to",
     "stream_document",
     "stream_file",
+    "png_size",
     "stream_table",
+    "text_direction",
 ]
 
 FORMATS: dict[str, tuple[str, str]] = {
@@ -176,6 +186,7 @@ class Document:
     totals: Sequence[tuple[str, Any]] = ()  # (label, value) lines under the table
     notes: str = ""  # closing text (terms, thanks); newlines start new lines
     rtl: bool | None = None
+    chart: bytes | None = None  # a PNG (charts.render("png", ...)) drawn above the table
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,7 @@ class _Extras:
     fields: tuple[tuple[str, Any], ...] = ()  # (label, value as given)
     totals: tuple[tuple[str, Any], ...] = ()
     notes: str = ""
+    chart: bytes | None = None
 
     def texts(self) -> Iterator[str]:
         for label, value in (*self.fields, *self.totals):
@@ -254,7 +266,10 @@ def render_document_to(fmt: str, doc: Document, out: IO[bytes]) -> None:
         tuple((_text(k), v) for k, v in doc.fields),
         tuple((_text(k), v) for k, v in doc.totals),
         _text(doc.notes),
+        doc.chart or None,
     )
+    if extras.chart:
+        png_size(extras.chart)  # refuse anything but a PNG before rendering
     _render(fmt, doc.columns, doc.rows, out, doc.title, doc.rtl, extras)
 
 
@@ -348,11 +363,22 @@ def stream_table(
 def stream_document(
     message: Callable[..., M], fmt: str, doc: Document, *, filename: str, chunk_size: int = DOWNLOAD_CHUNK
 ) -> Iterator[M]:
-    """``render_document_to`` as a streamed download (head: content_type and filename)."""
+    """``render_document_to`` as a streamed download (head: content_type, filename and, if
+    ``message`` has the field, ``row_count``: the table's rows)."""
+    counted = 0
+
+    def counting() -> Iterator[Mapping[str, Any]]:
+        nonlocal counted
+        for row in doc.rows:
+            counted += 1
+            yield row
 
     def write(out: IO[bytes]) -> dict[str, Any]:
-        render_document_to(fmt, doc, out)
-        return {"content_type": content_type(fmt), "filename": f"{filename}.{file_extension(fmt)}"}
+        render_document_to(fmt, dataclasses.replace(doc, rows=counting()), out)
+        head: dict[str, Any] = {"content_type": content_type(fmt), "filename": f"{filename}.{file_extension(fmt)}"}
+        if _has_field(message, "row_count"):
+            head["row_count"] = counted
+        return head
 
     return stream_file(message, write, chunk_size=chunk_size)
 
@@ -401,6 +427,12 @@ def _first_strong(text: str) -> str | None:
         if d:
             return d
     return None
+
+
+def text_direction(text: str) -> str | None:
+    """The direction of ``text``'s first strong letter: "R" (Hebrew/Arabic script), "L", or None
+    (digits and punctuation only). The base direction a renderer should give the line."""
+    return _first_strong(text)
 
 
 def detect_rtl(texts: Iterable[str]) -> bool:
@@ -551,10 +583,24 @@ def _write_xlsx(
             ws.append([])
             for line in extras.notes.splitlines():
                 ws.append([text_cell(line)])
+        if extras.chart:
+            from openpyxl.drawing.image import Image
+
+            chart_ws = wb.create_sheet(title="نمودار" if rtl else "Chart")
+            chart_ws.sheet_view.rightToLeft = rtl
+            chart_ws.add_image(Image(io.BytesIO(extras.chart)), "A1")
     wb.save(out)
 
 
 # --------------------------------------------------------------------------- PDF
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """Width and height in pixels of a PNG, from its header; ValueError if it is not one."""
+    if len(png) < 24 or png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+        raise ValueError("a document's chart must be a PNG")
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
 
 _PDF_FONT = "CRMExportSans"
 _NOTO_FILE = "NotoSansArabic[wdth,wght].ttf"
@@ -975,6 +1021,16 @@ def _write_pdf(
         story += [kv, Spacer(1, 4 * mm)]
         available -= h + 4 * mm
 
+    if extras is not None and extras.chart:
+        # The chart above the table, as wide as the frame and at most half its height.
+        from reportlab.platypus import Image
+
+        px_w, px_h = png_size(extras.chart)
+        scale = min(frame_w / px_w, frame_h * 0.5 / px_h)
+        image = Image(io.BytesIO(extras.chart), width=px_w * scale, height=px_h * scale)
+        story += [image, Spacer(1, 4 * mm)]
+        available -= px_h * scale + 4 * mm
+
     header: list[str] = []
     header_aligns: list[tuple[int, int]] = []  # (column, row) cells to right-align in an LTR table
     for c, (i, width) in enumerate(zip(order, text_widths, strict=True)):
@@ -1129,6 +1185,11 @@ def _write_docx(
     if extras is not None and extras.fields:
         pairs_table(extras.fields, [int(sum(widths) * 0.3), sum(widths) - int(sum(widths) * 0.3)], grid=False)
         document.add_paragraph()
+    if extras is not None and extras.chart:
+        px_w, px_h = png_size(extras.chart)
+        max_h = (section.page_height - section.top_margin - section.bottom_margin) * 0.5
+        width = int(min(usable, max_h * px_w / px_h))
+        document.add_picture(io.BytesIO(extras.chart), width=width)
 
     table = document.add_table(rows=0, cols=len(columns))
     table.style = document.styles["Table Grid"]

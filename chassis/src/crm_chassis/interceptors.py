@@ -53,8 +53,34 @@ def _metadata(details) -> dict[str, str]:
 
 _STRING = FieldDescriptor.TYPE_STRING
 _MESSAGE = FieldDescriptor.TYPE_MESSAGE
-_holds_text: dict = {}  # message Descriptor -> can it (or a message inside it) hold a string?
+_holds_checked: dict = {}  # message Descriptor -> can it (or a message inside it) hold a checked value?
 _map_values: dict = {}  # map-entry Descriptor -> its value field; other message Descriptors -> None
+
+# google.protobuf.Timestamp's range (0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z) and
+# Duration's (+-10,000 years), as protobuf documents them. A value outside them cannot become a
+# datetime or a timedelta: ToDatetime() raises ValueError deep inside a handler (an INTERNAL).
+_TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)
+_DURATION_SECONDS = 315_576_000_000
+_NANOS = 999_999_999
+
+
+def _timestamp_problem(ts) -> str | None:
+    if not _TIMESTAMP_SECONDS[0] <= ts.seconds <= _TIMESTAMP_SECONDS[1]:
+        return "is not a valid timestamp: it must lie between 0001-01-01 and 9999-12-31 (UTC)"
+    if not 0 <= ts.nanos <= _NANOS:
+        return "is not a valid timestamp: nanos must be 0..999999999"
+    return None
+
+
+def _duration_problem(d) -> str | None:
+    if not -_DURATION_SECONDS <= d.seconds <= _DURATION_SECONDS or not -_NANOS <= d.nanos <= _NANOS:
+        return "is not a valid duration: at most 10,000 years, nanos within +-999999999"
+    if (d.seconds > 0 and d.nanos < 0) or (d.seconds < 0 and d.nanos > 0):
+        return "is not a valid duration: seconds and nanos must have the same sign"
+    return None
+
+
+_WELL_KNOWN = {"google.protobuf.Timestamp": _timestamp_problem, "google.protobuf.Duration": _duration_problem}
 
 
 def _map_value(descriptor):
@@ -66,29 +92,41 @@ def _map_value(descriptor):
         return value
 
 
-def _may_hold_text(descriptor) -> bool:
-    known = _holds_text.get(descriptor)
+def _may_hold_checked(descriptor) -> bool:
+    """Whether a message of this type can hold a string (NUL check) or a Timestamp / Duration
+    (range check), itself or in a message inside it."""
+    known = _holds_checked.get(descriptor)
     if known is None:
-        _holds_text[descriptor] = True  # provisional: recursive types (Struct, Value) refer to themselves
-        known = any(
-            f.type == _STRING or (f.type == _MESSAGE and _may_hold_text(f.message_type)) for f in descriptor.fields
+        _holds_checked[descriptor] = True  # provisional: recursive types (Struct, Value) refer to themselves
+        known = descriptor.full_name in _WELL_KNOWN or any(
+            f.type == _STRING or (f.type == _MESSAGE and _may_hold_checked(f.message_type)) for f in descriptor.fields
         )
-        _holds_text[descriptor] = known
+        _holds_checked[descriptor] = known
     return known
 
 
-def nul_violations(message, prefix: str = "") -> list[FieldViolation]:
-    """Every string field of `message` (nested, repeated and map fields included) that contains
-    a NUL character, by field path: `customer.given_name`, `emails[1].address`, `labels["k"]`."""
+def request_violations(message, prefix: str = "") -> list[FieldViolation]:
+    """Every field of `message` (nested, repeated and map fields included) that no handler can
+    take, by field path (`customer.given_name`, `emails[1].address`, `labels["k"]`,
+    `activity.due_time`): a string holding a NUL character, a Timestamp or Duration out of range."""
     out: list[FieldViolation] = []
-    descriptor = message.DESCRIPTOR
-    if _may_hold_text(descriptor):
+    if _may_hold_checked(message.DESCRIPTOR):
         _walk(message, prefix, out)
     return out
 
 
 def _nul(path: str) -> FieldViolation:
     return FieldViolation(path, "must not contain NUL characters (U+0000)")
+
+
+def _check_message(value, fd, path: str, out: list[FieldViolation]) -> None:
+    problem = _WELL_KNOWN.get(fd.message_type.full_name)
+    if problem is not None:
+        why = problem(value)
+        if why:
+            out.append(FieldViolation(path, why))
+    else:
+        _walk(value, path + ".", out)
 
 
 def _walk(message, prefix: str, out: list[FieldViolation]) -> None:
@@ -100,7 +138,7 @@ def _walk(message, prefix: str, out: list[FieldViolation]) -> None:
                     out.append(_nul(prefix + fd.name))
             else:
                 out.extend(_nul(f"{prefix}{fd.name}[{i}]") for i, v in enumerate(value) if "\x00" in v)
-        elif kind == _MESSAGE and _may_hold_text(fd.message_type):
+        elif kind == _MESSAGE and _may_hold_checked(fd.message_type):
             value_fd = _map_value(fd.message_type)
             if value_fd is not None:
                 for key, item in value.items():
@@ -112,17 +150,18 @@ def _walk(message, prefix: str, out: list[FieldViolation]) -> None:
                         if "\x00" in item:
                             out.append(_nul(path))
                     elif value_fd.type == _MESSAGE:
-                        _walk(item, path + ".", out)
+                        _check_message(item, value_fd, path, out)
             elif fd.is_repeated:
                 for i, item in enumerate(value):
-                    _walk(item, f"{prefix}{fd.name}[{i}].", out)
+                    _check_message(item, fd, f"{prefix}{fd.name}[{i}]", out)
             else:
-                _walk(value, f"{prefix}{fd.name}.", out)
+                _check_message(value, fd, prefix + fd.name, out)
 
 
-def check_text(request) -> None:
-    """Raise INVALID_ARGUMENT naming every string field of the request that holds a NUL."""
-    violations = nul_violations(request)
+def check_request(request) -> None:
+    """Raise INVALID_ARGUMENT naming every field of the request no handler can take (a NUL in a
+    string, a Timestamp or Duration out of its range)."""
+    violations = request_violations(request)
     if violations:
         raise InvalidArgument(violations)
 
@@ -152,7 +191,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
 
             def unary(request, context):
                 with self._guard(method, permission, md, context):
-                    check_text(request)
+                    check_request(request)
                     return behavior(request, context)
                 return None  # not reached: _guard aborted
 
@@ -162,7 +201,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
 
             def unary_stream(request, context):
                 with self._guard(method, permission, md, context):
-                    check_text(request)
+                    check_request(request)
                     yield from stream_behavior(request, context)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)

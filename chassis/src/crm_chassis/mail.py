@@ -1,11 +1,14 @@
-"""Sending e-mail over SMTP, shared by support-svc (agent replies) and campaign-svc (campaigns):
-the settings, a one-shot `deliver`, and `SmtpPool`, persistent connections reused across
-sends for throughput, with SMTP failures classified as `MailError`.
+"""Sending e-mail over SMTP, shared by support-svc (agent replies), campaign-svc (campaigns) and
+reporting-svc (scheduled reports): the settings, a one-shot `deliver`, `SmtpPool`, persistent
+connections reused across sends for throughput, with SMTP failures classified as `MailError`,
+and `compose`, the MIME of a mail (with attachments) written fast.
 
     settings = smtp_settings(default_from="news@crm.local")
     deliver(mail, settings)                    # one connection for one message
     pool = SmtpPool(settings, size=4)
     pool.send(mail)                            # a pooled connection (reconnects when stale)
+    data = compose(headers, text, html, [Attachment("r.xlsx", XLSX_TYPE, content)])  # fast MIME
+    is_address("a@b.ir")                       # an address a form may take
 
 `MailError.permanent` is a 5xx answer (the same message will never be accepted), else a 4xx
 answer, a refused or broken connection or a timeout (worth a retry later);
@@ -31,7 +34,7 @@ import smtplib
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import HeaderParser
@@ -57,6 +60,15 @@ class SmtpSettings:
     def from_header(self) -> str:
         """The From header's value (a non-ASCII name RFC 2047-encoded)."""
         return formataddr((self.sender_name, self.sender), charset="utf-8") if self.sender_name else self.sender
+
+
+# An e-mail address as a form takes it: local part @ a domain with at least one dot (no display
+# name, no comments, no quoted local part).
+ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
+
+
+def is_address(value: str) -> bool:
+    return bool(value) and ADDRESS.fullmatch(value) is not None
 
 
 def _bool(value: str) -> bool:
@@ -366,26 +378,17 @@ def _date() -> str:
     return _date_cache[1]
 
 
-def compose(headers: list[tuple[str, str]], text: str, html: str = "") -> bytes:
-    """A mail as SMTP sends it: `headers` (From, To, Subject, Message-ID, ...; a Date is added
-    when none is given), a text/plain part and, if `html`, a multipart/alternative of the text
-    and the HTML (UTF-8)."""
-    lines = [_header(n, v) for n, v in headers]
-    if not any(n.lower() == "date" for n, _ in headers):
-        lines.append(f"Date: {_date()}")
-    lines.append("MIME-Version: 1.0")
+def _parts(text: str, html: str) -> tuple[list[str], bytes]:
+    """The content headers and body of the text (and HTML) part of a mail."""
     text_cte, text_data = _body(text)
     if not html:
-        lines += ['Content-Type: text/plain; charset="utf-8"', f"Content-Transfer-Encoding: {text_cte}"]
-        return "\r\n".join(lines).encode() + b"\r\n\r\n" + text_data
+        return ['Content-Type: text/plain; charset="utf-8"', f"Content-Transfer-Encoding: {text_cte}"], text_data
     boundary = f"=_crm_{secrets.token_hex(12)}"
     html_cte, html_data = _body(html)
-    lines.append(f'Content-Type: multipart/alternative; boundary="{boundary}"')
     b = boundary.encode()
-    return b"".join(
+    return [f'Content-Type: multipart/alternative; boundary="{boundary}"'], b"".join(
         [
-            "\r\n".join(lines).encode(),
-            b"\r\n\r\n--" + b + b'\r\nContent-Type: text/plain; charset="utf-8"\r\n',
+            b"--" + b + b'\r\nContent-Type: text/plain; charset="utf-8"\r\n',
             b"Content-Transfer-Encoding: " + text_cte.encode() + b"\r\n\r\n",
             text_data,
             b"\r\n--" + b + b'\r\nContent-Type: text/html; charset="utf-8"\r\n',
@@ -394,6 +397,63 @@ def compose(headers: list[tuple[str, str]], text: str, html: str = "") -> bytes:
             b"\r\n--" + b + b"--\r\n",
         ]
     )
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A file attached to a mail `compose` writes."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
+
+def _filename_param(name: str, filename: str) -> str:
+    """`filename="report.xlsx"`, or RFC 2231 `filename*=utf-8''...` for a non-ASCII name."""
+    import urllib.parse
+
+    clean = " ".join(filename.replace("\r", " ").replace("\n", " ").split()) or "attachment"
+    if clean.isascii() and '"' not in clean and "\\" not in clean:
+        return f'{name}="{clean}"'
+    return f"{name}*=utf-8''{urllib.parse.quote(clean, safe='')}"
+
+
+def _attachment(a: Attachment) -> bytes:
+    ctype = " ".join(a.content_type.split()) or "application/octet-stream"
+    head = "\r\n".join(
+        [
+            f"Content-Type: {ctype}; {_filename_param('name', a.filename)}",
+            f"Content-Disposition: attachment; {_filename_param('filename', a.filename)}",
+            "Content-Transfer-Encoding: base64",
+        ]
+    )
+    return head.encode() + b"\r\n\r\n" + base64.encodebytes(a.data).replace(b"\n", b"\r\n")
+
+
+def compose(headers: list[tuple[str, str]], text: str, html: str = "", attachments: Sequence[Attachment] = ()) -> bytes:
+    """A mail as SMTP sends it: `headers` (From, To, Subject, Message-ID, ...; a Date is added
+    when none is given), a text/plain part and, if `html`, a multipart/alternative of the text
+    and the HTML (UTF-8); with `attachments`, a multipart/mixed of that and the files (base64)."""
+    lines = [_header(n, v) for n, v in headers]
+    if not any(n.lower() == "date" for n, _ in headers):
+        lines.append(f"Date: {_date()}")
+    lines.append("MIME-Version: 1.0")
+    part_lines, part_body = _parts(text, html)
+    if not attachments:
+        return "\r\n".join(lines + part_lines).encode() + b"\r\n\r\n" + part_body
+    boundary = f"=_crm_{secrets.token_hex(12)}"
+    b = boundary.encode()
+    lines.append(f'Content-Type: multipart/mixed; boundary="{boundary}"')
+    out = [
+        "\r\n".join(lines).encode(),
+        b"\r\n\r\n--" + b + b"\r\n",
+        "\r\n".join(part_lines).encode() + b"\r\n\r\n",
+        part_body,
+    ]
+    for a in attachments:
+        out += [b"\r\n--" + b + b"\r\n", _attachment(a)]
+    out.append(b"\r\n--" + b + b"--\r\n")
+    return b"".join(out)
 
 
 # -- delivery-status notifications (RFC 3464) ----------------------------------------------------

@@ -10,6 +10,8 @@ Schedule inside the caller's transaction, so a state change and its timer commit
     ...
     timers.reschedule(conn, "ticket.sla", ticket_id, new_due)   # moved (False if none)
     timers.cancel(conn, "ticket.sla", ticket_id)                # resolved in time
+    timers.schedule_many(conn, [("points.expire", member_id, lot_expiry, None)], keep_earlier=True)
+                                                  # one timer per owner: the earliest wins
     timers.schedule_recurring(conn, "report.send", report_id, "0 8 * * sat")  # Asia/Tehran
 
 and run a `TimerWorker` (start/stop/wake like the outbox relay) with a handler per kind::
@@ -161,23 +163,38 @@ def _upsert_statement():
 
 
 _UPSERT = _upsert_statement()
-_UPSERT_MANY = sa.text(
-    f"""INSERT INTO timers ({", ".join(_UPSERT_COLUMNS)}) {jsonrows.select_rows("timers", _UPSERT_COLUMNS)}
+
+
+def upsert_sql(param: str = "rows", keep_earlier: bool = False) -> str:
+    """SQL of the upsert of the timer rows in the jsonb parameter `param` (`upsert_rows` makes
+    it), for a statement of the caller's own (a CTE beside its other writes: one round trip).
+    With `keep_earlier`, a scheduled timer due no later than the new time is left alone (no
+    write at all: the WHERE of ON CONFLICT fails): "fire at the earliest of these times"."""
+    sql = f"""INSERT INTO timers ({", ".join(_UPSERT_COLUMNS)}) {jsonrows.select_rows("timers", _UPSERT_COLUMNS, param)}
         ON CONFLICT ON CONSTRAINT timers_kind_key DO UPDATE SET
         {", ".join(f"{c} = EXCLUDED.{c}" for c in _UPSERT_COLUMNS if c not in ("kind", "key"))},
         state = 'scheduled', attempts = 0, last_error = NULL, lease_token = NULL, lease_until = NULL,
         update_time = now()"""
-)
+    if keep_earlier:
+        sql += "\n        WHERE timers.state <> 'scheduled' OR EXCLUDED.due_at < timers.due_at"
+    return sql
 
 
-def _upsert(conn: sa.Connection, values: dict[str, Any] | list[dict[str, Any]]) -> None:
+_UPSERT_MANY = sa.text(upsert_sql())
+_UPSERT_EARLIER = sa.text(upsert_sql(keep_earlier=True))
+
+
+def _upsert(conn: sa.Connection, values: dict[str, Any] | list[dict[str, Any]], keep_earlier: bool = False) -> None:
     """Insert or replace timer rows (kind, key, due_at, payload, cron, timezone): attempts
-    reset, error and lease cleared. Several rows go as one executemany (one round trip)."""
+    reset, error and lease cleared. Several rows go as one statement (one round trip). With
+    `keep_earlier`, an existing scheduled timer due at or before the new time stays as it is."""
     rows = values if isinstance(values, list) else [values]
     if not rows:
         return
     params = [{**r, "next_attempt_at": r["due_at"]} for r in rows]
-    if len(params) > 1:  # one statement, the rows as one jsonb parameter (crm_chassis.jsonrows)
+    if keep_earlier:
+        conn.execute(_UPSERT_EARLIER, {"rows": jsonrows.dumps(params)})
+    elif len(params) > 1:  # one statement, the rows as one jsonb parameter (crm_chassis.jsonrows)
         conn.execute(_UPSERT_MANY, {"rows": jsonrows.dumps(params)})
     else:
         conn.execute(_UPSERT, params[0])
@@ -189,11 +206,30 @@ def schedule(conn: sa.Connection, kind: str, key: str, at: dt.datetime, payload:
     schedule_many(conn, [(kind, key, at, payload)])
 
 
-def schedule_many(conn: sa.Connection, items) -> None:
+def schedule_many(conn: sa.Connection, items, *, keep_earlier: bool = False) -> None:
     """`schedule` for many timers at once: `items` are (kind, key, at, payload) tuples, written
-    in one round trip. The same (kind, key) twice: the last one wins, as with `schedule` in turn."""
+    in one round trip. The same (kind, key) twice: the last one wins, as with `schedule` in turn.
+
+    With `keep_earlier` a timer fires at the earliest time asked for: an existing scheduled
+    timer due at or before `at` is left as it is (payload too; a failed one is replaced), and
+    of the same (kind, key) twice the earlier wins. One timer per owner ("the next of its
+    deadlines") instead of one per deadline; its handler arms the next one when it fires."""
+    rows = _rows_of(items, keep_earlier)
+    _upsert(conn, rows, keep_earlier)
+
+
+def upsert_rows(items, keep_earlier: bool = False) -> str:
+    """The jsonb parameter of `upsert_sql` for (kind, key, at, payload) items, as `schedule_many`
+    takes them."""
+    return jsonrows.dumps({**r, "next_attempt_at": r["due_at"]} for r in _rows_of(items, keep_earlier))
+
+
+def _rows_of(items, keep_earlier: bool) -> list[dict[str, Any]]:
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for kind, key, at, payload in items:
+        had = rows.get((kind, str(key)))
+        if keep_earlier and had is not None and had["due_at"] <= at:
+            continue
         rows[(kind, str(key))] = {
             "kind": kind,
             "key": str(key),
@@ -202,7 +238,7 @@ def schedule_many(conn: sa.Connection, items) -> None:
             "cron": None,
             "timezone": None,
         }
-    _upsert(conn, list(rows.values()))
+    return list(rows.values())
 
 
 def schedule_recurring(

@@ -92,20 +92,31 @@ class _Builder:
         return {"$ref": f"#/components/schemas/{desc.full_name}"}
 
 
+def _query_fields(desc: descriptor.Descriptor, prefix: str, depth: int = 0):
+    """(parameter name, field) of every field a query parameter can fill: scalars, lists of
+    scalars, dates and well-known types by name, and the fields of a singular nested message
+    dotted (`amount.units`), as the gateway reads them (transcode._query_field)."""
+    for fd in desc.fields:
+        name = prefix + fd.name
+        nested = fd.type == FD.TYPE_MESSAGE and fd.message_type.full_name not in _WELL_KNOWN
+        if not nested or fd.message_type.full_name == "crm.type.v1.Date":
+            yield name, fd
+        elif not fd.is_repeated and depth < 2:  # lists and maps of messages do not fit a query
+            yield from _query_fields(fd.message_type, name + ".", depth + 1)
+
+
 def _operation(b: _Builder, route: Route, method: descriptor.MethodDescriptor) -> dict:
     req = method.input_type
     bound = {path.split(".")[0] for path in route.bind}
     params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in route.path_params]
-    for fd in req.fields:
-        if fd.name in bound or fd.name == route.body or route.body == "*":
+    for name, fd in _query_fields(req, ""):
+        if name.split(".")[0] in bound or name.split(".")[0] == route.body or route.body == "*":
             continue
         if fd.type == FD.TYPE_MESSAGE and fd.message_type.full_name == "crm.type.v1.Date":
             date = {"type": "string", "format": "date", "description": "YYYY-MM-DD"}
-            params.append({"name": fd.name, "in": "query", "required": False, "schema": date})
+            params.append({"name": name, "in": "query", "required": False, "schema": date})
             continue
-        if fd.type == FD.TYPE_MESSAGE and fd.message_type.full_name not in _WELL_KNOWN:
-            continue
-        params.append({"name": fd.name, "in": "query", "required": False, "schema": b.field(fd)})
+        params.append({"name": name, "in": "query", "required": False, "schema": b.field(fd)})
     if "request_id" in req.fields_by_name:
         params.append(
             {

@@ -61,6 +61,10 @@ CSV = "text/csv"
 XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 PDF = "application/pdf"
 DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+PNG = "image/png"
+SVG = "image/svg+xml"
+# reporting-svc's report exports (report_files.py): the table, the chart and table, the chart
+REPORT_FILES = (CSV, XLSX, PDF, PNG, SVG)
 # A multipart/form-data body's file part fills this bytes field of the request (transcode.py).
 UPLOADS: dict[str, str] = {
     "crm.customer.v1.CustomerService.ImportCustomers": "content",
@@ -76,11 +80,16 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
     "crm.sales.v1.LeadService.ExportLeads": (CSV, XLSX),
     "crm.sales.v1.OpportunityService.ExportOpportunities": (CSV, XLSX),
     "crm.support.v1.TicketService.ExportTickets": (CSV, XLSX),
-    "crm.reporting.v1.ReportingService.ExportCustomersBySource": (CSV, XLSX),
-    "crm.reporting.v1.ReportingService.ExportSupportReport": (CSV, XLSX),
-    "crm.reporting.v1.ReportingService.ExportAcquisitionReport": (CSV, XLSX),
-    "crm.reporting.v1.ReportingService.ExportSalesReport": (CSV, XLSX),
-    "crm.reporting.v1.ValueService.ExportValueReport": (CSV, XLSX),
+    "crm.reporting.v1.ReportingService.ExportCustomersBySource": REPORT_FILES,
+    "crm.reporting.v1.ReportingService.ExportSupportReport": REPORT_FILES,
+    "crm.reporting.v1.ReportingService.ExportAcquisitionReport": REPORT_FILES,
+    "crm.reporting.v1.ReportingService.ExportPipelineReport": REPORT_FILES,
+    "crm.reporting.v1.ReportingService.ExportForecastReport": REPORT_FILES,
+    "crm.reporting.v1.ReportingService.ExportLoyaltyReport": REPORT_FILES,
+    "crm.reporting.v1.ReportingService.ExportCampaignReport": REPORT_FILES,
+    "crm.reporting.v1.ReportingService.ExportCustomerTimeline": REPORT_FILES,
+    "crm.reporting.v1.ReportingService.ExportSalesReport": (CSV, XLSX),  # not in report_files yet
+    "crm.reporting.v1.ValueService.ExportValueReport": REPORT_FILES,
     # an attachment answers the type it was uploaded with
     "crm.support.v1.TicketService.GetAttachment": ("application/pdf", "image/*", "*/*"),
 }
@@ -125,10 +134,24 @@ PUBLIC: dict[str, Public] = {
         per_minute=6000,
         max_bytes=1024,
         raw_response="data",
+        headers={"user_agent": "User-Agent"},
         cache_control="no-store, no-cache, must-revalidate, max-age=0",
     ),
     "crm.campaign.v1.TrackingService.FollowClick": Public(
-        per_minute=1200, max_bytes=1024, redirect="location", client_address="client_address", cache_control="no-store"
+        per_minute=1200,
+        max_bytes=1024,
+        redirect="location",
+        client_address="client_address",
+        headers={"user_agent": "User-Agent"},
+        cache_control="no-store",
+    ),
+    "crm.campaign.v1.TrackingService.FollowShortLink": Public(
+        per_minute=1200,
+        max_bytes=1024,
+        redirect="location",
+        client_address="client_address",
+        headers={"user_agent": "User-Agent"},
+        cache_control="no-store",
     ),
     "crm.campaign.v1.TrackingService.PostBounce": Public(
         per_minute=1200,
@@ -136,6 +159,13 @@ PUBLIC: dict[str, Public] = {
         raw_body="body",
         headers={"key": "X-Crm-Provider-Key"},
         description="A bounce: an RFC 3464 delivery-status notification as received, or a provider's JSON webhook.",
+    ),
+    "crm.campaign.v1.TrackingService.PostInboundMail": Public(
+        per_minute=1200,
+        max_bytes=512 * 1024,
+        raw_body="body",
+        headers={"key": "X-Crm-Provider-Key"},
+        description="A mail to the marketing mailbox as received: a bounce, a reply to a campaign, an auto-reply.",
     ),
     "crm.campaign.v1.TrackingService.PostDeliveryReceipt": Public(
         per_minute=1200,

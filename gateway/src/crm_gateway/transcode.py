@@ -134,6 +134,23 @@ def _query_value(fd: descriptor.FieldDescriptor, raw: str, name: str):
     # (a crm.type.v1.Date is YYYY-MM-DD, above)
 
 
+def _query_field(message: descriptor.Descriptor, key: str) -> list[descriptor.FieldDescriptor] | None:
+    """The fields a query parameter names, outermost first: `page_size`, or dotted through
+    singular message fields for a nested one (`period.unit`); None if it names none."""
+    chain: list[descriptor.FieldDescriptor] = []
+    for i, part in enumerate(key.split(".")):
+        if i:
+            prev = chain[-1]
+            if prev.type != descriptor.FieldDescriptor.TYPE_MESSAGE or prev.is_repeated:
+                return None  # only a singular message has fields to name (no maps, no lists)
+            message = prev.message_type
+        fd = message.fields_by_name.get(part)
+        if fd is None:
+            return None
+        chain.append(fd)
+    return chain
+
+
 def is_upload(route: Route) -> bool:
     return route.upload is not None and request.mimetype == "multipart/form-data"
 
@@ -159,13 +176,16 @@ def build_request(route: Route, request_cls, path_args: dict[str, str]):
             raise BadRequest(*_body_error(err)) from None
         body_keys = [_snake(k) for k in data]
     for key in request.args:
-        fd = request_cls.DESCRIPTOR.fields_by_name.get(key)
-        if fd is None or key == route.body or route.body == "*":
+        chain = _query_field(request_cls.DESCRIPTOR, key)
+        if chain is None or key.split(".")[0] == route.body or route.body == "*":
             raise BadRequest(key, "is not a query parameter of this route")
+        fd = chain[-1]
         values = request.args.getlist(key)
         value = [_query_value(fd, v, key) for v in values] if fd.is_repeated else _query_value(fd, values[-1], key)
-        try:
-            json_format.ParseDict({fd.json_name: value}, msg, ignore_unknown_fields=False)
+        for parent in reversed(chain):
+            value = {parent.json_name: value}
+        try:  # ParseDict merges into the message fields already set (a.b=1&a.c=2)
+            json_format.ParseDict(value, msg, ignore_unknown_fields=False)
         except json_format.ParseError as err:
             raise BadRequest(key, f"is not valid: {err}") from None
     for fieldpath, template in route.bind.items():

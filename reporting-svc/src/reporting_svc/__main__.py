@@ -5,7 +5,21 @@ from __future__ import annotations
 from crm_chassis.parts import parts_spec
 from crm_chassis.service import main
 
-from . import api, campaigns, loyalty, projections, rebuild, sales, segments, support, timeline, value, value_api
+from . import (
+    api,
+    campaigns,
+    loyalty,
+    projections,
+    rebuild,
+    sales,
+    schedule_runs,
+    schedules,
+    segments,
+    support,
+    timeline,
+    value,
+    value_api,
+)
 
 # The parts of the service (crm_chassis.parts says what each may define). Each projection part
 # has a PROJECTION (projection.py); reporting_svc.PROJECTIONS lists them for the rebuild.
@@ -21,6 +35,8 @@ PARTS = [
     api,  # ReportingService: the reports, their exports, projection status and rebuilds
     value,  # customer value: invoice facts and the per-customer revenue rollup (sales-svc's events)
     value_api,  # ValueService: Pareto, RFM, CLV and churn risk (BG/NBD + Gamma-Gamma)
+    schedules,  # ReportScheduleService: scheduled reports (reportSchedules/{id}) and their runs
+    schedule_runs,  # the schedules' timers: make the report, mail it once per slot, re-arm
 ]
 
 # reporting-svc publishes nothing: no event domain, no relay.

@@ -1,8 +1,10 @@
 """Report 5, campaigns: per campaign its goal and how much of it is achieved, responses,
 attributed leads, orders and revenue, cost and ROI.
 
-- campaign.*.v1 keep each campaign's newest state (CampaignEvent.version): name, channel,
-  state, recipients, goal (leads, orders, revenue or responses, and its target) and cost.
+- campaign.launched / updated / completed / paused / resumed / cancelled .v1 keep each
+  campaign's newest state (CampaignEvent.version): name, channel, state, recipients, goal
+  (leads, orders, revenue or responses, and its target) and cost (often entered afterwards: an
+  update). A draft (created, never launched) is not reported.
 - Attribution: a response.recorded.v1 counts for its campaign; sales-svc's leads, orders and
   invoices count for the campaign whose id they carry (`campaign_id`): a lead once, an order
   while it is not cancelled, an invoice's total as revenue while it is paid, less the credit
@@ -33,7 +35,8 @@ from .sales import LEAD_KEYS
 from .tables import CAMPAIGN_MEASURES, campaign_attribution_facts, campaign_facts, campaign_stats
 
 ROLLUP = Rollup(campaign_stats, ("campaign_id",), CAMPAIGN_MEASURES)
-CAMPAIGN_KEYS = [f"campaign.{k}.v1" for k in ("launched", "completed", "paused", "cancelled")]
+# Every change of a launched campaign: a cost entered after it completed comes as updated.
+CAMPAIGN_KEYS = [f"campaign.{k}.v1" for k in ("launched", "updated", "completed", "paused", "resumed", "cancelled")]
 ORDER_KEYS = [f"order.{k}.v1" for k in ("placed", "delivered", "cancelled")]
 INVOICE_KEYS = [f"invoice.{k}.v1" for k in ("issued", "paid", "overdue", "credited")]
 

@@ -92,11 +92,7 @@ def parse(req: pb.GetLoyaltyReportRequest) -> dict:
 def report(conn: sa.Connection, q: dict) -> pb.GetLoyaltyReportResponse:
     t = loyalty_daily
     where = [t.c.programme.in_(q["programmes"])] if q["programmes"] else []
-    in_range = list(where)
-    if q["start"]:
-        in_range.append(t.c.day >= q["start"])
-    if q["end"]:
-        in_range.append(t.c.day <= q["end"])
+    in_range = [*where, *periods.in_range(t.c.day, q)]
     key = periods.key_expr(t.c.day, q["period"], q["calendar"]).label("period_key")
     sums = [sa.cast(sa.func.sum(t.c[m]), sa.BigInteger).label(m) for m in LOYALTY_MEASURES]
     nonzero = sa.or_(*(sa.func.sum(t.c[m]) != 0 for m in LOYALTY_MEASURES))

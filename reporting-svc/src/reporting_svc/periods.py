@@ -63,6 +63,17 @@ def parse_request(req, prefix: str = "") -> dict:
     return {"start": start, "end": end, "period": period, "calendar": calendar, "lang": lang}
 
 
+def in_range(day: sa.ColumnElement, q: dict) -> list[sa.ColumnElement]:
+    """The conditions keeping a rollup's `day` within a parsed request's start and end (both
+    included; none for an open end)."""
+    out = []
+    if q["start"]:
+        out.append(day >= q["start"])
+    if q["end"]:
+        out.append(day <= q["end"])
+    return out
+
+
 def dimensions(values, allowed: tuple[str, ...], prefix: str = "") -> list[str]:
     """A request's grouping dimensions, lower-cased, once each, in the order asked;
     INVALID_ARGUMENT on `dimensions[i]` for one not in `allowed`."""

@@ -15,6 +15,7 @@ Building blocks for handlers:
 - `apply_versioned(conn, table, key, values)`: upsert an entity's fact only if its version is
   newer than the stored one; returns (applied, old row). Out-of-order and replayed events leave
   the newest state. The fact's row lock (FOR UPDATE) serialises two replicas on one entity.
+- `Facts(table, rollup, contributions, more=...)`: a fact table and the rollups its rows feed.
 - `Rollup(table, keys, measures).apply(conn, old, new)`: add to the rollup the difference
   between a fact's new contributions and its old ones (each a list of (key dict, measures)).
   Rollups therefore stay equal to a sum over the facts, whatever the order of events.
@@ -287,14 +288,22 @@ class Facts:
     table: sa.Table
     rollup: Rollup
     contributions: Callable[[Mapping], list]
+    # further (rollup, contributions) pairs the same facts feed (report 3's pipeline rollup of
+    # the opportunity facts beside report 1's acquisition rollup)
+    more: tuple[tuple[Rollup, Callable[[Mapping], list]], ...] = ()
+
+    @property
+    def rollups(self) -> tuple[tuple[Rollup, Callable[[Mapping], list]], ...]:
+        return ((self.rollup, self.contributions), *self.more)
 
     def apply(self, conn: sa.Connection, key: Mapping, values: Mapping) -> None:
         applied, old = apply_versioned(conn, self.table, key, values)
         if applied:
-            self.rollup.apply(conn, self._contrib(old), self._contrib({**key, **values}))
+            for rollup, contributions in self.rollups:
+                rollup.apply(conn, _contrib(contributions, old), _contrib(contributions, {**key, **values}))
 
     def _contrib(self, row) -> list:
-        return [] if row is None else self.contributions(row._mapping if hasattr(row, "_mapping") else row)
+        return _contrib(self.contributions, row)
 
     def apply_many(self, conn: sa.Connection, changes: list[tuple[Mapping, Mapping]]) -> None:
         if not changes:
@@ -309,22 +318,29 @@ class Facts:
         select = sa.select(t).where(_in(t, cols)).with_for_update()
         old = {tuple(r._mapping[c] for c in cols): r for r in conn.execute(select, {"ks": _ks(cols, latest)})}
         _, insert, update = _fact_statements(t, cols)
-        inserts, updates, before, after = [], [], [], []
+        inserts, updates, olds, news = [], [], [], []
         for k, (key, values) in latest.items():
             o = old.get(k)
             if o is None:
                 inserts.append({**key, **values})
             elif o.version < values["version"]:
                 updates.append({**{f"w_{c}": v for c, v in key.items()}, **values})
-                before.extend(self._contrib(o))
+                olds.append(o)
             else:
                 continue
-            after.extend(self._contrib({**key, **values}))
+            news.append({**key, **values})
         if inserts:
             conn.execute(insert, inserts)
         if updates:
             conn.execute(update, updates)
-        rollup_many(conn, self.rollup, before, after)
+        for rollup, contributions in self.rollups:
+            before = [c for o in olds for c in _contrib(contributions, o)]
+            after = [c for n in news for c in _contrib(contributions, n)]
+            rollup_many(conn, rollup, before, after)
+
+
+def _contrib(contributions: Callable[[Mapping], list], row) -> list:
+    return [] if row is None else contributions(row._mapping if hasattr(row, "_mapping") else row)
 
 
 def per_event(extract: Callable[[Event], tuple[Facts, Mapping, Mapping] | None]) -> Handler:

@@ -55,15 +55,6 @@ def label(value: str, lang: str) -> str:
     return to_persian_digits(value) if fa else value  # age bands: "25-34", "65+"
 
 
-def _range(t, q):
-    where = []
-    if q["start"]:
-        where.append(t.c.day >= q["start"])
-    if q["end"]:
-        where.append(t.c.day <= q["end"])
-    return where
-
-
 def _period_label(key: str, q: dict) -> str:
     return periods.label(key, q["period"], q["calendar"], q["lang"])
 
@@ -79,7 +70,7 @@ def _dims_of(row: dict, dims, q) -> dict:
 def _grouped(t, q: dict, dims: list[str], by_period: bool, where: list, *measures):
     """SELECT [period_key,] dims, measures FROM t WHERE where GROUP BY [period_key,] dims: the
     period keys from periods.keys_by_day (once per day)."""
-    where = [*where, *_range(t, q)]
+    where = [*where, *periods.in_range(t.c.day, q)]
     cols, source = [t.c[d] for d in dims], t
     if by_period:
         keys = periods.keys_by_day(t.c.day, where, q["period"], q["calendar"])

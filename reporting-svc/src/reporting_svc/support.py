@@ -9,6 +9,9 @@ rows (Tehran day x team x agent x channel); a changed fact moves its contributio
   resolution) and SLA targets (first response and resolution, when under a policy) measured and
   met; and as closed on its closing day, with the agent who had it.
 - A CSAT survey counts on its answer day with its agent and team (channel "").
+- An expectation survey (expectation_facts) counts in expectation_daily per dimension on its
+  answer day with its agent and team: one answer with its adequate, desired and perceived
+  levels (the zone of tolerance of report 4).
 - A breach (ticket.sla_breached.v1) counts once per ticket and metric on its day.
 - A call counts on its start day with its agent (channel "phone"); its newest version
   (CallEvent.version) wins.
@@ -25,8 +28,11 @@ from crm_chassis.messaging.envelope import Event
 
 from .projection import Facts, Projection, Rollup, per_event, tehran_day
 from .tables import (
+    EXPECTATION_MEASURES,
     SUPPORT_MEASURES,
     call_facts,
+    expectation_daily,
+    expectation_facts,
     sla_breach_facts,
     support_daily,
     survey_facts,
@@ -34,6 +40,7 @@ from .tables import (
 )
 
 ROLLUP = Rollup(support_daily, ("day", "team", "agent", "channel"), SUPPORT_MEASURES)
+EXPECTATION_ROLLUP = Rollup(expectation_daily, ("day", "team", "agent", "dimension"), EXPECTATION_MEASURES)
 
 TICKET_KEYS = [
     "ticket.opened.v1",
@@ -113,12 +120,44 @@ def _survey_contrib(f) -> list:
     return [(key, {"csat_sum": m["csat"], "csat_count": 1})]
 
 
+def _expectation_contrib(f) -> list:
+    """One contribution per dimension of an expectation survey, on its answer day."""
+    if f is None:
+        return []
+    m = f._mapping if hasattr(f, "_mapping") else f
+    base = {"day": tehran_day(m["version"]), "team": m["team"], "agent": m["agent"]}
+    return [
+        (
+            {**base, "dimension": d["dimension"]},
+            {"answers": 1, "adequate_sum": d["adequate"], "desired_sum": d["desired"], "perceived_sum": d["perceived"]},
+        )
+        for d in m["scores"]
+    ]
+
+
+def _levels(d) -> bool:
+    return bool(d.dimension) and all(1 <= v <= 9 for v in (d.adequate, d.desired, d.perceived))
+
+
 def fact_survey(event: Event):
+    """A CSAT survey (its score) or an expectation survey (its dimensions' adequate, desired and
+    perceived levels; a dimension missing one of them, or a second copy of a dimension, is left
+    out)."""
     s = event.parse(ev.SurveyEvent)
+    key = {"survey_id": s.survey.removeprefix("surveys/")}
+    if s.kind == "expectation":
+        scores = {}
+        for d in s.dimensions:
+            if _levels(d) and d.dimension not in scores:
+                scores[d.dimension] = {
+                    "dimension": d.dimension, "adequate": d.adequate, "desired": d.desired, "perceived": d.perceived,
+                }  # fmt: skip
+        values = {"version": _ts(s, "answer_time"), "agent": s.agent, "team": s.team, "scores": list(scores.values())}
+        return EXPECTATIONS, key, values
     if s.kind != "csat" or not 1 <= s.csat <= 5:
-        return None  # expectation surveys: the zone-of-tolerance report (not yet built)
+        return None
     values = {"version": _ts(s, "answer_time"), "agent": s.agent, "team": s.team, "csat": s.csat}
-    return SURVEYS, {"survey_id": s.survey.removeprefix("surveys/")}, values
+    return SURVEYS, key, values
 
 
 def _breach_contrib(f) -> list:
@@ -154,6 +193,7 @@ def fact_call(event: Event):
 
 TICKETS = Facts(ticket_facts, ROLLUP, ticket_contributions)
 SURVEYS = Facts(survey_facts, ROLLUP, _survey_contrib)
+EXPECTATIONS = Facts(expectation_facts, EXPECTATION_ROLLUP, _expectation_contrib)
 BREACHES = Facts(sla_breach_facts, ROLLUP, _breach_contrib)
 CALLS = Facts(call_facts, ROLLUP, _call_contrib)
 on_ticket = per_event(fact_ticket)
@@ -179,7 +219,15 @@ PROJECTION = Projection(
         "ticket.sla_breached.v1": Requires(ev.SlaEvent, ("ticket", "metric", "event_time")),
         "call.logged.v1": Requires(ev.CallEvent, ("call", "start_time")),
     },
-    tables=[ticket_facts, survey_facts, sla_breach_facts, call_facts, support_daily],
+    tables=[
+        ticket_facts,
+        survey_facts,
+        sla_breach_facts,
+        call_facts,
+        support_daily,
+        expectation_facts,
+        expectation_daily,
+    ],
 )
 
 

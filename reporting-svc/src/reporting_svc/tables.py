@@ -57,6 +57,30 @@ survey_facts = sa.Table(
     sa.Column("csat", sa.Integer, nullable=False),
 )
 
+# survey.answered.v1 (expectation, since 0013): one row per survey; version = answer time;
+# `scores` its dimensions' levels [{"dimension", "adequate", "desired", "perceived"}] (1-9 each;
+# a dimension without all three is left out).
+expectation_facts = sa.Table(
+    "expectation_facts",
+    metadata,
+    sa.Column("survey_id", sa.Text, primary_key=True),
+    sa.Column("version", TS, nullable=False),
+    sa.Column("agent", sa.Text, nullable=False),
+    sa.Column("team", sa.Text, nullable=False),
+    sa.Column("scores", JSONB, nullable=False),
+)
+EXPECTATION_MEASURES = ("answers", "adequate_sum", "desired_sum", "perceived_sum")
+# The expectation survey's rollup: per Tehran answer day x team x agent x dimension.
+expectation_daily = sa.Table(
+    "expectation_daily",
+    metadata,
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("team", sa.Text, primary_key=True),
+    sa.Column("agent", sa.Text, primary_key=True),
+    sa.Column("dimension", sa.Text, primary_key=True),
+    *(sa.Column(m, sa.BigInteger, nullable=False, server_default="0") for m in EXPECTATION_MEASURES),
+)
+
 # ticket.sla_breached.v1: one row per (ticket, metric); a breach counts once.
 sla_breach_facts = sa.Table(
     "sla_breach_facts",
@@ -115,7 +139,22 @@ lead_facts = sa.Table(
     sa.Column("source", sa.Text, nullable=False),
     sa.Column("status", sa.Text, nullable=False),
     sa.Column("create_time", TS, nullable=False),
+    # since 0013: the campaign the lead came from (LeadEvent.campaign_id; '' for none or projected before)
+    sa.Column("campaign_id", sa.Text, nullable=False, server_default=""),
 )
+
+# Report 1's cost per acquisition: leads attributed to a campaign per Tehran creation day x the
+# lead's source x campaign (a rollup of lead_facts), to share each campaign's cost among the
+# sources and periods of the leads it brought.
+campaign_leads_daily = sa.Table(
+    "campaign_leads_daily",
+    metadata,
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("source", sa.Text, primary_key=True),
+    sa.Column("campaign_id", sa.Text, primary_key=True),
+    sa.Column("leads", sa.BigInteger, nullable=False, server_default="0"),
+)
+sa.Index("campaign_leads_daily_campaign", campaign_leads_daily.c.campaign_id)
 
 opportunity_facts = sa.Table(
     "opportunity_facts",
@@ -127,6 +166,67 @@ opportunity_facts = sa.Table(
     sa.Column("currency", sa.Text, nullable=False),  # IRR for IRT amounts (kept in rials)
     sa.Column("amount", sa.Numeric(38, 9), nullable=False),
     sa.Column("close_time", TS),
+    # since 0012, for report 3 (a database projected before keeps '' / NULL until a rebuild)
+    sa.Column("owner", sa.Text, nullable=False, server_default=""),
+    sa.Column("team", sa.Text, nullable=False, server_default=""),
+    sa.Column("stage", sa.Text, nullable=False, server_default=""),
+    sa.Column("stage_name", sa.Text, nullable=False, server_default=""),
+    sa.Column("probability", sa.Numeric(9, 4), nullable=False, server_default="0"),
+    sa.Column("forecast_category", sa.Text, nullable=False, server_default=""),
+    sa.Column("expected_close_date", sa.Date),
+)
+
+# Report 3's rollup of opportunity facts, per day x owner x team x stage x forecast category x
+# currency: an open opportunity counts (with its amount and amount x probability / 100) on its
+# expected close date (NO_DATE without one), a won one (with its amount) on its Tehran closing
+# day. Lost ones count nowhere. Amounts in rials for IRR and IRT.
+PIPELINE_MEASURES = ("open_opportunities", "open_amount", "weighted_amount", "won_opportunities", "won_amount")
+sales_pipeline_daily = sa.Table(
+    "sales_pipeline_daily",
+    metadata,
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("owner", sa.Text, primary_key=True),
+    sa.Column("team", sa.Text, primary_key=True),
+    sa.Column("stage", sa.Text, primary_key=True),
+    sa.Column("stage_name", sa.Text, primary_key=True),
+    sa.Column("forecast_category", sa.Text, primary_key=True),
+    sa.Column("currency", sa.Text, primary_key=True),
+    sa.Column("open_opportunities", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("open_amount", sa.Numeric(38, 9), nullable=False, server_default="0"),
+    sa.Column("weighted_amount", sa.Numeric(38, 9), nullable=False, server_default="0"),
+    sa.Column("won_opportunities", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("won_amount", sa.Numeric(38, 9), nullable=False, server_default="0"),
+)
+
+# forecast_snapshot.created.v1: one row per sales-svc forecast snapshot (immutable; version =
+# its create_time in microseconds). Amounts in `currency` (the sales reporting currency).
+SNAPSHOT_AMOUNTS = (
+    "open_amount", "weighted_amount", "pipeline_amount", "best_case_amount", "commit_amount",
+    "closed_amount", "omitted_amount", "won_amount",
+)  # fmt: skip
+forecast_snapshot_facts = sa.Table(
+    "forecast_snapshot_facts",
+    metadata,
+    sa.Column("snapshot_id", sa.Text, primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("period", sa.Text, nullable=False),  # sales' label: 1405-Q1, 1405/03, 2026-05, ...
+    sa.Column("calendar", sa.Text, nullable=False),
+    sa.Column("unit", sa.Text, nullable=False),
+    sa.Column("period_start", sa.Date, nullable=False),
+    sa.Column("period_end", sa.Date, nullable=False),  # the day after the last
+    sa.Column("owner", sa.Text, nullable=False),
+    sa.Column("currency", sa.Text, nullable=False),
+    *(sa.Column(a, sa.Numeric(38, 9), nullable=False, server_default="0") for a in SNAPSHOT_AMOUNTS),
+    sa.Column("adjusted_commit", sa.Numeric(38, 9)),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("create_time", TS, nullable=False),
+)
+sa.Index(
+    "forecast_snapshot_facts_period",
+    forecast_snapshot_facts.c.calendar,
+    forecast_snapshot_facts.c.unit,
+    forecast_snapshot_facts.c.period_start,
+    forecast_snapshot_facts.c.owner,
 )
 
 ACQUISITION_MEASURES = ("customers", "leads", "converted_leads", "won_opportunities", "won_amount")
@@ -254,9 +354,14 @@ PROJECTED = [
     sla_breach_facts,
     call_facts,
     support_daily,
+    expectation_facts,
+    expectation_daily,
     lead_facts,
     opportunity_facts,
     acquisition_daily,
+    campaign_leads_daily,
+    sales_pipeline_daily,
+    forecast_snapshot_facts,
     timeline,
     customer_aliases,
     points_facts,

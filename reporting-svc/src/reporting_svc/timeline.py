@@ -39,6 +39,7 @@ from crm_chassis.messaging.consumer import Requires
 from crm_chassis.messaging.envelope import Event
 from crm_chassis.pagination import PageTokens, page_size
 
+from . import periods
 from .projection import Projection, per_event
 from .tables import customer_aliases, timeline
 
@@ -355,21 +356,40 @@ def parse(req: pb.GetCustomerTimelineRequest) -> dict:
     }
 
 
+def _survivor(conn: sa.Connection, customer_id: str) -> str:
+    a = customer_aliases
+    return conn.execute(sa.select(a.c.survivor_id).where(a.c.merged_id == customer_id)).scalar() or customer_id
+
+
+def _where(q: dict, who: str) -> list:
+    t = timeline
+    where = [t.c.customer_id == who]
+    if q["kinds"] or q["sources"]:
+        where.append(sa.or_(t.c.kind.in_(q["kinds"]), t.c.source.in_(q["sources"])))
+    return where
+
+
+def _select(q: dict, who: str, after: tuple[dt.datetime, int] | None, limit: int) -> sa.Select:
+    """Newest first from the keyset position ``after`` (occurred_at, id)."""
+    t = timeline
+    stmt = sa.select(t).where(*_where(q, who))
+    if after is not None:
+        at, last_id = after
+        stmt = stmt.where(sa.tuple_(t.c.occurred_at, t.c.id) < sa.tuple_(sa.literal(at, t.c.occurred_at.type), last_id))
+    return stmt.order_by(t.c.occurred_at.desc(), t.c.id.desc()).limit(limit)
+
+
 def page(conn: sa.Connection, tokens: PageTokens, q: dict, token: str) -> pb.GetCustomerTimelineResponse:
-    a, t = customer_aliases, timeline
-    who = conn.execute(sa.select(a.c.survivor_id).where(a.c.merged_id == q["customer"])).scalar() or q["customer"]
+    who = _survivor(conn, q["customer"])
     fingerprint = tokens.fingerprint(customer=who, kinds=q["kinds"], sources=q["sources"])
     after = tokens.decode(token, fingerprint)
-    stmt = sa.select(t).where(t.c.customer_id == who)
-    if q["kinds"] or q["sources"]:
-        stmt = stmt.where(sa.or_(t.c.kind.in_(q["kinds"]), t.c.source.in_(q["sources"])))
+    position = None
     if after is not None:
         try:
-            at, last_id = dt.datetime.fromisoformat(after[0]), int(after[1])
+            position = dt.datetime.fromisoformat(after[0]), int(after[1])
         except (ValueError, TypeError, IndexError):
             raise InvalidArgument.field("page_token", "is not a valid page token for this query") from None
-        stmt = stmt.where(sa.tuple_(t.c.occurred_at, t.c.id) < sa.tuple_(sa.literal(at, t.c.occurred_at.type), last_id))
-    rows = conn.execute(stmt.order_by(t.c.occurred_at.desc(), t.c.id.desc()).limit(q["size"] + 1)).all()
+    rows = conn.execute(_select(q, who, position, q["size"] + 1)).all()
     out = pb.GetCustomerTimelineResponse()
     for r in rows[: q["size"]]:
         e = out.entries.add(
@@ -381,3 +401,33 @@ def page(conn: sa.Connection, tokens: PageTokens, q: dict, token: str) -> pb.Get
         last = rows[q["size"] - 1]
         out.next_page_token = tokens.encode([last.occurred_at.isoformat(), last.id], fingerprint)
     return out
+
+
+# -- the export: every page, and the entries per period and source -----------------------------
+def all_rows(engine: sa.Engine, q: dict, batch: int = 1000):
+    """Every entry of the customer (the survivor's after a merge), newest first: one keyset page
+    of ``batch`` rows per query, each on its own short connection, so a long timeline streams
+    into the file without being held."""
+    with engine.connect() as conn:
+        who = _survivor(conn, q["customer"])
+    after = None
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(_select(q, who, after, batch)).all()
+        yield from rows
+        if len(rows) < batch:
+            return
+        after = rows[-1].occurred_at, rows[-1].id
+
+
+def counts(conn: sa.Connection, q: dict, period: str, calendar: str) -> list[tuple[str, str, int]]:
+    """(period key, source, entries) of the customer's timeline, oldest period first."""
+    t = timeline
+    key = periods.key_expr(sa.func.tehran_day(t.c.occurred_at), period, calendar).label("period_key")
+    stmt = (
+        sa.select(key, t.c.source, sa.func.count().label("n"))
+        .where(*_where(q, _survivor(conn, q["customer"])))
+        .group_by(key, t.c.source)
+        .order_by(key, t.c.source)
+    )
+    return [(r.period_key, r.source, r.n) for r in conn.execute(stmt)]

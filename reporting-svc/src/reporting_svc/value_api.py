@@ -8,10 +8,9 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-from crm.reporting.v1 import reporting_service_pb2 as rpb
 from crm.reporting.v1 import value_pb2 as pb
 from crm.reporting.v1 import value_pb2_grpc
-from crm_chassis import dates, documents, money
+from crm_chassis import dates, money
 from crm_chassis.errors import FieldViolation, InvalidArgument, NotFound
 from crm_chassis.grpc_server import Registration
 from crm_chassis.pagination import PageTokens, page_size
@@ -34,7 +33,7 @@ def _as_of(req, field: str) -> dt.date:
     day = dates.from_proto(getattr(req, field), field, bad)
     if bad:
         raise InvalidArgument(bad)
-    return day
+    return dates.today() if day is None else day  # an all-zero Date is unset, as AIP's Date has it
 
 
 def _horizon(value_: int) -> int:
@@ -47,7 +46,7 @@ def _money(amount, currency: str):
     return money.to_money(money.round_minor(Decimal(str(amount)), currency), currency)
 
 
-def _amount(m) -> str:
+def amount_text(m) -> str:
     """A Money as a plain decimal string for exports ("400", "12.5")."""
     return format(money.to_decimal(m).normalize(), "f")
 
@@ -73,46 +72,71 @@ def _customer_value(s, currency: str, lang: str) -> pb.CustomerValue:
     return out
 
 
+def pareto_report(engine, request) -> pb.GetParetoReportResponse:
+    """The Pareto report of a request with start_date, end_date and currency_code."""
+    currency = value.currency_of(request.currency_code)
+    start, end = value.period_of(request)
+    with engine.connect() as conn:
+        p = value.pareto(conn, currency, start, end)
+    out = pb.GetParetoReportResponse(profit_basis=value.PROFIT_BASIS)
+    if not p["customers"]:
+        return out
+    out.customers, out.top_customers = p["customers"], p["top_customers"]
+    out.total_revenue.CopyFrom(_money(p["total"], currency))
+    out.top_revenue_share = out.top_profit_share = p["top_share"]
+    for c in p["curve"]:
+        out.curve.append(pb.ParetoPoint(
+            decile=c["decile"], customers=c["customers"], revenue=_money(c["revenue"], currency),
+            cumulative_customer_share=c["customer_share"], cumulative_revenue_share=c["revenue_share"],
+        ))  # fmt: skip
+    return out
+
+
+def rfm_report(engine, request) -> pb.GetRfmReportResponse:
+    """Customers and revenue per RFM segment, for start_date, end_date and currency_code."""
+    currency = value.currency_of(request.currency_code)
+    start, end = value.period_of(request)
+    with engine.connect() as conn:
+        counts = value.rfm_counts(conn, currency, start, end)
+    out = pb.GetRfmReportResponse(customers=sum(n for _, n, _ in counts))
+    for s, n, rev in counts:
+        out.segments.append(pb.RfmSegmentCount(segment=s, customers=n, revenue=_money(rev, currency)))
+    return out
+
+
+def risks(engine, request, limit: int, tokens: PageTokens | None = None):
+    """value_scores rows by churn risk (highest first) of a ListChurnRisksRequest, from its page
+    token if ``tokens`` is given; with the page fingerprint and the currency."""
+    currency = value.currency_of(request.currency_code)
+    as_of, horizon = _as_of(request, "as_of_date"), _horizon(request.horizon_days)
+    if not 0 <= request.min_churn_risk <= 1:
+        raise InvalidArgument.field("min_churn_risk", "must be between 0 and 1")
+    fp = PageTokens.fingerprint(currency=currency, as_of=as_of, horizon=horizon, min=request.min_churn_risk)
+    after = tokens.decode(request.page_token, fp) if tokens is not None else None
+    t = value_scores
+    with engine.begin() as conn:
+        if value_model.ensure_fit(conn, currency, as_of, horizon) is None:
+            return [], fp, currency
+        q = sa.select(t).where(t.c.currency == currency, t.c.as_of == as_of, t.c.churn_risk >= request.min_churn_risk)
+        if after:
+            q = q.where(
+                sa.or_(t.c.churn_risk < after[0], sa.and_(t.c.churn_risk == after[0], t.c.customer_id > after[1]))
+            )
+        rows = conn.execute(q.order_by(t.c.churn_risk.desc(), t.c.customer_id).limit(limit)).all()
+    return rows, fp, currency
+
+
 class ValueServicer(value_pb2_grpc.ValueServiceServicer):
     def __init__(self, rt):
         self.engine = rt.engine
         self.tokens = PageTokens(rt.settings.jwt_secret, "reporting-value")
 
-    # -- Pareto ------------------------------------------------------------------------------
-    def _pareto(self, request) -> pb.GetParetoReportResponse:
-        currency = value.currency_of(request.currency_code)
-        start, end = value.period_of(request)
-        with self.engine.connect() as conn:
-            p = value.pareto(conn, currency, start, end)
-        out = pb.GetParetoReportResponse(profit_basis=value.PROFIT_BASIS)
-        if not p["customers"]:
-            return out
-        out.customers, out.top_customers = p["customers"], p["top_customers"]
-        out.total_revenue.CopyFrom(_money(p["total"], currency))
-        out.top_revenue_share = out.top_profit_share = p["top_share"]
-        for c in p["curve"]:
-            out.curve.append(pb.ParetoPoint(
-                decile=c["decile"], customers=c["customers"], revenue=_money(c["revenue"], currency),
-                cumulative_customer_share=c["customer_share"], cumulative_revenue_share=c["revenue_share"],
-            ))  # fmt: skip
-        return out
-
+    # -- Pareto and RFM -----------------------------------------------------------------------
     def GetParetoReport(self, request, context):
-        return self._pareto(request)
-
-    # -- RFM ---------------------------------------------------------------------------------
-    def _rfm_report(self, request) -> pb.GetRfmReportResponse:
-        currency = value.currency_of(request.currency_code)
-        start, end = value.period_of(request)
-        with self.engine.connect() as conn:
-            counts = value.rfm_counts(conn, currency, start, end)
-        out = pb.GetRfmReportResponse(customers=sum(n for _, n, _ in counts))
-        for s, n, rev in counts:
-            out.segments.append(pb.RfmSegmentCount(segment=s, customers=n, revenue=_money(rev, currency)))
-        return out
+        return pareto_report(self.engine, request)
 
     def GetRfmReport(self, request, context):
-        return self._rfm_report(request)
+        return rfm_report(self.engine, request)
 
     def ListRfmSegmentCustomers(self, request, context):
         segment = request.segment.strip().lower()
@@ -154,30 +178,9 @@ class ValueServicer(value_pb2_grpc.ValueServiceServicer):
             out.rfm.CopyFrom(_rfm(rfm[0], currency))
         return out
 
-    def _risks(self, request, limit: int):
-        currency = value.currency_of(request.currency_code)
-        as_of, horizon = _as_of(request, "as_of_date"), _horizon(request.horizon_days)
-        if not 0 <= request.min_churn_risk <= 1:
-            raise InvalidArgument.field("min_churn_risk", "must be between 0 and 1")
-        fp = PageTokens.fingerprint(currency=currency, as_of=as_of, horizon=horizon, min=request.min_churn_risk)
-        after = self.tokens.decode(request.page_token, fp)
-        t = value_scores
-        with self.engine.begin() as conn:
-            if value_model.ensure_fit(conn, currency, as_of, horizon) is None:
-                return [], fp, currency
-            q = sa.select(t).where(
-                t.c.currency == currency, t.c.as_of == as_of, t.c.churn_risk >= request.min_churn_risk
-            )
-            if after:
-                q = q.where(
-                    sa.or_(t.c.churn_risk < after[0], sa.and_(t.c.churn_risk == after[0], t.c.customer_id > after[1]))
-                )
-            rows = conn.execute(q.order_by(t.c.churn_risk.desc(), t.c.customer_id).limit(limit)).all()
-        return rows, fp, currency
-
     def ListChurnRisks(self, request, context):
         limit = page_size(request.page_size)
-        rows, fp, currency = self._risks(request, limit + 1)
+        rows, fp, currency = risks(self.engine, request, limit + 1, self.tokens)
         lang = _lang(request.language_code)
         out = pb.ListChurnRisksResponse(customers=[_customer_value(r, currency, lang) for r in rows[:limit]])
         if len(rows) > limit:
@@ -187,50 +190,12 @@ class ValueServicer(value_pb2_grpc.ValueServiceServicer):
 
     # -- exports -----------------------------------------------------------------------------
     def ExportValueReport(self, request, context):
+        from . import report_files  # it reads the reports above
+
         report = request.report.strip().lower()
         if report not in REPORTS:
             raise InvalidArgument.field("report", "choose pareto, rfm or churn_risks")
-        fmt = request.format.strip().lower()
-        if fmt not in ("csv", "xlsx"):
-            raise InvalidArgument.field("format", "choose csv or xlsx")
-        fa = _lang(request.language_code) == "fa"
-        if report == "pareto":
-            resp = self._pareto(pb.GetParetoReportRequest(start_date=request.start_date if request.HasField("start_date") else None,
-                                                          end_date=request.end_date if request.HasField("end_date") else None,
-                                                          currency_code=request.currency_code))  # fmt: skip
-            cols = [("decile", "Decile", "دهک"), ("customers", "Customers", "مشتریان"), ("revenue", "Revenue", "درآمد"),
-                    ("customer_share", "Cumulative customers", "سهم تجمعی مشتریان"),
-                    ("revenue_share", "Cumulative revenue", "سهم تجمعی درآمد")]  # fmt: skip
-            rows = ({"decile": c.decile, "customers": c.customers, "revenue": _amount(c.revenue),
-                     "customer_share": round(c.cumulative_customer_share, 4),
-                     "revenue_share": round(c.cumulative_revenue_share, 4)} for c in resp.curve)  # fmt: skip
-        elif report == "rfm":
-            resp = self._rfm_report(pb.GetRfmReportRequest(start_date=request.start_date if request.HasField("start_date") else None,
-                                                           end_date=request.end_date if request.HasField("end_date") else None,
-                                                           currency_code=request.currency_code))  # fmt: skip
-            cols = [
-                ("segment", "Segment", "بخش"),
-                ("customers", "Customers", "مشتریان"),
-                ("revenue", "Revenue", "درآمد"),
-            ]
-            rows = ({"segment": s.segment, "customers": s.customers, "revenue": _amount(s.revenue)}
-                    for s in resp.segments)  # fmt: skip
-        else:
-            req = pb.ListChurnRisksRequest(currency_code=request.currency_code)
-            if request.HasField("end_date"):
-                req.as_of_date.CopyFrom(request.end_date)
-            scores, _, _ = self._risks(req, 100_000)
-            cols = [("customer", "Customer", "مشتری"), ("churn_risk", "Churn risk", "ریسک ریزش"),
-                    ("purchases", "Purchases", "خریدها"), ("historic_clv", "Historic CLV", "ارزش تاکنون"),
-                    ("predicted_clv", "Predicted CLV", "ارزش پیش‌بینی‌شده"), ("reasons", "Reasons", "دلایل")]  # fmt: skip
-            lang = "fa" if fa else "en"
-            rows = ({"customer": "customers/" + s.customer_id, "churn_risk": round(s.churn_risk, 4), "purchases": s.purchases,
-                     "historic_clv": format(s.historic_clv.normalize(), "f"), "predicted_clv": round(s.predicted_clv, 2),
-                     "reasons": "; ".join(value_model.reason_text(r, lang) for r in s.reasons)} for s in scores)  # fmt: skip
-        columns = [documents.Column(f, fa_ if fa else en) for f, en, fa_ in cols]
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-        yield from documents.stream_table(rpb.ExportReportResponse, fmt, columns, rows,
-                                          filename=f"value-{report}-{stamp}", title=f"Customer value: {report}")  # fmt: skip
+        yield from report_files.export(self.engine, f"value-{report.replace('_', '-')}", request)
 
 
 def registration(rt) -> Registration:

@@ -7,7 +7,8 @@ The steps, each durable before the next:
 2. (customer-svc) create the customer with request id `lead-conversion-<lead id>`, which
    customer-svc keeps unique: an attempt that created the customer but never heard back (a
    timeout, a crash of this process) gets the same customer on the next attempt. Linking an
-   existing customer instead only checks it exists;
+   existing customer instead (the one given, else the one the lead already names: a campaign
+   response from a known customer) only checks it exists;
 3. (local transaction) lock the lead again; unless a concurrent attempt finished first, open the
    opportunity, mark the lead converted and close the conversion record, together with their
    events and audit entries.
@@ -150,6 +151,8 @@ class Converter:
                     reason="LEAD_NOT_CONVERTIBLE",
                     metadata={"status": lead.status},
                 )
+            if link is None and lead.customer_id:  # a lead of a known customer (a campaign response): theirs
+                link = lead.customer_id
             stmt = pg.insert(lead_conversions).values(lead_id=lead_id, requested_by=principal.subject, attempts=1)
             tx.execute(
                 stmt.on_conflict_do_update(

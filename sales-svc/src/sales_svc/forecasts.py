@@ -1,6 +1,8 @@
 """ForecastService (proto/crm/sales/v1/forecasts.proto): the forecast per period and group in
 the reporting currency, exchange rates, forecast snapshots (a manager's submission and the
-weekly freeze), forecast against actual, and the time from lead to purchase.
+weekly freeze), forecast against actual, and the time from lead to purchase. Every snapshot
+stored publishes forecast_snapshot.created.v1 (ForecastSnapshotEvent) from the outbox, in the
+transaction that stores it.
 
 Settings (environment): REPORTING_CURRENCY (default IRR), FORECAST_FREEZE_CRON (default
 "0 18 * * wed", Asia/Tehran), FORECAST_FREEZE_CALENDAR (jalali) and FORECAST_FREEZE_UNIT
@@ -20,6 +22,7 @@ from sqlalchemy.dialects import postgresql as pg
 
 from crm.sales.v1 import forecasts_pb2 as pb
 from crm.sales.v1 import forecasts_pb2_grpc
+from crm.sales.v1 import sales_events_pb2 as ev
 from crm_chassis import audit, dates, timers
 from crm_chassis.auth import Principal
 from crm_chassis.errors import InvalidArgument, PermissionDenied
@@ -140,6 +143,34 @@ def snapshot_proto(row) -> pb.ForecastSnapshot:
     if row.adjusted_commit is not None:
         snap.adjusted_commit.CopyFrom(to_money(Decimal(row.adjusted_commit), row.currency_code))
     return snap
+
+
+SNAPSHOT_CREATED = "forecast_snapshot.created.v1"
+
+
+def snapshot_event(row) -> ev.ForecastSnapshotEvent:
+    """forecast_snapshot.created.v1's payload: the stored snapshot (no note: free text no
+    consumer needs)."""
+    m = row._mapping
+    cur = row.currency_code
+    out = ev.ForecastSnapshotEvent(
+        forecast_snapshot=SNAPSHOT.format(row.id),
+        period=row.period,
+        calendar=row.calendar,
+        unit=row.unit,
+        period_start_date=_date(row.period_start),
+        period_end_date=_date(row.period_end),
+        owner=row.owner_id,
+        currency_code=cur,
+        kind=row.kind,
+        submitter=row.submitter,
+        create_time=_ts(row.create_time),
+        **{a: to_money(Decimal(m[a]), cur) for a in AMOUNTS},
+        **{c: int(m[c]) for c in COUNTS},
+    )
+    if row.adjusted_commit is not None:
+        out.adjusted_commit.CopyFrom(to_money(Decimal(row.adjusted_commit), cur))
+    return out
 
 
 def _choice(value: str, allowed: tuple[str, ...], field: str, default: str) -> str:
@@ -329,6 +360,7 @@ class Forecasts:
             if row is None:  # the same request_id committed meanwhile
                 row = tx.execute(sa.select(forecast_snapshots).where(s.request_id == request_id)).one()
                 return snapshot_proto(row)
+            tx.publish(SNAPSHOT_CREATED, snapshot_event(row), SNAPSHOT.format(row.id))
             tx.audit(
                 SNAPSHOT.format(row.id),
                 "forecast.submit",
@@ -359,7 +391,8 @@ class Forecasts:
     def freeze(self, conn: sa.Connection, timer: timers.Timer) -> None:
         """The weekly freeze: a snapshot of the current and the next period (as of the timer's due
         time, Asia/Tehran) for every owner with an opportunity in them, in the firing's
-        transaction (so exactly once per occurrence)."""
+        transaction (so exactly once per occurrence), each with its forecast_snapshot.created.v1
+        in the outbox of the same transaction."""
         day = timer.due_at.astimezone(dates.TEHRAN).date()
         cal, unit = self.freeze_calendar, self.freeze_unit
         first = period_of(day, cal, unit)
@@ -377,10 +410,9 @@ class Forecasts:
         ]
         if not rows:
             return
-        made = conn.execute(
-            forecast_snapshots.insert().returning(s.id, s.period, s.owner_id), rows
-        ).all()  # one executemany
-        with self.sales.uow.joined(conn) as tx:
+        made = conn.execute(forecast_snapshots.insert().returning(forecast_snapshots), rows).all()  # one executemany
+        with self.sales.uow.joined(conn) as tx:  # the events and audit rows commit with the snapshots
+            tx.publish_many(SNAPSHOT_CREATED, [(SNAPSHOT.format(m.id), snapshot_event(m)) for m in made])
             tx.audit_many(
                 [
                     (SNAPSHOT.format(m.id), "forecast.freeze", [audit.change("period", "null", audit.value(m.period))])

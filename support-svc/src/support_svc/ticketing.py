@@ -33,6 +33,7 @@ from crm_chassis.columns import UUID
 from crm_chassis.dates import set_times
 from crm_chassis.db import cacheable
 from crm_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from crm_chassis.mail_parse import Attachment
 from crm_chassis.persian import normalize
 from crm_chassis.resources import ResourceName, etag
 
@@ -216,11 +217,7 @@ def _open_statement():
 _OPEN = _open_statement()
 
 
-@dataclass
-class NewAttachment:
-    filename: str
-    content_type: str
-    content: bytes
+NewAttachment = Attachment  # a file of a new ticket or message: the mail reader's (crm_chassis.mail_parse)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from alembic import op
 from reporting_svc import sales_tables as t
 
 revision = "0011"
-down_revision = "0010"
+down_revision = "0015"  # re-chained after main's 0012..0015 (assigned 0011 on 0010)
 
 
 def upgrade() -> None:
