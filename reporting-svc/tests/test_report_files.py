@@ -15,6 +15,7 @@ import pytest
 from crm.reporting.v1 import pipeline_report_pb2 as pr
 from crm.reporting.v1 import reporting_service_pb2 as rs
 from crm.reporting.v1 import reporting_service_pb2_grpc as rsg
+from crm.reporting.v1 import sales_report_pb2 as sr
 from crm.reporting.v1 import value_pb2 as vpb
 from crm.reporting.v1 import value_pb2_grpc as vpbg
 from crm.support.v1 import ticket_pb2
@@ -86,6 +87,10 @@ def _calls(stubs):
         "support": call(reporting.ExportSupportReport, rs.ExportSupportReportRequest, period="day"),
         "loyalty": call(reporting.ExportLoyaltyReport, rs.ExportLoyaltyReportRequest, period="day"),
         "campaigns": call(reporting.ExportCampaignReport, rs.ExportCampaignReportRequest),
+        "sales": call(reporting.ExportSalesReport, sr.ExportSalesReportRequest, period="month", dimensions=["city"]),
+        "sales-lead-to-purchase": call(
+            reporting.ExportSalesReport, sr.ExportSalesReportRequest, table="lead_to_purchase"
+        ),
         "customer-timeline": call(
             reporting.ExportCustomerTimeline, rs.ExportCustomerTimelineRequest, customer="customers/c1"
         ),
@@ -97,7 +102,7 @@ def _calls(stubs):
 
 REPORTS = (
     "customers-by-source", "acquisition", "pipeline", "forecast", "support", "loyalty", "campaigns", "customer-timeline",
-    "value-pareto", "value-rfm", "value-churn-risks",
+    "value-pareto", "value-rfm", "value-churn-risks", "sales",
 )  # fmt: skip
 
 
@@ -146,8 +151,10 @@ def test_a_bad_format_names_the_field(stubs, report):
 
 
 @pytest.mark.parametrize(
-    "report", ["acquisition", "pipeline", "forecast", "support", "loyalty", "value-pareto", "value-rfm"]
-)
+    "report",
+    ["acquisition", "pipeline", "forecast", "support", "loyalty", "value-pareto", "value-rfm", "sales",
+     "sales-lead-to-purchase"],
+)  # fmt: skip
 def test_an_empty_period_still_exports(stubs, report):
     run = _calls(stubs)[report]
     _, _, csv = _file(run(format="csv", **EMPTY))

@@ -88,7 +88,7 @@ DOWNLOADS: dict[str, tuple[str, ...]] = {
     "crm.reporting.v1.ReportingService.ExportLoyaltyReport": REPORT_FILES,
     "crm.reporting.v1.ReportingService.ExportCampaignReport": REPORT_FILES,
     "crm.reporting.v1.ReportingService.ExportCustomerTimeline": REPORT_FILES,
-    "crm.reporting.v1.ReportingService.ExportSalesReport": (CSV, XLSX),  # not in report_files yet
+    "crm.reporting.v1.ReportingService.ExportSalesReport": REPORT_FILES,
     "crm.reporting.v1.ValueService.ExportValueReport": REPORT_FILES,
     # an attachment answers the type it was uploaded with
     "crm.support.v1.TicketService.GetAttachment": ("application/pdf", "image/*", "*/*"),

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 
 from crm.reporting.v1 import reporting_service_pb2 as pb
 from crm.reporting.v1 import reporting_service_pb2_grpc
-from crm_chassis import documents, jobs  # noqa: F401 (documents: see TABLE_FORMATS)
+from crm_chassis import jobs
 from crm_chassis.errors import InvalidArgument, NotFound
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
@@ -32,17 +32,6 @@ from . import (
 REBUILD = "projectionRebuilds/"
 # The formats every Export RPC answers (report_files.py); scheduled reports check theirs here.
 EXPORT_FORMATS = report_files.EXPORT_FORMATS
-# For an Export written as a plain table (csv, xlsx) before report_files.py (report 2, sales by
-# segment, built beside it): it becomes one report_files entry (docs/reports.md); then these go.
-TABLE_FORMATS = ("csv", "xlsx")
-_stamp = report_files.stamp
-
-
-def _format(value: str) -> str:
-    fmt = value.strip().lower()
-    if fmt not in TABLE_FORMATS:
-        raise InvalidArgument.field("format", "choose csv or xlsx")
-    return fmt
 
 
 def rebuild_message(job: jobs.Job) -> pb.ProjectionRebuild:
@@ -108,15 +97,7 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
             return sales_report.report(conn, q)
 
     def ExportSalesReport(self, request, context):
-        fmt = _format(request.format)
-        q = sales_report.parse(request)
-        with self.engine.connect() as conn:
-            resp = sales_report.report(conn, q)
-        columns, rows = sales_report.export_rows(resp, q)
-        name = "sales" if q["table"] == "sales" else "lead-to-purchase"
-        yield from documents.stream_table(
-            pb.ExportReportResponse, fmt, columns, rows, filename=f"{name}-{_stamp()}", title="Sales by segment"
-        )
+        yield from report_files.export(self.engine, "sales", request)
 
     # -- report 4 ----------------------------------------------------------------------------
     def GetSupportReport(self, request, context):

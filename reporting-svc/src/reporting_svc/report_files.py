@@ -37,6 +37,7 @@ from . import (
     periods,
     pipeline_report,
     projections,
+    sales_report,
     support_report,
     timeline,
     value_api,
@@ -373,6 +374,52 @@ register(
         _read(pipeline_report.forecast),
         pipeline_report.forecast_export,
         _forecast_chart,
+    )
+)
+
+
+# --------------------------------------------------------------------------- report 2: sales by segment
+
+
+def _sales_chart(resp, q: dict) -> Chart:
+    """Revenue by period (stacked by the dimensions' values), or per value over the range; for
+    table=lead_to_purchase, the customers per day bucket from lead to first purchase."""
+    if q["table"] == "lead_to_purchase":
+        total = resp.lead_to_purchase_total
+        cats = [digits(q, b.label) for b in total.buckets]
+        series = [Series(tr(q, "Customers", "مشتریان"), [b.customers for b in total.buckets])]
+        return _chart(q, "bar", cats, series, ("Days from lead to purchase", "روز از سرنخ تا خرید"))
+    title = ("Sales by segment", "فروش به تفکیک بخش")
+    revenue = tr(q, "Revenue", "درآمد")
+    group = (  # noqa: E731
+        (lambda r: " / ".join(
+            getattr(r, f"{d}_label") if d in sales_report.LABELLED else (getattr(r, d) or "-") for d in q["dims"]))
+        if q["dims"] else (lambda r: revenue)
+    )  # fmt: skip
+    if q["period"] == "all":
+        cats = [group(r) for r in resp.rows]
+        return _chart(q, "bar", cats, [Series(revenue, [_money_value([r.revenue]) for r in resp.rows])], title)
+    cats, series = pivot(resp.rows, lambda r: r.period_label, group, lambda r: _money_value([r.revenue]),
+                         other=tr(q, "Other", "سایر"))  # fmt: skip
+    return _chart(q, "stacked_bar", cats, series, title, y_label=revenue)
+
+
+def _sales_totals(resp, q: dict) -> list[tuple[str, Any]]:
+    if q["table"] == "lead_to_purchase" or not resp.HasField("total"):
+        return []
+    t = resp.total
+    return [(tr(q, "Orders", "سفارش‌ها"), t.orders), (tr(q, "Customers", "مشتریان"), t.customers)]
+
+
+register(
+    ReportFile(
+        "sales",
+        ("Sales by segment", "فروش به تفکیک بخش"),
+        sales_report.parse,
+        _read(sales_report.report),
+        sales_report.export_rows,
+        _sales_chart,
+        totals=_sales_totals,
     )
 )
 
