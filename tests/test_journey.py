@@ -9,9 +9,9 @@ which sales-svc turns into a lead attributed to the campaign. A rep qualifies an
 (the contact's own customer and an opportunity), wins it, the customer orders, is invoiced and
 pays: points in the club. The customer then opens a support ticket, an agent replies and
 resolves it, the customer answers the survey. Finally every report shows this customer's
-contribution with exact figures: acquisition (report 1), pipeline and forecast (3), support (4),
-loyalty and campaigns (5), customer value (6) and the Customer 360 timeline (7), newest first.
-Report 2 (sales by segment) is not built yet: its marked stub waits below.
+contribution with exact figures: acquisition (report 1), sales by segment (2), pipeline and
+forecast (3), support (4), loyalty and campaigns (5), customer value (6) and the Customer 360
+timeline (7), newest first.
 
 Every asynchronous effect is waited for by polling a gateway route with a deadline; nothing
 sleeps a fixed time."""
@@ -110,17 +110,28 @@ def stack(databases):
 
 
 # --- reports 2 and 3 --------------------------------------------------------------------------
-# Report 2 (sales by segment) is being built by another helper: its assertions go in the marked
-# stub below, which the journey does NOT call yet (so it cannot pass by skipping anything). Call
-# it at the end of the journey once the report exists. Report 3 is built: checked below.
 
 
-def assert_sales_by_segment(http, journey: dict) -> None:  # pragma: no cover - report 2, not built yet
-    """TODO(report 2): the customer's order (journey["order"], 90,000,000 IRR net) under their
-    city (شیراز), kind, the product (journey["product"]) and the period (journey["period"]), and
-    their lead-to-purchase time (journey["lead_time"] to journey["paid_time"]). `journey` also
-    has customer, lead, opportunity and invoice names."""
-    raise NotImplementedError("report 2 (sales by segment) is not built yet")
+def assert_sales_by_segment(http, journey: dict) -> None:
+    """Report 2: the customer's order (two units of the product, 90,000,000 IRR net) under their
+    city (شیراز), kind (a person) and the product, in the period; and their time from lead to
+    purchase (the same day: the 0-day bucket)."""
+    query = {**journey["period"], "dimensions": ["city", "customer_kind", "product"], "currency_code": "IRR"}
+    product_id = journey["product"].rsplit("/", 1)[-1]
+
+    def answer():
+        got = ok(http.get("/v1/reports/sales", query_string=query, headers=ANALYST))
+        mine = [r for r in got.get("rows", []) if r.get("product", "").rsplit("/", 1)[-1] == product_id]
+        return (mine, got) if mine and got.get("leadToPurchaseTotal") else None
+
+    mine, got = wait_for(answer, "report 2 to count the order and the lead's purchase")
+    (row,) = mine
+    assert (row["city"], row["customerKind"], int(row["orders"]), int(row["customers"])) == ("شیراز", "person", 1, 1)
+    assert units(row["revenue"]) == 90_000_000 and float(row["quantity"]) == 2, row
+    lead = got["leadToPurchaseTotal"]
+    assert int(lead["customers"]) == 1 and float(lead.get("averageDays", 0)) < 1, lead
+    first = lead["buckets"][0]
+    assert (first["label"], int(first.get("customers", 0))) == ("0", 1), lead
 
 
 def open_pipeline(http) -> list[dict]:
@@ -620,4 +631,5 @@ def test_one_customer_through_every_service_and_every_report(stack):
     done = ok(http.post(path, data="List-Unsubscribe=One-Click", content_type="application/x-www-form-urlencoded"))
     assert done["status"] == "revoked", done
 
-    # Report 2: assert_sales_by_segment(http, j) goes here once the report exists (see above).
+    # Report 2: sales by segment, and the lead's time to purchase.
+    assert_sales_by_segment(http, j)
