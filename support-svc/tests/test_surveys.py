@@ -27,7 +27,7 @@ from support_svc.surveys import (
     use_cases,
     zone_of,
 )
-from support_svc.tables import ticket_messages
+from support_svc.tables import ticket_messages, tickets
 from tests.support.harness import assert_problem, gateway_client
 
 from .conftest import ADMIN, add_message, agent_md, events, make_team, manager_md, open_ticket, rt
@@ -135,6 +135,34 @@ def test_resolving_a_ticket_posts_one_signed_link_as_a_survey_reply(svc, stub):
     anonymous = open_ticket(svc, channel="phone", body="", kind="system")
     resolve(svc, anonymous.id)
     assert survey_rows(svc, anonymous.id) == []
+
+
+def test_a_held_ticket_delays_the_survey_post_instead_of_deadlocking_the_change(svc):
+    """survey.deliver holds its timer row while it runs; a change holding the ticket may be
+    waiting for that row (a resolve schedules survey.deliver again). The handler takes the
+    ticket with NOWAIT: a held ticket fails this firing (retried), it never waits for the lock."""
+    from crm_chassis.work_tables import timers as timer_table
+
+    t = resolved_ticket(svc)
+    with svc.ctx.engine.connect() as holder:  # an agent's change holds the ticket right now
+        holder.execute(sa.select(tickets.c.id).where(tickets.c.id == t.id).with_for_update())
+        started = time.monotonic()
+        rt(svc).timers.run_once()
+        assert time.monotonic() - started < 5  # not the lock_timeout: it did not wait
+        with svc.ctx.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(timer_table).where(timer_table.c.kind == "survey.deliver", timer_table.c.key == str(t.id))
+            ).one()
+        assert row.attempts == 1 and "lock" in (row.last_error or "").lower()
+        assert survey_rows(svc, t.id)[0].delivery == "pending"
+        holder.rollback()
+    with svc.ctx.engine.begin() as conn:  # the retry's back-off, skipped
+        conn.execute(
+            timer_table.update()
+            .where(timer_table.c.kind == "survey.deliver", timer_table.c.key == str(t.id))
+            .values(next_attempt_at=sa.func.now(), due_at=sa.func.now())
+        )
+    assert len(posted_links(svc, t.id)) == 1
 
 
 # -- the public link through the gateway ----------------------------------------------------------

@@ -683,7 +683,13 @@ class Surveys:
 
     # timers -----------------------------------------------------------------------------------
     def deliver(self, conn, timer) -> None:
-        """Post every pending link of the ticket in one agent reply authored "survey"."""
+        """Post every pending link of the ticket in one agent reply authored "survey".
+
+        The ticket is locked first and without waiting: this handler holds its timer row, and a
+        change holding the ticket (a resolve) may be waiting for that very row (it schedules
+        survey.deliver for the same ticket): waiting here was a deadlock that failed the
+        change. A held ticket fails the firing instead, and the timer retries it."""
+        conn.execute(sa.select(tickets.c.id).where(tickets.c.id == timer.key).with_for_update(nowait=True))
         pending = conn.execute(
             sa.select(surveys)
             .where(s.ticket_id == timer.key, s.delivery == "pending", s.state == "sent")
