@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -44,7 +43,7 @@ from email.utils import make_msgid, parseaddr
 
 from crm_chassis import bots as chassis_bots
 from crm_chassis.config import ConfigError
-from crm_chassis.mail import MailError, SmtpPool, SmtpSettings, compose, smtp_settings
+from crm_chassis.mail import MailError, SmtpPool, SmtpSettings, compose, is_address, smtp_settings
 from crm_chassis.persian import phone_e164
 
 from .outgoing import Outgoing, SendError
@@ -88,7 +87,7 @@ class EmailSender:
 
     def headers(self, out: Outgoing) -> list[tuple[str, str]]:
         address = out.address.strip()
-        if not _ADDRESS.fullmatch(address):
+        if not is_address(address):
             raise SendError(f"{address!r} is not an e-mail address", retryable=False, code="bad_address")
         headers = {
             "From": out.sender or self.settings.from_header,
@@ -125,9 +124,6 @@ class EmailSender:
 
     def close(self) -> None:
         self.pool.close()
-
-
-_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
 
 
 # --- SMS ---------------------------------------------------------------------------------------

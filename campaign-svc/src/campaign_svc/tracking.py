@@ -518,21 +518,7 @@ class Tracking:
             row = conn.execute(sa.select(messages).where(m.id == mid_)).first() if mid_ else None
             if row is not None:
                 return row
-        if not sender:
-            return None
-        c = campaigns.c
-        return conn.execute(
-            sa.select(messages)
-            .join(campaigns, c.id == m.campaign_id)
-            .where(
-                m.channel == "email",
-                m.address == sender,
-                m.sent_time.is_not(None),
-                m.sent_time > sa.func.now() - sa.func.make_interval(0, 0, 0, c.attribution_days),
-            )
-            .order_by(m.sent_time.desc())
-            .limit(1)
-        ).first()
+        return _latest_sent(conn, "email", sender) if sender else None
 
     def delivery_receipt(self, req: pb.PostDeliveryReceiptRequest) -> pb.PostDeliveryReceiptResponse:
         if not key_matches(req.key, settings(self.rt).bounce_keys):
@@ -796,20 +782,8 @@ class Tracking:
         latest campaign SMS sent to that number within its campaign's attribution window; the
         response's name, or "" when no campaign message went there. A provider's redelivery
         (same message id) is one response."""
-        c = campaigns.c
         with self.uow.begin() as tx:
-            row = tx.conn.execute(
-                sa.select(messages)
-                .join(campaigns, c.id == m.campaign_id)
-                .where(
-                    m.channel == "sms",
-                    m.address == number,
-                    m.sent_time.is_not(None),
-                    m.sent_time > sa.func.now() - sa.func.make_interval(0, 0, 0, c.attribution_days),
-                )
-                .order_by(m.sent_time.desc())
-                .limit(1)
-            ).first()
+            row = _latest_sent(tx.conn, "sms", number)
             if row is None:
                 return ""
             given = pb.Response(
@@ -840,6 +814,24 @@ class Tracking:
                 req.page_token,
             )
         return [response_to_proto(x) for x in rows], token
+
+
+def _latest_sent(conn: sa.Connection, channel: str, address: str):
+    """The latest message of `channel` a campaign sent to `address` within that campaign's
+    attribution window (what an SMS answer or an e-mail reply without references answers)."""
+    c = campaigns.c
+    return conn.execute(
+        sa.select(messages)
+        .join(campaigns, c.id == m.campaign_id)
+        .where(
+            m.channel == channel,
+            m.address == address,
+            m.sent_time.is_not(None),
+            m.sent_time > sa.func.now() - sa.func.make_interval(0, 0, 0, c.attribution_days),
+        )
+        .order_by(m.sent_time.desc())
+        .limit(1)
+    ).first()
 
 
 def summarise(conn: sa.Connection, customer_id: str) -> None:

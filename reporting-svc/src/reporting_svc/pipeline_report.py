@@ -34,21 +34,8 @@ FORECAST_UNITS = ("month", "quarter", "year")
 NO_DATE_LABEL = ("No date", "بدون تاریخ")
 
 
-def _dims(values, prefix: str = "") -> list[str]:
-    dims: list[str] = []
-    for i, d in enumerate(values):
-        d = d.strip().lower()
-        if d not in DIMENSIONS:
-            raise InvalidArgument.field(
-                f"{prefix}dimensions[{i}]", f"unknown dimension {d!r}; use one of {', '.join(DIMENSIONS)}"
-            )
-        if d not in dims:
-            dims.append(d)
-    return dims
-
-
 def parse_pipeline(req) -> dict:
-    return {**periods.parse_request(req), "dims": _dims(req.dimensions)}
+    return {**periods.parse_request(req), "dims": periods.dimensions(req.dimensions, DIMENSIONS)}
 
 
 def _money(amount, currency: str):

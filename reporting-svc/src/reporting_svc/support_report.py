@@ -22,15 +22,7 @@ PARTS = ("desk", "expectations")
 
 def parse(req: pb.GetSupportReportRequest, prefix: str = "") -> dict:
     q = periods.parse_request(req, prefix)
-    dims = []
-    for i, d in enumerate(req.dimensions):
-        d = d.strip().lower()
-        if d not in DIMENSIONS:
-            raise InvalidArgument.field(
-                f"{prefix}dimensions[{i}]", f"unknown dimension {d!r}; use agent, team or channel"
-            )
-        if d not in dims:
-            dims.append(d)
+    dims = periods.dimensions(req.dimensions, DIMENSIONS, prefix)
     part = (getattr(req, "part", "") or "desk").strip().lower()  # ExportSupportReportRequest's
     if part not in PARTS:
         raise InvalidArgument.field(f"{prefix}part", f"unknown part {part!r}; use desk or expectations")
