@@ -330,9 +330,13 @@ def serve_and_time(url: str) -> dict:
                 lambda c: support_report.report(c, q_sup)),
             "in process: the same, support_daily only (before)": inproc(
                 lambda c: support_report.report(c, q_sup, monthly=False)),
-            "in process: Pareto, year": inproc(lambda c: value.pareto(c, "IRR", y0, y1)),
-            "in process: Pareto, year, work_mem 4 MB (before)": inproc(
-                lambda c: value.pareto(c, "IRR", y0, y1, work_mem=None)),
+            "in process: Pareto, year, work_mem 64 MB": inproc(
+                lambda c: value.pareto(c, "IRR", y0, y1, work_mem="64MB")),
+            "in process: Pareto, year (as the RPC: daily rollup, server's work_mem)": inproc(
+                lambda c: value.pareto(c, "IRR", y0, y1)),
+            "in process: Pareto, all time, summary": inproc(lambda c: value.pareto(c, "IRR", None, None, summary=True)),
+            "in process: Pareto, all time, daily rollup (before)": inproc(
+                lambda c: value.pareto(c, "IRR", None, None, summary=False)),
             "in process: RFM segments, summary + late customers": inproc(lambda c: value.rfm_counts(c, "IRR", None, y1)),
             "in process: RFM segments, daily rollup, work_mem 4 MB (before)": inproc(
                 lambda c: value.rfm_counts(c, "IRR", None, y1, summary=False, work_mem=None)),
@@ -342,6 +346,7 @@ def serve_and_time(url: str) -> dict:
                 lambda c: value.rfm_page(c, "IRR", None, y1, "champions", None, 51, summary=False, work_mem=None)),
             "RFM segments, ending today (no late customers)": lambda: val.GetRfmReport(
                 vpb.GetRfmReportRequest(**irr), metadata=m),
+            "Pareto, all time": lambda: val.GetParetoReport(vpb.GetParetoReportRequest(**irr), metadata=m),
         })  # fmt: skip
         for name, call in calls.items():
             times = timed(call, CALLS)
