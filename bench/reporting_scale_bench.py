@@ -326,36 +326,50 @@ def serve_and_time(url: str) -> dict:
             return call
 
         calls.update({
-            "in process: support Jalali month x team, year, support_monthly + edges": inproc(
-                lambda c: support_report.report(c, q_sup)),
-            "in process: the same, support_daily only (before)": inproc(
-                lambda c: support_report.report(c, q_sup, monthly=False)),
-            "in process: Pareto, year, work_mem 64 MB": inproc(
-                lambda c: value.pareto(c, "IRR", y0, y1, work_mem="64MB")),
-            "in process: Pareto, year (as the RPC: daily rollup, server's work_mem)": inproc(
-                lambda c: value.pareto(c, "IRR", y0, y1)),
-            "in process: Pareto, all time, summary": inproc(lambda c: value.pareto(c, "IRR", None, None, summary=True)),
-            "in process: Pareto, all time, daily rollup (before)": inproc(
-                lambda c: value.pareto(c, "IRR", None, None, summary=False)),
-            "in process: RFM segments, summary + late customers": inproc(lambda c: value.rfm_counts(c, "IRR", None, y1)),
-            "in process: RFM segments, daily rollup, work_mem 4 MB (before)": inproc(
-                lambda c: value.rfm_counts(c, "IRR", None, y1, summary=False, work_mem=None)),
-            "in process: RFM champions page, summary": inproc(
-                lambda c: value.rfm_page(c, "IRR", None, y1, "champions", None, 51)),
-            "in process: RFM champions page, daily rollup, work_mem 4 MB (before)": inproc(
-                lambda c: value.rfm_page(c, "IRR", None, y1, "champions", None, 51, summary=False, work_mem=None)),
             "RFM segments, ending today (no late customers)": lambda: val.GetRfmReport(
                 vpb.GetRfmReportRequest(**irr), metadata=m),
             "Pareto, all time": lambda: val.GetParetoReport(vpb.GetParetoReportRequest(**irr), metadata=m),
         })  # fmt: skip
+        # (new, before) pairs, their calls alternating (new, before, new, ...) so that the load
+        # of the shared machine weighs on both alike
+        pairs = [
+            ("in process: support Jalali month x team, year, support_monthly + edges",
+             lambda c: support_report.report(c, q_sup),
+             "in process: the same, support_daily only (before)",
+             lambda c: support_report.report(c, q_sup, monthly=False)),
+            ("in process: Pareto, year (as the RPC: daily rollup, server's work_mem)",
+             lambda c: value.pareto(c, "IRR", y0, y1),
+             "in process: Pareto, year, work_mem 64 MB",
+             lambda c: value.pareto(c, "IRR", y0, y1, work_mem="64MB")),
+            ("in process: Pareto, all time, summary", lambda c: value.pareto(c, "IRR", None, None, summary=True),
+             "in process: Pareto, all time, daily rollup (before)",
+             lambda c: value.pareto(c, "IRR", None, None, summary=False)),
+            ("in process: RFM segments, as the RPC (the summary above 50,000 daily rows)",
+             lambda c: value.rfm_counts(c, "IRR", None, y1),
+             "in process: RFM segments, daily rollup, work_mem 4 MB (before)",
+             lambda c: value.rfm_counts(c, "IRR", None, y1, summary=False, work_mem=None)),
+            ("in process: RFM champions page, as the RPC",
+             lambda c: value.rfm_page(c, "IRR", None, y1, "champions", None, 51),
+             "in process: RFM champions page, daily rollup, work_mem 4 MB (before)",
+             lambda c: value.rfm_page(c, "IRR", None, y1, "champions", None, 51, summary=False, work_mem=None)),
+        ]  # fmt: skip
         for name, call in calls.items():
             times = timed(call, CALLS)
-            goal = (
-                50 if name.startswith("Customer 360") else None if name.startswith(("baseline", "in process")) else 1000
-            )
+            goal = 50 if name.startswith("Customer 360") else None if name.startswith("baseline") else 1000
             p95 = round(pct(times, 95), 1)
             rows.append({"report": name, "p50_ms": round(pct(times, 50), 1), "p95_ms": p95, "calls": len(times),
                          "goal_ms": goal or "", "meets": "" if goal is None else ("yes" if p95 < goal else "NO")})  # fmt: skip
+        for new_name, new_fn, old_name, old_fn in pairs:
+            got = {new_name: [], old_name: []}
+            for i in range(CALLS + 1):  # the first of each a warm-up
+                for name, fn in ((new_name, new_fn), (old_name, old_fn)):
+                    t = time.perf_counter()
+                    inproc(fn)()
+                    if i:
+                        got[name].append((time.perf_counter() - t) * 1000)
+            for name, times in got.items():
+                rows.append({"report": name, "p50_ms": round(pct(times, 50), 1), "p95_ms": round(pct(times, 95), 1),
+                             "calls": len(times), "goal_ms": "", "meets": ""})  # fmt: skip
         out["reports"] = rows
         out["load_average_after"] = round(os.getloadavg()[0], 1)
         ch.close()
