@@ -5,7 +5,8 @@ vhost, real PostgreSQL), mail to a local SMTP capture. The suite's smoke test of
 A marketer makes a segment of one contact, an e-mail template and a campaign (a revenue goal),
 and a loyalty programme; the campaign is launched and its message arrives personalised with
 List-Unsubscribe; the contact clicks its tracked link and answers the site's form: a response,
-which sales-svc turns into a lead attributed to the campaign. A rep qualifies and converts it
+which sales-svc turns into a lead attributed to the campaign; the contact's look at the price list
+on the site scores that lead (a behaviour rule). A rep qualifies and converts it
 (the contact's own customer and an opportunity), wins it, the customer orders, is invoiced and
 pays: points in the club. The customer then opens a support ticket, an agent replies and
 resolves it, the customer answers the survey. Finally every report shows this customer's
@@ -294,13 +295,17 @@ def test_one_customer_through_every_service_and_every_report(stack):
     assert landing.startswith(f"{SITE}/autumn"), landing
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(landing).query)
     assert query["utm_campaign"] == [campaign_id] and query["crm_t"]
+    # Sales scores a lead that looks at the price list on the company's site (a behaviour rule).
+    rule = {"displayName": "Viewed the price list", "points": 15, "behavior": {"kind": "web_event.price_list"}}
+    ok(http.post("/v1/scoringRules", json=rule, headers=ADMIN), 201)
     # The site's form on the landing page: a response of the campaign, through the public route.
+    visitor = f"v-{uuid.uuid4().hex[:8]}"
     ok(
         http.post(
             "/v1/trackingEvents:post",
             json={
                 "siteKey": "dev-site-key",
-                "visitorId": f"v-{uuid.uuid4().hex[:8]}",
+                "visitorId": visitor,
                 "events": [{"url": landing, "title": "Autumn"}],
                 "clickToken": query["crm_t"][0],
                 "response": {"contactName": "سارا کریمی", "email": EMAIL, "text": "لطفاً تماس بگیرید"},
@@ -327,6 +332,16 @@ def test_one_customer_through_every_service_and_every_report(stack):
     assert lead["source"] == "campaign" and lead["campaignId"] == campaign_id and lead["email"] == EMAIL, lead
     assert lead["customer"] == customer, lead  # the clicked message's customer
     j["lead"], j["lead_time"] = lead["name"], lead["createTime"]
+    # The visitor (tied to the customer by the click) opens the price list: the site's event
+    # reaches sales-svc (web_activity.recorded.v1) and the rule scores the customer's open lead.
+    seen = {"siteKey": "dev-site-key", "visitorId": visitor,
+            "events": [{"kind": "event", "name": "price_list", "url": f"{SITE}/prices"}]}  # fmt: skip
+    assert ok(http.post("/v1/trackingEvents:post", json=seen))["customer"] == customer
+    wait_for(
+        lambda: ok(http.get(f"/v1/{lead['name']}", headers=ADMIN)).get("score") == 15,
+        "the site visit to score the lead in sales-svc",
+        lambda: ok(http.get(f"/v1/{lead['name']}", headers=ADMIN)).get("score"),
+    )
     # The manager's team and priced product; the lead goes to a rep of the team.
     _, product = sales_desk(http, ADMIN, "Shiraz", "maryam", "reza")
     # No If-Match: the lead's rules (scoring) may touch it after the consumer made it.

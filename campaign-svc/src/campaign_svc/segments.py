@@ -81,7 +81,15 @@ _TEXT = (
     "email_consent",
     "sms_consent",
 )
-_INT = ("order_count", "open_opportunities", "won_opportunities", "ticket_count", "complaint_count")
+_INT = (
+    "order_count",
+    "open_opportunities",
+    "won_opportunities",
+    "ticket_count",
+    "complaint_count",
+    "web_page_views",
+    "web_events",
+)
 _TIME = (
     "create_time",
     "first_purchase_time",
@@ -89,6 +97,7 @@ _TIME = (
     "last_ticket_time",
     "last_complaint_time",
     "last_activity_time",
+    "last_web_visit_time",
 )
 _ARABIC_FORMS = str.maketrans({"ی": "ي", "ک": "ك"})
 

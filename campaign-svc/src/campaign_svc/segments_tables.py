@@ -61,6 +61,7 @@ AUDIENCE_INDEXES = {
     "audience_seg_last_purchase": (["last_purchase_time"], None),
     "audience_seg_last_activity": (["last_activity_time"], None),
     "audience_seg_create_time": (["create_time"], None),
+    "audience_seg_last_web_visit": (["last_web_visit_time"], None),
     "audience_seg_tags": (["tags"], "gin"),
     "audience_seg_groups": (["groups"], "gin"),
 }
