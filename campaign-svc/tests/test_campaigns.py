@@ -576,6 +576,8 @@ def test_a_message_interrupted_while_sending_is_never_resent(svc, stubs, sender)
     assert sender.run_once() == 0
     (r,) = rows_of(svc, c)
     assert r.state == "failed" and "not resent" in r.error
+    (failed,) = [e for e in events(svc, "message.failed.v1", ev.MessageEvent) if e.campaign == c.name]
+    assert (failed.customer, failed.state) == (f"customers/{ids[0]}", "failed")  # reports count it
 
 
 def test_a_slow_round_keeps_its_lease_so_another_workers_sweep_does_not_fail_its_messages(svc, stubs, sender):

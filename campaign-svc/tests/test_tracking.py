@@ -328,6 +328,17 @@ def test_a_dsn_hard_bounce_marks_the_message_and_suppresses_the_address_for_the_
         "/v1/bounces:post", data=dsn(other.provider_message_id, f"{ids[1]}@example.ir", "4.4.7", "delayed"), headers=KEY
     )
     assert late.json.get("bounceKind") is None and message_row(svc, c, ids[1]).state == "sent"
+    # a success report (NOTIFY=SUCCESS) is the delivery: once, and never over a bounce
+    arrived = dsn(other.provider_message_id, f"{ids[1]}@example.ir", "2.0.0", "delivered")
+    ok = http.post("/v1/bounces:post", data=arrived, headers=KEY)
+    assert ok.status_code == 200 and ok.json.get("bounceKind") is None, ok.json
+    assert ok.json["message"] == f"{c.name}/messages/{other.id}"
+    assert message_row(svc, c, ids[1]).state == "delivered" and message_row(svc, c, ids[1]).delivered_time
+    http.post("/v1/bounces:post", data=arrived, headers=KEY)  # redelivered
+    http.post("/v1/bounces:post", data=dsn(row.provider_message_id, address, "2.0.0", "delivered"), headers=KEY)
+    assert message_row(svc, c, ids[0]).state == "bounced"
+    got = [e for e in events(svc, "message.delivered.v1", ev.MessageEvent) if e.campaign == c.name]
+    assert [e.customer for e in got] == [f"customers/{ids[1]}"]
     # the next campaign to the same people leaves the bounced address out
     segment = c.segment
     again = launched(stubs, svc, campaign(stubs, segment, [cpb.Variant(template=template(stubs, HTML))]))

@@ -83,6 +83,7 @@ _OUR_MESSAGE_ID = re.compile(r"<?cmp-([0-9a-fA-F-]{36})@")
 DELIVERED = frozenset({"10", "delivered", "delivrd"})
 SOFT_FAILED = frozenset({"6", "11", "failed", "undelivered", "undeliv"})
 HARD_FAILED = frozenset({"14", "blocked", "rejected"})
+DSN_DELIVERED = frozenset({"delivered", "relayed", "expanded"})  # RFC 3464 actions of success
 # User agents of machines that fetch a message's links and images before, or instead of, its
 # reader: mail security gateways' link scanners, link previews of chat apps, crawlers and
 # headless browsers, and the "+http://..." signature crawlers put in their agent. Mail clients'
@@ -281,6 +282,7 @@ class Bounce:
     kind: str = ""  # hard | soft | "" (not a failure)
     description: str = ""
     channel: str = "email"
+    action: str = ""  # a DSN's Action: "delivered" (or relayed) is a delivery report, no bounce
 
 
 def parse_dsn(raw: bytes) -> Bounce | None:
@@ -290,7 +292,9 @@ def parse_dsn(raw: bytes) -> Bounce | None:
     dsn = mail_dsn(raw)
     if dsn is None:
         return None
-    out = Bounce(recipient=dsn.recipient, status=dsn.status, kind=dsn.kind, description=dsn.description)
+    out = Bounce(
+        recipient=dsn.recipient, status=dsn.status, kind=dsn.kind, description=dsn.description, action=dsn.action
+    )
     out.provider_message_id = dsn.original_message_id
     own = dsn.original_headers.get("X-CRM-Message", "").strip()
     found = _OUR_MESSAGE_ID.search(out.provider_message_id)
@@ -347,12 +351,32 @@ def _find_message(conn: sa.Connection, message_id: str = "", provider_id: str = 
     return None
 
 
+def mark_delivered(tx, row):
+    """A sent message reported delivered (an SMS receipt, a DSN's success report): its state and
+    message.delivered.v1, once (a message delivered, bounced or answered already stays)."""
+    if row.state != "sent":
+        return row
+    row = tx.conn.execute(
+        messages.update()
+        .where(m.id == row.id)
+        .values(state="delivered", delivered_time=sa.func.now())
+        .returning(messages)
+    ).one()
+    tx.publish("message.delivered.v1", message_event(row), MESSAGE.format(row.campaign_id, row.id))
+    return row
+
+
 def apply_bounce(rt: Campaign, tx, b: Bounce) -> pb.PostBounceResponse:
     """Marks the message bounced (hard or soft), suppresses the address of a hard bounce and
     publishes message.bounced.v1; a redelivered report (the message bounced so already) changes
     nothing."""
     out = pb.PostBounceResponse(bounce_kind=b.kind, status=b.status, recipient=b.recipient)
     if not b.kind:
+        if b.action in DSN_DELIVERED:  # a success report (NOTIFY=SUCCESS): the message arrived
+            row = _find_message(tx.conn, b.message_id, b.provider_message_id)
+            if row is not None:
+                out.message = MESSAGE.format(row.campaign_id, row.id)
+                mark_delivered(tx, row)
         return out
     conn = tx.conn
     row = _find_message(conn, b.message_id, b.provider_message_id)
@@ -532,14 +556,8 @@ class Tracking:
             if row is None:
                 return pb.PostDeliveryReceiptResponse()
             name = MESSAGE.format(row.campaign_id, row.id)
-            if status in DELIVERED and row.state == "sent":
-                row = tx.conn.execute(
-                    messages.update()
-                    .where(m.id == row.id)
-                    .values(state="delivered", delivered_time=sa.func.now())
-                    .returning(messages)
-                ).one()
-                tx.publish("message.delivered.v1", message_event(row), name)
+            if status in DELIVERED:
+                row = mark_delivered(tx, row)
             elif status in SOFT_FAILED or status in HARD_FAILED:
                 kind = "hard" if status in HARD_FAILED else "soft"
                 apply_bounce(self.rt, tx, Bounce(message_id=str(row.id), status=status, kind=kind, channel=row.channel))
