@@ -325,8 +325,11 @@ def _pipeline_chart(resp, q: dict) -> Chart:
     title = ("Pipeline", "قیف فروش")
     amount = tr(q, "Amount", "مبلغ")
     weighted = tr(q, "Weighted", "وزنی")
-    group = (lambda r: " / ".join(getattr(r, "stage_name" if d == "stage" else d) or getattr(r, d) or "-"
+    named = (lambda r: " / ".join(getattr(r, "stage_name" if d == "stage" else d) or getattr(r, d) or "-"
                                   for d in q["dims"])) if q["dims"] else (lambda r: amount)  # fmt: skip
+    # rows of several currencies are never added up: each currency is a group of its own
+    several = len({r.amount.currency_code for r in resp.rows}) > 1
+    group = (lambda r: f"{named(r)} ({r.amount.currency_code})") if several else named
     if q["period"] == "all":
         cats = [group(r) for r in resp.rows]
         series = [
@@ -352,17 +355,25 @@ register(
 
 
 def _forecast_chart(resp, q: dict) -> Chart:
-    per: dict[str, list[float]] = {}
+    """Actual won beside the commit per period, summed over owners; per currency (a pair of
+    series each) when the rows have several, never added across currencies."""
+    per: dict[str, dict[str, list[float]]] = {}
+    currencies: list[str] = []
     for r in resp.rows:
-        cell = per.setdefault(r.period_label, [0.0, 0.0])
+        if r.currency_code not in currencies:
+            currencies.append(r.currency_code)
+        cell = per.setdefault(r.period_label, {}).setdefault(r.currency_code, [0.0, 0.0])
         cell[0] += _money_value([r.actual_won])
         if r.HasField("latest"):
             cell[1] += _money_value([r.latest.commit])
     cats = list(per)
-    series = [
-        Series(tr(q, "Actual won", "فروش واقعی"), [per[c][0] for c in cats]),
-        Series(tr(q, "Commit", "تعهد"), [per[c][1] for c in cats]),
-    ]
+    series = []
+    for cur in currencies:
+        tag = f" ({cur})" if len(currencies) > 1 else ""
+        series += [
+            Series(tr(q, "Actual won", "فروش واقعی") + tag, [per[c].get(cur, [0.0, 0.0])[0] for c in cats]),
+            Series(tr(q, "Commit", "تعهد") + tag, [per[c].get(cur, [0.0, 0.0])[1] for c in cats]),
+        ]
     return _chart(q, "grouped_bar", cats, series, ("Forecast vs actual", "پیش‌بینی در برابر واقعی"))
 
 
