@@ -221,3 +221,30 @@ def test_a_merge_moves_the_merged_customers_timeline_to_the_survivor_and_an_unme
     mine = all_pages(stub, C2, size=50)
     assert [e.kind for e in mine] == ["order.placed", *KINDS[::-1]] and {e.origin_customer for e in mine} == {C2}
     assert len(all_pages(stub, C1, size=50)) == len(KINDS) + 1  # its own and the merge
+
+
+def test_an_entrys_detail_is_the_named_fields_as_json_format_makes_them():
+    """_detail converts only the named fields: the same JSON as json_format over the whole
+    message (enums by name, int64 as text, Money and dates as objects, lists), set fields only."""
+    from google.protobuf import json_format
+
+    from crm.customer.v1 import customer_events_pb2 as cust
+    from crm.sales.v1 import sales_events_pb2 as sev
+    from crm.support.v1 import support_events_pb2 as tev
+    from crm.type.v1 import money_pb2
+    from reporting_svc.timeline import _detail
+
+    ticket = tev.TicketEvent(number="T-1", channel=2, complaint=True, priority=3, team="teams/a", version=7)
+    ticket.create_time.GetCurrentTime()
+    invoice = sev.InvoiceEvent(number="INV-9", state="paid", total=money_pb2.Money(currency_code="IRR", units=99))
+    changed = cust.CustomerUpdated(changed_fields=["email", "city"])
+    cases = [
+        (ticket, ("number", "channel", "category", "complaint", "priority", "team", "assignee", "version")),
+        (invoice, ("number", "kind", "state", "total", "paid_total", "due_date")),
+        (changed, ("changed_fields",)),
+        (changed, ()),
+    ]
+    for msg, fields in cases:
+        full = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+        assert _detail(msg, *fields) == {f: full[f] for f in fields if f in full}, (type(msg).__name__, fields)
+    assert _detail(ticket, "category") == {}

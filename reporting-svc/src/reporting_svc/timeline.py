@@ -23,6 +23,7 @@ their own projections (customers, sales, support, loyalty).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable, Mapping
 
 import sqlalchemy as sa
@@ -40,7 +41,7 @@ from crm_chassis.messaging.envelope import Event
 from crm_chassis.pagination import PageTokens, page_size
 
 from . import periods
-from .projection import Projection, per_event
+from .projection import Projection, per_event, rows_param, rowset
 from .tables import customer_aliases, timeline
 
 CUSTOMER = "customers/"
@@ -61,7 +62,18 @@ class Timeline:
         rows = [
             {**k, **v, "customer_id": alias.get(v["origin_customer_id"], v["origin_customer_id"])} for k, v in changes
         ]
-        conn.execute(pg_insert(timeline).on_conflict_do_nothing(index_elements=["event_id"]), rows)
+        conn.execute(_insert(tuple(rows[0])), rows_param(rows))  # in the order given (a function scan)
+
+
+@functools.cache
+def _insert(cols: tuple[str, ...]):
+    """INSERT INTO timeline SELECT FROM the row set ON CONFLICT (event_id) DO NOTHING."""
+    v = rowset(timeline, cols)
+    return (
+        pg_insert(timeline)
+        .from_select(list(cols), sa.select(*(v.c[c] for c in cols)))
+        .on_conflict_do_nothing(index_elements=["event_id"])
+    )
 
 
 TIMELINE = Timeline()
@@ -79,9 +91,22 @@ def _fmt(m) -> str:
 
 
 def _detail(msg, *fields: str) -> dict:
-    """The named fields of the event's message (set ones only), as JSON."""
-    full = json_format.MessageToDict(msg, preserving_proto_field_name=True)
-    return {f: full[f] for f in fields if f in full}
+    """The named fields of the event's message (set ones only), as JSON: only those fields are
+    copied and converted (json_format over the whole event was a sixth of a rebuild's time)."""
+    if not fields:
+        return {}
+    named = [(fd, v) for fd, v in msg.ListFields() if fd.name in fields]
+    if not named:
+        return {}
+    part = type(msg)()
+    for fd, v in named:
+        if fd.is_repeated:  # lists and maps
+            getattr(part, fd.name).MergeFrom(v)
+        elif fd.message_type is not None:
+            getattr(part, fd.name).CopyFrom(v)
+        else:
+            setattr(part, fd.name, v)
+    return json_format.MessageToDict(part, preserving_proto_field_name=True)
 
 
 def entry(source: str, parse: type, customer: Callable, ref: Callable, title: Callable, fields: tuple = ()):
