@@ -438,7 +438,29 @@ register(
 # --------------------------------------------------------------------------- report 4: support
 
 
+def _expectation_chart(resp: pb.GetSupportReportResponse, q: dict) -> Chart:
+    """The zone of tolerance per service-quality dimension (and period, agent or team when asked):
+    the adequate, perceived and desired means side by side; perceived between the other two is
+    inside the zone."""
+    h = support_report.EXPECTATION_HEADERS
+    fa = 1 if q.get("lang") == "fa" else 0
+    dims = [d for d in q["dims"] if d != "channel"]
+    several = len({r.period_label for r in resp.expectations}) > 1
+
+    def name(r) -> str:
+        parts = [r.period_label] if several else []
+        return " / ".join([*parts, *(getattr(r, d) or "-" for d in dims), r.dimension])
+
+    rows = list(resp.expectations)
+    series = [
+        Series(h[f][fa], [getattr(r, f) for r in rows]) for f in ("adequate_mean", "perceived_mean", "desired_mean")
+    ]
+    return _chart(q, "grouped_bar", [name(r) for r in rows], series, ("Zone of tolerance", "محدوده تحمل"))
+
+
 def _support_chart(resp: pb.GetSupportReportResponse, q: dict) -> Chart:
+    if q.get("part") == "expectations":
+        return _expectation_chart(resp, q)
     title = ("Support requests", "درخواست‌های پشتیبانی")
     other = tr(q, "Other", "سایر")
     if q["dims"]:
