@@ -115,9 +115,13 @@ def stack(databases):
 
 def assert_sales_by_segment(http, journey: dict) -> None:
     """Report 2: the customer's order (two units of the product, 90,000,000 IRR net) under their
-    city (شیراز), kind (a person) and the product, in the period; and their time from lead to
+    city (شیراز), type (a person), kind (an end consumer) and the product, in the period; and their time from lead to
     purchase (the same day: the 0-day bucket)."""
-    query = {**journey["period"], "dimensions": ["city", "customer_kind", "product"], "currency_code": "IRR"}
+    query = {
+        **journey["period"],
+        "dimensions": ["city", "customer_type", "customer_kind", "product"],
+        "currency_code": "IRR",
+    }
     product_id = journey["product"].rsplit("/", 1)[-1]
 
     def answer():
@@ -127,7 +131,8 @@ def assert_sales_by_segment(http, journey: dict) -> None:
 
     mine, got = wait_for(answer, "report 2 to count the order and the lead's purchase")
     (row,) = mine
-    assert (row["city"], row["customerKind"], int(row["orders"]), int(row["customers"])) == ("شیراز", "person", 1, 1)
+    assert (row["city"], row["customerType"], row["customerKind"]) == ("شیراز", "person", "end_consumer"), row
+    assert (int(row["orders"]), int(row["customers"])) == (1, 1), row
     assert units(row["revenue"]) == 90_000_000 and float(row["quantity"]) == 2, row
     lead = got["leadToPurchaseTotal"]
     assert int(lead["customers"]) == 1 and float(lead.get("averageDays", 0)) < 1, lead
@@ -180,6 +185,7 @@ def test_one_customer_through_every_service_and_every_report(stack):
             "/v1/customers",
             json={
                 "type": "CUSTOMER_TYPE_PERSON",
+                "kind": "CUSTOMER_KIND_END_CONSUMER",
                 "givenName": "سارا",
                 "familyName": "کریمی",
                 "email": EMAIL,
