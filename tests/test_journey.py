@@ -176,10 +176,9 @@ def test_one_customer_through_every_service_and_every_report(stack):
     j: dict = {}
 
     # -- set-up: the source, the marketer's contact, segment, template, campaign, programme ----
-    # sales-svc gives a campaign response's lead the source "campaign", which is not in
-    # customer-svc's default list of acquisition sources: an admin adds it, so the customer and
-    # their lead count under one source in the acquisition report.
-    ok(http.post("/v1/acquisitionSources", json={"key": "campaign", "displayName": "Campaigns"}, headers=ADMIN), 201)
+    # sales-svc gives a campaign response's lead the source "campaign", one of customer-svc's
+    # seeded acquisition sources: the customer and their lead count under one source in the
+    # acquisition report.
     person = ok(
         http.post(
             "/v1/customers",
