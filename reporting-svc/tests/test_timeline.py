@@ -147,6 +147,31 @@ def test_every_service_newest_first_in_keyset_pages(stub):
     assert all(e.origin_customer == C1 for e in entries)
 
 
+def test_titles_in_persian_from_the_same_entries(stub):
+    """language_code fa: every entry's title in Persian with Persian digits, made from its kind and
+    figures; the same entries, refs and details as in English; an export in Persian too."""
+    en, fa = all_pages(stub), all_pages(stub, language_code="fa")
+    assert [(e.kind, e.ref, e.detail) for e in fa] == [(e.kind, e.ref, e.detail) for e in en]
+    titles = {e.kind: e.title for e in fa}
+    assert titles["order.placed"] == "سفارش SO-۱ ثبت شد: ۵٬۰۰۰٬۰۰۰ IRR"
+    assert titles["opportunity.won"] == "فرصت Big deal به فروش رسید: ۵٬۰۰۰٬۰۰۰ IRR"
+    assert titles["ticket.opened"] == "درخواست T-۱ باز شد (شکایت)"
+    assert titles["note.added"] == "یادداشت: Wants a call back"
+    assert titles["tier.changed"] == "سطح ارتقا: bronze ← silver"
+    assert titles["points.earned"] == "۱۲۰ امتیاز کسب شد، مانده ۱۲۰"
+    assert titles["call.logged"] == "تماس ورودی، پاسخ داده شد"
+    assert titles["survey.answered"] == "نظرسنجی پاسخ داده شد: رضایت ۴ از ۵"
+    assert titles["message.clicked"] == "پیام کمپین (ایمیل) کلیک شد: https://example.com/offer"
+    assert titles["lead.created"] == "سرنخ ساخته شد (website)"
+    assert titles["customer.created"] == "پرونده مشتری ساخته شد"
+    for kind, title in titles.items():  # no English word left but names, codes and links
+        words = [w for w in title.split() if "://" not in w for w in [w.strip(":()،")] if w.isascii() and w.isalpha()]
+        assert set(words) <= {"IRR", "Big", "deal", "Wants", "a", "call", "back", "bronze", "silver", "website"}, kind
+    req = rs.ExportCustomerTimelineRequest(customer=C1, format="csv", language_code="fa")
+    text = b"".join(c.data for c in stub.ExportCustomerTimeline(req, metadata=md("analyst"))).decode("utf-8-sig")
+    assert "سفارش SO-۱ ثبت شد" in text and "Order SO-1 placed" not in text
+
+
 def test_kinds_and_sources_filter(stub):
     entries = all_pages(stub, kinds=["support", "points.earned.v1"], size=2)
     assert [e.kind for e in entries] == ["points.earned", "survey.answered", "call.logged", "ticket.opened"]

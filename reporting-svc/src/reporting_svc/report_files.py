@@ -829,7 +829,7 @@ def _timeline_table(data: _Timeline, q: dict):
                 "occur_time": _tehran_text(q, r.occurred_at),
                 "source": r.source,
                 "kind": r.kind,
-                "title": r.title,
+                "title": timeline.title_in(r, q["lang"]),
                 "ref": r.ref,
                 "detail": json.dumps(r.detail, ensure_ascii=False, sort_keys=True, separators=(", ", ": "))
                 if r.detail
