@@ -20,6 +20,10 @@ baseline quorum queue bound the same way. Then, in the same run:
    points.earned.v1 and tier.changed.v1 by COPY). Accrual events/s is measured on the database clock, from
    the first earn movement's transaction to the last (record_time), and beside it the wall
    time from the service's start.
+3b. the same again (the ledger, outbox, inbox, facts and timers emptied, N new events) with the
+   service's consumer and outbox relay in processes of their own (`python -m campaign_svc
+   consume` and `relay`, the chassis' single-role commands): the relay's publishing off the
+   consumer's GIL.
 
 4. the loyalty accrual alone, in this process (earn_batch on BENCH_POINTS_IN_PROCESS new events
    with their inbox rows, no broker, no audience handler), one event per transaction and
