@@ -446,6 +446,29 @@ def test_a_first_build_leaves_out_and_counts_the_members_the_hook_added_before_i
     assert (job.state, job.added, job.removed) == (pb.SEGMENT_REBUILD_STATE_SUCCEEDED, 2, 0)
 
 
+def test_a_first_build_over_a_big_audience_walks_it_in_chunks(svc, stub, monkeypatch):
+    """Above SEGMENT_FIRST_BUILD_ROWS audience rows a first build is chunked like a rebuild (the
+    hook waits for one chunk at a time), with the same outcome: the members, their count, one
+    segment.built.v1 and no member event."""
+    monkeypatch.setenv("SEGMENT_FIRST_BUILD_ROWS", "100")  # the module's audience has thousands
+    monkeypatch.setenv("SEGMENT_REBUILD_CHUNK", "1000")
+
+    def one_statement(*args):
+        raise AssertionError("the one-statement first build ran")
+
+    monkeypatch.setattr(seg.Segments, "_first_build", one_statement)
+    t = tag()
+    ids = rows(svc, *(dict(tags=[t], order_count=i % 3) for i in range(2100)))
+    s = dynamic(stub, f"tags:{t} AND order_count >= 1")
+    want = {c for i, c in enumerate(ids) if i % 3}
+    assert members(stub, s.name) == want and s.member_count == len(want) == 1400
+    assert member_events(svc, s.name) == []
+    built = [e.parse(ev.SegmentBuilt) for e in events(svc, seg.BUILT, subject=s.name)]
+    assert [b.member_count for b in built] == [1400]
+    job = stub.GetSegmentRebuild(pb.GetSegmentRebuildRequest(name=s.latest_rebuild), metadata=MARKETER)
+    assert (job.state, job.added, job.removed) == (pb.SEGMENT_REBUILD_STATE_SUCCEEDED, 1400, 0)
+
+
 def test_rebuild_applies_exactly_the_difference_with_its_events(svc, stub, monkeypatch):
     monkeypatch.setenv("SEGMENT_REBUILD_CHUNK", "1000")  # several chunks over the module's audience
     t = tag()
