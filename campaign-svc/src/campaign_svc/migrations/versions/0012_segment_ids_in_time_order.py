@@ -1,5 +1,6 @@
-"""Segment ids in creation order: a new segment's id sorts after every earlier one (the
-millisecond clock in its first 48 bits, the rest random: the layout of a version 7 UUID), so a
+"""Segment ids in creation order: a new segment's id sorts after every one created in an earlier
+millisecond (the millisecond clock in its first 48 bits, the rest random: the layout of a
+version 7 UUID; two of the same millisecond sort either way), so a
 first build's members, inserted in customer order, append at the right edge of the
 segment_members key (segments.py `_first_build`): PostgreSQL's fast path for the rightmost leaf,
 no descent of the tree per member and leaves split 90/10 instead of in halves. Existing ids stay.
