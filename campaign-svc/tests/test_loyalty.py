@@ -608,6 +608,29 @@ def test_the_ledger_check_runs_once_per_member_and_still_follows_every_change(sv
     assert ledger_problems(svc) == []
 
 
+def test_the_ledger_check_of_a_transaction_over_many_members_still_sees_each(svc, stub):
+    """Past 885 pending members (the list's 32 KiB) every further row queues its own check:
+    a wrong balance among the last ones is still refused, and a right bulk write commits."""
+    prog = program(stub, "HUF")
+    pid = prog.name.rpartition("/")[2]
+    bulk = sa.text(
+        """INSERT INTO loyalty_members (program_id, customer, enroll_source, enroll_time)
+           SELECT CAST(:p AS uuid), :tag || i, 'explicit', now() FROM generate_series(1, 1000) AS i"""
+    )
+    tag = f"bulk-{uuid.uuid4().hex[:8]}-"
+    with pytest.raises(sa.exc.IntegrityError) as err, svc.ctx.engine.begin() as conn:
+        conn.execute(bulk, {"p": pid, "tag": tag})
+        conn.execute(
+            loyalty_members.update().where(loyalty_members.c.customer == f"{tag}999").values(balance=5)
+        )  # the 999th member's row: written once more, its balance with no movement
+    assert "not the sum of its movements" in str(err.value)
+    with svc.ctx.engine.begin() as conn:
+        conn.execute(bulk, {"p": pid, "tag": tag})
+    with svc.ctx.engine.connect() as conn:
+        n = conn.execute(sa.select(sa.func.count()).where(loyalty_members.c.customer.like(f"{tag}%"))).scalar_one()
+    assert n == 1000 and ledger_problems(svc) == []
+
+
 # -- tiers -------------------------------------------------------------------------------------
 def test_tier_up_at_once_and_down_after_the_grace(svc, stub, clock):
     prog = program(

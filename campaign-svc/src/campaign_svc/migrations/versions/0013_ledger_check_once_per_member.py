@@ -21,6 +21,9 @@ from alembic import op
 revision = "0013"
 down_revision = "0012"
 
+# The pending list is a string searched and copied at every row written, so it is kept to
+# 32 KiB (885 members): a transaction that writes more members than that (a bulk change) has a
+# check queued for every further row, as before, instead of a search that grows with it.
 QUEUED = """
 CREATE FUNCTION loyalty_check_queued(mid uuid) RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
@@ -31,7 +34,9 @@ BEGIN
   IF strpos(pending, entry) > 0 THEN
     RETURN false;
   END IF;
-  PERFORM set_config('loyalty.ledger_checks', pending || entry, true);
+  IF octet_length(pending) < 32768 THEN
+    PERFORM set_config('loyalty.ledger_checks', pending || entry, true);
+  END IF;
   RETURN true;
 END $$;
 """
