@@ -11,8 +11,7 @@ Revision ID: 0012
 from alembic import op
 
 revision = "0012"
-# the lead's 0011 comes before this one at merge: re-chain down_revision to "0011" then
-down_revision = "0010"
+down_revision = "0011"  # re-chained after main's 0011 (web behaviour)
 
 # A random (version 4) UUID whose first 6 bytes are replaced by the Unix time in milliseconds and
 # whose version nibble is set to 7 (bits 52 and 53 added to the 4's bit 54).
