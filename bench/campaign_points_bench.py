@@ -20,6 +20,10 @@ baseline quorum queue bound the same way. Then, in the same run:
    points.earned.v1 and tier.changed.v1 by COPY). Accrual events/s is measured on the database clock, from
    the first earn movement's transaction to the last (record_time), and beside it the wall
    time from the service's start.
+3b. the same again (the ledger, outbox, inbox, facts and timers emptied, N new events) with the
+   service's consumer and outbox relay in processes of their own (`python -m campaign_svc
+   consume` and `relay`, the chassis' single-role commands): the relay's publishing off the
+   consumer's GIL.
 
 4. the loyalty accrual alone, in this process (earn_batch on BENCH_POINTS_IN_PROCESS new events
    with their inbox rows, no broker, no audience handler), one event per transaction and
@@ -41,6 +45,7 @@ import io
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import uuid
@@ -153,13 +158,16 @@ def invoice_events(n: int) -> list:
     return out
 
 
-def publish(url: str, evs: list) -> float:
+def publish(url: str, evs: list, baseline: bool = True) -> float:
+    """Publish with confirms; `baseline`: the baseline's and the no-op consumer's queues are
+    declared first, so they get the messages too."""
     conn = pika.BlockingConnection(pika.URLParameters(url))
     ch = conn.channel()
     declare_producer(ch, "sales")
-    ch.queue_declare(queue=BASELINE_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
-    ch.queue_bind(queue=BASELINE_QUEUE, exchange=exchange_for("sales"), routing_key="invoice.paid.v1")
-    declare_consumer_queue(ch, NOOP, "sales", ["invoice.paid.v1"], 5)
+    if baseline:
+        ch.queue_declare(queue=BASELINE_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+        ch.queue_bind(queue=BASELINE_QUEUE, exchange=exchange_for("sales"), routing_key="invoice.paid.v1")
+        declare_consumer_queue(ch, NOOP, "sales", ["invoice.paid.v1"], 5)
     ch.confirm_delivery()
     t0 = time.perf_counter()
     for e in evs:
@@ -243,6 +251,44 @@ def in_process(url: str, amqp_url: str, n: int, batch: int) -> float:
         svc.stop(0)
 
 
+def start_role(command: str, url: str, amqp_url: str, log) -> subprocess.Popen:
+    """campaign-svc running one role only (`python -m campaign_svc consume` or `relay`: the
+    chassis' single-role commands), its log appended to `log`."""
+    env = dict(
+        os.environ,
+        SERVICE_NAME="campaign-svc",
+        DATABASE_URL=url,
+        AMQP_URL=amqp_url,
+        JWT_SECRET=DEFAULT_JWT_SECRET,
+        LOG_LEVEL="WARNING",
+    )
+    out = open(log, "ab")  # noqa: SIM115 - the child writes to it until it stops
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "campaign_svc", command], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
+    finally:
+        out.close()
+
+
+def drain(engine, n: int, timeout: float = 300) -> tuple[float, float]:
+    """Wait until n earn movements exist; (accrual events/s on the database clock from the first
+    earn transaction to the last, wall seconds waited)."""
+    t0 = time.perf_counter()
+    earn = sa.text("SELECT count(*) FROM loyalty_movements WHERE kind = 'earn'")
+    deadline = time.monotonic() + timeout
+    with engine.connect() as conn:
+        while conn.execute(earn).scalar_one() < n:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the service did not accrue every event in {timeout:.0f} s")
+            time.sleep(0.2)
+        first, last = conn.execute(
+            sa.text("SELECT min(record_time), max(record_time) FROM loyalty_movements WHERE kind = 'earn'")
+        ).one()
+    span = (last - first).total_seconds()
+    return ((n - 1) / span if span > 0 else float("inf")), time.perf_counter() - t0
+
+
 def main() -> int:
     say(f"# campaign-svc loyalty accrual ({dt.datetime.now():%Y-%m-%d %H:%M})")
     say(f"{platform.node()}, {os.cpu_count()} cores, python {platform.python_version()}; load average {loadavg()}")
@@ -321,6 +367,38 @@ def main() -> int:
         )
         stop_process(proc)
         proc = None
+
+        say("\n== 3b. the same with the consumer and the outbox relay in processes of their own ==")
+        # the chassis' `consume` and `relay` commands (a relay-only Deployment beside the serving
+        # one): the relay's publishing no longer shares the consumer's GIL. The database is the
+        # same: its ledger emptied, the queue filled again with new events.
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("TRUNCATE loyalty_movements, loyalty_members, outbox, inbox, audience_invoices, timers")
+            )
+        rate2 = publish(broker.url, invoice_events(N), baseline=False)
+        roles = [start_role("relay", url, broker.url, log), start_role("consume", url, broker.url, log)]
+        try:
+            split, wall2 = drain(engine, N)
+        finally:
+            for p in roles:
+                stop_process(p)
+        with engine.connect() as conn:
+            mismatches, published = conn.execute(
+                sa.text(
+                    """SELECT (SELECT count(*) FROM loyalty_members mb WHERE mb.balance <>
+                                 (SELECT coalesce(sum(points), 0) FROM loyalty_movements l WHERE l.member_id = mb.id)),
+                              (SELECT count(*) FROM outbox WHERE routing_key = 'points.earned.v1')"""
+                )
+            ).one()
+        say(f"  published {N} more at {rate2:,.0f}/s; all accrued {wall2:.1f} s after the processes' start")
+        say(
+            f"  accrual {split:,.0f} events/s; ratio to the raw pika consume: {split / raw:.2f} (goal >= {GOAL})  "
+            f"{'MET' if split / raw >= GOAL else 'NOT MET'}"
+        )
+        say(f"  ledger: {mismatches} members with a balance that is not the ledger sum; {published} points.earned.v1")
+        out.update({"split_accrual_per_s": round(split), "split_ratio": round(split / raw, 3),
+                    "split_balance_mismatches": mismatches, "split_points_earned_events": published})  # fmt: skip
         say(f"\n== 4. the loyalty accrual alone in-process (earn_batch), {IN_PROCESS} events per batch size ==")
         per_batch = {}
         for size in (1, BATCH):

@@ -5,7 +5,8 @@ process without its consumer; BENCH_PROFILE_BATCHES batches of CONSUMER_BATCH (5
 (BENCH_POINTS_CUSTOMERS customers) are handed to the merged sales subscription's batch handler
 for invoice.paid.v1 (the audience projection, then loyalty, as the consumer calls them), each
 in one transaction with its inbox rows. Every statement is timed (before/after_cursor_execute);
-the last batches run under cProfile. Prints ms per event: total, SQL by statement, Python.
+the last batches run under cProfile. Prints ms per event: total, SQL by statement, Python
+(BENCH_PROFILE_CALLERS, a regular expression: also the callers of the functions it matches).
 """
 
 from __future__ import annotations
@@ -53,12 +54,12 @@ def main() -> None:
             evs = invoice_events(BATCH * BATCHES)
             prof = cProfile.Profile()
             warm = BATCHES // 4  # warm-up batches (compiled caches, first members)
-            total = 0.0
+            total = commit = 0.0
             for b in range(BATCHES):
                 run = evs[b * BATCH : (b + 1) * BATCH]
                 if b == warm:
                     stmts.clear()
-                    total = 0.0
+                    total = commit = 0.0
                 t0 = time.perf_counter()
                 if b >= warm:
                     prof.enable()
@@ -67,15 +68,17 @@ def main() -> None:
                         _INBOX_MANY, {"c": "profile", "ids": [e.id for e in run], "types": [e.type for e in run]}
                     ).all()
                     handle(conn, run)
+                    t1 = time.perf_counter()
                 prof.disable()
                 if b >= warm:
                     total += time.perf_counter() - t0
+                    commit += time.perf_counter() - t1  # the commit, with the deferred ledger check
             n = BATCH * (BATCHES - warm)
             sql = sum(sum(v) for v in stmts.values())
             print(f"{n} events in batches of {BATCH}: {1000 * total / n:.3f} ms/event ({n / total:,.0f} events/s)")
             print(
                 f"  SQL {1000 * sql / n:.3f} ms/event in {sum(len(v) for v in stmts.values()) / (n / BATCH):.1f} statements/batch; "
-                f"Python (and commit) {1000 * (total - sql) / n:.3f} ms/event"
+                f"Python (and commit) {1000 * (total - sql) / n:.3f} ms/event, of it the commit {1000 * commit / n:.3f}"
             )
             for s, v in sorted(stmts.items(), key=lambda kv: -sum(kv[1]))[:15]:
                 print(f"  {1000 * sum(v) / n:7.3f} ms/event  x{len(v) / (n / BATCH):4.1f}/batch  {s}")
@@ -83,6 +86,8 @@ def main() -> None:
             pstats.Stats(prof, stream=out).sort_stats(os.environ.get("BENCH_PROFILE_SORT", "cumulative")).print_stats(
                 30
             )
+            if callers := os.environ.get("BENCH_PROFILE_CALLERS"):  # who calls the functions matching it
+                pstats.Stats(prof, stream=out).sort_stats("tottime").print_callers(callers)
             print(out.getvalue())
         finally:
             svc.stop(0)

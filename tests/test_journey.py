@@ -5,7 +5,8 @@ vhost, real PostgreSQL), mail to a local SMTP capture. The suite's smoke test of
 A marketer makes a segment of one contact, an e-mail template and a campaign (a revenue goal),
 and a loyalty programme; the campaign is launched and its message arrives personalised with
 List-Unsubscribe; the contact clicks its tracked link and answers the site's form: a response,
-which sales-svc turns into a lead attributed to the campaign. A rep qualifies and converts it
+which sales-svc turns into a lead attributed to the campaign; the contact's look at the price list
+on the site scores that lead (a behaviour rule). A rep qualifies and converts it
 (the contact's own customer and an opportunity), wins it, the customer orders, is invoiced and
 pays: points in the club. The customer then opens a support ticket, an agent replies and
 resolves it, the customer answers the survey. Finally every report shows this customer's
@@ -114,9 +115,13 @@ def stack(databases):
 
 def assert_sales_by_segment(http, journey: dict) -> None:
     """Report 2: the customer's order (two units of the product, 90,000,000 IRR net) under their
-    city (شیراز), kind (a person) and the product, in the period; and their time from lead to
+    city (شیراز), type (a person), kind (an end consumer) and the product, in the period; and their time from lead to
     purchase (the same day: the 0-day bucket)."""
-    query = {**journey["period"], "dimensions": ["city", "customer_kind", "product"], "currency_code": "IRR"}
+    query = {
+        **journey["period"],
+        "dimensions": ["city", "customer_type", "customer_kind", "product"],
+        "currency_code": "IRR",
+    }
     product_id = journey["product"].rsplit("/", 1)[-1]
 
     def answer():
@@ -126,7 +131,8 @@ def assert_sales_by_segment(http, journey: dict) -> None:
 
     mine, got = wait_for(answer, "report 2 to count the order and the lead's purchase")
     (row,) = mine
-    assert (row["city"], row["customerKind"], int(row["orders"]), int(row["customers"])) == ("شیراز", "person", 1, 1)
+    assert (row["city"], row["customerType"], row["customerKind"]) == ("شیراز", "person", "end_consumer"), row
+    assert (int(row["orders"]), int(row["customers"])) == (1, 1), row
     assert units(row["revenue"]) == 90_000_000 and float(row["quantity"]) == 2, row
     lead = got["leadToPurchaseTotal"]
     assert int(lead["customers"]) == 1 and float(lead.get("averageDays", 0)) < 1, lead
@@ -170,15 +176,15 @@ def test_one_customer_through_every_service_and_every_report(stack):
     j: dict = {}
 
     # -- set-up: the source, the marketer's contact, segment, template, campaign, programme ----
-    # sales-svc gives a campaign response's lead the source "campaign", which is not in
-    # customer-svc's default list of acquisition sources: an admin adds it, so the customer and
-    # their lead count under one source in the acquisition report.
-    ok(http.post("/v1/acquisitionSources", json={"key": "campaign", "displayName": "Campaigns"}, headers=ADMIN), 201)
+    # sales-svc gives a campaign response's lead the source "campaign", one of customer-svc's
+    # seeded acquisition sources: the customer and their lead count under one source in the
+    # acquisition report.
     person = ok(
         http.post(
             "/v1/customers",
             json={
                 "type": "CUSTOMER_TYPE_PERSON",
+                "kind": "CUSTOMER_KIND_END_CONSUMER",
                 "givenName": "سارا",
                 "familyName": "کریمی",
                 "email": EMAIL,
@@ -294,13 +300,17 @@ def test_one_customer_through_every_service_and_every_report(stack):
     assert landing.startswith(f"{SITE}/autumn"), landing
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(landing).query)
     assert query["utm_campaign"] == [campaign_id] and query["crm_t"]
+    # Sales scores a lead that looks at the price list on the company's site (a behaviour rule).
+    rule = {"displayName": "Viewed the price list", "points": 15, "behavior": {"kind": "web_event.price_list"}}
+    ok(http.post("/v1/scoringRules", json=rule, headers=ADMIN), 201)
     # The site's form on the landing page: a response of the campaign, through the public route.
+    visitor = f"v-{uuid.uuid4().hex[:8]}"
     ok(
         http.post(
             "/v1/trackingEvents:post",
             json={
                 "siteKey": "dev-site-key",
-                "visitorId": f"v-{uuid.uuid4().hex[:8]}",
+                "visitorId": visitor,
                 "events": [{"url": landing, "title": "Autumn"}],
                 "clickToken": query["crm_t"][0],
                 "response": {"contactName": "سارا کریمی", "email": EMAIL, "text": "لطفاً تماس بگیرید"},
@@ -327,6 +337,16 @@ def test_one_customer_through_every_service_and_every_report(stack):
     assert lead["source"] == "campaign" and lead["campaignId"] == campaign_id and lead["email"] == EMAIL, lead
     assert lead["customer"] == customer, lead  # the clicked message's customer
     j["lead"], j["lead_time"] = lead["name"], lead["createTime"]
+    # The visitor (tied to the customer by the click) opens the price list: the site's event
+    # reaches sales-svc (web_activity.recorded.v1) and the rule scores the customer's open lead.
+    seen = {"siteKey": "dev-site-key", "visitorId": visitor,
+            "events": [{"kind": "event", "name": "price_list", "url": f"{SITE}/prices"}]}  # fmt: skip
+    assert ok(http.post("/v1/trackingEvents:post", json=seen))["customer"] == customer
+    wait_for(
+        lambda: ok(http.get(f"/v1/{lead['name']}", headers=ADMIN)).get("score") == 15,
+        "the site visit to score the lead in sales-svc",
+        lambda: ok(http.get(f"/v1/{lead['name']}", headers=ADMIN)).get("score"),
+    )
     # The manager's team and priced product; the lead goes to a rep of the team.
     _, product = sales_desk(http, ADMIN, "Shiraz", "maryam", "reza")
     # No If-Match: the lead's rules (scoring) may touch it after the consumer made it.

@@ -220,6 +220,36 @@ def test_erasing_customers_forgets_their_consent_by_customer_and_by_address(svc)
         assert all(p == {} for (p,) in proofs)
 
 
+def test_an_erasure_keeps_suppressions_as_hashes_only_and_they_still_hold(svc):
+    """A hard-bounced e-mail and a stopped mobile of an erased customer: the addresses leave the
+    suppressions (they were kept in plain text after the erasure), their hashes stay, so the same
+    address brought back later (a new record, an import) is still never sent to; an admin can
+    lift it by the address."""
+    from campaign_svc.tables import suppressions
+
+    cid = created(svc, email="hash.me@x.ir", mobile="+989121110077")
+    r = rt(svc)
+    with r.uow.begin() as tx:
+        consent.suppress(tx, "email", "hash.me@x.ir", "hard_bounce", "5.1.1")
+        consent.suppress(tx, "sms", "+989121110077", "stop", "لغو")
+        consent.suppress(tx, "email", "someone.else@x.ir", "hard_bounce", "5.1.1")
+    deliver(svc, customer_message("customer.erased.v1", cid=cid, version=5))
+    with svc.ctx.engine.connect() as conn:
+        rows = {(x.channel, x.address, x.reason, x.detail) for x in conn.execute(sa.select(suppressions))}
+        ok = lambda ch, a: conn.execute(sa.select(consent.sendable(ch, "marketing", sa.literal(a)))).scalar()  # noqa: E731
+        assert not [x for x in rows if x[1] in ("hash.me@x.ir", "+989121110077")]
+        assert ("email", consent.address_hash("hash.me@x.ir"), "hard_bounce", "") in rows
+        assert ("sms", consent.address_hash("+989121110077"), "stop", "") in rows
+        assert ("email", "someone.else@x.ir", "hard_bounce", "5.1.1") in rows  # not theirs: as it was
+        assert ok("email", "hash.me@x.ir") is False and ok("sms", "+989121110077") is False
+        assert ok("email", "fresh@x.ir") is True
+        assert consent.suppression_of(conn, "email", "hash.me@x.ir").reason == "hard_bounce"
+    with r.uow.begin() as tx:
+        assert consent.lift(tx, "email", "hash.me@x.ir") is True
+    with svc.ctx.engine.connect() as conn:
+        assert conn.execute(sa.select(consent.sendable("email", "marketing", sa.literal("hash.me@x.ir")))).scalar()
+
+
 def test_an_erased_customers_queued_messages_are_cancelled_not_sent_to_a_blank_address(svc):
     """The erasure blanked the address of a message still queued (or held for an A/B winner):
     the delivery workers then sent it to "" (a bounce that suppressed the empty address)."""

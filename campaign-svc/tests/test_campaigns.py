@@ -242,6 +242,71 @@ def test_throttling_and_the_frequency_cap(svc, stubs, sender, monkeypatch):
     assert {r.state for r in rows_of(svc, notice)} == {"queued"}
 
 
+def test_two_runs_queueing_at_once_are_counted_one_after_the_other_by_the_cap(svc, stubs, monkeypatch):
+    """Campaign B's run starts while A's run has queued its messages but not committed: without
+    the cap's lock B would count none of A's and both would reach the same people."""
+    import threading
+
+    monkeypatch.setenv("CAMPAIGN_FREQUENCY_CAP", "1")
+    seg = segment_of(stubs, people(svc, 3))
+    first, second = (campaign(stubs, seg, [pb.Variant(template=template(stubs))]) for _ in range(2))
+
+    def row_of(c, conn):
+        return conn.execute(sa.select(cmod.campaigns).where(cmod.campaigns.c.id == c.name.split("/")[1])).one()
+
+    got: dict = {}
+
+    def run_second():
+        with svc.ctx.engine.begin() as conn:
+            got["pid"] = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+            got["counts"] = cmod.enqueue(conn, row_of(second, conn), 1, [], dt.datetime.now(dt.UTC))
+
+    with svc.ctx.engine.begin() as conn:
+        assert cmod.enqueue(conn, row_of(first, conn), 1, [], dt.datetime.now(dt.UTC)) == {"queued": 3}
+        t = threading.Thread(target=run_second)
+        t.start()
+        deadline = dt.datetime.now() + dt.timedelta(seconds=20)
+        with svc.ctx.engine.connect() as watch:  # B waits on the lock (or, without it, is done)
+            while t.is_alive() and dt.datetime.now() < deadline:
+                waiting = watch.execute(
+                    sa.text("SELECT wait_event FROM pg_stat_activity WHERE pid = :pid"), {"pid": got.get("pid", 0)}
+                ).scalar()
+                if waiting == "advisory":
+                    break
+        assert t.is_alive(), "the second run did not wait for the first"
+    t.join(20)
+    assert got["counts"] == {"capped": 3}
+    assert {r.state for r in rows_of(svc, second)} == {"capped"}
+
+
+def test_the_ab_rest_released_after_the_cap_filled_is_capped(svc, stubs, sender, monkeypatch):
+    monkeypatch.setenv("CAMPAIGN_FREQUENCY_CAP", "1")
+    seg = segment_of(stubs, people(svc, 20))
+    ab = launched(
+        stubs,
+        svc,
+        campaign(
+            stubs,
+            seg,
+            [pb.Variant(key="A", template=template(stubs)), pb.Variant(key="B", template=template(stubs))],
+            test_percent=50,
+            winner_metric="opens",
+            winner_wait_hours=4,
+        ),
+    )
+    held = {r.customer_id for r in rows_of(svc, ab) if r.state == "held"}
+    assert held and len(held) < 20
+    other = launched(stubs, svc, campaign(stubs, seg, [pb.Variant(template=template(stubs))]))
+    # the held ones had no message this week yet: the other campaign reaches them (the rest are capped)
+    assert {r.customer_id for r in rows_of(svc, other) if r.state == "queued"} == held
+    with svc.ctx.engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE timers SET due_at = now(), next_attempt_at = now() WHERE kind = 'campaign.winner'")
+        )
+    fire_timers(svc)
+    assert {r.state for r in rows_of(svc, ab) if r.customer_id in held} == {"capped"}
+
+
 def test_quiet_hours_hold_messages_until_they_end_in_the_time_zone(svc, stubs, sender):
     with svc.ctx.engine.connect() as conn:
 
@@ -511,6 +576,8 @@ def test_a_message_interrupted_while_sending_is_never_resent(svc, stubs, sender)
     assert sender.run_once() == 0
     (r,) = rows_of(svc, c)
     assert r.state == "failed" and "not resent" in r.error
+    (failed,) = [e for e in events(svc, "message.failed.v1", ev.MessageEvent) if e.campaign == c.name]
+    assert (failed.customer, failed.state) == (f"customers/{ids[0]}", "failed")  # reports count it
 
 
 def test_a_slow_round_keeps_its_lease_so_another_workers_sweep_does_not_fail_its_messages(svc, stubs, sender):

@@ -553,6 +553,84 @@ def test_the_balance_is_the_ledger_sum_and_the_commit_refuses_anything_else(svc,
     assert ledger_problems(svc) == []
 
 
+def test_the_ledger_check_runs_once_per_member_and_still_follows_every_change(svc, stub):
+    """Migration 0013: a check is queued for a member only while none is pending for it in the
+    transaction; it still runs after the member's last change, even when an earlier check ran
+    in the transaction (SET CONSTRAINTS IMMEDIATE) or a savepoint dropped the pending one."""
+    prog = program(stub, "DKK")
+    cid = str(uuid.uuid4())
+    deliver(svc, paid("DKK", cid, [("products/a", "", 1, 40)]))
+    with svc.ctx.engine.connect() as conn:
+        mem = conn.execute(sa.select(loyalty_members).where(loyalty_members.c.customer == cid)).one()
+    assert (str(mem.program_id), mem.balance) == (prog.name.rpartition("/")[2], 40)
+
+    def move(conn, points, balance):
+        conn.execute(
+            loyalty_movements.insert().values(
+                program_id=mem.program_id, member_id=mem.id, kind="adjust", points=points, balance=balance,
+                remaining=max(points, 0), qualify_time=NOW, occur_time=NOW,
+            )
+        )  # fmt: skip
+
+    def set_balance(conn, balance):
+        conn.execute(loyalty_members.update().where(loyalty_members.c.id == mem.id).values(balance=balance))
+
+    # several movements and balance writes of one member in one transaction, right at the end: kept
+    with svc.ctx.engine.begin() as conn:
+        move(conn, 5, 45)
+        set_balance(conn, 45)
+        move(conn, 3, 48)
+        set_balance(conn, 48)
+    assert member(stub, prog, cid).balance == 48
+    # the same, wrong by the last movement (only the first write queued a check): refused
+    with pytest.raises(sa.exc.IntegrityError) as err, svc.ctx.engine.begin() as conn:
+        move(conn, 2, 50)
+        set_balance(conn, 50)
+        move(conn, 1, 51)
+    assert "not the sum of its movements" in str(err.value)
+    # a check run in mid-transaction (IMMEDIATE), then a wrong change: checked again at commit
+    with pytest.raises(sa.exc.IntegrityError) as err, svc.ctx.engine.begin() as conn:
+        move(conn, 2, 50)
+        set_balance(conn, 50)
+        conn.execute(sa.text("SET CONSTRAINTS ALL IMMEDIATE"))  # runs the pending check: right so far
+        conn.execute(sa.text("SET CONSTRAINTS ALL DEFERRED"))
+        set_balance(conn, 51)
+    assert "not the sum of its movements" in str(err.value)
+    # a pending check dropped with its savepoint, then a wrong change: queued again, refused
+    with pytest.raises(sa.exc.IntegrityError) as err, svc.ctx.engine.begin() as conn:
+        savepoint = conn.begin_nested()
+        move(conn, 2, 50)
+        set_balance(conn, 50)
+        savepoint.rollback()
+        set_balance(conn, 49)
+    assert "not the sum of its movements" in str(err.value)
+    assert member(stub, prog, cid).balance == 48
+    assert ledger_problems(svc) == []
+
+
+def test_the_ledger_check_of_a_transaction_over_many_members_still_sees_each(svc, stub):
+    """Past 885 pending members (the list's 32 KiB) every further row queues its own check:
+    a wrong balance among the last ones is still refused, and a right bulk write commits."""
+    prog = program(stub, "HUF")
+    pid = prog.name.rpartition("/")[2]
+    bulk = sa.text(
+        """INSERT INTO loyalty_members (program_id, customer, enroll_source, enroll_time)
+           SELECT CAST(:p AS uuid), :tag || i, 'explicit', now() FROM generate_series(1, 1000) AS i"""
+    )
+    tag = f"bulk-{uuid.uuid4().hex[:8]}-"
+    with pytest.raises(sa.exc.IntegrityError) as err, svc.ctx.engine.begin() as conn:
+        conn.execute(bulk, {"p": pid, "tag": tag})
+        conn.execute(
+            loyalty_members.update().where(loyalty_members.c.customer == f"{tag}999").values(balance=5)
+        )  # the 999th member's row: written once more, its balance with no movement
+    assert "not the sum of its movements" in str(err.value)
+    with svc.ctx.engine.begin() as conn:
+        conn.execute(bulk, {"p": pid, "tag": tag})
+    with svc.ctx.engine.connect() as conn:
+        n = conn.execute(sa.select(sa.func.count()).where(loyalty_members.c.customer.like(f"{tag}%"))).scalar_one()
+    assert n == 1000 and ledger_problems(svc) == []
+
+
 # -- tiers -------------------------------------------------------------------------------------
 def test_tier_up_at_once_and_down_after_the_grace(svc, stub, clock):
     prog = program(

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from campaign_svc import consent_api, delivery, tracking
 from campaign_svc.__main__ import SPEC
-from campaign_svc.tables import audience_invoices, messages, suppressions
+from campaign_svc.tables import audience, audience_invoices, messages, suppressions
 from campaign_svc.tracking_tables import page_events, visitors, web_activity
 from crm.campaign.v1 import campaign_events_pb2 as ev
 from crm.campaign.v1 import campaign_service_pb2 as cpb
@@ -38,6 +38,7 @@ from tests.support.smtp_capture import SmtpCapture
 
 from .conftest import MARKETER, deliver, events, row, rt
 from .test_campaigns import campaign, launched, people, rows_of, segment_of, template
+from .test_segments import dynamic, members
 
 BASE = "https://crm.test"
 SHOP = "https://shop.example.ir/autumn?x=1&y=2"
@@ -327,6 +328,17 @@ def test_a_dsn_hard_bounce_marks_the_message_and_suppresses_the_address_for_the_
         "/v1/bounces:post", data=dsn(other.provider_message_id, f"{ids[1]}@example.ir", "4.4.7", "delayed"), headers=KEY
     )
     assert late.json.get("bounceKind") is None and message_row(svc, c, ids[1]).state == "sent"
+    # a success report (NOTIFY=SUCCESS) is the delivery: once, and never over a bounce
+    arrived = dsn(other.provider_message_id, f"{ids[1]}@example.ir", "2.0.0", "delivered")
+    ok = http.post("/v1/bounces:post", data=arrived, headers=KEY)
+    assert ok.status_code == 200 and ok.json.get("bounceKind") is None, ok.json
+    assert ok.json["message"] == f"{c.name}/messages/{other.id}"
+    assert message_row(svc, c, ids[1]).state == "delivered" and message_row(svc, c, ids[1]).delivered_time
+    http.post("/v1/bounces:post", data=arrived, headers=KEY)  # redelivered
+    http.post("/v1/bounces:post", data=dsn(row.provider_message_id, address, "2.0.0", "delivered"), headers=KEY)
+    assert message_row(svc, c, ids[0]).state == "bounced"
+    got = [e for e in events(svc, "message.delivered.v1", ev.MessageEvent) if e.campaign == c.name]
+    assert [e.customer for e in got] == [f"customers/{ids[1]}"]
     # the next campaign to the same people leaves the bounced address out
     segment = c.segment
     again = launched(stubs, svc, campaign(stubs, segment, [cpb.Variant(template=template(stubs, HTML))]))
@@ -482,6 +494,67 @@ def test_the_clickstream_ties_a_visitor_to_a_customer(svc, stubs, tr, smtp, send
     assert http.post("/v1/trackingEvents:post", json={"siteKey": "dev-site-key", "visitorId": "x"}).status_code == 400
 
 
+def test_site_behaviour_is_in_segments_and_goes_to_sales_for_lead_scoring(svc, stubs, http):
+    from crm.campaign.v1 import segments_pb2 as spb
+
+    seg_stub = stubs[1]
+    (a,) = people(svc, 1)
+    vid = f"visitor-{uuid.uuid4().hex[:12]}"
+
+    def post(*hits, **extra):
+        body = {"siteKey": "dev-site-key", "visitorId": vid, "events": list(hits), **extra}
+        r = http.post("/v1/trackingEvents:post", json=body)
+        assert r.status_code == 200, r.json
+        return r.json
+
+    def published():
+        return [
+            e for e in events(svc, "web_activity.recorded.v1", ev.WebActivityEvent) if e.visitor == f"visitors/{vid}"
+        ]
+
+    post({"url": "https://shop.example.ir/p/1"}, {"url": "https://shop.example.ir/p/2"})
+    assert published() == []  # an anonymous visitor is nobody's behaviour yet
+    keen = dynamic(seg_stub, f'customer_id = "{a}" AND web_page_views >= 3 AND web_events >= 1')
+    recent = dynamic(seg_stub, f'customer_id = "{a}" AND last_web_visit_time >= now - 1d')
+    assert members(seg_stub, keen.name) == set() and members(seg_stub, recent.name) == set()
+
+    post(
+        {"url": "https://shop.example.ir/pricing"},
+        {"url": "https://shop.example.ir/pricing", "kind": "event", "name": "demo_request"},
+        identify={"email": f"{a}@example.ir"},
+    )
+    got = row(svc, audience, customer_id=a)
+    assert (got.web_page_views, got.web_events) == (3, 1) and got.last_web_visit_time is not None
+    # the hook moved them into both segments in the visit's transaction
+    assert members(seg_stub, keen.name) == {a} and members(seg_stub, recent.name) == {a}
+    added = events(svc, "segment.member_added.v1", ev.SegmentMemberEvent)
+    assert {(e.segment, e.cause) for e in added if e.customer == f"customers/{a}"} >= {(keen.name, "event")}
+    (first,) = published()  # tied now: the two anonymous page views come along
+    assert first.customer == f"customers/{a}" and first.email == f"{a}@example.ir"
+    assert [h.kind for h in first.hits] == ["page_view", "page_view", "page_view", "event"]
+    assert first.hits[-1].name == "demo_request" and len({h.id for h in first.hits}) == 4
+
+    post({"url": "https://shop.example.ir/p/3"})
+    second = published()[-1]
+    assert [h.url for h in second.hits] == ["https://shop.example.ir/p/3"]  # only the new hit
+    assert second.hits[0].id not in {h.id for h in first.hits}
+    preview = seg_stub.PreviewSegment(
+        spb.PreviewSegmentRequest(
+            segment=spb.Segment(kind=spb.SEGMENT_KIND_DYNAMIC, filter=f'customer_id = "{a}" AND web_page_views = 4')
+        ),
+        metadata=MARKETER,
+    )
+    assert preview.member_count == 1
+    with pytest.raises(grpc.RpcError) as info:
+        seg_stub.PreviewSegment(
+            spb.PreviewSegmentRequest(
+                segment=spb.Segment(kind=spb.SEGMENT_KIND_DYNAMIC, filter='web_page_views >= "x"')
+            ),
+            metadata=MARKETER,
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "segment.filter" in info.value.details()
+
+
 def test_a_response_is_recorded_once_and_published_for_sales(svc, stubs, tr, smtp, sender, http):
     c, ids, _ = mailed(svc, stubs, smtp, sender)
     row = message_row(svc, c, ids[0])
@@ -558,9 +631,12 @@ def test_a_merge_moves_web_activity_to_the_survivor_and_an_erasure_forgets_the_v
     deliver(svc, merged_message(customer(a, 2, email=f"{a}@example.ir"), [b]))
     assert row(svc, web_activity, customer_id=b) is None
     assert row(svc, web_activity, customer_id=a).page_views == 2
+    assert row(svc, audience, customer_id=a).web_page_views == 2  # what segment filters read
     assert row(svc, visitors, visitor_id="visitor-merge-b").customer_id == a
     deliver(svc, customer_message("customer.erased.v1", cid=a, version=5))
     assert row(svc, web_activity, customer_id=a) is None and row(svc, visitors, visitor_id="visitor-merge-a") is None
+    gone = row(svc, audience, customer_id=a)
+    assert gone is None or (gone.web_page_views, gone.web_events, gone.last_web_visit_time) == (0, 0, None)
     with svc.ctx.engine.connect() as conn:
         left = conn.execute(sa.select(sa.func.count()).where(page_events.c.visitor_id.like("visitor-merge-%"))).scalar()
     assert left == 0

@@ -141,6 +141,31 @@ def test_the_sandbox_bounds_the_work_of_filters_and_the_output():
     assert templating.render(env.from_string(ok), values) == "a, b سارا سآرآ  3.14"
 
 
+def test_the_sandbox_bounds_loops_that_output_nothing():
+    """Nested loops over long strings output nothing, so the output bound never stops them (three
+    of 'x' * 9999 are 10^12 steps): the loops' budget does, and loops within it work as ever
+    (`loop.index`, `loop.length`, `else`, a filtered loop)."""
+
+    class Box(templating.Sandbox):
+        what = "a test template"
+
+    env = Box(undefined=StrictUndefined)
+    # 4,000,000 steps (unbounded they would run to the end: a second here, 10^12 for three of 9999)
+    slow = "{% set s = 'x' * 2000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}done"
+    with pytest.raises(SecurityError) as err:
+        templating.render(env.from_string(slow), {})
+    assert "steps" in str(err.value)
+    ok = (
+        "{% for x in tags if x != 'b' %}{{ loop.index }}{{ x }}{% endfor %}"
+        "|{% for t in [] %}{{ t }}{% else %}none{% endfor %}|{% for t in tags %}{{ loop.length }}{% endfor %}"
+    )
+    assert templating.render(env.from_string(ok), {"tags": ["a", "b", "c"]}) == "1a2c|none|333"
+    # the budget is per render: one under it renders every time
+    fine = "{% for a in 'x' * 400 %}{% for b in 'y' * 400 %}{% endfor %}{% endfor %}done"
+    for _ in range(3):
+        assert templating.render(env.from_string(fine), {}) == "done"
+
+
 def test_bot_settings():
     env = {"TELEGRAM_BOT_TOKEN": " 1:A ", "BALE_API_BASE": "http://bale.local/", "BOT_API_TIMEOUT_SECONDS": "-1"}
     assert bots.bot_token("telegram", env) == "1:A" and bots.bot_token("bale", env) == ""

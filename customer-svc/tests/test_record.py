@@ -567,6 +567,7 @@ def test_retired_source_stays_on_old_customers_but_not_new(stub):
         for x in stub.ListAcquisitionSources(pb.ListAcquisitionSourcesRequest(), metadata=md()).acquisition_sources
     ]
     assert "website" in keys and "radio_ad" not in keys
+    assert "campaign" in keys  # seeded (migration 0010): sales-svc's campaign leads convert with it
 
 
 # -- masking, audit, erasure -------------------------------------------------------------------

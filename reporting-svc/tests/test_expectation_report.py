@@ -100,3 +100,16 @@ def test_export_and_a_bad_part(stub):
     with pytest.raises(grpc.RpcError) as info:
         list(stub.ExportSupportReport(rs.ExportSupportReportRequest(format="csv", part="zones"), metadata=md()))
     assert [v.field for v in read_rpc_error(info.value).field_violations] == ["part"]
+
+
+def test_the_export_charts_the_zone_of_tolerance(stub):
+    """part=expectations pictures the zone (adequate, perceived, desired per dimension and agent),
+    not the desk's requests (which that part's answer does not hold)."""
+    import xml.etree.ElementTree as ET
+
+    req = rs.ExportSupportReportRequest(format="svg", part="expectations", dimensions=["agent"])
+    svg = b"".join(c.data for c in stub.ExportSupportReport(req, metadata=md()))
+    texts = {el.text or "" for el in ET.fromstring(svg).iter("{http://www.w3.org/2000/svg}text")}
+    assert {"Zone of tolerance", "Adequate (mean)", "Perceived (mean)", "Desired (mean)"} <= texts, texts
+    assert {"agents/a / responsiveness", "agents/b / reliability"} <= texts, texts
+    assert "Support requests" not in texts

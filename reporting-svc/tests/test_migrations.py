@@ -123,3 +123,55 @@ def test_0016_fills_the_monthly_rollup_and_the_summary_from_the_daily_rollups(da
         assert conn.execute(sa.text("SELECT count(*) FROM support_daily")).scalar() == 4
     command.upgrade(cfg(url), "head")
     engine.dispose()
+
+
+def test_0017_splits_customer_type_from_customer_kind_and_keeps_the_sales(databases):
+    """A database from before 0017 (report 2's customer_kind held the type) keeps its rows: the
+    type moves to customer_type, customer_kind is "unknown" until a rebuild; the downgrade adds
+    rows apart only by the kind back together."""
+    url = databases.fresh("rep_migr17")
+    migrate(url, SPEC.migrations)
+    command.downgrade(cfg(url), "0011")  # the shape before 0017
+    engine = sa.create_engine(normalise_url(url))
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO customer_demo_facts (customer_id, version, gender, province, city, customer_kind) "
+                "VALUES ('c1', 3, 'female', 'Fars', 'Shiraz', 'person')"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO sales_daily (day, grain, age_band, gender, province, city, customer_kind, product, "
+                "product_line, currency, orders, quantity, revenue) VALUES "
+                "('2026-11-21', 'order', '25-34', 'female', 'Fars', 'Shiraz', 'person', '', '', 'IRR', 2, 3, 900)"
+            )
+        )
+    command.upgrade(cfg(url), "head")
+    with engine.connect() as conn:
+        demo = conn.execute(sa.text("SELECT customer_type, customer_kind FROM customer_demo_facts")).one()
+        assert tuple(demo) == ("person", "unknown")
+        row = conn.execute(sa.text("SELECT customer_type, customer_kind, orders, revenue FROM sales_daily")).one()
+        assert tuple(row) == ("person", "unknown", 2, Decimal("900"))
+        key = conn.execute(
+            sa.text(
+                "SELECT array_agg(a.attname ORDER BY k.n) FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, n) "
+                "JOIN pg_attribute a ON a.attrelid = 'sales_daily'::regclass AND a.attnum = k.attnum "
+                "WHERE i.indrelid = 'sales_daily'::regclass AND i.indisprimary"
+            )
+        ).scalar()
+        assert "customer_kind" in key and "customer_type" in key
+    with engine.begin() as conn:  # two kinds of the same type: one row again after a downgrade
+        conn.execute(
+            sa.text(
+                "INSERT INTO sales_daily (day, grain, age_band, gender, province, city, customer_type, customer_kind, "
+                "product, product_line, currency, orders, quantity, revenue) VALUES ('2026-11-21', 'order', '25-34', "
+                "'female', 'Fars', 'Shiraz', 'person', 'intermediary', '', '', 'IRR', 1, 1, 100)"
+            )
+        )
+    command.downgrade(cfg(url), "0011")
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT customer_kind, orders, revenue FROM sales_daily")).one()
+        assert tuple(row) == ("person", 3, Decimal("1000"))
+    command.upgrade(cfg(url), "head")
+    engine.dispose()

@@ -257,3 +257,37 @@ def test_render_file_for_an_attachment(svc, stubs):
     )
     assert kind == "application/pdf" and name.startswith("support-") and name.endswith(".pdf")
     assert data.startswith(b"%PDF")
+
+
+def test_money_charts_never_add_up_amounts_of_different_currencies():
+    """The pipeline and forecast charts over rows in rials and euros: a group (or a pair of
+    series) per currency, each with its own amounts; one currency keeps the plain names."""
+    from crm.type.v1 import money_pb2
+
+    def money(units: int, code: str):
+        return money_pb2.Money(currency_code=code, units=units)
+
+    q = {"lang": "en", "period": "month", "dims": []}
+    rows = [
+        pr.ForecastReportRow(period_label="Nov 2026", owner="ali", currency_code="IRR", actual_won=money(900, "IRR"),
+                             latest=pr.ForecastSnapshotFigures(commit=money(1000, "IRR"))),
+        pr.ForecastReportRow(period_label="Nov 2026", owner="sara", currency_code="EUR", actual_won=money(7, "EUR"),
+                             latest=pr.ForecastSnapshotFigures(commit=money(5, "EUR"))),
+        pr.ForecastReportRow(period_label="Nov 2026", owner="reza", currency_code="IRR", actual_won=money(100, "IRR")),
+    ]  # fmt: skip
+    chart = report_files._forecast_chart(pr.GetForecastReportResponse(rows=rows), q)
+    got = {s.name: list(s.values) for s in chart.series}
+    assert got == {
+        "Actual won (IRR)": [1000.0],
+        "Commit (IRR)": [1000.0],
+        "Actual won (EUR)": [7.0],
+        "Commit (EUR)": [5.0],
+    }
+    one = report_files._forecast_chart(pr.GetForecastReportResponse(rows=[rows[0]]), q)
+    assert [s.name for s in one.series] == ["Actual won", "Commit"]
+    pipe = [
+        pr.PipelineRow(period_label="Nov 2026", amount=money(300, "IRR"), weighted_amount=money(30, "IRR")),
+        pr.PipelineRow(period_label="Nov 2026", amount=money(4, "EUR"), weighted_amount=money(2, "EUR")),
+    ]
+    chart = report_files._pipeline_chart(pr.GetPipelineReportResponse(rows=pipe), q)
+    assert {s.name: list(s.values) for s in chart.series} == {"Amount (IRR)": [300.0], "Amount (EUR)": [4.0]}

@@ -41,9 +41,10 @@ def ts(at: dt.datetime) -> timestamp_pb2.Timestamp:
 
 
 def customer(n: int, version: int, *, kind="person", gender=None, birth=None, province="", city="",
-             key="customer.created.v1", erased=False) -> Event:  # fmt: skip
+             key="customer.created.v1", erased=False, role=0) -> Event:  # fmt: skip
+    """kind: the type (person or organization); role: Customer.kind (CUSTOMER_KIND_*)."""
     c = customer_pb2.Customer(
-        name=f"customers/c{n}", etag=f'"{version}"', province=province, city=city, erased=erased,
+        name=f"customers/c{n}", etag=f'"{version}"', province=province, city=city, erased=erased, kind=role,
         type=customer_pb2.CUSTOMER_TYPE_PERSON if kind == "person" else customer_pb2.CUSTOMER_TYPE_ORGANIZATION,
         gender={"f": customer_pb2.GENDER_FEMALE, "m": customer_pb2.GENDER_MALE, None: 0}[gender],
         create_time=ts(dt.datetime(2026, 10, 1, tzinfo=UTC)),
@@ -110,12 +111,21 @@ PHASE1 = [O1, O1, O2, O3, again(O3), O4, O4_CANCEL, again(O4), O5, O6, O7, O8, O
 PHASE2 = [
     customer(1, 1, gender="f", birth=D(1990, 6, 15), province="Tehran", city="Tehran"),
     customer(2, 1, gender="m", birth=D(2001, 11, 22), province="Isfahan", city="Isfahan"),
-    customer(3, 1, kind="organization", province="Fars", city="Shiraz"),
+    customer(3, 1, kind="organization", province="Fars", city="Shiraz", role=customer_pb2.CUSTOMER_KIND_INTERMEDIARY),
     customer(5, 1, gender="m", birth=D(1985, 1, 1), province="Tehran", city="Tehran"),
 ]
 PHASE3 = [
     customer(4, 1, gender="f", birth=D(1970, 3, 1), province="Tehran", city="Tehran"),
-    customer(2, 2, gender="m", birth=D(2001, 11, 22), province="Isfahan", city="Kashan", key="customer.updated.v1"),
+    customer(
+        2,
+        2,
+        gender="m",
+        birth=D(2001, 11, 22),
+        province="Isfahan",
+        city="Kashan",
+        key="customer.updated.v1",
+        role=customer_pb2.CUSTOMER_KIND_END_CONSUMER,
+    ),
     customer(5, 2, province="Tehran", city="Tehran", key="customer.erased.v1", erased=True),
     customer(2, 1, gender="m", birth=D(2001, 11, 22), province="Isfahan", city="Isfahan"),  # older, again: ignored
 ]
@@ -204,10 +214,21 @@ def test_per_customer_dimension(stub):
         "Isfahan": (2, 1, "2", 750_000),
         "Fars": (1, 1, "15", 5_500_000),
     }
-    assert by("customer_kind") == {"person": (6, 4, "9", 3_350_000), "organization": (1, 1, "15", 5_500_000)}
-    fa = get(stub, dimensions=["gender", "customer_kind"], language_code="fa")
-    labels = {(r.gender_label, r.customer_kind_label) for r in fa.rows}
-    assert labels == {("زن", "حقیقی"), ("مرد", "حقیقی"), ("نامشخص", "حقوقی")}
+    assert by("customer_type") == {"person": (6, 4, "9", 3_350_000), "organization": (1, 1, "15", 5_500_000)}
+    # Customer.kind: c2 became an end consumer in its update (its past sales moved with it)
+    assert by("customer_kind") == {
+        "unknown": (4, 3, "7", 2_600_000),
+        "end_consumer": (2, 1, "2", 750_000),
+        "intermediary": (1, 1, "15", 5_500_000),
+    }
+    fa = get(stub, dimensions=["gender", "customer_type", "customer_kind"], language_code="fa")
+    labels = {(r.gender_label, r.customer_type_label, r.customer_kind_label) for r in fa.rows}
+    assert labels == {
+        ("زن", "حقیقی", "نامشخص"),
+        ("مرد", "حقیقی", "نامشخص"),
+        ("مرد", "حقیقی", "مصرف‌کننده نهایی"),
+        ("نامشخص", "حقوقی", "واسطه"),
+    }
 
 
 def test_per_product_and_line_an_order_counts_once(stub):
@@ -365,7 +386,7 @@ def answers(stub):
         get(stub),
         get(stub, dimensions=["gender", "age_band", "city"]),
         get(stub, dimensions=["product"], period="month", calendar="jalali"),
-        get(stub, dimensions=["product_line", "customer_kind"], period="week"),
+        get(stub, dimensions=["product_line", "customer_type", "customer_kind"], period="week"),
         get(stub, dimensions=["province"], period="day", currency_code="USD"),
     ]
 

@@ -147,6 +147,31 @@ def test_every_service_newest_first_in_keyset_pages(stub):
     assert all(e.origin_customer == C1 for e in entries)
 
 
+def test_titles_in_persian_from_the_same_entries(stub):
+    """language_code fa: every entry's title in Persian with Persian digits, made from its kind and
+    figures; the same entries, refs and details as in English; an export in Persian too."""
+    en, fa = all_pages(stub), all_pages(stub, language_code="fa")
+    assert [(e.kind, e.ref, e.detail) for e in fa] == [(e.kind, e.ref, e.detail) for e in en]
+    titles = {e.kind: e.title for e in fa}
+    assert titles["order.placed"] == "سفارش SO-۱ ثبت شد: ۵٬۰۰۰٬۰۰۰ IRR"
+    assert titles["opportunity.won"] == "فرصت Big deal به فروش رسید: ۵٬۰۰۰٬۰۰۰ IRR"
+    assert titles["ticket.opened"] == "درخواست T-۱ باز شد (شکایت)"
+    assert titles["note.added"] == "یادداشت: Wants a call back"
+    assert titles["tier.changed"] == "سطح ارتقا: bronze ← silver"
+    assert titles["points.earned"] == "۱۲۰ امتیاز کسب شد، مانده ۱۲۰"
+    assert titles["call.logged"] == "تماس ورودی، پاسخ داده شد"
+    assert titles["survey.answered"] == "نظرسنجی پاسخ داده شد: رضایت ۴ از ۵"
+    assert titles["message.clicked"] == "پیام کمپین (ایمیل) کلیک شد: https://example.com/offer"
+    assert titles["lead.created"] == "سرنخ ساخته شد (website)"
+    assert titles["customer.created"] == "پرونده مشتری ساخته شد"
+    for kind, title in titles.items():  # no English word left but names, codes and links
+        words = [w for w in title.split() if "://" not in w for w in [w.strip(":()،")] if w.isascii() and w.isalpha()]
+        assert set(words) <= {"IRR", "Big", "deal", "Wants", "a", "call", "back", "bronze", "silver", "website"}, kind
+    req = rs.ExportCustomerTimelineRequest(customer=C1, format="csv", language_code="fa")
+    text = b"".join(c.data for c in stub.ExportCustomerTimeline(req, metadata=md("analyst"))).decode("utf-8-sig")
+    assert "سفارش SO-۱ ثبت شد" in text and "Order SO-1 placed" not in text
+
+
 def test_kinds_and_sources_filter(stub):
     entries = all_pages(stub, kinds=["support", "points.earned.v1"], size=2)
     assert [e.kind for e in entries] == ["points.earned", "survey.answered", "call.logged", "ticket.opened"]
@@ -221,3 +246,30 @@ def test_a_merge_moves_the_merged_customers_timeline_to_the_survivor_and_an_unme
     mine = all_pages(stub, C2, size=50)
     assert [e.kind for e in mine] == ["order.placed", *KINDS[::-1]] and {e.origin_customer for e in mine} == {C2}
     assert len(all_pages(stub, C1, size=50)) == len(KINDS) + 1  # its own and the merge
+
+
+def test_an_entrys_detail_is_the_named_fields_as_json_format_makes_them():
+    """_detail converts only the named fields: the same JSON as json_format over the whole
+    message (enums by name, int64 as text, Money and dates as objects, lists), set fields only."""
+    from google.protobuf import json_format
+
+    from crm.customer.v1 import customer_events_pb2 as cust
+    from crm.sales.v1 import sales_events_pb2 as sev
+    from crm.support.v1 import support_events_pb2 as tev
+    from crm.type.v1 import money_pb2
+    from reporting_svc.timeline import _detail
+
+    ticket = tev.TicketEvent(number="T-1", channel=2, complaint=True, priority=3, team="teams/a", version=7)
+    ticket.create_time.GetCurrentTime()
+    invoice = sev.InvoiceEvent(number="INV-9", state="paid", total=money_pb2.Money(currency_code="IRR", units=99))
+    changed = cust.CustomerUpdated(changed_fields=["email", "city"])
+    cases = [
+        (ticket, ("number", "channel", "category", "complaint", "priority", "team", "assignee", "version")),
+        (invoice, ("number", "kind", "state", "total", "paid_total", "due_date")),
+        (changed, ("changed_fields",)),
+        (changed, ()),
+    ]
+    for msg, fields in cases:
+        full = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+        assert _detail(msg, *fields) == {f: full[f] for f in fields if f in full}, (type(msg).__name__, fields)
+    assert _detail(ticket, "category") == {}

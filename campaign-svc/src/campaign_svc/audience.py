@@ -34,6 +34,7 @@ from crm_chassis.messaging.consumer import Requires, Subscription
 from crm_chassis.messaging.envelope import Event
 from crm_chassis.money import NANO
 
+from . import consent
 from .runtime import Campaign
 from .tables import (
     audience,
@@ -393,6 +394,7 @@ def erase_personal(conn: sa.Connection, customer_id: str, emails=(), phones=()) 
             col = table.c[c]
             blank[c] = None if col.nullable else ({} if isinstance(col.type, sa.JSON) else "")
         conn.execute(table.update().where(where).values(**blank))
+    consent.hash_suppressions(conn, emails, phones)  # still never sent to, kept as hashes only
 
 
 def subscriptions(rt: Campaign) -> list[Subscription]:

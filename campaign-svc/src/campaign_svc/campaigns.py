@@ -631,10 +631,16 @@ class Campaigns:
         else:
             rates = variant_rates(conn, row)
             best = max(variants, key=lambda k: (rates.get(k, 0.0), -variants.index(k))) if variants else ""
+        # the held rest are queued, but for those whom other campaigns took to the cap meanwhile
+        capped = over_cap(conn, row, m.customer_id, conn.execute(sa.select(sa.func.now())).scalar())
         conn.execute(
             messages.update()
             .where(m.campaign_id == row.id, m.state == "held")
-            .values(state="queued", variant=best, not_before=sa.func.greatest(m.not_before, sa.func.now()))
+            .values(
+                state=sa.case((capped, sa.literal("capped")), else_=sa.literal("queued")),
+                variant=best,
+                not_before=sa.func.greatest(m.not_before, sa.func.now()),
+            )
         )
         if known:
             return
@@ -730,6 +736,33 @@ def quiet_until(now, tz: str | sa.ColumnElement, start: int, end: int) -> sa.Col
     return sa.case((quiet, sa.func.timezone(tz, until_local)), else_=sa.literal(now))
 
 
+_CAP_LOCK = sa.func.hashtextextended(sa.literal("campaign.frequency_cap"), 0)
+
+
+def over_cap(conn: sa.Connection, row, customer_id: sa.ColumnElement, now: dt.datetime) -> sa.ColumnElement:
+    """SQL: the customer `customer_id` (a column) has had the week's CAMPAIGN_FREQUENCY_CAP of
+    messages (queued, sending or sent) across campaigns; false when the cap is off or the
+    campaign ignores it. Where the cap applies, the caller's transaction first takes the cap's
+    lock, so two runs queueing at once are counted one after the other: the second statement
+    (read committed: a snapshot of its own) sees the first's messages, and nobody gets one
+    over the cap because two campaigns launched together."""
+    cap = frequency_cap()
+    if not cap or row.ignore_frequency_cap:
+        return sa.false()
+    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_CAP_LOCK)))
+    p = messages.alias("p")
+    recent = (
+        sa.select(sa.func.count())
+        .where(
+            p.c.customer_id == customer_id,
+            p.c.state.in_(("queued", "sending", *SENT)),
+            p.c.queued_time > sa.literal(now) - sa.text("interval '7 days'"),
+        )
+        .scalar_subquery()
+    )
+    return recent >= cap
+
+
 def enqueue(conn: sa.Connection, row, run: int, variants, now: dt.datetime) -> dict[str, int]:
     """One run's messages in one INSERT ... SELECT; returns the count per state."""
     a = audience.c
@@ -757,20 +790,7 @@ def enqueue(conn: sa.Connection, row, run: int, variants, now: dt.datetime) -> d
         sorted(dates.country_zones().items())
     )
     timezone = sa.func.coalesce(zones.c.zone, sa.literal(row.timezone, sa.Text))
-    p = messages.alias("p")
-    cap = frequency_cap()
-    capped = sa.false()
-    if cap and not row.ignore_frequency_cap:
-        recent = (
-            sa.select(sa.func.count())
-            .where(
-                p.c.customer_id == a.customer_id,
-                p.c.state.in_(("queued", "sending", *SENT)),
-                p.c.queued_time > sa.literal(now) - sa.text("interval '7 days'"),
-            )
-            .scalar_subquery()
-        )
-        capped = recent >= cap
+    capped = over_cap(conn, row, a.customer_id, now)
     sendable = consent.sendable(row.channel, row.purpose, address)
     state = sa.case(
         (~sendable, sa.literal("suppressed")),

@@ -24,6 +24,7 @@ question every send asks ("may we send this channel and purpose to this address?
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 from dataclasses import dataclass, field
 
@@ -255,11 +256,56 @@ def suppress(tx, channel: str, address: str, reason: str, detail: str = "") -> b
     return tx.conn.execute(stmt.on_conflict_do_nothing().returning(suppressions.c.channel)).first() is not None
 
 
+HASHED = "sha256:"  # an erased customer's suppressed address is kept as its hash only
+
+
+def address_hash(address: str) -> str:
+    """The form an erased customer's suppressed address is kept in."""
+    return HASHED + hashlib.sha256(address.encode()).hexdigest()
+
+
+def _hash_sql(address_col) -> sa.ColumnElement:
+    return sa.literal(HASHED) + sa.func.encode(sa.func.sha256(sa.func.convert_to(address_col, "UTF8")), "hex")
+
+
+def suppressed(channel: str, address_col) -> sa.ColumnElement:
+    """SQL: the address (a column or value) is suppressed on the channel, as written or as the
+    hash an erasure left."""
+    s = suppressions.c
+    return sa.exists().where(s.channel == channel, s.address.in_([address_col, _hash_sql(address_col)]))
+
+
+def suppression_of(conn: sa.Connection, channel: str, address: str):
+    """The suppression row of an address (plain or hashed), or None."""
+    s = suppressions.c
+    q = sa.select(suppressions).where(s.channel == channel, s.address.in_([address, address_hash(address)]))
+    return conn.execute(q.order_by(s.address.startswith(HASHED))).first()
+
+
+def hash_suppressions(conn: sa.Connection, emails=(), phones=()) -> None:
+    """An erasure: the customer's suppressed addresses are kept as their hashes only, so nothing
+    is sent to them again (a re-imported address still matches) while the address itself goes."""
+    s = suppressions
+    for channel, addresses in (("email", sorted(set(emails) - {""})), ("sms", sorted(set(phones) - {""}))):
+        if not addresses:
+            continue
+        mine = sa.and_(s.c.channel == channel, s.c.address.in_(addresses))
+        moved = sa.select(s.c.channel, _hash_sql(s.c.address), s.c.reason, sa.literal(""), s.c.create_time).where(mine)
+        conn.execute(
+            pg_insert(s)
+            .from_select(["channel", "address", "reason", "detail", "create_time"], moved)
+            .on_conflict_do_nothing()
+        )
+        conn.execute(s.delete().where(mine))
+
+
 def lift(tx, channel: str, address: str) -> bool:
     """An admin lifts a suppression (the address was fixed); True if there was one."""
     return (
         tx.conn.execute(
-            suppressions.delete().where(suppressions.c.channel == channel, suppressions.c.address == address)
+            suppressions.delete().where(
+                suppressions.c.channel == channel, suppressions.c.address.in_([address, address_hash(address)])
+            )
         ).rowcount
         > 0
     )
@@ -267,8 +313,8 @@ def lift(tx, channel: str, address: str) -> bool:
 
 def sendable(channel: str, purpose: str, address_col, env=os.environ) -> sa.ColumnElement:
     """SQL: may `purpose` be sent on `channel` to the address in `address_col` now."""
-    s, c = suppressions, consent_state
-    not_suppressed = ~sa.exists().where(s.c.channel == channel, s.c.address == address_col)
+    c = consent_state
+    not_suppressed = ~suppressed(channel, address_col)
     # the purpose's own status, or a revocation of every purpose ("all") recorded after it
     status = (
         sa.select(c.c.status)

@@ -159,9 +159,7 @@ class Consents:
             .where(consent_state.c.channel == channel, consent_state.c.address == address)
             .order_by(consent_state.c.purpose)
         ).all()
-        sup = conn.execute(
-            sa.select(suppressions).where(suppressions.c.channel == channel, suppressions.c.address == address)
-        ).first()
+        sup = consent.suppression_of(conn, channel, address)
         ok = conn.execute(sa.select(consent.sendable(channel, "marketing", sa.literal(address)))).scalar()
         out = pb.Consent(
             channel=channel,

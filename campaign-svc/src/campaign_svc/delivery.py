@@ -195,12 +195,19 @@ class Delivery(PollingWorker):
             )
 
     def _sweep(self) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(
+        """Messages whose sender died mid-round are failed (never resent) and say so:
+        message.failed.v1, as a failure at send time does."""
+        with self.rt.uow.begin() as tx:
+            rows = tx.conn.execute(
                 messages.update()
                 .where(m.state == "sending", m.lease_until < sa.func.now())
                 .values(state="failed", error="interrupted while sending; not resent (the provider may have it)")
-            )
+                .returning(messages)
+            ).all()
+            if rows:
+                tx.publish_many(
+                    "message.failed.v1", [(MESSAGE.format(r.campaign_id, r.id), _message_event(r)) for r in rows]
+                )
 
     def _claim(self) -> tuple[list, int]:
         """(the (campaign, message) pairs claimed for sending, how many were suppressed instead)"""

@@ -1,6 +1,6 @@
 """The tables of segments (segments.py), on the service's metadata (tables.py).
 
-- `segments`: a segment's definition (kind dynamic | static | combined, the filter, the
+- `segments`: a segment's definition (its id in creation order, see below) (kind dynamic | static | combined, the filter, the
   included and excluded segments), `relative` (membership drifts with the clock), `depth`
   (0 for dynamic and static, 1 + the deepest part for a combined one: the order in which
   combined segments are re-evaluated), the materialised `member_count`, the latest rebuild job.
@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from crm_chassis.columns import TIMESTAMPTZ, UUID, id_column, text_column, times
+from crm_chassis.columns import TIMESTAMPTZ, UUID, text_column, times
 
 from .tables import TEXTS, audience, metadata
 
 segments = sa.Table(
     "segments",
     metadata,
-    id_column(),
+    # in creation order (migration 0012: the millisecond clock first, as a version 7 UUID): a new
+    # segment's members append at the right edge of the segment_members key
+    sa.Column("id", UUID, primary_key=True, server_default=sa.text("segment_id()")),
     sa.Column("display_name", sa.Text, nullable=False, unique=True),
     text_column("description"),
     sa.Column("kind", sa.Text, nullable=False),  # dynamic | static | combined
@@ -61,6 +63,7 @@ AUDIENCE_INDEXES = {
     "audience_seg_last_purchase": (["last_purchase_time"], None),
     "audience_seg_last_activity": (["last_activity_time"], None),
     "audience_seg_create_time": (["create_time"], None),
+    "audience_seg_last_web_visit": (["last_web_visit_time"], None),
     "audience_seg_tags": (["tags"], "gin"),
     "audience_seg_groups": (["groups"], "gin"),
 }

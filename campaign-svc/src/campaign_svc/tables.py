@@ -68,6 +68,10 @@ def _behaviour() -> list[sa.Column]:
         sa.Column("last_ticket_time", TIMESTAMPTZ),
         sa.Column("last_complaint_time", TIMESTAMPTZ),
         sa.Column("last_activity_time", TIMESTAMPTZ),  # the latest of every behaviour time
+        # the company site's click-stream (tracking.summarise, from web_activity)
+        sa.Column("web_page_views", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("web_events", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("last_web_visit_time", TIMESTAMPTZ),
         # consent summary (consent_state of the customer's own addresses, purpose marketing)
         text_column("email_consent"),  # granted | pending | revoked | "" (never asked)
         text_column("sms_consent"),

@@ -65,9 +65,10 @@ from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.persian import format_jalali, format_number, persian_letters, phone_e164, to_persian_digits
 from crm_chassis.resources import ResourceName, UpdateMask, changes, check_etag, etag, same_requester
 
+from . import consent
 from .outgoing import Outgoing, SendError
 from .runtime import Campaign
-from .tables import audience, suppressions
+from .tables import audience
 from .templates_tables import template_versions, templates
 
 TEMPLATE = ResourceName("templates/{template_id}")
@@ -925,11 +926,8 @@ class Templates:
             values = self._values(conn, req.customer, req.sample, v.language)
         address = test_address(v.channel, req.address, self.rt.phone_region)
         with self.uow.read() as conn:  # suppression holds for every send, a test's too
-            sup = conn.execute(
-                sa.select(suppressions.c.reason).where(
-                    suppressions.c.channel == v.channel, suppressions.c.address == address
-                )
-            ).scalar()
+            row = consent.suppression_of(conn, v.channel, address)
+            sup = row.reason if row is not None else None
         if sup is not None:
             raise FailedPrecondition(
                 f"{address} is suppressed on {v.channel} ({sup}): nothing is sent to it",

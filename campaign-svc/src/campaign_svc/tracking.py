@@ -73,6 +73,7 @@ KINDS = ("reply", "form", "click", "sms")
 RESPONSE_CHANNELS = ("email", "sms", "telegram", "bale", "web")
 EVENT_KINDS = ("page_view", "event")
 MAX_EVENTS = 50
+BACKFILL_HITS = 500  # a visitor's earlier hits sent when it is first tied to a customer
 URL_LIMIT = 2048
 VISITOR_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 _HREF = re.compile(r"""(<a\b[^>]*?\bhref\s*=\s*)(["'])(.*?)\2""", re.IGNORECASE | re.DOTALL)
@@ -82,6 +83,7 @@ _OUR_MESSAGE_ID = re.compile(r"<?cmp-([0-9a-fA-F-]{36})@")
 DELIVERED = frozenset({"10", "delivered", "delivrd"})
 SOFT_FAILED = frozenset({"6", "11", "failed", "undelivered", "undeliv"})
 HARD_FAILED = frozenset({"14", "blocked", "rejected"})
+DSN_DELIVERED = frozenset({"delivered", "relayed", "expanded"})  # RFC 3464 actions of success
 # User agents of machines that fetch a message's links and images before, or instead of, its
 # reader: mail security gateways' link scanners, link previews of chat apps, crawlers and
 # headless browsers, and the "+http://..." signature crawlers put in their agent. Mail clients'
@@ -280,6 +282,7 @@ class Bounce:
     kind: str = ""  # hard | soft | "" (not a failure)
     description: str = ""
     channel: str = "email"
+    action: str = ""  # a DSN's Action: "delivered" (or relayed) is a delivery report, no bounce
 
 
 def parse_dsn(raw: bytes) -> Bounce | None:
@@ -289,7 +292,9 @@ def parse_dsn(raw: bytes) -> Bounce | None:
     dsn = mail_dsn(raw)
     if dsn is None:
         return None
-    out = Bounce(recipient=dsn.recipient, status=dsn.status, kind=dsn.kind, description=dsn.description)
+    out = Bounce(
+        recipient=dsn.recipient, status=dsn.status, kind=dsn.kind, description=dsn.description, action=dsn.action
+    )
     out.provider_message_id = dsn.original_message_id
     own = dsn.original_headers.get("X-CRM-Message", "").strip()
     found = _OUR_MESSAGE_ID.search(out.provider_message_id)
@@ -346,12 +351,32 @@ def _find_message(conn: sa.Connection, message_id: str = "", provider_id: str = 
     return None
 
 
+def mark_delivered(tx, row):
+    """A sent message reported delivered (an SMS receipt, a DSN's success report): its state and
+    message.delivered.v1, once (a message delivered, bounced or answered already stays)."""
+    if row.state != "sent":
+        return row
+    row = tx.conn.execute(
+        messages.update()
+        .where(m.id == row.id)
+        .values(state="delivered", delivered_time=sa.func.now())
+        .returning(messages)
+    ).one()
+    tx.publish("message.delivered.v1", message_event(row), MESSAGE.format(row.campaign_id, row.id))
+    return row
+
+
 def apply_bounce(rt: Campaign, tx, b: Bounce) -> pb.PostBounceResponse:
     """Marks the message bounced (hard or soft), suppresses the address of a hard bounce and
     publishes message.bounced.v1; a redelivered report (the message bounced so already) changes
     nothing."""
     out = pb.PostBounceResponse(bounce_kind=b.kind, status=b.status, recipient=b.recipient)
     if not b.kind:
+        if b.action in DSN_DELIVERED:  # a success report (NOTIFY=SUCCESS): the message arrived
+            row = _find_message(tx.conn, b.message_id, b.provider_message_id)
+            if row is not None:
+                out.message = MESSAGE.format(row.campaign_id, row.id)
+                mark_delivered(tx, row)
         return out
     conn = tx.conn
     row = _find_message(conn, b.message_id, b.provider_message_id)
@@ -531,14 +556,8 @@ class Tracking:
             if row is None:
                 return pb.PostDeliveryReceiptResponse()
             name = MESSAGE.format(row.campaign_id, row.id)
-            if status in DELIVERED and row.state == "sent":
-                row = tx.conn.execute(
-                    messages.update()
-                    .where(m.id == row.id)
-                    .values(state="delivered", delivered_time=sa.func.now())
-                    .returning(messages)
-                ).one()
-                tx.publish("message.delivered.v1", message_event(row), name)
+            if status in DELIVERED:
+                row = mark_delivered(tx, row)
             elif status in SOFT_FAILED or status in HARD_FAILED:
                 kind = "hard" if status in HARD_FAILED else "soft"
                 apply_bounce(self.rt, tx, Bounce(message_id=str(row.id), status=status, kind=kind, channel=row.channel))
@@ -633,12 +652,14 @@ class Tracking:
             visitor = conn.execute(
                 stmt.on_conflict_do_update(index_elements=["visitor_id"], set_=changes).returning(visitors)
             ).one()
-            if rows:
-                conn.execute(page_events.insert(), rows)
-            if visitor.customer_id:
-                summarise(conn, visitor.customer_id)
-            if before and before != visitor.customer_id:  # the visitor turned out to be someone else
-                summarise(conn, before)
+            hit_ids = (
+                conn.execute(page_events.insert().returning(page_events.c.id), rows).scalars().all() if rows else []
+            )
+            changed = [c for c in dict.fromkeys([visitor.customer_id, before]) if c]
+            for cid in changed:  # before: the visitor turned out to be someone else
+                summarise(conn, cid)
+            self.rt.audience_changed(conn, changed, "web")
+            self._publish_hits(tx, req, visitor, before, hit_ids)
             out = pb.PostTrackingEventsResponse(
                 accepted=len(rows), customer=CUSTOMER.format(visitor.customer_id) if visitor.customer_id else ""
             )
@@ -674,6 +695,38 @@ class Tracking:
                 )
                 out.response = RESPONSE.format(self._record(tx, given, "", "response.").id)
             return out
+
+    def _publish_hits(self, tx, req: pb.PostTrackingEventsRequest, visitor, before: str | None, hit_ids) -> None:
+        """web_activity.recorded.v1 for sales' lead scoring: this request's hits of a visitor tied
+        to a customer or identified by e-mail or phone; a visitor tied to a customer now for the
+        first time brings its earlier hits (at most BACKFILL_HITS, the newest)."""
+        ident = req.identify
+        email = consent.normalise("email", ident.email, self.rt.phone_region, "identify.email") if ident.email else ""
+        phone = consent.normalise("sms", ident.phone, self.rt.phone_region, "identify.phone") if ident.phone else ""
+        if not (visitor.customer_id or email or phone):
+            return
+        p = page_events.c
+        q = sa.select(p.id, p.kind, p.name, p.url, p.event_time).where(p.visitor_id == visitor.visitor_id)
+        if visitor.customer_id and visitor.customer_id != before:
+            q = q.order_by(p.id.desc()).limit(BACKFILL_HITS + len(hit_ids))
+        elif hit_ids:
+            q = q.where(p.id.in_(hit_ids))
+        else:
+            return
+        hits = sorted(tx.conn.execute(q).all(), key=lambda h: h.id)
+        if not hits:
+            return
+        e = ev.WebActivityEvent(
+            visitor=VISITOR.format(visitor.visitor_id),
+            customer=CUSTOMER.format(visitor.customer_id) if visitor.customer_id else "",
+            email=email,
+            phone=phone,
+        )
+        for h in hits:
+            hit = e.hits.add(id=str(h.id), kind=h.kind, name=h.name, url=h.url)
+            hit.event_time.FromDatetime(h.event_time)
+        e.event_time.GetCurrentTime()
+        tx.publish("web_activity.recorded.v1", e, e.visitor)
 
     def get_visitor(self, req: pb.GetVisitorRequest) -> pb.Visitor:
         vid = VISITOR.parse(req.name).visitor_id
@@ -835,7 +888,9 @@ def _latest_sent(conn: sa.Connection, channel: str, address: str):
 
 
 def summarise(conn: sa.Connection, customer_id: str) -> None:
-    """The customer's web_activity from every page event of their visitors (set-based)."""
+    """The customer's web_activity from every page event of their visitors (set-based), and the
+    audience row's web columns from it (segment filters read those); the caller then calls
+    rt.audience_changed so segments follow."""
     p, v = page_events.c, visitors.c
     theirs = page_events.join(visitors, v.visitor_id == p.visitor_id)
     last_page = (
@@ -860,8 +915,15 @@ def summarise(conn: sa.Connection, customer_id: str) -> None:
     )
     cols = ["customer_id", "page_views", "event_count", "first_visit_time", "last_visit_time", "last_page"]
     stmt = pg_insert(web_activity).from_select(cols, agg)
+    w = conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["customer_id"], set_={c: stmt.excluded[c] for c in cols[1:]}
+        ).returning(web_activity)
+    ).one()
     conn.execute(
-        stmt.on_conflict_do_update(index_elements=["customer_id"], set_={c: stmt.excluded[c] for c in cols[1:]})
+        audience.update()
+        .where(audience.c.customer_id == customer_id)
+        .values(web_page_views=w.page_views, web_events=w.event_count, last_web_visit_time=w.last_visit_time)
     )
 
 
@@ -931,7 +993,7 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         return self.uc.get_visitor(request)
 
 
-def on_merged(conn: sa.Connection, event) -> None:
+def on_merged(rt: Campaign, conn: sa.Connection, event) -> None:
     """customer.merged.v1 (after the audience part re-pointed the visitors): the merged
     customers' web_activity goes, the survivor's is recomputed from all their visits."""
     from crm.customer.v1 import customer_events_pb2 as ce
@@ -941,6 +1003,7 @@ def on_merged(conn: sa.Connection, event) -> None:
     merged = [n.rsplit("/", 1)[-1] for n in msg.merged]
     conn.execute(web_activity.delete().where(web_activity.c.customer_id.in_(merged)))
     summarise(conn, survivor)
+    rt.audience_changed(conn, [survivor], "web")
 
 
 def on_erased(conn: sa.Connection, event) -> None:
@@ -956,11 +1019,22 @@ def on_erased(conn: sa.Connection, event) -> None:
     conn.execute(page_events.delete().where(page_events.c.visitor_id.in_(theirs)))
     conn.execute(visitors.delete().where(visitors.c.customer_id == cid))
     conn.execute(web_activity.delete().where(web_activity.c.customer_id == cid))
+    conn.execute(
+        audience.update()
+        .where(audience.c.customer_id == cid)
+        .values(web_page_views=0, web_events=0, last_web_visit_time=None)
+    )
 
 
 def subscriptions(rt: Campaign) -> list[Subscription]:
     return [
-        Subscription(domain="customer", handlers={"customer.merged.v1": on_merged, "customer.erased.v1": on_erased})
+        Subscription(
+            domain="customer",
+            handlers={
+                "customer.merged.v1": lambda conn, event: on_merged(rt, conn, event),
+                "customer.erased.v1": on_erased,
+            },
+        )
     ]
 
 

@@ -465,6 +465,7 @@ class Dsn:
     status: str = ""  # 5.1.1
     kind: str = ""  # hard (5.x.x) | soft (4.x.x) | "" (delayed, delivered, relayed: no failure)
     description: str = ""  # the Diagnostic-Code, or the action
+    action: str = ""  # failed | delayed | delivered | relayed | expanded (RFC 3464 Action)
     original_message_id: str = ""  # the Message-ID of the message it returns
     original_headers: dict = field(default_factory=dict)  # the returned message's headers
 
@@ -509,6 +510,7 @@ def parse_dsn(raw: bytes) -> Dsn | None:
                     status=status,
                     kind=kind_of(status, action),
                     description=" ".join(str(block.get("Diagnostic-Code") or action).split())[:300],
+                    action=action.lower(),
                 )
                 if out.kind:  # the first failed recipient
                     break

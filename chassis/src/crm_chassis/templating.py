@@ -2,8 +2,10 @@
 campaign-svc's message templates): Jinja2's `SandboxedEnvironment` (no Python internals) that
 also refuses every function and method call (filters do the work), bounds `*` and `**` and
 refuses `str % x`, bounds every built-in filter's widths, counts and output (MAX_SEQUENCE,
-MAX_OUTPUT), and `render` stops a render whose output passes MAX_OUTPUT. (A loop that outputs
-nothing is not bounded: nested loops over long strings still cost CPU.)
+MAX_OUTPUT), and `render` stops a render whose output passes MAX_OUTPUT or whose loops take more
+than MAX_LOOP_STEPS items in all (every `{% for %}` reads its sequence through a counting filter
+the code generator puts in: nested loops over long strings, which output nothing, would
+otherwise hold a worker for hours).
 
     class Sandbox(templating.Sandbox):
         what = "a canned answer"          # named in the refusals
@@ -11,15 +13,21 @@ nothing is not bounded: nested loops over long strings still cost CPU.)
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import re
 
+from jinja2 import nodes
+from jinja2.compiler import CodeGenerator
 from jinja2.exceptions import FilterArgumentError, SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 from jinja2.utils import _PassArg
 
 MAX_SEQUENCE = 10_000  # the longest string or list a `*` may make; the largest width or count a filter takes
 MAX_OUTPUT = 1_000_000  # the longest string or list a filter may give, or a render (`render`) make
+MAX_LOOP_STEPS = 200_000  # the items every loop of one `render` may take in all
+_LOOP_FILTER = "_crm_loop"  # what each for-loop's sequence goes through (counted)
+_steps: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("crm_template_steps", default=None)
 _WIDE_FORMAT = re.compile(r"%[-+ #0]*(\*|[0-9]{4,})|%[-+ #0]*[0-9]*\.(\*|[0-9]{4,})")
 
 
@@ -52,25 +60,55 @@ def _grown(name: str, value, rest: list) -> int:
     return 0
 
 
-def render(template, values: dict, limit: int = MAX_OUTPUT) -> str:
+def render(template, values: dict, limit: int = MAX_OUTPUT, steps: int = MAX_LOOP_STEPS) -> str:
     """The template rendered, refused (SecurityError) once its output passes `limit` characters
-    (a loop repeating a long text), before the rest is made."""
+    (a loop repeating a long text), before the rest is made, or once its loops have taken
+    `steps` items in all (nested loops that output nothing)."""
     out, size = [], 0
-    for chunk in template.generate(values):
-        size += len(chunk)
-        if size > limit:
-            raise SecurityError(f"the output would be longer than {limit:,} characters")
-        out.append(chunk)
+    token = _steps.set([steps])
+    try:
+        for chunk in template.generate(values):
+            size += len(chunk)
+            if size > limit:
+                raise SecurityError(f"the output would be longer than {limit:,} characters")
+            out.append(chunk)
+    finally:
+        _steps.reset(token)
     return "".join(out)
+
+
+def _counted(seq):
+    """A loop's sequence, each item taken from the render's budget of loop steps."""
+    budget = _steps.get()
+    if budget is None:  # rendered without `render` (no budget set): not counted
+        yield from seq
+        return
+    for item in seq:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise SecurityError(f"the loops would take more than {MAX_LOOP_STEPS:,} steps")
+        yield item
+
+
+class _CountedLoops(CodeGenerator):
+    """Jinja's code generator, with every for-loop's sequence read through `_counted`."""
+
+    def visit_Template(self, node: nodes.Template, frame=None) -> None:  # noqa: N802 - Jinja's visitor name
+        for loop in node.find_all(nodes.For):  # before the filters are gathered
+            if not (isinstance(loop.iter, nodes.Filter) and loop.iter.name == _LOOP_FILTER):
+                loop.iter = nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None, lineno=loop.lineno)
+        super().visit_Template(node, frame)
 
 
 class Sandbox(SandboxedEnvironment):
     what = "a template"
     intercepted_binops = frozenset({"*", "**", "%"})
+    code_generator_class = _CountedLoops
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.filters = {name: self._bounded(name, f) for name, f in self.filters.items()}
+        self.filters[_LOOP_FILTER] = _counted
 
     def _bounded(self, name: str, f):
         """Jinja's filter `name` with its work bounded: no width or count over MAX_SEQUENCE

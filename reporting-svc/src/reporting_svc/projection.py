@@ -36,6 +36,7 @@ from decimal import Decimal
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
+from crm_chassis import jsonrows
 from crm_chassis.dates import TEHRAN
 from crm_chassis.messaging.consumer import Requires, Subscription
 from crm_chassis.messaging.envelope import Event
@@ -238,33 +239,30 @@ def _ks(cols: tuple[str, ...], keys) -> list:
     return [k[0] for k in keys] if len(cols) == 1 else [tuple(k) for k in keys]
 
 
-def rollup_many(conn: sa.Connection, rollup: Rollup, old: Iterable[Contribution], new: Iterable[Contribution]) -> None:
-    """Rollup.apply for many facts at once: one SELECT of the rows touched, one UPDATE and one
-    INSERT, each executed for many rows."""
-    delta = _delta(rollup, old, new)
-    if not delta:
-        return
-    t, keys = rollup.table, rollup.keys
-    found = {
-        tuple(r) for r in conn.execute(sa.select(*(t.c[k] for k in keys)).where(_in(t, keys)), {"ks": _ks(keys, delta)})
-    }
-    add, insert = rollup._statements
-    updates = [
-        {**{f"w_{c}": v for c, v in zip(keys, k, strict=True)}, **{f"d_{n}": v for n, v in m.items()}}
-        for k, m in delta.items()
-        if k in found
-    ]
-    inserts = [{**dict(zip(keys, k, strict=True)), **m} for k, m in delta.items() if k not in found]
-    if updates:
-        conn.execute(add, updates)
-    if inserts:
-        conn.execute(insert, inserts)
+@functools.cache
+def rowset(table: sa.Table, cols: tuple[str, ...]):
+    """FROM jsonb_to_recordset(:rows) AS v(col type, ...): many rows of `table`'s columns as ONE
+    jsonb parameter (`rows_param`), typed by the table's own column types. A Core construct, so
+    the rebuild's schema translation applies to the statements built on it, and compiled once
+    whatever the number of rows (an executemany is a statement per row; a VALUES list is
+    compiled per batch)."""
+    rows = sa.cast(sa.bindparam("rows", type_=sa.Text), pg.JSONB)
+    columns = [sa.column(c, table.c[c].type) for c in cols]
+    return sa.func.jsonb_to_recordset(rows).table_valued(*columns).render_derived(name="v", with_types=True)
+
+
+def rows_param(rows: Iterable[Mapping]) -> dict:
+    """The parameters of a statement on `rowset`: the rows as one jsonb text."""
+    return {"rows": jsonrows.dumps(rows)}
 
 
 @functools.cache
 def _upsert(rollup: Rollup):
-    stmt = pg.insert(rollup.table)
+    """INSERT INTO rollup SELECT FROM the row set ON CONFLICT (keys) DO UPDATE SET m = m + excluded.m."""
     t = rollup.table
+    cols = (*rollup.keys, *rollup.measures)
+    v = rowset(t, cols)
+    stmt = pg.insert(t).from_select(list(cols), sa.select(*(v.c[c] for c in cols)))
     return stmt.on_conflict_do_update(
         index_elements=list(rollup.keys), set_={m: t.c[m] + stmt.excluded[m] for m in rollup.measures}
     )
@@ -273,14 +271,17 @@ def _upsert(rollup: Rollup):
 def rollup_upsert(
     conn: sa.Connection, rollup: Rollup, old: Iterable[Contribution], new: Iterable[Contribution]
 ) -> None:
-    """rollup_many as one INSERT ... ON CONFLICT DO UPDATE executed for many rows (in key order,
+    """Rollup.apply for many facts at once: their deltas summed per key, then ONE statement,
+    INSERT ... ON CONFLICT DO UPDATE adding them (the rows as one jsonb parameter, in key order,
     so two replicas lock rows in the same order): no SELECT of the rows touched, whose
-    `(keys) IN (...)` over a wide key grows with the rollup's rows times the keys of the batch."""
+    `(keys) IN (...)` over a wide key grew with the rollup's rows times the keys of the batch."""
     delta = _delta(rollup, old, new)
     if delta:
-        conn.execute(
-            _upsert(rollup), [{**dict(zip(rollup.keys, k, strict=True)), **m} for k, m in sorted(delta.items())]
-        )
+        rows = [{**dict(zip(rollup.keys, k, strict=True)), **m} for k, m in sorted(delta.items())]
+        conn.execute(_upsert(rollup), rows_param(rows))
+
+
+rollup_many = rollup_upsert  # the name the facts and earlier handlers use
 
 
 @dataclass(frozen=True)
@@ -326,28 +327,47 @@ class Facts:
         t = self.table
         select = sa.select(t).where(_in(t, cols)).with_for_update()
         old = {tuple(r._mapping[c] for c in cols): r for r in conn.execute(select, {"ks": _ks(cols, latest)})}
-        _, insert, update = _fact_statements(t, cols)
-        inserts, updates, olds, news = [], [], [], []
+        inserts, updates, olds = [], [], []
         for k, (key, values) in latest.items():
             o = old.get(k)
             if o is None:
                 inserts.append({**key, **values})
             elif o.version < values["version"]:
-                updates.append({**{f"w_{c}": v for c, v in key.items()}, **values})
+                updates.append({**key, **values})
                 olds.append(o)
-            else:
-                continue
-            news.append({**key, **values})
-        if inserts:
-            conn.execute(insert, inserts)
-        if updates:
-            conn.execute(update, updates)
+        news = [*inserts, *updates]
+        for shape, rows in _by_shape(inserts).items():  # one statement per set of columns given
+            conn.execute(_fact_insert(t, shape), rows_param(rows))
+        for shape, rows in _by_shape(updates).items():
+            conn.execute(_fact_update(t, cols, shape), rows_param(rows))
         for rollup, contributions in self.rollups:
             before = [c for o in olds for c in _contrib(contributions, o)]
             after = [c for n in news for c in _contrib(contributions, n)]
             (rollup_upsert if rollup.upsert else rollup_many)(conn, rollup, before, after)
         for then in self.then:
             then(conn, [*(o._mapping for o in olds), *news])
+
+
+def _by_shape(rows: list[dict]) -> dict[tuple[str, ...], list[dict]]:
+    out: dict[tuple[str, ...], list[dict]] = {}
+    for r in rows:
+        out.setdefault(tuple(r), []).append(r)
+    return out
+
+
+@functools.cache
+def _fact_insert(table: sa.Table, cols: tuple[str, ...]):
+    v = rowset(table, cols)
+    return table.insert().from_select(list(cols), sa.select(*(v.c[c] for c in cols)))
+
+
+@functools.cache
+def _fact_update(table: sa.Table, keys: tuple[str, ...], cols: tuple[str, ...]):
+    """UPDATE table SET cols = v.cols FROM the row set v WHERE the keys match."""
+    v = rowset(table, cols)
+    return (
+        table.update().values({c: v.c[c] for c in cols if c not in keys}).where(*(table.c[k] == v.c[k] for k in keys))
+    )
 
 
 def _contrib(contributions: Callable[[Mapping], list], row) -> list:

@@ -325,8 +325,11 @@ def _pipeline_chart(resp, q: dict) -> Chart:
     title = ("Pipeline", "قیف فروش")
     amount = tr(q, "Amount", "مبلغ")
     weighted = tr(q, "Weighted", "وزنی")
-    group = (lambda r: " / ".join(getattr(r, "stage_name" if d == "stage" else d) or getattr(r, d) or "-"
+    named = (lambda r: " / ".join(getattr(r, "stage_name" if d == "stage" else d) or getattr(r, d) or "-"
                                   for d in q["dims"])) if q["dims"] else (lambda r: amount)  # fmt: skip
+    # rows of several currencies are never added up: each currency is a group of its own
+    several = len({r.amount.currency_code for r in resp.rows}) > 1
+    group = (lambda r: f"{named(r)} ({r.amount.currency_code})") if several else named
     if q["period"] == "all":
         cats = [group(r) for r in resp.rows]
         series = [
@@ -352,17 +355,25 @@ register(
 
 
 def _forecast_chart(resp, q: dict) -> Chart:
-    per: dict[str, list[float]] = {}
+    """Actual won beside the commit per period, summed over owners; per currency (a pair of
+    series each) when the rows have several, never added across currencies."""
+    per: dict[str, dict[str, list[float]]] = {}
+    currencies: list[str] = []
     for r in resp.rows:
-        cell = per.setdefault(r.period_label, [0.0, 0.0])
+        if r.currency_code not in currencies:
+            currencies.append(r.currency_code)
+        cell = per.setdefault(r.period_label, {}).setdefault(r.currency_code, [0.0, 0.0])
         cell[0] += _money_value([r.actual_won])
         if r.HasField("latest"):
             cell[1] += _money_value([r.latest.commit])
     cats = list(per)
-    series = [
-        Series(tr(q, "Actual won", "فروش واقعی"), [per[c][0] for c in cats]),
-        Series(tr(q, "Commit", "تعهد"), [per[c][1] for c in cats]),
-    ]
+    series = []
+    for cur in currencies:
+        tag = f" ({cur})" if len(currencies) > 1 else ""
+        series += [
+            Series(tr(q, "Actual won", "فروش واقعی") + tag, [per[c].get(cur, [0.0, 0.0])[0] for c in cats]),
+            Series(tr(q, "Commit", "تعهد") + tag, [per[c].get(cur, [0.0, 0.0])[1] for c in cats]),
+        ]
     return _chart(q, "grouped_bar", cats, series, ("Forecast vs actual", "پیش‌بینی در برابر واقعی"))
 
 
@@ -427,7 +438,29 @@ register(
 # --------------------------------------------------------------------------- report 4: support
 
 
+def _expectation_chart(resp: pb.GetSupportReportResponse, q: dict) -> Chart:
+    """The zone of tolerance per service-quality dimension (and period, agent or team when asked):
+    the adequate, perceived and desired means side by side; perceived between the other two is
+    inside the zone."""
+    h = support_report.EXPECTATION_HEADERS
+    fa = 1 if q.get("lang") == "fa" else 0
+    dims = [d for d in q["dims"] if d != "channel"]
+    several = len({r.period_label for r in resp.expectations}) > 1
+
+    def name(r) -> str:
+        parts = [r.period_label] if several else []
+        return " / ".join([*parts, *(getattr(r, d) or "-" for d in dims), r.dimension])
+
+    rows = list(resp.expectations)
+    series = [
+        Series(h[f][fa], [getattr(r, f) for r in rows]) for f in ("adequate_mean", "perceived_mean", "desired_mean")
+    ]
+    return _chart(q, "grouped_bar", [name(r) for r in rows], series, ("Zone of tolerance", "محدوده تحمل"))
+
+
 def _support_chart(resp: pb.GetSupportReportResponse, q: dict) -> Chart:
+    if q.get("part") == "expectations":
+        return _expectation_chart(resp, q)
     title = ("Support requests", "درخواست‌های پشتیبانی")
     other = tr(q, "Other", "سایر")
     if q["dims"]:
@@ -796,7 +829,7 @@ def _timeline_table(data: _Timeline, q: dict):
                 "occur_time": _tehran_text(q, r.occurred_at),
                 "source": r.source,
                 "kind": r.kind,
-                "title": r.title,
+                "title": timeline.title_in(r, q["lang"]),
                 "ref": r.ref,
                 "detail": json.dumps(r.detail, ensure_ascii=False, sort_keys=True, separators=(", ", ": "))
                 if r.detail

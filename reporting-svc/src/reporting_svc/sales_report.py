@@ -30,6 +30,9 @@ LABELS = {  # value: (English, Persian)
     "other": ("Other", "دیگر"),
     "person": ("Person", "حقیقی"),
     "organization": ("Organization", "حقوقی"),
+    "end_consumer": ("End consumer", "مصرف‌کننده نهایی"),
+    "intermediary": ("Intermediary", "واسطه"),
+    "internal": ("Internal", "داخلی"),
 }
 
 
@@ -61,7 +64,7 @@ def _period_label(key: str, q: dict) -> str:
 
 def _dims_of(row: dict, dims, q) -> dict:
     out = {d: row[d] for d in dims}
-    for d in ("age_band", "gender", "customer_kind"):
+    for d in LABELLED:
         if d in dims:
             out[f"{d}_label"] = label(row[d], q["lang"])
     return out
@@ -201,6 +204,7 @@ HEADERS = {  # field: (English, Persian)
     "province": ("Province", "استان"),
     "city": ("City", "شهر"),
     "gender": ("Gender", "جنسیت"),
+    "customer_type": ("Customer type", "نوع شخصیت"),
     "customer_kind": ("Customer kind", "نوع مشتری"),
     "product": ("Product", "محصول"),
     "product_line": ("Product line", "خط محصول"),
@@ -212,7 +216,7 @@ HEADERS = {  # field: (English, Persian)
     "average_days": ("Average days to purchase", "میانگین روز تا خرید"),
     "median_days": ("Median days to purchase", "میانه روز تا خرید"),
 }
-LABELLED = ("age_band", "gender", "customer_kind")
+LABELLED = ("age_band", "gender", "customer_type", "customer_kind")
 
 
 def export_rows(resp: pb.GetSalesReportResponse, q: dict) -> tuple[list[documents.Column], Iterator[dict]]:

@@ -2,11 +2,12 @@
 tables.py; migration 0011.
 
 - customer_demo_facts: each customer's newest demographics (customer-svc's events, version = the
-  etag): birth date, gender, province, city, kind (person / organization). A row with version 0
+  etag): birth date, gender, province, city, type (person / organization), kind (end
+  consumer / intermediary / internal; migration 0017). A row with version 0
   is a placeholder made by an order or lead that arrived before its customer (unknown values).
 - sales_order_facts: each order's newest state (sales-svc's order events, version = the event's
   time), its lines, and the customer's values it was last counted under (age band on the order's
-  day, gender, province, city, kind): so a change of either side moves exactly what it added.
+  day, gender, province, city, type, kind): so a change of either side moves exactly what it added.
   `frozen` once its customer was erased (the aggregates stay, the personal values go).
 - sales_daily: the rollup the report reads, per Tehran day (the order's date) x grain x the
   customer's values x product x product line x currency: orders, quantity, revenue. `grain` makes
@@ -26,7 +27,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from .tables import PROJECTED, TS, metadata
 
-CUSTOMER_DIMS = ("age_band", "gender", "province", "city", "customer_kind")
+CUSTOMER_DIMS = ("age_band", "gender", "province", "city", "customer_type", "customer_kind")
 PRODUCT_DIMS = ("product", "product_line")
 SALES_MEASURES = ("orders", "quantity", "revenue")
 AMOUNT = sa.Numeric(38, 9)
@@ -40,7 +41,8 @@ customer_demo_facts = sa.Table(
     sa.Column("gender", sa.Text, nullable=False),
     sa.Column("province", sa.Text, nullable=False),
     sa.Column("city", sa.Text, nullable=False),
-    sa.Column("customer_kind", sa.Text, nullable=False),
+    sa.Column("customer_type", sa.Text, nullable=False),  # person | organization (Customer.type)
+    sa.Column("customer_kind", sa.Text, nullable=False),  # end_consumer | intermediary | internal (Customer.kind)
     sa.Column("erased", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 

@@ -66,7 +66,12 @@ GENDERS = {
     customer_pb2.GENDER_MALE: "male",
     customer_pb2.GENDER_OTHER: "other",
 }
-KINDS = {customer_pb2.CUSTOMER_TYPE_PERSON: "person", customer_pb2.CUSTOMER_TYPE_ORGANIZATION: "organization"}
+TYPES = {customer_pb2.CUSTOMER_TYPE_PERSON: "person", customer_pb2.CUSTOMER_TYPE_ORGANIZATION: "organization"}
+KINDS = {
+    customer_pb2.CUSTOMER_KIND_END_CONSUMER: "end_consumer",
+    customer_pb2.CUSTOMER_KIND_INTERMEDIARY: "intermediary",
+    customer_pb2.CUSTOMER_KIND_INTERNAL: "internal",
+}
 ORDER_KEYS = ["order.placed.v1", "order.delivered.v1", "order.cancelled.v1"]
 
 SALES_KEYS = ("day", "grain", *CUSTOMER_DIMS, *PRODUCT_DIMS, "currency")
@@ -94,10 +99,11 @@ def resolve(demo, day: dt.date) -> dict:
     """The customer's values a purchase on `day` counts under."""
     d = _m(demo)
     return {
-        "age_band": age_band(d["birth_date"], day) if d["customer_kind"] == "person" else UNKNOWN,
+        "age_band": age_band(d["birth_date"], day) if d["customer_type"] == "person" else UNKNOWN,
         "gender": d["gender"],
         "province": d["province"],
         "city": d["city"],
+        "customer_type": d["customer_type"],
         "customer_kind": d["customer_kind"],
     }
 
@@ -105,7 +111,7 @@ def resolve(demo, day: dt.date) -> dict:
 # -- customers -------------------------------------------------------------------------------
 
 _PLACEHOLDER = {"version": 0, "birth_date": None, "gender": UNKNOWN, "province": UNKNOWN, "city": UNKNOWN,
-                "customer_kind": UNKNOWN, "erased": False}  # fmt: skip
+                "customer_type": UNKNOWN, "customer_kind": UNKNOWN, "erased": False}  # fmt: skip
 
 
 def _lock_in(table: sa.Table, key: str) -> sa.Select:
@@ -158,7 +164,8 @@ def _demo_values(c: customer_pb2.Customer, erased: bool) -> dict:
         "gender": UNKNOWN if erased else GENDERS.get(c.gender, UNKNOWN),
         "province": c.province.strip() or UNKNOWN,
         "city": c.city.strip() or UNKNOWN,
-        "customer_kind": KINDS.get(c.type, UNKNOWN),
+        "customer_type": TYPES.get(c.type, UNKNOWN),
+        "customer_kind": KINDS.get(c.kind, UNKNOWN),
         "erased": erased,
     }
 

@@ -23,6 +23,7 @@ their own projections (customers, sales, support, loyalty).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable, Mapping
 
 import sqlalchemy as sa
@@ -38,9 +39,10 @@ from crm_chassis.errors import InvalidArgument
 from crm_chassis.messaging.consumer import Requires
 from crm_chassis.messaging.envelope import Event
 from crm_chassis.pagination import PageTokens, page_size
+from crm_chassis.persian import to_persian_digits
 
 from . import periods
-from .projection import Projection, per_event
+from .projection import Projection, per_event, rows_param, rowset
 from .tables import customer_aliases, timeline
 
 CUSTOMER = "customers/"
@@ -61,7 +63,18 @@ class Timeline:
         rows = [
             {**k, **v, "customer_id": alias.get(v["origin_customer_id"], v["origin_customer_id"])} for k, v in changes
         ]
-        conn.execute(pg_insert(timeline).on_conflict_do_nothing(index_elements=["event_id"]), rows)
+        conn.execute(_insert(tuple(rows[0])), rows_param(rows))  # in the order given (a function scan)
+
+
+@functools.cache
+def _insert(cols: tuple[str, ...]):
+    """INSERT INTO timeline SELECT FROM the row set ON CONFLICT (event_id) DO NOTHING."""
+    v = rowset(timeline, cols)
+    return (
+        pg_insert(timeline)
+        .from_select(list(cols), sa.select(*(v.c[c] for c in cols)))
+        .on_conflict_do_nothing(index_elements=["event_id"])
+    )
 
 
 TIMELINE = Timeline()
@@ -79,9 +92,22 @@ def _fmt(m) -> str:
 
 
 def _detail(msg, *fields: str) -> dict:
-    """The named fields of the event's message (set ones only), as JSON."""
-    full = json_format.MessageToDict(msg, preserving_proto_field_name=True)
-    return {f: full[f] for f in fields if f in full}
+    """The named fields of the event's message (set ones only), as JSON: only those fields are
+    copied and converted (json_format over the whole event was a sixth of a rebuild's time)."""
+    if not fields:
+        return {}
+    named = [(fd, v) for fd, v in msg.ListFields() if fd.name in fields]
+    if not named:
+        return {}
+    part = type(msg)()
+    for fd, v in named:
+        if fd.is_repeated:  # lists and maps
+            getattr(part, fd.name).MergeFrom(v)
+        elif fd.message_type is not None:
+            getattr(part, fd.name).CopyFrom(v)
+        else:
+            setattr(part, fd.name, v)
+    return json_format.MessageToDict(part, preserving_proto_field_name=True)
 
 
 def entry(source: str, parse: type, customer: Callable, ref: Callable, title: Callable, fields: tuple = ()):
@@ -353,7 +379,87 @@ def parse(req: pb.GetCustomerTimelineRequest) -> dict:
         "size": page_size(req.page_size),
         "kinds": sorted(kinds),
         "sources": sorted(sources),
+        "lang": "fa" if getattr(req, "language_code", "").lower().startswith("fa") else "en",
     }
+
+
+# -- titles in Persian ----------------------------------------------------------------------------
+# The stored title is English (made when the event was projected); a Persian one is made when
+# read, from the entry's kind and figures (its detail), so both languages come from one row.
+_VERBS_FA = {
+    "lead": {"created": "ساخته شد", "qualified": "واجد شرایط شد", "disqualified": "رد شد", "converted": "تبدیل شد"},
+    "opportunity": {"created": "ساخته شد", "won": "به فروش رسید", "lost": "از دست رفت"},
+    "order": {"placed": "ثبت شد", "delivered": "تحویل شد", "cancelled": "لغو شد"},
+    "invoice": {"issued": "صادر شد", "paid": "پرداخت شد", "overdue": "از سررسید گذشت", "credited": "برگشت خورد"},
+    "ticket": {"opened": "باز شد", "resolved": "حل شد"},
+    "message": {"sent": "ارسال شد", "opened": "باز شد", "clicked": "کلیک شد"},
+    "points": {"earned": "کسب شد", "redeemed": "خرج شد"},
+}
+_NOUNS_FA = {"lead": "سرنخ", "opportunity": "فرصت", "order": "سفارش", "invoice": "فاکتور", "ticket": "درخواست"}
+_WORDS_FA = {"inbound": "ورودی", "outbound": "خروجی", "up": "ارتقا", "down": "تنزل", "upgrade": "ارتقا",
+             "downgrade": "تنزل", "email": "ایمیل",
+             "sms": "پیامک", "telegram": "تلگرام", "bale": "بله", "reply": "پاسخ ایمیل", "form": "فرم",
+             "click": "کلیک", "answered": "پاسخ داده شد", "missed": "بی‌پاسخ", "logged": "ثبت شد"}  # fmt: skip
+
+
+def _money_fa(d) -> str:
+    """` ۹۰٬۰۰۰٬۰۰۰ IRR` of a Money as json_format gives it ({currency_code, units, nanos}), or ""."""
+    if not isinstance(d, dict) or not d.get("currency_code"):
+        return ""
+    amount = int(d.get("units") or 0) + int(d.get("nanos") or 0) / 1e9
+    text = f"{amount:,.2f}".rstrip("0").rstrip(".") if amount != int(amount) else f"{int(amount):,}"
+    return f": {to_persian_digits(text.replace(',', '٬'))} {d['currency_code']}"
+
+
+def _title_fa(kind: str, ref: str, title: str, d: dict) -> str:
+    noun, _, verb = kind.partition(".")
+    fa = to_persian_digits
+    if kind == "customer.created":
+        return "پرونده مشتری ساخته شد"
+    if kind == "customer.updated":
+        return "پرونده مشتری به‌روز شد"
+    if kind == "note.added":
+        return "یادداشت: " + title.removeprefix("Note: ")
+    if kind == "customer.merged":
+        return f"{fa(str(len(d.get('merged') or [])))} پرونده مشتری در این پرونده ادغام شد"
+    if noun == "lead":
+        return f"سرنخ {_VERBS_FA[noun][verb]}" + (f" ({d['source']})" if d.get("source") else "")
+    if noun in ("opportunity", "order", "invoice", "ticket"):
+        name = d.get("name") or d.get("number") or ref
+        text = f"{_NOUNS_FA[noun]} {fa(str(name))} {_VERBS_FA[noun][verb]}"
+        if noun == "ticket":
+            return text + (" (شکایت)" if d.get("complaint") else "")
+        return text + _money_fa(d.get("amount") or d.get("total"))
+    if kind == "call.logged":
+        direction, outcome = d.get("direction") or "", d.get("outcome") or "logged"
+        return f"تماس {_WORDS_FA.get(direction, direction)}".strip() + f"، {_WORDS_FA.get(outcome, outcome)}"
+    if kind == "survey.answered":
+        csat = d.get("csat")
+        return "نظرسنجی پاسخ داده شد" + (f": رضایت {fa(str(csat))} از ۵" if d.get("kind") == "csat" and csat else "")
+    if noun == "message":
+        channel = d.get("channel") or ""
+        text = f"پیام کمپین ({_WORDS_FA.get(channel, channel)}) {_VERBS_FA[noun][verb]}".replace(" ()", "")
+        return text + (f": {d['url']}" if verb == "clicked" and d.get("url") else "")
+    if kind == "response.recorded":
+        k = d.get("kind") or ""
+        return f"پاسخ به کمپین ({_WORDS_FA.get(k, k)})".replace(" ()", "")
+    if noun == "points":
+        points, balance = abs(int(d.get("points") or 0)), int(d.get("balance") or 0)
+        return f"{fa(str(points))} امتیاز {_VERBS_FA[noun][verb]}، مانده {fa(str(balance))}"
+    if kind == "tier.changed":
+        direction = d.get("direction") or ""
+        return f"سطح {_WORDS_FA.get(direction, 'تغییر کرد')}: {d.get('previous_tier') or '-'} ← {d.get('tier', '')}"
+    return title
+
+
+def title_in(row, lang: str) -> str:
+    """The entry's title in `lang` ("en": as stored; "fa": made from its kind and figures)."""
+    if lang != "fa":
+        return row.title
+    try:
+        return _title_fa(row.kind, row.ref, row.title, row.detail or {})
+    except (KeyError, ValueError, TypeError):  # a figure of an unexpected shape: the stored title
+        return row.title
 
 
 def _survivor(conn: sa.Connection, customer_id: str) -> str:
@@ -393,7 +499,11 @@ def page(conn: sa.Connection, tokens: PageTokens, q: dict, token: str) -> pb.Get
     out = pb.GetCustomerTimelineResponse()
     for r in rows[: q["size"]]:
         e = out.entries.add(
-            kind=r.kind, source=r.source, ref=r.ref, title=r.title, origin_customer=CUSTOMER + r.origin_customer_id
+            kind=r.kind,
+            source=r.source,
+            ref=r.ref,
+            title=title_in(r, q["lang"]),
+            origin_customer=CUSTOMER + r.origin_customer_id,
         )
         e.detail.update(r.detail)
         e.occur_time.FromDatetime(r.occurred_at)

@@ -19,6 +19,7 @@ from . import (
     opportunities,
     orders,
     quotes,
+    web_behavior,
 )
 from .runtime import sales
 
@@ -30,6 +31,7 @@ PARTS = [
     lead_rules,
     customer_projection,
     campaign_responses,  # campaign-svc's responses become leads
+    web_behavior,  # campaign-svc's click-stream and clicks score leads
     conversion,
     opportunities,
     activities,

@@ -15,7 +15,9 @@ from alembic import op
 from reporting_svc import tables, value_tables
 
 revision = "0016"
-down_revision = "0011"  # 0010 -> 0012 -> 0013 -> 0014 -> 0015 -> 0011 -> 0016
+# 0010 -> 0012 -> 0013 -> 0014 -> 0015 -> 0011 -> 0017 -> 0016 (written on 0011; main's 0017
+# took 0011 as its parent meanwhile, so 0016 follows it, as 0011 follows 0015)
+down_revision = "0017"
 
 NEW = [tables.support_monthly, value_tables.customer_value_summary]
 MEASURES = ", ".join(tables.SUPPORT_MEASURES)
