@@ -67,7 +67,7 @@ KEEP = os.environ.get("BENCH_SCALE_KEEP") == "1"
 TIMELINE_KEYS = sorted(
     {k for p in timeline_part.PROJECTIONS for k in p.handlers} - {"customer.merged.v1", "customer.unmerged.v1"}
 )
-ROLLUPS = {"acquisition_daily", "support_daily", "loyalty_daily", "tier_counts", "campaign_stats",
+ROLLUPS = {"acquisition_daily", "support_daily", "support_monthly", "loyalty_daily", "tier_counts", "campaign_stats",
            "customer_value_daily"}  # fmt: skip
 assert value_tables.customer_value_daily in tables.PROJECTED
 
@@ -256,7 +256,15 @@ def serve_and_time(url: str) -> dict:
         }
         out["sizes"] = {
             name: c.execute(sa.text("SELECT pg_size_pretty(pg_total_relation_size(:t))"), {"t": name}).scalar()
-            for name in ("timeline", "support_daily", "customer_value_daily", "acquisition_daily", "points_facts")
+            for name in (
+                "timeline",
+                "support_daily",
+                "support_monthly",
+                "customer_value_daily",
+                "customer_value_summary",
+                "acquisition_daily",
+                "points_facts",
+            )
         }
         heavy, heavy_rows = heavy_customer(c)
         typical = c.execute(sa.text("SELECT customer_id FROM customer_source_facts ORDER BY customer_id LIMIT 1 OFFSET "
@@ -302,12 +310,66 @@ def serve_and_time(url: str) -> dict:
                 times = timed(lambda sql=sql: c.exec_driver_sql(sql).scalar(), CALLS)
                 rows.append({"report": label, "p50_ms": round(pct(times, 50), 1), "p95_ms": round(pct(times, 95), 1),
                              "calls": len(times)})  # fmt: skip
+        # the same reports in process, each call its own transaction: the new path (support_monthly,
+        # customer_value_summary, work_mem 64 MB) beside the daily path it replaces (support_daily
+        # alone; customer_value_daily with the server's work_mem), same run, same database
+        from reporting_svc import support_report, value
+
+        y0, y1 = dt.date(2025, 11, 22), dt.date(2026, 11, 21)
+        q_sup = {"start": y0, "end": y1, "period": "month", "calendar": "jalali", "lang": "en", "dims": ["team"]}
+
+        def inproc(fn):
+            def call():
+                with engine.begin() as c:
+                    fn(c)
+
+            return call
+
+        calls.update({
+            "RFM segments, ending today (no late customers)": lambda: val.GetRfmReport(
+                vpb.GetRfmReportRequest(**irr), metadata=m),
+            "Pareto, all time": lambda: val.GetParetoReport(vpb.GetParetoReportRequest(**irr), metadata=m),
+        })  # fmt: skip
+        # (new, before) pairs, their calls alternating (new, before, new, ...) so that the load
+        # of the shared machine weighs on both alike
+        pairs = [
+            ("in process: support Jalali month x team, year, support_monthly + edges",
+             lambda c: support_report.report(c, q_sup),
+             "in process: the same, support_daily only (before)",
+             lambda c: support_report.report(c, q_sup, monthly=False)),
+            ("in process: Pareto, year (as the RPC: daily rollup, server's work_mem)",
+             lambda c: value.pareto(c, "IRR", y0, y1),
+             "in process: Pareto, year, work_mem 64 MB",
+             lambda c: value.pareto(c, "IRR", y0, y1, work_mem="64MB")),
+            ("in process: Pareto, all time, summary", lambda c: value.pareto(c, "IRR", None, None, summary=True),
+             "in process: Pareto, all time, daily rollup (before)",
+             lambda c: value.pareto(c, "IRR", None, None, summary=False)),
+            ("in process: RFM segments, as the RPC (the summary above 50,000 daily rows)",
+             lambda c: value.rfm_counts(c, "IRR", None, y1),
+             "in process: RFM segments, daily rollup, work_mem 4 MB (before)",
+             lambda c: value.rfm_counts(c, "IRR", None, y1, summary=False, work_mem=None)),
+            ("in process: RFM champions page, as the RPC",
+             lambda c: value.rfm_page(c, "IRR", None, y1, "champions", None, 51),
+             "in process: RFM champions page, daily rollup, work_mem 4 MB (before)",
+             lambda c: value.rfm_page(c, "IRR", None, y1, "champions", None, 51, summary=False, work_mem=None)),
+        ]  # fmt: skip
         for name, call in calls.items():
             times = timed(call, CALLS)
-            goal = 50 if name.startswith("Customer 360") else 1000 if not name.startswith("baseline") else None
+            goal = 50 if name.startswith("Customer 360") else None if name.startswith("baseline") else 1000
             p95 = round(pct(times, 95), 1)
             rows.append({"report": name, "p50_ms": round(pct(times, 50), 1), "p95_ms": p95, "calls": len(times),
                          "goal_ms": goal or "", "meets": "" if goal is None else ("yes" if p95 < goal else "NO")})  # fmt: skip
+        for new_name, new_fn, old_name, old_fn in pairs:
+            got = {new_name: [], old_name: []}
+            for i in range(CALLS + 1):  # the first of each a warm-up
+                for name, fn in ((new_name, new_fn), (old_name, old_fn)):
+                    t = time.perf_counter()
+                    inproc(fn)()
+                    if i:
+                        got[name].append((time.perf_counter() - t) * 1000)
+            for name, times in got.items():
+                rows.append({"report": name, "p50_ms": round(pct(times, 50), 1), "p95_ms": round(pct(times, 95), 1),
+                             "calls": len(times), "goal_ms": "", "meets": ""})  # fmt: skip
         out["reports"] = rows
         out["load_average_after"] = round(os.getloadavg()[0], 1)
         ch.close()
@@ -334,22 +396,29 @@ def explain(engine) -> dict:
 
         sa.event.listen(engine, "before_cursor_execute", grab)
         try:
-            support_report.report(c, q_sup)
-            stmts["support Jalali month x team, year"] = captured[0]
-            captured.clear()
-            acquisition_report.report(c, {**q_sup, "sources": []})
-            stmts["acquisition Jalali month x source, year"] = captured[0]
-            captured.clear()
-            value.pareto(c, "IRR", q_sup["start"], q_sup["end"])
-            stmts["Pareto, year"] = captured[0]
-            captured.clear()
-            value.rfm_counts(c, "IRR", None, q_sup["end"])
-            stmts["RFM segments"] = captured[0]
+            for name, fn in {
+                "support Jalali month x team, year": lambda: support_report.report(c, q_sup),
+                "acquisition Jalali month x source, year": lambda: acquisition_report.report(c, {**q_sup, "sources": []}),
+                "Pareto, year": lambda: value.pareto(c, "IRR", q_sup["start"], q_sup["end"]),
+                "RFM segments": lambda: value.rfm_counts(c, "IRR", None, q_sup["end"]),
+            }.items():  # fmt: skip
+                with c.begin():
+                    fn()
+                # the statement that aggregates (support: the rows; the others: their one query)
+                stmts[name] = [st for st in captured if st[0].startswith("SET")] + [
+                    next(st for st in captured if not st[0].startswith(("SET", "SELECT to_regclass")))
+                ]
+                captured.clear()
         finally:
             sa.event.remove(engine, "before_cursor_execute", grab)
-        for name, (sql, params) in stmts.items():
-            plan = c.exec_driver_sql("EXPLAIN (ANALYZE, BUFFERS) " + sql, params).scalars().all()
-            got[name] = "\n".join(plan)
+        for name, statements in stmts.items():
+            with c.begin():
+                for sql, params in statements:  # SET LOCAL work_mem first, as the report runs it
+                    if sql.startswith("SET"):
+                        c.exec_driver_sql(sql, params)
+                    else:
+                        plan = c.exec_driver_sql("EXPLAIN (ANALYZE, BUFFERS) " + sql, params).scalars().all()
+                        got[name] = "\n".join(plan)
     return got
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from reporting_svc.tables import SUPPORT_MEASURES
+
 SPAN_DAYS = 1095
 T0 = "2023-12-01 00:00:00+00"
 CAMPAIGNS = 300
@@ -169,6 +171,10 @@ def spec_sql(n: int) -> list[str]:
             (100 + floor(gen.u(k, 126) * 5000))::bigint AS goal, (10000000 + floor(gen.u(k, 127) * 1e9))::bigint AS cost,
             (1000 + floor(gen.u(k, 128) * 100000))::bigint AS recipients {series.format(n=CAMPAIGNS)}""",
     ]
+
+
+def _sums(cols) -> str:
+    return ", ".join(f"sum({c})" for c in cols)
 
 
 def _j(*pairs: str) -> str:
@@ -375,6 +381,14 @@ PROJECT = [
          UNION ALL SELECT tehran_day(start_time), '', agent, 'phone', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1
            FROM call_facts
        ) x GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4""",
+    # support_monthly: support_daily's sums per Gregorian month and per Jalali month (keyed by
+    # the Gregorian date of its 1st), as support.monthly contributes them
+    f"""INSERT INTO support_monthly (calendar, month, team, agent, channel, {", ".join(SUPPORT_MEASURES)})
+       SELECT 'gregorian', date_trunc('month', day)::date, team, agent, channel, {_sums(SUPPORT_MEASURES)}
+       FROM support_daily GROUP BY 2, 3, 4, 5
+       UNION ALL SELECT 'jalali', day - (jalali_day_of_month(day) - 1), team, agent, channel, {_sums(SUPPORT_MEASURES)}
+       FROM support_daily GROUP BY 2, 3, 4, 5
+       ORDER BY 1, 2, 3, 4, 5""",
     """INSERT INTO points_facts (entry_id, version, programme, kind, points)
        SELECT 'ledger/' || id, at, programme, kind, points FROM gen.points""",
     """INSERT INTO loyalty_daily (day, programme, earned, redeemed, expired, adjusted, reversed)
@@ -414,6 +428,13 @@ PROJECT = [
               count(*) FILTER (WHERE kind <> 'credit_note'), count(*) FILTER (WHERE kind = 'credit_note')
        FROM invoice_value_facts WHERE value_time IS NOT NULL AND customer_id <> ''
          AND (kind = 'credit_note' OR state = 'paid') GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
+    # customer_value_summary: per customer x currency over the non-zero daily rows (value.refresh_summary)
+    """INSERT INTO customer_value_summary (customer_id, currency, first_day, last_day, last_purchase_day,
+                                          purchase_days, purchases, revenue, credit_notes)
+       SELECT customer_id, currency, min(day), max(day), max(day) FILTER (WHERE purchases > 0),
+              count(*) FILTER (WHERE purchases > 0), sum(purchases), sum(revenue), sum(credit_notes)
+       FROM customer_value_daily WHERE revenue <> 0 OR purchases <> 0 OR credit_notes <> 0
+       GROUP BY customer_id, currency ORDER BY customer_id, currency""",
 ]
 
 TIMELINE = """INSERT INTO timeline (customer_id, origin_customer_id, occurred_at, kind, source, ref, title, detail, event_id)

@@ -3,6 +3,7 @@ rollup from them (the report answers as before the upgrade); downgrade and upgra
 
 from __future__ import annotations
 
+import datetime as dt
 import pathlib
 from decimal import Decimal
 
@@ -75,6 +76,51 @@ def test_0012_fills_the_pipeline_rollup_from_the_opportunity_facts(databases):
         ("2026-11-22", "ana", 0, 0, 0, 1, 700),  # the Tehran day of the win
     ]
     command.downgrade(cfg(url), "0010")
+    command.upgrade(cfg(url), "head")
+    engine.dispose()
+
+
+def test_0016_fills_the_monthly_rollup_and_the_summary_from_the_daily_rollups(databases):
+    url = databases.fresh("rep_migr16")
+    migrate(url, SPEC.migrations, "0011")
+    engine = sa.create_engine(normalise_url(url))
+    with engine.begin() as conn:  # 2026-03-20 is in Esfand 1404 and March; 03-21 Farvardin 1405; 04-02 April
+        conn.execute(
+            sa.text(
+                "INSERT INTO support_daily (day, team, agent, channel, requests, closed) VALUES"
+                " ('2026-03-20', 't', 'a', 'email', 2, 1), ('2026-03-21', 't', 'a', 'email', 3, 0),"
+                " ('2026-04-02', 't', 'a', 'email', 5, 2), ('2026-04-02', 't', 'b', 'web', 0, 0)"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO customer_value_daily (day, customer_id, currency, revenue, purchases, credit_notes) VALUES"
+                " ('2026-03-20', 'c', 'IRR', 100, 1, 0), ('2026-04-02', 'c', 'IRR', -30, 0, 1),"
+                " ('2026-05-01', 'c', 'IRR', 0, 0, 0), ('2026-04-03', 'd', 'USD', 0, 0, 0)"
+            )
+        )
+    migrate(url, SPEC.migrations)
+    with engine.connect() as conn:
+        monthly = conn.execute(
+            sa.text("SELECT calendar, month::text, agent, requests, closed FROM support_monthly ORDER BY 1, 2, 3")
+        ).all()
+        summary = conn.execute(sa.text("SELECT * FROM customer_value_summary")).all()
+    assert [tuple(r) for r in monthly] == [
+        ("gregorian", "2026-03-01", "a", 5, 1),
+        ("gregorian", "2026-04-01", "a", 5, 2),
+        ("gregorian", "2026-04-01", "b", 0, 0),
+        ("jalali", "2026-02-20", "a", 2, 1),  # Esfand 1404 began on 2026-02-20
+        ("jalali", "2026-03-21", "a", 8, 2),  # Farvardin 1405
+        ("jalali", "2026-03-21", "b", 0, 0),
+    ]
+    # the all-zero rows count for nothing (d has none left)
+    assert [tuple(r) for r in summary] == [
+        ("c", "IRR", dt.date(2026, 3, 20), dt.date(2026, 4, 2), dt.date(2026, 3, 20), 1, 1, Decimal(70), 1)
+    ]
+    command.downgrade(cfg(url), "0011")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT to_regclass('support_monthly')")).scalar() is None
+        assert conn.execute(sa.text("SELECT count(*) FROM support_daily")).scalar() == 4
     command.upgrade(cfg(url), "head")
     engine.dispose()
 

@@ -6,9 +6,12 @@ Labels for readers in English or Persian are made here from the keys.
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
+
 import sqlalchemy as sa
 
-from crm_chassis import dates
+from crm_chassis import dates, persian
 from crm_chassis.errors import FieldViolation, InvalidArgument
 from crm_chassis.persian import JALALI_MONTHS, JALALI_QUARTERS, to_persian_digits
 
@@ -155,3 +158,39 @@ def label(key: str, period: str, calendar: str, lang: str) -> str:
     if period == "week":
         return f"هفته از {digits(text)}" if fa else f"week of {text}"
     return digits(text)
+
+
+# -- whole months (the monthly rollups) ------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def month_start(day: dt.date, calendar: str) -> dt.date:
+    """The first day of `day`'s month in `calendar` (a Jalali month: the Gregorian date of its
+    1st; SQL: day - (jalali_day_of_month(day) - 1))."""
+    if calendar == "jalali":
+        return day - dt.timedelta(days=persian.to_jalali(day).day - 1)
+    return day.replace(day=1)
+
+
+def next_month_start(day: dt.date, calendar: str) -> dt.date:
+    """The first day of the month after `day`'s, in `calendar`."""
+    return month_start(month_start(day, calendar) + dt.timedelta(days=32), calendar)
+
+
+def whole_months(start: dt.date | None, end: dt.date | None, calendar: str) -> tuple | None:
+    """The whole months of `calendar` within [start, end] (either end open) as (lo, hi): the
+    months m with lo <= m < hi (their first days; None: unbounded), the days before lo and from
+    hi on being the range's ragged edges; None when no whole month fits."""
+    lo = (
+        None
+        if start is None
+        else (start if month_start(start, calendar) == start else next_month_start(start, calendar))
+    )
+    if end is None:
+        hi = None
+    else:
+        after = end + dt.timedelta(days=1)
+        hi = after if month_start(after, calendar) == after else month_start(end, calendar)
+    if lo is not None and hi is not None and lo >= hi:
+        return None
+    return lo, hi

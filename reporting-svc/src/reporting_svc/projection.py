@@ -193,6 +193,9 @@ class Rollup:
     table: sa.Table
     keys: tuple[str, ...]
     measures: tuple[str, ...]
+    # Facts.apply_many writes it with rollup_upsert (one INSERT ... ON CONFLICT for the batch)
+    # rather than rollup_many: for a coarse rollup whose rows many facts of a batch share
+    upsert: bool = False
 
     @functools.cached_property
     def _statements(self):
@@ -292,6 +295,10 @@ class Facts:
     # further (rollup, contributions) pairs the same facts feed (report 3's pipeline rollup of
     # the opportunity facts beside report 1's acquisition rollup)
     more: tuple[tuple[Rollup, Callable[[Mapping], list]], ...] = ()
+    # called after the rollups with the fact rows (old and new) a change touched: a table
+    # derived from a rollup (value.refresh_summary: the per-customer summary of
+    # customer_value_daily) recomputes what those facts' keys read
+    then: tuple[Callable[[sa.Connection, list[Mapping]], None], ...] = ()
 
     @property
     def rollups(self) -> tuple[tuple[Rollup, Callable[[Mapping], list]], ...]:
@@ -302,6 +309,8 @@ class Facts:
         if applied:
             for rollup, contributions in self.rollups:
                 rollup.apply(conn, _contrib(contributions, old), _contrib(contributions, {**key, **values}))
+            for then in self.then:
+                then(conn, [*([] if old is None else [old._mapping]), {**key, **values}])
 
     def _contrib(self, row) -> list:
         return _contrib(self.contributions, row)
@@ -334,7 +343,9 @@ class Facts:
         for rollup, contributions in self.rollups:
             before = [c for o in olds for c in _contrib(contributions, o)]
             after = [c for n in news for c in _contrib(contributions, n)]
-            rollup_many(conn, rollup, before, after)
+            (rollup_upsert if rollup.upsert else rollup_many)(conn, rollup, before, after)
+        for then in self.then:
+            then(conn, [*(o._mapping for o in olds), *news])
 
 
 def _by_shape(rows: list[dict]) -> dict[tuple[str, ...], list[dict]]:

@@ -15,6 +15,9 @@ rows (Tehran day x team x agent x channel); a changed fact moves its contributio
 - A breach (ticket.sla_breached.v1) counts once per ticket and metric on its day.
 - A call counts on its start day with its agent (channel "phone"); its newest version
   (CallEvent.version) wins.
+
+The same contributions go to support_monthly (migration 0016) on the day's Gregorian month and
+on its Jalali month (`monthly`): the long-range reports read whole months there.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from crm.support.v1 import ticket_pb2
 from crm_chassis.messaging.consumer import Requires
 from crm_chassis.messaging.envelope import Event
 
+from . import periods
 from .projection import Facts, Projection, Rollup, per_event, tehran_day
 from .tables import (
     EXPECTATION_MEASURES,
@@ -35,11 +39,32 @@ from .tables import (
     expectation_facts,
     sla_breach_facts,
     support_daily,
+    support_monthly,
     survey_facts,
     ticket_facts,
 )
 
 ROLLUP = Rollup(support_daily, ("day", "team", "agent", "channel"), SUPPORT_MEASURES)
+MONTHLY = Rollup(support_monthly, ("calendar", "month", "team", "agent", "channel"), SUPPORT_MEASURES, upsert=True)
+
+
+def monthly(contributions):
+    """support_daily contributions -> support_monthly's: each (day, ...) counts on its Gregorian
+    month and on its Jalali month (both keyed by the month's first day)."""
+
+    def contrib(f) -> list:
+        out = []
+        for key, measures in contributions(f):
+            dims = {k: v for k, v in key.items() if k != "day"}
+            for calendar in ("gregorian", "jalali"):
+                out.append(
+                    ({"calendar": calendar, "month": periods.month_start(key["day"], calendar), **dims}, measures)
+                )
+        return out
+
+    return contrib
+
+
 EXPECTATION_ROLLUP = Rollup(expectation_daily, ("day", "team", "agent", "dimension"), EXPECTATION_MEASURES)
 
 TICKET_KEYS = [
@@ -191,11 +216,11 @@ def fact_call(event: Event):
     return CALLS, {"call_id": c.call.removeprefix("calls/")}, values
 
 
-TICKETS = Facts(ticket_facts, ROLLUP, ticket_contributions)
-SURVEYS = Facts(survey_facts, ROLLUP, _survey_contrib)
+TICKETS = Facts(ticket_facts, ROLLUP, ticket_contributions, more=((MONTHLY, monthly(ticket_contributions)),))
+SURVEYS = Facts(survey_facts, ROLLUP, _survey_contrib, more=((MONTHLY, monthly(_survey_contrib)),))
 EXPECTATIONS = Facts(expectation_facts, EXPECTATION_ROLLUP, _expectation_contrib)
-BREACHES = Facts(sla_breach_facts, ROLLUP, _breach_contrib)
-CALLS = Facts(call_facts, ROLLUP, _call_contrib)
+BREACHES = Facts(sla_breach_facts, ROLLUP, _breach_contrib, more=((MONTHLY, monthly(_breach_contrib)),))
+CALLS = Facts(call_facts, ROLLUP, _call_contrib, more=((MONTHLY, monthly(_call_contrib)),))
 on_ticket = per_event(fact_ticket)
 on_survey = per_event(fact_survey)
 on_sla_breached = per_event(fact_sla_breach)
@@ -225,6 +250,7 @@ PROJECTION = Projection(
         sla_breach_facts,
         call_facts,
         support_daily,
+        support_monthly,
         expectation_facts,
         expectation_daily,
     ],

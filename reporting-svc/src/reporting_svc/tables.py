@@ -130,6 +130,23 @@ support_daily = sa.Table(
     *(sa.Column(m, sa.BigInteger, nullable=False, server_default="0") for m in SUPPORT_MEASURES),
 )
 
+# The same sums per month (migration 0016), twice: per Gregorian month (calendar 'gregorian',
+# month = its first day) and per Jalali month (calendar 'jalali', month = the Gregorian date of
+# its first day), x team x agent x channel. Kept by the same facts' contributions as
+# support_daily (support.monthly); a report by month, quarter, year or all over a long range
+# reads its whole months here and its ragged edges from support_daily (support_report.py).
+SUPPORT_CALENDARS = ("gregorian", "jalali")
+support_monthly = sa.Table(
+    "support_monthly",
+    metadata,
+    sa.Column("calendar", sa.Text, primary_key=True),
+    sa.Column("month", sa.Date, primary_key=True),
+    sa.Column("team", sa.Text, primary_key=True),
+    sa.Column("agent", sa.Text, primary_key=True),
+    sa.Column("channel", sa.Text, primary_key=True),
+    *(sa.Column(m, sa.BigInteger, nullable=False, server_default="0") for m in SUPPORT_MEASURES),
+)
+
 # sales-svc: one row per lead and per opportunity, their newest version.
 lead_facts = sa.Table(
     "lead_facts",
@@ -354,6 +371,7 @@ PROJECTED = [
     sla_breach_facts,
     call_facts,
     support_daily,
+    support_monthly,
     expectation_facts,
     expectation_daily,
     lead_facts,

@@ -41,6 +41,26 @@ customer_value_daily = sa.Table(
     sa.Column("credit_notes", sa.BigInteger, nullable=False, server_default="0"),
 )
 
+# One row per customer x currency over all of customer_value_daily (migration 0016): what
+# RFM and Pareto read when the range has no start (value.py). Derived from the daily rollup, not
+# from the facts: first / last day with a non-zero row, the last day with a purchase, the days
+# with a purchase (RFM's frequency: count(*) FILTER (WHERE purchases > 0)), purchases, revenue
+# and credit notes. The invoice projection recomputes a customer's row from their daily rows in
+# the transaction that changes them (value.refresh_summary), after locking it.
+customer_value_summary = sa.Table(
+    "customer_value_summary",
+    metadata,
+    sa.Column("customer_id", sa.Text, primary_key=True),
+    sa.Column("currency", sa.Text, primary_key=True),
+    sa.Column("first_day", sa.Date),
+    sa.Column("last_day", sa.Date),
+    sa.Column("last_purchase_day", sa.Date),
+    sa.Column("purchase_days", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("purchases", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("revenue", sa.Numeric(38, 9), nullable=False, server_default="0"),
+    sa.Column("credit_notes", sa.BigInteger, nullable=False, server_default="0"),
+)
+
 value_fits = sa.Table(
     "value_fits",
     metadata,
@@ -79,4 +99,4 @@ sa.Index(
 sa.Index("customer_value_daily_customer", customer_value_daily.c.customer_id, customer_value_daily.c.day)
 
 # The rebuild makes these afresh too (it copies every PROJECTED table).
-PROJECTED.extend([invoice_value_facts, customer_value_daily])
+PROJECTED.extend([invoice_value_facts, customer_value_daily, customer_value_summary])
