@@ -193,9 +193,6 @@ class Rollup:
     table: sa.Table
     keys: tuple[str, ...]
     measures: tuple[str, ...]
-    # Facts.apply_many writes it with rollup_upsert (one INSERT ... ON CONFLICT for the batch)
-    # rather than rollup_many: for a coarse rollup whose rows many facts of a batch share
-    upsert: bool = False
 
     @functools.cached_property
     def _statements(self):
@@ -281,9 +278,6 @@ def rollup_upsert(
         conn.execute(_upsert(rollup), rows_param(rows))
 
 
-rollup_many = rollup_upsert  # the name the facts and earlier handlers use
-
-
 @dataclass(frozen=True)
 class Facts:
     """A fact table and the rollup its rows contribute to: `apply` one change as an event's
@@ -343,7 +337,7 @@ class Facts:
         for rollup, contributions in self.rollups:
             before = [c for o in olds for c in _contrib(contributions, o)]
             after = [c for n in news for c in _contrib(contributions, n)]
-            (rollup_upsert if rollup.upsert else rollup_many)(conn, rollup, before, after)
+            rollup_upsert(conn, rollup, before, after)
         for then in self.then:
             then(conn, [*(o._mapping for o in olds), *news])
 

@@ -45,7 +45,7 @@ from .tables import (
 )
 
 ROLLUP = Rollup(support_daily, ("day", "team", "agent", "channel"), SUPPORT_MEASURES)
-MONTHLY = Rollup(support_monthly, ("calendar", "month", "team", "agent", "channel"), SUPPORT_MEASURES, upsert=True)
+MONTHLY = Rollup(support_monthly, ("calendar", "month", "team", "agent", "channel"), SUPPORT_MEASURES)
 
 
 def monthly(contributions):
