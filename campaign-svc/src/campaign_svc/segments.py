@@ -442,6 +442,17 @@ class Segments:
         conn.execute(segments.update().where(segments.c.id == segment_id).values(rebuild_job=job.id))
         return job
 
+    def _in_one_step(self, ctx, sid: str, total: int, work) -> None:
+        """A rebuild done in one job step: the segment locked and read, `work(tx, definition,
+        now)` -> (added, removed), the job saved "done" in the same transaction."""
+        with ctx.step(self.uow) as tx:
+            lock_exclusive(tx.conn, sid)
+            row = tx.conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
+            if row is None:
+                return
+            added, removed = work(tx, Definition.of(row), self.now())
+            ctx.save(tx.conn, "done", processed=total, total=total, increment={"added": added, "removed": removed})
+
     def _run_rebuild(self, ctx: jobs.JobContext):
         sid = ctx.params["segment_id"]
         with self.engine.connect() as conn:
@@ -490,28 +501,22 @@ class Segments:
         if cp is None and first and total <= _first_build_rows():
             # A new segment's first build: ONE statement, whatever the number of members (see
             # `_first_build`); interrupted, it starts again (nothing of it was committed).
-            with ctx.step(self.uow) as tx:
-                lock_exclusive(tx.conn, sid)
-                row = tx.conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
-                if row is None:
-                    return
-                now = self.now()
-                added = self._first_build(tx.conn, Definition.of(row), now)
+            def first_build(tx, d: Definition, now) -> tuple[int, int]:
+                added = self._first_build(tx.conn, d, now)
                 self._finish(tx.conn, sid, now, tx, added=added)
-                ctx.save(tx.conn, "done", processed=total, total=total, increment={"added": added, "removed": 0})
+                return added, 0
+
+            self._in_one_step(ctx, sid, total, first_build)
             return
         if cp is None and self._small(sid):
             # Few customers match and few are members: one set-based step, the filter served
             # by its indexes (a walk of the whole heap would cost more than the change).
-            with ctx.step(self.uow) as tx:
-                lock_exclusive(tx.conn, sid)
-                row = tx.conn.execute(sa.select(segments).where(segments.c.id == sid)).one_or_none()
-                if row is None:
-                    return
-                now = self.now()
-                added, removed = self.diff(tx, Definition.of(row), now, events=not first)
+            def small(tx, d: Definition, now) -> tuple[int, int]:
+                added, removed = self.diff(tx, d, now, events=not first)
                 self._finish(tx.conn, sid, now, tx if first else None)
-                ctx.save(tx.conn, "done", processed=total, total=total, increment={"added": added, "removed": removed})
+                return added, removed
+
+            self._in_one_step(ctx, sid, total, small)
             return
         start = (cp or {}).get("page", 0)
         # the clock of the first chunk: every customer was evaluated at it or later
