@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-import pika
 import pytest
 import sqlalchemy as sa
 
@@ -19,10 +18,11 @@ from crm.support.v1 import support_events_pb2 as sev
 from crm.support.v1 import ticket_pb2
 from crm.type.v1 import money_pb2
 from crm_chassis.messaging.envelope import new_event
-from crm_chassis.messaging.topology import declare_producer
 from reporting_svc import support_report, value
 from reporting_svc.__main__ import SPEC
 from tests.support.harness import channel, md, start_service, wait_for
+
+from .test_rebuild import publish
 
 UTC = dt.UTC
 EMAIL = ticket_pb2.Channel.Value("CHANNEL_EMAIL")
@@ -34,19 +34,6 @@ def live(databases, own_broker):
     assert service.consumer.ready.wait(10)
     yield service
     service.stop(0)
-
-
-def publish(url: str, events) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        ch = conn.channel()
-        ch.confirm_delivery()
-        for domain in {e.exchange.split(".")[1] for e in events}:
-            declare_producer(ch, domain)
-        for e in events:
-            ch.basic_publish(e.exchange, e.routing_key, e.data, e.amqp_properties())
-    finally:
-        conn.close()
 
 
 def reassigned(event, version: int, **changes):
