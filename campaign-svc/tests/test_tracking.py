@@ -534,7 +534,9 @@ def test_site_behaviour_is_in_segments_and_goes_to_sales_for_lead_scoring(svc, s
     assert [h.kind for h in first.hits] == ["page_view", "page_view", "page_view", "event"]
     assert first.hits[-1].name == "demo_request" and len({h.id for h in first.hits}) == 4
 
-    post({"url": "https://shop.example.ir/p/3"})
+    # a junk field beside the one that identifies is left out, not refused (the hits are kept)
+    junk = post({"url": "https://shop.example.ir/p/3"}, identify={"customer": f"customers/{a}", "phone": "-"})
+    assert junk["customer"] == f"customers/{a}"
     second = published()[-1]
     assert [h.url for h in second.hits] == ["https://shop.example.ir/p/3"]  # only the new hit
     assert second.hits[0].id not in {h.id for h in first.hits}

@@ -83,7 +83,7 @@ _OUR_MESSAGE_ID = re.compile(r"<?cmp-([0-9a-fA-F-]{36})@")
 DELIVERED = frozenset({"10", "delivered", "delivrd"})
 SOFT_FAILED = frozenset({"6", "11", "failed", "undelivered", "undeliv"})
 HARD_FAILED = frozenset({"14", "blocked", "rejected"})
-DSN_DELIVERED = frozenset({"delivered", "relayed", "expanded"})  # RFC 3464 actions of success
+DSN_DELIVERED = frozenset({"delivered", "expanded"})  # RFC 3464 success (relayed: handed on, not known to arrive)
 # User agents of machines that fetch a message's links and images before, or instead of, its
 # reader: mail security gateways' link scanners, link previews of chat apps, crawlers and
 # headless browsers, and the "+http://..." signature crawlers put in their agent. Mail clients'
@@ -701,8 +701,7 @@ class Tracking:
         to a customer or identified by e-mail or phone; a visitor tied to a customer now for the
         first time brings its earlier hits (at most BACKFILL_HITS, the newest)."""
         ident = req.identify
-        email = consent.normalise("email", ident.email, self.rt.phone_region, "identify.email") if ident.email else ""
-        phone = consent.normalise("sms", ident.phone, self.rt.phone_region, "identify.phone") if ident.phone else ""
+        email, phone = self._contact("email", ident.email), self._contact("sms", ident.phone)
         if not (visitor.customer_id or email or phone):
             return
         p = page_events.c
@@ -727,6 +726,14 @@ class Tracking:
             hit.event_time.FromDatetime(h.event_time)
         e.event_time.GetCurrentTime()
         tx.publish("web_activity.recorded.v1", e, e.visitor)
+
+    def _contact(self, channel: str, value: str) -> str:
+        """An identify field as sales can match it, or "" (a field the visitor was not identified
+        by may hold anything a form copied into it: "-", "n/a"; it is left out, not refused)."""
+        try:
+            return consent.normalise(channel, value, self.rt.phone_region, "identify") if value else ""
+        except InvalidArgument:
+            return ""
 
     def get_visitor(self, req: pb.GetVisitorRequest) -> pb.Visitor:
         vid = VISITOR.parse(req.name).visitor_id
