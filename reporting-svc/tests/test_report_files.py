@@ -289,5 +289,13 @@ def test_money_charts_never_add_up_amounts_of_different_currencies():
         pr.PipelineRow(period_label="Nov 2026", amount=money(300, "IRR"), weighted_amount=money(30, "IRR")),
         pr.PipelineRow(period_label="Nov 2026", amount=money(4, "EUR"), weighted_amount=money(2, "EUR")),
     ]
+    every = report_files._pipeline_chart(pr.GetPipelineReportResponse(rows=pipe), {**q, "period": "all"})
+    assert list(every.categories) == ["Amount (IRR)", "Amount (EUR)"]  # a group per currency, side by side
+    assert [list(s.values) for s in every.series] == [[300.0, 4.0], [30.0, 2.0]]
     chart = report_files._pipeline_chart(pr.GetPipelineReportResponse(rows=pipe), q)
-    assert {s.name: list(s.values) for s in chart.series} == {"Amount (IRR)": [300.0], "Amount (EUR)": [4.0]}
+    assert chart.title.endswith("(IRR)") and {s.name: list(s.values) for s in chart.series} == {"Amount": [300.0]}
+    # per period the bars stack: only one currency's rows (the one most rows have), named in the title
+    pipe.append(pr.PipelineRow(period_label="Dec 2026", amount=money(7, "EUR"), weighted_amount=money(1, "EUR")))
+    chart = report_files._pipeline_chart(pr.GetPipelineReportResponse(rows=pipe), {**q, "period": "month", "dims": []})
+    assert chart.title.endswith("(EUR)") and chart.kind == "stacked_bar"
+    assert {s.name: list(s.values) for s in chart.series} == {"Amount": [4.0, 7.0]}

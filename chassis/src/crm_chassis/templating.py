@@ -26,7 +26,7 @@ from jinja2.utils import _PassArg
 MAX_SEQUENCE = 10_000  # the longest string or list a `*` may make; the largest width or count a filter takes
 MAX_OUTPUT = 1_000_000  # the longest string or list a filter may give, or a render (`render`) make
 MAX_LOOP_STEPS = 200_000  # the items every loop of one `render` may take in all
-_LOOP_FILTER = "_crm_loop"  # what each for-loop's sequence goes through (counted)
+LOOP_FILTER = "_crm_loop"  # what each for-loop's sequence goes through (counted): keep it in a filter whitelist
 _steps: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("crm_template_steps", default=None)
 _WIDE_FORMAT = re.compile(r"%[-+ #0]*(\*|[0-9]{4,})|%[-+ #0]*[0-9]*\.(\*|[0-9]{4,})")
 
@@ -86,7 +86,7 @@ def _counted(seq):
     for item in seq:
         budget[0] -= 1
         if budget[0] < 0:
-            raise SecurityError(f"the loops would take more than {MAX_LOOP_STEPS:,} steps")
+            raise SecurityError("the loops would take more steps than a template may")
         yield item
 
 
@@ -95,8 +95,8 @@ class _CountedLoops(CodeGenerator):
 
     def visit_Template(self, node: nodes.Template, frame=None) -> None:  # noqa: N802 - Jinja's visitor name
         for loop in node.find_all(nodes.For):  # before the filters are gathered
-            if not (isinstance(loop.iter, nodes.Filter) and loop.iter.name == _LOOP_FILTER):
-                loop.iter = nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None, lineno=loop.lineno)
+            if not (isinstance(loop.iter, nodes.Filter) and loop.iter.name == LOOP_FILTER):
+                loop.iter = nodes.Filter(loop.iter, LOOP_FILTER, [], [], None, None, lineno=loop.lineno)
         super().visit_Template(node, frame)
 
 
@@ -108,7 +108,7 @@ class Sandbox(SandboxedEnvironment):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.filters = {name: self._bounded(name, f) for name, f in self.filters.items()}
-        self.filters[_LOOP_FILTER] = _counted
+        self.filters[LOOP_FILTER] = _counted
 
     def _bounded(self, name: str, f):
         """Jinja's filter `name` with its work bounded: no width or count over MAX_SEQUENCE

@@ -337,7 +337,15 @@ def _pipeline_chart(resp, q: dict) -> Chart:
             Series(weighted, [_money_value([r.weighted_amount]) for r in resp.rows]),
         ]
         return _chart(q, "grouped_bar", cats, series, title)
-    cats, series = pivot(resp.rows, lambda r: r.period_label, group, lambda r: _money_value([r.amount]),
+    rows = list(resp.rows)
+    if several:  # a stacked bar (and its "Other") would add currencies: the one most rows have
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r.amount.currency_code] = counts.get(r.amount.currency_code, 0) + 1
+        shown = max(counts, key=lambda c: (counts[c], c == "IRR"))
+        rows, group = [r for r in rows if r.amount.currency_code == shown], named
+        title = (f"{title[0]} ({shown})", f"{title[1]} ({shown})")
+    cats, series = pivot(rows, lambda r: r.period_label, group, lambda r: _money_value([r.amount]),
                          other=tr(q, "Other", "سایر"))  # fmt: skip
     return _chart(q, "stacked_bar", cats, series, title, y_label=amount)
 

@@ -254,7 +254,8 @@ def _environment() -> Sandbox:
         auto_reload=False,
     )
     builtin = env.filters
-    env.filters = {name: builtin[name] for name in FILTERS}
+    # the whitelist, and the sandbox's own loop counter (templating: every for-loop reads through it)
+    env.filters = {name: builtin[name] for name in (*FILTERS, templating.LOOP_FILTER)}
     env.filters["persian_digits"] = to_persian_digits
     env.globals = {}
     return env
