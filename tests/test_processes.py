@@ -116,7 +116,7 @@ def http(method: str, url: str, body: dict | None = None, tok: str | None = None
 def test_make_run_launcher_serves_everything_and_ctrl_c_leaves_nothing_behind(databases, tmp_path):
     # A vhost of its own: the in-process suite's reporting consumer must not share its queue.
     broker = Broker()
-    offset = 1000 + (os.getpid() % 500) * 10
+    offset = free_offset()  # not one from the pid: its ports may be some connection's local port now
     env = dict(
         os.environ,
         CRM_PORT_OFFSET=str(offset),
