@@ -289,20 +289,35 @@ class Facts:
     # further (rollup, contributions) pairs the same facts feed (report 3's pipeline rollup of
     # the opportunity facts beside report 1's acquisition rollup)
     more: tuple[tuple[Rollup, Callable[[Mapping], list]], ...] = ()
+    # (rollup, derive) pairs fed from the main rollup's contributions, computed once: derive maps
+    # that list to the rollup's (support_monthly: each daily contribution on its two months)
+    derived: tuple[tuple[Rollup, Callable[[list], list]], ...] = ()
     # called after the rollups with the fact rows (old and new) a change touched: a table
     # derived from a rollup (value.refresh_summary: the per-customer summary of
     # customer_value_daily) recomputes what those facts' keys read
     then: tuple[Callable[[sa.Connection, list[Mapping]], None], ...] = ()
 
-    @property
-    def rollups(self) -> tuple[tuple[Rollup, Callable[[Mapping], list]], ...]:
-        return ((self.rollup, self.contributions), *self.more)
+    def deltas(self, olds: list, news: list) -> list[tuple[Rollup, list, list]]:
+        """(rollup, contributions before, after) of every rollup these fact rows feed."""
+        before = [c for o in olds for c in _contrib(self.contributions, o)]
+        after = [c for n in news for c in _contrib(self.contributions, n)]
+        out = [(self.rollup, before, after)]
+        for rollup, contributions in self.more:
+            out.append(
+                (
+                    rollup,
+                    [c for o in olds for c in _contrib(contributions, o)],
+                    [c for n in news for c in _contrib(contributions, n)],
+                )
+            )
+        out += [(rollup, derive(before), derive(after)) for rollup, derive in self.derived]
+        return out
 
     def apply(self, conn: sa.Connection, key: Mapping, values: Mapping) -> None:
         applied, old = apply_versioned(conn, self.table, key, values)
         if applied:
-            for rollup, contributions in self.rollups:
-                rollup.apply(conn, _contrib(contributions, old), _contrib(contributions, {**key, **values}))
+            for rollup, before, after in self.deltas([] if old is None else [old], [{**key, **values}]):
+                rollup.apply(conn, before, after)
             for then in self.then:
                 then(conn, [*([] if old is None else [old._mapping]), {**key, **values}])
 
@@ -334,9 +349,7 @@ class Facts:
             conn.execute(_fact_insert(t, shape), rows_param(rows))
         for shape, rows in _by_shape(updates).items():
             conn.execute(_fact_update(t, cols, shape), rows_param(rows))
-        for rollup, contributions in self.rollups:
-            before = [c for o in olds for c in _contrib(contributions, o)]
-            after = [c for n in news for c in _contrib(contributions, n)]
+        for rollup, before, after in self.deltas(olds, news):
             rollup_upsert(conn, rollup, before, after)
         for then in self.then:
             then(conn, [*(o._mapping for o in olds), *news])

@@ -48,21 +48,15 @@ ROLLUP = Rollup(support_daily, ("day", "team", "agent", "channel"), SUPPORT_MEAS
 MONTHLY = Rollup(support_monthly, ("calendar", "month", "team", "agent", "channel"), SUPPORT_MEASURES)
 
 
-def monthly(contributions):
+def monthly(contributions: list) -> list:
     """support_daily contributions -> support_monthly's: each (day, ...) counts on its Gregorian
     month and on its Jalali month (both keyed by the month's first day)."""
-
-    def contrib(f) -> list:
-        out = []
-        for key, measures in contributions(f):
-            dims = {k: v for k, v in key.items() if k != "day"}
-            for calendar in ("gregorian", "jalali"):
-                out.append(
-                    ({"calendar": calendar, "month": periods.month_start(key["day"], calendar), **dims}, measures)
-                )
-        return out
-
-    return contrib
+    out = []
+    for key, measures in contributions:
+        dims = {k: v for k, v in key.items() if k != "day"}
+        for calendar in ("gregorian", "jalali"):
+            out.append(({"calendar": calendar, "month": periods.month_start(key["day"], calendar), **dims}, measures))
+    return out
 
 
 EXPECTATION_ROLLUP = Rollup(expectation_daily, ("day", "team", "agent", "dimension"), EXPECTATION_MEASURES)
@@ -216,11 +210,11 @@ def fact_call(event: Event):
     return CALLS, {"call_id": c.call.removeprefix("calls/")}, values
 
 
-TICKETS = Facts(ticket_facts, ROLLUP, ticket_contributions, more=((MONTHLY, monthly(ticket_contributions)),))
-SURVEYS = Facts(survey_facts, ROLLUP, _survey_contrib, more=((MONTHLY, monthly(_survey_contrib)),))
+TICKETS = Facts(ticket_facts, ROLLUP, ticket_contributions, derived=((MONTHLY, monthly),))
+SURVEYS = Facts(survey_facts, ROLLUP, _survey_contrib, derived=((MONTHLY, monthly),))
 EXPECTATIONS = Facts(expectation_facts, EXPECTATION_ROLLUP, _expectation_contrib)
-BREACHES = Facts(sla_breach_facts, ROLLUP, _breach_contrib, more=((MONTHLY, monthly(_breach_contrib)),))
-CALLS = Facts(call_facts, ROLLUP, _call_contrib, more=((MONTHLY, monthly(_call_contrib)),))
+BREACHES = Facts(sla_breach_facts, ROLLUP, _breach_contrib, derived=((MONTHLY, monthly),))
+CALLS = Facts(call_facts, ROLLUP, _call_contrib, derived=((MONTHLY, monthly),))
 on_ticket = per_event(fact_ticket)
 on_survey = per_event(fact_survey)
 on_sla_breached = per_event(fact_sla_breach)
