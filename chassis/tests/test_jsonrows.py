@@ -45,3 +45,29 @@ def test_rows_round_trip_typed_and_in_order(databases):
         assert got == [{**r, "id": str(r["id"]) if isinstance(got[0]["id"], str) else r["id"]} for r in rows]
     finally:
         engine.dispose()
+
+
+def test_dumps_writes_what_the_standard_encoder_wrote():
+    """orjson's text for the values rows carry is the one json.dumps(default=isoformat/str)
+    gave: aware and naive datetimes, dates, UUIDs, exact Decimals, non-string keys, Persian
+    text; an integer past 64 bits (orjson refuses it) still goes, and a value of another type is
+    refused by name."""
+    import json
+
+    import pytest
+
+    at = dt.datetime(2026, 12, 4, 9, 30, 0, 120, tzinfo=dt.timezone(dt.timedelta(hours=3, minutes=30)))
+    row = {
+        "at": at,
+        "naive": dt.datetime(2026, 1, 1),
+        "d": dt.date(1405, 1, 1),
+        "id": uuid.UUID(int=7),
+        "n": Decimal("0.10"),
+        "doc": {1: "یک", "k": [None, True, 2.5]},
+    }
+    legacy = json.dumps([row], default=jsonrows._default, ensure_ascii=False)
+    assert json.loads(jsonrows.dumps([row])) == json.loads(legacy)
+    assert '"0.10"' in jsonrows.dumps([row]) and "+03:30" in jsonrows.dumps([row])
+    assert json.loads(jsonrows.dumps([{"big": 2**70}])) == [{"big": 2**70}]
+    with pytest.raises(TypeError, match="set is not a JSON row value"):
+        jsonrows.dumps([{"s": {1}}])
