@@ -311,3 +311,46 @@ def test_the_ledger_lists_newest_first_in_keyset_pages(stub):
     assert [e.action for e in rest.entries] == ["granted"] and not rest.next_page_token
     code, details = code_of(lambda: stub.ListConsentEntries(pb.ListConsentEntriesRequest(), metadata=MARKETER))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "address" in details
+
+
+def test_an_erased_address_is_kept_as_a_keyed_hash_and_an_older_unkeyed_one_still_matches(svc):
+    """The hash an erasure keeps is HMAC-SHA256 under the deployment's key, the same in SQL (the
+    erasure's INSERT .. SELECT, the send-time check) as in Python: without the key nobody can
+    find the phone number by hashing every number. A row an earlier version kept as an unkeyed
+    SHA-256 still stops sends to that address."""
+    import hashlib
+    import hmac
+
+    from campaign_svc.tables import suppressions
+
+    key = consent.hash_key_of({"SUPPRESSION_HASH_KEY": "k" * 40}, None)  # the setting wins over the derived key
+    assert key == b"k" * 40
+    assert consent.hash_key_of({"CONSENT_LINK_SECRET": "a" * 40}, "j") != consent.hash_key_of(
+        {"CONSENT_LINK_SECRET": "b" * 40}, "j"
+    )
+    phone = "+989121234567"
+    mine = consent._key
+    want = "hmac-sha256:" + hmac.new(mine, phone.encode(), hashlib.sha256).hexdigest()
+    assert consent.address_hash(phone) == want
+    assert consent.address_hash(phone) != "sha256:" + hashlib.sha256(phone.encode()).hexdigest()
+    with svc.ctx.engine.connect() as conn:
+        assert conn.execute(sa.select(consent._hash_sql(sa.literal(phone)))).scalar() == want
+    try:
+        consent.configure(b"another deployment's key")
+        assert consent.address_hash(phone) != want
+    finally:
+        consent.configure(mine)
+    legacy = "+989129990000"
+    r = rt(svc)
+    with r.uow.begin() as tx:
+        tx.conn.execute(
+            suppressions.insert().values(
+                channel="sms", address="sha256:" + hashlib.sha256(legacy.encode()).hexdigest(), reason="erased"
+            )
+        )
+    with svc.ctx.engine.connect() as conn:
+        ok = conn.execute(sa.select(consent.sendable("sms", "marketing", sa.literal(legacy)))).scalar()
+        assert ok is False
+        assert consent.suppression_of(conn, "sms", legacy).reason == "erased"
+    with r.uow.begin() as tx:
+        assert consent.lift(tx, "sms", legacy) is True

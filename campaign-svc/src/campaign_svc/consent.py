@@ -256,30 +256,84 @@ def suppress(tx, channel: str, address: str, reason: str, detail: str = "") -> b
     return tx.conn.execute(stmt.on_conflict_do_nothing().returning(suppressions.c.channel)).first() is not None
 
 
-HASHED = "sha256:"  # an erased customer's suppressed address is kept as its hash only
+# An erased customer's suppressed address is kept as a keyed hash only (HMAC-SHA256 with the
+# deployment's SUPPRESSION_HASH_KEY): without the key a phone number's hash cannot be found by
+# trying every number. Rows an earlier version wrote as an unkeyed SHA-256 still match.
+HASHED = "hmac-sha256:"
+LEGACY_HASHED = "sha256:"
+_key: bytes | None = None
+
+
+def hash_key_of(env=os.environ, jwt_secret: str | None = None) -> bytes:
+    """SUPPRESSION_HASH_KEY, else a key derived from the consent links' secret (itself the
+    setting CONSENT_LINK_SECRET or one derived from the JWT secret): keep it for the life of the
+    deployment, since a new key no longer matches the hashes already kept."""
+    from crm_chassis.config import DEFAULT_JWT_SECRET
+    from crm_chassis.links import link_secret
+
+    if given := env.get("SUPPRESSION_HASH_KEY", ""):
+        return given.encode()
+    jwt = jwt_secret if jwt_secret is not None else env.get("JWT_SECRET", "") or DEFAULT_JWT_SECRET
+    consent_secret = link_secret(env.get("CONSENT_LINK_SECRET", ""), jwt, "consent-links")
+    return hashlib.sha256(b"suppression-hash:" + consent_secret).digest()
+
+
+def configure(key: bytes) -> None:
+    """The key the service read at start (consent_api.install)."""
+    global _key
+    _key = key
+
+
+def _pads() -> tuple[bytes, bytes]:
+    key = _key if _key is not None else hash_key_of()
+    if len(key) > 64:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(64, b"\0")
+    return bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
 
 
 def address_hash(address: str) -> str:
-    """The form an erased customer's suppressed address is kept in."""
-    return HASHED + hashlib.sha256(address.encode()).hexdigest()
+    """The form an erased customer's suppressed address is kept in: HMAC-SHA256, hex."""
+    inner, outer = _pads()
+    digest = hashlib.sha256(outer + hashlib.sha256(inner + address.encode()).digest()).hexdigest()
+    return HASHED + digest
+
+
+def _legacy_hash(address: str) -> str:
+    return LEGACY_HASHED + hashlib.sha256(address.encode()).hexdigest()
 
 
 def _hash_sql(address_col) -> sa.ColumnElement:
-    return sa.literal(HASHED) + sa.func.encode(sa.func.sha256(sa.func.convert_to(address_col, "UTF8")), "hex")
+    """address_hash in SQL (HMAC from the built-in sha256: no extension needed)."""
+    inner, outer = _pads()
+    text = sa.func.convert_to(address_col, "UTF8")
+    inner_digest = sa.func.sha256(sa.literal(inner, sa.LargeBinary).op("||")(text))
+    digest = sa.func.sha256(sa.literal(outer, sa.LargeBinary).op("||")(inner_digest))
+    return sa.literal(HASHED) + sa.func.encode(digest, "hex")
+
+
+def _legacy_hash_sql(address_col) -> sa.ColumnElement:
+    return sa.literal(LEGACY_HASHED) + sa.func.encode(sa.func.sha256(sa.func.convert_to(address_col, "UTF8")), "hex")
+
+
+def _forms(address: str) -> list[str]:
+    return [address, address_hash(address), _legacy_hash(address)]
 
 
 def suppressed(channel: str, address_col) -> sa.ColumnElement:
     """SQL: the address (a column or value) is suppressed on the channel, as written or as the
     hash an erasure left."""
     s = suppressions.c
-    return sa.exists().where(s.channel == channel, s.address.in_([address_col, _hash_sql(address_col)]))
+    forms = [address_col, _hash_sql(address_col), _legacy_hash_sql(address_col)]
+    return sa.exists().where(s.channel == channel, s.address.in_(forms))
 
 
 def suppression_of(conn: sa.Connection, channel: str, address: str):
-    """The suppression row of an address (plain or hashed), or None."""
+    """The suppression row of an address (plain or hashed, the plain one first), or None."""
     s = suppressions.c
-    q = sa.select(suppressions).where(s.channel == channel, s.address.in_([address, address_hash(address)]))
-    return conn.execute(q.order_by(s.address.startswith(HASHED))).first()
+    forms = _forms(address)
+    q = sa.select(suppressions).where(s.channel == channel, s.address.in_(forms))
+    return conn.execute(q.order_by(s.address != address)).first()
 
 
 def hash_suppressions(conn: sa.Connection, emails=(), phones=()) -> None:
@@ -303,9 +357,7 @@ def lift(tx, channel: str, address: str) -> bool:
     """An admin lifts a suppression (the address was fixed); True if there was one."""
     return (
         tx.conn.execute(
-            suppressions.delete().where(
-                suppressions.c.channel == channel, suppressions.c.address.in_([address, address_hash(address)])
-            )
+            suppressions.delete().where(suppressions.c.channel == channel, suppressions.c.address.in_(_forms(address)))
         ).rowcount
         > 0
     )

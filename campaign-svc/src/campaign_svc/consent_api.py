@@ -558,3 +558,4 @@ def timer_handlers(rt: Campaign) -> None:
 
 def install(rt: Campaign) -> None:
     settings(rt)  # read at start, as every other setting
+    consent.configure(consent.hash_key_of(os.environ, rt.settings.jwt_secret))
