@@ -525,3 +525,41 @@ def test_a_committed_batch_is_acked_whole_and_nothing_comes_back_after_a_restart
     finally:
         again.stop(2)
     assert received(engine) == (60, 60)
+
+
+def test_consumer_threads_share_the_queue_and_handle_every_event_once(engine, broker, tmp_path):
+    """CONSUMER_THREADS=2: the service runs two competing consumers of its queue (each its own
+    connection), both take part, and every event is handled exactly once, the same event
+    delivered twice included."""
+    from crm_chassis.config import DEFAULT_JWT_SECRET, load_settings
+    from crm_chassis.service import Service, ServiceSpec
+
+    url = engine.url.render_as_string(hide_password=False)
+    env = {"DATABASE_URL": url, "AMQP_URL": broker.url, "JWT_SECRET": DEFAULT_JWT_SECRET, "CONSUMER_THREADS": "2"}
+    settings = load_settings("threads-test", 1, env=env)
+    assert settings.consumer_threads == 2
+    spec = ServiceSpec(
+        name="threads-test",
+        default_port=1,
+        migrations=tmp_path,
+        subscriptions=lambda ctx: [Subscription(DOMAIN, {KEY: record})],
+    )
+    svc = Service(spec, settings, run_migrations=False, relay=False, grpc=False, background=False)
+    assert len(svc.consumers) == 2 and svc.consumer is svc.consumers[0]
+    svc.start()
+    try:
+        assert all(c.ready.wait(10) for c in svc.consumers)
+        conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+        ch = conn.channel()
+        ch.confirm_delivery()
+        events = [make_event(str(i).encode()) for i in range(600)]
+        for e in [*events, events[7]]:
+            ch.basic_publish(exchange_for(DOMAIN), KEY, e.data, e.amqp_properties())
+        conn.close()
+        wait_for(lambda: received(engine)[0] >= 600, what="600 events", timeout=60)
+        time.sleep(0.5)  # a stray duplicate would show up now
+        assert received(engine) == (600, 600)
+        assert all(c.processed > 0 for c in svc.consumers), [c.processed for c in svc.consumers]
+        assert sum(c.processed for c in svc.consumers) == 600
+    finally:
+        svc.stop(2)

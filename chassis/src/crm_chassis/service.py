@@ -82,7 +82,7 @@ class Service:
         url = resolve_database_url(self.settings)
         if run_migrations:
             migrate(url, spec.migrations)
-        engine = create_engine(url, pool_size=self.settings.grpc_max_workers + 2)
+        engine = create_engine(url, pool_size=self.settings.grpc_max_workers + 1 + self.settings.consumer_threads)
         self.ctx = ServiceContext(settings=self.settings, engine=engine, database_url=url)
         workers = []
         if relay and spec.producer_domain:
@@ -94,20 +94,26 @@ class Service:
                 poll_seconds=self.settings.relay_poll_seconds,
             )
             workers.append(self.ctx.relay)
-        self.consumer: EventConsumer | None = None
+        # CONSUMER_THREADS competing consumers of the same queues (each its own connection and
+        # database session): while one waits for PostgreSQL the next runs its handlers.
+        self.consumers: list[EventConsumer] = []
         subs = spec.subscriptions(self.ctx) if consumers else []
         if subs:
-            self.consumer = EventConsumer(
-                engine,
-                self.settings.amqp_url,
-                self.settings.service_name,
-                subs,
-                prefetch=self.settings.consumer_prefetch,
-                delivery_limit=self.settings.consumer_delivery_limit,
-                batch_size=self.settings.consumer_batch,
-                batch_wait=self.settings.consumer_batch_wait,
-            )
-            workers.append(self.consumer)
+            self.consumers = [
+                EventConsumer(
+                    engine,
+                    self.settings.amqp_url,
+                    self.settings.service_name,
+                    subs,
+                    prefetch=self.settings.consumer_prefetch,
+                    delivery_limit=self.settings.consumer_delivery_limit,
+                    batch_size=self.settings.consumer_batch,
+                    batch_wait=self.settings.consumer_batch_wait,
+                )
+                for _ in range(self.settings.consumer_threads)
+            ]
+            workers += self.consumers
+        self.consumer: EventConsumer | None = self.consumers[0] if self.consumers else None
         self.workers = workers
         self.grpc: GrpcService | None = None
         registrations = spec.build(self.ctx) if grpc else []
