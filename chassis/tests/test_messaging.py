@@ -373,9 +373,11 @@ def test_a_failed_publish_leaves_every_row_unpublished_and_claimable(engine, bro
         relay.publisher.close()
 
 
-def _queued_then_consumed(engine, broker, name: str, events: list[Event], **consumer_kw) -> EventConsumer:
+def _queued_then_consumed(
+    engine, broker, name: str, events: list[Event], prefetch: int = 100, **consumer_kw
+) -> EventConsumer:
     """The events wait in the consumer's queue before it starts, so they arrive together."""
-    consumer = EventConsumer(engine, broker.url, name, prefetch=100, delivery_limit=3, **consumer_kw)
+    consumer = EventConsumer(engine, broker.url, name, prefetch=prefetch, delivery_limit=3, **consumer_kw)
     conn = pika.BlockingConnection(pika.URLParameters(broker.url))
     ch = conn.channel()
     declare_producer(ch, DOMAIN)
@@ -563,3 +565,81 @@ def test_consumer_threads_share_the_queue_and_handle_every_event_once(engine, br
         assert sum(c.processed for c in svc.consumers) == 600
     finally:
         svc.stop(2)
+
+
+_READER = None
+
+
+def metric_reader():
+    """The process's SDK meter provider with an in-memory reader (set once: OpenTelemetry
+    allows one global provider)."""
+    global _READER
+    if _READER is None:
+        from opentelemetry import metrics as otel_metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        _READER = InMemoryMetricReader()
+        otel_metrics.set_meter_provider(MeterProvider(metric_readers=[_READER]))
+    return _READER
+
+
+def read_metrics(reader) -> dict:
+    """{metric name: {attributes as a sorted tuple: value}}"""
+    out: dict = {}
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics if data else ():
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                for p in m.data.data_points:
+                    out.setdefault(m.name, {})[tuple(sorted(p.attributes.items()))] = p.value
+    return out
+
+
+def test_the_messaging_metrics_count_outcomes_queue_depth_and_the_outbox_backlog(engine, broker):
+    """crm.consumer.events by outcome, crm.consumer.queue.messages (the backlog a consumer
+    found at its start: its prefetch taken, the rest still ready), crm.outbox.pending and its
+    age, crm.outbox.published, as a meter provider's reader observes them."""
+    import gc
+
+    from crm_chassis import metrics as crm_metrics  # noqa: F401 - the instruments
+
+    reader = metric_reader()
+    gc.collect()  # the stopped consumers of earlier tests leave the totals now, not midway
+    before = read_metrics(reader).get("crm.consumer.events", {})
+    events = [make_event(f"m{i}".encode()) for i in range(30)]
+    consumer = _queued_then_consumed(engine, broker, "metrics-test", [*events, events[0]], prefetch=5, subscriptions=[
+        Subscription(DOMAIN, {KEY: record})])  # fmt: skip
+    try:
+        publish_raw(broker.url, None, body=b"no envelope")
+        wait_for(lambda: consumer.processed == 30 and consumer.duplicates == 1 and consumer.dead_lettered == 1)
+        queue = queue_name("metrics-test", DOMAIN)
+        got = read_metrics(reader)
+        delta = {k: v - before.get(k, 0) for k, v in got["crm.consumer.events"].items()}
+        assert delta[(("outcome", "processed"),)] == 30
+        assert delta[(("outcome", "duplicate"),)] == 1
+        assert delta[(("outcome", "dead_lettered"),)] == 1
+        # at its start the consumer had taken at most its prefetch (5) of the 31 waiting: the rest
+        # were still ready when it read the depth
+        assert 26 <= got["crm.consumer.queue.messages"][(("queue", queue),)] <= 31
+        assert got["crm.consumer.held"][()] == 0
+    finally:
+        consumer.stop(2)
+
+    relay = OutboxRelay(engine, broker.url, lambda ch: declare_producer(ch, DOMAIN), batch_size=50)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE outbox SET published_at = now() WHERE published_at IS NULL"))
+            for _ in range(3):
+                enqueue(conn, make_event())
+            conn.execute(sa.text("UPDATE outbox SET occurred_at = now() - interval '90 seconds'"))
+        got = read_metrics(reader)
+        assert got["crm.outbox.pending"][()] == 3
+        assert 89 <= got["crm.outbox.pending.age"][()] < 200
+        published = got.get("crm.outbox.published", {}).get((), 0)
+        assert relay.relay_once() == 3
+        got = read_metrics(reader)
+        assert got["crm.outbox.pending"][()] == 0 and got["crm.outbox.pending.age"][()] == 0
+        assert got["crm.outbox.published"][()] == published + 3
+    finally:
+        relay.stop(2)

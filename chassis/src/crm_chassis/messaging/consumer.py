@@ -46,6 +46,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from pika.exceptions import AMQPError, NackError, UnroutableError
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from .. import metrics
 from ..db import is_database_unavailable, untraced
 from ..telemetry import extract_context
 from .envelope import Event, MalformedEvent, from_amqp
@@ -196,7 +197,15 @@ class EventConsumer:
         self.failures = 0  # handler errors (requeued towards the delivery limit)
         self.dead_lettered = 0  # dead-lettered at once by the consumer (malformed)
         self.database_waits = 0  # attempts that found the database unavailable
+        self.queue_depths: dict[str, int] = {}  # messages ready per queue, every QUEUE_CHECK_SECONDS
+        self._queues: list[str] = []
         self._tracer = trace.get_tracer("crm.consumer")
+        metrics.track_consumer(self)
+
+    @property
+    def held(self) -> int:
+        """Deliveries held unacknowledged while the database is down."""
+        return len(self._held)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -237,13 +246,15 @@ class EventConsumer:
                 self._dl_channel = self._conn.channel()
                 self._dl_channel.confirm_delivery()
                 self._channel.basic_qos(prefetch_count=self.prefetch)
-                for sub, queue in zip(self.subscriptions, self.declare(self._channel), strict=True):
+                self._queues = self.declare(self._channel)
+                for sub, queue in zip(self.subscriptions, self._queues, strict=True):
                     self._channel.basic_consume(
                         queue=queue,
                         on_message_callback=lambda ch, m, p, b, sub=sub, q=queue: self._on_message(ch, m, p, b, sub, q),
                     )
                 log.info("consuming", extra={"consumer": self.consumer_service})
                 self._schedule_cleanup(1.0)
+                self._check_queues()
                 backoff = 0.2
                 self.ready.set()
                 if self._stop.is_set():
@@ -279,6 +290,24 @@ class EventConsumer:
         except sa.exc.SQLAlchemyError as exc:
             log.warning("inbox cleanup failed", extra={"error": str(exc)})
         self._schedule_cleanup(600.0)
+
+    def _check_queues(self) -> None:
+        """How many messages wait in each queue (a passive declare on a channel of its own, from
+        the connection's I/O loop), for the metrics; again in QUEUE_CHECK_SECONDS."""
+        conn = self._conn
+        if conn is None or not conn.is_open:
+            return
+        try:
+            ch = conn.channel()
+            try:
+                for q in self._queues:
+                    self.queue_depths[q] = ch.queue_declare(queue=q, passive=True).method.message_count
+            finally:
+                if ch.is_open:
+                    ch.close()
+        except AMQPError as exc:  # a queue deleted under us: the next check tries again
+            log.debug("queue depth not read", extra={"error": repr(exc)})
+        conn.call_later(metrics.QUEUE_CHECK_SECONDS, self._check_queues)
 
     def cleanup_inbox(self, batch: int = 10_000) -> int:
         """Forget event ids processed long ago: a redelivery comes within minutes, a replay

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from .. import metrics
 from ..db import is_database_unavailable, untraced
 from ..telemetry import extract_context, inject_headers
 from ..workers import PollingWorker
@@ -123,6 +124,7 @@ class OutboxRelay(PollingWorker):
         self.published_total = 0
         self.broker_up = False
         self._tracer = trace.get_tracer("crm.outbox")
+        metrics.track_relay(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def stop(self, timeout: float = 10.0) -> None:
