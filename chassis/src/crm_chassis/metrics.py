@@ -98,21 +98,18 @@ def _pending_age(options: CallbackOptions):
 
 
 _meter = metrics.get_meter("crm.messaging")
-_meter.create_observable_counter(
-    "crm.consumer.events", [_consumer_events], unit="{event}", description="events handled by the consumers, by outcome"
-)
-_meter.create_observable_gauge(
-    "crm.consumer.queue.messages", [_queue_messages], unit="{message}", description="messages ready in each queue"
-)
-_meter.create_observable_gauge(
-    "crm.consumer.held", [_held], unit="{message}", description="deliveries held while the database is down"
-)
-_meter.create_observable_counter(
-    "crm.outbox.published", [_published], unit="{event}", description="events the outbox relay published"
-)
-_meter.create_observable_gauge(
-    "crm.outbox.pending", [_pending], unit="{event}", description="committed events not yet published"
-)
-_meter.create_observable_gauge(
-    "crm.outbox.pending.age", [_pending_age], unit="s", description="how long the oldest unpublished event has waited"
-)
+for _create, _name, _callback, _unit, _description in (
+    (_meter.create_observable_counter, "crm.consumer.events", _consumer_events, "{event}",
+     "events handled by the consumers, by outcome"),
+    (_meter.create_observable_gauge, "crm.consumer.queue.messages", _queue_messages, "{message}",
+     "messages ready in each queue"),
+    (_meter.create_observable_gauge, "crm.consumer.held", _held, "{message}",
+     "deliveries held while the database is down"),
+    (_meter.create_observable_counter, "crm.outbox.published", _published, "{event}",
+     "events the outbox relay published"),
+    (_meter.create_observable_gauge, "crm.outbox.pending", _pending, "{event}",
+     "committed events not yet published"),
+    (_meter.create_observable_gauge, "crm.outbox.pending.age", _pending_age, "s",
+     "how long the oldest unpublished event has waited"),
+):  # fmt: skip
+    _create(_name, [_callback], unit=_unit, description=_description)
