@@ -74,3 +74,37 @@ def test_an_out_of_range_timestamp_is_invalid_argument_naming_it_not_internal(su
         assert [v.field for v in view.field_violations] == ["customer.create_time"]
         request.customer.create_time.seconds = 1_700_000_000  # a real one is taken (and ignored: output only)
         assert stub.CreateCustomer(request, metadata=md()).name.startswith("customers/")
+
+
+def test_a_long_bad_value_comes_back_as_its_invalid_argument_not_a_transport_error(suite):
+    """An error quoting a 3,000-character value (a tag) used to overflow the client's 8 KiB
+    metadata limit: RESOURCE_EXHAUSTED over gRPC, 500 or 429 over HTTP. The chassis keeps a
+    status's texts short, so the caller gets INVALID_ARGUMENT naming the field, over both. A
+    request_id past 128 characters (a unique index's key) is refused by name."""
+    long_tag = "س" * 3000
+    with grpc.insecure_channel(f"127.0.0.1:{suite.customer.port}") as ch:
+        stub = customer_service_pb2_grpc.CustomerServiceStub(ch)
+        customer = customer_pb2.Customer(
+            type=customer_pb2.CUSTOMER_TYPE_PERSON, given_name="a", family_name="b", tags=["vip", long_tag]
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CreateCustomer(customer_service_pb2.CreateCustomerRequest(customer=customer), metadata=md())
+        view = read_rpc_error(err.value)
+        assert view.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in view.field_violations] == ["customer.tags"]
+        assert len(view.message) <= 300 and len(view.field_violations[0].description) <= 160
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CreateCustomer(
+                customer_service_pb2.CreateCustomerRequest(
+                    customer=customer_pb2.Customer(
+                        type=customer_pb2.CUSTOMER_TYPE_PERSON, given_name="a", family_name="b"
+                    ),
+                    request_id="r" * 3000,
+                ),
+                metadata=md(),
+            )
+        view = read_rpc_error(err.value)
+        assert view.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in view.field_violations] == ["request_id"]
+    problem = suite.http.post("/v1/customers", json=person(tags=["vip", long_tag]), headers=suite.headers())
+    assert_problem(problem, 400, "tags")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import uuid
 
 import grpc
 import pytest
@@ -354,3 +355,37 @@ def test_an_erased_address_is_kept_as_a_keyed_hash_and_an_older_unkeyed_one_stil
         assert consent.suppression_of(conn, "sms", legacy).reason == "erased"
     with r.uow.begin() as tx:
         assert consent.lift(tx, "sms", legacy) is True
+
+
+def test_authentic_tokens_that_are_not_our_links_are_refused_and_record_nothing(svc, stub):
+    """Tokens signed with the service's key whose fields are not what it writes (an expiry that
+    is not a number, an opt-in entry id that is not one, an unsubscribe of channel "pigeon" or
+    an empty purpose) are refused as bad links: UNAUTHENTICATED, not INTERNAL, no revocation."""
+    secret = consent_api.settings(rt(svc)).secret
+    opt_in, unsub = Signer(secret, "opt-in"), Signer(secret, "unsubscribe")
+    # an expiry field that is not a number, hand-made with the same key
+    import base64
+    import hashlib
+    import hmac
+
+    def raw(purpose: str, body: str) -> str:
+        b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()  # noqa: E731
+        mac = hmac.new(secret, f"{purpose}\x1f{body}".encode(), hashlib.sha256).digest()[:20]
+        return b64(body.encode()) + "." + b64(mac)
+
+    assert opt_in.open(opt_in.sign("7")) == ["7"]  # the hand-made form is the Signer's own
+    assert raw("opt-in", "\x1f7") == opt_in.sign("7")
+    tokens = [
+        (stub.GetOptIn, pb.GetOptInRequest, raw("opt-in", "soon\x1f7")),
+        (stub.GetOptIn, pb.GetOptInRequest, opt_in.sign("not-a-number")),
+        (stub.ConfirmOptIn, pb.ConfirmOptInRequest, opt_in.sign(str(uuid.uuid4()))),
+        (stub.Unsubscribe, pb.UnsubscribeRequest, unsub.sign("pigeon", "a@b.ir", "nope", "")),
+        (stub.Unsubscribe, pb.UnsubscribeRequest, unsub.sign("email", "a@b.ir", "", "")),
+        (stub.GetUnsubscribe, pb.GetUnsubscribeRequest, raw("unsubscribe", "x\x1femail\x1fa@b.ir\x1fm\x1f")),
+    ]
+    for call, request, token in tokens:
+        code, _details = code_of(
+            lambda call=call, request=request, token=token: call(request(token=token), metadata=PUBLIC)
+        )
+        assert code == grpc.StatusCode.UNAUTHENTICATED, (call, token)
+    assert ledger(svc, "a@b.ir") == []

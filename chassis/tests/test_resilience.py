@@ -411,3 +411,29 @@ def test_the_publish_span_times_the_publish_and_its_confirms(engine, broker, spa
     assert [s.attributes.get("messaging.batch.message_count") for s in producer] == [3]  # one run, no trace
     (span,) = producer
     assert span.start_time <= begun and span.end_time >= ended, (span.start_time, span.end_time, begun, ended)
+
+
+def test_a_value_the_database_cannot_keep_is_invalid_argument_and_a_bad_statement_is_not(databases):
+    """A key too long for a btree index (54000) or a number past its column's type (22003) is
+    the caller's input that a handler did not bound: the interceptor answers INVALID_ARGUMENT,
+    not INTERNAL. A statement's own fault (division by zero) stays INTERNAL."""
+    import grpc
+
+    from crm_chassis.interceptors import value_refused
+
+    engine = create_engine(databases.fresh("refused"), pool_size=1)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE t (k text, n integer)"))
+            conn.execute(sa.text("CREATE INDEX t_k ON t (k)"))
+        long_key = sa.text("INSERT INTO t (k) SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 200)")
+        for statement, params in ((long_key, {}), (sa.text("INSERT INTO t (n) VALUES (:n)"), {"n": 2**31})):
+            with pytest.raises(sa.exc.DBAPIError) as err, engine.begin() as conn:
+                conn.execute(statement, params)
+            refused = value_refused(err.value)
+            assert refused is not None and refused.code == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(sa.exc.DBAPIError) as err, engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1/0"))
+        assert value_refused(err.value) is None
+    finally:
+        engine.dispose()

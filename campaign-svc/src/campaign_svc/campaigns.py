@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import zoneinfo
 from decimal import Decimal
 
 import sqlalchemy as sa
@@ -310,17 +309,14 @@ class Campaigns:
             v["start_time"] = cmp.start_time.ToDatetime(dt.UTC) if cmp.HasField("start_time") else None
         if "time_zone" in p:
             v["timezone"] = cmp.time_zone or "Asia/Tehran"
-            try:
-                zoneinfo.ZoneInfo(v["timezone"])
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            if not dates.is_time_zone(v["timezone"]):
                 bad.append(FieldViolation("campaign.time_zone", f"unknown time zone {cmp.time_zone!r}"))
         if "cron" in p:
             v["cron"] = cmp.cron.strip()
-            if v["cron"]:
+            zone = v.get("timezone", "Asia/Tehran")
+            if v["cron"] and dates.is_time_zone(zone):  # else the time zone's own violation names it
                 try:
-                    timers.next_occurrence(v["cron"], v.get("timezone", "Asia/Tehran"))
-                except zoneinfo.ZoneInfoNotFoundError:
-                    pass  # the time zone's own violation names it
+                    timers.next_occurrence(v["cron"], zone)
                 except ValueError as e:
                     bad.append(FieldViolation("campaign.cron", str(e)))
         if "ignore_frequency_cap" in p:

@@ -336,11 +336,30 @@ def suppression_of(conn: sa.Connection, channel: str, address: str):
     return conn.execute(q.order_by(s.address != address)).first()
 
 
-def hash_suppressions(conn: sa.Connection, emails=(), phones=()) -> None:
-    """An erasure: the customer's suppressed addresses are kept as their hashes only, so nothing
-    is sent to them again (a re-imported address still matches) while the address itself goes."""
+BOT_CHANNELS = ("telegram", "bale")
+
+
+def chat_ids(conn: sa.Connection, customer_id: str) -> dict[str, list[str]]:
+    """The customer's bot chat ids (their consent entries name them), by channel: an erasure
+    reads them before it blanks those entries."""
+    out: dict[str, set[str]] = {}
+    for table in (consent_state, consent_ledger):
+        q = sa.select(table.c.channel, table.c.address).where(
+            table.c.customer_id == customer_id, table.c.channel.in_(BOT_CHANNELS), table.c.address != ""
+        )
+        for channel, address in conn.execute(q):
+            out.setdefault(channel, set()).add(address)
+    return {channel: sorted(ids) for channel, ids in out.items()}
+
+
+def hash_suppressions(conn: sa.Connection, emails=(), phones=(), chats: dict | None = None) -> None:
+    """An erasure: the customer's suppressed addresses (e-mail, phone, bot chat ids) are kept as
+    their hashes only, so nothing is sent to them again (a re-imported address still matches)
+    while the address itself goes."""
     s = suppressions
-    for channel, addresses in (("email", sorted(set(emails) - {""})), ("sms", sorted(set(phones) - {""}))):
+    by_channel = {"email": emails, "sms": phones, **(chats or {})}
+    for channel, given in sorted(by_channel.items()):
+        addresses = sorted(set(given) - {""})
         if not addresses:
             continue
         mine = sa.and_(s.c.channel == channel, s.c.address.in_(addresses))

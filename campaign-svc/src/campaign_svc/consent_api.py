@@ -328,8 +328,10 @@ class Consents:
     def _requested(self, conn: sa.Connection, token: str):
         if not token:
             raise InvalidArgument.field("token", "is required")
-        (entry_id,) = _opt_in_links(self.rt).open(token)
-        row = conn.execute(sa.select(consent_ledger).where(consent_ledger.c.id == int(entry_id))).first()
+        fields = _opt_in_links(self.rt).open(token)
+        if len(fields) != 1 or not fields[0].isascii() or not fields[0].isdigit() or len(fields[0]) > 18:
+            raise Unauthenticated("the link is not valid", reason="OPT_IN_LINK_INVALID")
+        row = conn.execute(sa.select(consent_ledger).where(consent_ledger.c.id == int(fields[0]))).first()
         if row is None or row.action != "requested":
             raise Unauthenticated("the link is not valid", reason="OPT_IN_LINK_INVALID")
         return row
@@ -379,7 +381,9 @@ class Consents:
         if not token:
             raise InvalidArgument.field("token", "is required")
         fields = _unsubscribe_links(self.rt).open(token)
-        if len(fields) != 4:
+        # signed with our key yet not one of our links (its fields are not what unsubscribe_token
+        # writes): refused as any other bad link, nothing recorded
+        if len(fields) != 4 or fields[0] not in consent.CHANNELS or not 0 < len(fields[2]) <= PURPOSE_LIMIT:
             raise Unauthenticated("the link is not valid", reason="UNSUBSCRIBE_LINK_INVALID")
         channel, address, purpose, message_id = fields
         return channel, address, purpose, message_id

@@ -94,12 +94,18 @@ def _dec_text(value: str, where: str, bad: list, *, positive: bool = True) -> st
     return str(d)
 
 
+MONEY_LIMIT = 10**16  # what the ledger's numeric(18, 2) amounts hold
+
+
 def _money(msg, where: str, currency: str, bad: list) -> Decimal | None:
     if msg.currency_code != currency:
         bad.append(FieldViolation(f"{where}.currency_code", f"must be the programme's currency {currency}"))
         return None
     if not -999_999_999 <= msg.nanos <= 999_999_999 or (msg.units > 0 > msg.nanos) or (msg.units < 0 < msg.nanos):
         bad.append(FieldViolation(f"{where}.nanos", "must be within -999999999..999999999 with the sign of units"))
+        return None
+    if abs(msg.units) >= MONEY_LIMIT:  # numeric(18, 2)
+        bad.append(FieldViolation(f"{where}.units", f"must be less than {MONEY_LIMIT:,} in absolute value"))
         return None
     return Decimal(msg.units) + Decimal(msg.nanos) * NANO
 

@@ -812,6 +812,8 @@ class Templates:
 
     def version_row(self, conn, template_id: str, version: int, name: str):
         """A version of a template (of a deleted one too: campaigns pinned it)."""
+        if not 0 < version <= 2**31 - 1:  # the column's range: no such version
+            raise VERSION.not_found(name)
         row = conn.execute(
             sa.select(template_versions).where(v_.template_id == template_id, v_.version == version)
         ).one_or_none()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import importlib.resources
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from crm.type.v1 import date_pb2
 
@@ -114,6 +114,22 @@ def set_times(message, row, *fields: str) -> None:
         value = getattr(row, f)
         if value is not None:
             set_timestamp(getattr(message, f), value)
+
+
+ZONE_NAME_LIMIT = 64  # the longest IANA name is 30 characters
+
+
+def is_time_zone(name: str) -> bool:
+    """Whether `name` is an IANA time zone this process knows. A name ZoneInfo would take as a
+    path it cannot open (too long for the file system, a folder such as "Asia") is not one:
+    ZoneInfo raises OSError for those, not ZoneInfoNotFoundError."""
+    if not name or len(name) > ZONE_NAME_LIMIT:
+        return False
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return False
+    return True
 
 
 @functools.cache

@@ -7,6 +7,7 @@ ABORTED, never UNKNOWN or a stack trace.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import grpc
@@ -15,6 +16,25 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 ERROR_DOMAIN = "crm.example.org"
+
+# A status travels in the trailing metadata (grpc-message, percent-encoded, and the details),
+# which clients cap at 8 KiB: an error quoting a 3,000-character value would arrive as
+# RESOURCE_EXHAUSTED instead of itself. Texts are kept short: a run of 60+ characters without a
+# space (the quoted value) is cut to its first 40, then the text to its limit; at most
+# MAX_VIOLATIONS violations go, the message saying how many more there were.
+MESSAGE_LIMIT = 300
+DESCRIPTION_LIMIT = 160
+FIELD_LIMIT = 100
+MAX_VIOLATIONS = 8
+_LONG_RUN = re.compile(r"\S{60,}")
+
+
+def brief(text: str, limit: int) -> str:
+    """`text` short enough for a status: long unbroken runs cut, then the whole to `limit`."""
+    if len(text) <= 40:
+        return text
+    text = _LONG_RUN.sub(lambda m: m.group()[:40] + "…", text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass
@@ -35,7 +55,8 @@ class DomainError(Exception):
         self.metadata = metadata or {}
 
     def details(self) -> list:
-        return [error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata)]
+        metadata = {k: brief(v, DESCRIPTION_LIMIT) for k, v in self.metadata.items()}
+        return [error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=metadata)]
 
     def to_status(self) -> status_pb2.Status:
         packed = []
@@ -43,7 +64,7 @@ class DomainError(Exception):
             a = any_pb2.Any()
             a.Pack(d)
             packed.append(a)
-        return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
+        return status_pb2.Status(code=self.code.value[0], message=brief(self.message, MESSAGE_LIMIT), details=packed)
 
     def to_grpc_status(self) -> grpc.Status:
         return rpc_status.to_status(self.to_status())
@@ -58,8 +79,18 @@ class InvalidArgument(DomainError):
             violations = [violations]
         self.violations = violations
         if message is None:
-            message = "; ".join(f"{v.field}: {v.description}" for v in violations)
+            shown = self.shown()
+            message = "; ".join(f"{v.field}: {v.description}" for v in shown)
+            if len(violations) > len(shown):
+                message = f"{len(violations)} invalid values, the first {len(shown)}: {message}"
         super().__init__(message, **kw)
+
+    def shown(self) -> list[FieldViolation]:
+        """The violations a status carries: the first MAX_VIOLATIONS, their texts kept short."""
+        return [
+            FieldViolation(brief(v.field, FIELD_LIMIT), brief(v.description, DESCRIPTION_LIMIT))
+            for v in self.violations[:MAX_VIOLATIONS]
+        ]
 
     @classmethod
     def field(cls, field_name: str, description: str) -> InvalidArgument:
@@ -69,7 +100,7 @@ class InvalidArgument(DomainError):
         bad = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in self.violations
+                for v in self.shown()
             ]
         )
         return [bad, *super().details()]
@@ -131,7 +162,10 @@ class ErrorView:
 
 def read_rpc_error(err: grpc.RpcError) -> ErrorView:
     view = ErrorView(code=err.code(), message=err.details() or "")
-    status = rpc_status.from_call(err)
+    try:
+        status = rpc_status.from_call(err)
+    except ValueError:  # details that disagree with the call's code (a transport error): the code wins
+        return view
     if status is None:
         return view
     for detail in status.details:

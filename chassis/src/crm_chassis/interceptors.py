@@ -158,12 +158,36 @@ def _walk(message, prefix: str, out: list[FieldViolation]) -> None:
                 _check_message(value, fd, prefix + fd.name, out)
 
 
+REQUEST_ID_LIMIT = 128  # AIP-155's request_id is a UUID (36); room for other unique keys
+
+
 def check_request(request) -> None:
     """Raise INVALID_ARGUMENT naming every field of the request no handler can take (a NUL in a
-    string, a Timestamp or Duration out of its range)."""
+    string, a Timestamp or Duration out of its range, a request_id past REQUEST_ID_LIMIT: it is
+    kept in a unique index, which refuses a key past ~2,700 bytes)."""
     violations = request_violations(request)
+    rid = getattr(request, "request_id", None)
+    if isinstance(rid, str) and len(rid) > REQUEST_ID_LIMIT:
+        violations.append(FieldViolation("request_id", f"at most {REQUEST_ID_LIMIT} characters (a UUID)"))
     if violations:
         raise InvalidArgument(violations)
+
+
+# SQLSTATEs of a value PostgreSQL cannot keep: a key too long for a btree index (54000), a number
+# past its column's type (22003), a string past a varchar's length (22001).
+_VALUE_REFUSED = {
+    "54000": "a value is too long to be stored (it is indexed): shorten it",
+    "22003": "a number is out of the range this field takes",
+    "22001": "a value is longer than this field takes",
+}
+
+
+def value_refused(err) -> InvalidArgument | None:
+    """The database refused a value of the request that a handler did not bound first: the
+    caller's input all the same, so INVALID_ARGUMENT (which field, the handler should have
+    said: the log line names the constraint), not INTERNAL."""
+    why = _VALUE_REFUSED.get(getattr(getattr(err, "orig", None), "sqlstate", None) or "")
+    return InvalidArgument(FieldViolation("request", why)) if why else None
 
 
 class ServerInterceptor(grpc.ServerInterceptor):
@@ -234,6 +258,11 @@ class ServerInterceptor(grpc.ServerInterceptor):
             code = err.code
             context.abort_with_status(err.to_grpc_status())
         except (DBAPIError, PoolTimeout) as err:
+            refused = value_refused(err)
+            if refused is not None:  # a value the handler should have bounded: still the caller's input
+                code = refused.code
+                log.warning("database refused a value in %s", method, extra={"error": error_line(err)})
+                context.abort_with_status(refused.to_grpc_status())
             if not is_database_unavailable(err):
                 code = grpc.StatusCode.INTERNAL
                 log.exception("database error in %s", method)

@@ -74,6 +74,8 @@ class Signer:
             raise Unauthenticated("the link is not valid", reason=self.reason)
         expiry, *fields = body.split(_SEP)
         if expiry:
+            if not expiry.isdigit():  # signed with our key but not by this code: not a link of ours
+                raise Unauthenticated("the link is not valid", reason=self.reason)
             now = now or dt.datetime.now(dt.UTC)
             if int(expiry) < now.timestamp():
                 raise LinkExpired("the link has expired", reason="LINK_EXPIRED")

@@ -99,7 +99,7 @@ import sqlalchemy as sa
 from croniter import croniter
 from sqlalchemy.dialects import postgresql as pg
 
-from . import jsonrows
+from . import dates, jsonrows
 from .db import cacheable
 from .work_tables import timer_firings, timers
 from .workers import PollingWorker
@@ -143,6 +143,8 @@ def next_occurrence(cron: str, timezone: str = DEFAULT_TIMEZONE, after: dt.datet
     time in `timezone`; returned in UTC."""
     if not croniter.is_valid(cron):
         raise ValueError(f"invalid cron expression {cron!r}")
+    if not dates.is_time_zone(timezone):
+        raise zoneinfo.ZoneInfoNotFoundError(f"unknown time zone {timezone!r}")
     tz = zoneinfo.ZoneInfo(timezone)
     base = _aware(after, "after") if after is not None else dt.datetime.now(dt.UTC)
     return croniter(cron, base.astimezone(tz)).get_next(dt.datetime).astimezone(dt.UTC)
