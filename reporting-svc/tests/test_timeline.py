@@ -186,6 +186,9 @@ def test_a_customer_without_events_is_empty(stub):
     [
         ({"customer": "leads/1"}, "customer"),
         ({"customer": "customers/"}, "customer"),
+        ({"customer": "customers/x:y"}, "customer"),
+        ({"customer": "customers/" + "س" * 3000}, "customer"),
+        ({"customer": "customers/a/b"}, "customer"),
         ({"customer": C1, "kinds": ["ticket.exploded"]}, "kinds[0]"),
         ({"customer": C1, "page_size": -1}, "page_size"),
         ({"customer": C1, "page_token": "not-a-token"}, "page_token"),

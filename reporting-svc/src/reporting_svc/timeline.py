@@ -40,12 +40,15 @@ from crm_chassis.messaging.consumer import Requires
 from crm_chassis.messaging.envelope import Event
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.persian import to_persian_digits
+from crm_chassis.resources import ResourceName
 
 from . import periods
 from .projection import Projection, per_event, rows_param, rowset
 from .tables import customer_aliases, timeline
 
 CUSTOMER = "customers/"
+# the ids the events carry (customer-svc's UUIDs): letters, digits, - and _, at most 64
+CUSTOMER_NAME = ResourceName("customers/{customer_id}", customer_id=r"[A-Za-z0-9_-]{1,64}")
 
 
 class Timeline:
@@ -361,8 +364,7 @@ def subscriptions(rt=None):
 
 # -- the query ---------------------------------------------------------------------------------
 def parse(req: pb.GetCustomerTimelineRequest) -> dict:
-    if not req.customer.startswith(CUSTOMER) or not req.customer.removeprefix(CUSTOMER) or "/" in req.customer[10:]:
-        raise InvalidArgument.field("customer", "must be customers/{customer_id}")
+    customer_id = CUSTOMER_NAME.parse(req.customer, "customer").customer_id
     kinds, sources = set(), set()
     for i, k in enumerate(req.kinds):
         k = k.strip().lower().removesuffix(".v1")
@@ -375,7 +377,7 @@ def parse(req: pb.GetCustomerTimelineRequest) -> dict:
                 f"kinds[{i}]", f"unknown kind {k!r}; use a source ({', '.join(SOURCES)}) or a kind"
             )
     return {
-        "customer": req.customer.removeprefix(CUSTOMER),
+        "customer": customer_id,
         "size": page_size(req.page_size),
         "kinds": sorted(kinds),
         "sources": sorted(sources),
