@@ -385,3 +385,26 @@ def test_a_batch_keeps_the_newest_fact_of_an_invoice_seen_twice(svc):
     fact = row(svc, audience_invoices, invoice_id=iid)
     assert (fact.state, fact.paid_total) == ("paid", 900_000)
     assert row(svc, audience, customer_id=cid).revenue == 900_000
+
+
+def test_an_erasure_keeps_the_bot_chat_ids_suppressions_as_hashes_only(svc):
+    """The customer's Telegram chat id (their consent entry names it) was left in plain text in
+    the suppressions after an erasure: it goes as the e-mail and the phone do, its hash still
+    stopping sends to it; another person's chat id is left alone."""
+    from campaign_svc.tables import suppressions
+
+    cid = created(svc, email="chat.me@x.ir")
+    r = rt(svc)
+    with r.uow.begin() as tx:
+        consent.record(r, tx, consent.Change("telegram", "70011", "granted", "admin", customer_id=cid))
+        consent.suppress(tx, "telegram", "70011", "stop", "")
+        consent.suppress(tx, "telegram", "80022", "stop", "")  # someone else's
+    deliver(svc, customer_message("customer.erased.v1", cid=cid, version=5))
+    with svc.ctx.engine.connect() as conn:
+        rows = {
+            (x.channel, x.address)
+            for x in conn.execute(sa.select(suppressions).where(suppressions.c.channel == "telegram"))
+        }
+        assert rows == {("telegram", consent.address_hash("70011")), ("telegram", "80022")}
+        ok = conn.execute(sa.select(consent.sendable("telegram", "marketing", sa.literal("70011")))).scalar()
+        assert ok is False

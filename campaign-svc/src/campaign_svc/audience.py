@@ -369,6 +369,7 @@ def erase_personal(conn: sa.Connection, customer_id: str, emails=(), phones=()) 
     column (consent_state's address) is deleted: blanked, two of them would share a key."""
     emails = sorted({e for e in emails if e})
     phones = sorted({p for p in phones if p})
+    chats = consent.chat_ids(conn, customer_id)  # their bot chat ids, before the entries naming them go
     for table in customer_tables():
         personal = table.info.get("personal", ())
         if not personal:
@@ -394,7 +395,7 @@ def erase_personal(conn: sa.Connection, customer_id: str, emails=(), phones=()) 
             col = table.c[c]
             blank[c] = None if col.nullable else ({} if isinstance(col.type, sa.JSON) else "")
         conn.execute(table.update().where(where).values(**blank))
-    consent.hash_suppressions(conn, emails, phones)  # still never sent to, kept as hashes only
+    consent.hash_suppressions(conn, emails, phones, chats)  # still never sent to, kept as hashes only
 
 
 def subscriptions(rt: Campaign) -> list[Subscription]:
