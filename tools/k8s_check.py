@@ -82,6 +82,7 @@ SERVICE_ONLY = {
     "CONSUMER_DELIVERY_LIMIT": "consumer_delivery_limit",
     "CONSUMER_BATCH": "consumer_batch",
     "CONSUMER_BATCH_WAIT_MS": "consumer_batch_wait",
+    "CONSUMER_THREADS": "consumer_threads",
 }
 
 # Keys of the Secret CloudNativePG creates for Cluster <name> as <name>-app.
