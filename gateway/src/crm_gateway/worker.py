@@ -131,7 +131,7 @@ class _CountingInput:
         return iter(self.readline, b"")
 
     def left_unread(self, environ) -> bool:
-        """Whether more than DRAIN_BYTES of the body may still be on the socket (or where the
+        """Whether DRAIN_BYTES or more of the body may still be on the socket (or where the
         next request starts is unknown)."""
         if self.failed:
             return True
@@ -145,7 +145,7 @@ class _CountingInput:
             # chunked (or read to the connection's end): unknown unless read to its end
             chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
             return chunked
-        return length - self.read_bytes > DRAIN_BYTES
+        return length - self.read_bytes >= DRAIN_BYTES  # gunicorn gives up once it drained that much
 
 
 def closing_unread(app):
