@@ -232,3 +232,12 @@ def test_a_chunked_body_over_the_limit_is_413(gunicorn, suite):
         status, headers, body = read_response(s)
         problem(status, headers, body, 413)
         assert headers["connection"] == "close"
+
+
+def test_json_nested_too_deeply_is_a_400_in_a_worker_thread(gunicorn):
+    # the fuzz's body, in gunicorn's gthread worker (its threads' stacks, not the test's)
+    deep = b"[" * 10_000 + b"]" * 10_000  # under the route's 32 KiB
+    with socket.create_connection(("127.0.0.1", gunicorn), timeout=30) as s:
+        s.sendall(post("/v1/webform:submit", deep, "Connection: close"))
+        doc = problem(*read_response(s), 400)
+        assert "nested too deeply" in doc["detail"]
