@@ -130,7 +130,7 @@ class _CountingInput:
     def __iter__(self):
         return iter(self.readline, b"")
 
-    def left_unread(self, environ) -> bool:
+    def left_unread(self, env) -> bool:
         """Whether DRAIN_BYTES or more of the body may still be on the socket (or where the
         next request starts is unknown)."""
         if self.failed:
@@ -138,12 +138,12 @@ class _CountingInput:
         if self.ended:
             return False
         try:
-            length = int(environ.get("CONTENT_LENGTH") or "")
+            length = int(env.get("CONTENT_LENGTH") or "")
         except ValueError:
             length = None
         if length is None:
             # chunked (or read to the connection's end): unknown unless read to its end
-            chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+            chunked = "chunked" in env.get("HTTP_TRANSFER_ENCODING", "").lower()
             return chunked
         return length - self.read_bytes >= DRAIN_BYTES  # gunicorn gives up once it drained that much
 
@@ -152,16 +152,16 @@ def closing_unread(app):
     """The WSGI app, closing the connection (gunicorn's Response.force_close) when it answers
     with a body left unread."""
 
-    def wsgi(environ, start_response):
-        body = environ["wsgi.input"] = _CountingInput(environ["wsgi.input"])
+    def wsgi(env, start_response):
+        body = env["wsgi.input"] = _CountingInput(env["wsgi.input"])
 
         def start(status, headers, exc_info=None):
             resp = getattr(start_response, "__self__", None)
-            if body.left_unread(environ) and hasattr(resp, "force_close"):
+            if body.left_unread(env) and hasattr(resp, "force_close"):
                 resp.force_close()
             return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
 
-        return app(environ, start)
+        return app(env, start)
 
     return wsgi
 
