@@ -36,3 +36,25 @@ def test_a_dotted_parameter_naming_no_field_is_a_bad_request_naming_it(query, fi
     with pytest.raises(BadRequest) as info:
         built(query)
     assert [f for f, _ in info.value.violations] == [field]
+
+
+@pytest.mark.parametrize(
+    "query, field", [("name=leads/1&name=leads/2", "name"), ("amount.units=1&amount.units=3", "amount.units")]
+)
+def test_a_scalar_parameter_given_twice_is_a_bad_request_naming_it(query, field):
+    # not the last one silently winning
+    with pytest.raises(BadRequest) as info:
+        built(query)
+    assert [f for f, _ in info.value.violations] == [field]
+    assert "more than once" in info.value.description
+
+
+def test_a_repeated_field_takes_the_parameter_repeated():
+    from crm.customer.v1 import customer_service_pb2
+
+    route = Route(
+        method="GET", path="/v1/x", service="crm.customer.v1.CustomerService", rpc="ExportCustomers", summary=""
+    )
+    with Flask(__name__).test_request_context("/v1/x?fields=email&fields=phone"):
+        got = build_request(route, customer_service_pb2.ExportCustomersRequest, {})
+    assert list(got.fields) == ["email", "phone"]

@@ -34,7 +34,23 @@ from .openapi import openapi_document
 from .problems import from_rpc_error, problem
 from .public import PublicToken, RateLimiter
 from .routes import ROUTES, SERVICES, Route
-from .transcode import MAX_BODY_BYTES, MAX_UPLOAD_BYTES, BadRequest, build_request, error_field
+from .transcode import (
+    DEFAULT_MAX_BODY_BYTES,
+    MAX_BODY_BYTES,
+    MAX_UPLOAD_BYTES,
+    BadRequest,
+    build_request,
+    carries_file,
+    error_field,
+)
+
+try:  # what gunicorn raises while the app reads a body that is not valid HTTP/1.1 (a bad chunk)
+    from gunicorn.http.errors import NoMoreData as _NoMoreData
+    from gunicorn.http.errors import ParseException as _ParseException
+
+    _BAD_BODY: tuple[type[BaseException], ...] = (_ParseException, _NoMoreData)
+except ImportError:  # pragma: no cover - the gateway runs under gunicorn, tests may not
+    _BAD_BODY = ()
 
 log = logging.getLogger("crm.gateway")
 
@@ -150,16 +166,45 @@ def proxy_hops(env=os.environ) -> int:
         return 0
 
 
-def create_app(clients: clients_mod.Clients | None = None, *, hops: int | None = None) -> Flask:
+def max_body_bytes(env=os.environ) -> int:
+    """GATEWAY_MAX_BODY_BYTES: the largest request body of a route that carries no file (10 MiB
+    by default); over it the answer is 413 before the body is read. A route whose request has a
+    file (an import, a ticket's attachments) takes up to MAX_BODY_BYTES (90 MiB), a public route
+    its own max_bytes."""
+    try:
+        value = int(env.get("GATEWAY_MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES)))
+    except ValueError:
+        return DEFAULT_MAX_BODY_BYTES
+    return value if value > 0 else DEFAULT_MAX_BODY_BYTES
+
+
+def _size(n: int) -> str:
+    return f"{n // (1024 * 1024)} MiB" if n % (1024 * 1024) == 0 else f"{n} bytes"
+
+
+class _Gateway(Flask):
+    def make_default_options_response(self) -> Response:
+        """OPTIONS on a route: 204 with its Allow header (RFC 9110 9.3.7), not Flask's empty
+        200 text/html."""
+        resp = super().make_default_options_response()
+        resp.status_code = 204
+        resp.headers.pop("Content-Type", None)
+        return resp
+
+
+def create_app(
+    clients: clients_mod.Clients | None = None, *, hops: int | None = None, max_body: int | None = None
+) -> Flask:
     settings = load_settings(SERVICE_NAME, 8080)
     verifier = TokenVerifier.from_settings(settings)
-    app = Flask("crm_gateway")
+    app = _Gateway("crm_gateway")
     hops = proxy_hops() if hops is None else hops
     if hops:  # werkzeug's ProxyFix: request.remote_addr becomes the trusted hop's client
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)
     app.json.ensure_ascii = False
-    # An import carries its file base64-encoded in the JSON body: 64 MiB of file is ~86 MiB.
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    # Any body; a route that carries a file may take up to MAX_BODY_BYTES (file_routes below).
+    max_body = max_body_bytes() if max_body is None else max_body
+    app.config["MAX_CONTENT_LENGTH"] = max_body
     # A multipart upload's file part (customer-svc's limit); over it the request is a 413.
     app.config["MAX_UPLOAD_BYTES"] = MAX_UPLOAD_BYTES
 
@@ -169,6 +214,12 @@ def create_app(clients: clients_mod.Clients | None = None, *, hops: int | None =
 
     public = {"/healthz", "/readyz", "/openapi.json"}
     public_routes = {r.endpoint: r for r in ROUTES if r.public}
+    # An import carries its file base64-encoded in the JSON body: 64 MiB of file is ~86 MiB.
+    file_routes = {
+        r.endpoint
+        for r in ROUTES
+        if not r.public and carries_file(r, SERVICES[r.service].methods_by_name[r.rpc].input_type)
+    }
     limiter = RateLimiter()
     public_token = PublicToken(verifier)
     untraced = {"/healthz", "/readyz"}
@@ -211,6 +262,24 @@ def create_app(clients: clients_mod.Clients | None = None, *, hops: int | None =
                 return problem(413, f"the body may be at most {route.public.max_bytes} bytes", code="PAYLOAD_TOO_LARGE")
             g.public_token = public_token.header()
             return None
+        if request.method == "OPTIONS":
+            return None  # Flask's answer: the route's Allow header, and no service is called
+        files = request.endpoint in file_routes
+        limit = max(MAX_BODY_BYTES, max_body) if files else max_body
+        if (request.content_length or 0) > limit:
+            return problem(413, f"the body may be at most {_size(limit)}", code="PAYLOAD_TOO_LARGE")
+        request.max_content_length = limit
+        if (
+            request.content_length is None
+            and not files
+            and "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+        ):
+            # As for a public route: werkzeug cuts a chunked body at max_content_length without a
+            # word, so read one byte more to tell (the JSON body is read whole anyway). A file
+            # route's body is an upload, streamed to a temporary file (transcode._read_form).
+            request.max_content_length = limit + 1
+            if len(request.get_data()) > limit:
+                return problem(413, f"the body may be at most {_size(limit)}", code="PAYLOAD_TOO_LARGE")
         try:
             g.principal = verifier.verify_header(request.headers.get("Authorization"))
             g.subject = g.principal.subject
@@ -274,6 +343,8 @@ def create_app(clients: clients_mod.Clients | None = None, *, hops: int | None =
 
     @app.errorhandler(Exception)
     def _unexpected(err):
+        if isinstance(err, _BAD_BODY):  # gunicorn could not read the body: a bad chunk, cut short
+            return problem(400, "the request body is not valid HTTP/1.1 (chunked encoding)", reason="INVALID_BODY")
         log.exception("unhandled error")
         return problem(500, "internal error")
 

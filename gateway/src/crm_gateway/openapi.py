@@ -11,7 +11,7 @@ from google.protobuf import descriptor
 
 from .problem_doc import MEDIA_TYPE
 from .routes import ROUTES, SERVICES, Route
-from .transcode import FORMAT_FIELD, MAX_BODY_BYTES, MAX_UPLOAD_BYTES, UPLOAD_PART
+from .transcode import DEFAULT_MAX_BODY_BYTES, FORMAT_FIELD, MAX_BODY_BYTES, MAX_UPLOAD_BYTES, UPLOAD_PART
 from .worker import LIMIT_REQUEST_FIELD_SIZE, LIMIT_REQUEST_FIELDS, LIMIT_REQUEST_LINE
 
 FD = descriptor.FieldDescriptor
@@ -36,25 +36,29 @@ _WELL_KNOWN = {
 # Every error status the gateway answers (problems.py, transcode.py, and gunicorn's own through
 # worker.py), each a problem document. 405 belongs to a path rather than an operation.
 _PROBLEMS = {
-    "400": "Invalid input; `errors` names each bad field. Also a request line that is not HTTP: "
-    "a URL must be ASCII, percent-encode the rest (`curl -G --data-urlencode 'query=…'`)",
+    "400": "Invalid input; `errors` names each bad field (JSON nested too deeply, a scalar query "
+    "parameter given twice). Also a request line that is not HTTP: a URL must be ASCII, "
+    "percent-encode the rest (`curl -G --data-urlencode 'query=…'`), or a body whose chunked "
+    "encoding is not valid",
     "401": "Missing or invalid bearer token",
     "403": "The caller's roles lack the permission",
     "404": "Not found",
     "405": "The path does not take this method",
     "409": "Conflict: already exists, or a stale etag",
-    "413": f"Too large: a body over {MAX_BODY_BYTES // _MIB} MiB, or a multipart file over "
-    f"{MAX_UPLOAD_BYTES // _MIB} MiB",
+    "413": f"Too large, refused before the body is read: a body over {DEFAULT_MAX_BODY_BYTES // _MIB} MiB "
+    f"(GATEWAY_MAX_BODY_BYTES), {MAX_BODY_BYTES // _MIB} MiB for a request that carries a file (an "
+    f"import, attachments), or a multipart file over {MAX_UPLOAD_BYTES // _MIB} MiB",
     "414": f"The request line (method, URL, version) is longer than {LIMIT_REQUEST_LINE} bytes",
     "429": "A service refused the call for now (RESOURCE_EXHAUSTED); retry later",
     "431": f"Request headers too large (over {LIMIT_REQUEST_FIELDS} headers, or one over "
     f"{LIMIT_REQUEST_FIELD_SIZE} bytes)",
     "500": "Internal error (the request id finds it in the logs)",
     "501": "Not implemented (an unsupported Transfer-Encoding)",
+    "502": "A service's answer could not be read (its error was too large for the gateway's channel)",
     "503": "A service behind the gateway, or its database, is unavailable; retry",
     "504": "A service did not answer in time",
 }
-_ALWAYS = ("400", "401", "403", "404", "409", "414", "429", "431", "500", "501", "503", "504")
+_ALWAYS = ("400", "401", "403", "404", "409", "414", "429", "431", "500", "501", "502", "503", "504")
 _NO_TOKEN = ("400", "414", "431", "500", "501")  # /healthz, /readyz, /openapi.json
 
 

@@ -23,6 +23,7 @@ TITLES = {
     499: "Client Closed Request",
     500: "Internal Server Error",
     501: "Not Implemented",
+    502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }

@@ -37,9 +37,13 @@ _INTS = {
 # import limit (the app's MAX_UPLOAD_BYTES config, lowered in tests).
 UPLOAD_PART = "file"
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
-# Any body (the app's MAX_CONTENT_LENGTH): an import's file base64-encoded in JSON, 64 MiB of file
-# is ~86 MiB.
+# The body of a route whose request carries a file (a bytes field: an import's content, a ticket
+# message's attachments): an import's file base64-encoded in JSON, 64 MiB of file is ~86 MiB.
 MAX_BODY_BYTES = 90 * 1024 * 1024
+# Any other body (GATEWAY_MAX_BODY_BYTES, app.max_body_bytes): no record is anywhere near it, and
+# over it the gateway answers 413 before reading the body, rather than parse and forward tens of
+# MiB to a service that refuses them.
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 FORM_OVERHEAD = 1024 * 1024  # the other form fields and the multipart framing around the file
 # The enum field an upload's format is inferred into when the form does not give it, and the
 # content types that name a format (else the file name's extension does).
@@ -50,6 +54,7 @@ _FORMAT_BY_CONTENT_TYPE = {
     "text/comma-separated-values": "csv",
     "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": "xlsx",
 }
+TOO_DEEP = "is not valid JSON: nested too deeply"
 _MAP_ENTRY = re.compile(r"^(\w+)\[(.*)\]$", re.DOTALL)
 
 
@@ -151,6 +156,29 @@ def _query_field(message: descriptor.Descriptor, key: str) -> list[descriptor.Fi
     return chain
 
 
+def _has_bytes(message: descriptor.Descriptor, seen: set[str]) -> bool:
+    if message.full_name in seen:
+        return False
+    seen.add(message.full_name)
+    for fd in message.fields:
+        if fd.type == descriptor.FieldDescriptor.TYPE_BYTES:
+            return True
+        if fd.type == descriptor.FieldDescriptor.TYPE_MESSAGE and _has_bytes(fd.message_type, seen):
+            return True
+    return False
+
+
+def carries_file(route: Route, request_desc: descriptor.Descriptor) -> bool:
+    """Whether the route's body can carry a file: a multipart upload, or a bytes field anywhere in
+    the part of the request the body fills (base64 in JSON)."""
+    if route.upload is not None:
+        return True
+    if route.body is None:
+        return False
+    desc = request_desc if route.body == "*" else request_desc.fields_by_name[route.body].message_type
+    return desc is not None and _has_bytes(desc, set())
+
+
 def is_upload(route: Route) -> bool:
     return route.upload is not None and request.mimetype == "multipart/form-data"
 
@@ -166,7 +194,10 @@ def build_request(route: Route, request_cls, path_args: dict[str, str]):
         target = msg if route.body == "*" else getattr(msg, route.body)
         body_keys = _read_form(route, target)
     elif route.body is not None:
-        data = request.get_json(silent=True) if request.get_data() else {}
+        try:  # json's parser recurses: "[" * 1000 is a RecursionError, not a ValueError
+            data = request.get_json(silent=True) if request.get_data() else {}
+        except RecursionError:
+            raise BadRequest("body", TOO_DEEP) from None
         if not isinstance(data, dict):
             raise BadRequest("body", "must be a JSON object (Content-Type: application/json)")
         target = msg if route.body == "*" else getattr(msg, route.body)
@@ -174,6 +205,8 @@ def build_request(route: Route, request_cls, path_args: dict[str, str]):
             json_format.ParseDict(data, target, ignore_unknown_fields=False)
         except json_format.ParseError as err:
             raise BadRequest(*_body_error(err)) from None
+        except RecursionError:  # a google.protobuf.Struct / Value field nested too deeply
+            raise BadRequest("body", TOO_DEEP) from None
         body_keys = [_snake(k) for k in data]
     for key in request.args:
         chain = _query_field(request_cls.DESCRIPTOR, key)
@@ -181,6 +214,8 @@ def build_request(route: Route, request_cls, path_args: dict[str, str]):
             raise BadRequest(key, "is not a query parameter of this route")
         fd = chain[-1]
         values = request.args.getlist(key)
+        if len(values) > 1 and not fd.is_repeated:
+            raise BadRequest(key, "is given more than once (it takes one value)")
         value = [_query_value(fd, v, key) for v in values] if fd.is_repeated else _query_value(fd, values[-1], key)
         for parent in reversed(chain):
             value = {parent.json_name: value}
@@ -309,7 +344,7 @@ def _is_map(fd: descriptor.FieldDescriptor) -> bool:
 def _json_object(raw: str, name: str) -> dict:
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         value = None
     if not isinstance(value, dict):
         raise BadRequest(name, "must be a JSON object")
@@ -338,6 +373,8 @@ def _parse_into(target, fd: descriptor.FieldDescriptor, value, name: str) -> Non
         json_format.ParseDict({fd.json_name: value}, target, ignore_unknown_fields=False)
     except json_format.ParseError as err:
         raise BadRequest(name, f"is not valid: {err}") from None
+    except RecursionError:
+        raise BadRequest(name, TOO_DEEP) from None
 
 
 def _infer_format(fd: descriptor.FieldDescriptor, part) -> int | None:

@@ -10,6 +10,13 @@ worker sends a problem document with the same status instead.
 
     worker_class = "crm_gateway.worker.ProblemThreadWorker"   # gunicorn.conf.py
 
+They also close a connection whose request body the app did not read to its end (a 413, 401 or
+429 answered before the body, a body cut at its limit, a chunk gunicorn could not parse):
+gunicorn would announce keep-alive, then drain at most 64 KiB of what is left and close the
+socket under a client that reuses it. The app's WSGI call sees the body through a reader that
+counts, and at start_response a body with more than that left makes gunicorn's response
+force_close(): it says "Connection: close" and means it.
+
 Standard library and gunicorn only: gunicorn's master imports this module before it forks.
 """
 
@@ -83,8 +90,89 @@ def _detail(status: int, exc: BaseException, cfg) -> tuple[str, str | None]:
     return f"bad request: {said}", None
 
 
+# What of an unread body gunicorn drains itself before it reuses the connection (its parser's
+# _DRAIN_MAX_BYTES); more left unread, and it closes the connection.
+DRAIN_BYTES = 64 * 1024
+
+
+class _CountingInput:
+    """The request body as the app reads it: how much, whether to its end, whether a read failed."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.read_bytes = 0
+        self.ended = False
+        self.failed = False
+
+    def _took(self, data: bytes, asked: int | None) -> bytes:
+        self.read_bytes += len(data)
+        if not data and asked != 0:
+            self.ended = True
+        return data
+
+    def read(self, size=None):
+        try:
+            return self._took(self._stream.read(size), size)
+        except Exception:
+            self.failed = True
+            raise
+
+    def readline(self, size=None):
+        try:
+            return self._took(self._stream.readline(size), size)
+        except Exception:
+            self.failed = True
+            raise
+
+    def readlines(self, hint=None):
+        return list(iter(self.readline, b""))
+
+    def __iter__(self):
+        return iter(self.readline, b"")
+
+    def left_unread(self, env) -> bool:
+        """Whether DRAIN_BYTES or more of the body may still be on the socket (or where the
+        next request starts is unknown)."""
+        if self.failed:
+            return True
+        if self.ended:
+            return False
+        try:
+            length = int(env.get("CONTENT_LENGTH") or "")
+        except ValueError:
+            length = None
+        if length is None:
+            # chunked (or read to the connection's end): unknown unless read to its end
+            chunked = "chunked" in env.get("HTTP_TRANSFER_ENCODING", "").lower()
+            return chunked
+        return length - self.read_bytes >= DRAIN_BYTES  # gunicorn gives up once it drained that much
+
+
+def closing_unread(app):
+    """The WSGI app, closing the connection (gunicorn's Response.force_close) when it answers
+    with a body left unread."""
+
+    def wsgi(env, start_response):
+        body = env["wsgi.input"] = _CountingInput(env["wsgi.input"])
+
+        def start(status, headers, exc_info=None):
+            resp = getattr(start_response, "__self__", None)
+            if body.left_unread(env) and hasattr(resp, "force_close"):
+                resp.force_close()
+            return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
+
+        return app(env, start)
+
+    return wsgi
+
+
 class ProblemErrors:
-    """Mixin for a gunicorn worker class: its own error answers as problem+json."""
+    """Mixin for a gunicorn worker class: its own error answers as problem+json, and a
+    connection closed when the app leaves its request's body unread."""
+
+    def load_wsgi(self):
+        super().load_wsgi()
+        self.wsgi = closing_unread(self.wsgi)
 
     def handle_error(self, req, client, addr, exc):
         kept = _KeptWrites()
