@@ -586,3 +586,77 @@ def test_an_owner_longer_than_any_subject_is_refused_naming_the_field(ch):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and [v.field for v in err.field_violations] == ["order.owner"]
     order.owner = f"  {at_limit}  "  # stripped, as every owner is
     assert orders.CreateOrder(orders_pb2.CreateOrderRequest(order=order), metadata=ADMIN).owner == at_limit
+
+
+def test_a_blank_order_by_is_the_default_order_and_a_blank_segment_is_refused(svc, ch):
+    """Sent: ListActivities with order_by "   ". Came back: INTERNAL (an IndexError: only "" was
+    taken for the default, and "   " parses to no sort keys). ListTeams and ListProductLines took
+    "   " as no order at all (by id only). Should be (AIP-132): blank or only spaces is the
+    default order; a blank segment ("create_time,  ,") is INVALID_ARGUMENT naming order_by."""
+    from crm.sales.v1 import (
+        activities_pb2,
+        activities_pb2_grpc,
+        catalog_pb2,
+        catalog_pb2_grpc,
+        sales_service_pb2,
+        sales_service_pb2_grpc,
+    )
+    from sales_svc.tables import product_lines, teams
+
+    # rows whose id order is the reverse of the default order, so "by id only" shows
+    ids = sorted(str(uuid.uuid4()) for _ in range(4))
+    tag = uuid.uuid4().hex[:8]
+    with svc.ctx.engine.begin() as conn:
+        for i, rid in enumerate(ids):
+            conn.execute(teams.insert().values(id=rid, name=f"{tag}-team-{9 - i}", manager_id="ada"))
+            conn.execute(product_lines.insert().values(id=rid, code=f"{tag}-line-{9 - i}", name=f"Line {i}"))
+
+    acts = activities_pb2_grpc.ActivityServiceStub(ch)
+    for subject in ("first", "second", "third"):
+        acts.CreateActivity(
+            activities_pb2.CreateActivityRequest(
+                activity=activities_pb2.Activity(
+                    kind=activities_pb2.Activity.KIND_TASK, subject=subject, customer=f"customers/{uuid.uuid4()}"
+                )
+            ),
+            metadata=ADMIN,
+        )
+    team_stub = sales_service_pb2_grpc.SalesServiceStub(ch)
+    catalog = catalog_pb2_grpc.CatalogServiceStub(ch)
+    lists = {
+        "activities": lambda o: [
+            x.name
+            for x in acts.ListActivities(activities_pb2.ListActivitiesRequest(order_by=o), metadata=ADMIN).activities
+        ],
+        "teams": lambda o: [
+            x.name
+            for x in team_stub.ListTeams(
+                sales_service_pb2.ListTeamsRequest(order_by=o, page_size=100), metadata=ADMIN
+            ).teams
+        ],
+        "product lines": lambda o: [
+            x.name
+            for x in catalog.ListProductLines(
+                catalog_pb2.ListProductLinesRequest(order_by=o, page_size=100), metadata=ADMIN
+            ).product_lines
+        ],
+    }
+    for what, listed in lists.items():
+        default = listed("")
+        assert len(default) >= 3, what
+        for blank in ("   ", " \t ", "\n"):
+            assert listed(blank) == default, (what, repr(blank))
+    assert lists["activities"]("create_time desc") == lists["activities"]("")
+    assert lists["teams"]("display_name") == lists["teams"]("")
+    assert lists["product lines"]("code") == lists["product lines"]("")
+    mine = [f"teams/{rid}" for rid in ids]
+    assert [n for n in lists["teams"]("") if n in mine] == mine[::-1]  # by display_name, not by id
+
+    for bad in ("create_time,  ,", " , ", "create_time desc,,due_time", ","):
+        code, err = _error(acts.ListActivities, activities_pb2.ListActivitiesRequest(order_by=bad), metadata=ADMIN)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert [v.field for v in err.field_violations] == ["order_by"], bad
+    code, err = _error(
+        team_stub.ListTeams, sales_service_pb2.ListTeamsRequest(order_by="display_name, ,"), metadata=ADMIN
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and [v.field for v in err.field_violations] == ["order_by"]
