@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import secrets
 import uuid
 
 import grpc
@@ -531,3 +532,131 @@ def test_an_assignment_rule_without_a_strategy_names_the_values_that_parse(svc):
     body = {"displayName": "r", "strategy": "ASSIGNMENT_STRATEGY_FIXED_OWNER", "owner": "ada"}
     made = http.post("/v1/assignmentRules", json=body, headers=h)
     assert made.status_code in (200, 201), made.get_data(as_text=True)
+
+
+def test_an_owner_longer_than_any_subject_is_refused_naming_the_field(ch):
+    """Sent: SubmitForecast with a 3,000-character owner (as admin, who may submit anyone's).
+    Came back: INTERNAL (PostgreSQL's ProgramLimitExceeded: the row of the index
+    forecast_snapshots_owner_page is over 2,704 bytes). CreateInvoice and CreateOrder took their
+    owner unchecked too. Should be: INVALID_ARGUMENT naming the owner field, as for the owner of a
+    lead, opportunity or activity (at most 200 characters); 200 characters are still taken."""
+    from crm.sales.v1 import (
+        forecasts_pb2,
+        forecasts_pb2_grpc,
+        invoices_pb2,
+        invoices_pb2_grpc,
+        orders_pb2,
+        orders_pb2_grpc,
+    )
+    from crm.type.v1.money_pb2 import Money
+
+    long_owner = secrets.token_hex(1500)  # 3,000 random characters (a repeated text would compress)
+    forecasts = forecasts_pb2_grpc.ForecastServiceStub(ch)
+    code, err = _error(
+        forecasts.SubmitForecast,
+        forecasts_pb2.SubmitForecastRequest(period="1405-Q3", owner=long_owner),
+        metadata=ADMIN,
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and [v.field for v in err.field_violations] == ["owner"]
+    at_limit = "u" + uuid.uuid4().hex * 6 + "x" * 7  # 200 characters
+    snap = forecasts.SubmitForecast(
+        forecasts_pb2.SubmitForecastRequest(period="1405-Q3", owner=at_limit), metadata=ADMIN
+    )
+    assert snap.owner == at_limit
+
+    invoices = invoices_pb2_grpc.InvoiceServiceStub(ch)
+    line = invoices_pb2.InvoiceLine(description="x", quantity="1", unit_price=Money(currency_code="IRR", units=1000))
+    invoice = invoices_pb2.Invoice(customer=f"customers/{uuid.uuid4()}", currency_code="IRR", lines=[line])
+    invoice.owner = long_owner
+    code, err = _error(invoices.CreateInvoice, invoices_pb2.CreateInvoiceRequest(invoice=invoice), metadata=ADMIN)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and [v.field for v in err.field_violations] == ["invoice.owner"]
+    invoice.owner = at_limit
+    assert invoices.CreateInvoice(invoices_pb2.CreateInvoiceRequest(invoice=invoice), metadata=ADMIN).owner == at_limit
+
+    orders = orders_pb2_grpc.OrderServiceStub(ch)
+    order = orders_pb2.Order(
+        customer=f"customers/{uuid.uuid4()}",
+        currency_code="IRR",
+        owner=long_owner,
+        lines=[
+            orders_pb2.OrderLine(description="Widget", quantity="1", unit_price=Money(currency_code="IRR", units=5))
+        ],
+    )
+    code, err = _error(orders.CreateOrder, orders_pb2.CreateOrderRequest(order=order), metadata=ADMIN)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and [v.field for v in err.field_violations] == ["order.owner"]
+    order.owner = f"  {at_limit}  "  # stripped, as every owner is
+    assert orders.CreateOrder(orders_pb2.CreateOrderRequest(order=order), metadata=ADMIN).owner == at_limit
+
+
+def test_a_blank_order_by_is_the_default_order_and_a_blank_segment_is_refused(svc, ch):
+    """Sent: ListActivities with order_by "   ". Came back: INTERNAL (an IndexError: only "" was
+    taken for the default, and "   " parses to no sort keys). ListTeams and ListProductLines took
+    "   " as no order at all (by id only). Should be (AIP-132): blank or only spaces is the
+    default order; a blank segment ("create_time,  ,") is INVALID_ARGUMENT naming order_by."""
+    from crm.sales.v1 import (
+        activities_pb2,
+        activities_pb2_grpc,
+        catalog_pb2,
+        catalog_pb2_grpc,
+        sales_service_pb2,
+        sales_service_pb2_grpc,
+    )
+    from sales_svc.tables import product_lines, teams
+
+    # rows whose id order is the reverse of the default order, so "by id only" shows
+    ids = sorted(str(uuid.uuid4()) for _ in range(4))
+    tag = uuid.uuid4().hex[:8]
+    with svc.ctx.engine.begin() as conn:
+        for i, rid in enumerate(ids):
+            conn.execute(teams.insert().values(id=rid, name=f"{tag}-team-{9 - i}", manager_id="ada"))
+            conn.execute(product_lines.insert().values(id=rid, code=f"{tag}-line-{9 - i}", name=f"Line {i}"))
+
+    acts = activities_pb2_grpc.ActivityServiceStub(ch)
+    for subject in ("first", "second", "third"):
+        acts.CreateActivity(
+            activities_pb2.CreateActivityRequest(
+                activity=activities_pb2.Activity(
+                    kind=activities_pb2.Activity.KIND_TASK, subject=subject, customer=f"customers/{uuid.uuid4()}"
+                )
+            ),
+            metadata=ADMIN,
+        )
+    team_stub = sales_service_pb2_grpc.SalesServiceStub(ch)
+    catalog = catalog_pb2_grpc.CatalogServiceStub(ch)
+    lists = {
+        "activities": lambda o: [
+            x.name
+            for x in acts.ListActivities(activities_pb2.ListActivitiesRequest(order_by=o), metadata=ADMIN).activities
+        ],
+        "teams": lambda o: [
+            x.name
+            for x in team_stub.ListTeams(
+                sales_service_pb2.ListTeamsRequest(order_by=o, page_size=100), metadata=ADMIN
+            ).teams
+        ],
+        "product lines": lambda o: [
+            x.name
+            for x in catalog.ListProductLines(
+                catalog_pb2.ListProductLinesRequest(order_by=o, page_size=100), metadata=ADMIN
+            ).product_lines
+        ],
+    }
+    for what, listed in lists.items():
+        default = listed("")
+        assert len(default) >= 3, what
+        for blank in ("   ", " \t ", "\n"):
+            assert listed(blank) == default, (what, repr(blank))
+    assert lists["activities"]("create_time desc") == lists["activities"]("")
+    assert lists["teams"]("display_name") == lists["teams"]("")
+    assert lists["product lines"]("code") == lists["product lines"]("")
+    mine = [f"teams/{rid}" for rid in ids]
+    assert [n for n in lists["teams"]("") if n in mine] == mine[::-1]  # by display_name, not by id
+
+    for bad in ("create_time,  ,", " , ", "create_time desc,,due_time", ","):
+        code, err = _error(acts.ListActivities, activities_pb2.ListActivitiesRequest(order_by=bad), metadata=ADMIN)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert [v.field for v in err.field_violations] == ["order_by"], bad
+    code, err = _error(
+        team_stub.ListTeams, sales_service_pb2.ListTeamsRequest(order_by="display_name, ,"), metadata=ADMIN
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and [v.field for v in err.field_violations] == ["order_by"]

@@ -5,7 +5,14 @@ gRPC on a real PostgreSQL."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import pathlib
+import random
+import re
+import subprocess
+import sys
+import textwrap
+import time
 import uuid
 
 import grpc
@@ -17,8 +24,9 @@ from crm.support.v1 import answers_pb2 as pb
 from crm.support.v1 import answers_pb2_grpc, ticket_pb2
 from crm_chassis.dates import TEHRAN
 from crm_chassis.errors import read_rpc_error
-from crm_chassis.persian import format_jalali
+from crm_chassis.persian import format_jalali, normalize
 from support_svc.answers import canned_answers
+from support_svc.knowledge import ARTICLE_BODY_LIMIT, joined_forms, kb_articles
 from support_svc.tables import agents, customer_refs, ticket_messages
 
 from .conftest import ADMIN, agent_md, category_id, manager_md, open_ticket, ticket
@@ -658,6 +666,69 @@ def test_search_matches_arabic_and_persian_letters_and_zwnj_variants_both_ways(k
     fails(lambda: search(kb, "x", language="??"), grpc.StatusCode.INVALID_ARGUMENT, "language")
 
 
+# The pattern joined_forms used until the fuzz found it quadratic: the reference its output is
+# compared with on texts short enough for it.
+_QUADRATIC_COMPOUND = re.compile(r"[^\W_]+(?:\u200c[^\W_]+)+")
+
+
+def _reference_joined_forms(text: str) -> str:
+    return " ".join(dict.fromkeys(normalize(w.replace("\u200c", "")) for w in _QUADRATIC_COMPOUND.findall(text or "")))
+
+
+def test_joined_forms_are_what_they_were_on_persian_text_and_any_short_text():
+    """joined_forms was rewritten to be linear in the text: on normal Persian text and on every
+    short text (random ones from letters, digits, '_', ZWNJ, ZWJ, marks and punctuation) it gives
+    what the old pattern gave."""
+    samples = [
+        "اگر رمز عبور را فراموش کرده‌اید می‌توانید آن را بازیابی کنید.",
+        "پیگیری درخواست‌های پشتیبانی — درخواست‌ها و می‌خواهم",
+        "راهنماي كارت هديه؛ خوش‌آمد‌گویی و نیم‌فاصله‌ها ۱۲‌۳",
+        "a\u200cb _x\u200cy\u200c\u200cz x_\u200cy \u200cمی\u200c ّم\u200cی",
+        "",
+    ]
+    for text in samples:
+        assert joined_forms(text) == _reference_joined_forms(text), text
+    assert joined_forms(samples[0]) == "کردهاید میتوانید"
+    assert joined_forms(samples[1]) == "درخواستهای درخواستها میخواهم"
+    alphabet = ["ب", "ي", "a", "1", "۱", "_", "\u200c", "\u200c", " ", "\n", "-", "\u0651", "\u200d", "\u200f", "é"]
+    rng = random.Random(20261204)
+    for _ in range(20_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 16)))
+        assert joined_forms(text) == _reference_joined_forms(text), repr(text)
+
+
+def test_joined_forms_of_a_word_of_200000_letters_is_found_in_linear_time():
+    """joined_forms on a word of 10,000, 100,000 and 200,000 letters, with and without a ZWNJ
+    part: the same output at each size (none; the word joined). Run in a child held to 30 CPU
+    seconds (the quadratic pattern took seconds at 20,000 letters and would take minutes at
+    200,000, in C code that no signal interrupts); the budget of 5 CPU seconds for all of it is
+    generous, a guard against the quadratic run only."""
+    child = textwrap.dedent(
+        """
+        import json, resource, time
+        resource.setrlimit(resource.RLIMIT_CPU, (30, 30))
+        from support_svc.knowledge import joined_forms, search_values
+        out = {}
+        start = time.process_time()
+        for n in (10_000, 100_000, 200_000):
+            word = "\u0628" * n
+            out[n] = [
+                joined_forms(word),
+                joined_forms(word + "\u200c\u0647\u0627") == word + "\u0647\u0627",
+                search_values("\u0639", word)["search_text"] == "\u0639 " + word,
+            ]
+        out["cpu"] = time.process_time() - start
+        print(json.dumps(out))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])  # killed (SIGXCPU, SIGKILL): over 30 CPU s
+    out = json.loads(proc.stdout)
+    for n in ("10000", "100000", "200000"):
+        assert out[n] == ["", True, True], n
+    assert out["cpu"] < 5, out["cpu"]
+
+
 def test_search_finds_partial_words_and_ranks_title_matches_first(kb):
     body_only = article(
         kb,
@@ -788,3 +859,37 @@ def test_over_http_through_the_gateway(svc, answers):
         assert_problem(http.post("/v1/articles", json={"title": "x"}, headers=agent), 403)
     finally:
         clients.close()
+
+
+def test_articles_of_long_words_and_of_200000_characters_are_created_quickly(svc, answers, kb):
+    """Sent (fuzz): CreateCannedAnswer whose body is one 20,000-letter word. Came back: OK after
+    5.8 s of CPU (the ZWNJ pattern of joined_forms retried the word from each of its letters);
+    an article body of 200,000 letters takes a hundred times that, so any support user could
+    keep a core busy for minutes. Should be: linear. Checked by what is stored and found, with a
+    generous CPU budget (process CPU seconds: the service runs in this process) only as a guard
+    against the quadratic run. The word is 50,000 letters here (the quadratic pattern: tens of
+    seconds, holding the GIL of this process, so no deadline ends it); the test above takes
+    200,000. Last in the module, the long-word articles drafts: a search whose candidates hold a
+    word of 200,000 repeated letters is slow in PostgreSQL (pg_trgm's word_similarity), which is
+    not what this test is about."""
+    start = time.process_time()
+    one_word = article(kb, "مقاله یک‌کلمه‌ای", "پ" * 50_000, publish=False)
+    answer = create_answer(answers, "پاسخ بلند", "ب" * 20_000)
+    assert time.process_time() - start < 5, "an article of one 50,000-letter word, an answer of one of 20,000"
+    start = time.process_time()
+    long_word = "ت" * (ARTICLE_BODY_LIMIT - 3)
+    joined = article(kb, "مقاله دیگر", long_word + "\u200cها", publish=False)  # the longest body, one ZWNJ word
+    phrase = "برای پیگیری درخواست‌های پشتیبانی می‌توانید شماره تیکت را وارد کنید. "
+    prose = article(kb, "راهنمای پیگیری بلند", (phrase * (ARTICLE_BODY_LIMIT // len(phrase)))[:ARTICLE_BODY_LIMIT])
+    assert time.process_time() - start < 5, "two articles of 200,000 characters"
+
+    with svc.ctx.engine.connect() as conn:
+        stored = conn.execute(
+            sa.select(canned_answers.c.search_text).where(canned_answers.c.id == answer.name.split("/")[1])
+        ).scalar()
+        texts = {str(k): v for k, v in conn.execute(sa.select(kb_articles.c.id, kb_articles.c.search_text))}
+    assert stored == "پاسخ بلند " + "ب" * 20_000  # no ZWNJ word: nothing joined after the text
+    assert texts[one_word.name.split("/")[1]] == "مقاله یک کلمه ای " + "پ" * 50_000 + "\nیککلمهای"
+    assert texts[joined.name.split("/")[1]].endswith("\n" + long_word + "ها")
+    assert texts[prose.name.split("/")[1]].endswith("\nدرخواستهای میتوانید")
+    assert prose.name in [h.article.name for h in search(kb, "درخواستهای پشتیبانی")]  # typed joined

@@ -20,12 +20,26 @@ import sqlalchemy as sa
 from sqlalchemy.sql import ColumnElement
 
 from crm_chassis.auth import Principal
-from crm_chassis.errors import PermissionDenied
+from crm_chassis.errors import InvalidArgument, PermissionDenied
 
 from .tables import team_members, teams
 
 ALL = "sales.records.all"
 TEAM = "sales.records.team"
+
+# An owner is a principal's subject; what a lead, opportunity or activity takes as its owner
+# (characters, after stripping). The owner columns are keys of btree indexes, whose entries
+# PostgreSQL caps at about 2,700 bytes: an unchecked owner failed the insert as INTERNAL.
+OWNER_LIMIT = 200
+
+
+def owner_of(value: str, field: str) -> str:
+    """An owner given in a request, stripped ("" when none is given): InvalidArgument naming
+    `field` when it is longer than any owner can be."""
+    v = value.strip()
+    if len(v) > OWNER_LIMIT:
+        raise InvalidArgument.field(field, f"must be at most {OWNER_LIMIT} characters (an owner is a subject)")
+    return v
 
 
 class Reach(enum.Enum):

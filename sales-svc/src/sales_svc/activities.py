@@ -516,7 +516,8 @@ class Activities:
                 raise InvalidArgument.field("view", "is not a known view: VIEW_OVERDUE or VIEW_TODAY")
             order = AGENDA_ORDER
         else:
-            keys = parse_order_by(req.order_by or "create_time desc", SORTABLE)
+            # blank (or only spaces) is the default order, AIP-132; "a, ," stays a bad order_by
+            keys = parse_order_by(req.order_by.strip() or "create_time desc", SORTABLE)
             order = with_tiebreaker(keys, a.id, descending=keys[-1].descending)
         purpose = query_fingerprint(req.filter, req.order_by, parent=req.parent, view=int(view))
         with self.uow.read() as conn:

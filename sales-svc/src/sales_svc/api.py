@@ -225,7 +225,7 @@ class Teams:
 
     def list(self, size: int, token: str, filter_text: str, order_by: str) -> tuple[list[pb.Team], str]:
         where = TEAM_FILTERS.compile(filter_text)
-        order = with_tiebreaker(parse_order_by(order_by or "display_name", TEAM_SORTABLE), teams.c.id)
+        order = with_tiebreaker(parse_order_by(order_by.strip() or "display_name", TEAM_SORTABLE), teams.c.id)
         members = (
             sa.select(pg.array_agg(pg.aggregate_order_by(team_members.c.member_id, team_members.c.member_id)))
             .where(team_members.c.team_id == teams.c.id)

@@ -231,8 +231,9 @@ def list_page(
     ending with the unique `tiebreaker`); a token only continues the same filter and order."""
     limit = page_size(size)
     where = schema.compile(filter_text)
-    order = with_tiebreaker(parse_order_by(order_by or default_order, sortable), tiebreaker)
-    fingerprint = f"{purpose}:{query_fingerprint(filter_text, order_by or default_order)}"
+    order_by = order_by.strip() or default_order  # blank (or only spaces): the default, AIP-132
+    order = with_tiebreaker(parse_order_by(order_by, sortable), tiebreaker)
+    fingerprint = f"{purpose}:{query_fingerprint(filter_text, order_by)}"
     return keyset_page(conn, query.where(where), order, tokens, fingerprint, limit, token)
 
 

@@ -33,7 +33,7 @@ from crm_chassis.money import AmountOutOfRange, check_currency, to_decimal, to_m
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName
 
-from .access import Scope
+from .access import Scope, owner_of
 from .forecast_periods import CALENDARS, UNITS, Period, parse_label, period_of, resolve
 from .forecast_queries import (
     GROUP_BY,
@@ -314,7 +314,7 @@ class Forecasts:
         if not req.period.strip():
             raise InvalidArgument.field("period", "is required: a period label such as 1405-Q1 or 2026-05")
         calendar, unit, period = parse_label(req.period)
-        owner = req.owner.strip() or principal.subject
+        owner = owner_of(req.owner, "owner") or principal.subject
         adjusted = (
             to_decimal(req.adjusted_commit, "adjusted_commit", currency=self.reporting)
             if req.HasField("adjusted_commit")

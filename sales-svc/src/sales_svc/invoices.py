@@ -41,7 +41,7 @@ from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName, UpdateMask, check_etag, etag
 
 from . import invoice_export, invoice_pdf
-from .access import Scope
+from .access import Scope, owner_of
 from .invoice_tables import PAYMENT_METHODS, invoice_counters, invoice_details, invoice_lines, invoice_payments
 from .invoice_tax import Seller, tax_id
 from .runtime import Sales
@@ -635,7 +635,7 @@ class Invoices:
     def _free_lines(self, conn, inv: pb.Invoice, principal: Principal):
         cur = inv.currency_code
         cid = CUSTOMER.parse(inv.customer, "invoice.customer").id
-        owner = inv.owner.strip() or principal.subject
+        owner = owner_of(inv.owner, "invoice.owner") or principal.subject
         team_id = None
         if inv.team:
             team_id = ResourceName("teams/{id}").parse(inv.team, "invoice.team").id

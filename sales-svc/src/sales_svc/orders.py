@@ -40,7 +40,7 @@ from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName, check_etag, etag
 
-from .access import Scope
+from .access import Scope, owner_of
 from .runtime import Sales
 from .tables import QUANTITY, UUID, metadata, opportunities, order_lines, orders, products, teams
 
@@ -632,6 +632,11 @@ class Orders:
             team_id = TEAM.parse(o.team, "order.team").id if o.team else None
         except InvalidArgument as e:
             bad += e.violations
+        given_owner = ""
+        try:
+            given_owner = owner_of(o.owner, "order.owner")
+        except InvalidArgument as e:
+            bad += e.violations
         if not o.customer and not o.opportunity:
             bad.append(FieldViolation("order.customer", "required (or an opportunity whose customer it is)"))
         order_date = to_date(o.order_date, "order.order_date") or today()
@@ -663,10 +668,10 @@ class Orders:
                         raise InvalidArgument.field("order.customer", "required: the opportunity has no customer")
                 # The opportunity's owner by default (whoever may see the opportunity may order
                 # for it); an owner or team given is checked as any assignment is.
-                owner = o.owner or (opp.owner_id if opp is not None and opp.owner_id else principal.subject)
+                owner = given_owner or (opp.owner_id if opp is not None and opp.owner_id else principal.subject)
                 if team_id and not tx.execute(sa.select(sa.exists().where(teams.c.id == team_id))).scalar():
                     raise InvalidArgument.field("order.team", f"no such team: {o.team}")
-                if o.owner or o.team:
+                if given_owner or o.team:
                     scope.require_assign(tx.conn, owner, team_id if o.team else None, field="order.owner")
                 lines = read_lines(tx.conn, o.lines, currency, "order.lines")
                 row, rows = place_order(
