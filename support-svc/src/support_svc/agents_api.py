@@ -19,7 +19,6 @@ import datetime as dt
 import functools
 import inspect
 import re
-import zoneinfo
 
 import sqlalchemy as sa
 from google.protobuf import empty_pb2
@@ -739,9 +738,7 @@ def _calendar_values(c: pb.Calendar, paths, bad: list) -> dict:
             v["name"] = _text(c.display_name, where, TEAM_NAME_LIMIT, bad, required=True)
         elif p == "timezone":
             tz = c.timezone.strip() or "Asia/Tehran"
-            try:
-                zoneinfo.ZoneInfo(tz)
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "Asia" is a folder
+            if not dates.is_time_zone(tz):
                 bad.append(FieldViolation(where, f"{tz!r} is not an IANA time zone (e.g. Asia/Tehran)"))
             v["timezone"] = tz
         elif p == "weekly_hours":
