@@ -34,7 +34,7 @@ from crm_chassis.filtering import FieldType, FilterField, FilterSchema, keyset_p
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
-from crm_chassis.resources import ResourceName, UpdateMask, check_etag, etag
+from crm_chassis.resources import ResourceName, UpdateMask, check_etag, check_request_id, etag
 
 from . import consent
 from .runtime import Campaign
@@ -380,19 +380,18 @@ class Campaigns:
     def create(self, req: pb.CreateCampaignRequest) -> pb.Campaign:
         cmp = req.campaign
         paths = [*MASK.updatable, "channel"]
+        request_id = check_request_id(req.request_id)
         values, variants = self._values(cmp, paths, creating=True)
         principal = current_principal()
         with self.uow.begin() as tx:
             conn = tx.conn
-            if req.request_id:
-                seen = conn.execute(sa.select(campaigns).where(c.request_id == req.request_id)).first()
+            if request_id:
+                seen = conn.execute(sa.select(campaigns).where(c.request_id == request_id)).first()
                 if seen is not None:
                     return self._proto(conn, seen)
             self._pin(conn, variants or [], values["channel"])
             row = conn.execute(
-                campaigns.insert()
-                .values(**values, owner=principal.subject, request_id=req.request_id or None)
-                .returning(campaigns)
+                campaigns.insert().values(**values, owner=principal.subject, request_id=request_id).returning(campaigns)
             ).one()
             self._write_variants(conn, row.id, variants or [])
             tx.audit(CAMPAIGN.format(row.id), "create", principal, [])

@@ -19,21 +19,24 @@ ERROR_DOMAIN = "crm.example.org"
 
 # A status travels in the trailing metadata (grpc-message, percent-encoded, and the details),
 # which clients cap at 8 KiB: an error quoting a 3,000-character value would arrive as
-# RESOURCE_EXHAUSTED instead of itself. Texts are kept short: a run of 60+ characters without a
-# space (the quoted value) is cut to its first 40, then the text to its limit; at most
-# MAX_VIOLATIONS violations go, the message saying how many more there were.
+# RESOURCE_EXHAUSTED instead of itself. Texts are kept short: a run of more than 120 characters
+# without a space (a quoted value; resource names are shorter) is cut to its first 80, then the
+# text to its limit; violations go while their UTF-8 text stays within VIOLATIONS_BYTES (every
+# bad field of a form is named; a list of 5,000 bad values is not), the message saying how many
+# there were. Worst case (Persian text, every limit reached) about 7 KiB.
 MESSAGE_LIMIT = 300
 DESCRIPTION_LIMIT = 160
 FIELD_LIMIT = 100
-MAX_VIOLATIONS = 8
-_LONG_RUN = re.compile(r"\S{60,}")
+METADATA_LIMIT = 200
+VIOLATIONS_BYTES = 3000
+_LONG_RUN = re.compile(r"\S{121,}")
 
 
 def brief(text: str, limit: int) -> str:
     """`text` short enough for a status: long unbroken runs cut, then the whole to `limit`."""
-    if len(text) <= 40:
+    if len(text) <= 120:
         return text
-    text = _LONG_RUN.sub(lambda m: m.group()[:40] + "…", text)
+    text = _LONG_RUN.sub(lambda m: m.group()[:80] + "…", text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -55,7 +58,9 @@ class DomainError(Exception):
         self.metadata = metadata or {}
 
     def details(self) -> list:
-        metadata = {k: brief(v, DESCRIPTION_LIMIT) for k, v in self.metadata.items()}
+        metadata = {
+            k: v if len(v) <= METADATA_LIMIT else v[: METADATA_LIMIT - 1] + "…" for k, v in self.metadata.items()
+        }
         return [error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=metadata)]
 
     def to_status(self) -> status_pb2.Status:
@@ -86,11 +91,16 @@ class InvalidArgument(DomainError):
         super().__init__(message, **kw)
 
     def shown(self) -> list[FieldViolation]:
-        """The violations a status carries: the first MAX_VIOLATIONS, their texts kept short."""
-        return [
-            FieldViolation(brief(v.field, FIELD_LIMIT), brief(v.description, DESCRIPTION_LIMIT))
-            for v in self.violations[:MAX_VIOLATIONS]
-        ]
+        """The violations a status carries, their texts kept short: the first ones, while they
+        fit VIOLATIONS_BYTES (at least one)."""
+        out, used = [], 0
+        for v in self.violations:
+            short = FieldViolation(brief(v.field, FIELD_LIMIT), brief(v.description, DESCRIPTION_LIMIT))
+            used += len(short.field.encode()) + len(short.description.encode()) + 4
+            if out and used > VIOLATIONS_BYTES:
+                break
+            out.append(short)
+        return out
 
     @classmethod
     def field(cls, field_name: str, description: str) -> InvalidArgument:

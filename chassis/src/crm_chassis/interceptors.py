@@ -158,17 +158,10 @@ def _walk(message, prefix: str, out: list[FieldViolation]) -> None:
                 _check_message(value, fd, prefix + fd.name, out)
 
 
-REQUEST_ID_LIMIT = 128  # AIP-155's request_id is a UUID (36); room for other unique keys
-
-
 def check_request(request) -> None:
     """Raise INVALID_ARGUMENT naming every field of the request no handler can take (a NUL in a
-    string, a Timestamp or Duration out of its range, a request_id past REQUEST_ID_LIMIT: it is
-    kept in a unique index, which refuses a key past ~2,700 bytes)."""
+    string, a Timestamp or Duration out of its range)."""
     violations = request_violations(request)
-    rid = getattr(request, "request_id", None)
-    if isinstance(rid, str) and len(rid) > REQUEST_ID_LIMIT:
-        violations.append(FieldViolation("request_id", f"at most {REQUEST_ID_LIMIT} characters (a UUID)"))
     if violations:
         raise InvalidArgument(violations)
 

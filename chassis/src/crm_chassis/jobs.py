@@ -65,6 +65,7 @@ from sqlalchemy.dialects import postgresql as pg
 from .errors import FailedPrecondition
 from .filtering import keyset_page, newest_first
 from .pagination import PageTokens
+from .resources import check_request_id
 from .work_tables import job_inputs, jobs
 from .workers import PollingWorker
 
@@ -142,7 +143,9 @@ def start(
     total: int | None = None,
 ) -> Job:
     """Record a queued job in the caller's transaction (wake the worker after commit). With a
-    `request_id`, a retry of the same start returns the job the first call made."""
+    `request_id`, a retry of the same start returns the job the first call made (at most
+    resources.REQUEST_ID_LIMIT characters: INVALID_ARGUMENT naming request_id)."""
+    request_id = check_request_id(request_id or "")
     jid = str(uuid.uuid4())
     stmt = pg.insert(jobs).values(
         id=jid,

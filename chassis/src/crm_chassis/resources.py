@@ -153,6 +153,18 @@ class ResourceName:
         return NotFound(f"{self.singular} {name} does not exist", reason=self.reason, metadata={"name": name})
 
 
+REQUEST_ID_LIMIT = 128  # AIP-155's request_id is a UUID (36): room for other unique keys
+
+
+def check_request_id(value: str, field: str = "request_id") -> str | None:
+    """An idempotency key as stored (None when empty); INVALID_ARGUMENT naming `field` past
+    REQUEST_ID_LIMIT characters (it goes in a unique index, whose keys stop at ~2,700 bytes)."""
+    value = (value or "").strip()
+    if len(value) > REQUEST_ID_LIMIT:
+        raise InvalidArgument.field(field, f"must be at most {REQUEST_ID_LIMIT} characters (a UUID)")
+    return value or None
+
+
 def same_requester(creator: str, principal, what: str) -> None:
     """A retried create finds the resource its request_id made; a request_id another caller
     used is ALREADY_EXISTS (AIP-155: the key is the caller's), naming request_id."""
