@@ -970,10 +970,10 @@ def test_concurrent_batches_of_one_customer_earn_each_invoice_once(svc, stub):
     invoice the first earned (re-published under a new id) and earns only its own."""
     import threading
 
-    program(stub, "HUF", lifetime_unit=pb.LIFETIME_UNIT_MONTHS, lifetime_count=12)
+    program(stub, "MXN", lifetime_unit=pb.LIFETIME_UNIT_MONTHS, lifetime_count=12)
     cid = str(uuid.uuid4())
-    a = paid("HUF", cid, [("products/a", "", 1, 40)])
-    b = paid("HUF", cid, [("products/a", "", 1, 7)], at=NOW + dt.timedelta(minutes=1))
+    a = paid("MXN", cid, [("products/a", "", 1, 40)])
+    b = paid("MXN", cid, [("products/a", "", 1, 7)], at=NOW + dt.timedelta(minutes=1))
     lo = lo_mod.engine(rt(svc))
     got: dict = {}
 

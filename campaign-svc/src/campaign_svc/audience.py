@@ -161,7 +161,7 @@ def _upsert_fact(conn: sa.Connection, table: sa.Table, key: str, row: dict, guar
     Inside a batch the fact is gathered (the newest per key) and written by `_write_facts`."""
     gathered = conn.info.get(_FACTS)
     if gathered is not None:
-        group = gathered.setdefault((table.name, key, guard, tuple(sorted(row))), (table, {}))[1]
+        group = gathered.setdefault((table.name, key, guard, tuple(row)), (table, {}))[1]  # a shape: one code path
         had = group.get(row[key])
         if had is None or had[guard] <= row[guard]:
             group[row[key]] = row

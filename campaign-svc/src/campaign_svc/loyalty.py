@@ -175,25 +175,29 @@ class Rules:
         i = self.rank.get(key)
         return self.tiers[i - 1] if i else None
 
-    def points(self, lines, net: Decimal, paid_at: dt.datetime, tier_key: str, share=Decimal(1)) -> tuple[int, dict]:
+    def points(
+        self, lines, net: Decimal, paid_at: dt.datetime, tier_key: str, share=Decimal(1), amounts=None
+    ) -> tuple[int, dict]:
         """Points an invoice earns, and how: base per line (times its product rule's
         multiplier), times the bonus period's and the tier's multipliers, plus the per-unit
-        extras; rounded by the programme's rule."""
+        extras; rounded by the programme's rule. `amounts`: the lines' amounts, if read already."""
         base = Decimal(0)
         extra = Decimal(0)
         ruled = []
         if lines:
             rate, by_product, by_line = self.rate, self._by_product, self._by_line
-            for line in lines:
+            if amounts is None:
+                amounts = [_amount(line.amount) for line in lines]
+            for line, amount in zip(lines, amounts, strict=True):
                 product, product_line = line.product, line.product_line
                 rule = (by_product.get(product) if product else None) or (
                     by_line.get(product_line) if product_line else None
                 )
                 if rule is None:
-                    base += _amount(line.amount) * rate
+                    base += amount * rate
                     continue
                 mult, ppu = rule
-                base += _amount(line.amount) * rate * mult
+                base += amount * rate * mult
                 if ppu is not None:
                     extra += ppu * _dec(line.quantity, "0")
                 ruled.append(_id(product) or _id(product_line))
@@ -520,18 +524,15 @@ class Loyalty:
             customer, invoice = _id(e.customer), _id(e.invoice)
             if not customer or not invoice:
                 continue
-            net = (
-                sum((_amount(x.amount) for x in e.lines), Decimal(0))
-                if e.lines
-                else _amount(e.total) - _amount(e.tax_total)
-            )
+            amounts = [_amount(x.amount) for x in e.lines]
+            net = sum(amounts, Decimal(0)) if amounts else _amount(e.total) - _amount(e.tax_total)
             # A credit note issued before the payment left less to pay: only what was paid earns.
             total, paid_total = _amount(e.total), _amount(e.paid_total)
             share = paid_total / total if 0 < paid_total < total else ONE
             net *= share
             if net > 0:
                 paid_at = e.event_time.ToDatetime(dt.UTC) if e.event_time.seconds else event.time
-                items.append((event, e, customer, invoice, paid_at, net, share))
+                items.append((event, e, customer, invoice, paid_at, net, share, amounts))
         if not items:
             return 0
         currencies = sorted({i[1].total.currency_code for i in items})
@@ -638,7 +639,7 @@ class Loyalty:
         there no more."""
         seen = set(skip)
         moves, rows, tiers_changed = [], [], []
-        for prog, (event, e, customer, invoice, paid_at, net, share) in work:
+        for prog, (event, e, customer, invoice, paid_at, net, share, amounts) in work:
             pid = prog.id
             by_invoice, by_event = (pid, ("invoice", invoice)), (pid, ("event", event.id))
             if by_invoice in seen or by_event in seen:
@@ -647,7 +648,7 @@ class Loyalty:
             seen.add(by_event)
             s = state[(pid, customer)]
             s.prog = prog
-            points, details = prog.points(e.lines, net, paid_at, s.tier, share)
+            points, details = prog.points(e.lines, net, paid_at, s.tier, share, amounts)
             s.balance += points
             s.earned += points
             expire = prog.lifetime_end(paid_at) if points > 0 else None
