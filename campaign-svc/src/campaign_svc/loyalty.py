@@ -305,13 +305,17 @@ _ENROL_MANY = sa.text(
            ORDER BY mb.program_id, mb.customer
              FOR UPDATE OF mb
        )
-       SELECT * FROM ins UNION ALL SELECT * FROM locked"""
-).columns(*loyalty_members.c)
+       SELECT id::text, program_id::text, customer, balance, earned, tier, tier_time FROM ins
+       UNION ALL SELECT id::text, program_id::text, customer, balance, earned, tier, tier_time FROM locked"""
+)  # the ids as text: what the JSON rows and the timers' keys take
+_PROGRAMS = sa.text(
+    "SELECT * FROM loyalty_programs WHERE active AND currency = ANY(CAST(:currencies AS text[])) ORDER BY id"
+).columns(*loyalty_programs.c)
 
 
 def _figures(column: str) -> sa.TextClause:
     return sa.text(
-        f"""SELECT member_id, sum({column}) FROM loyalty_movements
+        f"""SELECT member_id::text, sum({column}) FROM loyalty_movements
              WHERE member_id = ANY({_ids("ids", "uuid")}) AND kind IN ('earn', 'reverse')
                AND (CAST(:start AS timestamptz) IS NULL OR qualify_time >= :start)
                AND (CAST(:end AS timestamptz) IS NULL OR qualify_time < :end)
@@ -390,7 +394,7 @@ class _Member:
     __slots__ = ("balance", "earned", "end", "figure", "id", "prog", "row", "start", "tier", "tier_time")
 
     def __init__(self, row, figure: Decimal, start, end):
-        self.row, self.id = row, str(row.id)
+        self.row, self.id = row, row.id  # (id text, program_id text, customer, balance, earned, tier, tier_time)
         self.balance, self.earned, self.tier, self.tier_time = row.balance, row.earned, row.tier, row.tier_time
         self.figure, self.start, self.end = figure, start, end
         self.prog = None
@@ -537,9 +541,7 @@ class Loyalty:
             return 0
         currencies = sorted({i[1].total.currency_code for i in items})
         progs: dict[str, list[Rules]] = {}
-        for r in conn.execute(
-            sa.select(loyalty_programs).where(loyalty_programs.c.active, loyalty_programs.c.currency.in_(currencies))
-        ):
+        for r in conn.execute(_PROGRAMS, {"currencies": currencies}):
             progs.setdefault(r.currency, []).append(Rules(r))
         work = [(p, i) for i in items for p in progs.get(i[1].total.currency_code, ())]
         if not work:
@@ -555,7 +557,7 @@ class Loyalty:
         keys = sorted(first)  # the members are locked in this order
         for _attempt in range(3):
             enrol = _json({"program_id": k[0], "customer": k[1], "enroll_time": first[k].isoformat()} for k in keys)
-            members.update(((str(r.program_id), r.customer), r) for r in conn.execute(_ENROL_MANY, {"keys": enrol}))
+            members.update(((r.program_id, r.customer), r) for r in conn.execute(_ENROL_MANY, {"keys": enrol}))
             keys = [k for k in keys if k not in members]  # enrolled meanwhile by another transaction
             if not keys:
                 break
@@ -567,16 +569,16 @@ class Loyalty:
         for prog in {p.id: p for p, _i in work}.values():
             start, end = periods[prog.id] = prog.period(now)
             if prog.tiers:
-                ids = [str(r.id) for (pid, _c), r in members.items() if pid == prog.id]
+                ids = [r.id for (pid, _c), r in members.items() if pid == prog.id]
                 q = _FIGURES_SPEND if prog.tier_basis == "spend" else _FIGURES_POINTS
                 figures.update(
-                    (str(k), Decimal(v)) for k, v in conn.execute(q, {"ids": _json(ids), "start": start, "end": end})
+                    (k, Decimal(v)) for k, v in conn.execute(q, {"ids": _json(ids), "start": start, "end": end})
                 )
         skip: set = set()  # (programme, ("invoice" | "event", id)) earned before this batch
         for _attempt in range(len(work) + 1):
             state = {}
             for (pid, _c), r in members.items():
-                sid = str(r.id)
+                sid = r.id
                 state[(pid, r.customer)] = _Member(r, figures.get(sid, Decimal(0)), *periods[pid])
             moves, rows, tiers_changed = self._plan(work, state, skip, now)
             if not rows:
