@@ -24,6 +24,13 @@ baseline quorum queue bound the same way. Then, in the same run:
    service's consumer and outbox relay in processes of their own (`python -m campaign_svc
    consume` and `relay`, the chassis' single-role commands): the relay's publishing off the
    consumer's GIL.
+3c. the same with BENCH_POINTS_CONSUMERS (2) competing `consume` processes on the one queue (and a
+   relay), BENCH_POINTS_REPEATS (0.02) of the invoices published again under a new event id and
+   as many events published twice: after it the ledger is checked exactly (one earning per
+   invoice and per event id: the unique keys held; every balance the sum of the member's
+   movements and of its lots; each movement's balance the running sum; one expiry timer per
+   member at its soonest lot; failed and deadlocked batches counted in the processes' logs).
+   3b and 3c give the consume processes' CPU per event (/proc, a process's own start taken off).
 
 4. the loyalty accrual alone, in this process (earn_batch on BENCH_POINTS_IN_PROCESS new events
    with their inbox rows, no broker, no audience handler), one event per transaction and
@@ -34,7 +41,8 @@ Goal (issue #11): accrual events/s >= 0.5 of the raw pika consume rate. Afterwar
 is checked (every member's balance is the sum of its movements; N earn movements).
 Settings: BENCH_POINTS_EVENTS (5000), BENCH_POINTS_CUSTOMERS (1000), CONSUMER_BATCH and
 CONSUMER_PREFETCH (the service's: the chassis' defaults unless set),
-BENCH_POINTS_IN_PROCESS (2000), BENCH_POINTS_BATCH (100).
+BENCH_POINTS_IN_PROCESS (2000), BENCH_POINTS_BATCH (100), BENCH_POINTS_CONSUMERS (2),
+BENCH_POINTS_REPEATS (0.02).
 Results: bench/results/campaign-points-<stamp>.txt/.json.
 """
 
