@@ -8,7 +8,8 @@ in one transaction with its inbox rows, all on one connection. After a quarter o
 batches, half of the rest run plain and half under cProfile. Prints per event:
 
 - CPU (the plain batches): this thread's CPU (time.thread_time: the handlers' Python and the
-  driver's) and the PostgreSQL backend's (utime + stime of its process, /proc/<pid>/stat, the
+  driver's; and of it each part's: the merged handler's parts called one by one, as it calls
+  them) and the PostgreSQL backend's (utime + stime of its process, /proc/<pid>/stat, the
   commit and the deferred ledger check included); wall time beside them;
 - SQL by statement (wall, the plain batches; before/after_cursor_execute);
 - cProfile of the other batches (BENCH_PROFILE_SORT, default cumulative; BENCH_PROFILE_CALLERS,
@@ -56,6 +57,16 @@ def main() -> None:
             create_program(svc.port)
             subs = {s.domain: s for s in rt_subscriptions(svc)}
             handle = subs["sales"].batch["invoice.paid.v1"]
+            # the merged handler's parts, called in its order one by one in the plain batches (as
+            # it calls them), each one's thread CPU measured
+            from campaign_svc import audience, loyalty
+
+            rt = svc.ctx.shared["runtime"]
+            parts = [
+                ("audience", {s.domain: s for s in audience.subscriptions(rt)}["sales"].batch["invoice.paid.v1"]),
+                ("loyalty", loyalty.engine(rt).earn_batch),
+            ]
+            part_cpu = dict.fromkeys((name for name, _f in parts), 0.0)
             stmts: dict[str, list[float]] = defaultdict(list)
             clock = {}
             timing = {"on": False}
@@ -89,7 +100,13 @@ def main() -> None:
                         conn.execute(  # the consumer's own inbox statement
                             _INBOX_MANY, {"c": "profile", "ids": [e.id for e in run], "types": [e.type for e in run]}
                         ).all()
-                        handle(conn, run)
+                        if measured:
+                            for name, part in parts:
+                                q0 = time.thread_time()
+                                part(conn, run)
+                                part_cpu[name] += time.thread_time() - q0
+                        else:
+                            handle(conn, run)
                         t1 = time.perf_counter()
                     t2, c2, p2 = time.perf_counter(), time.thread_time(), backend_cpu(pid)
                     prof.disable()
@@ -107,6 +124,7 @@ def main() -> None:
                 f"  CPU {1000 * (cpu + pg) / n:.3f} ms/event: Python (this thread) {1000 * cpu / n:.3f}, "
                 f"PostgreSQL backend {1000 * pg / n:.3f}  (clock ticks of 1/{TICK} s)"
             )
+            print("  of the thread's: " + ", ".join(f"{k} {1000 * v / n:.3f}" for k, v in part_cpu.items()))
             print(
                 f"  wall {1000 * wall / n:.3f} ms/event ({n / wall:,.0f} events/s): SQL {1000 * sql / n:.3f} in "
                 f"{sum(len(v) for v in stmts.values()) / (n / BATCH):.1f} statements/batch, commit {1000 * commit / n:.3f}"
