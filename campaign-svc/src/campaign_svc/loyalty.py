@@ -10,7 +10,8 @@ reverse) take them from the lots soonest-expiring first and record which.
   on the way) earns per the programme's rules; the unique (programme, event id, kind) and
   (programme, invoice) of earn rows make a redelivered or re-published event a no-op.
   `earn_batch` does it set-based for any number of events (one is a batch of one), ready for
-  a consumer that applies deliveries in batches.
+  a consumer that applies deliveries in batches: a few statements whatever the batch size,
+  the earned-check inside its one write (`_EARN_WRITE`).
 - invoice.credited.v1 (a credit note): each programme that earned on the credited invoice
   takes back points in proportion to the amount credited so far (cumulative, so partial
   credit notes add up to the whole earning and never more). Points already spent are not
@@ -514,7 +515,8 @@ class Loyalty:
 
     def earn_batch(self, conn: sa.Connection, events: list[Event]) -> int:
         """invoice.paid.v1 events (one, or a batch in one transaction) earned set-based: the
-        members enrolled and locked by one upsert (in key order), each member's points,
+        members enrolled and locked by one statement (`_ENROL_MANY`: the new ones inserted, the
+        others locked FOR UPDATE, each in key order), each member's points,
         balance, figure and tier carried through its events in order in Python, then ONE
         statement (`_EARN_WRITE`) that skips the batch if an earning was made already (same
         event or invoice: the batch is computed again without those), else writes the
