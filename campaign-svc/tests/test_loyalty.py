@@ -1044,3 +1044,39 @@ def test_concurrent_batches_over_the_same_members_in_any_order_do_not_deadlock(s
 
 def _id(prog) -> str:
     return prog.name.rpartition("/")[2]
+
+
+def test_an_earning_moves_the_expiry_timer_only_sooner_and_replaces_a_failed_one(svc, stub):
+    """earn_batch's write arms each member's one expiry timer at its soonest new lot as
+    timers.schedule_many(keep_earlier=True) would: a later lot leaves a scheduled timer as it
+    is, a sooner one moves it, and a failed timer is replaced (scheduled again, attempts and
+    error cleared) even by a later lot."""
+    program(stub, "KRW", lifetime_unit=pb.LIFETIME_UNIT_DAYS, lifetime_count=10)
+    cid = str(uuid.uuid4())
+    lo = lo_mod.engine(rt(svc))
+
+    def earn(at):
+        with svc.ctx.engine.begin() as conn:
+            assert lo.earn_batch(conn, [paid("KRW", cid, [("products/a", "", 1, 5)], at=at)]) == 1
+
+    def timer():
+        with svc.ctx.engine.connect() as conn:
+            return timers.get(conn, lo_mod.EXPIRE, _member_id(svc, cid))
+
+    earn(NOW)
+    assert (timer().due_at, timer().state) == (NOW + dt.timedelta(days=10), "scheduled")
+    earn(NOW + dt.timedelta(days=1))  # a later lot: the timer stays
+    assert timer().due_at == NOW + dt.timedelta(days=10)
+    earn(NOW - dt.timedelta(days=2))  # a sooner one: it moves
+    assert timer().due_at == NOW + dt.timedelta(days=8)
+    with svc.ctx.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE timers SET state = 'failed', attempts = 20, last_error = 'boom' WHERE kind = :k AND key = :m"
+            ),
+            {"k": lo_mod.EXPIRE, "m": _member_id(svc, cid)},
+        )
+    earn(NOW + dt.timedelta(days=3))  # a later lot, but the timer had failed: replaced
+    t = timer()
+    assert (t.due_at, t.state, t.attempts, t.last_error) == (NOW + dt.timedelta(days=13), "scheduled", 0, None)
+    assert ledger_problems(svc) == []
