@@ -24,6 +24,13 @@ baseline quorum queue bound the same way. Then, in the same run:
    service's consumer and outbox relay in processes of their own (`python -m campaign_svc
    consume` and `relay`, the chassis' single-role commands): the relay's publishing off the
    consumer's GIL.
+3c. the same with BENCH_POINTS_CONSUMERS (2) competing `consume` processes on the one queue (and a
+   relay), BENCH_POINTS_REPEATS (0.02) of the invoices published again under a new event id and
+   as many events published twice: after it the ledger is checked exactly (one earning per
+   invoice and per event id: the unique keys held; every balance the sum of the member's
+   movements and of its lots; each movement's balance the running sum; one expiry timer per
+   member at its soonest lot; failed and deadlocked batches counted in the processes' logs).
+   3b and 3c give the consume processes' CPU per event (/proc, a process's own start taken off).
 
 4. the loyalty accrual alone, in this process (earn_batch on BENCH_POINTS_IN_PROCESS new events
    with their inbox rows, no broker, no audience handler), one event per transaction and
@@ -34,7 +41,8 @@ Goal (issue #11): accrual events/s >= 0.5 of the raw pika consume rate. Afterwar
 is checked (every member's balance is the sum of its movements; N earn movements).
 Settings: BENCH_POINTS_EVENTS (5000), BENCH_POINTS_CUSTOMERS (1000), CONSUMER_BATCH and
 CONSUMER_PREFETCH (the service's: the chassis' defaults unless set),
-BENCH_POINTS_IN_PROCESS (2000), BENCH_POINTS_BATCH (100).
+BENCH_POINTS_IN_PROCESS (2000), BENCH_POINTS_BATCH (100), BENCH_POINTS_CONSUMERS (2),
+BENCH_POINTS_REPEATS (0.02).
 Results: bench/results/campaign-points-<stamp>.txt/.json.
 """
 
@@ -82,6 +90,8 @@ RESULTS = ROOT / "bench" / "results"
 GOAL = 0.5
 IN_PROCESS = int(os.environ.get("BENCH_POINTS_IN_PROCESS", "2000"))
 BATCH = int(os.environ.get("BENCH_POINTS_BATCH", "100"))
+CONSUMERS = int(os.environ.get("BENCH_POINTS_CONSUMERS", "2"))
+REPEATS = float(os.environ.get("BENCH_POINTS_REPEATS", "0.02"))
 BASELINE_QUEUE = "bench.points.raw"
 NOOP = "bench-noop"  # the chassis consumer with a no-op handler, on its own queue
 OUT = io.StringIO()
@@ -289,6 +299,116 @@ def drain(engine, n: int, timeout: float = 300) -> tuple[float, float]:
     return ((n - 1) / span if span > 0 else float("inf")), time.perf_counter() - t0
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a process so far (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+_LEDGER = sa.text(
+    """SELECT (SELECT count(*) FROM loyalty_movements WHERE kind = 'earn'),
+              (SELECT count(DISTINCT (program_id, invoice_id)) FROM loyalty_movements WHERE kind = 'earn'),
+              (SELECT count(DISTINCT (program_id, source_event_id)) FROM loyalty_movements WHERE kind = 'earn'),
+              (SELECT count(*) FROM loyalty_members),
+              (SELECT count(*) FROM loyalty_members mb WHERE mb.balance <>
+                 (SELECT coalesce(sum(points), 0) FROM loyalty_movements l WHERE l.member_id = mb.id)
+                 OR mb.balance <> (SELECT coalesce(sum(remaining), 0) FROM loyalty_movements l WHERE l.member_id = mb.id)
+                 OR mb.earned <> (SELECT coalesce(sum(points), 0) FROM loyalty_movements l WHERE l.member_id = mb.id)),
+              (SELECT count(*) FROM loyalty_movements l WHERE l.kind = 'earn' AND l.balance <>
+                 (SELECT sum(points) FROM loyalty_movements p WHERE p.member_id = l.member_id AND p.id <= l.id)),
+              (SELECT count(*) FROM outbox WHERE routing_key = 'points.earned.v1'),
+              (SELECT count(*) FROM timers WHERE kind = 'loyalty.expire'),
+              (SELECT count(*) FROM loyalty_members mb WHERE NOT EXISTS
+                 (SELECT FROM timers t WHERE t.kind = 'loyalty.expire' AND t.key = mb.id::text AND t.due_at =
+                    (SELECT min(expire_time) FROM loyalty_movements l WHERE l.member_id = mb.id AND l.remaining > 0)))"""
+)
+
+
+def startup_cpu(url: str, amqp_url: str, log) -> float:
+    """CPU seconds a `consume` process spends starting (imports, connections) on an empty
+    queue: once its CPU stops growing for a second (at most 30 s)."""
+    proc = start_role("consume", url, amqp_url, log)
+    try:
+        last, deadline = -1.0, time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            now = cpu_seconds(proc.pid)
+            if now - last < 0.02:
+                return now
+            last = now
+        return last
+    finally:
+        stop_process(proc)
+
+
+def run_split(engine, url: str, amqp_url: str, log, consumers: int, raw: float, repeats: float) -> dict:
+    """Stages 3b and 3c: the ledger, outbox, inbox, facts and timers emptied, N new events
+    published (with `repeats`: that share of the invoices published again under a new event id,
+    the same share of the events published twice as they are), a relay and `consumers`
+    `python -m campaign_svc consume` processes draining the one queue; then the ledger checked
+    exactly: one earning per invoice and event (the unique keys), every balance the sum of the
+    member's movements and of its lots, each movement's balance the running sum, one expiry
+    timer per member at its soonest lot, failed (and deadlocked) batches from the logs."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE loyalty_movements, loyalty_members, outbox, inbox, audience_invoices, timers"))
+    evs = invoice_events(N)
+    extra = []
+    if repeats:
+        step = max(1, round(1 / repeats))
+        for e in evs[::step]:  # the same invoice under a new event id (a producer's retry)
+            extra.append(new_event(domain="sales", source_service="sales-svc", routing_key=e.routing_key,
+                                   subject=e.subject, message=e.parse(se.InvoiceEvent)))  # fmt: skip
+        extra += evs[step // 2 :: step]  # the same event twice (a redelivery)
+    published = evs + extra
+    idle = startup_cpu(url, amqp_url, log)  # a consume process's own start, taken off its CPU below
+    rate = publish(amqp_url, published, baseline=False)
+    start = log.stat().st_size if log.exists() else 0
+    roles = [start_role("relay", url, amqp_url, log)] + [
+        start_role("consume", url, amqp_url, log) for _ in range(consumers)
+    ]
+    cpu = 0.0
+    try:
+        accrual, wall = drain(engine, N)
+        ids = N + (len(extra) // 2 if repeats else 0)  # the event ids: the re-published ones are new
+        inbox = sa.text("SELECT count(*) FROM inbox WHERE consumer = 'campaign-svc'")
+        deadline = time.monotonic() + 60
+        with engine.connect() as conn:  # the repeats (they earn nothing) applied too
+            while conn.execute(inbox).scalar_one() < ids and time.monotonic() < deadline:
+                time.sleep(0.2)
+        time.sleep(0.5)
+        cpu = sum(cpu_seconds(p.pid) for p in roles[1:]) - consumers * idle
+    finally:
+        for p in roles:
+            stop_process(p)
+    with engine.connect() as conn:
+        (earns, invoices, event_ids, members, mismatched, running, earned_events, expiry,
+         timer_off) = conn.execute(_LEDGER).one()  # fmt: skip
+    text = log.read_bytes()[start:].decode(errors="replace")
+    failed, deadlocks = text.count("a batch of events failed"), text.count("deadlock detected")
+    exact = earns == invoices == event_ids == N and mismatched == running == timer_off == 0 and earned_events == N
+    say(
+        f"  published {len(published)} ({N} invoices, {len(extra)} repeats) at {rate:,.0f}/s; all accrued {wall:.1f} s after the processes' start"
+    )
+    say(
+        f"  accrual {accrual:,.0f} events/s; ratio to the raw pika consume: {accrual / raw:.2f} (goal >= {GOAL})  "
+        f"{'MET' if accrual / raw >= GOAL else 'NOT MET'}; consumers' CPU {1e6 * cpu / N:,.0f} us/event"
+    )
+    say(
+        f"  ledger: {earns} earnings of {invoices} invoices and {event_ids} event ids (expected {N} each), {members} members, "
+        f"{mismatched} with a balance that is not the sum of their movements or lots, {running} movements whose "
+        f"balance is not the running sum, {earned_events} points.earned.v1, {expiry} expiry timers "
+        f"({timer_off} members without one at their soonest lot); batches failed {failed}, deadlocks {deadlocks}  "
+        f"{'EXACT' if exact else 'NOT EXACT'}"
+    )  # fmt: skip
+    return {"consumers": consumers, "published": len(published), "accrual_per_s": round(accrual),
+            "ratio": round(accrual / raw, 3), "consumer_cpu_us_per_event": round(1e6 * cpu / N),
+            "earns": earns, "invoices": invoices, "event_ids": event_ids, "members": members,
+            "balance_mismatches": mismatched, "running_balance_mismatches": running,
+            "points_earned_events": earned_events, "expiry_timers": expiry, "members_without_timer": timer_off,
+            "failed_batches": failed, "deadlocks": deadlocks, "exact": exact}  # fmt: skip
+
+
 def main() -> int:
     say(f"# campaign-svc loyalty accrual ({dt.datetime.now():%Y-%m-%d %H:%M})")
     say(f"{platform.node()}, {os.cpu_count()} cores, python {platform.python_version()}; load average {loadavg()}")
@@ -372,33 +492,14 @@ def main() -> int:
         # the chassis' `consume` and `relay` commands (a relay-only Deployment beside the serving
         # one): the relay's publishing no longer shares the consumer's GIL. The database is the
         # same: its ledger emptied, the queue filled again with new events.
-        with engine.begin() as conn:
-            conn.execute(
-                sa.text("TRUNCATE loyalty_movements, loyalty_members, outbox, inbox, audience_invoices, timers")
-            )
-        rate2 = publish(broker.url, invoice_events(N), baseline=False)
-        roles = [start_role("relay", url, broker.url, log), start_role("consume", url, broker.url, log)]
-        try:
-            split, wall2 = drain(engine, N)
-        finally:
-            for p in roles:
-                stop_process(p)
-        with engine.connect() as conn:
-            mismatches, published = conn.execute(
-                sa.text(
-                    """SELECT (SELECT count(*) FROM loyalty_members mb WHERE mb.balance <>
-                                 (SELECT coalesce(sum(points), 0) FROM loyalty_movements l WHERE l.member_id = mb.id)),
-                              (SELECT count(*) FROM outbox WHERE routing_key = 'points.earned.v1')"""
-                )
-            ).one()
-        say(f"  published {N} more at {rate2:,.0f}/s; all accrued {wall2:.1f} s after the processes' start")
+        split = run_split(engine, url, broker.url, log, 1, raw, repeats=0)
+        out.update({f"split_{k}": v for k, v in split.items()})
         say(
-            f"  accrual {split:,.0f} events/s; ratio to the raw pika consume: {split / raw:.2f} (goal >= {GOAL})  "
-            f"{'MET' if split / raw >= GOAL else 'NOT MET'}"
+            f"\n== 3c. {CONSUMERS} competing `consume` processes on the one queue (and a relay), "
+            f"{REPEATS:.0%} of the invoices re-published under a new event id and {REPEATS:.0%} of the events delivered twice =="
         )
-        say(f"  ledger: {mismatches} members with a balance that is not the ledger sum; {published} points.earned.v1")
-        out.update({"split_accrual_per_s": round(split), "split_ratio": round(split / raw, 3),
-                    "split_balance_mismatches": mismatches, "split_points_earned_events": published})  # fmt: skip
+        competing = run_split(engine, url, broker.url, log, CONSUMERS, raw, repeats=REPEATS)
+        out.update({f"competing_{k}": v for k, v in competing.items()})
         say(f"\n== 4. the loyalty accrual alone in-process (earn_batch), {IN_PROCESS} events per batch size ==")
         per_batch = {}
         for size in (1, BATCH):

@@ -915,3 +915,168 @@ def test_a_batch_of_invoices_earns_as_the_events_one_by_one_would(svc, stub):
         assert lo.earn_batch(conn, [e1, e2, e3, ey]) == 0
     assert member(stub, tiered, x).balance == 90
     assert ledger_problems(svc) == []
+
+
+def _earned_events_match_the_ledger(svc, cid) -> list[tuple[int, int]]:
+    """Each points.earned.v1 of the customer against the movement its entry names: points,
+    balance, amount and expiry as the ledger has them; returns (points, balance) per event."""
+    out = []
+    for e in points_events(svc, "points.earned.v1", cid):
+        mid = int(e.entry.rpartition("/")[2])
+        with svc.ctx.engine.connect() as conn:
+            m = conn.execute(sa.select(loyalty_movements).where(loyalty_movements.c.id == mid)).one()
+        assert (m.kind, m.points, m.balance, m.invoice_id) == ("earn", e.points, e.balance, e.reference.split("/")[1])
+        assert Decimal(e.amount.units) + Decimal(e.amount.nanos) / 10**9 == m.amount
+        assert e.expire_time.ToDatetime(dt.UTC) == m.expire_time and e.event_time.ToDatetime(dt.UTC) == m.occur_time
+        out.append((e.points, e.balance))
+    return out
+
+
+def test_a_batch_with_an_earning_made_before_earns_the_rest_as_if_it_was_not_there(svc, stub):
+    """The batch's one write finds the invoice earned already (re-published under a new event
+    id) and writes nothing; the batch computed again without it: the balances, the figure and
+    the tier reached mid-batch as if the repeat was not there, the expiry timer kept at the
+    soonest lot, every event naming its own movement."""
+    prog = program(
+        stub,
+        "CZK",
+        tiers=[pb.Tier(key="silver", threshold_points=60, multiplier="2")],
+        lifetime_unit=pb.LIFETIME_UNIT_DAYS,
+        lifetime_count=30,
+    )
+    cid = str(uuid.uuid4())
+    e1 = paid("CZK", cid, [("products/a", "", 1, "40.004")], at=NOW - dt.timedelta(days=2))
+    e2 = paid("CZK", cid, [("products/a", "", 1, 30)], at=NOW - dt.timedelta(days=1))
+    e3 = paid("CZK", cid, [("products/a", "", 1, 10)], at=NOW)
+    lo = lo_mod.engine(rt(svc))
+    with svc.ctx.engine.begin() as conn:
+        assert lo.earn_batch(conn, [e1]) == 1
+    with svc.ctx.engine.begin() as conn:
+        assert lo.earn_batch(conn, [republished(e1), e2, e3]) == 2  # e3 doubled: silver since e2 (40 + 30)
+    got = member(stub, prog, cid)
+    assert (got.balance, got.earned, got.tier) == (90, 90, "silver")
+    assert [(x.points, x.balance) for x in movements(stub, prog, cid)] == [(20, 90), (30, 70), (40, 40)]
+    assert _earned_events_match_the_ledger(svc, cid) == [(40, 40), (30, 70), (20, 90)]
+    assert [(e.tier, e.direction) for e in tier_events(svc, cid)] == [("silver", "upgrade")]
+    with svc.ctx.engine.connect() as conn:
+        timer = timers.get(conn, lo_mod.EXPIRE, _member_id(svc, cid))
+    assert timer.due_at == NOW - dt.timedelta(days=2) + dt.timedelta(days=30)  # e1's lot, the soonest
+    assert ledger_problems(svc) == []
+
+
+def test_concurrent_batches_of_one_customer_earn_each_invoice_once(svc, stub):
+    """Two consumers' batches at once for a customer not yet a member: the second waits for
+    the first's new member, asks again for it (its snapshot does not have it), finds the
+    invoice the first earned (re-published under a new id) and earns only its own."""
+    import threading
+
+    program(stub, "MXN", lifetime_unit=pb.LIFETIME_UNIT_MONTHS, lifetime_count=12)
+    cid = str(uuid.uuid4())
+    a = paid("MXN", cid, [("products/a", "", 1, 40)])
+    b = paid("MXN", cid, [("products/a", "", 1, 7)], at=NOW + dt.timedelta(minutes=1))
+    lo = lo_mod.engine(rt(svc))
+    got: dict = {}
+
+    def second():
+        try:
+            with svc.ctx.engine.begin() as conn:
+                got["n"] = lo.earn_batch(conn, [republished(a), b])
+        except Exception as exc:  # pragma: no cover - reported below
+            got["error"] = exc
+
+    with svc.ctx.engine.begin() as conn:
+        assert lo.earn_batch(conn, [a]) == 1
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(0.5)
+        assert t.is_alive(), "the second batch waits for the first's member"
+    t.join(10)
+    assert got == {"n": 1}
+    with svc.ctx.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(loyalty_movements.c.points, loyalty_movements.c.balance)
+            .join(loyalty_members, loyalty_members.c.id == loyalty_movements.c.member_id)
+            .where(loyalty_members.c.customer == cid)
+            .order_by(loyalty_movements.c.id)
+        ).all()
+    assert [tuple(r) for r in rows] == [(40, 40), (7, 47)]
+    assert ledger_problems(svc) == []
+
+
+def test_concurrent_batches_over_the_same_members_in_any_order_do_not_deadlock(svc, stub):
+    """Batches of two consumers with the same members in different orders lock them in one key
+    order: none waits for the other in a cycle (a deadlock would fail a batch), and every
+    member's balance is the sum of its movements."""
+    import random
+    import threading
+
+    prog = program(stub, "RON", tiers=[pb.Tier(key="silver", threshold_points=100)])
+    customers = [str(uuid.uuid4()) for _ in range(30)]
+    lo = lo_mod.engine(rt(svc))
+    errors: list = []
+    start = threading.Barrier(2)
+
+    def consumer(seed: int):
+        rnd = random.Random(seed)
+        for _ in range(6):
+            batch = [paid("RON", c, [("products/a", "", 1, rnd.randint(1, 20))]) for c in customers]
+            rnd.shuffle(batch)
+            start.wait(5)
+            try:
+                with svc.ctx.engine.begin() as conn:
+                    lo.earn_batch(conn, batch)
+            except Exception as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=consumer, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    with svc.ctx.engine.connect() as conn:
+        n = conn.execute(
+            sa.select(sa.func.count()).select_from(loyalty_movements).where(loyalty_movements.c.program_id == _id(prog))
+        ).scalar_one()
+    assert n == 2 * 6 * len(customers)
+    assert ledger_problems(svc) == []
+
+
+def _id(prog) -> str:
+    return prog.name.rpartition("/")[2]
+
+
+def test_an_earning_moves_the_expiry_timer_only_sooner_and_replaces_a_failed_one(svc, stub):
+    """earn_batch's write arms each member's one expiry timer at its soonest new lot as
+    timers.schedule_many(keep_earlier=True) would: a later lot leaves a scheduled timer as it
+    is, a sooner one moves it, and a failed timer is replaced (scheduled again, attempts and
+    error cleared) even by a later lot."""
+    program(stub, "KRW", lifetime_unit=pb.LIFETIME_UNIT_DAYS, lifetime_count=10)
+    cid = str(uuid.uuid4())
+    lo = lo_mod.engine(rt(svc))
+
+    def earn(at):
+        with svc.ctx.engine.begin() as conn:
+            assert lo.earn_batch(conn, [paid("KRW", cid, [("products/a", "", 1, 5)], at=at)]) == 1
+
+    def timer():
+        with svc.ctx.engine.connect() as conn:
+            return timers.get(conn, lo_mod.EXPIRE, _member_id(svc, cid))
+
+    earn(NOW)
+    assert (timer().due_at, timer().state) == (NOW + dt.timedelta(days=10), "scheduled")
+    earn(NOW + dt.timedelta(days=1))  # a later lot: the timer stays
+    assert timer().due_at == NOW + dt.timedelta(days=10)
+    earn(NOW - dt.timedelta(days=2))  # a sooner one: it moves
+    assert timer().due_at == NOW + dt.timedelta(days=8)
+    with svc.ctx.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE timers SET state = 'failed', attempts = 20, last_error = 'boom' WHERE kind = :k AND key = :m"
+            ),
+            {"k": lo_mod.EXPIRE, "m": _member_id(svc, cid)},
+        )
+    earn(NOW + dt.timedelta(days=3))  # a later lot, but the timer had failed: replaced
+    t = timer()
+    assert (t.due_at, t.state, t.attempts, t.last_error) == (NOW + dt.timedelta(days=13), "scheduled", 0, None)
+    assert ledger_problems(svc) == []

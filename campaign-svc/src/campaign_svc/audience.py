@@ -161,7 +161,7 @@ def _upsert_fact(conn: sa.Connection, table: sa.Table, key: str, row: dict, guar
     Inside a batch the fact is gathered (the newest per key) and written by `_write_facts`."""
     gathered = conn.info.get(_FACTS)
     if gathered is not None:
-        group = gathered.setdefault((table.name, key, guard, tuple(sorted(row))), (table, {}))[1]
+        group = gathered.setdefault((table.name, key, guard, tuple(row)), (table, {}))[1]  # a shape: one code path
         had = group.get(row[key])
         if had is None or had[guard] <= row[guard]:
             group[row[key]] = row
@@ -195,9 +195,11 @@ def _upsert_many(table: sa.Table, key: str, guard: str, cols: tuple[str, ...]) -
 
 def _write_facts(conn: sa.Connection, gathered: dict) -> None:
     """The gathered facts: one upsert per table and shape (the rows as one jsonb parameter:
-    no multi-row VALUES compiled per batch), each guarded as one by one."""
+    no multi-row VALUES compiled per batch), each guarded as one by one, in key order (the
+    rows it locks: competing consumers' batches of the same facts lock them in one order)."""
     for (_, key, guard, cols), (table, rows) in gathered.items():
-        conn.execute(_upsert_many(table, key, guard, cols), {"rows": jsonrows.dumps(rows.values())})
+        ordered = (rows[k] for k in sorted(rows))
+        conn.execute(_upsert_many(table, key, guard, cols), {"rows": jsonrows.dumps(ordered)})
 
 
 class Handlers:

@@ -10,7 +10,8 @@ reverse) take them from the lots soonest-expiring first and record which.
   on the way) earns per the programme's rules; the unique (programme, event id, kind) and
   (programme, invoice) of earn rows make a redelivered or re-published event a no-op.
   `earn_batch` does it set-based for any number of events (one is a batch of one), ready for
-  a consumer that applies deliveries in batches.
+  a consumer that applies deliveries in batches: a few statements whatever the batch size,
+  the earned-check inside its one write (`_EARN_WRITE`).
 - invoice.credited.v1 (a credit note): each programme that earned on the credited invoice
   takes back points in proportion to the amount credited so far (cumulative, so partial
   credit notes add up to the whole earning and never more). Points already spent are not
@@ -62,6 +63,7 @@ from .runtime import Campaign
 
 TEHRAN = zoneinfo.ZoneInfo("Asia/Tehran")
 CENT = Decimal("0.01")
+ONE = Decimal(1)
 PROGRAM = ResourceName("programs/{program_id}")
 MEMBER = ResourceName("programs/{program_id}/members/{customer_id}")
 MOVEMENT = ResourceName(
@@ -146,6 +148,20 @@ class Rules:
             key=lambda t: (t.threshold, t.key),
         )
         self.rank = {t.key: i + 1 for i, t in enumerate(self.tiers)}
+        # the product rules as `points` looks them up: a product's rule, else its line's (the
+        # first of the list that names it), with the multiplier and points per unit read once
+        self._by_product: dict[str, tuple[Decimal, Decimal | None]] = {}
+        self._by_line: dict[str, tuple[Decimal, Decimal | None]] = {}
+        for r in self.product_rules:
+            ppu = r.get("points_per_unit")
+            spec = (_dec(r.get("multiplier")), Decimal(int(ppu)) if ppu else None)
+            if r.get("product"):
+                self._by_product.setdefault(r["product"], spec)
+            if r.get("product_line"):
+                self._by_line.setdefault(r["product_line"], spec)
+        # the multipliers with their text for `details`, made once
+        self._bonus = [(start, end, x, str(x)) for start, end, x in self.bonus]
+        self._tier_text = {t.key: str(t.multiplier) for t in self.tiers}
 
     # earning
     def lifetime_end(self, at: dt.datetime) -> dt.datetime | None:
@@ -160,45 +176,49 @@ class Rules:
         i = self.rank.get(key)
         return self.tiers[i - 1] if i else None
 
-    def points(self, lines, net: Decimal, paid_at: dt.datetime, tier_key: str, share=Decimal(1)) -> tuple[int, dict]:
+    def points(
+        self, lines, net: Decimal, paid_at: dt.datetime, tier_key: str, share=Decimal(1), amounts=None
+    ) -> tuple[int, dict]:
         """Points an invoice earns, and how: base per line (times its product rule's
         multiplier), times the bonus period's and the tier's multipliers, plus the per-unit
-        extras; rounded by the programme's rule."""
+        extras; rounded by the programme's rule. `amounts`: the lines' amounts, if read already."""
         base = Decimal(0)
         extra = Decimal(0)
         ruled = []
         if lines:
-            for line in lines:
-                amount = _amount(line.amount)
-                rule = self._rule(line.product, line.product_line)
-                mult = _dec(rule.get("multiplier")) if rule else Decimal(1)
-                base += amount * self.rate * mult
-                if rule and rule.get("points_per_unit"):
-                    extra += Decimal(int(rule["points_per_unit"])) * _dec(line.quantity, "0")
-                if rule:
-                    ruled.append(_id(line.product) or _id(line.product_line))
+            rate, by_product, by_line = self.rate, self._by_product, self._by_line
+            if amounts is None:
+                amounts = [_amount(line.amount) for line in lines]
+            for line, amount in zip(lines, amounts, strict=True):
+                product, product_line = line.product, line.product_line
+                rule = (by_product.get(product) if product else None) or (
+                    by_line.get(product_line) if product_line else None
+                )
+                if rule is None:
+                    base += amount * rate
+                    continue
+                mult, ppu = rule
+                base += amount * rate * mult
+                if ppu is not None:
+                    extra += ppu * _dec(line.quantity, "0")
+                ruled.append(_id(product) or _id(product_line))
         else:
             base = net * self.rate
-        bonus = max((x for start, end, x in self.bonus if start <= paid_at < end), default=Decimal(1))
+        bonus, bonus_text = ONE, "1"
+        found = False
+        for start, end, x, text in self._bonus:  # the highest multiplier of the periods it falls in
+            if start <= paid_at < end and (not found or x > bonus):
+                bonus, bonus_text, found = x, text, True
         tier = self.tier(tier_key)
-        tier_mult = tier.multiplier if tier else Decimal(1)
+        tier_mult, tier_text = (tier.multiplier, self._tier_text[tier.key]) if tier else (ONE, "1")
         raw = (base * bonus * tier_mult + extra) * share
-        points = int(raw.quantize(Decimal(1), rounding=self.rounding)) if raw > 0 else 0
-        details = {"base": str(base), "bonus": str(bonus), "tier_multiplier": str(tier_mult), "extra": str(extra)}
+        points = int(raw.quantize(ONE, rounding=self.rounding)) if raw > 0 else 0
+        details = {"base": str(base), "bonus": bonus_text, "tier_multiplier": tier_text, "extra": str(extra)}
         if share != 1:
             details["paid_share"] = str(share)
         if ruled:
             details["product_rules"] = ruled
         return points, details
-
-    def _rule(self, product: str, product_line: str) -> dict | None:
-        for r in self.product_rules:  # a product's own rule before its line's
-            if product and r.get("product") == product:
-                return r
-        for r in self.product_rules:
-            if product_line and r.get("product_line") == product_line:
-                return r
-        return None
 
     # tiers
     def period(self, at: dt.datetime) -> tuple[dt.datetime | None, dt.datetime | None]:
@@ -266,24 +286,37 @@ def _json(values) -> str:
     return jsonrows.dumps(values)
 
 
+# The members of a batch enrolled and locked in one statement: the new ones inserted (in key
+# order), the others locked FOR UPDATE (in key order) without being written, so the UPDATE
+# of earn_batch's write is their only new row version (a row inserted or updated earlier in
+# the transaction has its foreign key checked again at the next UPDATE). A member inserted
+# by a concurrent transaction that committed after this statement began is neither (the
+# insert finds it, the lock's snapshot does not): earn_batch asks again for the keys missing.
 _ENROL_MANY = sa.text(
-    """INSERT INTO loyalty_members (program_id, customer, enroll_source, enroll_time)
-       SELECT v.program_id, v.customer, 'auto', v.enroll_time FROM jsonb_populate_recordset(NULL::loyalty_members,
-              CAST(:keys AS jsonb)) WITH ORDINALITY AS v ORDER BY v.ordinality
-       ON CONFLICT ON CONSTRAINT loyalty_members_one_per_program DO UPDATE SET customer = EXCLUDED.customer
-       RETURNING *"""
-).columns(*loyalty_members.c)
-# (its lists stay SQL arrays: read from JSON, `= ANY` of them was planned as a scan)
-_EARNED = sa.text(
-    """SELECT program_id, invoice_id, source_event_id FROM loyalty_movements
-        WHERE kind = 'earn' AND program_id = ANY(CAST(:program_ids AS uuid[]))
-          AND (invoice_id = ANY(CAST(:invoices AS text[])) OR source_event_id = ANY(CAST(:events AS text[])))"""
-)
+    """WITH keys AS (
+          SELECT v.program_id, v.customer, v.enroll_time, v.ordinality AS n
+            FROM jsonb_populate_recordset(NULL::loyalty_members, CAST(:keys AS jsonb)) WITH ORDINALITY AS v
+       ), ins AS (
+          INSERT INTO loyalty_members (program_id, customer, enroll_source, enroll_time)
+          SELECT program_id, customer, 'auto', enroll_time FROM keys ORDER BY n
+          ON CONFLICT ON CONSTRAINT loyalty_members_one_per_program DO NOTHING
+          RETURNING *
+       ), locked AS (
+          SELECT mb.* FROM loyalty_members mb JOIN keys k ON k.program_id = mb.program_id AND k.customer = mb.customer
+           ORDER BY mb.program_id, mb.customer
+             FOR UPDATE OF mb
+       )
+       SELECT id::text, program_id::text, customer, balance, earned, tier, tier_time FROM ins
+       UNION ALL SELECT id::text, program_id::text, customer, balance, earned, tier, tier_time FROM locked"""
+)  # the ids as text: what the JSON rows and the timers' keys take
+_PROGRAMS = sa.text(
+    "SELECT * FROM loyalty_programs WHERE active AND currency = ANY(CAST(:currencies AS text[])) ORDER BY id"
+).columns(*loyalty_programs.c)
 
 
 def _figures(column: str) -> sa.TextClause:
     return sa.text(
-        f"""SELECT member_id, sum({column}) FROM loyalty_movements
+        f"""SELECT member_id::text, sum({column}) FROM loyalty_movements
              WHERE member_id = ANY({_ids("ids", "uuid")}) AND kind IN ('earn', 'reverse')
                AND (CAST(:start AS timestamptz) IS NULL OR qualify_time >= :start)
                AND (CAST(:end AS timestamptz) IS NULL OR qualify_time < :end)
@@ -292,28 +325,80 @@ def _figures(column: str) -> sa.TextClause:
 
 
 _FIGURES_POINTS, _FIGURES_SPEND = _figures("points"), _figures("amount")
-_MEMBERS_AFTER = sa.text(
-    """UPDATE loyalty_members mb SET balance = v.balance, earned = v.earned, tier = v.tier,
-              tier_time = v.tier_time, version = mb.version + 1, update_time = now()
-         FROM jsonb_populate_recordset(NULL::loyalty_members, CAST(:members AS jsonb)) AS v
-        WHERE mb.id = v.id"""
-)
 
-
-# earn_batch's writes in ONE statement: the movements (one jsonb parameter, crm_chassis.jsonrows,
-# inserted in order), the members' balances, totals and tiers,
-# and the members' expiry timers (moved only when a new lot expires sooner); it returns the
-# movements' ids for their events.
+# earn_batch's writes in ONE statement. `:rows` is one JSON array per earning (`_EARN_ROW`, in
+# the order they were computed), `:tiers` [[member id, tier]] the members whose tier went up
+# (at `:now`). The statement first looks for earnings already made by the same event or of
+# the same invoice (`dup`, with the statement's snapshot: taken after earn_batch locked the
+# members, so a concurrent batch's earnings for them are seen; the unique indexes are the
+# backstop). If there are any, it writes nothing and returns their row numbers (earn_batch
+# computes the batch again without them: the balances, figures and tiers carried through a
+# member's earnings depend on which of them count); else it writes the movements, the
+# members' balances, totals and tiers (from the movements: sums per member) and each member's
+# expiry timer at its soonest new lot (moved only when that is sooner than the one it has:
+# one timer per member, `timers.upsert_sql(keep_earlier=True)`'s rule, written from the
+# movements instead of a parameter), and returns each row's movement id.
+_EARN_ROW = ("program_id", "member_id", "points", "balance", "amount", "invoice_id", "source_event_id",
+             "expire_time", "details", "paid_at")  # fmt: skip
 _EARN_WRITE = sa.text(
-    f"""WITH moved AS (
-          INSERT INTO loyalty_movements ({", ".join(_MOVE_COLUMNS)})
-          {jsonrows.select_rows("loyalty_movements", _MOVE_COLUMNS)}
+    """WITH r AS (
+          SELECT t.n, (t.x->>0)::uuid AS program_id, (t.x->>1)::uuid AS member_id, (t.x->>2)::bigint AS points,
+                 (t.x->>3)::bigint AS balance, (t.x->>4)::numeric AS amount, t.x->>5 AS invoice_id,
+                 t.x->>6 AS source_event_id, (t.x->>7)::timestamptz AS expire_time, t.x->8 AS details,
+                 (t.x->>9)::timestamptz AS paid_at
+            FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS t(x, n)
+        ), dup AS (
+          SELECT r.n FROM r
+           WHERE EXISTS (SELECT FROM loyalty_movements l
+                          WHERE l.kind = 'earn' AND l.program_id = r.program_id AND l.invoice_id = r.invoice_id)
+              OR EXISTS (SELECT FROM loyalty_movements l
+                          WHERE l.program_id = r.program_id AND l.source_event_id = r.source_event_id AND l.kind = 'earn')
+        ), ok AS (
+          SELECT r.* FROM r WHERE NOT EXISTS (SELECT FROM dup)
+        ), moved AS (
+          INSERT INTO loyalty_movements (program_id, member_id, kind, points, balance, amount, invoice_id, actor,
+                                         source_event_id, remaining, expire_time, details, qualify_time, occur_time)
+          SELECT program_id, member_id, 'earn', points, balance, amount, invoice_id, 'system',
+                 source_event_id, points, expire_time, details, paid_at, paid_at
+            FROM ok ORDER BY n
           RETURNING id, program_id, source_event_id
-        ), members AS ({_MEMBERS_AFTER.text}
-        ), armed AS ({timers.upsert_sql("timers", keep_earlier=True)}
+        ), members AS (
+          UPDATE loyalty_members mb
+             SET balance = mb.balance + d.points, earned = mb.earned + d.points,
+                 tier = coalesce(up.tier, mb.tier),
+                 tier_time = CASE WHEN up.tier IS NULL THEN mb.tier_time ELSE CAST(:now AS timestamptz) END,
+                 version = mb.version + 1, update_time = now()
+            FROM (SELECT member_id, sum(points) AS points FROM ok GROUP BY member_id) d
+            LEFT JOIN (SELECT (u->>0)::uuid AS id, u->>1 AS tier FROM jsonb_array_elements(CAST(:tiers AS jsonb)) AS u) up
+                   ON up.id = d.member_id
+           WHERE mb.id = d.member_id
+        ), armed AS (
+          INSERT INTO timers (kind, key, due_at, next_attempt_at, payload, cron, timezone)
+          SELECT :expire_kind, member_id::text, min(expire_time), min(expire_time), '{}'::jsonb, NULL, NULL
+            FROM ok WHERE expire_time IS NOT NULL GROUP BY member_id ORDER BY member_id
+          ON CONFLICT ON CONSTRAINT timers_kind_key DO UPDATE SET
+             due_at = EXCLUDED.due_at, next_attempt_at = EXCLUDED.next_attempt_at, payload = EXCLUDED.payload,
+             cron = EXCLUDED.cron, timezone = EXCLUDED.timezone,
+             state = 'scheduled', attempts = 0, last_error = NULL, lease_token = NULL, lease_until = NULL,
+             update_time = now()
+           WHERE timers.state <> 'scheduled' OR EXCLUDED.due_at < timers.due_at
         )
-        SELECT id, program_id, source_event_id FROM moved"""
+        SELECT ok.n, moved.id FROM moved JOIN ok USING (program_id, source_event_id)
+        UNION ALL
+        SELECT dup.n, NULL FROM dup"""
 )
+
+
+class _Member:
+    """A member as earn_batch carries it through the batch's earnings."""
+
+    __slots__ = ("balance", "earned", "end", "figure", "id", "prog", "row", "start", "tier", "tier_time")
+
+    def __init__(self, row, figure: Decimal, start, end):
+        self.row, self.id = row, row.id  # (id text, program_id text, customer, balance, earned, tier, tier_time)
+        self.balance, self.earned, self.tier, self.tier_time = row.balance, row.earned, row.tier, row.tier_time
+        self.figure, self.start, self.end = figure, start, end
+        self.prog = None
 
 
 def _publish_all(tx, routing_key: str, items: list) -> None:
@@ -430,10 +515,13 @@ class Loyalty:
 
     def earn_batch(self, conn: sa.Connection, events: list[Event]) -> int:
         """invoice.paid.v1 events (one, or a batch in one transaction) earned set-based: the
-        members enrolled and locked by one upsert (in key order), the earnings already made
-        (same event or invoice) skipped, each member's points, balance, figure and tier carried
-        through its events in order in Python, then one INSERT of the movements, one UPDATE of
-        the members, the expiry timers and the events by COPY. Returns the movements written."""
+        members enrolled and locked by one statement (`_ENROL_MANY`: the new ones inserted, the
+        others locked FOR UPDATE, each in key order), each member's points,
+        balance, figure and tier carried through its events in order in Python, then ONE
+        statement (`_EARN_WRITE`) that skips the batch if an earning was made already (same
+        event or invoice: the batch is computed again without those), else writes the
+        movements, the members and the expiry timers; the events by COPY. Returns the
+        movements written."""
         items = []
         for event in events:
             e = event.parse(se.InvoiceEvent)
@@ -442,25 +530,20 @@ class Loyalty:
             customer, invoice = _id(e.customer), _id(e.invoice)
             if not customer or not invoice:
                 continue
-            net = (
-                sum((_amount(x.amount) for x in e.lines), Decimal(0))
-                if e.lines
-                else _amount(e.total) - _amount(e.tax_total)
-            )
+            amounts = [_amount(x.amount) for x in e.lines]
+            net = sum(amounts, Decimal(0)) if amounts else _amount(e.total) - _amount(e.tax_total)
             # A credit note issued before the payment left less to pay: only what was paid earns.
             total, paid_total = _amount(e.total), _amount(e.paid_total)
-            share = paid_total / total if 0 < paid_total < total else Decimal(1)
+            share = paid_total / total if 0 < paid_total < total else ONE
             net *= share
             if net > 0:
                 paid_at = e.event_time.ToDatetime(dt.UTC) if e.event_time.seconds else event.time
-                items.append((event, e, customer, invoice, paid_at, net, share))
+                items.append((event, e, customer, invoice, paid_at, net, share, amounts))
         if not items:
             return 0
         currencies = sorted({i[1].total.currency_code for i in items})
         progs: dict[str, list[Rules]] = {}
-        for r in conn.execute(
-            sa.select(loyalty_programs).where(loyalty_programs.c.active, loyalty_programs.c.currency.in_(currencies))
-        ):
+        for r in conn.execute(_PROGRAMS, {"currencies": currencies}):
             progs.setdefault(r.currency, []).append(Rules(r))
         work = [(p, i) for i in items for p in progs.get(i[1].total.currency_code, ())]
         if not work:
@@ -469,162 +552,123 @@ class Loyalty:
         first: dict[tuple, dt.datetime] = {}
         for p, i in work:
             key = (p.id, i[2])
-            first[key] = min(first.get(key, i[4]), i[4])
-        keys = sorted(first)
-        members = {
-            (str(r.program_id), r.customer): r
-            for r in conn.execute(
-                _ENROL_MANY,
-                {"keys": _json({"program_id": k[0], "customer": k[1], "enroll_time": first[k]} for k in keys)},
-            )
-        }
-        prog_ids = sorted({p.id for p, _i in work})
-        seen = {
-            (str(r.program_id), k)
-            for r in conn.execute(
-                _EARNED,
-                {
-                    "program_ids": prog_ids,
-                    "invoices": sorted({i[3] for i in items}),
-                    "events": sorted({i[0].id for i in items}),
-                },
-            )
-            for k in (("invoice", r.invoice_id), ("event", r.source_event_id))
-        }
+            had = first.get(key)
+            if had is None or i[4] < had:
+                first[key] = i[4]
+        members: dict = {}
+        keys = sorted(first)  # the members are locked in this order
+        for _attempt in range(3):
+            enrol = _json({"program_id": k[0], "customer": k[1], "enroll_time": first[k].isoformat()} for k in keys)
+            members.update(((r.program_id, r.customer), r) for r in conn.execute(_ENROL_MANY, {"keys": enrol}))
+            keys = [k for k in keys if k not in members]  # enrolled meanwhile by another transaction
+            if not keys:
+                break
+        else:
+            raise RuntimeError(f"earn_batch: members {keys[:3]} could not be enrolled nor locked")
         # the figure of each member of a programme with tiers, in the current period
-        state: dict = {}
+        figures: dict = {}
+        periods: dict = {}
         for prog in {p.id: p for p, _i in work}.values():
-            ids = [r.id for (pid, _c), r in members.items() if pid == prog.id]
-            figures: dict = {}
-            start, end = prog.period(now)
+            start, end = periods[prog.id] = prog.period(now)
             if prog.tiers:
+                ids = [r.id for (pid, _c), r in members.items() if pid == prog.id]
                 q = _FIGURES_SPEND if prog.tier_basis == "spend" else _FIGURES_POINTS
-                figures = {
-                    str(k): Decimal(v) for k, v in conn.execute(q, {"ids": _json(ids), "start": start, "end": end})
-                }
+                figures.update(
+                    (k, Decimal(v)) for k, v in conn.execute(q, {"ids": _json(ids), "start": start, "end": end})
+                )
+        skip: set = set()  # (programme, ("invoice" | "event", id)) earned before this batch
+        for _attempt in range(len(work) + 1):
+            state = {}
             for (pid, _c), r in members.items():
-                if pid == prog.id:
-                    state[r.id] = {
-                        "row": r,
-                        "balance": r.balance,
-                        "earned": r.earned,
-                        "tier": r.tier,
-                        "tier_time": r.tier_time,
-                        "figure": figures.get(str(r.id), Decimal(0)),
-                        "start": start,
-                        "end": end,
-                    }
-        moves, tiers_changed = [], []
-        for prog, (event, e, customer, invoice, paid_at, net, share) in work:
-            if (prog.id, ("invoice", invoice)) in seen or (prog.id, ("event", event.id)) in seen:
-                continue  # this event (or invoice) earned here already
-            seen.update({(prog.id, ("invoice", invoice)), (prog.id, ("event", event.id))})
-            member = members[(prog.id, customer)]
-            s = state[member.id]
-            points, details = prog.points(e.lines, net, paid_at, s["tier"], share)
-            s["balance"] += points
-            s["earned"] += points
-            moves.append(
-                {
-                    **_MOVE_DEFAULTS,
-                    "program_id": prog.id,
-                    "member_id": member.id,
-                    "kind": "earn",
-                    "points": points,
-                    "balance": s["balance"],
-                    "amount": net,
-                    "invoice_id": invoice,
-                    "actor": SYSTEM,
-                    "source_event_id": event.id,
-                    "remaining": points,
-                    "expire_time": prog.lifetime_end(paid_at) if points > 0 else None,
-                    "details": details,
-                    "qualify_time": paid_at,
-                    "occur_time": paid_at,
-                    "_prog": prog,
-                    "_customer": customer,
-                }
-            )
-            if (
-                prog.tiers
-                and (s["start"] is None or s["start"] <= paid_at)
-                and (s["end"] is None or paid_at < s["end"])
-            ):
-                s["figure"] += net if prog.tier_basis == "spend" else points
-            if prog.tiers:
-                target = prog.tier_of(s["figure"])
-                if prog.rank.get(target, 0) > prog.rank.get(s["tier"], 0):
-                    tiers_changed.append((prog, member, s["tier"], target))
-                    s["tier"], s["tier_time"] = target, now
-        if not moves:
-            return 0
-        touched = {x["member_id"] for x in moves}
-        mids = sorted(touched)
-        soonest: dict = {}  # member -> its soonest new lot: the member's one expiry timer
-        for x in moves:
-            at, mid = x["expire_time"], x["member_id"]
-            if at is not None and (mid not in soonest or at < soonest[mid]):
-                soonest[mid] = at
-        ids = {
-            (str(r.program_id), r.source_event_id): r.id  # RETURNING's order is not promised
-            for r in conn.execute(
+                sid = r.id
+                state[(pid, r.customer)] = _Member(r, figures.get(sid, Decimal(0)), *periods[pid])
+            moves, rows, tiers_changed = self._plan(work, state, skip, now)
+            if not rows:
+                return 0
+            written = conn.execute(
                 _EARN_WRITE,
                 {
-                    "rows": jsonrows.dumps({c: x[c] for c in _MOVE_COLUMNS} for x in moves),
-                    "members": _json(
-                        {
-                            "id": x,
-                            "balance": state[x]["balance"],
-                            "earned": state[x]["earned"],
-                            "tier": state[x]["tier"],
-                            "tier_time": state[x]["tier_time"],
-                        }
-                        for x in mids
-                    ),
-                    "timers": timers.upsert_rows(
-                        [(EXPIRE, str(k), at, None) for k, at in sorted(soonest.items())], keep_earlier=True
-                    ),
+                    "rows": jsonrows.dumps(rows),
+                    "tiers": _json([s.id, s.tier] for s in {id(x[1]): x[1] for x in tiers_changed}.values()),
+                    "now": now,
+                    "expire_kind": EXPIRE,
                 },
-            )
-        }
-        arm = []
+            ).all()
+            ids = {n: mid for n, mid in written}
+            if None not in ids.values():
+                break
+            for n, mid in written:  # earned before: computed again without them
+                if mid is None:
+                    row = rows[n - 1]
+                    skip.add((row[0], ("invoice", row[5])))
+                    skip.add((row[0], ("event", row[6])))
+        else:  # pragma: no cover - every attempt skips at least one more earning
+            raise RuntimeError("earn_batch: the earnings already made kept changing")
         with self.rt.uow.joined(conn) as tx:
             earned = []
-            for x in moves:
-                if x["points"]:
-                    r = _Row({c: x[c] for c in _MOVE_COLUMNS})
-                    r.update(
-                        id=ids[(str(x["program_id"]), x["source_event_id"])],
-                        amount=x["amount"].quantize(CENT, ROUND_HALF_UP),  # as the numeric(18, 2) column keeps it
-                        customer=x["_customer"],
-                        currency=x["_prog"].currency,
-                    )
-                    msg = movement_event(r)
+            for n, (prog, s, points, balance, amount, invoice, expire, occur) in enumerate(moves, 1):
+                if points:
+                    msg = _earned_event(prog, s.row.customer, ids[n], points, balance, amount, invoice, expire, occur)
                     earned.append((msg.account, msg))
             _publish_all(tx, ROUTING["earn"], earned)
-            changes = []
-            for prog, member, previous, tier in tiers_changed:
+            changes, arm = [], []
+            for prog, s, previous, tier in tiers_changed:
                 msg = self.tier_event(
-                    prog, member.customer, previous, tier, "spend" if prog.tier_basis == "spend" else "points", now
+                    prog, s.row.customer, previous, tier, "spend" if prog.tier_basis == "spend" else "points", now
                 )
                 changes.append((msg.account, msg))
-                end = state[member.id]["end"]
-                if prog.row.downgrade == "period_end" and end is not None:
-                    arm.append((PERIOD_END, str(member.id), end, {"period_end": end.isoformat()}))
+                if prog.row.downgrade == "period_end" and s.end is not None:
+                    arm.append((PERIOD_END, s.id, s.end, {"period_end": s.end.isoformat()}))
             _publish_all(tx, "tier.changed.v1", changes)
-            timers.schedule_many(conn, arm)
-            for mid in sorted(touched):  # the rules that need a timer looked at, per member (rare ones)
-                s = state[mid]
-                prog = next(x["_prog"] for x in moves if x["member_id"] == mid)
+            if arm:
+                timers.schedule_many(conn, arm)
+            touched = sorted({s.id: s for _p, s, *_rest in moves}.items())
+            for mid, s in touched:  # the rules that need a timer looked at, per member (rare ones)
+                prog = s.prog
                 if prog.tiers and prog.row.downgrade == "grace":
-                    below = prog.rank.get(prog.tier_of(s["figure"]), 0) < prog.rank.get(s["tier"], 0)
+                    below = prog.rank.get(prog.tier_of(s.figure), 0) < prog.rank.get(s.tier, 0)
                     if not below:
-                        timers.cancel(conn, GRACE, str(mid))
-                    elif timers.get(conn, GRACE, str(mid)) is None:
-                        timers.schedule(conn, GRACE, str(mid), now + dt.timedelta(days=prog.row.downgrade_grace_days))
-                    if prog.row.tier_period == "rolling_days" and s["tier"]:
-                        self._arm_review(conn, prog, s["row"], s["start"])
+                        timers.cancel(conn, GRACE, mid)
+                    elif timers.get(conn, GRACE, mid) is None:
+                        timers.schedule(conn, GRACE, mid, now + dt.timedelta(days=prog.row.downgrade_grace_days))
+                    if prog.row.tier_period == "rolling_days" and s.tier:
+                        self._arm_review(conn, prog, s.row, s.start)
         return len(ids)
+
+    @staticmethod
+    def _plan(work, state: dict, skip: set, now: dt.datetime):
+        """The batch's earnings in order, each member (`state`: (programme, customer) ->
+        _Member) carried through them: (moves, the rows of `_EARN_WRITE`, the tier changes).
+        An event or invoice that earned in a programme (`skip`, or earlier in the batch) earns
+        there no more."""
+        seen = set(skip)
+        moves, rows, tiers_changed = [], [], []
+        for prog, (event, e, customer, invoice, paid_at, net, share, amounts) in work:
+            pid = prog.id
+            by_invoice, by_event = (pid, ("invoice", invoice)), (pid, ("event", event.id))
+            if by_invoice in seen or by_event in seen:
+                continue  # this event (or invoice) earned here already
+            seen.add(by_invoice)
+            seen.add(by_event)
+            s = state[(pid, customer)]
+            s.prog = prog
+            points, details = prog.points(e.lines, net, paid_at, s.tier, share, amounts)
+            s.balance += points
+            s.earned += points
+            expire = prog.lifetime_end(paid_at) if points > 0 else None
+            moves.append((prog, s, points, s.balance, net, invoice, expire, paid_at))
+            rows.append(
+                [pid, s.id, points, s.balance, str(net), invoice, event.id,
+                 expire.isoformat() if expire is not None else None, details, paid_at.isoformat()]
+            )  # fmt: skip
+            if prog.tiers:
+                if (s.start is None or s.start <= paid_at) and (s.end is None or paid_at < s.end):
+                    s.figure += net if prog.tier_basis == "spend" else points
+                target = prog.tier_of(s.figure)
+                if prog.rank.get(target, 0) > prog.rank.get(s.tier, 0):
+                    tiers_changed.append((prog, s, s.tier, target))
+                    s.tier, s.tier_time = target, now
+        return moves, rows, tiers_changed
 
     def on_credited(self, conn: sa.Connection, event: Event) -> None:
         e = event.parse(se.InvoiceEvent)
@@ -944,6 +988,42 @@ def movement_event(r) -> ev.PointsEvent:
     if r.expire_time is not None:
         set_timestamp(msg.expire_time, r.expire_time)
     set_timestamp(msg.event_time, r.occur_time)
+    return msg
+
+
+def _earned_event(
+    prog: Rules,
+    customer: str,
+    movement_id,
+    points: int,
+    balance: int,
+    amount: Decimal,
+    invoice: str,
+    expire: dt.datetime | None,
+    occur: dt.datetime,
+) -> ev.PointsEvent:
+    """points.earned.v1 of an earning, built from what earn_batch computed (as `movement_event`
+    builds it from a movement row: the amount as the numeric(18, 2) column keeps it)."""
+    member = f"{prog.name}/members/{customer}"
+    msg = ev.PointsEvent(
+        entry=f"{member}/movements/{movement_id}",
+        account=member,
+        customer=f"customers/{customer}",
+        programme=prog.name,
+        kind="earned",
+        points=points,
+        balance=balance,
+        reference=f"invoices/{invoice}",
+    )
+    cents = int(amount.quantize(CENT, ROUND_HALF_UP).scaleb(2))
+    if cents:
+        units, rest = divmod(cents, 100)
+        msg.amount.currency_code = prog.currency
+        msg.amount.units = units
+        msg.amount.nanos = rest * 10_000_000
+    if expire is not None:
+        set_timestamp(msg.expire_time, expire)
+    set_timestamp(msg.event_time, occur)
     return msg
 
 
