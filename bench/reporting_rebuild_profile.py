@@ -9,8 +9,12 @@ after the publish). Then, one after the other on the same stream and database:
    1000, one multiple ack per 500): events/s, the rebuild's floor;
 2. parse: the rebuild's `_readable` (envelope and Requires checks) over what was read;
 3. apply: `rebuild.apply_batch` of what was read, BENCH_PROFILE_BATCH (500) events per
-   transaction, into a fresh shadow schema (`rebuild._prepare`), under cProfile: events/s and
-   the profile (cumulative and own time). Read and apply run in sequence here, as in the job.
+   transaction, into a fresh shadow schema (`rebuild._prepare`), under cProfile (not with
+   BENCH_PROFILE_CPROFILE=0): events/s and the profile (cumulative and own time). Read and apply run in sequence here, as in the job.
+4. statements: the apply's statements (their SQL's first words), how many executions, the
+   time from the cursor's execute to its end (PostgreSQL and the driver) and how many of them
+   SQLAlchemy compiled ("generated") rather than took from its cache; and the apply's process
+   CPU seconds (this process: the Python side; PostgreSQL's is the rest of the wall time).
 
 Prints the figures and the profile; writes nothing else. The time left after "apply" is what a
 rebuild costs beyond reading the stream.
@@ -26,6 +30,7 @@ import time
 import uuid
 
 import pika
+import sqlalchemy as sa
 
 from bench.reporting_bench import N, events, publish
 from crm_chassis.messaging.publisher import url_parameters
@@ -35,6 +40,40 @@ from reporting_svc.__main__ import SPEC
 from tests.support.harness import Broker, Databases, start_service
 
 BATCH = int(os.environ.get("BENCH_PROFILE_BATCH", "500"))
+PROFILE = os.environ.get("BENCH_PROFILE_CPROFILE", "1") != "0"  # 0: the apply timed without cProfile
+
+
+class Statements:
+    """Per statement (its first 90 characters): executions, seconds in the cursor, compiles."""
+
+    def __init__(self, engine) -> None:
+        self.stats: dict[str, list] = {}
+        self.on = False
+        sa.event.listen(engine, "before_cursor_execute", self.before)
+        sa.event.listen(engine, "after_cursor_execute", self.after)
+
+    def before(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        conn.info["bench_t0"] = time.perf_counter()
+
+    def after(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        if not self.on:
+            return
+        key = " ".join(statement.split())[:90]
+        row = self.stats.setdefault(key, [0, 0.0, 0])
+        row[0] += 1
+        row[1] += time.perf_counter() - conn.info.pop("bench_t0", time.perf_counter())
+        stats = context._get_cache_stats() if context is not None and context.compiled is not None else ""
+        if stats and not stats.startswith(("cached", "raw")):  # generated, no key (not cacheable), ...
+            row[2] += 1
+
+    def report(self) -> str:
+        rows = sorted(self.stats.items(), key=lambda kv: -kv[1][1])
+        lines = [f"  {'statement':90}  {'n':>5}  {'s':>6}  compiled"]
+        lines += [f"  {k:90}  {n:5}  {t:6.3f}  {c}" for k, (n, t, c) in rows]
+        lines.append(
+            f"  total {sum(r[0] for r in self.stats.values())} statements, {sum(r[1] for r in self.stats.values()):.3f} s"
+        )
+        return "\n".join(lines)
 
 
 def read_stream(url: str, n: int) -> list:
@@ -78,13 +117,20 @@ def main() -> None:
             with svc.ctx.engine.begin() as c:
                 schema = rebuild._prepare(c, "profile" + uuid.uuid4().hex)
             prof = cProfile.Profile()
+            statements = Statements(svc.ctx.engine)
+            statements.on = True
+            cpu0 = time.process_time()
             t0 = time.perf_counter()
-            prof.enable()
+            if PROFILE:
+                prof.enable()
             for i in range(0, len(got), BATCH):
                 with svc.ctx.engine.begin() as c:
                     rebuild.apply_batch(c, schema, table, got[i : i + BATCH])
-            prof.disable()
+            if PROFILE:
+                prof.disable()
             t_apply = time.perf_counter() - t0
+            cpu_apply = time.process_time() - cpu0
+            statements.on = False
         finally:
             svc.stop(0)
         n = len(got)
@@ -92,12 +138,18 @@ def main() -> None:
         print(f"  read the stream (plain pika)    {t_read:6.2f} s  {n / t_read:8,.0f} events/s")
         print(f"  parse and check (_readable)     {t_parse:6.2f} s  {n / t_parse:8,.0f} events/s")
         print(f"  apply (apply_batch, incl. parse) {t_apply:5.2f} s  {n / t_apply:8,.0f} events/s")
+        print(
+            f"  apply: this process' CPU       {cpu_apply:6.2f} s  {cpu_apply / n * 1e6:8,.0f} us/event {' (under cProfile)' if PROFILE else ''}"
+        )
         print(f"  read + apply in sequence         {t_read + t_apply:5.2f} s  {n / (t_read + t_apply):8,.0f} events/s")
-        out = io.StringIO()
-        stats = pstats.Stats(prof, stream=out)
-        stats.sort_stats("cumulative").print_stats(30)
-        stats.sort_stats("tottime").print_stats(20)
-        print(out.getvalue())
+        if PROFILE:
+            out = io.StringIO()
+            stats = pstats.Stats(prof, stream=out)
+            stats.sort_stats("cumulative").print_stats(30)
+            stats.sort_stats("tottime").print_stats(20)
+            print(out.getvalue())
+        print("statements of the apply:")
+        print(statements.report())
     finally:
         broker.close()
         dbs.drop_all()

@@ -253,6 +253,36 @@ def rows_param(rows: Iterable[Mapping]) -> dict:
     return {"rows": jsonrows.dumps(rows)}
 
 
+_SQL: dict[tuple[sa.Executable, str | None], tuple[str, dict]] = {}
+
+
+def sql_of(conn: sa.Connection, stmt: sa.Executable) -> tuple[str, dict]:
+    """The SQL of a statement built once (a module constant or a functools.cache) and its
+    constant parameters (the values written into it, such as a SET to 0), compiled once per
+    schema it runs in (the connection's schema translation: the rebuild's shadow schema) and
+    kept: SQLAlchemy does not cache the compiled form of an ON CONFLICT statement (it compiled
+    every rollup upsert on every execution), and for the others it still walks the statement
+    for its cache key on each one."""
+    schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(None)
+    found = _SQL.get((stmt, schema))
+    if found is None:
+        if schema is None:
+            compiled = stmt.compile(dialect=conn.dialect)
+            sql = str(compiled)
+        else:
+            compiled = stmt.compile(dialect=conn.dialect, schema_translate_map={None: schema})
+            sql = compiled.preparer._render_schema_translates(str(compiled), {None: schema})
+        found = _SQL[(stmt, schema)] = (sql, {k: v for k, v in compiled.params.items() if k != "rows"})
+    return found
+
+
+def execute_rows(conn: sa.Connection, stmt: sa.Executable, rows: Iterable[Mapping]) -> sa.CursorResult:
+    """Run a statement on `rowset` (its one parameter: the rows) from its SQL compiled once
+    (sql_of), the rows as one jsonb parameter."""
+    sql, constants = sql_of(conn, stmt)
+    return conn.exec_driver_sql(sql, {**constants, **rows_param(rows)} if constants else rows_param(rows))
+
+
 @functools.cache
 def _upsert(rollup: Rollup):
     """INSERT INTO rollup SELECT FROM the row set ON CONFLICT (keys) DO UPDATE SET m = m + excluded.m."""
@@ -275,7 +305,7 @@ def rollup_upsert(
     delta = _delta(rollup, old, new)
     if delta:
         rows = [{**dict(zip(rollup.keys, k, strict=True)), **m} for k, m in sorted(delta.items())]
-        conn.execute(_upsert(rollup), rows_param(rows))
+        execute_rows(conn, _upsert(rollup), rows)
 
 
 @dataclass(frozen=True)
@@ -346,9 +376,9 @@ class Facts:
                 olds.append(o)
         news = [*inserts, *updates]
         for shape, rows in _by_shape(inserts).items():  # one statement per set of columns given
-            conn.execute(_fact_insert(t, shape), rows_param(rows))
+            execute_rows(conn, fact_insert(t, shape), rows)
         for shape, rows in _by_shape(updates).items():
-            conn.execute(_fact_update(t, cols, shape), rows_param(rows))
+            execute_rows(conn, fact_update(t, cols, shape), rows)
         for rollup, before, after in self.deltas(olds, news):
             rollup_upsert(conn, rollup, before, after)
         for then in self.then:
@@ -363,13 +393,13 @@ def _by_shape(rows: list[dict]) -> dict[tuple[str, ...], list[dict]]:
 
 
 @functools.cache
-def _fact_insert(table: sa.Table, cols: tuple[str, ...]):
+def fact_insert(table: sa.Table, cols: tuple[str, ...]):
     v = rowset(table, cols)
     return table.insert().from_select(list(cols), sa.select(*(v.c[c] for c in cols)))
 
 
 @functools.cache
-def _fact_update(table: sa.Table, keys: tuple[str, ...], cols: tuple[str, ...]):
+def fact_update(table: sa.Table, keys: tuple[str, ...], cols: tuple[str, ...]):
     """UPDATE table SET cols = v.cols FROM the row set v WHERE the keys match."""
     v = rowset(table, cols)
     return (
