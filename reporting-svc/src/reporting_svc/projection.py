@@ -208,7 +208,7 @@ class Rollup:
     def apply(self, conn: sa.Connection, old: Iterable[Contribution], new: Iterable[Contribution]) -> None:
         """Add new - old to the rollup rows: an UPDATE per key touched (an INSERT for a new one)."""
         add, insert = self._statements
-        for k, m in _delta(self, old, new).items():
+        for k, m in sorted(_delta(self, old, new).items()):  # keys in one order (row locks)
             params = {**{f"w_{c}": v for c, v in zip(self.keys, k, strict=True)}, **{f"d_{n}": v for n, v in m.items()}}
             if conn.execute(add, params).rowcount == 0:  # a new row (a race with another replica rolls back)
                 conn.execute(insert, {**dict(zip(self.keys, k, strict=True)), **m})
@@ -308,6 +308,31 @@ def rollup_upsert(
         execute_rows(conn, _upsert(rollup), rows)
 
 
+class Writes:
+    """The rollup deltas and the `then` calls of a batch's fact changes, across fact tables,
+    written at the end (`write`): each rollup ONE upsert of the summed deltas of every fact table
+    that feeds it (support_daily from the tickets, surveys, breaches and calls), the rollups in
+    table-name order and each one's keys in key order, so two consumers' transactions lock
+    rollup rows in one order and cannot deadlock on them; then the `then` calls."""
+
+    def __init__(self) -> None:
+        self.rollups: dict[Rollup, tuple[list, list]] = {}
+        self.thens: list[tuple[Callable, list]] = []
+
+    def add(self, rollup: Rollup, before: list, after: list) -> None:
+        b, a = self.rollups.setdefault(rollup, ([], []))
+        b.extend(before)
+        a.extend(after)
+
+    def write(self, conn: sa.Connection) -> None:
+        for rollup in sorted(self.rollups, key=lambda r: r.table.name):
+            rollup_upsert(conn, rollup, *self.rollups[rollup])
+        self.rollups.clear()
+        for then, rows in self.thens:
+            then(conn, rows)
+        self.thens.clear()
+
+
 @dataclass(frozen=True)
 class Facts:
     """A fact table and the rollup its rows contribute to: `apply` one change as an event's
@@ -354,8 +379,19 @@ class Facts:
     def _contrib(self, row) -> list:
         return _contrib(self.contributions, row)
 
-    def apply_many(self, conn: sa.Connection, changes: list[tuple[Mapping, Mapping]]) -> None:
+    def apply_many(
+        self, conn: sa.Connection, changes: list[tuple[Mapping, Mapping]], writes: Writes | None = None
+    ) -> None:
+        """The changes' newest version per entity, where newer than the stored one: the fact
+        rows locked in key order and written in a few statements; the rollup deltas and `then`
+        calls go to `writes` (written by the caller after every fact table of the batch), or
+        are written here."""
         if not changes:
+            return
+        if writes is None:
+            writes = Writes()
+            self.apply_many(conn, changes, writes)
+            writes.write(conn)
             return
         cols = tuple(changes[0][0])
         latest: dict[tuple, tuple[Mapping, Mapping]] = {}
@@ -364,8 +400,9 @@ class Facts:
             if k not in latest or values["version"] > latest[k][1]["version"]:
                 latest[k] = (key, values)
         t = self.table
-        select = sa.select(t).where(_in(t, cols)).with_for_update()
-        old = {tuple(r._mapping[c] for c in cols): r for r in conn.execute(select, {"ks": _ks(cols, latest)})}
+        old = {
+            tuple(r._mapping[c] for c in cols): r for r in conn.execute(_fact_lock(t, cols), {"ks": _ks(cols, latest)})
+        }
         inserts, updates, olds = [], [], []
         for k, (key, values) in latest.items():
             o = old.get(k)
@@ -374,15 +411,54 @@ class Facts:
             elif o.version < values["version"]:
                 updates.append({**key, **values})
                 olds.append(o)
-        news = [*inserts, *updates]
+        made, lost = [], []
         for shape, rows in _by_shape(inserts).items():  # one statement per set of columns given
-            execute_rows(conn, fact_insert(t, shape), rows)
+            got = execute_rows(conn, _fact_insert_new(t, cols, shape), rows).all()
+            if len(got) == len(rows):
+                made += rows
+            else:  # another consumer inserted some of them since the SELECT (it committed: ON CONFLICT waited)
+                got = {tuple(r) for r in got}
+                for r in rows:
+                    (made if tuple(r[c] for c in cols) in got else lost).append(r)
+        if lost:  # those take the update path against the row the other one stored
+            stored = {
+                tuple(r._mapping[c] for c in cols): r
+                for r in conn.execute(_fact_lock(t, cols), {"ks": _ks(cols, [tuple(r[c] for c in cols) for r in lost])})
+            }
+            for r in lost:
+                o = stored.get(tuple(r[c] for c in cols))
+                if o is None:
+                    raise RuntimeError(f"{t.name}: a fact row conflicted on insert and is gone")
+                if o.version < r["version"]:
+                    updates.append(r)
+                    olds.append(o)
+        news = [*made, *updates]
         for shape, rows in _by_shape(updates).items():
             execute_rows(conn, fact_update(t, cols, shape), rows)
         for rollup, before, after in self.deltas(olds, news):
-            rollup_upsert(conn, rollup, before, after)
+            writes.add(rollup, before, after)
         for then in self.then:
-            then(conn, [*(o._mapping for o in olds), *news])
+            writes.thens.append((then, [*(o._mapping for o in olds), *news]))
+
+
+@functools.cache
+def _fact_insert_new(table: sa.Table, keys: tuple[str, ...], cols: tuple[str, ...]):
+    """INSERT the row set's facts ON CONFLICT (keys) DO NOTHING RETURNING their keys: a row
+    another consumer inserted meanwhile is not returned (and not overwritten)."""
+    v = rowset(table, cols)
+    return (
+        pg.insert(table)
+        .from_select(list(cols), sa.select(*(v.c[c] for c in cols)))
+        .on_conflict_do_nothing(index_elements=list(keys))
+        .returning(*(table.c[k] for k in keys))
+    )
+
+
+@functools.cache
+def _fact_lock(table: sa.Table, cols: tuple[str, ...]):
+    """SELECT the stored facts of the keys :ks FOR UPDATE, in key order (two consumers lock them
+    in one order)."""
+    return sa.select(table).where(_in(table, cols)).order_by(*(table.c[c] for c in cols)).with_for_update()
 
 
 def _by_shape(rows: list[dict]) -> dict[tuple[str, ...], list[dict]]:
@@ -434,8 +510,10 @@ def apply_events(conn: sa.Connection, pairs: list[tuple[Event, Handler]]) -> Non
     runs: dict = {}
 
     def flush(manys=None):
-        for facts, changes in pending.items():
-            facts.apply_many(conn, changes)
+        writes = Writes()
+        for facts in sorted(pending, key=lambda f: f.table.name):  # tables in one order (locks)
+            facts.apply_many(conn, pending[facts], writes)
+        writes.write(conn)
         pending.clear()
         for many in list(runs) if manys is None else [m for m in manys if m in runs]:
             many(conn, runs.pop(many))

@@ -51,10 +51,12 @@ CUSTOMER = "customers/"
 class Timeline:
     """The sink of timeline rows: `apply` one, `apply_many` a batch (the interface of Facts)."""
 
+    table = timeline
+
     def apply(self, conn: sa.Connection, key: Mapping, values: Mapping) -> None:
         self.apply_many(conn, [(key, values)])
 
-    def apply_many(self, conn: sa.Connection, changes: list[tuple[Mapping, Mapping]]) -> None:
+    def apply_many(self, conn: sa.Connection, changes: list[tuple[Mapping, Mapping]], writes=None) -> None:
         if not changes:
             return
         origins = sorted({v["origin_customer_id"] for _, v in changes})
