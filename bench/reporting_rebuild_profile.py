@@ -16,6 +16,14 @@ after the publish). Then, one after the other on the same stream and database:
    SQLAlchemy compiled ("generated") rather than took from its cache; and the apply's process
    CPU seconds (this process: the Python side; PostgreSQL's is the rest of the wall time).
 
+BENCH_PROFILE_STAGE=live times the live path's apply instead of step 3: the same events,
+CONSUMER_BATCH (200) a transaction through the consumer's own `handle_batch` (inbox, the
+subscriptions' batch_all wrappers, lag rows) into the service's tables: what a live consumer
+does after pika hands it the deliveries. Each producer's events in their order, batches taken
+from each producer in turn (BENCH_PROFILE_LIVE_ORDER=queue: a batch is one run of one queue's
+deliveries), or the stream's order (=stream: both producers interleaved as published, a run
+per few events: the worst case of a consumer whose queues' deliveries alternate).
+
 Prints the figures and the profile; writes nothing else. The time left after "apply" is what a
 rebuild costs beyond reading the stream.
 """
@@ -33,6 +41,8 @@ import pika
 import sqlalchemy as sa
 
 from bench.reporting_bench import N, events, publish
+from crm_chassis.messaging.consumer import EventConsumer
+from crm_chassis.messaging.envelope import from_amqp
 from crm_chassis.messaging.publisher import url_parameters
 from crm_chassis.messaging.topology import EVENT_LOG_STREAM, declare_producer
 from reporting_svc import PROJECTIONS, rebuild
@@ -40,6 +50,9 @@ from reporting_svc.__main__ import SPEC
 from tests.support.harness import Broker, Databases, start_service
 
 BATCH = int(os.environ.get("BENCH_PROFILE_BATCH", "500"))
+STAGE = os.environ.get("BENCH_PROFILE_STAGE", "rebuild")  # or live
+LIVE_BATCH = int(os.environ.get("CONSUMER_BATCH", "200"))
+LIVE_ORDER = os.environ.get("BENCH_PROFILE_LIVE_ORDER", "queue")  # or stream
 PROFILE = os.environ.get("BENCH_PROFILE_CPROFILE", "1") != "0"  # 0: the apply timed without cProfile
 
 
@@ -114,8 +127,30 @@ def main() -> None:
             for i in range(0, len(got), BATCH):
                 rebuild._readable(got[i : i + BATCH], table)
             t_parse = time.perf_counter() - t0
-            with svc.ctx.engine.begin() as c:
-                schema = rebuild._prepare(c, "profile" + uuid.uuid4().hex)
+            if STAGE == "live":
+                consumer = EventConsumer(svc.ctx.engine, "amqp://unused", "reporting-svc", SPEC.subscriptions(svc.ctx))
+                subs = {s.domain: s for s in consumer.subscriptions}
+                evs = [from_amqp(*d) for d in got]
+                items = [(subs[e.exchange.split(".")[1]], e) for e in evs]
+                if LIVE_ORDER == "stream":
+                    batches = [items[i : i + LIVE_BATCH] for i in range(0, len(items), LIVE_BATCH)]
+                else:
+                    per = [[it for it in items if it[0] is sub] for sub in subs.values()]
+                    chunks = [[q[i : i + LIVE_BATCH] for i in range(0, len(q), LIVE_BATCH)] for q in per]
+                    batches = [c[j] for j in range(max(map(len, chunks))) for c in chunks if j < len(c)]
+
+                def apply_all():
+                    for b in batches:
+                        consumer.handle_batch(b)
+            else:
+                with svc.ctx.engine.begin() as c:
+                    schema = rebuild._prepare(c, "profile" + uuid.uuid4().hex)
+
+                def apply_all():
+                    for i in range(0, len(got), BATCH):
+                        with svc.ctx.engine.begin() as c:
+                            rebuild.apply_batch(c, schema, table, got[i : i + BATCH])
+
             prof = cProfile.Profile()
             statements = Statements(svc.ctx.engine)
             statements.on = True
@@ -123,9 +158,7 @@ def main() -> None:
             t0 = time.perf_counter()
             if PROFILE:
                 prof.enable()
-            for i in range(0, len(got), BATCH):
-                with svc.ctx.engine.begin() as c:
-                    rebuild.apply_batch(c, schema, table, got[i : i + BATCH])
+            apply_all()
             if PROFILE:
                 prof.disable()
             t_apply = time.perf_counter() - t0
@@ -134,10 +167,12 @@ def main() -> None:
         finally:
             svc.stop(0)
         n = len(got)
-        print(f"reporting rebuild profile: {n} events, batches of {BATCH}, load average {os.getloadavg()[0]:.2f}")
+        size = f"{LIVE_BATCH} ({LIVE_ORDER} order)" if STAGE == "live" else BATCH
+        print(f"reporting {STAGE} profile: {n} events, batches of {size}, load average {os.getloadavg()[0]:.2f}")
         print(f"  read the stream (plain pika)    {t_read:6.2f} s  {n / t_read:8,.0f} events/s")
         print(f"  parse and check (_readable)     {t_parse:6.2f} s  {n / t_parse:8,.0f} events/s")
-        print(f"  apply (apply_batch, incl. parse) {t_apply:5.2f} s  {n / t_apply:8,.0f} events/s")
+        what = "handle_batch, parsed before" if STAGE == "live" else "apply_batch, incl. parse"
+        print(f"  apply ({what}) {t_apply:5.2f} s  {n / t_apply:8,.0f} events/s")
         print(
             f"  apply: this process' CPU       {cpu_apply:6.2f} s  {cpu_apply / n * 1e6:8,.0f} us/event {' (under cProfile)' if PROFILE else ''}"
         )
