@@ -225,15 +225,19 @@ def _delta(rollup: Rollup, old: Iterable[Contribution], new: Iterable[Contributi
     return {k: m for k, m in delta.items() if any(v != 0 for v in m.values())}
 
 
-def _in(table: sa.Table, cols: tuple[str, ...]):
-    """WHERE (cols) IN :ks, an expanding parameter (one compiled form for any number of keys)."""
+def in_rowset(table: sa.Table, cols: tuple[str, ...]):
+    """WHERE (cols) IN (SELECT cols FROM the row set): the keys as one jsonb parameter, run by
+    execute_rows with rows {col: value} (an expanding IN renders and binds a parameter per key
+    on every execution: 1.5 ms of CPU for 120 keys against 0.37 ms this way)."""
+    v = rowset(table, cols)
     if len(cols) == 1:
-        return table.c[cols[0]].in_(sa.bindparam("ks", expanding=True))
-    return sa.tuple_(*(table.c[c] for c in cols)).in_(sa.bindparam("ks", expanding=True))
+        return table.c[cols[0]].in_(sa.select(v.c[cols[0]]))
+    return sa.tuple_(*(table.c[c] for c in cols)).in_(sa.select(*(v.c[c] for c in cols)))
 
 
-def _ks(cols: tuple[str, ...], keys) -> list:
-    return [k[0] for k in keys] if len(cols) == 1 else [tuple(k) for k in keys]
+def key_rows(cols: tuple[str, ...], keys) -> list[dict]:
+    """The rows of in_rowset's parameter: each key tuple as {col: value}."""
+    return [dict(zip(cols, k, strict=True)) for k in keys]
 
 
 @functools.cache
@@ -272,6 +276,8 @@ def sql_of(conn: sa.Connection, stmt: sa.Executable) -> tuple[str, dict]:
         else:
             compiled = stmt.compile(dialect=conn.dialect, schema_translate_map={None: schema})
             sql = compiled.preparer._render_schema_translates(str(compiled), {None: schema})
+        if len(_SQL) >= 4096:  # each rebuild's shadow schema adds its statements: keep it bounded
+            _SQL.clear()
         found = _SQL[(stmt, schema)] = (sql, {k: v for k, v in compiled.params.items() if k != "rows"})
     return found
 
@@ -401,7 +407,8 @@ class Facts:
                 latest[k] = (key, values)
         t = self.table
         old = {
-            tuple(r._mapping[c] for c in cols): r for r in conn.execute(_fact_lock(t, cols), {"ks": _ks(cols, latest)})
+            tuple(r._mapping[c] for c in cols): r
+            for r in execute_rows(conn, _fact_lock(t, cols), key_rows(cols, latest))
         }
         inserts, updates, olds = [], [], []
         for k, (key, values) in latest.items():
@@ -423,7 +430,7 @@ class Facts:
         if lost:  # those take the update path against the row the other one stored
             stored = {
                 tuple(r._mapping[c] for c in cols): r
-                for r in conn.execute(_fact_lock(t, cols), {"ks": _ks(cols, [tuple(r[c] for c in cols) for r in lost])})
+                for r in execute_rows(conn, _fact_lock(t, cols), [{c: r[c] for c in cols} for r in lost])
             }
             for r in lost:
                 o = stored.get(tuple(r[c] for c in cols))
@@ -458,7 +465,7 @@ def _fact_insert_new(table: sa.Table, keys: tuple[str, ...], cols: tuple[str, ..
 def _fact_lock(table: sa.Table, cols: tuple[str, ...]):
     """SELECT the stored facts of the keys :ks FOR UPDATE, in key order (two consumers lock them
     in one order)."""
-    return sa.select(table).where(_in(table, cols)).order_by(*(table.c[c] for c in cols)).with_for_update()
+    return sa.select(table).where(in_rowset(table, cols)).order_by(*(table.c[c] for c in cols)).with_for_update()
 
 
 def _by_shape(rows: list[dict]) -> dict[tuple[str, ...], list[dict]]:

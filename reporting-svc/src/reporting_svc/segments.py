@@ -42,7 +42,17 @@ from crm_chassis import money
 from crm_chassis.messaging.consumer import Requires
 from crm_chassis.messaging.envelope import Event
 
-from .projection import Projection, Rollup, execute_rows, fact_insert, fact_update, rollup_upsert, rowset, tehran_day
+from .projection import (
+    Projection,
+    Rollup,
+    execute_rows,
+    fact_insert,
+    fact_update,
+    in_rowset,
+    rollup_upsert,
+    rowset,
+    tehran_day,
+)
 from .projections import REQUIRES as CUSTOMER_REQUIRES
 from .sales import LEAD_KEYS
 from .sales_tables import (
@@ -114,14 +124,15 @@ _PLACEHOLDER = {"version": 0, "birth_date": None, "gender": UNKNOWN, "province":
                 "customer_type": UNKNOWN, "customer_kind": UNKNOWN, "erased": False}  # fmt: skip
 
 
+def _ids(conn: sa.Connection, stmt, key: str, ids) -> sa.CursorResult:
+    """Run a statement WHERE key IN the row set (projection.in_rowset) for these ids."""
+    return execute_rows(conn, stmt, [{key: i} for i in ids])
+
+
 def _lock_in(table: sa.Table, key: str) -> sa.Select:
-    """SELECT ... WHERE key IN :ids ORDER BY key FOR UPDATE (rows locked in key order)."""
-    return (
-        sa.select(table)
-        .where(table.c[key].in_(sa.bindparam("ids", expanding=True)))
-        .order_by(table.c[key])
-        .with_for_update()
-    )
+    """SELECT ... WHERE key IN the row set ORDER BY key FOR UPDATE (rows locked in key order;
+    run by _ids)."""
+    return sa.select(table).where(in_rowset(table, (key,))).order_by(table.c[key]).with_for_update()
 
 
 _DEMO_LOCK = _lock_in(customer_demo_facts, "customer_id")
@@ -148,13 +159,13 @@ def lock_customers(conn: sa.Connection, cids) -> dict[str, dict]:
     ids = sorted(set(cids))
     if not ids:
         return {}
-    found = {r.customer_id: dict(r._mapping) for r in conn.execute(_DEMO_LOCK, {"ids": ids})}
+    found = {r.customer_id: dict(r._mapping) for r in _ids(conn, _DEMO_LOCK, "customer_id", ids)}
     missing = [c for c in ids if c not in found]
     if missing:
         made = execute_rows(conn, _PLACEHOLDERS, [{"customer_id": c, **_PLACEHOLDER} for c in missing])
         found.update({r.customer_id: dict(r._mapping) for r in made})
         if late := [c for c in missing if c not in found]:  # another replica inserted it meanwhile
-            found.update({r.customer_id: dict(r._mapping) for r in conn.execute(_DEMO_LOCK, {"ids": late})})
+            found.update({r.customer_id: dict(r._mapping) for r in _ids(conn, _DEMO_LOCK, "customer_id", late)})
     return found
 
 
@@ -309,9 +320,7 @@ _ORDER_UPDATE = fact_update(sales_order_facts, ("order_id",), _ORDER_COLUMNS)
 _ORDER_MOVE = fact_update(sales_order_facts, ("order_id",), ("order_id", "customer_id", *CUSTOMER_DIMS))
 _ORDERS_OF = (
     sa.select(sales_order_facts)
-    .where(
-        sales_order_facts.c.customer_id.in_(sa.bindparam("ids", expanding=True)), sales_order_facts.c.frozen.is_(False)
-    )
+    .where(in_rowset(sales_order_facts, ("customer_id",)), sales_order_facts.c.frozen.is_(False))
     .order_by(sales_order_facts.c.order_id)
     .with_for_update()
 )
@@ -348,7 +357,7 @@ def apply_sales(conn: sa.Connection, events: list[Event]) -> None:
     alias = current_ids(conn, {c for c, _ in orders.values()} | set(leads))
     leads = _min_by(((alias[c], t) for c, t in leads.items()))
     demos = lock_customers(conn, [alias[c] for c, _ in orders.values()] + list(leads))
-    old = {r.order_id: r for r in conn.execute(_ORDERS_LOCK, {"ids": sorted(orders)})} if orders else {}
+    old = {r.order_id: r for r in _ids(conn, _ORDERS_LOCK, "order_id", sorted(orders))} if orders else {}
     if moved := {r.customer_id for r in old.values()} - set(demos):  # an order re-pointed: rare
         demos.update(lock_customers(conn, moved))
     inserts, updates, before, after = [], [], [], []
@@ -398,7 +407,7 @@ def reattribute(conn: sa.Connection, cid: str, demo: dict) -> None:
 def _move_orders(conn: sa.Connection, owners: list[str], demos: dict[str, dict], survivor: str | None = None) -> None:
     """The orders of `owners` (not frozen) count under their customer (or `survivor`) with its
     values in `demos`: their facts and the rollups move by the difference."""
-    rows = conn.execute(_ORDERS_OF, {"ids": owners}).all()
+    rows = _ids(conn, _ORDERS_OF, "customer_id", owners).all()
     old, new = [], []
     for r in rows:
         cid = survivor or r.customer_id
@@ -412,14 +421,14 @@ def _move_orders(conn: sa.Connection, owners: list[str], demos: dict[str, dict],
 
 
 _ALIASES = sa.select(sales_customer_aliases.c.merged_id, sales_customer_aliases.c.survivor_id).where(
-    sales_customer_aliases.c.merged_id.in_(sa.bindparam("ids", expanding=True))
+    in_rowset(sales_customer_aliases, ("merged_id",))
 )
 
 
 def current_ids(conn: sa.Connection, cids) -> dict[str, str]:
     """The customer an event naming each of `cids` counts under: the survivor of a merge, or itself."""
     ids = sorted(set(cids))
-    found = dict(conn.execute(_ALIASES, {"ids": ids}).all()) if ids else {}
+    found = dict(_ids(conn, _ALIASES, "merged_id", ids).all()) if ids else {}
     return {c: found.get(c, c) for c in ids}
 
 
@@ -468,7 +477,7 @@ on_customer_merged.after = on_customer_unmerged.after = ORDERED
 
 _FIRST_DAYS = (
     sa.select(sales_order_facts.c.customer_id, sa.func.min(sales_order_facts.c.day))
-    .where(sales_order_facts.c.customer_id.in_(sa.bindparam("ids", expanding=True)), sales_order_facts.c.counts)
+    .where(in_rowset(sales_order_facts, ("customer_id",)), sales_order_facts.c.counts)
     .group_by(sales_order_facts.c.customer_id)
 )
 _LP_LOCK = _lock_in(lead_purchase_facts, "customer_id")
@@ -491,11 +500,11 @@ def refresh_leads(conn: sa.Connection, demos: dict[str, dict], lead_times: dict[
     ids = sorted(demos)
     if not ids:
         return
-    rows = {r.customer_id: r for r in conn.execute(_LP_LOCK, {"ids": ids})}
+    rows = {r.customer_id: r for r in _ids(conn, _LP_LOCK, "customer_id", ids)}
     ids = [c for c in ids if (c in rows and not rows[c].frozen) or (c not in rows and c in lead_times)]
     if not ids:
         return
-    first_days = dict(conn.execute(_FIRST_DAYS, {"ids": ids}).all())
+    first_days = dict(_ids(conn, _FIRST_DAYS, "customer_id", ids).all())
     inserts, updates, before, after = [], [], [], []
     for cid in ids:
         row = rows.get(cid)

@@ -42,7 +42,7 @@ from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.persian import to_persian_digits
 
 from . import periods
-from .projection import Projection, execute_rows, per_event, rowset
+from .projection import Projection, execute_rows, in_rowset, per_event, rowset
 from .tables import customer_aliases, timeline
 
 CUSTOMER = "customers/"
@@ -60,12 +60,16 @@ class Timeline:
         if not changes:
             return
         origins = sorted({v["origin_customer_id"] for _, v in changes})
-        a = customer_aliases
-        alias = dict(conn.execute(sa.select(a.c.merged_id, a.c.survivor_id).where(a.c.merged_id.in_(origins))).all())
+        alias = dict(execute_rows(conn, _ALIASES, [{"merged_id": o} for o in origins]).all())
         rows = [
             {**k, **v, "customer_id": alias.get(v["origin_customer_id"], v["origin_customer_id"])} for k, v in changes
         ]
         execute_rows(conn, _insert(tuple(rows[0])), rows)  # in the order given (a function scan)
+
+
+_ALIASES = sa.select(customer_aliases.c.merged_id, customer_aliases.c.survivor_id).where(
+    in_rowset(customer_aliases, ("merged_id",))
+)
 
 
 @functools.cache
