@@ -42,7 +42,17 @@ from crm_chassis import money
 from crm_chassis.messaging.consumer import Requires
 from crm_chassis.messaging.envelope import Event
 
-from .projection import Projection, Rollup, rollup_upsert, tehran_day
+from .projection import (
+    Projection,
+    Rollup,
+    execute_rows,
+    fact_insert,
+    fact_update,
+    in_rowset,
+    rollup_upsert,
+    rowset,
+    tehran_day,
+)
 from .projections import REQUIRES as CUSTOMER_REQUIRES
 from .sales import LEAD_KEYS
 from .sales_tables import (
@@ -114,23 +124,33 @@ _PLACEHOLDER = {"version": 0, "birth_date": None, "gender": UNKNOWN, "province":
                 "customer_type": UNKNOWN, "customer_kind": UNKNOWN, "erased": False}  # fmt: skip
 
 
+def _ids(conn: sa.Connection, stmt, key: str, ids) -> sa.CursorResult:
+    """Run a statement WHERE key IN the row set (projection.in_rowset) for these ids."""
+    return execute_rows(conn, stmt, [{key: i} for i in ids])
+
+
 def _lock_in(table: sa.Table, key: str) -> sa.Select:
-    """SELECT ... WHERE key IN :ids ORDER BY key FOR UPDATE (rows locked in key order)."""
-    return (
-        sa.select(table)
-        .where(table.c[key].in_(sa.bindparam("ids", expanding=True)))
-        .order_by(table.c[key])
-        .with_for_update()
-    )
-
-
-def _update_by(table: sa.Table, key: str, columns) -> sa.Update:
-    """UPDATE ... SET columns WHERE key = :w_id, for executemany."""
-    return table.update().where(table.c[key] == sa.bindparam("w_id")).values({c: sa.bindparam(c) for c in columns})
+    """SELECT ... WHERE key IN the row set ORDER BY key FOR UPDATE (rows locked in key order;
+    run by _ids)."""
+    return sa.select(table).where(in_rowset(table, (key,))).order_by(table.c[key]).with_for_update()
 
 
 _DEMO_LOCK = _lock_in(customer_demo_facts, "customer_id")
-_PLACEHOLDERS = pg.insert(customer_demo_facts).on_conflict_do_nothing(index_elements=["customer_id"])
+
+
+def _placeholders():
+    """INSERT the row set's customers (placeholders, in id order) ON CONFLICT DO NOTHING
+    RETURNING them: the rows it made, locked; one that another replica is inserting waits for
+    it and is not returned."""
+    t = customer_demo_facts
+    cols = ("customer_id", *_PLACEHOLDER)
+    v = rowset(t, cols)
+    return (
+        pg.insert(t)
+        .from_select(list(cols), sa.select(*(v.c[c] for c in cols)))
+        .on_conflict_do_nothing(index_elements=["customer_id"])
+        .returning(*t.c)
+    )
 
 
 def lock_customers(conn: sa.Connection, cids) -> dict[str, dict]:
@@ -139,11 +159,13 @@ def lock_customers(conn: sa.Connection, cids) -> dict[str, dict]:
     ids = sorted(set(cids))
     if not ids:
         return {}
-    found = {r.customer_id: dict(r._mapping) for r in conn.execute(_DEMO_LOCK, {"ids": ids})}
+    found = {r.customer_id: dict(r._mapping) for r in _ids(conn, _DEMO_LOCK, "customer_id", ids)}
     missing = [c for c in ids if c not in found]
-    if missing:  # another replica may be inserting one: ON CONFLICT waits for it, then it is read
-        conn.execute(_PLACEHOLDERS, [{"customer_id": c, **_PLACEHOLDER} for c in missing])
-        found.update({r.customer_id: dict(r._mapping) for r in conn.execute(_DEMO_LOCK, {"ids": missing})})
+    if missing:
+        made = execute_rows(conn, _PLACEHOLDERS, [{"customer_id": c, **_PLACEHOLDER} for c in missing])
+        found.update({r.customer_id: dict(r._mapping) for r in made})
+        if late := [c for c in missing if c not in found]:  # another replica inserted it meanwhile
+            found.update({r.customer_id: dict(r._mapping) for r in _ids(conn, _DEMO_LOCK, "customer_id", late)})
     return found
 
 
@@ -200,6 +222,8 @@ CUSTOMER_EVENTS = {  # routing key: (message, an erasure)
     "customer.erased.v1": (customer_events_pb2.CustomerErased, True),
 }
 DEMO_COLUMNS = tuple(_PLACEHOLDER)
+_PLACEHOLDERS = _placeholders()
+_DEMO_UPDATE = fact_update(customer_demo_facts, ("customer_id",), ("customer_id", *DEMO_COLUMNS))
 
 
 def on_customer(key: str):
@@ -225,7 +249,6 @@ def apply_customers(conn: sa.Connection, events: list[Event]) -> None:
         cls, erase = CUSTOMER_EVENTS[e.routing_key]
         c = e.parse(cls).customer
         parsed.append((c.name.removeprefix("customers/"), c, erase))
-    t = customer_demo_facts
     stored = lock_customers(conn, [cid for cid, _, _ in parsed])
     erasing = {cid for cid, c, erase in parsed if erase or c.erased} | {c for c, r in stored.items() if r["erased"]}
     newest: dict[str, dict] = {}
@@ -235,7 +258,7 @@ def apply_customers(conn: sa.Connection, events: list[Event]) -> None:
             newest[cid] = v
     updates = {cid: v for cid, v in newest.items() if v["version"] > stored[cid]["version"]}
     if updates:
-        conn.execute(_update_by(t, "customer_id", DEMO_COLUMNS), [{"w_id": cid, **v} for cid, v in updates.items()])
+        execute_rows(conn, _DEMO_UPDATE, [{"customer_id": cid, **v} for cid, v in updates.items()])
         demos = {cid: {**stored[cid], **v} for cid, v in updates.items()}
         _move_orders(conn, sorted(demos), demos)
         refresh_leads(conn, demos, {})
@@ -291,8 +314,15 @@ def _lines(o: ev.OrderEvent) -> list:
 
 
 _ORDERS_LOCK = _lock_in(sales_order_facts, "order_id")
-_ORDER_UPDATE = _update_by(
-    sales_order_facts, "order_id", ("version", "customer_id", "day", "counts", "lines", *CUSTOMER_DIMS)
+_ORDER_COLUMNS = ("order_id", "version", "customer_id", "day", "counts", "lines", *CUSTOMER_DIMS)
+_ORDER_INSERT = fact_insert(sales_order_facts, (*_ORDER_COLUMNS, "frozen"))
+_ORDER_UPDATE = fact_update(sales_order_facts, ("order_id",), _ORDER_COLUMNS)
+_ORDER_MOVE = fact_update(sales_order_facts, ("order_id",), ("order_id", "customer_id", *CUSTOMER_DIMS))
+_ORDERS_OF = (
+    sa.select(sales_order_facts)
+    .where(in_rowset(sales_order_facts, ("customer_id",)), sales_order_facts.c.frozen.is_(False))
+    .order_by(sales_order_facts.c.order_id)
+    .with_for_update()
 )
 
 
@@ -327,7 +357,7 @@ def apply_sales(conn: sa.Connection, events: list[Event]) -> None:
     alias = current_ids(conn, {c for c, _ in orders.values()} | set(leads))
     leads = _min_by(((alias[c], t) for c, t in leads.items()))
     demos = lock_customers(conn, [alias[c] for c, _ in orders.values()] + list(leads))
-    old = {r.order_id: r for r in conn.execute(_ORDERS_LOCK, {"ids": sorted(orders)})} if orders else {}
+    old = {r.order_id: r for r in _ids(conn, _ORDERS_LOCK, "order_id", sorted(orders))} if orders else {}
     if moved := {r.customer_id for r in old.values()} - set(demos):  # an order re-pointed: rare
         demos.update(lock_customers(conn, moved))
     inserts, updates, before, after = [], [], [], []
@@ -337,18 +367,19 @@ def apply_sales(conn: sa.Connection, events: list[Event]) -> None:
         if o is not None and (o.version >= v["version"] or o.frozen):
             continue
         values = {**v, "customer_id": cid, **resolve(demos[cid], v["day"])}
+        row = {c: values[c] for c in _ORDER_COLUMNS[1:]}
         if o is None:
-            inserts.append({"order_id": oid, **values, "frozen": False})
+            inserts.append({"order_id": oid, **row, "frozen": False})
         else:
-            updates.append({"w_id": oid, **values})
+            updates.append({"order_id": oid, **row})
             before.append(o)
             touched.add(o.customer_id)
         after.append(values)
         touched.add(cid)
     if inserts:
-        conn.execute(sales_order_facts.insert(), inserts)
+        execute_rows(conn, _ORDER_INSERT, inserts)
     if updates:
-        conn.execute(_ORDER_UPDATE, updates)
+        execute_rows(conn, _ORDER_UPDATE, updates)
     _apply_order_rollups(conn, before, after)
     refresh_leads(conn, {c: demos[c] for c in touched}, leads)
 
@@ -376,8 +407,7 @@ def reattribute(conn: sa.Connection, cid: str, demo: dict) -> None:
 def _move_orders(conn: sa.Connection, owners: list[str], demos: dict[str, dict], survivor: str | None = None) -> None:
     """The orders of `owners` (not frozen) count under their customer (or `survivor`) with its
     values in `demos`: their facts and the rollups move by the difference."""
-    t = sales_order_facts
-    rows = conn.execute(sa.select(t).where(t.c.customer_id.in_(owners), t.c.frozen.is_(False)).with_for_update()).all()
+    rows = _ids(conn, _ORDERS_OF, "customer_id", owners).all()
     old, new = [], []
     for r in rows:
         cid = survivor or r.customer_id
@@ -386,20 +416,19 @@ def _move_orders(conn: sa.Connection, owners: list[str], demos: dict[str, dict],
             old.append(r)
             new.append({**r._mapping, **values})
     if new:
-        cols = ("customer_id", *CUSTOMER_DIMS)
-        conn.execute(_update_by(t, "order_id", cols), [{"w_id": n["order_id"], **{c: n[c] for c in cols}} for n in new])
+        execute_rows(conn, _ORDER_MOVE, [{c: n[c] for c in ("order_id", "customer_id", *CUSTOMER_DIMS)} for n in new])
         _apply_order_rollups(conn, old, new)
 
 
 _ALIASES = sa.select(sales_customer_aliases.c.merged_id, sales_customer_aliases.c.survivor_id).where(
-    sales_customer_aliases.c.merged_id.in_(sa.bindparam("ids", expanding=True))
+    in_rowset(sales_customer_aliases, ("merged_id",))
 )
 
 
 def current_ids(conn: sa.Connection, cids) -> dict[str, str]:
     """The customer an event naming each of `cids` counts under: the survivor of a merge, or itself."""
     ids = sorted(set(cids))
-    found = dict(conn.execute(_ALIASES, {"ids": ids}).all()) if ids else {}
+    found = dict(_ids(conn, _ALIASES, "merged_id", ids).all()) if ids else {}
     return {c: found.get(c, c) for c in ids}
 
 
@@ -448,11 +477,13 @@ on_customer_merged.after = on_customer_unmerged.after = ORDERED
 
 _FIRST_DAYS = (
     sa.select(sales_order_facts.c.customer_id, sa.func.min(sales_order_facts.c.day))
-    .where(sales_order_facts.c.customer_id.in_(sa.bindparam("ids", expanding=True)), sales_order_facts.c.counts)
+    .where(in_rowset(sales_order_facts, ("customer_id",)), sales_order_facts.c.counts)
     .group_by(sales_order_facts.c.customer_id)
 )
 _LP_LOCK = _lock_in(lead_purchase_facts, "customer_id")
-_LP_UPDATE = _update_by(lead_purchase_facts, "customer_id", ("first_lead_time", "day", "days", *CUSTOMER_DIMS))
+_LP_COLUMNS = ("customer_id", "first_lead_time", "day", "days", *CUSTOMER_DIMS)
+_LP_INSERT = fact_insert(lead_purchase_facts, _LP_COLUMNS)
+_LP_UPDATE = fact_update(lead_purchase_facts, ("customer_id",), _LP_COLUMNS)
 
 
 def _lp_contrib(row) -> list:
@@ -469,11 +500,11 @@ def refresh_leads(conn: sa.Connection, demos: dict[str, dict], lead_times: dict[
     ids = sorted(demos)
     if not ids:
         return
-    rows = {r.customer_id: r for r in conn.execute(_LP_LOCK, {"ids": ids})}
+    rows = {r.customer_id: r for r in _ids(conn, _LP_LOCK, "customer_id", ids)}
     ids = [c for c in ids if (c in rows and not rows[c].frozen) or (c not in rows and c in lead_times)]
     if not ids:
         return
-    first_days = dict(conn.execute(_FIRST_DAYS, {"ids": ids}).all())
+    first_days = dict(_ids(conn, _FIRST_DAYS, "customer_id", ids).all())
     inserts, updates, before, after = [], [], [], []
     for cid in ids:
         row = rows.get(cid)
@@ -485,15 +516,15 @@ def refresh_leads(conn: sa.Connection, demos: dict[str, dict], lead_times: dict[
         if row is None:
             inserts.append({"customer_id": cid, **new})
         elif any(row._mapping[k] != v for k, v in new.items()):
-            updates.append({"w_id": cid, **new})
+            updates.append({"customer_id": cid, **new})
             before.append(row)
         else:
             continue
         after.append(new)
     if inserts:
-        conn.execute(lead_purchase_facts.insert(), inserts)
+        execute_rows(conn, _LP_INSERT, inserts)
     if updates:
-        conn.execute(_LP_UPDATE, updates)
+        execute_rows(conn, _LP_UPDATE, updates)
     rollup_upsert(
         conn, LEAD_PURCHASE, [c for r in before for c in _lp_contrib(r)], [c for n in after for c in _lp_contrib(n)]
     )

@@ -27,7 +27,7 @@ import functools
 from collections.abc import Callable, Mapping
 
 import sqlalchemy as sa
-from google.protobuf import json_format
+from google.protobuf import descriptor, descriptor_pool, json_format
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from crm.campaign.v1 import campaign_events_pb2 as cev
@@ -43,7 +43,7 @@ from crm_chassis.persian import to_persian_digits
 from crm_chassis.resources import ResourceName
 
 from . import periods
-from .projection import Projection, per_event, rows_param, rowset
+from .projection import Projection, execute_rows, in_rowset, per_event, rowset
 from .tables import customer_aliases, timeline
 
 CUSTOMER = "customers/"
@@ -54,19 +54,25 @@ CUSTOMER_NAME = ResourceName("customers/{customer_id}", customer_id=r"[A-Za-z0-9
 class Timeline:
     """The sink of timeline rows: `apply` one, `apply_many` a batch (the interface of Facts)."""
 
+    table = timeline
+
     def apply(self, conn: sa.Connection, key: Mapping, values: Mapping) -> None:
         self.apply_many(conn, [(key, values)])
 
-    def apply_many(self, conn: sa.Connection, changes: list[tuple[Mapping, Mapping]]) -> None:
+    def apply_many(self, conn: sa.Connection, changes: list[tuple[Mapping, Mapping]], writes=None) -> None:
         if not changes:
             return
         origins = sorted({v["origin_customer_id"] for _, v in changes})
-        a = customer_aliases
-        alias = dict(conn.execute(sa.select(a.c.merged_id, a.c.survivor_id).where(a.c.merged_id.in_(origins))).all())
+        alias = dict(execute_rows(conn, _ALIASES, [{"merged_id": o} for o in origins]).all())
         rows = [
             {**k, **v, "customer_id": alias.get(v["origin_customer_id"], v["origin_customer_id"])} for k, v in changes
         ]
-        conn.execute(_insert(tuple(rows[0])), rows_param(rows))  # in the order given (a function scan)
+        execute_rows(conn, _insert(tuple(rows[0])), rows)  # in the order given (a function scan)
+
+
+_ALIASES = sa.select(customer_aliases.c.merged_id, customer_aliases.c.survivor_id).where(
+    in_rowset(customer_aliases, ("merged_id",))
+)
 
 
 @functools.cache
@@ -94,23 +100,77 @@ def _fmt(m) -> str:
     return f"{d['amount']} {d['currency']}" if d else ""
 
 
+_FD = descriptor.FieldDescriptor
+_INT64 = (_FD.CPPTYPE_INT64, _FD.CPPTYPE_UINT64)
+
+
+def _enum_json(fd):
+    values = fd.enum_type.values_by_number
+    if fd.enum_type.full_name == "google.protobuf.NullValue" or fd.enum_type.is_closed:
+        return None  # json_format's own rules for these
+
+    def name(v):
+        e = values.get(v)
+        return v if e is None else e.name  # an unknown value of an open enum: its number
+
+    return name
+
+
+def _json_enum_names_custom() -> bool:
+    """Whether any enum value may have a custom JSON name (the `pb.enumvalue.json` option)."""
+    try:
+        descriptor_pool.Default().FindExtensionByName("pb.enumvalue.json")
+    except KeyError:
+        return False
+    return True
+
+
+@functools.cache
+def _scalar_json(fd) -> Callable | None:
+    """The proto3 JSON value of a singular scalar field's value, as json_format.MessageToDict
+    gives it (strings, bools, 32-bit integers as they are, 64-bit ones as strings, enums by
+    name), or None for what is left to json_format (messages, lists, maps, floats, bytes)."""
+    if fd.is_repeated or fd.cpp_type == _FD.CPPTYPE_MESSAGE:
+        return None
+    if fd.cpp_type == _FD.CPPTYPE_STRING:
+        return None if fd.type == _FD.TYPE_BYTES else str
+    if fd.cpp_type == _FD.CPPTYPE_BOOL:
+        return bool
+    if fd.cpp_type in _INT64:
+        return str
+    if fd.cpp_type in (_FD.CPPTYPE_INT32, _FD.CPPTYPE_UINT32):
+        return int
+    if fd.cpp_type == _FD.CPPTYPE_ENUM and not _json_enum_names_custom():
+        return _enum_json(fd)
+    return None
+
+
 def _detail(msg, *fields: str) -> dict:
     """The named fields of the event's message (set ones only), as JSON: only those fields are
-    copied and converted (json_format over the whole event was a sixth of a rebuild's time)."""
+    copied and converted (json_format over the whole event was a sixth of a rebuild's time);
+    scalars directly (_scalar_json: json_format's printer per call cost more than the rest of
+    the entry), the others by json_format."""
     if not fields:
         return {}
-    named = [(fd, v) for fd, v in msg.ListFields() if fd.name in fields]
-    if not named:
-        return {}
-    part = type(msg)()
-    for fd, v in named:
-        if fd.is_repeated:  # lists and maps
-            getattr(part, fd.name).MergeFrom(v)
-        elif fd.message_type is not None:
-            getattr(part, fd.name).CopyFrom(v)
-        else:
-            setattr(part, fd.name, v)
-    return json_format.MessageToDict(part, preserving_proto_field_name=True)
+    out, rest = {}, []
+    for fd, v in msg.ListFields():
+        if fd.name in fields:
+            conv = _scalar_json(fd)
+            if conv is None:
+                rest.append((fd, v))
+            else:
+                out[fd.name] = conv(v)
+    if rest:
+        part = type(msg)()
+        for fd, v in rest:
+            if fd.is_repeated:  # lists and maps
+                getattr(part, fd.name).MergeFrom(v)
+            elif fd.message_type is not None:
+                getattr(part, fd.name).CopyFrom(v)
+            else:
+                setattr(part, fd.name, v)
+        out.update(json_format.MessageToDict(part, preserving_proto_field_name=True))
+    return out
 
 
 def entry(source: str, parse: type, customer: Callable, ref: Callable, title: Callable, fields: tuple = ()):

@@ -23,7 +23,7 @@ from crm_chassis.errors import FieldViolation, InvalidArgument
 from crm_chassis.messaging.consumer import Requires
 from crm_chassis.messaging.envelope import Event
 
-from .projection import Facts, Projection, Rollup, per_event, tehran_day
+from .projection import Facts, Projection, Rollup, execute_rows, per_event, rowset, tehran_day
 from .value_tables import VALUE_MEASURES, customer_value_daily, customer_value_summary, invoice_value_facts
 
 ROLLUP = Rollup(customer_value_daily, ("day", "customer_id", "currency"), VALUE_MEASURES)
@@ -74,7 +74,9 @@ def _summary_statements():
     cids = sa.bindparam("cids", expanding=True)
     # 1. lock (or make) each summary row touched, in key order, and empty it: a second replica
     # waits here until the first commits, then reads the daily rows with what it wrote
-    ins = pg.insert(s)
+    # (the keys as one row set, in key order: one statement compiled once, projection.execute_rows)
+    v = rowset(s, ("customer_id", "currency"))
+    ins = pg.insert(s).from_select(["customer_id", "currency"], sa.select(v.c.customer_id, v.c.currency))
     reset = ins.on_conflict_do_update(
         index_elements=["customer_id", "currency"],
         set_={"first_day": None, "last_day": None, "last_purchase_day": None, "purchase_days": 0, "purchases": 0,
@@ -125,7 +127,7 @@ def refresh_summary(conn: sa.Connection, rows: list) -> None:
     if not keys:
         return
     reset, fill, drop = _summary_statements()
-    conn.execute(reset, [{"customer_id": c, "currency": cur} for c, cur in keys])
+    execute_rows(conn, reset, [{"customer_id": c, "currency": cur} for c, cur in keys])
     params = {"ks": keys, "cids": sorted({c for c, _ in keys})}
     conn.execute(fill, params)
     conn.execute(drop, {"ks": keys})
