@@ -43,6 +43,7 @@ from reporting_svc.__main__ import SPEC
 from tests.support.harness import ROOT, Broker, Databases, channel, md, service_settings, start_service, wait_for
 
 N = int(os.environ.get("BENCH_REPORTING_EVENTS", "20000"))
+THREADS = os.environ.get("CONSUMER_THREADS", "1")
 CALLS = int(os.environ.get("BENCH_REPORT_CALLS", "50"))
 T0 = dt.datetime(2026, 10, 1, 6, 0, tzinfo=dt.UTC)
 
@@ -145,7 +146,7 @@ def raw_stream_read(url: str, n: int) -> float:
 
 def main() -> None:
     dbs, broker = Databases(), Broker()
-    out: dict = {"events": N, "host": platform.node(), "python": platform.python_version()}
+    out: dict = {"events": N, "host": platform.node(), "python": platform.python_version(), "consumer_threads": THREADS}
     try:
         evs = events(N)
         db = dbs.fresh("rep_bench")
@@ -161,7 +162,8 @@ def main() -> None:
         out["publish_per_s"] = round(publish(broker.url, evs))
         out["raw_consume_per_s"] = round(raw_consume(broker.url, "bench.raw", N))
 
-        svc = start_service(SPEC, db, broker.url)
+        # CONSUMER_THREADS (the chassis setting: competing consumers in the process), 1 unless set
+        svc = start_service(SPEC, db, broker.url, env={"CONSUMER_THREADS": THREADS})
         t0 = time.perf_counter()
 
         def applied():
