@@ -893,3 +893,27 @@ def test_articles_of_long_words_and_of_200000_characters_are_created_quickly(svc
     assert texts[joined.name.split("/")[1]].endswith("\n" + long_word + "ها")
     assert texts[prose.name.split("/")[1]].endswith("\nدرخواستهای میتوانید")
     assert prose.name in [h.article.name for h in search(kb, "درخواستهای پشتیبانی")]  # typed joined
+
+
+def test_a_search_reaching_an_article_of_one_repeated_letter_reads_only_its_head(svc, kb):
+    """pg_trgm's word_similarity grows with the square of a text whose trigrams repeat: one
+    published article of 200,000 repeated letters made every search that reached it take about
+    20 s in PostgreSQL (400,000: 84 s). The trigram match and its similarity read the first
+    20,000 characters of the text (search_head); the full-text match still reads all of it. The
+    deadline is only a guard: without the bound the call ends DEADLINE_EXCEEDED."""
+    from support_svc.knowledge import SEARCH_HEAD
+
+    body = "ژ" * (ARTICLE_BODY_LIMIT - 100) + " پایان‌نامه"
+    a = article(kb, "مقاله تکراری", body)
+    with svc.ctx.engine.connect() as conn:
+        head, text = conn.execute(
+            sa.select(sa.func.length(kb_articles.c.search_head), sa.func.length(kb_articles.c.search_text)).where(
+                kb_articles.c.id == a.name.split("/")[1]
+            )
+        ).one()
+    assert head == SEARCH_HEAD and text > ARTICLE_BODY_LIMIT - 100
+    hits = kb.SearchArticles(pb.SearchArticlesRequest(query="ژژژژژژ"), metadata=AGENT, timeout=10).results
+    assert a.name in [h.article.name for h in hits]  # the trigram match, on the head
+    hits = kb.SearchArticles(pb.SearchArticlesRequest(query="پایان نامه"), metadata=AGENT, timeout=10).results
+    assert a.name in [h.article.name for h in hits]  # the full text, past the head
+    kb.ArchiveArticle(pb.ArchiveArticleRequest(name=a.name), metadata=MANAGER)

@@ -7,10 +7,11 @@ Search, in one place (canned answers use the same columns for suggestions, answe
   normalize(title + body): Arabic ي/ك and Persian ی/ک, a zero-width non-joiner and a space,
   Persian and ASCII digits are the same there, so every spelling of a word meets every other;
 - `search_vector` is a generated column, to_tsvector('simple', ...) of those two with the
-  title weighted A and the text D (GIN index); `search_text` has a pg_trgm GIN index too;
+  title weighted A and the text D (GIN index); `search_head` has a pg_trgm GIN index;
 - a query is normalised the same way and split into words; each word matches as a prefix
   (فاکتور finds فاکتورها) and all must match (`w1:* & w2:*`); a partial or misspelt word is
-  found by trigram word similarity on search_text (`query <% search_text`);
+  found by trigram word similarity on search_head, the text's first SEARCH_HEAD characters
+  (`query <% search_head`);
 - order: a match in the title first (`ts_filter(search_vector, '{a}') @@ query` or a trigram
   match on the title), then ts_rank, then trigram similarity; top N (no pages), each with a
   ts_headline snippet of the normalised text, matches between ** and **.
@@ -83,12 +84,22 @@ TSVECTOR = pg.TSVECTOR
 NO_PARENT = "00000000-0000-0000-0000-000000000000"
 
 
+# The part of search_text the trigram match and its similarity read: pg_trgm's word_similarity
+# grows with the square of the text where trigrams repeat (a body of one letter repeated:
+# 20,000 letters 0.3 s, 400,000 letters 84 s per search that reaches it), so it reads the
+# first SEARCH_HEAD characters; the full-text vector still covers the whole text.
+SEARCH_HEAD = 20_000
+HEAD_SQL = f"left(search_text, {SEARCH_HEAD})"
+
+
 def search_columns() -> list[sa.Column]:
-    """search_title, search_text and the generated search_vector of a searchable table."""
+    """search_title, search_text and the generated search_vector and search_head of a searchable
+    table."""
     return [
         sa.Column("search_title", sa.Text, nullable=False, server_default=""),
         sa.Column("search_text", sa.Text, nullable=False, server_default=""),
         sa.Column("search_vector", TSVECTOR, sa.Computed(VECTOR_SQL, persisted=True), nullable=False),
+        sa.Column("search_head", sa.Text, sa.Computed(HEAD_SQL, persisted=True), nullable=False),
     ]
 
 
@@ -96,9 +107,9 @@ def search_indexes(table: sa.Table) -> None:
     sa.Index(f"{table.name}_search", table.c.search_vector, postgresql_using="gin")
     sa.Index(
         f"{table.name}_search_trgm",
-        table.c.search_text,
+        table.c.search_head,
         postgresql_using="gin",
-        postgresql_ops={"search_text": "gin_trgm_ops"},
+        postgresql_ops={"search_head": "gin_trgm_ops"},
     )
 
 
@@ -845,13 +856,13 @@ class Knowledge:
             tree = tree.union_all(sa.select(kc.id).join(tree, kc.parent_id == tree.c.id))
             where.append(ka.category_id.in_(sa.select(tree.c.id)))
         fulltext = ka.search_vector.op("@@")(query)
-        trigram = sa.literal(raw).op("<%")(ka.search_text)
+        trigram = sa.literal(raw).op("<%")(ka.search_head)
         top = (
             sa.select(
                 ka.id.label("hit_id"),
                 sa.or_(title_match(kb_articles, query), sa.literal(raw).op("<%")(ka.search_title)).label("in_title"),
                 sa.func.ts_rank(ka.search_vector, query).label("rank"),
-                sa.func.word_similarity(raw, ka.search_text).label("similarity"),
+                sa.func.word_similarity(raw, ka.search_head).label("similarity"),
             )
             .where(*where, sa.or_(fulltext, trigram))
             .order_by(sa.text("in_title DESC"), sa.text("rank DESC"), sa.text("similarity DESC"), ka.update_time.desc())
