@@ -83,6 +83,7 @@ SERVICE_ONLY = {
     "CONSUMER_BATCH": "consumer_batch",
     "CONSUMER_BATCH_WAIT_MS": "consumer_batch_wait",
     "CONSUMER_THREADS": "consumer_threads",
+    "CONSUMER_DOMAINS": "consumer_domains",
 }
 
 # Keys of the Secret CloudNativePG creates for Cluster <name> as <name>-app.

@@ -643,3 +643,64 @@ def test_the_messaging_metrics_count_outcomes_queue_depth_and_the_outbox_backlog
         assert got["crm.outbox.published"][()] == published + 3
     finally:
         relay.stop(2)
+
+
+def test_consumer_domains_limit_a_process_to_one_producers_queues(engine, broker, tmp_path):
+    """CONSUMER_DOMAINS=<domain>: the process consumes that producer's queue only (one process
+    per producer, each with its own core and no lock shared with the others' batches); the other
+    producer's events wait in their queue for the process that takes them. A domain the service
+    does not consume stops the start, naming it."""
+    from crm_chassis.config import DEFAULT_JWT_SECRET, ConfigError, load_settings
+    from crm_chassis.service import Service, ServiceSpec
+
+    other = f"{DOMAIN}b"
+    url = engine.url.render_as_string(hide_password=False)
+
+    def service(domains: str):
+        env = {
+            "DATABASE_URL": url,
+            "AMQP_URL": broker.url,
+            "JWT_SECRET": DEFAULT_JWT_SECRET,
+            "CONSUMER_DOMAINS": domains,
+        }
+        spec = ServiceSpec(
+            name="domains-test",
+            default_port=1,
+            migrations=tmp_path,
+            subscriptions=lambda ctx: [Subscription(DOMAIN, {KEY: record}), Subscription(other, {KEY: record})],
+        )
+        return Service(
+            spec,
+            load_settings("domains-test", 1, env=env),
+            run_migrations=False,
+            relay=False,
+            grpc=False,
+            background=False,
+        )
+
+    with pytest.raises(ConfigError, match="CONSUMER_DOMAINS names nope"):
+        service("nope")
+    svc = service(other)
+    assert [s.domain for s in svc.consumer.subscriptions] == [other]
+    svc.start()
+    try:
+        assert svc.consumer.ready.wait(10)
+        conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+        ch = conn.channel()
+        declare_producer(ch, DOMAIN)
+        declare_producer(ch, other)
+        EventConsumer(engine, broker.url, "domains-test", [Subscription(DOMAIN, {KEY: record})]).declare(ch)
+        ch.confirm_delivery()
+        mine = [make_event(b"b") for _ in range(3)]
+        for e in mine:
+            ch.basic_publish(exchange_for(other), KEY, e.data, e.amqp_properties())
+        theirs = make_event(b"a")
+        ch.basic_publish(exchange_for(DOMAIN), KEY, theirs.data, theirs.amqp_properties())
+        wait_for(lambda: received(engine)[0] >= 3, what="the other domain's 3 events")
+        time.sleep(0.5)
+        assert received(engine) == (3, 3)
+        waiting = ch.queue_declare(queue=queue_name("domains-test", DOMAIN), passive=True).method.message_count
+        assert waiting == 1  # left for the process that consumes that producer
+        conn.close()
+    finally:
+        svc.stop(2)

@@ -46,6 +46,8 @@ class Settings:
     consumer_batch: int = 200  # CONSUMER_BATCH: deliveries handled in one transaction (1: one each)
     consumer_batch_wait: float = 0.0  # CONSUMER_BATCH_WAIT_MS / 1000: how long a batch waits for more
     consumer_threads: int = 1  # CONSUMER_THREADS: competing consumers of the same queues in this process
+    # CONSUMER_DOMAINS: the producers (event domains) whose queues this process consumes; empty: all
+    consumer_domains: tuple[str, ...] = ()
     roles_file: str | None = None  # ROLES_FILE: the role -> permission policy (else the default)
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -151,6 +153,7 @@ def load_settings(
         consumer_batch=_int(env, "CONSUMER_BATCH", 200, problems, 1, 10000),
         consumer_batch_wait=_int(env, "CONSUMER_BATCH_WAIT_MS", 0, problems, 0, 10000) / 1000,
         consumer_threads=_int(env, "CONSUMER_THREADS", 1, problems, 1, 16),
+        consumer_domains=tuple(d.strip() for d in env.get("CONSUMER_DOMAINS", "").split(",") if d.strip()),
         roles_file=roles_file,
     )
     if problems:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from .auth import configure_roles
-from .config import Settings, load_settings
+from .config import ConfigError, Settings, load_settings
 from .db import create_engine, migrate, resolve_database_url
 from .grpc_server import BackgroundWorker, GrpcService, Registration
 from .logging import configure_logging
@@ -98,6 +98,16 @@ class Service:
         # database session): while one waits for PostgreSQL the next runs its handlers.
         self.consumers: list[EventConsumer] = []
         subs = spec.subscriptions(self.ctx) if consumers else []
+        if self.settings.consumer_domains:  # one producer's queues per process (CONSUMER_DOMAINS)
+            unknown = set(self.settings.consumer_domains) - {s.domain for s in subs}
+            if consumers and unknown:
+                raise ConfigError(
+                    [
+                        f"CONSUMER_DOMAINS names {', '.join(sorted(unknown))}, which {spec.name} does not "
+                        f"consume (it consumes {', '.join(sorted({s.domain for s in subs})) or 'nothing'})"
+                    ]
+                )
+            subs = [s for s in subs if s.domain in self.settings.consumer_domains]
         if subs:
             self.consumers = [
                 EventConsumer(
