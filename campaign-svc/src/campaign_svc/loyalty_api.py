@@ -19,7 +19,7 @@ from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
 from crm_chassis.money import NANO, check_currency, to_money
 from crm_chassis.pagination import PageTokens, page_size
-from crm_chassis.resources import ResourceName, UpdateMask, check_etag, etag
+from crm_chassis.resources import ResourceName, UpdateMask, check_etag, etag, request_id_violation
 
 from .loyalty import MEMBER, MOVEMENT, PROGRAM, WORD, Loyalty, Rules, engine, with_member
 from .loyalty_tables import loyalty_members, loyalty_movements, loyalty_programs, loyalty_rewards
@@ -28,7 +28,7 @@ from .runtime import Campaign
 CUSTOMER = ResourceName("customers/{customer_id}")
 KEY = re.compile(r"[a-z0-9_-]{1,40}")
 REF = re.compile(r"(products|productLines)/[A-Za-z0-9_-]{1,64}")
-NAME_LIMIT, DESCRIPTION_LIMIT, REASON_LIMIT, REQUEST_LIMIT = 200, 2000, 500, 128
+NAME_LIMIT, DESCRIPTION_LIMIT, REASON_LIMIT = 200, 2000, 500
 MAX_DAYS = 3650
 MAX_POINTS = 10**12
 
@@ -355,8 +355,8 @@ class LoyaltyApi:
         except InvalidArgument as e:
             bad += e.violations
             currency = msg.currency_code
-        if len(request_id) > REQUEST_LIMIT:
-            bad.append(FieldViolation("request_id", f"may be at most {REQUEST_LIMIT} characters"))
+        if v := request_id_violation(request_id):
+            bad.append(v)
         values = {f: _field(msg, f, currency, bad) for f in FIELDS}
         if not bad:
             _check_whole(values, bad)
@@ -573,8 +573,8 @@ class LoyaltyApi:
             bad += e.violations
         if not request_id:
             bad.append(FieldViolation("request_id", "is required: a retry with it returns the first movement"))
-        elif len(request_id) > REQUEST_LIMIT:
-            bad.append(FieldViolation("request_id", f"may be at most {REQUEST_LIMIT} characters"))
+        elif v := request_id_violation(request_id):
+            bad.append(v)
         if kind == "redeem" and reward:
             pass
         elif kind == "redeem" and not reward and points <= 0:

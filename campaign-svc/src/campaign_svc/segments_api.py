@@ -27,7 +27,7 @@ from crm_chassis.filtering import (
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
-from crm_chassis.resources import ResourceName, UpdateMask, changes, check_etag, etag
+from crm_chassis.resources import ResourceName, UpdateMask, changes, check_etag, etag, request_id_violation
 from crm_chassis.work_tables import jobs as job_rows
 
 from . import segments as seg
@@ -253,8 +253,8 @@ class SegmentUseCases:
     # -- CRUD ------------------------------------------------------------------------------------
     def create(self, msg: pb.Segment, request_id: str, principal: Principal) -> pb.Segment:
         bad: list[FieldViolation] = []
-        if len(request_id) > 128:
-            bad.append(FieldViolation("request_id", "may be at most 128 characters"))
+        if v := request_id_violation(request_id):
+            bad.append(v)
         kind = KIND_OF.get(msg.kind)
         if kind is None:
             bad.append(FieldViolation("segment.kind", "choose SEGMENT_KIND_DYNAMIC, _STATIC or _COMBINED"))

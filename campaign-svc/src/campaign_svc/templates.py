@@ -63,7 +63,7 @@ from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.persian import format_jalali, format_number, persian_letters, phone_e164, to_persian_digits
-from crm_chassis.resources import ResourceName, UpdateMask, changes, check_etag, etag, same_requester
+from crm_chassis.resources import ResourceName, UpdateMask, changes, check_etag, check_request_id, etag, same_requester
 
 from . import consent
 from .outgoing import Outgoing, SendError
@@ -79,7 +79,6 @@ CHANNELS = ("email", "sms", "telegram", "bale")
 RTL_LANGUAGES = frozenset({"fa", "ar", "ur", "he", "ckb", "ps"})
 NAME_LIMIT, SUBJECT_LIMIT, HTML_LIMIT, TEXT_LIMIT = 200, 500, 200_000, 20_000
 SMS_LIMIT = 1_000  # characters: about 14 Persian SMS parts, more than any campaign sends
-REQUEST_ID_LIMIT = 128
 FIELD = "template"
 CONTENT = ("subject", "html_body", "text_body", "language", "direction")
 
@@ -684,8 +683,7 @@ class Templates:
 
     # create / read / update / delete ----------------------------------------------------------------
     def create(self, t: pb.Template, request_id: str, principal: Principal) -> pb.Template:
-        if len(request_id) > REQUEST_ID_LIMIT:
-            raise InvalidArgument.field("request_id", f"must be at most {REQUEST_ID_LIMIT} characters")
+        check_request_id(request_id)
         channel = _channel(t.channel, f"{FIELD}.channel")
         display_name = _name(t.display_name, f"{FIELD}.display_name")
         content = checked(channel, {f: getattr(t, f) for f in CONTENT})

@@ -55,7 +55,7 @@ from crm_chassis.mail_parse import parse as parse_mail
 from crm_chassis.mail_parse import reply_text
 from crm_chassis.messaging.consumer import Subscription
 from crm_chassis.pagination import PageTokens, page_size
-from crm_chassis.resources import ResourceName
+from crm_chassis.resources import ResourceName, check_request_id
 
 from . import consent
 from .campaigns import CAMPAIGN, MESSAGE
@@ -853,8 +853,7 @@ class Tracking:
             return RESPONSE.format(self._record(tx, given, rid).id)
 
     def record_response(self, req: pb.RecordResponseRequest) -> pb.Response:
-        if len(req.request_id) > 128:
-            raise InvalidArgument.field("request_id", "must be at most 128 characters")
+        check_request_id(req.request_id)
         with self.uow.begin() as tx:
             return response_to_proto(self._record(tx, req.response, req.request_id))
 

@@ -156,13 +156,20 @@ class ResourceName:
 REQUEST_ID_LIMIT = 128  # AIP-155's request_id is a UUID (36): room for other unique keys
 
 
+def request_id_violation(value: str, field: str = "request_id") -> FieldViolation | None:
+    """The violation of an idempotency key past REQUEST_ID_LIMIT characters (it goes in a
+    unique index, whose keys stop at ~2,700 bytes), for a handler that names every bad field."""
+    if len((value or "").strip()) > REQUEST_ID_LIMIT:
+        return FieldViolation(field, f"must be at most {REQUEST_ID_LIMIT} characters (a UUID)")
+    return None
+
+
 def check_request_id(value: str, field: str = "request_id") -> str | None:
-    """An idempotency key as stored (None when empty); INVALID_ARGUMENT naming `field` past
-    REQUEST_ID_LIMIT characters (it goes in a unique index, whose keys stop at ~2,700 bytes)."""
-    value = (value or "").strip()
-    if len(value) > REQUEST_ID_LIMIT:
-        raise InvalidArgument.field(field, f"must be at most {REQUEST_ID_LIMIT} characters (a UUID)")
-    return value or None
+    """An idempotency key as stored (None when empty); INVALID_ARGUMENT naming `field` when it
+    is too long (request_id_violation)."""
+    if bad := request_id_violation(value, field):
+        raise InvalidArgument([bad])
+    return (value or "").strip() or None
 
 
 def same_requester(creator: str, principal, what: str) -> None:
