@@ -168,17 +168,56 @@ class ErrorView:
     reason: str | None = None
     field_violations: list[FieldViolation] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    # the answer did not arrive in a readable form: gRPC core cut the call short because its
+    # trailers passed the channel's metadata limit, and no status proto of the service's survived
+    unreadable: bool = False
+
+
+# What gRPC core says when a response's headers or trailers pass the channel's
+# grpc.max_metadata_size: a transport failure, not the service's rate limit or quota.
+METADATA_TOO_LARGE = "received metadata size exceeds"
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def _call_status(err: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """The call's own code and details (UNKNOWN for an RpcError that is not a call)."""
+    try:
+        code, details = err.code(), err.details()
+    except Exception:
+        return grpc.StatusCode.UNKNOWN, ""
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    return code, details if isinstance(details, str) else ""
+
+
+def _sent_status(err: grpc.RpcError) -> status_pb2.Status | None:
+    """The google.rpc.Status the service sent in the trailers, if it arrived and parses."""
+    try:
+        for key, value in err.trailing_metadata() or ():
+            if key == _DETAILS_KEY:
+                return status_pb2.Status.FromString(value)
+    except Exception:
+        pass
+    return None
 
 
 def read_rpc_error(err: grpc.RpcError) -> ErrorView:
-    view = ErrorView(code=err.code(), message=err.details() or "")
-    try:
-        status = rpc_status.from_call(err)
-    except ValueError:  # details that disagree with the call's code (a transport error): the code wins
-        return view
-    if status is None:
-        return view
-    for detail in status.details:
+    """What a failed call says; never raises. The details come from the status proto the
+    service sent, when it agrees with the call's code. A call gRPC core cut short because its
+    trailers passed the metadata limit (RESOURCE_EXHAUSTED "received metadata size exceeds")
+    is a transport failure: if the service's status still arrived and says INVALID_ARGUMENT,
+    that is the answer (the caller's input was bad); else the view is `unreadable`. Any other
+    status proto that disagrees with the call's code is ignored: the code wins."""
+    code, details = _call_status(err)
+    cut_short = code == grpc.StatusCode.RESOURCE_EXHAUSTED and METADATA_TOO_LARGE in details
+    sent = _sent_status(err)
+    if sent is not None and sent.code != code.value[0]:
+        if cut_short and sent.code == code_pb2.INVALID_ARGUMENT:
+            code, details, cut_short = grpc.StatusCode.INVALID_ARGUMENT, sent.message, False
+        else:
+            sent = None
+    view = ErrorView(code=code, message=details, unreadable=cut_short)
+    for detail in sent.details if sent is not None else ():
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
