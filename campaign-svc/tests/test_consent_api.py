@@ -330,7 +330,7 @@ def test_an_erased_address_is_kept_as_a_keyed_hash_and_an_older_unkeyed_one_stil
         {"CONSENT_LINK_SECRET": "b" * 40}, "j"
     )
     phone = "+989121234567"
-    mine = consent._key
+    mine = consent.hash_key()
     want = "hmac-sha256:" + hmac.new(mine, phone.encode(), hashlib.sha256).hexdigest()
     assert consent.address_hash(phone) == want
     assert consent.address_hash(phone) != "sha256:" + hashlib.sha256(phone.encode()).hexdigest()

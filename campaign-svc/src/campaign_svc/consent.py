@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import os
 from dataclasses import dataclass, field
 
@@ -261,42 +262,53 @@ def suppress(tx, channel: str, address: str, reason: str, detail: str = "") -> b
 # trying every number. Rows an earlier version wrote as an unkeyed SHA-256 still match.
 HASHED = "hmac-sha256:"
 LEGACY_HASHED = "sha256:"
-_key: bytes | None = None
+_pads: tuple[bytes, bytes, bytes] | None = None  # (key, inner pad, outer pad), set by configure
 
 
-def hash_key_of(env=os.environ, jwt_secret: str | None = None) -> bytes:
-    """SUPPRESSION_HASH_KEY, else a key derived from the consent links' secret (itself the
-    setting CONSENT_LINK_SECRET or one derived from the JWT secret): keep it for the life of the
-    deployment, since a new key no longer matches the hashes already kept."""
+def link_secret_of(env=os.environ, jwt_secret: str | None = None) -> bytes:
+    """The consent links' signing secret: CONSENT_LINK_SECRET, else one derived from the JWT
+    secret (consent_api signs its links with it; the suppression hash key derives from it)."""
     from crm_chassis.config import DEFAULT_JWT_SECRET
     from crm_chassis.links import link_secret
 
+    jwt = jwt_secret if jwt_secret is not None else env.get("JWT_SECRET", "") or DEFAULT_JWT_SECRET
+    return link_secret(env.get("CONSENT_LINK_SECRET", ""), jwt, "consent-links")
+
+
+def hash_key_of(env=os.environ, jwt_secret: str | None = None) -> bytes:
+    """SUPPRESSION_HASH_KEY, else a key derived from the consent links' secret: keep it for the
+    life of the deployment, since a new key no longer matches the hashes already kept."""
     if given := env.get("SUPPRESSION_HASH_KEY", ""):
         return given.encode()
-    jwt = jwt_secret if jwt_secret is not None else env.get("JWT_SECRET", "") or DEFAULT_JWT_SECRET
-    consent_secret = link_secret(env.get("CONSENT_LINK_SECRET", ""), jwt, "consent-links")
-    return hashlib.sha256(b"suppression-hash:" + consent_secret).digest()
+    return hashlib.sha256(b"suppression-hash:" + link_secret_of(env, jwt_secret)).digest()
 
 
 def configure(key: bytes) -> None:
-    """The key the service read at start (consent_api.install)."""
-    global _key
-    _key = key
+    """The key the service read at start (consent_api.install), with HMAC's two pads of it for
+    the SQL form, computed once."""
+    global _pads
+    block = (hashlib.sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
+    _pads = (key, bytes(b ^ 0x36 for b in block), bytes(b ^ 0x5C for b in block))
 
 
-def _pads() -> tuple[bytes, bytes]:
-    key = _key if _key is not None else hash_key_of()
-    if len(key) > 64:
-        key = hashlib.sha256(key).digest()
-    key = key.ljust(64, b"\0")
-    return bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
+def _key_pads() -> tuple[bytes, bytes, bytes]:
+    if _pads is None:  # outside a started service: the key its settings would give
+        configure(hash_key_of())
+    return _pads
+
+
+def hash_key() -> bytes:
+    """The key erased suppressions are hashed with in this process."""
+    return _key_pads()[0]
+
+
+def _hex(prefix: str, digest) -> sa.ColumnElement:
+    return sa.literal(prefix) + sa.func.encode(digest, "hex")
 
 
 def address_hash(address: str) -> str:
     """The form an erased customer's suppressed address is kept in: HMAC-SHA256, hex."""
-    inner, outer = _pads()
-    digest = hashlib.sha256(outer + hashlib.sha256(inner + address.encode()).digest()).hexdigest()
-    return HASHED + digest
+    return HASHED + hmac.new(hash_key(), address.encode(), hashlib.sha256).hexdigest()
 
 
 def _legacy_hash(address: str) -> str:
@@ -305,15 +317,14 @@ def _legacy_hash(address: str) -> str:
 
 def _hash_sql(address_col) -> sa.ColumnElement:
     """address_hash in SQL (HMAC from the built-in sha256: no extension needed)."""
-    inner, outer = _pads()
+    _key, inner, outer = _key_pads()
     text = sa.func.convert_to(address_col, "UTF8")
     inner_digest = sa.func.sha256(sa.literal(inner, sa.LargeBinary).op("||")(text))
-    digest = sa.func.sha256(sa.literal(outer, sa.LargeBinary).op("||")(inner_digest))
-    return sa.literal(HASHED) + sa.func.encode(digest, "hex")
+    return _hex(HASHED, sa.func.sha256(sa.literal(outer, sa.LargeBinary).op("||")(inner_digest)))
 
 
 def _legacy_hash_sql(address_col) -> sa.ColumnElement:
-    return sa.literal(LEGACY_HASHED) + sa.func.encode(sa.func.sha256(sa.func.convert_to(address_col, "UTF8")), "hex")
+    return _hex(LEGACY_HASHED, sa.func.sha256(sa.func.convert_to(address_col, "UTF8")))
 
 
 def _forms(address: str) -> list[str]:

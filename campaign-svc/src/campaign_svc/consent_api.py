@@ -30,7 +30,7 @@ from crm_chassis.errors import AlreadyExists, FieldViolation, InvalidArgument, N
 from crm_chassis.filtering import keyset_page
 from crm_chassis.grpc_server import Registration
 from crm_chassis.interceptors import current_principal
-from crm_chassis.links import Signer, key_list, key_matches, link_secret
+from crm_chassis.links import Signer, key_list, key_matches
 from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName
 
@@ -62,7 +62,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, jwt_secret: str, env=os.environ) -> Settings:
-        secret = link_secret(env.get("CONSENT_LINK_SECRET", ""), jwt_secret, "consent-links")
+        secret = consent.link_secret_of(env, jwt_secret)
         try:
             days = int(env.get("OPT_IN_LINK_DAYS", "7"))
         except ValueError:
