@@ -89,12 +89,21 @@ def _pending_rows() -> list[tuple[int, float]]:
     return out
 
 
+# One query per collection for both outbox gauges: `_pending` (observed first, registered first)
+# reads and keeps the rows, `_pending_age` takes them (or reads them itself if it comes alone).
+_read: list[tuple[int, float]] | None = None
+
+
 def _pending(options: CallbackOptions):
-    return [Observation(n) for n, _age in _pending_rows()]
+    global _read
+    _read = _pending_rows()
+    return [Observation(n) for n, _age in _read]
 
 
 def _pending_age(options: CallbackOptions):
-    return [Observation(age) for _n, age in _pending_rows()]
+    global _read
+    rows, _read = (_read if _read is not None else _pending_rows()), None
+    return [Observation(age) for _n, age in rows]
 
 
 _meter = metrics.get_meter("crm.messaging")
