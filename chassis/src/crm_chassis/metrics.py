@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 import weakref
 
 import sqlalchemy as sa
@@ -89,20 +90,23 @@ def _pending_rows() -> list[tuple[int, float]]:
     return out
 
 
-# One query per collection for both outbox gauges: `_pending` (observed first, registered first)
-# reads and keeps the rows, `_pending_age` takes them (or reads them itself if it comes alone).
-_read: list[tuple[int, float]] | None = None
+# One query per collection for both outbox gauges: `_pending` (registered, so observed, first)
+# reads the rows and keeps them with the time; `_pending_age` takes them if they are that
+# collection's (under a second old), else reads them itself.
+_read: tuple[float, list[tuple[int, float]]] | None = None
 
 
 def _pending(options: CallbackOptions):
     global _read
-    _read = _pending_rows()
-    return [Observation(n) for n, _age in _read]
+    rows = _pending_rows()
+    _read = (time.monotonic(), rows)
+    return [Observation(n) for n, _age in rows]
 
 
 def _pending_age(options: CallbackOptions):
     global _read
-    rows, _read = (_read if _read is not None else _pending_rows()), None
+    kept, _read = _read, None
+    rows = kept[1] if kept is not None and time.monotonic() - kept[0] < 1.0 else _pending_rows()
     return [Observation(age) for _n, age in rows]
 
 
