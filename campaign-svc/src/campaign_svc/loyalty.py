@@ -336,12 +336,17 @@ _FIGURES_POINTS, _FIGURES_SPEND = _figures("points"), _figures("amount")
 # member's earnings depend on which of them count); else it writes the movements, the
 # members' balances, totals and tiers (from the movements: sums per member) and each member's
 # expiry timer at its soonest new lot (moved only when that is sooner than the one it has:
-# one timer per member, `timers.upsert_sql(keep_earlier=True)`'s rule, written from the
-# movements instead of a parameter), and returns each row's movement id.
+# one timer per member: `timers.upsert_sql(keep_earlier=True)` with the movements as its
+# source), and returns each row's movement id.
 _EARN_ROW = ("program_id", "member_id", "points", "balance", "amount", "invoice_id", "source_event_id",
              "expire_time", "details", "paid_at")  # fmt: skip
+_EXPIRY_TIMERS = timers.upsert_sql(
+    keep_earlier=True,
+    source="""SELECT :expire_kind, member_id::text, min(expire_time), min(expire_time), '{}'::jsonb, NULL, NULL
+            FROM ok WHERE expire_time IS NOT NULL GROUP BY member_id ORDER BY member_id""",
+)
 _EARN_WRITE = sa.text(
-    """WITH r AS (
+    f"""WITH r AS (
           SELECT t.n, (t.x->>0)::uuid AS program_id, (t.x->>1)::uuid AS member_id, (t.x->>2)::bigint AS points,
                  (t.x->>3)::bigint AS balance, (t.x->>4)::numeric AS amount, t.x->>5 AS invoice_id,
                  t.x->>6 AS source_event_id, (t.x->>7)::timestamptz AS expire_time, t.x->8 AS details,
@@ -372,16 +377,7 @@ _EARN_WRITE = sa.text(
             LEFT JOIN (SELECT (u->>0)::uuid AS id, u->>1 AS tier FROM jsonb_array_elements(CAST(:tiers AS jsonb)) AS u) up
                    ON up.id = d.member_id
            WHERE mb.id = d.member_id
-        ), armed AS (
-          INSERT INTO timers (kind, key, due_at, next_attempt_at, payload, cron, timezone)
-          SELECT :expire_kind, member_id::text, min(expire_time), min(expire_time), '{}'::jsonb, NULL, NULL
-            FROM ok WHERE expire_time IS NOT NULL GROUP BY member_id ORDER BY member_id
-          ON CONFLICT ON CONSTRAINT timers_kind_key DO UPDATE SET
-             due_at = EXCLUDED.due_at, next_attempt_at = EXCLUDED.next_attempt_at, payload = EXCLUDED.payload,
-             cron = EXCLUDED.cron, timezone = EXCLUDED.timezone,
-             state = 'scheduled', attempts = 0, last_error = NULL, lease_token = NULL, lease_until = NULL,
-             update_time = now()
-           WHERE timers.state <> 'scheduled' OR EXCLUDED.due_at < timers.due_at
+        ), armed AS ({_EXPIRY_TIMERS}
         )
         SELECT ok.n, moved.id FROM moved JOIN ok USING (program_id, source_event_id)
         UNION ALL

@@ -167,12 +167,15 @@ def _upsert_statement():
 _UPSERT = _upsert_statement()
 
 
-def upsert_sql(param: str = "rows", keep_earlier: bool = False) -> str:
+def upsert_sql(param: str = "rows", keep_earlier: bool = False, source: str | None = None) -> str:
     """SQL of the upsert of the timer rows in the jsonb parameter `param` (`upsert_rows` makes
-    it), for a statement of the caller's own (a CTE beside its other writes: one round trip).
-    With `keep_earlier`, a scheduled timer due no later than the new time is left alone (no
-    write at all: the WHERE of ON CONFLICT fails): "fire at the earliest of these times"."""
-    sql = f"""INSERT INTO timers ({", ".join(_UPSERT_COLUMNS)}) {jsonrows.select_rows("timers", _UPSERT_COLUMNS, param)}
+    it), or of the rows of `source` (a SELECT of the caller's giving _UPSERT_COLUMNS in order:
+    timers computed by the statement itself), for a statement of the caller's own (a CTE beside
+    its other writes: one round trip). With `keep_earlier`, a scheduled timer due no later than
+    the new time is left alone (no write at all: the WHERE of ON CONFLICT fails): "fire at the
+    earliest of these times"."""
+    rows = source if source is not None else jsonrows.select_rows("timers", _UPSERT_COLUMNS, param)
+    sql = f"""INSERT INTO timers ({", ".join(_UPSERT_COLUMNS)}) {rows}
         ON CONFLICT ON CONSTRAINT timers_kind_key DO UPDATE SET
         {", ".join(f"{c} = EXCLUDED.{c}" for c in _UPSERT_COLUMNS if c not in ("kind", "key"))},
         state = 'scheduled', attempts = 0, last_error = NULL, lease_token = NULL, lease_until = NULL,
