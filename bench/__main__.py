@@ -50,6 +50,34 @@ def start_customer_svc(
     return start_service_process("customer-svc", module, db_url, amqp_url, log_path, timeout)
 
 
+def start_role(
+    name: str, module: str, command: str, db_url: str, amqp_url: str, log_path=None, **env: str
+) -> subprocess.Popen:
+    """`python -m <module> <command>` (serve, or one role: consume, relay, ...) of service `name`
+    as its own process; its log goes to (appended to) `log_path` when given; `env` adds settings."""
+    env = dict(
+        os.environ,
+        SERVICE_NAME=name,
+        DATABASE_URL=db_url,
+        AMQP_URL=amqp_url,
+        JWT_SECRET=DEFAULT_JWT_SECRET,  # tokens minted by tests.support.harness.md
+        LOG_LEVEL="WARNING",
+        **env,
+    )
+    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - the child writes to it until it stops
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, command],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+        )
+    finally:
+        if out:
+            out.close()
+
+
 def start_service_process(
     name: str, module: str, db_url: str, amqp_url: str, log_path=None, timeout: float = 120, **env: str
 ) -> tuple[subprocess.Popen, int]:
@@ -57,27 +85,10 @@ def start_service_process(
     bench.baseline_server with BENCH_SERVICE naming the service's package), SERVING before it
     returns; its log goes to `log_path` when given; `env` adds settings."""
     port = free_port()
-    env = dict(
-        os.environ,
-        SERVICE_NAME=name,
-        GRPC_PORT=str(port),
-        DATABASE_URL=db_url,
-        AMQP_URL=amqp_url,
-        JWT_SECRET=DEFAULT_JWT_SECRET,  # tokens minted by tests.support.harness.md
-        LOG_LEVEL="WARNING",
-        BENCH_SERVICE=name.replace("-", "_"),
-        **env,
-    )
-    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - the child writes to it until it stops
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, "serve"],
-        env=env,
-        cwd=ROOT,
-        stdout=out,
-        stderr=subprocess.STDOUT if out else None,
-    )
-    if out:
-        out.close()
+    proc = start_role(
+        name, module, "serve", db_url, amqp_url, log_path,
+        GRPC_PORT=str(port), BENCH_SERVICE=name.replace("-", "_"), **env,
+    )  # fmt: skip
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         while True:

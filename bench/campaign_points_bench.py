@@ -62,6 +62,7 @@ import grpc
 import pika
 import sqlalchemy as sa
 
+from bench.__main__ import start_role as bench_role
 from bench.__main__ import start_service_process
 from campaign_svc.__main__ import SPEC
 from crm.campaign.v1 import loyalty_pb2 as pb
@@ -264,21 +265,7 @@ def in_process(url: str, amqp_url: str, n: int, batch: int) -> float:
 def start_role(command: str, url: str, amqp_url: str, log) -> subprocess.Popen:
     """campaign-svc running one role only (`python -m campaign_svc consume` or `relay`: the
     chassis' single-role commands), its log appended to `log`."""
-    env = dict(
-        os.environ,
-        SERVICE_NAME="campaign-svc",
-        DATABASE_URL=url,
-        AMQP_URL=amqp_url,
-        JWT_SECRET=DEFAULT_JWT_SECRET,
-        LOG_LEVEL="WARNING",
-    )
-    out = open(log, "ab")  # noqa: SIM115 - the child writes to it until it stops
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "campaign_svc", command], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
-        )
-    finally:
-        out.close()
+    return bench_role("campaign-svc", "campaign_svc", command, url, amqp_url, log)
 
 
 def drain(engine, n: int, timeout: float = 300) -> tuple[float, float]:

@@ -26,8 +26,6 @@ import datetime as dt
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 
 import pika
@@ -153,18 +151,21 @@ def split_live(db: str, amqp_url: str, limit: int) -> int:
     """Events/s of one `python -m reporting_svc consume` process per producer of the bench's
     events (CONSUMER_DOMAINS=support, =customer), timed from the first applied event to the
     last (the processes' start, imports included, is not theirs to pay per event)."""
-    from crm_chassis.config import DEFAULT_JWT_SECRET
+    from bench.__main__ import start_role
     from crm_chassis.db import create_engine, migrate
 
     migrate(db, SPEC.migrations)
     engine = create_engine(db, pool_size=1)
-    base = dict(os.environ, SERVICE_NAME="reporting-svc", DATABASE_URL=db, AMQP_URL=amqp_url,
-                JWT_SECRET=DEFAULT_JWT_SECRET, LOG_LEVEL="WARNING",
-                CONSUMER_DELIVERY_LIMIT=str(limit))  # fmt: skip  # the queues' as declared above
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "reporting_svc", "consume"], env={**base, "CONSUMER_DOMAINS": d}, cwd=ROOT
-        )
+    procs = [  # the delivery limit the queues were declared with above
+        start_role(
+            "reporting-svc",
+            "reporting_svc",
+            "consume",
+            db,
+            amqp_url,
+            CONSUMER_DELIVERY_LIMIT=str(limit),
+            CONSUMER_DOMAINS=d,
+        )  # fmt: skip
         for d in ("customer", "support")
     ]
     count = sa.text("SELECT coalesce(sum(applied_events), 0) FROM projection_sources")
