@@ -6,7 +6,8 @@ OTEL_METRIC_EXPORT_INTERVAL ms, 60,000 by default), under the process's `service
 - `crm.consumer.events` (counter, by `outcome`: processed, duplicate, failed, dead_lettered):
   what the service's consumers did with the events delivered to them;
 - `crm.consumer.queue.messages` (gauge, by `queue`): messages ready in each of the service's
-  queues, read by a passive declare every QUEUE_CHECK_SECONDS: how many events it is behind;
+  queues, read by a passive declare every QUEUE_CHECK_SECONDS (only in a process that exports
+  metrics): how many events it is behind;
 - `crm.consumer.held` (gauge): deliveries held unacknowledged while the database is down;
 - `crm.outbox.published` (counter): events the outbox relay published;
 - `crm.outbox.pending` and `crm.outbox.pending.age` (gauges, events and seconds): committed
@@ -34,6 +35,14 @@ log = logging.getLogger("crm.metrics")
 QUEUE_CHECK_SECONDS = 15.0
 _consumers: weakref.WeakSet = weakref.WeakSet()
 _relays: weakref.WeakSet = weakref.WeakSet()
+
+
+def exporting() -> bool:
+    """Whether this process has an SDK meter provider (an OTLP endpoint, or a test's reader):
+    else nothing is observed and readings made for it would be wasted."""
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    return isinstance(metrics.get_meter_provider(), MeterProvider)
 
 
 def track_consumer(consumer) -> None:

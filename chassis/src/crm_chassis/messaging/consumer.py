@@ -254,7 +254,8 @@ class EventConsumer:
                     )
                 log.info("consuming", extra={"consumer": self.consumer_service})
                 self._schedule_cleanup(1.0)
-                self._check_queues()
+                if metrics.exporting():  # the queue depths are for the metrics only
+                    self._check_queues()
                 backoff = 0.2
                 self.ready.set()
                 if self._stop.is_set():
