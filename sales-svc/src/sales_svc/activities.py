@@ -43,7 +43,7 @@ from crm_chassis.pagination import PageTokens, page_size
 from crm_chassis.resources import ResourceName, UpdateMask, changes, check_etag, etag, same_requester
 from crm_chassis.uow import Transaction
 
-from .access import Scope
+from .access import OWNER_LIMIT, Scope
 from .runtime import Sales
 from .tables import UUID, customer_refs, leads, metadata, opportunities, teams
 
@@ -67,7 +67,6 @@ DIRECTION_ENUM = {v: k for k, v in DIRECTION_OF.items()}
 
 SUBJECT_LIMIT = 300
 DESCRIPTION_LIMIT = 10_000
-OWNER_LIMIT = 200
 
 activities = sa.Table(
     "activities",
