@@ -548,6 +548,28 @@ def test_the_balance_is_the_ledger_sum_and_the_commit_refuses_anything_else(svc,
             )
         )
     assert "not the sum of its movements" in str(err.value)
+    with pytest.raises(sa.exc.IntegrityError) as err, svc.ctx.engine.begin() as conn:  # nor of another programme
+        mem = conn.execute(sa.select(loyalty_members).limit(1)).one()
+        other = conn.execute(
+            sa.text(
+                "INSERT INTO loyalty_programs (display_name, currency, earn_amount, earn_points) "
+                "VALUES ('other', 'IRR', 10000, 1) RETURNING id"
+            )
+        ).scalar_one()
+        conn.execute(loyalty_members.update().where(loyalty_members.c.id == mem.id).values(balance=mem.balance + 7))
+        conn.execute(
+            loyalty_movements.insert().values(
+                program_id=other,
+                member_id=mem.id,
+                kind="adjust",
+                points=7,
+                balance=mem.balance + 7,
+                remaining=7,
+                qualify_time=NOW,
+                occur_time=NOW,
+            )
+        )
+    assert "loyalty_movements_member_fkey" in str(err.value)  # migration 0014: one key for both
     with svc.ctx.engine.connect() as conn:  # no movement was kept without its member's balance
         assert conn.execute(sa.select(sa.func.count()).where(loyalty_movements.c.balance < 0)).scalar_one() == 0
     assert ledger_problems(svc) == []

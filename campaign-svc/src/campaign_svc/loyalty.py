@@ -287,7 +287,8 @@ def _json(values) -> str:
 
 
 # The members of a batch enrolled and locked in one statement: the new ones inserted (in key
-# order), the others locked FOR UPDATE (in key order) without being written, so the UPDATE
+# order; only the keys the statement's snapshot lacks are tried, a conflicting insert costs
+# several times an index probe), the others locked FOR UPDATE (in key order) without being written, so the UPDATE
 # of earn_batch's write is their only new row version (a row inserted or updated earlier in
 # the transaction has its foreign key checked again at the next UPDATE). A member inserted
 # by a concurrent transaction that committed after this statement began is neither (the
@@ -298,7 +299,9 @@ _ENROL_MANY = sa.text(
             FROM jsonb_populate_recordset(NULL::loyalty_members, CAST(:keys AS jsonb)) WITH ORDINALITY AS v
        ), ins AS (
           INSERT INTO loyalty_members (program_id, customer, enroll_source, enroll_time)
-          SELECT program_id, customer, 'auto', enroll_time FROM keys ORDER BY n
+          SELECT program_id, customer, 'auto', enroll_time FROM keys k
+           WHERE NOT EXISTS (SELECT FROM loyalty_members mb WHERE mb.program_id = k.program_id AND mb.customer = k.customer)
+           ORDER BY n
           ON CONFLICT ON CONSTRAINT loyalty_members_one_per_program DO NOTHING
           RETURNING *
        ), locked AS (
@@ -329,7 +332,8 @@ _FIGURES_POINTS, _FIGURES_SPEND = _figures("points"), _figures("amount")
 # earn_batch's writes in ONE statement. `:rows` is one JSON array per earning (`_EARN_ROW`, in
 # the order they were computed), `:tiers` [[member id, tier]] the members whose tier went up
 # (at `:now`). The statement first looks for earnings already made by the same event or of
-# the same invoice (`dup`, with the statement's snapshot: taken after earn_batch locked the
+# the same invoice (`dup`: an index probe per row, LATERAL ... LIMIT 1, never a scan of the
+# ledger, whatever the table's statistics say; with the statement's snapshot: taken after earn_batch locked the
 # members, so a concurrent batch's earnings for them are seen; the unique indexes are the
 # backstop). If there are any, it writes nothing and returns their row numbers (earn_batch
 # computes the batch again without them: the balances, figures and tiers carried through a
@@ -350,14 +354,19 @@ _EARN_WRITE = sa.text(
           SELECT t.n, (t.x->>0)::uuid AS program_id, (t.x->>1)::uuid AS member_id, (t.x->>2)::bigint AS points,
                  (t.x->>3)::bigint AS balance, (t.x->>4)::numeric AS amount, t.x->>5 AS invoice_id,
                  t.x->>6 AS source_event_id, (t.x->>7)::timestamptz AS expire_time, t.x->8 AS details,
-                 (t.x->>9)::timestamptz AS paid_at
+                 (t.x->>9)::timestamptz AS paid_at, 'earn'::text AS kind
             FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS t(x, n)
         ), dup AS (
           SELECT r.n FROM r
-           WHERE EXISTS (SELECT FROM loyalty_movements l
-                          WHERE l.kind = 'earn' AND l.program_id = r.program_id AND l.invoice_id = r.invoice_id)
-              OR EXISTS (SELECT FROM loyalty_movements l
-                          WHERE l.program_id = r.program_id AND l.source_event_id = r.source_event_id AND l.kind = 'earn')
+           CROSS JOIN LATERAL (SELECT FROM loyalty_movements l
+                                WHERE l.kind = 'earn' AND l.program_id = r.program_id AND l.invoice_id = r.invoice_id
+                                LIMIT 1) AS by_invoice
+          UNION
+          SELECT r.n FROM r
+           CROSS JOIN LATERAL (SELECT FROM loyalty_movements l
+                                WHERE l.program_id = r.program_id AND l.source_event_id = r.source_event_id
+                                  AND l.kind = r.kind  -- not the constant: only loyalty_movements_event fits
+                                LIMIT 1) AS by_event
         ), ok AS (
           SELECT r.* FROM r WHERE NOT EXISTS (SELECT FROM dup)
         ), moved AS (

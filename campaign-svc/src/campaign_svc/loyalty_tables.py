@@ -85,7 +85,9 @@ loyalty_members = sa.Table(
     sa.Column("enroll_time", TIMESTAMPTZ, nullable=False, server_default=sa.func.now()),
     *times(),
     sa.UniqueConstraint("program_id", "customer", name="loyalty_members_one_per_program"),
+    sa.UniqueConstraint("id", "program_id", name="loyalty_members_id_program"),  # the movements' key
     sa.CheckConstraint("balance >= 0", name="loyalty_members_balance_not_negative"),
+    # fillfactor 70 (migration 0014): room on the page, a rewritten member is a heap-only tuple
 )
 sa.Index("loyalty_members_customer", loyalty_members.c.customer)
 
@@ -93,8 +95,8 @@ loyalty_movements = sa.Table(
     "loyalty_movements",
     metadata,
     sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
-    sa.Column("program_id", UUID, sa.ForeignKey("loyalty_programs.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("member_id", UUID, sa.ForeignKey("loyalty_members.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("program_id", UUID, nullable=False),
+    sa.Column("member_id", UUID, nullable=False),
     sa.Column("kind", sa.Text, nullable=False),  # earn | redeem | expire | adjust | reverse
     sa.Column("points", sa.BigInteger, nullable=False),  # signed: in positive, out negative
     sa.Column("balance", sa.BigInteger, nullable=False),  # after the movement
@@ -115,6 +117,13 @@ loyalty_movements = sa.Table(
     sa.Column("qualify_time", TIMESTAMPTZ, nullable=False),
     sa.Column("occur_time", TIMESTAMPTZ, nullable=False),
     sa.Column("record_time", TIMESTAMPTZ, nullable=False, server_default=sa.func.now()),
+    # one key for both: the member, in the movement's programme (migration 0014)
+    sa.ForeignKeyConstraint(
+        ["member_id", "program_id"],
+        ["loyalty_members.id", "loyalty_members.program_id"],
+        name="loyalty_movements_member_fkey",
+        ondelete="CASCADE",
+    ),
     sa.CheckConstraint("remaining >= 0", name="loyalty_movements_remaining"),
     sa.CheckConstraint("balance >= 0", name="loyalty_movements_balance"),
 )
