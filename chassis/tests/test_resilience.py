@@ -205,7 +205,9 @@ def created(name: str = "customers/1") -> Event:
     )
 
 
-def start_consumer(engine, url: str, name: str, handler=record, requires=None, limit: int = 3) -> EventConsumer:
+def start_consumer(
+    engine, url: str, name: str, handler=record, requires=None, limit: int = 3, batch: int = 1
+) -> EventConsumer:
     consumer = EventConsumer(
         engine,
         url,
@@ -214,6 +216,7 @@ def start_consumer(engine, url: str, name: str, handler=record, requires=None, l
         prefetch=10,
         delivery_limit=limit,
         max_backoff=0.5,
+        batch_size=batch,
     )
     consumer.start()
     assert consumer.ready.wait(10), "consumer did not connect"
@@ -293,16 +296,21 @@ def test_a_requirement_naming_a_field_the_message_lacks_fails_at_start():
         Requires(customer_events_pb2.CustomerCreated, ("customer.nmae",))
 
 
-def test_a_database_outage_holds_events_with_backoff_and_never_uses_up_the_delivery_limit(databases, broker, caplog):
+@pytest.mark.parametrize("batch", [1, 5], ids=["one-at-a-time", "batches"])
+def test_a_database_outage_holds_events_with_backoff_and_never_uses_up_the_delivery_limit(
+    databases, broker, caplog, batch
+):
     """The database goes away while a valid event arrives: the consumer keeps the delivery,
-    retries with back-off and projects it once the database is back; nothing reaches the DLQ."""
-    proxy, url = proxied_database(databases.fresh("dbdown"))
+    retries with back-off and projects it once the database is back; nothing reaches the DLQ.
+    In batches (CONSUMER_BATCH > 1) the worker thread holds its batch, and the deliveries that
+    arrive behind it wait, unacknowledged, in order."""
+    proxy, url = proxied_database(databases.fresh(f"dbdown{batch}"))
     engine = create_engine(url, pool_size=2)
     messaging_metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE received (event_id text NOT NULL, customer text)"))
     amqp = with_query(broker.url, "heartbeat=2")  # the outage outlasts several heartbeats
-    consumer = start_consumer(engine, amqp, "dbdown-test", limit=3)
+    consumer = start_consumer(engine, amqp, "dbdown-test", limit=3, batch=batch)
     try:
         warm = created("customers/warm")
         publish(broker.url, warm)
@@ -319,6 +327,7 @@ def test_a_database_outage_holds_events_with_backoff_and_never_uses_up_the_deliv
             wait_for(lambda: consumer.database_waits >= 5, what="retries while the database is down")
             time.sleep(5)  # two heartbeat intervals with no database
             assert dead_lettered(broker.url, "dbdown-test") == []
+            assert consumer.held == 3  # all three unsettled, none returned to the queue
             proxy.start()  # PostgreSQL is back
             wait_for(lambda: len(received(engine)) == 4, what="the held events after the outage")
         assert received(engine)[1:] == [(e.id, e.subject) for e in events]  # in order, once each
